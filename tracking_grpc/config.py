@@ -1,0 +1,136 @@
+"""Settings: one definition, read from defaults, a TOML file, the environment and flags.
+
+Each setting is a dataclass field whose metadata carries its help text; the
+environment variable is ``TRACKING_`` plus the upper-cased name. Later sources win:
+defaults < ``--config FILE`` (TOML, top-level keys or a ``[tracking]`` table) <
+environment < command-line flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from tracking_grpc.errors import InvalidArgument
+
+ENV_PREFIX = "TRACKING_"
+
+
+def setting(default: Any, help: str) -> Any:  # noqa: A002 - the argparse word
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of the service; see the README's configuration reference."""
+
+    listen: str = setting("127.0.0.1:50051", "address the gRPC server listens on")
+    data_dir: str = setting("var/tracking", "directory of the embedded SQLite store")
+    database_url: str = setting(
+        "", "PostgreSQL URL (postgresql://...); empty uses the embedded SQLite store"
+    )
+    redis_url: str = setting(
+        "", "Redis URL (redis://...); empty keeps live state in the process"
+    )
+    workers: int = setting(1, "server processes sharing the port (SO_REUSEPORT)")
+    max_future_skew_s: float = setting(
+        600.0, "reject fixes stamped more than this many seconds after receipt"
+    )
+    max_fix_age_s: float = setting(
+        30 * 86400.0,
+        "reject fixes older than this many seconds at receipt; 0 accepts any age",
+    )
+    max_batch_fixes: int = setting(100_000, "most fixes accepted in one message")
+    flush_interval_ms: float = setting(
+        2.0, "longest a stored-but-unflushed fix waits for its group commit"
+    )
+    flush_max_fixes: int = setting(20_000, "fixes per group commit at most")
+    max_pending_fixes: int = setting(
+        200_000, "fixes waiting for storage before streams are paused (back-pressure)"
+    )
+    sqlite_synchronous: str = setting(
+        "FULL", "SQLite synchronous mode: FULL makes every ack survive power loss"
+    )
+    auth_mode: str = setting("off", "off, or jwt: bearer tokens required")
+    jwt_hs256_secret: str = setting("", "shared secret for HS256 tokens")
+    jwt_rs256_public_key_file: str = setting("", "PEM public key for RS256 tokens")
+    jwt_audience: str = setting("", "required audience claim, if set")
+    default_tenant: str = setting("default", "tenant of every call when auth is off")
+    max_concurrent_streams: int = setting(
+        20_000, "pending RPC backlog the gRPC server accepts (streams opening at once)"
+    )
+    log_format: str = setting("auto", "auto, text or json")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def merged(self, values: Mapping[str, Any], source: str) -> Settings:
+        """A copy with ``values`` applied, converted to each setting's type."""
+        known = {f.name: f for f in fields(self)}
+        changes = {}
+        for name, raw in values.items():
+            if name not in known:
+                raise InvalidArgument(f"{source}:{name}", "unknown setting")
+            changes[name] = _convert(known[name], raw, f"{source}:{name}")
+        return replace(self, **changes)
+
+
+def _convert(spec: Any, raw: Any, where: str) -> Any:
+    kind = type(spec.default) if spec.default is not MISSING else str
+    try:
+        if kind is bool and isinstance(raw, str):
+            return raw.strip().lower() in {"1", "true", "yes", "on"}
+        return kind(raw)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(where, f"expected {kind.__name__}, got {raw!r}") from exc
+
+
+def from_environment(env: Mapping[str, str]) -> dict[str, str]:
+    names = set(Settings.names())
+    found = {}
+    for key, value in env.items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX) :].lower()
+            if name in names:
+                found[name] = value
+    return found
+
+
+def from_toml(path: Path) -> dict[str, Any]:
+    with path.open("rb") as handle:
+        data = tomllib.load(handle)
+    return dict(data.get("tracking", data))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per setting (default None: not given)."""
+    parser.add_argument("--config", type=Path, help="TOML file of settings")
+    for spec in fields(Settings):
+        flag = "--" + spec.name.replace("_", "-")
+        parser.add_argument(flag, dest=spec.name, default=None, help=spec.metadata["help"])
+
+
+def load(
+    args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from defaults, the TOML file, the environment and flags, in that order."""
+    environ = os.environ if env is None else env
+    settings = Settings()
+    config_file = getattr(args, "config", None) if args else None
+    if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
+        config_file = Path(environ[ENV_PREFIX + "CONFIG"])
+    if config_file is not None:
+        settings = settings.merged(from_toml(Path(config_file)), str(config_file))
+    settings = settings.merged(from_environment(environ), "environment")
+    if args is not None:
+        given = {n: getattr(args, n) for n in Settings.names()}
+        flags = {n: v for n, v in given.items() if v is not None}
+        settings = settings.merged(flags, "flag")
+    return settings

@@ -1,0 +1,1 @@
+"""The vectorised spatial core: arrays in, arrays out, no I/O."""

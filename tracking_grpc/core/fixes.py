@@ -1,0 +1,147 @@
+"""Fixes as parallel arrays.
+
+A :class:`FixBatch` holds one row per fix in numpy columns so that validation,
+de-duplication, storage and geofencing work on whole batches at once.
+
+>>> batch = FixBatch.from_rows("t1", [("dev-a", 1, 1_700_000_000_000, 51.5, -0.12)])
+>>> len(batch), batch.lat[0]
+(1, 51.5)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+
+OPTIONAL_COLUMNS = ("accuracy_m", "altitude_m", "speed_mps", "heading_deg", "battery_pct")
+
+
+@dataclass(frozen=True, slots=True)
+class FixBatch:
+    """Fixes of one tenant, one row per fix; NaN marks a missing optional value."""
+
+    tenant: str
+    device: np.ndarray  # object array of device id strings
+    seq: np.ndarray  # uint64
+    time_ms: np.ndarray  # int64, fix time
+    lat: np.ndarray  # float64
+    lon: np.ndarray  # float64
+    accuracy_m: np.ndarray  # float32
+    altitude_m: np.ndarray  # float32
+    speed_mps: np.ndarray  # float32
+    heading_deg: np.ndarray  # float32
+    battery_pct: np.ndarray  # float32
+    provider: np.ndarray  # int8
+    received_ms: np.ndarray  # int64, server receive time
+
+    def __len__(self) -> int:
+        return int(self.seq.shape[0])
+
+    @classmethod
+    def from_columns(
+        cls,
+        tenant: str,
+        device: Sequence[str] | np.ndarray,
+        seq: Sequence[int] | np.ndarray,
+        time_ms: Sequence[int] | np.ndarray,
+        lat: Sequence[float] | np.ndarray,
+        lon: Sequence[float] | np.ndarray,
+        *,
+        received_ms: int | np.ndarray | None = None,
+        provider: Sequence[int] | np.ndarray | None = None,
+        **optional: Sequence[float] | np.ndarray | None,
+    ) -> FixBatch:
+        """Build a batch from columns; missing optional columns become NaN."""
+        seq_arr = np.asarray(seq, dtype=np.uint64)
+        n = seq_arr.shape[0]
+        unknown = set(optional) - set(OPTIONAL_COLUMNS)
+        if unknown:
+            raise TypeError(f"unknown columns: {sorted(unknown)}")
+        columns = {}
+        for name in OPTIONAL_COLUMNS:
+            values = optional.get(name)
+            if values is None or len(values) == 0:
+                columns[name] = np.full(n, np.nan, dtype=np.float32)
+            else:
+                columns[name] = np.asarray(values, dtype=np.float32)
+        if received_ms is None:
+            received_ms = np.zeros(n, dtype=np.int64)
+        return cls(
+            tenant=tenant,
+            device=np.asarray(device, dtype=object),
+            seq=seq_arr,
+            time_ms=np.asarray(time_ms, dtype=np.int64),
+            lat=np.asarray(lat, dtype=np.float64),
+            lon=np.asarray(lon, dtype=np.float64),
+            provider=(
+                np.zeros(n, dtype=np.int8)
+                if provider is None or len(provider) == 0
+                else np.asarray(provider, dtype=np.int8)
+            ),
+            received_ms=np.broadcast_to(
+                np.asarray(received_ms, dtype=np.int64), (n,)
+            ).copy(),
+            **columns,
+        )
+
+    @classmethod
+    def from_rows(
+        cls, tenant: str, rows: Iterable[tuple[str, int, int, float, float]]
+    ) -> FixBatch:
+        """Build a batch from (device, seq, time_ms, lat, lon) rows (tests, tools)."""
+        rows = list(rows)
+        if not rows:
+            return cls.empty(tenant)
+        device, seq, time_ms, lat, lon = zip(*rows, strict=True)
+        return cls.from_columns(tenant, device, seq, time_ms, lat, lon)
+
+    @classmethod
+    def empty(cls, tenant: str) -> FixBatch:
+        return cls.from_columns(tenant, [], [], [], [], [])
+
+    @classmethod
+    def concat(cls, batches: Sequence[FixBatch]) -> FixBatch:
+        """Join batches of one tenant."""
+        if not batches:
+            raise ValueError("concat needs at least one batch")
+        tenant = batches[0].tenant
+        if any(b.tenant != tenant for b in batches):
+            raise ValueError("concat joins batches of one tenant only")
+        if len(batches) == 1:
+            return batches[0]
+        arrays = {
+            f.name: np.concatenate([getattr(b, f.name) for b in batches])
+            for f in fields(cls)
+            if f.name != "tenant"
+        }
+        return cls(tenant=tenant, **arrays)
+
+    def take(self, index: np.ndarray) -> FixBatch:
+        """Rows selected by an integer index or a boolean mask, in that order."""
+        arrays = {
+            f.name: getattr(self, f.name)[index]
+            for f in fields(self)
+            if f.name != "tenant"
+        }
+        return FixBatch(tenant=self.tenant, **arrays)
+
+    def sorted_by_device_time(self) -> FixBatch:
+        """Rows ordered by device, then fix time, then sequence number."""
+        order = np.lexsort((self.seq, self.time_ms, self.device.astype(str)))
+        return self.take(order)
+
+    def with_received(self, received_ms: int) -> FixBatch:
+        return replace(self, received_ms=np.full(len(self), received_ms, np.int64))
+
+    def newest_per_device(self) -> np.ndarray:
+        """Index of the newest fix (by fix time, then seq) of each device in the batch."""
+        if len(self) == 0:
+            return np.empty(0, dtype=np.intp)
+        devices = self.device.astype(str)
+        order = np.lexsort((self.seq, self.time_ms, devices))
+        ordered = devices[order]
+        last = np.ones(len(order), dtype=bool)
+        last[:-1] = ordered[1:] != ordered[:-1]
+        return order[last]

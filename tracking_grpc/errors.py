@@ -1,0 +1,88 @@
+"""The service's errors and the gRPC status each one maps to.
+
+    TrackingError                 INTERNAL
+    ├── InvalidArgument           INVALID_ARGUMENT   a field of the request is wrong
+    ├── NotFound                  NOT_FOUND          the named thing does not exist
+    ├── AlreadyExists             ALREADY_EXISTS     a create would overwrite
+    ├── FailedPrecondition        FAILED_PRECONDITION the system is not in a state to do it
+    ├── Unauthenticated           UNAUTHENTICATED    no or bad credentials
+    ├── PermissionDenied          PERMISSION_DENIED  credentials do not allow this
+    ├── ResourceExhausted         RESOURCE_EXHAUSTED back-pressure: retry later
+    └── Unavailable               UNAVAILABLE        a dependency is down: retry later
+        └── StorageUnavailable                       the history store cannot write
+
+Servicers and the core raise these; :mod:`tracking_grpc.interceptors` turns them into
+statuses in one place. Repositories convert library errors into these at their
+boundary (``raise StorageUnavailable(...) from exc``).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class TrackingError(Exception):
+    """Base of the service's errors."""
+
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(TrackingError):
+    """A request field is missing, malformed or out of range."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class NotFound(TrackingError):
+    """The named resource does not exist (for this tenant)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(TrackingError):
+    """A create names a resource that exists."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(TrackingError):
+    """The service is not set up to do this (for example no routing dataset)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unauthenticated(TrackingError):
+    """No credentials, or credentials that do not verify."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(TrackingError):
+    """The caller's role or tenant does not allow the call."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(TrackingError):
+    """Too much in flight: the caller should slow down and retry."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(TrackingError):
+    """A dependency is down; the call may succeed if retried later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class StorageUnavailable(Unavailable):
+    """The history store cannot take writes; nothing was acknowledged."""

@@ -1,0 +1,99 @@
+"""Events raised about devices, and the bus that carries them to every consumer.
+
+Processors (geofencing, activity, route monitoring) look at newly stored fixes and
+return events; the ingest pipeline hands those to the :class:`EventBus`, whose
+listeners deliver them (device streams, ``WatchEvents`` subscribers, the event store,
+Redis Streams). :class:`EventType` mirrors ``tracking.v1.EventType`` value for value.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tracking_grpc.core.fixes import FixBatch
+
+log = logging.getLogger(__name__)
+
+
+class EventType(enum.IntEnum):
+    ENTER = 1
+    EXIT = 2
+    DWELL = 3
+    CROSS = 4
+    MOTION_CHANGED = 20
+    TRIP_STARTED = 21
+    TRIP_ENDED = 22
+    STOP_STARTED = 23
+    STOP_ENDED = 24
+    ONLINE = 25
+    OFFLINE = 26
+    OVERSPEED_STARTED = 27
+    OVERSPEED_ENDED = 28
+    OFF_ROUTE = 40
+    BACK_ON_ROUTE = 41
+    ARRIVED = 42
+    ETA_UPDATED = 43
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingEvent:
+    """One event about one device."""
+
+    event_id: str
+    tenant: str
+    device: str
+    type: EventType
+    time_ms: int
+    lat: float
+    lon: float
+    fix_seq: int
+    created_ms: int
+    fence_id: str = ""
+    route_id: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+def event_id(tenant: str, device: str, kind: EventType, time_ms: int, subject: str) -> str:
+    """A stable id: the same event found twice (a replay, a retry) gets the same id."""
+    key = f"{tenant}\x1f{device}\x1f{int(kind)}\x1f{time_ms}\x1f{subject}"
+    return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+
+
+class FixProcessor(Protocol):
+    """Turns newly stored fixes into events (geofencing, activity, routes)."""
+
+    name: str
+
+    async def process(self, stored: FixBatch) -> list[TrackingEvent]:
+        """Called with new fixes of one tenant, ordered by device then fix time."""
+        ...
+
+
+EventListener = Callable[[Sequence[TrackingEvent]], Awaitable[None]]
+
+
+class EventBus:
+    """Fans events out to listeners; one failing listener does not stop the others."""
+
+    def __init__(self) -> None:
+        self._listeners: list[EventListener] = []
+
+    def add_listener(self, listener: EventListener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: EventListener) -> None:
+        self._listeners.remove(listener)
+
+    async def emit(self, events: Sequence[TrackingEvent]) -> None:
+        if not events:
+            return
+        for listener in list(self._listeners):
+            try:
+                await listener(events)
+            except Exception:
+                log.exception("event listener %r failed", listener)

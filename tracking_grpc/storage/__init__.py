@@ -1,0 +1,1 @@
+"""The repository layer: narrow async interfaces with embedded and production backends."""

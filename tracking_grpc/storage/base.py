@@ -1,0 +1,108 @@
+"""Repository interfaces. Backends implement these; services depend only on them.
+
+The history store is the source of truth: a fix is acknowledged only once
+``HistoryStore.store`` has returned. Live state and fan-out can be rebuilt from it.
+Every method takes the tenant explicitly; no backend mixes tenants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from tracking_grpc.core.fixes import FixBatch
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """What the history store knows of one device."""
+
+    device: str
+    last_stored_seq: int
+    last_time_ms: int
+
+
+class HistoryStore(Protocol):
+    """Durable fixes and per-device state."""
+
+    async def store(self, batch: FixBatch) -> np.ndarray:
+        """Store a batch durably; returns a mask, True where the fix was new.
+
+        A fix is a duplicate when its device already has a fix with the same
+        sequence number or the same fix time. Device state is updated in the same
+        transaction. Raises ``StorageUnavailable`` when nothing could be stored.
+        """
+        ...
+
+    async def device_states(
+        self, tenant: str, devices: Sequence[str]
+    ) -> dict[str, DeviceState]: ...
+
+    async def history(
+        self,
+        tenant: str,
+        device: str,
+        start_ms: int,
+        end_ms: int,
+        limit: int | None = None,
+    ) -> FixBatch:
+        """Fixes of one device with start_ms <= time_ms < end_ms, by fix time."""
+        ...
+
+    async def count(self, tenant: str, device: str | None = None) -> int: ...
+
+    def newest_positions(self) -> AsyncIterator[FixBatch]:
+        """Newest stored fix of every device of every tenant, in batches (rebuilds)."""
+        ...
+
+    async def erase_device(self, tenant: str, device: str) -> int:
+        """Delete a device's fixes and state; returns the number of fixes deleted."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class LiveStore(Protocol):
+    """Newest position of each device, for reads and nearby queries."""
+
+    async def update(self, batch: FixBatch) -> FixBatch:
+        """Apply stored fixes; returns the rows that became a device's newest fix.
+
+        A fix older (by fix time) than the device's live position changes nothing,
+        so the live position never moves backwards.
+        """
+        ...
+
+    async def get(self, tenant: str, devices: Sequence[str]) -> FixBatch: ...
+
+    async def nearby(
+        self, tenant: str, lat: float, lon: float, radius_m: float, limit: int
+    ) -> tuple[FixBatch, np.ndarray]:
+        """Devices within radius_m of a point, nearest first, with distances in m."""
+        ...
+
+    async def snapshot(self, tenant: str) -> FixBatch:
+        """Every live position of the tenant (for watch snapshots)."""
+        ...
+
+    async def remove(self, tenant: str, device: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+UpdateHandler = Callable[[FixBatch], Awaitable[None]]
+
+
+class Broker(Protocol):
+    """Carries live updates to every server process's watchers."""
+
+    async def publish(self, updates: FixBatch) -> None: ...
+
+    async def subscribe(self, handler: UpdateHandler) -> None:
+        """Call ``handler`` with every published batch, from any process."""
+        ...
+
+    async def close(self) -> None: ...
