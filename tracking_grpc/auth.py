@@ -1,0 +1,112 @@
+"""Who is calling: tenant, subject and role, from a JWT bearer token or the default.
+
+Authentication is off by default: every call is an admin of the default tenant. With
+``auth_mode = "jwt"`` every call needs ``authorization: Bearer <token>``, a JWT signed
+with HS256 (shared secret) or RS256 (public key) whose claims carry ``tenant``,
+``sub`` and ``role`` (``device``, ``viewer`` or ``admin``). A device token may publish
+only its own device id (its ``sub``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import jwt
+
+from tracking_grpc.config import Settings
+from tracking_grpc.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+
+class Role(enum.IntEnum):
+    """Roles in increasing power: each may do what the ones below it may."""
+
+    DEVICE = 1
+    VIEWER = 2
+    ADMIN = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    tenant: str
+    subject: str
+    role: Role
+
+    def require(self, role: Role) -> None:
+        """Raise PERMISSION_DENIED unless the caller has at least ``role``."""
+        if self.role == Role.DEVICE and role != Role.DEVICE:
+            raise PermissionDenied(f"role {self.role.name.lower()} may not do this")
+        if self.role < role:
+            raise PermissionDenied(
+                f"role {self.role.name.lower()} may not do this "
+                f"(needs {role.name.lower()})"
+            )
+
+    def require_device(self, device_id: str) -> None:
+        """A device token may only speak for its own device."""
+        if self.role == Role.DEVICE and device_id != self.subject:
+            raise PermissionDenied(
+                f"device token for {self.subject!r} may not publish for {device_id!r}"
+            )
+
+
+class Authenticator:
+    """Turns a call's metadata into a :class:`Caller`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.mode = settings.auth_mode
+        self.default = Caller(settings.default_tenant, "anonymous", Role.ADMIN)
+        self.audience = settings.jwt_audience or None
+        self._keys: list[tuple[str, object]] = []
+        if self.mode not in {"off", "jwt"}:
+            raise FailedPrecondition(f"auth_mode must be off or jwt, not {self.mode!r}")
+        if self.mode == "jwt":
+            if settings.jwt_hs256_secret:
+                self._keys.append(("HS256", settings.jwt_hs256_secret))
+            if settings.jwt_rs256_public_key_file:
+                pem = Path(settings.jwt_rs256_public_key_file).read_bytes()
+                self._keys.append(("RS256", pem))
+            if not self._keys:
+                raise FailedPrecondition(
+                    "auth_mode jwt needs jwt_hs256_secret or jwt_rs256_public_key_file"
+                )
+
+    def caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        if self.mode == "off":
+            return self.default
+        metadata = dict(context.invocation_metadata() or ())
+        header = metadata.get("authorization", "")
+        if not isinstance(header, str) or not header.lower().startswith("bearer "):
+            raise Unauthenticated("missing bearer token in the authorization header")
+        return self.verify(header[7:].strip())
+
+    def verify(self, token: str) -> Caller:
+        try:
+            algorithm = jwt.get_unverified_header(token).get("alg")
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(f"malformed token: {exc}") from exc
+        key = next((k for alg, k in self._keys if alg == algorithm), None)
+        if key is None:
+            raise Unauthenticated(f"token algorithm {algorithm!r} is not accepted")
+        try:
+            claims = jwt.decode(
+                token,
+                key,  # type: ignore[arg-type]
+                algorithms=[algorithm],
+                audience=self.audience,
+                options={"require": ["sub", "exp"], "verify_aud": bool(self.audience)},
+            )
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(f"token rejected: {exc}") from exc
+        tenant = claims.get("tenant")
+        role_name = str(claims.get("role", "")).upper()
+        if not tenant or not isinstance(tenant, str):
+            raise Unauthenticated("token has no tenant claim")
+        if role_name not in Role.__members__:
+            raise Unauthenticated("token role must be device, viewer or admin")
+        return Caller(tenant, str(claims["sub"]), Role[role_name])
