@@ -94,6 +94,7 @@ class IngestPipeline:
         self._wakeup = asyncio.Event()
         self._space = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self._closing = False
 
     def add_processor(self, processor: FixProcessor) -> None:
@@ -102,6 +103,22 @@ class IngestPipeline:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._flush_loop(), name="group-commit")
+            self._ticker = asyncio.create_task(self._tick_loop(), name="processor-tick")
+
+    async def _tick_loop(self, interval_s: float = 1.0) -> None:
+        """Give processors with a ``tick(now_ms)`` (timeouts: offline, dwell) a turn."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for processor in self.processors:
+                tick = getattr(processor, "tick", None)
+                if tick is None:
+                    continue
+                try:
+                    events = await tick(now_ms())
+                except Exception:
+                    log.exception("processor %s failed on tick", processor.name)
+                    continue
+                await self.bus.emit(events)
 
     async def ingest(self, batch: FixBatch) -> IngestResult:
         """Validate and durably store a batch; returns once stored (or raises)."""
@@ -217,6 +234,8 @@ class IngestPipeline:
     async def close(self) -> None:
         """Store what is queued (acks for it may no longer reach anyone), then stop."""
         self._closing = True
+        if self._ticker is not None:
+            self._ticker.cancel()
         self._wakeup.set()
         async with self._space:
             self._space.notify_all()
