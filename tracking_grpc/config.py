@@ -64,6 +64,10 @@ class Settings:
     max_concurrent_streams: int = setting(
         20_000, "pending RPC backlog the gRPC server accepts (streams opening at once)"
     )
+    geofence_stream: str = setting(
+        "trk:geofence-events",
+        "Redis Stream that geofence events are appended to (when redis_url is set)",
+    )
     log_format: str = setting("auto", "auto, text or json")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 

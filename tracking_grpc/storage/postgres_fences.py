@@ -7,6 +7,7 @@ stored as a PostGIS geometry with a GiST index, for spatial queries in SQL.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from typing import Any
 
 import psycopg
 import shapely
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from tracking_grpc.errors import (
     AlreadyExists,
@@ -47,19 +48,31 @@ def migration_sql() -> str:
 class PostgresGeofenceDatabase:
     """A connection pool shared by the fence and event repositories."""
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
-        self.pool = pool
+    def __init__(self, url: str, max_size: int = 4) -> None:
+        self.pool = AsyncConnectionPool(url, min_size=1, max_size=max_size, open=False)
+        self._opened = False
+        self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, url: str, max_size: int = 4) -> PostgresGeofenceDatabase:
-        pool = AsyncConnectionPool(url, min_size=1, max_size=max_size, open=False)
-        try:
-            await pool.open(wait=True, timeout=10.0)
-        except psycopg.Error as exc:
-            raise StorageUnavailable(f"postgres: {exc}") from exc
-        return cls(pool)
+        database = cls(url, max_size)
+        await database.ensure_open()
+        return database
+
+    async def ensure_open(self) -> None:
+        """Open the pool on first use (the server wires services synchronously)."""
+        if self._opened:
+            return
+        async with self._lock:
+            if not self._opened:
+                try:
+                    await self.pool.open(wait=True, timeout=10.0)
+                except (psycopg.Error, PoolTimeout) as exc:
+                    raise StorageUnavailable(f"postgres: {exc}") from exc
+                self._opened = True
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple]:
+        await self.ensure_open()
         try:
             async with self.pool.connection() as conn:
                 cur = await conn.execute(sql, args)
@@ -68,7 +81,8 @@ class PostgresGeofenceDatabase:
             raise StorageUnavailable(f"postgres: {exc}") from exc
 
     async def close(self) -> None:
-        await self.pool.close()
+        if self._opened:
+            await self.pool.close()
 
 
 class PostgresFenceRepository:
@@ -168,7 +182,7 @@ class PostgresFenceRepository:
         return None
 
     def _transaction(self) -> _Transaction:
-        return _Transaction(self.db.pool)
+        return _Transaction(self.db)
 
 
 class PostgresEventRepository:
@@ -196,10 +210,10 @@ class PostgresEventRepository:
             )
             for e in events
         ]
-        async with _Transaction(self.db.pool) as conn:
+        async with _Transaction(self.db) as conn:
             cur = await conn.execute(
-                "INSERT INTO geofence_events (tenant, event_id, device, fence_id, type, "
-                "time_ms, lat, lon, fix_seq, created_ms, attributes) "
+                "INSERT INTO geofence_events (tenant, event_id, device, fence_id, "
+                "type, time_ms, lat, lon, fix_seq, created_ms, attributes) "
                 "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], "
                 "%s::smallint[], %s::bigint[], %s::float8[], %s::float8[], "
                 "%s::bigint[], %s::bigint[], %s::jsonb[]) "
@@ -236,12 +250,13 @@ class PostgresEventRepository:
 class _Transaction:
     """``async with``: a pooled connection in a transaction; errors mapped."""
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
-        self.pool = pool
+    def __init__(self, database: PostgresGeofenceDatabase) -> None:
+        self.database = database
 
     async def __aenter__(self) -> psycopg.AsyncConnection:
+        await self.database.ensure_open()
         try:
-            self._lease = self.pool.connection()
+            self._lease = self.database.pool.connection()
             conn = await self._lease.__aenter__()
             self._tx = conn.transaction()
             await self._tx.__aenter__()

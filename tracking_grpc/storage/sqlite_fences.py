@@ -88,6 +88,13 @@ class SqliteGeofenceDatabase:
         await database.run(database._open)
         return database
 
+    @classmethod
+    def opening(cls, path: Path) -> SqliteGeofenceDatabase:
+        """Open from synchronous code: the worker opens the file before any call."""
+        database = cls(path)
+        database._pool.submit(database._open)
+        return database
+
     def _open(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
