@@ -64,6 +64,9 @@ class Settings:
     max_concurrent_streams: int = setting(
         20_000, "pending RPC backlog the gRPC server accepts (streams opening at once)"
     )
+    activity_config: str = setting(
+        "", "TOML file of activity rules per tenant and device (docs/activity.md)"
+    )
     log_format: str = setting("auto", "auto, text or json")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 

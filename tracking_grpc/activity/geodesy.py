@@ -25,7 +25,7 @@ def distance_m(lat1, lon1, lat2, lon2) -> np.ndarray:
 
 
 def azimuth_deg(lat1, lon1, lat2, lon2) -> np.ndarray:
-    """Initial bearing from the first point to the second, 0-360 clockwise from north."""
+    """Initial bearing from the first point to the second, clockwise from north."""
     if np.size(lat1) == 0:
         return np.zeros(0)
     azimuth, _, _ = WGS84.inv(lon1, lat1, lon2, lat2)

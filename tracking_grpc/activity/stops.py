@@ -21,6 +21,10 @@ import numpy as np
 from tracking_grpc.activity.groups import Groups
 
 
+EDGE_SPREADS = 4.0
+MIN_EDGE_M = 15.0
+
+
 @dataclass(frozen=True, slots=True)
 class StopFlags:
     in_stop: np.ndarray  # bool per fix
@@ -103,6 +107,7 @@ def detect_stops(
     stop_id = np.cumsum(new_stop) - 1
     stop_id = np.where(in_stop, stop_id, -1)
 
+    in_stop, stop_id, unsure = _trim_edges(x, y, in_stop, stop_id, groups, complete)
     if complete:
         final = np.ones(n, dtype=bool)
     else:
@@ -111,5 +116,54 @@ def detect_stops(
         first_open = np.minimum.reduceat(np.where(open_window, idx, n), groups.starts)[
             groups.index
         ]
-        final = in_stop | (idx < first_open)
+        final = (in_stop | (idx < first_open)) & ~unsure
     return StopFlags(in_stop, stop_id, final)
+
+
+def _per_stop_median(values: np.ndarray, stop: np.ndarray, count: int) -> np.ndarray:
+    order = np.lexsort((values, stop))
+    starts = np.searchsorted(stop[order], np.arange(count))
+    sizes = np.bincount(stop, minlength=count)
+    return values[order[starts + (sizes - 1) // 2]]
+
+
+def _trim_edges(x, y, in_stop, stop_id, groups: Groups, complete: bool):
+    """Drop a stop's leading and trailing fixes that lie off its centre.
+
+    Windows reach up to twice the radius, so without this a stop would swallow the
+    first and last ``2 * stop_radius_m`` of the trips around it. A fix belongs to
+    the stop's edge when it lies further from the stop's median position than
+    ``EDGE_SPREADS`` times the median distance of its fixes (at least
+    ``MIN_EDGE_M``). The trailing edge of a stop still open at the end of live data
+    is *unsure* until the stop closes.
+    """
+    rows = np.flatnonzero(in_stop)
+    unsure = np.zeros(in_stop.shape[0], dtype=bool)
+    if rows.size == 0:
+        return in_stop, stop_id, unsure
+    sid = stop_id[rows] - stop_id[rows].min()
+    count = int(sid.max()) + 1
+    cx = _per_stop_median(x[rows], sid, count)
+    cy = _per_stop_median(y[rows], sid, count)
+    dist = np.hypot(x[rows] - cx[sid], y[rows] - cy[sid])
+    edge = np.maximum(EDGE_SPREADS * _per_stop_median(dist, sid, count), MIN_EDGE_M)
+    near = dist <= edge[sid]
+    marked = np.where(near, rows, -1)
+    last_near = np.full(count, -1)
+    np.maximum.at(last_near, sid, marked)
+    first_near = np.full(count, np.iinfo(np.int64).max)
+    np.minimum.at(first_near, sid, np.where(near, rows, np.iinfo(np.int64).max))
+    last_row = np.full(count, -1)
+    np.maximum.at(last_row, sid, rows)
+    still_open = last_row == groups.row_end()[last_row] - 1
+    lead = rows < first_near[sid]
+    trail = rows > last_near[sid]
+    if not complete:
+        unsure[rows[trail & still_open[sid]]] = True
+        trail &= ~still_open[sid]
+    drop = rows[lead | trail]
+    in_stop = in_stop.copy()
+    stop_id = stop_id.copy()
+    in_stop[drop] = False
+    stop_id[drop] = -1
+    return in_stop, stop_id, unsure
