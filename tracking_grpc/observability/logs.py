@@ -12,12 +12,14 @@ secrets before they are written. Per-fix detail belongs at debug, never at info.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
 import re
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 from tracking_grpc.config import Settings
@@ -50,8 +52,21 @@ _PATTERNS = (
 
 
 def bind(**fields: str) -> None:
-    """Add context fields (device, tenant, rpc) to every line of the current task."""
+    """Add context fields (device, tenant, rpc) to every later line of this task.
+
+    Each RPC runs in its own task, so what a servicer binds ends with its call.
+    """
     _context.set({**(_context.get() or {}), **fields})
+
+
+@contextlib.contextmanager
+def fields(**values: str) -> Iterator[None]:
+    """Add context fields for the lines written inside the ``with`` block only."""
+    token = _context.set({**(_context.get() or {}), **values})
+    try:
+        yield
+    finally:
+        _context.reset(token)
 
 
 def bound() -> dict[str, str]:

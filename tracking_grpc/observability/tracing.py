@@ -15,6 +15,7 @@ as ``links``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -88,12 +89,40 @@ def shutdown() -> None:
 
 
 def server_interceptor() -> grpc.aio.ServerInterceptor | None:
-    """OpenTelemetry's aio server interceptor on this provider, or None when off."""
+    """A server span per RPC (OpenTelemetry's aio interceptor), or None when off."""
     if _provider is None:
         return None
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return aio_server_interceptor(tracer_provider=_provider)
+    return _StreamSafeInterceptor(aio_server_interceptor(tracer_provider=_provider))
+
+
+class _StreamSafeInterceptor(grpc.aio.ServerInterceptor):
+    """Leaves out streaming handlers that write with ``context.write``.
+
+    OpenTelemetry's interceptor iterates a streaming handler's result, which works
+    for async generators only (grpc's own health ``Watch`` is a coroutine).
+    """
+
+    def __init__(self, inner: grpc.aio.ServerInterceptor) -> None:
+        self.inner = inner
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or not _traceable(handler):
+            return handler
+
+        async def resolved(_details: Any) -> Any:
+            return handler
+
+        return await self.inner.intercept_service(resolved, details)
+
+
+def _traceable(handler: grpc.RpcMethodHandler) -> bool:
+    if not handler.response_streaming:
+        return True
+    behavior = handler.stream_stream or handler.unary_stream
+    return inspect.isasyncgenfunction(behavior)
 
 
 class _NoSpan:

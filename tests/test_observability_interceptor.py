@@ -1,0 +1,70 @@
+"""The RPC interceptor on a real grpc.aio server: calls, codes, open streams, probe."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from tracking_grpc.config import Settings
+from tracking_grpc.observability import metrics, probe
+from tracking_grpc.observability.interceptor import server_interceptors
+
+CHECK = "/grpc.health.v1.Health/Check"
+WATCH = "/grpc.health.v1.Health/Watch"
+
+
+@pytest.fixture
+async def health_server():
+    registry = metrics.enable()
+    server = grpc.aio.server(interceptors=server_interceptors(Settings()))
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield health_pb2_grpc.HealthStub(channel), registry, port
+    await server.stop(None)
+    metrics.disable()
+
+
+async def test_calls_are_counted_by_status_code(health_server):
+    stub, registry, _ = health_server
+    await stub.Check(health_pb2.HealthCheckRequest())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    handled = registry.get_sample_value
+    assert handled("tracking_rpc_handled_total", {"method": CHECK, "code": "OK"}) == 1
+    assert (
+        handled("tracking_rpc_handled_total", {"method": CHECK, "code": "NOT_FOUND"})
+        == 1
+    )
+    assert handled("tracking_rpc_duration_seconds_count", {"method": CHECK}) == 2
+
+
+async def test_open_streams_go_up_and_down(health_server):
+    stub, registry, _ = health_server
+    call = stub.Watch(health_pb2.HealthCheckRequest())
+    await call.read()
+    assert registry.get_sample_value("tracking_streams_open", {"method": WATCH}) == 1
+    call.cancel()
+    for _ in range(100):
+        if registry.get_sample_value("tracking_streams_open", {"method": WATCH}) == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert registry.get_sample_value("tracking_streams_open", {"method": WATCH}) == 0
+    code = {"method": WATCH, "code": "CANCELLED"}
+    assert registry.get_sample_value("tracking_rpc_handled_total", code) == 1
+
+
+async def test_probe_reports_serving(health_server):
+    _, _, port = health_server
+    status = await asyncio.to_thread(probe.check, f"127.0.0.1:{port}")
+    assert status == "SERVING"
+
+
+def test_probe_fails_on_a_closed_port():
+    assert probe.main(["--addr", "127.0.0.1:1", "--timeout-s", "0.5"]) == 1
