@@ -9,6 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from tests.prometheus_server import PrometheusServer
 from tracking_grpc.config import Settings
 from tracking_grpc.observability import metrics, probe
 from tracking_grpc.observability.interceptor import server_interceptors
@@ -68,3 +69,19 @@ async def test_probe_reports_serving(health_server):
 
 def test_probe_fails_on_a_closed_port():
     assert probe.main(["--addr", "127.0.0.1:1", "--timeout-s", "0.5"]) == 1
+
+
+async def test_prometheus_scrapes_the_rpc_counters(health_server, tmp_path):
+    stub, _, _ = health_server
+    http, _ = metrics.serve("127.0.0.1:0")
+    target = f"127.0.0.1:{http.server_port}"
+    try:
+        with PrometheusServer(tmp_path, [target]) as prometheus:
+            for _ in range(5):
+                await stub.Check(health_pb2.HealthCheckRequest())
+            query = f'sum(tracking_rpc_handled_total{{method="{CHECK}",code="OK"}})'
+            seen = await asyncio.to_thread(prometheus.wait_for, query, 5.0)
+    finally:
+        http.shutdown()
+        http.server_close()
+    assert seen == 5.0
