@@ -159,6 +159,16 @@ class Metrics:
             buckets=LATENCY_S,
             registry=r,
         )
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def child(self, metric: str, *labels: str) -> Any:
+        """The labelled child of a metric, cached: ``labels()`` costs ~0.8 µs."""
+        key = (metric, *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = getattr(self, metric).labels(*labels)
+            self._children[key] = found
+        return found
 
 
 _m: Metrics | None = None
@@ -247,24 +257,24 @@ def worker_exited(pid: int) -> None:
 
 def rpc_started(method: str) -> None:
     if _m is not None:
-        _m.rpc_started.labels(method).inc()
+        _m.child("rpc_started", method).inc()
 
 
 def rpc_handled(method: str, code: str, seconds: float, streaming: bool) -> None:
     if _m is not None:
-        _m.rpc_handled.labels(method, code).inc()
-        duration = _m.stream_seconds if streaming else _m.rpc_seconds
-        duration.labels(method).observe(seconds)
+        _m.child("rpc_handled", method, code).inc()
+        duration = "stream_seconds" if streaming else "rpc_seconds"
+        _m.child(duration, method).observe(seconds)
 
 
 def stream_opened(method: str) -> None:
     if _m is not None:
-        _m.streams_open.labels(method).inc()
+        _m.child("streams_open", method).inc()
 
 
 def stream_closed(method: str) -> None:
     if _m is not None:
-        _m.streams_open.labels(method).dec()
+        _m.child("streams_open", method).dec()
 
 
 def watcher_opened() -> None:
@@ -294,7 +304,7 @@ def fixes_deduplicated(n: int) -> None:
 
 def fixes_rejected(reason: str, n: int = 1) -> None:
     if _m is not None and n:
-        _m.fixes_rejected.labels(reason).inc(n)
+        _m.child("fixes_rejected", reason).inc(n)
 
 
 def fixes_rejected_codes(codes: np.ndarray | Iterable[int]) -> None:
@@ -303,7 +313,7 @@ def fixes_rejected_codes(codes: np.ndarray | Iterable[int]) -> None:
         return
     found, counts = np.unique(np.asarray(codes, dtype=np.int64), return_counts=True)
     for code, count in zip(found.tolist(), counts.tolist(), strict=True):
-        _m.fixes_rejected.labels(reject_reason_name(code)).inc(count)
+        _m.child("fixes_rejected", reject_reason_name(code)).inc(count)
 
 
 def reject_reason_name(code: int) -> str:
@@ -332,24 +342,24 @@ def events_emitted(types: Iterable[Any]) -> None:
         return
     kinds = collections.Counter(getattr(t, "type", t) for t in types)
     for kind, count in kinds.items():
-        _m.events.labels(getattr(kind, "name", str(kind)).lower()).inc(count)
+        _m.child("events", getattr(kind, "name", str(kind)).lower()).inc(count)
 
 
 def watch_updates(outcome: str, n: int = 1) -> None:
     """Record watcher updates: outcome is ``sent``, ``coalesced`` or ``dropped``."""
     if _m is not None and n:
-        _m.watch_updates.labels(outcome).inc(n)
+        _m.child("watch_updates", outcome).inc(n)
 
 
 def storage_flushed(backend: str, fixes: int, seconds: float) -> None:
     if _m is not None:
-        _m.storage_batch_fixes.labels(backend).observe(fixes)
-        _m.storage_flush_seconds.labels(backend).observe(seconds)
+        _m.child("storage_batch_fixes", backend).observe(fixes)
+        _m.child("storage_flush_seconds", backend).observe(seconds)
 
 
 def storage_flush_failed(backend: str) -> None:
     if _m is not None:
-        _m.storage_flush_failures.labels(backend).inc()
+        _m.child("storage_flush_failures", backend).inc()
 
 
 @contextmanager
