@@ -331,6 +331,28 @@ def reject_reason_name(code: int) -> str:
     return name
 
 
+def fixes_validated(reasons: np.ndarray) -> None:
+    """Count a received batch and its rejections (reason codes, 0 = valid)."""
+    if _m is None:
+        return
+    _m.fixes_received.inc(len(reasons))
+    if reasons.any():
+        fixes_rejected_codes(reasons[reasons != 0])
+
+
+def fixes_stored(valid: np.ndarray, new: np.ndarray, seconds: float) -> None:
+    """Count the outcome of a stored batch: new fixes and duplicates; ack latency."""
+    if _m is None:
+        return
+    accepted = int(np.count_nonzero(new))
+    duplicates = int(np.count_nonzero(valid)) - accepted
+    if accepted:
+        _m.fixes_accepted.inc(accepted)
+    if duplicates:
+        _m.fixes_deduplicated.inc(duplicates)
+    _m.ack_seconds.observe(seconds)
+
+
 def fix_acked(seconds: float) -> None:
     if _m is not None:
         _m.ack_seconds.observe(seconds)
@@ -349,6 +371,17 @@ def watch_updates(outcome: str, n: int = 1) -> None:
     """Record watcher updates: outcome is ``sent``, ``coalesced`` or ``dropped``."""
     if _m is not None and n:
         _m.child("watch_updates", outcome).inc(n)
+
+
+def backend_name(store: object) -> str:
+    """``SqliteHistoryStore`` -> ``sqlite``: the ``backend`` label of a store."""
+    name = getattr(store, "backend", None)
+    if isinstance(name, str):
+        return name
+    kind = type(store).__name__.lower()
+    for suffix in ("historystore", "livestore", "store", "broker"):
+        kind = kind.removesuffix(suffix)
+    return kind or "unknown"
 
 
 def storage_flushed(backend: str, fixes: int, seconds: float) -> None:

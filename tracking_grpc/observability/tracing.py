@@ -38,6 +38,8 @@ from tracking_grpc.config import Settings
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "tracking-grpc"
+SpanContext = trace.SpanContext
+INVALID_CONTEXT = trace.INVALID_SPAN_CONTEXT
 
 _provider: TracerProvider | None = None
 _tracer: trace.Tracer | None = None
@@ -94,23 +96,27 @@ def server_interceptor() -> grpc.aio.ServerInterceptor | None:
         return None
     from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-    return _StreamSafeInterceptor(aio_server_interceptor(tracer_provider=_provider))
+    return _ServerSpans(aio_server_interceptor(tracer_provider=_provider))
 
 
-class _StreamSafeInterceptor(grpc.aio.ServerInterceptor):
-    """Leaves out streaming handlers that write with ``context.write``.
+class _ServerSpans(grpc.aio.ServerInterceptor):
+    """OpenTelemetry's aio server interceptor, also for ``context.write`` streams.
 
-    OpenTelemetry's interceptor iterates a streaming handler's result, which works
-    for async generators only (grpc's own health ``Watch`` is a coroutine).
+    The library's stream wrapper iterates the handler's result, which works for
+    async generators only; a streaming handler that is a coroutine writing with
+    ``context.write`` (Track, grpc's health Watch) gets the library's coroutine
+    wrapper instead, which opens and closes the same server span around it.
     """
 
-    def __init__(self, inner: grpc.aio.ServerInterceptor) -> None:
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = await continuation(details)
-        if handler is None or not _traceable(handler):
+        if handler is None:
             return handler
+        if handler.response_streaming and not _is_generator(handler):
+            return _coroutine_stream(self.inner, handler, details)
 
         async def resolved(_details: Any) -> Any:
             return handler
@@ -118,11 +124,20 @@ class _StreamSafeInterceptor(grpc.aio.ServerInterceptor):
         return await self.inner.intercept_service(resolved, details)
 
 
-def _traceable(handler: grpc.RpcMethodHandler) -> bool:
-    if not handler.response_streaming:
-        return True
-    behavior = handler.stream_stream or handler.unary_stream
-    return inspect.isasyncgenfunction(behavior)
+def _is_generator(handler: grpc.RpcMethodHandler) -> bool:
+    return inspect.isasyncgenfunction(handler.stream_stream or handler.unary_stream)
+
+
+def _coroutine_stream(inner: Any, handler: Any, details: Any) -> grpc.RpcMethodHandler:
+    # _intercept_aio_server_unary awaits the behaviour inside the server span; it
+    # is private to opentelemetry-instrumentation-grpc (pinned in pyproject.toml).
+    if handler.request_streaming:
+        wrapped = inner._intercept_aio_server_unary(handler.stream_stream, details)
+        make = grpc.stream_stream_rpc_method_handler
+    else:
+        wrapped = inner._intercept_aio_server_unary(handler.unary_stream, details)
+        make = grpc.unary_stream_rpc_method_handler
+    return make(wrapped, handler.request_deserializer, handler.response_serializer)
 
 
 class _NoSpan:
