@@ -98,6 +98,11 @@ class IngestPipeline:
         self._space = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
+        # Bounded: when processors fall behind, commits wait (back-pressure).
+        self._processing: asyncio.Queue[tuple[FixBatch, tracing.SpanContext] | None] = (
+            asyncio.Queue(256)
+        )
+        self._processor_task: asyncio.Task[None] | None = None
         self._closing = False
 
     def add_processor(self, processor: FixProcessor) -> None:
@@ -107,6 +112,9 @@ class IngestPipeline:
         if self._task is None:
             self._task = asyncio.create_task(self._flush_loop(), name="group-commit")
             self._ticker = asyncio.create_task(self._tick_loop(), name="processor-tick")
+            self._processor_task = asyncio.create_task(
+                self._process_loop(), name="processors"
+            )
 
     async def _tick_loop(self, interval_s: float = 1.0) -> None:
         """Give processors with a ``tick(now_ms)`` (timeouts: offline, dwell) a turn."""
@@ -226,7 +234,7 @@ class IngestPipeline:
         await self._after_commit(batch.take(new))
 
     async def _after_commit(self, stored: FixBatch) -> None:
-        """Live update, fan-out and processors for newly stored fixes."""
+        """Live update and fan-out now; processors in their own task, in order."""
         if len(stored) == 0:
             return
         try:
@@ -235,15 +243,24 @@ class IngestPipeline:
                 await self.broker.publish(moved)
         except Exception:
             log.exception("live update failed; history is intact")
-        ordered = stored.sorted_by_device_time()
-        for processor in self.processors:
-            try:
-                with tracing.span(f"process.{processor.name}", fixes=len(ordered)):
-                    events = await processor.process(ordered)
-            except Exception:
-                log.exception("processor %s failed", processor.name)
-                continue
-            await self.bus.emit(events)
+        if self.processors:
+            commit = tracing.current_context()
+            await self._processing.put((stored.sorted_by_device_time(), commit))
+
+    async def _process_loop(self) -> None:
+        """Runs processors on stored fixes, commit by commit, off the commit path."""
+        while (item := await self._processing.get()) is not None:
+            stored, commit = item
+            for processor in self.processors:
+                try:
+                    with tracing.span(
+                        f"process.{processor.name}", [commit], fixes=len(stored)
+                    ):
+                        events = await processor.process(stored)
+                except Exception:
+                    log.exception("processor %s failed", processor.name)
+                    continue
+                await self.bus.emit(events)
 
     async def close(self) -> None:
         """Store what is queued (acks for it may no longer reach anyone), then stop."""
@@ -256,3 +273,7 @@ class IngestPipeline:
         if self._task is not None:
             await self._task
             self._task = None
+        if self._processor_task is not None:
+            await self._processing.put(None)
+            await self._processor_task
+            self._processor_task = None
