@@ -8,8 +8,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from tracking.v1 import track_pb2, track_pb2_grpc
 
 from tests.prometheus_server import PrometheusServer
+from tests.server_fixtures import fix
 from tracking_grpc.config import Settings
 from tracking_grpc.observability import metrics, probe
 from tracking_grpc.observability.interceptor import server_interceptors
@@ -85,3 +87,26 @@ async def test_prometheus_scrapes_the_rpc_counters(health_server, tmp_path):
         http.shutdown()
         http.server_close()
     assert seen == 5.0
+
+
+@pytest.mark.parametrize(
+    ("request_", "code"),
+    [
+        pytest.param(track_pb2.PublishBatchRequest(), "INVALID_ARGUMENT", id="empty"),
+        pytest.param(
+            track_pb2.PublishBatchRequest(
+                devices=[track_pb2.DeviceFixes(device_id="d", fixes=[fix(1, 1, 1)])]
+            ),
+            "OK",
+            id="one-fix",
+        ),
+    ],
+)
+async def test_mapped_errors_are_counted_by_their_code(start_server, request_, code):
+    server = await start_server(metrics_listen="127.0.0.1:0")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = track_pb2_grpc.TrackSessionStub(channel).PublishBatch(request_)
+        assert (await call.code()).name == code
+    labels = {"method": "/tracking.v1.TrackSession/PublishBatch", "code": code}
+    handled = metrics.registry().get_sample_value("tracking_rpc_handled_total", labels)
+    assert handled == 1

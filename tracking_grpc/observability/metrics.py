@@ -201,6 +201,11 @@ def enable() -> CollectorRegistry:
     return _registry
 
 
+def registry() -> CollectorRegistry | None:
+    """The registry that /metrics exposes, or None while metrics are off."""
+    return _registry
+
+
 def disable() -> None:
     global _m, _registry
     _m = None
