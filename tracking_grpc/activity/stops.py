@@ -20,7 +20,6 @@ import numpy as np
 
 from tracking_grpc.activity.groups import Groups
 
-
 EDGE_SPREADS = 4.0
 MIN_EDGE_M = 15.0
 
