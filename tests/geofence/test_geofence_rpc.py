@@ -166,7 +166,7 @@ async def enter_then_exit(server, channel, device: str) -> list[event_pb2.Event]
     events = []
     while len(events) < 2:
         response = await asyncio.wait_for(call.read(), 10)
-        if response.WhichOneof("message") == "event":
+        if response.WhichOneof("message") == "event" and response.event.fence_id:
             events.append(response.event)
     await call.done_writing()
     return events
