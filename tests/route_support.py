@@ -1,0 +1,71 @@
+"""Simulated drives along computed routes, for the route tests and the benchmark."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.routing.geometry import EARTH_RADIUS_M, segment_lengths_m
+
+START_MS = 1_760_000_000_000
+METRES_PER_DEGREE = np.radians(1.0) * EARTH_RADIUS_M
+
+
+def along_route(lat: np.ndarray, lon: np.ndarray, at_m: np.ndarray) -> np.ndarray:
+    """(lat, lon) rows of the points ``at_m`` metres along a polyline."""
+    cum = np.r_[0.0, np.cumsum(segment_lengths_m(lat, lon))]
+    return np.column_stack((np.interp(at_m, cum, lat), np.interp(at_m, cum, lon)))
+
+
+def route_length_m(lat: np.ndarray, lon: np.ndarray) -> float:
+    return float(segment_lengths_m(lat, lon).sum())
+
+
+def drive(
+    lat: np.ndarray,
+    lon: np.ndarray,
+    speed_mps: float,
+    step_s: float = 5.0,
+    slow: tuple[float, float, float] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fixes every step_s from start to end of a route at speed_mps, or at the
+    ``slow`` (from_m, to_m, speed_mps) speed between two places along it.
+
+    Returns the (lat, lon) rows and how far along the route each one is.
+    """
+    total_m = route_length_m(lat, lon)
+    at_m = [0.0]
+    while at_m[-1] < total_m:
+        here = at_m[-1]
+        speed = slow[2] if slow and slow[0] <= here < slow[1] else speed_mps
+        at_m.append(min(here + speed * step_s, total_m))
+    along = np.array(at_m)
+    return along_route(lat, lon, along), along
+
+
+def push_sideways(points: np.ndarray, rows: slice, offset_m: float) -> np.ndarray:
+    """The same points with ``rows`` moved offset_m to the east (a detour)."""
+    moved = points.copy()
+    moved[rows, 1] += offset_m / (
+        METRES_PER_DEGREE * np.cos(np.radians(points[rows, 0]))
+    )
+    return moved
+
+
+def fixes(
+    device: str,
+    points: np.ndarray,
+    step_s: float = 5.0,
+    accuracy_m: float = 8.0,
+    tenant: str = "t1",
+) -> FixBatch:
+    n = len(points)
+    return FixBatch.from_columns(
+        tenant,
+        [device] * n,
+        np.arange(1, n + 1),
+        START_MS + (np.arange(n) * step_s * 1000).astype(np.int64),
+        points[:, 0],
+        points[:, 1],
+        accuracy_m=np.full(n, accuracy_m),
+    )
