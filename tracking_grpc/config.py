@@ -21,7 +21,7 @@ from tracking_grpc.errors import InvalidArgument
 ENV_PREFIX = "TRACKING_"
 
 
-def setting(default: Any, help: str) -> Any:  # noqa: A002 - the argparse word
+def setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
@@ -114,13 +114,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file of settings")
     for spec in fields(Settings):
         flag = "--" + spec.name.replace("_", "-")
-        parser.add_argument(flag, dest=spec.name, default=None, help=spec.metadata["help"])
+        parser.add_argument(
+            flag, dest=spec.name, default=None, help=spec.metadata["help"]
+        )
 
 
 def load(
     args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
 ) -> Settings:
-    """Settings from defaults, the TOML file, the environment and flags, in that order."""
+    """Settings from defaults, the TOML file, the environment and flags, in order."""
     environ = os.environ if env is None else env
     settings = Settings()
     config_file = getattr(args, "config", None) if args else None

@@ -58,7 +58,9 @@ class TrackingEvent:
     attributes: dict[str, str] = field(default_factory=dict)
 
 
-def event_id(tenant: str, device: str, kind: EventType, time_ms: int, subject: str) -> str:
+def event_id(
+    tenant: str, device: str, kind: EventType, time_ms: int, subject: str
+) -> str:
     """A stable id: the same event found twice (a replay, a retry) gets the same id."""
     key = f"{tenant}\x1f{device}\x1f{int(kind)}\x1f{time_ms}\x1f{subject}"
     return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
