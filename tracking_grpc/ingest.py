@@ -94,6 +94,10 @@ class IngestPipeline:
         self._wakeup = asyncio.Event()
         self._space = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        # Bounded: when processors fall behind, commits wait (back-pressure).
+        self._processing: asyncio.Queue[FixBatch | None] = asyncio.Queue(256)
+        self._processor_task: asyncio.Task[None] | None = None
         self._closing = False
 
     def add_processor(self, processor: FixProcessor) -> None:
@@ -102,6 +106,25 @@ class IngestPipeline:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._flush_loop(), name="group-commit")
+            self._ticker = asyncio.create_task(self._tick_loop(), name="processor-tick")
+            self._processor_task = asyncio.create_task(
+                self._process_loop(), name="processors"
+            )
+
+    async def _tick_loop(self, interval_s: float = 1.0) -> None:
+        """Give processors with a ``tick(now_ms)`` (timeouts: offline, dwell) a turn."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for processor in self.processors:
+                tick = getattr(processor, "tick", None)
+                if tick is None:
+                    continue
+                try:
+                    events = await tick(now_ms())
+                except Exception:
+                    log.exception("processor %s failed on tick", processor.name)
+                    continue
+                await self.bus.emit(events)
 
     async def ingest(self, batch: FixBatch) -> IngestResult:
         """Validate and durably store a batch; returns once stored (or raises)."""
@@ -196,7 +219,7 @@ class IngestPipeline:
         await self._after_commit(batch.take(new))
 
     async def _after_commit(self, stored: FixBatch) -> None:
-        """Live update, fan-out and processors for newly stored fixes."""
+        """Live update and fan-out now; processors in their own task, in order."""
         if len(stored) == 0:
             return
         try:
@@ -205,21 +228,32 @@ class IngestPipeline:
                 await self.broker.publish(moved)
         except Exception:
             log.exception("live update failed; history is intact")
-        ordered = stored.sorted_by_device_time()
-        for processor in self.processors:
-            try:
-                events = await processor.process(ordered)
-            except Exception:
-                log.exception("processor %s failed", processor.name)
-                continue
-            await self.bus.emit(events)
+        if self.processors:
+            await self._processing.put(stored.sorted_by_device_time())
+
+    async def _process_loop(self) -> None:
+        """Runs processors on stored fixes, commit by commit, off the commit path."""
+        while (stored := await self._processing.get()) is not None:
+            for processor in self.processors:
+                try:
+                    events = await processor.process(stored)
+                except Exception:
+                    log.exception("processor %s failed", processor.name)
+                    continue
+                await self.bus.emit(events)
 
     async def close(self) -> None:
         """Store what is queued (acks for it may no longer reach anyone), then stop."""
         self._closing = True
+        if self._ticker is not None:
+            self._ticker.cancel()
         self._wakeup.set()
         async with self._space:
             self._space.notify_all()
         if self._task is not None:
             await self._task
             self._task = None
+        if self._processor_task is not None:
+            await self._processing.put(None)
+            await self._processor_task
+            self._processor_task = None

@@ -50,6 +50,7 @@ class TrackingServer:
         self.port = port
         self.health = health.aio.HealthServicer()
         self.service_names: list[str] = []
+        self._stopped = False
 
     @classmethod
     async def start(cls, settings: Settings) -> TrackingServer:
@@ -87,6 +88,9 @@ class TrackingServer:
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """Stop accepting calls, let open calls finish for ``grace_s``, flush writes."""
+        if self._stopped:
+            return
+        self._stopped = True
         await self.set_serving(False)
         await self.server.stop(grace_s)
         await self.app.close()
