@@ -14,14 +14,14 @@ from grpc_reflection.v1alpha import reflection
 from tracking_grpc.app import App, open_app
 from tracking_grpc.config import Settings
 from tracking_grpc.interceptors import ErrorInterceptor
-from tracking_grpc.servicers import track
+from tracking_grpc.servicers import route, track
 
 log = logging.getLogger(__name__)
 
 Register = Callable[[grpc.aio.Server, App], str]
 
 # Each entry adds one service to the server and returns its full name.
-SERVICES: list[Register] = [track.register]
+SERVICES: list[Register] = [track.register, route.register]
 
 SHUTDOWN_GRACE_S = 5.0
 
@@ -83,8 +83,10 @@ class TrackingServer:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
-            await self.health.set(name, status)
+            ready = name not in self.app.not_ready
+            await self.health.set(name, status if ready else not_serving)
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """Stop accepting calls, let open calls finish for ``grace_s``, flush writes."""

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from tracking.v1 import common_pb2 as tracking_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tracking/v1/route.proto\x12\x0btracking.v1\x1a\x18tracking/v1/common.proto\"W\n\x0cSnappedPoint\x12%\n\x08location\x18\x01 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12\x12\n\ndistance_m\x18\x02 \x01(\x01\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x8c\x01\n\tRouteStep\x12\x10\n\x08maneuver\x18\x01 \x01(\t\x12\x10\n\x08modifier\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\ndistance_m\x18\x04 \x01(\x01\x12\x12\n\nduration_s\x18\x05 \x01(\x01\x12%\n\x08location\x18\x06 \x01(\x0b\x32\x13.tracking.v1.LatLng\"Y\n\x08RouteLeg\x12\x12\n\ndistance_m\x18\x01 \x01(\x01\x12\x12\n\nduration_s\x18\x02 \x01(\x01\x12%\n\x05steps\x18\x03 \x03(\x0b\x32\x16.tracking.v1.RouteStep\"\xf2\x01\n\tRoutePlan\x12,\n\x07profile\x18\x01 \x01(\x0e\x32\x1b.tracking.v1.RoutingProfile\x12\x12\n\ndistance_m\x18\x02 \x01(\x01\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x1b\n\x13\x65xpected_duration_s\x18\x04 \x01(\x01\x12\x10\n\x08polyline\x18\x05 \x01(\t\x12\x0f\n\x07geojson\x18\x06 \x01(\t\x12#\n\x04legs\x18\x07 \x03(\x0b\x32\x15.tracking.v1.RouteLeg\x12*\n\x07snapped\x18\x08 \x03(\x0b\x32\x19.tracking.v1.SnappedPoint\"\xce\x01\n\x13\x43omputeRouteRequest\x12#\n\x06origin\x18\x01 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12(\n\x0b\x64\x65stination\x18\x02 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12&\n\twaypoints\x18\x03 \x03(\x0b\x32\x13.tracking.v1.LatLng\x12,\n\x07profile\x18\x04 \x01(\x0e\x32\x1b.tracking.v1.RoutingProfile\x12\x12\n\nskip_steps\x18\x05 \x01(\x08\"=\n\x14\x43omputeRouteResponse\x12%\n\x05route\x18\x01 \x01(\x0b\x32\x16.tracking.v1.RoutePlan\"\x90\x01\n\x14\x43omputeMatrixRequest\x12#\n\x06points\x18\x01 \x03(\x0b\x32\x13.tracking.v1.LatLng\x12\x0f\n\x07sources\x18\x02 \x03(\r\x12\x14\n\x0c\x64\x65stinations\x18\x03 \x03(\r\x12,\n\x07profile\x18\x04 \x01(\x0e\x32\x1b.tracking.v1.RoutingProfile\"\x8a\x01\n\x15\x43omputeMatrixResponse\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x02 \x01(\r\x12\x12\n\nduration_s\x18\x03 \x03(\x01\x12\x12\n\ndistance_m\x18\x04 \x03(\x01\x12*\n\x07snapped\x18\x05 \x03(\x0b\x32\x19.tracking.v1.SnappedPoint\".\n\nTimeWindow\x12\x10\n\x08start_ms\x18\x01 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x02 \x01(\x03\"\xa5\x01\n\x07Vehicle\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x05start\x18\x02 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12 \n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12\x10\n\x08\x63\x61pacity\x18\x04 \x03(\x03\x12&\n\x05shift\x18\x05 \x01(\x0b\x32\x17.tracking.v1.TimeWindow\x12\x0e\n\x06skills\x18\x06 \x03(\t\"\xac\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x08location\x18\x02 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12\x11\n\tservice_s\x18\x03 \x01(\x01\x12-\n\x0ctime_windows\x18\x04 \x03(\x0b\x32\x17.tracking.v1.TimeWindow\x12\x0e\n\x06\x64\x65mand\x18\x05 \x03(\x03\x12\x10\n\x08priority\x18\x06 \x01(\r\x12\x0e\n\x06skills\x18\x07 \x03(\t\"\xa2\x01\n\x14OptimizeRouteRequest\x12&\n\x08vehicles\x18\x01 \x03(\x0b\x32\x14.tracking.v1.Vehicle\x12\x1e\n\x04jobs\x18\x02 \x03(\x0b\x32\x10.tracking.v1.Job\x12,\n\x07profile\x18\x03 \x01(\x0e\x32\x1b.tracking.v1.RoutingProfile\x12\x14\n\x0c\x64\x65parture_ms\x18\x04 \x01(\x03\"\xbe\x01\n\x04Stop\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.tracking.v1.StopKind\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12%\n\x08location\x18\x03 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12\x12\n\narrival_ms\x18\x04 \x01(\x03\x12\x11\n\twaiting_s\x18\x05 \x01(\x01\x12\x11\n\tservice_s\x18\x06 \x01(\x01\x12\x12\n\ndistance_m\x18\x07 \x01(\x01\x12\x0c\n\x04load\x18\x08 \x03(\x03\"l\n\x0cVehicleRoute\x12\x12\n\nvehicle_id\x18\x01 \x01(\t\x12 \n\x05stops\x18\x02 \x03(\x0b\x32\x11.tracking.v1.Stop\x12\x12\n\ndistance_m\x18\x03 \x01(\x01\x12\x12\n\nduration_s\x18\x04 \x01(\x01\"/\n\rUnassignedJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x86\x01\n\x15OptimizeRouteResponse\x12)\n\x06routes\x18\x01 \x03(\x0b\x32\x19.tracking.v1.VehicleRoute\x12.\n\nunassigned\x18\x02 \x03(\x0b\x32\x1a.tracking.v1.UnassignedJob\x12\x12\n\ndistance_m\x18\x03 \x01(\x01\"\xb3\x01\n\x11MatchTrackRequest\x12\x1f\n\x05\x66ixes\x18\x01 \x03(\x0b\x32\x10.tracking.v1.Fix\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x10\n\x08start_ms\x18\x03 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x04 \x01(\x03\x12,\n\x07profile\x18\x05 \x01(\x0e\x32\x1b.tracking.v1.RoutingProfile\x12\x1a\n\x12learn_travel_times\x18\x06 \x01(\x08\"^\n\x0cMatchedPoint\x12\x0f\n\x07matched\x18\x01 \x01(\x08\x12%\n\x08location\x18\x02 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12\x16\n\x0ematching_index\x18\x03 \x01(\x05\"i\n\x08Matching\x12\x12\n\nconfidence\x18\x01 \x01(\x01\x12\x12\n\ndistance_m\x18\x02 \x01(\x01\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x10\n\x08polyline\x18\x04 \x01(\t\x12\x0f\n\x07geojson\x18\x05 \x01(\t\"\xc6\x01\n\x12MatchTrackResponse\x12)\n\x06points\x18\x01 \x03(\x0b\x32\x19.tracking.v1.MatchedPoint\x12(\n\tmatchings\x18\x02 \x03(\x0b\x32\x15.tracking.v1.Matching\x12\x15\n\rmatched_share\x18\x03 \x01(\x01\x12\x1a\n\x12matched_distance_m\x18\x04 \x01(\x01\x12\x12\n\nconfidence\x18\x05 \x01(\x01\x12\x14\n\x0clearned_legs\x18\x06 \x01(\r\"j\n\x12\x41ssignRouteRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08route_id\x18\x02 \x01(\t\x12/\n\x05route\x18\x03 \x01(\x0b\x32 .tracking.v1.ComputeRouteRequest\"\xcc\x01\n\rRouteProgress\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08route_id\x18\x02 \x01(\t\x12\x0f\n\x07total_m\x18\x03 \x01(\x01\x12\x12\n\nprogress_m\x18\x04 \x01(\x01\x12\x13\n\x0bremaining_m\x18\x05 \x01(\x01\x12\x0e\n\x06\x65ta_ms\x18\x06 \x01(\x03\x12\x11\n\toff_route\x18\x07 \x01(\x08\x12\x13\n\x0b\x64\x65viation_m\x18\x08 \x01(\x01\x12\x0f\n\x07\x61rrived\x18\t \x01(\x08\x12\x13\n\x0blast_fix_ms\x18\n \x01(\x03\"j\n\x13\x41ssignRouteResponse\x12%\n\x05route\x18\x01 \x01(\x0b\x32\x16.tracking.v1.RoutePlan\x12,\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.tracking.v1.RouteProgress\"&\n\x11\x43learRouteRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"%\n\x12\x43learRouteResponse\x12\x0f\n\x07\x63leared\x18\x01 \x01(\x08\",\n\x17GetRouteProgressRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"H\n\x18GetRouteProgressResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.tracking.v1.RouteProgress*\x81\x01\n\x0eRoutingProfile\x12\x1f\n\x1bROUTING_PROFILE_UNSPECIFIED\x10\x00\x12\x17\n\x13ROUTING_PROFILE_CAR\x10\x01\x12\x1b\n\x17ROUTING_PROFILE_BICYCLE\x10\x02\x12\x18\n\x14ROUTING_PROFILE_FOOT\x10\x03*`\n\x08StopKind\x12\x19\n\x15STOP_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTOP_KIND_START\x10\x01\x12\x11\n\rSTOP_KIND_JOB\x10\x02\x12\x11\n\rSTOP_KIND_END\x10\x03\x32\xdd\x04\n\x05Route\x12S\n\x0c\x43omputeRoute\x12 .tracking.v1.ComputeRouteRequest\x1a!.tracking.v1.ComputeRouteResponse\x12V\n\rComputeMatrix\x12!.tracking.v1.ComputeMatrixRequest\x1a\".tracking.v1.ComputeMatrixResponse\x12V\n\rOptimizeRoute\x12!.tracking.v1.OptimizeRouteRequest\x1a\".tracking.v1.OptimizeRouteResponse\x12M\n\nMatchTrack\x12\x1e.tracking.v1.MatchTrackRequest\x1a\x1f.tracking.v1.MatchTrackResponse\x12P\n\x0b\x41ssignRoute\x12\x1f.tracking.v1.AssignRouteRequest\x1a .tracking.v1.AssignRouteResponse\x12M\n\nClearRoute\x12\x1e.tracking.v1.ClearRouteRequest\x1a\x1f.tracking.v1.ClearRouteResponse\x12_\n\x10GetRouteProgress\x12$.tracking.v1.GetRouteProgressRequest\x1a%.tracking.v1.GetRouteProgressResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tracking/v1/route.proto\x12\x0btracking.v1\x1a\x18tracking/v1/common.proto\"W\n\x0cSnappedPoint\x12%\n\x08location\x18\x01 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12\x12\n\ndistance_m\x18\x02 \x01(\x01\x12\x0c\n\x04name\x18\x03 \x01(\t\"\x8c\x01\n\tRouteStep\x12\x10\n\x08maneuver\x18\x01 \x01(\t\x12\x10\n\x08modifier\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\ndistance_m\x18\x04 \x01(\x01\x12\x12\n\nduration_s\x18\x05 \x01(\x01\x12%\n\x08location\x18\x06 \x01(\x0b\x32\x13.tracking.v1.LatLng\"Y\n\x08RouteLeg\x12\x12\n\ndistance_m\x18\x01 \x01(\x01\x12\x12\n\nduration_s\x18\x02 \x01(\x01\x12%\n\x05steps\x18\x03 \x03(\x0b\x32\x16.tracking.v1.RouteStep\"\xf2\x01\n\tRoutePlan\x12,\n\x07profile\x18\x01 \x01(\x0e\x32\x1b.tracking.v1.RoutingProfile\x12\x12\n\ndistance_m\x18\x02 \x01(\x01\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x1b\n\x13\x65xpected_duration_s\x18\x04 \x01(\x01\x12\x10\n\x08polyline\x18\x05 \x01(\t\x12\x0f\n\x07geojson\x18\x06 \x01(\t\x12#\n\x04legs\x18\x07 \x03(\x0b\x32\x15.tracking.v1.RouteLeg\x12*\n\x07snapped\x18\x08 \x03(\x0b\x32\x19.tracking.v1.SnappedPoint\"\xce\x01\n\x13\x43omputeRouteRequest\x12#\n\x06origin\x18\x01 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12(\n\x0b\x64\x65stination\x18\x02 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12&\n\twaypoints\x18\x03 \x03(\x0b\x32\x13.tracking.v1.LatLng\x12,\n\x07profile\x18\x04 \x01(\x0e\x32\x1b.tracking.v1.RoutingProfile\x12\x12\n\nskip_steps\x18\x05 \x01(\x08\"=\n\x14\x43omputeRouteResponse\x12%\n\x05route\x18\x01 \x01(\x0b\x32\x16.tracking.v1.RoutePlan\"\x90\x01\n\x14\x43omputeMatrixRequest\x12#\n\x06points\x18\x01 \x03(\x0b\x32\x13.tracking.v1.LatLng\x12\x0f\n\x07sources\x18\x02 \x03(\r\x12\x14\n\x0c\x64\x65stinations\x18\x03 \x03(\r\x12,\n\x07profile\x18\x04 \x01(\x0e\x32\x1b.tracking.v1.RoutingProfile\"\xbb\x01\n\x15\x43omputeMatrixResponse\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x02 \x01(\r\x12\x12\n\nduration_s\x18\x03 \x03(\x01\x12\x12\n\ndistance_m\x18\x04 \x03(\x01\x12*\n\x07sources\x18\x05 \x03(\x0b\x32\x19.tracking.v1.SnappedPoint\x12/\n\x0c\x64\x65stinations\x18\x06 \x03(\x0b\x32\x19.tracking.v1.SnappedPoint\".\n\nTimeWindow\x12\x10\n\x08start_ms\x18\x01 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x02 \x01(\x03\"\xa5\x01\n\x07Vehicle\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x05start\x18\x02 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12 \n\x03\x65nd\x18\x03 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12\x10\n\x08\x63\x61pacity\x18\x04 \x03(\x03\x12&\n\x05shift\x18\x05 \x01(\x0b\x32\x17.tracking.v1.TimeWindow\x12\x0e\n\x06skills\x18\x06 \x03(\t\"\xac\x01\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x08location\x18\x02 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12\x11\n\tservice_s\x18\x03 \x01(\x01\x12-\n\x0ctime_windows\x18\x04 \x03(\x0b\x32\x17.tracking.v1.TimeWindow\x12\x0e\n\x06\x64\x65mand\x18\x05 \x03(\x03\x12\x10\n\x08priority\x18\x06 \x01(\r\x12\x0e\n\x06skills\x18\x07 \x03(\t\"\xa2\x01\n\x14OptimizeRouteRequest\x12&\n\x08vehicles\x18\x01 \x03(\x0b\x32\x14.tracking.v1.Vehicle\x12\x1e\n\x04jobs\x18\x02 \x03(\x0b\x32\x10.tracking.v1.Job\x12,\n\x07profile\x18\x03 \x01(\x0e\x32\x1b.tracking.v1.RoutingProfile\x12\x14\n\x0c\x64\x65parture_ms\x18\x04 \x01(\x03\"\xbe\x01\n\x04Stop\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.tracking.v1.StopKind\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12%\n\x08location\x18\x03 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12\x12\n\narrival_ms\x18\x04 \x01(\x03\x12\x11\n\twaiting_s\x18\x05 \x01(\x01\x12\x11\n\tservice_s\x18\x06 \x01(\x01\x12\x12\n\ndistance_m\x18\x07 \x01(\x01\x12\x0c\n\x04load\x18\x08 \x03(\x03\"l\n\x0cVehicleRoute\x12\x12\n\nvehicle_id\x18\x01 \x01(\t\x12 \n\x05stops\x18\x02 \x03(\x0b\x32\x11.tracking.v1.Stop\x12\x12\n\ndistance_m\x18\x03 \x01(\x01\x12\x12\n\nduration_s\x18\x04 \x01(\x01\"/\n\rUnassignedJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x86\x01\n\x15OptimizeRouteResponse\x12)\n\x06routes\x18\x01 \x03(\x0b\x32\x19.tracking.v1.VehicleRoute\x12.\n\nunassigned\x18\x02 \x03(\x0b\x32\x1a.tracking.v1.UnassignedJob\x12\x12\n\ndistance_m\x18\x03 \x01(\x01\"\xb3\x01\n\x11MatchTrackRequest\x12\x1f\n\x05\x66ixes\x18\x01 \x03(\x0b\x32\x10.tracking.v1.Fix\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x10\n\x08start_ms\x18\x03 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x04 \x01(\x03\x12,\n\x07profile\x18\x05 \x01(\x0e\x32\x1b.tracking.v1.RoutingProfile\x12\x1a\n\x12learn_travel_times\x18\x06 \x01(\x08\"^\n\x0cMatchedPoint\x12\x0f\n\x07matched\x18\x01 \x01(\x08\x12%\n\x08location\x18\x02 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12\x16\n\x0ematching_index\x18\x03 \x01(\x05\"i\n\x08Matching\x12\x12\n\nconfidence\x18\x01 \x01(\x01\x12\x12\n\ndistance_m\x18\x02 \x01(\x01\x12\x12\n\nduration_s\x18\x03 \x01(\x01\x12\x10\n\x08polyline\x18\x04 \x01(\t\x12\x0f\n\x07geojson\x18\x05 \x01(\t\"\xc6\x01\n\x12MatchTrackResponse\x12)\n\x06points\x18\x01 \x03(\x0b\x32\x19.tracking.v1.MatchedPoint\x12(\n\tmatchings\x18\x02 \x03(\x0b\x32\x15.tracking.v1.Matching\x12\x15\n\rmatched_share\x18\x03 \x01(\x01\x12\x1a\n\x12matched_distance_m\x18\x04 \x01(\x01\x12\x12\n\nconfidence\x18\x05 \x01(\x01\x12\x14\n\x0clearned_legs\x18\x06 \x01(\r\"j\n\x12\x41ssignRouteRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08route_id\x18\x02 \x01(\t\x12/\n\x05route\x18\x03 \x01(\x0b\x32 .tracking.v1.ComputeRouteRequest\"\xcc\x01\n\rRouteProgress\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08route_id\x18\x02 \x01(\t\x12\x0f\n\x07total_m\x18\x03 \x01(\x01\x12\x12\n\nprogress_m\x18\x04 \x01(\x01\x12\x13\n\x0bremaining_m\x18\x05 \x01(\x01\x12\x0e\n\x06\x65ta_ms\x18\x06 \x01(\x03\x12\x11\n\toff_route\x18\x07 \x01(\x08\x12\x13\n\x0b\x64\x65viation_m\x18\x08 \x01(\x01\x12\x0f\n\x07\x61rrived\x18\t \x01(\x08\x12\x13\n\x0blast_fix_ms\x18\n \x01(\x03\"j\n\x13\x41ssignRouteResponse\x12%\n\x05route\x18\x01 \x01(\x0b\x32\x16.tracking.v1.RoutePlan\x12,\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.tracking.v1.RouteProgress\"&\n\x11\x43learRouteRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"%\n\x12\x43learRouteResponse\x12\x0f\n\x07\x63leared\x18\x01 \x01(\x08\",\n\x17GetRouteProgressRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\"H\n\x18GetRouteProgressResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.tracking.v1.RouteProgress*\x81\x01\n\x0eRoutingProfile\x12\x1f\n\x1bROUTING_PROFILE_UNSPECIFIED\x10\x00\x12\x17\n\x13ROUTING_PROFILE_CAR\x10\x01\x12\x1b\n\x17ROUTING_PROFILE_BICYCLE\x10\x02\x12\x18\n\x14ROUTING_PROFILE_FOOT\x10\x03*`\n\x08StopKind\x12\x19\n\x15STOP_KIND_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTOP_KIND_START\x10\x01\x12\x11\n\rSTOP_KIND_JOB\x10\x02\x12\x11\n\rSTOP_KIND_END\x10\x03\x32\xdd\x04\n\x05Route\x12S\n\x0c\x43omputeRoute\x12 .tracking.v1.ComputeRouteRequest\x1a!.tracking.v1.ComputeRouteResponse\x12V\n\rComputeMatrix\x12!.tracking.v1.ComputeMatrixRequest\x1a\".tracking.v1.ComputeMatrixResponse\x12V\n\rOptimizeRoute\x12!.tracking.v1.OptimizeRouteRequest\x1a\".tracking.v1.OptimizeRouteResponse\x12M\n\nMatchTrack\x12\x1e.tracking.v1.MatchTrackRequest\x1a\x1f.tracking.v1.MatchTrackResponse\x12P\n\x0b\x41ssignRoute\x12\x1f.tracking.v1.AssignRouteRequest\x1a .tracking.v1.AssignRouteResponse\x12M\n\nClearRoute\x12\x1e.tracking.v1.ClearRouteRequest\x1a\x1f.tracking.v1.ClearRouteResponse\x12_\n\x10GetRouteProgress\x12$.tracking.v1.GetRouteProgressRequest\x1a%.tracking.v1.GetRouteProgressResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tracking.v1.route_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTINGPROFILE']._serialized_start=3448
-  _globals['_ROUTINGPROFILE']._serialized_end=3577
-  _globals['_STOPKIND']._serialized_start=3579
-  _globals['_STOPKIND']._serialized_end=3675
+  _globals['_ROUTINGPROFILE']._serialized_start=3497
+  _globals['_ROUTINGPROFILE']._serialized_end=3626
+  _globals['_STOPKIND']._serialized_start=3628
+  _globals['_STOPKIND']._serialized_end=3724
   _globals['_SNAPPEDPOINT']._serialized_start=66
   _globals['_SNAPPEDPOINT']._serialized_end=153
   _globals['_ROUTESTEP']._serialized_start=156
@@ -51,45 +51,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPUTEMATRIXREQUEST']._serialized_start=907
   _globals['_COMPUTEMATRIXREQUEST']._serialized_end=1051
   _globals['_COMPUTEMATRIXRESPONSE']._serialized_start=1054
-  _globals['_COMPUTEMATRIXRESPONSE']._serialized_end=1192
-  _globals['_TIMEWINDOW']._serialized_start=1194
-  _globals['_TIMEWINDOW']._serialized_end=1240
-  _globals['_VEHICLE']._serialized_start=1243
-  _globals['_VEHICLE']._serialized_end=1408
-  _globals['_JOB']._serialized_start=1411
-  _globals['_JOB']._serialized_end=1583
-  _globals['_OPTIMIZEROUTEREQUEST']._serialized_start=1586
-  _globals['_OPTIMIZEROUTEREQUEST']._serialized_end=1748
-  _globals['_STOP']._serialized_start=1751
-  _globals['_STOP']._serialized_end=1941
-  _globals['_VEHICLEROUTE']._serialized_start=1943
-  _globals['_VEHICLEROUTE']._serialized_end=2051
-  _globals['_UNASSIGNEDJOB']._serialized_start=2053
-  _globals['_UNASSIGNEDJOB']._serialized_end=2100
-  _globals['_OPTIMIZEROUTERESPONSE']._serialized_start=2103
-  _globals['_OPTIMIZEROUTERESPONSE']._serialized_end=2237
-  _globals['_MATCHTRACKREQUEST']._serialized_start=2240
-  _globals['_MATCHTRACKREQUEST']._serialized_end=2419
-  _globals['_MATCHEDPOINT']._serialized_start=2421
-  _globals['_MATCHEDPOINT']._serialized_end=2515
-  _globals['_MATCHING']._serialized_start=2517
-  _globals['_MATCHING']._serialized_end=2622
-  _globals['_MATCHTRACKRESPONSE']._serialized_start=2625
-  _globals['_MATCHTRACKRESPONSE']._serialized_end=2823
-  _globals['_ASSIGNROUTEREQUEST']._serialized_start=2825
-  _globals['_ASSIGNROUTEREQUEST']._serialized_end=2931
-  _globals['_ROUTEPROGRESS']._serialized_start=2934
-  _globals['_ROUTEPROGRESS']._serialized_end=3138
-  _globals['_ASSIGNROUTERESPONSE']._serialized_start=3140
-  _globals['_ASSIGNROUTERESPONSE']._serialized_end=3246
-  _globals['_CLEARROUTEREQUEST']._serialized_start=3248
-  _globals['_CLEARROUTEREQUEST']._serialized_end=3286
-  _globals['_CLEARROUTERESPONSE']._serialized_start=3288
-  _globals['_CLEARROUTERESPONSE']._serialized_end=3325
-  _globals['_GETROUTEPROGRESSREQUEST']._serialized_start=3327
-  _globals['_GETROUTEPROGRESSREQUEST']._serialized_end=3371
-  _globals['_GETROUTEPROGRESSRESPONSE']._serialized_start=3373
-  _globals['_GETROUTEPROGRESSRESPONSE']._serialized_end=3445
-  _globals['_ROUTE']._serialized_start=3678
-  _globals['_ROUTE']._serialized_end=4283
+  _globals['_COMPUTEMATRIXRESPONSE']._serialized_end=1241
+  _globals['_TIMEWINDOW']._serialized_start=1243
+  _globals['_TIMEWINDOW']._serialized_end=1289
+  _globals['_VEHICLE']._serialized_start=1292
+  _globals['_VEHICLE']._serialized_end=1457
+  _globals['_JOB']._serialized_start=1460
+  _globals['_JOB']._serialized_end=1632
+  _globals['_OPTIMIZEROUTEREQUEST']._serialized_start=1635
+  _globals['_OPTIMIZEROUTEREQUEST']._serialized_end=1797
+  _globals['_STOP']._serialized_start=1800
+  _globals['_STOP']._serialized_end=1990
+  _globals['_VEHICLEROUTE']._serialized_start=1992
+  _globals['_VEHICLEROUTE']._serialized_end=2100
+  _globals['_UNASSIGNEDJOB']._serialized_start=2102
+  _globals['_UNASSIGNEDJOB']._serialized_end=2149
+  _globals['_OPTIMIZEROUTERESPONSE']._serialized_start=2152
+  _globals['_OPTIMIZEROUTERESPONSE']._serialized_end=2286
+  _globals['_MATCHTRACKREQUEST']._serialized_start=2289
+  _globals['_MATCHTRACKREQUEST']._serialized_end=2468
+  _globals['_MATCHEDPOINT']._serialized_start=2470
+  _globals['_MATCHEDPOINT']._serialized_end=2564
+  _globals['_MATCHING']._serialized_start=2566
+  _globals['_MATCHING']._serialized_end=2671
+  _globals['_MATCHTRACKRESPONSE']._serialized_start=2674
+  _globals['_MATCHTRACKRESPONSE']._serialized_end=2872
+  _globals['_ASSIGNROUTEREQUEST']._serialized_start=2874
+  _globals['_ASSIGNROUTEREQUEST']._serialized_end=2980
+  _globals['_ROUTEPROGRESS']._serialized_start=2983
+  _globals['_ROUTEPROGRESS']._serialized_end=3187
+  _globals['_ASSIGNROUTERESPONSE']._serialized_start=3189
+  _globals['_ASSIGNROUTERESPONSE']._serialized_end=3295
+  _globals['_CLEARROUTEREQUEST']._serialized_start=3297
+  _globals['_CLEARROUTEREQUEST']._serialized_end=3335
+  _globals['_CLEARROUTERESPONSE']._serialized_start=3337
+  _globals['_CLEARROUTERESPONSE']._serialized_end=3374
+  _globals['_GETROUTEPROGRESSREQUEST']._serialized_start=3376
+  _globals['_GETROUTEPROGRESSREQUEST']._serialized_end=3420
+  _globals['_GETROUTEPROGRESSRESPONSE']._serialized_start=3422
+  _globals['_GETROUTEPROGRESSRESPONSE']._serialized_end=3494
+  _globals['_ROUTE']._serialized_start=3727
+  _globals['_ROUTE']._serialized_end=4332
 # @@protoc_insertion_point(module_scope)

@@ -307,7 +307,8 @@ class ComputeMatrixResponse(_message.Message):
     COLUMNS_FIELD_NUMBER: _builtins.int
     DURATION_S_FIELD_NUMBER: _builtins.int
     DISTANCE_M_FIELD_NUMBER: _builtins.int
-    SNAPPED_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
+    DESTINATIONS_FIELD_NUMBER: _builtins.int
     rows: _builtins.int
     columns: _builtins.int
     @_builtins.property
@@ -317,9 +318,11 @@ class ComputeMatrixResponse(_message.Message):
     @_builtins.property
     def distance_m(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
-    def snapped(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnappedPoint]:
-        """Every request point as snapped to the roads."""
+    def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnappedPoint]:
+        """The source and destination points as snapped to the roads."""
 
+    @_builtins.property
+    def destinations(self) -> _containers.RepeatedCompositeFieldContainer[Global___SnappedPoint]: ...
     def __init__(
         self,
         *,
@@ -327,11 +330,12 @@ class ComputeMatrixResponse(_message.Message):
         columns: _builtins.int = ...,
         duration_s: _abc.Iterable[_builtins.float] | None = ...,
         distance_m: _abc.Iterable[_builtins.float] | None = ...,
-        snapped: _abc.Iterable[Global___SnappedPoint] | None = ...,
+        sources: _abc.Iterable[Global___SnappedPoint] | None = ...,
+        destinations: _abc.Iterable[Global___SnappedPoint] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "distance_m", b"distance_m", "duration_s", b"duration_s", "rows", b"rows", "snapped", b"snapped"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "destinations", b"destinations", "distance_m", b"distance_m", "duration_s", b"duration_s", "rows", b"rows", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import shapely
 
 from tracking_grpc.core.fixes import FixBatch
-from tracking_grpc.routing.geometry import EARTH_RADIUS_M, segment_lengths_m
+from tracking_grpc.routing.geometry import EARTH_RADIUS_M, segment_lengths_m, to_local
 
 START_MS = 1_760_000_000_000
 METRES_PER_DEGREE = np.radians(1.0) * EARTH_RADIUS_M
@@ -69,3 +70,28 @@ def fixes(
         points[:, 1],
         accuracy_m=np.full(n, accuracy_m),
     )
+
+
+def jitter(points: np.ndarray, sigma_m: float, seed: int) -> np.ndarray:
+    """GPS-like noise: each coordinate moved by a normal error of sigma_m metres."""
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(0.0, sigma_m, points.shape)
+    moved = points.copy()
+    moved[:, 0] += noise[:, 0] / METRES_PER_DEGREE
+    moved[:, 1] += noise[:, 1] / (METRES_PER_DEGREE * np.cos(np.radians(points[:, 0])))
+    return moved
+
+
+def share_near(
+    lat: np.ndarray,
+    lon: np.ndarray,
+    line_lat: np.ndarray,
+    line_lon: np.ndarray,
+    within_m: float,
+) -> float:
+    """Share of the points within_m of a polyline (shapely, in a local metric frame)."""
+    x, y = to_local(lat, lon, line_lat[0], line_lon[0])
+    lx, ly = to_local(line_lat, line_lon, line_lat[0], line_lon[0])
+    line = shapely.LineString(np.column_stack((lx, ly)))
+    distance = shapely.distance(line, shapely.points(np.column_stack((x, y))))
+    return float(np.mean(distance <= within_m))
