@@ -44,12 +44,14 @@ def drive(
     return along_route(lat, lon, along), along
 
 
-def push_sideways(points: np.ndarray, rows: slice, offset_m: float) -> np.ndarray:
-    """The same points with ``rows`` moved offset_m to the east (a detour)."""
+def shift(
+    points: np.ndarray, rows: np.ndarray, east_m: float, north_m: float
+) -> np.ndarray:
+    """The same points with ``rows`` moved east and north (a detour)."""
     moved = points.copy()
-    moved[rows, 1] += offset_m / (
-        METRES_PER_DEGREE * np.cos(np.radians(points[rows, 0]))
-    )
+    moved[rows, 0] += north_m / METRES_PER_DEGREE
+    cos_lat = np.cos(np.radians(points[rows, 0]))
+    moved[rows, 1] += east_m / (METRES_PER_DEGREE * cos_lat)
     return moved
 
 
@@ -57,7 +59,7 @@ def fixes(
     device: str,
     points: np.ndarray,
     step_s: float = 5.0,
-    accuracy_m: float = 8.0,
+    accuracy_m: float | np.ndarray = 8.0,
     tenant: str = "t1",
 ) -> FixBatch:
     n = len(points)
@@ -68,7 +70,7 @@ def fixes(
         START_MS + (np.arange(n) * step_s * 1000).astype(np.int64),
         points[:, 0],
         points[:, 1],
-        accuracy_m=np.full(n, accuracy_m),
+        accuracy_m=np.broadcast_to(accuracy_m, (n,)).copy(),
     )
 
 
