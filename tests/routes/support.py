@@ -61,13 +61,14 @@ def fixes(
     step_s: float = 5.0,
     accuracy_m: float | np.ndarray = 8.0,
     tenant: str = "t1",
+    start_ms: int = START_MS,
 ) -> FixBatch:
     n = len(points)
     return FixBatch.from_columns(
         tenant,
         [device] * n,
         np.arange(1, n + 1),
-        START_MS + (np.arange(n) * step_s * 1000).astype(np.int64),
+        start_ms + (np.arange(n) * step_s * 1000).astype(np.int64),
         points[:, 0],
         points[:, 1],
         accuracy_m=np.broadcast_to(accuracy_m, (n,)).copy(),
