@@ -18,11 +18,10 @@ Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int | None]]
 
 
 def setup_logging(settings: config.Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """JSON lines or text on stderr, as ``log_format`` says (see observability.logs)."""
+    from tracking_grpc.observability import logs
+
+    logs.configure(settings, sys.stderr)
 
 
 async def _serve(args: argparse.Namespace) -> int:

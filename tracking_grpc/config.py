@@ -89,6 +89,18 @@ class Settings:
     )
     log_format: str = setting("auto", "auto, text or json")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    metrics_listen: str = setting(
+        "", "host:port of the Prometheus /metrics endpoint; empty turns metrics off"
+    )
+    otlp_endpoint: str = setting(
+        "", "OTLP/gRPC collector URL for traces (http://host:4317); empty: no tracing"
+    )
+    trace_sample_ratio: float = setting(
+        1.0, "fraction of new traces sampled (0 to 1); a caller's sampled flag wins"
+    )
+    health_check_interval_s: float = setting(
+        10.0, "seconds between PostgreSQL and Redis health checks (metrics on)"
+    )
 
     @classmethod
     def names(cls) -> list[str]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class EventBus:
     async def emit(self, events: Sequence[TrackingEvent]) -> None:
         if not events:
             return
+        metrics.events_emitted(events)
         for listener in list(self._listeners):
             try:
                 await listener(events)
