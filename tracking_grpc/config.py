@@ -87,6 +87,9 @@ class Settings:
     route_eta_change_s: float = setting(
         60.0, "ETA_UPDATED is raised when the ETA moves by more than this, seconds"
     )
+    activity_config: str = setting(
+        "", "TOML file of activity rules per tenant and device (docs/activity.md)"
+    )
     log_format: str = setting("auto", "auto, text or json")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     metrics_listen: str = setting(

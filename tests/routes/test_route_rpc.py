@@ -212,7 +212,8 @@ async def drive_on_stream(tracks, device: str, points: np.ndarray) -> list[int]:
         await call.write(batch(fixes))
     while event_pb2.EVENT_TYPE_ARRIVED not in kinds:
         response = await asyncio.wait_for(call.read(), 10)
-        if response.WhichOneof("message") == "event":
-            kinds.append(response.event.type)
+        event = response.event if response.WhichOneof("message") == "event" else None
+        if event is not None and event.route_id:  # other processors' events too
+            kinds.append(event.type)
     await call.done_writing()
     return kinds

@@ -225,7 +225,7 @@ def plan_response(
                 distance_m=v.distance_m,
                 duration_s=v.duration_s,
                 stops=[
-                    route_pb2.Stop(
+                    route_pb2.PlannedStop(
                         kind=STOP_KINDS[s.kind],  # type: ignore[arg-type]
                         job_id=s.job_id,
                         location=latlng(s.lat, s.lon),

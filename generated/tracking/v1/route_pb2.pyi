@@ -42,24 +42,24 @@ ROUTING_PROFILE_BICYCLE: RoutingProfile.ValueType  # 2
 ROUTING_PROFILE_FOOT: RoutingProfile.ValueType  # 3
 Global___RoutingProfile: _TypeAlias = RoutingProfile  # noqa: Y015
 
-class _StopKind:
+class _PlannedStopKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _StopKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopKind.ValueType], _builtins.type):
+class _PlannedStopKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PlannedStopKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    STOP_KIND_UNSPECIFIED: _StopKind.ValueType  # 0
-    STOP_KIND_START: _StopKind.ValueType  # 1
-    STOP_KIND_JOB: _StopKind.ValueType  # 2
-    STOP_KIND_END: _StopKind.ValueType  # 3
+    PLANNED_STOP_KIND_UNSPECIFIED: _PlannedStopKind.ValueType  # 0
+    PLANNED_STOP_KIND_START: _PlannedStopKind.ValueType  # 1
+    PLANNED_STOP_KIND_JOB: _PlannedStopKind.ValueType  # 2
+    PLANNED_STOP_KIND_END: _PlannedStopKind.ValueType  # 3
 
-class StopKind(_StopKind, metaclass=_StopKindEnumTypeWrapper): ...
+class PlannedStopKind(_PlannedStopKind, metaclass=_PlannedStopKindEnumTypeWrapper): ...
 
-STOP_KIND_UNSPECIFIED: StopKind.ValueType  # 0
-STOP_KIND_START: StopKind.ValueType  # 1
-STOP_KIND_JOB: StopKind.ValueType  # 2
-STOP_KIND_END: StopKind.ValueType  # 3
-Global___StopKind: _TypeAlias = StopKind  # noqa: Y015
+PLANNED_STOP_KIND_UNSPECIFIED: PlannedStopKind.ValueType  # 0
+PLANNED_STOP_KIND_START: PlannedStopKind.ValueType  # 1
+PLANNED_STOP_KIND_JOB: PlannedStopKind.ValueType  # 2
+PLANNED_STOP_KIND_END: PlannedStopKind.ValueType  # 3
+Global___PlannedStopKind: _TypeAlias = PlannedStopKind  # noqa: Y015
 
 @_typing.final
 class SnappedPoint(_message.Message):
@@ -495,7 +495,9 @@ class OptimizeRouteRequest(_message.Message):
 Global___OptimizeRouteRequest: _TypeAlias = OptimizeRouteRequest  # noqa: Y015
 
 @_typing.final
-class Stop(_message.Message):
+class PlannedStop(_message.Message):
+    """A stop of a vehicle's optimised route."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KIND_FIELD_NUMBER: _builtins.int
@@ -506,7 +508,7 @@ class Stop(_message.Message):
     SERVICE_S_FIELD_NUMBER: _builtins.int
     DISTANCE_M_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
-    kind: Global___StopKind.ValueType
+    kind: Global___PlannedStopKind.ValueType
     job_id: _builtins.str
     """Set for job stops."""
     arrival_ms: _builtins.int
@@ -524,7 +526,7 @@ class Stop(_message.Message):
     def __init__(
         self,
         *,
-        kind: Global___StopKind.ValueType = ...,
+        kind: Global___PlannedStopKind.ValueType = ...,
         job_id: _builtins.str = ...,
         location: _common_pb2.LatLng | None = ...,
         arrival_ms: _builtins.int = ...,
@@ -539,7 +541,7 @@ class Stop(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Stop: _TypeAlias = Stop  # noqa: Y015
+Global___PlannedStop: _TypeAlias = PlannedStop  # noqa: Y015
 
 @_typing.final
 class VehicleRoute(_message.Message):
@@ -554,12 +556,12 @@ class VehicleRoute(_message.Message):
     duration_s: _builtins.float
     """Driving time, seconds (waiting and service excluded)."""
     @_builtins.property
-    def stops(self) -> _containers.RepeatedCompositeFieldContainer[Global___Stop]: ...
+    def stops(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlannedStop]: ...
     def __init__(
         self,
         *,
         vehicle_id: _builtins.str = ...,
-        stops: _abc.Iterable[Global___Stop] | None = ...,
+        stops: _abc.Iterable[Global___PlannedStop] | None = ...,
         distance_m: _builtins.float = ...,
         duration_s: _builtins.float = ...,
     ) -> None: ...
