@@ -33,6 +33,9 @@ class App:
     hub: WatchHub
     activity: ActivityProcessor
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Services registered but unable to serve (Route without a routing dataset):
+    # health reports them NOT_SERVING while the rest of the server serves.
+    not_ready: set[str] = field(default_factory=set)
 
     async def close(self) -> None:
         """Flush the pipeline, then close what was opened, newest first."""

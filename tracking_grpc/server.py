@@ -15,14 +15,14 @@ from tracking_grpc.app import App, open_app
 from tracking_grpc.config import Settings
 from tracking_grpc.interceptors import ErrorInterceptor
 from tracking_grpc.observability import Telemetry
-from tracking_grpc.servicers import history, track
+from tracking_grpc.servicers import history, route, track
 
 log = logging.getLogger(__name__)
 
 Register = Callable[[grpc.aio.Server, App], str]
 
 # Each entry adds one service to the server and returns its full name.
-SERVICES: list[Register] = [track.register, history.register]
+SERVICES: list[Register] = [track.register, history.register, route.register]
 
 SHUTDOWN_GRACE_S = 5.0
 
@@ -93,8 +93,10 @@ class TrackingServer:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
-            await self.health.set(name, status)
+            ready = name not in self.app.not_ready
+            await self.health.set(name, status if ready else not_serving)
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """Stop accepting calls, let open calls finish for ``grace_s``, flush writes."""
