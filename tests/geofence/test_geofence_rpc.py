@@ -80,7 +80,10 @@ BAD_LAT = {"type": "Polygon", "coordinates": [[[2, 48], [3, 95], [3, 49], [2, 48
             UNCLOSED, "fence.shape.geojson.coordinates[0]", "not closed", id="unclosed"
         ),
         pytest.param(
-            BOWTIE, "fence.shape.geojson", "self-intersects at lon 13.405", id="bowtie"
+            BOWTIE,
+            "fence.shape.geojson.coordinates",
+            "self-intersects at lon 13.405",
+            id="bowtie",
         ),
         pytest.param(
             BAD_LAT,
