@@ -42,3 +42,22 @@ def field_cases() -> dict[str, dict]:
 
     data = json.loads(require_shared(FIELD_CASES).read_text())
     return {case["id"]: case for case in data["cases"]}
+
+
+from tests.backends import (  # noqa: E402 - fixtures of the production backends
+    pg_blank_url,
+    pg_session_prefix,
+    pg_template,
+    pg_url,
+    redis_prefix,
+    redis_url,
+)
+
+__all__ = [
+    "pg_blank_url",
+    "pg_session_prefix",
+    "pg_template",
+    "pg_url",
+    "redis_prefix",
+    "redis_url",
+]
