@@ -134,3 +134,23 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
 
 def unique_tenant() -> str:
     return f"tenant-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """A Redis Cluster of three masters on loopback ports; yields the node URLs."""
+    from tests.services import RedisServer, create_cluster
+
+    workdir = tmp_path_factory.mktemp("redis-cluster")
+    try:
+        nodes = [RedisServer(workdir, cluster=True) for _ in range(3)]
+    except FileNotFoundError as exc:
+        require_service("redis-server", str(exc))
+    try:
+        for node in nodes:
+            node.start()
+        create_cluster(nodes)
+        yield [node.url for node in nodes]
+    finally:
+        for node in nodes:
+            node.stop()

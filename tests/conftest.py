@@ -49,6 +49,7 @@ from tests.backends import (  # noqa: E402 - fixtures of the production backends
     pg_session_prefix,
     pg_template,
     pg_url,
+    redis_cluster,
     redis_prefix,
     redis_url,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "pg_session_prefix",
     "pg_template",
     "pg_url",
+    "redis_cluster",
     "redis_prefix",
     "redis_url",
 ]

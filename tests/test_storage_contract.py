@@ -131,9 +131,12 @@ async def test_newest_positions_gives_each_devices_newest_fix(history) -> None:
     assert newest == {"a": 1, "b": 1}
 
 
-@pytest.fixture(params=["redis"])
+@pytest.fixture(params=["redis", "redis-cluster"])
 async def live(request: pytest.FixtureRequest):
-    url = request.getfixturevalue("redis_url")
+    if request.param == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster")[0]
+    else:
+        url = request.getfixturevalue("redis_url")
     store = await RedisLiveStore.open(url, request.getfixturevalue("redis_prefix"))
     yield store
     await store.close()

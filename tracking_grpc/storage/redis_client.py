@@ -12,7 +12,13 @@ from contextlib import contextmanager
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from tracking_grpc.errors import Unavailable
 
@@ -46,8 +52,16 @@ def is_cluster(client: Client) -> bool:
 
 @contextmanager
 def unavailable(what: str) -> Iterator[None]:
-    """Turn Redis errors into ``Unavailable`` naming ``what`` could not be done."""
+    """Turn Redis being unreachable into ``Unavailable`` naming what failed.
+
+    A command Redis refused (a ResponseError other than the cluster's "down" and
+    "try again") is a bug, not an outage, and propagates unchanged.
+    """
     try:
         yield
+    except (ClusterDownError, TryAgainError) as exc:
+        raise Unavailable(f"{what} unavailable: {exc}") from exc
+    except ResponseError:
+        raise
     except (RedisError, RedisClusterException, OSError) as exc:
         raise Unavailable(f"{what} unavailable: {exc}") from exc

@@ -148,7 +148,8 @@ class RedisLiveStore:
     async def nearby(
         self, tenant: str, lat: float, lon: float, radius_m: float, limit: int
     ) -> tuple[FixBatch, np.ndarray]:
-        candidates = await self._candidates(tenant, lat, lon, radius_m, limit)
+        lat, lon, radius_m = float(lat), float(lon), float(radius_m)
+        candidates = await self._candidates(tenant, lat, lon, radius_m, int(limit))
         found = await self.get(tenant, candidates)
         distance = keys.distance_m(lat, lon, found.lat, found.lon)
         inside = np.flatnonzero(distance <= radius_m)
