@@ -157,7 +157,6 @@ class PostgresHistoryStore:
             kwargs={"autocommit": True},
             configure=_configure,
             check=AsyncConnectionPool.check_connection,
-            reconnect_timeout=0,
             open=False,
             name="history",
         )
@@ -203,7 +202,7 @@ class PostgresHistoryStore:
                     cur = await conn.execute(INSERT_NEW, params)
                     rows = await cur.fetchall()
                 break
-            except psycopg.errors.TransactionRollbackError as exc:
+            except psycopg.errors.TransactionRollback as exc:
                 if attempt == RETRIES - 1:
                     raise StorageUnavailable(
                         f"PostgreSQL kept rolling back: {exc}"
