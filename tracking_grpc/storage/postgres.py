@@ -69,17 +69,26 @@ INSERT_NEW = """
 WITH devs AS (
     SELECT d.device, (d.i - 1)::int AS device_idx
     FROM unnest(%(devices)s::text[]) WITH ORDINALITY AS d(device, i)
-), candidates AS (
-    SELECT s.*, devs.device
+), staged AS (
+    SELECT s.*, devs.device, st.last_stored_seq
     FROM staging s
     JOIN devs USING (device_idx)
     JOIN devices st ON st.tenant = %(tenant)s AND st.device = devs.device
-    WHERE st.last_stored_seq IS NULL
-       OR s.seq > st.last_stored_seq
-       OR NOT EXISTS (
-           SELECT 1 FROM fixes f
-           WHERE f.tenant = %(tenant)s AND f.device = devs.device AND f.seq = s.seq
-       )
+), candidates AS (
+    -- A seq above the device's highest stored seq cannot repeat a stored one ...
+    SELECT * FROM staged
+    WHERE last_stored_seq IS NULL OR seq > last_stored_seq
+    UNION ALL
+    -- ... only the others are looked up, one index probe each (LATERAL ... LIMIT
+    -- keeps the planner from hashing every stored fix of the tenant instead).
+    SELECT staged.* FROM staged
+    LEFT JOIN LATERAL (
+        SELECT true AS stored FROM fixes f
+        WHERE f.tenant = %(tenant)s AND f.device = staged.device
+          AND f.seq = staged.seq
+        LIMIT 1
+    ) dup ON true
+    WHERE staged.seq <= staged.last_stored_seq AND dup.stored IS NULL
 ), ins AS (
     INSERT INTO fixes (
         tenant, device, time_ms, seq, position, accuracy_m, altitude_m,
@@ -191,14 +200,13 @@ class PostgresHistoryStore:
         candidates = _first_occurrences(batch)
         devices, device_idx = np.unique(batch.device.astype(str), return_inverse=True)
         await self._ensure_days(np.unique(batch.time_ms[candidates] // DAY_MS))
-        stream = _staging_stream(batch, candidates, device_idx)
+        staged = _staging_columns(batch, candidates, device_idx)
         params = {"tenant": batch.tenant, "devices": devices.tolist()}
         for attempt in range(RETRIES):
             try:
                 async with self._pool.connection() as conn, conn.transaction():
                     await conn.execute(LOCK_DEVICES, params)
-                    async with conn.cursor().copy(COPY_STAGING) as copy:
-                        await copy.write(stream)
+                    await self._load_staging(conn, staged)
                     cur = await conn.execute(INSERT_NEW, params)
                     rows = await cur.fetchall()
                 break
@@ -216,6 +224,13 @@ class PostgresHistoryStore:
                 raise StorageUnavailable(f"PostgreSQL cannot store: {exc}") from exc
         new[np.fromiter((r[0] for r in rows), dtype=np.intp, count=len(rows))] = True
         return new
+
+    async def _load_staging(
+        self, conn: psycopg.AsyncConnection, staged: list[tuple[np.ndarray, str]]
+    ) -> None:
+        """Put the candidate rows in the staging table: one binary COPY stream."""
+        async with conn.cursor().copy(COPY_STAGING) as copy:
+            await copy.write(pgcopy.encode_rows(staged))
 
     async def device_states(
         self, tenant: str, devices: Sequence[str]
@@ -348,7 +363,10 @@ def _first_occurrences(batch: FixBatch) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def _staging_stream(batch: FixBatch, rows: np.ndarray, device_idx: np.ndarray) -> bytes:
+def _staging_columns(
+    batch: FixBatch, rows: np.ndarray, device_idx: np.ndarray
+) -> list[tuple[np.ndarray, str]]:
+    """The staging table's columns for the given rows, with their COPY types."""
     values = {
         "idx": rows,
         "device_idx": device_idx[rows],
@@ -356,7 +374,7 @@ def _staging_stream(batch: FixBatch, rows: np.ndarray, device_idx: np.ndarray) -
     }
     for name, _ in STAGING_COLUMNS[3:]:
         values[name] = getattr(batch, name)[rows]
-    return pgcopy.encode_rows([(values[name], kind) for name, kind in STAGING_COLUMNS])
+    return [(values[name], kind) for name, kind in STAGING_COLUMNS]
 
 
 def _batch_from_rows(tenant: str, devices: np.ndarray, rows: np.ndarray) -> FixBatch:
