@@ -5,6 +5,7 @@
 # not running; every step is skipped when its part is already there. Where a step
 # cannot be done (no root, no network), it says so, and the tests that need the
 # service report it (under TRACKING_REQUIRE_SERVICES they fail rather than skip).
+# Also installs Prometheus: tests run promtool and start their own server on loopback.
 set -uo pipefail
 
 PG_PORT=${TRACKING_TEST_PG_PORT:-5432}
@@ -72,6 +73,12 @@ if ! redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; then
   for _ in $(seq 1 30); do
     redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.5
   done
+fi
+
+# Prometheus.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  say "installing Prometheus (promtool checks the shipped rules)"
+  apt_install prometheus
 fi
 
 pg_isready -q -h 127.0.0.1 -p "$PG_PORT" || say "PostgreSQL is not reachable on $PG_PORT"

@@ -44,22 +44,4 @@ def field_cases() -> dict[str, dict]:
     return {case["id"]: case for case in data["cases"]}
 
 
-from tests.backends import (  # noqa: E402 - fixtures of the production backends
-    pg_blank_url,
-    pg_session_prefix,
-    pg_template,
-    pg_url,
-    redis_cluster,
-    redis_prefix,
-    redis_url,
-)
-
-__all__ = [
-    "pg_blank_url",
-    "pg_session_prefix",
-    "pg_template",
-    "pg_url",
-    "redis_cluster",
-    "redis_prefix",
-    "redis_url",
-]
+pytest_plugins = ["tests.server_fixtures", "tests.backends"]

@@ -21,7 +21,7 @@ from tracking_grpc.errors import InvalidArgument
 ENV_PREFIX = "TRACKING_"
 
 
-def setting(default: Any, help: str) -> Any:  # noqa: A002 - the argparse word
+def setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
@@ -66,6 +66,18 @@ class Settings:
     )
     log_format: str = setting("auto", "auto, text or json")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    metrics_listen: str = setting(
+        "", "host:port of the Prometheus /metrics endpoint; empty turns metrics off"
+    )
+    otlp_endpoint: str = setting(
+        "", "OTLP/gRPC collector URL for traces (http://host:4317); empty: no tracing"
+    )
+    trace_sample_ratio: float = setting(
+        1.0, "fraction of new traces sampled (0 to 1); a caller's sampled flag wins"
+    )
+    health_check_interval_s: float = setting(
+        10.0, "seconds between PostgreSQL and Redis health checks (metrics on)"
+    )
 
     @classmethod
     def names(cls) -> list[str]:
@@ -114,13 +126,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file of settings")
     for spec in fields(Settings):
         flag = "--" + spec.name.replace("_", "-")
-        parser.add_argument(flag, dest=spec.name, default=None, help=spec.metadata["help"])
+        parser.add_argument(
+            flag, dest=spec.name, default=None, help=spec.metadata["help"]
+        )
 
 
 def load(
     args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
 ) -> Settings:
-    """Settings from defaults, the TOML file, the environment and flags, in that order."""
+    """Settings from defaults, the TOML file, the environment and flags, in order."""
     environ = os.environ if env is None else env
     settings = Settings()
     config_file = getattr(args, "config", None) if args else None

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,9 @@ class TrackingEvent:
     attributes: dict[str, str] = field(default_factory=dict)
 
 
-def event_id(tenant: str, device: str, kind: EventType, time_ms: int, subject: str) -> str:
+def event_id(
+    tenant: str, device: str, kind: EventType, time_ms: int, subject: str
+) -> str:
     """A stable id: the same event found twice (a replay, a retry) gets the same id."""
     key = f"{tenant}\x1f{device}\x1f{int(kind)}\x1f{time_ms}\x1f{subject}"
     return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
@@ -92,6 +95,7 @@ class EventBus:
     async def emit(self, events: Sequence[TrackingEvent]) -> None:
         if not events:
             return
+        metrics.events_emitted(events)
         for listener in list(self._listeners):
             try:
                 await listener(events)

@@ -1,0 +1,67 @@
+"""The application: settings, backends, ingest pipeline and buses, wired once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from tracking_grpc.auth import Authenticator
+from tracking_grpc.config import Settings
+from tracking_grpc.events import EventBus
+from tracking_grpc.fanout import WatchHub
+from tracking_grpc.ingest import IngestPipeline
+from tracking_grpc.storage import factory
+from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class App:
+    """Everything a servicer needs; built by :func:`open_app`, closed by ``close``."""
+
+    settings: Settings
+    history: HistoryStore
+    live: LiveStore
+    broker: Broker
+    bus: EventBus
+    auth: Authenticator
+    pipeline: IngestPipeline
+    hub: WatchHub
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        """Flush the pipeline, then close what was opened, newest first."""
+        await self.pipeline.close()
+        for closer in reversed(self.closers):
+            try:
+                await closer()
+            except Exception:
+                log.exception("closing %r failed", closer)
+        await self.broker.close()
+        await self.live.close()
+        await self.history.close()
+
+
+async def rebuild_live(history: HistoryStore, live: LiveStore) -> int:
+    """Load every device's newest stored fix into the live store."""
+    count = 0
+    async for batch in history.newest_positions():
+        await live.update(batch)
+        count += len(batch)
+    return count
+
+
+async def open_app(settings: Settings) -> App:
+    auth = Authenticator(settings)
+    history = await factory.open_history(settings)
+    live, broker = await factory.open_live(settings)
+    devices = await rebuild_live(history, live)
+    log.info("live state rebuilt for %d devices", devices)
+    bus = EventBus()
+    hub = WatchHub()
+    await broker.subscribe(hub.deliver)
+    pipeline = IngestPipeline(settings, history, live, broker, bus)
+    pipeline.start()
+    return App(settings, history, live, broker, bus, auth, pipeline, hub)

@@ -1,0 +1,72 @@
+"""Command line: ``tracking serve`` and the other subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import uvloop
+
+from tracking_grpc import config
+
+log = logging.getLogger(__name__)
+
+Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int | None]]
+
+
+def setup_logging(settings: config.Settings) -> None:
+    """JSON lines or text on stderr, as ``log_format`` says (see observability.logs)."""
+    from tracking_grpc.observability import logs
+
+    logs.configure(settings, sys.stderr)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from tracking_grpc.server import serve
+
+    settings = config.load(args)
+    setup_logging(settings)
+    await serve(settings)
+    return 0
+
+
+def add_serve(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="run the gRPC server")
+    config.add_arguments(parser)
+    parser.set_defaults(command=_serve)
+
+
+# Each entry adds one subcommand; its parser sets `command` to an async function.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_serve]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tracking", description="Live location tracking over gRPC."
+    )
+    subparsers = parser.add_subparsers(dest="subcommand", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return uvloop.run(args.command(args)) or 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a readable line for the operator, not a traceback
+        from tracking_grpc.errors import TrackingError
+
+        if isinstance(exc, TrackingError):
+            print(f"tracking: {exc.message}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
