@@ -16,14 +16,14 @@ from tracking_grpc.config import Settings
 from tracking_grpc.errors import Unavailable
 from tracking_grpc.interceptors import ErrorInterceptor
 from tracking_grpc.observability import Telemetry
-from tracking_grpc.servicers import track
+from tracking_grpc.servicers import history, route, track
 
 log = logging.getLogger(__name__)
 
 Register = Callable[[grpc.aio.Server, App], str]
 
 # Each entry adds one service to the server and returns its full name.
-SERVICES: list[Register] = [track.register]
+SERVICES: list[Register] = [track.register, history.register, route.register]
 
 SHUTDOWN_GRACE_S = 5.0
 DEPENDENCY_CHECK_S = 1.0
@@ -105,10 +105,12 @@ class TrackingServer:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
-            await self.health.set(name, status)
+            ready = name not in self.app.not_ready
+            await self.health.set(name, status if ready else not_serving)
         for name, up in self.dependencies_up.items():
-            await self.health.set(name, status if up else NOT_SERVING)
+            await self.health.set(name, status if up else not_serving)
 
     async def check_dependencies(self) -> dict[str, bool]:
         """Probe history and live state once and publish the result in health."""
@@ -140,9 +142,6 @@ class TrackingServer:
         await self.app.close()
         await self.telemetry.stop()
         log.info("stopped")
-
-
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def _answers(store: object) -> bool:
