@@ -16,14 +16,19 @@ from tracking_grpc.config import Settings
 from tracking_grpc.errors import Unavailable
 from tracking_grpc.interceptors import ErrorInterceptor
 from tracking_grpc.observability import Telemetry
-from tracking_grpc.servicers import history, route, track
+from tracking_grpc.servicers import geofence, history, route, track
 
 log = logging.getLogger(__name__)
 
 Register = Callable[[grpc.aio.Server, App], str]
 
 # Each entry adds one service to the server and returns its full name.
-SERVICES: list[Register] = [track.register, history.register, route.register]
+SERVICES: list[Register] = [
+    track.register,
+    history.register,
+    route.register,
+    geofence.register,
+]
 
 SHUTDOWN_GRACE_S = 5.0
 DEPENDENCY_CHECK_S = 1.0
