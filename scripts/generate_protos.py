@@ -22,7 +22,7 @@ PROTOS = ROOT / "protos"
 
 
 def generate(out: Path) -> None:
-    """Write every module for protos/**/*.proto below ``out``, replacing what was there."""
+    """Write every module for protos/**/*.proto below ``out``, replacing the old."""
     if out.exists():
         shutil.rmtree(out / "tracking", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)

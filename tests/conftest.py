@@ -42,3 +42,6 @@ def field_cases() -> dict[str, dict]:
 
     data = json.loads(require_shared(FIELD_CASES).read_text())
     return {case["id"]: case for case in data["cases"]}
+
+
+pytest_plugins = ["tests.server_fixtures", "tests.backends"]

@@ -12,7 +12,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "generate_protos.py"), "--out", tmp_path],
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "generate_protos.py"),
+            "--out",
+            tmp_path,
+        ],
         check=True,
         capture_output=True,
     )

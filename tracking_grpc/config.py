@@ -21,7 +21,7 @@ from tracking_grpc.errors import InvalidArgument
 ENV_PREFIX = "TRACKING_"
 
 
-def setting(default: Any, help: str) -> Any:  # noqa: A002 - the argparse word
+def setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
@@ -36,6 +36,13 @@ class Settings:
     )
     redis_url: str = setting(
         "", "Redis URL (redis://...); empty keeps live state in the process"
+    )
+    redis_key_prefix: str = setting(
+        "trk:", "prefix of every Redis key and channel (several deployments, one Redis)"
+    )
+    database_pool_size: int = setting(8, "PostgreSQL connections per server process")
+    database_timeout_s: float = setting(
+        5.0, "longest wait for a PostgreSQL connection before a store fails (retried)"
     )
     workers: int = setting(1, "server processes sharing the port (SO_REUSEPORT)")
     max_future_skew_s: float = setting(
@@ -64,8 +71,50 @@ class Settings:
     max_concurrent_streams: int = setting(
         20_000, "pending RPC backlog the gRPC server accepts (streams opening at once)"
     )
+    geofence_stream: str = setting(
+        "trk:geofence-events",
+        "Redis Stream that geofence events are appended to (when redis_url is set)",
+    )
+    routing_data_dir: str = setting(
+        "",
+        "directory of routing datasets made by `tracking prepare-routing`; empty "
+        "disables the Route service (it answers FAILED_PRECONDITION)",
+    )
+    routing_max_snap_m: float = setting(
+        500.0, "refuse route points further than this from any road, metres"
+    )
+    route_off_route_m: float = setting(
+        50.0, "a fix this far from its route beyond its accuracy counts as off route"
+    )
+    route_off_route_fixes: int = setting(
+        3, "consecutive off-route fixes before OFF_ROUTE is raised"
+    )
+    route_back_on_route_fixes: int = setting(
+        2, "consecutive on-route fixes before BACK_ON_ROUTE is raised"
+    )
+    route_arrival_radius_m: float = setting(
+        40.0, "ARRIVED is raised within this distance of the route's destination"
+    )
+    route_eta_change_s: float = setting(
+        60.0, "ETA_UPDATED is raised when the ETA moves by more than this, seconds"
+    )
+    activity_config: str = setting(
+        "", "TOML file of activity rules per tenant and device (docs/activity.md)"
+    )
     log_format: str = setting("auto", "auto, text or json")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    metrics_listen: str = setting(
+        "", "host:port of the Prometheus /metrics endpoint; empty turns metrics off"
+    )
+    otlp_endpoint: str = setting(
+        "", "OTLP/gRPC collector URL for traces (http://host:4317); empty: no tracing"
+    )
+    trace_sample_ratio: float = setting(
+        1.0, "fraction of new traces sampled (0 to 1); a caller's sampled flag wins"
+    )
+    health_check_interval_s: float = setting(
+        10.0, "seconds between PostgreSQL and Redis health checks (metrics on)"
+    )
 
     @classmethod
     def names(cls) -> list[str]:
@@ -114,13 +163,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file of settings")
     for spec in fields(Settings):
         flag = "--" + spec.name.replace("_", "-")
-        parser.add_argument(flag, dest=spec.name, default=None, help=spec.metadata["help"])
+        parser.add_argument(
+            flag, dest=spec.name, default=None, help=spec.metadata["help"]
+        )
 
 
 def load(
     args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
 ) -> Settings:
-    """Settings from defaults, the TOML file, the environment and flags, in that order."""
+    """Settings from defaults, the TOML file, the environment and flags, in order."""
     environ = os.environ if env is None else env
     settings = Settings()
     config_file = getattr(args, "config", None) if args else None

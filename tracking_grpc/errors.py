@@ -4,7 +4,7 @@
     ├── InvalidArgument           INVALID_ARGUMENT   a field of the request is wrong
     ├── NotFound                  NOT_FOUND          the named thing does not exist
     ├── AlreadyExists             ALREADY_EXISTS     a create would overwrite
-    ├── FailedPrecondition        FAILED_PRECONDITION the system is not in a state to do it
+    ├── FailedPrecondition        FAILED_PRECONDITION not set up to do it
     ├── Unauthenticated           UNAUTHENTICATED    no or bad credentials
     ├── PermissionDenied          PERMISSION_DENIED  credentials do not allow this
     ├── ResourceExhausted         RESOURCE_EXHAUSTED back-pressure: retry later

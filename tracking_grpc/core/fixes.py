@@ -15,7 +15,13 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-OPTIONAL_COLUMNS = ("accuracy_m", "altitude_m", "speed_mps", "heading_deg", "battery_pct")
+OPTIONAL_COLUMNS = (
+    "accuracy_m",
+    "altitude_m",
+    "speed_mps",
+    "heading_deg",
+    "battery_pct",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +142,7 @@ class FixBatch:
         return replace(self, received_ms=np.full(len(self), received_ms, np.int64))
 
     def newest_per_device(self) -> np.ndarray:
-        """Index of the newest fix (by fix time, then seq) of each device in the batch."""
+        """Index of the newest fix (by fix time, then seq) of each device."""
         if len(self) == 0:
             return np.empty(0, dtype=np.intp)
         devices = self.device.astype(str)

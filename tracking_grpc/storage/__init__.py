@@ -1,1 +1,1 @@
-"""The repository layer: narrow async interfaces with embedded and production backends."""
+"""The repository layer: narrow async interfaces, embedded and production backends."""

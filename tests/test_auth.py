@@ -1,0 +1,126 @@
+"""JWT authentication and roles against a real server."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from tracking.v1 import track_pb2, track_pb2_grpc
+
+from tests.server_fixtures import fix, track_session
+
+SECRET = "test-secret-of-enough-length-for-hs256"
+
+
+def token(role: str, sub: str = "dev-1", tenant: str = "acme", **extra) -> str:
+    claims = {"sub": sub, "tenant": tenant, "role": role, "exp": time.time() + 600}
+    return jwt.encode({**claims, **extra}, SECRET, algorithm="HS256")
+
+
+def bearer(value: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {value}"),)
+
+
+@pytest.fixture
+async def secured(start_server):
+    server = await start_server(auth_mode="jwt", jwt_hs256_secret=SECRET)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield server, track_pb2_grpc.TrackSessionStub(channel)
+
+
+async def test_device_token_publishes_its_own_device(secured) -> None:
+    server, stub = secured
+    _, acks = await track_session(
+        stub, "dev-1", [[fix(1, 1.0, 1.0)]], metadata=bearer(token("device"))
+    )
+    assert acks[0].stored == 1
+    assert await server.app.history.count("acme", "dev-1") == 1
+    assert await server.app.history.count("default", "dev-1") == 0
+
+
+@pytest.mark.parametrize(
+    ("metadata", "code"),
+    [
+        pytest.param(None, grpc.StatusCode.UNAUTHENTICATED, id="no-token"),
+        pytest.param(bearer("garbage"), grpc.StatusCode.UNAUTHENTICATED, id="garbage"),
+        pytest.param(
+            bearer(token("device", exp=time.time() - 10)),
+            grpc.StatusCode.UNAUTHENTICATED,
+            id="expired",
+        ),
+        pytest.param(
+            bearer(
+                jwt.encode(
+                    {
+                        "sub": "x",
+                        "tenant": "t",
+                        "role": "admin",
+                        "exp": time.time() + 60,
+                    },
+                    "other-secret-that-is-long-enough",
+                    algorithm="HS256",
+                )
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+            id="wrong-key",
+        ),
+        pytest.param(
+            bearer(token("device", sub="dev-2")),
+            grpc.StatusCode.PERMISSION_DENIED,
+            id="other-device",
+        ),
+    ],
+)
+async def test_track_refuses_bad_credentials(secured, metadata, code) -> None:
+    _, stub = secured
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await track_session(stub, "dev-1", [[fix(1, 1.0, 1.0)]], metadata=metadata)
+    assert raised.value.code() == code
+
+
+async def test_device_role_cannot_read_positions(secured) -> None:
+    _, stub = secured
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.GetLastPositions(
+            track_pb2.GetLastPositionsRequest(device_ids=["dev-1"]),
+            metadata=bearer(token("device")),
+        )
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_tenants_are_kept_apart(secured) -> None:
+    _, stub = secured
+    await track_session(
+        stub, "dev-1", [[fix(1, 1.0, 1.0)]], metadata=bearer(token("device"))
+    )
+    request = track_pb2.GetLastPositionsRequest(device_ids=["dev-1"])
+    mine = await stub.GetLastPositions(
+        request, metadata=bearer(token("viewer", sub="v"))
+    )
+    theirs = await stub.GetLastPositions(
+        request, metadata=bearer(token("viewer", sub="v", tenant="other"))
+    )
+    assert [p.device_id for p in mine.positions] == ["dev-1"]
+    assert list(theirs.missing_device_ids) == ["dev-1"]
+
+
+async def test_rs256_public_key(start_server, tmp_path) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (tmp_path / "pub.pem").write_bytes(pem)
+    server = await start_server(
+        auth_mode="jwt", jwt_rs256_public_key_file=str(tmp_path / "pub.pem")
+    )
+    claims = {"sub": "v", "tenant": "acme", "role": "viewer", "exp": time.time() + 60}
+    signed = jwt.encode(claims, key, algorithm="RS256")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        reply = await track_pb2_grpc.TrackSessionStub(channel).GetLastPositions(
+            track_pb2.GetLastPositionsRequest(device_ids=["x"]), metadata=bearer(signed)
+        )
+    assert list(reply.missing_device_ids) == ["x"]

@@ -1,0 +1,108 @@
+"""Server plumbing: health, reflection, events on the device stream, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tracking.v1 import event_pb2, track_pb2_grpc
+
+from tests.server_fixtures import batch, fix, hello, track_session
+from tracking_grpc.events import EventType, TrackingEvent, event_id
+
+
+async def test_health_reports_serving(channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "tracking.v1.TrackSession"):
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_services(channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    reply = await call.read()
+    names = {s.name for s in reply.list_services_response.service}
+    assert {"tracking.v1.TrackSession", "grpc.health.v1.Health"} <= names
+    await call.done_writing()
+
+
+class EchoProcessor:
+    """A processor that raises one ENTER per stored fix (test double of geofencing)."""
+
+    name = "echo"
+
+    async def process(self, stored):
+        return [
+            TrackingEvent(
+                event_id=event_id(stored.tenant, d, EventType.ENTER, t, "f"),
+                tenant=stored.tenant,
+                device=d,
+                type=EventType.ENTER,
+                time_ms=t,
+                lat=0.0,
+                lon=0.0,
+                fix_seq=s,
+                created_ms=t,
+                fence_id="f",
+            )
+            for d, t, s in zip(
+                stored.device.tolist(),
+                stored.time_ms.tolist(),
+                stored.seq.tolist(),
+                strict=True,
+            )
+        ]
+
+
+async def test_events_reach_the_stream_that_asked(server, stub) -> None:
+    server.app.pipeline.add_processor(EchoProcessor())
+    call = stub.Track()
+    await call.write(hello("d", want_events=True))
+    await call.read()
+    await call.write(batch([fix(1, 1.0, 1.0)]))
+    kinds = {(await call.read()).WhichOneof("message") for _ in range(2)}
+    assert kinds == {"ack", "event"}
+    await call.done_writing()
+
+
+async def test_acked_fixes_survive_a_restart(start_server, tmp_path) -> None:
+    server = await start_server()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = track_pb2_grpc.TrackSessionStub(channel)
+        _, acks = await track_session(
+            stub, "d", [[fix(i, 1.0, 1.0 + i / 1e4)] for i in range(1, 21)]
+        )
+    assert acks[-1].last_stored_seq == 20
+    await server.stop(1)
+    again = await start_server()
+    assert await again.app.history.count("default", "d") == 20
+    live = await again.app.live.get("default", ["d"])
+    assert live.seq.tolist() == [20]
+
+
+async def test_stop_drains_open_stream(start_server) -> None:
+    server = await start_server()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = track_pb2_grpc.TrackSessionStub(channel).Track()
+        await call.write(hello("d"))
+        await call.read()
+        await call.write(batch([fix(1, 1.0, 1.0)]))
+        ack = (await call.read()).ack
+        stopping = asyncio.create_task(server.stop(0.5))
+        code = await call.code()
+        await stopping
+    assert ack.acked_seq == 1
+    assert code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+
+
+def test_event_types_mirror_the_contract() -> None:
+    in_proto = {
+        name.removeprefix("EVENT_TYPE_"): value
+        for name, value in event_pb2.EventType.items()
+        if value
+    }
+    assert in_proto == {t.name: t.value for t in EventType}

@@ -1,0 +1,203 @@
+"""TrackSession RPCs against a real server on port 0 with the embedded store."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from tracking.v1 import common_pb2, track_pb2
+
+from tests.server_fixtures import batch, fix, hello, now_ms, track_session
+
+R = track_pb2.RejectReason
+
+
+async def test_stream_stores_fixes_and_acks_highest_seq(stub, server) -> None:
+    started, acks = await track_session(
+        stub, "bus-1", [[fix(1, 53.4, -2.9), fix(2, 53.41, -2.91, accuracy_m=4)]]
+    )
+    assert started.last_stored_seq == 0
+    assert (acks[0].acked_seq, acks[0].stored, acks[0].duplicates) == (2, 2, 0)
+    assert await server.app.history.count("default", "bus-1") == 2
+
+
+async def test_resend_after_reconnect_is_idempotent(stub, server) -> None:
+    t = now_ms()
+    fixes = [fix(1, 10.0, 10.0, t - 2000), fix(2, 10.001, 10.0, t - 1000)]
+    await track_session(stub, "d", [fixes])
+    started, acks = await track_session(stub, "d", [fixes])
+    assert started.last_stored_seq == 2
+    assert (acks[0].stored, acks[0].duplicates, acks[0].acked_seq) == (0, 2, 2)
+    assert await server.app.history.count("default", "d") == 2
+
+
+@pytest.mark.parametrize(
+    ("lat", "lon", "reason"),
+    [
+        pytest.param(91.0, 0.5, R.REJECT_REASON_LATITUDE_OUT_OF_RANGE, id="lat>90"),
+        pytest.param(
+            10.0, -270.6, R.REJECT_REASON_LONGITUDE_OUT_OF_RANGE, id="lon<-180"
+        ),
+        pytest.param(float("nan"), 1.0, R.REJECT_REASON_NOT_FINITE, id="nan"),
+        pytest.param(1.0, float("inf"), R.REJECT_REASON_NOT_FINITE, id="inf"),
+        pytest.param(0.0, 0.0, R.REJECT_REASON_NULL_ISLAND, id="null-island"),
+    ],
+)
+async def test_bad_fix_is_rejected_and_stream_goes_on(stub, server, lat, lon, reason):
+    _, acks = await track_session(stub, "d", [[fix(1, lat, lon)], [fix(2, 45.0, 7.0)]])
+    assert [(r.seq, r.reason) for r in acks[0].rejections] == [(1, reason)]
+    assert acks[0].stored == 0
+    assert (acks[1].stored, acks[1].acked_seq) == (1, 2)
+
+
+async def test_first_message_must_be_hello(stub) -> None:
+    call = stub.Track()
+    await call.write(batch([fix(1, 1.0, 1.0)]))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call.read()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hello" in raised.value.details()
+
+
+@pytest.mark.parametrize("device_id", ["", "x" * 129, "bad\nid"])
+async def test_hello_device_id_is_checked(stub, device_id) -> None:
+    call = stub.Track()
+    await call.write(hello(device_id))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call.read()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith("hello.device_id")
+
+
+async def test_late_fix_never_moves_live_position_back(stub) -> None:
+    t = now_ms()
+    await track_session(
+        stub, "d", [[fix(1, 1.0, 1.0, t)], [fix(2, 2.0, 2.0, t - 60_000)]]
+    )
+    reply = await stub.GetLastPositions(
+        track_pb2.GetLastPositionsRequest(device_ids=["d"])
+    )
+    assert (reply.positions[0].seq, reply.positions[0].lat) == (1, 1.0)
+
+
+async def test_last_positions_keep_request_order_and_list_missing(stub) -> None:
+    await track_session(stub, "a", [[fix(1, 1.0, 1.0)]])
+    await track_session(stub, "b", [[fix(1, 2.0, 2.0)]])
+    reply = await stub.GetLastPositions(
+        track_pb2.GetLastPositionsRequest(device_ids=["b", "zz", "a"])
+    )
+    assert [p.device_id for p in reply.positions] == ["b", "a"]
+    assert list(reply.missing_device_ids) == ["zz"]
+
+
+async def test_nearby_is_ordered_and_crosses_the_antimeridian(stub) -> None:
+    for name, lon in (("east", 179.99), ("west", -179.995), ("far", 170.0)):
+        await track_session(stub, name, [[fix(1, 0.0, lon)]])
+    reply = await stub.Nearby(
+        track_pb2.NearbyRequest(
+            center=common_pb2.LatLng(lat=0.0, lon=-179.999), radius_m=5_000
+        )
+    )
+    assert [d.position.device_id for d in reply.devices] == ["west", "east"]
+    assert reply.devices[0].distance_m == pytest.approx(0.004 * 111_195.08, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        pytest.param(track_pb2.NearbyRequest(radius_m=10), "center", id="no-center"),
+        pytest.param(
+            track_pb2.NearbyRequest(center=common_pb2.LatLng(lat=95), radius_m=1),
+            "center.lat",
+            id="bad-lat",
+        ),
+        pytest.param(
+            track_pb2.NearbyRequest(center=common_pb2.LatLng(lat=1), radius_m=-1),
+            "radius_m",
+            id="negative-radius",
+        ),
+    ],
+)
+async def test_nearby_rejects_bad_requests(stub, request_, field) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.Nearby(request_)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith(field)
+
+
+async def test_columnar_batch_stores_many_devices(stub, server) -> None:
+    t = now_ms()
+    columns = track_pb2.ColumnarFixes(
+        device_ids=["g1", "g2"],
+        device_index=[0, 1, 0, 1],
+        seq=[1, 1, 2, 2],
+        time_ms=[t - 3000, t - 3000, t - 1000, t - 1000],
+        lat=[1.0, 2.0, 1.001, 95.0],
+        lon=[1.0, 2.0, 1.0, 2.0],
+    )
+    reply = await stub.PublishBatch(track_pb2.PublishBatchRequest(columns=columns))
+    assert (reply.stored, reply.duplicates) == (3, 0)
+    assert [(r.device_id, r.seq) for r in reply.rejections] == [("g2", 2)]
+    assert await server.app.history.count("default") == 3
+
+
+async def test_columnar_batch_with_ragged_columns_names_the_field(stub) -> None:
+    columns = track_pb2.ColumnarFixes(
+        device_ids=["g"],
+        device_index=[0, 0],
+        seq=[1, 2],
+        time_ms=[1, 2],
+        lat=[1.0],
+        lon=[1.0, 2.0],
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.PublishBatch(track_pb2.PublishBatchRequest(columns=columns))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details() == "columns.lat: has 1 values, seq has 2"
+
+
+async def test_watch_sends_snapshot_then_updates_in_fix_time_order(stub) -> None:
+    await track_session(stub, "a", [[fix(1, 1.0, 1.0)]])
+    watch = stub.Watch(track_pb2.WatchRequest(device_ids=["a"]))
+    first = await watch.read()
+    assert first.snapshot and [p.device_id for p in first.positions] == ["a"]
+    assert (await watch.read()).snapshot_done
+    t = now_ms()
+    await track_session(stub, "a", [[fix(2, 1.1, 1.0, t)], [fix(3, 1.2, 1.0, t + 1)]])
+    seen = []
+    while len(seen) < 1 or seen[-1] != 3:
+        update = await asyncio.wait_for(watch.read(), 5)
+        seen.extend(p.seq for p in update.positions)
+    assert seen == sorted(seen) and seen[-1] == 3
+    watch.cancel()
+
+
+async def test_watch_by_box_across_antimeridian(stub) -> None:
+    watch = stub.Watch(
+        track_pb2.WatchRequest(
+            area=common_pb2.Area(
+                box=common_pb2.BoundingBox(south=-1, west=179, north=1, east=-179)
+            ),
+            skip_snapshot=True,
+        )
+    )
+    await track_session(stub, "out", [[fix(1, 0.0, 170.0)]])
+    await track_session(stub, "in", [[fix(1, 0.0, -179.5)]])
+    update = await asyncio.wait_for(watch.read(), 5)
+    assert [p.device_id for p in update.positions] == ["in"]
+    watch.cancel()
+
+
+async def test_slow_watcher_gets_newest_position_coalesced(server, stub) -> None:
+    from tracking_grpc.fanout import Watcher, WatchFilter
+
+    watcher = Watcher("default", WatchFilter(devices=frozenset({"c"})))
+    server.app.hub.add(watcher)
+    t = now_ms()
+    await track_session(
+        stub, "c", [[fix(i, 1.0 + i / 1000, 1.0, t + i)] for i in range(1, 6)]
+    )
+    updates = await asyncio.wait_for(watcher.next_updates(), 5)
+    assert updates.seq.tolist() == [5]
+    assert watcher.coalesced >= 1

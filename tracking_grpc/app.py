@@ -1,0 +1,83 @@
+"""The application: settings, backends, ingest pipeline and buses, wired once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from tracking_grpc.activity.params import ActivityConfig
+from tracking_grpc.activity.processor import ActivityProcessor
+from tracking_grpc.auth import Authenticator
+from tracking_grpc.config import Settings
+from tracking_grpc.events import EventBus
+from tracking_grpc.fanout import WatchHub
+from tracking_grpc.ingest import IngestPipeline
+from tracking_grpc.storage import factory
+from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
+from tracking_grpc.storage.live_repair import LiveRepairer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class App:
+    """Everything a servicer needs; built by :func:`open_app`, closed by ``close``."""
+
+    settings: Settings
+    history: HistoryStore
+    live: LiveStore
+    broker: Broker
+    bus: EventBus
+    auth: Authenticator
+    pipeline: IngestPipeline
+    hub: WatchHub
+    activity: ActivityProcessor
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Services registered but unable to serve (Route without a routing dataset):
+    # health reports them NOT_SERVING while the rest of the server serves.
+    not_ready: set[str] = field(default_factory=set)
+
+    async def close(self) -> None:
+        """Flush the pipeline, then close what was opened, newest first."""
+        await self.pipeline.close()
+        for closer in reversed(self.closers):
+            try:
+                await closer()
+            except Exception:
+                log.exception("closing %r failed", closer)
+        await self.broker.close()
+        await self.live.close()
+        await self.history.close()
+
+
+async def rebuild_live(history: HistoryStore, live: LiveStore) -> int:
+    """Load every device's newest stored fix into the live store."""
+    count = 0
+    async for batch in history.newest_positions():
+        await live.update(batch)
+        count += len(batch)
+    return count
+
+
+async def open_app(settings: Settings) -> App:
+    auth = Authenticator(settings)
+    history = await factory.open_history(settings)
+    live, broker = await factory.open_live(settings)
+    devices = await rebuild_live(history, live)
+    log.info("live state rebuilt for %d devices", devices)
+    bus = EventBus()
+    hub = WatchHub()
+    await broker.subscribe(hub.deliver)
+    pipeline = IngestPipeline(settings, history, live, broker, bus)
+    activity = ActivityProcessor(ActivityConfig.from_file(settings.activity_config))
+    pipeline.add_processor(activity)
+    pipeline.start()
+    closers = []
+    if hasattr(live, "needs_rebuild"):  # shared live state that can lose updates
+        repairer = LiveRepairer(history, live)
+        repairer.start()
+        closers.append(repairer.stop)
+    return App(
+        settings, history, live, broker, bus, auth, pipeline, hub, activity, closers
+    )

@@ -1,0 +1,156 @@
+"""Conversions between protobuf messages and the core's arrays.
+
+Row messages (``Fix``) need one pass per fix; the columnar form converts with
+``np.asarray`` on the packed fields. Checks of shape (lengths, indexes) raise
+``InvalidArgument`` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from tracking.v1 import common_pb2, track_pb2
+
+from tracking_grpc.core.fixes import OPTIONAL_COLUMNS, FixBatch
+from tracking_grpc.core.validation import DETAILS, Reason
+from tracking_grpc.errors import InvalidArgument
+
+NAN = math.nan
+MAX_DEVICE_ID_LENGTH = 128
+
+
+def check_device_id(device_id: str, field: str) -> str:
+    if not device_id:
+        raise InvalidArgument(field, "must not be empty")
+    if len(device_id) > MAX_DEVICE_ID_LENGTH:
+        raise InvalidArgument(field, f"longer than {MAX_DEVICE_ID_LENGTH} characters")
+    if not device_id.isprintable():
+        raise InvalidArgument(field, "contains control characters")
+    return device_id
+
+
+def fixes_to_batch(
+    tenant: str, device_id: str, fixes: Sequence[common_pb2.Fix]
+) -> FixBatch:
+    """Row messages of one device to a batch."""
+    rows = [
+        (
+            f.seq,
+            f.time_ms,
+            f.lat,
+            f.lon,
+            f.accuracy_m if f.HasField("accuracy_m") else NAN,
+            f.altitude_m if f.HasField("altitude_m") else NAN,
+            f.speed_mps if f.HasField("speed_mps") else NAN,
+            f.heading_deg if f.HasField("heading_deg") else NAN,
+            f.battery_pct if f.HasField("battery_pct") else NAN,
+            f.provider,
+        )
+        for f in fixes
+    ]
+    if not rows:
+        return FixBatch.empty(tenant)
+    seq, time_ms, lat, lon, acc, alt, speed, heading, battery, provider = zip(
+        *rows, strict=True
+    )
+    return FixBatch.from_columns(
+        tenant,
+        np.full(len(rows), device_id, dtype=object),
+        seq,
+        time_ms,
+        lat,
+        lon,
+        provider=provider,
+        accuracy_m=acc,
+        altitude_m=alt,
+        speed_mps=speed,
+        heading_deg=heading,
+        battery_pct=battery,
+    )
+
+
+def columns_to_batch(tenant: str, columns: track_pb2.ColumnarFixes) -> FixBatch:
+    """A columnar batch to arrays, checking that the columns line up."""
+    n = len(columns.seq)
+    for name in ("device_index", "time_ms", "lat", "lon"):
+        if len(getattr(columns, name)) != n:
+            raise InvalidArgument(
+                f"columns.{name}",
+                f"has {len(getattr(columns, name))} values, seq has {n}",
+            )
+    for name in (*OPTIONAL_COLUMNS, "provider"):
+        size = len(getattr(columns, name))
+        if size not in (0, n):
+            raise InvalidArgument(
+                f"columns.{name}", f"has {size} values; expected 0 or {n}"
+            )
+    for i, device_id in enumerate(columns.device_ids):
+        check_device_id(device_id, f"columns.device_ids[{i}]")
+    index = np.asarray(columns.device_index, dtype=np.intp)
+    if n and (index.max() >= len(columns.device_ids)):
+        raise InvalidArgument(
+            "columns.device_index",
+            f"refers to device {int(index.max())} of {len(columns.device_ids)}",
+        )
+    devices = np.asarray(columns.device_ids, dtype=object)
+    return FixBatch.from_columns(
+        tenant,
+        devices[index] if n else np.empty(0, dtype=object),
+        np.asarray(columns.seq, dtype=np.uint64),
+        np.asarray(columns.time_ms, dtype=np.int64),
+        np.asarray(columns.lat, dtype=np.float64),
+        np.asarray(columns.lon, dtype=np.float64),
+        provider=np.asarray(columns.provider, dtype=np.int8),
+        **{
+            name: np.asarray(getattr(columns, name), dtype=np.float32)
+            for name in OPTIONAL_COLUMNS
+        },
+    )
+
+
+def positions(batch: FixBatch) -> list[common_pb2.Position]:
+    """One Position message per row; NaN columns are left unset."""
+    out = []
+    optional = {name: getattr(batch, name).tolist() for name in OPTIONAL_COLUMNS}
+    for i, (device, seq, t, lat, lon, provider, received) in enumerate(
+        zip(
+            batch.device.tolist(),
+            batch.seq.tolist(),
+            batch.time_ms.tolist(),
+            batch.lat.tolist(),
+            batch.lon.tolist(),
+            batch.provider.tolist(),
+            batch.received_ms.tolist(),
+            strict=True,
+        )
+    ):
+        extra = {k: v[i] for k, v in optional.items() if v[i] == v[i]}
+        out.append(
+            common_pb2.Position(
+                device_id=device,
+                seq=seq,
+                time_ms=t,
+                lat=lat,
+                lon=lon,
+                provider=provider,
+                received_ms=received,
+                **extra,
+            )
+        )
+    return out
+
+
+def rejections(batch: FixBatch, reasons: np.ndarray) -> list[tuple[str, int, int, str]]:
+    """(device, seq, reason, detail) for every rejected fix."""
+    rows = np.flatnonzero(reasons)
+    return [
+        (
+            batch.device[i],
+            int(batch.seq[i]),
+            int(reasons[i]),
+            DETAILS[Reason(reasons[i])],
+        )
+        for i in rows.tolist()
+    ]

@@ -1,0 +1,106 @@
+"""Per-fix validation on arrays: a reason code per fix, 0 for a valid fix.
+
+Codes equal ``tracking.v1.RejectReason`` values. When a fix has several faults the
+first in this order is reported: not finite, latitude range, longitude range, null
+island, sequence, future time, ancient time, accuracy, other attributes.
+
+>>> from tracking_grpc.core.fixes import FixBatch
+>>> batch = FixBatch.from_rows("t", [("d", 1, 1_700_000_000_000, 91.0, 0.5)])
+>>> int(reasons(batch, now_ms=1_700_000_000_000, limits=Limits())[0])
+1
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+
+from tracking_grpc.core.fixes import FixBatch
+
+# Fix times before 2000-01-01 are never genuine: GPS week-number rollovers land in
+# 1999-2003 and decoding faults in 1970.
+EARLIEST_PLAUSIBLE_MS = 946_684_800_000
+MAX_SEQ = 2**63 - 1  # stored as a signed 64-bit integer
+NULL_ISLAND_DEG = 1e-6
+
+
+class Reason(enum.IntEnum):
+    OK = 0
+    LATITUDE_OUT_OF_RANGE = 1
+    LONGITUDE_OUT_OF_RANGE = 2
+    NOT_FINITE = 3
+    NULL_ISLAND = 4
+    FUTURE_TIME = 5
+    ANCIENT_TIME = 6
+    INVALID_ACCURACY = 7
+    INVALID_SEQ = 8
+    INVALID_ATTRIBUTE = 9
+
+
+DETAILS = {
+    Reason.LATITUDE_OUT_OF_RANGE: "latitude must be in [-90, 90]",
+    Reason.LONGITUDE_OUT_OF_RANGE: "longitude must be in [-180, 180]",
+    Reason.NOT_FINITE: "latitude and longitude must be finite numbers",
+    Reason.NULL_ISLAND: "(0, 0) is a placeholder for a missing fix",
+    Reason.FUTURE_TIME: "fix time is further ahead of the server clock than allowed",
+    Reason.ANCIENT_TIME: "fix time is older than allowed",
+    Reason.INVALID_ACCURACY: "accuracy_m must be a finite number >= 0",
+    Reason.INVALID_SEQ: "seq must be between 1 and 2^63-1",
+    Reason.INVALID_ATTRIBUTE: (
+        "speed_mps >= 0, heading_deg in [0, 360], battery_pct in [0, 100], "
+        "altitude_m finite"
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How far from the server clock a fix time may be."""
+
+    max_future_skew_ms: int = 600_000
+    max_age_ms: int = 30 * 86_400_000  # 0: any age since 2000 is accepted
+
+
+def _bad_optional(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Present (not NaN) values that are infinite or outside [low, high]."""
+    present = ~np.isnan(values)
+    with np.errstate(invalid="ignore"):
+        return present & ~((values >= low) & (values <= high))
+
+
+def reasons(batch: FixBatch, now_ms: int, limits: Limits) -> np.ndarray:
+    """Reason code per fix (uint8); 0 where the fix is valid."""
+    lat, lon = batch.lat, batch.lon
+    finite = np.isfinite(lat) & np.isfinite(lon)
+    oldest = EARLIEST_PLAUSIBLE_MS
+    if limits.max_age_ms > 0:
+        oldest = max(oldest, now_ms - limits.max_age_ms)
+    with np.errstate(invalid="ignore"):
+        conditions = [
+            ~finite,
+            np.abs(lat) > 90.0,
+            np.abs(lon) > 180.0,
+            (np.abs(lat) < NULL_ISLAND_DEG) & (np.abs(lon) < NULL_ISLAND_DEG),
+            (batch.seq == 0) | (batch.seq > MAX_SEQ),
+            batch.time_ms > now_ms + limits.max_future_skew_ms,
+            batch.time_ms < oldest,
+            _bad_optional(batch.accuracy_m, 0.0, np.inf) | np.isinf(batch.accuracy_m),
+            _bad_optional(batch.speed_mps, 0.0, 1e4)
+            | _bad_optional(batch.heading_deg, 0.0, 360.0)
+            | _bad_optional(batch.battery_pct, 0.0, 100.0)
+            | np.isinf(batch.altitude_m),
+        ]
+    choices = [
+        Reason.NOT_FINITE,
+        Reason.LATITUDE_OUT_OF_RANGE,
+        Reason.LONGITUDE_OUT_OF_RANGE,
+        Reason.NULL_ISLAND,
+        Reason.INVALID_SEQ,
+        Reason.FUTURE_TIME,
+        Reason.ANCIENT_TIME,
+        Reason.INVALID_ACCURACY,
+        Reason.INVALID_ATTRIBUTE,
+    ]
+    return np.select(conditions, choices, default=Reason.OK).astype(np.uint8)

@@ -1,0 +1,133 @@
+"""Watchers of live positions, with coalescing so a slow watcher never slows ingest.
+
+Each watcher holds at most one pending position per device: a newer update replaces
+an older one that has not been sent yet. Delivery is pulled by the watcher's own
+stream task, so ingest only ever touches a small dict per watcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.core.geodesy import in_box, in_circle
+from tracking_grpc.observability import metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WatchFilter:
+    """Which positions a watcher wants: devices, and optionally an area."""
+
+    devices: frozenset[str] = frozenset()
+    box: tuple[float, float, float, float] | None = None  # south, west, north, east
+    circle: tuple[float, float, float] | None = None  # lat, lon, radius_m
+
+    def mask(self, batch: FixBatch) -> np.ndarray:
+        keep = np.ones(len(batch), dtype=bool)
+        if self.devices:
+            keep &= np.isin(batch.device.astype(str), list(self.devices))
+        if self.box is not None:
+            keep &= in_box(batch.lat, batch.lon, *self.box)
+        if self.circle is not None:
+            keep &= in_circle(batch.lat, batch.lon, *self.circle)
+        return keep
+
+
+class Watcher:
+    """One watch stream: a filter and the newest unsent position per device."""
+
+    def __init__(self, tenant: str, watch_filter: WatchFilter) -> None:
+        self.tenant = tenant
+        self.filter = watch_filter
+        self._pending: dict[str, tuple[int, int, FixBatch, int]] = {}
+        self._sent_time: dict[str, tuple[int, int]] = {}
+        self._ready = asyncio.Event()
+        self.coalesced = 0
+
+    def offer(self, batch: FixBatch) -> None:
+        """Queue the matching rows, replacing older unsent rows of the same device."""
+        rows = np.flatnonzero(self.filter.mask(batch))
+        if rows.size == 0:
+            return
+        coalesced = self.coalesced
+        devices = batch.device[rows].tolist()
+        times = batch.time_ms[rows].tolist()
+        seqs = batch.seq[rows].tolist()
+        for device, t, s, row in zip(devices, times, seqs, rows.tolist(), strict=True):
+            old = self._pending.get(device)
+            if old is not None:
+                if (old[0], old[1]) >= (t, s):
+                    continue
+                self.coalesced += 1
+            self._pending[device] = (t, s, batch, row)
+        metrics.watch_updates("coalesced", self.coalesced - coalesced)
+        self._ready.set()
+
+    async def next_updates(self) -> FixBatch:
+        """Wait for and take every pending position, oldest fix first."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            pending, self._pending = self._pending, {}
+            fresh = []
+            for device, (t, s, batch, row) in pending.items():
+                if self._sent_time.get(device, (-(2**63), 0)) >= (t, s):
+                    continue
+                self._sent_time[device] = (t, s)
+                fresh.append((t, s, batch, row))
+            metrics.watch_updates("stale", len(pending) - len(fresh))
+            if fresh:
+                metrics.watch_updates("sent", len(fresh))
+                fresh.sort(key=lambda item: (item[0], item[1]))
+                return FixBatch.concat(
+                    [batch.take(np.array([row])) for _, _, batch, row in fresh]
+                )
+
+    def mark_sent(self, batch: FixBatch) -> None:
+        """Remember snapshot rows so that older queued updates are not sent after."""
+        for device, t, s in zip(
+            batch.device.tolist(),
+            batch.time_ms.tolist(),
+            batch.seq.tolist(),
+            strict=True,
+        ):
+            if self._sent_time.get(device, (-(2**63), 0)) < (t, s):
+                self._sent_time[device] = (t, s)
+
+
+class WatchHub:
+    """Every watcher of this process, fed by the broker."""
+
+    def __init__(self) -> None:
+        self._watchers: dict[str, set[Watcher]] = {}
+
+    def add(self, watcher: Watcher) -> None:
+        self._watchers.setdefault(watcher.tenant, set()).add(watcher)
+        metrics.watcher_opened()
+
+    def remove(self, watcher: Watcher) -> None:
+        watchers = self._watchers.get(watcher.tenant)
+        if watchers is not None and watcher in watchers:
+            metrics.watcher_closed()
+            watchers.discard(watcher)
+            if not watchers:
+                del self._watchers[watcher.tenant]
+
+    @property
+    def count(self) -> int:
+        return sum(len(w) for w in self._watchers.values())
+
+    async def deliver(self, updates: FixBatch) -> None:
+        """Broker handler: offer new live positions to the tenant's watchers."""
+        for watcher in list(self._watchers.get(updates.tenant, ())):
+            watcher.offer(updates)
+
+    def watchers_of(self, tenant: str) -> Sequence[Watcher]:
+        return list(self._watchers.get(tenant, ()))

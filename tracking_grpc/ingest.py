@@ -1,0 +1,281 @@
+"""The ingest pipeline: validate, store in group commits, then update live state.
+
+Each caller's batch is validated on arrays, queued, and stored together with every
+other batch waiting at that moment in one transaction per tenant (group commit). The
+caller's future resolves once its fixes are durable, so an ack always means stored.
+After each commit the newly stored fixes update the live store, are published to
+watchers, and go through the registered processors, whose events reach the event bus.
+
+A failing store is retried with back-off while callers wait unacknowledged; when more
+than ``max_pending_fixes`` are waiting, new submissions wait too, which pauses the
+streams (the devices keep their data).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from tracking_grpc.config import Settings
+from tracking_grpc.core import validation
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.errors import StorageUnavailable, Unavailable
+from tracking_grpc.events import EventBus, FixProcessor
+from tracking_grpc.observability import metrics, tracing
+from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
+
+log = logging.getLogger(__name__)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """What became of each fix of a submitted batch."""
+
+    batch: FixBatch
+    reasons: np.ndarray  # uint8 per fix, 0 = valid
+    new: np.ndarray  # bool per fix: stored now (False for rejected and duplicates)
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.reasons == 0
+
+    @property
+    def stored(self) -> int:
+        return int(self.new.sum())
+
+    @property
+    def duplicates(self) -> int:
+        return int((self.valid & ~self.new).sum())
+
+    def acked_seq(self) -> int:
+        """Highest sequence number of the batch that is durably stored."""
+        valid = self.valid
+        return int(self.batch.seq[valid].max()) if valid.any() else 0
+
+
+@dataclass(slots=True)
+class _Pending:
+    batch: FixBatch
+    done: asyncio.Future[np.ndarray]
+    span: tracing.SpanContext = tracing.INVALID_CONTEXT  # the submitter's, for links
+
+
+class IngestPipeline:
+    """Validates, group-commits and post-processes fixes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        history: HistoryStore,
+        live: LiveStore,
+        broker: Broker,
+        bus: EventBus,
+    ) -> None:
+        self.settings = settings
+        self.history = history
+        self.live = live
+        self.broker = broker
+        self.bus = bus
+        self.limits = validation.Limits(
+            max_future_skew_ms=int(settings.max_future_skew_s * 1000),
+            max_age_ms=int(settings.max_fix_age_s * 1000),
+        )
+        self.processors: list[FixProcessor] = []
+        self.backend = metrics.backend_name(history)
+        self.storage_healthy = True
+        self._queue: list[_Pending] = []
+        self._queued_fixes = 0
+        self._wakeup = asyncio.Event()
+        self._space = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        # Bounded: when processors fall behind, commits wait (back-pressure).
+        self._processing: asyncio.Queue[tuple[FixBatch, tracing.SpanContext] | None] = (
+            asyncio.Queue(256)
+        )
+        self._processor_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def add_processor(self, processor: FixProcessor) -> None:
+        self.processors.append(processor)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._flush_loop(), name="group-commit")
+            self._ticker = asyncio.create_task(self._tick_loop(), name="processor-tick")
+            self._processor_task = asyncio.create_task(
+                self._process_loop(), name="processors"
+            )
+
+    async def _tick_loop(self, interval_s: float = 1.0) -> None:
+        """Give processors with a ``tick(now_ms)`` (timeouts: offline, dwell) a turn."""
+        while True:
+            await asyncio.sleep(interval_s)
+            for processor in self.processors:
+                tick = getattr(processor, "tick", None)
+                if tick is None:
+                    continue
+                try:
+                    events = await tick(now_ms())
+                except Exception:
+                    log.exception("processor %s failed on tick", processor.name)
+                    continue
+                await self.bus.emit(events)
+
+    async def ingest(self, batch: FixBatch) -> IngestResult:
+        """Validate and durably store a batch; returns once stored (or raises)."""
+        started_s = time.perf_counter()
+        received = now_ms()
+        batch = batch.with_received(received)
+        reasons = validation.reasons(batch, received, self.limits)
+        metrics.fixes_validated(reasons)
+        valid = reasons == 0
+        new = np.zeros(len(batch), dtype=bool)
+        if valid.any():
+            with tracing.span("ingest", fixes=len(batch)):
+                new[valid] = await self._submit(batch.take(valid))
+        metrics.fixes_stored(valid, new, time.perf_counter() - started_s)
+        return IngestResult(batch, reasons, new)
+
+    async def _submit(self, batch: FixBatch) -> np.ndarray:
+        if self._closing:
+            raise StorageUnavailable("server is shutting down; nothing was stored")
+        async with self._space:
+            await self._space.wait_for(
+                lambda: (
+                    self._queued_fixes < self.settings.max_pending_fixes
+                    or self._closing
+                )
+            )
+        if self._closing:
+            raise StorageUnavailable("server is shutting down; nothing was stored")
+        done: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(batch, done, tracing.current_context()))
+        self._queued_fixes += len(batch)
+        self._wakeup.set()
+        return await done
+
+    async def _flush_loop(self) -> None:
+        delay = self.settings.flush_interval_ms / 1000
+        while True:
+            await self._wakeup.wait()
+            if delay > 0 and not self._closing:
+                await asyncio.sleep(delay)
+            self._wakeup.clear()
+            if not self._queue:
+                if self._closing:
+                    return
+                continue
+            await self._flush()
+
+    def _take(self) -> list[_Pending]:
+        taken, count = [], 0
+        while self._queue and count < self.settings.flush_max_fixes:
+            item = self._queue.pop(0)
+            taken.append(item)
+            count += len(item.batch)
+        if self._queue:
+            self._wakeup.set()
+        return taken
+
+    async def _flush(self) -> None:
+        items = self._take()
+        by_tenant: dict[str, list[_Pending]] = defaultdict(list)
+        for item in items:
+            by_tenant[item.batch.tenant].append(item)
+        for tenant_items in by_tenant.values():
+            links = [item.span for item in tenant_items]
+            with tracing.span("ingest.commit", links, backend=self.backend):
+                await self._commit(tenant_items)
+        self._queued_fixes -= sum(len(i.batch) for i in items)
+        async with self._space:
+            self._space.notify_all()
+
+    async def _commit(self, items: list[_Pending]) -> None:
+        batch = FixBatch.concat([i.batch for i in items])
+        backoff = 0.05
+        while True:
+            try:
+                with (
+                    tracing.span("storage.store", fixes=len(batch)),
+                    metrics.timed_flush(self.backend, len(batch)),
+                ):
+                    new = await self.history.store(batch)
+                break
+            except StorageUnavailable as exc:
+                if self.storage_healthy:
+                    log.warning("history store unavailable, holding acks: %s", exc)
+                self.storage_healthy = False
+                if self._closing:
+                    for item in items:
+                        if not item.done.done():
+                            item.done.set_exception(exc)
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+        if not self.storage_healthy:
+            log.warning("history store is back; writes resumed")
+            self.storage_healthy = True
+        offset = 0
+        for item in items:
+            n = len(item.batch)
+            if not item.done.done():
+                item.done.set_result(new[offset : offset + n])
+            offset += n
+        await self._after_commit(batch.take(new))
+
+    async def _after_commit(self, stored: FixBatch) -> None:
+        """Live update and fan-out now; processors in their own task, in order."""
+        if len(stored) == 0:
+            return
+        try:
+            moved = await self.live.update(stored)
+            if len(moved):
+                await self.broker.publish(moved)
+        except Unavailable as exc:  # rebuilt from history when it returns
+            log.warning("live update skipped; history is intact: %s", exc.message)
+        except Exception:
+            log.exception("live update failed; history is intact")
+        if self.processors:
+            commit = tracing.current_context()
+            await self._processing.put((stored.sorted_by_device_time(), commit))
+
+    async def _process_loop(self) -> None:
+        """Runs processors on stored fixes, commit by commit, off the commit path."""
+        while (item := await self._processing.get()) is not None:
+            stored, commit = item
+            for processor in self.processors:
+                try:
+                    with tracing.span(
+                        f"process.{processor.name}", [commit], fixes=len(stored)
+                    ):
+                        events = await processor.process(stored)
+                except Exception:
+                    log.exception("processor %s failed", processor.name)
+                    continue
+                await self.bus.emit(events)
+
+    async def close(self) -> None:
+        """Store what is queued (acks for it may no longer reach anyone), then stop."""
+        self._closing = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self._wakeup.set()
+        async with self._space:
+            self._space.notify_all()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        if self._processor_task is not None:
+            await self._processing.put(None)
+            await self._processor_task
+            self._processor_task = None

@@ -1,0 +1,400 @@
+"""TrackSession: device streams, gateway batches and live positions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict
+
+import grpc
+import numpy as np
+from tracking.v1 import event_pb2, track_pb2, track_pb2_grpc
+
+from tracking_grpc import convert
+from tracking_grpc.app import App
+from tracking_grpc.auth import Caller, Role
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.events import TrackingEvent
+from tracking_grpc.fanout import Watcher, WatchFilter
+from tracking_grpc.ingest import IngestResult, now_ms
+
+log = logging.getLogger(__name__)
+
+MAX_IDS = 10_000
+MAX_NEARBY = 10_000
+MAX_RADIUS_M = 20_037_509.0  # half the equator: every point on Earth
+SNAPSHOT_CHUNK = 1_000
+INFLIGHT_BATCHES = 8
+
+
+def event_message(event: TrackingEvent) -> event_pb2.Event:
+    return event_pb2.Event(
+        event_id=event.event_id,
+        device_id=event.device,
+        type=int(event.type),  # type: ignore[arg-type]
+        time_ms=event.time_ms,
+        position={"lat": event.lat, "lon": event.lon},
+        fix_seq=event.fix_seq,
+        created_ms=event.created_ms,
+        attributes=event.attributes,
+        fence_id=event.fence_id,
+        route_id=event.route_id,
+        activity=(
+            event_pb2.ActivityDetail(**asdict(event.activity))
+            if event.activity is not None
+            else None
+        ),
+    )
+
+
+def _rejections(result: IngestResult) -> list[tuple[str, int, int, str]]:
+    return convert.rejections(result.batch, result.reasons)
+
+
+def _ack(result: IngestResult, last_stored_seq: int) -> track_pb2.TrackResponse:
+    return track_pb2.TrackResponse(
+        ack=track_pb2.Ack(
+            acked_seq=result.acked_seq(),
+            last_stored_seq=last_stored_seq,
+            stored=result.stored,
+            duplicates=result.duplicates,
+            rejections=[
+                track_pb2.Rejection(seq=seq, reason=reason, detail=detail)  # type: ignore[arg-type]
+                for _, seq, reason, detail in _rejections(result)
+            ],
+        )
+    )
+
+
+def _check_point(lat: float, lon: float, field: str) -> None:
+    if not (math.isfinite(lat) and -90 <= lat <= 90):
+        raise InvalidArgument(f"{field}.lat", "must be a finite number in [-90, 90]")
+    if not (math.isfinite(lon) and -180 <= lon <= 180):
+        raise InvalidArgument(f"{field}.lon", "must be a finite number in [-180, 180]")
+
+
+def _check_radius(radius_m: float, field: str) -> None:
+    if not (math.isfinite(radius_m) and 0 < radius_m <= MAX_RADIUS_M):
+        raise InvalidArgument(field, f"must be in (0, {MAX_RADIUS_M:.0f}] metres")
+
+
+def _check_ids(device_ids: Sequence[str], field: str) -> list[str]:
+    if len(device_ids) > MAX_IDS:
+        raise InvalidArgument(field, f"at most {MAX_IDS} device ids per call")
+    for i, device_id in enumerate(device_ids):
+        convert.check_device_id(device_id, f"{field}[{i}]")
+    return list(device_ids)
+
+
+def _check_box(box: object) -> tuple[float, float, float, float]:
+    south, west, north, east = (
+        getattr(box, n) for n in ("south", "west", "north", "east")
+    )
+    for name, value, bound in (
+        ("south", south, 90),
+        ("north", north, 90),
+        ("west", west, 180),
+        ("east", east, 180),
+    ):
+        if not (math.isfinite(value) and -bound <= value <= bound):
+            raise InvalidArgument(f"area.box.{name}", f"must be in [-{bound}, {bound}]")
+    if south > north:
+        raise InvalidArgument("area.box", "south must not lie north of north")
+    return south, west, north, east
+
+
+def watch_filter(request: track_pb2.WatchRequest) -> WatchFilter:
+    """The filter a Watch request asks for, validated."""
+    devices = frozenset(_check_ids(request.device_ids, "device_ids"))
+    if not request.HasField("area"):
+        return WatchFilter(devices=devices)
+    shape = request.area.WhichOneof("shape")
+    if shape == "box":
+        return WatchFilter(devices, box=_check_box(request.area.box))
+    if shape == "circle":
+        circle = request.area.circle
+        _check_point(circle.center.lat, circle.center.lon, "area.circle.center")
+        _check_radius(circle.radius_m, "area.circle.radius_m")
+        return WatchFilter(
+            devices, circle=(circle.center.lat, circle.center.lon, circle.radius_m)
+        )
+    raise InvalidArgument("area", "set box or circle")
+
+
+class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
+    """Device sessions, gateway batches, watches and live reads."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        # Streams that asked for their device's events: (tenant, device) -> queues.
+        self._event_queues: dict[tuple[str, str], set[asyncio.Queue]] = {}
+        app.bus.add_listener(self._route_events)
+
+    async def _route_events(self, events: Sequence[TrackingEvent]) -> None:
+        for event in events:
+            for queue in self._event_queues.get((event.tenant, event.device), ()):
+                if queue.full():
+                    queue.get_nowait()  # a stalled stream keeps the newest events
+                queue.put_nowait(event)
+
+    async def Track(
+        self,
+        request_iterator: AsyncIterator[track_pb2.TrackRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """A device session: hello, then fix batches, answered by acks and events."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.DEVICE)
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        if first.WhichOneof("message") != "hello":
+            raise InvalidArgument(
+                "hello", "the first message of a stream must be hello"
+            )
+        device_id = convert.check_device_id(first.hello.device_id, "hello.device_id")
+        caller.require_device(device_id)
+        states = await self.app.history.device_states(caller.tenant, [device_id])
+        state = states.get(device_id)
+        last_stored = state.last_stored_seq if state else 0
+        started = track_pb2.SessionStarted(
+            device_id=device_id, last_stored_seq=last_stored, server_time_ms=now_ms()
+        )
+        await context.write(track_pb2.TrackResponse(started=started))
+        log.debug("track stream opened for %s/%s", caller.tenant, device_id)
+        session = _Session(self.app, caller, device_id, last_stored, context)
+        key = (caller.tenant, device_id)
+        if first.hello.want_events:
+            self._event_queues.setdefault(key, set()).add(session.events)
+        try:
+            await session.run(request_iterator)
+        finally:
+            queues = self._event_queues.get(key)
+            if queues is not None:
+                queues.discard(session.events)
+                if not queues:
+                    del self._event_queues[key]
+            log.debug("track stream closed for %s/%s", caller.tenant, device_id)
+
+    async def PublishBatch(
+        self, request: track_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
+    ) -> track_pb2.PublishBatchResponse:
+        """Store fixes of many devices; answers once they are durable."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.DEVICE)
+        batches = []
+        for i, device in enumerate(request.devices):
+            field = f"devices[{i}].device_id"
+            device_id = convert.check_device_id(device.device_id, field)
+            batches.append(
+                convert.fixes_to_batch(caller.tenant, device_id, device.fixes)
+            )
+        if request.HasField("columns"):
+            batches.append(convert.columns_to_batch(caller.tenant, request.columns))
+        batch = FixBatch.concat(batches) if batches else FixBatch.empty(caller.tenant)
+        if len(batch) == 0:
+            raise InvalidArgument("devices", "the batch holds no fixes")
+        limit = self.app.settings.max_batch_fixes
+        if len(batch) > limit:
+            raise InvalidArgument("columns", f"{len(batch)} fixes exceed {limit}")
+        if caller.role == Role.DEVICE:
+            for device_id in set(batch.device.tolist()):
+                caller.require_device(device_id)
+        result = await self.app.pipeline.ingest(batch)
+        return track_pb2.PublishBatchResponse(
+            stored=result.stored,
+            duplicates=result.duplicates,
+            rejections=[
+                track_pb2.BatchRejection(
+                    device_id=device,
+                    seq=seq,
+                    reason=reason,  # type: ignore[arg-type]
+                    detail=detail,
+                )
+                for device, seq, reason, detail in _rejections(result)
+            ],
+        )
+
+    async def Watch(
+        self, request: track_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[track_pb2.WatchResponse]:
+        """A snapshot of matching live positions, then every update, coalesced."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.VIEWER)
+        watcher = Watcher(caller.tenant, watch_filter(request))
+        self.app.hub.add(watcher)
+        try:
+            if not request.skip_snapshot:
+                for chunk in await self._snapshot(watcher):
+                    yield track_pb2.WatchResponse(
+                        snapshot=True, positions=convert.positions(chunk)
+                    )
+                yield track_pb2.WatchResponse(snapshot=True, snapshot_done=True)
+            while True:
+                updates = await watcher.next_updates()
+                yield track_pb2.WatchResponse(positions=convert.positions(updates))
+        finally:
+            self.app.hub.remove(watcher)
+
+    async def _snapshot(self, watcher: Watcher) -> list[FixBatch]:
+        snapshot = await self.app.live.snapshot(watcher.tenant)
+        snapshot = snapshot.take(watcher.filter.mask(snapshot))
+        snapshot = snapshot.take(np.argsort(snapshot.time_ms, kind="stable"))
+        watcher.mark_sent(snapshot)
+        starts = range(0, len(snapshot), SNAPSHOT_CHUNK)
+        return [
+            snapshot.take(np.arange(s, min(s + SNAPSHOT_CHUNK, len(snapshot))))
+            for s in starts
+        ]
+
+    async def GetLastPositions(
+        self,
+        request: track_pb2.GetLastPositionsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> track_pb2.GetLastPositionsResponse:
+        """The newest position of each named device, in request order."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.VIEWER)
+        device_ids = _check_ids(request.device_ids, "device_ids")
+        if not device_ids:
+            raise InvalidArgument("device_ids", "name at least one device")
+        found = await self.app.live.get(caller.tenant, device_ids)
+        by_device = dict(
+            zip(found.device.tolist(), convert.positions(found), strict=True)
+        )
+        return track_pb2.GetLastPositionsResponse(
+            positions=[by_device[d] for d in device_ids if d in by_device],
+            missing_device_ids=[d for d in device_ids if d not in by_device],
+        )
+
+    async def Nearby(
+        self, request: track_pb2.NearbyRequest, context: grpc.aio.ServicerContext
+    ) -> track_pb2.NearbyResponse:
+        """Devices within a radius of a point, nearest first."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.VIEWER)
+        if not request.HasField("center"):
+            raise InvalidArgument("center", "is required")
+        _check_point(request.center.lat, request.center.lon, "center")
+        _check_radius(request.radius_m, "radius_m")
+        limit = request.limit or 100
+        if limit > MAX_NEARBY:
+            raise InvalidArgument("limit", f"at most {MAX_NEARBY}")
+        center = request.center
+        found, distance = await self.app.live.nearby(
+            caller.tenant, center.lat, center.lon, request.radius_m, limit
+        )
+        positions = convert.positions(found)
+        return track_pb2.NearbyResponse(
+            devices=[
+                track_pb2.NearbyDevice(position=p, distance_m=d)
+                for p, d in zip(positions, distance.tolist(), strict=True)
+            ]
+        )
+
+
+class _Session:
+    """One Track stream: reads batches, stores them in order, writes acks and events."""
+
+    def __init__(
+        self,
+        app: App,
+        caller: Caller,
+        device_id: str,
+        last_stored: int,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        self.app = app
+        self.caller = caller
+        self.device_id = device_id
+        self.last_stored = last_stored
+        self.context = context
+        self.events: asyncio.Queue[TrackingEvent] = asyncio.Queue(maxsize=1_000)
+        self._write_lock = asyncio.Lock()
+
+    async def _write(self, response: track_pb2.TrackResponse) -> None:
+        async with self._write_lock:
+            await self.context.write(response)
+
+    async def run(self, requests: AsyncIterator[track_pb2.TrackRequest]) -> None:
+        """Pipelines up to INFLIGHT_BATCHES batches; acks go out in batch order."""
+        inflight: asyncio.Queue[asyncio.Task[IngestResult] | None] = asyncio.Queue(
+            INFLIGHT_BATCHES
+        )
+        reader = asyncio.create_task(self._read(requests, inflight))
+        acks = asyncio.create_task(self._write_acks(inflight))
+        events = asyncio.create_task(self._write_events())
+        try:
+            done, _ = await asyncio.wait(
+                {reader, acks}, return_when=asyncio.FIRST_EXCEPTION
+            )
+            for task in done:
+                task.result()
+        finally:
+            for task in (reader, events, acks):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            while not inflight.empty():
+                pending = inflight.get_nowait()
+                if pending is not None:
+                    # Submitted fixes are still stored; only their ack is lost.
+                    pending.add_done_callback(_consume)
+
+    async def _read(
+        self,
+        requests: AsyncIterator[track_pb2.TrackRequest],
+        inflight: asyncio.Queue[asyncio.Task[IngestResult] | None],
+    ) -> None:
+        async for request in requests:
+            batch = self._batch(request)
+            if batch is not None:
+                await inflight.put(asyncio.create_task(self.app.pipeline.ingest(batch)))
+        await inflight.put(None)
+
+    def _batch(self, request: track_pb2.TrackRequest) -> FixBatch | None:
+        kind = request.WhichOneof("message")
+        if kind == "hello":
+            if request.hello.device_id != self.device_id:
+                raise InvalidArgument(
+                    "hello.device_id", "a stream carries one device; open another"
+                )
+            return None
+        if kind != "batch":
+            raise InvalidArgument("message", "set hello or batch")
+        fixes = request.batch.fixes
+        limit = self.app.settings.max_batch_fixes
+        if len(fixes) > limit:
+            raise InvalidArgument(
+                "batch.fixes", f"{len(fixes)} fixes exceed the maximum of {limit}"
+            )
+        if not fixes:
+            return None
+        return convert.fixes_to_batch(self.caller.tenant, self.device_id, fixes)
+
+    async def _write_acks(
+        self, inflight: asyncio.Queue[asyncio.Task[IngestResult] | None]
+    ) -> None:
+        while (task := await inflight.get()) is not None:
+            result = await task
+            self.last_stored = max(self.last_stored, result.acked_seq())
+            await self._write(_ack(result, self.last_stored))
+
+    async def _write_events(self) -> None:
+        while True:
+            event = await self.events.get()
+            await self._write(track_pb2.TrackResponse(event=event_message(event)))
+
+
+def _consume(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def register(server: grpc.aio.Server, app: App) -> str:
+    track_pb2_grpc.add_TrackSessionServicer_to_server(TrackSessionServicer(app), server)
+    return track_pb2.DESCRIPTOR.services_by_name["TrackSession"].full_name

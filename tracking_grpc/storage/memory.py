@@ -1,0 +1,163 @@
+"""In-process live state: newest position per device in arrays, and a local broker.
+
+Positions live in growable numpy columns, one slot per device, so nearby queries are a
+single vectorised distance computation over the tenant's devices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import fields
+
+import numpy as np
+
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.core.geodesy import haversine_m
+from tracking_grpc.storage.base import UpdateHandler
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = [f.name for f in fields(FixBatch) if f.name not in {"tenant", "device"}]
+
+
+class _TenantPositions:
+    """Newest fix per device of one tenant, in slot-indexed columns."""
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+        self.slots: dict[str, int] = {}
+        self.devices = np.empty(0, dtype=object)
+        self.columns: dict[str, np.ndarray] = {}
+        self.size = 0
+
+    def _grow(self, template: FixBatch, needed: int) -> None:
+        capacity = max(64, len(self.devices))
+        while capacity < needed:
+            capacity *= 2
+        if capacity == len(self.devices):
+            return
+        devices = np.empty(capacity, dtype=object)
+        devices[: self.size] = self.devices[: self.size]
+        self.devices = devices
+        for name in _COLUMNS:
+            old = self.columns.get(name)
+            column = np.zeros(capacity, dtype=getattr(template, name).dtype)
+            if old is not None:
+                column[: self.size] = old[: self.size]
+            self.columns[name] = column
+
+    def slots_for(self, devices: np.ndarray, template: FixBatch) -> np.ndarray:
+        """Slot of each device, allocating slots for new devices."""
+        index = np.empty(len(devices), dtype=np.intp)
+        for i, device in enumerate(devices.tolist()):
+            slot = self.slots.get(device)
+            if slot is None:
+                if self.size == len(self.devices):
+                    self._grow(template, self.size + 1)
+                slot = self.size
+                self.slots[device] = slot
+                self.devices[slot] = device
+                self.columns["time_ms"][slot] = np.iinfo(np.int64).min
+                self.size += 1
+            index[i] = slot
+        return index
+
+    def rows(self, slots: np.ndarray) -> FixBatch:
+        arrays = {name: self.columns[name][slots] for name in _COLUMNS}
+        return FixBatch(tenant=self.tenant, device=self.devices[slots], **arrays)
+
+
+class MemoryLiveStore:
+    """LiveStore kept in this process; rebuilt from history at start-up."""
+
+    def __init__(self) -> None:
+        self._tenants: dict[str, _TenantPositions] = {}
+
+    def _tenant(self, tenant: str) -> _TenantPositions:
+        positions = self._tenants.get(tenant)
+        if positions is None:
+            positions = self._tenants[tenant] = _TenantPositions(tenant)
+        return positions
+
+    async def update(self, batch: FixBatch) -> FixBatch:
+        if len(batch) == 0:
+            return batch
+        newest = batch.take(batch.newest_per_device())
+        positions = self._tenant(batch.tenant)
+        if not positions.columns:
+            positions._grow(newest, len(newest))
+        slots = positions.slots_for(newest.device, newest)
+        current = positions.columns["time_ms"][slots]
+        advances = (newest.time_ms > current) | (
+            (newest.time_ms == current) & (newest.seq > positions.columns["seq"][slots])
+        )
+        moved = newest.take(advances)
+        target = slots[advances]
+        for name in _COLUMNS:
+            positions.columns[name][target] = getattr(moved, name)
+        return moved
+
+    async def get(self, tenant: str, devices: Sequence[str]) -> FixBatch:
+        positions = self._tenants.get(tenant)
+        if positions is None:
+            return FixBatch.empty(tenant)
+        slots = [positions.slots[d] for d in devices if d in positions.slots]
+        return positions.rows(np.asarray(slots, dtype=np.intp))
+
+    async def nearby(
+        self, tenant: str, lat: float, lon: float, radius_m: float, limit: int
+    ) -> tuple[FixBatch, np.ndarray]:
+        positions = self._tenants.get(tenant)
+        if positions is None or positions.size == 0:
+            return FixBatch.empty(tenant), np.zeros(0)
+        n = positions.size
+        distance = haversine_m(
+            positions.columns["lat"][:n], positions.columns["lon"][:n], lat, lon
+        )
+        inside = np.flatnonzero(distance <= radius_m)
+        order = inside[np.argsort(distance[inside], kind="stable")][:limit]
+        return positions.rows(order), distance[order]
+
+    async def snapshot(self, tenant: str) -> FixBatch:
+        positions = self._tenants.get(tenant)
+        if positions is None or positions.size == 0:
+            return FixBatch.empty(tenant)
+        return positions.rows(np.arange(positions.size))
+
+    async def remove(self, tenant: str, device: str) -> None:
+        positions = self._tenants.get(tenant)
+        if positions is None or device not in positions.slots:
+            return
+        keep = [d for d in positions.devices[: positions.size] if d != device]
+        remaining = positions.rows(
+            np.asarray([positions.slots[d] for d in keep], dtype=np.intp)
+        )
+        self._tenants[tenant] = _TenantPositions(tenant)
+        await self.update(remaining)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._tenants.clear()
+
+
+class LocalBroker:
+    """Broker for a single process: handlers are called directly."""
+
+    def __init__(self) -> None:
+        self._handlers: list[UpdateHandler] = []
+
+    async def publish(self, updates: FixBatch) -> None:
+        for handler in list(self._handlers):
+            try:
+                await handler(updates)
+            except Exception:
+                log.exception("live update handler failed")
+
+    async def subscribe(self, handler: UpdateHandler) -> None:
+        self._handlers.append(handler)
+
+    async def close(self) -> None:
+        self._handlers.clear()
