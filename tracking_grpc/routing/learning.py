@@ -42,7 +42,9 @@ MAX_PIECE_RATIO = 8.0
 class TravelTimeModel:
     """Observed/engine time ratios, for one tenant and profile."""
 
-    def __init__(self, resolution: int = H3_RESOLUTION, prior_s: float = 600.0) -> None:
+    def __init__(
+        self, resolution: int = H3_RESOLUTION, prior_s: float = 3600.0
+    ) -> None:
         self.resolution = resolution
         self.prior_s = prior_s
         self._weight_s: dict[str, float] = {}
@@ -110,12 +112,21 @@ class TravelTimeModel:
         return np.exp((log_ratio + self.prior_s * base) / (weight + self.prior_s))
 
     def segment_durations_s(self, route: Route) -> np.ndarray:
-        """Expected time of each geometry segment of a route."""
-        if len(route.segment_duration_s) == 0:
-            return route.segment_duration_s.copy()
+        """Expected time of each geometry segment of a route.
+
+        OSRM's per-segment durations leave out turn costs, which its route duration
+        includes: the segments are scaled to add up to the route's duration first.
+        """
+        seconds = route.segment_duration_s
+        if len(seconds) == 0:
+            return seconds.copy()
+        if seconds.sum() > 0:
+            seconds = seconds * (route.duration_s / seconds.sum())
+        else:
+            seconds = np.full(len(seconds), route.duration_s / len(seconds))
         mid_lat = (route.lat[:-1] + route.lat[1:]) / 2.0
         mid_lon = (route.lon[:-1] + route.lon[1:]) / 2.0
-        return route.segment_duration_s * self.factors(mid_lat, mid_lon)
+        return seconds * self.factors(mid_lat, mid_lon)
 
     def expected_duration_s(self, route: Route) -> float:
         """The route's duration as learned trips suggest."""
