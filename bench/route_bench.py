@@ -125,7 +125,7 @@ def nearest_neighbour_s(problem: optimise.Problem, vehicles: int) -> float:
 
 def bench_optimise(car: RoutingEngine, points: np.ndarray, sizes: list[int]) -> list:
     rows = []
-    print("\noptimisation: VROOM (exploration 5) against a nearest-neighbour split")
+    print("\noptimisation: VROOM (effort by size) against a nearest-neighbour split")
     print(
         f"  {'jobs':>5} {'vehicles':>8} {'table ms':>9} {'solve ms':>9} "
         f"{'assigned':>8} {'drive h':>8} {'nn drive h':>10}"
