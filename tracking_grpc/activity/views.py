@@ -38,7 +38,11 @@ def simplify(fixes: FixBatch, tolerance_m: float) -> FixBatch:
     kept = shapely.get_coordinates(
         shapely.simplify(line, tolerance_m, preserve_topology=False)
     )
-    # Simplification keeps input vertices unchanged, so they are found by value.
+    # Simplification keeps input vertices unchanged, so they are found by value;
+    # of a run of fixes at one spot (a parked device) the first one is kept.
     keep = np.isin(x, kept[:, 0]) & np.isin(y, kept[:, 1])
+    repeat = np.zeros(len(fixes), dtype=bool)
+    repeat[1:] = (x[1:] == x[:-1]) & (y[1:] == y[:-1])
+    keep &= ~repeat
     keep[[0, -1]] = True
     return fixes.take(keep)
