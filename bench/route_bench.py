@@ -180,6 +180,7 @@ def bench_monitor(car: RoutingEngine, points: np.ndarray, devices: list[int]) ->
     for n in devices:
         monitor = RouteMonitor()
         drives = []
+        started = time.perf_counter()
         for d in range(n):
             route = routes[d % len(routes)]
             name = f"dev-{d}"
@@ -190,6 +191,9 @@ def bench_monitor(car: RoutingEngine, points: np.ndarray, devices: list[int]) ->
             )
             points_d, _ = support.drive(route.lat, route.lon, 9.0 + d % 5)
             drives.append(support.fixes(name, points_d[:40], tenant="t", start_ms=1))
+        monitor.progress("t", "dev-0")  # builds the flat arrays of every route
+        assign_ms = (time.perf_counter() - started) * 1e3
+        print(f"  ({n} routes assigned and drives made in {assign_ms:.0f} ms)")
         # Ten rounds of batches: each batch holds the next 4 fixes of every device.
         batches = [
             FixBatch.concat(
