@@ -269,6 +269,7 @@ def report(
         "batch": stats.summarize(stats.merge(r.batch_ms for r in results), steady_s),
         "counts": counts,
         "errors": errors,
+        "error_details": {k: v for r in results for k, v in r.error_details.items()},
         "server": {
             "processes": samples["server_processes"],
             "cpu_cores": round(cpu_s / steady_s, 3),
@@ -315,6 +316,10 @@ def print_report(out: dict) -> None:
             print(stats.format_summary(title, out[key]))
     print(stats.format_counts("Counts", out["counts"]))
     print(stats.format_counts("Errors", out["errors"]))
+    for name, detail in out["error_details"].items():
+        print(f"  {name}: {detail}")
+    if out["errors"] and out.get("server_log_tail"):
+        print("Server log (last lines):", *out["server_log_tail"], sep="\n  ")
     server = out["server"]
     print(
         f"Server: {server['cpu_cores']} cores, {server['cpu_us_per_fix']} µs CPU/fix, "
@@ -380,6 +385,8 @@ def main(argv: list[str] | None = None) -> dict:
         out = report(args, plans, results, samples)
         if server is not None:
             out["server_exit_code"] = server.stop()
+            log_lines = (Path(tmp) / "server.log").read_text().splitlines()
+            out["server_log_tail"] = log_lines[-20:]
             if not any("database-url" in f for f in args.server_flag):
                 out["verify"] = verify_sqlite(Path(tmp), results)
     print_report(out)

@@ -30,8 +30,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     """Channel options: a backlog large enough for a reconnect storm of devices."""
     backlog = settings.max_concurrent_streams
     return [
-        ("grpc.max_pending_requests", backlog),
-        ("grpc.max_pending_requests_hard_limit", backlog * 2),
+        ("grpc.server.max_pending_requests", backlog),
+        ("grpc.server.max_pending_requests_hard_limit", backlog * 2),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

@@ -176,13 +176,14 @@ class Device:
     async def _connect_loop(self, pool: ChannelPool) -> None:
         failures = 0
         while True:
+            detail = ""
             call = pool.stub(self.slot).Track(metadata=pool.metadata)
             try:
                 await self._open(call)
                 await self._read_acks(call)
                 outcome = "closed"
             except grpc.aio.AioRpcError as exc:
-                outcome = exc.code().name
+                outcome, detail = exc.code().name, exc.details() or ""
             except NoSession:
                 outcome = "NO_SESSION"
             except asyncio.CancelledError:
@@ -200,7 +201,7 @@ class Device:
                 continue
             if not self.generating:
                 return  # the server closed the stream after our done_writing
-            self.result.error(f"track_{outcome}")
+            self.result.error(f"track_{outcome}", detail=detail)
             failures += 1
             if failures > RETRIES:
                 return

@@ -90,7 +90,7 @@ class Gateway:
         try:
             response = await stub.PublishBatch(request, metadata=metadata, timeout=30)
         except grpc.aio.AioRpcError as exc:
-            result.error(f"publish_{exc.code().name}")
+            result.error(f"publish_{exc.code().name}", detail=exc.details() or "")
             return
         now_ns = time.time_ns()
         if self.plan.window.counts(time_ms):

@@ -73,6 +73,7 @@ class DriverResult:
     batch_ms: list[float] = field(default_factory=list)  # gateway call latency
     counts: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    error_details: dict[str, str] = field(default_factory=dict)  # first of each
     streams_open_max: int = 0
     # per device: (device id, fixes generated, highest seq acked)
     generated: list[tuple[str, int, int]] = field(default_factory=list)
@@ -82,5 +83,7 @@ class DriverResult:
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n
 
-    def error(self, name: str, n: int = 1) -> None:
+    def error(self, name: str, n: int = 1, detail: str = "") -> None:
         self.errors[name] = self.errors.get(name, 0) + n
+        if detail:
+            self.error_details.setdefault(name, detail)

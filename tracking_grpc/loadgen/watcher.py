@@ -31,6 +31,6 @@ async def watch(
             result.count("watch_messages")
     except grpc.aio.AioRpcError as exc:
         if exc.code() != grpc.StatusCode.CANCELLED:
-            result.error(f"watch_{exc.code().name}")
+            result.error(f"watch_{exc.code().name}", detail=exc.details() or "")
     finally:
         call.cancel()
