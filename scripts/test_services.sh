@@ -3,6 +3,7 @@
 # 5432 and Redis on 6379. Installs PostGIS when it is missing and starts what is not
 # running. Every step is skipped when its service is already there; where a step cannot
 # be done (no root, no apt), it says so and the tests that need the service report it.
+# Also installs Prometheus: tests run promtool and start their own server on loopback.
 set -uo pipefail
 
 PG_PORT=${TRACKING_TEST_PG_PORT:-5432}
@@ -47,5 +48,10 @@ if ! redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1; then
   redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save "" \
     --appendonly no --dir /tmp/tracking-redis --logfile /tmp/tracking-redis/redis.log
   for _ in $(seq 1 30); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.5; done
+fi
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  echo "test_services: installing Prometheus (promtool checks the shipped rules)" >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null
 fi
 exit 0

@@ -29,10 +29,11 @@ async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
     running: list[TrackingServer] = []
 
     async def start(**overrides: Any) -> TrackingServer:
+        telemetry = overrides.pop("telemetry", None)
         settings = overrides.pop("settings", None) or embedded_settings(
             tmp_path, **overrides
         )
-        server = await TrackingServer.start(settings)
+        server = await TrackingServer.start(settings, telemetry)
         running.append(server)
         return server
 

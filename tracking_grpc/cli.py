@@ -18,11 +18,10 @@ Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int | None]]
 
 
 def setup_logging(settings: config.Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """JSON lines or text on stderr, as ``log_format`` says (see observability.logs)."""
+    from tracking_grpc.observability import logs
+
+    logs.configure(settings, sys.stderr)
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -40,8 +39,53 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(command=_serve)
 
 
+async def _prepare_routing(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tracking_grpc.routing import datasets
+
+    settings = config.load(args)
+    setup_logging(settings)
+    data_dir = settings.routing_data_dir
+    if not data_dir:
+        print("tracking: set --routing-data-dir (where to write)", file=sys.stderr)
+        return 2
+    prepared = datasets.prepare(
+        Path(args.pbf),
+        Path(data_dir),
+        datasets.parse_profiles(args.profiles),
+        small_component_size=args.small_component_size,
+    )
+    for dataset in prepared:
+        print(f"{dataset.profile}: {dataset.base_path}")
+    return 0
+
+
+def add_prepare_routing(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare-routing",
+        help="build routing datasets (OSRM MLD) from an OpenStreetMap .osm.pbf",
+    )
+    parser.add_argument("--pbf", required=True, help="OpenStreetMap extract (.osm.pbf)")
+    parser.add_argument(
+        "--profiles", default="car,bicycle,foot", help="comma-separated profiles"
+    )
+    parser.add_argument(
+        "--small-component-size",
+        type=int,
+        default=1000,
+        help="nodes below which a road network piece is not snapped to when a "
+        "bigger one is near (lower it to ~50 for small city-centre extracts)",
+    )
+    config.add_arguments(parser)
+    parser.set_defaults(command=_prepare_routing)
+
+
 # Each entry adds one subcommand; its parser sets `command` to an async function.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_serve]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_serve,
+    add_prepare_routing,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -64,8 +64,46 @@ class Settings:
     max_concurrent_streams: int = setting(
         20_000, "pending RPC backlog the gRPC server accepts (streams opening at once)"
     )
+    routing_data_dir: str = setting(
+        "",
+        "directory of routing datasets made by `tracking prepare-routing`; empty "
+        "disables the Route service (it answers FAILED_PRECONDITION)",
+    )
+    routing_max_snap_m: float = setting(
+        500.0, "refuse route points further than this from any road, metres"
+    )
+    route_off_route_m: float = setting(
+        50.0, "a fix this far from its route beyond its accuracy counts as off route"
+    )
+    route_off_route_fixes: int = setting(
+        3, "consecutive off-route fixes before OFF_ROUTE is raised"
+    )
+    route_back_on_route_fixes: int = setting(
+        2, "consecutive on-route fixes before BACK_ON_ROUTE is raised"
+    )
+    route_arrival_radius_m: float = setting(
+        40.0, "ARRIVED is raised within this distance of the route's destination"
+    )
+    route_eta_change_s: float = setting(
+        60.0, "ETA_UPDATED is raised when the ETA moves by more than this, seconds"
+    )
+    activity_config: str = setting(
+        "", "TOML file of activity rules per tenant and device (docs/activity.md)"
+    )
     log_format: str = setting("auto", "auto, text or json")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    metrics_listen: str = setting(
+        "", "host:port of the Prometheus /metrics endpoint; empty turns metrics off"
+    )
+    otlp_endpoint: str = setting(
+        "", "OTLP/gRPC collector URL for traces (http://host:4317); empty: no tracing"
+    )
+    trace_sample_ratio: float = setting(
+        1.0, "fraction of new traces sampled (0 to 1); a caller's sampled flag wins"
+    )
+    health_check_interval_s: float = setting(
+        10.0, "seconds between PostgreSQL and Redis health checks (metrics on)"
+    )
 
     @classmethod
     def names(cls) -> list[str]:

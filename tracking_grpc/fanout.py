@@ -16,6 +16,7 @@ import numpy as np
 
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import in_box, in_circle
+from tracking_grpc.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Watcher:
         rows = np.flatnonzero(self.filter.mask(batch))
         if rows.size == 0:
             return
+        coalesced = self.coalesced
         devices = batch.device[rows].tolist()
         times = batch.time_ms[rows].tolist()
         seqs = batch.seq[rows].tolist()
@@ -65,6 +67,7 @@ class Watcher:
                     continue
                 self.coalesced += 1
             self._pending[device] = (t, s, batch, row)
+        metrics.watch_updates("coalesced", self.coalesced - coalesced)
         self._ready.set()
 
     async def next_updates(self) -> FixBatch:
@@ -79,7 +82,9 @@ class Watcher:
                     continue
                 self._sent_time[device] = (t, s)
                 fresh.append((t, s, batch, row))
+            metrics.watch_updates("stale", len(pending) - len(fresh))
             if fresh:
+                metrics.watch_updates("sent", len(fresh))
                 fresh.sort(key=lambda item: (item[0], item[1]))
                 return FixBatch.concat(
                     [batch.take(np.array([row])) for _, _, batch, row in fresh]
@@ -105,10 +110,12 @@ class WatchHub:
 
     def add(self, watcher: Watcher) -> None:
         self._watchers.setdefault(watcher.tenant, set()).add(watcher)
+        metrics.watcher_opened()
 
     def remove(self, watcher: Watcher) -> None:
         watchers = self._watchers.get(watcher.tenant)
-        if watchers is not None:
+        if watchers is not None and watcher in watchers:
+            metrics.watcher_closed()
             watchers.discard(watcher)
             if not watchers:
                 del self._watchers[watcher.tenant]

@@ -26,6 +26,7 @@ from tracking_grpc.core import validation
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import StorageUnavailable
 from tracking_grpc.events import EventBus, FixProcessor
+from tracking_grpc.observability import metrics, tracing
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class IngestResult:
 class _Pending:
     batch: FixBatch
     done: asyncio.Future[np.ndarray]
+    span: tracing.SpanContext = tracing.INVALID_CONTEXT  # the submitter's, for links
 
 
 class IngestPipeline:
@@ -88,6 +90,7 @@ class IngestPipeline:
             max_age_ms=int(settings.max_fix_age_s * 1000),
         )
         self.processors: list[FixProcessor] = []
+        self.backend = metrics.backend_name(history)
         self.storage_healthy = True
         self._queue: list[_Pending] = []
         self._queued_fixes = 0
@@ -95,6 +98,11 @@ class IngestPipeline:
         self._space = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
+        # Bounded: when processors fall behind, commits wait (back-pressure).
+        self._processing: asyncio.Queue[tuple[FixBatch, tracing.SpanContext] | None] = (
+            asyncio.Queue(256)
+        )
+        self._processor_task: asyncio.Task[None] | None = None
         self._closing = False
 
     def add_processor(self, processor: FixProcessor) -> None:
@@ -104,6 +112,9 @@ class IngestPipeline:
         if self._task is None:
             self._task = asyncio.create_task(self._flush_loop(), name="group-commit")
             self._ticker = asyncio.create_task(self._tick_loop(), name="processor-tick")
+            self._processor_task = asyncio.create_task(
+                self._process_loop(), name="processors"
+            )
 
     async def _tick_loop(self, interval_s: float = 1.0) -> None:
         """Give processors with a ``tick(now_ms)`` (timeouts: offline, dwell) a turn."""
@@ -122,13 +133,17 @@ class IngestPipeline:
 
     async def ingest(self, batch: FixBatch) -> IngestResult:
         """Validate and durably store a batch; returns once stored (or raises)."""
+        started_s = time.perf_counter()
         received = now_ms()
         batch = batch.with_received(received)
         reasons = validation.reasons(batch, received, self.limits)
+        metrics.fixes_validated(reasons)
         valid = reasons == 0
         new = np.zeros(len(batch), dtype=bool)
         if valid.any():
-            new[valid] = await self._submit(batch.take(valid))
+            with tracing.span("ingest", fixes=len(batch)):
+                new[valid] = await self._submit(batch.take(valid))
+        metrics.fixes_stored(valid, new, time.perf_counter() - started_s)
         return IngestResult(batch, reasons, new)
 
     async def _submit(self, batch: FixBatch) -> np.ndarray:
@@ -144,7 +159,7 @@ class IngestPipeline:
         if self._closing:
             raise StorageUnavailable("server is shutting down; nothing was stored")
         done: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(batch, done))
+        self._queue.append(_Pending(batch, done, tracing.current_context()))
         self._queued_fixes += len(batch)
         self._wakeup.set()
         return await done
@@ -178,7 +193,9 @@ class IngestPipeline:
         for item in items:
             by_tenant[item.batch.tenant].append(item)
         for tenant_items in by_tenant.values():
-            await self._commit(tenant_items)
+            links = [item.span for item in tenant_items]
+            with tracing.span("ingest.commit", links, backend=self.backend):
+                await self._commit(tenant_items)
         self._queued_fixes -= sum(len(i.batch) for i in items)
         async with self._space:
             self._space.notify_all()
@@ -188,7 +205,11 @@ class IngestPipeline:
         backoff = 0.05
         while True:
             try:
-                new = await self.history.store(batch)
+                with (
+                    tracing.span("storage.store", fixes=len(batch)),
+                    metrics.timed_flush(self.backend, len(batch)),
+                ):
+                    new = await self.history.store(batch)
                 break
             except StorageUnavailable as exc:
                 if self.storage_healthy:
@@ -213,7 +234,7 @@ class IngestPipeline:
         await self._after_commit(batch.take(new))
 
     async def _after_commit(self, stored: FixBatch) -> None:
-        """Live update, fan-out and processors for newly stored fixes."""
+        """Live update and fan-out now; processors in their own task, in order."""
         if len(stored) == 0:
             return
         try:
@@ -222,14 +243,24 @@ class IngestPipeline:
                 await self.broker.publish(moved)
         except Exception:
             log.exception("live update failed; history is intact")
-        ordered = stored.sorted_by_device_time()
-        for processor in self.processors:
-            try:
-                events = await processor.process(ordered)
-            except Exception:
-                log.exception("processor %s failed", processor.name)
-                continue
-            await self.bus.emit(events)
+        if self.processors:
+            commit = tracing.current_context()
+            await self._processing.put((stored.sorted_by_device_time(), commit))
+
+    async def _process_loop(self) -> None:
+        """Runs processors on stored fixes, commit by commit, off the commit path."""
+        while (item := await self._processing.get()) is not None:
+            stored, commit = item
+            for processor in self.processors:
+                try:
+                    with tracing.span(
+                        f"process.{processor.name}", [commit], fixes=len(stored)
+                    ):
+                        events = await processor.process(stored)
+                except Exception:
+                    log.exception("processor %s failed", processor.name)
+                    continue
+                await self.bus.emit(events)
 
     async def close(self) -> None:
         """Store what is queued (acks for it may no longer reach anyone), then stop."""
@@ -242,3 +273,7 @@ class IngestPipeline:
         if self._task is not None:
             await self._task
             self._task = None
+        if self._processor_task is not None:
+            await self._processing.put(None)
+            await self._processor_task
+            self._processor_task = None

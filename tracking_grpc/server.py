@@ -14,14 +14,15 @@ from grpc_reflection.v1alpha import reflection
 from tracking_grpc.app import App, open_app
 from tracking_grpc.config import Settings
 from tracking_grpc.interceptors import ErrorInterceptor
-from tracking_grpc.servicers import track
+from tracking_grpc.observability import Telemetry
+from tracking_grpc.servicers import history, route, track
 
 log = logging.getLogger(__name__)
 
 Register = Callable[[grpc.aio.Server, App], str]
 
 # Each entry adds one service to the server and returns its full name.
-SERVICES: list[Register] = [track.register]
+SERVICES: list[Register] = [track.register, history.register, route.register]
 
 SHUTDOWN_GRACE_S = 5.0
 
@@ -44,25 +45,32 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
 class TrackingServer:
     """A running server and its application; ``stop`` drains and flushes."""
 
-    def __init__(self, app: App, server: grpc.aio.Server, port: int) -> None:
+    def __init__(
+        self, app: App, server: grpc.aio.Server, port: int, telemetry: Telemetry
+    ) -> None:
         self.app = app
         self.server = server
         self.port = port
+        self.telemetry = telemetry
         self.health = health.aio.HealthServicer()
         self.service_names: list[str] = []
         self._stopped = False
 
     @classmethod
-    async def start(cls, settings: Settings) -> TrackingServer:
+    async def start(
+        cls, settings: Settings, telemetry: Telemetry | None = None
+    ) -> TrackingServer:
+        telemetry = telemetry or Telemetry(settings)
         app = await open_app(settings)
         try:
             server = grpc.aio.server(
-                interceptors=[ErrorInterceptor()], options=server_options(settings)
+                interceptors=[*telemetry.interceptors(), ErrorInterceptor()],
+                options=server_options(settings),
             )
             port = server.add_insecure_port(settings.listen)
             if port == 0:
                 raise OSError(f"cannot listen on {settings.listen}")
-            running = cls(app, server, port)
+            running = cls(app, server, port, telemetry)
             running.service_names = [register(server, app) for register in SERVICES]
             health_pb2_grpc.add_HealthServicer_to_server(running.health, server)
             reflection.enable_server_reflection(
@@ -70,8 +78,10 @@ class TrackingServer:
                 server,
             )
             await server.start()
+            await telemetry.start()
         except BaseException:
             await app.close()
+            await telemetry.stop()
             raise
         await running.set_serving(True)
         log.info("listening on %s (port %d)", settings.listen, port)
@@ -83,8 +93,10 @@ class TrackingServer:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
-            await self.health.set(name, status)
+            ready = name not in self.app.not_ready
+            await self.health.set(name, status if ready else not_serving)
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """Stop accepting calls, let open calls finish for ``grace_s``, flush writes."""
@@ -94,6 +106,7 @@ class TrackingServer:
         await self.set_serving(False)
         await self.server.stop(grace_s)
         await self.app.close()
+        await self.telemetry.stop()
         log.info("stopped")
 
 

@@ -1,0 +1,95 @@
+"""Log lines: JSON with a fixed set of fields, trace ids inside spans, no secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from tracking_grpc.config import Settings
+from tracking_grpc.observability import logs, tracing
+
+log = logging.getLogger("tracking_grpc.tests.logs")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def json_lines():
+    stream = io.StringIO()
+    settings = Settings(log_format="json", jwt_hs256_secret="hunter2-signing-key")
+    handler = logs.configure(settings, stream)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
+    logging.getLogger().removeHandler(handler)
+    tracing.shutdown()
+
+
+def test_json_line_has_exactly_the_fixed_fields(json_lines):
+    with logs.fields(device="bus-14", tenant="t1"):
+        log.info("stored %d fixes", 3, extra={"latency_ms": 1.5})
+    (line,) = json_lines()
+    assert tuple(line) == logs.FIELDS
+    assert line["message"] == "stored 3 fixes"
+    assert (line["device"], line["tenant"], line["latency_ms"]) == ("bus-14", "t1", 1.5)
+    assert line["trace_id"] is None
+
+
+def test_line_written_inside_a_span_carries_its_ids(json_lines):
+    exporter = InMemorySpanExporter()
+    tracing.configure(Settings(), exporter=exporter)
+    with tracing.span("storage.flush"):
+        log.warning("flush slow")
+    (line,) = json_lines()
+    (span,) = exporter.get_finished_spans()
+    assert line["trace_id"] == format(span.context.trace_id, "032x")
+    assert line["span_id"] == format(span.context.span_id, "016x")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param("authorization: Bearer abc.def.ghi", id="bearer-header"),
+        pytest.param("token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln", id="bare-jwt"),
+        pytest.param("connect postgresql://app:s3cret@db/tracking", id="url-password"),
+        pytest.param("secret is hunter2-signing-key", id="configured-secret"),
+        pytest.param("password=s3cret&x=1", id="password-pair"),
+    ],
+)
+def test_secrets_never_reach_the_log(json_lines, message):
+    log.error(message)
+    (line,) = json_lines()
+    for secret in ("abc.def.ghi", "eyJhbGciOiJIUzI1NiJ9", "s3cret", "hunter2"):
+        assert secret not in line["message"]
+    assert logs.REDACTED in line["message"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "stream", "expected"),
+    [
+        pytest.param("auto", Terminal(), "text", id="auto-on-terminal"),
+        pytest.param("auto", io.StringIO(), "json", id="auto-in-a-pipe"),
+        pytest.param("text", io.StringIO(), "text", id="text-forced"),
+        pytest.param("json", Terminal(), "json", id="json-forced"),
+    ],
+)
+def test_format_follows_the_setting_and_the_terminal(setting, stream, expected):
+    assert logs.choose_format(setting, stream) == expected
+
+
+def test_text_lines_are_readable():
+    stream = Terminal()
+    handler = logs.configure(Settings(log_format="auto"), stream)
+    try:
+        with logs.fields(rpc="/tracking.v1.TrackSession/Track"):
+            log.warning("device %s resumed", "bus-14")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    text = stream.getvalue()
+    assert "WARNING" in text and "device bus-14 resumed" in text
+    assert "rpc=/tracking.v1.TrackSession/Track" in text

@@ -1,0 +1,82 @@
+"""Metric recording: off by default, counts when on, sums over worker processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from prometheus_client import CollectorRegistry, multiprocess
+
+from tracking_grpc.events import EventType
+from tracking_grpc.observability import metrics
+
+
+@pytest.fixture
+def registry():
+    yield metrics.enable()
+    metrics.disable()
+
+
+def test_recording_while_off_changes_nothing():
+    metrics.disable()
+    metrics.fixes_received(5)
+    metrics.fixes_rejected_codes([1, 1])
+    assert not metrics.enabled()
+
+
+def test_fix_counters_add_up(registry):
+    metrics.fixes_received(10)
+    metrics.fixes_accepted(7)
+    metrics.fixes_deduplicated(2)
+    metrics.fixes_rejected_codes([5, 5, 1])
+    value = registry.get_sample_value
+    assert value("tracking_fixes_received_total") == 10
+    assert value("tracking_fixes_accepted_total") == 7
+    assert value("tracking_fixes_deduplicated_total") == 2
+    assert value("tracking_fixes_rejected_total", {"reason": "future_time"}) == 2
+    assert (
+        value("tracking_fixes_rejected_total", {"reason": "latitude_out_of_range"}) == 1
+    )
+
+
+def test_events_are_counted_by_type(registry):
+    metrics.events_emitted([EventType.ENTER, EventType.ENTER, EventType.EXIT])
+    value = registry.get_sample_value
+    assert value("tracking_events_total", {"type": "enter"}) == 2
+    assert value("tracking_events_total", {"type": "exit"}) == 1
+
+
+def test_a_failed_flush_is_counted_and_not_timed(registry):
+    with pytest.raises(OSError), metrics.timed_flush("sqlite", 40):
+        raise OSError("disk full")
+    with metrics.timed_flush("sqlite", 60):
+        pass
+    value = registry.get_sample_value
+    assert value("tracking_storage_flush_failures_total", {"backend": "sqlite"}) == 1
+    assert value("tracking_storage_batch_fixes_sum", {"backend": "sqlite"}) == 60
+
+
+WORKER = """
+from tracking_grpc.observability import metrics
+metrics.enable()
+metrics.fixes_received({n})
+metrics.stream_opened("/tracking.v1.TrackSession/Track")
+"""
+
+
+def test_worker_processes_are_summed(tmp_path, monkeypatch):
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
+    for n in (3, 4):
+        subprocess.run([sys.executable, "-c", WORKER.format(n=n)], check=True)
+    first_pid = min(_pids(tmp_path, "gauge_livesum"))
+    metrics.worker_exited(first_pid)
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    track = {"method": "/tracking.v1.TrackSession/Track"}
+    assert registry.get_sample_value("tracking_fixes_received_total") == 7
+    assert registry.get_sample_value("tracking_streams_open", track) == 1
+
+
+def _pids(path, kind: str) -> set[int]:
+    return {int(p.stem.rsplit("_", 1)[1]) for p in path.glob(f"{kind}_*.db")}
