@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -25,6 +26,7 @@ Register = Callable[[grpc.aio.Server, App], str]
 SERVICES: list[Register] = [track.register, history.register, route.register]
 
 SHUTDOWN_GRACE_S = 5.0
+GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (default 700)
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -110,9 +112,22 @@ class TrackingServer:
         log.info("stopped")
 
 
+def tune_gc() -> None:
+    """Collect garbage less often: a server holds millions of long-lived objects.
+
+    Python's default young-generation threshold (700 allocations) triggers several
+    collections per hundred fixes, and full collections walk every object of every
+    open stream. Freezing what start-up built and raising the thresholds cut the
+    server's CPU per fix from 533 to 324 µs at 10k streams (bench/README.md).
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
+
+
 async def serve(settings: Settings) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
     running = await TrackingServer.start(settings)
+    tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -7,6 +7,7 @@ milliseconds (open loop): a slow server delays the ack, never the next send.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 
@@ -74,6 +75,7 @@ class DriverResult:
     counts: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     error_details: dict[str, str] = field(default_factory=dict)  # first of each
+    started_s: float = field(default_factory=time.time)
     streams_open_max: int = 0
     # per device: (device id, fixes generated, highest seq acked)
     generated: list[tuple[str, int, int]] = field(default_factory=list)
@@ -85,5 +87,6 @@ class DriverResult:
 
     def error(self, name: str, n: int = 1, detail: str = "") -> None:
         self.errors[name] = self.errors.get(name, 0) + n
-        if detail:
-            self.error_details.setdefault(name, detail)
+        if name not in self.error_details:
+            at = time.time() - self.started_s
+            self.error_details[name] = f"first at {at:.1f} s of the run: {detail}"
