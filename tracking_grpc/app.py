@@ -15,6 +15,7 @@ from tracking_grpc.fanout import WatchHub
 from tracking_grpc.ingest import IngestPipeline
 from tracking_grpc.storage import factory
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
+from tracking_grpc.storage.live_repair import LiveRepairer
 
 log = logging.getLogger(__name__)
 
@@ -72,4 +73,11 @@ async def open_app(settings: Settings) -> App:
     activity = ActivityProcessor(ActivityConfig.from_file(settings.activity_config))
     pipeline.add_processor(activity)
     pipeline.start()
-    return App(settings, history, live, broker, bus, auth, pipeline, hub, activity)
+    closers = []
+    if hasattr(live, "needs_rebuild"):  # shared live state that can lose updates
+        repairer = LiveRepairer(history, live)
+        repairer.start()
+        closers.append(repairer.stop)
+    return App(
+        settings, history, live, broker, bus, auth, pipeline, hub, activity, closers
+    )

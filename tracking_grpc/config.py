@@ -37,6 +37,13 @@ class Settings:
     redis_url: str = setting(
         "", "Redis URL (redis://...); empty keeps live state in the process"
     )
+    redis_key_prefix: str = setting(
+        "trk:", "prefix of every Redis key and channel (several deployments, one Redis)"
+    )
+    database_pool_size: int = setting(8, "PostgreSQL connections per server process")
+    database_timeout_s: float = setting(
+        5.0, "longest wait for a PostgreSQL connection before a store fails (retried)"
+    )
     workers: int = setting(1, "server processes sharing the port (SO_REUSEPORT)")
     max_future_skew_s: float = setting(
         600.0, "reject fixes stamped more than this many seconds after receipt"
@@ -63,6 +70,10 @@ class Settings:
     default_tenant: str = setting("default", "tenant of every call when auth is off")
     max_concurrent_streams: int = setting(
         20_000, "pending RPC backlog the gRPC server accepts (streams opening at once)"
+    )
+    geofence_stream: str = setting(
+        "trk:geofence-events",
+        "Redis Stream that geofence events are appended to (when redis_url is set)",
     )
     routing_data_dir: str = setting(
         "",
