@@ -44,4 +44,4 @@ def field_cases() -> dict[str, dict]:
     return {case["id"]: case for case in data["cases"]}
 
 
-pytest_plugins = ["tests.server_fixtures"]
+pytest_plugins = ["tests.server_fixtures", "tests.backends"]

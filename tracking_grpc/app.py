@@ -6,6 +6,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from tracking_grpc.activity.params import ActivityConfig
+from tracking_grpc.activity.processor import ActivityProcessor
 from tracking_grpc.auth import Authenticator
 from tracking_grpc.config import Settings
 from tracking_grpc.events import EventBus
@@ -13,6 +15,7 @@ from tracking_grpc.fanout import WatchHub
 from tracking_grpc.ingest import IngestPipeline
 from tracking_grpc.storage import factory
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
+from tracking_grpc.storage.live_repair import LiveRepairer
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,11 @@ class App:
     auth: Authenticator
     pipeline: IngestPipeline
     hub: WatchHub
+    activity: ActivityProcessor
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Services registered but unable to serve (Route without a routing dataset):
+    # health reports them NOT_SERVING while the rest of the server serves.
+    not_ready: set[str] = field(default_factory=set)
 
     async def close(self) -> None:
         """Flush the pipeline, then close what was opened, newest first."""
@@ -63,5 +70,14 @@ async def open_app(settings: Settings) -> App:
     hub = WatchHub()
     await broker.subscribe(hub.deliver)
     pipeline = IngestPipeline(settings, history, live, broker, bus)
+    activity = ActivityProcessor(ActivityConfig.from_file(settings.activity_config))
+    pipeline.add_processor(activity)
     pipeline.start()
-    return App(settings, history, live, broker, bus, auth, pipeline, hub)
+    closers = []
+    if hasattr(live, "needs_rebuild"):  # shared live state that can lose updates
+        repairer = LiveRepairer(history, live)
+        repairer.start()
+        closers.append(repairer.stop)
+    return App(
+        settings, history, live, broker, bus, auth, pipeline, hub, activity, closers
+    )

@@ -33,14 +33,99 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_workers(args: argparse.Namespace) -> int | None:
+    """With ``--workers`` above 1, fork the workers before any event loop exists."""
+    settings = config.load(args)
+    if settings.workers <= 1:
+        return None
+    from tracking_grpc import workers
+
+    setup_logging(settings)
+    return workers.supervise(settings)
+
+
 def add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="run the gRPC server")
     config.add_arguments(parser)
-    parser.set_defaults(command=_serve)
+    parser.set_defaults(command=_serve, before_loop=_serve_workers)
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    from tracking_grpc.errors import FailedPrecondition
+    from tracking_grpc.storage import schema
+
+    settings = config.load(args)
+    setup_logging(settings)
+    if not settings.database_url:
+        raise FailedPrecondition(
+            "migrate needs a PostgreSQL database: set --database-url or "
+            "TRACKING_DATABASE_URL (the embedded store needs no migrations)"
+        )
+    applied = await schema.migrate(settings.database_url)
+    latest = schema.available()[-1].version
+    if applied:
+        print(f"applied migrations {applied}; the schema is at version {latest}")
+    else:
+        print(f"nothing to apply; the schema is at version {latest}")
+    return 0
+
+
+def add_migrate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "migrate", help="create or upgrade the PostgreSQL schema (run before serve)"
+    )
+    config.add_arguments(parser)
+    parser.set_defaults(command=_migrate)
+
+
+async def _prepare_routing(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tracking_grpc.routing import datasets
+
+    settings = config.load(args)
+    setup_logging(settings)
+    data_dir = settings.routing_data_dir
+    if not data_dir:
+        print("tracking: set --routing-data-dir (where to write)", file=sys.stderr)
+        return 2
+    prepared = datasets.prepare(
+        Path(args.pbf),
+        Path(data_dir),
+        datasets.parse_profiles(args.profiles),
+        small_component_size=args.small_component_size,
+    )
+    for dataset in prepared:
+        print(f"{dataset.profile}: {dataset.base_path}")
+    return 0
+
+
+def add_prepare_routing(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "prepare-routing",
+        help="build routing datasets (OSRM MLD) from an OpenStreetMap .osm.pbf",
+    )
+    parser.add_argument("--pbf", required=True, help="OpenStreetMap extract (.osm.pbf)")
+    parser.add_argument(
+        "--profiles", default="car,bicycle,foot", help="comma-separated profiles"
+    )
+    parser.add_argument(
+        "--small-component-size",
+        type=int,
+        default=1000,
+        help="nodes below which a road network piece is not snapped to when a "
+        "bigger one is near (lower it to ~50 for small city-centre extracts)",
+    )
+    config.add_arguments(parser)
+    parser.set_defaults(command=_prepare_routing)
 
 
 # Each entry adds one subcommand; its parser sets `command` to an async function.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_serve]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_serve,
+    add_migrate,
+    add_prepare_routing,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        before_loop = getattr(args, "before_loop", None)
+        handled = before_loop(args) if before_loop is not None else None
+        if handled is not None:
+            return handled
         return uvloop.run(args.command(args)) or 0
     except KeyboardInterrupt:
         return 130

@@ -37,6 +37,13 @@ class Settings:
     redis_url: str = setting(
         "", "Redis URL (redis://...); empty keeps live state in the process"
     )
+    redis_key_prefix: str = setting(
+        "trk:", "prefix of every Redis key and channel (several deployments, one Redis)"
+    )
+    database_pool_size: int = setting(8, "PostgreSQL connections per server process")
+    database_timeout_s: float = setting(
+        5.0, "longest wait for a PostgreSQL connection before a store fails (retried)"
+    )
     workers: int = setting(1, "server processes sharing the port (SO_REUSEPORT)")
     max_future_skew_s: float = setting(
         600.0, "reject fixes stamped more than this many seconds after receipt"
@@ -63,6 +70,36 @@ class Settings:
     default_tenant: str = setting("default", "tenant of every call when auth is off")
     max_concurrent_streams: int = setting(
         20_000, "pending RPC backlog the gRPC server accepts (streams opening at once)"
+    )
+    geofence_stream: str = setting(
+        "trk:geofence-events",
+        "Redis Stream that geofence events are appended to (when redis_url is set)",
+    )
+    routing_data_dir: str = setting(
+        "",
+        "directory of routing datasets made by `tracking prepare-routing`; empty "
+        "disables the Route service (it answers FAILED_PRECONDITION)",
+    )
+    routing_max_snap_m: float = setting(
+        500.0, "refuse route points further than this from any road, metres"
+    )
+    route_off_route_m: float = setting(
+        50.0, "a fix this far from its route beyond its accuracy counts as off route"
+    )
+    route_off_route_fixes: int = setting(
+        3, "consecutive off-route fixes before OFF_ROUTE is raised"
+    )
+    route_back_on_route_fixes: int = setting(
+        2, "consecutive on-route fixes before BACK_ON_ROUTE is raised"
+    )
+    route_arrival_radius_m: float = setting(
+        40.0, "ARRIVED is raised within this distance of the route's destination"
+    )
+    route_eta_change_s: float = setting(
+        60.0, "ETA_UPDATED is raised when the ETA moves by more than this, seconds"
+    )
+    activity_config: str = setting(
+        "", "TOML file of activity rules per tenant and device (docs/activity.md)"
     )
     log_format: str = setting("auto", "auto, text or json")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")

@@ -42,6 +42,22 @@ class EventType(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class ActivityDetail:
+    """Values of an activity event (``tracking.v1.ActivityDetail``); 0 when unset."""
+
+    motion: int = 0  # tracking_grpc.activity.motion.Motion
+    previous_motion: int = 0
+    distance_m: float = 0.0
+    duration_s: float = 0.0
+    speed_mps: float = 0.0
+    avg_speed_mps: float = 0.0
+    max_speed_mps: float = 0.0
+    speed_limit_mps: float = 0.0
+    since_ms: int = 0
+    odometer_m: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
 class TrackingEvent:
     """One event about one device."""
 
@@ -57,6 +73,7 @@ class TrackingEvent:
     fence_id: str = ""
     route_id: str = ""
     attributes: dict[str, str] = field(default_factory=dict)
+    activity: ActivityDetail | None = None
 
 
 def event_id(

@@ -24,7 +24,7 @@ import numpy as np
 from tracking_grpc.config import Settings
 from tracking_grpc.core import validation
 from tracking_grpc.core.fixes import FixBatch
-from tracking_grpc.errors import StorageUnavailable
+from tracking_grpc.errors import StorageUnavailable, Unavailable
 from tracking_grpc.events import EventBus, FixProcessor
 from tracking_grpc.observability import metrics, tracing
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
@@ -241,6 +241,8 @@ class IngestPipeline:
             moved = await self.live.update(stored)
             if len(moved):
                 await self.broker.publish(moved)
+        except Unavailable as exc:  # rebuilt from history when it returns
+            log.warning("live update skipped; history is intact: %s", exc.message)
         except Exception:
             log.exception("live update failed; history is intact")
         if self.processors:

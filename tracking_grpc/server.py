@@ -13,18 +13,30 @@ from grpc_reflection.v1alpha import reflection
 
 from tracking_grpc.app import App, open_app
 from tracking_grpc.config import Settings
+from tracking_grpc.errors import Unavailable
 from tracking_grpc.interceptors import ErrorInterceptor
 from tracking_grpc.observability import Telemetry
-from tracking_grpc.servicers import track
+from tracking_grpc.servicers import geofence, history, route, track
 
 log = logging.getLogger(__name__)
 
 Register = Callable[[grpc.aio.Server, App], str]
 
 # Each entry adds one service to the server and returns its full name.
-SERVICES: list[Register] = [track.register]
+SERVICES: list[Register] = [
+    track.register,
+    history.register,
+    route.register,
+    geofence.register,
+]
 
 SHUTDOWN_GRACE_S = 5.0
+DEPENDENCY_CHECK_S = 1.0
+CHECK_TIMEOUT_S = 3.0
+# Health service names of the dependencies; "" and the services follow history,
+# the one dependency without which a process cannot serve (it could ack nothing).
+HISTORY_HEALTH = "tracking.dependency.history"
+LIVE_HEALTH = "tracking.dependency.live"
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -54,7 +66,9 @@ class TrackingServer:
         self.telemetry = telemetry
         self.health = health.aio.HealthServicer()
         self.service_names: list[str] = []
+        self.dependencies_up = {HISTORY_HEALTH: True, LIVE_HEALTH: True}
         self._stopped = False
+        self._dependency_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(
@@ -84,6 +98,9 @@ class TrackingServer:
             await telemetry.stop()
             raise
         await running.set_serving(True)
+        running._dependency_task = asyncio.create_task(
+            running._watch_dependencies(), name="dependency-health"
+        )
         log.info("listening on %s (port %d)", settings.listen, port)
         return running
 
@@ -93,14 +110,38 @@ class TrackingServer:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.service_names]:
-            await self.health.set(name, status)
+            ready = name not in self.app.not_ready
+            await self.health.set(name, status if ready else not_serving)
+        for name, up in self.dependencies_up.items():
+            await self.health.set(name, status if up else not_serving)
+
+    async def check_dependencies(self) -> dict[str, bool]:
+        """Probe history and live state once and publish the result in health."""
+        probes = {HISTORY_HEALTH: self.app.history, LIVE_HEALTH: self.app.live}
+        for name, store in probes.items():
+            up = await _answers(store)
+            if up != self.dependencies_up[name]:
+                log.warning("%s is %s", name, "back" if up else "NOT serving")
+            self.dependencies_up[name] = up
+        if not self._stopped:
+            await self.set_serving(self.dependencies_up[HISTORY_HEALTH])
+        return dict(self.dependencies_up)
+
+    async def _watch_dependencies(self) -> None:
+        while True:
+            await asyncio.sleep(DEPENDENCY_CHECK_S)
+            await self.check_dependencies()
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """Stop accepting calls, let open calls finish for ``grace_s``, flush writes."""
         if self._stopped:
             return
         self._stopped = True
+        if self._dependency_task is not None:
+            self._dependency_task.cancel()
+            await asyncio.gather(self._dependency_task, return_exceptions=True)
         await self.set_serving(False)
         await self.server.stop(grace_s)
         await self.app.close()
@@ -108,9 +149,19 @@ class TrackingServer:
         log.info("stopped")
 
 
-async def serve(settings: Settings) -> None:
+async def _answers(store: object) -> bool:
+    """Whether a store's ``ping`` succeeds within the check timeout."""
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT_S):
+            await store.ping()  # type: ignore[attr-defined]
+    except (Unavailable, TimeoutError):
+        return False
+    return True
+
+
+async def serve(settings: Settings, telemetry: Telemetry | None = None) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
-    running = await TrackingServer.start(settings)
+    running = await TrackingServer.start(settings, telemetry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict
 
 import grpc
 import numpy as np
@@ -42,6 +43,11 @@ def event_message(event: TrackingEvent) -> event_pb2.Event:
         attributes=event.attributes,
         fence_id=event.fence_id,
         route_id=event.route_id,
+        activity=(
+            event_pb2.ActivityDetail(**asdict(event.activity))
+            if event.activity is not None
+            else None
+        ),
     )
 
 

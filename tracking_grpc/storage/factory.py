@@ -17,7 +17,12 @@ async def open_history(settings: Settings) -> HistoryStore:
     if settings.database_url:
         from tracking_grpc.storage.postgres import PostgresHistoryStore
 
-        return await PostgresHistoryStore.open(settings)
+        log.info("history: PostgreSQL")
+        return await PostgresHistoryStore.open(
+            settings.database_url,
+            max_connections=settings.database_pool_size,
+            pool_timeout_s=settings.database_timeout_s,
+        )
     path = Path(settings.data_dir) / "history.sqlite3"
     log.info("history: embedded SQLite at %s", path)
     return await SqliteHistoryStore.open(path, settings.sqlite_synchronous)
@@ -25,7 +30,16 @@ async def open_history(settings: Settings) -> HistoryStore:
 
 async def open_live(settings: Settings) -> tuple[LiveStore, Broker]:
     if settings.redis_url:
-        from tracking_grpc.storage.redis_live import open_redis_live
+        from tracking_grpc.storage.redis_broker import RedisBroker
+        from tracking_grpc.storage.redis_live import RedisLiveStore
 
-        return await open_redis_live(settings)
+        log.info("live state and fan-out: Redis")
+        prefix = settings.redis_key_prefix
+        live = await RedisLiveStore.open(settings.redis_url, prefix)
+        try:
+            broker = await RedisBroker.open(settings.redis_url, prefix)
+        except BaseException:
+            await live.close()
+            raise
+        return live, broker
     return MemoryLiveStore(), LocalBroker()

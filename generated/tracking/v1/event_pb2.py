@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tracking.v1 import common_pb2 as tracking_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tracking/v1/event.proto\x12\x0btracking.v1\x1a\x18tracking/v1/common.proto\"\xbe\x02\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12$\n\x04type\x18\x03 \x01(\x0e\x32\x16.tracking.v1.EventType\x12\x0f\n\x07time_ms\x18\x04 \x01(\x03\x12%\n\x08position\x18\x05 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12\x0f\n\x07\x66ix_seq\x18\x06 \x01(\x04\x12\x12\n\ncreated_ms\x18\x07 \x01(\x03\x12\x36\n\nattributes\x18\x08 \x03(\x0b\x32\".tracking.v1.Event.AttributesEntry\x12\x10\n\x08\x66\x65nce_id\x18\x14 \x01(\t\x12\x10\n\x08route_id\x18< \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xea\x03\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45VENT_TYPE_ENTER\x10\x01\x12\x13\n\x0f\x45VENT_TYPE_EXIT\x10\x02\x12\x14\n\x10\x45VENT_TYPE_DWELL\x10\x03\x12\x14\n\x10\x45VENT_TYPE_CROSS\x10\x04\x12\x1d\n\x19\x45VENT_TYPE_MOTION_CHANGED\x10\x14\x12\x1b\n\x17\x45VENT_TYPE_TRIP_STARTED\x10\x15\x12\x19\n\x15\x45VENT_TYPE_TRIP_ENDED\x10\x16\x12\x1b\n\x17\x45VENT_TYPE_STOP_STARTED\x10\x17\x12\x19\n\x15\x45VENT_TYPE_STOP_ENDED\x10\x18\x12\x15\n\x11\x45VENT_TYPE_ONLINE\x10\x19\x12\x16\n\x12\x45VENT_TYPE_OFFLINE\x10\x1a\x12 \n\x1c\x45VENT_TYPE_OVERSPEED_STARTED\x10\x1b\x12\x1e\n\x1a\x45VENT_TYPE_OVERSPEED_ENDED\x10\x1c\x12\x18\n\x14\x45VENT_TYPE_OFF_ROUTE\x10(\x12\x1c\n\x18\x45VENT_TYPE_BACK_ON_ROUTE\x10)\x12\x16\n\x12\x45VENT_TYPE_ARRIVED\x10*\x12\x1a\n\x16\x45VENT_TYPE_ETA_UPDATED\x10+b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tracking/v1/event.proto\x12\x0btracking.v1\x1a\x18tracking/v1/common.proto\"\x8b\x02\n\x0e\x41\x63tivityDetail\x12#\n\x06motion\x18\x01 \x01(\x0e\x32\x13.tracking.v1.Motion\x12,\n\x0fprevious_motion\x18\x02 \x01(\x0e\x32\x13.tracking.v1.Motion\x12\x12\n\ndistance_m\x18\x03 \x01(\x01\x12\x12\n\nduration_s\x18\x04 \x01(\x01\x12\x11\n\tspeed_mps\x18\x05 \x01(\x01\x12\x15\n\ravg_speed_mps\x18\x06 \x01(\x01\x12\x15\n\rmax_speed_mps\x18\x07 \x01(\x01\x12\x17\n\x0fspeed_limit_mps\x18\x08 \x01(\x01\x12\x10\n\x08since_ms\x18\t \x01(\x03\x12\x12\n\nodometer_m\x18\n \x01(\x01\"\xed\x02\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12$\n\x04type\x18\x03 \x01(\x0e\x32\x16.tracking.v1.EventType\x12\x0f\n\x07time_ms\x18\x04 \x01(\x03\x12%\n\x08position\x18\x05 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12\x0f\n\x07\x66ix_seq\x18\x06 \x01(\x04\x12\x12\n\ncreated_ms\x18\x07 \x01(\x03\x12\x36\n\nattributes\x18\x08 \x03(\x0b\x32\".tracking.v1.Event.AttributesEntry\x12\x10\n\x08\x66\x65nce_id\x18\x14 \x01(\t\x12-\n\x08\x61\x63tivity\x18( \x01(\x0b\x32\x1b.tracking.v1.ActivityDetail\x12\x10\n\x08route_id\x18< \x01(\t\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xea\x03\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45VENT_TYPE_ENTER\x10\x01\x12\x13\n\x0f\x45VENT_TYPE_EXIT\x10\x02\x12\x14\n\x10\x45VENT_TYPE_DWELL\x10\x03\x12\x14\n\x10\x45VENT_TYPE_CROSS\x10\x04\x12\x1d\n\x19\x45VENT_TYPE_MOTION_CHANGED\x10\x14\x12\x1b\n\x17\x45VENT_TYPE_TRIP_STARTED\x10\x15\x12\x19\n\x15\x45VENT_TYPE_TRIP_ENDED\x10\x16\x12\x1b\n\x17\x45VENT_TYPE_STOP_STARTED\x10\x17\x12\x19\n\x15\x45VENT_TYPE_STOP_ENDED\x10\x18\x12\x15\n\x11\x45VENT_TYPE_ONLINE\x10\x19\x12\x16\n\x12\x45VENT_TYPE_OFFLINE\x10\x1a\x12 \n\x1c\x45VENT_TYPE_OVERSPEED_STARTED\x10\x1b\x12\x1e\n\x1a\x45VENT_TYPE_OVERSPEED_ENDED\x10\x1c\x12\x18\n\x14\x45VENT_TYPE_OFF_ROUTE\x10(\x12\x1c\n\x18\x45VENT_TYPE_BACK_ON_ROUTE\x10)\x12\x16\n\x12\x45VENT_TYPE_ARRIVED\x10*\x12\x1a\n\x16\x45VENT_TYPE_ETA_UPDATED\x10+*p\n\x06Motion\x12\x16\n\x12MOTION_UNSPECIFIED\x10\x00\x12\x12\n\x0eMOTION_STOPPED\x10\x01\x12\x12\n\x0eMOTION_WALKING\x10\x02\x12\x12\n\x0eMOTION_CYCLING\x10\x03\x12\x12\n\x0eMOTION_DRIVING\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVENT_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_EVENT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_EVENTTYPE']._serialized_start=388
-  _globals['_EVENTTYPE']._serialized_end=878
-  _globals['_EVENT']._serialized_start=67
-  _globals['_EVENT']._serialized_end=385
-  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_start=336
-  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_end=385
+  _globals['_EVENTTYPE']._serialized_start=705
+  _globals['_EVENTTYPE']._serialized_end=1195
+  _globals['_MOTION']._serialized_start=1197
+  _globals['_MOTION']._serialized_end=1309
+  _globals['_ACTIVITYDETAIL']._serialized_start=67
+  _globals['_ACTIVITYDETAIL']._serialized_end=334
+  _globals['_EVENT']._serialized_start=337
+  _globals['_EVENT']._serialized_end=702
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_start=653
+  _globals['_EVENT_ATTRIBUTESENTRY']._serialized_end=702
 # @@protoc_insertion_point(module_scope)

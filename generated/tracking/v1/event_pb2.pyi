@@ -76,6 +76,85 @@ EVENT_TYPE_ARRIVED: EventType.ValueType  # 42
 EVENT_TYPE_ETA_UPDATED: EventType.ValueType  # 43
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
+class _Motion:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MotionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Motion.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MOTION_UNSPECIFIED: _Motion.ValueType  # 0
+    MOTION_STOPPED: _Motion.ValueType  # 1
+    MOTION_WALKING: _Motion.ValueType  # 2
+    MOTION_CYCLING: _Motion.ValueType  # 3
+    MOTION_DRIVING: _Motion.ValueType  # 4
+
+class Motion(_Motion, metaclass=_MotionEnumTypeWrapper):
+    """How a device moves, judged from its speed over the last minute and its stops."""
+
+MOTION_UNSPECIFIED: Motion.ValueType  # 0
+MOTION_STOPPED: Motion.ValueType  # 1
+MOTION_WALKING: Motion.ValueType  # 2
+MOTION_CYCLING: Motion.ValueType  # 3
+MOTION_DRIVING: Motion.ValueType  # 4
+Global___Motion: _TypeAlias = Motion  # noqa: Y015
+
+@_typing.final
+class ActivityDetail(_message.Message):
+    """Values carried by activity events; a value that does not apply to the event's type
+    is left at zero.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOTION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_MOTION_FIELD_NUMBER: _builtins.int
+    DISTANCE_M_FIELD_NUMBER: _builtins.int
+    DURATION_S_FIELD_NUMBER: _builtins.int
+    SPEED_MPS_FIELD_NUMBER: _builtins.int
+    AVG_SPEED_MPS_FIELD_NUMBER: _builtins.int
+    MAX_SPEED_MPS_FIELD_NUMBER: _builtins.int
+    SPEED_LIMIT_MPS_FIELD_NUMBER: _builtins.int
+    SINCE_MS_FIELD_NUMBER: _builtins.int
+    ODOMETER_M_FIELD_NUMBER: _builtins.int
+    motion: Global___Motion.ValueType
+    """MOTION_CHANGED: the new and the previous motion state."""
+    previous_motion: Global___Motion.ValueType
+    distance_m: _builtins.float
+    """TRIP_ENDED: trip length; TRIP_ENDED, STOP_ENDED, OVERSPEED_ENDED: how long it lasted."""
+    duration_s: _builtins.float
+    speed_mps: _builtins.float
+    """MOTION_CHANGED, OVERSPEED_STARTED: the speed at the fix."""
+    avg_speed_mps: _builtins.float
+    max_speed_mps: _builtins.float
+    """TRIP_ENDED, OVERSPEED_ENDED: the highest speed seen."""
+    speed_limit_mps: _builtins.float
+    """OVERSPEED_*: the device's limit."""
+    since_ms: _builtins.int
+    """When the trip, stop or overspeed began (milliseconds since the Unix epoch)."""
+    odometer_m: _builtins.float
+    """The device's odometer at the event, in metres (jitter and outliers excluded)."""
+    def __init__(
+        self,
+        *,
+        motion: Global___Motion.ValueType = ...,
+        previous_motion: Global___Motion.ValueType = ...,
+        distance_m: _builtins.float = ...,
+        duration_s: _builtins.float = ...,
+        speed_mps: _builtins.float = ...,
+        avg_speed_mps: _builtins.float = ...,
+        max_speed_mps: _builtins.float = ...,
+        speed_limit_mps: _builtins.float = ...,
+        since_ms: _builtins.int = ...,
+        odometer_m: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["avg_speed_mps", b"avg_speed_mps", "distance_m", b"distance_m", "duration_s", b"duration_s", "max_speed_mps", b"max_speed_mps", "motion", b"motion", "odometer_m", b"odometer_m", "previous_motion", b"previous_motion", "since_ms", b"since_ms", "speed_limit_mps", b"speed_limit_mps", "speed_mps", b"speed_mps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivityDetail: _TypeAlias = ActivityDetail  # noqa: Y015
+
 @_typing.final
 class Event(_message.Message):
     """An event raised by the service about one device."""
@@ -111,6 +190,7 @@ class Event(_message.Message):
     CREATED_MS_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     FENCE_ID_FIELD_NUMBER: _builtins.int
+    ACTIVITY_FIELD_NUMBER: _builtins.int
     ROUTE_ID_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Stable id: the same event evaluated twice gets the same id, for de-duplication."""
@@ -125,15 +205,16 @@ class Event(_message.Message):
     fence_id: _builtins.str
     """Geofence events (fields 20-39 are reserved for them)."""
     route_id: _builtins.str
-    """Activity events (fields 40-59).
-
-    Route events (fields 60-79).
-    """
+    """Route events (fields 60-79)."""
     @_builtins.property
     def position(self) -> _common_pb2.LatLng: ...
     @_builtins.property
     def attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Extra values by name (for example speed_mps, motion, eta_ms)."""
+
+    @_builtins.property
+    def activity(self) -> Global___ActivityDetail:
+        """Activity events (fields 40-59)."""
 
     def __init__(
         self,
@@ -147,11 +228,12 @@ class Event(_message.Message):
         created_ms: _builtins.int = ...,
         attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         fence_id: _builtins.str = ...,
+        activity: Global___ActivityDetail | None = ...,
         route_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "position", b"position"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "created_ms", b"created_ms", "device_id", b"device_id", "event_id", b"event_id", "fence_id", b"fence_id", "fix_seq", b"fix_seq", "position", b"position", "route_id", b"route_id", "time_ms", b"time_ms", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "attributes", b"attributes", "created_ms", b"created_ms", "device_id", b"device_id", "event_id", b"event_id", "fence_id", b"fence_id", "fix_seq", b"fix_seq", "position", b"position", "route_id", b"route_id", "time_ms", b"time_ms", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

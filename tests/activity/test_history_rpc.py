@@ -1,0 +1,358 @@
+"""The History service on a real server (port 0, embedded store)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import xml.etree.ElementTree as ET
+
+import grpc
+import numpy as np
+import pytest
+from tracking.v1 import common_pb2, event_pb2, history_pb2, history_pb2_grpc, track_pb2
+
+from tests.activity.helpers import case_batch, track
+from tests.server_fixtures import batch, hello
+from tracking_grpc.core.fixes import FixBatch
+
+DAY_MS = 86_400_000
+T0 = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
+
+
+def device_fixes(fixes: FixBatch) -> list[track_pb2.DeviceFixes]:
+    out = []
+    for device in np.unique(fixes.device.astype(str)):
+        part = fixes.take(fixes.device.astype(str) == device)
+        messages = [
+            common_pb2.Fix(
+                seq=int(s),
+                time_ms=int(t),
+                lat=float(la),
+                lon=float(lo),
+                **({"accuracy_m": float(a)} if a == a else {}),
+                **({"speed_mps": float(v)} if v == v else {}),
+            )
+            for s, t, la, lo, a, v in zip(
+                part.seq,
+                part.time_ms,
+                part.lat,
+                part.lon,
+                part.accuracy_m,
+                part.speed_mps,
+                strict=True,
+            )
+        ]
+        out.append(track_pb2.DeviceFixes(device_id=str(device), fixes=messages))
+    return out
+
+
+@pytest.fixture
+async def history(start_server):
+    server = await start_server(max_fix_age_s=0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        from tracking.v1 import track_pb2_grpc
+
+        yield (
+            history_pb2_grpc.HistoryStub(channel),
+            track_pb2_grpc.TrackSessionStub(channel),
+        )
+
+
+async def publish(track_stub, fixes: FixBatch) -> None:
+    response = await track_stub.PublishBatch(
+        track_pb2.PublishBatchRequest(devices=device_fixes(fixes))
+    )
+    assert not response.rejections
+
+
+def commute(device: str = "car", start_ms: int = T0) -> FixBatch:
+    """Park 10 min, drive 6 km east at 12 m/s, park 10 min (one fix per 5 s).
+
+    Simplified, the line keeps its first fix, the first fix at the far end, and
+    the last fix.
+    """
+    east = np.concatenate(
+        [np.zeros(120), np.arange(1, 101) * 60.0, np.full(120, 6000.0)]
+    )
+    return track(east, np.zeros(east.size), 5.0, device=device, start_ms=start_ms)
+
+
+async def test_list_trips_and_stops(history):
+    stub, track_stub = history
+    await publish(track_stub, commute())
+    request = dict(device_id="car", start_ms=T0, end_ms=T0 + DAY_MS)
+    trips = (await stub.ListTrips(history_pb2.ListTripsRequest(**request))).trips
+    stops = (await stub.ListStops(history_pb2.ListStopsRequest(**request))).stops
+    assert len(trips) == 1 and len(stops) == 2
+    assert trips[0].distance_m == pytest.approx(6000 * 1.0027, rel=0.01)
+    assert trips[0].max_speed_mps == pytest.approx(12.0, rel=0.05)
+    assert trips[0].start.time_ms == stops[0].end_ms
+
+
+@pytest.mark.parametrize(
+    ("kind", "tolerance_m", "count"),
+    [
+        pytest.param(history_pb2.TRACK_KIND_RAW, 0, 340, id="raw"),
+        pytest.param(history_pb2.TRACK_KIND_SMOOTHED, 0, 340, id="smoothed"),
+        pytest.param(history_pb2.TRACK_KIND_RAW, 5.0, 3, id="straight-line-simplified"),
+    ],
+)
+async def test_get_track_kinds_and_simplification(history, kind, tolerance_m, count):
+    stub, track_stub = history
+    await publish(track_stub, commute())
+    request = history_pb2.GetTrackRequest(
+        device_id="car",
+        start_ms=T0,
+        end_ms=T0 + DAY_MS,
+        kind=kind,
+        simplify_tolerance_m=tolerance_m,
+    )
+    positions = [p async for r in stub.GetTrack(request) for p in r.positions]
+    assert len(positions) == count
+    assert [p.time_ms for p in positions] == sorted(p.time_ms for p in positions)
+
+
+async def test_get_track_clips_to_a_circle(history):
+    stub, track_stub = history
+    await publish(track_stub, commute())
+    area = common_pb2.Area(
+        circle=common_pb2.Circle(
+            center=common_pb2.LatLng(lat=47.0, lon=8.0), radius_m=100
+        )
+    )
+    request = history_pb2.GetTrackRequest(
+        device_id="car", start_ms=T0, end_ms=T0 + DAY_MS, clip=area
+    )
+    positions = [p async for r in stub.GetTrack(request) for p in r.positions]
+    assert len(positions) == 120 + 1  # parked fixes and the first 60 m step
+
+
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        history_pb2.EXPORT_FORMAT_GPX,
+        history_pb2.EXPORT_FORMAT_GEOJSON,
+        history_pb2.EXPORT_FORMAT_CSV,
+    ],
+    ids=["gpx", "geojson", "csv"],
+)
+async def test_export_formats_parse_back(history, fmt):
+    stub, track_stub = history
+    await publish(track_stub, commute())
+    track_request = history_pb2.GetTrackRequest(
+        device_id="car", start_ms=T0, end_ms=T0 + DAY_MS
+    )
+    chunks = [
+        c
+        async for c in stub.ExportTrack(
+            history_pb2.ExportTrackRequest(track=track_request, format=fmt)
+        )
+    ]
+    text = b"".join(c.data for c in chunks).decode()
+    if fmt == history_pb2.EXPORT_FORMAT_GPX:
+        count = len(ET.fromstring(text).findall(".//{*}trkpt"))
+    elif fmt == history_pb2.EXPORT_FORMAT_GEOJSON:
+        count = len(json.loads(text)["features"]) - 1
+    else:
+        count = len(list(csv.DictReader(io.StringIO(text))))
+    assert count == 340 and chunks[0].content_type
+
+
+async def test_daily_summary_splits_a_trip_at_local_midnight(history):
+    stub, track_stub = history
+    # 2023-11-14 23:00 Europe/Zurich is 22:00 UTC: park, then drive over midnight.
+    start = 1_700_002_800_000 - 600_000 - 15 * 60_000
+    east = np.concatenate(
+        [np.zeros(120), np.arange(1, 361) * 50.0, np.full(120, 18000.0)]
+    )
+    fixes = track(east, np.zeros(east.size), 5.0, device="car", start_ms=start)
+    await publish(track_stub, fixes)
+    response = await stub.DailySummary(
+        history_pb2.DailySummaryRequest(
+            device_id="car",
+            start_ms=start,
+            end_ms=start + DAY_MS // 2,
+            time_zone="Europe/Zurich",
+        )
+    )
+    days = {d.date: d for d in response.days}
+    assert set(days) == {"2023-11-14", "2023-11-15"}
+    total = days["2023-11-14"].distance_m + days["2023-11-15"].distance_m
+    assert total == pytest.approx(18000 * 1.0027, rel=0.01)
+    assert min(days["2023-11-14"].distance_m, days["2023-11-15"].distance_m) > 1000
+    assert days["2023-11-14"].trip_count == days["2023-11-15"].trip_count == 1
+
+
+async def test_frequent_places_home_work_and_heatmap(history):
+    stub, track_stub = history
+    parts = []
+    for day in range(3):  # Mon 2023-11-13 ... : night at home, day at work
+        base = 1_699_830_000_000 + day * DAY_MS  # 2023-11-12 23:00 UTC
+        night = track(np.zeros(96), np.zeros(96), 300.0, device="p", start_ms=base)
+        ride_start = int(night.time_ms[-1]) + 300_000
+        ride = track(
+            np.arange(1, 61) * 50.0, np.zeros(60), 5.0, device="p", start_ms=ride_start
+        )
+        work = track(
+            np.full(96, 3000.0),
+            np.zeros(96),
+            300.0,
+            device="p",
+            start_ms=int(ride.time_ms[-1]) + 300_000,
+        )
+        back = track(
+            3000.0 - np.arange(1, 61) * 50.0,
+            np.zeros(60),
+            5.0,
+            device="p",
+            start_ms=int(work.time_ms[-1]) + 300_000,
+        )
+        parts += [night, ride, work, back]
+    fixes = FixBatch.concat(parts)
+    fixes = FixBatch.from_columns(
+        "t",
+        fixes.device,
+        np.arange(1, len(fixes) + 1),
+        fixes.time_ms,
+        fixes.lat,
+        fixes.lon,
+        accuracy_m=fixes.accuracy_m,
+    )
+    await publish(track_stub, fixes)
+    span = dict(
+        device_id="p", start_ms=1_699_830_000_000, end_ms=1_699_830_000_000 + 4 * DAY_MS
+    )
+    places = (
+        await stub.FrequentPlaces(history_pb2.FrequentPlacesRequest(**span))
+    ).places
+    assert len(places) == 2 and places[0].visit_count >= 3
+    roles = await stub.HomeWork(history_pb2.HomeWorkRequest(**span, time_zone="UTC"))
+    assert roles.home.place.center.lon == pytest.approx(8.0, abs=1e-4)
+    assert roles.work.place.center.lon > 8.03
+    heat = await stub.Heatmap(history_pb2.HeatmapRequest(**span, resolution=9))
+    assert sum(c.fix_count for c in heat.cells) == len(fixes)
+    assert heat.cells[0].fix_count >= 288
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        pytest.param(
+            history_pb2.ListTripsRequest(device_id="", end_ms=1),
+            "device_id",
+            id="no-device",
+        ),
+        pytest.param(
+            history_pb2.ListTripsRequest(device_id="d", start_ms=5, end_ms=5),
+            "end_ms",
+            id="empty-range",
+        ),
+        pytest.param(
+            history_pb2.ListTripsRequest(device_id="d", end_ms=400 * DAY_MS),
+            "end_ms",
+            id="over-366-days",
+        ),
+    ],
+)
+async def test_bad_ranges_name_the_field(history, request_, field):
+    stub, _ = history
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.ListTrips(request_)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in error.value.details()
+
+
+@pytest.mark.parametrize(
+    ("call", "request_", "field"),
+    [
+        pytest.param(
+            "DailySummary",
+            history_pb2.DailySummaryRequest(
+                device_id="d", end_ms=1, time_zone="Mars/Base"
+            ),
+            "time_zone",
+            id="bad-zone",
+        ),
+        pytest.param(
+            "Heatmap",
+            history_pb2.HeatmapRequest(device_id="d", end_ms=1, resolution=16),
+            "resolution",
+            id="bad-resolution",
+        ),
+        pytest.param(
+            "FrequentPlaces",
+            history_pb2.FrequentPlacesRequest(
+                device_id="d", end_ms=1, place_radius_m=-1
+            ),
+            "place_radius_m",
+            id="bad-radius",
+        ),
+    ],
+)
+async def test_bad_options_name_the_field(history, call, request_, field):
+    stub, _ = history
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await getattr(stub, call)(request_)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in error.value.details()
+
+
+async def test_get_track_rejects_bad_tolerance_and_clip(history):
+    stub, _ = history
+    for request_, field in [
+        (
+            history_pb2.GetTrackRequest(
+                device_id="d", end_ms=1, simplify_tolerance_m=-1
+            ),
+            "simplify_tolerance_m",
+        ),
+        (
+            history_pb2.GetTrackRequest(
+                device_id="d",
+                end_ms=1,
+                clip=common_pb2.Area(
+                    box=common_pb2.BoundingBox(south=10, north=5, west=0, east=1)
+                ),
+            ),
+            "clip.box",
+        ),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in stub.GetTrack(request_):
+                pass
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in error.value.details()
+
+
+async def test_get_activity_live_state_and_unknown_device(history):
+    stub, track_stub = history
+    await publish(track_stub, commute())
+    state = await stub.GetActivity(history_pb2.GetActivityRequest(device_id="car"))
+    assert state.online and state.in_stop and state.motion == event_pb2.MOTION_STOPPED
+    assert state.odometer_m == pytest.approx(6000 * 1.0027, rel=0.02)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.GetActivity(history_pb2.GetActivityRequest(device_id="nobody"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_device_stream_receives_trip_events(history, field_cases):
+    _, track_stub = history
+    case = field_cases["C21"]
+    fixes = case_batch(case)
+    call = track_stub.Track()
+    await call.write(hello("dev-A", want_events=True))
+    await call.read()
+    await call.write(batch(device_fixes(fixes)[0].fixes))
+    seen = []
+    while "TRIP_ENDED" not in seen:
+        response = await call.read()
+        if response.WhichOneof("message") == "event":
+            seen.append(
+                event_pb2.EventType.Name(response.event.type)[len("EVENT_TYPE_") :]
+            )
+            if seen[-1] == "TRIP_ENDED":
+                ended = response.event
+    await call.done_writing()
+    assert seen[:4] == ["ONLINE", "STOP_STARTED", "STOP_ENDED", "TRIP_STARTED"]
+    assert ended.activity.distance_m == pytest.approx(14_399.9, rel=0.01)

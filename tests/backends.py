@@ -1,0 +1,156 @@
+"""PostgreSQL/PostGIS and Redis for tests: a private database and key prefix each.
+
+The session gets one freshly created, migrated database (dropped at the end) cloned
+from a template; tests that need an empty database clone a blank one. Redis tests get
+a unique key prefix, and their keys are deleted afterwards. Missing services go
+through ``require_service``, so CI fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import redis
+
+from tests.conftest import require_service
+from tracking_grpc.storage import schema
+
+PG_ADMIN_URL = os.environ.get(
+    "TRACKING_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_TEST_URL = os.environ.get("TRACKING_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def database_url(name: str) -> str:
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    return f"{base}/{name}"
+
+
+def run_in_thread(call) -> None:
+    """Run ``call`` in a thread of its own (fixtures may sit inside a running loop)."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def admin_execute(statement: str) -> None:
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(statement)
+
+
+def create_database(name: str, template: str = "template1") -> str:
+    admin_execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    return database_url(name)
+
+
+def drop_database(name: str) -> None:
+    admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_session_prefix() -> Iterator[str]:
+    """A prefix for every database this session creates; all are dropped at the end."""
+    try:
+        admin_execute("SELECT 1")
+    except psycopg.OperationalError as exc:
+        require_service("PostgreSQL", f"{PG_ADMIN_URL}: {exc}")
+    prefix = f"trk_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    yield prefix
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        names = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", [prefix + "%"]
+        ).fetchall()
+        for (name,) in sorted(names, key=lambda row: "template" in row[0]):
+            if "template" in name:
+                conn.execute(f'ALTER DATABASE "{name}" IS_TEMPLATE false')
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_session_prefix: str) -> str:
+    """A migrated template database: clones of it are ready to use at once."""
+    name = f"{pg_session_prefix}_template"
+    url = create_database(name)
+    run_in_thread(lambda: asyncio.run(schema.migrate(url)))
+    admin_execute(f'ALTER DATABASE "{name}" IS_TEMPLATE true')
+    return name
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_session_prefix: str, pg_template: str) -> str:
+    """URL of the session's migrated database."""
+    return create_database(f"{pg_session_prefix}_main", template=pg_template)
+
+
+@pytest.fixture
+def pg_blank_url(pg_session_prefix: str) -> Iterator[str]:
+    """URL of a new database that has never been migrated (dropped after the test)."""
+    name = f"{pg_session_prefix}_{uuid.uuid4().hex[:8]}"
+    yield create_database(name)
+    drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    client = redis.Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        require_service("Redis", f"{REDIS_TEST_URL}: {exc}")
+    finally:
+        client.close()
+    return REDIS_TEST_URL
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test alone; its keys are deleted afterwards."""
+    prefix = f"trktest-{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def unique_tenant() -> str:
+    return f"tenant-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """A Redis Cluster of three masters on loopback ports; yields the node URLs."""
+    from tests.services import RedisServer, create_cluster
+
+    workdir = tmp_path_factory.mktemp("redis-cluster")
+    try:
+        nodes = [RedisServer(workdir, cluster=True) for _ in range(3)]
+    except FileNotFoundError as exc:
+        require_service("redis-server", str(exc))
+    try:
+        for node in nodes:
+            node.start()
+        create_cluster(nodes)
+        yield [node.url for node in nodes]
+    finally:
+        for node in nodes:
+            node.stop()

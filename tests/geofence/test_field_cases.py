@@ -1,0 +1,50 @@
+"""Geofence field cases (../shared/cases/field_cases.json) and their expected values."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.geofence.support import case_batch, case_fence, replay, summary
+from tracking_grpc.geofence.index import FenceIndex
+
+EVENT_CASES = ["C02", "C04", "C05", "C09", "C10"]
+
+
+def expected_events(case: dict) -> list[tuple[str, int]]:
+    return [(e["type"], e["seq"]) for e in case["expected"]["events"]]
+
+
+@pytest.mark.parametrize("case_id", EVENT_CASES)
+@pytest.mark.parametrize("one_by_one", [True, False], ids=["live", "buffered"])
+def test_case_events(field_cases, case_id: str, one_by_one: bool) -> None:
+    case = field_cases[case_id]
+    specs = [case_fence(f) for f in case["fences"]]
+    events = replay(specs, case_batch(case["fixes"]), one_by_one)
+    assert summary(events) == expected_events(case)
+
+
+@pytest.mark.parametrize("case_id", ["C02", "C04", "C05"])
+def test_case_inside_by_seq(field_cases, case_id: str) -> None:
+    case = field_cases[case_id]
+    index = FenceIndex.build([case_fence(f) for f in case["fences"]])
+    batch = case_batch(case["fixes"])
+    pts, _ = index.contains(batch.lon, batch.lat)
+    inside = {str(int(batch.seq[i])): i in set(pts.tolist()) for i in range(len(batch))}
+    assert inside == case["expected"]["inside_by_seq"]
+
+
+def test_c04_leg_distances_over_the_pole(field_cases) -> None:
+    from tracking_grpc.geofence.shapes import GEOD
+
+    case = field_cases["C04"]
+    batch = case_batch(case["fixes"])
+    _, _, legs = GEOD.inv(batch.lon[:-1], batch.lat[:-1], batch.lon[1:], batch.lat[1:])
+    expected = case["expected"]["leg_distances_m"]
+    assert legs == pytest.approx(expected, rel=0.005)
+
+
+def test_c09_edge_jitter_raises_one_enter_and_one_exit(field_cases) -> None:
+    case = field_cases["C09"]
+    events = replay([case_fence(case["fences"][0])], case_batch(case["fixes"]))
+    assert [e.type.name for e in events] == ["ENTER", "EXIT"]
+    assert events[1].attributes["inside_ms"] == str(180_000)

@@ -1,0 +1,224 @@
+"""Geofence RPCs against a real server on port 0 (embedded store)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from tracking.v1 import (
+    common_pb2,
+    event_pb2,
+    geofence_pb2,
+    geofence_pb2_grpc,
+    track_pb2_grpc,
+)
+
+from tests.server_fixtures import batch, fix, hello, now_ms
+
+SQUARE = {
+    "type": "Polygon",
+    "coordinates": [[[2, 48], [3, 48], [3, 49], [2, 49], [2, 48]]],
+}
+DEPOT = geofence_pb2.FenceShape(
+    circle=common_pb2.Circle(
+        center=common_pb2.LatLng(lat=52.52, lon=13.405), radius_m=100
+    )
+)
+
+
+@pytest.fixture
+def fences(channel) -> geofence_pb2_grpc.GeofenceStub:
+    return geofence_pb2_grpc.GeofenceStub(channel)
+
+
+def polygon(fence_id: str, geometry: dict = SQUARE, **extra) -> geofence_pb2.Fence:
+    shape = geofence_pb2.FenceShape(geojson=json.dumps(geometry))
+    return geofence_pb2.Fence(fence_id=fence_id, shape=shape, **extra)
+
+
+def violation(error: grpc.aio.AioRpcError) -> tuple[str, str]:
+    """The field and description of an INVALID_ARGUMENT's BadRequest detail."""
+    trailers = dict(error.trailing_metadata() or ())
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    detail = error_details_pb2.BadRequest()
+    status.details[0].Unpack(detail)
+    return detail.field_violations[0].field, detail.field_violations[0].description
+
+
+async def test_create_get_list_delete(fences) -> None:
+    created = await fences.CreateFence(
+        geofence_pb2.CreateFenceRequest(fence=polygon("a", labels=["x"]))
+    )
+    assert created.fence.version == 1
+    got = await fences.GetFence(geofence_pb2.GetFenceRequest(fence_id="a"))
+    assert got.fence == created.fence
+    listed = await fences.ListFences(geofence_pb2.ListFencesRequest(labels=["x"]))
+    assert [f.fence_id for f in listed.fences] == ["a"]
+    await fences.DeleteFence(geofence_pb2.DeleteFenceRequest(fence_id="a"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fences.GetFence(geofence_pb2.GetFenceRequest(fence_id="a"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+UNCLOSED = {"type": "Polygon", "coordinates": [[[2, 48], [3, 48], [3, 49], [2, 49]]]}
+BOWTIE = {
+    "type": "Polygon",
+    "coordinates": [
+        [[13.4, 52.5], [13.41, 52.51], [13.41, 52.5], [13.4, 52.51], [13.4, 52.5]]
+    ],
+}
+BAD_LAT = {"type": "Polygon", "coordinates": [[[2, 48], [3, 95], [3, 49], [2, 48]]]}
+
+
+@pytest.mark.parametrize(
+    ("geometry", "field", "words"),
+    [
+        pytest.param(
+            UNCLOSED, "fence.shape.geojson.coordinates[0]", "not closed", id="unclosed"
+        ),
+        pytest.param(
+            BOWTIE, "fence.shape.geojson", "self-intersects at lon 13.405", id="bowtie"
+        ),
+        pytest.param(
+            BAD_LAT,
+            "fence.shape.geojson.coordinates[0][1]",
+            "latitude 95",
+            id="latitude",
+        ),
+    ],
+)
+async def test_bad_shape_is_invalid_argument_naming_where(
+    fences, geometry, field, words
+) -> None:
+    request = geofence_pb2.CreateFenceRequest(fence=polygon("bad", geometry))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fences.CreateFence(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(caught.value)[0] == field
+    assert words in violation(caught.value)[1]
+
+
+async def test_repair_splits_a_bowtie_and_says_so(fences) -> None:
+    request = geofence_pb2.CreateFenceRequest(fence=polygon("b", BOWTIE), repair=True)
+    created = await fences.CreateFence(request)
+    assert "self-intersects" in created.repairs[0]
+    assert json.loads(created.fence.shape.geojson)["type"] == "MultiPolygon"
+
+
+async def test_import_feature_collection_then_check(fences) -> None:
+    collection = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "id": "sq", "geometry": SQUARE, "properties": {}},
+            {
+                "type": "Feature",
+                "id": "c",
+                "properties": {"radius_m": 500},
+                "geometry": {"type": "Point", "coordinates": [2.5, 48.5]},
+            },
+        ],
+    }
+    imported = await fences.ImportFences(
+        geofence_pb2.ImportFencesRequest(geojson=json.dumps(collection))
+    )
+    assert (imported.created, list(imported.fence_ids)) == (2, ["sq", "c"])
+    check = await fences.Check(
+        geofence_pb2.CheckRequest(
+            position=common_pb2.LatLng(lat=48.5, lon=2.5), accuracy_m=10
+        )
+    )
+    assert [(c.fence_id, c.containment) for c in check.fences] == [
+        ("c", geofence_pb2.CONTAINMENT_INSIDE),
+        ("sq", geofence_pb2.CONTAINMENT_INSIDE),
+    ]
+
+
+async def test_check_with_accuracy_over_the_edge(fences) -> None:
+    await fences.CreateFence(
+        geofence_pb2.CreateFenceRequest(
+            fence=geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
+        )
+    )
+    outside = common_pb2.LatLng(lat=52.52, lon=13.4066)  # about 108 m from the centre
+    check = await fences.Check(
+        geofence_pb2.CheckRequest(position=outside, accuracy_m=15)
+    )
+    assert check.fences[0].containment == geofence_pb2.CONTAINMENT_POSSIBLY_INSIDE
+    assert 5 < check.fences[0].edge_distance_m < 15
+
+
+async def enter_then_exit(server, channel, device: str) -> list[event_pb2.Event]:
+    """Drive one device into the depot and out again over Track; its events."""
+    track = track_pb2_grpc.TrackSessionStub(channel)
+    call = track.Track()
+    await call.write(hello(device, want_events=True))
+    await call.read()
+    t = now_ms() - 60_000
+    await call.write(
+        batch(
+            [fix(1, 52.52, 13.4123, t), fix(2, 52.52, 13.405, t + 1000, accuracy_m=5)]
+        )
+    )
+    await call.write(batch([fix(3, 52.52, 13.4123, t + 2000, accuracy_m=5)]))
+    events = []
+    while len(events) < 2:
+        response = await asyncio.wait_for(call.read(), 10)
+        if response.WhichOneof("message") == "event" and response.event.fence_id:
+            events.append(response.event)
+    await call.done_writing()
+    return events
+
+
+async def test_track_stream_gets_enter_and_exit(server, channel, fences) -> None:
+    await fences.CreateFence(
+        geofence_pb2.CreateFenceRequest(
+            fence=geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
+        )
+    )
+    events = await enter_then_exit(server, channel, "van-1")
+    assert [(e.type, e.fence_id, e.fix_seq) for e in events] == [
+        (event_pb2.EVENT_TYPE_ENTER, "depot", 2),
+        (event_pb2.EVENT_TYPE_EXIT, "depot", 3),
+    ]
+
+
+async def test_watch_events_and_list_events(server, channel, fences) -> None:
+    await fences.CreateFence(
+        geofence_pb2.CreateFenceRequest(
+            fence=geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
+        )
+    )
+    watch = fences.WatchEvents(
+        geofence_pb2.WatchEventsRequest(
+            fence_ids=["depot"], types=[event_pb2.EVENT_TYPE_EXIT]
+        )
+    )
+    await watch.initial_metadata()
+    await enter_then_exit(server, channel, "van-2")
+    watched = await asyncio.wait_for(watch.read(), 10)
+    assert [e.type for e in watched.events] == [event_pb2.EVENT_TYPE_EXIT]
+    watch.cancel()
+    listed = await fences.ListEvents(
+        geofence_pb2.ListEventsRequest(
+            start_ms=now_ms() - 3_600_000, device_id="van-2", page_size=1
+        )
+    )
+    assert (
+        listed.events[0].type == event_pb2.EVENT_TYPE_ENTER and listed.next_page_token
+    )
+
+
+async def test_fences_survive_a_restart(start_server) -> None:
+    server = await start_server()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = geofence_pb2_grpc.GeofenceStub(channel)
+        await stub.CreateFence(geofence_pb2.CreateFenceRequest(fence=polygon("keep")))
+    await server.stop(1)
+    again = await start_server()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{again.port}") as channel:
+        stub = geofence_pb2_grpc.GeofenceStub(channel)
+        got = await stub.GetFence(geofence_pb2.GetFenceRequest(fence_id="keep"))
+    assert got.fence.version == 1

@@ -1,0 +1,145 @@
+"""One contract for the fence and event repositories, run on SQLite and PostGIS."""
+
+from __future__ import annotations
+
+import pytest
+
+from tracking_grpc.errors import AlreadyExists, FailedPrecondition, NotFound
+from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.geofence.model import (
+    FenceSpec,
+    Schedule,
+    ScheduleWindow,
+    ShapeSpec,
+)
+from tracking_grpc.storage.fences import EventQuery
+
+SQUARE = '{"type":"Polygon","coordinates":[[[2,48],[3,48],[3,49],[2,49],[2,48]]]}'
+
+
+def fence(fence_id: str, *labels: str) -> FenceSpec:
+    return FenceSpec(fence_id, ShapeSpec.geojson(SQUARE), labels=labels)
+
+
+def event(device: str, kind: EventType, time_ms: int, tenant: str) -> TrackingEvent:
+    return TrackingEvent(
+        f"{device}-{int(kind)}-{time_ms}",
+        tenant,
+        device,
+        kind,
+        time_ms,
+        48.5,
+        2.5,
+        1,
+        5,
+        fence_id="a",
+        attributes={"accuracy_m": "8"},
+    )
+
+
+async def test_create_then_get_round_trips(geo_stores, tenant) -> None:
+    fences, _ = geo_stores
+    spec = FenceSpec(
+        "depot",
+        ShapeSpec.circle(52.5, 13.4, 100.0),
+        name="Depot",
+        dwell_ms=60_000,
+        events=frozenset({EventType.ENTER}),
+        labels=("fleet",),
+        metadata={"k": "v"},
+        schedule=Schedule("Europe/Berlin", (ScheduleWindow(frozenset({1}), 0, 60),)),
+    )
+    created = await fences.create(tenant, spec, now_ms=1000)
+    assert created.version == 1 and created.created_ms == 1000
+    assert await fences.get(tenant, "depot") == created
+
+
+async def test_create_twice_is_already_exists(geo_stores, tenant) -> None:
+    fences, _ = geo_stores
+    await fences.create(tenant, fence("a"), 1)
+    with pytest.raises(AlreadyExists):
+        await fences.create(tenant, fence("a"), 2)
+
+
+async def test_update_checks_the_version(geo_stores, tenant) -> None:
+    fences, _ = geo_stores
+    await fences.create(tenant, fence("a"), 1)
+    updated = await fences.update(tenant, fence("a", "x"), 2, expected_version=1)
+    assert (updated.version, updated.created_ms, updated.labels) == (2, 1, ("x",))
+    with pytest.raises(FailedPrecondition):
+        await fences.update(tenant, fence("a"), 3, expected_version=1)
+
+
+@pytest.mark.parametrize("operation", ["get", "delete", "update"])
+async def test_missing_fence_is_not_found(geo_stores, tenant, operation) -> None:
+    fences, _ = geo_stores
+    with pytest.raises(NotFound):
+        if operation == "update":
+            await fences.update(tenant, fence("nope"), 1)
+        else:
+            await getattr(fences, operation)(tenant, "nope")
+
+
+async def test_delete_removes_and_bumps_the_revision(geo_stores, tenant) -> None:
+    fences, _ = geo_stores
+    await fences.create(tenant, fence("a"), 1)
+    before = await fences.revision(tenant)
+    await fences.delete(tenant, "a")
+    assert await fences.all(tenant) == []
+    assert await fences.revision(tenant) != before
+
+
+async def test_list_pages_by_id_and_filters_by_labels(geo_stores, tenant) -> None:
+    fences, _ = geo_stores
+    await fences.import_many(
+        tenant, [fence("c", "x"), fence("a", "x", "y"), fence("b", "y")], 1, False
+    )
+    first = await fences.list(tenant, [], limit=2)
+    rest = await fences.list(tenant, [], limit=2, after=first[-1].fence_id)
+    assert [f.fence_id for f in first + rest] == ["a", "b", "c"]
+    assert [f.fence_id for f in await fences.list(tenant, ["x"], 10)] == ["a", "c"]
+    assert [f.fence_id for f in await fences.list(tenant, ["x", "y"], 10)] == ["a"]
+
+
+async def test_import_is_all_or_nothing(geo_stores, tenant) -> None:
+    fences, _ = geo_stores
+    await fences.create(tenant, fence("b"), 1)
+    with pytest.raises(AlreadyExists):
+        await fences.import_many(tenant, [fence("a"), fence("b")], 2, False)
+    assert [f.fence_id for f in await fences.all(tenant)] == ["b"]
+    result = await fences.import_many(tenant, [fence("a"), fence("b")], 3, True)
+    assert (result.created, result.replaced) == (1, 1)
+
+
+async def test_tenants_do_not_see_each_other(geo_stores, tenant) -> None:
+    fences, _ = geo_stores
+    await fences.create(tenant, fence("a"), 1)
+    assert await fences.all(tenant + "-other") == []
+
+
+async def test_events_are_deduplicated_and_listed_by_time(geo_stores, tenant) -> None:
+    _, events = geo_stores
+    stored = [
+        event("d1", EventType.EXIT, 20, tenant),
+        event("d1", EventType.ENTER, 10, tenant),
+        event("d2", EventType.ENTER, 15, tenant),
+    ]
+    assert await events.add(stored) == 3
+    assert await events.add(stored[:1]) == 0
+    found = await events.list(EventQuery(tenant, 0, 100))
+    assert [e.time_ms for e in found] == [10, 15, 20]
+    assert found[0] == stored[1]
+
+
+async def test_events_filter_and_page(geo_stores, tenant) -> None:
+    _, events = geo_stores
+    await events.add([event("d1", EventType.ENTER, t, tenant) for t in range(10)])
+    await events.add([event("d2", EventType.EXIT, 5, tenant)])
+    page = await events.list(EventQuery(tenant, 2, 8, device="d1", limit=3))
+    after = (page[-1].time_ms, page[-1].event_id)
+    rest = await events.list(EventQuery(tenant, 2, 8, device="d1", after=after))
+    assert [e.time_ms for e in page + rest] == [2, 3, 4, 5, 6, 7]
+    exits = await events.list(
+        EventQuery(tenant, 0, 99, types=frozenset({EventType.EXIT}))
+    )
+    assert [e.device for e in exits] == ["d2"]

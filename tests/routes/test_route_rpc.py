@@ -1,0 +1,219 @@
+"""The Route service on a real server on port 0 with the Helsinki datasets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import numpy as np
+import polyline
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pyproj import Geod
+from tracking.v1 import common_pb2, event_pb2, route_pb2, route_pb2_grpc
+
+from tests.routes import support
+from tests.server_fixtures import batch, hello, now_ms
+
+P = common_pb2.LatLng
+GEOD = Geod(ellps="WGS84")
+STATION, SENATE, KAMPPI = (
+    P(lat=60.1702, lon=24.9401),
+    P(lat=60.1750, lon=24.9502),
+    P(lat=60.1690, lon=24.9330),
+)
+SERVICE = "tracking.v1.Route"
+
+
+async def health(channel: grpc.aio.Channel) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    answer = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+    return answer.status
+
+
+async def test_without_dataset_route_is_not_serving_and_says_how_to_prepare(
+    start_server,
+) -> None:
+    server = await start_server()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        assert await health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await route_pb2_grpc.RouteStub(channel).ComputeRoute(
+                route_pb2.ComputeRouteRequest(origin=STATION, destination=SENATE)
+            )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "tracking prepare-routing" in caught.value.details()
+
+
+async def test_route_is_serving_with_a_dataset(route_channel) -> None:
+    assert await health(route_channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize(
+    "profile",
+    [
+        pytest.param(route_pb2.ROUTING_PROFILE_CAR, id="car"),
+        pytest.param(route_pb2.ROUTING_PROFILE_BICYCLE, id="bicycle"),
+        pytest.param(route_pb2.ROUTING_PROFILE_FOOT, id="foot"),
+    ],
+)
+async def test_route_geometry_agrees_with_its_distance(routes, profile) -> None:
+    request = route_pb2.ComputeRouteRequest(
+        origin=KAMPPI, destination=SENATE, profile=profile
+    )
+    plan = (await routes.ComputeRoute(request)).route
+    lat, lon = np.array(polyline.decode(plan.polyline, 6)).T
+    assert GEOD.line_length(lon, lat) == pytest.approx(plan.distance_m, rel=0.005)
+    geojson = json.loads(plan.geojson)
+    assert geojson["type"] == "LineString" and len(geojson["coordinates"]) == len(lat)
+    assert plan.legs[0].steps[0].maneuver == "depart" and plan.duration_s > 0
+
+
+@pytest.mark.parametrize("query_id", ["R1", "R2"])
+async def test_identical_start_and_end_is_a_zero_length_route(
+    routes, field_cases, query_id
+) -> None:
+    case = field_cases["C24"]
+    query = next(q for q in case["queries"] if q["id"] == query_id)
+    # The case's point is in Minnesota; the same query is made at a Helsinki point.
+    here = [STATION for _ in query["waypoints"]]
+    request = route_pb2.ComputeRouteRequest(
+        origin=here[0], destination=here[-1], waypoints=here[1:-1]
+    )
+    plan = (await routes.ComputeRoute(request)).route
+    expected = case["expected"][query_id]
+    assert (plan.distance_m, plan.duration_s) == (
+        expected["distance_m"],
+        expected["duration_s"],
+    )
+    assert len(plan.legs) == expected.get("legs", 1)
+
+
+async def test_swapped_coordinates_are_invalid_argument(routes, field_cases) -> None:
+    query = field_cases["C17"]["queries"][0]
+    a, b = (P(lat=w["lat"], lon=w["lon"]) for w in query["waypoints"])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await routes.ComputeRoute(
+            route_pb2.ComputeRouteRequest(origin=a, destination=b)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith("origin: lat 121.5086")
+
+
+async def test_point_far_from_roads_is_invalid_argument_saying_how_far(routes) -> None:
+    far = P(lat=60.175, lon=25.5)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await routes.ComputeRoute(
+            route_pb2.ComputeRouteRequest(origin=STATION, destination=far)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "waypoints[1]: 30340 m from the nearest road" in caught.value.details()
+
+
+async def test_matrix_matches_single_routes(routes) -> None:
+    points = [STATION, SENATE, KAMPPI]
+    matrix = await routes.ComputeMatrix(route_pb2.ComputeMatrixRequest(points=points))
+    durations = np.array(matrix.duration_s).reshape(matrix.rows, matrix.columns)
+    for i, j in [(0, 1), (2, 1), (1, 2)]:
+        request = route_pb2.ComputeRouteRequest(origin=points[i], destination=points[j])
+        plan = (await routes.ComputeRoute(request)).route
+        assert durations[i, j] == pytest.approx(plan.duration_s, rel=0.01)
+
+
+async def test_optimisation_orders_stops_in_epoch_time(routes) -> None:
+    start = now_ms()
+    window = route_pb2.TimeWindow(start_ms=start, end_ms=start + 3_600_000)
+    jobs = [
+        route_pb2.Job(id="a", location=SENATE, service_s=60, time_windows=[window]),
+        route_pb2.Job(id="b", location=KAMPPI, service_s=60, demand=[1]),
+        route_pb2.Job(id="c", location=STATION, skills=["crane"]),
+    ]
+    van = route_pb2.Vehicle(id="van", start=STATION, end=STATION, capacity=[5])
+    answer = await routes.OptimizeRoute(
+        route_pb2.OptimizeRouteRequest(vehicles=[van], jobs=jobs, departure_ms=start)
+    )
+    stops = answer.routes[0].stops
+    assert sorted(s.job_id for s in stops if s.job_id) == ["a", "b"]
+    assert [s.arrival_ms for s in stops] == sorted(s.arrival_ms for s in stops)
+    assert stops[0].arrival_ms == start
+    assert answer.unassigned[0].job_id == "c" and "crane" in answer.unassigned[0].reason
+
+
+async def test_match_track_snaps_a_noisy_drive(routes) -> None:
+    plan = (
+        await routes.ComputeRoute(
+            route_pb2.ComputeRouteRequest(origin=KAMPPI, destination=SENATE)
+        )
+    ).route
+    lat, lon = np.array(polyline.decode(plan.polyline, 6)).T
+    points, _ = support.drive(lat, lon, 10.0)
+    noisy = support.jitter(points, 6.0, seed=1)
+    start = now_ms() - 3_600_000
+    fixes = [
+        common_pb2.Fix(seq=i + 1, time_ms=start + i * 5000, lat=a, lon=b, accuracy_m=10)
+        for i, (a, b) in enumerate(noisy.tolist())
+    ]
+    answer = await routes.MatchTrack(route_pb2.MatchTrackRequest(fixes=fixes))
+    assert answer.matched_share > 0.7 and answer.confidence > 0.5
+    assert answer.matched_distance_m == pytest.approx(plan.distance_m, rel=0.05)
+    assert len(answer.points) == len(fixes)
+
+
+async def test_assigned_route_raises_events_on_the_device_stream(
+    routes, tracks
+) -> None:
+    assigned = await routes.AssignRoute(
+        route_pb2.AssignRouteRequest(
+            device_id="van-7",
+            route_id="delivery-1",
+            route=route_pb2.ComputeRouteRequest(origin=KAMPPI, destination=SENATE),
+        )
+    )
+    lat, lon = np.array(polyline.decode(assigned.route.polyline, 6)).T
+    points, along = support.drive(lat, lon, 10.0)
+    rows = np.flatnonzero((along > 600) & (along < 900))
+    points = support.shift(points, rows, 0.0, 300.0)
+    kinds = await drive_on_stream(tracks, "van-7", points)
+    assert [k for k in kinds if k != event_pb2.EVENT_TYPE_ETA_UPDATED] == [
+        event_pb2.EVENT_TYPE_OFF_ROUTE,
+        event_pb2.EVENT_TYPE_BACK_ON_ROUTE,
+        event_pb2.EVENT_TYPE_ARRIVED,
+    ]
+    progress = await routes.GetRouteProgress(
+        route_pb2.GetRouteProgressRequest(device_id="van-7")
+    )
+    assert progress.progress.arrived and progress.progress.route_id == "delivery-1"
+
+
+async def test_cleared_route_has_no_progress(routes) -> None:
+    route = route_pb2.ComputeRouteRequest(origin=KAMPPI, destination=SENATE)
+    await routes.AssignRoute(route_pb2.AssignRouteRequest(device_id="d", route=route))
+    assert (await routes.ClearRoute(route_pb2.ClearRouteRequest(device_id="d"))).cleared
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await routes.GetRouteProgress(route_pb2.GetRouteProgressRequest(device_id="d"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def drive_on_stream(tracks, device: str, points: np.ndarray) -> list[int]:
+    """Send the drive in batches of 10 fixes; the route events the stream brings."""
+    start = now_ms() - 5_000 * len(points) - 60_000
+    call = tracks.Track()
+    await call.write(hello(device, want_events=True))
+    await call.read()
+    kinds = []
+    for first in range(0, len(points), 10):
+        fixes = [
+            common_pb2.Fix(
+                seq=i + 1, time_ms=start + i * 5000, lat=a, lon=b, accuracy_m=5
+            )
+            for i, (a, b) in enumerate(points[first : first + 10].tolist(), first)
+        ]
+        await call.write(batch(fixes))
+    while event_pb2.EVENT_TYPE_ARRIVED not in kinds:
+        response = await asyncio.wait_for(call.read(), 10)
+        event = response.event if response.WhichOneof("message") == "event" else None
+        if event is not None and event.route_id:  # other processors' events too
+            kinds.append(event.type)
+    await call.done_writing()
+    return kinds

@@ -1,0 +1,132 @@
+"""Outages of private Redis and PostgreSQL servers that the tests stop and restart.
+
+Redis down: live calls fail with Unavailable (never hang), and once it is back the
+repairer rebuilds the lost live state from history. PostgreSQL down: stores fail with
+StorageUnavailable, and the same store object works again when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import psycopg
+import pytest
+
+from tests.backends import require_service, unique_tenant
+from tests.services import PostgresServer, RedisServer
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.errors import StorageUnavailable, Unavailable
+from tracking_grpc.storage import schema
+from tracking_grpc.storage.live_repair import LiveRepairer
+from tracking_grpc.storage.postgres import PostgresHistoryStore
+from tracking_grpc.storage.redis_broker import RedisBroker
+from tracking_grpc.storage.redis_live import RedisLiveStore
+
+pytestmark = pytest.mark.slow
+T0 = 1_750_000_000_000
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    try:
+        server = RedisServer(tmp_path)
+    except FileNotFoundError as exc:
+        require_service("redis-server", str(exc))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def private_postgres():
+    try:
+        server = PostgresServer()
+    except FileNotFoundError as exc:
+        require_service("PostgreSQL binaries", str(exc))
+    server.start()
+    with psycopg.connect(server.admin_url, autocommit=True) as conn:
+        conn.execute("CREATE DATABASE tracking")
+    asyncio.run(schema.migrate(server.url("tracking")))
+    yield server
+    server.destroy()
+
+
+def fixes(tenant: str, first_seq: int, count: int) -> FixBatch:
+    seqs = range(first_seq, first_seq + count)
+    return FixBatch.from_rows(
+        tenant, [("dev", s, T0 + 1000 * s, 40.0 + s * 1e-4, -74.0) for s in seqs]
+    )
+
+
+async def test_live_calls_fail_fast_while_redis_is_down(private_redis) -> None:
+    live = await RedisLiveStore.open(private_redis.url, "t:")
+    private_redis.stop()
+    started = time.monotonic()
+    for call in (live.update(fixes("t", 1, 3)), live.nearby("t", 40, -74, 100.0, 5)):
+        with pytest.raises(Unavailable, match="unavailable"):
+            await call
+    assert time.monotonic() - started < 10
+    assert live.needs_rebuild
+    await live.close()
+
+
+async def test_live_state_is_rebuilt_from_history_after_redis_restart(
+    private_redis, pg_url
+) -> None:
+    history = await PostgresHistoryStore.open(pg_url)
+    live = await RedisLiveStore.open(private_redis.url, "t:")
+    repairer = LiveRepairer(history, live)
+    tenant = unique_tenant()
+    await history.store(fixes(tenant, 1, 5))
+    await live.update(fixes(tenant, 1, 5))
+    private_redis.stop()
+    assert not await repairer.check()
+    private_redis.start()  # empty: nothing was persisted
+    assert await repairer.check()
+    assert (await live.get(tenant, ["dev"])).seq.tolist() == [5]
+    await asyncio.gather(live.close(), history.close())
+
+
+async def test_broker_resubscribes_after_redis_restart(private_redis) -> None:
+    publisher = await RedisBroker.open(private_redis.url, "t:")
+    subscriber = await RedisBroker.open(private_redis.url, "t:")
+    received: list[FixBatch] = []
+    await subscriber.subscribe(lambda batch: _append(received, batch))
+    private_redis.stop()
+    private_redis.start()
+    async with asyncio.timeout(15):
+        while not received:
+            try:
+                await publisher.publish(fixes("t", 1, 1))
+            except Unavailable:
+                pass
+            await asyncio.sleep(0.2)
+    assert received[0].seq.tolist() == [1]
+    await asyncio.gather(publisher.close(), subscriber.close())
+
+
+async def test_history_store_recovers_when_postgres_returns(private_postgres) -> None:
+    url = private_postgres.url("tracking")
+    history = await PostgresHistoryStore.open(url, pool_timeout_s=1.0)
+    tenant = unique_tenant()
+    assert (await history.store(fixes(tenant, 1, 10))).all()
+    private_postgres.stop()
+    with pytest.raises(StorageUnavailable):
+        await history.store(fixes(tenant, 11, 10))
+    with pytest.raises(StorageUnavailable):
+        await history.ping()
+    private_postgres.start()
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                mask = await history.store(fixes(tenant, 11, 10))
+                break
+            except StorageUnavailable:
+                await asyncio.sleep(0.2)
+    assert mask.all() and await history.count(tenant) == 20
+    await history.close()
+
+
+async def _append(inbox: list, batch: FixBatch) -> None:
+    inbox.append(batch)

@@ -1,0 +1,120 @@
+"""PostgreSQL specifics: migrations, the start-up check, partitions and indexes."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from tests.backends import unique_tenant
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.errors import FailedPrecondition, InvalidArgument
+from tracking_grpc.storage import pgcopy, schema
+from tracking_grpc.storage.postgres import DAY_MS, PostgresHistoryStore
+
+T0 = 1_750_000_000_000
+
+
+async def test_store_refuses_an_unmigrated_database(pg_blank_url) -> None:
+    with pytest.raises(FailedPrecondition, match="run `tracking migrate`"):
+        await PostgresHistoryStore.open(pg_blank_url)
+
+
+async def test_migrate_applies_each_migration_once(pg_blank_url) -> None:
+    versions = [m.version for m in schema.available()]
+    assert await schema.migrate(pg_blank_url) == versions
+    assert await schema.migrate(pg_blank_url) == []
+    store = await PostgresHistoryStore.open(pg_blank_url)
+    await store.close()
+
+
+async def test_migrate_creates_postgis(pg_blank_url) -> None:
+    await schema.migrate(pg_blank_url)
+    async with await psycopg.AsyncConnection.connect(pg_blank_url) as conn:
+        cur = await conn.execute("SELECT postgis_version()")
+        assert (await cur.fetchone())[0].startswith("3")
+
+
+def partitions(url: str) -> set[str]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'fixes'::regclass"
+        ).fetchall()
+    return {name for (name,) in rows}
+
+
+def day_name(time_ms: int) -> str:
+    return "fixes_" + time.strftime("%Y%m%d", time.gmtime(time_ms / 1000))
+
+
+async def test_partitions_exist_ahead_of_need(pg_url) -> None:
+    store = await PostgresHistoryStore.open(pg_url)
+    now_ms = int(time.time() * 1000)
+    names = partitions(pg_url)
+    assert {day_name(now_ms + d * DAY_MS) for d in range(-1, 8)} <= names
+    assert "fixes_default" in names
+    await store.close()
+
+
+async def test_an_old_day_gets_its_partition_on_demand(pg_url) -> None:
+    store = await PostgresHistoryStore.open(pg_url)
+    old_ms = 1_500_000_000_000
+    batch = FixBatch.from_rows(unique_tenant(), [("a", 1, old_ms, 1.0, 2.0)])
+    assert (await store.store(batch)).tolist() == [True]
+    assert day_name(old_ms) in partitions(pg_url)
+    await store.close()
+
+
+async def test_a_day_already_in_the_default_partition_stays_there(pg_url) -> None:
+    day_ms = 1_400_000_000_000 // DAY_MS * DAY_MS
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO fixes_default (tenant, device, time_ms, seq, position,"
+            " received_ms) VALUES ('x', 'x', %s, 1, ST_MakePoint(0, 0), 0)",
+            [day_ms + 5],
+        )
+    store = await PostgresHistoryStore.open(pg_url)
+    batch = FixBatch.from_rows(unique_tenant(), [("a", 1, day_ms + 9, 1.0, 2.0)])
+    assert (await store.store(batch)).tolist() == [True]
+    assert day_name(day_ms) not in partitions(pg_url)
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "index"),
+    [
+        pytest.param(
+            "SELECT * FROM fixes WHERE tenant = 't' AND device = 'd'"
+            " AND time_ms >= {t} AND time_ms < {t} + 3600000",
+            "device = 'd'", id="device-time-range",
+        ),
+        pytest.param(
+            "SELECT * FROM fixes WHERE position && ST_MakeEnvelope(-74, 40, -73, 41,"
+            " 4326) AND time_ms >= {t} AND time_ms < {t} + 3600000",
+            "position", id="area-time-range",
+        ),
+    ],
+)  # fmt: skip
+def test_access_paths_use_an_index_and_prune_partitions(pg_url, query, index) -> None:
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(
+            r[0] for r in conn.execute("EXPLAIN " + query.format(t=T0)).fetchall()
+        )
+    assert "Index" in plan and index in plan
+    assert plan.count(" on fixes_") <= 2  # one day's partition (and its index)
+
+
+async def test_store_rejects_seq_beyond_bigint(pg_url) -> None:
+    store = await PostgresHistoryStore.open(pg_url)
+    batch = FixBatch.from_rows("t", [("a", 2**63, T0, 1.0, 2.0)])
+    with pytest.raises(InvalidArgument, match="seq"):
+        await store.store(batch)
+    await store.close()
+
+
+def test_copy_stream_rejects_foreign_bytes() -> None:
+    with pytest.raises(ValueError, match="binary COPY"):
+        pgcopy.decode_rows(b"not copy", [">i8"])

@@ -1,0 +1,94 @@
+"""Redis specifics beyond the contract: fan-out between processes' brokers, key
+spread over a cluster's nodes, and concurrent live writers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import numpy as np
+import pytest
+import redis
+
+from tests.backends import unique_tenant
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.storage.redis_broker import RedisBroker, decode, encode
+from tracking_grpc.storage.redis_live import RedisLiveStore
+
+T0 = 1_750_000_000_000
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "redis-cluster":
+        return request.getfixturevalue("redis_cluster")[0]
+    return request.getfixturevalue("redis_url")
+
+
+def world_batch(tenant: str, n: int, time_s: int = 0) -> FixBatch:
+    rng = np.random.default_rng(7)
+    return FixBatch.from_columns(
+        tenant,
+        [f"dev-{i}" for i in range(n)],
+        np.arange(1, n + 1),
+        np.full(n, T0 + 1000 * time_s),
+        rng.uniform(-80, 80, n),
+        rng.uniform(-180, 180, n),
+    )
+
+
+def test_broker_message_round_trips() -> None:
+    batch = world_batch("t", 5)
+    back = decode(encode(batch))
+    assert back.tenant == "t" and back.device.tolist() == batch.device.tolist()
+    np.testing.assert_array_equal(back.lat, batch.lat)
+
+
+async def test_every_broker_receives_every_publication(any_redis_url, redis_prefix):
+    brokers = [await RedisBroker.open(any_redis_url, redis_prefix) for _ in range(2)]
+    received: list[list[FixBatch]] = [[], []]
+    for broker, inbox in zip(brokers, received, strict=True):
+        await broker.subscribe(lambda batch, inbox=inbox: _append(inbox, batch))
+    batch = world_batch(unique_tenant(), 40)
+    await brokers[0].publish(batch)
+    for inbox in received:
+        await _until(lambda inbox=inbox: sum(map(len, inbox)) == 40)
+        devices = sorted(d for b in inbox for d in b.device)
+        assert devices == sorted(batch.device)
+    await asyncio.gather(*(b.close() for b in brokers))
+
+
+async def test_cluster_spreads_live_keys_over_every_node(redis_cluster, redis_prefix):
+    live = await RedisLiveStore.open(redis_cluster[0], redis_prefix)
+    await live.update(world_batch(unique_tenant(), 300))
+    for url in redis_cluster:
+        node = redis.Redis.from_url(url)
+        assert node.scan(0, match=redis_prefix + "geo:*", count=10_000)[1]
+        assert node.scan(0, match=redis_prefix + "live:*", count=10_000)[1]
+        node.close()
+    await live.close()
+
+
+async def test_concurrent_writers_leave_the_newest_position(
+    any_redis_url, redis_prefix
+):
+    stores = [await RedisLiveStore.open(any_redis_url, redis_prefix) for _ in range(3)]
+    tenant = unique_tenant()
+    updates = [world_batch(tenant, 50, time_s=t) for t in range(30)]
+    random.Random(3).shuffle(updates)
+    await asyncio.gather(*(stores[i % 3].update(u) for i, u in enumerate(updates)))
+    final = await stores[0].snapshot(tenant)
+    assert set(final.time_ms.tolist()) == {T0 + 29_000}
+    found, _ = await stores[1].nearby(tenant, final.lat[0], final.lon[0], 10.0, 5)
+    assert found.device.tolist() == [final.device[0]]
+    await asyncio.gather(*(s.close() for s in stores))
+
+
+async def _append(inbox: list, batch: FixBatch) -> None:
+    inbox.append(batch)
+
+
+async def _until(condition, timeout_s: float = 5.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - polls another task's results
+            await asyncio.sleep(0.01)

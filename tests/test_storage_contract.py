@@ -1,0 +1,245 @@
+"""One contract for the repositories, run against every backend set.
+
+Each test gets a fresh tenant, so the backends' shared database and key space are
+safe to reuse across tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from tests.backends import unique_tenant
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.storage.postgres import PostgresHistoryStore
+from tracking_grpc.storage.redis_live import RedisLiveStore
+
+T0 = 1_750_000_000_000
+
+
+@pytest.fixture(params=["postgres"])
+async def history(request: pytest.FixtureRequest):
+    url = request.getfixturevalue("pg_url")
+    store = await PostgresHistoryStore.open(url)
+    yield store
+    await store.close()
+
+
+def fixes(tenant: str, rows: list[tuple[str, int, int]]) -> FixBatch:
+    """(device, seq, seconds after T0) rows at positions that vary with seq."""
+    return FixBatch.from_rows(
+        tenant,
+        [(d, s, T0 + 1000 * t, 40.0 + s * 1e-4, -74.0 - s * 1e-4) for d, s, t in rows],
+    )
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        pytest.param([("a", 1, 0)], [("a", 1, 0)], [False], id="exact-resend"),
+        pytest.param([("a", 1, 0)], [("a", 1, 5)], [False], id="same-seq-new-time"),
+        pytest.param([("a", 1, 0)], [("a", 2, 0)], [False], id="same-time-new-seq"),
+        pytest.param([("a", 1, 0)], [("b", 1, 0)], [True], id="other-device"),
+        pytest.param([("a", 5, 10)], [("a", 3, 2)], [True], id="late-fix-lower-seq"),
+        pytest.param([], [("a", 1, 0), ("a", 1, 0)], [True, False], id="in-batch"),
+        pytest.param([], [("a", 1, 0), ("a", 2, 0)], [True, False], id="batch-time"),
+    ],
+)
+async def test_store_reports_new_fixes(history, first, second, expected) -> None:
+    tenant = unique_tenant()
+    if first:
+        await history.store(fixes(tenant, first))
+    mask = await history.store(fixes(tenant, second))
+    assert mask.tolist() == expected
+
+
+async def test_store_round_trips_every_column(history) -> None:
+    tenant = unique_tenant()
+    batch = FixBatch.from_columns(
+        tenant, ["a", "a"], [1, 2], [T0, T0 + 1000], [40.7, 40.8], [-74.0, 179.9],
+        accuracy_m=[5.0, np.nan], speed_mps=[1.5, 0.0], provider=[1, 2],
+        received_ms=np.array([T0 + 50, T0 + 1050]),
+    )  # fmt: skip
+    await history.store(batch)
+    got = await history.history(tenant, "a", T0, T0 + 2000)
+    for name in (
+        "seq",
+        "time_ms",
+        "lat",
+        "lon",
+        "speed_mps",
+        "provider",
+        "received_ms",
+    ):
+        np.testing.assert_array_equal(getattr(got, name), getattr(batch, name))
+    np.testing.assert_array_equal(got.accuracy_m, batch.accuracy_m)  # NaN == NaN here
+
+
+async def test_history_is_in_fix_time_order_within_range(history) -> None:
+    tenant = unique_tenant()
+    await history.store(fixes(tenant, [("a", 1, 30), ("a", 2, 10), ("a", 3, 20)]))
+    await history.store(fixes(tenant, [("a", 4, 40), ("b", 1, 15)]))
+    got = await history.history(tenant, "a", T0 + 10_000, T0 + 40_000)
+    assert got.seq.tolist() == [2, 3, 1]
+    limited = await history.history(tenant, "a", T0, T0 + 50_000, limit=2)
+    assert limited.seq.tolist() == [2, 3]
+
+
+async def test_device_state_tracks_highest_seq_and_newest_time(history) -> None:
+    tenant = unique_tenant()
+    await history.store(fixes(tenant, [("a", 7, 30), ("a", 8, 10)]))
+    states = await history.device_states(tenant, ["a", "never-seen"])
+    assert list(states) == ["a"]
+    assert (states["a"].last_stored_seq, states["a"].last_time_ms) == (8, T0 + 30_000)
+
+
+async def test_concurrent_duplicate_stores_keep_each_fix_once(history) -> None:
+    tenant = unique_tenant()
+    rows = [("a", s, s) for s in range(1, 200)] + [("b", s, s) for s in range(1, 50)]
+    batch = fixes(tenant, rows)
+    masks = await asyncio.gather(*(history.store(batch) for _ in range(4)))
+    assert np.sum(masks, axis=0).tolist() == [1] * len(rows)
+    assert await history.count(tenant) == len(rows)
+
+
+async def test_count_and_erase_are_per_device(history) -> None:
+    tenant = unique_tenant()
+    await history.store(fixes(tenant, [("a", 1, 0), ("a", 2, 1), ("b", 1, 0)]))
+    assert (await history.count(tenant), await history.count(tenant, "a")) == (3, 2)
+    assert await history.erase_device(tenant, "a") == 2
+    assert await history.count(tenant) == 1
+    assert await history.device_states(tenant, ["a"]) == {}
+
+
+async def test_tenants_do_not_see_each_other(history) -> None:
+    mine, theirs = unique_tenant(), unique_tenant()
+    await history.store(fixes(theirs, [("a", 1, 0)]))
+    assert await history.count(mine) == 0
+    assert len(await history.history(mine, "a", 0, T0 * 2)) == 0
+    assert (await history.store(fixes(mine, [("a", 1, 0)]))).tolist() == [True]
+
+
+async def test_newest_positions_gives_each_devices_newest_fix(history) -> None:
+    tenant = unique_tenant()
+    await history.store(fixes(tenant, [("a", 1, 5), ("a", 2, 3), ("b", 1, 1)]))
+    newest = {}
+    async for batch in history.newest_positions():
+        if batch.tenant == tenant:
+            newest |= dict(zip(batch.device, batch.seq.tolist(), strict=True))
+    assert newest == {"a": 1, "b": 1}
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+async def live(request: pytest.FixtureRequest):
+    if request.param == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster")[0]
+    else:
+        url = request.getfixturevalue("redis_url")
+    store = await RedisLiveStore.open(url, request.getfixturevalue("redis_prefix"))
+    yield store
+    await store.close()
+
+
+def at(tenant: str, rows: list[tuple[str, int, float, float]]) -> FixBatch:
+    """(device, seconds after T0, lat, lon) rows; seq counts the seconds."""
+    return FixBatch.from_rows(
+        tenant, [(d, t, T0 + 1000 * t, y, x) for d, t, y, x in rows]
+    )
+
+
+async def test_live_update_never_moves_backwards(live) -> None:
+    tenant = unique_tenant()
+    moved = await live.update(at(tenant, [("a", 10, 1.0, 1.0), ("a", 12, 1.2, 1.2)]))
+    assert moved.seq.tolist() == [12]
+    late = await live.update(at(tenant, [("a", 11, 9.0, 9.0), ("a", 12, 9.0, 9.0)]))
+    assert len(late) == 0
+    assert (await live.get(tenant, ["a"])).lat.tolist() == [1.2]
+
+
+async def test_live_get_keeps_the_requested_order(live) -> None:
+    tenant = unique_tenant()
+    await live.update(at(tenant, [(f"d{i}", 1, 10.0 + i, 20.0) for i in range(30)]))
+    got = await live.get(tenant, ["d7", "missing", "d3", "d29"])
+    assert got.device.tolist() == ["d7", "d3", "d29"]
+    assert got.lat.tolist() == [17.0, 13.0, 39.0]
+
+
+@pytest.mark.parametrize(
+    ("centre", "positions", "expected"),
+    [
+        pytest.param(
+            (40.70, -74.00), {"near": (40.701, -74.0), "far": (40.75, -74.0)},
+            ["near"], id="inside-radius-only",
+        ),
+        pytest.param(
+            (41.00, -74.00), {"n": (41.002, -74.0), "s": (40.999, -74.0)},
+            ["s", "n"], id="across-cell-edge-nearest-first",
+        ),
+        pytest.param(
+            (0.0, 179.999), {"east": (0.0, -179.999), "west": (0.0, 179.99)},
+            ["east", "west"], id="across-antimeridian",
+        ),
+        pytest.param(
+            (89.9, 0.0), {"pole": (89.9, 5.0), "south": (88.0, 0.0)},
+            ["pole"], id="near-north-pole",
+        ),
+    ],
+)  # fmt: skip
+async def test_nearby_finds_devices_within_radius(live, centre, positions, expected):
+    tenant = unique_tenant()
+    rows = [(d, 1, lat, lon) for d, (lat, lon) in positions.items()]
+    await live.update(at(tenant, rows))
+    found, distance_m = await live.nearby(tenant, *centre, radius_m=2_000.0, limit=10)
+    assert found.device.tolist() == expected
+    assert np.all(np.diff(distance_m) >= 0) and np.all(distance_m <= 2_000.0)
+
+
+async def test_nearby_limit_keeps_the_nearest(live) -> None:
+    tenant = unique_tenant()
+    await live.update(
+        at(tenant, [(f"d{i}", 1, 50.0 + i * 1e-3, 8.0) for i in range(20)])
+    )
+    found, _ = await live.nearby(tenant, 50.0, 8.0, radius_m=50_000.0, limit=3)
+    assert found.device.tolist() == ["d0", "d1", "d2"]
+
+
+async def test_live_device_leaves_its_old_cell(live) -> None:
+    tenant = unique_tenant()
+    await live.update(at(tenant, [("a", 1, 10.5, 10.5)]))
+    await live.update(at(tenant, [("a", 2, 30.5, 30.5)]))
+    old, _ = await live.nearby(tenant, 10.5, 10.5, radius_m=1_000.0, limit=5)
+    new, _ = await live.nearby(tenant, 30.5, 30.5, radius_m=1_000.0, limit=5)
+    assert (len(old), new.device.tolist()) == (0, ["a"])
+
+
+async def test_snapshot_and_remove_are_per_tenant(live) -> None:
+    mine, theirs = unique_tenant(), unique_tenant()
+    await live.update(at(mine, [("a", 1, 1.0, 1.0), ("b", 1, 2.0, 2.0)]))
+    await live.update(at(theirs, [("c", 1, 1.0, 1.0)]))
+    await live.remove(mine, "a")
+    assert (await live.snapshot(mine)).device.tolist() == ["b"]
+    found, _ = await live.nearby(mine, 1.0, 1.0, radius_m=1_000.0, limit=5)
+    assert len(found) == 0
+
+
+async def test_live_round_trips_every_column(live) -> None:
+    tenant = unique_tenant()
+    batch = FixBatch.from_columns(
+        tenant, ["a"], [7], [T0], [40.7], [-74.0], accuracy_m=[3.5],
+        battery_pct=[np.nan], provider=[2], received_ms=np.array([T0 + 9]),
+    )  # fmt: skip
+    await live.update(batch)
+    got = await live.get(tenant, ["a"])
+    for name in (
+        "seq",
+        "time_ms",
+        "lat",
+        "lon",
+        "accuracy_m",
+        "provider",
+        "received_ms",
+    ):
+        np.testing.assert_array_equal(getattr(got, name), getattr(batch, name))
+    assert np.isnan(got.battery_pct[0])

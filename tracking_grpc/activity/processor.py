@@ -1,0 +1,566 @@
+"""Live activity: events from fixes as they are stored, and each device's state.
+
+:class:`ActivityProcessor` is a :class:`~tracking_grpc.events.FixProcessor`. Per
+tenant it keeps a short tail of recent fixes of each device and, per batch, runs
+:func:`~tracking_grpc.activity.track.analyse` over tail plus new fixes for all
+devices at once. Rows whose activity has become *final* are applied in order:
+they move the odometer and the Kalman filter and raise MOTION_CHANGED,
+STOP_STARTED/ENDED, TRIP_STARTED/ENDED and OVERSPEED_STARTED/ENDED. ONLINE is
+raised on a device's first fix after silence; ``tick`` raises OFFLINE.
+
+Fixes older than a device's newest applied fix are stored but do not change its
+activity (history queries see them). State lives in the process: after a restart
+activity starts afresh from the next fixes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tracking_grpc.activity.groups import Groups, runs
+from tracking_grpc.activity.motion import Motion, settle
+from tracking_grpc.activity.params import ActivityConfig, ActivityParams
+from tracking_grpc.activity.smooth import KalmanFilter
+from tracking_grpc.activity.track import Analysis, analyse
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.events import ActivityDetail, EventType, TrackingEvent, event_id
+
+log = logging.getLogger(__name__)
+
+NO_TRIP, CANDIDATE, ACTIVE = 0, 1, 2
+MOTION_NAMES = {m: m.name.lower() for m in Motion}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceActivity:
+    """What the processor knows of one device now."""
+
+    device: str
+    online: bool
+    last_seen_ms: int
+    motion: Motion
+    in_stop: bool
+    stop_since_ms: int
+    in_trip: bool
+    trip_since_ms: int
+    trip_distance_m: float
+    odometer_m: float
+    time_ms: int  # newest applied fix
+    lat: float
+    lon: float
+    smoothed_lat: float
+    smoothed_lon: float
+
+
+_COLUMNS = {
+    "last_ms": (np.int64, -1),
+    "seen_ms": (np.int64, -1),
+    "online": (bool, False),
+    "lat": (np.float64, np.nan),
+    "lon": (np.float64, np.nan),
+    "seq": (np.int64, 0),
+    "in_stop": (bool, False),
+    "stop_ms": (np.int64, -1),
+    "trip": (np.int8, NO_TRIP),
+    "trip_ms": (np.int64, -1),
+    "trip_lat": (np.float64, np.nan),
+    "trip_lon": (np.float64, np.nan),
+    "trip_seq": (np.int64, 0),
+    "trip_m": (np.float64, 0.0),
+    "trip_top": (np.float64, 0.0),
+    "odometer": (np.float64, 0.0),
+    "motion": (np.int8, Motion.UNKNOWN),
+    "over": (bool, False),
+    "over_ms": (np.int64, -1),
+    "over_top": (np.float64, 0.0),
+    "smooth_lat": (np.float64, np.nan),
+    "smooth_lon": (np.float64, np.nan),
+}
+
+
+@dataclass
+class _Tenant:
+    params: ActivityParams
+    slots: dict[str, int] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
+    cols: dict[str, np.ndarray] = field(default_factory=dict)
+    kalman: KalmanFilter = field(default_factory=KalmanFilter)
+    tail: FixBatch | None = None
+
+    def slot_of(self, devices: np.ndarray) -> np.ndarray:
+        """Slots of device ids (one lookup per distinct device), new ones added."""
+        unique, inverse = np.unique(devices.astype(str), return_inverse=True)
+        out = np.empty(unique.size, dtype=np.intp)
+        for i, name in enumerate(unique.tolist()):
+            slot = self.slots.get(name)
+            if slot is None:
+                slot = self.slots[name] = len(self.names)
+                self.names.append(name)
+            out[i] = slot
+        self._grow(len(self.names))
+        return out[inverse]
+
+    def _grow(self, size: int) -> None:
+        have = len(next(iter(self.cols.values()))) if self.cols else 0
+        if size <= have:
+            return
+        size = max(size, 2 * have, 64)
+        for name, (dtype, fill) in _COLUMNS.items():
+            extra = np.full(size - have, fill, dtype=dtype)
+            self.cols[name] = np.concatenate([self.cols.get(name, extra[:0]), extra])
+        self.kalman.grow(size)
+
+
+class ActivityProcessor:
+    """Activity events for every tenant; see the module docstring."""
+
+    name = "activity"
+
+    def __init__(self, config: ActivityConfig | None = None) -> None:
+        self.config = config or ActivityConfig()
+        self._tenants: dict[str, _Tenant] = {}
+
+    def _tenant(self, tenant: str) -> _Tenant:
+        state = self._tenants.get(tenant)
+        if state is None:
+            state = self._tenants[tenant] = _Tenant(self.config.params(tenant))
+        return state
+
+    async def process(self, stored: FixBatch) -> list[TrackingEvent]:
+        return self.apply(stored, created_ms=_now_ms())
+
+    async def tick(self, now_ms: int) -> list[TrackingEvent]:
+        """OFFLINE for every online device silent for ``offline_after_s``."""
+        events = []
+        for tenant, state in self._tenants.items():
+            if not state.cols:
+                continue
+            c = state.cols
+            limit = now_ms - int(state.params.offline_after_s * 1000)
+            silent = np.flatnonzero(
+                c["online"] & (c["seen_ms"] >= 0) & (c["seen_ms"] < limit)
+            )
+            c["online"][silent] = False
+            for slot in silent.tolist():
+                events.append(
+                    _event(
+                        tenant,
+                        state.names[slot],
+                        EventType.OFFLINE,
+                        now_ms,
+                        c["lat"][slot],
+                        c["lon"][slot],
+                        int(c["seq"][slot]),
+                        now_ms,
+                        {"last_seen_ms": str(int(c["seen_ms"][slot]))},
+                    )
+                )
+        return events
+
+    def state(self, tenant: str, device: str) -> DeviceActivity | None:
+        """The device's current activity, or None if it sent nothing since start."""
+        state = self._tenants.get(tenant)
+        slot = state.slots.get(device) if state else None
+        if state is None or slot is None:
+            return None
+        c = state.cols
+        return DeviceActivity(
+            device=device,
+            online=bool(c["online"][slot]),
+            last_seen_ms=int(c["seen_ms"][slot]),
+            motion=Motion(int(c["motion"][slot])),
+            in_stop=bool(c["in_stop"][slot]),
+            stop_since_ms=int(c["stop_ms"][slot]),
+            in_trip=int(c["trip"][slot]) == ACTIVE,
+            trip_since_ms=int(c["trip_ms"][slot]) if c["trip"][slot] == ACTIVE else -1,
+            trip_distance_m=float(c["trip_m"][slot]) if c["trip"][slot] else 0.0,
+            odometer_m=float(c["odometer"][slot]),
+            time_ms=int(c["last_ms"][slot]),
+            lat=float(c["lat"][slot]),
+            lon=float(c["lon"][slot]),
+            smoothed_lat=float(c["smooth_lat"][slot]),
+            smoothed_lon=float(c["smooth_lon"][slot]),
+        )
+
+    def apply(self, stored: FixBatch, created_ms: int) -> list[TrackingEvent]:
+        """Events of newly stored fixes of one tenant (any order)."""
+        if len(stored) == 0:
+            return []
+        state = self._tenant(stored.tenant)
+        events = self._online(state, stored, created_ms)
+        fixes = stored if state.tail is None else FixBatch.concat([state.tail, stored])
+        fixes = fixes.sorted_by_device_time()
+        a = analyse(fixes, state.params, complete=False)
+        row_slot = state.slot_of(fixes.device) if len(fixes) else np.empty(0, np.intp)
+        rows = np.flatnonzero(
+            a.final & (fixes.time_ms > state.cols["last_ms"][row_slot])
+        )
+        if rows.size:
+            events += _Apply(state, self.config, a, row_slot, rows, created_ms).run()
+        state.tail = _keep_tail(a, row_slot, state)
+        return events
+
+    def _online(
+        self, state: _Tenant, stored: FixBatch, created_ms: int
+    ) -> list[TrackingEvent]:
+        slots = state.slot_of(stored.device)
+        seen = np.where(stored.received_ms > 0, stored.received_ms, stored.time_ms)
+        c = state.cols
+        newest = np.full(len(state.names), -1, dtype=np.int64)
+        np.maximum.at(newest, slots, seen)
+        touched = np.flatnonzero(newest >= 0)
+        c["seen_ms"][touched] = np.maximum(c["seen_ms"][touched], newest[touched])
+        waking = touched[~c["online"][touched]]
+        c["online"][waking] = True
+        events = []
+        last_row = {int(s): i for i, s in enumerate(slots.tolist())}
+        for slot in waking.tolist():
+            i = last_row[slot]
+            events.append(
+                _event(
+                    stored.tenant,
+                    state.names[slot],
+                    EventType.ONLINE,
+                    int(stored.time_ms[i]),
+                    float(stored.lat[i]),
+                    float(stored.lon[i]),
+                    int(stored.seq[i]),
+                    created_ms,
+                    {},
+                )
+            )
+        return events
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _event(
+    tenant,
+    device,
+    kind,
+    time_ms,
+    lat,
+    lon,
+    seq,
+    created_ms,
+    attributes,
+    detail: ActivityDetail | None = None,
+) -> TrackingEvent:
+    return TrackingEvent(
+        event_id=event_id(tenant, device, kind, int(time_ms), "activity"),
+        tenant=tenant,
+        device=device,
+        type=kind,
+        time_ms=int(time_ms),
+        lat=float(lat),
+        lon=float(lon),
+        fix_seq=int(seq),
+        created_ms=created_ms,
+        attributes=attributes,
+        activity=detail,
+    )
+
+
+def _keep_tail(a: Analysis, row_slot: np.ndarray, state: _Tenant) -> FixBatch | None:
+    """Rows later batches still need: undecided ones and the recent past."""
+    p = state.params
+    keep_ms = max(p.min_stop_s, p.motion_window_s, p.motion_min_s, p.overspeed_min_s)
+    keep_ms = int((keep_ms + 60.0) * 1000)
+    f = a.fixes
+    if len(f) == 0:
+        return None
+    newest = np.full(int(row_slot.max()) + 1, np.iinfo(np.int64).min)
+    np.maximum.at(newest, row_slot, f.time_ms)
+    recent = f.time_ms >= newest[row_slot] - keep_ms
+    # The last trusted fix before the recent window anchors steps and windows.
+    before = a.trusted & ~recent
+    last_before = np.zeros(len(f), dtype=bool)
+    idx = np.flatnonzero(before)
+    if idx.size:
+        g = a.groups.index[idx]
+        is_last = np.append(g[1:] != g[:-1], True)
+        last_before[idx[is_last]] = True
+    keep = (a.trusted | a.pending) & (recent | ~a.final | last_before)
+    keep &= a.trusted | a.pending
+    return f.take(keep) if keep.any() else None
+
+
+class _Apply:
+    """Applies the newly final rows of one batch to the tenant's device state."""
+
+    def __init__(self, state, config, a: Analysis, row_slot, rows, created_ms: int):
+        self.state, self.config, self.a = state, config, a
+        self.created_ms = created_ms
+        self.p = state.params
+        self.c = state.cols
+        f = a.fixes
+        self.tenant = f.tenant
+        self.r = rows
+        self.slot = row_slot[rows]
+        self.t = f.time_ms[rows]
+        self.lat, self.lon, self.seq = f.lat[rows], f.lon[rows], f.seq[rows]
+        self.in_stop = a.in_stop[rows]
+        self.gap = a.gap[rows]
+        self.counted = a.counted_m[rows]
+        self.speed = a.steps.speed_mps[rows]
+        self.motion, self.over, self.over_ms = self._motion_and_overspeed(row_slot)
+        self.events: list[TrackingEvent] = []
+
+    def _motion_and_overspeed(self, row_slot):
+        a, p, c = self.a, self.p, self.c
+        trusted = np.flatnonzero(a.trusted)
+        groups = Groups.of(a.groups.index[trusted])
+        slot_of_group = row_slot[trusted][groups.starts]
+        t = a.fixes.time_ms[trusted]
+        settled = settle(
+            a.motion[trusted], t, groups, p.motion_min_s, c["motion"][slot_of_group]
+        )
+        limits = self.state_limits(slot_of_group)[groups.index]
+        speed = a.steps.speed_mps[trusted]
+        over = (limits > 0) & (np.nan_to_num(speed) > limits)
+        starts, ends = runs(over, groups)
+        since = np.repeat(t[starts], ends - starts)
+        confirmed = over & (t - since >= p.overspeed_min_s * 1000.0)
+        position = np.searchsorted(trusted, self.r)
+        return settled[position], confirmed[position], since[position]
+
+    def state_limits(self, slots: np.ndarray) -> np.ndarray:
+        names = [self.state.names[s] for s in slots.tolist()]
+        return self.config.speed_limits_mps(self.tenant, names)
+
+    def run(self) -> list[TrackingEvent]:
+        c, slot = self.c, self.slot
+        first = np.append(True, slot[1:] != slot[:-1])
+        starts = np.flatnonzero(first)
+        ends = np.append(starts[1:], slot.size)
+        prev_stop = np.append(False, self.in_stop[:-1])
+        prev_stop[first] = c["in_stop"][slot[first]]
+        prev_motion = np.append(0, self.motion[:-1])
+        prev_motion[first] = c["motion"][slot[first]]
+        changes = (self.in_stop != prev_stop) | (self.gap & ~self.in_stop)
+        changes |= self.motion != prev_motion
+        changes |= self.over | c["over"][slot]
+        changes |= ~self.in_stop & (c["trip"][slot] != ACTIVE)
+        busy_run = np.logical_or.reduceat(changes, starts)
+
+        # Quiet devices: accumulate in bulk.
+        quiet = np.repeat(~busy_run, ends - starts)
+        q_slots = slot[starts[~busy_run]]
+        sums = np.add.reduceat(self.counted, starts)[~busy_run] if starts.size else []
+        c["odometer"][q_slots] += sums
+        in_trip = c["trip"][q_slots] != NO_TRIP
+        c["trip_m"][q_slots] += np.where(in_trip, sums, 0.0)
+        moving_speed = np.where(quiet & ~self.in_stop, np.nan_to_num(self.speed), 0.0)
+        tops = np.maximum.reduceat(moving_speed, starts)[~busy_run]
+        c["trip_top"][q_slots] = np.where(
+            in_trip, np.maximum(c["trip_top"][q_slots], tops), c["trip_top"][q_slots]
+        )
+        self._set_last(q_slots, ends[~busy_run] - 1)
+
+        # Devices with something happening: one row at a time.
+        for k in np.flatnonzero(busy_run).tolist():
+            for i in range(starts[k], ends[k]):
+                self._row(i)
+        self._smooth()
+        return self.events
+
+    def _set_last(self, slots, i) -> None:
+        c = self.c
+        c["last_ms"][slots] = self.t[i]
+        c["lat"][slots] = self.lat[i]
+        c["lon"][slots] = self.lon[i]
+        c["seq"][slots] = self.seq[i]
+
+    def _emit(self, kind, i_or_place, attributes=None, detail=None) -> None:
+        if isinstance(i_or_place, tuple):
+            time_ms, lat, lon, seq = i_or_place
+        else:
+            i = i_or_place
+            time_ms, lat, lon, seq = self.t[i], self.lat[i], self.lon[i], self.seq[i]
+        s = self._current
+        self.events.append(
+            _event(
+                self.tenant,
+                self.state.names[s],
+                kind,
+                time_ms,
+                lat,
+                lon,
+                seq,
+                self.created_ms,
+                attributes or {},
+                detail,
+            )
+        )
+
+    def _previous(self, s) -> tuple:
+        c = self.c
+        return (int(c["last_ms"][s]), c["lat"][s], c["lon"][s], int(c["seq"][s]))
+
+    def _trip_place(self, s) -> tuple:
+        c = self.c
+        return (
+            int(c["trip_ms"][s]),
+            c["trip_lat"][s],
+            c["trip_lon"][s],
+            int(c["trip_seq"][s]),
+        )
+
+    def _begin_candidate(self, s, place, distance_m: float) -> None:
+        c = self.c
+        c["trip"][s] = CANDIDATE
+        c["trip_ms"][s], c["trip_lat"][s], c["trip_lon"][s], c["trip_seq"][s] = place
+        c["trip_m"][s] = distance_m
+        c["trip_top"][s] = 0.0
+
+    def _end_trip(self, s, place) -> None:
+        c = self.c
+        if c["trip"][s] == ACTIVE:
+            duration_s = (place[0] - c["trip_ms"][s]) / 1000.0
+            distance = float(c["trip_m"][s])
+            self._emit(
+                EventType.TRIP_ENDED,
+                place,
+                {"trip_started_ms": str(int(c["trip_ms"][s]))},
+                ActivityDetail(
+                    distance_m=distance,
+                    duration_s=duration_s,
+                    avg_speed_mps=distance / duration_s if duration_s > 0 else 0.0,
+                    max_speed_mps=float(c["trip_top"][s]),
+                    since_ms=int(c["trip_ms"][s]),
+                    odometer_m=float(c["odometer"][s]),
+                ),
+            )
+        c["trip"][s] = NO_TRIP
+
+    def _row(self, i: int) -> None:
+        c, p = self.c, self.p
+        s = self._current = int(self.slot[i])
+        stop_now, stop_before = bool(self.in_stop[i]), bool(c["in_stop"][s])
+        c["odometer"][s] += self.counted[i]
+        if c["trip"][s] != NO_TRIP:
+            c["trip_m"][s] += self.counted[i]
+            if not stop_now and np.isfinite(self.speed[i]):
+                c["trip_top"][s] = max(c["trip_top"][s], float(self.speed[i]))
+        here = (int(self.t[i]), self.lat[i], self.lon[i], int(self.seq[i]))
+
+        if stop_now and not stop_before:
+            self._emit(
+                EventType.STOP_STARTED,
+                i,
+                {},
+                ActivityDetail(odometer_m=float(c["odometer"][s])),
+            )
+            self._end_trip(s, here)
+            c["in_stop"][s], c["stop_ms"][s] = True, self.t[i]
+        elif stop_before and not stop_now:
+            left = self._previous(s)
+            duration_s = (left[0] - c["stop_ms"][s]) / 1000.0
+            self._emit(
+                EventType.STOP_ENDED,
+                left,
+                {},
+                ActivityDetail(duration_s=duration_s, since_ms=int(c["stop_ms"][s])),
+            )
+            c["in_stop"][s] = False
+            if self.gap[i]:
+                self._begin_candidate(s, here, 0.0)
+            else:
+                self._begin_candidate(s, left, float(self.counted[i]))
+        elif not stop_now and self.gap[i]:
+            self._end_trip(s, self._previous(s))
+            self._begin_candidate(s, here, 0.0)
+        elif not stop_now and c["trip"][s] == NO_TRIP:
+            self._begin_candidate(s, here, 0.0)
+
+        if (
+            c["trip"][s] == CANDIDATE
+            and c["trip_m"][s] >= p.min_trip_distance_m
+            and self.t[i] - c["trip_ms"][s] >= p.min_trip_s * 1000.0
+        ):
+            c["trip"][s] = ACTIVE
+            self._emit(
+                EventType.TRIP_STARTED,
+                self._trip_place(s),
+                {},
+                ActivityDetail(odometer_m=float(c["odometer"][s])),
+            )
+
+        motion = int(self.motion[i])
+        if motion != c["motion"][s]:
+            before = int(c["motion"][s])
+            if before != Motion.UNKNOWN and motion != Motion.UNKNOWN:
+                self._emit(
+                    EventType.MOTION_CHANGED,
+                    i,
+                    {"motion": MOTION_NAMES[Motion(motion)]},
+                    ActivityDetail(
+                        motion=motion,
+                        previous_motion=before,
+                        speed_mps=_finite(self.speed[i]),
+                    ),
+                )
+            c["motion"][s] = motion
+
+        if self.over[i] and not c["over"][s]:
+            c["over"][s], c["over_ms"][s] = True, self.over_ms[i]
+            c["over_top"][s] = float(self.speed[i])
+            limit = float(self.state_limits(np.array([s]))[0])
+            self._emit(
+                EventType.OVERSPEED_STARTED,
+                i,
+                {},
+                ActivityDetail(
+                    speed_mps=float(self.speed[i]),
+                    speed_limit_mps=limit,
+                    since_ms=int(self.over_ms[i]),
+                ),
+            )
+        elif c["over"][s]:
+            speed = _finite(self.speed[i])
+            limit = float(self.state_limits(np.array([s]))[0])
+            if speed > limit > 0:
+                c["over_top"][s] = max(c["over_top"][s], speed)
+            else:
+                c["over"][s] = False
+                self._emit(
+                    EventType.OVERSPEED_ENDED,
+                    i,
+                    {},
+                    ActivityDetail(
+                        max_speed_mps=float(c["over_top"][s]),
+                        speed_limit_mps=limit,
+                        since_ms=int(c["over_ms"][s]),
+                        duration_s=(self.t[i] - c["over_ms"][s]) / 1000.0,
+                    ),
+                )
+        self._set_last(np.array([s]), np.array([i]))
+
+    def _smooth(self) -> None:
+        """Kalman filter over the applied rows: one step per rank, all devices."""
+        f = self.a.fixes
+        acc = f.accuracy_m[self.r].astype(np.float64)
+        first = np.append(True, self.slot[1:] != self.slot[:-1])
+        starts = np.flatnonzero(first)
+        rank = np.arange(self.slot.size) - np.repeat(
+            starts, np.diff(np.append(starts, self.slot.size))
+        )
+        for k in range(int(rank.max()) + 1):
+            rows = np.flatnonzero(rank == k)
+            s = self.slot[rows]
+            lat, lon = self.state.kalman.step(
+                s, self.t[rows], self.lat[rows], self.lon[rows], acc[rows]
+            )
+            self.c["smooth_lat"][s] = lat
+            self.c["smooth_lon"][s] = lon
+
+
+def _finite(value) -> float:
+    value = float(value)
+    return value if np.isfinite(value) else 0.0

@@ -1,0 +1,62 @@
+"""History queries: load a device's fixes for a time range and analyse them.
+
+Reads go through :meth:`HistoryStore.history`, so they work on every backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tracking_grpc.activity import segments
+from tracking_grpc.activity.params import ActivityConfig, ActivityParams
+from tracking_grpc.activity.track import Analysis, analyse
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.storage.base import HistoryStore
+
+MAX_RANGE_MS = 366 * 86_400_000
+MAX_QUERY_FIXES = 2_000_000
+
+
+def check_range(start_ms: int, end_ms: int) -> None:
+    if start_ms < 0:
+        raise InvalidArgument("start_ms", "must be >= 0")
+    if end_ms <= start_ms:
+        raise InvalidArgument("end_ms", "must be after start_ms")
+    if end_ms - start_ms > MAX_RANGE_MS:
+        raise InvalidArgument("end_ms", "range longer than 366 days")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceHistory:
+    fixes: FixBatch
+    analysis: Analysis
+    params: ActivityParams
+
+    def trips(self) -> list[segments.Trip]:
+        return segments.trips(self.analysis, self.params)
+
+    def stops(self) -> list[segments.Stop]:
+        return segments.stops(self.analysis)
+
+
+async def load(
+    history: HistoryStore,
+    config: ActivityConfig,
+    tenant: str,
+    device: str,
+    start_ms: int,
+    end_ms: int,
+) -> DeviceHistory:
+    """A device's fixes in [start_ms, end_ms), analysed with the tenant's rules."""
+    check_range(start_ms, end_ms)
+    fixes = await history.history(
+        tenant, device, start_ms, end_ms, limit=MAX_QUERY_FIXES + 1
+    )
+    if len(fixes) > MAX_QUERY_FIXES:
+        raise InvalidArgument(
+            "end_ms", f"range holds more than {MAX_QUERY_FIXES} fixes; ask for less"
+        )
+    params = config.params(tenant)
+    fixes = fixes.sorted_by_device_time()
+    return DeviceHistory(fixes, analyse(fixes, params, complete=True), params)

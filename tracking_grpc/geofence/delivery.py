@@ -1,0 +1,214 @@
+"""Where geofence events go after the bus: the event store, WatchEvents subscribers
+and a Redis Stream.
+
+Each is an event-bus listener that picks the geofence events out of what the bus
+carries. The Redis publisher retries until Redis takes the events (at least once);
+consumers read the stream with consumer groups (XREADGROUP, XACK) and de-duplicate by
+``event_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.storage.fences import EventRepository
+
+log = logging.getLogger(__name__)
+
+GEOFENCE_TYPES = frozenset(
+    {EventType.ENTER, EventType.EXIT, EventType.DWELL, EventType.CROSS}
+)
+WATCH_QUEUE = 10_000
+STREAM_MAXLEN = 1_000_000
+RETRY_S = (0.1, 0.5, 2.0, 5.0)
+
+
+def geofence_events(events: Sequence[TrackingEvent]) -> list[TrackingEvent]:
+    return [e for e in events if e.type in GEOFENCE_TYPES and e.fence_id]
+
+
+class EventStoreListener:
+    """Stores geofence events for ListEvents."""
+
+    def __init__(self, events: EventRepository) -> None:
+        self.events = events
+
+    async def __call__(self, events: Sequence[TrackingEvent]) -> None:
+        found = geofence_events(events)
+        if found:
+            await self.events.add(found)
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Empty sets match everything."""
+
+    tenant: str
+    fences: frozenset[str] = frozenset()
+    devices: frozenset[str] = frozenset()
+    types: frozenset[EventType] = frozenset()
+
+    def matches(self, event: TrackingEvent) -> bool:
+        return (
+            event.tenant == self.tenant
+            and (not self.fences or event.fence_id in self.fences)
+            and (not self.devices or event.device in self.devices)
+            and (not self.types or event.type in self.types)
+        )
+
+
+@dataclass(eq=False)
+class EventSubscription:
+    """One WatchEvents call: matching events wait in a bounded queue."""
+
+    filter: EventFilter
+    queue: asyncio.Queue[list[TrackingEvent]] = field(
+        default_factory=lambda: asyncio.Queue(WATCH_QUEUE)
+    )
+    overflowed: bool = False
+
+
+class EventWatchHub:
+    """Delivers geofence events to WatchEvents subscribers of this process."""
+
+    def __init__(self) -> None:
+        self._subscriptions: set[EventSubscription] = set()
+
+    def subscribe(self, event_filter: EventFilter) -> EventSubscription:
+        subscription = EventSubscription(event_filter)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: EventSubscription) -> None:
+        self._subscriptions.discard(subscription)
+
+    async def __call__(self, events: Sequence[TrackingEvent]) -> None:
+        found = geofence_events(events)
+        if not found:
+            return
+        for subscription in list(self._subscriptions):
+            matching = [e for e in found if subscription.filter.matches(e)]
+            if not matching:
+                continue
+            try:
+                subscription.queue.put_nowait(matching)
+            except asyncio.QueueFull:
+                subscription.overflowed = True
+                self.unsubscribe(subscription)
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    subscription.queue.get_nowait()
+                subscription.queue.put_nowait([])  # wakes the stream to end it
+
+
+def stream_fields(event: TrackingEvent) -> dict[str, str]:
+    """One stream entry: every field of the event as text."""
+    return {
+        "event_id": event.event_id,
+        "tenant": event.tenant,
+        "device_id": event.device,
+        "type": event.type.name,
+        "fence_id": event.fence_id,
+        "time_ms": str(event.time_ms),
+        "lat": repr(event.lat),
+        "lon": repr(event.lon),
+        "fix_seq": str(event.fix_seq),
+        "created_ms": str(event.created_ms),
+        "attributes": json.dumps(event.attributes, sort_keys=True),
+    }
+
+
+def event_of_stream(entry: dict[str, str]) -> TrackingEvent:
+    """The event of a stream entry (for consumers and tests)."""
+    return TrackingEvent(
+        event_id=entry["event_id"],
+        tenant=entry["tenant"],
+        device=entry["device_id"],
+        type=EventType[entry["type"]],
+        time_ms=int(entry["time_ms"]),
+        lat=float(entry["lat"]),
+        lon=float(entry["lon"]),
+        fix_seq=int(entry["fix_seq"]),
+        created_ms=int(entry["created_ms"]),
+        fence_id=entry["fence_id"],
+        attributes=json.loads(entry["attributes"]),
+    )
+
+
+class StreamPublisher:
+    """Appends geofence events to a Redis Stream, retrying until Redis takes them.
+
+    The listener only queues; a task publishes in order. While Redis is down events
+    wait (up to ``max_pending``, beyond which the oldest are dropped with an error in
+    the log; the event store still has them).
+    """
+
+    def __init__(self, client, stream: str, max_pending: int = 1_000_000) -> None:  # type: ignore[no-untyped-def]
+        self.client = client
+        self.stream = stream
+        self.max_pending = max_pending
+        self._pending: list[TrackingEvent] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="geofence-stream")
+
+    async def __call__(self, events: Sequence[TrackingEvent]) -> None:
+        found = geofence_events(events)
+        if not found:
+            return
+        self._pending.extend(found)
+        overflow = len(self._pending) - self.max_pending
+        if overflow > 0:
+            log.error("Redis stream backlog full: %d events not published", overflow)
+            del self._pending[:overflow]
+        self._wake.set()
+
+    async def _run(self) -> None:
+        failures = 0
+        while not (self._closing and not self._pending):
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            chunk = self._pending[:500]
+            try:
+                await self._publish(chunk)
+            except Exception as exc:
+                delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
+                failures += 1
+                log.warning(
+                    "publishing events to Redis failed (%s); retry in %ss", exc, delay
+                )
+                if self._closing and failures > len(RETRY_S):
+                    log.error("%d events not published at shutdown", len(self._pending))
+                    return
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            del self._pending[: len(chunk)]
+
+    async def _publish(self, events: list[TrackingEvent]) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for event in events:
+                pipe.xadd(
+                    self.stream,
+                    stream_fields(event),
+                    maxlen=STREAM_MAXLEN,
+                    approximate=True,
+                )
+            await pipe.execute()
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+        await self.client.aclose()

@@ -1,0 +1,440 @@
+"""Enter, exit, dwell and cross detection over batches of fixes, as arrays.
+
+Rules (docs/geofencing.md says them for users):
+
+- A fix *enters* a fence when its position is inside and its accuracy is no worse
+  than the fence's enter limit (the fence's ``max_accuracy_m``, or the radius of the
+  largest circle that fits inside it).
+- A fix *exits* only when it is certainly outside: its distance to the fence's edge
+  exceeds both its accuracy and ``EXIT_MARGIN_M``. Other fixes keep the membership.
+- DWELL is raised once per stay, by the first fix at least ``dwell_ms`` after the
+  enter while still inside. CROSS is raised when the straight segment between two
+  consecutive accurate fixes, both outside, passes through the fence.
+- Fixes are evaluated per device in fix-time order. A fix not newer than the newest
+  fix already evaluated for its device is late: it changes nothing and raises nothing.
+- Outside its schedule a fence neither enters nor exits anybody.
+
+Membership is kept per (device, fence) in sorted arrays; a batch is evaluated by
+expanding (device, fence) pairs over the device's fixes and forward-filling decisions.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.events import EventType, TrackingEvent, event_id
+from tracking_grpc.geofence import schedule
+from tracking_grpc.geofence.index import FenceIndex
+
+log = logging.getLogger(__name__)
+
+EXIT_MARGIN_M = 5.0
+_NEVER = np.iinfo(np.int64).min
+_ORDER = {EventType.CROSS: 0, EventType.EXIT: 1, EventType.ENTER: 2, EventType.DWELL: 3}
+
+
+@dataclass(slots=True)
+class _Members:
+    """Inside memberships: key = device code << 32 | fence code, sorted."""
+
+    key: np.ndarray
+    entered_ms: np.ndarray
+    dwell_done: np.ndarray
+
+    @classmethod
+    def empty(cls) -> _Members:
+        return cls(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, bool))
+
+    def of_devices(self, devices: np.ndarray) -> np.ndarray:
+        """Indices of the memberships of the given device codes."""
+        start = np.searchsorted(self.key, devices.astype(np.int64) << 32)
+        end = np.searchsorted(self.key, (devices.astype(np.int64) + 1) << 32)
+        return _ranges(start, end)
+
+    def replace_devices(
+        self,
+        devices: np.ndarray,
+        key: np.ndarray,
+        entered: np.ndarray,
+        done: np.ndarray,
+    ) -> None:
+        drop = self.of_devices(devices)
+        keep = np.ones(self.key.size, dtype=bool)
+        keep[drop] = False
+        merged_key = np.concatenate([self.key[keep], key])
+        order = np.argsort(merged_key, kind="stable")
+        self.key = merged_key[order]
+        self.entered_ms = np.concatenate([self.entered_ms[keep], entered])[order]
+        self.dwell_done = np.concatenate([self.dwell_done[keep], done])[order]
+
+    def drop_fences(self, codes: np.ndarray) -> None:
+        keep = ~np.isin(self.key & 0xFFFFFFFF, codes)
+        self.key, self.entered_ms = self.key[keep], self.entered_ms[keep]
+        self.dwell_done = self.dwell_done[keep]
+
+
+@dataclass(slots=True)
+class _Devices:
+    """Per device code: newest evaluated fix."""
+
+    time_ms: np.ndarray
+    lon: np.ndarray
+    lat: np.ndarray
+    accuracy_m: np.ndarray
+
+    @classmethod
+    def empty(cls) -> _Devices:
+        return cls(np.empty(0, np.int64), np.empty(0), np.empty(0), np.empty(0))
+
+    def grow(self, size: int) -> None:
+        if size <= self.time_ms.size:
+            return
+        extra = max(size, 2 * self.time_ms.size) - self.time_ms.size
+        self.time_ms = np.concatenate([self.time_ms, np.full(extra, _NEVER)])
+        self.lon = np.concatenate([self.lon, np.full(extra, np.nan)])
+        self.lat = np.concatenate([self.lat, np.full(extra, np.nan)])
+        self.accuracy_m = np.concatenate([self.accuracy_m, np.full(extra, np.nan)])
+
+
+class FenceDetector:
+    """Geofence state of one tenant's devices; turns fix batches into events."""
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+        self._device_codes: dict[str, int] = {}
+        self._fence_codes: dict[str, int] = {}
+        self._members = _Members.empty()
+        self._devices = _Devices.empty()
+
+    def inside(self, device: str) -> list[str]:
+        """Fence ids the device is inside now (for tests and Check)."""
+        code = self._device_codes.get(device)
+        if code is None:
+            return []
+        names = {c: f for f, c in self._fence_codes.items()}
+        rows = self._members.of_devices(np.array([code]))
+        return sorted(names[int(k) & 0xFFFFFFFF] for k in self._members.key[rows])
+
+    def forget_fences(self, fence_ids: list[str]) -> None:
+        """Drop memberships of deleted fences (their devices raise no exit)."""
+        codes = [self._fence_codes[f] for f in fence_ids if f in self._fence_codes]
+        if codes:
+            self._members.drop_fences(np.array(codes, dtype=np.int64))
+
+    def evaluate(
+        self, batch: FixBatch, index: FenceIndex, now_ms: int
+    ) -> list[TrackingEvent]:
+        """Events raised by a batch of stored fixes; updates the membership state."""
+        if len(batch) == 0 or len(index) == 0:
+            return []
+        batch = batch.sorted_by_device_time()
+        names, local = np.unique(batch.device.astype(str), return_inverse=True)
+        codes = np.array([self._device_code(n) for n in names], dtype=np.int64)
+        self._devices.grow(int(codes.max()) + 1)
+        fresh = batch.time_ms > self._devices.time_ms[codes[local]]
+        if not fresh.all():
+            log.debug("%d late fixes left out of fence evaluation", int((~fresh).sum()))
+            batch, local = batch.take(fresh), local[fresh]
+            if len(batch) == 0:
+                return []
+        fence_codes = np.array([self._fence_code(f) for f in index.ids], dtype=np.int64)
+        run = _Run(self, batch, local, codes, index, fence_codes)
+        events = run.events(now_ms)
+        run.commit()
+        return events
+
+    def _device_code(self, device: str) -> int:
+        return self._device_codes.setdefault(device, len(self._device_codes))
+
+    def _fence_code(self, fence_id: str) -> int:
+        return self._fence_codes.setdefault(fence_id, len(self._fence_codes))
+
+
+class _Run:
+    """One batch: rows are (device, fence) pairs times the device's fixes."""
+
+    def __init__(
+        self,
+        detector: FenceDetector,
+        batch: FixBatch,
+        local: np.ndarray,
+        codes: np.ndarray,
+        index: FenceIndex,
+        fence_codes: np.ndarray,
+    ) -> None:
+        self.d, self.batch, self.index = detector, batch, index
+        self.fence_codes = fence_codes
+        present, local = np.unique(local, return_inverse=True)
+        self.codes = codes[present]  # device code per local device
+        self.local = local  # local device per fix
+        self.n_dev = self.codes.size
+        self.first = np.searchsorted(local, np.arange(self.n_dev))
+        self.stop = np.searchsorted(local, np.arange(self.n_dev), side="right")
+        self.lon, self.lat = batch.lon, batch.lat
+        self.time = batch.time_ms
+        self.acc = np.nan_to_num(batch.accuracy_m.astype(np.float64), nan=0.0)
+        self.c_fix, self.c_row = index.contains(self.lon, self.lat)
+        self._pairs()
+        self._decide()
+
+    # pairs and rows -------------------------------------------------------------------
+
+    def _pairs(self) -> None:
+        members = self.d._members
+        held = members.of_devices(self.codes)
+        code_to_row = np.full(
+            max(
+                int(self.fence_codes.max(initial=-1)),
+                int((members.key[held] & 0xFFFFFFFF).max(initial=-1)),
+            )
+            + 1,
+            -1,
+            dtype=np.int64,
+        )
+        code_to_row[self.fence_codes] = np.arange(self.fence_codes.size)
+        m_dev_code = members.key[held] >> 32
+        m_row = code_to_row[members.key[held] & 0xFFFFFFFF]
+        alive = m_row >= 0
+        by_code = np.argsort(self.codes)
+        m_local = by_code[np.searchsorted(self.codes[by_code], m_dev_code)]
+        n_rows = len(self.index) + 1
+        member_key = m_local[alive] * n_rows + m_row[alive]
+        entered = members.entered_ms[held][alive]
+        done = members.dwell_done[held][alive]
+        touch_key = self.local[self.c_fix].astype(np.int64) * n_rows + self.c_row
+        pair_key = np.unique(np.concatenate([member_key, touch_key]))
+        self.pair_dev = pair_key // n_rows
+        self.pair_row = pair_key % n_rows
+        order = np.argsort(member_key)
+        at = np.searchsorted(member_key[order], pair_key)
+        at = order[at.clip(0, max(member_key.size - 1, 0))] if member_key.size else at
+        self.init_inside = (
+            member_key[at] == pair_key if member_key.size else np.zeros(at.size, bool)
+        )
+        self.init_entered = np.where(
+            self.init_inside, entered[at] if member_key.size else 0, _NEVER
+        )
+        self.init_done = self.init_inside & (done[at] if member_key.size else False)
+        counts = self.stop[self.pair_dev] - self.first[self.pair_dev]
+        self.r_pair = np.repeat(np.arange(pair_key.size), counts)
+        starts = np.cumsum(counts) - counts
+        self.r_fix = self.first[self.pair_dev][self.r_pair] + (
+            np.arange(self.r_pair.size) - starts[self.r_pair]
+        )
+        self.r_row = self.pair_row[self.r_pair]
+        self.r_start = starts[self.r_pair]  # first row of the row's pair
+        self.r_last = np.zeros(self.r_pair.size, dtype=bool)
+        self.r_last[np.cumsum(counts) - 1] = True
+
+    def _decide(self) -> None:
+        index, fix, row = self.index, self.r_fix, self.r_row
+        n_rows = len(index) + 1
+        c_key = self.c_fix.astype(np.int64) * n_rows + self.c_row
+        self.r_in = np.isin(fix.astype(np.int64) * n_rows + row, c_key)
+        active = np.ones(row.size, dtype=bool)
+        for r in np.unique(row[index.scheduled[row]]):
+            mask = row == r
+            active[mask] = schedule.active(
+                index.fences[r].spec.schedule, self.time[fix[mask]]
+            )
+        acc = self.acc[fix]
+        enter_ok = self.r_in & active & (acc <= index.enter_limit_m[row])
+        could_be_in = self.init_inside | (
+            np.bincount(self.r_pair, weights=enter_ok, minlength=self.pair_row.size) > 0
+        )
+        probe = np.flatnonzero(~self.r_in & active & could_be_in[self.r_pair])
+        dist = index.edge_distance_m(
+            self.lon[fix[probe]], self.lat[fix[probe]], row[probe]
+        )
+        exit_ok = np.zeros(row.size, dtype=bool)
+        exit_ok[probe] = dist > np.maximum(acc[probe], EXIT_MARGIN_M)
+        decision = np.where(enter_ok, 1, np.where(exit_ok, -1, 0))
+        self.state = self._fill(decision, np.where(self.init_inside, 1, -1))
+        self.prev = np.where(
+            np.arange(row.size) == self.r_start,
+            np.where(self.init_inside, 1, -1)[self.r_pair],
+            np.roll(self.state, 1),
+        )
+        self.enter = (self.prev < 0) & (self.state > 0)
+        self.exit = (self.prev > 0) & (self.state < 0)
+        self._dwell()
+
+    def _fill(self, decision: np.ndarray, initial: np.ndarray) -> np.ndarray:
+        """Per pair, the latest decision at or before each row (else the initial)."""
+        pos = np.arange(decision.size)
+        latest = np.maximum.accumulate(np.where(decision != 0, pos, -1))
+        own = latest >= self.r_start
+        return np.where(own, decision[latest.clip(0)], initial[self.r_pair])
+
+    def _dwell(self) -> None:
+        time = self.time[self.r_fix]
+        pos = np.arange(time.size)
+        latest = np.maximum.accumulate(np.where(self.enter, pos, -1))
+        own = latest >= self.r_start
+        self.entered = np.where(
+            own, time[latest.clip(0)], self.init_entered[self.r_pair]
+        )
+        stay = (
+            np.cumsum(self.enter)
+            - np.cumsum(self.enter)[self.r_start]
+            + self.enter[self.r_start]
+        )
+        self.stay = stay  # 0 for the stay the batch began in
+        dwell_ms = self.index.dwell_ms[self.r_row]
+        due = (
+            (self.state > 0)
+            & (dwell_ms > 0)
+            & (self.entered != _NEVER)
+            & (time - self.entered >= dwell_ms)
+            & ~((stay == 0) & self.init_done[self.r_pair])
+        )
+        first_due = np.zeros(time.size, dtype=bool)
+        rows_due = np.flatnonzero(due)
+        if rows_due.size:
+            key = (
+                self.r_pair[rows_due].astype(np.int64) * (time.size + 1)
+                + stay[rows_due]
+            )
+            _, first = np.unique(key, return_index=True)
+            first_due[rows_due[first]] = True
+        self.dwell = first_due
+        done_in_stay = np.maximum.accumulate(np.where(first_due, pos, -1))
+        self.done = np.where(
+            (done_in_stay >= self.r_start)
+            & (stay[done_in_stay.clip(0)] == stay)
+            & (done_in_stay >= 0),
+            True,
+            (stay == 0) & self.init_done[self.r_pair],
+        )
+
+    # events -----------------------------------------------------------------------
+
+    def events(self, now_ms: int) -> list[TrackingEvent]:
+        emits = self.index.emits
+        found: list[tuple] = []
+        for kind, mask in (
+            (EventType.ENTER, self.enter),
+            (EventType.EXIT, self.exit),
+            (EventType.DWELL, self.dwell),
+        ):
+            rows = np.flatnonzero(mask & emits[kind][self.r_row])
+            found.append((self.r_fix[rows], self.r_row[rows], kind, rows))
+        cross_fix, cross_row = self._crossings()
+        found.append((cross_fix, cross_row, EventType.CROSS, None))
+        events = []
+        for fixes, rows, kind, state_rows in found:
+            for k, (i, r) in enumerate(zip(fixes.tolist(), rows.tolist(), strict=True)):
+                attributes = {}
+                if self.batch.accuracy_m[i] == self.batch.accuracy_m[i]:
+                    attributes["accuracy_m"] = f"{float(self.batch.accuracy_m[i]):g}"
+                if state_rows is not None and kind in (EventType.EXIT, EventType.DWELL):
+                    s = state_rows[k]
+                    entered = (
+                        self.entered[s]
+                        if kind == EventType.DWELL
+                        else (
+                            self.entered[s - 1]
+                            if s > self.r_start[s]
+                            else self.init_entered[self.r_pair[s]]
+                        )
+                    )
+                    if entered != _NEVER:
+                        attributes["inside_ms"] = str(int(self.time[i] - entered))
+                events.append(self._event(i, r, kind, now_ms, attributes))
+        events.sort(key=lambda e: (e.device, e.time_ms, e.fix_seq, _ORDER[e.type]))
+        return events
+
+    def _event(
+        self, fix: int, row: int, kind: EventType, now_ms: int, attributes: dict
+    ) -> TrackingEvent:
+        device = str(self.batch.device[fix])
+        fence = self.index.fences[row].spec
+        time_ms = int(self.time[fix])
+        return TrackingEvent(
+            event_id=event_id(self.d.tenant, device, kind, time_ms, fence.fence_id),
+            tenant=self.d.tenant,
+            device=device,
+            type=kind,
+            time_ms=time_ms,
+            lat=float(self.lat[fix]),
+            lon=float(self.lon[fix]),
+            fix_seq=int(self.batch.seq[fix]),
+            created_ms=now_ms,
+            fence_id=fence.fence_id,
+            attributes=attributes,
+        )
+
+    def _crossings(self) -> tuple[np.ndarray, np.ndarray]:
+        """(fix, row) where the segment ending at the fix passes through the fence."""
+        index = self.index
+        if not index.emits[EventType.CROSS].any():
+            return np.empty(0, np.intp), np.empty(0, np.intp)
+        devices = self.d._devices
+        ends = np.arange(len(self.batch))
+        starts = ends - 1
+        first = starts < self.first[self.local]
+        lon0 = np.where(first, devices.lon[self.codes[self.local]], self.lon[starts])
+        lat0 = np.where(first, devices.lat[self.codes[self.local]], self.lat[starts])
+        acc0 = np.where(
+            first,
+            np.nan_to_num(devices.accuracy_m[self.codes[self.local]]),
+            self.acc[starts],
+        )
+        known = np.isfinite(lon0)
+        segs, rows = index.crossed(
+            lon0[known], lat0[known], self.lon[known], self.lat[known]
+        )
+        fixes = ends[known][segs]
+        keep = index.emits[EventType.CROSS][rows]
+        limit = index.enter_limit_m[rows]
+        keep &= (self.acc[fixes] <= limit) & (acc0[fixes] <= limit)
+        n_rows = len(index) + 1
+        start_pts, start_rows = index.contains(lon0[fixes], lat0[fixes])
+        candidates = np.arange(fixes.size, dtype=np.int64) * n_rows + rows
+        keep &= ~np.isin(candidates, start_pts.astype(np.int64) * n_rows + start_rows)
+        c_key = self.c_fix.astype(np.int64) * n_rows + self.c_row
+        keep &= ~np.isin(fixes.astype(np.int64) * n_rows + rows, c_key)
+        row_key = self.r_fix.astype(np.int64) * n_rows + self.r_row
+        order = np.argsort(row_key)
+        where = np.searchsorted(row_key[order], fixes.astype(np.int64) * n_rows + rows)
+        where = where.clip(0, max(row_key.size - 1, 0))
+        known_pair = row_key.size > 0
+        if known_pair:
+            match = row_key[order][where] == fixes.astype(np.int64) * n_rows + rows
+            state_rows = order[where]
+            was_in = match & (
+                (self.state[state_rows] > 0) | (self.prev[state_rows] > 0)
+            )
+            keep &= ~was_in
+        return fixes[keep], rows[keep]
+
+    # state --------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Store the batch's outcome: memberships and each device's newest fix."""
+        last = np.flatnonzero(self.r_last & (self.state > 0))
+        key = (self.codes[self.pair_dev[self.r_pair[last]]] << 32) | self.fence_codes[
+            self.r_row[last]
+        ]
+        self.d._members.replace_devices(
+            self.codes, key.astype(np.int64), self.entered[last], self.done[last]
+        )
+        newest = self.stop - 1
+        devices = self.d._devices
+        devices.time_ms[self.codes] = self.time[newest]
+        devices.lon[self.codes] = self.lon[newest]
+        devices.lat[self.codes] = self.lat[newest]
+        devices.accuracy_m[self.codes] = self.batch.accuracy_m[newest]
+
+
+def _ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Concatenated aranges [start[i], end[i])."""
+    counts = end - start
+    if counts.sum() == 0:
+        return np.empty(0, dtype=np.int64)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(start, counts) + offsets

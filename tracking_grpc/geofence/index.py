@@ -1,0 +1,338 @@
+"""An index of one tenant's fences, queried with arrays of points and segments.
+
+Containment goes through a grid of cells first: a cell that touches no fence answers
+"in none", a cell wholly inside exactly one fence and touching no other answers "in that
+one"; only points in the remaining cells (near an edge, or where fences overlap) get the
+exact test (a prepared STRtree query; geodesic distance for circles). Distances in
+metres come from each fence's own azimuthal equidistant projection (exact from the
+centre of a circle, which is measured on the ellipsoid).
+
+>>> from tracking_grpc.geofence.model import FenceSpec, ShapeSpec
+>>> index = FenceIndex.build([FenceSpec("a", ShapeSpec.circle(52.52, 13.405, 100.0))])
+>>> pts, rows = index.contains(np.array([13.405, 13.5]), np.array([52.52, 52.52]))
+>>> pts.tolist(), rows.tolist()
+([0], [0])
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import shapely
+from shapely import STRtree
+
+from tracking_grpc.events import EventType
+from tracking_grpc.geofence.model import FenceSpec
+from tracking_grpc.geofence.shapes import GEOD, Shape, compile_shape, metric_frame
+
+log = logging.getLogger(__name__)
+
+MAX_GRID_CELLS = 1 << 22
+MAX_CLASSIFIED_PAIRS = 6_000_000
+_CHUNK = 200_000
+_EPS_DEG = 1e-9
+
+
+@dataclass(eq=False)
+class CompiledFence:
+    """A fence ready for evaluation: its spec, area and derived values."""
+
+    spec: FenceSpec
+    shape: Shape
+
+    @classmethod
+    def of(cls, spec: FenceSpec) -> CompiledFence:
+        return cls(spec, compile_shape(spec.shape))
+
+    @cached_property
+    def frame(self):
+        return metric_frame(self.shape.origin_lon, self.shape.origin_lat)
+
+    @cached_property
+    def metric_area(self) -> shapely.Geometry:
+        """The area in the fence's metric projection (seams at ±180 and poles gone)."""
+        area = self.shape.area
+        west, south, east, north = area.bounds
+        step = max(0.01, (east - west + north - south) / 5000.0)
+        parts = _project(self.frame, shapely.segmentize(area, step))
+        return shapely.buffer(shapely.union_all(parts, grid_size=1e-3), 0.0)
+
+    @cached_property
+    def metric_boundary(self) -> shapely.Geometry:
+        """The area's edge in the fence's metric projection."""
+        boundary = shapely.boundary(self.metric_area)
+        shapely.prepare(boundary)
+        return boundary
+
+    @cached_property
+    def size_m(self) -> float:
+        """Radius of the largest circle inside the fence (a circle's own radius)."""
+        if self.shape.kind == "circle":
+            return self.shape.radius_m
+        parts = shapely.get_parts(self.metric_area)
+        return max(
+            shapely.length(shapely.maximum_inscribed_circle(p, 0.1)) for p in parts
+        )
+
+    @property
+    def enter_limit_m(self) -> float:
+        """Fixes less accurate than this never enter the fence."""
+        return self.spec.max_accuracy_m or self.size_m
+
+
+def _project(frame, geom: shapely.Geometry) -> list[shapely.Geometry]:
+    """The polygons of a lon/lat geometry in a metric frame."""
+    return [
+        shapely.transform(p, lambda xy: np.column_stack(frame.transform(*xy.T)))
+        for p in shapely.get_parts(geom)
+    ]
+
+
+class FenceIndex:
+    """Fences of one tenant, indexed for array queries; rows are positions in it."""
+
+    def __init__(self, fences: Sequence[CompiledFence]) -> None:
+        self.fences = list(fences)
+        self.ids = np.array([f.spec.fence_id for f in fences], dtype=object)
+        self.row_of = {fid: i for i, fid in enumerate(self.ids)}
+        shapes = [f.shape for f in fences]
+        self.is_circle = np.array([s.kind == "circle" for s in shapes], dtype=bool)
+        self.centre_lon = np.array([s.origin_lon for s in shapes], dtype=np.float64)
+        self.centre_lat = np.array([s.origin_lat for s in shapes], dtype=np.float64)
+        self.radius_m = np.array([s.radius_m for s in shapes], dtype=np.float64)
+        self.dwell_ms = np.array([f.spec.dwell_ms for f in fences], dtype=np.int64)
+        self.emits = {
+            kind: np.array([kind in f.spec.emits() for f in fences], dtype=bool)
+            for kind in (
+                EventType.ENTER,
+                EventType.EXIT,
+                EventType.DWELL,
+                EventType.CROSS,
+            )
+        }
+        self.scheduled = np.array([f.spec.schedule is not None for f in fences], bool)
+        self.area = np.array([s.area for s in shapes], dtype=object)
+        self.core = np.array([s.core for s in shapes], dtype=object)
+        shapely.prepare(self.area)
+        shapely.prepare(self.core)
+        self.tree = STRtree(self.area)
+        self.grid = _Grid.build(self.area, self.core)
+
+    @classmethod
+    def build(cls, specs: Sequence[FenceSpec]) -> FenceIndex:
+        return cls([CompiledFence.of(s) for s in specs])
+
+    def __len__(self) -> int:
+        return len(self.fences)
+
+    @cached_property
+    def enter_limit_m(self) -> np.ndarray:
+        return np.array([f.enter_limit_m for f in self.fences], dtype=np.float64)
+
+    def contains(
+        self, lon: np.ndarray, lat: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(point, fence row) pairs where the fence contains the point (edges included).
+
+        Sorted by point, then row.
+        """
+        lon = np.asarray(lon, dtype=np.float64)
+        lat = np.asarray(lat, dtype=np.float64)
+        if len(self) == 0 or lon.size == 0:
+            return np.empty(0, np.intp), np.empty(0, np.intp)
+        code = self.grid.lookup(lon, lat)
+        sure = np.flatnonzero(code > 0)
+        exact = np.flatnonzero(code < 0)
+        ex_pts, ex_rows = self._exact(exact, lon[exact], lat[exact])
+        pts = np.concatenate([sure, ex_pts])
+        rows = np.concatenate([code[sure] - 1, ex_rows]).astype(np.intp)
+        order = np.lexsort((rows, pts))
+        return pts[order], rows[order]
+
+    def _exact(
+        self, which: np.ndarray, lon: np.ndarray, lat: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if which.size == 0:
+            return np.empty(0, np.intp), np.empty(0, np.intp)
+        pts, rows = self.tree.query(shapely.points(lon, lat), predicate="intersects")
+        circle = self.is_circle[rows]
+        if circle.any():
+            keep = ~circle
+            cp, cr = pts[circle], rows[circle]
+            _, _, dist = GEOD.inv(
+                self.centre_lon[cr], self.centre_lat[cr], lon[cp], lat[cp]
+            )
+            keep[circle] = dist <= self.radius_m[cr]
+            pts, rows = pts[keep], rows[keep]
+        return which[pts], rows
+
+    def edge_distance_m(
+        self, lon: np.ndarray, lat: np.ndarray, rows: np.ndarray
+    ) -> np.ndarray:
+        """Distance in metres from each point to the edge of its fence (unsigned)."""
+        dist = np.zeros(len(rows), dtype=np.float64)
+        circle = self.is_circle[rows]
+        if circle.any():
+            cr = rows[circle]
+            _, _, d = GEOD.inv(
+                self.centre_lon[cr], self.centre_lat[cr], lon[circle], lat[circle]
+            )
+            dist[circle] = np.abs(d - self.radius_m[cr])
+        other = np.flatnonzero(~circle)
+        if other.size:
+            order = other[np.argsort(rows[other], kind="stable")]
+            bounds = np.flatnonzero(np.diff(rows[order])) + 1
+            for group in np.split(order, bounds):
+                fence = self.fences[rows[group[0]]]
+                x, y = fence.frame.transform(lon[group], lat[group])
+                dist[group] = shapely.distance(
+                    fence.metric_boundary, shapely.points(x, y)
+                )
+        return dist
+
+    def near(self, lon: float, lat: float, radius_m: float) -> np.ndarray:
+        """Rows of fences whose box lies within about radius_m of a point."""
+        dlat = radius_m / 110_574.0 + _EPS_DEG
+        dlon = radius_m / (111_320.0 * max(math.cos(math.radians(lat)), 1e-6))
+        dlon = min(dlon + _EPS_DEG, 360.0)
+        boxes = [shapely.box(lon - dlon, lat - dlat, lon + dlon, lat + dlat)]
+        for shift in (-360.0, 360.0):
+            if abs(lon + shift) - dlon < 180.0:
+                boxes.append(
+                    shapely.box(
+                        lon + shift - dlon, lat - dlat, lon + shift + dlon, lat + dlat
+                    )
+                )
+        _, rows = self.tree.query(boxes)
+        return np.unique(rows)
+
+    def crossed(
+        self, lon0: np.ndarray, lat0: np.ndarray, lon1: np.ndarray, lat1: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(segment, fence row) pairs where the straight segment meets the fence."""
+        if len(self) == 0 or lon0.size == 0:
+            return np.empty(0, np.intp), np.empty(0, np.intp)
+        step = lon1 - lon0
+        wraps = np.abs(step) > 180.0
+        lon1 = np.where(wraps, lon1 - 360.0 * np.sign(step), lon1)
+        coords = np.stack(
+            [np.column_stack([lon0, lat0]), np.column_stack([lon1, lat1])], axis=1
+        )
+        lines = shapely.linestrings(coords)
+        segs, rows = self.tree.query(lines, predicate="intersects")
+        if wraps.any():
+            shifted = shapely.transform(
+                lines[wraps], lambda xy: xy + np.array([360.0, 0.0])
+            )
+            back = shapely.transform(
+                lines[wraps], lambda xy: xy - np.array([360.0, 0.0])
+            )
+            idx = np.flatnonzero(wraps)
+            for extra in (shifted, back):
+                s, r = self.tree.query(extra, predicate="intersects")
+                segs, rows = np.concatenate([segs, idx[s]]), np.concatenate([rows, r])
+        circle = self.is_circle[rows]
+        if circle.any():
+            keep = ~circle
+            for k in np.flatnonzero(circle):
+                keep[k] = self._segment_meets_circle(
+                    rows[k], lon0[segs[k]], lat0[segs[k]], lon1[segs[k]], lat1[segs[k]]
+                )
+            segs, rows = segs[keep], rows[keep]
+        pairs = np.unique(np.column_stack([segs, rows]), axis=0)
+        return pairs[:, 0], pairs[:, 1]
+
+    def _segment_meets_circle(
+        self, row: int, lon0: float, lat0: float, lon1: float, lat1: float
+    ) -> bool:
+        x, y = self.fences[row].frame.transform([lon0, lon1], [lat0, lat1])
+        segment = shapely.linestrings(np.column_stack([x, y]))
+        return bool(
+            shapely.distance(shapely.Point(0.0, 0.0), segment) <= self.radius_m[row]
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Grid:
+    """Cells in lon/lat: 0 none, -1 exact test needed, k > 0 wholly inside row k-1."""
+
+    west: float
+    south: float
+    dx: float
+    dy: float
+    nx: int
+    ny: int
+    code: np.ndarray  # int32, ny * nx
+
+    @classmethod
+    def build(cls, area: np.ndarray, core: np.ndarray) -> _Grid:
+        if len(area) == 0:
+            return cls(0.0, 0.0, 1.0, 1.0, 0, 0, np.zeros(0, np.int32))
+        bounds = shapely.bounds(area)
+        west, south = bounds[:, 0].min(), bounds[:, 1].min()
+        east, north = bounds[:, 2].max(), bounds[:, 3].max()
+        sizes = np.maximum(bounds[:, 3] - bounds[:, 1], 1e-7)
+        mid = math.cos(math.radians(np.clip((south + north) / 2, -89.0, 89.0)))
+        dy = float(np.median(sizes)) / 8.0
+        while True:
+            dx = dy / max(mid, 0.01)
+            nx = int((east - west) / dx) + 2
+            ny = int((north - south) / dy) + 2
+            ix0, iy0, ix1, iy1 = _cell_ranges(bounds, west, south, dx, dy)
+            pairs = int(((ix1 - ix0 + 1) * (iy1 - iy0 + 1)).sum())
+            if nx * ny <= MAX_GRID_CELLS and pairs <= MAX_CLASSIFIED_PAIRS:
+                break
+            dy *= 1.5
+        code = np.zeros(nx * ny, dtype=np.int32)
+        touches = np.zeros(nx * ny, dtype=np.int32)
+        inside_cells, inside_rows = [], []
+        counts = (ix1 - ix0 + 1) * (iy1 - iy0 + 1)
+        rows = np.repeat(np.arange(len(area)), counts)
+        offset = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        width = (ix1 - ix0 + 1)[rows]
+        ix = ix0[rows] + offset % width
+        iy = iy0[rows] + offset // width
+        for start in range(0, rows.size, _CHUNK):
+            part = slice(start, start + _CHUNK)
+            r, cx, cy = rows[part], ix[part], iy[part]
+            boxes = shapely.box(
+                west + cx * dx - _EPS_DEG,
+                south + cy * dy - _EPS_DEG,
+                west + (cx + 1) * dx + _EPS_DEG,
+                south + (cy + 1) * dy + _EPS_DEG,
+            )
+            cell = cy * nx + cx
+            touch = shapely.intersects(area[r], boxes)
+            np.add.at(touches, cell[touch], 1)
+            inside = touch & shapely.contains_properly(core[r], boxes)
+            inside_cells.append(cell[inside])
+            inside_rows.append(r[inside])
+        cells = np.concatenate(inside_cells) if inside_cells else np.empty(0, np.int64)
+        owners = np.concatenate(inside_rows) if inside_rows else np.empty(0, np.int64)
+        alone = touches[cells] == 1
+        code[touches > 0] = -1
+        code[cells[alone]] = owners[alone] + 1
+        log.debug("fence grid %dx%d, %d classified pairs", nx, ny, rows.size)
+        return cls(float(west), float(south), float(dx), float(dy), nx, ny, code)
+
+    def lookup(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+        ix = np.floor((lon - self.west) / self.dx).astype(np.int64)
+        iy = np.floor((lat - self.south) / self.dy).astype(np.int64)
+        valid = (ix >= 0) & (ix < self.nx) & (iy >= 0) & (iy < self.ny)
+        cell = np.where(valid, iy * self.nx + ix, 0)
+        return np.where(valid, self.code[cell] if self.code.size else 0, 0)
+
+
+def _cell_ranges(
+    bounds: np.ndarray, west: float, south: float, dx: float, dy: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    ix0 = np.floor((bounds[:, 0] - west) / dx - 1e-9).astype(np.int64).clip(0)
+    iy0 = np.floor((bounds[:, 1] - south) / dy - 1e-9).astype(np.int64).clip(0)
+    ix1 = np.floor((bounds[:, 2] - west) / dx + 1e-9).astype(np.int64)
+    iy1 = np.floor((bounds[:, 3] - south) / dy + 1e-9).astype(np.int64)
+    return ix0, iy0, ix1, iy1

@@ -1,0 +1,148 @@
+"""The geofence FixProcessor: newly stored fixes in, ENTER/EXIT/DWELL/CROSS out.
+
+Each tenant's fences are compiled once into a :class:`FenceIndex` and rebuilt (in a
+worker thread, reusing every unchanged fence) when the repository's revision moves;
+the revision is checked at most every ``refresh_s`` seconds, and at once after a
+change made through this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.events import TrackingEvent
+from tracking_grpc.geofence.detector import EXIT_MARGIN_M, FenceDetector
+from tracking_grpc.geofence.index import CompiledFence, FenceIndex
+from tracking_grpc.geofence.model import FenceSpec
+from tracking_grpc.storage.fences import FenceRepository
+
+log = logging.getLogger(__name__)
+
+INLINE_FIXES = 2_000  # larger batches are evaluated in a worker thread
+
+
+@dataclass(frozen=True, slots=True)
+class FenceCheck:
+    """Where a position lies with respect to one fence (see CheckResponse)."""
+
+    fence_id: str
+    inside: bool
+    certain: bool  # the whole accuracy circle is inside
+    edge_distance_m: float  # negative inside
+    enters: bool
+
+
+@dataclass(slots=True)
+class _Loaded:
+    revision: int
+    index: FenceIndex
+    checked_at: float
+
+
+class GeofenceProcessor:
+    """Evaluates fences for every tenant; one detector (membership state) per tenant."""
+
+    name = "geofence"
+
+    def __init__(self, fences: FenceRepository, refresh_s: float = 2.0) -> None:
+        self.fences = fences
+        self.refresh_s = refresh_s
+        self._loaded: dict[str, _Loaded] = {}
+        self._compiled: dict[tuple[str, str, int], CompiledFence] = {}
+        self._detectors: dict[str, FenceDetector] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def process(self, stored: FixBatch) -> list[TrackingEvent]:
+        """Events raised by newly stored fixes of one tenant."""
+        if len(stored) == 0:
+            return []
+        tenant = stored.tenant
+        async with self._lock(tenant):
+            index = await self.index(tenant)
+            if len(index) == 0:
+                return []
+            detector = self._detectors.setdefault(tenant, FenceDetector(tenant))
+            now_ms = time.time_ns() // 1_000_000
+            if len(stored) <= INLINE_FIXES:
+                return detector.evaluate(stored, index, now_ms)
+            return await asyncio.to_thread(detector.evaluate, stored, index, now_ms)
+
+    def changed(self, tenant: str) -> None:
+        """Fences of the tenant were written here: reload before the next batch."""
+        loaded = self._loaded.get(tenant)
+        if loaded is not None:
+            loaded.checked_at = -float("inf")
+
+    async def index(self, tenant: str) -> FenceIndex:
+        """The tenant's current fence index, rebuilt when its fences changed."""
+        loaded = self._loaded.get(tenant)
+        now = time.monotonic()
+        if loaded is not None and now - loaded.checked_at < self.refresh_s:
+            return loaded.index
+        revision = await self.fences.revision(tenant)
+        if loaded is not None and loaded.revision == revision:
+            loaded.checked_at = now
+            return loaded.index
+        specs = await self.fences.all(tenant)
+        index = await asyncio.to_thread(self._build, tenant, specs)
+        if loaded is not None:
+            gone = set(loaded.index.ids.tolist()) - set(index.ids.tolist())
+            detector = self._detectors.get(tenant)
+            if detector is not None and gone:
+                detector.forget_fences(sorted(gone))
+        self._loaded[tenant] = _Loaded(revision, index, now)
+        log.info(
+            "fences of tenant %s loaded: %d (revision %d)", tenant, len(index), revision
+        )
+        return index
+
+    def _build(self, tenant: str, specs: list[FenceSpec]) -> FenceIndex:
+        compiled = []
+        for spec in specs:
+            key = (tenant, spec.fence_id, spec.version)
+            fence = self._compiled.get(key)
+            if fence is None:
+                fence = self._compiled[key] = CompiledFence.of(spec)
+            compiled.append(fence)
+        keep = {(tenant, s.fence_id, s.version) for s in specs}
+        for key in [k for k in self._compiled if k[0] == tenant and k not in keep]:
+            del self._compiled[key]
+        return FenceIndex(compiled)
+
+    async def check(
+        self, tenant: str, lat: float, lon: float, accuracy_m: float
+    ) -> list[FenceCheck]:
+        """Fences containing a position or reached by its accuracy circle, by id."""
+        index = await self.index(tenant)
+        reach = max(accuracy_m, EXIT_MARGIN_M)
+        rows = index.near(lon, lat, reach)
+        if rows.size == 0:
+            return []
+        lons, lats = np.full(rows.size, lon), np.full(rows.size, lat)
+        pts, hit_rows = index.contains(np.array([lon]), np.array([lat]))
+        inside = np.isin(rows, hit_rows[pts == 0])
+        dist = index.edge_distance_m(lons, lats, rows)
+        found = []
+        for k in np.argsort(index.ids[rows]):
+            if not inside[k] and dist[k] > accuracy_m:
+                continue
+            row = int(rows[k])
+            found.append(
+                FenceCheck(
+                    fence_id=str(index.ids[row]),
+                    inside=bool(inside[k]),
+                    certain=bool(inside[k] and dist[k] >= accuracy_m),
+                    edge_distance_m=float(-dist[k] if inside[k] else dist[k]),
+                    enters=bool(inside[k] and accuracy_m <= index.enter_limit_m[row]),
+                )
+            )
+        return found
+
+    def _lock(self, tenant: str) -> asyncio.Lock:
+        return self._locks.setdefault(tenant, asyncio.Lock())

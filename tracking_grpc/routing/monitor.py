@@ -1,0 +1,468 @@
+"""Route monitoring: progress, ETA and off-route events of devices on planned routes.
+
+Every assigned route lives in flat segment arrays shared by all devices, and fixes
+are evaluated in rounds: round k takes the k-th new fix of every monitored device
+of the batch at once, so a batch of many devices costs a few numpy passes.
+
+For each fix the monitor looks for the fix's place on its route in a window around
+where the device should be by now (a little behind its progress, up to the furthest
+it could have gone since its last fix), scoring each candidate by its distance from
+the fix plus a penalty for straying from the expected progress. That keeps a planned
+U-turn or loop (the same street twice) on the right pass. A device is OFF_ROUTE after
+``off_route_fixes`` consecutive fixes further than ``off_route_m`` from the route
+beyond their accuracy radius, and BACK_ON_ROUTE after ``back_on_route_fixes`` within
+it, anywhere ahead on the route. Fixes less accurate than ``max_accuracy_m`` say
+nothing either way. ARRIVED comes once near the destination at the end of the route.
+The ETA is the expected time of the rest of the route (engine durations scaled by
+learned travel-time factors) times the device's recent pace against that expectation;
+ETA_UPDATED is raised when it moves by more than ``eta_change_s`` and more than
+``eta_change_share`` of the time left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.events import EventType, TrackingEvent, event_id
+from tracking_grpc.routing.geometry import (
+    project_on_segments,
+    segment_lengths_m,
+    to_local,
+)
+
+log = logging.getLogger(__name__)
+
+ROUTE_KEY_STRIDE_M = 1e9  # separates routes in the flat along-route search keys
+# Searching the whole rest of a route, prefer the earlier of two equally near places
+# (the start, not the end, of a loop) without pulling towards the expected progress.
+WIDE_PENALTY = 1e-3
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorSettings:
+    """Thresholds of route monitoring."""
+
+    off_route_m: float = 50.0
+    off_route_fixes: int = 3
+    back_on_route_fixes: int = 2
+    max_accuracy_m: float = 150.0
+    arrival_radius_m: float = 40.0
+    eta_change_s: float = 60.0
+    eta_change_share: float = 0.15
+    behind_m: float = 30.0
+    min_ahead_m: float = 150.0
+    max_speed_mps: float = 50.0
+    stray_penalty: float = 0.3
+    pace_half_life_s: float = 180.0
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRoute:
+    """A route assigned to a device, with the expected time of each segment."""
+
+    tenant: str
+    device: str
+    route_id: str
+    lat: np.ndarray
+    lon: np.ndarray
+    segment_expected_s: np.ndarray
+    assigned_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RouteProgress:
+    """Where a device is on its planned route."""
+
+    route_id: str
+    total_m: float
+    progress_m: float
+    remaining_m: float
+    eta_ms: int
+    off_route: bool
+    deviation_m: float
+    arrived: bool
+    last_fix_ms: int
+
+
+class RouteMonitor:
+    """Planned routes of devices and their progress; a FixProcessor."""
+
+    name = "routes"
+
+    def __init__(self, settings: MonitorSettings | None = None) -> None:
+        self.settings = settings or MonitorSettings()
+        self._routes: list[PlannedRoute] = []
+        self._slots: dict[tuple[str, str], int] = {}
+        self._state: dict[str, np.ndarray] = _empty_state(0)
+        self._flat: _FlatRoutes = _FlatRoutes.build([])
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def assign(self, route: PlannedRoute) -> RouteProgress:
+        """Monitor the device on this route from now on (replacing any other)."""
+        self.clear(route.tenant, route.device)
+        self._slots[(route.tenant, route.device)] = len(self._routes)
+        self._routes.append(route)
+        state = _empty_state(1)
+        state["eta_ms"][0] = route.assigned_ms + int(
+            route.segment_expected_s.sum() * 1e3
+        )
+        state["announced_eta_ms"][0] = state["eta_ms"][0]
+        self._state = {k: np.concatenate([v, state[k]]) for k, v in self._state.items()}
+        self._flat = _FlatRoutes.build(self._routes)
+        return self.progress(route.tenant, route.device)  # type: ignore[return-value]
+
+    def clear(self, tenant: str, device: str) -> bool:
+        """Stop monitoring a device; False when it had no route."""
+        slot = self._slots.pop((tenant, device), None)
+        if slot is None:
+            return False
+        keep = np.ones(len(self._routes), dtype=bool)
+        keep[slot] = False
+        del self._routes[slot]
+        self._state = {k: v[keep] for k, v in self._state.items()}
+        self._slots = {(r.tenant, r.device): i for i, r in enumerate(self._routes)}
+        self._flat = _FlatRoutes.build(self._routes)
+        return True
+
+    def progress(self, tenant: str, device: str) -> RouteProgress | None:
+        slot = self._slots.get((tenant, device))
+        if slot is None:
+            return None
+        s, flat = self._state, self._flat
+        total = float(flat.total_m[slot])
+        return RouteProgress(
+            route_id=self._routes[slot].route_id,
+            total_m=total,
+            progress_m=float(s["progress_m"][slot]),
+            remaining_m=max(total - float(s["progress_m"][slot]), 0.0),
+            eta_ms=int(s["eta_ms"][slot]),
+            off_route=bool(s["off"][slot]),
+            deviation_m=float(s["deviation_m"][slot]),
+            arrived=bool(s["arrived"][slot]),
+            last_fix_ms=int(s["last_ms"][slot]),
+        )
+
+    async def process(self, stored: FixBatch) -> list[TrackingEvent]:
+        """Events raised by newly stored fixes of one tenant."""
+        return self.evaluate(stored, int(time.time() * 1000))
+
+    def evaluate(self, stored: FixBatch, created_ms: int) -> list[TrackingEvent]:
+        """Advance every monitored device of the batch; the events, in fix order."""
+        if not self._routes or len(stored) == 0:
+            return []
+        names, inverse = np.unique(stored.device.astype(str), return_inverse=True)
+        slot_of_name = np.array(
+            [self._slots.get((stored.tenant, n), -1) for n in names.tolist()]
+        )
+        slot = slot_of_name[inverse]
+        rows = np.flatnonzero(slot >= 0)
+        if len(rows) == 0:
+            return []
+        order = rows[np.lexsort((stored.seq[rows], stored.time_ms[rows], slot[rows]))]
+        ordered_slots = slot[order]
+        first = np.r_[True, ordered_slots[1:] != ordered_slots[:-1]]
+        starts = np.flatnonzero(first)
+        rank = np.arange(len(order)) - np.repeat(
+            starts, np.diff(np.r_[starts, len(order)])
+        )
+        events: list[TrackingEvent] = []
+        for k in range(int(rank.max()) + 1):
+            picked = order[rank == k]
+            events.extend(self._round(stored, picked, slot[picked], created_ms))
+        return events
+
+    def _round(
+        self, stored: FixBatch, rows: np.ndarray, slots: np.ndarray, created_ms: int
+    ) -> list[TrackingEvent]:
+        cfg, s, flat = self.settings, self._state, self._flat
+        time_ms = stored.time_ms[rows]
+        fresh = (time_ms > s["last_ms"][slots]) & ~s["arrived"][slots]
+        rows, slots, time_ms = rows[fresh], slots[fresh], time_ms[fresh]
+        if len(rows) == 0:
+            return []
+        lat, lon = stored.lat[rows], stored.lon[rows]
+        accuracy = np.nan_to_num(stored.accuracy_m[rows].astype(np.float64), nan=0.0)
+        x, y = to_local(lat, lon, flat.lat0[slots], flat.lon0[slots])
+        started = s["last_ms"][slots] > 0
+        dt_s = np.where(started, (time_ms - s["last_ms"][slots]) / 1e3, 0.0)
+        progress = s["progress_m"][slots]
+        expected = np.minimum(
+            progress + s["speed_mps"][slots] * dt_s, flat.total_m[slots]
+        )
+
+        # Where on the route: the window around the expected progress, unless the
+        # device is new or off the route, where anything ahead may be where it is.
+        wide = ~started | s["off"][slots]
+        lo_m = np.maximum(progress - cfg.behind_m, 0.0)
+        hi_m = np.where(
+            wide,
+            flat.total_m[slots],
+            progress + np.maximum(cfg.min_ahead_m, dt_s * cfg.max_speed_mps),
+        )
+        penalty = np.where(wide, WIDE_PENALTY, cfg.stray_penalty)
+        deviation, along = flat.locate(slots, x, y, lo_m, hi_m, expected, penalty)
+        miss = np.flatnonzero(~wide & (deviation > cfg.off_route_m))
+        if len(miss):
+            d2, a2 = flat.locate(
+                slots[miss],
+                x[miss],
+                y[miss],
+                lo_m[miss],
+                flat.total_m[slots[miss]],
+                expected[miss],
+                np.full(len(miss), WIDE_PENALTY),
+            )
+            better = d2 < deviation[miss]
+            deviation[miss[better]], along[miss[better]] = d2[better], a2[better]
+
+        # Off or on, counted over consecutive fixes that can tell.
+        telling = accuracy <= cfg.max_accuracy_m
+        beyond = np.maximum(deviation - accuracy, 0.0) > cfg.off_route_m
+        off_count = np.where(telling & beyond, s["off_count"][slots] + 1, 0)
+        off_count = np.where(telling, off_count, s["off_count"][slots])
+        on_count = np.where(telling & ~beyond, s["on_count"][slots] + 1, 0)
+        on_count = np.where(telling, on_count, s["on_count"][slots])
+        was_off = s["off"][slots]
+        goes_off = ~was_off & (off_count >= cfg.off_route_fixes)
+        comes_back = was_off & (on_count >= cfg.back_on_route_fixes)
+        off = (was_off | goes_off) & ~comes_back
+        on_route = telling & ~beyond
+
+        # Progress, pace and ETA from fixes on the route.
+        new_progress = np.where(on_route, along, progress)
+        old_exp_s = flat.expected_s_at(slots, progress)
+        new_exp_s = flat.expected_s_at(slots, new_progress)
+        decay = np.exp(-dt_s / cfg.pace_half_life_s)
+        pace_obs = s["pace_obs_s"][slots] * decay + np.where(on_route, dt_s, 0.0)
+        pace_exp = s["pace_exp_s"][slots] * decay + np.where(
+            on_route, np.maximum(new_exp_s - old_exp_s, 0.0), 0.0
+        )
+        pace = np.clip(
+            np.where(pace_exp > 30.0, pace_obs / np.maximum(pace_exp, 1e-9), 1.0),
+            0.5,
+            4.0,
+        )
+        moved_m = np.maximum(new_progress - progress, 0.0)
+        speed = np.where(
+            on_route & (dt_s > 0),
+            moved_m / np.maximum(dt_s, 1e-9),
+            s["speed_mps"][slots],
+        )
+        remaining_s = flat.total_s[slots] - new_exp_s
+        eta_ms = time_ms + (remaining_s * pace * 1e3).astype(np.int64)
+        eta_ms = np.where(off, s["eta_ms"][slots], eta_ms)
+        remaining_m = flat.total_m[slots] - new_progress
+        near = cfg.arrival_radius_m + np.minimum(accuracy, cfg.arrival_radius_m)
+        to_dest = np.hypot(x - flat.dest_x[slots], y - flat.dest_y[slots])
+        arrived = (to_dest <= near) & (
+            remaining_m <= np.maximum(4.0 * near, 0.1 * flat.total_m[slots])
+        )
+        eta_ms = np.where(arrived, time_ms, eta_ms)
+        eta_step_ms = np.maximum(cfg.eta_change_s, cfg.eta_change_share * remaining_s)
+        eta_moved = (
+            ~off
+            & ~arrived
+            & (np.abs(eta_ms - s["announced_eta_ms"][slots]) > eta_step_ms * 1e3)
+        )
+
+        s["last_ms"][slots] = time_ms
+        s["progress_m"][slots] = np.where(arrived, flat.total_m[slots], new_progress)
+        s["deviation_m"][slots] = deviation
+        s["off_count"][slots] = off_count
+        s["on_count"][slots] = on_count
+        s["off"][slots] = off & ~arrived
+        s["arrived"][slots] = arrived
+        s["pace_obs_s"][slots] = pace_obs
+        s["pace_exp_s"][slots] = pace_exp
+        s["speed_mps"][slots] = speed
+        s["eta_ms"][slots] = eta_ms
+        s["announced_eta_ms"][slots] = np.where(
+            eta_moved, eta_ms, s["announced_eta_ms"][slots]
+        )
+        kinds = (
+            (goes_off & ~arrived, EventType.OFF_ROUTE),
+            (comes_back & ~arrived, EventType.BACK_ON_ROUTE),
+            (eta_moved, EventType.ETA_UPDATED),
+            (arrived, EventType.ARRIVED),
+        )
+        events = []
+        for i in np.flatnonzero(goes_off | comes_back | eta_moved | arrived).tolist():
+            for mask, kind in kinds:
+                if mask[i]:
+                    events.append(
+                        self._event(stored, rows[i], slots[i], kind, created_ms)
+                    )
+        return events
+
+    def _event(
+        self,
+        stored: FixBatch,
+        row: int,
+        slot: int,
+        kind: EventType,
+        created_ms: int,
+    ) -> TrackingEvent:
+        route = self._routes[slot]
+        s = self._state
+        time_ms = int(stored.time_ms[row])
+        total = float(self._flat.total_m[slot])
+        attributes = {
+            "deviation_m": f"{s['deviation_m'][slot]:.1f}",
+            "progress_m": f"{s['progress_m'][slot]:.1f}",
+            "remaining_m": f"{max(total - s['progress_m'][slot], 0.0):.1f}",
+            "eta_ms": str(int(s["eta_ms"][slot])),
+        }
+        return TrackingEvent(
+            event_id=event_id(
+                route.tenant, route.device, kind, time_ms, route.route_id
+            ),
+            tenant=route.tenant,
+            device=route.device,
+            type=kind,
+            time_ms=time_ms,
+            lat=float(stored.lat[row]),
+            lon=float(stored.lon[row]),
+            fix_seq=int(stored.seq[row]),
+            created_ms=created_ms,
+            route_id=route.route_id,
+            attributes=attributes,
+        )
+
+
+def deviation_m(
+    lat: np.ndarray, lon: np.ndarray, fix_lat: float, fix_lon: float
+) -> float:
+    """Distance from a point to a route's geometry (a single point route included)."""
+    x, y = to_local(lat, lon, lat[0], lon[0])
+    px, py = to_local(np.array([fix_lat]), np.array([fix_lon]), lat[0], lon[0])
+    if len(x) == 1:
+        return float(np.hypot(px[0] - x[0], py[0] - y[0]))
+    distance, _ = project_on_segments(px, py, x[:-1], y[:-1], x[1:], y[1:])
+    return float(distance.min())
+
+
+def _empty_state(n: int) -> dict[str, np.ndarray]:
+    return {
+        "last_ms": np.zeros(n, np.int64),
+        "progress_m": np.zeros(n),
+        "deviation_m": np.zeros(n),
+        "off_count": np.zeros(n, np.int64),
+        "on_count": np.zeros(n, np.int64),
+        "off": np.zeros(n, bool),
+        "arrived": np.zeros(n, bool),
+        "pace_obs_s": np.zeros(n),
+        "pace_exp_s": np.zeros(n),
+        "speed_mps": np.zeros(n),
+        "eta_ms": np.zeros(n, np.int64),
+        "announced_eta_ms": np.zeros(n, np.int64),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _FlatRoutes:
+    """Segments of every route in one set of arrays; route r owns segments
+    ``offset[r]:offset[r + 1]``, in the local frame of its first point."""
+
+    offset: np.ndarray
+    ax: np.ndarray
+    ay: np.ndarray
+    bx: np.ndarray
+    by: np.ndarray
+    start_m: np.ndarray
+    length_m: np.ndarray
+    start_s: np.ndarray
+    duration_s: np.ndarray
+    start_key: np.ndarray
+    end_key: np.ndarray
+    lat0: np.ndarray
+    lon0: np.ndarray
+    total_m: np.ndarray
+    total_s: np.ndarray
+    dest_x: np.ndarray
+    dest_y: np.ndarray
+
+    @classmethod
+    def build(cls, routes: list[PlannedRoute]) -> _FlatRoutes:
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in cls.__slots__}
+        for r, route in enumerate(routes):
+            lat, lon = route.lat, route.lon
+            if len(lat) == 1:
+                lat, lon = np.repeat(lat, 2), np.repeat(lon, 2)
+            x, y = to_local(lat, lon, lat[0], lon[0])
+            length = segment_lengths_m(lat, lon)
+            start = np.r_[0.0, np.cumsum(length)[:-1]]
+            seconds = np.asarray(route.segment_expected_s, dtype=np.float64)
+            if len(seconds) != len(length):
+                seconds = np.zeros(len(length))
+            parts["ax"].append(x[:-1])
+            parts["ay"].append(y[:-1])
+            parts["bx"].append(x[1:])
+            parts["by"].append(y[1:])
+            parts["start_m"].append(start)
+            parts["length_m"].append(length)
+            parts["start_s"].append(np.r_[0.0, np.cumsum(seconds)[:-1]])
+            parts["duration_s"].append(seconds)
+            parts["start_key"].append(r * ROUTE_KEY_STRIDE_M + start)
+            parts["end_key"].append(r * ROUTE_KEY_STRIDE_M + start + length)
+            for name, value in (
+                ("offset", len(length)),
+                ("lat0", lat[0]),
+                ("lon0", lon[0]),
+                ("total_m", length.sum()),
+                ("total_s", seconds.sum()),
+                ("dest_x", x[-1]),
+                ("dest_y", y[-1]),
+            ):
+                parts[name].append(np.array([value]))
+        arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+        arrays["offset"] = np.r_[0, np.cumsum(arrays["offset"])].astype(np.int64)
+        return cls(**arrays)
+
+    def locate(
+        self,
+        slots: np.ndarray,
+        x: np.ndarray,
+        y: np.ndarray,
+        lo_m: np.ndarray,
+        hi_m: np.ndarray,
+        expected_m: np.ndarray,
+        stray_penalty: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Best place of each fix among its route's segments overlapping [lo, hi]."""
+        base = slots * ROUTE_KEY_STRIDE_M
+        first = np.searchsorted(self.end_key, base + lo_m, side="left")
+        last = np.searchsorted(self.start_key, base + hi_m, side="right")
+        first = np.clip(first, self.offset[slots], self.offset[slots + 1] - 1)
+        last = np.clip(last, first + 1, self.offset[slots + 1])
+        counts = last - first
+        owner = np.repeat(np.arange(len(slots)), counts)
+        seg = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        seg += np.repeat(first, counts)
+        distance, t = project_on_segments(
+            x[owner], y[owner], self.ax[seg], self.ay[seg], self.bx[seg], self.by[seg]
+        )
+        along = self.start_m[seg] + t * self.length_m[seg]
+        score = distance + stray_penalty[owner] * np.abs(along - expected_m[owner])
+        pick = np.lexsort((score, owner))
+        best = pick[np.r_[True, owner[pick][1:] != owner[pick][:-1]]]
+        return distance[best], along[best]
+
+    def expected_s_at(self, slots: np.ndarray, along_m: np.ndarray) -> np.ndarray:
+        """Expected seconds from the route's start to a place along it."""
+        base = slots * ROUTE_KEY_STRIDE_M
+        seg = np.searchsorted(self.end_key, base + along_m, side="left")
+        seg = np.clip(seg, self.offset[slots], self.offset[slots + 1] - 1)
+        length = self.length_m[seg]
+        fraction = np.where(
+            length > 0,
+            (along_m - self.start_m[seg]) / np.where(length > 0, length, 1),
+            0,
+        )
+        return self.start_s[seg] + np.clip(fraction, 0.0, 1.0) * self.duration_s[seg]

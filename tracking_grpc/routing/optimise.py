@@ -1,0 +1,318 @@
+"""Which vehicle visits which job, in what order: VROOM on OSRM travel tables.
+
+Times are seconds from the problem's own origin (the servicer converts from and to
+epoch milliseconds). VROOM does not say why a job stays unassigned, so
+:func:`unassigned_reason` checks the usual causes in order: skills, demand,
+reachability within time windows and shifts, and otherwise a fleet already full.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import vroom
+
+from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.routing.engine import RoutingEngine
+
+log = logging.getLogger(__name__)
+
+FOREVER_S = 10 * 365 * 86_400
+UNREACHABLE_S = 100 * 86_400  # stands in for "no route" in VROOM's integer matrix
+UNLIMITED = 2**31 - 1  # the capacity of a vehicle given none
+
+
+@dataclass(frozen=True, slots=True)
+class VehicleSpec:
+    vehicle_id: str
+    start: tuple[float, float] | None  # (lat, lon)
+    end: tuple[float, float] | None
+    capacity: tuple[int, ...] = ()
+    shift_s: tuple[int, int] = (0, FOREVER_S)
+    skills: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    job_id: str
+    location: tuple[float, float]
+    service_s: int = 0
+    windows_s: tuple[tuple[int, int], ...] = ()
+    demand: tuple[int, ...] = ()
+    priority: int = 0
+    skills: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    kind: str  # start, job, end
+    job_id: str
+    lat: float
+    lon: float
+    arrival_s: int
+    service_s: int
+    waiting_s: int
+    distance_m: float  # from the vehicle's start
+    load: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class VehiclePlan:
+    vehicle_id: str
+    stops: list[Stop]
+    distance_m: float
+    duration_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    vehicles: list[VehiclePlan]
+    unassigned: dict[str, str] = field(default_factory=dict)  # job id -> reason
+
+    @property
+    def distance_m(self) -> float:
+        return sum(v.distance_m for v in self.vehicles)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Vehicles, jobs and the travel tables between their places."""
+
+    vehicles: list[VehicleSpec]
+    jobs: list[JobSpec]
+    lat: np.ndarray  # every distinct place
+    lon: np.ndarray
+    duration_s: np.ndarray
+    distance_m: np.ndarray
+    vehicle_places: list[tuple[int | None, int | None]]
+    job_places: list[int]
+
+
+def build_problem(
+    engine: RoutingEngine, vehicles: list[VehicleSpec], jobs: list[JobSpec]
+) -> Problem:
+    """Check the specs and fetch one OSRM table over every place they name."""
+    _check(vehicles, jobs)
+    places: dict[tuple[float, float], int] = {}
+
+    def place(point: tuple[float, float] | None) -> int | None:
+        if point is None:
+            return None
+        return places.setdefault(point, len(places))
+
+    vehicle_places = [(place(v.start), place(v.end)) for v in vehicles]
+    job_places = [place(j.location) for j in jobs]
+    lat = np.array([p[0] for p in places])
+    lon = np.array([p[1] for p in places])
+    if len(places) == 1:
+        matrix_s = np.zeros((1, 1))
+        matrix_m = np.zeros((1, 1))
+        engine.route(np.repeat(lat, 2), np.repeat(lon, 2), steps=False)  # snap check
+    else:
+        table = engine.table(lat, lon)
+        matrix_s, matrix_m = table.duration_s, table.distance_m
+    return Problem(
+        vehicles,
+        jobs,
+        lat,
+        lon,
+        matrix_s,
+        matrix_m,
+        vehicle_places,
+        job_places,  # type: ignore[arg-type]
+    )
+
+
+def solve(problem: Problem, exploration_level: int = 5, threads: int = 0) -> Plan:
+    """The best plan VROOM finds; unassigned jobs come with a reason."""
+    skill_ids = {s: i for i, s in enumerate(_all_skills(problem))}
+    dims = _dimensions(problem)
+    durations = np.where(
+        np.isfinite(problem.duration_s), np.rint(problem.duration_s), UNREACHABLE_S
+    ).astype(np.uint32)
+    distances = np.where(
+        np.isfinite(problem.distance_m), np.rint(problem.distance_m), 0
+    ).astype(np.uint32)
+    given = vroom.Input()
+    given.set_durations_matrix(profile="car", matrix_input=durations)
+    given.set_distances_matrix(profile="car", matrix_input=distances)
+    for i, (v, (start, end)) in enumerate(
+        zip(problem.vehicles, problem.vehicle_places, strict=True)
+    ):
+        given.add_vehicle(
+            vroom.Vehicle(
+                i,
+                start=start,
+                end=end,
+                profile="car",
+                capacity=_amount(v.capacity, dims, UNLIMITED),
+                skills={skill_ids[s] for s in v.skills},
+                time_window=vroom.TimeWindow(*v.shift_s),
+            )
+        )
+    for j, (job, location) in enumerate(
+        zip(problem.jobs, problem.job_places, strict=True)
+    ):
+        given.add_job(
+            vroom.Job(
+                j,
+                location=location,
+                default_service=job.service_s,
+                delivery=vroom.Amount(_amount(job.demand, dims)),
+                skills={skill_ids[s] for s in job.skills},
+                priority=job.priority,
+                time_windows=[vroom.TimeWindow(a, b) for a, b in job.windows_s],
+            )
+        )
+    threads = threads or max(1, min(4, os.cpu_count() or 1))
+    answer = given.solve(exploration_level=exploration_level, nb_threads=threads)
+    return _plan(problem, answer.to_dict())
+
+
+def unassigned_reason(problem: Problem, job_index: int) -> str:
+    """Why no vehicle took this job, as far as the specs alone can tell."""
+    job = problem.jobs[job_index]
+    skilled = [i for i, v in enumerate(problem.vehicles) if job.skills <= v.skills]
+    if not skilled:
+        return f"no vehicle has the skills {', '.join(sorted(job.skills))}"
+    dims = _dimensions(problem)
+    demand = np.array(_amount(job.demand, dims))
+    roomy = [
+        i
+        for i in skilled
+        if np.all(demand <= _amount(problem.vehicles[i].capacity, dims, UNLIMITED))
+    ]
+    if not roomy:
+        return "its demand exceeds the capacity of every vehicle with its skills"
+    here = problem.job_places[job_index]
+    if not any(_routable(problem, i, here) for i in roomy):
+        return "no road route joins it to the start and end of any suitable vehicle"
+    if not any(_reachable(problem, i, job_index) for i in roomy):
+        return (
+            "no vehicle with its skills and capacity can reach it within its time "
+            "windows and come back within its shift"
+        )
+    return "the fleet's capacity or shift time went to other jobs"
+
+
+def _routable(problem: Problem, vehicle: int, here: int) -> bool:
+    start, end = problem.vehicle_places[vehicle]
+    ok = start is None or np.isfinite(problem.duration_s[start, here])
+    return bool(ok and (end is None or np.isfinite(problem.duration_s[here, end])))
+
+
+def _reachable(problem: Problem, vehicle: int, job_index: int) -> bool:
+    v = problem.vehicles[vehicle]
+    job = problem.jobs[job_index]
+    start, end = problem.vehicle_places[vehicle]
+    here = problem.job_places[job_index]
+    to_job = 0.0 if start is None else problem.duration_s[start, here]
+    back = 0.0 if end is None else problem.duration_s[here, end]
+    if not (np.isfinite(to_job) and np.isfinite(back)):
+        return False
+    windows = job.windows_s or ((0, FOREVER_S),)
+    for open_s, close_s in windows:
+        arrive = max(v.shift_s[0] + to_job, open_s)
+        if arrive <= close_s and arrive + job.service_s + back <= v.shift_s[1]:
+            return True
+    return False
+
+
+def _plan(problem: Problem, answer: dict) -> Plan:
+    vehicles = []
+    for route in answer.get("routes", []):
+        index = int(route["vehicle"])
+        stops = []
+        for step in route["steps"]:
+            kind = step["type"]
+            place = int(step["location_index"])
+            job_id = problem.jobs[int(step["id"])].job_id if kind == "job" else ""
+            stops.append(
+                Stop(
+                    kind=kind,
+                    job_id=job_id,
+                    lat=float(problem.lat[place]),
+                    lon=float(problem.lon[place]),
+                    arrival_s=int(step["arrival"]),
+                    service_s=int(step["service"]),
+                    waiting_s=int(step["waiting_time"]),
+                    distance_m=float(step.get("distance", 0)),
+                    load=tuple(int(x) for x in step.get("load", [])),
+                )
+            )
+        vehicles.append(
+            VehiclePlan(
+                vehicle_id=problem.vehicles[index].vehicle_id,
+                stops=stops,
+                distance_m=float(route.get("distance", 0)),
+                duration_s=int(route["duration"]),
+            )
+        )
+    unassigned = {
+        problem.jobs[int(u["id"])].job_id: unassigned_reason(problem, int(u["id"]))
+        for u in answer.get("unassigned", [])
+    }
+    return Plan(vehicles, unassigned)
+
+
+def _check(vehicles: list[VehicleSpec], jobs: list[JobSpec]) -> None:
+    if not vehicles:
+        raise InvalidArgument("vehicles", "at least one vehicle is needed")
+    for field_name, ids in (
+        ("vehicles", [v.vehicle_id for v in vehicles]),
+        ("jobs", [j.job_id for j in jobs]),
+    ):
+        seen: set[str] = set()
+        for i, item_id in enumerate(ids):
+            if not item_id or item_id in seen:
+                raise InvalidArgument(f"{field_name}[{i}].id", "must be set and unique")
+            seen.add(item_id)
+    for i, v in enumerate(vehicles):
+        if v.start is None and v.end is None:
+            raise InvalidArgument(f"vehicles[{i}]", "set start, end or both")
+        if v.shift_s[0] > v.shift_s[1]:
+            raise InvalidArgument(f"vehicles[{i}].shift", "starts after it ends")
+        if any(c < 0 for c in v.capacity):
+            raise InvalidArgument(f"vehicles[{i}].capacity", "must not be negative")
+    for i, j in enumerate(jobs):
+        if any(a > b for a, b in j.windows_s):
+            raise InvalidArgument(
+                f"jobs[{i}].time_windows", "a window ends before it starts"
+            )
+        if any(d < 0 for d in j.demand):
+            raise InvalidArgument(f"jobs[{i}].demand", "must not be negative")
+        if not 0 <= j.priority <= 100:
+            raise InvalidArgument(f"jobs[{i}].priority", "must be in [0, 100]")
+        if j.service_s < 0:
+            raise InvalidArgument(f"jobs[{i}].service_s", "must not be negative")
+    dims = {len(v.capacity) for v in vehicles} | {
+        len(j.demand) for j in jobs if j.demand
+    }
+    if len(dims - {0}) > 1:
+        raise InvalidArgument(
+            "capacity", "every capacity and demand needs as many values"
+        )
+
+
+def _dimensions(problem: Problem) -> int:
+    sizes = [len(v.capacity) for v in problem.vehicles] + [
+        len(j.demand) for j in problem.jobs
+    ]
+    return max(sizes, default=0)
+
+
+def _amount(values: tuple[int, ...], dims: int, missing: int = 0) -> list[int]:
+    """A capacity or demand of ``dims`` values, ``missing`` each where none is given."""
+    if values:
+        return list(values)
+    return [missing] * dims
+
+
+def _all_skills(problem: Problem) -> list[str]:
+    names = set()
+    for item in [*problem.vehicles, *problem.jobs]:
+        names |= item.skills
+    return sorted(names)

@@ -1,0 +1,150 @@
+"""The routing side of the application: engines, learned travel times, monitor.
+
+:class:`Routing` is what the Route servicer calls. Engine calls block in C++, so the
+async methods run them in worker threads; the monitor runs on the event loop, as a
+processor of the ingest pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import numpy as np
+
+from tracking_grpc.config import Settings
+from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.routing import optimise
+from tracking_grpc.routing.engine import Match, Matrix, Route, Router
+from tracking_grpc.routing.learning import TravelTimes
+from tracking_grpc.routing.monitor import (
+    MonitorSettings,
+    PlannedRoute,
+    RouteMonitor,
+    RouteProgress,
+)
+
+log = logging.getLogger(__name__)
+
+MIN_MATCH_RADIUS_M = 10.0
+MAX_MATCH_RADIUS_M = 60.0
+DEFAULT_MATCH_RADIUS_M = 30.0
+
+
+def monitor_settings(settings: Settings) -> MonitorSettings:
+    return MonitorSettings(
+        off_route_m=settings.route_off_route_m,
+        off_route_fixes=settings.route_off_route_fixes,
+        back_on_route_fixes=settings.route_back_on_route_fixes,
+        arrival_radius_m=settings.route_arrival_radius_m,
+        eta_change_s=settings.route_eta_change_s,
+    )
+
+
+class Routing:
+    """Routes, tables, plans, matching and monitoring for every tenant."""
+
+    def __init__(self, router: Router, monitor: RouteMonitor) -> None:
+        self.router = router
+        self.monitor = monitor
+        self.travel_times = TravelTimes()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Routing:
+        router = Router.load(settings.routing_data_dir, settings.routing_max_snap_m)
+        return cls(router, RouteMonitor(monitor_settings(settings)))
+
+    async def route(
+        self, tenant: str, profile: str, lat: np.ndarray, lon: np.ndarray, steps: bool
+    ) -> tuple[Route, float]:
+        """A route and its expected duration from learned travel times."""
+        engine = self.router.engine(profile)
+        route = await asyncio.to_thread(engine.route, lat, lon, steps=steps)
+        model = self.travel_times.model(tenant, profile)
+        return route, model.expected_duration_s(route)
+
+    async def matrix(
+        self,
+        profile: str,
+        lat: np.ndarray,
+        lon: np.ndarray,
+        sources: list[int],
+        destinations: list[int],
+    ) -> Matrix:
+        engine = self.router.engine(profile)
+        for name, indices in (("sources", sources), ("destinations", destinations)):
+            bad = [i for i in indices if i >= len(lat)]
+            if bad:
+                raise InvalidArgument(name, f"index {bad[0]} is not a point index")
+        return await asyncio.to_thread(engine.table, lat, lon, sources, destinations)
+
+    async def optimise(
+        self,
+        profile: str,
+        vehicles: list[optimise.VehicleSpec],
+        jobs: list[optimise.JobSpec],
+    ) -> optimise.Plan:
+        engine = self.router.engine(profile)
+
+        def plan() -> optimise.Plan:
+            return optimise.solve(optimise.build_problem(engine, vehicles, jobs))
+
+        return await asyncio.to_thread(plan)
+
+    async def match(
+        self,
+        tenant: str,
+        profile: str,
+        lat: np.ndarray,
+        lon: np.ndarray,
+        time_ms: np.ndarray,
+        accuracy_m: np.ndarray,
+        learn: bool,
+    ) -> tuple[Match, int]:
+        """Map matching of a track; learns travel times from it when asked."""
+        engine = self.router.engine(profile)
+        if np.any(np.diff(time_ms) < 0):
+            raise InvalidArgument("fixes", "fix times must not decrease")
+        radius = np.where(
+            np.isfinite(accuracy_m), accuracy_m * 2.0, DEFAULT_MATCH_RADIUS_M
+        )
+        radius = np.clip(radius, MIN_MATCH_RADIUS_M, MAX_MATCH_RADIUS_M)
+        time_s = np.asarray(time_ms, dtype=np.int64) // 1000
+        match = await asyncio.to_thread(engine.match, lat, lon, time_s, radius)
+        learned = 0
+        if learn:
+            model = self.travel_times.model(tenant, profile)
+            learned = model.observe_match(match, time_ms / 1000.0)
+            log.info(
+                "tenant %s %s: learned from %d legs, factor now %.2f",
+                tenant,
+                profile,
+                learned,
+                model.global_factor,
+            )
+        return match, learned
+
+    async def assign(
+        self,
+        tenant: str,
+        device: str,
+        route_id: str,
+        profile: str,
+        lat: np.ndarray,
+        lon: np.ndarray,
+        now_ms: int,
+    ) -> tuple[Route, float, RouteProgress]:
+        """Plan a route and monitor the device on it."""
+        route, expected_s = await self.route(tenant, profile, lat, lon, steps=True)
+        model = self.travel_times.model(tenant, profile)
+        planned = PlannedRoute(
+            tenant=tenant,
+            device=device,
+            route_id=route_id or uuid.uuid4().hex,
+            lat=route.lat,
+            lon=route.lon,
+            segment_expected_s=model.segment_durations_s(route),
+            assigned_ms=now_ms,
+        )
+        return route, expected_s, self.monitor.assign(planned)

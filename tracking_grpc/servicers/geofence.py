@@ -1,0 +1,303 @@
+"""Geofence: fences of a tenant, checks against them, and their events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from tracking.v1 import geofence_pb2, geofence_pb2_grpc
+
+from tracking_grpc.app import App
+from tracking_grpc.auth import Role
+from tracking_grpc.errors import InvalidArgument, ResourceExhausted
+from tracking_grpc.events import EventType
+from tracking_grpc.geofence.delivery import (
+    GEOFENCE_TYPES,
+    EventFilter,
+    EventStoreListener,
+    EventWatchHub,
+    StreamPublisher,
+)
+from tracking_grpc.geofence.messages import (
+    check_fence_id,
+    fence_message,
+    fence_of,
+    fences_of_feature_collection,
+)
+from tracking_grpc.geofence.processor import GeofenceProcessor
+from tracking_grpc.geofence.shapes import check_lat_lon
+from tracking_grpc.servicers.track import event_message
+from tracking_grpc.storage.fences import (
+    EventQuery,
+    EventRepository,
+    FenceRepository,
+    decode_token,
+    encode_token,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+MAX_WATCH_IDS = 10_000
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _page_size(value: int) -> int:
+    if value > MAX_PAGE:
+        raise InvalidArgument("page_size", f"at most {MAX_PAGE}")
+    return value or DEFAULT_PAGE
+
+
+def _types(values, field: str) -> frozenset[EventType]:  # type: ignore[no-untyped-def]
+    types = frozenset(EventType(int(v)) for v in values if int(v) != 0)
+    if types - GEOFENCE_TYPES:
+        raise InvalidArgument(field, "only ENTER, EXIT, DWELL and CROSS")
+    return types
+
+
+class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
+    def __init__(
+        self,
+        app: App,
+        fences: FenceRepository,
+        events: EventRepository,
+        processor: GeofenceProcessor,
+        hub: EventWatchHub,
+    ) -> None:
+        self.app = app
+        self.fences = fences
+        self.events = events
+        self.processor = processor
+        self.hub = hub
+
+    async def CreateFence(self, request, context):  # type: ignore[no-untyped-def]
+        """Create a fence; INVALID_ARGUMENT names what is wrong and where."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.ADMIN)
+        fence_id = request.fence.fence_id or uuid.uuid4().hex
+        spec, repairs = fence_of(request.fence, "fence", request.repair, fence_id)
+        stored = await self.fences.create(caller.tenant, spec, now_ms())
+        self.processor.changed(caller.tenant)
+        return geofence_pb2.CreateFenceResponse(
+            fence=fence_message(stored), repairs=list(repairs)
+        )
+
+    async def UpdateFence(self, request, context):  # type: ignore[no-untyped-def]
+        """Replace a fence's shape and settings; its id stays."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.ADMIN)
+        fence_id = check_fence_id(request.fence.fence_id, "fence.fence_id")
+        spec, repairs = fence_of(request.fence, "fence", request.repair, fence_id)
+        stored = await self.fences.update(
+            caller.tenant, spec, now_ms(), request.expected_version
+        )
+        self.processor.changed(caller.tenant)
+        return geofence_pb2.UpdateFenceResponse(
+            fence=fence_message(stored), repairs=list(repairs)
+        )
+
+    async def DeleteFence(self, request, context):  # type: ignore[no-untyped-def]
+        """Delete a fence; devices inside it raise no exit."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.ADMIN)
+        fence_id = check_fence_id(request.fence_id, "fence_id")
+        await self.fences.delete(caller.tenant, fence_id)
+        self.processor.changed(caller.tenant)
+        return geofence_pb2.DeleteFenceResponse()
+
+    async def GetFence(self, request, context):  # type: ignore[no-untyped-def]
+        """One fence by id."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.VIEWER)
+        fence_id = check_fence_id(request.fence_id, "fence_id")
+        spec = await self.fences.get(caller.tenant, fence_id)
+        return geofence_pb2.GetFenceResponse(fence=fence_message(spec))
+
+    async def ListFences(self, request, context):  # type: ignore[no-untyped-def]
+        """Fences by id, a page at a time, optionally only those with labels."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.VIEWER)
+        size = _page_size(request.page_size)
+        after = str(decode_token(request.page_token)) if request.page_token else ""
+        found = await self.fences.list(
+            caller.tenant, list(request.labels), size + 1, after
+        )
+        page = found[:size]
+        token = encode_token(page[-1].fence_id) if len(found) > size else ""
+        return geofence_pb2.ListFencesResponse(
+            fences=[fence_message(f) for f in page], next_page_token=token
+        )
+
+    async def ImportFences(self, request, context):  # type: ignore[no-untyped-def]
+        """Create or replace many fences from a GeoJSON FeatureCollection."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.ADMIN)
+        specs, repairs = await asyncio.to_thread(
+            fences_of_feature_collection, request.geojson, request.repair
+        )
+        result = await self.fences.import_many(
+            caller.tenant, specs, now_ms(), request.replace_existing
+        )
+        self.processor.changed(caller.tenant)
+        return geofence_pb2.ImportFencesResponse(
+            fence_ids=[f.fence_id for f in result.fences],
+            created=result.created,
+            replaced=result.replaced,
+            repairs=repairs,
+        )
+
+    async def Check(self, request, context):  # type: ignore[no-untyped-def]
+        """Which fences contain a position, taking its accuracy into account."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.VIEWER)
+        lat, lon = request.position.lat, request.position.lon
+        check_lat_lon(lat, lon, "position")
+        accuracy = request.accuracy_m if request.HasField("accuracy_m") else 0.0
+        if not (math.isfinite(accuracy) and 0 <= accuracy <= 1e6):
+            raise InvalidArgument("accuracy_m", "must lie within 0 and 1000 km")
+        found = await self.processor.check(caller.tenant, lat, lon, accuracy)
+        if request.labels:
+            wanted = set(request.labels)
+            index = await self.processor.index(caller.tenant)
+            found = [
+                c
+                for c in found
+                if wanted <= set(index.fences[index.row_of[c.fence_id]].spec.labels)
+            ]
+        return geofence_pb2.CheckResponse(
+            fences=[
+                geofence_pb2.FenceCheck(
+                    fence_id=c.fence_id,
+                    containment=(
+                        geofence_pb2.CONTAINMENT_INSIDE
+                        if c.certain
+                        else geofence_pb2.CONTAINMENT_PROBABLY_INSIDE
+                        if c.inside
+                        else geofence_pb2.CONTAINMENT_POSSIBLY_INSIDE
+                    ),
+                    edge_distance_m=c.edge_distance_m,
+                    enters=c.enters,
+                )
+                for c in found
+            ]
+        )
+
+    async def WatchEvents(
+        self, request, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[geofence_pb2.WatchEventsResponse]:
+        """Geofence events as they happen, filtered by fence, device and type."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.VIEWER)
+        if len(request.fence_ids) + len(request.device_ids) > MAX_WATCH_IDS:
+            raise InvalidArgument("fence_ids", f"at most {MAX_WATCH_IDS} ids in all")
+        event_filter = EventFilter(
+            caller.tenant,
+            frozenset(request.fence_ids),
+            frozenset(request.device_ids),
+            _types(request.types, "types"),
+        )
+        subscription = self.hub.subscribe(event_filter)
+        try:
+            await context.send_initial_metadata(())
+            while True:
+                events = await subscription.queue.get()
+                if subscription.overflowed:
+                    raise ResourceExhausted("the watcher fell behind; watch again")
+                yield geofence_pb2.WatchEventsResponse(
+                    events=[event_message(e) for e in events]
+                )
+        finally:
+            self.hub.unsubscribe(subscription)
+
+    async def ListEvents(self, request, context):  # type: ignore[no-untyped-def]
+        """Stored geofence events in a time range (by fix time), oldest first."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.VIEWER)
+        end_ms = request.end_ms or now_ms() + 1
+        if request.start_ms < 0 or end_ms <= request.start_ms:
+            raise InvalidArgument("end_ms", "must lie after start_ms (0 means now)")
+        size = _page_size(request.page_size)
+        after = None
+        if request.page_token:
+            token = decode_token(request.page_token)
+            if not (isinstance(token, list) and len(token) == 2):
+                raise InvalidArgument("page_token", "not a token this service issued")
+            after = (int(token[0]), str(token[1]))
+        found = await self.events.list(
+            EventQuery(
+                caller.tenant,
+                request.start_ms,
+                end_ms,
+                device=request.device_id,
+                fence_id=request.fence_id,
+                types=_types(request.types, "types"),
+                limit=size + 1,
+                after=after,
+            )
+        )
+        page = found[:size]
+        token = (
+            encode_token([page[-1].time_ms, page[-1].event_id])
+            if len(found) > size
+            else ""
+        )
+        return geofence_pb2.ListEventsResponse(
+            events=[event_message(e) for e in page], next_page_token=token
+        )
+
+
+def open_repositories(app: App) -> tuple[FenceRepository, EventRepository]:
+    """PostGIS when a database URL is set, else the embedded SQLite file."""
+    settings = app.settings
+    if settings.database_url:
+        from tracking_grpc.storage.postgres_fences import (
+            PostgresEventRepository,
+            PostgresFenceRepository,
+            PostgresGeofenceDatabase,
+        )
+
+        postgres = PostgresGeofenceDatabase(settings.database_url)
+        app.closers.append(postgres.close)
+        return PostgresFenceRepository(postgres), PostgresEventRepository(postgres)
+    from tracking_grpc.storage.sqlite_fences import (
+        SqliteEventRepository,
+        SqliteFenceRepository,
+        SqliteGeofenceDatabase,
+    )
+
+    sqlite = SqliteGeofenceDatabase.opening(
+        Path(settings.data_dir) / "geofence.sqlite3"
+    )
+    app.closers.append(sqlite.close)
+    return SqliteFenceRepository(sqlite), SqliteEventRepository(sqlite)
+
+
+def register(server: grpc.aio.Server, app: App) -> str:
+    """Add the Geofence service, its processor and its event listeners."""
+    fences, events = open_repositories(app)
+    processor = GeofenceProcessor(fences)
+    hub = EventWatchHub()
+    app.pipeline.add_processor(processor)
+    app.bus.add_listener(EventStoreListener(events))
+    app.bus.add_listener(hub)
+    if app.settings.redis_url:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(app.settings.redis_url)
+        publisher = StreamPublisher(client, app.settings.geofence_stream)
+        publisher.start()
+        app.bus.add_listener(publisher)
+        app.closers.append(publisher.close)
+    servicer = GeofenceServicer(app, fences, events, processor, hub)
+    geofence_pb2_grpc.add_GeofenceServicer_to_server(servicer, server)
+    return geofence_pb2.DESCRIPTOR.services_by_name["Geofence"].full_name

@@ -1,0 +1,317 @@
+"""History: stored tracks, trips, stops, daily summaries, places and heatmaps."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+from tracking.v1 import common_pb2, history_pb2, history_pb2_grpc
+
+from tracking_grpc import convert
+from tracking_grpc.activity import export, patterns, views
+from tracking_grpc.activity.params import check_time_zone
+from tracking_grpc.activity.queries import DeviceHistory, load
+from tracking_grpc.app import App
+from tracking_grpc.auth import Caller, Role
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.core.geodesy import in_box, in_circle
+from tracking_grpc.errors import InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+CHUNK_POSITIONS = 1_000
+MAX_TOLERANCE_M = 100_000.0
+FORMATS = {
+    history_pb2.EXPORT_FORMAT_GPX: "gpx",
+    history_pb2.EXPORT_FORMAT_GEOJSON: "geojson",
+    history_pb2.EXPORT_FORMAT_CSV: "csv",
+}
+
+
+def _latlng(lat: float, lon: float) -> common_pb2.LatLng:
+    return common_pb2.LatLng(lat=lat, lon=lon)
+
+
+def _place(place) -> history_pb2.Place:
+    return history_pb2.Place(
+        time_ms=place.time_ms, position=_latlng(place.lat, place.lon), seq=place.seq
+    )
+
+
+def _frequent(place: patterns.Place) -> history_pb2.FrequentPlace:
+    return history_pb2.FrequentPlace(
+        center=_latlng(place.lat, place.lon),
+        visit_count=place.visit_count,
+        total_dwell_s=place.total_dwell_s,
+        first_visit_ms=place.first_visit_ms,
+        last_visit_ms=place.last_visit_ms,
+    )
+
+
+def _clip_mask(fixes: FixBatch, area: common_pb2.Area) -> np.ndarray:
+    shape = area.WhichOneof("shape")
+    if shape == "box":
+        box = area.box
+        for name, bound in (("south", 90), ("north", 90), ("west", 180), ("east", 180)):
+            value = getattr(box, name)
+            if not (math.isfinite(value) and -bound <= value <= bound):
+                raise InvalidArgument(f"clip.box.{name}", f"must be in ±{bound}")
+        if box.south > box.north:
+            raise InvalidArgument("clip.box", "south lies north of north")
+        return in_box(fixes.lat, fixes.lon, box.south, box.west, box.north, box.east)
+    if shape == "circle":
+        c = area.circle
+        if not (math.isfinite(c.center.lat) and abs(c.center.lat) <= 90):
+            raise InvalidArgument("clip.circle.center.lat", "must be in ±90")
+        if not (math.isfinite(c.center.lon) and abs(c.center.lon) <= 180):
+            raise InvalidArgument("clip.circle.center.lon", "must be in ±180")
+        if not (math.isfinite(c.radius_m) and c.radius_m > 0):
+            raise InvalidArgument("clip.circle.radius_m", "must be > 0")
+        return in_circle(fixes.lat, fixes.lon, c.center.lat, c.center.lon, c.radius_m)
+    raise InvalidArgument("clip", "set box or circle")
+
+
+class HistoryServicer(history_pb2_grpc.HistoryServicer):
+    """Read-only queries over stored fixes of one device at a time."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        caller = self.app.auth.caller(context)
+        caller.require(Role.VIEWER)
+        return caller
+
+    async def _load(self, caller: Caller, request) -> DeviceHistory:
+        device = convert.check_device_id(request.device_id, "device_id")
+        return await load(
+            self.app.history,
+            self.app.activity.config,
+            caller.tenant,
+            device,
+            request.start_ms,
+            request.end_ms,
+        )
+
+    async def _track(self, caller: Caller, request: history_pb2.GetTrackRequest):
+        tolerance = request.simplify_tolerance_m
+        if not (math.isfinite(tolerance) and 0 <= tolerance <= MAX_TOLERANCE_M):
+            raise InvalidArgument("simplify_tolerance_m", "must be in [0, 100000]")
+        found = await self._load(caller, request)
+        kind = request.kind
+        if kind in (history_pb2.TRACK_KIND_UNSPECIFIED, history_pb2.TRACK_KIND_RAW):
+            fixes = found.fixes
+        elif kind == history_pb2.TRACK_KIND_CLEAN:
+            fixes = views.clean(found.analysis)
+        elif kind == history_pb2.TRACK_KIND_SMOOTHED:
+            fixes = views.smoothed(found.analysis)
+        else:
+            raise InvalidArgument("kind", f"unknown track kind {kind}")
+        if request.HasField("clip"):
+            fixes = fixes.take(_clip_mask(fixes, request.clip))
+        return views.simplify(fixes, tolerance)
+
+    async def GetTrack(
+        self, request: history_pb2.GetTrackRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[history_pb2.GetTrackResponse]:
+        """A device's fixes in a time range, in fix-time order, streamed in chunks."""
+        fixes = await self._track(self._caller(context), request)
+        for start in range(0, len(fixes), CHUNK_POSITIONS):
+            part = fixes.take(
+                np.arange(start, min(start + CHUNK_POSITIONS, len(fixes)))
+            )
+            yield history_pb2.GetTrackResponse(positions=convert.positions(part))
+
+    async def ExportTrack(
+        self, request: history_pb2.ExportTrackRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[history_pb2.ExportTrackResponse]:
+        """The track as a GPX, GeoJSON or CSV document, in chunks of bytes."""
+        caller = self._caller(context)
+        name = FORMATS.get(request.format)
+        if name is None:
+            raise InvalidArgument("format", "set GPX, GEOJSON or CSV")
+        fixes = await self._track(caller, request.track)
+        first = True
+        for piece in export.WRITERS[name](fixes, request.track.device_id):
+            yield history_pb2.ExportTrackResponse(
+                content_type=export.CONTENT_TYPES[name] if first else "",
+                data=piece.encode(),
+            )
+            first = False
+
+    async def ListTrips(
+        self, request: history_pb2.ListTripsRequest, context: grpc.aio.ServicerContext
+    ) -> history_pb2.ListTripsResponse:
+        """Trips in a time range, with distance, duration and speeds."""
+        found = await self._load(self._caller(context), request)
+        return history_pb2.ListTripsResponse(
+            trips=[
+                history_pb2.Trip(
+                    start=_place(t.start),
+                    end=_place(t.end),
+                    distance_m=t.distance_m,
+                    duration_s=t.duration_s,
+                    avg_speed_mps=t.avg_speed_mps,
+                    max_speed_mps=t.max_speed_mps,
+                    fix_count=t.fix_count,
+                )
+                for t in found.trips()
+            ]
+        )
+
+    async def ListStops(
+        self, request: history_pb2.ListStopsRequest, context: grpc.aio.ServicerContext
+    ) -> history_pb2.ListStopsResponse:
+        """Stops in a time range."""
+        found = await self._load(self._caller(context), request)
+        return history_pb2.ListStopsResponse(
+            stops=[
+                history_pb2.Stop(
+                    start_ms=s.start_ms,
+                    end_ms=s.end_ms,
+                    duration_s=s.duration_s,
+                    center=_latlng(s.lat, s.lon),
+                    radius_m=s.radius_m,
+                    fix_count=s.fix_count,
+                )
+                for s in found.stops()
+            ]
+        )
+
+    def _time_zone(self, caller: Caller, request) -> str:
+        if request.time_zone:
+            return check_time_zone(request.time_zone, "time_zone")
+        return self.app.activity.config.time_zone(caller.tenant, request.device_id)
+
+    async def DailySummary(
+        self,
+        request: history_pb2.DailySummaryRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> history_pb2.DailySummaryResponse:
+        """Distance, moving and stopped time per local calendar day."""
+        caller = self._caller(context)
+        zone = self._time_zone(caller, request)
+        found = await self._load(caller, request)
+        days = patterns.daily_summary(
+            found.analysis,
+            found.trips(),
+            found.stops(),
+            request.start_ms,
+            request.end_ms,
+            zone,
+        )
+        return history_pb2.DailySummaryResponse(
+            time_zone=zone,
+            days=[
+                history_pb2.DaySummary(
+                    date=d.date,
+                    distance_m=d.distance_m,
+                    moving_s=d.moving_s,
+                    stopped_s=d.stopped_s,
+                    trip_count=d.trip_count,
+                    max_speed_mps=d.max_speed_mps,
+                    fix_count=d.fix_count,
+                    first_fix_ms=d.first_fix_ms,
+                    last_fix_ms=d.last_fix_ms,
+                )
+                for d in days
+            ],
+        )
+
+    async def FrequentPlaces(
+        self,
+        request: history_pb2.FrequentPlacesRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> history_pb2.FrequentPlacesResponse:
+        """Places the device stops at again and again."""
+        caller = self._caller(context)
+        radius = request.place_radius_m or 100.0
+        if not (math.isfinite(radius) and 0 < radius <= 5000):
+            raise InvalidArgument("place_radius_m", "must be in (0, 5000]")
+        limit = request.limit or 20
+        if limit > 1000:
+            raise InvalidArgument("limit", "at most 1000")
+        found = await self._load(caller, request)
+        places = patterns.frequent_places(found.stops(), radius)[:limit]
+        return history_pb2.FrequentPlacesResponse(places=[_frequent(p) for p in places])
+
+    async def HomeWork(
+        self, request: history_pb2.HomeWorkRequest, context: grpc.aio.ServicerContext
+    ) -> history_pb2.HomeWorkResponse:
+        """The likely home and work places."""
+        caller = self._caller(context)
+        zone = self._time_zone(caller, request)
+        found = await self._load(caller, request)
+        stops = found.stops()
+        places = patterns.frequent_places(stops, 100.0)
+        home, work = patterns.home_and_work(
+            stops, places, request.start_ms, request.end_ms, zone
+        )
+        response = history_pb2.HomeWorkResponse(time_zone=zone)
+        if home is not None:
+            response.home.CopyFrom(
+                history_pb2.RolePlace(place=_frequent(home[0]), role_dwell_s=home[1])
+            )
+        if work is not None:
+            response.work.CopyFrom(
+                history_pb2.RolePlace(place=_frequent(work[0]), role_dwell_s=work[1])
+            )
+        return response
+
+    async def Heatmap(
+        self, request: history_pb2.HeatmapRequest, context: grpc.aio.ServicerContext
+    ) -> history_pb2.HeatmapResponse:
+        """Trusted fixes counted per H3 cell."""
+        caller = self._caller(context)
+        resolution = request.resolution if request.HasField("resolution") else 9
+        if resolution > 15:
+            raise InvalidArgument("resolution", "must be 0-15")
+        found = await self._load(caller, request)
+        fixes = views.clean(found.analysis)
+        cells = patterns.heatmap(fixes.lat, fixes.lon, resolution)
+        return history_pb2.HeatmapResponse(
+            resolution=resolution,
+            cells=[
+                history_pb2.HeatCell(
+                    cell=cell,
+                    fix_count=count,
+                    center=_latlng(*patterns.cell_center(cell)),
+                )
+                for cell, count in cells
+            ],
+        )
+
+    async def GetActivity(
+        self, request: history_pb2.GetActivityRequest, context: grpc.aio.ServicerContext
+    ) -> history_pb2.GetActivityResponse:
+        """The device's live activity, as this server process has seen it."""
+        caller = self._caller(context)
+        device = convert.check_device_id(request.device_id, "device_id")
+        state = self.app.activity.state(caller.tenant, device)
+        if state is None:
+            raise NotFound(
+                f"no activity for device {device!r} since the server started"
+            )
+        return history_pb2.GetActivityResponse(
+            device_id=device,
+            online=state.online,
+            last_seen_ms=state.last_seen_ms,
+            motion=int(state.motion),  # type: ignore[arg-type]
+            in_stop=state.in_stop,
+            stop_since_ms=state.stop_since_ms if state.in_stop else 0,
+            in_trip=state.in_trip,
+            trip_since_ms=max(state.trip_since_ms, 0),
+            trip_distance_m=state.trip_distance_m,
+            odometer_m=state.odometer_m,
+            time_ms=max(state.time_ms, 0),
+            position=_latlng(state.lat, state.lon),
+            smoothed_position=_latlng(state.smoothed_lat, state.smoothed_lon),
+        )
+
+
+def register(server: grpc.aio.Server, app: App) -> str:
+    history_pb2_grpc.add_HistoryServicer_to_server(HistoryServicer(app), server)
+    return history_pb2.DESCRIPTOR.services_by_name["History"].full_name

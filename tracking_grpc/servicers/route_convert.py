@@ -1,0 +1,248 @@
+"""Route messages to and from the routing core's types, with field-named checks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+import polyline as polyline_codec
+from tracking.v1 import common_pb2, route_pb2
+
+from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.ingest import now_ms
+from tracking_grpc.routing import optimise
+from tracking_grpc.routing.engine import POLYLINE_PRECISION, Matrix, Route, Snap
+from tracking_grpc.routing.geometry import check_points
+from tracking_grpc.routing.monitor import RouteProgress
+
+PROFILES = {
+    route_pb2.ROUTING_PROFILE_UNSPECIFIED: "car",
+    route_pb2.ROUTING_PROFILE_CAR: "car",
+    route_pb2.ROUTING_PROFILE_BICYCLE: "bicycle",
+    route_pb2.ROUTING_PROFILE_FOOT: "foot",
+}
+PROFILE_VALUES = {"car": 1, "bicycle": 2, "foot": 3}
+MAX_WAYPOINTS = 100
+MAX_MATRIX_POINTS = 1_000
+MAX_VEHICLES = 200
+MAX_JOBS = 2_000
+STOP_KINDS = {"start": 1, "job": 2, "end": 3}
+
+
+def profile(value: int, field: str = "profile") -> str:
+    if value not in PROFILES:
+        raise InvalidArgument(field, f"unknown routing profile {value}")
+    return PROFILES[value]
+
+
+def point(
+    message: common_pb2.LatLng, field: str, present: bool = True
+) -> tuple[float, float]:
+    """A checked (lat, lon); ``present`` False means the field was never set."""
+    if not present:
+        raise InvalidArgument(field, "is required")
+    check_points(field, np.array(message.lat), np.array(message.lon))
+    return float(message.lat), float(message.lon)
+
+
+def route_points(
+    request: route_pb2.ComputeRouteRequest, prefix: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Origin, waypoints and destination of a route request as checked arrays."""
+    if len(request.waypoints) > MAX_WAYPOINTS:
+        raise InvalidArgument(f"{prefix}waypoints", f"at most {MAX_WAYPOINTS}")
+    points = [point(request.origin, f"{prefix}origin", request.HasField("origin"))]
+    points += [
+        point(w, f"{prefix}waypoints[{i}]") for i, w in enumerate(request.waypoints)
+    ]
+    points.append(
+        point(
+            request.destination,
+            f"{prefix}destination",
+            request.HasField("destination"),
+        )
+    )
+    lat, lon = np.array(points).T
+    return lat, lon
+
+
+def latlng_arrays(
+    points: Sequence[common_pb2.LatLng], field: str, limit: int
+) -> tuple[np.ndarray, np.ndarray]:
+    if not points:
+        raise InvalidArgument(field, "at least one point is needed")
+    if len(points) > limit:
+        raise InvalidArgument(field, f"at most {limit} points")
+    lat = np.array([p.lat for p in points], dtype=np.float64)
+    lon = np.array([p.lon for p in points], dtype=np.float64)
+    check_points(field, lat, lon)
+    return lat, lon
+
+
+def latlng(lat: float, lon: float) -> common_pb2.LatLng:
+    return common_pb2.LatLng(lat=lat, lon=lon)
+
+
+def geojson(lat: np.ndarray, lon: np.ndarray) -> str:
+    coordinates = np.column_stack((np.round(lon, 6), np.round(lat, 6))).tolist()
+    return json.dumps({"type": "LineString", "coordinates": coordinates})
+
+
+def encoded(lat: np.ndarray, lon: np.ndarray) -> str:
+    return polyline_codec.encode(
+        np.column_stack((lat, lon)).tolist(), POLYLINE_PRECISION
+    )
+
+
+def snapped(snaps: list[Snap]) -> list[route_pb2.SnappedPoint]:
+    return [
+        route_pb2.SnappedPoint(
+            location=latlng(s.lat, s.lon), distance_m=s.distance_m, name=s.name
+        )
+        for s in snaps
+    ]
+
+
+def route_plan(route: Route, expected_s: float) -> route_pb2.RoutePlan:
+    return route_pb2.RoutePlan(
+        profile=PROFILE_VALUES[route.profile],  # type: ignore[arg-type]
+        distance_m=route.distance_m,
+        duration_s=route.duration_s,
+        expected_duration_s=expected_s,
+        polyline=route.encoded_polyline,
+        geojson=geojson(route.lat, route.lon),
+        legs=[
+            route_pb2.RouteLeg(
+                distance_m=leg.distance_m,
+                duration_s=leg.duration_s,
+                steps=[
+                    route_pb2.RouteStep(
+                        maneuver=s.maneuver,
+                        modifier=s.modifier,
+                        name=s.name,
+                        distance_m=s.distance_m,
+                        duration_s=s.duration_s,
+                        location=latlng(s.lat, s.lon),
+                    )
+                    for s in leg.steps
+                ],
+            )
+            for leg in route.legs
+        ],
+        snapped=snapped(route.snaps),
+    )
+
+
+def matrix_response(matrix: Matrix) -> route_pb2.ComputeMatrixResponse:
+    rows, columns = matrix.duration_s.shape
+    return route_pb2.ComputeMatrixResponse(
+        rows=rows,
+        columns=columns,
+        duration_s=np.nan_to_num(matrix.duration_s, nan=-1.0).ravel().tolist(),
+        distance_m=np.nan_to_num(matrix.distance_m, nan=-1.0).ravel().tolist(),
+        sources=snapped(matrix.sources),
+        destinations=snapped(matrix.destinations),
+    )
+
+
+def progress_message(device: str, progress: RouteProgress) -> route_pb2.RouteProgress:
+    return route_pb2.RouteProgress(
+        device_id=device,
+        route_id=progress.route_id,
+        total_m=progress.total_m,
+        progress_m=progress.progress_m,
+        remaining_m=progress.remaining_m,
+        eta_ms=progress.eta_ms,
+        off_route=progress.off_route,
+        deviation_m=progress.deviation_m,
+        arrived=progress.arrived,
+        last_fix_ms=progress.last_fix_ms,
+    )
+
+
+def problem_specs(
+    request: route_pb2.OptimizeRouteRequest,
+) -> tuple[list[optimise.VehicleSpec], list[optimise.JobSpec], int]:
+    """Vehicles and jobs with times in seconds from the returned origin (epoch ms)."""
+    if len(request.vehicles) > MAX_VEHICLES:
+        raise InvalidArgument("vehicles", f"at most {MAX_VEHICLES}")
+    if len(request.jobs) > MAX_JOBS:
+        raise InvalidArgument("jobs", f"at most {MAX_JOBS}")
+    departure_ms = request.departure_ms or now_ms()
+    starts = [departure_ms]
+    starts += [v.shift.start_ms for v in request.vehicles if v.HasField("shift")]
+    starts += [w.start_ms for j in request.jobs for w in j.time_windows]
+    origin_ms = min(starts)
+
+    def seconds(ms: int) -> int:
+        return max(int((ms - origin_ms) // 1000), 0)
+
+    vehicles = []
+    for i, v in enumerate(request.vehicles):
+        field = f"vehicles[{i}]"
+        shift = (seconds(departure_ms), optimise.FOREVER_S)
+        if v.HasField("shift"):
+            shift = (seconds(v.shift.start_ms), seconds(v.shift.end_ms))
+        vehicles.append(
+            optimise.VehicleSpec(
+                vehicle_id=v.id,
+                start=point(v.start, f"{field}.start") if v.HasField("start") else None,
+                end=point(v.end, f"{field}.end") if v.HasField("end") else None,
+                capacity=tuple(v.capacity),
+                shift_s=shift,
+                skills=frozenset(v.skills),
+            )
+        )
+    jobs = []
+    for i, j in enumerate(request.jobs):
+        field = f"jobs[{i}]"
+        if not (np.isfinite(j.service_s) and j.service_s >= 0):
+            raise InvalidArgument(f"{field}.service_s", "must be a finite number >= 0")
+        jobs.append(
+            optimise.JobSpec(
+                job_id=j.id,
+                location=point(j.location, f"{field}.location", j.HasField("location")),
+                service_s=round(j.service_s),
+                windows_s=tuple(
+                    (seconds(w.start_ms), seconds(w.end_ms)) for w in j.time_windows
+                ),
+                demand=tuple(j.demand),
+                priority=j.priority,
+                skills=frozenset(j.skills),
+            )
+        )
+    return vehicles, jobs, origin_ms
+
+
+def plan_response(
+    plan: optimise.Plan, origin_ms: int
+) -> route_pb2.OptimizeRouteResponse:
+    return route_pb2.OptimizeRouteResponse(
+        routes=[
+            route_pb2.VehicleRoute(
+                vehicle_id=v.vehicle_id,
+                distance_m=v.distance_m,
+                duration_s=v.duration_s,
+                stops=[
+                    route_pb2.PlannedStop(
+                        kind=STOP_KINDS[s.kind],  # type: ignore[arg-type]
+                        job_id=s.job_id,
+                        location=latlng(s.lat, s.lon),
+                        arrival_ms=origin_ms + s.arrival_s * 1000,
+                        waiting_s=s.waiting_s,
+                        service_s=s.service_s,
+                        distance_m=s.distance_m,
+                        load=list(s.load),
+                    )
+                    for s in v.stops
+                ],
+            )
+            for v in plan.vehicles
+        ],
+        unassigned=[
+            route_pb2.UnassignedJob(job_id=job_id, reason=reason)
+            for job_id, reason in plan.unassigned.items()
+        ],
+        distance_m=plan.distance_m,
+    )

@@ -1,0 +1,118 @@
+"""Repository interfaces for geofences and their events; backends implement these.
+
+Every method takes the tenant; no backend mixes tenants. Fences carry a version that
+every write increments; ``revision`` changes whenever any fence of the tenant does,
+so that evaluators know when to reload.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.geofence.model import FenceSpec
+
+
+@dataclass(frozen=True, slots=True)
+class ImportResult:
+    fences: list[FenceSpec]
+    created: int
+    replaced: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventQuery:
+    """Stored events of a tenant with start_ms <= time_ms < end_ms, oldest first."""
+
+    tenant: str
+    start_ms: int
+    end_ms: int
+    device: str = ""
+    fence_id: str = ""
+    types: frozenset[EventType] = frozenset()
+    limit: int = 100
+    after: tuple[int, str] | None = None  # (time_ms, event_id) of the previous page
+
+
+class FenceRepository(Protocol):
+    """Durable fences of every tenant."""
+
+    async def create(self, tenant: str, fence: FenceSpec, now_ms: int) -> FenceSpec:
+        """Store a new fence at version 1; AlreadyExists if the id is taken."""
+        ...
+
+    async def update(
+        self, tenant: str, fence: FenceSpec, now_ms: int, expected_version: int = 0
+    ) -> FenceSpec:
+        """Replace a fence, version + 1; NotFound, or FailedPrecondition on a version
+        other than ``expected_version`` (0 skips the check)."""
+        ...
+
+    async def import_many(
+        self,
+        tenant: str,
+        fences: Sequence[FenceSpec],
+        now_ms: int,
+        replace_existing: bool,
+    ) -> ImportResult:
+        """Create (or replace) many fences in one transaction: all or none."""
+        ...
+
+    async def delete(self, tenant: str, fence_id: str) -> None:
+        """NotFound when there is no such fence."""
+        ...
+
+    async def get(self, tenant: str, fence_id: str) -> FenceSpec:
+        """NotFound when there is no such fence."""
+        ...
+
+    async def list(
+        self, tenant: str, labels: Sequence[str], limit: int, after: str = ""
+    ) -> list[FenceSpec]:
+        """Fences with every one of ``labels``, by id, with ids after ``after``."""
+        ...
+
+    async def all(self, tenant: str) -> list[FenceSpec]: ...
+
+    async def revision(self, tenant: str) -> int:
+        """A number that changes whenever a fence of the tenant is written."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class EventRepository(Protocol):
+    """Durable geofence events, de-duplicated by event id."""
+
+    async def add(self, events: Sequence[TrackingEvent]) -> int:
+        """Store events (any tenants); returns how many were new."""
+        ...
+
+    async def list(self, query: EventQuery) -> list[TrackingEvent]: ...
+
+    async def close(self) -> None: ...
+
+
+def stamped(fence: FenceSpec, version: int, now_ms: int, created_ms: int) -> FenceSpec:
+    return replace(fence, version=version, updated_ms=now_ms, created_ms=created_ms)
+
+
+def event_attributes(event: TrackingEvent) -> str:
+    return json.dumps(event.attributes, sort_keys=True)
+
+
+def encode_token(value: object) -> str:
+    """An opaque page token."""
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode()
+
+
+def decode_token(token: str, field: str = "page_token") -> object:
+    try:
+        return json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(field, "not a token this service issued") from exc

@@ -1,0 +1,75 @@
+"""Keeps live state in step with history across live-store outages.
+
+History is the source of truth. When the live store missed updates (it was down)
+or lost its data (Redis restarted), the repairer notices through ``ping`` and the
+store's ``needs_rebuild`` flag, and replays every device's newest stored fix into
+it. The live store only accepts newer fixes, so a rebuild racing live updates
+cannot move any position backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from tracking_grpc.errors import Unavailable
+from tracking_grpc.storage.base import HistoryStore, LiveStore
+
+log = logging.getLogger(__name__)
+
+
+async def rebuild_live(history: HistoryStore, live: LiveStore) -> int:
+    """Write each device's newest stored fix into the live store; returns the count."""
+    devices = 0
+    async for batch in history.newest_positions():
+        await live.update(batch)
+        devices += len(batch)
+    return devices
+
+
+class LiveRepairer:
+    """Watches a live store and rebuilds it from history when it needs it."""
+
+    def __init__(
+        self, history: HistoryStore, live: LiveStore, interval_s: float = 1.0
+    ) -> None:
+        self.history = history
+        self.live = live
+        self.interval_s = interval_s
+        self.available = True
+        self._task: asyncio.Task | None = None
+
+    async def check(self) -> bool:
+        """Probe the live store, rebuild it if needed; True when it is usable."""
+        try:
+            await self.live.ping()
+            if getattr(self.live, "needs_rebuild", False):
+                self.live.needs_rebuild = False
+                devices = await rebuild_live(self.history, self.live)
+                log.warning("rebuilt live state of %d devices from history", devices)
+        except Unavailable as exc:
+            if self.available:
+                log.warning("live store unavailable: %s", exc.message)
+            if hasattr(self.live, "needs_rebuild"):
+                self.live.needs_rebuild = True
+            self.available = False
+            return False
+        if not self.available:
+            log.warning("live store available again")
+        self.available = True
+        return True
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="live-repairer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self.check()
+            await asyncio.sleep(self.interval_s)

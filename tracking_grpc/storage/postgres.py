@@ -1,0 +1,405 @@
+"""The production history store: PostgreSQL with PostGIS, through psycopg 3.
+
+A batch is written in one transaction of three statements, whatever its size: lock
+the devices' rows (creating new ones), COPY the rows in binary into a temporary
+staging table, and one INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING that
+also advances the device state, so the caller learns exactly which fixes were new.
+Concurrent writers of one device queue on its row lock, which makes the same-seq
+rule (not expressible as a unique key on a table partitioned by time) safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.errors import InvalidArgument, StorageUnavailable
+from tracking_grpc.storage import pgcopy, schema
+from tracking_grpc.storage.base import DeviceState
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+DAYS_AHEAD = 7
+INT64_MAX = np.iinfo(np.int64).max
+RETRIES = 3
+
+STAGING_COLUMNS = (
+    ("idx", ">i4"),
+    ("device_idx", ">i4"),
+    ("seq", ">i8"),
+    ("time_ms", ">i8"),
+    ("lat", ">f8"),
+    ("lon", ">f8"),
+    ("accuracy_m", ">f4"),
+    ("altitude_m", ">f4"),
+    ("speed_mps", ">f4"),
+    ("heading_deg", ">f4"),
+    ("battery_pct", ">f4"),
+    ("provider", ">i2"),
+    ("received_ms", ">i8"),
+)
+PG_TYPES = {">i2": "smallint", ">i4": "integer", ">i8": "bigint"}
+PG_TYPES |= {">f4": "real", ">f8": "double precision"}
+
+CREATE_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS staging ({}) ON COMMIT DELETE ROWS".format(
+        ", ".join(f"{name} {PG_TYPES[kind]} NOT NULL" for name, kind in STAGING_COLUMNS)
+    )
+)
+COPY_STAGING = "COPY staging ({}) FROM STDIN (FORMAT BINARY)".format(
+    ", ".join(name for name, _ in STAGING_COLUMNS)
+)
+
+LOCK_DEVICES = """
+INSERT INTO devices (tenant, device)
+SELECT %(tenant)s, d FROM unnest(%(devices)s::text[]) AS d ORDER BY d
+ON CONFLICT (tenant, device) DO UPDATE SET updated_at = now()
+"""
+
+INSERT_NEW = """
+WITH devs AS (
+    SELECT d.device, (d.i - 1)::int AS device_idx
+    FROM unnest(%(devices)s::text[]) WITH ORDINALITY AS d(device, i)
+), staged AS (
+    SELECT s.*, devs.device, st.last_stored_seq
+    FROM staging s
+    JOIN devs USING (device_idx)
+    JOIN devices st ON st.tenant = %(tenant)s AND st.device = devs.device
+), candidates AS (
+    -- A seq above the device's highest stored seq cannot repeat a stored one ...
+    SELECT * FROM staged
+    WHERE last_stored_seq IS NULL OR seq > last_stored_seq
+    UNION ALL
+    -- ... only the others are looked up, one index probe each (LATERAL ... LIMIT
+    -- keeps the planner from hashing every stored fix of the tenant instead).
+    SELECT staged.* FROM staged
+    LEFT JOIN LATERAL (
+        SELECT true AS stored FROM fixes f
+        WHERE f.tenant = %(tenant)s AND f.device = staged.device
+          AND f.seq = staged.seq
+        LIMIT 1
+    ) dup ON true
+    WHERE staged.seq <= staged.last_stored_seq AND dup.stored IS NULL
+), ins AS (
+    INSERT INTO fixes (
+        tenant, device, time_ms, seq, position, accuracy_m, altitude_m,
+        speed_mps, heading_deg, battery_pct, provider, received_ms
+    )
+    SELECT %(tenant)s, device, time_ms, seq,
+        ST_SetSRID(ST_MakePoint(lon, lat), 4326),
+        nullif(accuracy_m, 'NaN'), nullif(altitude_m, 'NaN'),
+        nullif(speed_mps, 'NaN'), nullif(heading_deg, 'NaN'),
+        nullif(battery_pct, 'NaN'), provider, received_ms
+    FROM candidates
+    ORDER BY device, time_ms
+    ON CONFLICT DO NOTHING
+    RETURNING device, time_ms, seq
+), state AS (
+    UPDATE devices st
+    SET last_stored_seq = greatest(st.last_stored_seq, n.max_seq),
+        last_time_ms = greatest(st.last_time_ms, n.max_time_ms)
+    FROM (
+        SELECT device, max(seq) AS max_seq, max(time_ms) AS max_time_ms
+        FROM ins GROUP BY device
+    ) n
+    WHERE st.tenant = %(tenant)s AND st.device = n.device
+)
+SELECT s.idx
+FROM ins
+JOIN devs USING (device)
+JOIN staging s ON s.device_idx = devs.device_idx AND s.time_ms = ins.time_ms
+"""
+
+READ_COLUMNS = """seq, time_ms, ST_Y(position), ST_X(position),
+    coalesce(accuracy_m, 'NaN'), coalesce(altitude_m, 'NaN'),
+    coalesce(speed_mps, 'NaN'), coalesce(heading_deg, 'NaN'),
+    coalesce(battery_pct, 'NaN'), provider, received_ms"""
+READ_TYPES = (">i8", ">i8", ">f8", ">f8", ">f4", ">f4", ">f4", ">f4", ">f4")
+READ_TYPES += (">i2", ">i8")
+
+HISTORY = f"""
+COPY (
+    SELECT {READ_COLUMNS} FROM fixes
+    WHERE tenant = {{tenant}} AND device = {{device}}
+      AND time_ms >= {{start}} AND time_ms < {{end}}
+    ORDER BY time_ms {{limit}}
+) TO STDOUT (FORMAT BINARY)
+"""
+
+NEWEST = f"""
+SELECT d.tenant, d.device, {READ_COLUMNS}
+FROM devices d
+JOIN fixes f ON f.tenant = d.tenant AND f.device = d.device
+    AND f.time_ms = d.last_time_ms
+WHERE (d.tenant, d.device) > (%(tenant)s, %(device)s)
+ORDER BY d.tenant, d.device
+LIMIT %(limit)s
+"""
+
+
+class PostgresHistoryStore:
+    """HistoryStore on PostgreSQL/PostGIS; see the module docstring for the write."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_connections: int = 1,
+        max_connections: int = 8,
+        pool_timeout_s: float = 5.0,
+    ) -> None:
+        self.url = url
+        self._pool = AsyncConnectionPool(
+            url,
+            min_size=min_connections,
+            max_size=max_connections,
+            timeout=pool_timeout_s,
+            kwargs={"autocommit": True},
+            configure=_configure,
+            check=AsyncConnectionPool.check_connection,
+            open=False,
+            name="history",
+        )
+        self._partition_days: set[int] = set()
+        self._partition_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, url: str, **options: float) -> PostgresHistoryStore:
+        """Connect, check the schema is migrated, and create the coming partitions."""
+        store = cls(url, **options)
+        try:
+            async with await psycopg.AsyncConnection.connect(url) as conn:
+                await schema.check(conn)
+            await store._pool.open(wait=True, timeout=options.get("pool_timeout_s", 5))
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            await store._pool.close()
+            raise StorageUnavailable(f"PostgreSQL unreachable: {exc}") from exc
+        await store.prepare_partitions(int(time.time() * 1000))
+        return store
+
+    async def prepare_partitions(self, now_ms: int) -> None:
+        """Make the partitions of yesterday to a week ahead exist (ahead of need)."""
+        today = now_ms // DAY_MS
+        await self._ensure_days(np.arange(today - 1, today + DAYS_AHEAD + 1))
+
+    async def store(self, batch: FixBatch) -> np.ndarray:
+        new = np.zeros(len(batch), dtype=bool)
+        if len(batch) == 0:
+            return new
+        if int(batch.seq.max()) > INT64_MAX:
+            raise InvalidArgument("seq", "must be below 2^63")
+        candidates = _first_occurrences(batch)
+        devices, device_idx = np.unique(batch.device.astype(str), return_inverse=True)
+        await self._ensure_days(np.unique(batch.time_ms[candidates] // DAY_MS))
+        staged = _staging_columns(batch, candidates, device_idx)
+        params = {"tenant": batch.tenant, "devices": devices.tolist()}
+        for attempt in range(RETRIES):
+            try:
+                async with self._pool.connection() as conn, conn.transaction():
+                    await conn.execute(LOCK_DEVICES, params)
+                    await self._load_staging(conn, staged)
+                    cur = await conn.execute(INSERT_NEW, params)
+                    rows = await cur.fetchall()
+                break
+            except psycopg.errors.TransactionRollback as exc:
+                if attempt == RETRIES - 1:
+                    raise StorageUnavailable(
+                        f"PostgreSQL kept rolling back: {exc}"
+                    ) from exc
+                log.info("store of %d fixes rolled back; retrying", len(batch))
+            except (
+                psycopg.OperationalError,
+                psycopg.InterfaceError,
+                PoolTimeout,
+            ) as exc:
+                raise StorageUnavailable(f"PostgreSQL cannot store: {exc}") from exc
+        new[np.fromiter((r[0] for r in rows), dtype=np.intp, count=len(rows))] = True
+        return new
+
+    async def _load_staging(
+        self, conn: psycopg.AsyncConnection, staged: list[tuple[np.ndarray, str]]
+    ) -> None:
+        """Put the candidate rows in the staging table: one binary COPY stream."""
+        async with conn.cursor().copy(COPY_STAGING) as copy:
+            await copy.write(pgcopy.encode_rows(staged))
+
+    async def device_states(
+        self, tenant: str, devices: Sequence[str]
+    ) -> dict[str, DeviceState]:
+        rows = await self._fetch(
+            "SELECT device, last_stored_seq, last_time_ms FROM devices "
+            "WHERE tenant = %s AND device = ANY(%s) AND last_time_ms IS NOT NULL",
+            [tenant, list(devices)],
+        )
+        return {d: DeviceState(d, int(seq), int(t)) for d, seq, t in rows}
+
+    async def history(
+        self,
+        tenant: str,
+        device: str,
+        start_ms: int,
+        end_ms: int,
+        limit: int | None = None,
+    ) -> FixBatch:
+        query = sql.SQL(HISTORY).format(
+            tenant=sql.Literal(tenant),
+            device=sql.Literal(device),
+            start=sql.Literal(int(start_ms)),
+            end=sql.Literal(int(end_ms)),
+            limit=sql.SQL(f"LIMIT {int(limit)}" if limit else ""),
+        )
+        chunks = []
+        try:
+            async with self._pool.connection() as conn:
+                async with conn.cursor().copy(query) as copy:
+                    async for chunk in copy:
+                        chunks.append(bytes(chunk))
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            raise StorageUnavailable(f"PostgreSQL cannot read: {exc}") from exc
+        rows = pgcopy.decode_rows(b"".join(chunks), READ_TYPES)
+        return _batch_from_rows(tenant, np.full(len(rows), device, dtype=object), rows)
+
+    async def count(self, tenant: str, device: str | None = None) -> int:
+        if device is None:
+            rows = await self._fetch(
+                "SELECT count(*) FROM fixes WHERE tenant = %s", [tenant]
+            )
+        else:
+            rows = await self._fetch(
+                "SELECT count(*) FROM fixes WHERE tenant = %s AND device = %s",
+                [tenant, device],
+            )
+        return int(rows[0][0])
+
+    async def newest_positions(self) -> AsyncIterator[FixBatch]:
+        after = {"tenant": "", "device": "", "limit": 5000}
+        while True:
+            rows = await self._fetch(NEWEST, after)
+            if not rows:
+                return
+            tenants = np.array([r[0] for r in rows], dtype=object)
+            starts = np.flatnonzero(np.r_[True, tenants[1:] != tenants[:-1]])
+            for start, end in zip(starts, np.r_[starts[1:], len(rows)], strict=True):
+                yield _batch_from_tuples(tenants[start], rows[start:end])
+            after |= {"tenant": rows[-1][0], "device": rows[-1][1]}
+
+    async def erase_device(self, tenant: str, device: str) -> int:
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute(
+                    "SELECT 1 FROM devices WHERE tenant = %s AND device = %s "
+                    "FOR UPDATE",
+                    [tenant, device],
+                )
+                cur = await conn.execute(
+                    "DELETE FROM fixes WHERE tenant = %s AND device = %s",
+                    [tenant, device],
+                )
+                deleted = cur.rowcount
+                await conn.execute(
+                    "DELETE FROM devices WHERE tenant = %s AND device = %s",
+                    [tenant, device],
+                )
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            raise StorageUnavailable(f"PostgreSQL cannot erase: {exc}") from exc
+        return deleted
+
+    async def ping(self) -> None:
+        """Raise StorageUnavailable unless PostgreSQL answers a query now."""
+        await self._fetch("SELECT 1", [])
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def _fetch(self, query: str, params: object) -> list[tuple]:
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(query, params)
+                return await cur.fetchall()
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            raise StorageUnavailable(f"PostgreSQL unavailable: {exc}") from exc
+
+    async def _ensure_days(self, days: np.ndarray) -> None:
+        missing = [int(d) for d in days if int(d) not in self._partition_days]
+        if not missing:
+            return
+        async with self._partition_lock:
+            rows = await self._fetch("SELECT tracking_partition_days()", [])
+            self._partition_days = {int(r[0]) for r in rows}
+            for day in missing:
+                if day in self._partition_days:
+                    continue
+                made = await self._fetch("SELECT tracking_ensure_partition(%s)", [day])
+                if made[0][0]:
+                    log.info("created the fixes partition of day %d", day)
+                    self._partition_days.add(day)
+
+
+async def _configure(conn: psycopg.AsyncConnection) -> None:
+    await conn.execute(CREATE_STAGING)
+
+
+def _first_occurrences(batch: FixBatch) -> np.ndarray:
+    """Index of rows not repeating an earlier row's (device, time) or (device, seq)."""
+    devices = batch.device.astype(str)
+    keep = np.ones(len(batch), dtype=bool)
+    for key in (batch.time_ms, batch.seq):
+        order = np.lexsort((np.arange(len(batch)), key, devices))
+        repeat = np.zeros(len(batch), dtype=bool)
+        same = (devices[order][1:] == devices[order][:-1]) & (
+            key[order][1:] == key[order][:-1]
+        )
+        repeat[order[1:][same]] = True
+        keep &= ~repeat
+    return np.flatnonzero(keep)
+
+
+def _staging_columns(
+    batch: FixBatch, rows: np.ndarray, device_idx: np.ndarray
+) -> list[tuple[np.ndarray, str]]:
+    """The staging table's columns for the given rows, with their COPY types."""
+    values = {
+        "idx": rows,
+        "device_idx": device_idx[rows],
+        "seq": batch.seq[rows].astype(np.int64),
+    }
+    for name, _ in STAGING_COLUMNS[3:]:
+        values[name] = getattr(batch, name)[rows]
+    return [(values[name], kind) for name, kind in STAGING_COLUMNS]
+
+
+def _batch_from_rows(tenant: str, devices: np.ndarray, rows: np.ndarray) -> FixBatch:
+    f = [rows[f"f{i}"] for i in range(len(READ_TYPES))]
+    return FixBatch(
+        tenant=tenant,
+        device=devices,
+        seq=f[0].astype(np.uint64),
+        time_ms=f[1].astype(np.int64),
+        lat=f[2].astype(np.float64),
+        lon=f[3].astype(np.float64),
+        accuracy_m=f[4].astype(np.float32),
+        altitude_m=f[5].astype(np.float32),
+        speed_mps=f[6].astype(np.float32),
+        heading_deg=f[7].astype(np.float32),
+        battery_pct=f[8].astype(np.float32),
+        provider=f[9].astype(np.int8),
+        received_ms=f[10].astype(np.int64),
+    )
+
+
+def _batch_from_tuples(tenant: str, rows: list[tuple]) -> FixBatch:
+    devices = np.array([r[1] for r in rows], dtype=object)
+    columns = list(zip(*(r[2:] for r in rows), strict=True))
+    table = np.empty(len(rows), dtype=pgcopy.row_dtype(READ_TYPES))
+    for i, column in enumerate(columns):
+        table[f"f{i}"] = np.asarray(column, dtype=float if i in (2, 3) else None)
+    return _batch_from_rows(tenant, devices, table)

@@ -1,0 +1,338 @@
+"""Fence and event repositories on PostgreSQL with PostGIS.
+
+The tables come from the migration ``migrations/0002_geofence.sql`` (applied by
+``tracking migrate``; tests apply it to their private databases). Each fence's area is
+stored as a PostGIS geometry with a GiST index, for spatial queries in SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import psycopg
+import shapely
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from tracking_grpc.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    StorageUnavailable,
+)
+from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.geofence.model import FenceSpec
+from tracking_grpc.geofence.shapes import compile_shape
+from tracking_grpc.storage.fences import (
+    EventQuery,
+    ImportResult,
+    event_attributes,
+    stamped,
+)
+
+log = logging.getLogger(__name__)
+
+MIGRATION = "0002_geofence.sql"
+
+
+def migration_sql() -> str:
+    """The DDL of the geofence tables (idempotent)."""
+    folder = resources.files("tracking_grpc.storage").joinpath("migrations")
+    return folder.joinpath(MIGRATION).read_text(encoding="utf-8")
+
+
+class PostgresGeofenceDatabase:
+    """A connection pool shared by the fence and event repositories."""
+
+    def __init__(self, url: str, max_size: int = 4) -> None:
+        self.pool = AsyncConnectionPool(url, min_size=1, max_size=max_size, open=False)
+        self._opened = False
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, url: str, max_size: int = 4) -> PostgresGeofenceDatabase:
+        database = cls(url, max_size)
+        await database.ensure_open()
+        return database
+
+    async def ensure_open(self) -> None:
+        """Open the pool on first use (the server wires services synchronously)."""
+        if self._opened:
+            return
+        async with self._lock:
+            if not self._opened:
+                try:
+                    await self.pool.open(wait=True, timeout=10.0)
+                except (psycopg.Error, PoolTimeout) as exc:
+                    raise StorageUnavailable(f"postgres: {exc}") from exc
+                self._opened = True
+
+    async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple]:
+        await self.ensure_open()
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(sql, args)
+                return await cur.fetchall()
+        except psycopg.OperationalError as exc:
+            raise StorageUnavailable(f"postgres: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._opened:
+            await self.pool.close()
+
+
+class PostgresFenceRepository:
+    """FenceRepository on PostGIS."""
+
+    def __init__(self, database: PostgresGeofenceDatabase) -> None:
+        self.db = database
+
+    async def create(self, tenant: str, fence: FenceSpec, now_ms: int) -> FenceSpec:
+        return (await self.import_many(tenant, [fence], now_ms, False)).fences[0]
+
+    async def update(
+        self, tenant: str, fence: FenceSpec, now_ms: int, expected_version: int = 0
+    ) -> FenceSpec:
+        async with self._transaction() as conn:
+            old = await _locked(conn, tenant, [fence.fence_id])
+            if fence.fence_id not in old:
+                raise NotFound(f"no fence {fence.fence_id!r}")
+            version = old[fence.fence_id].version
+            if expected_version and version != expected_version:
+                raise FailedPrecondition(
+                    f"fence {fence.fence_id!r} is at version {version}, "
+                    f"not {expected_version}"
+                )
+            fence = stamped(fence, version + 1, now_ms, old[fence.fence_id].created_ms)
+            await _write(conn, tenant, [fence])
+            return fence
+
+    async def import_many(
+        self,
+        tenant: str,
+        fences: Sequence[FenceSpec],
+        now_ms: int,
+        replace_existing: bool,
+    ) -> ImportResult:
+        async with self._transaction() as conn:
+            old = await _locked(conn, tenant, [f.fence_id for f in fences])
+            written, created = [], 0
+            for fence in fences:
+                before = old.get(fence.fence_id)
+                if before is not None and not replace_existing:
+                    raise AlreadyExists(f"fence {fence.fence_id!r} exists")
+                if before is None:
+                    created += 1
+                    written.append(stamped(fence, 1, now_ms, now_ms))
+                else:
+                    written.append(
+                        stamped(fence, before.version + 1, now_ms, before.created_ms)
+                    )
+            await _write(conn, tenant, written)
+            return ImportResult(written, created, len(written) - created)
+
+    async def delete(self, tenant: str, fence_id: str) -> None:
+        async with self._transaction() as conn:
+            cur = await conn.execute(
+                "DELETE FROM geofences WHERE tenant = %s AND fence_id = %s",
+                [tenant, fence_id],
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no fence {fence_id!r}")
+            await _bump(conn, tenant)
+
+    async def get(self, tenant: str, fence_id: str) -> FenceSpec:
+        rows = await self.db.fetch(
+            "SELECT spec FROM geofences WHERE tenant = %s AND fence_id = %s",
+            [tenant, fence_id],
+        )
+        if not rows:
+            raise NotFound(f"no fence {fence_id!r}")
+        return FenceSpec.from_json(rows[0][0])
+
+    async def list(
+        self, tenant: str, labels: Sequence[str], limit: int, after: str = ""
+    ) -> list[FenceSpec]:
+        rows = await self.db.fetch(
+            "SELECT spec FROM geofences WHERE tenant = %s "
+            'AND fence_id COLLATE "C" > %s '
+            'AND labels @> %s::text[] ORDER BY fence_id COLLATE "C" LIMIT %s',
+            [tenant, after, sorted(set(labels)), limit],
+        )
+        return [FenceSpec.from_json(r[0]) for r in rows]
+
+    async def all(self, tenant: str) -> list[FenceSpec]:
+        rows = await self.db.fetch(
+            "SELECT spec FROM geofences WHERE tenant = %s ORDER BY fence_id",
+            [tenant],
+        )
+        return [FenceSpec.from_json(r[0]) for r in rows]
+
+    async def revision(self, tenant: str) -> int:
+        rows = await self.db.fetch(
+            "SELECT revision FROM geofence_revisions WHERE tenant = %s", [tenant]
+        )
+        return int(rows[0][0]) if rows else 0
+
+    async def close(self) -> None:
+        return None
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self.db)
+
+
+class PostgresEventRepository:
+    """EventRepository on PostgreSQL."""
+
+    def __init__(self, database: PostgresGeofenceDatabase) -> None:
+        self.db = database
+
+    async def add(self, events: Sequence[TrackingEvent]) -> int:
+        if not events:
+            return 0
+        rows = [
+            (
+                e.tenant,
+                e.event_id,
+                e.device,
+                e.fence_id,
+                int(e.type),
+                e.time_ms,
+                e.lat,
+                e.lon,
+                e.fix_seq,
+                e.created_ms,
+                event_attributes(e),
+            )
+            for e in events
+        ]
+        async with _Transaction(self.db) as conn:
+            cur = await conn.execute(
+                "INSERT INTO geofence_events (tenant, event_id, device, fence_id, "
+                "type, time_ms, lat, lon, fix_seq, created_ms, attributes) "
+                "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], "
+                "%s::smallint[], %s::bigint[], %s::float8[], %s::float8[], "
+                "%s::bigint[], %s::bigint[], %s::jsonb[]) "
+                "ON CONFLICT DO NOTHING",
+                [list(column) for column in zip(*rows, strict=True)],
+            )
+            return cur.rowcount
+
+    async def list(self, query: EventQuery) -> list[TrackingEvent]:
+        sql = (
+            "SELECT tenant, event_id, device, fence_id, type, time_ms, lat, lon, "
+            "fix_seq, created_ms, attributes::text FROM geofence_events "
+            "WHERE tenant = %s AND time_ms >= %s AND time_ms < %s"
+        )
+        args: list[Any] = [query.tenant, query.start_ms, query.end_ms]
+        if query.device:
+            sql, args = sql + " AND device = %s", [*args, query.device]
+        if query.fence_id:
+            sql, args = sql + " AND fence_id = %s", [*args, query.fence_id]
+        if query.types:
+            sql += " AND type = ANY(%s::smallint[])"
+            args.append(sorted(int(t) for t in query.types))
+        if query.after is not None:
+            sql += ' AND (time_ms, event_id COLLATE "C") > (%s, %s)'
+            args += [query.after[0], query.after[1]]
+        sql += ' ORDER BY time_ms, event_id COLLATE "C" LIMIT %s'
+        rows = await self.db.fetch(sql, [*args, query.limit])
+        return [_event(row) for row in rows]
+
+    async def close(self) -> None:
+        return None
+
+
+class _Transaction:
+    """``async with``: a pooled connection in a transaction; errors mapped."""
+
+    def __init__(self, database: PostgresGeofenceDatabase) -> None:
+        self.database = database
+
+    async def __aenter__(self) -> psycopg.AsyncConnection:
+        await self.database.ensure_open()
+        try:
+            self._lease = self.database.pool.connection()
+            conn = await self._lease.__aenter__()
+            self._tx = conn.transaction()
+            await self._tx.__aenter__()
+        except psycopg.OperationalError as exc:
+            raise StorageUnavailable(f"postgres: {exc}") from exc
+        return conn
+
+    async def __aexit__(self, kind, exc, tb) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await self._tx.__aexit__(kind, exc, tb)
+        finally:
+            await self._lease.__aexit__(kind, exc, tb)
+        if isinstance(exc, psycopg.OperationalError):
+            raise StorageUnavailable(f"postgres: {exc}") from exc
+
+
+async def _locked(
+    conn: psycopg.AsyncConnection, tenant: str, fence_ids: list[str]
+) -> dict[str, FenceSpec]:
+    cur = await conn.execute(
+        "SELECT fence_id, spec FROM geofences WHERE tenant = %s "
+        "AND fence_id = ANY(%s::text[]) FOR UPDATE",
+        [tenant, fence_ids],
+    )
+    return {fid: FenceSpec.from_json(spec) for fid, spec in await cur.fetchall()}
+
+
+async def _write(
+    conn: psycopg.AsyncConnection, tenant: str, fences: list[FenceSpec]
+) -> None:
+    rows = [
+        (
+            tenant,
+            f.fence_id,
+            f.to_json(),
+            sorted(set(f.labels)),
+            f.version,
+            shapely.to_wkb(compile_shape(f.shape).area),
+        )
+        for f in fences
+    ]
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO geofences (tenant, fence_id, spec, labels, version, area) "
+            "VALUES (%s, %s, %s, %s, %s, ST_GeomFromWKB(%s, 4326)) "
+            "ON CONFLICT (tenant, fence_id) DO UPDATE SET spec = excluded.spec, "
+            "labels = excluded.labels, version = excluded.version, "
+            "area = excluded.area",
+            rows,
+        )
+    await _bump(conn, tenant)
+
+
+async def _bump(conn: psycopg.AsyncConnection, tenant: str) -> None:
+    await conn.execute(
+        "INSERT INTO geofence_revisions (tenant, revision) VALUES (%s, 1) "
+        "ON CONFLICT (tenant) DO UPDATE SET "
+        "revision = geofence_revisions.revision + 1",
+        [tenant],
+    )
+
+
+def _event(row: tuple) -> TrackingEvent:
+    tenant, event_id, device, fence_id, kind, time_ms, lat, lon, seq, created, attrs = (
+        row
+    )
+    return TrackingEvent(
+        event_id=event_id,
+        tenant=tenant,
+        device=device,
+        type=EventType(kind),
+        time_ms=int(time_ms),
+        lat=float(lat),
+        lon=float(lon),
+        fix_seq=int(seq),
+        created_ms=int(created),
+        fence_id=fence_id,
+        attributes=json.loads(attrs),
+    )

@@ -1,0 +1,163 @@
+"""Cross-process fan-out of live updates through Redis pub/sub.
+
+Every server process publishes the live updates it made and subscribes to all of
+them, so a watcher on any process sees devices streaming into any other. On a single
+Redis this is one PUBLISH channel; on a Redis Cluster it is sharded pub/sub
+(SPUBLISH/SSUBSCRIBE) over ``SHARDS`` channels, split by device bucket, so that the
+traffic is spread over the nodes instead of broadcast to all of them.
+
+Pub/sub delivers at most once: a subscriber disconnected for a while misses what was
+published meanwhile (watchers get the current state again from the live store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+from typing import Any
+
+import numpy as np
+from redis.exceptions import RedisClusterException, RedisError
+
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.storage import redis_keys as keys
+from tracking_grpc.storage.base import UpdateHandler
+from tracking_grpc.storage.redis_client import Client, connect, is_cluster, unavailable
+from tracking_grpc.storage.redis_live import RECORD
+
+log = logging.getLogger(__name__)
+
+SHARDS = 16
+HEADER = struct.Struct("<I")
+RETRY_S = (0.1, 0.5, 1.0, 2.0)
+
+
+def encode(batch: FixBatch) -> bytes:
+    """A batch as bytes: a JSON header (tenant, devices) and the packed fix records."""
+    header = json.dumps({"tenant": batch.tenant, "devices": batch.device.tolist()})
+    table = np.empty(len(batch), dtype=RECORD)
+    for name in RECORD.names:
+        table[name] = getattr(batch, name)
+    head = header.encode()
+    return HEADER.pack(len(head)) + head + table.tobytes()
+
+
+def decode(data: bytes) -> FixBatch:
+    (size,) = HEADER.unpack_from(data)
+    header = json.loads(data[HEADER.size : HEADER.size + size])
+    table = np.frombuffer(data[HEADER.size + size :], dtype=RECORD)
+    columns = {name: table[name].copy() for name in RECORD.names}
+    devices = np.array(header["devices"], dtype=object).reshape(-1)
+    return FixBatch(tenant=header["tenant"], device=devices, **columns)
+
+
+class RedisBroker:
+    """Broker on Redis pub/sub (sharded on a cluster)."""
+
+    def __init__(self, client: Client, prefix: str = "trk:") -> None:
+        self.client = client
+        self.prefix = prefix
+        self.sharded = is_cluster(client)
+        self._handlers: list[UpdateHandler] = []
+        self._task: asyncio.Task | None = None
+        self._subscribed = asyncio.Event()
+
+    @classmethod
+    async def open(cls, url: str, prefix: str = "trk:") -> RedisBroker:
+        return cls(await connect(url), prefix)
+
+    def channels(self) -> list[str]:
+        if not self.sharded:
+            return [f"{self.prefix}updates"]
+        return [f"{self.prefix}updates:{{s{shard}}}" for shard in range(SHARDS)]
+
+    async def publish(self, updates: FixBatch) -> None:
+        if len(updates) == 0:
+            return
+        with unavailable("live fan-out"):
+            if not self.sharded:
+                await self.client.publish(self.channels()[0], encode(updates))
+                return
+            shard = keys.bucket_of(updates.device, SHARDS)
+            channels = self.channels()
+            async with self.client.pipeline(transaction=False) as pipe:
+                for s in np.unique(shard).tolist():
+                    pipe.spublish(channels[s], encode(updates.take(shard == s)))
+                await pipe.execute()
+
+    async def subscribe(self, handler: UpdateHandler) -> None:
+        """Register ``handler``; returns once the subscription is live."""
+        self._handlers.append(handler)
+        if self._task is None:
+            self._task = asyncio.create_task(self._listen(), name="redis-broker")
+        await asyncio.wait_for(self._subscribed.wait(), timeout=10.0)
+
+    async def ping(self) -> None:
+        with unavailable("Redis pub/sub"):
+            await self.client.ping()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.client.aclose()
+
+    async def _listen(self) -> None:
+        """Receive and dispatch forever, resubscribing after connection losses."""
+        failures = 0
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await self._join(pubsub)
+                self._subscribed.set()
+                failures = 0
+                while True:
+                    message = await self._next(pubsub)
+                    if message is not None and message["type"] in (
+                        "message",
+                        "smessage",
+                    ):
+                        await self._dispatch(message["data"])
+            except (RedisError, RedisClusterException, OSError) as exc:
+                delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
+                failures += 1
+                log.warning(
+                    "live fan-out lost (%s); resubscribing in %.1fs", exc, delay
+                )
+                await asyncio.sleep(delay)
+            finally:
+                await _close_quietly(pubsub)
+
+    async def _join(self, pubsub: Any) -> None:
+        if self.sharded:
+            await pubsub.ssubscribe(*self.channels())
+        else:
+            await pubsub.subscribe(*self.channels())
+
+    async def _next(self, pubsub: Any) -> dict | None:
+        if self.sharded:
+            return await pubsub.get_sharded_message(
+                ignore_subscribe_messages=True, timeout=1.0
+            )
+        return await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+
+    async def _dispatch(self, data: bytes) -> None:
+        try:
+            batch = decode(data)
+        except (ValueError, KeyError, struct.error):
+            log.exception("dropped an undecodable live update")
+            return
+        for handler in list(self._handlers):
+            try:
+                await handler(batch)
+            except Exception:
+                log.exception("live update handler %r failed", handler)
+
+
+async def _close_quietly(pubsub: Any) -> None:
+    try:
+        await pubsub.aclose()
+    except (RedisError, RedisClusterException, OSError):
+        log.debug("closing a broken pub/sub connection failed", exc_info=True)

@@ -1,0 +1,67 @@
+"""Connecting to Redis, standalone or cluster, and mapping its errors.
+
+One URL serves both: a server that reports ``cluster_enabled:1`` gets a cluster
+client (slots discovered from it), anything else a plain client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+
+from tracking_grpc.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+Client = aioredis.Redis | RedisCluster
+
+TIMEOUTS = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+
+
+async def connect(url: str) -> Client:
+    """A client for the Redis at ``url``; a cluster client if it is a cluster node."""
+    probe = aioredis.Redis.from_url(url, **TIMEOUTS)
+    try:
+        with unavailable("Redis"):
+            info = await probe.info("cluster")
+    finally:
+        await probe.aclose()
+    if info.get("cluster_enabled"):
+        log.info("Redis at %s is a cluster node: using the cluster client", url)
+        with unavailable("Redis Cluster"):
+            cluster = RedisCluster.from_url(url, **TIMEOUTS)
+            await cluster.initialize()
+        return cluster
+    return aioredis.Redis.from_url(url, **TIMEOUTS)
+
+
+def is_cluster(client: Client) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+@contextmanager
+def unavailable(what: str) -> Iterator[None]:
+    """Turn Redis being unreachable into ``Unavailable`` naming what failed.
+
+    A command Redis refused (a ResponseError other than the cluster's "down" and
+    "try again") is a bug, not an outage, and propagates unchanged.
+    """
+    try:
+        yield
+    except (ClusterDownError, TryAgainError) as exc:
+        raise Unavailable(f"{what} unavailable: {exc}") from exc
+    except ResponseError:
+        raise
+    except (RedisError, RedisClusterException, OSError) as exc:
+        raise Unavailable(f"{what} unavailable: {exc}") from exc

@@ -1,0 +1,340 @@
+"""The production live store: newest positions and a GEO index in Redis.
+
+An update is two pipelined rounds, whatever the batch size. First, one Lua script
+per device bucket compares each device's fix time with the stored one and keeps
+only newer fixes, atomically, so that concurrent writers in several processes can
+never move a live position backwards. Second, one Lua script per coarse cell moves
+the accepted devices in that cell's GEO set, again only if newer than what the
+cell saw of the device, so the GEO index converges to the live hashes whatever
+order the scripts of different processes run in. Key layout: :mod:`redis_keys`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from redis.exceptions import NoScriptError
+
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.errors import Unavailable
+from tracking_grpc.storage import redis_keys as keys
+from tracking_grpc.storage.redis_client import Client, connect, is_cluster, unavailable
+
+log = logging.getLogger(__name__)
+
+RECORD = np.dtype(
+    [
+        ("seq", "<u8"),
+        ("time_ms", "<i8"),
+        ("lat", "<f8"),
+        ("lon", "<f8"),
+        ("accuracy_m", "<f4"),
+        ("altitude_m", "<f4"),
+        ("speed_mps", "<f4"),
+        ("heading_deg", "<f4"),
+        ("battery_pct", "<f4"),
+        ("provider", "<i1"),
+        ("received_ms", "<i8"),
+    ]
+)
+
+# KEYS: live hash, time hash. ARGV: (device, time_ms, cell, record) per device.
+# Returns (position in ARGV groups, previous cell or -1) for each accepted fix.
+KEEP_NEWER = """
+local out, records, times = {}, {}, {}
+for i = 1, #ARGV, 4 do
+    local known = redis.call('HGET', KEYS[2], ARGV[i])
+    local previous_cell = -1
+    local newer = true
+    if known then
+        local gap = string.find(known, ' ', 1, true)
+        newer = tonumber(ARGV[i + 1]) > tonumber(string.sub(known, 1, gap - 1))
+        previous_cell = tonumber(string.sub(known, gap + 1))
+    end
+    if newer then
+        times[#times + 1] = ARGV[i]
+        times[#times + 1] = ARGV[i + 1] .. ' ' .. ARGV[i + 2]
+        records[#records + 1] = ARGV[i]
+        records[#records + 1] = ARGV[i + 3]
+        out[#out + 1] = (i - 1) / 4
+        out[#out + 1] = previous_cell
+    end
+end
+if #times > 0 then
+    redis.call('HSET', KEYS[2], unpack(times))
+    redis.call('HSET', KEYS[1], unpack(records))
+end
+return out
+"""
+
+# KEYS: GEO set, time hash of one cell. ARGV: (device, time_ms, lon, lat, enter)
+# per device; enter is 1 to place the device in the cell, 0 to take it out.
+MOVE_IN_CELL = """
+for i = 1, #ARGV, 5 do
+    local known = redis.call('HGET', KEYS[2], ARGV[i])
+    if (not known) or tonumber(ARGV[i + 1]) > tonumber(known) then
+        redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+        if ARGV[i + 4] == '1' then
+            redis.call('GEOADD', KEYS[1], ARGV[i + 2], ARGV[i + 3], ARGV[i])
+        else
+            redis.call('ZREM', KEYS[1], ARGV[i])
+        end
+    end
+end
+return 0
+"""
+
+FORGET = """
+local known = redis.call('HGET', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+if not known then return -1 end
+return tonumber(string.sub(known, string.find(known, ' ', 1, true) + 1))
+"""
+
+
+class RedisLiveStore:
+    """LiveStore on Redis or Redis Cluster; see the module docstring."""
+
+    def __init__(self, client: Client, prefix: str = "trk:") -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("the key prefix may not contain braces")
+        self.client = client
+        self.prefix = prefix
+        self.needs_rebuild = False
+        self._server_ids: dict[str, str] = {}
+
+    @classmethod
+    async def open(cls, url: str, prefix: str = "trk:") -> RedisLiveStore:
+        store = cls(await connect(url), prefix)
+        await store.ping()
+        return store
+
+    async def update(self, batch: FixBatch) -> FixBatch:
+        if len(batch) == 0:
+            return batch
+        newest = batch.take(batch.newest_per_device())
+        try:
+            accepted, previous = await self._keep_newest(newest)
+            moved = newest.take(accepted)
+            await self._move(moved, previous)
+        except Unavailable:
+            self.needs_rebuild = True
+            raise
+        return moved
+
+    async def get(self, tenant: str, devices: Sequence[str]) -> FixBatch:
+        names = np.asarray(list(dict.fromkeys(devices)), dtype=object)
+        if names.size == 0:
+            return FixBatch.empty(tenant)
+        buckets = keys.bucket_of(names)
+        groups = [np.flatnonzero(buckets == b) for b in np.unique(buckets)]
+        with unavailable("live positions"):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for rows in groups:
+                    key = keys.live_key(self.prefix, tenant, int(buckets[rows[0]]))
+                    pipe.hmget(key, names[rows].tolist())
+                replies = await pipe.execute()
+        order = np.concatenate(groups)
+        values = [v for reply in replies for v in reply]
+        found = np.array([v is not None for v in values], dtype=bool)
+        batch = _decode(tenant, names[order][found], [v for v in values if v])
+        return batch.take(np.argsort(order[found], kind="stable"))
+
+    async def nearby(
+        self, tenant: str, lat: float, lon: float, radius_m: float, limit: int
+    ) -> tuple[FixBatch, np.ndarray]:
+        lat, lon, radius_m = float(lat), float(lon), float(radius_m)
+        candidates = await self._candidates(tenant, lat, lon, radius_m, int(limit))
+        found = await self.get(tenant, candidates)
+        distance = keys.distance_m(lat, lon, found.lat, found.lon)
+        inside = np.flatnonzero(distance <= radius_m)
+        order = inside[np.argsort(distance[inside], kind="stable")][:limit]
+        return found.take(order), distance[order]
+
+    async def snapshot(self, tenant: str) -> FixBatch:
+        with unavailable("live positions"):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for bucket in range(keys.BUCKETS):
+                    pipe.hgetall(keys.live_key(self.prefix, tenant, bucket))
+                replies = await pipe.execute()
+        devices = [d.decode() for reply in replies for d in reply]
+        records = [r for reply in replies for r in reply.values()]
+        return _decode(tenant, np.array(devices, dtype=object), records)
+
+    async def remove(self, tenant: str, device: str) -> None:
+        bucket = int(keys.bucket_of(np.array([device], dtype=object))[0])
+        with unavailable("live positions"):
+            [cell] = await self._pipelined(
+                lambda pipe: _evalsha(
+                    pipe,
+                    FORGET,
+                    [
+                        keys.live_key(self.prefix, tenant, bucket),
+                        keys.live_time_key(self.prefix, tenant, bucket),
+                    ],
+                    [device],
+                )
+            )
+            if int(cell) >= 0:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    pipe.zrem(keys.geo_key(self.prefix, tenant, int(cell)), device)
+                    pipe.hdel(keys.geo_time_key(self.prefix, tenant, int(cell)), device)
+                    await pipe.execute()
+
+    async def ping(self) -> None:
+        """Raise Unavailable unless Redis answers; notice restarts (state lost)."""
+        with unavailable("Redis"):
+            ids = await self._run_ids()
+        restarted = {n for n, run in ids.items() if self._server_ids.get(n, run) != run}
+        if restarted:
+            log.warning("Redis restarted (%s): live state must be rebuilt", restarted)
+            self.needs_rebuild = True
+        self._server_ids |= ids
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def _pipelined(self, queue: Callable[[Any], None]) -> list[Any]:
+        """Run what ``queue`` adds in one pipeline; load scripts Redis lacks."""
+        try:
+            return await self._execute(queue)
+        except NoScriptError:
+            for script in SCRIPTS.values():
+                await self.client.script_load(script)
+            return await self._execute(queue)
+
+    async def _execute(self, queue: Callable[[Any], None]) -> list[Any]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            queue(pipe)
+            return await pipe.execute()
+
+    async def _run_ids(self) -> dict[str, str]:
+        if is_cluster(self.client):
+            replies = await self.client.info(
+                "server", target_nodes=self.client.get_primaries()
+            )
+            return {node: info["run_id"] for node, info in replies.items()}
+        info = await self.client.info("server")
+        return {"single": info["run_id"]}
+
+    async def _keep_newest(self, newest: FixBatch) -> tuple[np.ndarray, np.ndarray]:
+        """Write fixes newer than the stored ones; their rows and previous cells."""
+        tenant = newest.tenant
+        buckets = keys.bucket_of(newest.device)
+        cells = keys.cell_of(newest.lat, newest.lon)
+        records = _encode(newest)
+        groups = [np.flatnonzero(buckets == b) for b in np.unique(buckets)]
+        args = np.empty((len(newest), 4), dtype=object)
+        args[:, 0] = newest.device
+        args[:, 1] = newest.time_ms.astype(str)
+        args[:, 2] = cells.astype(str)
+        args[:, 3] = records
+
+        def queue(pipe: Any) -> None:
+            for rows in groups:
+                bucket = int(buckets[rows[0]])
+                live = [
+                    keys.live_key(self.prefix, tenant, bucket),
+                    keys.live_time_key(self.prefix, tenant, bucket),
+                ]
+                _evalsha(pipe, KEEP_NEWER, live, args[rows].ravel().tolist())
+
+        with unavailable("live positions"):
+            replies = await self._pipelined(queue)
+        accepted, previous = [], []
+        for rows, reply in zip(groups, replies, strict=True):
+            pairs = np.asarray(reply, dtype=np.int64).reshape(-1, 2)
+            accepted.append(rows[pairs[:, 0]])
+            previous.append(pairs[:, 1])
+        return np.concatenate(accepted), np.concatenate(previous)
+
+    async def _move(self, moved: FixBatch, previous: np.ndarray) -> None:
+        """Place moved devices in their cell's GEO set, out of the one they left."""
+        if len(moved) == 0:
+            return
+        tenant = moved.tenant
+        cells = keys.cell_of(moved.lat, moved.lon)
+        left = np.flatnonzero((previous >= 0) & (previous != cells))
+        ops = np.empty((len(moved) + len(left), 5), dtype=object)
+        ops[:, 0] = np.concatenate([moved.device, moved.device[left]])
+        ops[:, 1] = np.concatenate([moved.time_ms, moved.time_ms[left]]).astype(str)
+        geo_lat = np.clip(moved.lat, -keys.GEO_MAX_LAT, keys.GEO_MAX_LAT)
+        ops[: len(moved), 2] = moved.lon.astype(str)
+        ops[: len(moved), 3] = geo_lat.astype(str)
+        ops[len(moved) :, 2:4] = "0"
+        ops[:, 4] = ["1"] * len(moved) + ["0"] * len(left)
+        op_cells = np.concatenate([cells, previous[left]])
+
+        def queue(pipe: Any) -> None:
+            for cell in np.unique(op_cells).tolist():
+                geo = [
+                    keys.geo_key(self.prefix, tenant, cell),
+                    keys.geo_time_key(self.prefix, tenant, cell),
+                ]
+                _evalsha(
+                    pipe, MOVE_IN_CELL, geo, ops[op_cells == cell].ravel().tolist()
+                )
+            pipe.sadd(keys.cells_key(self.prefix, tenant), *np.unique(cells).tolist())
+
+        with unavailable("live GEO index"):
+            await self._pipelined(queue)
+
+    async def _candidates(
+        self, tenant: str, lat: float, lon: float, radius_m: float, limit: int
+    ) -> list[str]:
+        """Devices that may lie within the circle: from the GEO sets of its cells."""
+        with unavailable("live GEO index"):
+            used = await self.client.smembers(keys.cells_key(self.prefix, tenant))
+            used_cells = np.array([int(c) for c in used], dtype=np.int64)
+            cells = np.intersect1d(
+                keys.cells_for_circle(lat, lon, radius_m), used_cells
+            )
+            scan_all = keys.is_polar(cells) | (abs(lat) > keys.GEO_MAX_LAT)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for cell, scan in zip(cells.tolist(), scan_all.tolist(), strict=True):
+                    key = keys.geo_key(self.prefix, tenant, cell)
+                    if scan:
+                        pipe.zrange(key, 0, -1)
+                    else:
+                        pipe.geosearch(
+                            key,
+                            longitude=lon,
+                            latitude=lat,
+                            radius=radius_m * 1.001 + 1.0,
+                            unit="m",
+                            sort="ASC",
+                            count=limit,
+                        )
+                replies = await pipe.execute()
+        return list(dict.fromkeys(d.decode() for reply in replies for d in reply))
+
+
+SCRIPTS = {
+    hashlib.sha1(text.encode()).hexdigest(): text
+    for text in (KEEP_NEWER, MOVE_IN_CELL, FORGET)
+}
+SHA = {text: sha for sha, text in SCRIPTS.items()}
+
+
+def _evalsha(pipe: Any, script: str, script_keys: list[str], args: list) -> None:
+    pipe.evalsha(SHA[script], len(script_keys), *script_keys, *args)
+
+
+def _encode(batch: FixBatch) -> list[bytes]:
+    table = np.empty(len(batch), dtype=RECORD)
+    for name in RECORD.names:
+        table[name] = getattr(batch, name)
+    raw = table.tobytes()
+    size = RECORD.itemsize
+    return [raw[i : i + size] for i in range(0, len(raw), size)]
+
+
+def _decode(tenant: str, devices: np.ndarray, records: list[bytes]) -> FixBatch:
+    table = np.frombuffer(b"".join(records), dtype=RECORD)
+    columns = {name: table[name].copy() for name in RECORD.names}
+    return FixBatch(tenant=tenant, device=np.asarray(devices, dtype=object), **columns)

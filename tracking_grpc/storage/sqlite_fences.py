@@ -1,0 +1,384 @@
+"""Embedded fence and event repositories: one SQLite file, one worker thread.
+
+Tables are created idempotently at open (the embedded store has no migrations).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from tracking_grpc.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    StorageUnavailable,
+)
+from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.geofence.model import FenceSpec
+from tracking_grpc.storage.fences import (
+    EventQuery,
+    ImportResult,
+    event_attributes,
+    stamped,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS geofences (
+    tenant TEXT NOT NULL,
+    fence_id TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (tenant, fence_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS geofence_labels (
+    tenant TEXT NOT NULL,
+    label TEXT NOT NULL,
+    fence_id TEXT NOT NULL,
+    PRIMARY KEY (tenant, label, fence_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS geofence_revisions (
+    tenant TEXT PRIMARY KEY,
+    revision INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS geofence_events (
+    tenant TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    device TEXT NOT NULL,
+    fence_id TEXT NOT NULL,
+    type INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    lat REAL NOT NULL,
+    lon REAL NOT NULL,
+    fix_seq INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    attributes TEXT NOT NULL,
+    PRIMARY KEY (tenant, event_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS geofence_events_by_time
+    ON geofence_events (tenant, time_ms, event_id);
+"""
+
+EVENT_COLUMNS = (
+    "tenant, event_id, device, fence_id, type, time_ms, lat, lon, fix_seq, "
+    "created_ms, attributes"
+)
+
+
+class SqliteGeofenceDatabase:
+    """The SQLite file both repositories use; all work runs on one thread."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-geofence")
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteGeofenceDatabase:
+        database = cls(path)
+        await database.run(database._open)
+        return database
+
+    @classmethod
+    def opening(cls, path: Path) -> SqliteGeofenceDatabase:
+        """Open from synchronous code: the worker opens the file before any call."""
+        database = cls(path)
+        database._pool.submit(database._open)
+        return database
+
+    def _open(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, fn, *args)
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(f"sqlite: {exc}") from exc
+
+    def transaction(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(conn, *args) in one write transaction (on the worker thread)."""
+        conn = self._conn
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    def read(self, sql: str, args: Sequence[Any]) -> list[tuple]:
+        assert self._conn is not None
+        return self._conn.execute(sql, args).fetchall()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self.run(self._conn.close)
+            self._conn = None
+        self._pool.shutdown(wait=True)
+
+
+class SqliteFenceRepository:
+    """FenceRepository on the embedded database."""
+
+    def __init__(self, database: SqliteGeofenceDatabase) -> None:
+        self.db = database
+
+    async def create(self, tenant: str, fence: FenceSpec, now_ms: int) -> FenceSpec:
+        result = await self.import_many(tenant, [fence], now_ms, False)
+        return result.fences[0]
+
+    async def update(
+        self, tenant: str, fence: FenceSpec, now_ms: int, expected_version: int = 0
+    ) -> FenceSpec:
+        return await self.db.run(
+            self.db.transaction, _update, tenant, fence, now_ms, expected_version
+        )
+
+    async def import_many(
+        self,
+        tenant: str,
+        fences: Sequence[FenceSpec],
+        now_ms: int,
+        replace_existing: bool,
+    ) -> ImportResult:
+        return await self.db.run(
+            self.db.transaction, _import, tenant, list(fences), now_ms, replace_existing
+        )
+
+    async def delete(self, tenant: str, fence_id: str) -> None:
+        await self.db.run(self.db.transaction, _delete, tenant, fence_id)
+
+    async def get(self, tenant: str, fence_id: str) -> FenceSpec:
+        rows = await self.db.run(
+            self.db.read,
+            "SELECT spec FROM geofences WHERE tenant = ? AND fence_id = ?",
+            (tenant, fence_id),
+        )
+        if not rows:
+            raise NotFound(f"no fence {fence_id!r}")
+        return FenceSpec.from_json(rows[0][0])
+
+    async def list(
+        self, tenant: str, labels: Sequence[str], limit: int, after: str = ""
+    ) -> list[FenceSpec]:
+        wanted = sorted(set(labels))
+        sql = "SELECT spec FROM geofences WHERE tenant = ? AND fence_id > ?"
+        args: list[Any] = [tenant, after]
+        if wanted:
+            marks = ", ".join("?" * len(wanted))
+            sql += (
+                " AND fence_id IN (SELECT fence_id FROM geofence_labels WHERE "
+                f"tenant = ? AND label IN ({marks}) GROUP BY fence_id "
+                "HAVING count(*) = ?)"
+            )
+            args += [tenant, *wanted, len(wanted)]
+        rows = await self.db.run(
+            self.db.read, sql + " ORDER BY fence_id LIMIT ?", [*args, limit]
+        )
+        return [FenceSpec.from_json(r[0]) for r in rows]
+
+    async def all(self, tenant: str) -> list[FenceSpec]:
+        rows = await self.db.run(
+            self.db.read,
+            "SELECT spec FROM geofences WHERE tenant = ? ORDER BY fence_id",
+            (tenant,),
+        )
+        return [FenceSpec.from_json(r[0]) for r in rows]
+
+    async def revision(self, tenant: str) -> int:
+        rows = await self.db.run(
+            self.db.read,
+            "SELECT revision FROM geofence_revisions WHERE tenant = ?",
+            (tenant,),
+        )
+        return int(rows[0][0]) if rows else 0
+
+    async def close(self) -> None:
+        return None
+
+
+class SqliteEventRepository:
+    """EventRepository on the embedded database."""
+
+    def __init__(self, database: SqliteGeofenceDatabase) -> None:
+        self.db = database
+
+    async def add(self, events: Sequence[TrackingEvent]) -> int:
+        if not events:
+            return 0
+        return await self.db.run(self.db.transaction, _add_events, list(events))
+
+    async def list(self, query: EventQuery) -> list[TrackingEvent]:
+        sql = (
+            f"SELECT {EVENT_COLUMNS} FROM geofence_events WHERE tenant = ? "
+            "AND time_ms >= ? AND time_ms < ?"
+        )
+        args: list[Any] = [query.tenant, query.start_ms, query.end_ms]
+        if query.device:
+            sql, args = sql + " AND device = ?", [*args, query.device]
+        if query.fence_id:
+            sql, args = sql + " AND fence_id = ?", [*args, query.fence_id]
+        if query.types:
+            kinds = sorted(int(t) for t in query.types)
+            sql += f" AND type IN ({', '.join('?' * len(kinds))})"
+            args += kinds
+        if query.after is not None:
+            sql += " AND (time_ms > ? OR (time_ms = ? AND event_id > ?))"
+            args += [query.after[0], query.after[0], query.after[1]]
+        sql += " ORDER BY time_ms, event_id LIMIT ?"
+        rows = await self.db.run(self.db.read, sql, [*args, query.limit])
+        return [_event(row) for row in rows]
+
+    async def close(self) -> None:
+        return None
+
+
+def _bump(conn: sqlite3.Connection, tenant: str) -> None:
+    conn.execute(
+        "INSERT INTO geofence_revisions (tenant, revision) VALUES (?, 1) "
+        "ON CONFLICT (tenant) DO UPDATE SET revision = revision + 1",
+        (tenant,),
+    )
+
+
+def _write(conn: sqlite3.Connection, tenant: str, fence: FenceSpec) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO geofences (tenant, fence_id, spec, version) "
+        "VALUES (?, ?, ?, ?)",
+        (tenant, fence.fence_id, fence.to_json(), fence.version),
+    )
+    conn.execute(
+        "DELETE FROM geofence_labels WHERE tenant = ? AND fence_id = ?",
+        (tenant, fence.fence_id),
+    )
+    conn.executemany(
+        "INSERT OR IGNORE INTO geofence_labels (tenant, label, fence_id) "
+        "VALUES (?, ?, ?)",
+        [(tenant, label, fence.fence_id) for label in fence.labels],
+    )
+
+
+def _stored(conn: sqlite3.Connection, tenant: str, fence_id: str) -> FenceSpec | None:
+    row = conn.execute(
+        "SELECT spec FROM geofences WHERE tenant = ? AND fence_id = ?",
+        (tenant, fence_id),
+    ).fetchone()
+    return FenceSpec.from_json(row[0]) if row else None
+
+
+def _import(
+    conn: sqlite3.Connection,
+    tenant: str,
+    fences: list[FenceSpec],
+    now_ms: int,
+    replace_existing: bool,
+) -> ImportResult:
+    written, created, replaced = [], 0, 0
+    for fence in fences:
+        old = _stored(conn, tenant, fence.fence_id)
+        if old is not None and not replace_existing:
+            raise AlreadyExists(f"fence {fence.fence_id!r} exists")
+        if old is None:
+            fence = stamped(fence, 1, now_ms, now_ms)
+            created += 1
+        else:
+            fence = stamped(fence, old.version + 1, now_ms, old.created_ms)
+            replaced += 1
+        _write(conn, tenant, fence)
+        written.append(fence)
+    _bump(conn, tenant)
+    return ImportResult(written, created, replaced)
+
+
+def _update(
+    conn: sqlite3.Connection,
+    tenant: str,
+    fence: FenceSpec,
+    now_ms: int,
+    expected_version: int,
+) -> FenceSpec:
+    old = _stored(conn, tenant, fence.fence_id)
+    if old is None:
+        raise NotFound(f"no fence {fence.fence_id!r}")
+    if expected_version and old.version != expected_version:
+        raise FailedPrecondition(
+            f"fence {fence.fence_id!r} is at version {old.version}, "
+            f"not {expected_version}"
+        )
+    fence = stamped(fence, old.version + 1, now_ms, old.created_ms)
+    _write(conn, tenant, fence)
+    _bump(conn, tenant)
+    return fence
+
+
+def _delete(conn: sqlite3.Connection, tenant: str, fence_id: str) -> None:
+    cur = conn.execute(
+        "DELETE FROM geofences WHERE tenant = ? AND fence_id = ?", (tenant, fence_id)
+    )
+    if cur.rowcount == 0:
+        raise NotFound(f"no fence {fence_id!r}")
+    conn.execute(
+        "DELETE FROM geofence_labels WHERE tenant = ? AND fence_id = ?",
+        (tenant, fence_id),
+    )
+    _bump(conn, tenant)
+
+
+def _add_events(conn: sqlite3.Connection, events: list[TrackingEvent]) -> int:
+    before = conn.total_changes
+    conn.executemany(
+        f"INSERT OR IGNORE INTO geofence_events ({EVENT_COLUMNS}) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                e.tenant,
+                e.event_id,
+                e.device,
+                e.fence_id,
+                int(e.type),
+                e.time_ms,
+                e.lat,
+                e.lon,
+                e.fix_seq,
+                e.created_ms,
+                event_attributes(e),
+            )
+            for e in events
+        ],
+    )
+    return conn.total_changes - before
+
+
+def _event(row: tuple) -> TrackingEvent:
+    tenant, event_id, device, fence_id, kind, time_ms, lat, lon, seq, created, attrs = (
+        row
+    )
+    return TrackingEvent(
+        event_id=event_id,
+        tenant=tenant,
+        device=device,
+        type=EventType(kind),
+        time_ms=int(time_ms),
+        lat=float(lat),
+        lon=float(lon),
+        fix_seq=int(seq),
+        created_ms=int(created),
+        fence_id=fence_id,
+        attributes=json.loads(attrs),
+    )
