@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_WATCH_IDS = 10_000
+GEOFENCE_STREAM = "geofence-events"  # after redis_key_prefix
 
 
 def now_ms() -> int:
@@ -294,7 +295,8 @@ def register(server: grpc.aio.Server, app: App) -> str:
         import redis.asyncio as aioredis
 
         client = aioredis.Redis.from_url(app.settings.redis_url)
-        publisher = StreamPublisher(client, app.settings.geofence_stream)
+        stream = app.settings.redis_key_prefix + GEOFENCE_STREAM
+        publisher = StreamPublisher(client, stream)
         publisher.start()
         app.bus.add_listener(publisher)
         app.closers.append(publisher.close)
