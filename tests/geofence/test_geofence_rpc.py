@@ -20,6 +20,7 @@ from tracking.v1 import (
     track_pb2_grpc,
 )
 
+from tests.geofence.support import DEPOT
 from tests.server_fixtures import batch, embedded_settings, fix, hello, now_ms
 from tracking_grpc.config import Settings
 from tracking_grpc.server import TrackingServer
@@ -28,11 +29,6 @@ SQUARE = {
     "type": "Polygon",
     "coordinates": [[[2, 48], [3, 48], [3, 49], [2, 49], [2, 48]]],
 }
-DEPOT = geofence_pb2.FenceShape(
-    circle=common_pb2.Circle(
-        center=common_pb2.LatLng(lat=52.52, lon=13.405), radius_m=100
-    )
-)
 
 
 BACKENDS = [
