@@ -71,10 +71,6 @@ class Settings:
     max_concurrent_streams: int = setting(
         20_000, "pending RPC backlog the gRPC server accepts (streams opening at once)"
     )
-    geofence_stream: str = setting(
-        "trk:geofence-events",
-        "Redis Stream that geofence events are appended to (when redis_url is set)",
-    )
     routing_data_dir: str = setting(
         "",
         "directory of routing datasets made by `tracking prepare-routing`; empty "

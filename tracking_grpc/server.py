@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -31,6 +32,7 @@ SERVICES: list[Register] = [
 ]
 
 SHUTDOWN_GRACE_S = 5.0
+GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (default 700)
 DEPENDENCY_CHECK_S = 1.0
 CHECK_TIMEOUT_S = 3.0
 # Health service names of the dependencies; "" and the services follow history,
@@ -43,8 +45,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     """Channel options: a backlog large enough for a reconnect storm of devices."""
     backlog = settings.max_concurrent_streams
     return [
-        ("grpc.max_pending_requests", backlog),
-        ("grpc.max_pending_requests_hard_limit", backlog * 2),
+        ("grpc.server.max_pending_requests", backlog),
+        ("grpc.server.max_pending_requests_hard_limit", backlog * 2),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -159,9 +161,22 @@ async def _answers(store: object) -> bool:
     return True
 
 
+def tune_gc() -> None:
+    """Collect garbage less often: a server holds millions of long-lived objects.
+
+    Python's default young-generation threshold (700 allocations) triggers several
+    collections per hundred fixes, and full collections walk every object of every
+    open stream. Freezing what start-up built and raising the thresholds cut the
+    server's CPU per fix from 533 to 324 µs at 10k streams (bench/README.md).
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
+
+
 async def serve(settings: Settings, telemetry: Telemetry | None = None) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
     running = await TrackingServer.start(settings, telemetry)
+    tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -400,6 +400,7 @@ __all__ = [
     "FORMATS",
     "PRESETS",
     "TIME_FORMATS",
+    "TRACE_COLUMNS",
     "CsvFormat",
     "Trace",
     "build_trace",

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_WATCH_IDS = 10_000
+GEOFENCE_STREAM = "geofence-events"  # after redis_key_prefix
 
 
 def now_ms() -> int:
@@ -288,13 +289,17 @@ def register(server: grpc.aio.Server, app: App) -> str:
     processor = GeofenceProcessor(fences)
     hub = EventWatchHub()
     app.pipeline.add_processor(processor)
-    app.bus.add_listener(EventStoreListener(events))
+    store = EventStoreListener(events)
+    store.start()
+    app.bus.add_listener(store)
+    app.closers.append(store.close)
     app.bus.add_listener(hub)
     if app.settings.redis_url:
         import redis.asyncio as aioredis
 
         client = aioredis.Redis.from_url(app.settings.redis_url)
-        publisher = StreamPublisher(client, app.settings.geofence_stream)
+        stream = app.settings.redis_key_prefix + GEOFENCE_STREAM
+        publisher = StreamPublisher(client, stream)
         publisher.start()
         app.bus.add_listener(publisher)
         app.closers.append(publisher.close)

@@ -199,5 +199,6 @@ def register(server: grpc.aio.Server, app: App) -> str:
         app.not_ready.add(SERVICE_NAME)
         log.warning("Route service not ready: %s", datasets.PREPARE_HINT)
     app.pipeline.add_processor(routing.monitor)
+    app.closers.append(routing.close)
     route_pb2_grpc.add_RouteServicer_to_server(RouteServicer(app, routing), server)
     return SERVICE_NAME

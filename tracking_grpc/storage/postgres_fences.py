@@ -49,7 +49,9 @@ class PostgresGeofenceDatabase:
     """A connection pool shared by the fence and event repositories."""
 
     def __init__(self, url: str, max_size: int = 4) -> None:
-        self.pool = AsyncConnectionPool(url, min_size=1, max_size=max_size, open=False)
+        self.url = url
+        self.max_size = max_size
+        self.pool = self._new_pool()
         self._opened = False
         self._lock = asyncio.Lock()
 
@@ -68,8 +70,20 @@ class PostgresGeofenceDatabase:
                 try:
                     await self.pool.open(wait=True, timeout=10.0)
                 except (psycopg.Error, PoolTimeout) as exc:
+                    # A pool cannot be opened twice: the next try gets a fresh one.
+                    await self.pool.close()
+                    self.pool = self._new_pool()
                     raise StorageUnavailable(f"postgres: {exc}") from exc
                 self._opened = True
+
+    def _new_pool(self) -> AsyncConnectionPool:
+        return AsyncConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self.max_size,
+            open=False,
+            check=AsyncConnectionPool.check_connection,
+        )
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple]:
         await self.ensure_open()

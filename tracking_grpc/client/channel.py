@@ -1,0 +1,41 @@
+"""Connection flags shared by every client command: target address and bearer token."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import grpc
+from tracking.v1 import track_pb2_grpc
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--target`` and ``--token`` (default: $TRACKING_TOKEN)."""
+    parser.add_argument(
+        "--target",
+        default=DEFAULT_TARGET,
+        help=f"host:port of the tracking service (default {DEFAULT_TARGET})",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("TRACKING_TOKEN", ""),
+        help="JWT sent as 'authorization: Bearer' (default: $TRACKING_TOKEN)",
+    )
+
+
+def call_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """Metadata for every call: the bearer token when one is given."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def open_channel(target: str) -> grpc.aio.Channel:
+    """An insecure channel (the service listens on loopback unless told otherwise)."""
+    return grpc.aio.insecure_channel(
+        target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    )
+
+
+def tracking_stub(channel: grpc.aio.Channel) -> track_pb2_grpc.TrackSessionStub:
+    return track_pb2_grpc.TrackSessionStub(channel)

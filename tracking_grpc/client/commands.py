@@ -1,0 +1,17 @@
+"""The client's subcommands, for ``tracking_grpc.cli`` to register.
+
+Each module's ``add_parser(subparsers)`` sets ``run`` (an ``async`` function taking
+the parsed arguments and returning an exit code) as the parser's default.
+"""
+
+from __future__ import annotations
+
+from tracking_grpc.client import nearby, positions, replay, simulate, watch
+
+COMMANDS = (replay, watch, simulate, positions, nearby)
+
+
+def add_client_parsers(subparsers) -> None:
+    """Register every client subcommand."""
+    for command in COMMANDS:
+        command.add_parser(subparsers)
