@@ -108,18 +108,13 @@ def tracking_environment() -> dict[str, str]:
 
 def test_compose_runs_the_whole_stack():
     services = compose()["services"]
-    expected = {
-        "tracking",
-        "envoy",
-        "postgres",
-        "redis",
-        "prometheus",
-        "grafana",
-        "jaeger",
-    }
-    assert set(services) == expected
+    expected = {"tracking", "migrate", "envoy", "postgres", "redis", "prometheus"}
+    assert set(services) == expected | {"grafana", "jaeger"}
     assert services["tracking"]["deploy"]["replicas"] == 2
     assert services["postgres"]["image"].startswith("postgis/postgis:")
+    assert services["migrate"]["command"] == ["tracking", "migrate"]
+    ready = services["tracking"]["depends_on"]["migrate"]["condition"]
+    assert ready == "service_completed_successfully"
 
 
 def test_compose_environment_names_real_settings():
