@@ -241,11 +241,14 @@ async def test_watch_events_and_list_events(server, channel, fences) -> None:
     watched = await asyncio.wait_for(watch.read(), 10)
     assert [e.type for e in watched.events] == [event_pb2.EVENT_TYPE_EXIT]
     watch.cancel()
-    listed = await fences.ListEvents(
-        geofence_pb2.ListEventsRequest(
-            start_ms=now_ms() - 3_600_000, device_id="van-2", page_size=1
-        )
+    request = geofence_pb2.ListEventsRequest(
+        start_ms=now_ms() - 3_600_000, device_id="van-2", page_size=1
     )
+    for _ in range(50):  # the event store writes in the background
+        listed = await fences.ListEvents(request)
+        if listed.next_page_token:
+            break
+        await asyncio.sleep(0.1)
     assert (
         listed.events[0].type == event_pb2.EVENT_TYPE_ENTER and listed.next_page_token
     )

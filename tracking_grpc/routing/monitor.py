@@ -478,8 +478,10 @@ class _FlatRoutes:
         )
         along = self.start_m[seg] + t * self.length_m[seg]
         score = distance + stray_penalty[owner] * np.abs(along - expected_m[owner])
-        pick = np.lexsort((score, owner))
-        best = pick[np.r_[True, owner[pick][1:] != owner[pick][:-1]]]
+        # Candidates of one fix are contiguous: the first of its lowest scores wins.
+        lowest = np.minimum.reduceat(score, np.cumsum(counts) - counts)
+        tied = np.flatnonzero(score == lowest[owner])
+        best = tied[np.r_[True, owner[tied][1:] != owner[tied][:-1]]]
         return distance[best], along[best]
 
     def expected_s_at(self, slots: np.ndarray, along_m: np.ndarray) -> np.ndarray:

@@ -289,7 +289,10 @@ def register(server: grpc.aio.Server, app: App) -> str:
     processor = GeofenceProcessor(fences)
     hub = EventWatchHub()
     app.pipeline.add_processor(processor)
-    app.bus.add_listener(EventStoreListener(events))
+    store = EventStoreListener(events)
+    store.start()
+    app.bus.add_listener(store)
+    app.closers.append(store.close)
     app.bus.add_listener(hub)
     if app.settings.redis_url:
         import redis.asyncio as aioredis

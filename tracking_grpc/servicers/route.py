@@ -181,6 +181,10 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
             batch = convert.fixes_to_batch(tenant, "track", request.fixes)
             rc.latlng_arrays(request.fixes, "fixes", MAX_MATCH_FIXES)
         else:
+            if not request.device_id:
+                raise InvalidArgument(
+                    "fixes", "give fixes, or a device_id with start_ms and end_ms"
+                )
             device = convert.check_device_id(request.device_id, "device_id")
             if request.end_ms <= request.start_ms:
                 raise InvalidArgument("end_ms", "must be after start_ms")

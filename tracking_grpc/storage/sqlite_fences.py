@@ -99,6 +99,10 @@ class SqliteGeofenceDatabase:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=10000")
+        # Fences are written rarely; events are many and can be raised again from
+        # history. NORMAL in WAL mode loses nothing when the process dies, only
+        # (at most) the last transactions on power loss.
+        conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(SCHEMA)
         self._conn = conn
 
