@@ -286,7 +286,7 @@ def open_repositories(app: App) -> tuple[FenceRepository, EventRepository]:
 def register(server: grpc.aio.Server, app: App) -> str:
     """Add the Geofence service, its processor and its event listeners."""
     fences, events = open_repositories(app)
-    processor = GeofenceProcessor(fences)
+    processor = GeofenceProcessor(fences, events)
     hub = EventWatchHub()
     app.pipeline.add_processor(processor)
     store = EventStoreListener(events)

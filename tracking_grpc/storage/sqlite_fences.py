@@ -23,9 +23,12 @@ from tracking_grpc.errors import (
 from tracking_grpc.events import EventType, TrackingEvent
 from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.storage.fences import (
+    MEMBERSHIP_SQL,
     EventQuery,
     ImportResult,
+    Membership,
     event_attributes,
+    memberships_of,
     stamped,
 )
 
@@ -66,6 +69,7 @@ CREATE TABLE IF NOT EXISTS geofence_events (
 CREATE INDEX IF NOT EXISTS geofence_events_by_time
     ON geofence_events (tenant, time_ms, event_id);
 """
+
 
 EVENT_COLUMNS = (
     "tenant, event_id, device, fence_id, type, time_ms, lat, lon, fix_seq, "
@@ -248,6 +252,10 @@ class SqliteEventRepository:
         sql += " ORDER BY time_ms, event_id LIMIT ?"
         rows = await self.db.run(self.db.read, sql, [*args, query.limit])
         return [_event(row) for row in rows]
+
+    async def memberships(self, tenant: str) -> list[Membership]:
+        sql = MEMBERSHIP_SQL.format(mark="?")
+        return memberships_of(await self.db.run(self.db.read, sql, [tenant]))
 
     async def close(self) -> None:
         return None
