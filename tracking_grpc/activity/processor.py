@@ -90,6 +90,7 @@ class _Tenant:
     cols: dict[str, np.ndarray] = field(default_factory=dict)
     kalman: KalmanFilter = field(default_factory=KalmanFilter)
     tail: FixBatch | None = None
+    tail_slot: np.ndarray = field(default_factory=lambda: np.empty(0, np.intp))
 
     def slot_of(self, devices: np.ndarray) -> np.ndarray:
         """Slots of device ids (one lookup per distinct device), new ones added."""
@@ -192,7 +193,8 @@ class ActivityProcessor:
             return []
         state = self._tenant(stored.tenant)
         events = self._online(state, stored, created_ms)
-        fixes = stored if state.tail is None else FixBatch.concat([state.tail, stored])
+        tail, rest, rest_slot = _split_tail(state, stored)
+        fixes = stored if tail is None else FixBatch.concat([tail, stored])
         fixes = fixes.sorted_by_device_time()
         a = analyse(fixes, state.params, complete=False)
         row_slot = state.slot_of(fixes.device) if len(fixes) else np.empty(0, np.intp)
@@ -201,7 +203,11 @@ class ActivityProcessor:
         )
         if rows.size:
             events += _Apply(state, self.config, a, row_slot, rows, created_ms).run()
-        state.tail = _keep_tail(a, row_slot, state)
+        kept = _keep_tail(a, row_slot, state)
+        parts = [b for b in (rest, kept) if b is not None and len(b)]
+        state.tail = FixBatch.concat(parts) if parts else None
+        kept_slot = state.slot_of(kept.device) if kept is not None else rest_slot[:0]
+        state.tail_slot = np.concatenate([rest_slot, kept_slot])
         return events
 
     def _online(
@@ -264,6 +270,28 @@ def _event(
         created_ms=created_ms,
         attributes=attributes,
         activity=detail,
+    )
+
+
+def _split_tail(
+    state: _Tenant, stored: FixBatch
+) -> tuple[FixBatch | None, FixBatch | None, np.ndarray]:
+    """The tail rows of the devices in ``stored``, and the rest with their slots.
+
+    Only devices with new fixes are analysed again: analysing the whole tail on
+    every call cost time in proportion to all devices' recent fixes (at 10k devices
+    one call of 20 fixes took 14 ms with a 10k-row tail, 71 ms with 30k rows).
+    """
+    if state.tail is None:
+        return None, None, np.empty(0, np.intp)
+    touched = np.zeros(len(state.names), dtype=bool)
+    touched[state.slot_of(stored.device)] = True
+    mine = touched[state.tail_slot]
+    rest = ~mine
+    return (
+        state.tail.take(mine) if mine.any() else None,
+        state.tail.take(rest) if rest.any() else None,
+        state.tail_slot[rest],
     )
 
 
