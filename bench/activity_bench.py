@@ -179,8 +179,13 @@ def synthetic_day(device: int, day: int, start_ms: int, rng) -> FixBatch:
     xy = np.concatenate(parts_xy) + rng.normal(0, 5e-5, (t.size, 2))
     n = t.size
     return FixBatch.from_columns(
-        "bench", [f"dev-{device:04d}"] * n, np.arange(n) + day * 1000 + 1, t,
-        xy[:, 0], xy[:, 1], accuracy_m=np.full(n, 8.0),
+        "bench",
+        [f"dev-{device:04d}"] * n,
+        np.arange(n) + day * 1000 + 1,
+        t,
+        xy[:, 0],
+        xy[:, 1],
+        accuracy_m=np.full(n, 8.0),
     )
 
 
@@ -193,33 +198,58 @@ async def part_two(database_url: str, devices: int, days: int, seconds: float) -
         t0 = time.perf_counter()
         stored = 0
         for d in range(devices):
-            batch = FixBatch.concat([synthetic_day(d, k, start_ms, rng) for k in range(days)])
+            batch = FixBatch.concat(
+                [synthetic_day(d, k, start_ms, rng) for k in range(days)]
+            )
             await store.store(batch.with_received(start_ms + days * 86_400_000))
             stored += len(batch)
         load_s = time.perf_counter() - t0
         config = ActivityConfig()
-        results = {"backend": "postgresql" if database_url else "sqlite",
-                   "devices": devices, "days": days, "fixes": stored,
-                   "load_fixes_per_s": round(stored / load_s)}
+        results = {
+            "backend": "postgresql" if database_url else "sqlite",
+            "devices": devices,
+            "days": days,
+            "fixes": stored,
+            "load_fixes_per_s": round(stored / load_s),
+        }
 
         async def day_trips(device: str, day: int):
-            found = await queries.load(store, config, "bench", device,
-                                       start_ms + day * 86_400_000,
-                                       start_ms + (day + 1) * 86_400_000)
+            found = await queries.load(
+                store,
+                config,
+                "bench",
+                device,
+                start_ms + day * 86_400_000,
+                start_ms + (day + 1) * 86_400_000,
+            )
             return found.trips()
 
         async def month_summary(device: str, day: int):
-            found = await queries.load(store, config, "bench", device, start_ms,
-                                       start_ms + days * 86_400_000)
-            return patterns.daily_summary(found.analysis, found.trips(), found.stops(),
-                                          start_ms, start_ms + days * 86_400_000, "UTC")
+            found = await queries.load(
+                store, config, "bench", device, start_ms, start_ms + days * 86_400_000
+            )
+            return patterns.daily_summary(
+                found.analysis,
+                found.trips(),
+                found.stops(),
+                start_ms,
+                start_ms + days * 86_400_000,
+                "UTC",
+            )
 
         async def day_track(device: str, day: int):
-            return await store.history("bench", device, start_ms + day * 86_400_000,
-                                       start_ms + (day + 1) * 86_400_000)
+            return await store.history(
+                "bench",
+                device,
+                start_ms + day * 86_400_000,
+                start_ms + (day + 1) * 86_400_000,
+            )
 
-        for name, query in [("track_1_day", day_track), ("trips_1_day", day_trips),
-                            ("daily_summary_1_month", month_summary)]:
+        for name, query in [
+            ("track_1_day", day_track),
+            ("trips_1_day", day_trips),
+            ("daily_summary_1_month", month_summary),
+        ]:
             count, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < seconds and count < 5000:
                 await query(f"dev-{rng.integers(devices):04d}", int(rng.integers(days)))
@@ -240,14 +270,18 @@ def main() -> None:
     args = parser.parse_args()
 
     detection = part_one(args.repeat)
-    print(f"{'data':5} {'fixes':>6} {'stops us/mp':>12} {'trips us/mp':>12} "
-          f"{'matched us/mp':>14} {'jaccard':>8} {'ours s':>8} {'mp s':>7} {'x':>6}")
+    print(
+        f"{'data':5} {'fixes':>6} {'stops us/mp':>12} {'trips us/mp':>12} "
+        f"{'matched us/mp':>14} {'jaccard':>8} {'ours s':>8} {'mp s':>7} {'x':>6}"
+    )
     for name, r in detection.items():
-        print(f"{name:5} {r['fixes']:6d} {r['ours_stops']:5d}/{r['theirs_stops']:<6d} "
-              f"{r['ours_trips']:5d}/{r['theirs_trips']:<6d} "
-              f"{r['ours_matched']:6d}/{r['theirs_matched']:<7d} "
-              f"{r['stopped_time_jaccard']:8.3f} {r['ours_s']:8.4f} {r['theirs_s']:7.2f} "
-              f"{r['speed_ratio']:6.1f}")
+        print(
+            f"{name:5} {r['fixes']:6d} {r['ours_stops']:5d}/{r['theirs_stops']:<6d} "
+            f"{r['ours_trips']:5d}/{r['theirs_trips']:<6d} "
+            f"{r['ours_matched']:6d}/{r['theirs_matched']:<7d} "
+            f"{r['stopped_time_jaccard']:8.3f} {r['ours_s']:8.4f} {r['theirs_s']:7.2f} "
+            f"{r['speed_ratio']:6.1f}"
+        )
     report = {"machine": platform.platform(), "detection": detection}
     if not args.skip_history:
         history = asyncio.run(

@@ -34,15 +34,63 @@ def geofence_events(events: Sequence[TrackingEvent]) -> list[TrackingEvent]:
 
 
 class EventStoreListener:
-    """Stores geofence events for ListEvents."""
+    """Stores geofence events for ListEvents, in batches, off the bus's path.
+
+    The listener only queues; a task writes whatever has gathered in one transaction
+    and retries while the store is unavailable.
+    """
 
     def __init__(self, events: EventRepository) -> None:
         self.events = events
+        self._pending: list[TrackingEvent] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="geofence-event-store")
 
     async def __call__(self, events: Sequence[TrackingEvent]) -> None:
         found = geofence_events(events)
         if found:
-            await self.events.add(found)
+            self._pending.extend(found)
+            self._idle.clear()
+            self._wake.set()
+
+    async def flushed(self) -> None:
+        """Wait until every queued event is stored."""
+        await self._idle.wait()
+
+    async def _run(self) -> None:
+        failures = 0
+        while not (self._closing and not self._pending):
+            if not self._pending:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            chunk = self._pending[:5_000]
+            try:
+                await self.events.add(chunk)
+            except Exception as exc:
+                failures += 1
+                log.warning("storing %d events failed (%s); retrying", len(chunk), exc)
+                if self._closing and failures > len(RETRY_S):
+                    log.error("%d events not stored at shutdown", len(self._pending))
+                    return
+                await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S)) - 1])
+                continue
+            failures = 0
+            del self._pending[: len(chunk)]
+        self._idle.set()
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
 
 
 @dataclass(frozen=True, slots=True)

@@ -286,10 +286,13 @@ def open_repositories(app: App) -> tuple[FenceRepository, EventRepository]:
 def register(server: grpc.aio.Server, app: App) -> str:
     """Add the Geofence service, its processor and its event listeners."""
     fences, events = open_repositories(app)
-    processor = GeofenceProcessor(fences)
+    processor = GeofenceProcessor(fences, events)
     hub = EventWatchHub()
     app.pipeline.add_processor(processor)
-    app.bus.add_listener(EventStoreListener(events))
+    store = EventStoreListener(events)
+    store.start()
+    app.bus.add_listener(store)
+    app.closers.append(store.close)
     app.bus.add_listener(hub)
     if app.settings.redis_url:
         import redis.asyncio as aioredis

@@ -28,9 +28,12 @@ from tracking_grpc.events import EventType, TrackingEvent
 from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.geofence.shapes import compile_shape
 from tracking_grpc.storage.fences import (
+    MEMBERSHIP_SQL,
     EventQuery,
     ImportResult,
+    Membership,
     event_attributes,
+    memberships_of,
     stamped,
 )
 
@@ -256,6 +259,10 @@ class PostgresEventRepository:
         sql += ' ORDER BY time_ms, event_id COLLATE "C" LIMIT %s'
         rows = await self.db.fetch(sql, [*args, query.limit])
         return [_event(row) for row in rows]
+
+    async def memberships(self, tenant: str) -> list[Membership]:
+        sql = MEMBERSHIP_SQL.format(mark="%s")
+        return memberships_of(await self.db.fetch(sql, [tenant]))
 
     async def close(self) -> None:
         return None

@@ -23,9 +23,12 @@ from tracking_grpc.errors import (
 from tracking_grpc.events import EventType, TrackingEvent
 from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.storage.fences import (
+    MEMBERSHIP_SQL,
     EventQuery,
     ImportResult,
+    Membership,
     event_attributes,
+    memberships_of,
     stamped,
 )
 
@@ -67,6 +70,7 @@ CREATE INDEX IF NOT EXISTS geofence_events_by_time
     ON geofence_events (tenant, time_ms, event_id);
 """
 
+
 EVENT_COLUMNS = (
     "tenant, event_id, device, fence_id, type, time_ms, lat, lon, fix_seq, "
     "created_ms, attributes"
@@ -99,6 +103,10 @@ class SqliteGeofenceDatabase:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=10000")
+        # Fences are written rarely; events are many and can be raised again from
+        # history. NORMAL in WAL mode loses nothing when the process dies, only
+        # (at most) the last transactions on power loss.
+        conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(SCHEMA)
         self._conn = conn
 
@@ -244,6 +252,10 @@ class SqliteEventRepository:
         sql += " ORDER BY time_ms, event_id LIMIT ?"
         rows = await self.db.run(self.db.read, sql, [*args, query.limit])
         return [_event(row) for row in rows]
+
+    async def memberships(self, tenant: str) -> list[Membership]:
+        sql = MEMBERSHIP_SQL.format(mark="?")
+        return memberships_of(await self.db.run(self.db.read, sql, [tenant]))
 
     async def close(self) -> None:
         return None
