@@ -161,3 +161,18 @@ async def test_memberships_follow_the_latest_events(geo_stores, tenant) -> None:
         ("in", 10, False, 10),
         ("stayed", 10, True, 70),
     ]
+
+
+async def test_outbox_lists_unpublished_until_marked(geo_stores, tenant) -> None:
+    _, events = geo_stores
+    stored = [
+        event("d", EventType.ENTER, 10, tenant),
+        event("d", EventType.EXIT, 20, tenant),
+    ]
+    await events.add(stored)
+    pending = [e for e in await events.unpublished(1000) if e.tenant == tenant]
+    assert pending == stored
+    await events.mark_published(pending[:1])
+    assert [e for e in await events.unpublished(1000) if e.tenant == tenant] == [
+        stored[1]
+    ]

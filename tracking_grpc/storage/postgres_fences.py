@@ -264,6 +264,26 @@ class PostgresEventRepository:
         sql = MEMBERSHIP_SQL.format(mark="%s")
         return memberships_of(await self.db.fetch(sql, [tenant]))
 
+    async def unpublished(self, limit: int) -> list[TrackingEvent]:
+        rows = await self.db.fetch(
+            "SELECT tenant, event_id, device, fence_id, type, time_ms, lat, lon, "
+            "fix_seq, created_ms, attributes::text FROM geofence_events "
+            'WHERE NOT published ORDER BY created_ms, time_ms, event_id COLLATE "C" '
+            "LIMIT %s",
+            [limit],
+        )
+        return [_event(row) for row in rows]
+
+    async def mark_published(self, events: Sequence[TrackingEvent]) -> None:
+        async with _Transaction(self.db) as conn:
+            await conn.execute(
+                "UPDATE geofence_events SET published = true FROM "
+                "unnest(%s::text[], %s::text[]) AS done(tenant, event_id) "
+                "WHERE geofence_events.tenant = done.tenant "
+                "AND geofence_events.event_id = done.event_id",
+                [[e.tenant for e in events], [e.event_id for e in events]],
+            )
+
     async def close(self) -> None:
         return None
 
