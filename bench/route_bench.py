@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -338,7 +339,11 @@ def main() -> None:
         car = Router.load(str(helsinki_dir)).engine("car")
         points = connected_points(car, 1000, seed=1)
         results = {
-            "machine": {"python": platform.python_version(), "cpus": 2},
+            "machine": {
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+                "load_average_at_start": os.getloadavg(),
+            },
             "prepare_s": prepare_s,
             "routes_per_s": bench_routes(car, points[: 300 if args.quick else 1000]),
             "matrix": bench_matrix(

@@ -105,6 +105,29 @@ async def test_redis_outage_keeps_acks_and_degrades_live_reads(
         await call.done_writing()
 
 
+async def test_server_starts_without_redis_and_catches_up(
+    private_redis, pg_url, start_server, tmp_path
+) -> None:
+    private_redis.stop()
+    settings = replace(
+        embedded_settings(tmp_path), database_url=pg_url, redis_url=private_redis.url
+    )
+    server = await start_server(settings=settings)
+    device, t0 = f"barge-{uuid.uuid4().hex[:8]}", now_ms() - 60_000
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = track_pb2_grpc.TrackSessionStub(channel)
+        call = await open_track(stub, device)
+        await call.write(batch([fix(1, 40.7, -74.0, t0)]))
+        assert (await call.read()).ack.acked_seq == 1
+        await until(lambda: _is(channel, "tracking.dependency.live", NOT_SERVING))
+
+        private_redis.start()
+        await until(lambda: _is(channel, "tracking.dependency.live", SERVING))
+        request = track_pb2.GetLastPositionsRequest(device_ids=[device])
+        assert [p.seq for p in (await stub.GetLastPositions(request)).positions] == [1]
+        await call.done_writing()
+
+
 async def test_postgres_outage_holds_acks_until_it_returns(
     private_postgres, redis_url, redis_prefix, start_server, tmp_path
 ) -> None:

@@ -1,8 +1,7 @@
-"""Geofence events on a Redis Stream, read with a consumer group (real Redis)."""
+"""Geofence events on a Redis Stream through the event-store outbox (real Redis)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +13,10 @@ from redis.exceptions import RedisError
 from tests.conftest import require_service
 from tracking_grpc.events import EventType, TrackingEvent
 from tracking_grpc.geofence.delivery import StreamPublisher, event_of_stream
+from tracking_grpc.storage.sqlite_fences import (
+    SqliteEventRepository,
+    SqliteGeofenceDatabase,
+)
 
 REDIS_URL = os.environ.get("TRACKING_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 pytestmark = pytest.mark.redis
@@ -34,6 +37,13 @@ async def stream() -> AsyncIterator[tuple[aioredis.Redis, str]]:
     await client.aclose()
 
 
+@pytest.fixture
+async def outbox(tmp_path) -> AsyncIterator[SqliteEventRepository]:
+    database = await SqliteGeofenceDatabase.open(tmp_path / "geofence.sqlite3")
+    yield SqliteEventRepository(database)
+    await database.close()
+
+
 def event(n: int) -> TrackingEvent:
     return TrackingEvent(
         f"e{n}",
@@ -44,39 +54,40 @@ def event(n: int) -> TrackingEvent:
         52.5,
         13.4,
         n,
-        2000,
+        2000 + n,
         fence_id="depot",
         attributes={"accuracy_m": "5"},
     )
 
 
-async def read_group(client: aioredis.Redis, key: str, count: int) -> list:
+async def read_group(client: aioredis.Redis, key: str) -> list:
     await client.xgroup_create(key, "consumers", id="0", mkstream=True)
-    found = await client.xreadgroup("consumers", "c1", {key: ">"}, count=count)
+    found = await client.xreadgroup("consumers", "c1", {key: ">"}, count=100)
     return found[0][1] if found else []
 
 
-async def test_events_reach_a_consumer_group(stream) -> None:
-    client, key = stream
-    publisher = StreamPublisher(aioredis.Redis.from_url(REDIS_URL), key)
+async def publish_once(url: str, key: str, outbox: SqliteEventRepository) -> None:
+    """Run a publisher until it has drained the outbox (or given up), then stop."""
+    publisher = StreamPublisher(aioredis.Redis.from_url(url), key, outbox)
     publisher.start()
-    await publisher([event(1), event(2)])
     await publisher.close()
-    entries = await read_group(client, key, 10)
+
+
+async def test_stored_events_reach_a_consumer_group(stream, outbox) -> None:
+    client, key = stream
+    await outbox.add([event(1), event(2)])
+    await publish_once(REDIS_URL, key, outbox)
+    entries = await read_group(client, key)
     assert [event_of_stream(fields) for _, fields in entries] == [event(1), event(2)]
     assert await client.xack(key, "consumers", *[i for i, _ in entries]) == 2
+    assert await outbox.unpublished(10) == []
 
 
-async def test_events_wait_while_redis_is_unreachable(stream) -> None:
+async def test_events_stored_while_redis_is_down_go_out_later(stream, outbox) -> None:
     client, key = stream
-    dead = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-    publisher = StreamPublisher(dead, key)
-    publisher.start()
-    await publisher([event(3)])
-    await asyncio.sleep(0.3)
+    await outbox.add([event(3)])
+    await publish_once("redis://127.0.0.1:1/0", key, outbox)  # nothing listens there
     assert await client.xlen(key) == 0
-    publisher.client = aioredis.Redis.from_url(REDIS_URL)  # Redis is back
-    await publisher.close()
-    await dead.aclose()
-    entries = await read_group(client, key, 10)
+    await publish_once(REDIS_URL, key, outbox)  # Redis is back, or a restart
+    entries = await read_group(client, key)
     assert [fields["event_id"] for _, fields in entries] == ["e3"]

@@ -20,6 +20,7 @@ from tracking.v1 import (
     track_pb2_grpc,
 )
 
+from tests.geofence.support import DEPOT
 from tests.server_fixtures import batch, embedded_settings, fix, hello, now_ms
 from tracking_grpc.config import Settings
 from tracking_grpc.server import TrackingServer
@@ -28,11 +29,6 @@ SQUARE = {
     "type": "Polygon",
     "coordinates": [[[2, 48], [3, 48], [3, 49], [2, 49], [2, 48]]],
 }
-DEPOT = geofence_pb2.FenceShape(
-    circle=common_pb2.Circle(
-        center=common_pb2.LatLng(lat=52.52, lon=13.405), radius_m=100
-    )
-)
 
 
 BACKENDS = [
@@ -291,4 +287,41 @@ async def test_events_published_to_the_redis_stream(
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     entries = await client.xrange(redis_prefix + "geofence-events")
     await client.aclose()
-    assert [f["event_id"] for _, f in entries] == [e.event_id for e in events]
+    mine = [f["event_id"] for _, f in entries if f["tenant"] == settings.default_tenant]
+    assert mine == [e.event_id for e in events]
+
+
+async def test_membership_survives_a_restart(start_server, settings) -> None:
+    server = await start_server(settings=settings)
+    t = now_ms() - 60_000
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        await geofence_pb2_grpc.GeofenceStub(channel).CreateFence(
+            geofence_pb2.CreateFenceRequest(
+                fence=geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
+            )
+        )
+        first = await send_and_collect(channel, "van-9", [fix(1, 52.52, 13.405, t)], 1)
+    await server.stop(1)
+    again = await start_server(settings=settings)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{again.port}") as channel:
+        fixes = [fix(2, 52.52, 13.4051, t + 1000), fix(3, 52.52, 13.4123, t + 2000)]
+        after = await send_and_collect(channel, "van-9", fixes, 1)
+    assert [e.type for e in first + after] == [
+        event_pb2.EVENT_TYPE_ENTER,
+        event_pb2.EVENT_TYPE_EXIT,
+    ]
+
+
+async def send_and_collect(channel, device: str, fixes, count: int) -> list:
+    """Send fixes on a Track stream that wants events; the first ``count`` events."""
+    call = track_pb2_grpc.TrackSessionStub(channel).Track()
+    await call.write(hello(device, want_events=True))
+    await call.read()
+    await call.write(batch(fixes))
+    events = []
+    while len(events) < count:
+        response = await asyncio.wait_for(call.read(), 10)
+        if response.WhichOneof("message") == "event" and response.event.fence_id:
+            events.append(response.event)
+    await call.done_writing()
+    return events

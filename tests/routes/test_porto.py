@@ -28,7 +28,7 @@ async def test_taxi_trips_match_to_the_roads(start_server, porto_dir, trips) -> 
         matched = [await porto.match(stub, trip) for trip in trips]
     assert len(trips) >= 40
     assert all(m.pieces >= 1 for m in matched)
-    assert np.mean([m.share for m in matched]) > 0.7
+    assert np.mean([m.share for m in matched]) > 0.95
     assert np.median([m.confidence for m in matched]) > 0.5
 
 

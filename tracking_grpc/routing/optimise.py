@@ -333,7 +333,9 @@ def _amount(values: tuple[int, ...], dims: int, missing: int = 0) -> list[int]:
 
 
 def _all_skills(problem: Problem) -> list[str]:
-    names = set()
-    for item in [*problem.vehicles, *problem.jobs]:
-        names |= item.skills
+    names: set[str] = set()
+    for vehicle in problem.vehicles:
+        names |= vehicle.skills
+    for job in problem.jobs:
+        names |= job.skills
     return sorted(names)
