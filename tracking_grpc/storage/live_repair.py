@@ -19,10 +19,14 @@ log = logging.getLogger(__name__)
 
 
 async def rebuild_live(history: HistoryStore, live: LiveStore) -> int:
-    """Write each device's newest stored fix into the live store; returns the count."""
+    """Write each device's newest stored fix into the live store; returns the count.
+
+    A store with ``repair`` (Redis) re-applies fixes it already holds, which mends
+    a GEO index that missed a move."""
     devices = 0
+    write = getattr(live, "repair", live.update)
     async for batch in history.newest_positions():
-        await live.update(batch)
+        await write(batch)
         devices += len(batch)
     return devices
 
