@@ -123,7 +123,8 @@ class TrackingServer:
         """Probe history and live state once and publish the result in health."""
         probes = {HISTORY_HEALTH: self.app.history, LIVE_HEALTH: self.app.live}
         for name, store in probes.items():
-            up = await _answers(store)
+            # Live state that still lacks updates (not yet rebuilt) is not served.
+            up = await _answers(store) and not getattr(store, "needs_rebuild", False)
             if up != self.dependencies_up[name]:
                 log.warning("%s is %s", name, "back" if up else "NOT serving")
             self.dependencies_up[name] = up

@@ -48,14 +48,15 @@ class LiveRepairer:
         try:
             await self.live.ping()
             if getattr(self.live, "needs_rebuild", False):
-                self.live.needs_rebuild = False
+                mark = self.live.rebuild_started()
                 devices = await rebuild_live(self.history, self.live)
+                self.live.rebuild_done(mark)
                 log.warning("rebuilt live state of %d devices from history", devices)
         except Unavailable as exc:
             if self.available:
                 log.warning("live store unavailable: %s", exc.message)
-            if hasattr(self.live, "needs_rebuild"):
-                self.live.needs_rebuild = True
+            if hasattr(self.live, "lost_state"):
+                self.live.lost_state()
             self.available = False
             return False
         if not self.available:

@@ -112,7 +112,8 @@ class RedisLiveStore:
             raise ValueError("the key prefix may not contain braces")
         self.redis = redis
         self.prefix = prefix
-        self.needs_rebuild = False
+        self._losses = 0  # times state was (or may have been) lost
+        self._repaired = 0  # losses a finished rebuild has made good
         self._server_ids: dict[str, str] = {}
 
     @classmethod
@@ -123,8 +124,25 @@ class RedisLiveStore:
             await store.ping()
         except Unavailable as exc:
             log.warning("starting without live state (%s); will rebuild", exc.message)
-            store.needs_rebuild = True
+            store.lost_state()
         return store
+
+    @property
+    def needs_rebuild(self) -> bool:
+        """Whether live state may lack updates that history has (until a rebuild)."""
+        return self._losses > self._repaired
+
+    def lost_state(self) -> None:
+        """Note that updates were (or may have been) lost: a rebuild is needed."""
+        self._losses += 1
+
+    def rebuild_started(self) -> int:
+        """A mark to hand to ``rebuild_done`` once the rebuild has finished."""
+        return self._losses
+
+    def rebuild_done(self, mark: int) -> None:
+        """The losses up to ``mark`` are made good (later ones still need one)."""
+        self._repaired = max(self._repaired, mark)
 
     async def update(self, batch: FixBatch) -> FixBatch:
         return await self._update(batch, again=False)
@@ -143,7 +161,7 @@ class RedisLiveStore:
             moved = newest.take(accepted)
             await self._move(moved, previous, again)
         except Unavailable:
-            self.needs_rebuild = True
+            self.lost_state()
             raise
         return moved
 
@@ -216,7 +234,7 @@ class RedisLiveStore:
         restarted = {n for n, run in ids.items() if self._server_ids.get(n, run) != run}
         if restarted:
             log.warning("Redis restarted (%s): live state must be rebuilt", restarted)
-            self.needs_rebuild = True
+            self.lost_state()
         self._server_ids |= ids
 
     async def close(self) -> None:
