@@ -34,7 +34,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
 
-from tracking_grpc.loadgen import driver, procstat, stats  # noqa: E402
+from tracking.v1 import geofence_pb2, geofence_pb2_grpc  # noqa: E402
+
+from tracking_grpc.loadgen import driver, fences, procstat, stats  # noqa: E402
 from tracking_grpc.loadgen.plan import DriverResult, Plan, Storm, Window  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -101,6 +103,16 @@ class SpawnedServer:
             code = self.process.wait()
         self.log.close()
         return code
+
+
+def import_fences(target: str, count: int, plan: Plan) -> int:
+    """Create ``count`` polygon fences where the devices roam; returns how many."""
+    collection = fences.polygon_features(count, plan.center, plan.spread_deg)
+    with grpc.insecure_channel(target) as channel:
+        stub = geofence_pb2_grpc.GeofenceStub(channel)
+        request = geofence_pb2.ImportFencesRequest(geojson=collection, repair=True)
+        answer = stub.ImportFences(request, timeout=120)
+    return int(answer.created + answer.replaced)
 
 
 def machine_busy_s() -> float:
@@ -214,13 +226,63 @@ def start_profiler(pid: int, path: str, duration_s: float) -> subprocess.Popen:
     )
 
 
-def verify_sqlite(data_dir: Path, results: list[DriverResult]) -> dict:
+STORED_PER_DEVICE = "SELECT device, count(*), max(seq) FROM fixes GROUP BY device"
+
+
+class Production:
+    """A private, migrated PostgreSQL database and Redis key prefix for one run."""
+
+    def __init__(self, admin_url: str, redis_url: str) -> None:
+        import asyncio
+
+        from tracking_grpc.storage import schema
+
+        self.admin_url = admin_url
+        self.redis_url = redis_url
+        self.name = f"trkload_{os.getpid()}_{int(time.time())}"
+        self.url = f"{admin_url.rsplit('/', 1)[0]}/{self.name}"
+        self.prefix = f"trkload{os.getpid()}:"
+        self._admin(f'CREATE DATABASE "{self.name}"')
+        asyncio.run(schema.migrate(self.url))
+
+    def _admin(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(statement)
+
+    @property
+    def flags(self) -> list[str]:
+        return [
+            f"--database-url={self.url}",
+            f"--redis-url={self.redis_url}",
+            f"--redis-key-prefix={self.prefix}",
+        ]
+
+    def stored(self) -> list[tuple[str, int, int]]:
+        import psycopg
+
+        with psycopg.connect(self.url) as conn:
+            return conn.execute(STORED_PER_DEVICE).fetchall()
+
+    def close(self) -> None:
+        import redis
+
+        self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        client = redis.Redis.from_url(self.redis_url)
+        keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+        client.close()
+
+
+def sqlite_stored(data_dir: Path) -> list[tuple[str, int, int]]:
+    with sqlite3.connect(data_dir / "history.sqlite3") as conn:
+        return conn.execute(STORED_PER_DEVICE).fetchall()
+
+
+def verify(rows: list[tuple[str, int, int]], results: list[DriverResult]) -> dict:
     """After the server stopped: is every fix a device generated stored once?"""
-    path = data_dir / "history.sqlite3"
-    with sqlite3.connect(path) as conn:
-        rows = conn.execute(
-            "SELECT device, count(*), max(seq) FROM fixes GROUP BY device"
-        ).fetchall()
     stored = {device: (count, top) for device, count, top in rows}
     generated = {d: n for r in results for d, n, _ in r.generated}
     lost = sum(n - stored.get(d, (0, 0))[0] for d, n in generated.items())
@@ -352,9 +414,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--gateway-rate", type=float, default=10.0, help="batches/s per gateway")
     add("--gateway-batch", type=int, default=1000, help="fixes per batch")
     add("--gateway-devices", type=int, default=10_000, help="devices per gateway")
+    add("--fences", type=int, default=0, help="polygon fences to create first")
     add("--storm", action="store_true", help="drop every stream, then resume")
     add("--storm-at-s", type=float, default=10.0, help="into the steady state")
     add("--storm-spread-s", type=float, default=10.0, help="reconnect jitter")
+    add("--production", action="store_true", help="PostgreSQL + Redis backends")
+    add("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    add("--redis-url", default="redis://127.0.0.1:6379/0")
+    add("--workers", type=int, default=1, help="server processes (needs --production)")
     add("--target", help="use a running server at this loopback address")
     add("--server-pid", type=int, help="its pid, for CPU and memory")
     add("--server-flag", action="append", default=[], help="extra flag for serve")
@@ -365,6 +432,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"ramp + steady must stay within {MAX_RUN_S:.0f} s")
     if args.target and not args.target.startswith(("127.0.0.1:", "localhost:")):
         parser.error("--target must be a loopback address")
+    for url in (args.pg_admin_url, args.redis_url):
+        host = url.split("@")[-1].split("//")[-1].split(":")[0].split("/")[0]
+        if host not in ("127.0.0.1", "localhost"):
+            parser.error(f"{url} is not on loopback")
+    if args.workers > 1 and not args.production:
+        parser.error("--workers above 1 needs --production (shared backends)")
     if args.target and not args.server_pid:
         parser.error("--target needs --server-pid (CPU and memory are read from /proc)")
     return args
@@ -374,21 +447,32 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     driver.raise_open_file_limit()
     with tempfile.TemporaryDirectory(prefix="tracking-load-") as tmp:
-        server = None
+        server = production = None
+        if args.production:
+            production = Production(args.pg_admin_url, args.redis_url)
         if args.target:
             target, pid = args.target, args.server_pid or 0
         else:
-            server = SpawnedServer(Path(tmp), args.server_flag)
+            flags = [*args.server_flag, *(production.flags if production else [])]
+            flags += [f"--workers={args.workers}"] if args.workers > 1 else []
+            server = SpawnedServer(Path(tmp), flags)
             target, pid = server.target, server.pid
         plans = build_plans(args, target)
+        fence_count = import_fences(target, args.fences, plans[0]) if args.fences else 0
+        plans = build_plans(args, target)  # a fresh start time after the import
         results, samples = run_drivers(plans, watch_ids(args), pid, args)
         out = report(args, plans, results, samples)
+        out["fences"] = fence_count
         if server is not None:
             out["server_exit_code"] = server.stop()
             log_lines = (Path(tmp) / "server.log").read_text().splitlines()
             out["server_log_tail"] = log_lines[-20:]
-            if not any("database-url" in f for f in args.server_flag):
-                out["verify"] = verify_sqlite(Path(tmp), results)
+            if production is not None:
+                out["verify"] = verify(production.stored(), results)
+            elif args.workers == 1:
+                out["verify"] = verify(sqlite_stored(Path(tmp)), results)
+        if production is not None:
+            production.close()
     print_report(out)
     path = Path(args.json) if args.json else RESULTS / f"load_{args.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

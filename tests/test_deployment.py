@@ -110,6 +110,7 @@ def test_compose_runs_the_whole_stack():
     services = compose()["services"]
     expected = {
         "tracking",
+        "migrate",
         "envoy",
         "postgres",
         "redis",
@@ -119,6 +120,9 @@ def test_compose_runs_the_whole_stack():
     }
     assert set(services) == expected
     assert services["tracking"]["deploy"]["replicas"] == 2
+    migrated = services["tracking"]["depends_on"]["migrate"]["condition"]
+    assert migrated == "service_completed_successfully"
+    assert services["migrate"]["command"] == ["tracking", "migrate"]
     assert services["postgres"]["image"].startswith("postgis/postgis:")
 
 

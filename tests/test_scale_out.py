@@ -138,4 +138,4 @@ async def test_workers_share_one_port(servers, pg_url) -> None:
             await call.done_writing()
     assert all(stored_seqs(pg_url, d) == [1, 2, 3] for d in devices)
     os.kill(server.process.pid, 15)
-    assert server.process.wait(timeout=20) == 0
+    assert server.process.wait(timeout=20) == 0, server.log()[-3000:]
