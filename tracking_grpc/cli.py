@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine
@@ -128,7 +129,7 @@ async def _trips(args: argparse.Namespace) -> int:
     from tracking_grpc.errors import InvalidArgument
     from tracking_grpc.traces import read_trace
 
-    if not Path(args.trace).is_file():
+    if not await asyncio.to_thread(Path(args.trace).is_file):
         raise InvalidArgument("trace", f"no such file: {args.trace}")
     activity = ActivityConfig.from_file(args.activity_config)
     trace = read_trace(args.trace)
