@@ -286,7 +286,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     columns.add_argument("--speed-unit", choices=tuple(SPEED_UNITS_MPS), default="mps")
     add_connection_arguments(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(command=run)
     return parser
 
 

@@ -83,7 +83,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--count", type=int, help="stop after this many positions")
     parser.add_argument("--timeout", type=float, help="stop after this many seconds")
     add_connection_arguments(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(command=run)
     return parser
 
 
