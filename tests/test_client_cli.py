@@ -75,3 +75,37 @@ async def test_csv_with_columns_replays(server, tmp_path, capsys):
     argv = ["replay", str(path), "--format", "csv", *columns, *extra, "--fast"]
     assert await run(server, *argv, "--time-format", "unix_s") == 0
     assert "stored 2" in capsys.readouterr().out
+
+
+SECRET = "client-tests-secret-of-at-least-32-bytes"
+
+
+def token(role: str, sub: str) -> str:
+    import time
+
+    import jwt
+
+    claims = {"tenant": "acme", "sub": sub, "role": role, "exp": time.time() + 600}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+@pytest.fixture
+async def jwt_server(start_server):
+    return await start_server(auth_mode="jwt", jwt_hs256_secret=SECRET)
+
+
+async def test_replay_with_a_device_token(jwt_server, capsys):
+    car = str(require_shared(TRACES / CAR))
+    argv = ["replay", car, "--fast", "--token", token("device", CAR_DEVICE)]
+    assert await run(jwt_server, *argv) == 0
+    assert await jwt_server.app.history.count("acme") == 104
+    await run(jwt_server, "positions", CAR_DEVICE, "--token", token("viewer", "ops"))
+    assert CAR_DEVICE in capsys.readouterr().out.splitlines()[-1]
+
+
+async def test_replay_without_a_token_fails_at_once(jwt_server, capsys):
+    car = str(require_shared(TRACES / CAR))
+    assert await run(jwt_server, "replay", car, "--fast") == 1
+    out = capsys.readouterr().out
+    assert "reconnects 0" in out
+    assert f"FAILED {CAR_DEVICE}: UNAUTHENTICATED" in out

@@ -104,7 +104,12 @@ async def test_disconnect_and_resume_loses_and_duplicates_nothing(server, stub, 
     breaks = dict.fromkeys(bus.devices(), 3)
     report = await replay_trace(stub, bus, options, break_after_batches=breaks)
     assert report.total("reconnects") == 8
-    assert report.total("stored") + report.total("stored_before_ack") == 1533
+    # A batch cut off in flight may be stored after the resume: a duplicate then.
+    assert (
+        sum(report.total(n) for n in ("stored", "duplicates", "stored_before_ack"))
+        == 1533
+    )
+    assert not report.failed()
     for device in bus.devices():
         n = int((bus.device == device).sum())
         assert await stored_seqs(server, device) == list(range(1, n + 1)), device

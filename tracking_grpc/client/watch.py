@@ -52,8 +52,9 @@ def watch_request(args: argparse.Namespace) -> track_pb2.WatchRequest:
     return request
 
 
-async def print_updates(call, as_json: bool, count: int | None, out=sys.stdout) -> int:
+async def print_updates(call, as_json: bool, count: int | None, out=None) -> int:
     """Print positions from a Watch stream; stop after ``count`` positions."""
+    out = out or sys.stdout
     printed = 0
     async for response in call:
         for position in response.positions:
