@@ -154,3 +154,14 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str
     finally:
         for node in nodes:
             node.stop()
+
+
+@pytest.fixture
+def production_env(pg_url: str, redis_url: str, redis_prefix: str) -> dict[str, str]:
+    """Environment of a server process on the session's database and Redis prefix."""
+    return {
+        "TRACKING_DATABASE_URL": pg_url,
+        "TRACKING_REDIS_URL": redis_url,
+        "TRACKING_REDIS_KEY_PREFIX": redis_prefix,
+        "TRACKING_FLUSH_INTERVAL_MS": "1",
+    }

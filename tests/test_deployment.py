@@ -37,8 +37,21 @@ def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     )
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A loader that refuses a mapping with a key twice (compose does too)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = {key for key in keys if keys.count(key) > 1}
+        if twice:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate keys {sorted(twice)}", node.start_mark
+            )
+        return super().construct_mapping(node, deep=deep)
+
+
 def compose() -> dict:
-    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    return yaml.load((DOCKER / "compose.yaml").read_text(), Loader=UniqueKeyLoader)
 
 
 def dashboard_queries() -> list[str]:
@@ -110,6 +123,7 @@ def test_compose_runs_the_whole_stack():
     services = compose()["services"]
     expected = {
         "tracking",
+        "migrate",
         "envoy",
         "postgres",
         "redis",
@@ -119,6 +133,9 @@ def test_compose_runs_the_whole_stack():
     }
     assert set(services) == expected
     assert services["tracking"]["deploy"]["replicas"] == 2
+    migrated = services["tracking"]["depends_on"]["migrate"]["condition"]
+    assert migrated == "service_completed_successfully"
+    assert services["migrate"]["command"] == ["tracking", "migrate"]
     assert services["postgres"]["image"].startswith("postgis/postgis:")
 
 

@@ -40,10 +40,10 @@ async def test_calls_are_counted_by_status_code(health_server):
         await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     handled = registry.get_sample_value
+    not_found = {"method": CHECK, "code": "NOT_FOUND"}
     assert handled("tracking_rpc_handled_total", {"method": CHECK, "code": "OK"}) == 1
     assert (
-        handled("tracking_rpc_handled_total", {"method": CHECK, "code": "NOT_FOUND"})
-        == 1
+        await eventually(lambda: handled("tracking_rpc_handled_total", not_found)) == 1
     )
     assert handled("tracking_rpc_duration_seconds_count", {"method": CHECK}) == 2
 
@@ -108,5 +108,19 @@ async def test_mapped_errors_are_counted_by_their_code(start_server, request_, c
         call = track_pb2_grpc.TrackSessionStub(channel).PublishBatch(request_)
         assert (await call.code()).name == code
     labels = {"method": "/tracking.v1.TrackSession/PublishBatch", "code": code}
-    handled = metrics.registry().get_sample_value("tracking_rpc_handled_total", labels)
+    # An abort sends the status before the handler unwinds: the count may lag.
+    handled = await eventually(
+        lambda: metrics.registry().get_sample_value(
+            "tracking_rpc_handled_total", labels
+        )
+    )
     assert handled == 1
+
+
+async def eventually(read, timeout_s: float = 2.0):
+    """The first non-None value ``read`` returns within ``timeout_s``."""
+    for _ in range(int(timeout_s / 0.01)):
+        if (value := read()) is not None:
+            return value
+        await asyncio.sleep(0.01)
+    return read()

@@ -6,9 +6,13 @@ import io
 import json
 import logging
 
+import grpc
+import jwt
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from tracking.v1 import track_pb2_grpc
 
+from tests.test_observability_tracing import publish_request
 from tracking_grpc.config import Settings
 from tracking_grpc.observability import logs, tracing
 
@@ -93,3 +97,30 @@ def test_text_lines_are_readable():
     text = stream.getvalue()
     assert "WARNING" in text and "device bus-14 resumed" in text
     assert "rpc=/tracking.v1.TrackSession/Track" in text
+
+
+SECRET = "observability-test-signing-key-0123456789"
+
+
+async def test_server_logs_hold_no_tokens_or_secrets(start_server):
+    stream, root = io.StringIO(), logging.getLogger()
+    level = root.level
+    settings = Settings(log_format="json", log_level="DEBUG", jwt_hs256_secret=SECRET)
+    handler = logs.configure(settings, stream)
+    server = await start_server(auth_mode="jwt", jwt_hs256_secret=SECRET)
+    claims = {"sub": "taxi-7", "tenant": "t", "role": "device", "exp": 2**40}
+    good = jwt.encode(claims, SECRET)
+    forged = jwt.encode({**claims, "role": "admin"}, "x" * 32)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = track_pb2_grpc.TrackSessionStub(channel)
+            for value in (good, forged, "not-a-jwt"):
+                metadata = (("authorization", f"Bearer {value}"),)
+                await stub.PublishBatch(publish_request(), metadata=metadata).code()
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    text = stream.getvalue()
+    assert "UNAUTHENTICATED" in text and "finished OK" in text
+    for secret in (SECRET, good, forged, good.split(".")[2], "not-a-jwt"):
+        assert secret not in text

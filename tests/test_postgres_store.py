@@ -58,6 +58,14 @@ async def test_partitions_exist_ahead_of_need(pg_url) -> None:
     await store.close()
 
 
+async def test_a_new_day_prepares_the_next_week(pg_url) -> None:
+    store = await PostgresHistoryStore.open(pg_url)
+    later_ms = int(time.time() * 1000) + 5 * DAY_MS
+    await store.prepare_partitions(later_ms)
+    assert day_name(later_ms + 7 * DAY_MS) in partitions(pg_url)
+    await store.close()
+
+
 async def test_an_old_day_gets_its_partition_on_demand(pg_url) -> None:
     store = await PostgresHistoryStore.open(pg_url)
     old_ms = 1_500_000_000_000

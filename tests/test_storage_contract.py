@@ -1,4 +1,6 @@
-"""One contract for the repositories, run against every backend set.
+"""One contract for the repositories, run against every backend set: the embedded
+one (SQLite history, live state in the process) and the production one (PostgreSQL
+with PostGIS, Redis single and Cluster).
 
 Each test gets a fresh tenant, so the backends' shared database and key space are
 safe to reuse across tests.
@@ -7,22 +9,27 @@ safe to reuse across tests.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.backends import unique_tenant
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.storage.memory import MemoryLiveStore
 from tracking_grpc.storage.postgres import PostgresHistoryStore
 from tracking_grpc.storage.redis_live import RedisLiveStore
+from tracking_grpc.storage.sqlite import SqliteHistoryStore
 
 T0 = 1_750_000_000_000
 
 
-@pytest.fixture(params=["postgres"])
-async def history(request: pytest.FixtureRequest):
-    url = request.getfixturevalue("pg_url")
-    store = await PostgresHistoryStore.open(url)
+@pytest.fixture(params=["sqlite", "postgres"])
+async def history(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "sqlite":
+        store = await SqliteHistoryStore.open(tmp_path / "history.sqlite3")
+    else:
+        store = await PostgresHistoryStore.open(request.getfixturevalue("pg_url"))
     yield store
     await store.close()
 
@@ -131,13 +138,16 @@ async def test_newest_positions_gives_each_devices_newest_fix(history) -> None:
     assert newest == {"a": 1, "b": 1}
 
 
-@pytest.fixture(params=["redis", "redis-cluster"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def live(request: pytest.FixtureRequest):
-    if request.param == "redis-cluster":
-        url = request.getfixturevalue("redis_cluster")[0]
+    if request.param == "memory":
+        store = MemoryLiveStore()
     else:
-        url = request.getfixturevalue("redis_url")
-    store = await RedisLiveStore.open(url, request.getfixturevalue("redis_prefix"))
+        if request.param == "redis-cluster":
+            url = request.getfixturevalue("redis_cluster")[0]
+        else:
+            url = request.getfixturevalue("redis_url")
+        store = await RedisLiveStore.open(url, request.getfixturevalue("redis_prefix"))
     yield store
     await store.close()
 

@@ -10,6 +10,7 @@ from tracking_grpc.activity.params import ActivityConfig
 from tracking_grpc.activity.processor import ActivityProcessor
 from tracking_grpc.auth import Authenticator
 from tracking_grpc.config import Settings
+from tracking_grpc.errors import Unavailable
 from tracking_grpc.events import EventBus
 from tracking_grpc.fanout import WatchHub
 from tracking_grpc.ingest import IngestPipeline
@@ -64,8 +65,11 @@ async def open_app(settings: Settings) -> App:
     auth = Authenticator(settings)
     history = await factory.open_history(settings)
     live, broker = await factory.open_live(settings)
-    devices = await rebuild_live(history, live)
-    log.info("live state rebuilt for %d devices", devices)
+    try:
+        devices = await rebuild_live(history, live)
+        log.info("live state rebuilt for %d devices", devices)
+    except Unavailable as exc:  # the live repairer rebuilds it once it is back
+        log.warning("live state not rebuilt at start: %s", exc.message)
     bus = EventBus()
     hub = WatchHub()
     await broker.subscribe(hub.deliver)

@@ -71,10 +71,6 @@ class Settings:
     max_concurrent_streams: int = setting(
         20_000, "pending RPC backlog the gRPC server accepts (streams opening at once)"
     )
-    geofence_stream: str = setting(
-        "trk:geofence-events",
-        "Redis Stream that geofence events are appended to (when redis_url is set)",
-    )
     routing_data_dir: str = setting(
         "",
         "directory of routing datasets made by `tracking prepare-routing`; empty "
@@ -111,9 +107,6 @@ class Settings:
     )
     trace_sample_ratio: float = setting(
         1.0, "fraction of new traces sampled (0 to 1); a caller's sampled flag wins"
-    )
-    health_check_interval_s: float = setting(
-        10.0, "seconds between PostgreSQL and Redis health checks (metrics on)"
     )
 
     @classmethod

@@ -85,10 +85,14 @@ class Watcher:
             metrics.watch_updates("stale", len(pending) - len(fresh))
             if fresh:
                 metrics.watch_updates("sent", len(fresh))
-                fresh.sort(key=lambda item: (item[0], item[1]))
-                return FixBatch.concat(
-                    [batch.take(np.array([row])) for _, _, batch, row in fresh]
+                # One take per source batch (usually one commit), then one sort.
+                rows_of: dict[int, tuple[FixBatch, list[int]]] = {}
+                for _, _, batch, row in fresh:
+                    rows_of.setdefault(id(batch), (batch, []))[1].append(row)
+                joined = FixBatch.concat(
+                    [batch.take(np.array(rows)) for batch, rows in rows_of.values()]
                 )
+                return joined.take(np.lexsort((joined.seq, joined.time_ms)))
 
     def mark_sent(self, batch: FixBatch) -> None:
         """Remember snapshot rows so that older queued updates are not sent after."""

@@ -1,10 +1,13 @@
 """The ingest pipeline: validate, store in group commits, then update live state.
 
-Each caller's batch is validated on arrays, queued, and stored together with every
-other batch waiting at that moment in one transaction per tenant (group commit). The
-caller's future resolves once its fixes are durable, so an ack always means stored.
-After each commit the newly stored fixes update the live store, are published to
-watchers, and go through the registered processors, whose events reach the event bus.
+Each caller's batch is queued and, together with every other batch waiting at that
+moment, validated on arrays and stored in one transaction per tenant (group commit):
+the per-batch work of a stream carrying one fix per message is a queue append, and the
+array work is paid once per commit. The caller's future resolves once its fixes are
+durable, so an ack always means stored. After each commit the newly stored fixes
+update the live store and are published to watchers; the registered processors get
+them in their own task, several commits at once when they fall behind, and their
+events reach the event bus.
 
 A failing store is retried with back-off while callers wait unacknowledged; when more
 than ``max_pending_fixes`` are waiting, new submissions wait too, which pauses the
@@ -17,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -65,7 +68,8 @@ class IngestResult:
 @dataclass(slots=True)
 class _Pending:
     batch: FixBatch
-    done: asyncio.Future[np.ndarray]
+    received_ms: int
+    done: asyncio.Future[tuple[np.ndarray, np.ndarray]]  # reasons, new
     span: tracing.SpanContext = tracing.INVALID_CONTEXT  # the submitter's, for links
 
 
@@ -134,19 +138,15 @@ class IngestPipeline:
     async def ingest(self, batch: FixBatch) -> IngestResult:
         """Validate and durably store a batch; returns once stored (or raises)."""
         started_s = time.perf_counter()
-        received = now_ms()
-        batch = batch.with_received(received)
-        reasons = validation.reasons(batch, received, self.limits)
-        metrics.fixes_validated(reasons)
-        valid = reasons == 0
-        new = np.zeros(len(batch), dtype=bool)
-        if valid.any():
-            with tracing.span("ingest", fixes=len(batch)):
-                new[valid] = await self._submit(batch.take(valid))
-        metrics.fixes_stored(valid, new, time.perf_counter() - started_s)
+        if len(batch) == 0:
+            empty = np.zeros(0, dtype=np.uint8)
+            return IngestResult(batch, empty, empty.astype(bool))
+        with tracing.span("ingest", fixes=len(batch)):
+            reasons, new = await self._submit(batch)
+        metrics.fixes_stored(reasons == 0, new, time.perf_counter() - started_s)
         return IngestResult(batch, reasons, new)
 
-    async def _submit(self, batch: FixBatch) -> np.ndarray:
+    async def _submit(self, batch: FixBatch) -> tuple[np.ndarray, np.ndarray]:
         if self._closing:
             raise StorageUnavailable("server is shutting down; nothing was stored")
         async with self._space:
@@ -158,8 +158,10 @@ class IngestPipeline:
             )
         if self._closing:
             raise StorageUnavailable("server is shutting down; nothing was stored")
-        done: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(batch, done, tracing.current_context()))
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[tuple[np.ndarray, np.ndarray]] = loop.create_future()
+        pending = _Pending(batch, now_ms(), done, tracing.current_context())
+        self._queue.append(pending)
         self._queued_fixes += len(batch)
         self._wakeup.set()
         return await done
@@ -200,8 +202,39 @@ class IngestPipeline:
         async with self._space:
             self._space.notify_all()
 
+    def _validate(self, items: list[_Pending]) -> tuple[FixBatch, np.ndarray]:
+        """The queued batches as one, stamped with their receive times, and reasons."""
+        sizes = [len(i.batch) for i in items]
+        received = np.repeat(
+            np.array([i.received_ms for i in items], dtype=np.int64), sizes
+        )
+        batch = replace(FixBatch.concat([i.batch for i in items]), received_ms=received)
+        reasons = validation.reasons(batch, now_ms(), self.limits)
+        metrics.fixes_validated(reasons)
+        return batch, reasons
+
     async def _commit(self, items: list[_Pending]) -> None:
-        batch = FixBatch.concat([i.batch for i in items])
+        batch, reasons = self._validate(items)
+        valid = reasons == 0
+        new = np.zeros(len(batch), dtype=bool)
+        if valid.any():
+            stored = await self._store(
+                batch if valid.all() else batch.take(valid), items
+            )
+            if stored is None:
+                return  # shutting down with the store away: callers got the error
+            new[valid] = stored
+        offset = 0
+        for item in items:
+            n = len(item.batch)
+            if not item.done.done():
+                part = slice(offset, offset + n)
+                item.done.set_result((reasons[part], new[part]))
+            offset += n
+        await self._after_commit(batch.take(new))
+
+    async def _store(self, batch: FixBatch, items: list[_Pending]) -> np.ndarray | None:
+        """Store, retrying while the store is unavailable; the mask of new rows."""
         backoff = 0.05
         while True:
             try:
@@ -219,19 +252,13 @@ class IngestPipeline:
                     for item in items:
                         if not item.done.done():
                             item.done.set_exception(exc)
-                    return
+                    return None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
         if not self.storage_healthy:
             log.warning("history store is back; writes resumed")
             self.storage_healthy = True
-        offset = 0
-        for item in items:
-            n = len(item.batch)
-            if not item.done.done():
-                item.done.set_result(new[offset : offset + n])
-            offset += n
-        await self._after_commit(batch.take(new))
+        return new
 
     async def _after_commit(self, stored: FixBatch) -> None:
         """Live update and fan-out now; processors in their own task, in order."""
@@ -247,22 +274,53 @@ class IngestPipeline:
             log.exception("live update failed; history is intact")
         if self.processors:
             commit = tracing.current_context()
-            await self._processing.put((stored.sorted_by_device_time(), commit))
+            await self._processing.put((stored, commit))
+
+    def _waiting_work(
+        self, first: tuple[FixBatch, tracing.SpanContext]
+    ) -> tuple[list[tuple[FixBatch, list[tracing.SpanContext]]], bool]:
+        """The first commit and every other already waiting, joined per tenant;
+        and whether the end marker was among them."""
+        by_tenant: dict[str, list[tuple[FixBatch, tracing.SpanContext]]] = {}
+        item: tuple[FixBatch, tracing.SpanContext] | None = first
+        ended = False
+        while item is not None:
+            by_tenant.setdefault(item[0].tenant, []).append(item)
+            if self._processing.empty():
+                break
+            item = self._processing.get_nowait()
+            ended = item is None
+        work = [
+            (
+                FixBatch.concat([b for b, _ in items]).sorted_by_device_time(),
+                [link for _, link in items],
+            )
+            for items in by_tenant.values()
+        ]
+        return work, ended
 
     async def _process_loop(self) -> None:
-        """Runs processors on stored fixes, commit by commit, off the commit path."""
-        while (item := await self._processing.get()) is not None:
-            stored, commit = item
-            for processor in self.processors:
-                try:
-                    with tracing.span(
-                        f"process.{processor.name}", [commit], fixes=len(stored)
-                    ):
-                        events = await processor.process(stored)
-                except Exception:
-                    log.exception("processor %s failed", processor.name)
-                    continue
-                await self.bus.emit(events)
+        """Runs processors on stored fixes off the commit path; when they fall behind,
+        the commits waiting by then go through together (one sort, one call)."""
+        ended = False
+        while not ended and (item := await self._processing.get()) is not None:
+            work, ended = self._waiting_work(item)
+            for stored, links in work:
+                await self._process(stored, links)
+
+    async def _process(
+        self, stored: FixBatch, links: list[tracing.SpanContext]
+    ) -> None:
+        for processor in self.processors:
+            try:
+                with tracing.span(
+                    f"process.{processor.name}", links, fixes=len(stored)
+                ):
+                    events = await processor.process(stored)
+            except Exception:
+                log.exception("processor %s failed", processor.name)
+                continue
+            await self.bus.emit(events)
 
     async def close(self) -> None:
         """Store what is queued (acks for it may no longer reach anyone), then stop."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
+import time
 from collections.abc import Callable
 
 import grpc
@@ -15,7 +17,7 @@ from tracking_grpc.app import App, open_app
 from tracking_grpc.config import Settings
 from tracking_grpc.errors import Unavailable
 from tracking_grpc.interceptors import ErrorInterceptor
-from tracking_grpc.observability import Telemetry
+from tracking_grpc.observability import Telemetry, metrics
 from tracking_grpc.servicers import geofence, history, route, track
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ SERVICES: list[Register] = [
 ]
 
 SHUTDOWN_GRACE_S = 5.0
+GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (default 700)
 DEPENDENCY_CHECK_S = 1.0
 CHECK_TIMEOUT_S = 3.0
 # Health service names of the dependencies; "" and the services follow history,
@@ -43,8 +46,8 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     """Channel options: a backlog large enough for a reconnect storm of devices."""
     backlog = settings.max_concurrent_streams
     return [
-        ("grpc.max_pending_requests", backlog),
-        ("grpc.max_pending_requests_hard_limit", backlog * 2),
+        ("grpc.server.max_pending_requests", backlog),
+        ("grpc.server.max_pending_requests_hard_limit", backlog * 2),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
@@ -121,7 +124,10 @@ class TrackingServer:
         """Probe history and live state once and publish the result in health."""
         probes = {HISTORY_HEALTH: self.app.history, LIVE_HEALTH: self.app.live}
         for name, store in probes.items():
+            started_s = time.perf_counter()
             up = await _answers(store)
+            seconds = time.perf_counter() - started_s
+            metrics.dependency_checked(metrics.backend_name(store), up, seconds)
             if up != self.dependencies_up[name]:
                 log.warning("%s is %s", name, "back" if up else "NOT serving")
             self.dependencies_up[name] = up
@@ -159,9 +165,22 @@ async def _answers(store: object) -> bool:
     return True
 
 
+def tune_gc() -> None:
+    """Collect garbage less often: a server holds millions of long-lived objects.
+
+    Python's default young-generation threshold (700 allocations) triggers several
+    collections per hundred fixes, and full collections walk every object of every
+    open stream. Freezing what start-up built and raising the thresholds cut the
+    server's CPU per fix from 533 to 324 µs at 10k streams (bench/README.md).
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
+
+
 async def serve(settings: Settings, telemetry: Telemetry | None = None) -> None:
     """Run until SIGINT or SIGTERM, then shut down gracefully."""
     running = await TrackingServer.start(settings, telemetry)
+    tune_gc()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

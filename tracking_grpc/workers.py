@@ -38,7 +38,10 @@ def supervise(settings: Settings) -> int:
     workers = [_fork_worker(settings, index) for index in range(settings.workers)]
     log.info("started %d workers on %s: %s", len(workers), settings.listen, workers)
 
+    stopping: list[int] = []
+
     def forward(signum: int, _frame: object) -> None:
+        stopping.append(signum)
         for pid in workers:
             try:
                 os.kill(pid, signum)
@@ -58,7 +61,9 @@ def supervise(settings: Settings) -> int:
         remaining.discard(pid)
         metrics.worker_exited(pid)
         code = os.waitstatus_to_exitcode(status)
-        if code != 0:
+        # A worker still starting when we forwarded a stop dies of that signal
+        # (its own handler was not installed yet): a stop, not a failure.
+        if code != 0 and -code not in stopping:
             failed += 1
             log.error("worker %d exited with %d; %d left", pid, code, len(remaining))
     if metrics_server is not None:

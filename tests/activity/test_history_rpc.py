@@ -85,7 +85,7 @@ async def test_list_trips_and_stops(history):
     trips = (await stub.ListTrips(history_pb2.ListTripsRequest(**request))).trips
     stops = (await stub.ListStops(history_pb2.ListStopsRequest(**request))).stops
     assert len(trips) == 1 and len(stops) == 2
-    assert trips[0].distance_m == pytest.approx(6000 * 1.0027, rel=0.01)
+    assert trips[0].distance_m == pytest.approx(6000, rel=0.01)
     assert trips[0].max_speed_mps == pytest.approx(12.0, rel=0.05)
     assert trips[0].start.time_ms == stops[0].end_ms
 
@@ -179,7 +179,7 @@ async def test_daily_summary_splits_a_trip_at_local_midnight(history):
     days = {d.date: d for d in response.days}
     assert set(days) == {"2023-11-14", "2023-11-15"}
     total = days["2023-11-14"].distance_m + days["2023-11-15"].distance_m
-    assert total == pytest.approx(18000 * 1.0027, rel=0.01)
+    assert total == pytest.approx(18000, rel=0.01)
     assert min(days["2023-11-14"].distance_m, days["2023-11-15"].distance_m) > 1000
     assert days["2023-11-14"].trip_count == days["2023-11-15"].trip_count == 1
 
@@ -330,7 +330,7 @@ async def test_get_activity_live_state_and_unknown_device(history):
     await publish(track_stub, commute())
     state = await stub.GetActivity(history_pb2.GetActivityRequest(device_id="car"))
     assert state.online and state.in_stop and state.motion == event_pb2.MOTION_STOPPED
-    assert state.odometer_m == pytest.approx(6000 * 1.0027, rel=0.02)
+    assert state.odometer_m == pytest.approx(6000, rel=0.02)
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await stub.GetActivity(history_pb2.GetActivityRequest(device_id="nobody"))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND

@@ -6,6 +6,7 @@ import json
 from datetime import datetime
 
 import numpy as np
+from tracking.v1 import common_pb2, geofence_pb2
 
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.events import TrackingEvent
@@ -15,6 +16,12 @@ from tracking_grpc.geofence.model import FenceSpec, ShapeSpec
 
 TENANT = "t-geo"
 NOW_MS = 1_900_000_000_000
+# A 100 m circle in Berlin, as a FenceShape message.
+DEPOT = geofence_pb2.FenceShape(
+    circle=common_pb2.Circle(
+        center=common_pb2.LatLng(lat=52.52, lon=13.405), radius_m=100
+    )
+)
 
 
 def time_ms(ts: str) -> int:

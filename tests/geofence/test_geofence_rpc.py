@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
 from google.rpc import error_details_pb2, status_pb2
 from tracking.v1 import (
     common_pb2,
@@ -16,17 +20,46 @@ from tracking.v1 import (
     track_pb2_grpc,
 )
 
-from tests.server_fixtures import batch, fix, hello, now_ms
+from tests.geofence.support import DEPOT
+from tests.server_fixtures import batch, embedded_settings, fix, hello, now_ms
+from tracking_grpc.config import Settings
+from tracking_grpc.server import TrackingServer
 
 SQUARE = {
     "type": "Polygon",
     "coordinates": [[[2, 48], [3, 48], [3, 49], [2, 49], [2, 48]]],
 }
-DEPOT = geofence_pb2.FenceShape(
-    circle=common_pb2.Circle(
-        center=common_pb2.LatLng(lat=52.52, lon=13.405), radius_m=100
+
+
+BACKENDS = [
+    "embedded",
+    pytest.param("postgres-redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
+]
+
+
+def backend_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Settings of one backend set, with a tenant of this test alone."""
+    settings = replace(
+        embedded_settings(tmp_path), default_tenant=f"geo-{uuid.uuid4().hex[:8]}"
     )
-)
+    if request.param == "embedded":
+        return settings
+    return replace(
+        settings,
+        database_url=request.getfixturevalue("pg_url"),
+        redis_url=request.getfixturevalue("redis_url"),
+        redis_key_prefix=request.getfixturevalue("redis_prefix"),
+    )
+
+
+@pytest.fixture(params=BACKENDS)
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    return backend_settings(request, tmp_path)
+
+
+@pytest.fixture
+async def server(start_server, settings: Settings) -> TrackingServer:
+    return await start_server(settings=settings)
 
 
 @pytest.fixture
@@ -80,7 +113,10 @@ BAD_LAT = {"type": "Polygon", "coordinates": [[[2, 48], [3, 95], [3, 49], [2, 48
             UNCLOSED, "fence.shape.geojson.coordinates[0]", "not closed", id="unclosed"
         ),
         pytest.param(
-            BOWTIE, "fence.shape.geojson", "self-intersects at lon 13.405", id="bowtie"
+            BOWTIE,
+            "fence.shape.geojson.coordinates",
+            "self-intersects at lon 13.405",
+            id="bowtie",
         ),
         pytest.param(
             BAD_LAT,
@@ -201,24 +237,91 @@ async def test_watch_events_and_list_events(server, channel, fences) -> None:
     watched = await asyncio.wait_for(watch.read(), 10)
     assert [e.type for e in watched.events] == [event_pb2.EVENT_TYPE_EXIT]
     watch.cancel()
-    listed = await fences.ListEvents(
-        geofence_pb2.ListEventsRequest(
-            start_ms=now_ms() - 3_600_000, device_id="van-2", page_size=1
-        )
+    request = geofence_pb2.ListEventsRequest(
+        start_ms=now_ms() - 3_600_000, device_id="van-2", page_size=1
     )
+    for _ in range(50):  # the event store writes in the background
+        listed = await fences.ListEvents(request)
+        if listed.next_page_token:
+            break
+        await asyncio.sleep(0.1)
     assert (
         listed.events[0].type == event_pb2.EVENT_TYPE_ENTER and listed.next_page_token
     )
 
 
-async def test_fences_survive_a_restart(start_server) -> None:
-    server = await start_server()
+async def test_fences_survive_a_restart(start_server, settings) -> None:
+    server = await start_server(settings=settings)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = geofence_pb2_grpc.GeofenceStub(channel)
         await stub.CreateFence(geofence_pb2.CreateFenceRequest(fence=polygon("keep")))
     await server.stop(1)
-    again = await start_server()
+    again = await start_server(settings=settings)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{again.port}") as channel:
         stub = geofence_pb2_grpc.GeofenceStub(channel)
         got = await stub.GetFence(geofence_pb2.GetFenceRequest(fence_id="keep"))
     assert got.fence.version == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_events_published_to_the_redis_stream(
+    start_server, tmp_path, pg_url, redis_url, redis_prefix
+) -> None:
+    settings = replace(
+        embedded_settings(tmp_path),
+        default_tenant=f"geo-{uuid.uuid4().hex[:8]}",
+        database_url=pg_url,
+        redis_url=redis_url,
+        redis_key_prefix=redis_prefix,
+    )
+    server = await start_server(settings=settings)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        await geofence_pb2_grpc.GeofenceStub(channel).CreateFence(
+            geofence_pb2.CreateFenceRequest(
+                fence=geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
+            )
+        )
+        events = await enter_then_exit(server, channel, "van-3")
+    await server.stop(1)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    entries = await client.xrange(redis_prefix + "geofence-events")
+    await client.aclose()
+    mine = [f["event_id"] for _, f in entries if f["tenant"] == settings.default_tenant]
+    assert mine == [e.event_id for e in events]
+
+
+async def test_membership_survives_a_restart(start_server, settings) -> None:
+    server = await start_server(settings=settings)
+    t = now_ms() - 60_000
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        await geofence_pb2_grpc.GeofenceStub(channel).CreateFence(
+            geofence_pb2.CreateFenceRequest(
+                fence=geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
+            )
+        )
+        first = await send_and_collect(channel, "van-9", [fix(1, 52.52, 13.405, t)], 1)
+    await server.stop(1)
+    again = await start_server(settings=settings)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{again.port}") as channel:
+        fixes = [fix(2, 52.52, 13.4051, t + 1000), fix(3, 52.52, 13.4123, t + 2000)]
+        after = await send_and_collect(channel, "van-9", fixes, 1)
+    assert [e.type for e in first + after] == [
+        event_pb2.EVENT_TYPE_ENTER,
+        event_pb2.EVENT_TYPE_EXIT,
+    ]
+
+
+async def send_and_collect(channel, device: str, fixes, count: int) -> list:
+    """Send fixes on a Track stream that wants events; the first ``count`` events."""
+    call = track_pb2_grpc.TrackSessionStub(channel).Track()
+    await call.write(hello(device, want_events=True))
+    await call.read()
+    await call.write(batch(fixes))
+    events = []
+    while len(events) < count:
+        response = await asyncio.wait_for(call.read(), 10)
+        if response.WhichOneof("message") == "event" and response.event.fence_id:
+            events.append(response.event)
+    await call.done_writing()
+    return events

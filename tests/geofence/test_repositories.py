@@ -143,3 +143,36 @@ async def test_events_filter_and_page(geo_stores, tenant) -> None:
         EventQuery(tenant, 0, 99, types=frozenset({EventType.EXIT}))
     )
     assert [e.device for e in exits] == ["d2"]
+
+
+async def test_memberships_follow_the_latest_events(geo_stores, tenant) -> None:
+    _, events = geo_stores
+    await events.add(
+        [
+            event("in", EventType.ENTER, 10, tenant),
+            event("stayed", EventType.ENTER, 10, tenant),
+            event("stayed", EventType.DWELL, 70, tenant),
+            event("left", EventType.ENTER, 10, tenant),
+            event("left", EventType.EXIT, 20, tenant),
+        ]
+    )
+    found = sorted(await events.memberships(tenant), key=lambda m: m.device)
+    assert [(m.device, m.entered_ms, m.dwell_done, m.last_event_ms) for m in found] == [
+        ("in", 10, False, 10),
+        ("stayed", 10, True, 70),
+    ]
+
+
+async def test_outbox_lists_unpublished_until_marked(geo_stores, tenant) -> None:
+    _, events = geo_stores
+    stored = [
+        event("d", EventType.ENTER, 10, tenant),
+        event("d", EventType.EXIT, 20, tenant),
+    ]
+    await events.add(stored)
+    pending = [e for e in await events.unpublished(1000) if e.tenant == tenant]
+    assert pending == stored
+    await events.mark_published(pending[:1])
+    assert [e for e in await events.unpublished(1000) if e.tenant == tenant] == [
+        stored[1]
+    ]

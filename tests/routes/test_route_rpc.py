@@ -14,7 +14,7 @@ from pyproj import Geod
 from tracking.v1 import common_pb2, event_pb2, route_pb2, route_pb2_grpc
 
 from tests.routes import support
-from tests.server_fixtures import batch, hello, now_ms
+from tests.server_fixtures import batch, hello, now_ms, track_session
 
 P = common_pb2.LatLng
 GEOD = Geod(ellps="WGS84")
@@ -217,3 +217,40 @@ async def drive_on_stream(tracks, device: str, points: np.ndarray) -> list[int]:
             kinds.append(event.type)
     await call.done_writing()
     return kinds
+
+
+async def test_match_track_reads_a_devices_stored_history(routes, tracks) -> None:
+    plan = (
+        await routes.ComputeRoute(
+            route_pb2.ComputeRouteRequest(origin=STATION, destination=SENATE)
+        )
+    ).route
+    lat, lon = np.array(polyline.decode(plan.polyline, 6)).T
+    points, _ = support.drive(lat, lon, 8.0)
+    start = now_ms() - 600_000
+    fixes = [
+        common_pb2.Fix(seq=i + 1, time_ms=start + i * 5000, lat=a, lon=b, accuracy_m=5)
+        for i, (a, b) in enumerate(points.tolist())
+    ]
+    await track_session(tracks, "bike-3", [fixes])
+    answer = await routes.MatchTrack(
+        route_pb2.MatchTrackRequest(device_id="bike-3", start_ms=start, end_ms=now_ms())
+    )
+    assert len(answer.points) == len(fixes)
+    assert answer.matched_distance_m == pytest.approx(plan.distance_m, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        pytest.param({}, "fixes", id="empty"),
+        pytest.param(
+            {"device_id": "x", "start_ms": 5, "end_ms": 5}, "end_ms", id="range"
+        ),
+    ],
+)
+async def test_match_track_checks_its_input(routes, request_fields, field) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await routes.MatchTrack(route_pb2.MatchTrackRequest(**request_fields))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"{field}:")

@@ -183,29 +183,24 @@ class Steps:
     dist_m: np.ndarray
     dt_s: np.ndarray
     speed_mps: np.ndarray  # reported, else derived; NaN when unknown
-    heading_deg: np.ndarray  # reported, else derived; NaN when unknown
     jump: np.ndarray  # an implausible step between two trusted runs
 
 
 def derive_steps(
-    time_ms, lat, lon, speed_mps, heading_deg, trusted, groups: Groups, params
+    time_ms, lat, lon, speed_mps, trusted, groups: Groups, params
 ) -> Steps:
-    """Steps along the trusted track, with speed and heading filled where absent.
+    """Steps along the trusted track, with speed filled where absent.
 
-    A zero time step has no derived speed (never a division by zero); a derived
-    heading needs a step of at least 2 m.
+    A zero time step has no derived speed (never a division by zero).
     """
     n = time_ms.shape[0]
     prev = np.where(trusted, previous_where(trusted, groups), -1)
     dist = np.zeros(n)
     dt_s = np.zeros(n)
-    heading = np.full(n, np.nan)
     i = np.flatnonzero(prev >= 0)
     p = prev[i]
     dist[i] = distance_m(lat[p], lon[p], lat[i], lon[i])
     dt_s[i] = (time_ms[i] - time_ms[p]) / 1000.0
-    heading[i] = azimuth_deg(lat[p], lon[p], lat[i], lon[i])
-    heading[dist < 2.0] = np.nan
 
     derived = np.full(n, np.nan)
     moving = dt_s > 0
@@ -214,6 +209,14 @@ def derive_steps(
     derived[jump] = np.nan
     reported = np.asarray(speed_mps, dtype=np.float64)
     speed = np.where(np.isfinite(reported) & (reported >= 0), reported, derived)
-    reported_heading = np.asarray(heading_deg, dtype=np.float64)
-    heading = np.where(np.isfinite(reported_heading), reported_heading, heading)
-    return Steps(prev, dist, dt_s, speed, heading, jump)
+    return Steps(prev, dist, dt_s, speed, jump)
+
+
+def derive_headings(lat, lon, heading_deg, steps: Steps) -> np.ndarray:
+    """Reported heading, else the bearing of the step to the fix (at least 2 m)."""
+    heading = np.full(lat.shape[0], np.nan)
+    i = np.flatnonzero((steps.prev >= 0) & (steps.dist_m >= 2.0))
+    p = steps.prev[i]
+    heading[i] = azimuth_deg(lat[p], lon[p], lat[i], lon[i])
+    reported = np.asarray(heading_deg, dtype=np.float64)
+    return np.where(np.isfinite(reported), reported, heading)

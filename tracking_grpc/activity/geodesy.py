@@ -1,35 +1,35 @@
-"""Distances and bearings on the WGS84 ellipsoid, and a local metric frame.
+"""Distances and bearings on the sphere, and a local metric frame, on arrays.
 
->>> round(float(distance_m(np.array([0.0]), np.array([0.0]),
-...                        np.array([0.0]), np.array([1.0]))[0]))
-111319
+Great-circle distances (the project's :func:`~tracking_grpc.core.geodesy.haversine_m`,
+mean Earth radius) are within 0.5 % of the ellipsoid and cheap enough to run over
+every fix of a batch; the field cases state their distances the same way.
+
+>>> round(float(distance_m(0.0, 0.0, 0.0, 1.0)))
+111195
 """
 
 from __future__ import annotations
 
 import numpy as np
-from pyproj import Geod
 
 from tracking_grpc.activity.groups import Groups
+from tracking_grpc.core.geodesy import EARTH_RADIUS_M, haversine_m
 
-WGS84 = Geod(ellps="WGS84")
-EARTH_RADIUS_M = 6_371_008.8
+__all__ = ["EARTH_RADIUS_M", "azimuth_deg", "distance_m", "local_xy"]
 
 
 def distance_m(lat1, lon1, lat2, lon2) -> np.ndarray:
-    """Geodesic distance between point pairs, in metres."""
-    if np.size(lat1) == 0:
-        return np.zeros(0)
-    _, _, dist = WGS84.inv(lon1, lat1, lon2, lat2)
-    return np.asarray(dist, dtype=np.float64)
+    """Great-circle distance between point pairs, in metres."""
+    return np.asarray(haversine_m(lat1, lon1, lat2, lon2), dtype=np.float64)
 
 
 def azimuth_deg(lat1, lon1, lat2, lon2) -> np.ndarray:
-    """Initial bearing from the first point to the second, clockwise from north."""
-    if np.size(lat1) == 0:
-        return np.zeros(0)
-    azimuth, _, _ = WGS84.inv(lon1, lat1, lon2, lat2)
-    return np.mod(np.asarray(azimuth, dtype=np.float64), 360.0)
+    """Initial great-circle bearing from the first point to the second, 0-360."""
+    phi1, phi2 = np.radians(lat1), np.radians(lat2)
+    dlmb = np.radians(np.asarray(lon2, dtype=np.float64) - lon1)
+    y = np.sin(dlmb) * np.cos(phi2)
+    x = np.cos(phi1) * np.sin(phi2) - np.sin(phi1) * np.cos(phi2) * np.cos(dlmb)
+    return np.mod(np.degrees(np.arctan2(y, x)), 360.0)
 
 
 def local_xy(

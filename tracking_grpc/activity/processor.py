@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tracking_grpc.activity.groups import Groups, runs
+from tracking_grpc.activity.groups import Groups, previous_where, runs
 from tracking_grpc.activity.motion import Motion, settle
 from tracking_grpc.activity.params import ActivityConfig, ActivityParams
 from tracking_grpc.activity.smooth import KalmanFilter
@@ -89,7 +89,8 @@ class _Tenant:
     names: list[str] = field(default_factory=list)
     cols: dict[str, np.ndarray] = field(default_factory=dict)
     kalman: KalmanFilter = field(default_factory=KalmanFilter)
-    tail: FixBatch | None = None
+    tail: FixBatch | None = None  # recent fixes of every device, sorted
+    tail_slot: np.ndarray = field(default_factory=lambda: np.empty(0, np.intp))
 
     def slot_of(self, devices: np.ndarray) -> np.ndarray:
         """Slots of device ids (one lookup per distinct device), new ones added."""
@@ -191,23 +192,46 @@ class ActivityProcessor:
         if len(stored) == 0:
             return []
         state = self._tenant(stored.tenant)
-        events = self._online(state, stored, created_ms)
-        fixes = stored if state.tail is None else FixBatch.concat([state.tail, stored])
-        fixes = fixes.sorted_by_device_time()
-        a = analyse(fixes, state.params, complete=False)
-        row_slot = state.slot_of(fixes.device) if len(fixes) else np.empty(0, np.intp)
+        new_slot = state.slot_of(stored.device)
+        events = self._online(state, stored, new_slot, created_ms)
+        # Late fixes (older than what a device has applied) stay out of activity.
+        fresh = stored.time_ms > state.cols["last_ms"][new_slot]
+        if not fresh.all():
+            stored, new_slot = stored.take(fresh), new_slot[fresh]
+            if len(stored) == 0:
+                return events
+
+        # Only the tails of devices in this batch take part.
+        fixes, slots = stored, new_slot
+        rest, rest_slot = None, None
+        if state.tail is not None:
+            involved = np.isin(state.tail_slot, new_slot)
+            fixes = FixBatch.concat([state.tail.take(involved), stored])
+            slots = np.concatenate([state.tail_slot[involved], new_slot])
+            if not involved.all():
+                rest, rest_slot = state.tail.take(~involved), state.tail_slot[~involved]
+        order = np.lexsort((fixes.seq, fixes.time_ms, slots))
+        fixes, row_slot = fixes.take(order), slots[order]
+
+        a = analyse(fixes, state.params, complete=False, device_key=row_slot)
         rows = np.flatnonzero(
             a.final & (fixes.time_ms > state.cols["last_ms"][row_slot])
         )
         if rows.size:
             events += _Apply(state, self.config, a, row_slot, rows, created_ms).run()
-        state.tail = _keep_tail(a, row_slot, state)
+
+        keep = _keep_tail(a, row_slot, state)
+        kept, kept_slot = fixes.take(keep), row_slot[keep]
+        if rest is not None:
+            kept = FixBatch.concat([rest, kept])
+            kept_slot = np.concatenate([rest_slot, kept_slot])
+        state.tail = kept if len(kept) else None
+        state.tail_slot = kept_slot
         return events
 
     def _online(
-        self, state: _Tenant, stored: FixBatch, created_ms: int
+        self, state: _Tenant, stored: FixBatch, slots: np.ndarray, created_ms: int
     ) -> list[TrackingEvent]:
-        slots = state.slot_of(stored.device)
         seen = np.where(stored.received_ms > 0, stored.received_ms, stored.time_ms)
         c = state.cols
         newest = np.full(len(state.names), -1, dtype=np.int64)
@@ -267,28 +291,37 @@ def _event(
     )
 
 
-def _keep_tail(a: Analysis, row_slot: np.ndarray, state: _Tenant) -> FixBatch | None:
-    """Rows later batches still need: undecided ones and the recent past."""
+THIN_STOP_MS = 30_000  # parked fixes kept for stop windows: one per 30 s
+
+
+def _keep_tail(a: Analysis, row_slot: np.ndarray, state: _Tenant) -> np.ndarray:
+    """Mask of rows later batches still need.
+
+    Undecided rows; the last minute or so (motion and overspeed windows); the
+    last trusted fix before that (steps); and rows a later fix may still join into
+    a stop window, up to ``min_stop_s`` back, of which fixes already inside a stop
+    are thinned to one per 30 s (their box is all a new window needs).
+    """
     p = state.params
-    keep_ms = max(p.min_stop_s, p.motion_window_s, p.motion_min_s, p.overspeed_min_s)
-    keep_ms = int((keep_ms + 60.0) * 1000)
+    short_s = max(p.motion_window_s, p.motion_min_s, p.overspeed_min_s) + 10.0
+    long_s = p.min_stop_s + 60.0
     f = a.fixes
-    if len(f) == 0:
-        return None
     newest = np.full(int(row_slot.max()) + 1, np.iinfo(np.int64).min)
     np.maximum.at(newest, row_slot, f.time_ms)
-    recent = f.time_ms >= newest[row_slot] - keep_ms
-    # The last trusted fix before the recent window anchors steps and windows.
-    before = a.trusted & ~recent
-    last_before = np.zeros(len(f), dtype=bool)
-    idx = np.flatnonzero(before)
-    if idx.size:
-        g = a.groups.index[idx]
-        is_last = np.append(g[1:] != g[:-1], True)
-        last_before[idx[is_last]] = True
-    keep = (a.trusted | a.pending) & (recent | ~a.final | last_before)
-    keep &= a.trusted | a.pending
-    return f.take(keep) if keep.any() else None
+    age = newest[row_slot] - f.time_ms
+    recent = age <= short_s * 1000
+    bucket = f.time_ms // THIN_STOP_MS
+    first_in_bucket = np.ones(len(f), dtype=bool)
+    first_in_bucket[1:] = (bucket[1:] != bucket[:-1]) | (row_slot[1:] != row_slot[:-1])
+    window = a.open_region & (age <= long_s * 1000) & (~a.in_stop | first_in_bucket)
+    keep = (a.trusted | a.pending) & (~a.final | recent | window)
+    # The trusted fix before each device's first kept row anchors its next step.
+    n = len(f)
+    first_kept = np.minimum.reduceat(np.where(keep, np.arange(n), n), a.groups.starts)
+    first_kept = first_kept[first_kept < n]
+    anchor = previous_where(a.trusted, a.groups)[first_kept]
+    keep[anchor[anchor >= 0]] = True
+    return keep
 
 
 class _Apply:

@@ -29,6 +29,7 @@ class StopFlags:
     in_stop: np.ndarray  # bool per fix
     stop_id: np.ndarray  # int per fix: increases at each new stop; -1 outside stops
     final: np.ndarray  # bool per fix: the flag cannot change with later fixes
+    open_region: np.ndarray  # bool per fix: at or after the device's first open window
 
 
 def _window_ends(x: np.ndarray, y: np.ndarray, groups: Groups, radius_m: float):
@@ -37,7 +38,8 @@ def _window_ends(x: np.ndarray, y: np.ndarray, groups: Groups, radius_m: float):
     limit = groups.row_end() - 1
     levels = [(x, x, y, y)]
     span = 1
-    while span * 2 <= n:
+    longest = int((groups.ends - groups.starts).max())
+    while span * 2 <= longest:
         lo_x, hi_x, lo_y, hi_y = levels[-1]
         shifted = np.minimum(np.arange(n) + span, n - 1)
         levels.append(
@@ -85,7 +87,7 @@ def detect_stops(
     n = time_ms.shape[0]
     if n == 0:
         empty = np.zeros(0, dtype=bool)
-        return StopFlags(empty, np.zeros(0, dtype=np.int64), empty)
+        return StopFlags(empty, np.zeros(0, dtype=np.int64), empty, empty)
     end = _window_ends(x, y, groups, radius_m)
     core = (time_ms[end] - time_ms) >= min_stop_s * 1000.0
 
@@ -107,6 +109,9 @@ def detect_stops(
     stop_id = np.where(in_stop, stop_id, -1)
 
     in_stop, stop_id, unsure = _trim_edges(x, y, in_stop, stop_id, groups, complete)
+    reaches_end = end == groups.row_end() - 1
+    any_open = np.minimum.reduceat(np.where(reaches_end, idx, n), groups.starts)
+    open_region = idx >= any_open[groups.index]
     if complete:
         final = np.ones(n, dtype=bool)
     else:
@@ -116,7 +121,7 @@ def detect_stops(
             groups.index
         ]
         final = (in_stop | (idx < first_open)) & ~unsure
-    return StopFlags(in_stop, stop_id, final)
+    return StopFlags(in_stop, stop_id, final, open_region)
 
 
 def _per_stop_median(values: np.ndarray, stop: np.ndarray, count: int) -> np.ndarray:

@@ -27,6 +27,7 @@ class Analysis:
     trusted: np.ndarray
     pending: np.ndarray
     final: np.ndarray  # trusted rows whose activity will not change
+    open_region: np.ndarray  # rows a later fix may still join into a stop window
     steps: Steps
     in_stop: np.ndarray
     stop_id: np.ndarray
@@ -36,9 +37,18 @@ class Analysis:
     motion: np.ndarray  # raw motion class per row (see motion.settle)
 
 
-def analyse(fixes: FixBatch, params: ActivityParams, complete: bool) -> Analysis:
-    """Activity of fixes sorted by device, then fix time (one tenant)."""
-    groups = Groups.of(fixes.device)
+def analyse(
+    fixes: FixBatch,
+    params: ActivityParams,
+    complete: bool,
+    device_key: np.ndarray | None = None,
+) -> Analysis:
+    """Activity of fixes sorted by device, then fix time (one tenant).
+
+    ``device_key`` may give an integer per row that is equal exactly where the
+    device is (faster to compare than the id strings).
+    """
+    groups = Groups.of(fixes.device if device_key is None else device_key)
     trust = mark_outliers(
         fixes.time_ms, fixes.lat, fixes.lon, fixes.accuracy_m, groups, params, complete
     )
@@ -58,13 +68,14 @@ def analyse(fixes: FixBatch, params: ActivityParams, complete: bool) -> Analysis
     in_stop[rows] = flags.in_stop
     stop_id[rows] = flags.stop_id
     final[rows] = flags.final
+    open_region = np.zeros(n, dtype=bool)
+    open_region[rows] = flags.open_region
 
     steps = derive_steps(
         fixes.time_ms,
         fixes.lat,
         fixes.lon,
         fixes.speed_mps,
-        fixes.heading_deg,
         trusted,
         groups,
         params,
@@ -85,6 +96,7 @@ def analyse(fixes: FixBatch, params: ActivityParams, complete: bool) -> Analysis
         trusted,
         trust.pending,
         final,
+        open_region,
         steps,
         in_stop,
         stop_id,

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import shapely
 
+from tracking_grpc.activity.clean import derive_headings
 from tracking_grpc.activity.geodesy import local_xy
 from tracking_grpc.activity.groups import Groups
 from tracking_grpc.activity.smooth import smooth_track
@@ -17,7 +18,15 @@ from tracking_grpc.core.fixes import FixBatch
 
 
 def clean(a: Analysis) -> FixBatch:
-    return a.fixes.take(a.trusted)
+    """Trusted fixes, with speed and heading derived where the device sent none."""
+    f = a.fixes
+    heading = derive_headings(f.lat, f.lon, f.heading_deg, a.steps)
+    filled = replace(
+        f,
+        speed_mps=a.steps.speed_mps.astype(np.float32),
+        heading_deg=heading.astype(np.float32),
+    )
+    return filled.take(a.trusted)
 
 
 def smoothed(a: Analysis) -> FixBatch:

@@ -1,10 +1,11 @@
 """Where geofence events go after the bus: the event store, WatchEvents subscribers
 and a Redis Stream.
 
-Each is an event-bus listener that picks the geofence events out of what the bus
-carries. The Redis publisher retries until Redis takes the events (at least once);
-consumers read the stream with consumer groups (XREADGROUP, XACK) and de-duplicate by
-``event_id``.
+The store and the watch hub are event-bus listeners that pick the geofence events out
+of what the bus carries. The Redis publisher sends what the event store holds
+unpublished (an outbox), so an event once stored reaches the stream at least once,
+across outages and restarts; consumers read it with consumer groups (XREADGROUP,
+XACK) and de-duplicate by ``event_id``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from tracking_grpc.events import EventType, TrackingEvent
@@ -34,15 +35,68 @@ def geofence_events(events: Sequence[TrackingEvent]) -> list[TrackingEvent]:
 
 
 class EventStoreListener:
-    """Stores geofence events for ListEvents."""
+    """Stores geofence events for ListEvents, in batches, off the bus's path.
 
-    def __init__(self, events: EventRepository) -> None:
+    The listener only queues; a task writes whatever has gathered in one transaction
+    and retries while the store is unavailable.
+    """
+
+    def __init__(
+        self, events: EventRepository, on_stored: Callable[[], None] | None = None
+    ) -> None:
         self.events = events
+        self.on_stored = on_stored
+        self._pending: list[TrackingEvent] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="geofence-event-store")
 
     async def __call__(self, events: Sequence[TrackingEvent]) -> None:
         found = geofence_events(events)
         if found:
-            await self.events.add(found)
+            self._pending.extend(found)
+            self._idle.clear()
+            self._wake.set()
+
+    async def flushed(self) -> None:
+        """Wait until every queued event is stored."""
+        await self._idle.wait()
+
+    async def _run(self) -> None:
+        failures = 0
+        while not (self._closing and not self._pending):
+            if not self._pending:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            chunk = self._pending[:5_000]
+            try:
+                await self.events.add(chunk)
+            except Exception as exc:
+                failures += 1
+                log.warning("storing %d events failed (%s); retrying", len(chunk), exc)
+                if self._closing and failures > len(RETRY_S):
+                    log.error("%d events not stored at shutdown", len(self._pending))
+                    return
+                await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S)) - 1])
+                continue
+            failures = 0
+            del self._pending[: len(chunk)]
+            if self.on_stored is not None:
+                self.on_stored()
+        self._idle.set()
+
+    async def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,18 +195,20 @@ def event_of_stream(entry: dict[str, str]) -> TrackingEvent:
 
 
 class StreamPublisher:
-    """Appends geofence events to a Redis Stream, retrying until Redis takes them.
+    """Appends stored geofence events to a Redis Stream: the event store is the outbox.
 
-    The listener only queues; a task publishes in order. While Redis is down events
-    wait (up to ``max_pending``, beyond which the oldest are dropped with an error in
-    the log; the event store still has them).
+    Events marked unpublished in the store are appended (XADD) and then marked; what a
+    crash or a Redis outage leaves unpublished goes out when the publisher runs again.
+    An event may so be appended twice, never lost once stored.
     """
 
-    def __init__(self, client, stream: str, max_pending: int = 1_000_000) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self, client, stream: str, events: EventRepository, poll_s: float = 1.0
+    ) -> None:  # type: ignore[no-untyped-def]
         self.client = client
         self.stream = stream
-        self.max_pending = max_pending
-        self._pending: list[TrackingEvent] = []
+        self.events = events
+        self.poll_s = poll_s
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -160,40 +216,34 @@ class StreamPublisher:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="geofence-stream")
 
-    async def __call__(self, events: Sequence[TrackingEvent]) -> None:
-        found = geofence_events(events)
-        if not found:
-            return
-        self._pending.extend(found)
-        overflow = len(self._pending) - self.max_pending
-        if overflow > 0:
-            log.error("Redis stream backlog full: %d events not published", overflow)
-            del self._pending[:overflow]
+    def wake(self) -> None:
+        """New events were stored."""
         self._wake.set()
 
     async def _run(self) -> None:
         failures = 0
-        while not (self._closing and not self._pending):
-            if not self._pending:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            chunk = self._pending[:500]
+        while True:
+            self._wake.clear()
             try:
-                await self._publish(chunk)
+                chunk = await self.events.unpublished(500)
+                if chunk:
+                    await self._publish(chunk)
+                    await self.events.mark_published(chunk)
+                    failures = 0
+                    continue
             except Exception as exc:
-                delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
                 failures += 1
-                log.warning(
-                    "publishing events to Redis failed (%s); retry in %ss", exc, delay
-                )
-                if self._closing and failures > len(RETRY_S):
-                    log.error("%d events not published at shutdown", len(self._pending))
+                if self._closing and failures > 2:
+                    log.error("events left unpublished at shutdown: %s", exc)
                     return
+                delay = RETRY_S[min(failures, len(RETRY_S)) - 1]
+                log.warning("publishing events failed (%s); retry in %ss", exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            failures = 0
-            del self._pending[: len(chunk)]
+            if self._closing:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
 
     async def _publish(self, events: list[TrackingEvent]) -> None:
         async with self.client.pipeline(transaction=False) as pipe:

@@ -29,6 +29,7 @@ from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.events import EventType, TrackingEvent, event_id
 from tracking_grpc.geofence import schedule
 from tracking_grpc.geofence.index import FenceIndex
+from tracking_grpc.storage.fences import Membership
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,23 @@ class FenceDetector:
         names = {c: f for f, c in self._fence_codes.items()}
         rows = self._members.of_devices(np.array([code]))
         return sorted(names[int(k) & 0xFFFFFFFF] for k in self._members.key[rows])
+
+    def seed(self, memberships: list[Membership]) -> None:
+        """Start from stored memberships (after a restart); fixes not newer than a
+        device's newest stored event count as late."""
+        if not memberships:
+            return
+        devices = np.array([self._device_code(m.device) for m in memberships])
+        fences = np.array([self._fence_code(m.fence_id) for m in memberships])
+        self._devices.grow(int(devices.max()) + 1)
+        newest = np.array([m.last_event_ms for m in memberships], dtype=np.int64)
+        np.maximum.at(self._devices.time_ms, devices, newest)
+        self._members.replace_devices(
+            np.unique(devices),
+            (devices.astype(np.int64) << 32) | fences,
+            np.array([m.entered_ms for m in memberships], dtype=np.int64),
+            np.array([m.dwell_done for m in memberships], dtype=bool),
+        )
 
     def forget_fences(self, fence_ids: list[str]) -> None:
         """Drop memberships of deleted fences (their devices raise no exit)."""

@@ -32,8 +32,8 @@ from tracking_grpc.geofence.shapes import GEOD, Shape, compile_shape, metric_fra
 
 log = logging.getLogger(__name__)
 
-MAX_GRID_CELLS = 1 << 22
-MAX_CLASSIFIED_PAIRS = 6_000_000
+MAX_GRID_CELLS = 1 << 24
+MAX_CLASSIFIED_PAIRS = 12_000_000
 _CHUNK = 200_000
 _EPS_DEG = 1e-9
 
@@ -157,19 +157,26 @@ class FenceIndex:
     def _exact(
         self, which: np.ndarray, lon: np.ndarray, lat: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Containment for points whose cell needs a look at the fences touching it."""
         if which.size == 0:
             return np.empty(0, np.intp), np.empty(0, np.intp)
-        pts, rows = self.tree.query(shapely.points(lon, lat), predicate="intersects")
-        circle = self.is_circle[rows]
-        if circle.any():
-            keep = ~circle
-            cp, cr = pts[circle], rows[circle]
+        pts, rows, sure = self.grid.candidates(lon, lat)
+        keep = sure.copy()
+        test = np.flatnonzero(~sure)
+        test = test[np.argsort(rows[test], kind="stable")]  # one fence at a time: fast
+        circle = self.is_circle[rows[test]]
+        polygons = test[~circle]
+        keep[polygons] = shapely.intersects_xy(
+            self.area[rows[polygons]], lon[pts[polygons]], lat[pts[polygons]]
+        )
+        circles = test[circle]
+        if circles.size:
+            cr, cp = rows[circles], pts[circles]
             _, _, dist = GEOD.inv(
                 self.centre_lon[cr], self.centre_lat[cr], lon[cp], lat[cp]
             )
-            keep[circle] = dist <= self.radius_m[cr]
-            pts, rows = pts[keep], rows[keep]
-        return which[pts], rows
+            keep[circles] = dist <= self.radius_m[cr]
+        return which[pts[keep]], rows[keep]
 
     def edge_distance_m(
         self, lon: np.ndarray, lat: np.ndarray, rows: np.ndarray
@@ -259,7 +266,11 @@ class FenceIndex:
 
 @dataclass(frozen=True, slots=True)
 class _Grid:
-    """Cells in lon/lat: 0 none, -1 exact test needed, k > 0 wholly inside row k-1."""
+    """Cells in lon/lat: 0 none, -1 look at the cell's fences, k > 0 inside row k-1.
+
+    For the -1 cells, ``pair_cell``/``pair_row``/``pair_sure`` list the fences that
+    touch the cell (sorted by cell); ``pair_sure`` marks those that contain it wholly.
+    """
 
     west: float
     south: float
@@ -268,17 +279,32 @@ class _Grid:
     nx: int
     ny: int
     code: np.ndarray  # int32, ny * nx
+    pair_cell: np.ndarray  # int64, sorted
+    pair_row: np.ndarray  # intp
+    pair_sure: np.ndarray  # bool
 
     @classmethod
     def build(cls, area: np.ndarray, core: np.ndarray) -> _Grid:
+        empty = np.empty(0, np.int64)
         if len(area) == 0:
-            return cls(0.0, 0.0, 1.0, 1.0, 0, 0, np.zeros(0, np.int32))
+            return cls(
+                0.0,
+                0.0,
+                1.0,
+                1.0,
+                0,
+                0,
+                np.zeros(0, np.int32),
+                empty,
+                empty,
+                np.empty(0, bool),
+            )
         bounds = shapely.bounds(area)
         west, south = bounds[:, 0].min(), bounds[:, 1].min()
         east, north = bounds[:, 2].max(), bounds[:, 3].max()
         sizes = np.maximum(bounds[:, 3] - bounds[:, 1], 1e-7)
         mid = math.cos(math.radians(np.clip((south + north) / 2, -89.0, 89.0)))
-        dy = float(np.median(sizes)) / 8.0
+        dy = float(np.median(sizes)) / 16.0
         while True:
             dx = dy / max(mid, 0.01)
             nx = int((east - west) / dx) + 2
@@ -287,16 +313,14 @@ class _Grid:
             pairs = int(((ix1 - ix0 + 1) * (iy1 - iy0 + 1)).sum())
             if nx * ny <= MAX_GRID_CELLS and pairs <= MAX_CLASSIFIED_PAIRS:
                 break
-            dy *= 1.5
-        code = np.zeros(nx * ny, dtype=np.int32)
-        touches = np.zeros(nx * ny, dtype=np.int32)
-        inside_cells, inside_rows = [], []
+            dy *= 1.25
         counts = (ix1 - ix0 + 1) * (iy1 - iy0 + 1)
         rows = np.repeat(np.arange(len(area)), counts)
         offset = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
         width = (ix1 - ix0 + 1)[rows]
         ix = ix0[rows] + offset % width
         iy = iy0[rows] + offset // width
+        cells, owners, sure = [], [], []
         for start in range(0, rows.size, _CHUNK):
             part = slice(start, start + _CHUNK)
             r, cx, cy = rows[part], ix[part], iy[part]
@@ -306,26 +330,61 @@ class _Grid:
                 west + (cx + 1) * dx + _EPS_DEG,
                 south + (cy + 1) * dy + _EPS_DEG,
             )
-            cell = cy * nx + cx
             touch = shapely.intersects(area[r], boxes)
-            np.add.at(touches, cell[touch], 1)
-            inside = touch & shapely.contains_properly(core[r], boxes)
-            inside_cells.append(cell[inside])
-            inside_rows.append(r[inside])
-        cells = np.concatenate(inside_cells) if inside_cells else np.empty(0, np.int64)
-        owners = np.concatenate(inside_rows) if inside_rows else np.empty(0, np.int64)
-        alone = touches[cells] == 1
-        code[touches > 0] = -1
-        code[cells[alone]] = owners[alone] + 1
+            inside = np.zeros(touch.size, dtype=bool)
+            inside[touch] = shapely.contains_properly(core[r[touch]], boxes[touch])
+            cells.append((cy * nx + cx)[touch])
+            owners.append(r[touch])
+            sure.append(inside[touch])
+        cell = np.concatenate(cells)
+        owner = np.concatenate(owners)
+        whole = np.concatenate(sure)
+        touches = np.bincount(cell, minlength=nx * ny)
+        code = np.where(touches > 0, -1, 0).astype(np.int32)
+        alone = whole & (touches[cell] == 1)
+        code[cell[alone]] = owner[alone] + 1
+        keep = code[cell] < 0
+        order = np.argsort(cell[keep], kind="stable")
         log.debug("fence grid %dx%d, %d classified pairs", nx, ny, rows.size)
-        return cls(float(west), float(south), float(dx), float(dy), nx, ny, code)
+        return cls(
+            float(west),
+            float(south),
+            float(dx),
+            float(dy),
+            nx,
+            ny,
+            code,
+            cell[keep][order],
+            owner[keep][order],
+            whole[keep][order],
+        )
 
-    def lookup(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    def cells(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+        """Cell number of each point, -1 outside the grid."""
         ix = np.floor((lon - self.west) / self.dx).astype(np.int64)
         iy = np.floor((lat - self.south) / self.dy).astype(np.int64)
         valid = (ix >= 0) & (ix < self.nx) & (iy >= 0) & (iy < self.ny)
-        cell = np.where(valid, iy * self.nx + ix, 0)
-        return np.where(valid, self.code[cell] if self.code.size else 0, 0)
+        return np.where(valid, iy * self.nx + ix, -1)
+
+    def lookup(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+        cell = self.cells(lon, lat)
+        if self.code.size == 0:
+            return np.zeros(cell.shape, dtype=np.int32)
+        return np.where(cell >= 0, self.code[cell.clip(0)], 0)
+
+    def candidates(
+        self, lon: np.ndarray, lat: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(point, row, sure) for points in -1 cells: the fences touching their cell."""
+        cell = self.cells(lon, lat)
+        first = np.searchsorted(self.pair_cell, cell)
+        last = np.searchsorted(self.pair_cell, cell, side="right")
+        counts = last - first
+        pts = np.repeat(np.arange(cell.size), counts)
+        at = np.repeat(first, counts) + (
+            np.arange(pts.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        )
+        return pts, self.pair_row[at], self.pair_sure[at]
 
 
 def _cell_ranges(

@@ -20,7 +20,7 @@ from tracking_grpc.events import TrackingEvent
 from tracking_grpc.geofence.detector import EXIT_MARGIN_M, FenceDetector
 from tracking_grpc.geofence.index import CompiledFence, FenceIndex
 from tracking_grpc.geofence.model import FenceSpec
-from tracking_grpc.storage.fences import FenceRepository
+from tracking_grpc.storage.fences import EventRepository, FenceRepository
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,14 @@ class GeofenceProcessor:
 
     name = "geofence"
 
-    def __init__(self, fences: FenceRepository, refresh_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        fences: FenceRepository,
+        events: EventRepository | None = None,
+        refresh_s: float = 2.0,
+    ) -> None:
         self.fences = fences
+        self.events = events
         self.refresh_s = refresh_s
         self._loaded: dict[str, _Loaded] = {}
         self._compiled: dict[tuple[str, str, int], CompiledFence] = {}
@@ -67,11 +73,21 @@ class GeofenceProcessor:
             index = await self.index(tenant)
             if len(index) == 0:
                 return []
-            detector = self._detectors.setdefault(tenant, FenceDetector(tenant))
+            detector = self._detectors.get(tenant) or await self._detector(tenant)
             now_ms = time.time_ns() // 1_000_000
             if len(stored) <= INLINE_FIXES:
                 return detector.evaluate(stored, index, now_ms)
             return await asyncio.to_thread(detector.evaluate, stored, index, now_ms)
+
+    async def _detector(self, tenant: str) -> FenceDetector:
+        """A tenant's detector, seeded with the memberships its stored events give."""
+        detector = FenceDetector(tenant)
+        if self.events is not None:
+            memberships = await self.events.memberships(tenant)
+            detector.seed(memberships)
+            log.info("tenant %s: %d memberships restored", tenant, len(memberships))
+        self._detectors[tenant] = detector
+        return detector
 
     def changed(self, tenant: str) -> None:
         """Fences of the tenant were written here: reload before the next batch."""

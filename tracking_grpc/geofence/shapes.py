@@ -135,20 +135,31 @@ def _polygon_area(
     polygons: list[tuple[str, list[Any]]], field: str, repair: bool
 ) -> tuple[shapely.Geometry, shapely.Geometry, list[str]]:
     repairs: list[str] = []
-    parts = []
+    parts: list[Polygon] = []
     for where, rings in polygons:
         polygon = _polygon(rings, where, repair, repairs)
-        if polygon is not None:
+        if polygon is None:
+            continue
+        reason = shapely.is_valid_reason(polygon)
+        if reason == "Valid Geometry":
             parts.append(polygon)
+            continue
+        if not repair:
+            raise InvalidArgument(where, _explain(reason))
+        parts.extend(_polygons_of(_make_valid(polygon, where)))
+        repairs.append(f"{where}: {_explain(reason)}; split into valid parts")
     if not parts:
         raise InvalidArgument(field, "no polygon with an area is left")
     unwrapped = parts[0] if len(parts) == 1 else MultiPolygon(parts)
     reason = shapely.is_valid_reason(unwrapped)
     if reason != "Valid Geometry":
+        where = _explain(reason).split(" at ", 1)[-1]
         if not repair:
-            raise InvalidArgument(field, _explain(reason))
-        unwrapped = _make_valid(unwrapped, field)
-        repairs.append(f"{field}: {_explain(reason)}; split into valid parts")
+            raise InvalidArgument(
+                field, f"polygons overlap or touch along an edge at {where}"
+            )
+        unwrapped = _make_valid(shapely.union_all(parts), field)
+        repairs.append(f"{field}: polygons overlapped at {where}; merged them")
     return _split_at_antimeridian(unwrapped), unwrapped, repairs
 
 

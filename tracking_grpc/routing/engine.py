@@ -204,7 +204,7 @@ class RoutingEngine:
             timestamps=np.asarray(time_s, dtype=np.int64).tolist(),
             radiuses=np.asarray(radius_m, dtype=np.float64).tolist(),
             gaps="split",
-            tidy=True,
+            tidy=False,
             overview="full",
             geometries="geojson",
             annotations=["duration", "distance"],

@@ -97,9 +97,12 @@ class RouteMonitor:
     def __init__(self, settings: MonitorSettings | None = None) -> None:
         self.settings = settings or MonitorSettings()
         self._routes: list[PlannedRoute] = []
+        self._parts: list[dict[str, np.ndarray]] = []
         self._slots: dict[tuple[str, str], int] = {}
         self._state: dict[str, np.ndarray] = _empty_state(0)
+        self._new_etas: list[int] = []  # initial ETAs of routes not yet in _state
         self._flat: _FlatRoutes = _FlatRoutes.build([])
+        self._stale = False  # _flat misses assigned or cleared routes
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -107,34 +110,52 @@ class RouteMonitor:
     def assign(self, route: PlannedRoute) -> RouteProgress:
         """Monitor the device on this route from now on (replacing any other)."""
         self.clear(route.tenant, route.device)
+        parts = _route_parts(route)
         self._slots[(route.tenant, route.device)] = len(self._routes)
         self._routes.append(route)
-        state = _empty_state(1)
-        state["eta_ms"][0] = route.assigned_ms + int(
-            route.segment_expected_s.sum() * 1e3
+        self._parts.append(parts)
+        eta_ms = route.assigned_ms + int(parts["total_s"][0] * 1e3)
+        self._new_etas.append(eta_ms)
+        self._stale = True
+        total = float(parts["total_m"][0])
+        return RouteProgress(
+            route.route_id, total, 0.0, total, eta_ms, False, 0.0, False, 0
         )
-        state["announced_eta_ms"][0] = state["eta_ms"][0]
-        self._state = {k: np.concatenate([v, state[k]]) for k, v in self._state.items()}
-        self._flat = _FlatRoutes.build(self._routes)
-        return self.progress(route.tenant, route.device)  # type: ignore[return-value]
 
     def clear(self, tenant: str, device: str) -> bool:
         """Stop monitoring a device; False when it had no route."""
         slot = self._slots.pop((tenant, device), None)
         if slot is None:
             return False
+        self._refresh()
         keep = np.ones(len(self._routes), dtype=bool)
         keep[slot] = False
         del self._routes[slot]
+        del self._parts[slot]
         self._state = {k: v[keep] for k, v in self._state.items()}
         self._slots = {(r.tenant, r.device): i for i, r in enumerate(self._routes)}
-        self._flat = _FlatRoutes.build(self._routes)
+        self._stale = True
         return True
+
+    def _refresh(self) -> None:
+        """Bring the state and the flat segment arrays up to the assigned routes."""
+        if self._new_etas:
+            added = _empty_state(len(self._new_etas))
+            added["eta_ms"][:] = self._new_etas
+            added["announced_eta_ms"][:] = self._new_etas
+            self._state = {
+                k: np.concatenate([v, added[k]]) for k, v in self._state.items()
+            }
+            self._new_etas = []
+        if self._stale:
+            self._flat = _FlatRoutes.build(self._parts)
+            self._stale = False
 
     def progress(self, tenant: str, device: str) -> RouteProgress | None:
         slot = self._slots.get((tenant, device))
         if slot is None:
             return None
+        self._refresh()
         s, flat = self._state, self._flat
         total = float(flat.total_m[slot])
         return RouteProgress(
@@ -157,6 +178,7 @@ class RouteMonitor:
         """Advance every monitored device of the batch; the events, in fix order."""
         if not self._routes or len(stored) == 0:
             return []
+        self._refresh()
         names, inverse = np.unique(stored.device.astype(str), return_inverse=True)
         slot_of_name = np.array(
             [self._slots.get((stored.tenant, n), -1) for n in names.tolist()]
@@ -365,6 +387,34 @@ def _empty_state(n: int) -> dict[str, np.ndarray]:
     }
 
 
+def _route_parts(route: PlannedRoute) -> dict[str, np.ndarray]:
+    """One route's segments in the local frame of its first point, and its totals."""
+    lat, lon = route.lat, route.lon
+    if len(lat) == 1:
+        lat, lon = np.repeat(lat, 2), np.repeat(lon, 2)
+    x, y = to_local(lat, lon, lat[0], lon[0])
+    length = segment_lengths_m(lat, lon)
+    seconds = np.asarray(route.segment_expected_s, dtype=np.float64)
+    if len(seconds) != len(length):
+        seconds = np.zeros(len(length))
+    return {
+        "ax": x[:-1],
+        "ay": y[:-1],
+        "bx": x[1:],
+        "by": y[1:],
+        "start_m": np.r_[0.0, np.cumsum(length)[:-1]],
+        "length_m": length,
+        "start_s": np.r_[0.0, np.cumsum(seconds)[:-1]],
+        "duration_s": seconds,
+        "lat0": lat[:1],
+        "lon0": lon[:1],
+        "total_m": np.array([length.sum()]),
+        "total_s": np.array([seconds.sum()]),
+        "dest_x": x[-1:],
+        "dest_y": y[-1:],
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class _FlatRoutes:
     """Segments of every route in one set of arrays; route r owns segments
@@ -389,40 +439,18 @@ class _FlatRoutes:
     dest_y: np.ndarray
 
     @classmethod
-    def build(cls, routes: list[PlannedRoute]) -> _FlatRoutes:
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in cls.__slots__}
-        for r, route in enumerate(routes):
-            lat, lon = route.lat, route.lon
-            if len(lat) == 1:
-                lat, lon = np.repeat(lat, 2), np.repeat(lon, 2)
-            x, y = to_local(lat, lon, lat[0], lon[0])
-            length = segment_lengths_m(lat, lon)
-            start = np.r_[0.0, np.cumsum(length)[:-1]]
-            seconds = np.asarray(route.segment_expected_s, dtype=np.float64)
-            if len(seconds) != len(length):
-                seconds = np.zeros(len(length))
-            parts["ax"].append(x[:-1])
-            parts["ay"].append(y[:-1])
-            parts["bx"].append(x[1:])
-            parts["by"].append(y[1:])
-            parts["start_m"].append(start)
-            parts["length_m"].append(length)
-            parts["start_s"].append(np.r_[0.0, np.cumsum(seconds)[:-1]])
-            parts["duration_s"].append(seconds)
-            parts["start_key"].append(r * ROUTE_KEY_STRIDE_M + start)
-            parts["end_key"].append(r * ROUTE_KEY_STRIDE_M + start + length)
-            for name, value in (
-                ("offset", len(length)),
-                ("lat0", lat[0]),
-                ("lon0", lon[0]),
-                ("total_m", length.sum()),
-                ("total_s", seconds.sum()),
-                ("dest_x", x[-1]),
-                ("dest_y", y[-1]),
-            ):
-                parts[name].append(np.array([value]))
-        arrays = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
-        arrays["offset"] = np.r_[0, np.cumsum(arrays["offset"])].astype(np.int64)
+    def build(cls, parts: list[dict[str, np.ndarray]]) -> _FlatRoutes:
+        """Join the per-route arrays of :func:`_route_parts`, in slot order."""
+        if not parts:
+            empty = {k: np.zeros(0) for k in cls.__slots__}
+            empty["offset"] = np.zeros(1, np.int64)
+            return cls(**empty)
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        counts = np.array([len(p["length_m"]) for p in parts])
+        route = np.repeat(np.arange(len(parts)), counts)
+        arrays["offset"] = np.r_[0, np.cumsum(counts)].astype(np.int64)
+        arrays["start_key"] = route * ROUTE_KEY_STRIDE_M + arrays["start_m"]
+        arrays["end_key"] = arrays["start_key"] + arrays["length_m"]
         return cls(**arrays)
 
     def locate(
@@ -450,8 +478,10 @@ class _FlatRoutes:
         )
         along = self.start_m[seg] + t * self.length_m[seg]
         score = distance + stray_penalty[owner] * np.abs(along - expected_m[owner])
-        pick = np.lexsort((score, owner))
-        best = pick[np.r_[True, owner[pick][1:] != owner[pick][:-1]]]
+        # Candidates of one fix are contiguous: the first of its lowest scores wins.
+        lowest = np.minimum.reduceat(score, np.cumsum(counts) - counts)
+        tied = np.flatnonzero(score == lowest[owner])
+        best = tied[np.r_[True, owner[tied][1:] != owner[tied][:-1]]]
         return distance[best], along[best]
 
     def expected_s_at(self, slots: np.ndarray, along_m: np.ndarray) -> np.ndarray:

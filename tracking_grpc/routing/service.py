@@ -1,15 +1,19 @@
 """The routing side of the application: engines, learned travel times, monitor.
 
-:class:`Routing` is what the Route servicer calls. Engine calls block in C++, so the
-async methods run them in worker threads; the monitor runs on the event loop, as a
-processor of the ingest pipeline.
+:class:`Routing` is what the Route servicer calls. OSRM calls run in a worker thread,
+but osrm-bindings keeps the GIL while it works, so they are kept small (a route is
+about a millisecond, the largest table allowed well under a second). VROOM keeps the
+GIL too and may search for seconds, so plans are solved in a separate process. The
+monitor runs on the event loop, as a processor of the ingest pipeline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -49,6 +53,12 @@ class Routing:
         self.router = router
         self.monitor = monitor
         self.travel_times = TravelTimes()
+        self._solver: ProcessPoolExecutor | None = None
+
+    async def close(self) -> None:
+        if self._solver is not None:
+            self._solver.shutdown(wait=True, cancel_futures=True)
+            self._solver = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Routing:
@@ -86,11 +96,14 @@ class Routing:
         jobs: list[optimise.JobSpec],
     ) -> optimise.Plan:
         engine = self.router.engine(profile)
-
-        def plan() -> optimise.Plan:
-            return optimise.solve(optimise.build_problem(engine, vehicles, jobs))
-
-        return await asyncio.to_thread(plan)
+        problem = await asyncio.to_thread(
+            optimise.build_problem, engine, vehicles, jobs
+        )
+        if self._solver is None:
+            spawn = multiprocessing.get_context("spawn")
+            self._solver = ProcessPoolExecutor(max_workers=1, mp_context=spawn)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._solver, optimise.solve, problem)
 
     async def match(
         self,

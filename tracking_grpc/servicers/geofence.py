@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_WATCH_IDS = 10_000
+GEOFENCE_STREAM = "geofence-events"  # after redis_key_prefix
 
 
 def now_ms() -> int:
@@ -285,19 +286,23 @@ def open_repositories(app: App) -> tuple[FenceRepository, EventRepository]:
 def register(server: grpc.aio.Server, app: App) -> str:
     """Add the Geofence service, its processor and its event listeners."""
     fences, events = open_repositories(app)
-    processor = GeofenceProcessor(fences)
+    processor = GeofenceProcessor(fences, events)
     hub = EventWatchHub()
     app.pipeline.add_processor(processor)
-    app.bus.add_listener(EventStoreListener(events))
-    app.bus.add_listener(hub)
+    publisher = None
     if app.settings.redis_url:
         import redis.asyncio as aioredis
 
         client = aioredis.Redis.from_url(app.settings.redis_url)
-        publisher = StreamPublisher(client, app.settings.geofence_stream)
+        stream = app.settings.redis_key_prefix + GEOFENCE_STREAM
+        publisher = StreamPublisher(client, stream, events)
         publisher.start()
-        app.bus.add_listener(publisher)
         app.closers.append(publisher.close)
+    store = EventStoreListener(events, publisher.wake if publisher else None)
+    store.start()
+    app.bus.add_listener(store)
+    app.closers.append(store.close)
+    app.bus.add_listener(hub)
     servicer = GeofenceServicer(app, fences, events, processor, hub)
     geofence_pb2_grpc.add_GeofenceServicer_to_server(servicer, server)
     return geofence_pb2.DESCRIPTOR.services_by_name["Geofence"].full_name

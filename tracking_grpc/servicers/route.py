@@ -181,6 +181,10 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
             batch = convert.fixes_to_batch(tenant, "track", request.fixes)
             rc.latlng_arrays(request.fixes, "fixes", MAX_MATCH_FIXES)
         else:
+            if not request.device_id:
+                raise InvalidArgument(
+                    "fixes", "give fixes, or a device_id with start_ms and end_ms"
+                )
             device = convert.check_device_id(request.device_id, "device_id")
             if request.end_ms <= request.start_ms:
                 raise InvalidArgument("end_ms", "must be after start_ms")
@@ -199,5 +203,6 @@ def register(server: grpc.aio.Server, app: App) -> str:
         app.not_ready.add(SERVICE_NAME)
         log.warning("Route service not ready: %s", datasets.PREPARE_HINT)
     app.pipeline.add_processor(routing.monitor)
+    app.closers.append(routing.close)
     route_pb2_grpc.add_RouteServicer_to_server(RouteServicer(app, routing), server)
     return SERVICE_NAME

@@ -24,7 +24,7 @@ PROFILES = {
 }
 PROFILE_VALUES = {"car": 1, "bicycle": 2, "foot": 3}
 MAX_WAYPOINTS = 100
-MAX_MATRIX_POINTS = 1_000
+MAX_MATRIX_POINTS = 500
 MAX_VEHICLES = 200
 MAX_JOBS = 2_000
 STOP_KINDS = {"start": 1, "job": 2, "end": 3}

@@ -166,15 +166,18 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         )
         await context.write(track_pb2.TrackResponse(started=started))
         log.debug("track stream opened for %s/%s", caller.tenant, device_id)
-        session = _Session(self.app, caller, device_id, last_stored, context)
+        want_events = first.hello.want_events
+        session = _Session(
+            self.app, caller, device_id, last_stored, context, want_events
+        )
         key = (caller.tenant, device_id)
-        if first.hello.want_events:
+        if session.events is not None:
             self._event_queues.setdefault(key, set()).add(session.events)
         try:
             await session.run(request_iterator)
         finally:
             queues = self._event_queues.get(key)
-            if queues is not None:
+            if queues is not None and session.events is not None:
                 queues.discard(session.events)
                 if not queues:
                     del self._event_queues[key]
@@ -307,16 +310,25 @@ class _Session:
         device_id: str,
         last_stored: int,
         context: grpc.aio.ServicerContext,
+        want_events: bool = False,
     ) -> None:
         self.app = app
         self.caller = caller
         self.device_id = device_id
         self.last_stored = last_stored
         self.context = context
-        self.events: asyncio.Queue[TrackingEvent] = asyncio.Queue(maxsize=1_000)
-        self._write_lock = asyncio.Lock()
+        # A stream that wants no events has one writer (acks) and needs neither a
+        # queue nor a lock: at 10k streams they are a fifth of the memory per stream.
+        self.events: asyncio.Queue[TrackingEvent] | None = None
+        self._write_lock: asyncio.Lock | None = None
+        if want_events:
+            self.events = asyncio.Queue(maxsize=1_000)
+            self._write_lock = asyncio.Lock()
 
     async def _write(self, response: track_pb2.TrackResponse) -> None:
+        if self._write_lock is None:
+            await self.context.write(response)
+            return
         async with self._write_lock:
             await self.context.write(response)
 
@@ -327,7 +339,9 @@ class _Session:
         )
         reader = asyncio.create_task(self._read(requests, inflight))
         acks = asyncio.create_task(self._write_acks(inflight))
-        events = asyncio.create_task(self._write_events())
+        tasks = [reader, acks]
+        if self.events is not None:
+            tasks.append(asyncio.create_task(self._write_events(self.events)))
         try:
             done, _ = await asyncio.wait(
                 {reader, acks}, return_when=asyncio.FIRST_EXCEPTION
@@ -335,7 +349,7 @@ class _Session:
             for task in done:
                 task.result()
         finally:
-            for task in (reader, events, acks):
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -384,9 +398,9 @@ class _Session:
             self.last_stored = max(self.last_stored, result.acked_seq())
             await self._write(_ack(result, self.last_stored))
 
-    async def _write_events(self) -> None:
+    async def _write_events(self, events: asyncio.Queue[TrackingEvent]) -> None:
         while True:
-            event = await self.events.get()
+            event = await events.get()
             await self._write(track_pb2.TrackResponse(event=event_message(event)))
 
 

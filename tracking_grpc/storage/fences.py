@@ -39,6 +39,39 @@ class EventQuery:
     after: tuple[int, str] | None = None  # (time_ms, event_id) of the previous page
 
 
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """A device inside a fence, as its latest stored events say."""
+
+    device: str
+    fence_id: str
+    entered_ms: int
+    dwell_done: bool
+    last_event_ms: int  # newest event of the device for this fence
+
+
+MEMBERSHIP_SQL = """
+SELECT device, fence_id,
+    max(CASE WHEN type = 1 THEN time_ms END),
+    max(CASE WHEN type = 2 THEN time_ms END),
+    max(CASE WHEN type = 3 THEN time_ms END),
+    max(time_ms)
+FROM geofence_events WHERE tenant = {mark} AND type IN (1, 2, 3)
+GROUP BY device, fence_id
+"""
+
+
+def memberships_of(rows: Sequence[tuple]) -> list[Membership]:
+    """Memberships from (device, fence, enter, exit, dwell, newest) time rows."""
+    found = []
+    for device, fence_id, entered, exited, dwelled, newest in rows:
+        if entered is None or (exited is not None and exited >= entered):
+            continue
+        done = dwelled is not None and dwelled >= entered
+        found.append(Membership(device, fence_id, int(entered), done, int(newest)))
+    return found
+
+
 class FenceRepository(Protocol):
     """Durable fences of every tenant."""
 
@@ -94,6 +127,16 @@ class EventRepository(Protocol):
         ...
 
     async def list(self, query: EventQuery) -> list[TrackingEvent]: ...
+
+    async def memberships(self, tenant: str) -> list[Membership]:
+        """Devices inside fences by their latest ENTER, EXIT and DWELL events."""
+        ...
+
+    async def unpublished(self, limit: int) -> list[TrackingEvent]:
+        """Stored events (any tenant) not yet marked published, oldest first."""
+        ...
+
+    async def mark_published(self, events: Sequence[TrackingEvent]) -> None: ...
 
     async def close(self) -> None: ...
 

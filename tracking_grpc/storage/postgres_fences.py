@@ -28,9 +28,12 @@ from tracking_grpc.events import EventType, TrackingEvent
 from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.geofence.shapes import compile_shape
 from tracking_grpc.storage.fences import (
+    MEMBERSHIP_SQL,
     EventQuery,
     ImportResult,
+    Membership,
     event_attributes,
+    memberships_of,
     stamped,
 )
 
@@ -49,7 +52,9 @@ class PostgresGeofenceDatabase:
     """A connection pool shared by the fence and event repositories."""
 
     def __init__(self, url: str, max_size: int = 4) -> None:
-        self.pool = AsyncConnectionPool(url, min_size=1, max_size=max_size, open=False)
+        self.url = url
+        self.max_size = max_size
+        self.pool = self._new_pool()
         self._opened = False
         self._lock = asyncio.Lock()
 
@@ -68,8 +73,20 @@ class PostgresGeofenceDatabase:
                 try:
                     await self.pool.open(wait=True, timeout=10.0)
                 except (psycopg.Error, PoolTimeout) as exc:
+                    # A pool cannot be opened twice: the next try gets a fresh one.
+                    await self.pool.close()
+                    self.pool = self._new_pool()
                     raise StorageUnavailable(f"postgres: {exc}") from exc
                 self._opened = True
+
+    def _new_pool(self) -> AsyncConnectionPool:
+        return AsyncConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self.max_size,
+            open=False,
+            check=AsyncConnectionPool.check_connection,
+        )
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple]:
         await self.ensure_open()
@@ -242,6 +259,30 @@ class PostgresEventRepository:
         sql += ' ORDER BY time_ms, event_id COLLATE "C" LIMIT %s'
         rows = await self.db.fetch(sql, [*args, query.limit])
         return [_event(row) for row in rows]
+
+    async def memberships(self, tenant: str) -> list[Membership]:
+        sql = MEMBERSHIP_SQL.format(mark="%s")
+        return memberships_of(await self.db.fetch(sql, [tenant]))
+
+    async def unpublished(self, limit: int) -> list[TrackingEvent]:
+        rows = await self.db.fetch(
+            "SELECT tenant, event_id, device, fence_id, type, time_ms, lat, lon, "
+            "fix_seq, created_ms, attributes::text FROM geofence_events "
+            'WHERE NOT published ORDER BY created_ms, time_ms, event_id COLLATE "C" '
+            "LIMIT %s",
+            [limit],
+        )
+        return [_event(row) for row in rows]
+
+    async def mark_published(self, events: Sequence[TrackingEvent]) -> None:
+        async with _Transaction(self.db) as conn:
+            await conn.execute(
+                "UPDATE geofence_events SET published = true FROM "
+                "unnest(%s::text[], %s::text[]) AS done(tenant, event_id) "
+                "WHERE geofence_events.tenant = done.tenant "
+                "AND geofence_events.event_id = done.event_id",
+                [[e.tenant for e in events], [e.event_id for e in events]],
+            )
 
     async def close(self) -> None:
         return None

@@ -22,9 +22,10 @@ import numpy as np
 from redis.exceptions import RedisClusterException, RedisError
 
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.errors import Unavailable
 from tracking_grpc.storage import redis_keys as keys
 from tracking_grpc.storage.base import UpdateHandler
-from tracking_grpc.storage.redis_client import Client, connect, is_cluster, unavailable
+from tracking_grpc.storage.redis_client import Connection, is_cluster, unavailable
 from tracking_grpc.storage.redis_live import RECORD
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 SHARDS = 16
 HEADER = struct.Struct("<I")
 RETRY_S = (0.1, 0.5, 1.0, 2.0)
+DATA_MESSAGES = ("message", "smessage")
 
 
 def encode(batch: FixBatch) -> bytes:
@@ -56,20 +58,20 @@ def decode(data: bytes) -> FixBatch:
 class RedisBroker:
     """Broker on Redis pub/sub (sharded on a cluster)."""
 
-    def __init__(self, client: Client, prefix: str = "trk:") -> None:
-        self.client = client
+    def __init__(self, redis: Connection, prefix: str = "trk:") -> None:
+        self.redis = redis
         self.prefix = prefix
-        self.sharded = is_cluster(client)
         self._handlers: list[UpdateHandler] = []
         self._task: asyncio.Task | None = None
-        self._subscribed = asyncio.Event()
+        self._tried = asyncio.Event()
 
     @classmethod
     async def open(cls, url: str, prefix: str = "trk:") -> RedisBroker:
-        return cls(await connect(url), prefix)
+        """A broker on the Redis at ``url``; it connects when Redis is there."""
+        return cls(Connection(url), prefix)
 
-    def channels(self) -> list[str]:
-        if not self.sharded:
+    def channels(self, sharded: bool) -> list[str]:
+        if not sharded:
             return [f"{self.prefix}updates"]
         return [f"{self.prefix}updates:{{s{shard}}}" for shard in range(SHARDS)]
 
@@ -77,67 +79,69 @@ class RedisBroker:
         if len(updates) == 0:
             return
         with unavailable("live fan-out"):
-            if not self.sharded:
-                await self.client.publish(self.channels()[0], encode(updates))
+            client = await self.redis.get()
+            if not is_cluster(client):
+                await client.publish(self.channels(False)[0], encode(updates))
                 return
             shard = keys.bucket_of(updates.device, SHARDS)
-            channels = self.channels()
-            async with self.client.pipeline(transaction=False) as pipe:
+            channels = self.channels(True)
+            async with client.pipeline(transaction=False) as pipe:
                 for s in np.unique(shard).tolist():
                     pipe.spublish(channels[s], encode(updates.take(shard == s)))
                 await pipe.execute()
 
     async def subscribe(self, handler: UpdateHandler) -> None:
-        """Register ``handler``; returns once the subscription is live."""
+        """Register ``handler``; returns once subscribed, or after a failed try
+        (the subscription is then retried in the background)."""
         self._handlers.append(handler)
         if self._task is None:
             self._task = asyncio.create_task(self._listen(), name="redis-broker")
-        await asyncio.wait_for(self._subscribed.wait(), timeout=10.0)
+        await asyncio.wait_for(self._tried.wait(), timeout=10.0)
 
     async def ping(self) -> None:
         with unavailable("Redis pub/sub"):
-            await self.client.ping()
+            await (await self.redis.get()).ping()
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self.client.aclose()
+        await self.redis.close()
 
     async def _listen(self) -> None:
         """Receive and dispatch forever, resubscribing after connection losses."""
         failures = 0
         while True:
-            pubsub = self.client.pubsub()
+            pubsub = None
             try:
-                await self._join(pubsub)
-                self._subscribed.set()
+                client = await self.redis.get()
+                sharded = is_cluster(client)
+                pubsub = client.pubsub()
+                await self._join(pubsub, sharded)
+                self._tried.set()
                 failures = 0
                 while True:
-                    message = await self._next(pubsub)
-                    if message is not None and message["type"] in (
-                        "message",
-                        "smessage",
-                    ):
+                    message = await self._next(pubsub, sharded)
+                    if message is not None and message["type"] in DATA_MESSAGES:
                         await self._dispatch(message["data"])
-            except (RedisError, RedisClusterException, OSError) as exc:
+            except (RedisError, RedisClusterException, OSError, Unavailable) as exc:
+                self._tried.set()
                 delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
                 failures += 1
-                log.warning(
-                    "live fan-out lost (%s); resubscribing in %.1fs", exc, delay
-                )
+                log.warning("live fan-out lost (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
             finally:
-                await _close_quietly(pubsub)
+                if pubsub is not None:
+                    await _close_quietly(pubsub)
 
-    async def _join(self, pubsub: Any) -> None:
-        if self.sharded:
-            await pubsub.ssubscribe(*self.channels())
+    async def _join(self, pubsub: Any, sharded: bool) -> None:
+        if sharded:
+            await pubsub.ssubscribe(*self.channels(True))
         else:
-            await pubsub.subscribe(*self.channels())
+            await pubsub.subscribe(*self.channels(False))
 
-    async def _next(self, pubsub: Any) -> dict | None:
-        if self.sharded:
+    async def _next(self, pubsub: Any, sharded: bool) -> dict | None:
+        if sharded:
             return await pubsub.get_sharded_message(
                 ignore_subscribe_messages=True, timeout=1.0
             )

@@ -6,6 +6,7 @@ client (slots discovered from it), anything else a plain client.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,3 +66,28 @@ def unavailable(what: str) -> Iterator[None]:
         raise
     except (RedisError, RedisClusterException, OSError) as exc:
         raise Unavailable(f"{what} unavailable: {exc}") from exc
+
+
+class Connection:
+    """A client made on first need, so that a process can start while Redis is down.
+
+    ``get`` connects (deciding standalone or cluster) or raises ``Unavailable``; once
+    made, the client reconnects by itself after outages.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._client: Client | None = None
+        self._lock = asyncio.Lock()
+
+    async def get(self) -> Client:
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    self._client = await connect(self.url)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

@@ -22,7 +22,7 @@ from redis.exceptions import NoScriptError
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import Unavailable
 from tracking_grpc.storage import redis_keys as keys
-from tracking_grpc.storage.redis_client import Client, connect, is_cluster, unavailable
+from tracking_grpc.storage.redis_client import Connection, is_cluster, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -100,18 +100,23 @@ return tonumber(string.sub(known, string.find(known, ' ', 1, true) + 1))
 class RedisLiveStore:
     """LiveStore on Redis or Redis Cluster; see the module docstring."""
 
-    def __init__(self, client: Client, prefix: str = "trk:") -> None:
+    def __init__(self, redis: Connection, prefix: str = "trk:") -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError("the key prefix may not contain braces")
-        self.client = client
+        self.redis = redis
         self.prefix = prefix
         self.needs_rebuild = False
         self._server_ids: dict[str, str] = {}
 
     @classmethod
     async def open(cls, url: str, prefix: str = "trk:") -> RedisLiveStore:
-        store = cls(await connect(url), prefix)
-        await store.ping()
+        """A store on the Redis at ``url``; if it is down, one that waits for it."""
+        store = cls(Connection(url), prefix)
+        try:
+            await store.ping()
+        except Unavailable as exc:
+            log.warning("starting without live state (%s); will rebuild", exc.message)
+            store.needs_rebuild = True
         return store
 
     async def update(self, batch: FixBatch) -> FixBatch:
@@ -134,7 +139,8 @@ class RedisLiveStore:
         buckets = keys.bucket_of(names)
         groups = [np.flatnonzero(buckets == b) for b in np.unique(buckets)]
         with unavailable("live positions"):
-            async with self.client.pipeline(transaction=False) as pipe:
+            client = await self.redis.get()
+            async with client.pipeline(transaction=False) as pipe:
                 for rows in groups:
                     key = keys.live_key(self.prefix, tenant, int(buckets[rows[0]]))
                     pipe.hmget(key, names[rows].tolist())
@@ -158,7 +164,8 @@ class RedisLiveStore:
 
     async def snapshot(self, tenant: str) -> FixBatch:
         with unavailable("live positions"):
-            async with self.client.pipeline(transaction=False) as pipe:
+            client = await self.redis.get()
+            async with client.pipeline(transaction=False) as pipe:
                 for bucket in range(keys.BUCKETS):
                     pipe.hgetall(keys.live_key(self.prefix, tenant, bucket))
                 replies = await pipe.execute()
@@ -181,7 +188,8 @@ class RedisLiveStore:
                 )
             )
             if int(cell) >= 0:
-                async with self.client.pipeline(transaction=False) as pipe:
+                client = await self.redis.get()
+                async with client.pipeline(transaction=False) as pipe:
                     pipe.zrem(keys.geo_key(self.prefix, tenant, int(cell)), device)
                     pipe.hdel(keys.geo_time_key(self.prefix, tenant, int(cell)), device)
                     await pipe.execute()
@@ -197,7 +205,7 @@ class RedisLiveStore:
         self._server_ids |= ids
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.redis.close()
 
     async def _pipelined(self, queue: Callable[[Any], None]) -> list[Any]:
         """Run what ``queue`` adds in one pipeline; load scripts Redis lacks."""
@@ -205,21 +213,21 @@ class RedisLiveStore:
             return await self._execute(queue)
         except NoScriptError:
             for script in SCRIPTS.values():
-                await self.client.script_load(script)
+                await (await self.redis.get()).script_load(script)
             return await self._execute(queue)
 
     async def _execute(self, queue: Callable[[Any], None]) -> list[Any]:
-        async with self.client.pipeline(transaction=False) as pipe:
+        client = await self.redis.get()
+        async with client.pipeline(transaction=False) as pipe:
             queue(pipe)
             return await pipe.execute()
 
     async def _run_ids(self) -> dict[str, str]:
-        if is_cluster(self.client):
-            replies = await self.client.info(
-                "server", target_nodes=self.client.get_primaries()
-            )
+        client = await self.redis.get()
+        if is_cluster(client):
+            replies = await client.info("server", target_nodes=client.get_primaries())
             return {node: info["run_id"] for node, info in replies.items()}
-        info = await self.client.info("server")
+        info = await client.info("server")
         return {"single": info["run_id"]}
 
     async def _keep_newest(self, newest: FixBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -289,13 +297,14 @@ class RedisLiveStore:
     ) -> list[str]:
         """Devices that may lie within the circle: from the GEO sets of its cells."""
         with unavailable("live GEO index"):
-            used = await self.client.smembers(keys.cells_key(self.prefix, tenant))
+            client = await self.redis.get()
+            used = await client.smembers(keys.cells_key(self.prefix, tenant))
             used_cells = np.array([int(c) for c in used], dtype=np.int64)
             cells = np.intersect1d(
                 keys.cells_for_circle(lat, lon, radius_m), used_cells
             )
             scan_all = keys.is_polar(cells) | (abs(lat) > keys.GEO_MAX_LAT)
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with client.pipeline(transaction=False) as pipe:
                 for cell, scan in zip(cells.tolist(), scan_all.tolist(), strict=True):
                     key = keys.geo_key(self.prefix, tenant, cell)
                     if scan:

@@ -23,9 +23,12 @@ from tracking_grpc.errors import (
 from tracking_grpc.events import EventType, TrackingEvent
 from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.storage.fences import (
+    MEMBERSHIP_SQL,
     EventQuery,
     ImportResult,
+    Membership,
     event_attributes,
+    memberships_of,
     stamped,
 )
 
@@ -61,11 +64,15 @@ CREATE TABLE IF NOT EXISTS geofence_events (
     fix_seq INTEGER NOT NULL,
     created_ms INTEGER NOT NULL,
     attributes TEXT NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant, event_id)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS geofence_events_unpublished
+    ON geofence_events (created_ms) WHERE published = 0;
 CREATE INDEX IF NOT EXISTS geofence_events_by_time
     ON geofence_events (tenant, time_ms, event_id);
 """
+
 
 EVENT_COLUMNS = (
     "tenant, event_id, device, fence_id, type, time_ms, lat, lon, fix_seq, "
@@ -99,6 +106,16 @@ class SqliteGeofenceDatabase:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA busy_timeout=10000")
+        # Fences are written rarely; events are many and can be raised again from
+        # history. NORMAL in WAL mode loses nothing when the process dies, only
+        # (at most) the last transactions on power loss.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(geofence_events)")}
+        if columns and "published" not in columns:  # a file from before the outbox
+            conn.execute(
+                "ALTER TABLE geofence_events "
+                "ADD COLUMN published INTEGER NOT NULL DEFAULT 0"
+            )
         conn.executescript(SCHEMA)
         self._conn = conn
 
@@ -245,6 +262,22 @@ class SqliteEventRepository:
         rows = await self.db.run(self.db.read, sql, [*args, query.limit])
         return [_event(row) for row in rows]
 
+    async def memberships(self, tenant: str) -> list[Membership]:
+        sql = MEMBERSHIP_SQL.format(mark="?")
+        return memberships_of(await self.db.run(self.db.read, sql, [tenant]))
+
+    async def unpublished(self, limit: int) -> list[TrackingEvent]:
+        rows = await self.db.run(
+            self.db.read,
+            f"SELECT {EVENT_COLUMNS} FROM geofence_events WHERE published = 0 "
+            "ORDER BY created_ms, time_ms, event_id LIMIT ?",
+            [limit],
+        )
+        return [_event(row) for row in rows]
+
+    async def mark_published(self, events: Sequence[TrackingEvent]) -> None:
+        await self.db.run(self.db.transaction, _mark_published, list(events))
+
     async def close(self) -> None:
         return None
 
@@ -363,6 +396,13 @@ def _add_events(conn: sqlite3.Connection, events: list[TrackingEvent]) -> int:
         ],
     )
     return conn.total_changes - before
+
+
+def _mark_published(conn: sqlite3.Connection, events: list[TrackingEvent]) -> None:
+    conn.executemany(
+        "UPDATE geofence_events SET published = 1 WHERE tenant = ? AND event_id = ?",
+        [(e.tenant, e.event_id) for e in events],
+    )
 
 
 def _event(row: tuple) -> TrackingEvent:

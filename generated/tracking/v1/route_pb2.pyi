@@ -275,7 +275,7 @@ class ComputeMatrixRequest(_message.Message):
     profile: Global___RoutingProfile.ValueType
     @_builtins.property
     def points(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.LatLng]:
-        """At most 1,000 points."""
+        """At most 500 points."""
 
     @_builtins.property
     def sources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:

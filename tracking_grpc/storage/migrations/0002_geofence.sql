@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS geofence_revisions (
     revision bigint NOT NULL
 );
 
--- Events de-duplicated by their stable id; listed by fix time.
+-- Events de-duplicated by their stable id; listed by fix time. ``published`` is the
+-- outbox flag: set once the event is on the Redis Stream.
 CREATE TABLE IF NOT EXISTS geofence_events (
     tenant text NOT NULL,
     event_id text NOT NULL,
@@ -35,7 +36,10 @@ CREATE TABLE IF NOT EXISTS geofence_events (
     fix_seq bigint NOT NULL,
     created_ms bigint NOT NULL,
     attributes jsonb NOT NULL DEFAULT '{}',
+    published boolean NOT NULL DEFAULT false,
     PRIMARY KEY (tenant, event_id)
 );
+CREATE INDEX IF NOT EXISTS geofence_events_unpublished
+    ON geofence_events (created_ms) WHERE NOT published;
 CREATE INDEX IF NOT EXISTS geofence_events_time
     ON geofence_events (tenant, time_ms, event_id COLLATE "C");

@@ -1,0 +1,485 @@
+"""Load, latency and scale: simulated devices, gateways and watchers against a server.
+
+Starts a server on 127.0.0.1 (or uses ``--target`` with ``--server-pid``), runs driver
+processes that open one Track stream per device and send fixes on an open-loop
+schedule (and/or gateways sending columnar PublishBatch calls), measures in-band
+latency (fix sent -> ack, fix time -> watcher update), server CPU and memory per open
+stream, and prints a ghz-like summary. JSON goes to bench/results/load_<name>.json.
+
+    .venv/bin/python bench/load.py --devices 10000 --interval-s 5 --ramp-s 20 \
+        --steady-s 60 --drivers 3 --watchers 1 --name streams_10k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
+
+from tracking.v1 import geofence_pb2, geofence_pb2_grpc  # noqa: E402
+
+from tracking_grpc.loadgen import driver, fences, procstat, stats  # noqa: E402
+from tracking_grpc.loadgen.plan import DriverResult, Plan, Storm, Window  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+MAX_RUN_S = 180.0  # every run is bounded: ramp + steady at most three minutes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_serving(target: str, timeout_s: float = 60.0) -> None:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                if time.time() > deadline:
+                    raise
+            time.sleep(0.2)
+
+
+class SpawnedServer:
+    """``tracking serve`` in a child process, on a free loopback port."""
+
+    def __init__(self, data_dir: Path, flags: list[str]) -> None:
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        command = [
+            sys.executable,
+            "-m",
+            "tracking_grpc",
+            "serve",
+            "--listen",
+            self.target,
+            "--data-dir",
+            str(data_dir),
+            "--log-level",
+            "WARNING",
+            *flags,
+        ]
+        self.log = open(data_dir / "server.log", "w")
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        wait_serving(self.target)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.log.close()
+        return code
+
+
+def import_fences(target: str, count: int, plan: Plan) -> int:
+    """Create ``count`` polygon fences where the devices roam; returns how many."""
+    collection = fences.polygon_features(count, plan.center, plan.spread_deg)
+    with grpc.insecure_channel(target) as channel:
+        stub = geofence_pb2_grpc.GeofenceStub(channel)
+        request = geofence_pb2.ImportFencesRequest(geojson=collection, repair=True)
+        answer = stub.ImportFences(request, timeout=120)
+    return int(answer.created + answer.replaced)
+
+
+def machine_busy_s() -> float:
+    """CPU seconds spent by every process of the machine (noise from others)."""
+    first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    ticks = [int(v) for v in first]
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks[:8]) - idle) / procstat.TICKS_PER_S
+
+
+def split(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def build_plans(args: argparse.Namespace, target: str) -> list[Plan]:
+    start_s = time.time() + 2.0 + args.drivers * 0.5  # time for the drivers to start
+    window = Window(start_s, args.ramp_s, args.steady_s)
+    storm = None
+    if args.storm:
+        storm = Storm(
+            window.start_s + args.ramp_s + args.storm_at_s, args.storm_spread_s
+        )
+        window = replace(window, steady_s=args.steady_s)
+    base = Plan(
+        target=target,
+        window=window,
+        device_interval_s=args.interval_s,
+        streams_per_channel=args.streams_per_channel,
+        gateway_devices=args.gateway_devices,
+        gateway_batch_fixes=args.gateway_batch,
+        gateway_rate_per_s=args.gateway_rate,
+        want_events=args.want_events,
+        storm=storm,
+    )
+    devices = split(args.devices, args.drivers)
+    gateways = split(args.gateways, args.drivers)
+    plans = [
+        replace(base, index=i, devices=devices[i], gateways=gateways[i])
+        for i in range(args.drivers)
+    ]
+    # Watchers get a driver of their own, so device load does not delay their reads.
+    if args.watchers:
+        plans.append(replace(base, index=len(plans), watchers=args.watchers))
+    return plans
+
+
+def watch_ids(args: argparse.Namespace) -> list[str]:
+    if not args.watch_devices:
+        return []
+    every = max(1, args.devices // args.watch_devices)
+    per = split(args.devices, args.drivers)
+    ids = [
+        driver.device_id(Plan("", Window(0, 0, 0), index=d), i)
+        for d in range(args.drivers)
+        for i in range(0, per[d], every)
+    ]
+    return ids[: args.watch_devices]
+
+
+def run_drivers(
+    plans: list[Plan], ids: list[str], server_pid: int, args: argparse.Namespace
+) -> tuple[list[DriverResult], dict]:
+    """Start the driver processes, sample the server during the run, collect."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    processes = [
+        context.Process(target=driver.run, args=(plan, ids, queue), daemon=True)
+        for plan in plans
+    ]
+    for process in processes:
+        process.start()
+    window = plans[0].window
+    base = procstat.usage(server_pid)
+    time.sleep(max(0.0, window.start_s - time.time()))
+    profiler = None
+    samples: dict = {"rss_baseline_bytes": base.rss_bytes}
+    time.sleep(max(0.0, window.steady_start_s - time.time()))
+    steady = procstat.usage(server_pid)
+    drivers_cpu = sum(procstat.usage(p.pid).cpu_s for p in processes)
+    busy = machine_busy_s()
+    if args.profile:
+        profiler = start_profiler(server_pid, args.profile, window.steady_s)
+    rss_max = steady.rss_bytes
+    while time.time() < window.end_s:
+        time.sleep(min(1.0, max(0.0, window.end_s - time.time())))
+        rss_max = max(rss_max, procstat.usage(server_pid).rss_bytes)
+    end = procstat.usage(server_pid)
+    samples["drivers_cpu_s"] = (
+        sum(procstat.usage(p.pid).cpu_s for p in processes) - drivers_cpu
+    )
+    samples["machine_busy_s"] = machine_busy_s() - busy
+    samples["server_cpu_s"] = end.cpu_s - steady.cpu_s
+    samples["server_processes"] = end.processes
+    samples["rss_steady_max_bytes"] = rss_max
+    samples["rss_steady_end_bytes"] = end.rss_bytes
+    results = [queue.get(timeout=window.end_s + 120 - time.time()) for _ in plans]
+    for process in processes:
+        process.join(timeout=30)
+    if profiler is not None:
+        profiler.wait(timeout=60)
+    return results, samples
+
+
+def start_profiler(pid: int, path: str, duration_s: float) -> subprocess.Popen:
+    py_spy = Path(sys.executable).parent / "py-spy"
+    kind = "raw" if path.endswith(".txt") else "flamegraph"
+    command = [str(py_spy), "record", "-p", str(pid), "-d", str(int(duration_s))]
+    command += ["-o", path, "-f", kind, "-r", "200", "--nonblocking"]
+    return subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+
+
+STORED_PER_DEVICE = "SELECT device, count(*), max(seq) FROM fixes GROUP BY device"
+
+
+class Production:
+    """A private, migrated PostgreSQL database and Redis key prefix for one run."""
+
+    def __init__(self, admin_url: str, redis_url: str) -> None:
+        import asyncio
+
+        from tracking_grpc.storage import schema
+
+        self.admin_url = admin_url
+        self.redis_url = redis_url
+        self.name = f"trkload_{os.getpid()}_{int(time.time())}"
+        self.url = f"{admin_url.rsplit('/', 1)[0]}/{self.name}"
+        self.prefix = f"trkload{os.getpid()}:"
+        self._admin(f'CREATE DATABASE "{self.name}"')
+        asyncio.run(schema.migrate(self.url))
+
+    def _admin(self, statement: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(statement)
+
+    @property
+    def flags(self) -> list[str]:
+        return [
+            f"--database-url={self.url}",
+            f"--redis-url={self.redis_url}",
+            f"--redis-key-prefix={self.prefix}",
+        ]
+
+    def stored(self) -> list[tuple[str, int, int]]:
+        import psycopg
+
+        with psycopg.connect(self.url) as conn:
+            return conn.execute(STORED_PER_DEVICE).fetchall()
+
+    def close(self) -> None:
+        import redis
+
+        self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        client = redis.Redis.from_url(self.redis_url)
+        keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+        client.close()
+
+
+def sqlite_stored(data_dir: Path) -> list[tuple[str, int, int]]:
+    with sqlite3.connect(data_dir / "history.sqlite3") as conn:
+        return conn.execute(STORED_PER_DEVICE).fetchall()
+
+
+def verify(rows: list[tuple[str, int, int]], results: list[DriverResult]) -> dict:
+    """After the server stopped: is every fix a device generated stored once?"""
+    stored = {device: (count, top) for device, count, top in rows}
+    generated = {d: n for r in results for d, n, _ in r.generated}
+    lost = sum(n - stored.get(d, (0, 0))[0] for d, n in generated.items())
+    gaps = sum(1 for d, n in generated.items() if stored.get(d, (0, 0)) != (n, n))
+    return {
+        "devices_checked": len(generated),
+        "fixes_generated": sum(generated.values()),
+        "fixes_stored_rows": sum(stored.get(d, (0, 0))[0] for d in generated),
+        "fixes_lost": lost,
+        "devices_with_gaps_or_extra": gaps,
+    }
+
+
+def report(
+    args: argparse.Namespace,
+    plans: list[Plan],
+    results: list[DriverResult],
+    samples: dict,
+) -> dict:
+    steady_s = plans[0].window.steady_s
+    streams = sum(r.streams_open_max for r in results)
+    counts = stats.merge_counts(r.counts for r in results)
+    errors = stats.merge_counts(r.errors for r in results)
+    fixes_in_window = len(stats.merge(r.ack_ms for r in results)) + counts.get(
+        "window_fixes_stored", 0
+    )
+    cpu_s = samples["server_cpu_s"]
+    rss_growth = samples["rss_steady_max_bytes"] - samples["rss_baseline_bytes"]
+    out = {
+        "name": args.name,
+        "args": vars(args),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "streams_open": streams,
+        "ack": stats.summarize(stats.merge(r.ack_ms for r in results), steady_s),
+        "ack_from_schedule": stats.summarize(
+            stats.merge(r.ack_sched_ms for r in results), steady_s
+        ),
+        "send_lag": stats.summarize(
+            stats.merge(r.send_lag_ms for r in results), steady_s
+        ),
+        "watch": stats.summarize(stats.merge(r.watch_ms for r in results), steady_s),
+        "batch": stats.summarize(stats.merge(r.batch_ms for r in results), steady_s),
+        "counts": counts,
+        "errors": errors,
+        "error_details": {k: v for r in results for k, v in r.error_details.items()},
+        "server": {
+            "processes": samples["server_processes"],
+            "cpu_cores": round(cpu_s / steady_s, 3),
+            "cpu_us_per_fix": round(cpu_s / fixes_in_window * 1e6, 1)
+            if fixes_in_window
+            else None,
+            "rss_baseline_mb": round(samples["rss_baseline_bytes"] / 2**20, 1),
+            "rss_steady_mb": round(samples["rss_steady_max_bytes"] / 2**20, 1),
+            "rss_kb_per_stream": round(rss_growth / streams / 1024, 1)
+            if streams
+            else None,
+        },
+        "drivers_cpu_cores": round(samples["drivers_cpu_s"] / steady_s, 3),
+        "machine_busy_cores": round(samples["machine_busy_s"] / steady_s, 3),
+        "fixes_in_window": fixes_in_window,
+    }
+    if any(r.reconnected_s for r in results):
+        reconnected = stats.merge(r.reconnected_s for r in results)
+        recovered = stats.merge(r.recovered_s for r in results)
+        out["storm"] = {
+            "devices_resumed": int(reconnected.size),
+            "all_reconnected_s": round(float(reconnected.max()), 2),
+            "all_recovered_s": round(float(recovered.max()), 2)
+            if recovered.size
+            else None,
+            "devices_recovered": int(recovered.size),
+            "p50_recovered_s": round(float(np.median(recovered)), 2)
+            if recovered.size
+            else None,
+        }
+    return out
+
+
+def print_report(out: dict) -> None:
+    print(f"\n=== load run {out['name']} ===")
+    print(f"streams open (max): {out['streams_open']}")
+    for key, title in [
+        ("ack", "Fix sent -> ack"),
+        ("watch", "Fix time -> watcher update"),
+        ("batch", "Gateway PublishBatch"),
+        ("send_lag", "Driver lag (scheduled -> written)"),
+    ]:
+        if out[key]["count"]:
+            print(stats.format_summary(title, out[key]))
+    print(stats.format_counts("Counts", out["counts"]))
+    print(stats.format_counts("Errors", out["errors"]))
+    for name, detail in out["error_details"].items():
+        print(f"  {name}: {detail}")
+    if out["errors"] and out.get("server_log_tail"):
+        print("Server log (last lines):", *out["server_log_tail"], sep="\n  ")
+    server = out["server"]
+    print(
+        f"Server: {server['cpu_cores']} cores, {server['cpu_us_per_fix']} µs CPU/fix, "
+        f"RSS {server['rss_baseline_mb']} -> {server['rss_steady_mb']} MB, "
+        f"{server['rss_kb_per_stream']} KB/stream"
+    )
+    print(
+        f"Drivers: {out['drivers_cpu_cores']} cores; whole machine busy "
+        f"{out['machine_busy_cores']} cores"
+    )
+    for key in ("storm", "verify"):
+        if key in out:
+            print(f"{key}: {json.dumps(out[key])}")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--name", default="run", help="results go to bench/results/load_<name>.json")
+    add("--devices", type=int, default=1000, help="device streams in all")
+    add("--interval-s", type=float, default=5.0, help="seconds between fixes")
+    add("--drivers", type=int, default=2, help="driver processes for the devices")
+    add("--ramp-s", type=float, default=10.0, help="streams open over this time")
+    add("--steady-s", type=float, default=30.0, help="measured steady state")
+    add("--streams-per-channel", type=int, default=500)
+    add("--watchers", type=int, default=1, help="Watch streams (a driver of their own)")
+    add("--watch-devices", type=int, default=0, help="watch only this many devices")
+    add("--want-events", action="store_true", help="devices ask for their events")
+    add("--gateways", type=int, default=0, help="gateways in all")
+    add("--gateway-rate", type=float, default=10.0, help="batches/s per gateway")
+    add("--gateway-batch", type=int, default=1000, help="fixes per batch")
+    add("--gateway-devices", type=int, default=10_000, help="devices per gateway")
+    add("--fences", type=int, default=0, help="polygon fences to create first")
+    add("--storm", action="store_true", help="drop every stream, then resume")
+    add("--storm-at-s", type=float, default=10.0, help="into the steady state")
+    add("--storm-spread-s", type=float, default=10.0, help="reconnect jitter")
+    add("--production", action="store_true", help="PostgreSQL + Redis backends")
+    add("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    add("--redis-url", default="redis://127.0.0.1:6379/0")
+    add("--workers", type=int, default=1, help="server processes (needs --production)")
+    add("--target", help="use a running server at this loopback address")
+    add("--server-pid", type=int, help="its pid, for CPU and memory")
+    add("--server-flag", action="append", default=[], help="extra flag for serve")
+    add("--profile", help="py-spy the server in steady state (.svg or .txt)")
+    add("--json", help="path of the JSON result (default bench/results/...)")
+    args = parser.parse_args(argv)
+    if args.ramp_s + args.steady_s > MAX_RUN_S:
+        parser.error(f"ramp + steady must stay within {MAX_RUN_S:.0f} s")
+    if args.target and not args.target.startswith(("127.0.0.1:", "localhost:")):
+        parser.error("--target must be a loopback address")
+    for url in (args.pg_admin_url, args.redis_url):
+        host = url.split("@")[-1].split("//")[-1].split(":")[0].split("/")[0]
+        if host not in ("127.0.0.1", "localhost"):
+            parser.error(f"{url} is not on loopback")
+    if args.workers > 1 and not args.production:
+        parser.error("--workers above 1 needs --production (shared backends)")
+    if args.target and not args.server_pid:
+        parser.error("--target needs --server-pid (CPU and memory are read from /proc)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    driver.raise_open_file_limit()
+    with tempfile.TemporaryDirectory(prefix="tracking-load-") as tmp:
+        server = production = None
+        if args.production:
+            production = Production(args.pg_admin_url, args.redis_url)
+        if args.target:
+            target, pid = args.target, args.server_pid or 0
+        else:
+            flags = [*args.server_flag, *(production.flags if production else [])]
+            flags += [f"--workers={args.workers}"] if args.workers > 1 else []
+            server = SpawnedServer(Path(tmp), flags)
+            target, pid = server.target, server.pid
+        plans = build_plans(args, target)
+        fence_count = import_fences(target, args.fences, plans[0]) if args.fences else 0
+        plans = build_plans(args, target)  # a fresh start time after the import
+        results, samples = run_drivers(plans, watch_ids(args), pid, args)
+        out = report(args, plans, results, samples)
+        out["fences"] = fence_count
+        if server is not None:
+            out["server_exit_code"] = server.stop()
+            log_lines = (Path(tmp) / "server.log").read_text().splitlines()
+            out["server_log_tail"] = log_lines[-20:]
+            if production is not None:
+                out["verify"] = verify(production.stored(), results)
+            elif args.workers == 1:
+                out["verify"] = verify(sqlite_stored(Path(tmp)), results)
+        if production is not None:
+            production.close()
+    print_report(out)
+    path = Path(args.json) if args.json else RESULTS / f"load_{args.name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(f"wrote {path}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""`tracking prepare-routing`: datasets from an OpenStreetMap extract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import NETWORK, ROOT, require_shared
+from tracking_grpc.routing import datasets
+
+
+def prepare_routing(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "tracking_grpc", "prepare-routing", *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+
+
+def test_prepare_routing_writes_a_dataset_per_profile(tmp_path) -> None:
+    pbf = require_shared(NETWORK / "helsinki.osm.pbf")
+    done = prepare_routing(
+        "--pbf",
+        str(pbf),
+        "--profiles",
+        "foot,bicycle",
+        "--routing-data-dir",
+        str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(datasets.discover(tmp_path)) == ["bicycle", "foot"]
+    assert "foot: " in done.stdout
+
+
+def test_prepare_routing_refuses_an_unknown_profile(tmp_path) -> None:
+    pbf = require_shared(NETWORK / "helsinki.osm.pbf")
+    done = prepare_routing(
+        "--pbf", str(pbf), "--profiles", "boat", "--routing-data-dir", str(tmp_path)
+    )
+    assert done.returncode == 2
+    assert "choose from car, bicycle, foot" in done.stderr
+    assert datasets.discover(tmp_path) == {}
+
+
+def test_prepare_routing_reports_a_missing_file(tmp_path) -> None:
+    missing = str(tmp_path / "none.osm.pbf")
+    done = prepare_routing("--pbf", missing, "--routing-data-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert "no such file" in done.stderr

@@ -1,0 +1,141 @@
+"""Several server processes on the production backends, as on several machines.
+
+A device streams into one process while a watcher on another sees every update; the
+first process is killed mid-stream and the device resumes on the second from its last
+stored seq: the database ends with every fix exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+from tracking.v1 import track_pb2, track_pb2_grpc
+
+from tests.server_fixtures import batch, fix, hello, now_ms
+from tests.services import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def servers(production_env):
+    started: list[ServerProcess] = []
+
+    def start(**options) -> ServerProcess:
+        server = ServerProcess(production_env, **options)
+        started.append(server)
+        server.start()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def stored_seqs(url: str, device: str) -> list[int]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT seq FROM fixes WHERE device = %s ORDER BY seq", [device]
+        ).fetchall()
+    return [seq for (seq,) in rows]
+
+
+class WatchLog:
+    """Positions a Watch stream delivered, by seq, filled by a background task."""
+
+    def __init__(self, stub: track_pb2_grpc.TrackSessionStub, device: str) -> None:
+        self.call = stub.Watch(track_pb2.WatchRequest(device_ids=[device]))
+        self.seqs: list[int] = []
+        self.ready = asyncio.Event()
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for response in self.call:
+            if response.snapshot_done:
+                self.ready.set()
+            if not response.snapshot:
+                self.seqs += [p.seq for p in response.positions]
+
+    async def saw(self, seq: int, timeout_s: float = 10.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            while seq not in self.seqs:  # noqa: ASYNC110 - filled by the reader task
+                await asyncio.sleep(0.01)
+
+    def close(self) -> None:
+        self.call.cancel()
+        self.task.cancel()
+
+
+async def test_device_resumes_on_another_process_after_a_crash(servers, pg_url):
+    first, second = servers(), servers()
+    device = f"bus-{uuid.uuid4().hex[:8]}"
+    t0 = now_ms() - 120_000
+    fixes = [fix(s, 51.5 + s * 1e-4, -0.1, time_ms=t0 + s * 1000) for s in range(1, 41)]
+    async with (
+        grpc.aio.insecure_channel(first.address) as to_first,
+        grpc.aio.insecure_channel(second.address) as to_second,
+    ):
+        watcher = WatchLog(track_pb2_grpc.TrackSessionStub(to_second), device)
+        await asyncio.wait_for(watcher.ready.wait(), 10)
+        call = track_pb2_grpc.TrackSessionStub(to_first).Track()
+        await call.write(hello(device))
+        assert (await call.read()).started.last_stored_seq == 0
+        for f in fixes[
+            :20
+        ]:  # one at a time: the watcher on the other process sees each
+            await call.write(batch([f]))
+            assert (await call.read()).ack.acked_seq == f.seq
+            await watcher.saw(f.seq)
+        for f in fixes[20:25]:  # in flight when the process dies: no ack read
+            await call.write(batch([f]))
+        first.kill()
+
+        resumed = track_pb2_grpc.TrackSessionStub(to_second).Track()
+        await resumed.write(hello(device, resume_from_seq=21))
+        last_stored = (await resumed.read()).started.last_stored_seq
+        assert 20 <= last_stored <= 25
+        for start in range(20, 40, 5):  # resend everything not acked, in batches
+            await resumed.write(batch(fixes[start : start + 5]))
+            ack = (await resumed.read()).ack
+            assert ack.acked_seq == start + 5 and not ack.rejections
+        await resumed.done_writing()
+        await watcher.saw(40)
+        watcher.close()
+    assert stored_seqs(pg_url, device) == list(range(1, 41))
+    assert watcher.seqs == sorted(watcher.seqs)  # the live position never went back
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+async def test_workers_share_one_port(servers, pg_url) -> None:
+    server = servers(workers=2)
+    assert len(children(server.process.pid)) == 2
+    devices = [f"van-{uuid.uuid4().hex[:8]}" for _ in range(8)]
+    t0 = now_ms() - 60_000
+    for device in devices:  # a connection each: the kernel spreads them over workers
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            call = track_pb2_grpc.TrackSessionStub(channel).Track()
+            await call.write(hello(device))
+            await call.read()
+            await call.write(batch([fix(s, 48.1, 11.5, t0 + s) for s in (1, 2, 3)]))
+            assert (await call.read()).ack.acked_seq == 3
+            await call.done_writing()
+    assert all(stored_seqs(pg_url, d) == [1, 2, 3] for d in devices)
+    os.kill(server.process.pid, 15)
+    assert server.process.wait(timeout=20) == 0, server.log()[-3000:]

@@ -1,0 +1,60 @@
+"""CPU time and resident memory of a server process and its children, from /proc."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Summed over a process tree at one moment."""
+
+    cpu_s: float  # user + system time since each process started
+    rss_bytes: int
+    processes: int
+
+
+def _stat_fields(pid: int) -> list[str]:
+    text = (PROC / str(pid) / "stat").read_text()
+    # The command name (field 2) may hold spaces; everything after ')' splits cleanly.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (worker processes of a server)."""
+    by_parent: dict[int, list[int]] = {}
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int(_stat_fields(int(entry.name))[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        by_parent.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = by_parent.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def usage(pid: int) -> Usage:
+    """CPU seconds and resident bytes of ``pid`` and its descendants."""
+    cpu_ticks, rss_pages, count = 0, 0, 0
+    for member in [pid, *children(pid)]:
+        try:
+            fields = _stat_fields(member)
+        except OSError:
+            continue
+        # After the name: state(0) ppid(1) ... utime(11) stime(12) ... rss(21)
+        cpu_ticks += int(fields[11]) + int(fields[12])
+        rss_pages += int(fields[21])
+        count += 1
+    return Usage(cpu_ticks / TICKS_PER_S, rss_pages * PAGE_BYTES, count)
