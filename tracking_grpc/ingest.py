@@ -169,7 +169,12 @@ class IngestPipeline:
     async def _flush_loop(self) -> None:
         delay = self.settings.flush_interval_ms / 1000
         while True:
-            await self._wakeup.wait()
+            # Closing sets the wakeup once; a flush in progress may clear it, so a
+            # closing loop must not wait for it again.
+            if self._closing and not self._queue:
+                return
+            if not self._closing:
+                await self._wakeup.wait()
             if delay > 0 and not self._closing:
                 await asyncio.sleep(delay)
             self._wakeup.clear()
