@@ -37,8 +37,21 @@ def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     )
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A loader that refuses a mapping with a key twice (compose does too)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = {key for key in keys if keys.count(key) > 1}
+        if twice:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate keys {sorted(twice)}", node.start_mark
+            )
+        return super().construct_mapping(node, deep=deep)
+
+
 def compose() -> dict:
-    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    return yaml.load((DOCKER / "compose.yaml").read_text(), Loader=UniqueKeyLoader)
 
 
 def dashboard_queries() -> list[str]:
