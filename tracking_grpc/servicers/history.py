@@ -335,6 +335,7 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             raise NotFound(
                 f"no activity for device {device!r} since the server started"
             )
+        applied = math.isfinite(state.lat) and math.isfinite(state.smoothed_lat)
         return history_pb2.GetActivityResponse(
             device_id=device,
             online=state.online,
@@ -347,8 +348,10 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             trip_distance_m=state.trip_distance_m,
             odometer_m=state.odometer_m,
             time_ms=max(state.time_ms, 0),
-            position=_latlng(state.lat, state.lon),
-            smoothed_position=_latlng(state.smoothed_lat, state.smoothed_lon),
+            position=_latlng(state.lat, state.lon) if applied else None,
+            smoothed_position=(
+                _latlng(state.smoothed_lat, state.smoothed_lon) if applied else None
+            ),
         )
 
 
