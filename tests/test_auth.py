@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -11,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from tracking.v1 import track_pb2, track_pb2_grpc
 
-from tests.server_fixtures import fix, track_session
+from tests.server_fixtures import batch, fix, hello, track_session
 
 SECRET = "test-secret-of-enough-length-for-hs256"
 
@@ -124,3 +125,25 @@ async def test_rs256_public_key(start_server, tmp_path) -> None:
             track_pb2.GetLastPositionsRequest(device_ids=["x"]), metadata=bearer(signed)
         )
     assert list(reply.missing_device_ids) == ["x"]
+
+
+async def test_viewer_cannot_publish(secured) -> None:
+    _, stub = secured
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await track_session(
+            stub, "dev-1", [[fix(1, 1.0, 1.0)]], metadata=bearer(token("viewer"))
+        )
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_stream_ends_when_its_token_expires(secured) -> None:
+    _, stub = secured
+    short = token("device", exp=time.time() + 1.5)
+    call = stub.Track(metadata=bearer(short))
+    await call.write(hello("dev-1"))
+    await call.read()
+    await asyncio.sleep(2)
+    await call.write(batch([fix(1, 1.0, 1.0)]))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call.read()
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED

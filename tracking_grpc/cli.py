@@ -12,6 +12,7 @@ from typing import Any
 import uvloop
 
 from tracking_grpc import config
+from tracking_grpc.client.commands import COMMANDS as CLIENT_COMMANDS
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_migrate,
     add_prepare_routing,
     add_trips,
+    # replay, watch, simulate, positions, nearby (tracking_grpc/client/)
+    *(command.add_parser for command in CLIENT_COMMANDS),
 ]
 
 
