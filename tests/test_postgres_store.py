@@ -115,6 +115,16 @@ def test_access_paths_use_an_index_and_prune_partitions(pg_url, query, index) ->
     assert plan.count(" on fixes_") <= 2  # one day's partition (and its index)
 
 
+async def test_device_state_survives_a_restart(pg_url) -> None:
+    tenant = unique_tenant()
+    store = await PostgresHistoryStore.open(pg_url)
+    await store.store(FixBatch.from_rows(tenant, [("a", 9, T0, 1.0, 2.0)]))
+    await store.close()
+    reopened = await PostgresHistoryStore.open(pg_url)
+    assert (await reopened.device_states(tenant, ["a"]))["a"].last_stored_seq == 9
+    await reopened.close()
+
+
 async def test_store_rejects_seq_beyond_bigint(pg_url) -> None:
     store = await PostgresHistoryStore.open(pg_url)
     batch = FixBatch.from_rows("t", [("a", 2**63, T0, 1.0, 2.0)])

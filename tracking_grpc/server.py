@@ -128,6 +128,8 @@ class TrackingServer:
             up = await _answers(store)
             seconds = time.perf_counter() - started_s
             metrics.dependency_checked(metrics.backend_name(store), up, seconds)
+            # Live state that still lacks updates (not yet rebuilt) is not served.
+            up = up and not getattr(store, "needs_rebuild", False)
             if up != self.dependencies_up[name]:
                 log.warning("%s is %s", name, "back" if up else "NOT serving")
             self.dependencies_up[name] = up

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator
+from typing import cast
 
 import grpc
 import numpy as np
@@ -20,6 +21,7 @@ from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import in_box, in_circle
 from tracking_grpc.errors import InvalidArgument, NotFound
 from tracking_grpc.geofence.index import FenceIndex
+from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.servicers.geofence import open_repositories
 from tracking_grpc.storage.fences import FenceRepository
 
@@ -300,7 +302,8 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
         if len(wanted) > MAX_FENCE_IDS:
             raise InvalidArgument("fence_ids", f"at most {MAX_FENCE_IDS}")
         found = await self._load(caller, request)
-        specs = await self.fences.all(caller.tenant)
+        # cast: the repository protocol's `list` method shadows the builtin for mypy
+        specs = cast("list[FenceSpec]", await self.fences.all(caller.tenant))
         if wanted:
             specs = [f for f in specs if f.fence_id in wanted]
         fixes = views.clean(found.analysis)
@@ -335,6 +338,7 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             raise NotFound(
                 f"no activity for device {device!r} since the server started"
             )
+        applied = math.isfinite(state.lat) and math.isfinite(state.smoothed_lat)
         return history_pb2.GetActivityResponse(
             device_id=device,
             online=state.online,
@@ -347,8 +351,10 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             trip_distance_m=state.trip_distance_m,
             odometer_m=state.odometer_m,
             time_ms=max(state.time_ms, 0),
-            position=_latlng(state.lat, state.lon),
-            smoothed_position=_latlng(state.smoothed_lat, state.smoothed_lon),
+            position=_latlng(state.lat, state.lon) if applied else None,
+            smoothed_position=(
+                _latlng(state.smoothed_lat, state.smoothed_lon) if applied else None
+            ),
         )
 
 
