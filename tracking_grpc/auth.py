@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import jwt
 
 from tracking_grpc.config import Settings
 from tracking_grpc.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from tracking_grpc.observability import logs
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,21 @@ class Caller:
     tenant: str
     subject: str
     role: Role
+    expires_at: float | None = None  # the token's exp, Unix seconds
+
+    def check_not_expired(self) -> None:
+        """A stream outliving its token is ended: the device must re-authenticate."""
+        if self.expires_at is not None and time.time() >= self.expires_at:
+            raise Unauthenticated(
+                "token expired during the stream; reconnect with a new one"
+            )
+
+    def require_writer(self) -> None:
+        """Publishing fixes is for devices (their own) and admins, not viewers."""
+        if self.role == Role.VIEWER:
+            raise PermissionDenied(
+                "role viewer may read and watch but not publish fixes"
+            )
 
     def require(self, role: Role) -> None:
         """Raise PERMISSION_DENIED unless the caller has at least ``role``."""
@@ -77,6 +94,12 @@ class Authenticator:
                 )
 
     def caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        """The call's caller; its tenant goes on every log line of the call."""
+        caller = self._caller(context)
+        logs.bind(tenant=caller.tenant)
+        return caller
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         if self.mode == "off":
             return self.default
         metadata = dict(context.invocation_metadata() or ())
@@ -109,4 +132,4 @@ class Authenticator:
             raise Unauthenticated("token has no tenant claim")
         if role_name not in Role.__members__:
             raise Unauthenticated("token role must be device, viewer or admin")
-        return Caller(tenant, str(claims["sub"]), Role[role_name])
+        return Caller(tenant, str(claims["sub"]), Role[role_name], float(claims["exp"]))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -96,7 +96,8 @@ class IngestPipeline:
         self.processors: list[FixProcessor] = []
         self.backend = metrics.backend_name(history)
         self.storage_healthy = True
-        self._queue: list[_Pending] = []
+        self.live_healthy = True
+        self._queue: deque[_Pending] = deque()
         self._queued_fixes = 0
         self._wakeup = asyncio.Event()
         self._space = asyncio.Condition()
@@ -167,27 +168,24 @@ class IngestPipeline:
         return await done
 
     async def _flush_loop(self) -> None:
+        """Commit what is queued, waiting ``flush_interval_ms`` for more to join;
+        ends once closing and nothing is left."""
         delay = self.settings.flush_interval_ms / 1000
         while True:
-            # Closing sets the wakeup once; a flush in progress may clear it, so a
-            # closing loop must not wait for it again.
-            if self._closing and not self._queue:
-                return
-            if not self._closing:
-                await self._wakeup.wait()
-            if delay > 0 and not self._closing:
-                await asyncio.sleep(delay)
-            self._wakeup.clear()
             if not self._queue:
                 if self._closing:
                     return
-                continue
-            await self._flush()
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                if delay > 0 and not self._closing:
+                    await asyncio.sleep(delay)
+            if self._queue:
+                await self._flush()
 
     def _take(self) -> list[_Pending]:
         taken, count = [], 0
         while self._queue and count < self.settings.flush_max_fixes:
-            item = self._queue.pop(0)
+            item = self._queue.popleft()
             taken.append(item)
             count += len(item.batch)
         if self._queue:
@@ -273,8 +271,13 @@ class IngestPipeline:
             moved = await self.live.update(stored)
             if len(moved):
                 await self.broker.publish(moved)
+            if not self.live_healthy:
+                log.warning("live updates resumed")
+            self.live_healthy = True
         except Unavailable as exc:  # rebuilt from history when it returns
-            log.warning("live update skipped; history is intact: %s", exc.message)
+            if self.live_healthy:  # once per outage, not once per commit
+                log.warning("live updates skipped; history is intact: %s", exc.message)
+            self.live_healthy = False
         except Exception:
             log.exception("live update failed; history is intact")
         if self.processors:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Sequence
@@ -21,6 +20,7 @@ from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.events import TrackingEvent
 from tracking_grpc.fanout import Watcher, WatchFilter
 from tracking_grpc.ingest import IngestResult, now_ms
+from tracking_grpc.observability import logs, metrics
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
             for queue in self._event_queues.get((event.tenant, event.device), ()):
                 if queue.full():
                     queue.get_nowait()  # a stalled stream keeps the newest events
+                    metrics.stream_events_dropped(1)
                 queue.put_nowait(event)
 
     async def Track(
@@ -148,7 +149,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
     ) -> None:
         """A device session: hello, then fix batches, answered by acks and events."""
         caller = self.app.auth.caller(context)
-        caller.require(Role.DEVICE)
+        caller.require_writer()
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return
@@ -157,6 +158,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
                 "hello", "the first message of a stream must be hello"
             )
         device_id = convert.check_device_id(first.hello.device_id, "hello.device_id")
+        logs.bind(device=device_id)
         caller.require_device(device_id)
         states = await self.app.history.device_states(caller.tenant, [device_id])
         state = states.get(device_id)
@@ -188,7 +190,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
     ) -> track_pb2.PublishBatchResponse:
         """Store fixes of many devices; answers once they are durable."""
         caller = self.app.auth.caller(context)
-        caller.require(Role.DEVICE)
+        caller.require_writer()
         batches = []
         for i, device in enumerate(request.devices):
             field = f"devices[{i}].device_id"
@@ -351,8 +353,9 @@ class _Session:
         finally:
             for task in tasks:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # A call ended by the client or by the server stopping fails its reads
+            # and writes: those errors end the session and are not worth raising.
+            await asyncio.gather(*tasks, return_exceptions=True)
             while not inflight.empty():
                 pending = inflight.get_nowait()
                 if pending is not None:
@@ -386,8 +389,8 @@ class _Session:
             raise InvalidArgument(
                 "batch.fixes", f"{len(fixes)} fixes exceed the maximum of {limit}"
             )
-        if not fixes:
-            return None
+        self.caller.check_not_expired()
+        # An empty batch is acknowledged too, so acks pair with batches one to one.
         return convert.fixes_to_batch(self.caller.tenant, self.device_id, fixes)
 
     async def _write_acks(
@@ -395,7 +398,9 @@ class _Session:
     ) -> None:
         while (task := await inflight.get()) is not None:
             result = await task
-            self.last_stored = max(self.last_stored, result.acked_seq())
+            stored = result.batch.seq[result.new]
+            if stored.size:
+                self.last_stored = max(self.last_stored, int(stored.max()))
             await self._write(_ack(result, self.last_stored))
 
     async def _write_events(self, events: asyncio.Queue[TrackingEvent]) -> None:
