@@ -212,7 +212,7 @@ def run_drivers(
     )
     samples["machine_busy_s"] = machine_busy_s() - busy
     samples["backend_cpu_s"] = {
-        n: procstat.cpu_of(backends[n]) - backend_cpu[n] for n in backends
+        n: max(0.0, procstat.cpu_of(backends[n]) - backend_cpu[n]) for n in backends
     }
     samples["server_cpu_s"] = end.cpu_s - steady.cpu_s
     samples["server_processes"] = end.processes
