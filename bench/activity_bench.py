@@ -4,11 +4,13 @@ Part 1 runs our stop detector and MovingPandas' ``TrajectoryStopDetector`` on th
 same fixes (the New York AIS hour and the Liverpool bus trace) with the same rule
 (a stop stays within a 100 m diameter for 5 minutes), and reports how well the
 stops agree and how fast each is. Part 2 stores a month of synthetic fixes for
-many devices in a history store (PostgreSQL/PostGIS when ``--database-url`` is
-given, else the embedded SQLite store) and measures history queries per second.
+many devices in a history store (a scratch PostgreSQL/PostGIS database when
+``--pg-admin-url`` is given, else the embedded SQLite store) and measures history
+queries per second.
 
     .venv/bin/pip install -c constraints.txt -e '.[bench]'
-    .venv/bin/python bench/activity_bench.py [--database-url postgresql://...]
+    .venv/bin/python bench/activity_bench.py \
+        [--pg-admin-url postgresql://postgres@127.0.0.1:5432/postgres]
 
 Prints tables and writes bench/results/activity_bench.json.
 """
@@ -189,6 +191,29 @@ def synthetic_day(device: int, day: int, start_ms: int, rng) -> FixBatch:
     )
 
 
+def scratch_database(admin_url: str) -> tuple[str, str]:
+    """Create and migrate a private PostgreSQL database; returns (name, url)."""
+    import os
+
+    import psycopg
+
+    from tracking_grpc.storage import schema
+
+    name = f"activity_bench_{os.getpid()}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    asyncio.run(schema.migrate(url))
+    return name, url
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 async def part_two(database_url: str, devices: int, days: int, seconds: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(data_dir=tmp, database_url=database_url)
@@ -197,12 +222,14 @@ async def part_two(database_url: str, devices: int, days: int, seconds: float) -
         rng = np.random.default_rng(1)
         t0 = time.perf_counter()
         stored = 0
+        pending: list[FixBatch] = []
         for d in range(devices):
-            batch = FixBatch.concat(
-                [synthetic_day(d, k, start_ms, rng) for k in range(days)]
-            )
-            await store.store(batch.with_received(start_ms + days * 86_400_000))
-            stored += len(batch)
+            pending += [synthetic_day(d, k, start_ms, rng) for k in range(days)]
+            if sum(len(b) for b in pending) >= 50_000 or d == devices - 1:
+                batch = FixBatch.concat(pending)
+                await store.store(batch.with_received(start_ms + days * 86_400_000))
+                stored += len(batch)
+                pending = []
         load_s = time.perf_counter() - t0
         config = ActivityConfig()
         results = {
@@ -259,9 +286,54 @@ async def part_two(database_url: str, devices: int, days: int, seconds: float) -
         return results
 
 
+def part_three(devices: int, seconds: int) -> dict:
+    """Live processing: devices at one fix a second, half parked, half driving.
+
+    Every batch holds one fix of every device (the worst case for the tails kept
+    per device); reports the steady rate once tails are full.
+    """
+    from tracking_grpc.activity.processor import ActivityProcessor
+
+    rng = np.random.default_rng(0)
+    processor = ActivityProcessor()
+    lat0 = 47 + rng.uniform(-0.1, 0.1, devices)
+    lon0 = 8 + rng.uniform(-0.1, 0.1, devices)
+    moving = rng.random(devices) < 0.5
+    names = np.array([f"d{i}" for i in range(devices)], dtype=object)
+    start = 1_767_225_600_000
+    took = []
+    for k in range(seconds):
+        jitter = rng.normal(0, 5, devices) / 111_195
+        lat = lat0 + np.where(moving, k * 10 / 111_195, jitter)
+        batch = FixBatch.from_columns(
+            "bench",
+            names,
+            np.full(devices, k + 1),
+            np.full(devices, start + k * 1000),
+            lat,
+            lon0,
+            accuracy_m=np.full(devices, 5.0),
+        )
+        t0 = time.perf_counter()
+        processor.apply(batch, created_ms=0)
+        took.append(time.perf_counter() - t0)
+    steady = float(np.mean(took[-60:]))
+    return {
+        "devices": devices,
+        "seconds_of_fixes": seconds,
+        "steady_batch_ms": round(steady * 1000, 1),
+        "steady_fixes_per_s": round(devices / steady),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--database-url", default="", help="PostgreSQL URL (loopback)")
+    parser.add_argument(
+        "--pg-admin-url",
+        default="",
+        help="PostgreSQL admin URL on loopback (e.g. postgresql://postgres@127.0.0.1"
+        ":5432/postgres): a scratch database is created there and dropped after",
+    )
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--seconds", type=float, default=10.0, help="per query kind")
@@ -282,11 +354,20 @@ def main() -> None:
             f"{r['stopped_time_jaccard']:8.3f} {r['ours_s']:8.4f} {r['theirs_s']:7.2f} "
             f"{r['speed_ratio']:6.1f}"
         )
-    report = {"machine": platform.platform(), "detection": detection}
+    live = part_three(1000, 420)
+    print(f"live: {live}")
+    report = {"machine": platform.platform(), "detection": detection, "live": live}
+    if args.skip_history and RESULTS.exists():
+        report["history"] = json.loads(RESULTS.read_text()).get("history")
     if not args.skip_history:
-        history = asyncio.run(
-            part_two(args.database_url, args.devices, args.days, args.seconds)
+        name, url = (
+            scratch_database(args.pg_admin_url) if args.pg_admin_url else ("", "")
         )
+        try:
+            history = asyncio.run(part_two(url, args.devices, args.days, args.seconds))
+        finally:
+            if name:
+                drop_database(args.pg_admin_url, name)
         report["history"] = history
         for key, value in history.items():
             print(f"{key:28} {value}")

@@ -5,7 +5,8 @@ Usage: python bench/route_bench.py [--quick]
 Prepares the Helsinki and Porto datasets in a temporary directory, then measures,
 each against a peer in the same run:
 
-- routes per second on one thread and on two threads (does OSRM release the GIL?);
+- routes per second on one thread, on two threads, and through gRPC;
+- how much of the interpreter is left while OSRM or VROOM works in a thread;
 - travel tables of n points against n² single routes;
 - VROOM plans for 50, 200 and 1,000 jobs against a nearest-neighbour order;
 - route monitoring fixes per second over arrays of devices against evaluating the
@@ -19,12 +20,15 @@ Prints a table per part and writes bench/results/route_bench.json.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -73,14 +77,105 @@ def routes_per_second(car: RoutingEngine, points: np.ndarray, threads: int) -> f
     return len(pairs) / (time.perf_counter() - started)
 
 
-def bench_routes(car: RoutingEngine, points: np.ndarray) -> dict:
+def bench_routes(
+    car: RoutingEngine, points: np.ndarray, data_dir: Path, tmp: Path
+) -> dict:
     rows = {
         f"{t} thread{'s' * (t > 1)}": routes_per_second(car, points, t) for t in (1, 2)
     }
+    rows["gRPC, 8 in flight"] = asyncio.run(
+        rpc_routes_per_second(data_dir, tmp, points, 8)
+    )
     print("\nroutes (Helsinki car, with steps and full geometry)")
     for name, rate in rows.items():
-        print(f"  {name:<10} {rate:10.0f} routes/s")
+        print(f"  {name:<18} {rate:10.0f} routes/s")
     return rows
+
+
+async def rpc_routes_per_second(
+    data_dir: Path, tmp: Path, points: np.ndarray, concurrency: int
+) -> float:
+    """ComputeRoute calls per second through a real server on 127.0.0.1, port 0
+    (client and server share this process and its one event loop)."""
+    import grpc
+    from tracking.v1 import common_pb2, route_pb2, route_pb2_grpc
+
+    from tracking_grpc.config import Settings
+    from tracking_grpc.server import TrackingServer
+
+    settings = Settings(
+        listen="127.0.0.1:0",
+        data_dir=str(tmp / "store"),
+        routing_data_dir=str(data_dir),
+    )
+    server = await TrackingServer.start(settings)
+    try:
+        address = f"127.0.0.1:{server.port}"
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = route_pb2_grpc.RouteStub(channel)
+            requests = [
+                route_pb2.ComputeRouteRequest(
+                    origin=common_pb2.LatLng(lat=a[0], lon=a[1]),
+                    destination=common_pb2.LatLng(lat=b[0], lon=b[1]),
+                )
+                for a, b in zip(points, np.roll(points, 7, axis=0), strict=True)
+            ]
+            queue = list(requests)
+
+            async def worker() -> None:
+                while queue:
+                    await stub.ComputeRoute(queue.pop())
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return len(requests) / (time.perf_counter() - started)
+    finally:
+        await server.stop(0)
+
+
+def interpreter_share_during(work: Callable[[], object], seconds: float = 1.0) -> float:
+    """How fast a pure-Python loop runs while ``work`` repeats in another thread,
+    relative to alone: near 1 when the work releases the GIL, near 0 when not."""
+
+    def spin() -> int:
+        count, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            count += 1
+        return count
+
+    alone = spin()
+    stop = threading.Event()
+
+    def repeat() -> None:
+        while not stop.is_set():
+            work()
+
+    thread = threading.Thread(target=repeat)
+    thread.start()
+    during = spin()
+    stop.set()
+    thread.join()
+    return during / alone
+
+
+def bench_gil(car: RoutingEngine, points: np.ndarray) -> dict:
+    lat, lon = points[:300, 0], points[:300, 1]
+    jobs = [
+        optimise.JobSpec(f"j{i}", (float(a), float(b)))
+        for i, (a, b) in enumerate(points[:150])
+    ]
+    van = optimise.VehicleSpec("van", DEPOT, DEPOT)
+    problem = optimise.build_problem(car, [van], jobs)
+    shares = {
+        "osrm_table_300": interpreter_share_during(lambda: car.table(lat, lon)),
+        "vroom_solve_150": interpreter_share_during(
+            lambda: optimise.solve(problem, exploration_level=5, threads=1)
+        ),
+    }
+    print("\ninterpreter speed while a library call runs in another thread (1 = free)")
+    for name, share in shares.items():
+        print(f"  {name:<18} {share:5.2f}")
+    return shares
 
 
 def bench_matrix(car: RoutingEngine, points: np.ndarray, sizes: list[int]) -> list:
@@ -345,7 +440,10 @@ def main() -> None:
                 "load_average_at_start": os.getloadavg(),
             },
             "prepare_s": prepare_s,
-            "routes_per_s": bench_routes(car, points[: 300 if args.quick else 1000]),
+            "routes_per_s": bench_routes(
+                car, points[: 300 if args.quick else 1000], helsinki_dir, Path(tmp)
+            ),
+            "interpreter_share_during_call": bench_gil(car, points),
             "matrix": bench_matrix(
                 car, points, [10, 30, 100] if args.quick else [10, 30, 100, 300, 1000]
             ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
 import grpc
@@ -11,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from tracking.v1 import track_pb2, track_pb2_grpc
 
-from tests.server_fixtures import fix, track_session
+from tests.server_fixtures import batch, fix, hello, track_session
 
 SECRET = "test-secret-of-enough-length-for-hs256"
 
@@ -77,9 +79,12 @@ async def test_device_token_publishes_its_own_device(secured) -> None:
 )
 async def test_track_refuses_bad_credentials(secured, metadata, code) -> None:
     _, stub = secured
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await track_session(stub, "dev-1", [[fix(1, 1.0, 1.0)]], metadata=metadata)
-    assert raised.value.code() == code
+    call = stub.Track(metadata=metadata)
+    # The server may refuse before the hello is written; the write then fails on
+    # the client side, and the call's status is what the server said.
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await call.write(hello("dev-1"))
+    assert await call.code() == code
 
 
 async def test_device_role_cannot_read_positions(secured) -> None:
@@ -124,3 +129,25 @@ async def test_rs256_public_key(start_server, tmp_path) -> None:
             track_pb2.GetLastPositionsRequest(device_ids=["x"]), metadata=bearer(signed)
         )
     assert list(reply.missing_device_ids) == ["x"]
+
+
+async def test_viewer_cannot_publish(secured) -> None:
+    _, stub = secured
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await track_session(
+            stub, "dev-1", [[fix(1, 1.0, 1.0)]], metadata=bearer(token("viewer"))
+        )
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_stream_ends_when_its_token_expires(secured) -> None:
+    _, stub = secured
+    short = token("device", exp=time.time() + 1.5)
+    call = stub.Track(metadata=bearer(short))
+    await call.write(hello("dev-1"))
+    await call.read()
+    await asyncio.sleep(2)
+    await call.write(batch([fix(1, 1.0, 1.0)]))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call.read()
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED

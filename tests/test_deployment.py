@@ -11,6 +11,8 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -37,8 +39,21 @@ def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     )
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A loader that refuses a mapping with a key twice (compose does too)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = {key for key in keys if keys.count(key) > 1}
+        if twice:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate keys {sorted(twice)}", node.start_mark
+            )
+        return super().construct_mapping(node, deep=deep)
+
+
 def compose() -> dict:
-    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    return yaml.load((DOCKER / "compose.yaml").read_text(), Loader=UniqueKeyLoader)
 
 
 def dashboard_queries() -> list[str]:
@@ -183,3 +198,42 @@ def test_grafana_datasource_is_the_one_the_dashboard_uses():
     (source,) = yaml.safe_load(provisioned.read_text())["datasources"]
     panels = json.loads(DASHBOARD.read_text())["panels"]
     assert {p["datasource"]["uid"] for p in panels} == {source["uid"]}
+
+
+@pytest.mark.slow
+def test_the_wheel_the_image_installs_carries_every_package_file(tmp_path):
+    source = tmp_path / "src"  # what the image's build stage copies, and only that
+    source.mkdir()
+    build_stage = DOCKERFILE.read_text().split("\nFROM ")[1]
+    for copied in re.findall(r"^COPY (?!--)(.+) \S+$", build_stage, re.M):
+        for path in (ROOT / name.rstrip("/") for name in copied.split()):
+            if path.is_dir():
+                shutil.copytree(path, source / path.name, ignore=IGNORED)
+            else:
+                shutil.copy(path, source / path.name)
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+    ]
+    done = subprocess.run(
+        [*command, "-q", "-w", str(tmp_path), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    packed = set(zipfile.ZipFile(wheel).namelist())
+    files = {
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "tracking_grpc").rglob("*")
+        if path.is_file() and "__pycache__" not in path.parts
+    }
+    assert files <= packed, sorted(files - packed)
+
+
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc")

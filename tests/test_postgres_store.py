@@ -58,6 +58,14 @@ async def test_partitions_exist_ahead_of_need(pg_url) -> None:
     await store.close()
 
 
+async def test_a_new_day_prepares_the_next_week(pg_url) -> None:
+    store = await PostgresHistoryStore.open(pg_url)
+    later_ms = int(time.time() * 1000) + 5 * DAY_MS
+    await store.prepare_partitions(later_ms)
+    assert day_name(later_ms + 7 * DAY_MS) in partitions(pg_url)
+    await store.close()
+
+
 async def test_an_old_day_gets_its_partition_on_demand(pg_url) -> None:
     store = await PostgresHistoryStore.open(pg_url)
     old_ms = 1_500_000_000_000
@@ -105,6 +113,16 @@ def test_access_paths_use_an_index_and_prune_partitions(pg_url, query, index) ->
         )
     assert "Index" in plan and index in plan
     assert plan.count(" on fixes_") <= 2  # one day's partition (and its index)
+
+
+async def test_device_state_survives_a_restart(pg_url) -> None:
+    tenant = unique_tenant()
+    store = await PostgresHistoryStore.open(pg_url)
+    await store.store(FixBatch.from_rows(tenant, [("a", 9, T0, 1.0, 2.0)]))
+    await store.close()
+    reopened = await PostgresHistoryStore.open(pg_url)
+    assert (await reopened.device_states(tenant, ["a"]))["a"].last_stored_seq == 9
+    await reopened.close()
 
 
 async def test_store_rejects_seq_beyond_bigint(pg_url) -> None:

@@ -1,5 +1,5 @@
 """Redis specifics beyond the contract: fan-out between processes' brokers, key
-spread over a cluster's nodes, and concurrent live writers."""
+spread over a cluster's nodes, concurrent live writers, and repairs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import redis
 
 from tests.backends import unique_tenant
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.storage import redis_keys as keys
+from tracking_grpc.storage.live_repair import rebuild_live
+from tracking_grpc.storage.postgres import PostgresHistoryStore
 from tracking_grpc.storage.redis_broker import RedisBroker, decode, encode
 from tracking_grpc.storage.redis_live import RedisLiveStore
 
@@ -92,3 +95,23 @@ async def _until(condition, timeout_s: float = 5.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not condition():  # noqa: ASYNC110 - polls another task's results
             await asyncio.sleep(0.01)
+
+
+async def test_rebuild_mends_a_lost_geo_move(redis_url, redis_prefix, pg_url) -> None:
+    history = await PostgresHistoryStore.open(pg_url)
+    live = await RedisLiveStore.open(redis_url, redis_prefix)
+    tenant = unique_tenant()
+    fixes = FixBatch.from_rows(tenant, [("a", 1, T0, 10.5, 10.5)])
+    await history.store(fixes)
+    await live.update(fixes)
+    cell = int(keys.cell_of(fixes.lat, fixes.lon)[0])
+    client = redis.Redis.from_url(redis_url)  # the GEO step of that update "failed"
+    client.delete(
+        keys.geo_key(redis_prefix, tenant, cell),
+        keys.geo_time_key(redis_prefix, tenant, cell),
+    )
+    client.close()
+    assert len((await live.nearby(tenant, 10.5, 10.5, 100.0, 5))[0]) == 0
+    await rebuild_live(history, live)
+    assert (await live.nearby(tenant, 10.5, 10.5, 100.0, 5))[0].device.tolist() == ["a"]
+    await asyncio.gather(history.close(), live.close())

@@ -201,3 +201,18 @@ async def test_slow_watcher_gets_newest_position_coalesced(server, stub) -> None
     updates = await asyncio.wait_for(watcher.next_updates(), 5)
     assert updates.seq.tolist() == [5]
     assert watcher.coalesced >= 1
+
+
+async def test_empty_batch_gets_its_own_ack(stub) -> None:
+    _, acks = await track_session(stub, "d", [[], [fix(1, 1.0, 1.0)]])
+    assert [(a.acked_seq, a.stored) for a in acks] == [(0, 0), (1, 1)]
+
+
+async def test_last_stored_seq_counts_only_stored_sequence_numbers(stub) -> None:
+    t = now_ms()
+    await track_session(stub, "d", [[fix(1, 1.0, 1.0, t - 2000)]])
+    # seq 100 repeats seq 1's fix time: a duplicate, so 100 is not stored
+    started, acks = await track_session(stub, "d", [[fix(100, 1.0, 1.0, t - 2000)]])
+    again, _ = await track_session(stub, "d", [])
+    assert (acks[0].duplicates, acks[0].last_stored_seq) == (1, 1)
+    assert started.last_stored_seq == again.last_stored_seq == 1

@@ -68,3 +68,22 @@ def test_newest_per_device_uses_fix_time_not_arrival() -> None:
         ("a", 1),
         ("b", 1),
     ]
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        pytest.param(one(altitude_m=-1e6), id="altitude-below-trench"),
+        pytest.param(one(altitude_m=np.inf), id="altitude-inf"),
+        pytest.param(
+            FixBatch.from_columns("t", ["d"], [1], [NOW], [1.0], [1.0], provider=[99]),
+            id="provider-undefined",
+        ),
+        pytest.param(
+            FixBatch.from_columns("t", ["d"], [1], [NOW], [1.0], [1.0], provider=[300]),
+            id="provider-beyond-int8",
+        ),
+    ],
+)
+def test_implausible_attributes_are_rejected(batch: FixBatch) -> None:
+    assert reasons(batch, NOW, LIMITS).tolist() == [Reason.INVALID_ATTRIBUTE]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,21 @@ class Caller:
     tenant: str
     subject: str
     role: Role
+    expires_at: float | None = None  # the token's exp, Unix seconds
+
+    def check_not_expired(self) -> None:
+        """A stream outliving its token is ended: the device must re-authenticate."""
+        if self.expires_at is not None and time.time() >= self.expires_at:
+            raise Unauthenticated(
+                "token expired during the stream; reconnect with a new one"
+            )
+
+    def require_writer(self) -> None:
+        """Publishing fixes is for devices (their own) and admins, not viewers."""
+        if self.role == Role.VIEWER:
+            raise PermissionDenied(
+                "role viewer may read and watch but not publish fixes"
+            )
 
     def require(self, role: Role) -> None:
         """Raise PERMISSION_DENIED unless the caller has at least ``role``."""
@@ -109,4 +125,4 @@ class Authenticator:
             raise Unauthenticated("token has no tenant claim")
         if role_name not in Role.__members__:
             raise Unauthenticated("token role must be device, viewer or admin")
-        return Caller(tenant, str(claims["sub"]), Role[role_name])
+        return Caller(tenant, str(claims["sub"]), Role[role_name], float(claims["exp"]))

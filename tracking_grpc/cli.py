@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine
@@ -11,6 +12,7 @@ from typing import Any
 import uvloop
 
 from tracking_grpc import config
+from tracking_grpc.client.commands import COMMANDS as CLIENT_COMMANDS
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +122,43 @@ def add_prepare_routing(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(command=_prepare_routing)
 
 
+async def _trips(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tracking_grpc.activity.params import ActivityConfig
+    from tracking_grpc.activity.report import describe
+    from tracking_grpc.errors import InvalidArgument
+    from tracking_grpc.traces import read_trace
+
+    if not await asyncio.to_thread(Path(args.trace).is_file):
+        raise InvalidArgument("trace", f"no such file: {args.trace}")
+    activity = ActivityConfig.from_file(args.activity_config)
+    trace = read_trace(args.trace)
+    for line in describe(trace.to_batch(args.tenant), activity.params(args.tenant)):
+        print(line)
+    return 0
+
+
+def add_trips(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "trips", help="print the trips and stops of a recorded trace (GPX or CSV)"
+    )
+    parser.add_argument("trace", help="trace file (formats: see tracking_grpc.traces)")
+    parser.add_argument(
+        "--activity-config", default="", help="TOML file of activity rules"
+    )
+    parser.add_argument("--tenant", default="default", help="whose rules apply")
+    parser.set_defaults(command=_trips)
+
+
 # Each entry adds one subcommand; its parser sets `command` to an async function.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_serve,
     add_migrate,
     add_prepare_routing,
+    add_trips,
+    # replay, watch, simulate, positions, nearby (tracking_grpc/client/)
+    *(command.add_parser for command in CLIENT_COMMANDS),
 ]
 
 

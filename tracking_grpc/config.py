@@ -108,9 +108,6 @@ class Settings:
     trace_sample_ratio: float = setting(
         1.0, "fraction of new traces sampled (0 to 1); a caller's sampled flag wins"
     )
-    health_check_interval_s: float = setting(
-        10.0, "seconds between PostgreSQL and Redis health checks (metrics on)"
-    )
 
     @classmethod
     def names(cls) -> list[str]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -96,7 +96,7 @@ class IngestPipeline:
         self.processors: list[FixProcessor] = []
         self.backend = metrics.backend_name(history)
         self.storage_healthy = True
-        self._queue: list[_Pending] = []
+        self._queue: deque[_Pending] = deque()
         self._queued_fixes = 0
         self._wakeup = asyncio.Event()
         self._space = asyncio.Condition()
@@ -167,22 +167,24 @@ class IngestPipeline:
         return await done
 
     async def _flush_loop(self) -> None:
+        """Commit what is queued, waiting ``flush_interval_ms`` for more to join;
+        ends once closing and nothing is left."""
         delay = self.settings.flush_interval_ms / 1000
         while True:
-            await self._wakeup.wait()
-            if delay > 0 and not self._closing:
-                await asyncio.sleep(delay)
-            self._wakeup.clear()
             if not self._queue:
                 if self._closing:
                     return
-                continue
-            await self._flush()
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                if delay > 0 and not self._closing:
+                    await asyncio.sleep(delay)
+            if self._queue:
+                await self._flush()
 
     def _take(self) -> list[_Pending]:
         taken, count = [], 0
         while self._queue and count < self.settings.flush_max_fixes:
-            item = self._queue.pop(0)
+            item = self._queue.popleft()
             taken.append(item)
             count += len(item.batch)
         if self._queue:

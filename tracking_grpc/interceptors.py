@@ -42,6 +42,11 @@ async def abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     """End the call with the status that ``error`` maps to."""
     if isinstance(error, TrackingError):
         await context.abort(error.code, error.message, _trailers(error))
+    if context.done():
+        # The call already ended (client gone, server stopping): a read or write on
+        # it failed, which is how such calls end; there is nobody left to tell.
+        log.debug("%s ended: %r", _method(context), error)
+        return
     log.exception("unhandled error in %s", _method(context), exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
+import time
 from collections.abc import Callable
 
 import grpc
@@ -16,7 +17,7 @@ from tracking_grpc.app import App, open_app
 from tracking_grpc.config import Settings
 from tracking_grpc.errors import Unavailable
 from tracking_grpc.interceptors import ErrorInterceptor
-from tracking_grpc.observability import Telemetry
+from tracking_grpc.observability import Telemetry, metrics
 from tracking_grpc.servicers import geofence, history, route, track
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,12 @@ class TrackingServer:
         """Probe history and live state once and publish the result in health."""
         probes = {HISTORY_HEALTH: self.app.history, LIVE_HEALTH: self.app.live}
         for name, store in probes.items():
+            started_s = time.perf_counter()
             up = await _answers(store)
+            seconds = time.perf_counter() - started_s
+            metrics.dependency_checked(metrics.backend_name(store), up, seconds)
+            # Live state that still lacks updates (not yet rebuilt) is not served.
+            up = up and not getattr(store, "needs_rebuild", False)
             if up != self.dependencies_up[name]:
                 log.warning("%s is %s", name, "back" if up else "NOT serving")
             self.dependencies_up[name] = up

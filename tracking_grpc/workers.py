@@ -27,6 +27,13 @@ def check_workers(settings: Settings) -> None:
         raise InvalidArgument("listen", "--workers above 1 needs a fixed port")
     if settings.workers < 1:
         raise InvalidArgument("workers", "must be at least 1")
+    if settings.workers > 1 and not (settings.database_url and settings.redis_url):
+        # Each worker would have its own SQLite writer and its own live positions.
+        raise InvalidArgument(
+            "workers",
+            "several workers share state only through PostgreSQL and Redis: "
+            "set database_url and redis_url",
+        )
 
 
 def supervise(settings: Settings) -> int:

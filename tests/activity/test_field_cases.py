@@ -148,3 +148,22 @@ def test_same_time_fixes_never_divide_by_zero():
     batch = track(np.array([0.0, 10.0, 13.0, 20.0]), np.zeros(4), 0.0)
     a, _, _ = history(batch)
     assert a.trusted.sum() == 1 and np.isnan(a.steps.speed_mps).sum() == 4
+
+
+@pytest.mark.parametrize(
+    ("bad_lat", "bad_lon", "accuracy_m"),
+    [
+        pytest.param(0.0, 0.0, 5.0, id="null-island"),
+        pytest.param(47.5, 8.0, 5.0, id="55-km-spike"),
+        pytest.param(47.0005, 8.0, 900.0, id="900-m-accuracy"),
+    ],
+)
+def test_bad_fixes_add_no_distance(bad_lat, bad_lon, accuracy_m):
+    batch = track(np.arange(0, 1000, 10.0), np.zeros(100))
+    lat, acc = batch.lat.copy(), batch.accuracy_m.copy()
+    lon = batch.lon.copy()
+    lat[50], lon[50], acc[50] = bad_lat, bad_lon, accuracy_m
+    bad = replace(batch, lat=lat, lon=lon, accuracy_m=acc)
+    a, _, _ = history(bad)
+    assert not a.trusted[50]
+    assert a.counted_m.sum() == pytest.approx(990.0, rel=0.005)

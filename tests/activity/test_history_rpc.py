@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -15,6 +16,7 @@ from tracking.v1 import common_pb2, event_pb2, history_pb2, history_pb2_grpc, tr
 from tests.activity.helpers import case_batch, track
 from tests.server_fixtures import batch, hello
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.errors import InvalidArgument
 
 DAY_MS = 86_400_000
 T0 = 1_700_000_000_000  # 2023-11-14 22:13:20 UTC
@@ -356,3 +358,32 @@ async def test_device_stream_receives_trip_events(history, field_cases):
     await call.done_writing()
     assert seen[:4] == ["ONLINE", "STOP_STARTED", "STOP_ENDED", "TRIP_STARTED"]
     assert ended.activity.distance_m == pytest.approx(14_399.9, rel=0.01)
+
+
+async def test_offline_event_from_the_tick_with_tenant_rules(start_server, tmp_path):
+    rules = tmp_path / "activity.toml"
+    rules.write_text("[tenants.default]\noffline_after_s = 1\n")
+    server = await start_server(max_fix_age_s=0, activity_config=str(rules))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        from tracking.v1 import track_pb2_grpc
+
+        call = track_pb2_grpc.TrackSessionStub(channel).Track()
+        await call.write(hello("quiet", want_events=True))
+        await call.read()
+        await call.write(batch([common_pb2.Fix(seq=1, time_ms=T0, lat=47.0, lon=8.0)]))
+        seen = []
+        while "OFFLINE" not in seen:
+            response = await asyncio.wait_for(call.read(), timeout=10)
+            if response.WhichOneof("message") == "event":
+                seen.append(event_pb2.EventType.Name(response.event.type)[11:])
+        await call.done_writing()
+    assert seen == ["ONLINE", "OFFLINE"]
+
+
+async def test_bad_activity_rules_stop_the_server_naming_the_key(
+    start_server, tmp_path
+):
+    rules = tmp_path / "activity.toml"
+    rules.write_text("[tenants.default]\nmin_stop_s = -5\n")
+    with pytest.raises(InvalidArgument, match="min_stop_s"):
+        await start_server(activity_config=str(rules))

@@ -148,3 +148,12 @@ def test_live_filter_is_better_than_raw(noisy_car):
     trace, lat, lon, acc = noisy_car
     live = filter_track(trace.time_ms, lat, lon, acc, np.zeros(len(trace), dtype=int))
     assert rms_m(trace, *live) < rms_m(trace, lat, lon)
+
+
+def test_late_fix_changes_no_live_activity():
+    batch = track(np.arange(0, 3000, 10.0), np.zeros(300))
+    processor, _ = stream(batch, chunk=10)
+    before = processor.state("t", "d")
+    late = track(np.array([50_000.0]), np.zeros(1), start_ms=int(batch.time_ms[5]) + 1)
+    assert processor.apply(late, created_ms=0) == []
+    assert processor.state("t", "d").odometer_m == before.odometer_m

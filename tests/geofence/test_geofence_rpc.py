@@ -325,3 +325,39 @@ async def send_and_collect(channel, device: str, fixes, count: int) -> list:
             events.append(response.event)
     await call.done_writing()
     return events
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_watch_on_one_process_sees_events_of_another(
+    start_server, tmp_path, pg_url, redis_url, redis_prefix
+) -> None:
+    settings = replace(
+        embedded_settings(tmp_path),
+        default_tenant=f"geo-{uuid.uuid4().hex[:8]}",
+        database_url=pg_url,
+        redis_url=redis_url,
+        redis_key_prefix=redis_prefix,
+    )
+    watched, busy = (
+        await start_server(settings=settings),
+        await start_server(settings=settings),
+    )
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{watched.port}") as a,
+        grpc.aio.insecure_channel(f"127.0.0.1:{busy.port}") as b,
+    ):
+        stub = geofence_pb2_grpc.GeofenceStub(a)
+        await stub.CreateFence(
+            geofence_pb2.CreateFenceRequest(
+                fence=geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
+            )
+        )
+        watch = stub.WatchEvents(geofence_pb2.WatchEventsRequest(device_ids=["van-7"]))
+        await watch.initial_metadata()
+        raised = await enter_then_exit(busy, b, "van-7")
+        seen = []
+        while len(seen) < 2:
+            seen += (await asyncio.wait_for(watch.read(), 10)).events
+        watch.cancel()
+    assert [e.event_id for e in seen] == [e.event_id for e in raised]

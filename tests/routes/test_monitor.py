@@ -135,3 +135,15 @@ def test_deviation_from_a_single_point_route_is_the_point_distance(field_cases) 
     lat, lon = np.array([start["lat"]] * 2), np.array([start["lon"]] * 2)
     measured = deviation_m(lat, lon, fix["lat"], fix["lon"])
     assert measured == pytest.approx(case["expected"]["D1"]["deviation_m"], abs=0.5)
+
+
+def test_turning_back_against_the_route_is_off_route(car) -> None:
+    route = car.route(np.array([A[0], B[0]]), np.array([A[1], B[1]]), steps=False)
+    planned = PlannedRoute(
+        "t1", "car-1", "ab", route.lat, route.lon, route.segment_duration_s, 0
+    )
+    points, along = support.drive(route.lat, route.lon, 10.0)
+    turn = int(np.argmax(along > 800))
+    back = np.r_[points[: turn + 1], points[turn - 1 :: -1]]  # the way it came
+    events = [t for t, _ in run(planned, back) if t != E.ETA_UPDATED]
+    assert events == [E.OFF_ROUTE]

@@ -23,6 +23,7 @@ STATION, SENATE, KAMPPI = (
     P(lat=60.1750, lon=24.9502),
     P(lat=60.1690, lon=24.9330),
 )
+FAR = P(lat=60.175, lon=25.5)  # 30 km east of the extract
 SERVICE = "tracking.v1.Route"
 
 
@@ -101,14 +102,24 @@ async def test_swapped_coordinates_are_invalid_argument(routes, field_cases) -> 
     assert caught.value.details().startswith("origin: lat 121.5086")
 
 
-async def test_point_far_from_roads_is_invalid_argument_saying_how_far(routes) -> None:
-    far = P(lat=60.175, lon=25.5)
+@pytest.mark.parametrize(
+    ("points", "field"),
+    [
+        pytest.param((FAR, STATION), "origin", id="origin"),
+        pytest.param((STATION, FAR, SENATE), "waypoints[0]", id="waypoint"),
+        pytest.param((STATION, FAR), "destination", id="destination"),
+    ],
+)
+async def test_point_far_from_roads_is_invalid_argument_saying_how_far(
+    routes, points, field
+) -> None:
+    request = route_pb2.ComputeRouteRequest(
+        origin=points[0], destination=points[-1], waypoints=points[1:-1]
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await routes.ComputeRoute(
-            route_pb2.ComputeRouteRequest(origin=STATION, destination=far)
-        )
+        await routes.ComputeRoute(request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "waypoints[1]: 30340 m from the nearest road" in caught.value.details()
+    assert caught.value.details().startswith(f"{field}: 30340 m from the nearest road")
 
 
 async def test_matrix_matches_single_routes(routes) -> None:

@@ -194,6 +194,12 @@ class ActivityProcessor:
         state = self._tenant(stored.tenant)
         new_slot = state.slot_of(stored.device)
         events = self._online(state, stored, new_slot, created_ms)
+        # Late fixes (older than what a device has applied) stay out of activity.
+        fresh = stored.time_ms > state.cols["last_ms"][new_slot]
+        if not fresh.all():
+            stored, new_slot = stored.take(fresh), new_slot[fresh]
+            if len(stored) == 0:
+                return events
 
         # Only the tails of devices in this batch take part.
         fixes, slots = stored, new_slot

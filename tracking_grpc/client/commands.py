@@ -1,6 +1,6 @@
 """The client's subcommands, for ``tracking_grpc.cli`` to register.
 
-Each module's ``add_parser(subparsers)`` sets ``run`` (an ``async`` function taking
+Each module's ``add_parser(subparsers)`` sets ``command`` (an ``async`` function taking
 the parsed arguments and returning an exit code) as the parser's default.
 """
 

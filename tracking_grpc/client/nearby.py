@@ -25,7 +25,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--json", action="store_true", help="JSON lines")
     add_connection_arguments(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(command=run)
     return parser
 
 

@@ -193,22 +193,34 @@ async def publish_trace(
         len(trace), int(times[0] - trace.time_ms[0]), sessions=[stats]
     )
 
+    async def publish(a: int, b: int) -> None:
+        request = track_pb2.PublishBatchRequest(columns=_columns(trace, times, a, b))
+        response = await _publish_with_retry(
+            stub, request, metadata, options.retry, stats
+        )
+        if response is not None:
+            stats.stored += response.stored
+            stats.duplicates += response.duplicates
+            for rejection in response.rejections:
+                stats.rejected[track_pb2.RejectReason.Name(rejection.reason)] += 1
+
+    # Up to ``window`` calls in flight; each answers once its fixes are durable.
+    in_flight: set[asyncio.Task] = set()
     starts = batch_bounds(due_ms, options.tick_ms, options.batch_fixes)
     for a, b in zip(starts, np.r_[starts[1:], len(trace)], strict=True):
         delay_s = start_clock + due_ms[a] / 1000.0 - loop.time()
         if delay_s > 0:
             await asyncio.sleep(delay_s)
-        request = track_pb2.PublishBatchRequest(columns=_columns(trace, times, a, b))
-        response = await _publish_with_retry(
-            stub, request, metadata, options.retry, stats
-        )
-        if response is None:
+        if len(in_flight) >= options.window:
+            _, in_flight = await asyncio.wait(
+                in_flight, return_when=asyncio.FIRST_COMPLETED
+            )
+        if stats.error:
             break
-        stats.sent += b - a
-        stats.stored += response.stored
-        stats.duplicates += response.duplicates
-        for rejection in response.rejections:
-            stats.rejected[track_pb2.RejectReason.Name(rejection.reason)] += 1
+        stats.sent += int(b - a)
+        in_flight.add(asyncio.create_task(publish(a, b)))
+    if in_flight:
+        await asyncio.wait(in_flight)
     report.elapsed_s = loop.time() - start_clock
     return report
 
@@ -286,7 +298,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     columns.add_argument("--speed-unit", choices=tuple(SPEED_UNITS_MPS), default="mps")
     add_connection_arguments(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(command=run)
     return parser
 
 

@@ -96,7 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--prefix", default="sim-", help="device id prefix")
     parser.add_argument("--seed", type=int, help="random seed (repeatable runs)")
     add_connection_arguments(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(command=run)
     return parser
 
 

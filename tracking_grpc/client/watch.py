@@ -52,8 +52,9 @@ def watch_request(args: argparse.Namespace) -> track_pb2.WatchRequest:
     return request
 
 
-async def print_updates(call, as_json: bool, count: int | None, out=sys.stdout) -> int:
+async def print_updates(call, as_json: bool, count: int | None, out=None) -> int:
     """Print positions from a Watch stream; stop after ``count`` positions."""
+    out = out or sys.stdout
     printed = 0
     async for response in call:
         for position in response.positions:
@@ -83,7 +84,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--count", type=int, help="stop after this many positions")
     parser.add_argument("--timeout", type=float, help="stop after this many seconds")
     add_connection_arguments(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(command=run)
     return parser
 
 

@@ -84,7 +84,11 @@ class FixBatch:
             provider=(
                 np.zeros(n, dtype=np.int8)
                 if provider is None or len(provider) == 0
-                else np.asarray(provider, dtype=np.int8)
+                # Out-of-range codes stay out of range (validation rejects them)
+                # instead of wrapping around in the narrow column.
+                else np.clip(np.asarray(provider, dtype=np.int64), -1, 127).astype(
+                    np.int8
+                )
             ),
             received_ms=np.broadcast_to(
                 np.asarray(received_ms, dtype=np.int64), (n,)

@@ -23,7 +23,9 @@ from tracking_grpc.core.fixes import FixBatch
 # 1999-2003 and decoding faults in 1970.
 EARLIEST_PLAUSIBLE_MS = 946_684_800_000
 MAX_SEQ = 2**63 - 1  # stored as a signed 64-bit integer
-NULL_ISLAND_DEG = 1e-6
+NULL_ISLAND_DEG = 1e-6  # about 10 cm: what a float decoder makes of an exact 0
+MAX_PROVIDER = 6  # tracking.v1.Provider.PROVIDER_MANUAL
+ALTITUDE_RANGE_M = (-12_000.0, 100_000.0)  # deepest trench to the edge of space
 
 
 class Reason(enum.IntEnum):
@@ -50,7 +52,7 @@ DETAILS = {
     Reason.INVALID_SEQ: "seq must be between 1 and 2^63-1",
     Reason.INVALID_ATTRIBUTE: (
         "speed_mps >= 0, heading_deg in [0, 360], battery_pct in [0, 100], "
-        "altitude_m finite"
+        "altitude_m in [-12000, 100000], provider a defined Provider value"
     ),
 }
 
@@ -90,7 +92,9 @@ def reasons(batch: FixBatch, now_ms: int, limits: Limits) -> np.ndarray:
             _bad_optional(batch.speed_mps, 0.0, 1e4)
             | _bad_optional(batch.heading_deg, 0.0, 360.0)
             | _bad_optional(batch.battery_pct, 0.0, 100.0)
-            | np.isinf(batch.altitude_m),
+            | _bad_optional(batch.altitude_m, *ALTITUDE_RANGE_M)
+            | (batch.provider < 0)
+            | (batch.provider > MAX_PROVIDER),
         ]
     choices = [
         Reason.NOT_FINITE,

@@ -262,3 +262,57 @@ class StreamPublisher:
         if self._task is not None:
             await self._task
         await self.client.aclose()
+
+
+class StreamWatchFeed:
+    """Feeds a watch hub from the Redis Stream, so that WatchEvents on any server
+    process sees the events every process raises. Reads entries appended after it
+    started (XREAD from ``$``) and follows the stream from there."""
+
+    def __init__(self, client, stream: str, hub: EventWatchHub) -> None:  # type: ignore[no-untyped-def]
+        self.client = client
+        self.stream = stream
+        self.hub = hub
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="geofence-watch-feed")
+
+    async def _run(self) -> None:
+        last = "$"
+        failures = 0
+        while True:
+            try:
+                found = await self.client.xread(
+                    {self.stream: last}, block=1000, count=1000
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                delay = RETRY_S[min(failures, len(RETRY_S)) - 1]
+                log.warning(
+                    "reading the event stream failed (%s); retry in %ss", exc, delay
+                )
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            for _, entries in found or []:
+                if entries:
+                    last = _text(entries[-1][0])
+                    events = [
+                        event_of_stream({_text(k): _text(v) for k, v in f.items()})
+                        for _, f in entries
+                    ]
+                    await self.hub(events)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.client.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

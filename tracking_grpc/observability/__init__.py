@@ -25,7 +25,6 @@ import grpc
 
 from tracking_grpc.config import Settings
 from tracking_grpc.observability import metrics, tracing
-from tracking_grpc.observability.dependencies import DependencyMonitor
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,6 @@ class Telemetry:
             metrics.enable()
         else:
             metrics.disable()
-        self.monitor = DependencyMonitor(settings)
         self.metrics_server: Any = None
 
     @staticmethod
@@ -66,14 +64,11 @@ class Telemetry:
         return self.metrics_server.server_port if self.metrics_server else None
 
     async def start(self) -> None:
-        """Serve /metrics (unless a worker) and start the dependency health checks."""
+        """Serve /metrics, unless this process is a worker (the supervisor does)."""
         if self.serves_metrics:
             self.metrics_server, _ = metrics.serve(self.settings.metrics_listen)
-        if metrics.enabled():
-            self.monitor.start()
 
     async def stop(self) -> None:
-        await self.monitor.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()

@@ -18,6 +18,7 @@ values to files there and the HTTP endpoint sums them (:func:`serve`).
 from __future__ import annotations
 
 import collections
+import glob
 import logging
 import os
 import tempfile
@@ -244,8 +245,15 @@ def serve(listen: str) -> tuple[Any, Any]:
 
 
 def prepare_workers() -> str:
-    """Point every worker started from now on at one fresh multiprocess directory."""
-    path = tempfile.mkdtemp(prefix="tracking-metrics-")
+    """Point every worker started from now on at one emptied multiprocess directory.
+
+    The directory is ``PROMETHEUS_MULTIPROC_DIR`` when set (its old ``*.db`` files
+    are removed: values of an earlier run must not add up), else a new one.
+    """
+    path = os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="tracking-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for stale in glob.glob(os.path.join(path, "*.db")):
+        os.remove(stale)
     os.environ[MULTIPROC_ENV] = path
     return path
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from tracking_grpc.config import Settings
 from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.observability import tracing
 from tracking_grpc.routing import optimise
 from tracking_grpc.routing.engine import Match, Matrix, Route, Router
 from tracking_grpc.routing.learning import TravelTimes
@@ -70,7 +71,8 @@ class Routing:
     ) -> tuple[Route, float]:
         """A route and its expected duration from learned travel times."""
         engine = self.router.engine(profile)
-        route = await asyncio.to_thread(engine.route, lat, lon, steps=steps)
+        with tracing.span("routing.route", profile=profile, points=len(lat)):
+            route = await asyncio.to_thread(engine.route, lat, lon, steps=steps)
         model = self.travel_times.model(tenant, profile)
         return route, model.expected_duration_s(route)
 
@@ -87,7 +89,10 @@ class Routing:
             bad = [i for i in indices if i >= len(lat)]
             if bad:
                 raise InvalidArgument(name, f"index {bad[0]} is not a point index")
-        return await asyncio.to_thread(engine.table, lat, lon, sources, destinations)
+        with tracing.span("routing.table", profile=profile, points=len(lat)):
+            return await asyncio.to_thread(
+                engine.table, lat, lon, sources, destinations
+            )
 
     async def optimise(
         self,
@@ -103,7 +108,8 @@ class Routing:
             spawn = multiprocessing.get_context("spawn")
             self._solver = ProcessPoolExecutor(max_workers=1, mp_context=spawn)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._solver, optimise.solve, problem)
+        with tracing.span("routing.optimise", profile=profile, jobs=len(jobs)):
+            return await loop.run_in_executor(self._solver, optimise.solve, problem)
 
     async def match(
         self,
@@ -124,7 +130,8 @@ class Routing:
         )
         radius = np.clip(radius, MIN_MATCH_RADIUS_M, MAX_MATCH_RADIUS_M)
         time_s = np.asarray(time_ms, dtype=np.int64) // 1000
-        match = await asyncio.to_thread(engine.match, lat, lon, time_s, radius)
+        with tracing.span("routing.match", profile=profile, points=len(lat)):
+            match = await asyncio.to_thread(engine.match, lat, lon, time_s, radius)
         learned = 0
         if learn:
             model = self.travel_times.model(tenant, profile)

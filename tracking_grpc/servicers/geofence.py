@@ -23,6 +23,7 @@ from tracking_grpc.geofence.delivery import (
     EventStoreListener,
     EventWatchHub,
     StreamPublisher,
+    StreamWatchFeed,
 )
 from tracking_grpc.geofence.messages import (
     check_fence_id,
@@ -302,7 +303,14 @@ def register(server: grpc.aio.Server, app: App) -> str:
     store.start()
     app.bus.add_listener(store)
     app.closers.append(store.close)
-    app.bus.add_listener(hub)
+    if publisher is None:
+        app.bus.add_listener(hub)
+    else:  # every process's events, through the stream
+        feed = StreamWatchFeed(
+            aioredis.Redis.from_url(app.settings.redis_url), stream, hub
+        )
+        feed.start()
+        app.closers.append(feed.close)
     servicer = GeofenceServicer(app, fences, events, processor, hub)
     geofence_pb2_grpc.add_GeofenceServicer_to_server(servicer, server)
     return geofence_pb2.DESCRIPTOR.services_by_name["Geofence"].full_name

@@ -11,7 +11,7 @@ import numpy as np
 from tracking.v1 import common_pb2, history_pb2, history_pb2_grpc
 
 from tracking_grpc import convert
-from tracking_grpc.activity import export, patterns, views
+from tracking_grpc.activity import export, fencetime, patterns, views
 from tracking_grpc.activity.params import check_time_zone
 from tracking_grpc.activity.queries import DeviceHistory, load
 from tracking_grpc.app import App
@@ -19,11 +19,15 @@ from tracking_grpc.auth import Caller, Role
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import in_box, in_circle
 from tracking_grpc.errors import InvalidArgument, NotFound
+from tracking_grpc.geofence.index import FenceIndex
+from tracking_grpc.servicers.geofence import open_repositories
+from tracking_grpc.storage.fences import FenceRepository
 
 log = logging.getLogger(__name__)
 
 CHUNK_POSITIONS = 1_000
 MAX_TOLERANCE_M = 100_000.0
+MAX_FENCE_IDS = 10_000
 FORMATS = {
     history_pb2.EXPORT_FORMAT_GPX: "gpx",
     history_pb2.EXPORT_FORMAT_GEOJSON: "geojson",
@@ -77,8 +81,9 @@ def _clip_mask(fixes: FixBatch, area: common_pb2.Area) -> np.ndarray:
 class HistoryServicer(history_pb2_grpc.HistoryServicer):
     """Read-only queries over stored fixes of one device at a time."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, fences: FenceRepository) -> None:
         self.app = app
+        self.fences = fences
 
     def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         caller = self.app.auth.caller(context)
@@ -284,6 +289,41 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             ],
         )
 
+    async def TimeInFences(
+        self,
+        request: history_pb2.TimeInFencesRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> history_pb2.TimeInFencesResponse:
+        """Time the device spent inside each geofence of the tenant."""
+        caller = self._caller(context)
+        wanted = set(request.fence_ids)
+        if len(wanted) > MAX_FENCE_IDS:
+            raise InvalidArgument("fence_ids", f"at most {MAX_FENCE_IDS}")
+        found = await self._load(caller, request)
+        specs = await self.fences.all(caller.tenant)
+        if wanted:
+            specs = [f for f in specs if f.fence_id in wanted]
+        fixes = views.clean(found.analysis)
+        times = fencetime.time_in_fences(
+            FenceIndex.build(specs),
+            fixes.time_ms,
+            fixes.lat,
+            fixes.lon,
+            found.params.max_gap_s,
+        )
+        return history_pb2.TimeInFencesResponse(
+            fences=[
+                history_pb2.FenceTime(
+                    fence_id=f.fence_id,
+                    inside_s=f.inside_s,
+                    visit_count=f.visit_count,
+                    first_inside_ms=f.first_inside_ms,
+                    last_inside_ms=f.last_inside_ms,
+                )
+                for f in times
+            ]
+        )
+
     async def GetActivity(
         self, request: history_pb2.GetActivityRequest, context: grpc.aio.ServicerContext
     ) -> history_pb2.GetActivityResponse:
@@ -295,6 +335,7 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             raise NotFound(
                 f"no activity for device {device!r} since the server started"
             )
+        applied = math.isfinite(state.lat) and math.isfinite(state.smoothed_lat)
         return history_pb2.GetActivityResponse(
             device_id=device,
             online=state.online,
@@ -307,11 +348,14 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             trip_distance_m=state.trip_distance_m,
             odometer_m=state.odometer_m,
             time_ms=max(state.time_ms, 0),
-            position=_latlng(state.lat, state.lon),
-            smoothed_position=_latlng(state.smoothed_lat, state.smoothed_lon),
+            position=_latlng(state.lat, state.lon) if applied else None,
+            smoothed_position=(
+                _latlng(state.smoothed_lat, state.smoothed_lon) if applied else None
+            ),
         )
 
 
 def register(server: grpc.aio.Server, app: App) -> str:
-    history_pb2_grpc.add_HistoryServicer_to_server(HistoryServicer(app), server)
+    fences, _ = open_repositories(app)  # a reader of the Geofence service's store
+    history_pb2_grpc.add_HistoryServicer_to_server(HistoryServicer(app, fences), server)
     return history_pb2.DESCRIPTOR.services_by_name["History"].full_name

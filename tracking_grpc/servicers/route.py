@@ -37,9 +37,12 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
         caller.require(Role.VIEWER)
         profile = rc.profile(request.profile)
         lat, lon = rc.route_points(request)
-        route, expected_s = await self.routing.route(
-            caller.tenant, profile, lat, lon, steps=not request.skip_steps
-        )
+        try:
+            route, expected_s = await self.routing.route(
+                caller.tenant, profile, lat, lon, steps=not request.skip_steps
+            )
+        except InvalidArgument as exc:
+            raise rc.route_field(exc, len(lat)) from exc
         return route_pb2.ComputeRouteResponse(route=rc.route_plan(route, expected_s))
 
     async def ComputeMatrix(
@@ -135,9 +138,12 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
             raise InvalidArgument("route", "is required")
         profile = rc.profile(request.route.profile, "route.profile")
         lat, lon = rc.route_points(request.route, "route.")
-        route, expected_s, progress = await self.routing.assign(
-            caller.tenant, device, request.route_id, profile, lat, lon, now_ms()
-        )
+        try:
+            route, expected_s, progress = await self.routing.assign(
+                caller.tenant, device, request.route_id, profile, lat, lon, now_ms()
+            )
+        except InvalidArgument as exc:
+            raise rc.route_field(exc, len(lat), "route.") from exc
         log.info("route %s assigned to %s", progress.route_id, device)
         return route_pb2.AssignRouteResponse(
             route=rc.route_plan(route, expected_s),

@@ -67,6 +67,23 @@ def route_points(
     return lat, lon
 
 
+def route_field(
+    error: InvalidArgument, points: int, prefix: str = ""
+) -> InvalidArgument:
+    """The engine's ``waypoints[k]`` (all points in order) as the request's field."""
+    if not error.field.startswith("waypoints["):
+        return error
+    k = int(error.field[len("waypoints[") : -1])
+    name = (
+        "origin"
+        if k == 0
+        else "destination"
+        if k == points - 1
+        else f"waypoints[{k - 1}]"
+    )
+    return InvalidArgument(prefix + name, error.reason)
+
+
 def latlng_arrays(
     points: Sequence[common_pb2.LatLng], field: str, limit: int
 ) -> tuple[np.ndarray, np.ndarray]:

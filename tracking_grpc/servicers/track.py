@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Sequence
@@ -150,7 +149,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
     ) -> None:
         """A device session: hello, then fix batches, answered by acks and events."""
         caller = self.app.auth.caller(context)
-        caller.require(Role.DEVICE)
+        caller.require_writer()
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return
@@ -188,7 +187,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
     ) -> track_pb2.PublishBatchResponse:
         """Store fixes of many devices; answers once they are durable."""
         caller = self.app.auth.caller(context)
-        caller.require(Role.DEVICE)
+        caller.require_writer()
         batches = []
         for i, device in enumerate(request.devices):
             field = f"devices[{i}].device_id"
@@ -403,8 +402,9 @@ class _Session:
         finally:
             for task in tasks:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            # A call ended by the client or by the server stopping fails its reads
+            # and writes: those errors end the session and are not worth raising.
+            await asyncio.gather(*tasks, return_exceptions=True)
             while not inflight.empty():
                 pending = inflight.get_nowait()
                 if pending is not None:
@@ -438,8 +438,8 @@ class _Session:
             raise InvalidArgument(
                 "batch.fixes", f"{len(fixes)} fixes exceed the maximum of {limit}"
             )
-        if not fixes:
-            return None
+        self.caller.check_not_expired()
+        # An empty batch is acknowledged too, so acks pair with batches one to one.
         return convert.fixes_to_batch(self.caller.tenant, self.device_id, fixes)
 
     async def _write_acks(
@@ -447,7 +447,9 @@ class _Session:
     ) -> None:
         while (task := await inflight.get()) is not None:
             result = await task
-            self.last_stored = max(self.last_stored, result.acked_seq())
+            stored = result.batch.seq[result.new]
+            if stored.size:
+                self.last_stored = max(self.last_stored, int(stored.max()))
             await self._write(_ack(result, self.last_stored))
 
     async def _write_events(self, events: asyncio.Queue[TrackingEvent]) -> None:

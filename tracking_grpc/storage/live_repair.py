@@ -19,10 +19,14 @@ log = logging.getLogger(__name__)
 
 
 async def rebuild_live(history: HistoryStore, live: LiveStore) -> int:
-    """Write each device's newest stored fix into the live store; returns the count."""
+    """Write each device's newest stored fix into the live store; returns the count.
+
+    A store with ``repair`` (Redis) re-applies fixes it already holds, which mends
+    a GEO index that missed a move."""
     devices = 0
+    write = getattr(live, "repair", live.update)
     async for batch in history.newest_positions():
-        await live.update(batch)
+        await write(batch)
         devices += len(batch)
     return devices
 
@@ -44,14 +48,15 @@ class LiveRepairer:
         try:
             await self.live.ping()
             if getattr(self.live, "needs_rebuild", False):
-                self.live.needs_rebuild = False
+                mark = self.live.rebuild_started()
                 devices = await rebuild_live(self.history, self.live)
+                self.live.rebuild_done(mark)
                 log.warning("rebuilt live state of %d devices from history", devices)
         except Unavailable as exc:
             if self.available:
                 log.warning("live store unavailable: %s", exc.message)
-            if hasattr(self.live, "needs_rebuild"):
-                self.live.needs_rebuild = True
+            if hasattr(self.live, "lost_state"):
+                self.live.lost_state()
             self.available = False
             return False
         if not self.available:

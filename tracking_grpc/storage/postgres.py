@@ -170,6 +170,7 @@ class PostgresHistoryStore:
             name="history",
         )
         self._partition_days: set[int] = set()
+        self._prepared_day = -1
         self._partition_lock = asyncio.Lock()
 
     @classmethod
@@ -190,6 +191,7 @@ class PostgresHistoryStore:
         """Make the partitions of yesterday to a week ahead exist (ahead of need)."""
         today = now_ms // DAY_MS
         await self._ensure_days(np.arange(today - 1, today + DAYS_AHEAD + 1))
+        self._prepared_day = today
 
     async def store(self, batch: FixBatch) -> np.ndarray:
         new = np.zeros(len(batch), dtype=bool)
@@ -199,6 +201,9 @@ class PostgresHistoryStore:
             raise InvalidArgument("seq", "must be below 2^63")
         candidates = _first_occurrences(batch)
         devices, device_idx = np.unique(batch.device.astype(str), return_inverse=True)
+        now_ms = int(time.time() * 1000)
+        if now_ms // DAY_MS != self._prepared_day:  # a new day: the next week's too
+            await self.prepare_partitions(now_ms)
         await self._ensure_days(np.unique(batch.time_ms[candidates] // DAY_MS))
         staged = _staging_columns(batch, candidates, device_idx)
         params = {"tenant": batch.tenant, "devices": devices.tolist()}

@@ -44,7 +44,7 @@ RECORD = np.dtype(
 
 # KEYS: live hash, time hash. ARGV: (device, time_ms, cell, record) per device.
 # Returns (position in ARGV groups, previous cell or -1) for each accepted fix.
-KEEP_NEWER = """
+KEEP_NEWER_TEMPLATE = """
 local out, records, times = {}, {}, {}
 for i = 1, #ARGV, 4 do
     local known = redis.call('HGET', KEYS[2], ARGV[i])
@@ -52,7 +52,7 @@ for i = 1, #ARGV, 4 do
     local newer = true
     if known then
         local gap = string.find(known, ' ', 1, true)
-        newer = tonumber(ARGV[i + 1]) > tonumber(string.sub(known, 1, gap - 1))
+        newer = tonumber(ARGV[i + 1]) {op} tonumber(string.sub(known, 1, gap - 1))
         previous_cell = tonumber(string.sub(known, gap + 1))
     end
     if newer then
@@ -73,10 +73,10 @@ return out
 
 # KEYS: GEO set, time hash of one cell. ARGV: (device, time_ms, lon, lat, enter)
 # per device; enter is 1 to place the device in the cell, 0 to take it out.
-MOVE_IN_CELL = """
+MOVE_IN_CELL_TEMPLATE = """
 for i = 1, #ARGV, 5 do
     local known = redis.call('HGET', KEYS[2], ARGV[i])
-    if (not known) or tonumber(ARGV[i + 1]) > tonumber(known) then
+    if (not known) or tonumber(ARGV[i + 1]) {op} tonumber(known) then
         redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
         if ARGV[i + 4] == '1' then
             redis.call('GEOADD', KEYS[1], ARGV[i + 2], ARGV[i + 3], ARGV[i])
@@ -87,6 +87,13 @@ for i = 1, #ARGV, 5 do
 end
 return 0
 """
+
+# Updates take strictly newer fixes; a repair (after a partial failure) also
+# re-applies a fix equal to the stored one, which rewrites a missed GEO move.
+KEEP_NEWER = KEEP_NEWER_TEMPLATE.replace("{op}", ">")
+KEEP_SAME_OR_NEWER = KEEP_NEWER_TEMPLATE.replace("{op}", ">=")
+MOVE_IN_CELL = MOVE_IN_CELL_TEMPLATE.replace("{op}", ">")
+MOVE_IN_CELL_AGAIN = MOVE_IN_CELL_TEMPLATE.replace("{op}", ">=")
 
 FORGET = """
 local known = redis.call('HGET', KEYS[2], ARGV[1])
@@ -105,7 +112,8 @@ class RedisLiveStore:
             raise ValueError("the key prefix may not contain braces")
         self.redis = redis
         self.prefix = prefix
-        self.needs_rebuild = False
+        self._losses = 0  # times state was (or may have been) lost
+        self._repaired = 0  # losses a finished rebuild has made good
         self._server_ids: dict[str, str] = {}
 
     @classmethod
@@ -116,19 +124,44 @@ class RedisLiveStore:
             await store.ping()
         except Unavailable as exc:
             log.warning("starting without live state (%s); will rebuild", exc.message)
-            store.needs_rebuild = True
+            store.lost_state()
         return store
 
+    @property
+    def needs_rebuild(self) -> bool:
+        """Whether live state may lack updates that history has (until a rebuild)."""
+        return self._losses > self._repaired
+
+    def lost_state(self) -> None:
+        """Note that updates were (or may have been) lost: a rebuild is needed."""
+        self._losses += 1
+
+    def rebuild_started(self) -> int:
+        """A mark to hand to ``rebuild_done`` once the rebuild has finished."""
+        return self._losses
+
+    def rebuild_done(self, mark: int) -> None:
+        """The losses up to ``mark`` are made good (later ones still need one)."""
+        self._repaired = max(self._repaired, mark)
+
     async def update(self, batch: FixBatch) -> FixBatch:
+        return await self._update(batch, again=False)
+
+    async def repair(self, batch: FixBatch) -> FixBatch:
+        """Like ``update``, but a fix equal to the stored one is applied again, so
+        that a GEO move lost to a partial failure is made (used by rebuilds)."""
+        return await self._update(batch, again=True)
+
+    async def _update(self, batch: FixBatch, again: bool) -> FixBatch:
         if len(batch) == 0:
             return batch
         newest = batch.take(batch.newest_per_device())
         try:
-            accepted, previous = await self._keep_newest(newest)
+            accepted, previous = await self._keep_newest(newest, again)
             moved = newest.take(accepted)
-            await self._move(moved, previous)
+            await self._move(moved, previous, again)
         except Unavailable:
-            self.needs_rebuild = True
+            self.lost_state()
             raise
         return moved
 
@@ -201,7 +234,7 @@ class RedisLiveStore:
         restarted = {n for n, run in ids.items() if self._server_ids.get(n, run) != run}
         if restarted:
             log.warning("Redis restarted (%s): live state must be rebuilt", restarted)
-            self.needs_rebuild = True
+            self.lost_state()
         self._server_ids |= ids
 
     async def close(self) -> None:
@@ -230,7 +263,9 @@ class RedisLiveStore:
         info = await client.info("server")
         return {"single": info["run_id"]}
 
-    async def _keep_newest(self, newest: FixBatch) -> tuple[np.ndarray, np.ndarray]:
+    async def _keep_newest(
+        self, newest: FixBatch, again: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Write fixes newer than the stored ones; their rows and previous cells."""
         tenant = newest.tenant
         buckets = keys.bucket_of(newest.device)
@@ -250,7 +285,8 @@ class RedisLiveStore:
                     keys.live_key(self.prefix, tenant, bucket),
                     keys.live_time_key(self.prefix, tenant, bucket),
                 ]
-                _evalsha(pipe, KEEP_NEWER, live, args[rows].ravel().tolist())
+                script = KEEP_SAME_OR_NEWER if again else KEEP_NEWER
+                _evalsha(pipe, script, live, args[rows].ravel().tolist())
 
         with unavailable("live positions"):
             replies = await self._pipelined(queue)
@@ -261,7 +297,7 @@ class RedisLiveStore:
             previous.append(pairs[:, 1])
         return np.concatenate(accepted), np.concatenate(previous)
 
-    async def _move(self, moved: FixBatch, previous: np.ndarray) -> None:
+    async def _move(self, moved: FixBatch, previous: np.ndarray, again: bool) -> None:
         """Place moved devices in their cell's GEO set, out of the one they left."""
         if len(moved) == 0:
             return
@@ -285,7 +321,10 @@ class RedisLiveStore:
                     keys.geo_time_key(self.prefix, tenant, cell),
                 ]
                 _evalsha(
-                    pipe, MOVE_IN_CELL, geo, ops[op_cells == cell].ravel().tolist()
+                    pipe,
+                    MOVE_IN_CELL_AGAIN if again else MOVE_IN_CELL,
+                    geo,
+                    ops[op_cells == cell].ravel().tolist(),
                 )
             pipe.sadd(keys.cells_key(self.prefix, tenant), *np.unique(cells).tolist())
 
@@ -325,7 +364,13 @@ class RedisLiveStore:
 
 SCRIPTS = {
     hashlib.sha1(text.encode()).hexdigest(): text
-    for text in (KEEP_NEWER, MOVE_IN_CELL, FORGET)
+    for text in (
+        KEEP_NEWER,
+        KEEP_SAME_OR_NEWER,
+        MOVE_IN_CELL,
+        MOVE_IN_CELL_AGAIN,
+        FORGET,
+    )
 }
 SHA = {text: sha for sha, text in SCRIPTS.items()}
 

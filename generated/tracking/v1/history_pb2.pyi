@@ -797,3 +797,92 @@ class GetActivityResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetActivityResponse: _TypeAlias = GetActivityResponse  # noqa: Y015
+
+@_typing.final
+class TimeInFencesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    START_MS_FIELD_NUMBER: _builtins.int
+    END_MS_FIELD_NUMBER: _builtins.int
+    FENCE_IDS_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    start_ms: _builtins.int
+    end_ms: _builtins.int
+    @_builtins.property
+    def fence_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these fences; empty means every fence of the tenant."""
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        start_ms: _builtins.int = ...,
+        end_ms: _builtins.int = ...,
+        fence_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "end_ms", b"end_ms", "fence_ids", b"fence_ids", "start_ms", b"start_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TimeInFencesRequest: _TypeAlias = TimeInFencesRequest  # noqa: Y015
+
+@_typing.final
+class FenceTime(_message.Message):
+    """Time inside one fence. Between two fixes both inside, the whole interval counts;
+    where one is inside, half of it; silences longer than max_gap_s count nothing.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FENCE_ID_FIELD_NUMBER: _builtins.int
+    INSIDE_S_FIELD_NUMBER: _builtins.int
+    VISIT_COUNT_FIELD_NUMBER: _builtins.int
+    FIRST_INSIDE_MS_FIELD_NUMBER: _builtins.int
+    LAST_INSIDE_MS_FIELD_NUMBER: _builtins.int
+    fence_id: _builtins.str
+    inside_s: _builtins.float
+    visit_count: _builtins.int
+    """Times the device came in (a range that starts inside counts one)."""
+    first_inside_ms: _builtins.int
+    last_inside_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        fence_id: _builtins.str = ...,
+        inside_s: _builtins.float = ...,
+        visit_count: _builtins.int = ...,
+        first_inside_ms: _builtins.int = ...,
+        last_inside_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fence_id", b"fence_id", "first_inside_ms", b"first_inside_ms", "inside_s", b"inside_s", "last_inside_ms", b"last_inside_ms", "visit_count", b"visit_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FenceTime: _TypeAlias = FenceTime  # noqa: Y015
+
+@_typing.final
+class TimeInFencesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FENCES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def fences(self) -> _containers.RepeatedCompositeFieldContainer[Global___FenceTime]:
+        """Fences the device was inside, most time first."""
+
+    def __init__(
+        self,
+        *,
+        fences: _abc.Iterable[Global___FenceTime] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fences", b"fences"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TimeInFencesResponse: _TypeAlias = TimeInFencesResponse  # noqa: Y015

@@ -82,6 +82,11 @@ class HistoryStub:
                 request_serializer=tracking_dot_v1_dot_history__pb2.GetActivityRequest.SerializeToString,
                 response_deserializer=tracking_dot_v1_dot_history__pb2.GetActivityResponse.FromString,
                 _registered_method=True)
+        self.TimeInFences = channel.unary_unary(
+                '/tracking.v1.History/TimeInFences',
+                request_serializer=tracking_dot_v1_dot_history__pb2.TimeInFencesRequest.SerializeToString,
+                response_deserializer=tracking_dot_v1_dot_history__pb2.TimeInFencesResponse.FromString,
+                _registered_method=True)
 
 
 class HistoryServicer:
@@ -153,6 +158,13 @@ class HistoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TimeInFences(self, request, context):
+        """Time the device spent inside each of the tenant's geofences.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HistoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +212,11 @@ def add_HistoryServicer_to_server(servicer, server):
                     servicer.GetActivity,
                     request_deserializer=tracking_dot_v1_dot_history__pb2.GetActivityRequest.FromString,
                     response_serializer=tracking_dot_v1_dot_history__pb2.GetActivityResponse.SerializeToString,
+            ),
+            'TimeInFences': grpc.unary_unary_rpc_method_handler(
+                    servicer.TimeInFences,
+                    request_deserializer=tracking_dot_v1_dot_history__pb2.TimeInFencesRequest.FromString,
+                    response_serializer=tracking_dot_v1_dot_history__pb2.TimeInFencesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -448,6 +465,33 @@ class History:
             '/tracking.v1.History/GetActivity',
             tracking_dot_v1_dot_history__pb2.GetActivityRequest.SerializeToString,
             tracking_dot_v1_dot_history__pb2.GetActivityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TimeInFences(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tracking.v1.History/TimeInFences',
+            tracking_dot_v1_dot_history__pb2.TimeInFencesRequest.SerializeToString,
+            tracking_dot_v1_dot_history__pb2.TimeInFencesResponse.FromString,
             options,
             channel_credentials,
             insecure,

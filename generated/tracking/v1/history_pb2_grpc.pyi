@@ -54,6 +54,8 @@ class HistoryStub:
     """Trusted fixes counted per H3 cell."""
     GetActivity: _grpc.UnaryUnaryMultiCallable[_history_pb2.GetActivityRequest, _history_pb2.GetActivityResponse]
     """The device's live activity: motion, stop or trip, odometer, smoothed position."""
+    TimeInFences: _grpc.UnaryUnaryMultiCallable[_history_pb2.TimeInFencesRequest, _history_pb2.TimeInFencesResponse]
+    """Time the device spent inside each of the tenant's geofences."""
 
 @_typing.type_check_only
 class HistoryAsyncStub(HistoryStub):
@@ -81,6 +83,8 @@ class HistoryAsyncStub(HistoryStub):
     """Trusted fixes counted per H3 cell."""
     GetActivity: _aio.UnaryUnaryMultiCallable[_history_pb2.GetActivityRequest, _history_pb2.GetActivityResponse]  # type: ignore[assignment]
     """The device's live activity: motion, stop or trip, odometer, smoothed position."""
+    TimeInFences: _aio.UnaryUnaryMultiCallable[_history_pb2.TimeInFencesRequest, _history_pb2.TimeInFencesResponse]  # type: ignore[assignment]
+    """Time the device spent inside each of the tenant's geofences."""
 
 class HistoryServicer(metaclass=_abc_1.ABCMeta):
     """Stored tracks and what they show: trips, stops, daily summaries and patterns.
@@ -159,5 +163,13 @@ class HistoryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_history_pb2.GetActivityResponse, _abc.Awaitable[_history_pb2.GetActivityResponse]]:
         """The device's live activity: motion, stop or trip, odometer, smoothed position."""
+
+    @_abc_1.abstractmethod
+    def TimeInFences(
+        self,
+        request: _history_pb2.TimeInFencesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_history_pb2.TimeInFencesResponse, _abc.Awaitable[_history_pb2.TimeInFencesResponse]]:
+        """Time the device spent inside each of the tenant's geofences."""
 
 def add_HistoryServicer_to_server(servicer: HistoryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

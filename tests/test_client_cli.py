@@ -1,0 +1,111 @@
+"""Client subcommands as a user runs them, against a real server on port 0."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from tests.conftest import TRACES, require_shared
+from tracking_grpc.client.commands import add_client_parsers
+from tracking_grpc.errors import InvalidArgument
+
+CAR = "gpxpy_around-visnjan-with-car.gpx"
+CAR_DEVICE = "gpxpy_around-visnjan-with-car"
+CAR_LAST = (45.2733349521, 13.7139970623)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tracking")
+    add_client_parsers(parser.add_subparsers(required=True))
+    return parser.parse_args(argv)
+
+
+async def run(server, *argv: str) -> int:
+    args = parse(*argv, "--target", f"127.0.0.1:{server.port}")
+    return await args.command(args)
+
+
+async def test_replay_prints_a_summary(server, capsys):
+    car = str(require_shared(TRACES / CAR))
+    assert await run(server, "replay", car, "--fast") == 0
+    out = capsys.readouterr().out
+    assert f"replayed {CAR}: 1 devices, 104 fixes" in out
+    assert "sent 104  stored 104  duplicates 0" in out
+
+
+async def test_positions_and_nearby_after_a_replay(server, capsys):
+    await run(server, "replay", str(require_shared(TRACES / CAR)), "--fast")
+    capsys.readouterr()
+    await run(server, "positions", CAR_DEVICE, "nobody", "--json")
+    first, missing = capsys.readouterr().out.splitlines()
+    assert (json.loads(first)["lat"], json.loads(first)["lon"]) == CAR_LAST
+    assert missing == "no position: nobody"
+    await run(server, "nearby", *map(str, CAR_LAST), "50")
+    assert CAR_DEVICE in capsys.readouterr().out
+
+
+async def test_watch_prints_the_snapshot_as_json_lines(server, capsys):
+    await run(server, "replay", str(require_shared(TRACES / CAR)), "--fast")
+    capsys.readouterr()
+    await run(server, "watch", "--json", "--count", "1", "--timeout", "10")
+    record = json.loads(capsys.readouterr().out)
+    assert record["device_id"] == CAR_DEVICE and record["snapshot"] is True
+
+
+async def test_watch_stops_at_its_timeout(server, capsys):
+    assert await run(server, "watch", "--device", "nobody", "--timeout", "0.3") == 0
+    assert "snapshot done" in capsys.readouterr().out
+
+
+async def test_csv_without_columns_names_the_missing_flag(server, tmp_path):
+    path = tmp_path / "fixes.csv"
+    path.write_text("when,y,x\n2024-01-01T00:00:00Z,1,2\n")
+    with pytest.raises(InvalidArgument) as error:
+        await run(server, "replay", str(path), "--format", "csv", "--lat-column", "y")
+    assert error.value.field == "--time-column"
+
+
+async def test_csv_with_columns_replays(server, tmp_path, capsys):
+    path = tmp_path / "boat.csv"
+    path.write_text("when;y;x;sog\n1700000000;1.5;2.5;10\n1700000060;1.6;2.5;11\n")
+    columns = ["--time-column", "when", "--lat-column", "y", "--lon-column", "x"]
+    extra = ["--speed-column", "sog", "--speed-unit", "knots", "--delimiter", ";"]
+    argv = ["replay", str(path), "--format", "csv", *columns, *extra, "--fast"]
+    assert await run(server, *argv, "--time-format", "unix_s") == 0
+    assert "stored 2" in capsys.readouterr().out
+
+
+SECRET = "client-tests-secret-of-at-least-32-bytes"
+
+
+def token(role: str, sub: str) -> str:
+    import time
+
+    import jwt
+
+    claims = {"tenant": "acme", "sub": sub, "role": role, "exp": time.time() + 600}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+@pytest.fixture
+async def jwt_server(start_server):
+    return await start_server(auth_mode="jwt", jwt_hs256_secret=SECRET)
+
+
+async def test_replay_with_a_device_token(jwt_server, capsys):
+    car = str(require_shared(TRACES / CAR))
+    argv = ["replay", car, "--fast", "--token", token("device", CAR_DEVICE)]
+    assert await run(jwt_server, *argv) == 0
+    assert await jwt_server.app.history.count("acme") == 104
+    await run(jwt_server, "positions", CAR_DEVICE, "--token", token("viewer", "ops"))
+    assert CAR_DEVICE in capsys.readouterr().out.splitlines()[-1]
+
+
+async def test_replay_without_a_token_fails_at_once(jwt_server, capsys):
+    car = str(require_shared(TRACES / CAR))
+    assert await run(jwt_server, "replay", car, "--fast") == 1
+    out = capsys.readouterr().out
+    assert "reconnects 0" in out
+    assert f"FAILED {CAR_DEVICE}: UNAUTHENTICATED" in out
