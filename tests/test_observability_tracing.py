@@ -78,3 +78,18 @@ async def test_access_log_line_carries_the_rpc_trace_id(traced):
     rpc = by_name(exporter)[PUBLISH]
     assert access["trace_id"] == format(rpc.context.trace_id, "032x")
     assert access["rpc"] == PUBLISH and access["latency_ms"] > 0
+    assert access["tenant"] == "default"
+
+
+async def test_stream_log_lines_name_the_device(traced):
+    _, stub = traced
+    stream, level = io.StringIO(), logging.getLogger().level
+    handler = logs.configure(Settings(log_format="json", log_level="DEBUG"), stream)
+    try:
+        await track_session(stub, "bus-14", [[fix(1, 53.4, -2.9)]])
+    finally:
+        logging.getLogger().removeHandler(handler)
+        logging.getLogger().setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    access = next(line for line in lines if line["message"] == f"{TRACK} finished OK")
+    assert (access["device"], access["tenant"]) == ("bus-14", "default")

@@ -20,6 +20,7 @@ import jwt
 
 from tracking_grpc.config import Settings
 from tracking_grpc.errors import FailedPrecondition, PermissionDenied, Unauthenticated
+from tracking_grpc.observability import logs
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,12 @@ class Authenticator:
                 )
 
     def caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        """The call's caller; its tenant goes on every log line of the call."""
+        caller = self._caller(context)
+        logs.bind(tenant=caller.tenant)
+        return caller
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         if self.mode == "off":
             return self.default
         metadata = dict(context.invocation_metadata() or ())

@@ -82,7 +82,7 @@ class Watcher:
                     continue
                 self._sent_time[device] = (t, s)
                 fresh.append((t, s, batch, row))
-            metrics.watch_updates("stale", len(pending) - len(fresh))
+            metrics.watch_updates("dropped", len(pending) - len(fresh))
             if fresh:
                 metrics.watch_updates("sent", len(fresh))
                 # One take per source batch (usually one commit), then one sort.

@@ -122,8 +122,14 @@ class Metrics:
         )
         self.watch_updates = Counter(
             "tracking_watch_updates",
-            "live updates for watchers: sent, coalesced (superseded) or dropped",
+            "watcher updates: sent, coalesced (replaced by a newer unsent one) or "
+            "dropped (older than one the watcher already has)",
             ["outcome"],
+            registry=r,
+        )
+        self.stream_events_dropped = Counter(
+            "tracking_stream_events_dropped",
+            "events not delivered to a device stream that stopped reading",
             registry=r,
         )
         self.storage_batch_fixes = Histogram(
@@ -381,7 +387,7 @@ def events_emitted(types: Iterable[Any]) -> None:
 
 
 def watch_updates(outcome: str, n: int = 1) -> None:
-    """Record watcher updates: outcome is ``sent``, ``coalesced`` or ``dropped``."""
+    """Record watcher updates: ``sent``, ``coalesced`` or ``dropped`` (outdated)."""
     if _m is not None and n:
         _m.child("watch_updates", outcome).inc(n)
 
@@ -395,6 +401,11 @@ def backend_name(store: object) -> str:
     for suffix in ("historystore", "livestore", "store", "broker"):
         kind = kind.removesuffix(suffix)
     return kind or "unknown"
+
+
+def stream_events_dropped(n: int) -> None:
+    if _m is not None and n:
+        _m.stream_events_dropped.inc(n)
 
 
 def storage_flushed(backend: str, fixes: int, seconds: float) -> None:

@@ -20,6 +20,7 @@ from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.events import TrackingEvent
 from tracking_grpc.fanout import Watcher, WatchFilter
 from tracking_grpc.ingest import IngestResult, now_ms
+from tracking_grpc.observability import logs, metrics
 from tracking_grpc.storage.base import HistoryStore
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
             for queue in self._event_queues.get((event.tenant, event.device), ()):
                 if queue.full():
                     queue.get_nowait()  # a stalled stream keeps the newest events
+                    metrics.stream_events_dropped(1)
                 queue.put_nowait(event)
 
     async def Track(
@@ -158,6 +160,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
                 "hello", "the first message of a stream must be hello"
             )
         device_id = convert.check_device_id(first.hello.device_id, "hello.device_id")
+        logs.bind(device=device_id)
         caller.require_device(device_id)
         last_stored = await self._states.last_stored_seq(caller.tenant, device_id)
         started = track_pb2.SessionStarted(
