@@ -171,6 +171,7 @@ async def test_original_times_kept_when_the_server_accepts_any_age(start_server,
 async def test_gateway_publish_replay(server, stub, ais):
     options = ReplayOptions(pace=Pace(fast=True), batch_fixes=2000)
     report = await publish_trace(stub, ais, options)
+    assert report.summary("ais").startswith("ais: 295 devices, 8689 fixes")
     assert (report.total("stored"), report.total("duplicates")) == (8687, 2)
     assert await server.app.history.count(TENANT) == 8687
 
