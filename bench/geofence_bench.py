@@ -340,6 +340,7 @@ def main() -> None:
     report = {
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "point_in_fence": part1,
         "detector": part2,
         "track_end_to_end": part3,
@@ -364,7 +365,8 @@ def main() -> None:
         f"through Track: {part3['events']}/{part3['events_expected']} events in "
         f"{part3['seconds']:.2f} s = {part3['events_per_s']:,.0f} events/s"
     )
-    print(f"wrote {RESULTS}")
+    load = report["load_average_1_5_15"]
+    print(f"machine load average {load} on {os.cpu_count()} cores; wrote {RESULTS}")
 
 
 if __name__ == "__main__":

@@ -109,3 +109,17 @@ async def test_replay_without_a_token_fails_at_once(jwt_server, capsys):
     out = capsys.readouterr().out
     assert "reconnects 0" in out
     assert f"FAILED {CAR_DEVICE}: UNAUTHENTICATED" in out
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:", "localhost", "127.0.0.1:99999"])
+def test_bad_target_is_a_usage_error(target, capsys):
+    with pytest.raises(SystemExit):
+        parse("positions", "a", "--target", target)
+    assert "expected HOST:PORT" in capsys.readouterr().err
+
+
+async def test_unreachable_server_prints_one_line(start_server, capsys):
+    gone = await start_server()
+    await gone.stop(0)
+    assert await run(gone, "nearby", "1", "2", "100") == 1
+    assert capsys.readouterr().err.startswith("tracking: UNAVAILABLE: ")

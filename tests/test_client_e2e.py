@@ -171,6 +171,7 @@ async def test_original_times_kept_when_the_server_accepts_any_age(start_server,
 async def test_gateway_publish_replay(server, stub, ais):
     options = ReplayOptions(pace=Pace(fast=True), batch_fixes=2000)
     report = await publish_trace(stub, ais, options)
+    assert report.summary("ais").startswith("ais: 295 devices, 8689 fixes")
     assert (report.total("stored"), report.total("duplicates")) == (8687, 2)
     assert await server.app.history.count(TENANT) == 8687
 
@@ -180,3 +181,13 @@ async def test_simulated_fleet_is_stored(server, stub):
     report = await simulate(stub, fleet, interval_s=0.1, duration_s=0.5)
     assert report.total("stored") == 25 and not report.failed()
     assert await stored_seqs(server, "sim-0003") == [1, 2, 3, 4, 5]
+
+
+async def test_timed_replay_stamps_the_last_fix_when_it_is_sent(server, stub):
+    car = trace_of("gpxpy_around-visnjan-with-car.gpx")  # 514 s long
+    await replay_trace(stub, car, ReplayOptions(pace=Pace(speed=514 / 1.5)))
+    stored = await server.app.history.history(TENANT, car.devices()[0], 0, 2**62)
+    lag_ms = stored.received_ms - stored.time_ms
+    assert np.diff(stored.time_ms).tolist() == np.diff(car.time_ms).tolist()
+    assert lag_ms.min() >= 0  # never stamped after it was sent
+    assert lag_ms[-1] < 2_000 < 500_000 < lag_ms[0]  # first lags D (1 - 1/N)

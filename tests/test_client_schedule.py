@@ -26,7 +26,7 @@ def test_real_time_stamps_every_fix_at_its_send_time():
     assert stamped.tolist() == sent.tolist()
 
 
-@pytest.mark.parametrize("speed", [2.0, 10.0, 600.0])
+@pytest.mark.parametrize("speed", [2.0, 7.0, 10.0, 600.0, 1234.5])
 def test_faster_stamps_last_fix_when_sent_and_keeps_spacing(speed):
     sent, stamped = sent_and_stamped(Pace(speed=speed))
     assert stamped[-1] == sent[-1]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import psycopg
@@ -136,3 +139,24 @@ async def test_store_rejects_seq_beyond_bigint(pg_url) -> None:
 def test_copy_stream_rejects_foreign_bytes() -> None:
     with pytest.raises(ValueError, match="binary COPY"):
         pgcopy.decode_rows(b"not copy", [">i8"])
+
+
+def tracking(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "tracking_grpc", *args]
+    environ = {**os.environ, "TRACKING_LOG_FORMAT": "text", **(env or {})}
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=60, env=environ
+    )
+
+
+def test_serve_refuses_until_migrate_has_run(pg_blank_url) -> None:
+    refused = tracking(
+        "serve", "--listen", "127.0.0.1:0", "--database-url", pg_blank_url
+    )
+    assert refused.returncode == 2 and "run `tracking migrate`" in refused.stderr
+    done = tracking("migrate", env={"TRACKING_DATABASE_URL": pg_blank_url})
+    assert done.returncode == 0 and "applied migrations [1, 2" in done.stdout
+    again = tracking("migrate", "--database-url", pg_blank_url)
+    assert "nothing to apply" in again.stdout

@@ -16,8 +16,9 @@ import pytest
 
 from tests.backends import unique_tenant
 from tracking_grpc.core.fixes import FixBatch
-from tracking_grpc.storage.memory import MemoryLiveStore
+from tracking_grpc.storage.memory import LocalBroker, MemoryLiveStore
 from tracking_grpc.storage.postgres import PostgresHistoryStore
+from tracking_grpc.storage.redis_broker import RedisBroker
 from tracking_grpc.storage.redis_live import RedisLiveStore
 from tracking_grpc.storage.sqlite import SqliteHistoryStore
 
@@ -253,3 +254,34 @@ async def test_live_round_trips_every_column(live) -> None:
     ):
         np.testing.assert_array_equal(getattr(got, name), getattr(batch, name))
     assert np.isnan(got.battery_pct[0])
+
+
+@pytest.fixture(params=["local", "redis", "redis-cluster"])
+async def broker(request: pytest.FixtureRequest):
+    if request.param == "local":
+        hub = LocalBroker()
+    else:
+        fixture = "redis_cluster" if request.param == "redis-cluster" else "redis_url"
+        url = request.getfixturevalue(fixture)
+        url = url[0] if isinstance(url, list) else url
+        hub = await RedisBroker.open(url, request.getfixturevalue("redis_prefix"))
+    yield hub
+    await hub.close()
+
+
+async def test_broker_delivers_each_batch_to_every_handler(broker) -> None:
+    inboxes: list[list[FixBatch]] = [[], []]
+    for inbox in inboxes:
+        await broker.subscribe(lambda batch, inbox=inbox: _put(inbox, batch))
+    sent = at(unique_tenant(), [("a", 1, 1.0, 1.0), ("b", 2, 2.0, 2.0)])
+    await broker.publish(sent)
+    async with asyncio.timeout(5):
+        while any(sum(map(len, inbox)) < 2 for inbox in inboxes):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    for inbox in inboxes:
+        got = FixBatch.concat(inbox)
+        assert sorted(got.device) == ["a", "b"] and got.tenant == sent.tenant
+
+
+async def _put(inbox: list, batch: FixBatch) -> None:
+    inbox.append(batch)

@@ -96,6 +96,7 @@ class IngestPipeline:
         self.processors: list[FixProcessor] = []
         self.backend = metrics.backend_name(history)
         self.storage_healthy = True
+        self.live_healthy = True
         self._queue: deque[_Pending] = deque()
         self._queued_fixes = 0
         self._wakeup = asyncio.Event()
@@ -270,8 +271,13 @@ class IngestPipeline:
             moved = await self.live.update(stored)
             if len(moved):
                 await self.broker.publish(moved)
+            if not self.live_healthy:
+                log.warning("live updates resumed")
+            self.live_healthy = True
         except Unavailable as exc:  # rebuilt from history when it returns
-            log.warning("live update skipped; history is intact: %s", exc.message)
+            if self.live_healthy:  # once per outage, not once per commit
+                log.warning("live updates skipped; history is intact: %s", exc.message)
+            self.live_healthy = False
         except Exception:
             log.exception("live update failed; history is intact")
         if self.processors:

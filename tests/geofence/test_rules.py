@@ -228,3 +228,33 @@ def test_many_devices_and_fences_in_one_batch_match_one_by_one() -> None:
         single += one.evaluate(batch.take(np.array([i])), index, NOW_MS)
     assert sorted(e.event_id for e in whole) == sorted(e.event_id for e in single)
     assert len(whole) > 20
+
+
+@pytest.mark.parametrize(
+    ("centre", "start", "end", "crosses"),
+    [
+        pytest.param(
+            (52.52, 13.40), (52.52, 13.39), (52.52, 13.41), True, id="circle-through"
+        ),
+        pytest.param(
+            (52.52, 13.40),
+            (52.5213, 13.39),
+            (52.5213, 13.41),
+            False,
+            id="circle-passes-150m-north",
+        ),
+        pytest.param(
+            (0.0, 180.0),
+            (0.0, 179.9),
+            (0.0, -179.9),
+            True,
+            id="circle-on-the-antimeridian",
+        ),
+    ],
+)
+def test_cross_of_circles_measured_on_the_ground(centre, start, end, crosses) -> None:
+    fence = FenceSpec(
+        "c", ShapeSpec.circle(*centre, 100.0), events=frozenset({EventType.CROSS})
+    )
+    events = run([fence], [(1, 0, start, 5.0), (2, 60, end, 5.0)])
+    assert summary(events) == ([("CROSS", 2)] if crosses else [])

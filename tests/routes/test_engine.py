@@ -108,3 +108,10 @@ def test_matching_a_noisy_drive_recovers_its_route(car, noise_m) -> None:
     assert (
         support.share_near(matched.lat, matched.lon, route.lat, route.lon, 10.0) > 0.95
     )
+
+
+def test_a_track_far_from_any_road_matches_nothing(car) -> None:
+    lat, lon = np.array([44.0, 44.001, 44.002]), np.array([-93.0, -93.0, -93.0])
+    match = car.match(lat, lon, np.array([0, 10, 20]), np.full(3, 30.0))
+    assert not match.matched.any() and match.matchings == []
+    assert np.isnan(match.lat).all()

@@ -147,3 +147,15 @@ def test_turning_back_against_the_route_is_off_route(car) -> None:
     back = np.r_[points[: turn + 1], points[turn - 1 :: -1]]  # the way it came
     events = [t for t, _ in run(planned, back) if t != E.ETA_UPDATED]
     assert events == [E.OFF_ROUTE]
+
+
+def test_a_detour_ending_at_the_destination_arrives(car) -> None:
+    route = car.route(np.array([A[0], B[0]]), np.array([A[1], B[1]]), steps=False)
+    planned = PlannedRoute(
+        "t1", "car-1", "ab", route.lat, route.lon, route.segment_duration_s, 0
+    )
+    points, along = support.drive(route.lat, route.lon, 10.0)
+    rows = np.flatnonzero(along > along[-1] - 400)[:-1]  # all but the last fix
+    points = detour(planned, points, rows)
+    events = [t for t, _ in run(planned, points) if t != E.ETA_UPDATED]
+    assert events == [E.OFF_ROUTE, E.ARRIVED]

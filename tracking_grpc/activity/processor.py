@@ -385,7 +385,7 @@ class _Apply:
         # Quiet devices: accumulate in bulk.
         quiet = np.repeat(~busy_run, ends - starts)
         q_slots = slot[starts[~busy_run]]
-        sums = np.add.reduceat(self.counted, starts)[~busy_run] if starts.size else []
+        sums = np.add.reduceat(self.counted, starts)[~busy_run]
         c["odometer"][q_slots] += sums
         in_trip = c["trip"][q_slots] != NO_TRIP
         c["trip_m"][q_slots] += np.where(in_trip, sums, 0.0)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import sys
+from collections.abc import Awaitable, Callable
 
 import grpc
 from tracking.v1 import track_pb2_grpc
@@ -15,6 +18,7 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--target`` and ``--token`` (default: $TRACKING_TOKEN)."""
     parser.add_argument(
         "--target",
+        type=parse_target,
         default=DEFAULT_TARGET,
         help=f"host:port of the tracking service (default {DEFAULT_TARGET})",
     )
@@ -39,3 +43,27 @@ def open_channel(target: str) -> grpc.aio.Channel:
 
 def tracking_stub(channel: grpc.aio.Channel) -> track_pb2_grpc.TrackSessionStub:
     return track_pb2_grpc.TrackSessionStub(channel)
+
+
+def parse_target(text: str) -> str:
+    """``HOST:PORT`` with a numeric port (an argparse type)."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def exit_on_rpc_error(
+    run: Callable[[argparse.Namespace], Awaitable[int]],
+) -> Callable[[argparse.Namespace], Awaitable[int]]:
+    """A failed call prints one line (status and details) and exits with 1."""
+
+    @functools.wraps(run)
+    async def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return await run(args)
+        except grpc.aio.AioRpcError as exc:
+            print(f"tracking: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+
+    return wrapper

@@ -9,6 +9,7 @@ from tracking.v1 import track_pb2
 from tracking_grpc.client.channel import (
     add_connection_arguments,
     call_metadata,
+    exit_on_rpc_error,
     open_channel,
     tracking_stub,
 )
@@ -26,6 +27,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+@exit_on_rpc_error
 async def run(args: argparse.Namespace) -> int:
     request = track_pb2.GetLastPositionsRequest(device_ids=args.device_ids)
     async with open_channel(args.target) as channel:

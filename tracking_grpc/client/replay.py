@@ -34,6 +34,8 @@ from tracking_grpc.traces import FORMATS, SPEED_UNITS_MPS, CsvFormat, Trace, rea
 
 log = logging.getLogger(__name__)
 
+MAX_FAILURES_LISTED = 10
+
 
 @dataclass(frozen=True, slots=True)
 class ReplayOptions:
@@ -54,6 +56,7 @@ class ReplayReport:
 
     fixes: int
     offset_ms: int
+    devices: int = 0
     elapsed_s: float = 0.0
     sessions: list[SessionStats] = field(default_factory=list)
 
@@ -71,8 +74,9 @@ class ReplayReport:
 
     def summary(self, title: str) -> str:
         rate = self.fixes / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        devices = self.devices or len(self.sessions)
         lines = [
-            f"{title}: {len(self.sessions)} devices, {self.fixes} fixes "
+            f"{title}: {devices} devices, {self.fixes} fixes "
             f"in {self.elapsed_s:.1f} s ({rate:.0f} fixes/s)",
             "  ".join(
                 f"{label} {self.total(attr)}"
@@ -89,8 +93,11 @@ class ReplayReport:
         ]
         for reason, count in sorted(self.rejected().items()):
             lines.append(f"  rejected {reason}: {count}")
-        for stats in self.failed():
+        failed = self.failed()
+        for stats in failed[:MAX_FAILURES_LISTED]:
             lines.append(f"  FAILED {stats.device}: {stats.error or 'fixes unsettled'}")
+        if len(failed) > MAX_FAILURES_LISTED:
+            lines.append(f"  ... and {len(failed) - MAX_FAILURES_LISTED} more devices")
         return "\n".join(lines)
 
 
@@ -190,7 +197,10 @@ async def publish_trace(
     due_ms = options.pace.due_ms(trace.time_ms, int(trace.time_ms[0]))
     stats = SessionStats(device=f"gateway ({len(trace.devices())} devices)")
     report = ReplayReport(
-        len(trace), int(times[0] - trace.time_ms[0]), sessions=[stats]
+        len(trace),
+        int(times[0] - trace.time_ms[0]),
+        devices=len(trace.devices()),
+        sessions=[stats],
     )
 
     async def publish(a: int, b: int) -> None:

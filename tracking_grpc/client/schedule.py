@@ -16,6 +16,7 @@ it is sent:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +41,8 @@ class Pace:
             lag = duration_ms
         else:
             lag = duration_ms * max(0.0, 1.0 - 1.0 / self.speed)
-        return int(start_ms - first_ms - round(lag))
+        # Rounding the lag up keeps every stamp at or before its (floored) send time.
+        return int(start_ms - first_ms - math.ceil(lag))
 
     def due_ms(self, time_ms: np.ndarray, first_ms: int) -> np.ndarray:
         """Milliseconds after the start at which each fix is due (0 when fast)."""

@@ -136,11 +136,11 @@ class DeviceSession:
                 detail = exc.details() if code is not None else str(exc)
                 if code is not None and code not in RETRYABLE:
                     self.stats.error = f"{code.name}: {detail}"
-                    log.warning("device %s: %s", self._device, self.stats.error)
+                    log.debug("device %s: %s", self._device, self.stats.error)
                     return self.stats
                 if attempt >= self._retry.max_attempts:
                     self.stats.error = f"gave up after {attempt} attempts: {detail}"
-                    log.warning("device %s: %s", self._device, self.stats.error)
+                    log.debug("device %s: %s", self._device, self.stats.error)
                     return self.stats
                 log.debug(
                     "device %s: stream broke (%s), reconnecting", self._device, detail

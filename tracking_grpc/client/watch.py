@@ -12,6 +12,7 @@ from tracking.v1 import common_pb2, track_pb2
 from tracking_grpc.client.channel import (
     add_connection_arguments,
     call_metadata,
+    exit_on_rpc_error,
     open_channel,
     tracking_stub,
 )
@@ -88,6 +89,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+@exit_on_rpc_error
 async def run(args: argparse.Namespace) -> int:
     async with open_channel(args.target) as channel:
         call = tracking_stub(channel).Watch(

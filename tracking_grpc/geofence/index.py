@@ -190,16 +190,10 @@ class FenceIndex:
                 self.centre_lon[cr], self.centre_lat[cr], lon[circle], lat[circle]
             )
             dist[circle] = np.abs(d - self.radius_m[cr])
-        other = np.flatnonzero(~circle)
-        if other.size:
-            order = other[np.argsort(rows[other], kind="stable")]
-            bounds = np.flatnonzero(np.diff(rows[order])) + 1
-            for group in np.split(order, bounds):
-                fence = self.fences[rows[group[0]]]
-                x, y = fence.frame.transform(lon[group], lat[group])
-                dist[group] = shapely.distance(
-                    fence.metric_boundary, shapely.points(x, y)
-                )
+        for group in _by_row(rows, np.flatnonzero(~circle)):
+            fence = self.fences[rows[group[0]]]
+            x, y = fence.frame.transform(lon[group], lat[group])
+            dist[group] = shapely.distance(fence.metric_boundary, shapely.points(x, y))
         return dist
 
     def near(self, lon: float, lat: float, radius_m: float) -> np.ndarray:
@@ -243,25 +237,21 @@ class FenceIndex:
             for extra in (shifted, back):
                 s, r = self.tree.query(extra, predicate="intersects")
                 segs, rows = np.concatenate([segs, idx[s]]), np.concatenate([rows, r])
-        circle = self.is_circle[rows]
-        if circle.any():
-            keep = ~circle
-            for k in np.flatnonzero(circle):
-                keep[k] = self._segment_meets_circle(
-                    rows[k], lon0[segs[k]], lat0[segs[k]], lon1[segs[k]], lat1[segs[k]]
-                )
-            segs, rows = segs[keep], rows[keep]
+        keep = ~self.is_circle[rows]
+        for group in _by_row(rows, np.flatnonzero(~keep)):
+            row, s = rows[group[0]], segs[group]
+            frame = self.fences[row].frame
+            x0, y0 = frame.transform(lon0[s], lat0[s])
+            x1, y1 = frame.transform(lon1[s], lat1[s])
+            ends = np.stack([np.column_stack([x0, y0]), np.column_stack([x1, y1])], 1)
+            centre = shapely.Point(0.0, 0.0)
+            keep[group] = (
+                shapely.distance(centre, shapely.linestrings(ends))
+                <= (self.radius_m[row])
+            )
+        segs, rows = segs[keep], rows[keep]
         pairs = np.unique(np.column_stack([segs, rows]), axis=0)
         return pairs[:, 0], pairs[:, 1]
-
-    def _segment_meets_circle(
-        self, row: int, lon0: float, lat0: float, lon1: float, lat1: float
-    ) -> bool:
-        x, y = self.fences[row].frame.transform([lon0, lon1], [lat0, lat1])
-        segment = shapely.linestrings(np.column_stack([x, y]))
-        return bool(
-            shapely.distance(shapely.Point(0.0, 0.0), segment) <= self.radius_m[row]
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +375,14 @@ class _Grid:
             np.arange(pts.size) - np.repeat(np.cumsum(counts) - counts, counts)
         )
         return pts, self.pair_row[at], self.pair_sure[at]
+
+
+def _by_row(rows: np.ndarray, which: np.ndarray) -> list[np.ndarray]:
+    """The indices ``which`` split into groups of one fence row each."""
+    if which.size == 0:
+        return []
+    order = which[np.argsort(rows[which], kind="stable")]
+    return np.split(order, np.flatnonzero(np.diff(rows[order])) + 1)
 
 
 def _cell_ranges(

@@ -221,6 +221,10 @@ class RoutingEngine:
             answer = self._call(self._osrm.Match, params)
         except NotFound:
             return empty
+        except InvalidArgument as exc:
+            if exc.reason.startswith("Could not find a matching segment"):
+                return empty  # no fix lies near any road: nothing matches
+            raise
         for i, point in enumerate(answer["tracepoints"]):
             if point is not None:
                 empty.matched[i] = True
@@ -238,7 +242,7 @@ class RoutingEngine:
                 raise NotFound(f"{self.profile}: {message or code}") from exc
             if code == "NoSegment":
                 raise InvalidArgument(
-                    "points", f"{message} within the {self.profile} network"
+                    "points", f"{message.rstrip('.')} within the {self.profile} network"
                 ) from exc
             if code in {"TooBig", "InvalidValue", "InvalidOptions", "InvalidQuery"}:
                 raise InvalidArgument("points", f"{code}: {message}") from exc

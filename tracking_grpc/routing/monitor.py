@@ -220,12 +220,22 @@ class RouteMonitor:
         )
 
         # Where on the route: the window around the expected progress, unless the
-        # device is new or off the route, where anything ahead may be where it is.
+        # device is new or off the route, where anything ahead that it could have
+        # reached since it was last on the route may be where it is.
         wide = ~started | s["off"][slots]
         lo_m = np.maximum(progress - cfg.behind_m, 0.0)
+        since_on_s = np.where(
+            s["last_on_ms"][slots] > 0,
+            (time_ms - s["last_on_ms"][slots]) / 1e3,
+            np.inf,
+        )
+        reach_m = np.minimum(
+            progress + np.maximum(cfg.min_ahead_m, since_on_s * cfg.max_speed_mps),
+            flat.total_m[slots],
+        )
         hi_m = np.where(
             wide,
-            flat.total_m[slots],
+            reach_m,
             progress + np.maximum(cfg.min_ahead_m, dt_s * cfg.max_speed_mps),
         )
         penalty = np.where(wide, WIDE_PENALTY, cfg.stray_penalty)
@@ -237,7 +247,7 @@ class RouteMonitor:
                 x[miss],
                 y[miss],
                 lo_m[miss],
-                flat.total_m[slots[miss]],
+                reach_m[miss],
                 expected[miss],
                 np.full(len(miss), WIDE_PENALTY),
             )
@@ -283,9 +293,9 @@ class RouteMonitor:
         remaining_m = flat.total_m[slots] - new_progress
         near = cfg.arrival_radius_m + np.minimum(accuracy, cfg.arrival_radius_m)
         to_dest = np.hypot(x - flat.dest_x[slots], y - flat.dest_y[slots])
-        arrived = (to_dest <= near) & (
-            remaining_m <= np.maximum(4.0 * near, 0.1 * flat.total_m[slots])
-        )
+        # At the destination near the end of the route (not at the start of a loop).
+        end_part = remaining_m <= np.maximum(4.0 * near, 0.1 * flat.total_m[slots])
+        arrived = (to_dest <= near) & end_part
         eta_ms = np.where(arrived, time_ms, eta_ms)
         eta_step_ms = np.maximum(cfg.eta_change_s, cfg.eta_change_share * remaining_s)
         eta_moved = (
@@ -295,6 +305,7 @@ class RouteMonitor:
         )
 
         s["last_ms"][slots] = time_ms
+        s["last_on_ms"][slots] = np.where(on_route, time_ms, s["last_on_ms"][slots])
         s["progress_m"][slots] = np.where(arrived, flat.total_m[slots], new_progress)
         s["deviation_m"][slots] = deviation
         s["off_count"][slots] = off_count
@@ -373,6 +384,7 @@ def deviation_m(
 def _empty_state(n: int) -> dict[str, np.ndarray]:
     return {
         "last_ms": np.zeros(n, np.int64),
+        "last_on_ms": np.zeros(n, np.int64),
         "progress_m": np.zeros(n),
         "deviation_m": np.zeros(n),
         "off_count": np.zeros(n, np.int64),

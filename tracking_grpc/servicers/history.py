@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator
+from typing import cast
 
 import grpc
 import numpy as np
@@ -20,6 +21,7 @@ from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import in_box, in_circle
 from tracking_grpc.errors import InvalidArgument, NotFound
 from tracking_grpc.geofence.index import FenceIndex
+from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.servicers.geofence import open_repositories
 from tracking_grpc.storage.fences import FenceRepository
 
@@ -300,7 +302,8 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
         if len(wanted) > MAX_FENCE_IDS:
             raise InvalidArgument("fence_ids", f"at most {MAX_FENCE_IDS}")
         found = await self._load(caller, request)
-        specs = await self.fences.all(caller.tenant)
+        # cast: the repository protocol's `list` method shadows the builtin for mypy
+        specs = cast("list[FenceSpec]", await self.fences.all(caller.tenant))
         if wanted:
             specs = [f for f in specs if f.fence_id in wanted]
         fixes = views.clean(found.analysis)

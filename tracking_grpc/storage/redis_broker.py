@@ -119,6 +119,8 @@ class RedisBroker:
                 pubsub = client.pubsub()
                 await self._join(pubsub, sharded)
                 self._tried.set()
+                if failures:
+                    log.warning("live fan-out subscribed again")
                 failures = 0
                 while True:
                     message = await self._next(pubsub, sharded)
@@ -128,7 +130,8 @@ class RedisBroker:
                 self._tried.set()
                 delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
                 failures += 1
-                log.warning("live fan-out lost (%s); retrying in %.1fs", exc, delay)
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(level, "live fan-out lost (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
             finally:
                 if pubsub is not None:

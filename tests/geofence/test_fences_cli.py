@@ -1,0 +1,47 @@
+"""``tracking fences`` as a user runs it, against a real server on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tests.geofence.test_geofence_rpc import enter_then_exit
+from tests.test_client_cli import run
+
+DEPOTS = {
+    "type": "FeatureCollection",
+    "features": [
+        {
+            "type": "Feature",
+            "id": "depot",
+            "properties": {"radius_m": 100, "labels": ["depot"], "name": "Depot"},
+            "geometry": {"type": "Point", "coordinates": [13.405, 52.52]},
+        },
+        {
+            "type": "Feature",
+            "id": "yard",
+            "properties": {},
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[2, 48], [3, 48], [3, 49], [2, 48]]],
+            },
+        },
+    ],
+}
+
+
+async def test_import_list_and_events(server, channel, tmp_path, capsys) -> None:
+    geojson = tmp_path / "depots.geojson"
+    geojson.write_text(json.dumps(DEPOTS))
+    assert await run(server, "fences", "import", str(geojson)) == 0
+    assert "imported 2 fences (created 2, replaced 0)" in capsys.readouterr().out
+    await run(server, "fences", "list", "--label", "depot")
+    assert capsys.readouterr().out == "depot\tcircle\tv1\tdepot\tDepot\n"
+    await enter_then_exit(server, channel, "van-1")
+    for _ in range(50):  # the event store writes in the background
+        await run(server, "fences", "events", "--device", "van-1")
+        lines = capsys.readouterr().out.splitlines()
+        if len(lines) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert [line.split("\t")[2] for line in lines] == ["ENTER", "EXIT"]
