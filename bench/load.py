@@ -162,6 +162,10 @@ def build_plans(args: argparse.Namespace, target: str) -> list[Plan]:
 def watch_ids(args: argparse.Namespace) -> list[str]:
     if not args.watch_devices:
         return []
+    if not args.devices:  # gateways only: watch some of the first gateway's devices
+        every = max(1, args.gateway_devices // args.watch_devices)
+        ids = range(0, args.gateway_devices, every)
+        return [f"gw-00-000-{i:06d}" for i in ids][: args.watch_devices]
     every = max(1, args.devices // args.watch_devices)
     per = split(args.devices, args.drivers)
     ids = [
@@ -193,6 +197,9 @@ def run_drivers(
     steady = procstat.usage(server_pid)
     drivers_cpu = sum(procstat.usage(p.pid).cpu_s for p in processes)
     busy = machine_busy_s()
+    # Shared with other users of the machine: an upper bound for this run's share.
+    backends = {n: procstat.pids_named(n) for n in ("postgres", "redis-server")}
+    backend_cpu = {n: procstat.cpu_of(p) for n, p in backends.items()}
     if args.profile:
         profiler = start_profiler(server_pid, args.profile, window.steady_s)
     rss_max = steady.rss_bytes
@@ -204,6 +211,9 @@ def run_drivers(
         sum(procstat.usage(p.pid).cpu_s for p in processes) - drivers_cpu
     )
     samples["machine_busy_s"] = machine_busy_s() - busy
+    samples["backend_cpu_s"] = {
+        n: max(0.0, procstat.cpu_of(backends[n]) - backend_cpu[n]) for n in backends
+    }
     samples["server_cpu_s"] = end.cpu_s - steady.cpu_s
     samples["server_processes"] = end.processes
     samples["rss_steady_max_bytes"] = rss_max
@@ -288,6 +298,7 @@ def verify(rows: list[tuple[str, int, int]], results: list[DriverResult]) -> dic
     lost = sum(n - stored.get(d, (0, 0))[0] for d, n in generated.items())
     gaps = sum(1 for d, n in generated.items() if stored.get(d, (0, 0)) != (n, n))
     return {
+        "rows_stored_all_devices": sum(count for count, _ in stored.values()),
         "devices_checked": len(generated),
         "fixes_generated": sum(generated.values()),
         "fixes_stored_rows": sum(stored.get(d, (0, 0))[0] for d in generated),
@@ -346,6 +357,9 @@ def report(
         },
         "drivers_cpu_cores": round(samples["drivers_cpu_s"] / steady_s, 3),
         "machine_busy_cores": round(samples["machine_busy_s"] / steady_s, 3),
+        "backend_cpu_cores": {
+            n: round(v / steady_s, 3) for n, v in samples["backend_cpu_s"].items()
+        },
         "fixes_in_window": fixes_in_window,
     }
     if any(r.reconnected_s for r in results):
@@ -390,7 +404,7 @@ def print_report(out: dict) -> None:
     )
     print(
         f"Drivers: {out['drivers_cpu_cores']} cores; whole machine busy "
-        f"{out['machine_busy_cores']} cores"
+        f"{out['machine_busy_cores']} cores; backends {out['backend_cpu_cores']}"
     )
     for key in ("storm", "verify"):
         if key in out:

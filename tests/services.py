@@ -16,7 +16,22 @@ import time
 from pathlib import Path
 
 CLUSTER_OPTIONS = ("--cluster-replicas", "0", "--cluster-yes")
-PG_BIN = Path(os.environ.get("TRACKING_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def _pg_bin() -> Path:
+    """The newest installed PostgreSQL's binaries (Debian layout), or the override."""
+    if "TRACKING_TEST_PG_BIN" in os.environ:
+        return Path(os.environ["TRACKING_TEST_PG_BIN"])
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: (
+            int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0
+        ),
+    )
+    return versions[-1].parent if versions else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 
 
 def free_port(low: int = 20000, high: int = 30000) -> int:

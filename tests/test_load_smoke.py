@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, require_service
 
 SMALL = ["--devices", "200", "--interval-s", "0.5", "--drivers", "2"]
 SMALL += ["--ramp-s", "1", "--steady-s", "3", "--watchers", "1"]
@@ -70,3 +70,19 @@ def test_gateway_batches_are_stored(tmp_path: Path) -> None:
     assert result["errors"] == {}
     assert result["counts"]["fixes_stored"] == result["counts"]["fixes_generated"] > 0
     assert result["batch"]["count"] > 0
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_production_backends_store_every_fix_once(tmp_path: Path) -> None:
+    from tests.backends import PG_ADMIN_URL, REDIS_TEST_URL, admin_execute
+
+    try:
+        admin_execute("SELECT 1")
+    except Exception as exc:
+        require_service("postgres", str(exc))
+    extra = ["--production", "--fences", "20", "--pg-admin-url", PG_ADMIN_URL]
+    result = run_load(tmp_path, *extra, "--redis-url", REDIS_TEST_URL)
+    assert result["errors"] == {}
+    assert result["verify"]["fixes_lost"] == 0 and result["fences"] == 20
+    assert result["verify"]["devices_with_gaps_or_extra"] == 0

@@ -122,19 +122,14 @@ class FixBatch:
         if len(batches) == 1:
             return batches[0]
         arrays = {
-            f.name: np.concatenate([getattr(b, f.name) for b in batches])
-            for f in fields(cls)
-            if f.name != "tenant"
+            name: np.concatenate([getattr(b, name) for b in batches])
+            for name in ARRAY_FIELDS
         }
         return cls(tenant=tenant, **arrays)
 
     def take(self, index: np.ndarray) -> FixBatch:
         """Rows selected by an integer index or a boolean mask, in that order."""
-        arrays = {
-            f.name: getattr(self, f.name)[index]
-            for f in fields(self)
-            if f.name != "tenant"
-        }
+        arrays = {name: getattr(self, name)[index] for name in ARRAY_FIELDS}
         return FixBatch(tenant=self.tenant, **arrays)
 
     def sorted_by_device_time(self) -> FixBatch:
@@ -155,3 +150,8 @@ class FixBatch:
         last = np.ones(len(order), dtype=bool)
         last[:-1] = ordered[1:] != ordered[:-1]
         return order[last]
+
+
+# The array columns, in field order; computed once (``fields()`` is slow per call and
+# take/concat run several times per group commit).
+ARRAY_FIELDS = tuple(f.name for f in fields(FixBatch) if f.name != "tenant")

@@ -47,7 +47,7 @@ async def _storm(plan: Plan, devices: list[Device], pool: ChannelPool) -> None:
     rng = random.Random(plan.index * 7919 + 1)
     for device in devices:
         device.reconnect_at_s = storm.drop_s + rng.uniform(0, storm.spread_s)
-        device.dropped = device.connected
+        device.dropped = True  # connected or opening: every call is cut
     await pool.close()
 
 

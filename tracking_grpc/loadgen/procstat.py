@@ -58,3 +58,30 @@ def usage(pid: int) -> Usage:
         rss_pages += int(fields[21])
         count += 1
     return Usage(cpu_ticks / TICKS_PER_S, rss_pages * PAGE_BYTES, count)
+
+
+def pids_named(*names: str) -> list[int]:
+    """Processes whose command name is one of ``names`` (postgres, redis-server)."""
+    found = []
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if comm in names:
+            found.append(int(entry.name))
+    return found
+
+
+def cpu_of(pids: list[int]) -> float:
+    """CPU seconds of these processes (without children); gone ones count 0."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = _stat_fields(pid)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / TICKS_PER_S

@@ -21,6 +21,7 @@ from tracking_grpc.events import TrackingEvent
 from tracking_grpc.fanout import Watcher, WatchFilter
 from tracking_grpc.ingest import IngestResult, now_ms
 from tracking_grpc.observability import logs, metrics
+from tracking_grpc.storage.base import HistoryStore
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         self.app = app
         # Streams that asked for their device's events: (tenant, device) -> queues.
         self._event_queues: dict[tuple[str, str], set[asyncio.Queue]] = {}
+        self._states = _StateLoader(app.history)
         app.bus.add_listener(self._route_events)
 
     async def _route_events(self, events: Sequence[TrackingEvent]) -> None:
@@ -160,9 +162,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         device_id = convert.check_device_id(first.hello.device_id, "hello.device_id")
         logs.bind(device=device_id)
         caller.require_device(device_id)
-        states = await self.app.history.device_states(caller.tenant, [device_id])
-        state = states.get(device_id)
-        last_stored = state.last_stored_seq if state else 0
+        last_stored = await self._states.last_stored_seq(caller.tenant, device_id)
         started = track_pb2.SessionStarted(
             device_id=device_id, last_stored_seq=last_stored, server_time_ms=now_ms()
         )
@@ -300,6 +300,58 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
                 for p, d in zip(positions, distance.tolist(), strict=True)
             ]
         )
+
+
+class _StateLoader:
+    """Answers stream opens with one ``device_states`` call per batch of opens.
+
+    A stream open needs its device's last stored sequence number. One query per open
+    is a round trip each: 10k devices reconnecting at once exhausted the PostgreSQL
+    pool (UNAVAILABLE after 5 s). Opens that arrive while a query runs wait for the
+    next one, which asks for all of them.
+    """
+
+    def __init__(self, history: HistoryStore) -> None:
+        self.history = history
+        self._waiting: dict[str, dict[str, list[asyncio.Future[int]]]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def last_stored_seq(self, tenant: str, device_id: str) -> int:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(tenant, {}).setdefault(device_id, []).append(future)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="device-states")
+        return await future
+
+    async def _run(self) -> None:
+        try:
+            while self._waiting:
+                waiting, self._waiting = self._waiting, {}
+                await asyncio.gather(
+                    *(
+                        self._load(tenant, devices)
+                        for tenant, devices in waiting.items()
+                    )
+                )
+        finally:
+            self._task = None
+
+    async def _load(
+        self, tenant: str, devices: dict[str, list[asyncio.Future[int]]]
+    ) -> None:
+        try:
+            states = await self.history.device_states(tenant, list(devices))
+        except Exception as exc:
+            for futures in devices.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(exc)
+            return
+        for device_id, futures in devices.items():
+            state = states.get(device_id)
+            for future in futures:
+                if not future.done():
+                    future.set_result(state.last_stored_seq if state else 0)
 
 
 class _Session:
