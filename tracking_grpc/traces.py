@@ -227,9 +227,9 @@ def read_csv(path: Path, fmt: CsvFormat, device_id: str | None = None) -> Trace:
         )
 
     def numbers(role: str) -> np.ndarray | None:
-        if role not in raw:
-            return None
         name = wanted[role]
+        if role not in raw or name is None:
+            return None
         return _to_float(raw[role][present], name, fmt.missing.get(name, ()))
 
     speed = numbers("speed")

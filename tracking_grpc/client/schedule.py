@@ -37,6 +37,7 @@ class Pace:
 
     def offset_ms(self, start_ms: int, first_ms: int, duration_ms: int) -> int:
         """Added to every fix time so that the trace plays as live (see module doc)."""
+        lag: float
         if self.fast:
             lag = duration_ms
         else:

@@ -35,7 +35,8 @@ RETRYABLE = frozenset(
 )
 
 Batch = Sequence[common_pb2.Fix]
-Feed = asyncio.Queue  # of Batch, then None when the device has no more fixes
+# Batches of fixes, then None when the device has no more fixes.
+Feed = asyncio.Queue[Batch | None]
 
 
 class StreamBroken(Exception):
@@ -132,8 +133,10 @@ class DeviceSession:
                 StreamBroken,
                 asyncio.InvalidStateError,
             ) as exc:
-                code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else None
-                detail = exc.details() if code is not None else str(exc)
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    code, detail = exc.code(), exc.details()
+                else:
+                    code, detail = None, str(exc)
                 if code is not None and code not in RETRYABLE:
                     self.stats.error = f"{code.name}: {detail}"
                     log.debug("device %s: %s", self._device, self.stats.error)

@@ -20,7 +20,7 @@ from tracking_grpc.client.channel import (
 )
 from tracking_grpc.client.fleet import SyntheticFleet
 from tracking_grpc.client.replay import ReplayReport
-from tracking_grpc.client.session import DeviceSession
+from tracking_grpc.client.session import DeviceSession, Feed
 
 MAX_DEVICES = 20_000
 MAX_DURATION_S = 24 * 3600.0
@@ -41,7 +41,7 @@ async def simulate(
     loop = asyncio.get_running_loop()
     start = loop.time()
     devices = [f"{prefix}{i:04d}" for i in range(fleet.n)]
-    feeds = [asyncio.Queue() for _ in devices]
+    feeds: list[Feed] = [asyncio.Queue() for _ in devices]
     sessions = [
         DeviceSession(stub, device, feed, metadata=metadata, window=window)
         for device, feed in zip(devices, feeds, strict=True)
