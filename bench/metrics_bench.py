@@ -144,7 +144,7 @@ def server_cpu_per_fix_ns(metrics_on: bool, fixes_per_message: int, tag: str) ->
             "TRACKING_LISTEN": address,
             "TRACKING_DATA_DIR": data_dir,
             "TRACKING_SQLITE_SYNCHRONOUS": "NORMAL",
-            "TRACKING_LOG_LEVEL": "WARNING",
+            "TRACKING_LOG_LEVEL": "ERROR",
             "TRACKING_METRICS_LISTEN": f"127.0.0.1:{free_port()}" if metrics_on else "",
         }
         command = [sys.executable, "-m", "tracking_grpc", "serve"]
@@ -205,7 +205,15 @@ def main() -> None:
         )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
-        json.dumps({"python": platform.python_version(), "rows": rows}, indent=2) + "\n"
+        json.dumps(
+            {
+                "python": platform.python_version(),
+                "load_average_1m": os.getloadavg()[0],
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
     )
 
 

@@ -123,3 +123,9 @@ async def test_unreachable_server_prints_one_line(start_server, capsys):
     await gone.stop(0)
     assert await run(gone, "nearby", "1", "2", "100") == 1
     assert capsys.readouterr().err.startswith("tracking: UNAVAILABLE: ")
+
+
+async def test_porto_months_replay_as_live_with_capped_gaps(server, capsys):
+    porto = str(require_shared(TRACES / "porto_taxi_test320.csv"))
+    assert await run(server, "replay", porto, "--fast", "--max-gap-s", "60") == 0
+    assert "stored 14438  duplicates 0" in capsys.readouterr().out

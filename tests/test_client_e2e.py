@@ -191,3 +191,11 @@ async def test_timed_replay_stamps_the_last_fix_when_it_is_sent(server, stub):
     assert np.diff(stored.time_ms).tolist() == np.diff(car.time_ms).tolist()
     assert lag_ms.min() >= 0  # never stamped after it was sent
     assert lag_ms[-1] < 2_000 < 500_000 < lag_ms[0]  # first lags D (1 - 1/N)
+
+
+async def test_events_come_back_on_the_device_streams(stub, bus):
+    events = []
+    options = ReplayOptions(pace=Pace(fast=True), want_events=True)
+    report = await replay_trace(stub, bus, options, on_event=events.append)
+    assert report.total("events") == len(events) > 0
+    assert {event.device_id for event in events} <= set(bus.devices())

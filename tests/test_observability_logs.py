@@ -12,6 +12,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from tracking.v1 import track_pb2_grpc
 
+from tests.server_fixtures import fix, track_session
 from tests.test_observability_tracing import publish_request
 from tracking_grpc.config import Settings
 from tracking_grpc.observability import logs, tracing
@@ -124,3 +125,22 @@ async def test_server_logs_hold_no_tokens_or_secrets(start_server):
     assert "UNAUTHENTICATED" in text and "finished OK" in text
     for secret in (SECRET, good, forged, good.split(".")[2], "not-a-jwt"):
         assert secret not in text
+
+
+async def test_ingest_writes_no_info_line_per_fix_or_message(start_server):
+    stream, root = io.StringIO(), logging.getLogger()
+    level = root.level
+    handler = logs.configure(Settings(log_format="json", log_level="INFO"), stream)
+    server = await start_server()
+    started = len(stream.getvalue())
+    batches = [[fix(10 * b + i, 41.15, -8.61) for i in range(1, 11)] for b in range(50)]
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = track_pb2_grpc.TrackSessionStub(channel)
+            _, acks = await track_session(stub, "taxi-7", batches)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert sum(ack.stored for ack in acks) == 500
+    during = stream.getvalue()[started:].splitlines()
+    assert len(during) < 5, during  # 50 messages, 500 fixes: no line for each

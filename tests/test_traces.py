@@ -211,3 +211,12 @@ def test_csv_errors_name_the_field(tmp_path, fmt, field):
 def test_unknown_speed_unit_is_refused():
     with pytest.raises(InvalidArgument, match="speed_unit"):
         CsvFormat(time="t", lat="y", lon="x", speed_unit="furlongs")
+
+
+def test_capped_gaps_keep_order_and_short_steps(traces):
+    trace = traces[PORTO].with_gaps_capped(60_000)
+    steps = np.diff(trace.time_ms)
+    assert steps.min() >= 0 and steps.max() == 60_000
+    assert trace.duration_ms() < 24 * 3600_000 < traces[PORTO].duration_ms()
+    original = np.diff(traces[PORTO].time_ms)
+    assert np.array_equal(steps[original <= 60_000], original[original <= 60_000])

@@ -62,6 +62,18 @@ class Trace:
         """The same fixes with every fix time moved by ``offset_ms``."""
         return replace(self, time_ms=self.time_ms + np.int64(offset_ms))
 
+    def with_gaps_capped(self, max_gap_ms: int) -> Trace:
+        """Shorten every pause between consecutive fixes (of any device) to at most
+        ``max_gap_ms``; order, equal times and shorter spacing are kept.
+
+        Makes a trace of trips spread over months (Porto taxis) replayable as live.
+        """
+        if len(self) < 2:
+            return self
+        steps = np.minimum(np.diff(self.time_ms), max_gap_ms)
+        time_ms = self.time_ms[0] + np.r_[0, np.cumsum(steps)]
+        return replace(self, time_ms=time_ms.astype(np.int64))
+
     def take(self, index: np.ndarray) -> Trace:
         """Rows selected by an integer index or a boolean mask."""
         return Trace(**{name: getattr(self, name)[index] for name in _FIELDS})
@@ -227,9 +239,9 @@ def read_csv(path: Path, fmt: CsvFormat, device_id: str | None = None) -> Trace:
         )
 
     def numbers(role: str) -> np.ndarray | None:
-        name = wanted[role]
-        if role not in raw or name is None:
+        if role not in raw:
             return None
+        name = str(wanted[role])
         return _to_float(raw[role][present], name, fmt.missing.get(name, ()))
 
     speed = numbers("speed")

@@ -288,6 +288,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         action="store_true",
         help="send the recorded fix times (the server needs --max-fix-age-s 0)",
     )
+    parser.add_argument(
+        "--max-gap-s",
+        type=float,
+        help="shorten pauses between fixes to this (trips spread over months)",
+    )
     parser.add_argument("--via", choices=("track", "publish"), default="track")
     parser.add_argument("--device-id", help="device id of a single-device file")
     parser.add_argument("--devices", nargs="+", help="replay only these devices")
@@ -338,6 +343,8 @@ def load_trace(args: argparse.Namespace) -> Trace:
     trace = read_trace(args.file, args.format, csv_format_from(args), args.device_id)
     if args.devices:
         trace = trace.take(np.isin(trace.device.astype(str), args.devices))
+    if args.max_gap_s is not None:
+        trace = trace.with_gaps_capped(round(args.max_gap_s * 1000))
     if len(trace) == 0:
         raise InvalidArgument("file", f"{args.file} holds no fixes to replay")
     return trace

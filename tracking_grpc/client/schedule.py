@@ -37,11 +37,8 @@ class Pace:
 
     def offset_ms(self, start_ms: int, first_ms: int, duration_ms: int) -> int:
         """Added to every fix time so that the trace plays as live (see module doc)."""
-        lag: float
-        if self.fast:
-            lag = duration_ms
-        else:
-            lag = duration_ms * max(0.0, 1.0 - 1.0 / self.speed)
+        slowdown = 1.0 if self.fast else max(0.0, 1.0 - 1.0 / self.speed)
+        lag = duration_ms * slowdown
         # Rounding the lag up keeps every stamp at or before its (floored) send time.
         return int(start_ms - first_ms - math.ceil(lag))
 

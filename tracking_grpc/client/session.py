@@ -35,8 +35,7 @@ RETRYABLE = frozenset(
 )
 
 Batch = Sequence[common_pb2.Fix]
-# Batches of fixes, then None when the device has no more fixes.
-Feed = asyncio.Queue[Batch | None]
+Feed = asyncio.Queue  # of Batch, then None when the device has no more fixes
 
 
 class StreamBroken(Exception):
@@ -125,32 +124,29 @@ class DeviceSession:
         """Stream until every fix from the feed is settled; never raises on I/O."""
         attempt = 0
         while True:
+            code: grpc.StatusCode | None = None
             try:
                 await self._stream()
                 return self.stats
-            except (
-                grpc.aio.AioRpcError,
-                StreamBroken,
-                asyncio.InvalidStateError,
-            ) as exc:
-                if isinstance(exc, grpc.aio.AioRpcError):
-                    code, detail = exc.code(), exc.details()
-                else:
-                    code, detail = None, str(exc)
-                if code is not None and code not in RETRYABLE:
-                    self.stats.error = f"{code.name}: {detail}"
-                    log.debug("device %s: %s", self._device, self.stats.error)
-                    return self.stats
-                if attempt >= self._retry.max_attempts:
-                    self.stats.error = f"gave up after {attempt} attempts: {detail}"
-                    log.debug("device %s: %s", self._device, self.stats.error)
-                    return self.stats
-                log.debug(
-                    "device %s: stream broke (%s), reconnecting", self._device, detail
-                )
-                self.stats.reconnects += 1
-                await asyncio.sleep(self._retry.delay_s(attempt))
-                attempt = 0 if self._started else attempt + 1
+            except grpc.aio.AioRpcError as exc:
+                code, detail = exc.code(), exc.details()
+            except (StreamBroken, asyncio.InvalidStateError) as exc:
+                detail = str(exc)
+
+            if code is not None and code not in RETRYABLE:
+                self.stats.error = f"{code.name}: {detail}"
+                log.debug("device %s: %s", self._device, self.stats.error)
+                return self.stats
+            if attempt >= self._retry.max_attempts:
+                self.stats.error = f"gave up after {attempt} attempts: {detail}"
+                log.debug("device %s: %s", self._device, self.stats.error)
+                return self.stats
+            log.debug(
+                "device %s: stream broke (%s), reconnecting", self._device, detail
+            )
+            self.stats.reconnects += 1
+            await asyncio.sleep(self._retry.delay_s(attempt))
+            attempt = 0 if self._started else attempt + 1
 
     async def _stream(self) -> None:
         self._started = False

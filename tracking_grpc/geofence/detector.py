@@ -202,43 +202,42 @@ class _Run:
     # pairs and rows -------------------------------------------------------------------
 
     def _pairs(self) -> None:
-        members = self.d._members
-        held = members.of_devices(self.codes)
-        code_to_row = np.full(
-            max(
-                int(self.fence_codes.max(initial=-1)),
-                int((members.key[held] & 0xFFFFFFFF).max(initial=-1)),
-            )
-            + 1,
-            -1,
-            dtype=np.int64,
-        )
-        code_to_row[self.fence_codes] = np.arange(self.fence_codes.size)
-        m_dev_code = members.key[held] >> 32
-        m_row = code_to_row[members.key[held] & 0xFFFFFFFF]
-        alive = m_row >= 0
-        by_code = np.argsort(self.codes)
-        m_local = by_code[np.searchsorted(self.codes[by_code], m_dev_code)]
+        """The (device, fence) pairs to judge: memberships held, fences hit by a fix."""
         n_rows = len(self.index) + 1
-        member_key = m_local[alive] * n_rows + m_row[alive]
-        entered = members.entered_ms[held][alive]
-        done = members.dwell_done[held][alive]
+        member_key, entered, done = self._held(n_rows)
         touch_key = self.local[self.c_fix].astype(np.int64) * n_rows + self.c_row
         pair_key = np.unique(np.concatenate([member_key, touch_key]))
-        self.pair_dev = pair_key // n_rows
-        self.pair_row = pair_key % n_rows
-        order = np.argsort(member_key)
-        at = np.searchsorted(member_key[order], pair_key)
-        at = order[at.clip(0, max(member_key.size - 1, 0))] if member_key.size else at
-        self.init_inside = (
-            member_key[at] == pair_key if member_key.size else np.zeros(at.size, bool)
+        self.pair_dev, self.pair_row = pair_key // n_rows, pair_key % n_rows
+        at = np.searchsorted(member_key, pair_key)  # member_key.size: none held
+        self.init_inside = np.append(member_key, -1)[at] == pair_key
+        self.init_entered = np.append(entered, _NEVER)[at]
+        self.init_done = np.append(done, False)[at]
+        self._expand()
+
+    def _held(self, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Memberships of the batch's devices in live fences, keyed by pair, sorted."""
+        members = self.d._members
+        held = members.of_devices(self.codes)
+        fence_code = members.key[held] & 0xFFFFFFFF
+        size = max(
+            int(self.fence_codes.max(initial=-1)), int(fence_code.max(initial=-1))
         )
-        self.init_entered = np.where(
-            self.init_inside, entered[at] if member_key.size else 0, _NEVER
-        )
-        self.init_done = self.init_inside & (done[at] if member_key.size else False)
+        code_to_row = np.full(size + 1, -1, dtype=np.int64)
+        code_to_row[self.fence_codes] = np.arange(self.fence_codes.size)
+        row = code_to_row[fence_code]
+        alive = row >= 0  # memberships of deleted fences are dropped
+        by_code = np.argsort(self.codes)
+        device = by_code[np.searchsorted(self.codes[by_code], members.key[held] >> 32)]
+        key = device[alive] * n_rows + row[alive]
+        order = np.argsort(key)
+        entered = members.entered_ms[held][alive]
+        done = members.dwell_done[held][alive]
+        return key[order], entered[order], done[order]
+
+    def _expand(self) -> None:
+        """One row per pair and fix of the pair's device, in fix-time order."""
         counts = self.stop[self.pair_dev] - self.first[self.pair_dev]
-        self.r_pair = np.repeat(np.arange(pair_key.size), counts)
+        self.r_pair = np.repeat(np.arange(self.pair_dev.size), counts)
         starts = np.cumsum(counts) - counts
         self.r_fix = self.first[self.pair_dev][self.r_pair] + (
             np.arange(self.r_pair.size) - starts[self.r_pair]
@@ -332,39 +331,40 @@ class _Run:
     # events -----------------------------------------------------------------------
 
     def events(self, now_ms: int) -> list[TrackingEvent]:
-        emits = self.index.emits
-        found: list[tuple] = []
-        for kind, mask in (
-            (EventType.ENTER, self.enter),
-            (EventType.EXIT, self.exit),
-            (EventType.DWELL, self.dwell),
-        ):
-            rows = np.flatnonzero(mask & emits[kind][self.r_row])
-            found.append((self.r_fix[rows], self.r_row[rows], kind, rows))
-        cross_fix, cross_row = self._crossings()
-        found.append((cross_fix, cross_row, EventType.CROSS, None))
+        """The batch's events, per device in fix-time order."""
+        emits, time = self.index.emits, self.time[self.r_fix]
+        first = np.arange(time.size) == self.r_start
+        entered_before = np.where(
+            first, self.init_entered[self.r_pair], np.roll(self.entered, 1)
+        )
+        since = np.where(self.dwell, self.entered, entered_before)
+        inside_ms = np.where(since != _NEVER, time - since, -1)
+        found = [
+            (np.flatnonzero(mask & emits[kind][self.r_row]), kind)
+            for kind, mask in (
+                (EventType.ENTER, self.enter),
+                (EventType.EXIT, self.exit),
+                (EventType.DWELL, self.dwell),
+            )
+        ]
         events = []
-        for fixes, rows, kind, state_rows in found:
-            for k, (i, r) in enumerate(zip(fixes.tolist(), rows.tolist(), strict=True)):
-                attributes = {}
-                if self.batch.accuracy_m[i] == self.batch.accuracy_m[i]:
-                    attributes["accuracy_m"] = f"{float(self.batch.accuracy_m[i]):g}"
-                if state_rows is not None and kind in (EventType.EXIT, EventType.DWELL):
-                    s = state_rows[k]
-                    entered = (
-                        self.entered[s]
-                        if kind == EventType.DWELL
-                        else (
-                            self.entered[s - 1]
-                            if s > self.r_start[s]
-                            else self.init_entered[self.r_pair[s]]
-                        )
-                    )
-                    if entered != _NEVER:
-                        attributes["inside_ms"] = str(int(self.time[i] - entered))
-                events.append(self._event(i, r, kind, now_ms, attributes))
+        for rows, kind in found:
+            for r in rows.tolist():
+                fix, row = int(self.r_fix[r]), int(self.r_row[r])
+                attributes = self._attributes(fix)
+                if kind != EventType.ENTER and inside_ms[r] >= 0:
+                    attributes["inside_ms"] = str(int(inside_ms[r]))
+                events.append(self._event(fix, row, kind, now_ms, attributes))
+        cross_fix, cross_row = self._crossings()
+        for fix, row in zip(cross_fix.tolist(), cross_row.tolist(), strict=True):
+            attributes = self._attributes(fix)
+            events.append(self._event(fix, row, EventType.CROSS, now_ms, attributes))
         events.sort(key=lambda e: (e.device, e.time_ms, e.fix_seq, _ORDER[e.type]))
         return events
+
+    def _attributes(self, fix: int) -> dict[str, str]:
+        accuracy = float(self.batch.accuracy_m[fix])
+        return {} if np.isnan(accuracy) else {"accuracy_m": f"{accuracy:g}"}
 
     def _event(
         self, fix: int, row: int, kind: EventType, now_ms: int, attributes: dict
