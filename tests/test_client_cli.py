@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 
 import pytest
@@ -129,3 +130,21 @@ async def test_porto_months_replay_as_live_with_capped_gaps(server, capsys):
     porto = str(require_shared(TRACES / "porto_taxi_test320.csv"))
     assert await run(server, "replay", porto, "--fast", "--max-gap-s", "60") == 0
     assert "stored 14438  duplicates 0" in capsys.readouterr().out
+
+
+async def test_watch_reconnects_after_a_server_restart(start_server, capsys):
+    first = await start_server()
+    target = f"127.0.0.1:{first.port}"
+    args = parse(
+        "watch", "--json", "--count", "1", "--timeout", "30", "--target", target
+    )
+    watching = asyncio.create_task(args.command(args))
+    await asyncio.sleep(0.5)
+    await first.stop(0)
+    second = await start_server(listen=target)
+    await run(second, "replay", str(require_shared(TRACES / CAR)), "--fast")
+    assert await asyncio.wait_for(watching, timeout=30) == 0
+    out, err = capsys.readouterr()
+    assert "reconnecting" in err
+    (line,) = [line for line in out.splitlines() if line.startswith("{")]
+    assert json.loads(line)["device_id"] == CAR_DEVICE

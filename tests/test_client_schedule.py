@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tracking_grpc.client.replay import ReplayOptions, stamped_times
-from tracking_grpc.client.schedule import Pace, batch_bounds
+from tracking_grpc.client.schedule import (
+    Pace,
+    ReplayOptions,
+    batch_bounds,
+    stamped_times,
+)
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.traces import build_trace
 

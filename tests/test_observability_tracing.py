@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 
 import grpc
 import pytest
+from opentelemetry.proto.collector.trace.v1 import (
+    trace_service_pb2,
+    trace_service_pb2_grpc,
+)
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from tracking.v1 import track_pb2, track_pb2_grpc
 
 from tests.server_fixtures import embedded_settings, fix, track_session
 from tracking_grpc.config import Settings
-from tracking_grpc.observability import Telemetry, logs
+from tracking_grpc.observability import Telemetry, logs, tracing
 
 PUBLISH = "/tracking.v1.TrackSession/PublishBatch"
 TRACK = "/tracking.v1.TrackSession/Track"
@@ -93,3 +98,47 @@ async def test_stream_log_lines_name_the_device(traced):
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     access = next(line for line in lines if line["message"] == f"{TRACK} finished OK")
     assert (access["device"], access["tenant"]) == ("bus-14", "default")
+
+
+@pytest.mark.parametrize(
+    ("ratio", "exported"),
+    [pytest.param(0.0, False, id="none"), pytest.param(1.0, True, id="all")],
+)
+async def test_sampling_ratio_decides_what_is_exported(
+    start_server, tmp_path, ratio, exported
+):
+    exporter = InMemorySpanExporter()
+    settings = embedded_settings(tmp_path, trace_sample_ratio=ratio)
+    telemetry = Telemetry(settings, span_exporter=exporter)
+    server = await start_server(settings=settings, telemetry=telemetry)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        await track_pb2_grpc.TrackSessionStub(channel).PublishBatch(publish_request())
+    assert (PUBLISH in by_name(exporter)) is exported
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC trace receiver on loopback that keeps the span names."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    async def Export(self, request, context):
+        for resource in request.resource_spans:
+            for scope in resource.scope_spans:
+                self.names += [span.name for span in scope.spans]
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+async def test_spans_reach_an_otlp_collector():
+    collector, receiver = Collector(), grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, receiver)
+    port = receiver.add_insecure_port("127.0.0.1:0")
+    await receiver.start()
+    try:
+        tracing.configure(Settings(otlp_endpoint=f"http://127.0.0.1:{port}"))
+        with tracing.span("storage.store", fixes=3):
+            pass
+        await asyncio.to_thread(tracing.shutdown)  # flushes the batch exporter
+    finally:
+        await receiver.stop(None)
+    assert collector.names == ["storage.store"]

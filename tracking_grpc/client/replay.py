@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
-from tracking.v1 import event_pb2, track_pb2, track_pb2_grpc
+from tracking.v1 import event_pb2, track_pb2_grpc
 
 from tracking_grpc.client.channel import (
     add_connection_arguments,
@@ -25,90 +22,24 @@ from tracking_grpc.client.channel import (
     open_channel,
     tracking_stub,
 )
+from tracking_grpc.client.gateway import publish_trace
 from tracking_grpc.client.messages import trace_fixes
-from tracking_grpc.client.schedule import Pace, batch_bounds
-from tracking_grpc.client.session import DeviceSession, RetryPolicy, SessionStats
+from tracking_grpc.client.report import ReplayReport
+from tracking_grpc.client.schedule import (
+    DEFAULT_OPTIONS,
+    Pace,
+    ReplayOptions,
+    batch_bounds,
+    stamped_times,
+)
+from tracking_grpc.client.session import DeviceSession
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.timestamps import TIME_FORMATS
 from tracking_grpc.traces import FORMATS, SPEED_UNITS_MPS, CsvFormat, Trace, read_trace
 
 log = logging.getLogger(__name__)
 
-MAX_FAILURES_LISTED = 10
-
-
-@dataclass(frozen=True, slots=True)
-class ReplayOptions:
-    """How a trace is sent."""
-
-    pace: Pace = field(default_factory=Pace)
-    original_times: bool = False
-    tick_ms: int = 20
-    batch_fixes: int = 100
-    window: int = 8
-    want_events: bool = False
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-
-
-@dataclass(slots=True)
-class ReplayReport:
-    """Per-device outcome of a replay and its totals."""
-
-    fixes: int
-    offset_ms: int
-    devices: int = 0
-    elapsed_s: float = 0.0
-    sessions: list[SessionStats] = field(default_factory=list)
-
-    def total(self, name: str) -> int:
-        return sum(getattr(stats, name) for stats in self.sessions)
-
-    def rejected(self) -> collections.Counter[str]:
-        counts: collections.Counter[str] = collections.Counter()
-        for stats in self.sessions:
-            counts.update(stats.rejected)
-        return counts
-
-    def failed(self) -> list[SessionStats]:
-        return [s for s in self.sessions if s.error or s.settled < s.sent]
-
-    def summary(self, title: str) -> str:
-        rate = self.fixes / self.elapsed_s if self.elapsed_s > 0 else 0.0
-        devices = self.devices or len(self.sessions)
-        lines = [
-            f"{title}: {devices} devices, {self.fixes} fixes "
-            f"in {self.elapsed_s:.1f} s ({rate:.0f} fixes/s)",
-            "  ".join(
-                f"{label} {self.total(attr)}"
-                for label, attr in (
-                    ("sent", "sent"),
-                    ("stored", "stored"),
-                    ("duplicates", "duplicates"),
-                    ("stored-before-ack", "stored_before_ack"),
-                    ("resent", "resent"),
-                    ("reconnects", "reconnects"),
-                )
-            )
-            + f"  rejected {sum(self.rejected().values())}",
-        ]
-        for reason, count in sorted(self.rejected().items()):
-            lines.append(f"  rejected {reason}: {count}")
-        failed = self.failed()
-        for stats in failed[:MAX_FAILURES_LISTED]:
-            lines.append(f"  FAILED {stats.device}: {stats.error or 'fixes unsettled'}")
-        if len(failed) > MAX_FAILURES_LISTED:
-            lines.append(f"  ... and {len(failed) - MAX_FAILURES_LISTED} more devices")
-        return "\n".join(lines)
-
-
-def stamped_times(trace: Trace, options: ReplayOptions, start_ms: int) -> np.ndarray:
-    """Fix times as sent: shifted to play as live, or as recorded."""
-    if options.original_times or len(trace) == 0:
-        return trace.time_ms
-    offset = options.pace.offset_ms(
-        start_ms, int(trace.time_ms[0]), trace.duration_ms()
-    )
-    return trace.time_ms + np.int64(offset)
+__all__ = ["ReplayOptions", "ReplayReport", "publish_trace", "replay_trace"]
 
 
 def device_rows(trace: Trace) -> dict[str, np.ndarray]:
@@ -122,7 +53,7 @@ def device_rows(trace: Trace) -> dict[str, np.ndarray]:
 async def replay_trace(
     stub: track_pb2_grpc.TrackSessionStub,
     trace: Trace,
-    options: ReplayOptions = ReplayOptions(),
+    options: ReplayOptions = DEFAULT_OPTIONS,
     *,
     metadata: tuple[tuple[str, str], ...] = (),
     on_event=None,
@@ -181,92 +112,6 @@ async def _pump(feed: asyncio.Queue, plan: list, start_clock: float) -> None:
             await asyncio.sleep(delay_s)
         feed.put_nowait(fixes)
     feed.put_nowait(None)
-
-
-async def publish_trace(
-    stub: track_pb2_grpc.TrackSessionStub,
-    trace: Trace,
-    options: ReplayOptions = ReplayOptions(),
-    *,
-    metadata: tuple[tuple[str, str], ...] = (),
-) -> ReplayReport:
-    """Replay ``trace`` as columnar ``PublishBatch`` calls (fixes of many devices)."""
-    loop = asyncio.get_running_loop()
-    start_clock = loop.time()
-    times = stamped_times(trace, options, time.time_ns() // 1_000_000)
-    due_ms = options.pace.due_ms(trace.time_ms, int(trace.time_ms[0]))
-    stats = SessionStats(device=f"gateway ({len(trace.devices())} devices)")
-    report = ReplayReport(
-        len(trace),
-        int(times[0] - trace.time_ms[0]),
-        devices=len(trace.devices()),
-        sessions=[stats],
-    )
-
-    async def publish(a: int, b: int) -> None:
-        request = track_pb2.PublishBatchRequest(columns=_columns(trace, times, a, b))
-        response = await _publish_with_retry(
-            stub, request, metadata, options.retry, stats
-        )
-        if response is not None:
-            stats.stored += response.stored
-            stats.duplicates += response.duplicates
-            for rejection in response.rejections:
-                stats.rejected[track_pb2.RejectReason.Name(rejection.reason)] += 1
-
-    # Up to ``window`` calls in flight; each answers once its fixes are durable.
-    in_flight: set[asyncio.Task] = set()
-    starts = batch_bounds(due_ms, options.tick_ms, options.batch_fixes)
-    for a, b in zip(starts, np.r_[starts[1:], len(trace)], strict=True):
-        delay_s = start_clock + due_ms[a] / 1000.0 - loop.time()
-        if delay_s > 0:
-            await asyncio.sleep(delay_s)
-        if len(in_flight) >= options.window:
-            _, in_flight = await asyncio.wait(
-                in_flight, return_when=asyncio.FIRST_COMPLETED
-            )
-        if stats.error:
-            break
-        stats.sent += int(b - a)
-        in_flight.add(asyncio.create_task(publish(a, b)))
-    if in_flight:
-        await asyncio.wait(in_flight)
-    report.elapsed_s = loop.time() - start_clock
-    return report
-
-
-def _columns(
-    trace: Trace, times: np.ndarray, a: int, b: int
-) -> track_pb2.ColumnarFixes:
-    names, index = np.unique(trace.device[a:b].astype(str), return_inverse=True)
-    return track_pb2.ColumnarFixes(
-        device_ids=names.tolist(),
-        device_index=index.astype(np.uint32),
-        seq=trace.seq[a:b],
-        time_ms=times[a:b],
-        lat=trace.lat[a:b],
-        lon=trace.lon[a:b],
-        accuracy_m=trace.accuracy_m[a:b],
-        altitude_m=trace.altitude_m[a:b],
-        speed_mps=trace.speed_mps[a:b],
-        heading_deg=trace.heading_deg[a:b],
-    )
-
-
-async def _publish_with_retry(stub, request, metadata, retry, stats):
-    for attempt in range(retry.max_attempts + 1):
-        try:
-            return await stub.PublishBatch(request, metadata=metadata)
-        except grpc.aio.AioRpcError as exc:
-            if (
-                exc.code() != grpc.StatusCode.UNAVAILABLE
-                or attempt == retry.max_attempts
-            ):
-                stats.error = f"{exc.code().name}: {exc.details()}"
-                return None
-            stats.reconnects += 1
-            await asyncio.sleep(retry.delay_s(attempt))
-    return None
 
 
 # --- command line -----------------------------------------------------------------

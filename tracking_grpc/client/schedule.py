@@ -17,11 +17,13 @@ it is sent:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from tracking_grpc.client.session import RetryPolicy
 from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.traces import Trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,3 +71,29 @@ def batch_bounds(due_ms: np.ndarray, tick_ms: int, max_fixes: int) -> np.ndarray
     first_of_run = np.maximum.accumulate(np.where(run_start, np.arange(n), 0))
     full_chunk = (np.arange(n) - first_of_run) % max_fixes == 0
     return np.flatnonzero(run_start | full_chunk)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayOptions:
+    """How a trace is sent."""
+
+    pace: Pace = field(default_factory=Pace)
+    original_times: bool = False
+    tick_ms: int = 20
+    batch_fixes: int = 100
+    window: int = 8
+    want_events: bool = False
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+DEFAULT_OPTIONS = ReplayOptions()
+
+
+def stamped_times(trace: Trace, options: ReplayOptions, start_ms: int) -> np.ndarray:
+    """Fix times as sent: shifted to play as live, or as recorded."""
+    if options.original_times or len(trace) == 0:
+        return trace.time_ms
+    offset = options.pace.offset_ms(
+        start_ms, int(trace.time_ms[0]), trace.duration_ms()
+    )
+    return trace.time_ms + np.int64(offset)

@@ -19,7 +19,7 @@ from tracking_grpc.client.channel import (
     tracking_stub,
 )
 from tracking_grpc.client.fleet import SyntheticFleet
-from tracking_grpc.client.replay import ReplayReport
+from tracking_grpc.client.report import ReplayReport
 from tracking_grpc.client.session import DeviceSession, Feed
 
 MAX_DEVICES = 20_000

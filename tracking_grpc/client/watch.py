@@ -1,4 +1,8 @@
-"""``watch``: print live position updates, a snapshot first, one line per position."""
+"""``watch``: print live position updates, a snapshot first, one line per position.
+
+When the stream breaks (the server restarts) the watch reconnects with backoff; the
+new snapshot brings every watched device up to date.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import asyncio
 import contextlib
 import sys
 
+import grpc
 from tracking.v1 import common_pb2, track_pb2
 
 from tracking_grpc.client.channel import (
@@ -17,6 +22,7 @@ from tracking_grpc.client.channel import (
     tracking_stub,
 )
 from tracking_grpc.client.messages import position_json, position_line
+from tracking_grpc.client.session import RETRYABLE, RetryPolicy
 
 
 def parse_box(text: str) -> common_pb2.Area:
@@ -53,23 +59,67 @@ def watch_request(args: argparse.Namespace) -> track_pb2.WatchRequest:
     return request
 
 
-async def print_updates(call, as_json: bool, count: int | None, out=None) -> int:
-    """Print positions from a Watch stream; stop after ``count`` positions."""
-    out = out or sys.stdout
-    printed = 0
-    async for response in call:
-        for position in response.positions:
-            if as_json:
-                line = position_json(position, snapshot=response.snapshot)
-            else:
-                line = position_line(position, "snapshot" if response.snapshot else "")
-            print(line, file=out, flush=True)
-            printed += 1
-            if count is not None and printed >= count:
-                return printed
-        if response.snapshot_done and not as_json:
-            print("-- snapshot done, live updates follow", file=out, flush=True)
-    return printed
+class UpdatePrinter:
+    """Prints positions from Watch streams, counting them across reconnects."""
+
+    def __init__(self, as_json: bool, count: int | None, out=None) -> None:
+        self.as_json = as_json
+        self.count = count
+        self.printed = 0
+        self.responses = 0
+        self.out = out or sys.stdout
+
+    @property
+    def done(self) -> bool:
+        return self.count is not None and self.printed >= self.count
+
+    async def follow(self, call) -> None:
+        """Print until the stream ends or ``count`` positions have been printed."""
+        async for response in call:
+            self.responses += 1
+            for position in response.positions:
+                note = "snapshot" if response.snapshot else ""
+                if self.as_json:
+                    line = position_json(position, snapshot=response.snapshot)
+                else:
+                    line = position_line(position, note)
+                print(line, file=self.out, flush=True)
+                self.printed += 1
+                if self.done:
+                    return
+            if response.snapshot_done and not self.as_json:
+                print(
+                    "-- snapshot done, live updates follow", file=self.out, flush=True
+                )
+
+
+async def watch(stub, request, metadata, printer: UpdatePrinter, retry: RetryPolicy):
+    """Follow a Watch until ``count`` positions; reconnect when the stream ends.
+
+    The server ends watches when it shuts down; a new snapshot catches up after
+    the reconnect. Statuses that a retry cannot fix (bad filter, no credentials)
+    are raised.
+    """
+    attempt = 0
+    while not printer.done:
+        received = printer.responses
+        call = stub.Watch(request, metadata=metadata)
+        try:
+            await printer.follow(call)
+            reason = "ended"
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in RETRYABLE:
+                raise
+            reason = exc.code().name
+        finally:
+            call.cancel()
+        if printer.done:
+            return
+        attempt = 0 if printer.responses > received else attempt + 1
+        if attempt > retry.max_attempts:
+            raise SystemExit(f"tracking: watch gave up after {attempt} attempts")
+        print(f"-- watch {reason}, reconnecting", file=sys.stderr, flush=True)
+        await asyncio.sleep(retry.delay_s(attempt))
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -91,12 +141,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 @exit_on_rpc_error
 async def run(args: argparse.Namespace) -> int:
+    printer = UpdatePrinter(args.json, args.count)
     async with open_channel(args.target) as channel:
-        call = tracking_stub(channel).Watch(
-            watch_request(args), metadata=call_metadata(args.token)
-        )
+        stub = tracking_stub(channel)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(args.timeout):
-                await print_updates(call, args.json, args.count)
-        call.cancel()
+                await watch(
+                    stub,
+                    watch_request(args),
+                    call_metadata(args.token),
+                    printer,
+                    RetryPolicy(),
+                )
     return 0

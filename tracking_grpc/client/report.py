@@ -1,0 +1,61 @@
+"""What happened to a replay's or a simulation's fixes, per device and in total."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+from tracking_grpc.client.session import SessionStats
+
+MAX_FAILURES_LISTED = 10
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """Per-device outcome of a replay and its totals."""
+
+    fixes: int
+    offset_ms: int
+    devices: int = 0
+    elapsed_s: float = 0.0
+    sessions: list[SessionStats] = field(default_factory=list)
+
+    def total(self, name: str) -> int:
+        return sum(getattr(stats, name) for stats in self.sessions)
+
+    def rejected(self) -> collections.Counter[str]:
+        counts: collections.Counter[str] = collections.Counter()
+        for stats in self.sessions:
+            counts.update(stats.rejected)
+        return counts
+
+    def failed(self) -> list[SessionStats]:
+        return [s for s in self.sessions if s.error or s.settled < s.sent]
+
+    def summary(self, title: str) -> str:
+        rate = self.fixes / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        devices = self.devices or len(self.sessions)
+        lines = [
+            f"{title}: {devices} devices, {self.fixes} fixes "
+            f"in {self.elapsed_s:.1f} s ({rate:.0f} fixes/s)",
+            "  ".join(
+                f"{label} {self.total(attr)}"
+                for label, attr in (
+                    ("sent", "sent"),
+                    ("stored", "stored"),
+                    ("duplicates", "duplicates"),
+                    ("stored-before-ack", "stored_before_ack"),
+                    ("resent", "resent"),
+                    ("reconnects", "reconnects"),
+                )
+            )
+            + f"  rejected {sum(self.rejected().values())}",
+        ]
+        for reason, count in sorted(self.rejected().items()):
+            lines.append(f"  rejected {reason}: {count}")
+        failed = self.failed()
+        for stats in failed[:MAX_FAILURES_LISTED]:
+            lines.append(f"  FAILED {stats.device}: {stats.error or 'fixes unsettled'}")
+        if len(failed) > MAX_FAILURES_LISTED:
+            lines.append(f"  ... and {len(failed) - MAX_FAILURES_LISTED} more devices")
+        return "\n".join(lines)
