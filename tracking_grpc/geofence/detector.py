@@ -259,7 +259,7 @@ class _Run:
                 index.fences[r].spec.schedule, self.time[fix[mask]]
             )
         acc = self.acc[fix]
-        enter_ok = self.r_in & active & (acc <= index.enter_limit_m[row])
+        enter_ok = self.r_in & active & (acc <= index.enter_limits_m(row))
         could_be_in = self.init_inside | (
             np.bincount(self.r_pair, weights=enter_ok, minlength=self.pair_row.size) > 0
         )
@@ -408,7 +408,7 @@ class _Run:
         )
         fixes = ends[known][segs]
         keep = index.emits[EventType.CROSS][rows]
-        limit = index.enter_limit_m[rows]
+        limit = index.enter_limits_m(rows)
         keep &= (self.acc[fixes] <= limit) & (acc0[fixes] <= limit)
         n_rows = len(index) + 1
         start_pts, start_rows = index.contains(lon0[fixes], lat0[fixes])

@@ -122,6 +122,7 @@ class FenceIndex:
         shapely.prepare(self.core)
         self.tree = STRtree(self.area)
         self.grid = _Grid.build(self.area, self.core)
+        self._enter_limit_m = np.full(len(fences), np.nan)
 
     @classmethod
     def build(cls, specs: Sequence[FenceSpec]) -> FenceIndex:
@@ -130,9 +131,12 @@ class FenceIndex:
     def __len__(self) -> int:
         return len(self.fences)
 
-    @cached_property
-    def enter_limit_m(self) -> np.ndarray:
-        return np.array([f.enter_limit_m for f in self.fences], dtype=np.float64)
+    def enter_limits_m(self, rows: np.ndarray) -> np.ndarray:
+        """Enter limit of each row's fence, worked out the first time it is needed."""
+        missing = rows[np.isnan(self._enter_limit_m[rows])]
+        for row in np.unique(missing).tolist():
+            self._enter_limit_m[row] = self.fences[row].enter_limit_m
+        return self._enter_limit_m[rows]
 
     def contains(
         self, lon: np.ndarray, lat: np.ndarray

@@ -155,7 +155,10 @@ class GeofenceProcessor:
                     inside=bool(inside[k]),
                     certain=bool(inside[k] and dist[k] >= accuracy_m),
                     edge_distance_m=float(-dist[k] if inside[k] else dist[k]),
-                    enters=bool(inside[k] and accuracy_m <= index.enter_limit_m[row]),
+                    enters=bool(
+                        inside[k]
+                        and accuracy_m <= index.enter_limits_m(np.array([row]))[0]
+                    ),
                 )
             )
         return found
