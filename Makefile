@@ -32,6 +32,7 @@ lint: $(STAMP)
 	$(BIN)/buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy tracking_grpc
 
 clean:
 	rm -rf $(VENV)

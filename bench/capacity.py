@@ -74,7 +74,7 @@ def measured_inputs() -> tuple[dict, dict]:
     values: dict[str, float | None] = {}
     sources: dict[str, str] = {}
 
-    def take(key: str, run: str, pick) -> None:  # type: ignore[no-untyped-def]
+    def take(key: str, run: str, pick) -> None:
         data = load(run)
         values[key] = pick(data) if data else None
         sources[key] = f"bench/results/load_{run}.json" if data else "missing run"
@@ -100,7 +100,7 @@ def measured_inputs() -> tuple[dict, dict]:
         lambda d: d["server"]["cpu_us_per_fix"],
     )
 
-    def backend_us(name: str):  # type: ignore[no-untyped-def]
+    def backend_us(name: str):
         def pick(d: dict) -> float | None:
             fixes_per_s = d["fixes_in_window"] / d["args"]["steady_s"]
             cores = d.get("backend_cpu_cores", {}).get(name)

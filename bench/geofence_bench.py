@@ -74,7 +74,7 @@ def random_points(
     return lon, lat
 
 
-def timed(fn, *args, rounds: int = 3):  # type: ignore[no-untyped-def]
+def timed(fn, *args, rounds: int = 3):
     """(best seconds, result) over rounds."""
     best, result = float("inf"), None
     for _ in range(rounds):
@@ -126,7 +126,7 @@ def postgis_join(
     return seconds, {(int(i), int(r)) for i, r in rows}
 
 
-def per_fix_loop(index: FenceIndex, lon: np.ndarray, lat: np.ndarray):  # type: ignore[no-untyped-def]
+def per_fix_loop(index: FenceIndex, lon: np.ndarray, lat: np.ndarray):
     found = set()
     for i, (x, y) in enumerate(zip(lon.tolist(), lat.tolist(), strict=True)):
         for row in index.tree.query(shapely.Point(x, y), predicate="intersects"):
@@ -288,7 +288,7 @@ async def through_track(devices: int, batches: int, per_batch: int) -> dict:
     }
 
 
-async def _device(track, d, batches, per_batch, track_pb2, common_pb2) -> int:  # type: ignore[no-untyped-def]
+async def _device(track, d, batches, per_batch, track_pb2, common_pb2) -> int:
     call = track.Track()
     await call.write(
         track_pb2.TrackRequest(

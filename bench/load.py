@@ -13,6 +13,7 @@ stream, and prints a ghz-like summary. JSON goes to bench/results/load_<name>.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -88,21 +89,27 @@ class SpawnedServer:
         self.process = subprocess.Popen(
             command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
         )
-        wait_serving(self.target)
+        try:
+            wait_serving(self.target)
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
     def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
+        """SIGTERM (a graceful drain), SIGKILL after a minute; safe to call twice."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         self.log.close()
-        return code
+        return int(self.process.returncode)
 
 
 def import_fences(target: str, count: int, plan: Plan) -> int:
@@ -460,16 +467,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     driver.raise_open_file_limit()
-    with tempfile.TemporaryDirectory(prefix="tracking-load-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="tracking-load-") as tmp,
+        contextlib.ExitStack() as cleanup,  # runs on errors and Ctrl-C as well
+    ):
         server = production = None
         if args.production:
             production = Production(args.pg_admin_url, args.redis_url)
+            cleanup.callback(production.close)
         if args.target:
             target, pid = args.target, args.server_pid or 0
         else:
             flags = [*args.server_flag, *(production.flags if production else [])]
             flags += [f"--workers={args.workers}"] if args.workers > 1 else []
             server = SpawnedServer(Path(tmp), flags)
+            cleanup.callback(server.stop)
             target, pid = server.target, server.pid
         plans = build_plans(args, target)
         fence_count = import_fences(target, args.fences, plans[0]) if args.fences else 0
@@ -485,8 +497,6 @@ def main(argv: list[str] | None = None) -> dict:
                 out["verify"] = verify(production.stored(), results)
             elif args.workers == 1:
                 out["verify"] = verify(sqlite_stored(Path(tmp)), results)
-        if production is not None:
-            production.close()
     print_report(out)
     path = Path(args.json) if args.json else RESULTS / f"load_{args.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

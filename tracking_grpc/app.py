@@ -77,7 +77,7 @@ async def open_app(settings: Settings) -> App:
     activity = ActivityProcessor(ActivityConfig.from_file(settings.activity_config))
     pipeline.add_processor(activity)
     pipeline.start()
-    closers = []
+    closers: list[Callable[[], Awaitable[None]]] = []
     if hasattr(live, "needs_rebuild"):  # shared live state that can lose updates
         repairer = LiveRepairer(history, live)
         repairer.start()

@@ -79,7 +79,7 @@ class Authenticator:
         self.mode = settings.auth_mode
         self.default = Caller(settings.default_tenant, "anonymous", Role.ADMIN)
         self.audience = settings.jwt_audience or None
-        self._keys: list[tuple[str, object]] = []
+        self._keys: list[tuple[str, str | bytes]] = []
         if self.mode not in {"off", "jwt"}:
             raise FailedPrecondition(f"auth_mode must be off or jwt, not {self.mode!r}")
         if self.mode == "jwt":
@@ -114,12 +114,12 @@ class Authenticator:
         except jwt.PyJWTError as exc:
             raise Unauthenticated(f"malformed token: {exc}") from exc
         key = next((k for alg, k in self._keys if alg == algorithm), None)
-        if key is None:
+        if key is None or algorithm is None:
             raise Unauthenticated(f"token algorithm {algorithm!r} is not accepted")
         try:
             claims = jwt.decode(
                 token,
-                key,  # type: ignore[arg-type]
+                key,
                 algorithms=[algorithm],
                 audience=self.audience,
                 options={"require": ["sub", "exp"], "verify_aud": bool(self.audience)},

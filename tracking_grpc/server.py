@@ -19,6 +19,7 @@ from tracking_grpc.errors import Unavailable
 from tracking_grpc.interceptors import ErrorInterceptor
 from tracking_grpc.observability import Telemetry, metrics
 from tracking_grpc.servicers import geofence, history, route, track
+from tracking_grpc.storage.base import HistoryStore, LiveStore
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,10 @@ class TrackingServer:
 
     async def check_dependencies(self) -> dict[str, bool]:
         """Probe history and live state once and publish the result in health."""
-        probes = {HISTORY_HEALTH: self.app.history, LIVE_HEALTH: self.app.live}
+        probes: dict[str, HistoryStore | LiveStore] = {
+            HISTORY_HEALTH: self.app.history,
+            LIVE_HEALTH: self.app.live,
+        }
         for name, store in probes.items():
             started_s = time.perf_counter()
             up = await _answers(store)
@@ -157,11 +161,11 @@ class TrackingServer:
         log.info("stopped")
 
 
-async def _answers(store: object) -> bool:
+async def _answers(store: HistoryStore | LiveStore) -> bool:
     """Whether a store's ``ping`` succeeds within the check timeout."""
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
-            await store.ping()  # type: ignore[attr-defined]
+            await store.ping()
     except (Unavailable, TimeoutError):
         return False
     return True

@@ -69,7 +69,7 @@ async def run(args: argparse.Namespace) -> int:
         return await _events(stub, args, metadata)
 
 
-async def _import(stub, args, metadata) -> int:  # type: ignore[no-untyped-def]
+async def _import(stub, args, metadata) -> int:
     if args.file is None:
         print("tracking fences import: name the GeoJSON file")
         return 2
@@ -88,7 +88,7 @@ async def _import(stub, args, metadata) -> int:  # type: ignore[no-untyped-def]
     return 0
 
 
-async def _list(stub, args, metadata) -> int:  # type: ignore[no-untyped-def]
+async def _list(stub, args, metadata) -> int:
     token = ""
     while True:
         page = await stub.ListFences(
@@ -108,7 +108,7 @@ async def _list(stub, args, metadata) -> int:  # type: ignore[no-untyped-def]
             return 0
 
 
-async def _events(stub, args, metadata) -> int:  # type: ignore[no-untyped-def]
+async def _events(stub, args, metadata) -> int:
     now_ms = time.time_ns() // 1_000_000
     token = ""
     while True:

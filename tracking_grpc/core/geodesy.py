@@ -23,7 +23,9 @@ def haversine_m(
     phi1 = np.radians(lat1)
     phi2 = np.radians(lat2)
     dphi = phi2 - phi1
-    dlmb = np.radians(np.asarray(lon2, dtype=np.float64) - lon1)
+    dlmb = np.radians(
+        np.asarray(lon2, dtype=np.float64) - np.asarray(lon1, dtype=np.float64)
+    )
     h = np.sin(dphi / 2) ** 2 + np.cos(phi1) * np.cos(phi2) * np.sin(dlmb / 2) ** 2
     return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))
 

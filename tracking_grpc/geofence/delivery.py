@@ -204,7 +204,7 @@ class StreamPublisher:
 
     def __init__(
         self, client, stream: str, events: EventRepository, poll_s: float = 1.0
-    ) -> None:  # type: ignore[no-untyped-def]
+    ) -> None:
         self.client = client
         self.stream = stream
         self.events = events
@@ -269,7 +269,7 @@ class StreamWatchFeed:
     process sees the events every process raises. Reads entries appended after it
     started (XREAD from ``$``) and follows the stream from there."""
 
-    def __init__(self, client, stream: str, hub: EventWatchHub) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, client, stream: str, hub: EventWatchHub) -> None:
         self.client = client
         self.stream = stream
         self.hub = hub

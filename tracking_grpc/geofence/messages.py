@@ -127,7 +127,7 @@ def fence_message(spec: FenceSpec) -> geofence_pb2.Fence:
         name=spec.name,
         shape=shape_message(spec.shape),
         dwell_ms=spec.dwell_ms,
-        events=sorted(int(e) for e in spec.events),  # type: ignore[misc]
+        events=sorted(int(e) for e in spec.events),
         labels=list(spec.labels),
         metadata=spec.metadata,
         max_accuracy_m=spec.max_accuracy_m,
@@ -139,7 +139,7 @@ def fence_message(spec: FenceSpec) -> geofence_pb2.Fence:
         message.schedule.timezone = spec.schedule.timezone
         for w in spec.schedule.windows:
             message.schedule.windows.add(
-                days=sorted(w.days),  # type: ignore[arg-type]
+                days=sorted(w.days),
                 start_minute=w.start_minute,
                 end_minute=w.end_minute,
             )
@@ -161,7 +161,9 @@ def fences_of_feature_collection(
         raise InvalidArgument("geojson.features", "expected a non-empty list")
     if len(features) > MAX_IMPORT:
         raise InvalidArgument("geojson.features", f"at most {MAX_IMPORT} per import")
-    specs, repairs, seen = [], [], set()
+    specs: list[FenceSpec] = []
+    repairs: list[str] = []
+    seen: set[str] = set()
     for i, feature in enumerate(features):
         spec, fixed = _feature(feature, f"features[{i}]", repair)
         if spec.fence_id in seen:

@@ -45,12 +45,7 @@ def active(schedule: Schedule, time_ms: np.ndarray) -> np.ndarray:
     """True where the fix time falls in one of the schedule's local windows."""
     zone = ZoneInfo(schedule.timezone)
     buckets, where = np.unique(time_ms // _BUCKET_MS, return_inverse=True)
-    offsets = np.array(
-        [
-            zone.utcoffset(datetime.fromtimestamp(int(b) * 900, UTC)).total_seconds()
-            for b in buckets
-        ]
-    )
+    offsets = np.array([_utc_offset_s(zone, int(b)) for b in buckets])
     local_ms = time_ms + (offsets[where] * 1000).astype(np.int64)
     day = local_ms // DAY_MS
     weekday = (day + 3) % 7 + 1  # 1970-01-01 was a Thursday
@@ -68,3 +63,11 @@ def active(schedule: Schedule, time_ms: np.ndarray) -> np.ndarray:
             yesterday = np.isin((weekday + 5) % 7 + 1, days)
             result |= (on_day & (minute >= start)) | (yesterday & (minute < end))
     return result
+
+
+def _utc_offset_s(zone: ZoneInfo, bucket: int) -> float:
+    """The zone's offset from UTC at the start of a quarter-hour bucket, in seconds."""
+    offset = zone.utcoffset(datetime.fromtimestamp(bucket * 900, UTC))
+    if offset is None:  # never for a ZoneInfo, but tzinfo.utcoffset may return None
+        raise ValueError(f"time zone {zone.key} has no UTC offset")
+    return offset.total_seconds()

@@ -100,12 +100,13 @@ def build_problem(
     _check(vehicles, jobs)
     places: dict[tuple[float, float], int] = {}
 
-    def place(point: tuple[float, float] | None) -> int | None:
-        if point is None:
-            return None
+    def place(point: tuple[float, float]) -> int:
         return places.setdefault(point, len(places))
 
-    vehicle_places = [(place(v.start), place(v.end)) for v in vehicles]
+    def place_or_none(point: tuple[float, float] | None) -> int | None:
+        return None if point is None else place(point)
+
+    vehicle_places = [(place_or_none(v.start), place_or_none(v.end)) for v in vehicles]
     job_places = [place(j.location) for j in jobs]
     lat = np.array([p[0] for p in places])
     lon = np.array([p[1] for p in places])
@@ -124,7 +125,7 @@ def build_problem(
         matrix_s,
         matrix_m,
         vehicle_places,
-        job_places,  # type: ignore[arg-type]
+        job_places,
     )
 
 

@@ -60,7 +60,7 @@ def _page_size(value: int) -> int:
     return value or DEFAULT_PAGE
 
 
-def _types(values, field: str) -> frozenset[EventType]:  # type: ignore[no-untyped-def]
+def _types(values, field: str) -> frozenset[EventType]:
     types = frozenset(EventType(int(v)) for v in values if int(v) != 0)
     if types - GEOFENCE_TYPES:
         raise InvalidArgument(field, "only ENTER, EXIT, DWELL and CROSS")
@@ -82,7 +82,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         self.processor = processor
         self.hub = hub
 
-    async def CreateFence(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateFence(self, request, context):
         """Create a fence; INVALID_ARGUMENT names what is wrong and where."""
         caller = self.app.auth.caller(context)
         caller.require(Role.ADMIN)
@@ -94,7 +94,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
             fence=fence_message(stored), repairs=list(repairs)
         )
 
-    async def UpdateFence(self, request, context):  # type: ignore[no-untyped-def]
+    async def UpdateFence(self, request, context):
         """Replace a fence's shape and settings; its id stays."""
         caller = self.app.auth.caller(context)
         caller.require(Role.ADMIN)
@@ -108,7 +108,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
             fence=fence_message(stored), repairs=list(repairs)
         )
 
-    async def DeleteFence(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteFence(self, request, context):
         """Delete a fence; devices inside it raise no exit."""
         caller = self.app.auth.caller(context)
         caller.require(Role.ADMIN)
@@ -117,7 +117,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         self.processor.changed(caller.tenant)
         return geofence_pb2.DeleteFenceResponse()
 
-    async def GetFence(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetFence(self, request, context):
         """One fence by id."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
@@ -125,7 +125,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         spec = await self.fences.get(caller.tenant, fence_id)
         return geofence_pb2.GetFenceResponse(fence=fence_message(spec))
 
-    async def ListFences(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListFences(self, request, context):
         """Fences by id, a page at a time, optionally only those with labels."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
@@ -140,7 +140,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
             fences=[fence_message(f) for f in page], next_page_token=token
         )
 
-    async def ImportFences(self, request, context):  # type: ignore[no-untyped-def]
+    async def ImportFences(self, request, context):
         """Create or replace many fences from a GeoJSON FeatureCollection."""
         caller = self.app.auth.caller(context)
         caller.require(Role.ADMIN)
@@ -158,7 +158,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
             repairs=repairs,
         )
 
-    async def Check(self, request, context):  # type: ignore[no-untyped-def]
+    async def Check(self, request, context):
         """Which fences contain a position, taking its accuracy into account."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
@@ -221,7 +221,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         finally:
             self.hub.unsubscribe(subscription)
 
-    async def ListEvents(self, request, context):  # type: ignore[no-untyped-def]
+    async def ListEvents(self, request, context):
         """Stored geofence events in a time range (by fix time), oldest first."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)

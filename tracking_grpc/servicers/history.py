@@ -343,7 +343,7 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             device_id=device,
             online=state.online,
             last_seen_ms=state.last_seen_ms,
-            motion=int(state.motion),  # type: ignore[arg-type]
+            motion=int(state.motion),
             in_stop=state.in_stop,
             stop_since_ms=state.stop_since_ms if state.in_stop else 0,
             in_trip=state.in_trip,

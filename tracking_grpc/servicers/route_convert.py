@@ -123,7 +123,7 @@ def snapped(snaps: list[Snap]) -> list[route_pb2.SnappedPoint]:
 
 def route_plan(route: Route, expected_s: float) -> route_pb2.RoutePlan:
     return route_pb2.RoutePlan(
-        profile=PROFILE_VALUES[route.profile],  # type: ignore[arg-type]
+        profile=PROFILE_VALUES[route.profile],
         distance_m=route.distance_m,
         duration_s=route.duration_s,
         expected_duration_s=expected_s,
@@ -243,7 +243,7 @@ def plan_response(
                 duration_s=v.duration_s,
                 stops=[
                     route_pb2.PlannedStop(
-                        kind=STOP_KINDS[s.kind],  # type: ignore[arg-type]
+                        kind=STOP_KINDS[s.kind],
                         job_id=s.job_id,
                         location=latlng(s.lat, s.lon),
                         arrival_ms=origin_ms + s.arrival_s * 1000,

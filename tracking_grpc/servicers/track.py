@@ -36,7 +36,7 @@ def event_message(event: TrackingEvent) -> event_pb2.Event:
     return event_pb2.Event(
         event_id=event.event_id,
         device_id=event.device,
-        type=int(event.type),  # type: ignore[arg-type]
+        type=int(event.type),
         time_ms=event.time_ms,
         position={"lat": event.lat, "lon": event.lon},
         fix_seq=event.fix_seq,
@@ -64,7 +64,7 @@ def _ack(result: IngestResult, last_stored_seq: int) -> track_pb2.TrackResponse:
             stored=result.stored,
             duplicates=result.duplicates,
             rejections=[
-                track_pb2.Rejection(seq=seq, reason=reason, detail=detail)  # type: ignore[arg-type]
+                track_pb2.Rejection(seq=seq, reason=reason, detail=detail)
                 for _, seq, reason, detail in _rejections(result)
             ],
         )
@@ -217,7 +217,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
                 track_pb2.BatchRejection(
                     device_id=device,
                     seq=seq,
-                    reason=reason,  # type: ignore[arg-type]
+                    reason=reason,
                     detail=detail,
                 )
                 for device, seq, reason, detail in _rejections(result)

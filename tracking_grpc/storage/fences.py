@@ -8,6 +8,7 @@ so that evaluators know when to reload.
 from __future__ import annotations
 
 import base64
+import builtins
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -110,7 +111,7 @@ class FenceRepository(Protocol):
         """Fences with every one of ``labels``, by id, with ids after ``after``."""
         ...
 
-    async def all(self, tenant: str) -> list[FenceSpec]: ...
+    async def all(self, tenant: str) -> builtins.list[FenceSpec]: ...
 
     async def revision(self, tenant: str) -> int:
         """A number that changes whenever a fence of the tenant is written."""
@@ -128,11 +129,11 @@ class EventRepository(Protocol):
 
     async def list(self, query: EventQuery) -> list[TrackingEvent]: ...
 
-    async def memberships(self, tenant: str) -> list[Membership]:
+    async def memberships(self, tenant: str) -> builtins.list[Membership]:
         """Devices inside fences by their latest ENTER, EXIT and DWELL events."""
         ...
 
-    async def unpublished(self, limit: int) -> list[TrackingEvent]:
+    async def unpublished(self, limit: int) -> builtins.list[TrackingEvent]:
         """Stored events (any tenant) not yet marked published, oldest first."""
         ...
 

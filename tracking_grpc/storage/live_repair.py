@@ -11,11 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol, TypeGuard
 
 from tracking_grpc.errors import Unavailable
 from tracking_grpc.storage.base import HistoryStore, LiveStore
 
 log = logging.getLogger(__name__)
+
+
+class RebuildableLiveStore(LiveStore, Protocol):
+    """A live store that can lose state and tracks when a rebuild made it good."""
+
+    @property
+    def needs_rebuild(self) -> bool: ...
+
+    def rebuild_started(self) -> int: ...
+
+    def rebuild_done(self, mark: int) -> None: ...
+
+
+def _needs_rebuild(live: LiveStore) -> TypeGuard[RebuildableLiveStore]:
+    return bool(getattr(live, "needs_rebuild", False))
 
 
 async def rebuild_live(history: HistoryStore, live: LiveStore) -> int:
@@ -47,7 +63,7 @@ class LiveRepairer:
         """Probe the live store, rebuild it if needed; True when it is usable."""
         try:
             await self.live.ping()
-            if getattr(self.live, "needs_rebuild", False):
+            if _needs_rebuild(self.live):
                 mark = self.live.rebuild_started()
                 devices = await rebuild_live(self.history, self.live)
                 self.live.rebuild_done(mark)

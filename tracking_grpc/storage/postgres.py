@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import numpy as np
 import psycopg
@@ -123,6 +123,7 @@ READ_COLUMNS = """seq, time_ms, ST_Y(position), ST_X(position),
     coalesce(accuracy_m, 'NaN'), coalesce(altitude_m, 'NaN'),
     coalesce(speed_mps, 'NaN'), coalesce(heading_deg, 'NaN'),
     coalesce(battery_pct, 'NaN'), provider, received_ms"""
+READ_TYPES: tuple[str, ...]
 READ_TYPES = (">i8", ">i8", ">f8", ">f8", ">f4", ">f4", ">f4", ">f4", ">f4")
 READ_TYPES += (">i2", ">i8")
 
@@ -174,13 +175,25 @@ class PostgresHistoryStore:
         self._partition_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, url: str, **options: float) -> PostgresHistoryStore:
+    async def open(
+        cls,
+        url: str,
+        *,
+        min_connections: int = 1,
+        max_connections: int = 8,
+        pool_timeout_s: float = 5.0,
+    ) -> PostgresHistoryStore:
         """Connect, check the schema is migrated, and create the coming partitions."""
-        store = cls(url, **options)
+        store = cls(
+            url,
+            min_connections=min_connections,
+            max_connections=max_connections,
+            pool_timeout_s=pool_timeout_s,
+        )
         try:
             async with await psycopg.AsyncConnection.connect(url) as conn:
                 await schema.check(conn)
-            await store._pool.open(wait=True, timeout=options.get("pool_timeout_s", 5))
+            await store._pool.open(wait=True, timeout=pool_timeout_s)
         except (psycopg.OperationalError, PoolTimeout) as exc:
             await store._pool.close()
             raise StorageUnavailable(f"PostgreSQL unreachable: {exc}") from exc
@@ -325,7 +338,9 @@ class PostgresHistoryStore:
     async def close(self) -> None:
         await self._pool.close()
 
-    async def _fetch(self, query: str, params: object) -> list[tuple]:
+    async def _fetch(
+        self, query: str, params: Sequence[object] | Mapping[str, object]
+    ) -> list[tuple]:
         try:
             async with self._pool.connection() as conn:
                 cur = await conn.execute(query, params)

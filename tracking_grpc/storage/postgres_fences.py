@@ -8,6 +8,7 @@ stored as a PostGIS geometry with a GiST index, for spatial queries in SQL.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import logging
 from collections.abc import Sequence
@@ -182,7 +183,7 @@ class PostgresFenceRepository:
         )
         return [FenceSpec.from_json(r[0]) for r in rows]
 
-    async def all(self, tenant: str) -> list[FenceSpec]:
+    async def all(self, tenant: str) -> builtins.list[FenceSpec]:
         rows = await self.db.fetch(
             "SELECT spec FROM geofences WHERE tenant = %s ORDER BY fence_id",
             [tenant],
@@ -260,11 +261,11 @@ class PostgresEventRepository:
         rows = await self.db.fetch(sql, [*args, query.limit])
         return [_event(row) for row in rows]
 
-    async def memberships(self, tenant: str) -> list[Membership]:
+    async def memberships(self, tenant: str) -> builtins.list[Membership]:
         sql = MEMBERSHIP_SQL.format(mark="%s")
         return memberships_of(await self.db.fetch(sql, [tenant]))
 
-    async def unpublished(self, limit: int) -> list[TrackingEvent]:
+    async def unpublished(self, limit: int) -> builtins.list[TrackingEvent]:
         rows = await self.db.fetch(
             "SELECT tenant, event_id, device, fence_id, type, time_ms, lat, lon, "
             "fix_seq, created_ms, attributes::text FROM geofence_events "
@@ -305,7 +306,7 @@ class _Transaction:
             raise StorageUnavailable(f"postgres: {exc}") from exc
         return conn
 
-    async def __aexit__(self, kind, exc, tb) -> None:  # type: ignore[no-untyped-def]
+    async def __aexit__(self, kind, exc, tb) -> None:
         try:
             await self._tx.__aexit__(kind, exc, tb)
         finally:

@@ -26,7 +26,7 @@ from tracking_grpc.errors import Unavailable
 from tracking_grpc.storage import redis_keys as keys
 from tracking_grpc.storage.base import UpdateHandler
 from tracking_grpc.storage.redis_client import Connection, is_cluster, unavailable
-from tracking_grpc.storage.redis_live import RECORD
+from tracking_grpc.storage.redis_live import RECORD, RECORD_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def encode(batch: FixBatch) -> bytes:
     """A batch as bytes: a JSON header (tenant, devices) and the packed fix records."""
     header = json.dumps({"tenant": batch.tenant, "devices": batch.device.tolist()})
     table = np.empty(len(batch), dtype=RECORD)
-    for name in RECORD.names:
+    for name in RECORD_NAMES:
         table[name] = getattr(batch, name)
     head = header.encode()
     return HEADER.pack(len(head)) + head + table.tobytes()
@@ -50,7 +50,7 @@ def decode(data: bytes) -> FixBatch:
     (size,) = HEADER.unpack_from(data)
     header = json.loads(data[HEADER.size : HEADER.size + size])
     table = np.frombuffer(data[HEADER.size + size :], dtype=RECORD)
-    columns = {name: table[name].copy() for name in RECORD.names}
+    columns = {name: table[name].copy() for name in RECORD_NAMES}
     devices = np.array(header["devices"], dtype=object).reshape(-1)
     return FixBatch(tenant=header["tenant"], device=devices, **columns)
 

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypedDict, TypeGuard
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -27,7 +28,13 @@ log = logging.getLogger(__name__)
 
 Client = aioredis.Redis | RedisCluster
 
-TIMEOUTS = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+
+class _Timeouts(TypedDict):
+    socket_timeout: float
+    socket_connect_timeout: float
+
+
+TIMEOUTS: _Timeouts = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
 
 
 async def connect(url: str) -> Client:
@@ -47,7 +54,7 @@ async def connect(url: str) -> Client:
     return aioredis.Redis.from_url(url, **TIMEOUTS)
 
 
-def is_cluster(client: Client) -> bool:
+def is_cluster(client: Client) -> TypeGuard[RedisCluster]:
     return isinstance(client, RedisCluster)
 
 

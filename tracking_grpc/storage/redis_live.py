@@ -41,6 +41,7 @@ RECORD = np.dtype(
         ("received_ms", "<i8"),
     ]
 )
+RECORD_NAMES: tuple[str, ...] = RECORD.names or ()  # a structured dtype has names
 
 # KEYS: live hash, time hash. ARGV: (device, time_ms, cell, record) per device.
 # Returns (position in ARGV groups, previous cell or -1) for each accepted fix.
@@ -381,7 +382,7 @@ def _evalsha(pipe: Any, script: str, script_keys: list[str], args: list) -> None
 
 def _encode(batch: FixBatch) -> list[bytes]:
     table = np.empty(len(batch), dtype=RECORD)
-    for name in RECORD.names:
+    for name in RECORD_NAMES:
         table[name] = getattr(batch, name)
     raw = table.tobytes()
     size = RECORD.itemsize
@@ -390,5 +391,5 @@ def _encode(batch: FixBatch) -> list[bytes]:
 
 def _decode(tenant: str, devices: np.ndarray, records: list[bytes]) -> FixBatch:
     table = np.frombuffer(b"".join(records), dtype=RECORD)
-    columns = {name: table[name].copy() for name in RECORD.names}
+    columns = {name: table[name].copy() for name in RECORD_NAMES}
     return FixBatch(tenant=tenant, device=np.asarray(devices, dtype=object), **columns)

@@ -165,7 +165,7 @@ class SqliteHistoryStore:
     def _open_reader(self) -> None:
         self._rconn = self._connect()
 
-    async def _run(self, pool: ThreadPoolExecutor, fn, *args):  # type: ignore[no-untyped-def]
+    async def _run(self, pool: ThreadPoolExecutor, fn, *args):
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(pool, fn, *args)
@@ -255,6 +255,7 @@ class SqliteHistoryStore:
 
     def _count(self, tenant: str, device: str | None) -> int:
         assert self._rconn is not None
+        args: tuple[str, ...]
         if device is None:
             sql, args = "SELECT count(*) FROM fixes WHERE tenant = ?", (tenant,)
         else:
@@ -301,7 +302,11 @@ class SqliteHistoryStore:
         return int(deleted)
 
     async def ping(self) -> None:
-        await self._run(self._reader, lambda: self._rconn.execute("SELECT 1"))  # type: ignore[union-attr]
+        await self._run(self._reader, self._ping)
+
+    def _ping(self) -> None:
+        assert self._rconn is not None
+        self._rconn.execute("SELECT 1")
 
     async def close(self) -> None:
         for pool, conn in ((self._writer, self._wconn), (self._reader, self._rconn)):

@@ -6,6 +6,7 @@ Tables are created idempotently at open (the embedded store has no migrations).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import logging
 import sqlite3
@@ -210,7 +211,7 @@ class SqliteFenceRepository:
         )
         return [FenceSpec.from_json(r[0]) for r in rows]
 
-    async def all(self, tenant: str) -> list[FenceSpec]:
+    async def all(self, tenant: str) -> builtins.list[FenceSpec]:
         rows = await self.db.run(
             self.db.read,
             "SELECT spec FROM geofences WHERE tenant = ? ORDER BY fence_id",
@@ -262,11 +263,11 @@ class SqliteEventRepository:
         rows = await self.db.run(self.db.read, sql, [*args, query.limit])
         return [_event(row) for row in rows]
 
-    async def memberships(self, tenant: str) -> list[Membership]:
+    async def memberships(self, tenant: str) -> builtins.list[Membership]:
         sql = MEMBERSHIP_SQL.format(mark="?")
         return memberships_of(await self.db.run(self.db.read, sql, [tenant]))
 
-    async def unpublished(self, limit: int) -> list[TrackingEvent]:
+    async def unpublished(self, limit: int) -> builtins.list[TrackingEvent]:
         rows = await self.db.run(
             self.db.read,
             f"SELECT {EVENT_COLUMNS} FROM geofence_events WHERE published = 0 "
