@@ -293,7 +293,10 @@ class _Grid:
                 empty,
                 np.empty(0, bool),
             )
-        bounds = shapely.bounds(area)
+        # Parts one at a time: a fence split at ±180 has two small boxes, not one
+        # spanning the globe.
+        parts, part_row = shapely.get_parts(area, return_index=True)
+        bounds = shapely.bounds(parts)
         west, south = bounds[:, 0].min(), bounds[:, 1].min()
         east, north = bounds[:, 2].max(), bounds[:, 3].max()
         sizes = np.maximum(bounds[:, 3] - bounds[:, 1], 1e-7)
@@ -309,37 +312,38 @@ class _Grid:
                 break
             dy *= 1.25
         counts = (ix1 - ix0 + 1) * (iy1 - iy0 + 1)
-        rows = np.repeat(np.arange(len(area)), counts)
-        offset = np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        width = (ix1 - ix0 + 1)[rows]
-        ix = ix0[rows] + offset % width
-        iy = iy0[rows] + offset // width
+        part = np.repeat(np.arange(len(parts)), counts)
+        offset = np.arange(part.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        width = (ix1 - ix0 + 1)[part]
+        ix = ix0[part] + offset % width
+        iy = iy0[part] + offset // width
         cells, owners, sure = [], [], []
-        for start in range(0, rows.size, _CHUNK):
-            part = slice(start, start + _CHUNK)
-            r, cx, cy = rows[part], ix[part], iy[part]
+        for start in range(0, part.size, _CHUNK):
+            chunk = slice(start, start + _CHUNK)
+            p, cx, cy = part[chunk], ix[chunk], iy[chunk]
+            r = part_row[p]
             boxes = shapely.box(
                 west + cx * dx - _EPS_DEG,
                 south + cy * dy - _EPS_DEG,
                 west + (cx + 1) * dx + _EPS_DEG,
                 south + (cy + 1) * dy + _EPS_DEG,
             )
-            touch = shapely.intersects(area[r], boxes)
+            touch = shapely.intersects(parts[p], boxes)
             inside = np.zeros(touch.size, dtype=bool)
             inside[touch] = shapely.contains_properly(core[r[touch]], boxes[touch])
             cells.append((cy * nx + cx)[touch])
             owners.append(r[touch])
             sure.append(inside[touch])
-        cell = np.concatenate(cells)
-        owner = np.concatenate(owners)
-        whole = np.concatenate(sure)
+        cell, owner, whole = _merge_parts(
+            np.concatenate(cells), np.concatenate(owners), np.concatenate(sure)
+        )
         touches = np.bincount(cell, minlength=nx * ny)
         code = np.where(touches > 0, -1, 0).astype(np.int32)
         alone = whole & (touches[cell] == 1)
         code[cell[alone]] = owner[alone] + 1
         keep = code[cell] < 0
         order = np.argsort(cell[keep], kind="stable")
-        log.debug("fence grid %dx%d, %d classified pairs", nx, ny, rows.size)
+        log.debug("fence grid %dx%d, %d classified pairs", nx, ny, part.size)
         return cls(
             float(west),
             float(south),
@@ -379,6 +383,20 @@ class _Grid:
             np.arange(pts.size) - np.repeat(np.cumsum(counts) - counts, counts)
         )
         return pts, self.pair_row[at], self.pair_sure[at]
+
+
+def _merge_parts(
+    cell: np.ndarray, row: np.ndarray, sure: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One (cell, fence) pair where several parts of a fence touch a cell."""
+    key = cell * (int(row.max(initial=0)) + 1) + row
+    order = np.argsort(key, kind="stable")
+    key, cell, row, sure = key[order], cell[order], row[order], sure[order]
+    first = np.ones(key.size, dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    starts = np.flatnonzero(first)
+    merged = np.logical_or.reduceat(sure, starts) if key.size else sure
+    return cell[first], row[first], merged
 
 
 def _by_row(rows: np.ndarray, which: np.ndarray) -> list[np.ndarray]:
