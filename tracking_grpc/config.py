@@ -57,6 +57,9 @@ class Settings:
         2.0, "longest a stored-but-unflushed fix waits for its group commit"
     )
     flush_max_fixes: int = setting(20_000, "fixes per group commit at most")
+    commits_in_flight: int = setting(
+        4, "group commits running at once on a store that allows it (PostgreSQL)"
+    )
     max_pending_fixes: int = setting(
         200_000, "fixes waiting for storage before streams are paused (back-pressure)"
     )

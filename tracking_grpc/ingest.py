@@ -109,6 +109,8 @@ class IngestPipeline:
         )
         self._processor_task: asyncio.Task[None] | None = None
         self._closing = False
+        concurrent = getattr(history, "concurrent_writers", False)
+        self._commits_in_flight = settings.commits_in_flight if concurrent else 1
 
     def add_processor(self, processor: FixProcessor) -> None:
         self.processors.append(processor)
@@ -169,18 +171,35 @@ class IngestPipeline:
 
     async def _flush_loop(self) -> None:
         """Commit what is queued, waiting ``flush_interval_ms`` for more to join;
-        ends once closing and nothing is left."""
+        ends once closing and nothing is left.
+
+        A store that takes concurrent writers (PostgreSQL) gets up to
+        ``commits_in_flight`` commits at once; what follows a commit (live update,
+        fan-out, processors) still runs in commit order.
+        """
         delay = self.settings.flush_interval_ms / 1000
+        slots = asyncio.Semaphore(self._commits_in_flight)
+        flushing: set[asyncio.Task[None]] = set()
+        previous: asyncio.Future[None] | None = None
         while True:
             if not self._queue:
                 if self._closing:
-                    return
+                    break
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 if delay > 0 and not self._closing:
                     await asyncio.sleep(delay)
             if self._queue:
-                await self._flush()
+                await slots.acquire()
+                finished = asyncio.get_running_loop().create_future()
+                task = asyncio.create_task(
+                    self._flush(self._take(), previous, finished)
+                )
+                flushing.add(task)
+                task.add_done_callback(flushing.discard)
+                task.add_done_callback(lambda _: slots.release())
+                previous = finished
+        await asyncio.gather(*flushing)
 
     def _take(self) -> list[_Pending]:
         taken, count = [], 0
@@ -192,18 +211,32 @@ class IngestPipeline:
             self._wakeup.set()
         return taken
 
-    async def _flush(self) -> None:
-        items = self._take()
-        by_tenant: dict[str, list[_Pending]] = defaultdict(list)
-        for item in items:
-            by_tenant[item.batch.tenant].append(item)
-        for tenant_items in by_tenant.values():
-            links = [item.span for item in tenant_items]
-            with tracing.span("ingest.commit", links, backend=self.backend):
-                await self._commit(tenant_items)
-        self._queued_fixes -= sum(len(i.batch) for i in items)
-        async with self._space:
-            self._space.notify_all()
+    async def _flush(
+        self,
+        items: list[_Pending],
+        previous: asyncio.Future[None] | None,
+        finished: asyncio.Future[None],
+    ) -> None:
+        """Commit ``items``; once the previous flush is through, post-process."""
+        try:
+            by_tenant: dict[str, list[_Pending]] = defaultdict(list)
+            for item in items:
+                by_tenant[item.batch.tenant].append(item)
+            stored = []
+            for tenant_items in by_tenant.values():
+                links = [item.span for item in tenant_items]
+                with tracing.span("ingest.commit", links, backend=self.backend):
+                    stored.append(await self._commit(tenant_items))
+            if previous is not None:
+                await previous
+            for batch in stored:
+                if batch is not None:
+                    await self._after_commit(batch)
+        finally:
+            finished.set_result(None)
+            self._queued_fixes -= sum(len(i.batch) for i in items)
+            async with self._space:
+                self._space.notify_all()
 
     def _validate(self, items: list[_Pending]) -> tuple[FixBatch, np.ndarray]:
         """The queued batches as one, stamped with their receive times, and reasons."""
@@ -216,7 +249,8 @@ class IngestPipeline:
         metrics.fixes_validated(reasons)
         return batch, reasons
 
-    async def _commit(self, items: list[_Pending]) -> None:
+    async def _commit(self, items: list[_Pending]) -> FixBatch | None:
+        """Validate and store; resolves the callers' futures; the new fixes."""
         batch, reasons = self._validate(items)
         valid = reasons == 0
         new = np.zeros(len(batch), dtype=bool)
@@ -225,7 +259,7 @@ class IngestPipeline:
                 batch if valid.all() else batch.take(valid), items
             )
             if stored is None:
-                return  # shutting down with the store away: callers got the error
+                return None  # shutting down with the store away: callers got the error
             new[valid] = stored
         offset = 0
         for item in items:
@@ -234,7 +268,7 @@ class IngestPipeline:
                 part = slice(offset, offset + n)
                 item.done.set_result((reasons[part], new[part]))
             offset += n
-        await self._after_commit(batch.take(new))
+        return batch.take(new)
 
     async def _store(self, batch: FixBatch, items: list[_Pending]) -> np.ndarray | None:
         """Store, retrying while the store is unavailable; the mask of new rows."""
