@@ -32,7 +32,7 @@ async def test_replay_prints_a_summary(server, capsys):
     car = str(require_shared(TRACES / CAR))
     assert await run(server, "replay", car, "--fast") == 0
     out = capsys.readouterr().out
-    assert f"replayed {CAR}: 1 devices, 104 fixes" in out
+    assert f"replayed {CAR}: 1 devices, 104 fixes in the trace, 104 sent" in out
     assert "sent 104  stored 104  duplicates 0" in out
 
 
@@ -58,6 +58,12 @@ async def test_watch_prints_the_snapshot_as_json_lines(server, capsys):
 async def test_watch_stops_at_its_timeout(server, capsys):
     assert await run(server, "watch", "--device", "nobody", "--timeout", "0.3") == 0
     assert "snapshot done" in capsys.readouterr().out
+
+
+async def test_missing_trace_file_is_one_readable_error(server, tmp_path):
+    with pytest.raises(InvalidArgument) as error:
+        await run(server, "replay", str(tmp_path / "nope.csv"))
+    assert (error.value.field, "not found" in error.value.reason) == ("file", True)
 
 
 async def test_csv_without_columns_names_the_missing_flag(server, tmp_path):

@@ -185,6 +185,8 @@ def csv_format_from(args: argparse.Namespace) -> CsvFormat | None:
 
 
 def load_trace(args: argparse.Namespace) -> Trace:
+    if not args.file.is_file():
+        raise InvalidArgument("file", f"trace file not found: {args.file}")
     trace = read_trace(args.file, args.format, csv_format_from(args), args.device_id)
     if args.devices:
         trace = trace.take(np.isin(trace.device.astype(str), args.devices))

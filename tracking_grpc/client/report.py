@@ -33,11 +33,11 @@ class ReplayReport:
         return [s for s in self.sessions if s.error or s.settled < s.sent]
 
     def summary(self, title: str) -> str:
-        rate = self.fixes / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        rate = self.total("sent") / self.elapsed_s if self.elapsed_s > 0 else 0.0
         devices = self.devices or len(self.sessions)
         lines = [
-            f"{title}: {devices} devices, {self.fixes} fixes "
-            f"in {self.elapsed_s:.1f} s ({rate:.0f} fixes/s)",
+            f"{title}: {devices} devices, {self.fixes} fixes in the trace, "
+            f"{self.total('sent')} sent in {self.elapsed_s:.1f} s ({rate:.0f} fixes/s)",
             "  ".join(
                 f"{label} {self.total(attr)}"
                 for label, attr in (
@@ -53,6 +53,11 @@ class ReplayReport:
         ]
         for reason, count in sorted(self.rejected().items()):
             lines.append(f"  rejected {reason}: {count}")
+        if self.rejected().get("REJECT_REASON_ANCIENT_TIME", 0) > self.fixes // 2:
+            lines.append(
+                "  hint: most fixes were older than the server accepts; cap long "
+                "pauses with --max-gap-s, or start the server with --max-fix-age-s 0"
+            )
         failed = self.failed()
         for stats in failed[:MAX_FAILURES_LISTED]:
             lines.append(f"  FAILED {stats.device}: {stats.error or 'fixes unsettled'}")
