@@ -222,16 +222,17 @@ class IngestPipeline:
             by_tenant: dict[str, list[_Pending]] = defaultdict(list)
             for item in items:
                 by_tenant[item.batch.tenant].append(item)
-            stored = []
+            stored: list[tuple[FixBatch | None, tracing.SpanContext]] = []
             for tenant_items in by_tenant.values():
                 links = [item.span for item in tenant_items]
                 with tracing.span("ingest.commit", links, backend=self.backend):
-                    stored.append(await self._commit(tenant_items))
+                    new = await self._commit(tenant_items)
+                    stored.append((new, tracing.current_context()))
             if previous is not None:
                 await previous
-            for batch in stored:
+            for batch, commit in stored:
                 if batch is not None:
-                    await self._after_commit(batch)
+                    await self._after_commit(batch, commit)
         finally:
             finished.set_result(None)
             self._queued_fixes -= sum(len(i.batch) for i in items)
@@ -297,8 +298,11 @@ class IngestPipeline:
             self.storage_healthy = True
         return new
 
-    async def _after_commit(self, stored: FixBatch) -> None:
-        """Live update and fan-out now; processors in their own task, in order."""
+    async def _after_commit(
+        self, stored: FixBatch, commit: tracing.SpanContext
+    ) -> None:
+        """Live update and fan-out now; processors in their own task, in order.
+        ``commit`` is the span of the commit that stored the fixes (for links)."""
         if len(stored) == 0:
             return
         try:
@@ -315,7 +319,6 @@ class IngestPipeline:
         except Exception:
             log.exception("live update failed; history is intact")
         if self.processors:
-            commit = tracing.current_context()
             await self._processing.put((stored, commit))
 
     def _waiting_work(
