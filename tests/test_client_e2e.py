@@ -121,7 +121,10 @@ async def test_reconnects_after_a_server_restart(start_server, tmp_path, bus):
 
     first = await start_server()
     port = first.port
-    options = ReplayOptions(pace=Pace(speed=8664 / 3), retry=RetryPolicy(max_s=0.5))
+    # Short waits but many of them: the restart and the channel's own reconnect
+    # back-off can take several seconds on a busy machine.
+    retry = RetryPolicy(max_s=0.5, max_attempts=60)
+    options = ReplayOptions(pace=Pace(speed=8664 / 3), retry=retry)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         replay = asyncio.create_task(
             replay_trace(track_pb2_grpc.TrackSessionStub(channel), bus, options)

@@ -42,10 +42,15 @@ def test_every_fix_is_acked_watched_and_stored_once(tmp_path: Path, extra) -> No
     counts = result["counts"]
     assert result["errors"] == {}
     assert result["streams_open"] == 200
-    assert (
-        counts["fixes_stored"] + counts.get("fixes_acked_by_resume", 0)
-        == counts["fixes_generated"]
+    # A fix whose ack was cut off may be stored after its device's hello was
+    # answered; its resend is then acked as a duplicate. The rows themselves are
+    # checked below: none lost, none twice.
+    settled = (
+        counts["fixes_stored"]
+        + counts.get("fixes_acked_by_resume", 0)
+        + counts.get("fixes_duplicate", 0)
     )
+    assert settled == counts["fixes_generated"]
     assert result["verify"]["fixes_lost"] == 0
     assert result["verify"]["devices_with_gaps_or_extra"] == 0
     assert result["watch"]["count"] > 0 and result["ack"]["count"] > 0
