@@ -16,7 +16,7 @@ from tracking_grpc.fanout import WatchHub
 from tracking_grpc.ingest import IngestPipeline
 from tracking_grpc.storage import factory
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
-from tracking_grpc.storage.live_repair import LiveRepairer
+from tracking_grpc.storage.live_repair import LiveRepairer, rebuild_live
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,6 @@ class App:
         await self.broker.close()
         await self.live.close()
         await self.history.close()
-
-
-async def rebuild_live(history: HistoryStore, live: LiveStore) -> int:
-    """Load every device's newest stored fix into the live store."""
-    count = 0
-    async for batch in history.newest_positions():
-        await live.update(batch)
-        count += len(batch)
-    return count
 
 
 async def open_app(settings: Settings) -> App:
