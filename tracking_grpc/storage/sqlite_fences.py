@@ -104,9 +104,11 @@ class SqliteGeofenceDatabase:
         return database
 
     def _open(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=10.0
+        )
         conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA journal_mode=WAL")
         # Fences are written rarely; events are many and can be raised again from
         # history. NORMAL in WAL mode loses nothing when the process dies, only
         # (at most) the last transactions on power loss.
@@ -120,6 +122,14 @@ class SqliteGeofenceDatabase:
         conn.executescript(SCHEMA)
         self._conn = conn
 
+    def _connection(self) -> sqlite3.Connection:
+        """The worker's connection; opened here if an earlier open failed (a file
+        locked by another handle at start-up), so the error reaches a caller."""
+        if self._conn is None:
+            self._open()
+        assert self._conn is not None
+        return self._conn
+
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         try:
@@ -129,8 +139,7 @@ class SqliteGeofenceDatabase:
 
     def transaction(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn(conn, *args) in one write transaction (on the worker thread)."""
-        conn = self._conn
-        assert conn is not None
+        conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(conn, *args)
@@ -141,8 +150,7 @@ class SqliteGeofenceDatabase:
         return result
 
     def read(self, sql: str, args: Sequence[Any]) -> list[tuple]:
-        assert self._conn is not None
-        return self._conn.execute(sql, args).fetchall()
+        return self._connection().execute(sql, args).fetchall()
 
     async def close(self) -> None:
         if self._conn is not None:
