@@ -157,6 +157,8 @@ def _context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
     try:
         code = context.code()
     except (AttributeError, NotImplementedError):
+        # Some servicer contexts (test doubles, older grpc.aio) do not keep the
+        # status they were given: then the status seen at the boundary stands.
         return None
     if isinstance(code, int):  # grpc.aio reports the cygrpc integer status
         return _BY_VALUE.get(code)
