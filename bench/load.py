@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
 
+from load_backends import STORED_PER_DEVICE, BackendMeter, Production  # noqa: E402
 from tracking.v1 import geofence_pb2, geofence_pb2_grpc  # noqa: E402
 
 from tracking_grpc.loadgen import driver, fences, procstat, stats  # noqa: E402
@@ -50,11 +51,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_serving(target: str, timeout_s: float = 60.0) -> None:
+def wait_serving(
+    target: str, process: subprocess.Popen | None = None, timeout_s: float = 60.0
+) -> None:
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         deadline = time.time() + timeout_s
         while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}")
             try:
                 answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:
@@ -90,9 +95,10 @@ class SpawnedServer:
             command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
         )
         try:
-            wait_serving(self.target)
+            wait_serving(self.target, self.process)
         except BaseException:
             self.stop()
+            print(*(data_dir / "server.log").read_text().splitlines()[-20:], sep="\n")
             raise
 
     @property
@@ -183,8 +189,30 @@ def watch_ids(args: argparse.Namespace) -> list[str]:
     return ids[: args.watch_devices]
 
 
+def measure_idle(server_pid: int, production: Production | None, idle_s: float) -> dict:
+    """Server and backend CPU with the server up, fences loaded and no load yet."""
+    if idle_s <= 0:
+        return {}
+    meter = BackendMeter(production)
+    before = procstat.usage(server_pid)
+    time.sleep(idle_s)
+    after = procstat.usage(server_pid)
+    backend, _ = meter.elapsed()
+    return {
+        "seconds": idle_s,
+        "server_cores": round((after.cpu_s - before.cpu_s) / idle_s, 4),
+        "server_processes": after.processes,
+        "rss_mb": round(after.rss_bytes / 2**20, 1),
+        "backend_cores": {n: round(v / idle_s, 4) for n, v in backend.items()},
+    }
+
+
 def run_drivers(
-    plans: list[Plan], ids: list[str], server_pid: int, args: argparse.Namespace
+    plans: list[Plan],
+    ids: list[str],
+    server_pid: int,
+    args: argparse.Namespace,
+    production: Production | None = None,
 ) -> tuple[list[DriverResult], dict]:
     """Start the driver processes, sample the server during the run, collect."""
     context = multiprocessing.get_context("spawn")
@@ -204,9 +232,7 @@ def run_drivers(
     steady = procstat.usage(server_pid)
     drivers_cpu = sum(procstat.usage(p.pid).cpu_s for p in processes)
     busy = machine_busy_s()
-    # Shared with other users of the machine: an upper bound for this run's share.
-    backends = {n: procstat.pids_named(n) for n in ("postgres", "redis-server")}
-    backend_cpu = {n: procstat.cpu_of(p) for n, p in backends.items()}
+    meter = BackendMeter(production)
     if args.profile:
         profiler = start_profiler(server_pid, args.profile, window.steady_s)
     rss_max = steady.rss_bytes
@@ -218,9 +244,8 @@ def run_drivers(
         sum(procstat.usage(p.pid).cpu_s for p in processes) - drivers_cpu
     )
     samples["machine_busy_s"] = machine_busy_s() - busy
-    samples["backend_cpu_s"] = {
-        n: max(0.0, procstat.cpu_of(backends[n]) - backend_cpu[n]) for n in backends
-    }
+    samples["backend_cpu_s"], samples["redis_shard_cpu_s"] = meter.elapsed()
+    samples["backend_exact"] = meter.exact
     samples["server_cpu_s"] = end.cpu_s - steady.cpu_s
     samples["server_processes"] = end.processes
     samples["rss_steady_max_bytes"] = rss_max
@@ -241,56 +266,6 @@ def start_profiler(pid: int, path: str, duration_s: float) -> subprocess.Popen:
     return subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )
-
-
-STORED_PER_DEVICE = "SELECT device, count(*), max(seq) FROM fixes GROUP BY device"
-
-
-class Production:
-    """A private, migrated PostgreSQL database and Redis key prefix for one run."""
-
-    def __init__(self, admin_url: str, redis_url: str) -> None:
-        import asyncio
-
-        from tracking_grpc.storage import schema
-
-        self.admin_url = admin_url
-        self.redis_url = redis_url
-        self.name = f"trkload_{os.getpid()}_{int(time.time())}"
-        self.url = f"{admin_url.rsplit('/', 1)[0]}/{self.name}"
-        self.prefix = f"trkload{os.getpid()}:"
-        self._admin(f'CREATE DATABASE "{self.name}"')
-        asyncio.run(schema.migrate(self.url))
-
-    def _admin(self, statement: str) -> None:
-        import psycopg
-
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(statement)
-
-    @property
-    def flags(self) -> list[str]:
-        return [
-            f"--database-url={self.url}",
-            f"--redis-url={self.redis_url}",
-            f"--redis-key-prefix={self.prefix}",
-        ]
-
-    def stored(self) -> list[tuple[str, int, int]]:
-        import psycopg
-
-        with psycopg.connect(self.url) as conn:
-            return conn.execute(STORED_PER_DEVICE).fetchall()
-
-    def close(self) -> None:
-        import redis
-
-        self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-        client = redis.Redis.from_url(self.redis_url)
-        keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
-        client.close()
 
 
 def sqlite_stored(data_dir: Path) -> list[tuple[str, int, int]]:
@@ -367,6 +342,16 @@ def report(
         "backend_cpu_cores": {
             n: round(v / steady_s, 3) for n, v in samples["backend_cpu_s"].items()
         },
+        # exact: a private server measured by its own processes; otherwise every
+        # process of that name on the machine (an upper bound).
+        "backend_exact": samples["backend_exact"],
+        "backend_us_per_fix": {
+            n: round(v / fixes_in_window * 1e6, 1) if fixes_in_window else None
+            for n, v in samples["backend_cpu_s"].items()
+        },
+        "redis_shard_cpu_cores": [
+            round(v / steady_s, 3) for v in samples["redis_shard_cpu_s"]
+        ],
         "fixes_in_window": fixes_in_window,
     }
     if any(r.reconnected_s for r in results):
@@ -411,8 +396,13 @@ def print_report(out: dict) -> None:
     )
     print(
         f"Drivers: {out['drivers_cpu_cores']} cores; whole machine busy "
-        f"{out['machine_busy_cores']} cores; backends {out['backend_cpu_cores']}"
+        f"{out['machine_busy_cores']} cores; backends {out['backend_cpu_cores']} "
+        f"(exact: {out['backend_exact']}), µs/fix {out['backend_us_per_fix']}"
     )
+    if out["redis_shard_cpu_cores"]:
+        print(f"Redis shards (cores each): {out['redis_shard_cpu_cores']}")
+    if out.get("idle"):
+        print(f"Idle before the run: {json.dumps(out['idle'])}")
     for key in ("storm", "verify"):
         if key in out:
             print(f"{key}: {json.dumps(out[key])}")
@@ -443,6 +433,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     add("--redis-url", default="redis://127.0.0.1:6379/0")
     add("--workers", type=int, default=1, help="server processes (needs --production)")
+    add(
+        "--redis-shards",
+        type=int,
+        default=0,
+        help="start a private Redis Cluster of N masters (0: the Redis at --redis-url)",
+    )
+    add(
+        "--private-postgres",
+        action="store_true",
+        help="start a PostgreSQL server of this run's own (exact CPU)",
+    )
+    add("--idle-s", type=float, default=0.0, help="measure idle server CPU first")
     add("--target", help="use a running server at this loopback address")
     add("--server-pid", type=int, help="its pid, for CPU and memory")
     add("--server-flag", action="append", default=[], help="extra flag for serve")
@@ -459,6 +461,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{url} is not on loopback")
     if args.workers > 1 and not args.production:
         parser.error("--workers above 1 needs --production (shared backends)")
+    if (args.redis_shards or args.private_postgres) and not args.production:
+        parser.error("--redis-shards and --private-postgres need --production")
     if args.target and not args.server_pid:
         parser.error("--target needs --server-pid (CPU and memory are read from /proc)")
     return args
@@ -473,7 +477,12 @@ def main(argv: list[str] | None = None) -> dict:
     ):
         server = production = None
         if args.production:
-            production = Production(args.pg_admin_url, args.redis_url)
+            production = Production(
+                args.pg_admin_url,
+                args.redis_url,
+                args.redis_shards,
+                args.private_postgres,
+            )
             cleanup.callback(production.close)
         if args.target:
             target, pid = args.target, args.server_pid or 0
@@ -485,10 +494,14 @@ def main(argv: list[str] | None = None) -> dict:
             target, pid = server.target, server.pid
         plans = build_plans(args, target)
         fence_count = import_fences(target, args.fences, plans[0]) if args.fences else 0
+        idle = measure_idle(pid, production, args.idle_s)
         plans = build_plans(args, target)  # a fresh start time after the import
-        results, samples = run_drivers(plans, watch_ids(args), pid, args)
+        results, samples = run_drivers(plans, watch_ids(args), pid, args, production)
         out = report(args, plans, results, samples)
         out["fences"] = fence_count
+        out["idle"] = idle
+        if production is not None:
+            out["redis_shards"] = args.redis_shards
         if server is not None:
             out["server_exit_code"] = server.stop()
             log_lines = (Path(tmp) / "server.log").read_text().splitlines()
