@@ -230,6 +230,8 @@ def run_drivers(
     samples: dict = {"rss_baseline_bytes": base.rss_bytes}
     time.sleep(max(0.0, window.steady_start_s - time.time()))
     steady = procstat.usage(server_pid)
+    members = [server_pid, *procstat.children(server_pid)]
+    member_cpu = [procstat.cpu_of([m]) for m in members]
     drivers_cpu = sum(procstat.usage(p.pid).cpu_s for p in processes)
     busy = machine_busy_s()
     meter = BackendMeter(production)
@@ -247,6 +249,10 @@ def run_drivers(
     samples["backend_cpu_s"], samples["redis_shard_cpu_s"] = meter.elapsed()
     samples["backend_exact"] = meter.exact
     samples["server_cpu_s"] = end.cpu_s - steady.cpu_s
+    # Each process of the server (supervisor first, then workers): the split of work.
+    samples["server_process_cpu_s"] = [
+        procstat.cpu_of([m]) - c for m, c in zip(members, member_cpu, strict=True)
+    ]
     samples["server_processes"] = end.processes
     samples["rss_steady_max_bytes"] = rss_max
     samples["rss_steady_end_bytes"] = end.rss_bytes
@@ -331,6 +337,9 @@ def report(
             "cpu_us_per_fix": round(cpu_s / fixes_in_window * 1e6, 1)
             if fixes_in_window
             else None,
+            "process_cpu_cores": [
+                round(v / steady_s, 3) for v in samples["server_process_cpu_s"]
+            ],
             "rss_baseline_mb": round(samples["rss_baseline_bytes"] / 2**20, 1),
             "rss_steady_mb": round(samples["rss_steady_max_bytes"] / 2**20, 1),
             "rss_kb_per_stream": round(rss_growth / streams / 1024, 1)
