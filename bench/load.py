@@ -207,6 +207,28 @@ def measure_idle(server_pid: int, production: Production | None, idle_s: float) 
     }
 
 
+def connections_by_process(pids: list[int], port: int) -> list[int]:
+    """Established client connections to ``port`` held by each process (workers
+    sharing a port with SO_REUSEPORT get them from the kernel, not evenly)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "01":  # ESTABLISHED
+                    inodes.add(f"socket:[{fields[9]}]")
+    counts = []
+    for pid in pids:
+        held = 0
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    held += os.readlink(fd) in inodes
+        counts.append(held)
+    return counts
+
+
 def run_drivers(
     plans: list[Plan],
     ids: list[str],
@@ -232,6 +254,8 @@ def run_drivers(
     steady = procstat.usage(server_pid)
     members = [server_pid, *procstat.children(server_pid)]
     member_cpu = [procstat.cpu_of([m]) for m in members]
+    port = int(plans[0].target.rsplit(":", 1)[1])
+    samples["server_process_connections"] = connections_by_process(members, port)
     drivers_cpu = sum(procstat.usage(p.pid).cpu_s for p in processes)
     busy = machine_busy_s()
     meter = BackendMeter(production)
@@ -340,6 +364,7 @@ def report(
             "process_cpu_cores": [
                 round(v / steady_s, 3) for v in samples["server_process_cpu_s"]
             ],
+            "process_connections": samples["server_process_connections"],
             "rss_baseline_mb": round(samples["rss_baseline_bytes"] / 2**20, 1),
             "rss_steady_mb": round(samples["rss_steady_max_bytes"] / 2**20, 1),
             "rss_kb_per_stream": round(rss_growth / streams / 1024, 1)
