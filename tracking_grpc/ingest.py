@@ -414,13 +414,21 @@ class IngestPipeline:
         return work, ended
 
     async def _process_loop(self) -> None:
-        """Runs processors on stored fixes off the commit path; when they fall behind,
-        the commits waiting by then go through together (one sort, one call)."""
+        """Runs processors on stored fixes off the commit path. The commits waiting
+        by then go through together (one sort, one call); a run starts at least
+        ``processor_interval_ms`` after the previous one, so under load each call's
+        fixed cost is shared by many commits."""
+        interval = self.settings.processor_interval_ms / 1000
+        loop = asyncio.get_running_loop()
         ended = False
         while not ended and (item := await self._processing.get()) is not None:
+            started = loop.time()
             work, ended = self._waiting_work(item)
             for stored, links in work:
                 await self._process(stored, links)
+            pause = interval - (loop.time() - started)
+            if not ended and pause > 0:
+                await asyncio.sleep(pause)
 
     async def _process(
         self, stored: FixBatch, links: list[tracing.SpanContext]
