@@ -15,11 +15,12 @@ from tracking.v1 import event_pb2, track_pb2, track_pb2_grpc
 from tracking_grpc import convert
 from tracking_grpc.app import App
 from tracking_grpc.auth import Caller, Role
-from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.core.fixes import FixBatch, FixRow
+from tracking_grpc.core.validation import DETAILS, Reason
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.events import TrackingEvent
 from tracking_grpc.fanout import Watcher, WatchFilter
-from tracking_grpc.ingest import IngestResult, now_ms
+from tracking_grpc.ingest import DeviceAck, IngestResult, now_ms
 from tracking_grpc.observability import logs, metrics
 from tracking_grpc.storage.base import HistoryStore
 
@@ -56,16 +57,18 @@ def _rejections(result: IngestResult) -> list[tuple[str, int, int, str]]:
     return convert.rejections(result.batch, result.reasons)
 
 
-def _ack(result: IngestResult, last_stored_seq: int) -> track_pb2.TrackResponse:
+def _ack(ack: DeviceAck, last_stored_seq: int) -> track_pb2.TrackResponse:
     return track_pb2.TrackResponse(
         ack=track_pb2.Ack(
-            acked_seq=result.acked_seq(),
+            acked_seq=ack.acked_seq,
             last_stored_seq=last_stored_seq,
-            stored=result.stored,
-            duplicates=result.duplicates,
+            stored=ack.stored,
+            duplicates=ack.duplicates,
             rejections=[
-                track_pb2.Rejection(seq=seq, reason=reason, detail=detail)
-                for _, seq, reason, detail in _rejections(result)
+                track_pb2.Rejection(
+                    seq=seq, reason=reason, detail=DETAILS[Reason(reason)]
+                )
+                for seq, reason in ack.rejections
             ],
         )
     )
@@ -388,7 +391,7 @@ class _Session:
 
     async def run(self, requests: AsyncIterator[track_pb2.TrackRequest]) -> None:
         """Pipelines up to INFLIGHT_BATCHES batches; acks go out in batch order."""
-        inflight: asyncio.Queue[asyncio.Task[IngestResult] | None] = asyncio.Queue(
+        inflight: asyncio.Queue[asyncio.Future[DeviceAck] | None] = asyncio.Queue(
             INFLIGHT_BATCHES
         )
         reader = asyncio.create_task(self._read(requests, inflight))
@@ -417,15 +420,20 @@ class _Session:
     async def _read(
         self,
         requests: AsyncIterator[track_pb2.TrackRequest],
-        inflight: asyncio.Queue[asyncio.Task[IngestResult] | None],
+        inflight: asyncio.Queue[asyncio.Future[DeviceAck] | None],
     ) -> None:
+        pipeline = self.app.pipeline
+        tenant = self.caller.tenant
         async for request in requests:
-            batch = self._batch(request)
-            if batch is not None:
-                await inflight.put(asyncio.create_task(self.app.pipeline.ingest(batch)))
+            rows = self._rows(request)
+            if rows is None:
+                continue
+            if pipeline.congested:
+                await pipeline.wait_for_space()
+            await inflight.put(pipeline.submit_rows(tenant, self.device_id, rows))
         await inflight.put(None)
 
-    def _batch(self, request: track_pb2.TrackRequest) -> FixBatch | None:
+    def _rows(self, request: track_pb2.TrackRequest) -> list[FixRow] | None:
         kind = request.WhichOneof("message")
         if kind == "hello":
             if request.hello.device_id != self.device_id:
@@ -443,17 +451,16 @@ class _Session:
             )
         self.caller.check_not_expired()
         # An empty batch is acknowledged too, so acks pair with batches one to one.
-        return convert.fixes_to_batch(self.caller.tenant, self.device_id, fixes)
+        return convert.fix_rows(fixes)
 
     async def _write_acks(
-        self, inflight: asyncio.Queue[asyncio.Task[IngestResult] | None]
+        self, inflight: asyncio.Queue[asyncio.Future[DeviceAck] | None]
     ) -> None:
-        while (task := await inflight.get()) is not None:
-            result = await task
-            stored = result.batch.seq[result.new]
-            if stored.size:
-                self.last_stored = max(self.last_stored, int(stored.max()))
-            await self._write(_ack(result, self.last_stored))
+        while (pending := await inflight.get()) is not None:
+            ack = await pending
+            if ack.newest_stored_seq > self.last_stored:
+                self.last_stored = ack.newest_stored_seq
+            await self._write(_ack(ack, self.last_stored))
 
     async def _write_events(self, events: asyncio.Queue[TrackingEvent]) -> None:
         while True:
@@ -461,9 +468,9 @@ class _Session:
             await self._write(track_pb2.TrackResponse(event=event_message(event)))
 
 
-def _consume(task: asyncio.Task) -> None:
-    if not task.cancelled():
-        task.exception()
+def _consume(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def register(server: grpc.aio.Server, app: App) -> str:
