@@ -105,6 +105,7 @@ def summary(data: dict) -> dict:
         "server_cores": data["server"]["cpu_cores"],
         "server_us_per_fix": data["server"]["cpu_us_per_fix"],
         "process_cores": data["server"].get("process_cpu_cores"),
+        "process_connections": data["server"].get("process_connections"),
         "idle_server_cores": idle.get("server_cores"),
         "idle_processes": idle.get("server_processes"),
         "rss_baseline_mb": data["server"]["rss_baseline_mb"],
@@ -183,7 +184,7 @@ def scaling(kinds: tuple[str, ...], fixed_b: float | None = None) -> dict | None
         [{**r, "fixes_per_s": 1.0} for r in rows], "rss_baseline_mb", ("a", "b")
     )
     return {
-        "runs": [n for n, r in zip(names, runs, strict=True) if r is not None],
+        "by_connections": by_connections(rows, fixed_cores_of(server, idle)),
         "rates_fixes_per_s": sorted({r["fixes_per_s"] for r in rows}),
         "server_us_per_fix": server["a"] * 1e6,
         "server_cores_per_process": server["b"],
@@ -197,7 +198,43 @@ def scaling(kinds: tuple[str, ...], fixed_b: float | None = None) -> dict | None
         "rss_mb_per_process_at_start": baseline["b"],
         "rss_mb_first_process_at_start": baseline["a"] + baseline["b"],
         **(memory or {}),
+        "runs": [n for n, r in zip(names, runs, strict=True) if r is not None],
         "rows": rows,
+    }
+
+
+def fixed_cores_of(server: dict, idle: float) -> float:
+    return max(server["b"], idle)
+
+
+def by_connections(rows: list[dict], fixed: float) -> dict | None:
+    """A check of the broadcast cost from inside the runs with several workers.
+
+    The kernel hands connections to workers unevenly; a worker's CPU against the
+    client connections it holds, ``cores = per_connection * n + zero``, gives what
+    a worker with no clients costs (``zero``): its fixed cost plus receiving every
+    update of the fleet. (``zero`` - fixed) / R is that receive cost per fix.
+    """
+    points = []
+    for r in rows:
+        cores, held = r["process_cores"], r["process_connections"]
+        if r["workers"] < 2 or not cores or not held or len(cores) != len(held):
+            continue
+        for c, n in zip(cores[1:], held[1:], strict=True):  # [0]: the supervisor
+            points.append((r["fixes_per_s"], n, c))
+    if points:  # one rate: the highest (streams run at two)
+        top = max(round(p[0], -2) for p in points)
+        points = [p for p in points if round(p[0], -2) == top]
+    if len(points) < 3 or len({p[1] for p in points}) < 2:
+        return None
+    rate = float(np.mean([p[0] for p in points]))
+    slope, zero = np.polyfit([p[1] for p in points], [p[2] for p in points], 1)
+    return {
+        "workers_seen": len(points),
+        "rate_fixes_per_s": rate,
+        "cores_per_connection": float(slope),
+        "cores_with_no_connections": float(zero),
+        "us_per_fleet_fix_per_process": max(0.0, float(zero) - fixed) / rate * 1e6,
     }
 
 

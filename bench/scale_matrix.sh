@@ -16,15 +16,16 @@ set -eu
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 COMMON="--production --private-postgres --fences 1000 --watch-devices 100 --idle-s 5"
-STREAMS="--devices 5000 --interval-s 5 --drivers 2 --ramp-s 15 --steady-s 40"
+STREAMS="--devices 5000 --interval-s 5 --drivers 2 --ramp-s 15 --settle-s 10 --steady-s 35"
 STREAMS="$STREAMS --streams-per-channel 250"
-STREAMS10="--devices 5000 --interval-s 10 --drivers 2 --ramp-s 15 --steady-s 40"
+STREAMS10="--devices 5000 --interval-s 10 --drivers 2 --ramp-s 15 --settle-s 10 --steady-s 35"
 STREAMS10="$STREAMS10 --streams-per-channel 250"
 GATEWAYS="--devices 0 --gateways 8 --gateway-rate 1 --gateway-batch 500"
-GATEWAYS="$GATEWAYS --gateway-devices 5000 --drivers 2 --ramp-s 0 --steady-s 30"
-POINTS="streams_w1_r1 streams_w2_r1 streams_w4_r1 streams_w1_r3 streams_w2_r3"
-POINTS="$POINTS gateway_w1_r1 gateway_w2_r1 gateway_w4_r1 gateway_w1_r3 gateway_w2_r3"
+GATEWAYS="$GATEWAYS --gateway-devices 5000 --drivers 2 --ramp-s 0 --settle-s 5 --steady-s 30"
+POINTS="streams_w1_r1 streams_w2_r1 streams_w4_r1"
 POINTS="$POINTS streams10_w1_r1 streams10_w2_r1 streams10_w4_r1"
+POINTS="$POINTS gateway_w1_r1 gateway_w2_r1 gateway_w4_r1"
+POINTS="$POINTS streams_w1_r3 streams_w2_r3 gateway_w1_r3 gateway_w2_r3"
 POINTS="$POINTS streams_w1_r0 gateway_w1_r0"
 
 run() {
