@@ -136,11 +136,13 @@ def fit_costs(
 ) -> dict[str, float]:
     """Least squares of ``cores = a*R + b*W + d*R*W`` over runs; ``fixed`` terms
     are given, not fitted. a: core-seconds per fix; b: cores per process; d:
-    core-seconds per fix of the whole fleet, per process."""
+    core-seconds per fix of the whole fleet, per process; e (``+ e*S``): cores per
+    open stream, whatever its rate."""
     fixed = fixed or {}
     rate = np.array([r["fixes_per_s"] for r in rows], float)
     workers = np.array([r["workers"] for r in rows], float)
-    columns = {"a": rate, "b": workers, "d": rate * workers}
+    streams = np.array([r.get("streams") or 0 for r in rows], float)
+    columns = {"a": rate, "b": workers, "d": rate * workers, "e": streams}
     y = np.array([r[key] for r in rows], float)
     y = y - sum(fixed[t] * columns[t] for t in fixed)
     matrix = np.column_stack([columns[t] for t in free])
@@ -162,11 +164,11 @@ def scaling(kinds: tuple[str, ...], fixed_b: float | None = None) -> dict | None
     idle = float(np.mean([r["idle_server_cores"] / r["workers"] for r in rows]))
     two_rates = len({round(r["fixes_per_s"], -2) for r in rows}) > 1
     if two_rates:
-        server = fit_costs(rows, "server_cores", ("a", "b", "d"))
+        server = fit_costs(rows, "server_cores", ("a", "b", "d", "e"))
         redis = fit_costs(rows, "redis_cores", ("a", "b", "d"))
     else:
         b = {"b": idle if fixed_b is None else fixed_b}
-        server = fit_costs(rows, "server_cores", ("a", "d"), b)
+        server = fit_costs(rows, "server_cores", ("a", "d"), {**b, "e": 0.0})
         redis = fit_costs(rows, "redis_cores", ("a", "d"), {"b": 0.0})
     pg = fit_costs(rows, "pg_cores", ("a", "b"))
     streams = [r["streams"] for r in rows if r["streams"]]
@@ -190,6 +192,7 @@ def scaling(kinds: tuple[str, ...], fixed_b: float | None = None) -> dict | None
         "server_cores_per_process": server["b"],
         "server_idle_cores_per_process": idle,
         "server_us_per_fix_per_process": max(0.0, server["d"]) * 1e6,
+        "server_us_per_stream_s": max(0.0, server["e"]) * 1e6,
         "pg_us_per_fix": pg["a"] * 1e6,
         "pg_cores_per_process": max(0.0, pg["b"]),
         "redis_us_per_fix": redis["a"] * 1e6,
@@ -276,8 +279,10 @@ def fixed_cores(s: dict) -> float:
     return max(s["server_cores_per_process"], s["server_idle_cores_per_process"])
 
 
-def processes_for(rate: float, s: dict, util: float, broadcast: bool) -> float:
-    """Server processes for ``rate`` fixes/s at ``util`` of a core each.
+def processes_for(
+    rate: float, streams: int, s: dict, util: float, broadcast: bool
+) -> float:
+    """Server processes for ``rate`` fixes/s over ``streams`` open streams.
 
     Each process does its share of the per-fix work and pays its fixed cost, and
     receives live updates: as built (``broadcast``) every update of the fleet, so
@@ -291,7 +296,8 @@ def processes_for(rate: float, s: dict, util: float, broadcast: bool) -> float:
         spare -= rate * fan_us / 1e6
     else:
         per_fix_us += ASSUMED["watch_fanout"] * fan_us
-    return math.inf if spare <= 0 else rate * per_fix_us / 1e6 / spare
+    work = rate * per_fix_us / 1e6 + streams * s["server_us_per_stream_s"] / 1e6
+    return math.inf if spare <= 0 else work / spare
 
 
 def plan(devices: int, stream: dict, gateway: dict, shard: dict | None) -> dict:
@@ -301,7 +307,8 @@ def plan(devices: int, stream: dict, gateway: dict, shard: dict | None) -> dict:
     util = a["core_utilisation"]
     out: dict = {"devices": devices, "fixes_per_s": rate}
     for kind, s in (("stream", stream), ("gateway", gateway)):
-        as_built = processes_for(rate, s, util, broadcast=True)
+        streams = devices if kind == "stream" else 0
+        as_built = processes_for(rate, streams, s, util, broadcast=True)
         out[f"{kind}_processes_as_built"] = (
             None if math.isinf(as_built) else math.ceil(as_built)
         )
@@ -310,7 +317,7 @@ def plan(devices: int, stream: dict, gateway: dict, shard: dict | None) -> dict:
             round((util - fixed_cores(s)) / fan_us * 1e6) if fan_us > 0 else None
         )
         out[f"{kind}_processes_by_cpu"] = round(
-            processes_for(rate, s, util, broadcast=False), 1
+            processes_for(rate, streams, s, util, broadcast=False), 1
         )
     # Memory: what a process holds at start and gains under load, then per stream.
     usable_mb = a["server_process_memory_gb"] * 1024 - (
@@ -359,6 +366,7 @@ SHOWN = (
     ("server_cores_per_process", "server cores per added process (fit)"),
     ("server_idle_cores_per_process", "server cores per idle process"),
     ("server_us_per_fix_per_process", "server µs per fleet fix per process"),
+    ("server_us_per_stream_s", "server µs per open stream per second"),
     ("pg_us_per_fix", "PostgreSQL CPU per fix, µs"),
     ("pg_cores_per_process", "PostgreSQL cores per server process"),
     ("redis_us_per_fix", "Redis CPU per fix, µs"),

@@ -187,16 +187,24 @@ def watch_ids(args: argparse.Namespace) -> list[str]:
     return ids[: args.watch_devices]
 
 
-def measure_idle(server_pid: int, production: Production | None, idle_s: float) -> dict:
+def measure_idle(
+    server_pid: int,
+    production: Production | None,
+    idle_s: float,
+    observer_pid: int | None = None,
+) -> dict:
     """Server and backend CPU with the server up, fences loaded and no load yet."""
     if idle_s <= 0:
         return {}
     meter = BackendMeter(production)
     before = procstat.usage(server_pid)
+    observed = procstat.usage(observer_pid).cpu_s if observer_pid else 0.0
     time.sleep(idle_s)
     after = procstat.usage(server_pid)
     backend, _ = meter.elapsed()
+    observer = procstat.usage(observer_pid).cpu_s - observed if observer_pid else None
     return {
+        "observer_cores": None if observer is None else round(observer / idle_s, 4),
         "seconds": idle_s,
         "server_cores": round((after.cpu_s - before.cpu_s) / idle_s, 4),
         "server_processes": after.processes,
@@ -233,6 +241,7 @@ def run_drivers(
     server_pid: int,
     args: argparse.Namespace,
     production: Production | None = None,
+    observer_pid: int | None = None,
 ) -> tuple[list[DriverResult], dict]:
     """Start the driver processes, sample the server during the run, collect."""
     context = multiprocessing.get_context("spawn")
@@ -253,6 +262,7 @@ def run_drivers(
     members = [server_pid, *procstat.children(server_pid)]
     member_cpu = [procstat.cpu_of([m]) for m in members]
     port = int(plans[0].target.rsplit(":", 1)[1])
+    observed = procstat.usage(observer_pid) if observer_pid else None
     samples["server_process_connections"] = connections_by_process(members, port)
     drivers_cpu = sum(procstat.usage(p.pid).cpu_s for p in processes)
     busy = machine_busy_s()
@@ -266,6 +276,8 @@ def run_drivers(
         time.sleep(min(1.0, max(0.0, window.end_s - time.time())))
         rss_max = max(rss_max, procstat.usage(server_pid).rss_bytes)
     end = procstat.usage(server_pid)
+    if observer_pid and observed is not None:
+        samples["observer_cpu_s"] = procstat.usage(observer_pid).cpu_s - observed.cpu_s
     samples["drivers_cpu_s"] = (
         sum(procstat.usage(p.pid).cpu_s for p in processes) - drivers_cpu
     )
@@ -393,6 +405,16 @@ def report(
         ],
         "fixes_in_window": fixes_in_window,
     }
+    if "observer_cpu_s" in samples:
+        # A server process with no clients on the same backends: what every
+        # process pays for receiving the fleet's live updates (plus its idle cost).
+        observer_s = samples["observer_cpu_s"]
+        out["observer"] = {
+            "cpu_cores": round(observer_s / steady_s, 4),
+            "cpu_us_per_fleet_fix": round(observer_s / fixes_in_window * 1e6, 2)
+            if fixes_in_window
+            else None,
+        }
     if any(r.reconnected_s for r in results):
         reconnected = stats.merge(r.reconnected_s for r in results)
         recovered = stats.merge(r.recovered_s for r in results)
@@ -440,6 +462,8 @@ def print_report(out: dict) -> None:
     )
     if out["redis_shard_cpu_cores"]:
         print(f"Redis shards (cores each): {out['redis_shard_cpu_cores']}")
+    if out.get("observer"):
+        print(f"Observer (a server with no clients): {json.dumps(out['observer'])}")
     if out.get("idle"):
         print(f"Idle before the run: {json.dumps(out['idle'])}")
     for key in ("storm", "verify"):
@@ -491,6 +515,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="start a PostgreSQL server of this run's own (exact CPU)",
     )
     add("--idle-s", type=float, default=0.0, help="measure idle server CPU first")
+    add(
+        "--observer",
+        action="store_true",
+        help="also run a server with no clients on the same backends (the cost "
+        "of receiving the fleet's live updates)",
+    )
     add("--target", help="use a running server at this loopback address")
     add("--server-pid", type=int, help="its pid, for CPU and memory")
     add("--server-flag", action="append", default=[], help="extra flag for serve")
@@ -510,6 +540,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--workers above 1 needs --production (shared backends)")
     if (args.redis_shards or args.private_postgres) and not args.production:
         parser.error("--redis-shards and --private-postgres need --production")
+    if args.observer and (args.target or not args.production):
+        parser.error("--observer needs --production and a spawned server")
     if args.target and not args.server_pid:
         parser.error("--target needs --server-pid (CPU and memory are read from /proc)")
     return args
@@ -522,7 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
         tempfile.TemporaryDirectory(prefix="tracking-load-") as tmp,
         contextlib.ExitStack() as cleanup,  # runs on errors and Ctrl-C as well
     ):
-        server = production = None
+        server = production = observer = None
         if args.production:
             production = Production(
                 args.pg_admin_url,
@@ -539,11 +571,19 @@ def main(argv: list[str] | None = None) -> dict:
             server = SpawnedServer(Path(tmp), flags)
             cleanup.callback(server.stop)
             target, pid = server.target, server.pid
+            if args.observer and production is not None:
+                observer_dir = Path(tmp) / "observer"
+                observer_dir.mkdir()
+                observer = SpawnedServer(observer_dir, production.flags)
+                cleanup.callback(observer.stop)
         plans = build_plans(args, target)
         fence_count = import_fences(target, args.fences, plans[0]) if args.fences else 0
-        idle = measure_idle(pid, production, args.idle_s)
+        observer_pid = observer.pid if observer is not None else None
+        idle = measure_idle(pid, production, args.idle_s, observer_pid)
         plans = build_plans(args, target)  # a fresh start time after the import
-        results, samples = run_drivers(plans, watch_ids(args), pid, args, production)
+        results, samples = run_drivers(
+            plans, watch_ids(args), pid, args, production, observer_pid
+        )
         out = report(args, plans, results, samples)
         out["fences"] = fence_count
         out["idle"] = idle

@@ -15,7 +15,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-COMMON="--production --private-postgres --fences 1000 --watch-devices 100 --idle-s 5"
+COMMON="--production --private-postgres --observer --fences 1000 --watch-devices 100"
+COMMON="$COMMON --idle-s 5"
 STREAMS="--devices 5000 --interval-s 5 --drivers 2 --ramp-s 15 --settle-s 10 --steady-s 35"
 STREAMS="$STREAMS --streams-per-channel 250"
 STREAMS10="--devices 5000 --interval-s 10 --drivers 2 --ramp-s 15 --settle-s 10 --steady-s 35"
