@@ -98,7 +98,13 @@ def summary(data: dict) -> dict:
     idle = data.get("idle") or {}
     backend = data["backend_cpu_cores"]
     shards = data.get("redis_shard_cpu_cores") or []
+    observer = data.get("observer") or {}
+    receive = None
+    if observer.get("cpu_cores") is not None and rate:
+        idle_observer = idle.get("observer_cores") or 0.0
+        receive = (observer["cpu_cores"] - idle_observer) / rate * 1e6
     return {
+        "observer_us_per_fleet_fix": None if receive is None else round(receive, 2),
         "workers": data["args"]["workers"],
         "redis_shards": data.get("redis_shards", 0),
         "fixes_per_s": round(rate, 1),
@@ -163,12 +169,26 @@ def scaling(kinds: tuple[str, ...], fixed_b: float | None = None) -> dict | None
         return None
     idle = float(np.mean([r["idle_server_cores"] / r["workers"] for r in rows]))
     two_rates = len({round(r["fixes_per_s"], -2) for r in rows}) > 1
+    # Receiving the fleet's updates, measured on a server with no clients (the
+    # observer) at the highest rate; fitted when no run had an observer.
+    top = max(round(r["fixes_per_s"], -2) for r in rows)
+    observed = [
+        r["observer_us_per_fleet_fix"]
+        for r in rows
+        if r["observer_us_per_fleet_fix"] is not None
+        and round(r["fixes_per_s"], -2) == top
+    ]
+    receive = {"d": float(np.mean(observed)) / 1e6} if observed else None
     if two_rates:
-        server = fit_costs(rows, "server_cores", ("a", "b", "d", "e"))
+        free = ("a", "b", "e") if receive else ("a", "b", "d", "e")
+        server = fit_costs(rows, "server_cores", free, receive)
         redis = fit_costs(rows, "redis_cores", ("a", "b", "d"))
+    elif receive:
+        server = fit_costs(rows, "server_cores", ("a", "b"), {**receive, "e": 0.0})
+        redis = fit_costs(rows, "redis_cores", ("a", "d"), {"b": 0.0})
     else:
-        b = {"b": idle if fixed_b is None else fixed_b}
-        server = fit_costs(rows, "server_cores", ("a", "d"), {**b, "e": 0.0})
+        b = {"b": idle if fixed_b is None else fixed_b, "e": 0.0}
+        server = fit_costs(rows, "server_cores", ("a", "d"), b)
         redis = fit_costs(rows, "redis_cores", ("a", "d"), {"b": 0.0})
     pg = fit_costs(rows, "pg_cores", ("a", "b"))
     streams = [r["streams"] for r in rows if r["streams"]]
@@ -192,6 +212,7 @@ def scaling(kinds: tuple[str, ...], fixed_b: float | None = None) -> dict | None
         "server_cores_per_process": server["b"],
         "server_idle_cores_per_process": idle,
         "server_us_per_fix_per_process": max(0.0, server["d"]) * 1e6,
+        "server_receive_measured_by": "observer" if receive else "fit",
         "server_us_per_stream_s": max(0.0, server["e"]) * 1e6,
         "pg_us_per_fix": pg["a"] * 1e6,
         "pg_cores_per_process": max(0.0, pg["b"]),
@@ -429,6 +450,48 @@ def all_rows() -> list[dict]:
     return [summary(data) for n in names if (data := load(n)) is not None]
 
 
+def markdown(out: dict) -> None:
+    """The tables of bench/README.md's capacity section, from this run."""
+    print(
+        "\n| run | fixes/s | server cores (per process) | µs CPU/fix | observer µs "
+        "per fleet fix | PG µs/fix | Redis µs/fix (per shard cores) | KB/stream | "
+        "p50 / p99 ms | errors / lost |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in out["runs"]:
+        p50, p99 = r["ack_p50_ms"], r["ack_p99_ms"]
+        if p50 is None:
+            p50, p99 = r["batch_p50_ms"], r["batch_p99_ms"]
+        procs = r["process_cores"] or []
+        per = " (" + ", ".join(f"{c:.2f}" for c in procs[1:]) + ")" if procs[1:] else ""
+        shards = r["redis_shard_cores"]
+        per_shard = " (" + ", ".join(f"{c:.3f}" for c in shards) + ")" if shards else ""
+        latency = "–" if p50 is None else f"{p50:,.0f} / {p99:,.0f}"
+        print(
+            f"| `{r['run']}` | {r['fixes_per_s']:,.0f} | {r['server_cores']:.2f}{per} "
+            f"| {r['server_us_per_fix']:,.0f} | {r['observer_us_per_fleet_fix']} | "
+            f"{r['pg_us_per_fix']} | {r['redis_us_per_fix']}{per_shard} | "
+            f"{r['kb_per_stream'] or '–'} | {latency} | {r['errors']} / "
+            f"{r['fixes_lost']} |"
+        )
+    print(
+        "\n| devices | fixes/s | server processes, streams (as built) | server "
+        "processes, gateways (as built) | Redis shards | PostgreSQL cores / nodes "
+        "(streams; gateways) | PostgreSQL TB/day |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for p in out["plans"]:
+        print(
+            f"| {p['devices']:,} | {p['fixes_per_s']:,.0f} | {p['stream_processes']:,}"
+            f" ({p['stream_processes_as_built'] or 'cannot'}) | "
+            f"{p['gateway_processes']:,} "
+            f"({p['gateway_processes_as_built'] or 'cannot'})"
+            f" | {p['redis_shards']:,} | {p['pg_cores_streams']:,} / "
+            f"{p['pg_nodes_streams']}; {p['pg_cores_gateways']:,} / "
+            f"{p['pg_nodes_gateways']} | {p['pg_tb_per_day']} |"
+        )
+
+
 def main() -> dict:
     stream = scaling(("streams", "streams10"))
     gateway = scaling(("gateway",), fixed_cores(stream) if stream is not None else None)
@@ -476,6 +539,8 @@ def main() -> dict:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "capacity.json").write_text(json.dumps(out, indent=1) + "\n")
     print("wrote bench/results/capacity.json")
+    if "--markdown" in sys.argv[1:]:
+        markdown(out)
     return out
 
 
