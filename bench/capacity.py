@@ -144,7 +144,21 @@ def fit_costs(
     are given, not fitted. a: core-seconds per fix; b: cores per process; d:
     core-seconds per fix of the whole fleet, per process; e (``+ e*S``): cores per
     open stream, whatever its rate."""
-    fixed = fixed or {}
+    fixed = dict(fixed or {})
+    while True:  # no cost is negative: a term fitted below zero is fixed at zero
+        if not free:
+            return fixed
+        coef = _least_squares(rows, key, free, fixed)
+        if all(c >= 0 for c in coef.values()):
+            return {**fixed, **coef}
+        worst = min(coef, key=lambda t: coef[t])
+        fixed[worst] = 0.0
+        free = tuple(t for t in free if t != worst)
+
+
+def _least_squares(
+    rows: list[dict], key: str, free: tuple[str, ...], fixed: dict
+) -> dict[str, float]:
     rate = np.array([r["fixes_per_s"] for r in rows], float)
     workers = np.array([r["workers"] for r in rows], float)
     streams = np.array([r.get("streams") or 0 for r in rows], float)
@@ -153,14 +167,16 @@ def fit_costs(
     y = y - sum(fixed[t] * columns[t] for t in fixed)
     matrix = np.column_stack([columns[t] for t in free])
     coef = np.linalg.lstsq(matrix, y, rcond=None)[0]
-    return {**fixed, **{t: float(c) for t, c in zip(free, coef, strict=True)}}
+    return {t: float(c) for t, c in zip(free, coef, strict=True)}
 
 
 def scaling(kinds: tuple[str, ...], fixed_b: float | None = None) -> dict | None:
     """Per-fix and per-process costs of one kind of load, from its 1/2/4 runs.
 
-    Two rates (streams at 1 fix / 5 s and / 10 s) let the per-process cost (b) be
-    told from the per-fix-per-process cost (d); with one rate, b is ``fixed_b``.
+    Two rates over the same open streams (1 fix / 5 s and / 10 s) tell the cost
+    per fix (a) from the cost per open stream (e). The receive cost (d) comes from
+    the observer; without one it is fitted, with b fixed to ``fixed_b`` (or the
+    idle cost) when there is one rate only.
     """
     names = [run_name(k, w, 1) for k in kinds for w in WORKERS]
     runs = [load(n) for n in names]
@@ -170,13 +186,20 @@ def scaling(kinds: tuple[str, ...], fixed_b: float | None = None) -> dict | None
     idle = float(np.mean([r["idle_server_cores"] / r["workers"] for r in rows]))
     two_rates = len({round(r["fixes_per_s"], -2) for r in rows}) > 1
     # Receiving the fleet's updates, measured on a server with no clients (the
-    # observer) at the highest rate; fitted when no run had an observer.
+    # observer); fitted when no run had one. It is paid per published message, so
+    # per fix it grows as the same load is split over more publishers: the run
+    # with the fewest processes at the highest rate (the largest messages, the
+    # nearest to a process at its planned load) is the one taken.
     top = max(round(r["fixes_per_s"], -2) for r in rows)
-    observed = [
-        r["observer_us_per_fleet_fix"]
+    candidates = [
+        r
         for r in rows
         if r["observer_us_per_fleet_fix"] is not None
         and round(r["fixes_per_s"], -2) == top
+    ]
+    fewest = min((r["workers"] for r in candidates), default=0)
+    observed = [
+        r["observer_us_per_fleet_fix"] for r in candidates if r["workers"] == fewest
     ]
     receive = {"d": float(np.mean(observed)) / 1e6} if observed else None
     if two_rates:
