@@ -230,7 +230,7 @@ def scaling(kinds: tuple[str, ...], fixed_b: float | None = None) -> dict | None
     )
     return {
         "by_connections": by_connections(rows, fixed_cores_of(server, idle)),
-        "rates_fixes_per_s": sorted({r["fixes_per_s"] for r in rows}),
+        "rates_fixes_per_s": sorted({round(r["fixes_per_s"], -1) for r in rows}),
         "server_us_per_fix": server["a"] * 1e6,
         "server_cores_per_process": server["b"],
         "server_idle_cores_per_process": idle,
