@@ -57,6 +57,11 @@ class Settings:
         2.0, "longest a stored-but-unflushed fix waits for its group commit"
     )
     flush_max_fixes: int = setting(20_000, "fixes per group commit at most")
+    processor_interval_ms: float = setting(
+        50.0,
+        "least time between two runs of the event processors (geofences, "
+        "activity); fixes stored meanwhile go through together",
+    )
     commits_in_flight: int = setting(
         4, "group commits running at once on a store that allows it (PostgreSQL)"
     )
