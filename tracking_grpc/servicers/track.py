@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 
@@ -173,6 +172,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         await context.write(track_pb2.TrackResponse(started=started))
         log.debug("track stream opened for %s/%s", caller.tenant, device_id)
         want_events = first.hello.want_events
+        del first, started  # the stream outlives them: do not keep them alive
         session = _Session(
             self.app, caller, device_id, last_stored, context, want_events
         )
@@ -381,7 +381,9 @@ class _Session:
         self.device_id = device_id
         self.last_stored = last_stored
         self.context = context
-        self._unacked: deque[asyncio.Future[DeviceAck]] = deque()
+        # A list, not a deque: at most INFLIGHT_BATCHES long, and an empty deque
+        # costs 760 bytes per open stream.
+        self._unacked: list[asyncio.Future[DeviceAck]] = []
         self._acking: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._reader: asyncio.Task | None = None
@@ -470,7 +472,7 @@ class _Session:
         try:
             while self._unacked:
                 ack = await self._unacked[0]
-                self._unacked.popleft()
+                del self._unacked[0]
                 if ack.newest_stored_seq > self.last_stored:
                     self.last_stored = ack.newest_stored_seq
                 await self._write(_ack(ack, self.last_stored))
