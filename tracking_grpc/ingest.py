@@ -230,7 +230,8 @@ class IngestPipeline:
         return tracing.current_context()
 
     async def _flush_loop(self) -> None:
-        """Commit what is queued, waiting ``flush_interval_ms`` for more to join;
+        """Commit what is queued, waiting ``flush_interval_ms`` (on PostgreSQL
+        ``database_flush_interval_ms``) for more to join;
         ends once closing and nothing is left.
 
         A store that takes concurrent writers (PostgreSQL) gets up to
@@ -238,6 +239,8 @@ class IngestPipeline:
         fan-out, processors) still runs in commit order.
         """
         delay = self.settings.flush_interval_ms / 1000
+        if getattr(self.history, "concurrent_writers", False):  # PostgreSQL
+            delay = self.settings.database_flush_interval_ms / 1000
         slots = asyncio.Semaphore(self._commits_in_flight)
         flushing: set[asyncio.Task[None]] = set()
         previous: asyncio.Future[None] | None = None
