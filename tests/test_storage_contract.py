@@ -112,6 +112,24 @@ async def test_concurrent_duplicate_stores_keep_each_fix_once(history) -> None:
     assert await history.count(tenant) == len(rows)
 
 
+async def test_concurrent_stores_of_one_seq_at_other_times_keep_one(history) -> None:
+    # The same seqs with a different fix time in each writer: no unique key catches
+    # these, only the writers' serialisation on the (existing) device rows does.
+    tenant = unique_tenant()
+    await history.store(fixes(tenant, [("a", 1, 0), ("b", 1, 0)]))
+    batches = [
+        fixes(
+            tenant, [(d, s, 1000 * w + s) for d in ("a", "b") for s in range(2, 3000)]
+        )
+        for w in range(1, 5)
+    ]
+    masks = await asyncio.gather(*(history.store(b) for b in batches))
+    assert np.sum(masks, axis=0).tolist() == [1] * len(batches[0])
+    assert await history.count(tenant) == len(batches[0]) + 2
+    states = await history.device_states(tenant, ["a", "b"])
+    assert {d: s.last_stored_seq for d, s in states.items()} == {"a": 2999, "b": 2999}
+
+
 async def test_count_and_erase_are_per_device(history) -> None:
     tenant = unique_tenant()
     await history.store(fixes(tenant, [("a", 1, 0), ("a", 2, 1), ("b", 1, 0)]))
