@@ -243,6 +243,25 @@ async def test_live_device_leaves_its_old_cell(live) -> None:
     assert (len(old), new.device.tolist()) == (0, ["a"])
 
 
+async def test_live_update_of_many_devices_in_one_cell(live) -> None:
+    # More devices in one bucket and one cell than one Lua unpack takes, some
+    # moving out of their cell, ids with spaces and non-ASCII letters.
+    tenant = unique_tenant()
+    devices = [f"gw {i} Zürich-車" for i in range(12_000)]
+    first = [(d, 1, 47.3 + i * 1e-6, 8.5) for i, d in enumerate(devices)]
+    await live.update(at(tenant, first))
+    second = [(d, 2, 47.3 if i % 2 else 46.3, 8.5) for i, d in enumerate(devices)]
+    late = ("gw 0 Zürich-車", 1, 0.0, 0.0)  # older than what is stored: ignored
+    moved = await live.update(at(tenant, [*second, late]))
+    assert sorted(moved.device.tolist()) == sorted(devices)
+    got = await live.get(tenant, devices[:4])
+    assert got.seq.tolist() == [2] * 4 and got.lat.tolist() == [46.3, 47.3] * 2
+    near, _ = await live.nearby(tenant, 46.3, 8.5, radius_m=10.0, limit=20_000)
+    assert sorted(near.device.tolist()) == sorted(devices[::2])
+    stayed, _ = await live.nearby(tenant, 47.3, 8.5, radius_m=10.0, limit=20_000)
+    assert sorted(stayed.device.tolist()) == sorted(devices[1::2])
+
+
 async def test_snapshot_and_remove_are_per_tenant(live) -> None:
     mine, theirs = unique_tenant(), unique_tenant()
     await live.update(at(mine, [("a", 1, 1.0, 1.0), ("b", 1, 2.0, 2.0)]))
