@@ -14,7 +14,7 @@ from tests.backends import unique_tenant
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import FailedPrecondition, InvalidArgument
 from tracking_grpc.storage import pgcopy, schema
-from tracking_grpc.storage.postgres import DAY_MS, PostgresHistoryStore
+from tracking_grpc.storage.postgres import DAY_MS, PostgresHistoryStore, text_array
 
 T0 = 1_750_000_000_000
 
@@ -133,6 +133,33 @@ async def test_store_rejects_seq_beyond_bigint(pg_url) -> None:
     batch = FixBatch.from_rows("t", [("a", 2**63, T0, 1.0, 2.0)])
     with pytest.raises(InvalidArgument, match="seq"):
         await store.store(batch)
+    await store.close()
+
+
+AWKWARD_IDS = [
+    "a", "", " spaced ", 'quo"te', "back\\slash", "com,ma", "{brace}", "NULL",
+    "null", "Zürich-車", "\\\"", "trailing\\", "🚚 truck", '"', "\\",
+]  # fmt: skip
+
+
+def test_text_array_literal_reads_back_as_the_same_strings(pg_url) -> None:
+    with psycopg.connect(pg_url) as conn:
+        for values in (AWKWARD_IDS, [], [""], ["x"]):
+            got = conn.execute("SELECT %s::text[]", [text_array(values)]).fetchone()
+            assert got is not None and got[0] == values
+
+
+async def test_awkward_device_ids_are_stored_under_their_own_names(pg_url) -> None:
+    tenant = unique_tenant()
+    store = await PostgresHistoryStore.open(pg_url)
+    rows = [(d, 1 + i, T0 + i, 1.0, 2.0) for i, d in enumerate(AWKWARD_IDS)]
+    stored = await store.store(FixBatch.from_rows(tenant, rows))
+    assert stored.all()
+    states = await store.device_states(tenant, AWKWARD_IDS)
+    assert {d: s.last_stored_seq for d, s in states.items()} == {
+        d: 1 + i for i, d in enumerate(AWKWARD_IDS)
+    }
+    assert (await store.store(FixBatch.from_rows(tenant, rows))).sum() == 0
     await store.close()
 
 

@@ -233,7 +233,7 @@ class PostgresHistoryStore:
             await self.prepare_partitions(now_ms)
         await self._ensure_days(np.unique(batch.time_ms[candidates] // DAY_MS))
         staged = _staging_columns(batch, candidates, device_idx)
-        params = {"tenant": batch.tenant, "devices": devices.tolist()}
+        params = {"tenant": batch.tenant, "devices": text_array(devices.tolist())}
         for attempt in range(RETRIES):
             try:
                 async with self._pool.connection() as conn, conn.transaction():
@@ -384,6 +384,16 @@ async def _configure(conn: psycopg.AsyncConnection) -> None:
     # runs in ~0.1 s without: these statements gain nothing from JIT.
     await conn.execute("SET jit = off")
     await conn.execute(CREATE_STAGING)
+
+
+def text_array(values: list[str]) -> str:
+    """A PostgreSQL array literal of text values, built with a few string-wide
+    operations instead of one dump per element: every element double-quoted, with
+    backslash and double quote escaped (NUL, the join mark, cannot be in text)."""
+    if not values:
+        return "{}"
+    joined = "\x00".join(values).replace("\\", "\\\\").replace('"', '\\"')
+    return '{"' + joined.replace("\x00", '","') + '"}'
 
 
 def _first_occurrences(batch: FixBatch) -> np.ndarray:
