@@ -106,6 +106,12 @@ async def test_a_day_already_in_the_default_partition_stays_there(pg_url) -> Non
             " 4326) AND time_ms >= {t} AND time_ms < {t} + 3600000",
             "position", id="area-time-range",
         ),
+        pytest.param(
+            "SELECT * FROM fixes WHERE ST_DWithin(position, ST_SetSRID("
+            "ST_MakePoint(-74, 40.7), 4326), 0.01) AND time_ms >= {t}"
+            " AND time_ms < {t} + 3600000",
+            "position", id="distance-time-range",
+        ),
     ],
 )  # fmt: skip
 def test_access_paths_use_an_index_and_prune_partitions(pg_url, query, index) -> None:
