@@ -103,6 +103,22 @@ async def test_device_state_tracks_highest_seq_and_newest_time(history) -> None:
     assert (states["a"].last_stored_seq, states["a"].last_time_ms) == (8, T0 + 30_000)
 
 
+@pytest.mark.parametrize(
+    "resend",
+    [
+        pytest.param([("a", 2, 0)], id="same-time-new-seq"),
+        pytest.param([("a", 1, 30)], id="same-seq-new-time"),
+        pytest.param([("a", 1, 30), ("a", 2, 0), ("b", 1, 0)], id="mixed-with-new"),
+    ],
+)
+async def test_duplicates_leave_the_device_state_as_stored(history, resend) -> None:
+    tenant = unique_tenant()
+    await history.store(fixes(tenant, [("a", 1, 0)]))
+    await history.store(fixes(tenant, resend))
+    state = (await history.device_states(tenant, ["a"]))["a"]
+    assert (state.last_stored_seq, state.last_time_ms) == (1, T0)
+
+
 async def test_concurrent_duplicate_stores_keep_each_fix_once(history) -> None:
     tenant = unique_tenant()
     rows = [("a", s, s) for s in range(1, 200)] + [("b", s, s) for s in range(1, 50)]
