@@ -41,7 +41,7 @@ from tracking_grpc.loadgen import driver, fences, procstat, stats  # noqa: E402
 from tracking_grpc.loadgen.plan import DriverResult, Plan, Storm, Window  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-MAX_RUN_S = 180.0  # every run is bounded: ramp + steady at most three minutes
+MAX_RUN_S = 180.0  # every run is bounded: ramp + settle + steady at most 3 min
 
 
 def free_port() -> int:
@@ -136,12 +136,10 @@ def split(total: int, parts: int) -> list[int]:
 
 def build_plans(args: argparse.Namespace, target: str) -> list[Plan]:
     start_s = time.time() + 2.0 + args.drivers * 0.5  # time for the drivers to start
-    window = Window(start_s, args.ramp_s, args.steady_s)
+    window = Window(start_s, args.ramp_s, args.steady_s, args.settle_s)
     storm = None
     if args.storm:
-        storm = Storm(
-            window.start_s + args.ramp_s + args.storm_at_s, args.storm_spread_s
-        )
+        storm = Storm(window.steady_start_s + args.storm_at_s, args.storm_spread_s)
         window = replace(window, steady_s=args.steady_s)
     base = Plan(
         target=target,
@@ -212,7 +210,9 @@ def run_drivers(
         n: procstat.cpu_by_pid(procstat.pids_named(n)) for n in backend_names
     }
     if args.profile:
-        profiler = start_profiler(server_pid, args.profile, window.steady_s)
+        profiler = start_profiler(
+            server_pid, args.profile, window.steady_s, args.profile_native
+        )
     rss_max = steady.rss_bytes
     while time.time() < window.end_s:
         time.sleep(min(1.0, max(0.0, window.end_s - time.time())))
@@ -241,11 +241,16 @@ def run_drivers(
     return results, samples
 
 
-def start_profiler(pid: int, path: str, duration_s: float) -> subprocess.Popen:
+def start_profiler(
+    pid: int, path: str, duration_s: float, native: bool = False
+) -> subprocess.Popen:
     py_spy = Path(sys.executable).parent / "py-spy"
     kind = "raw" if path.endswith(".txt") else "flamegraph"
     command = [str(py_spy), "record", "-p", str(pid), "-d", str(int(duration_s))]
-    command += ["-o", path, "-f", kind, "-r", "200", "--nonblocking"]
+    command += ["-o", path, "-f", kind, "-r", "200"]
+    # C frames too (gRPC core, uvloop, numpy) need py-spy to pause the process for
+    # each sample, which slows it; without them it samples without pausing.
+    command.append("--native" if native else "--nonblocking")
     return subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )
@@ -435,6 +440,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--drivers", type=int, default=2, help="driver processes for the devices")
     add("--ramp-s", type=float, default=10.0, help="streams open over this time")
     add("--steady-s", type=float, default=30.0, help="measured steady state")
+    add(
+        "--settle-s",
+        type=float,
+        default=0.0,
+        help="unmeasured time between the ramp and the steady state (start-up "
+        "garbage collection and backlogs of the ramp)",
+    )
     add("--streams-per-channel", type=int, default=500)
     add("--watchers", type=int, default=1, help="Watch streams (a driver of their own)")
     add("--watch-devices", type=int, default=0, help="watch only this many devices")
@@ -455,10 +467,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--server-pid", type=int, help="its pid, for CPU and memory")
     add("--server-flag", action="append", default=[], help="extra flag for serve")
     add("--profile", help="py-spy the server in steady state (.svg or .txt)")
+    add("--profile-native", action="store_true", help="profile C frames too")
     add("--json", help="path of the JSON result (default bench/results/...)")
     args = parser.parse_args(argv)
-    if args.ramp_s + args.steady_s > MAX_RUN_S:
-        parser.error(f"ramp + steady must stay within {MAX_RUN_S:.0f} s")
+    if args.ramp_s + args.settle_s + args.steady_s > MAX_RUN_S:
+        parser.error(f"ramp + settle + steady must stay within {MAX_RUN_S:.0f} s")
     if args.target and not args.target.startswith(("127.0.0.1:", "localhost:")):
         parser.error("--target must be a loopback address")
     for url in (args.pg_admin_url, args.redis_url):

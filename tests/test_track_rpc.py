@@ -9,6 +9,7 @@ import pytest
 from tracking.v1 import common_pb2, track_pb2
 
 from tests.server_fixtures import batch, fix, hello, now_ms, track_session
+from tracking_grpc.errors import StorageUnavailable
 
 R = track_pb2.RejectReason
 
@@ -216,3 +217,37 @@ async def test_last_stored_seq_counts_only_stored_sequence_numbers(stub) -> None
     again, _ = await track_session(stub, "d", [])
     assert (acks[0].duplicates, acks[0].last_stored_seq) == (1, 1)
     assert started.last_stored_seq == again.last_stored_seq == 1
+
+
+async def test_pipelined_batches_are_acked_in_order(stub, server) -> None:
+    t = now_ms()
+    batches = [
+        [fix(seq, 45.0 + seq / 1e4, 7.0, t - 20_000 + seq)] for seq in range(1, 21)
+    ]
+    _, acks = await track_session(stub, "pipelined", batches)
+    assert [a.acked_seq for a in acks] == list(range(1, 21))
+    assert [a.last_stored_seq for a in acks] == list(range(1, 21))
+    assert await server.app.history.count("default", "pipelined") == 20
+
+
+async def test_stream_ends_unavailable_when_its_fixes_cannot_be_stored(
+    stub, server, monkeypatch
+) -> None:
+    """The store is away and the server shuts down: the waiting stream is told
+    UNAVAILABLE instead of hanging or getting an ack for fixes not stored."""
+
+    async def store_away(batch):
+        raise StorageUnavailable("store away (test)")
+
+    monkeypatch.setattr(server.app.history, "store", store_away)
+    call = stub.Track()
+    await call.write(hello("stranded"))
+    assert (await call.read()).HasField("started")
+    await call.write(batch([fix(1, 45.0, 7.0)]))
+    await asyncio.sleep(0.2)  # the commit is retrying with back-off
+    closing = asyncio.create_task(server.app.pipeline.close())
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call.read()
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "store away" in raised.value.details()
+    await closing

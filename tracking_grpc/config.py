@@ -54,9 +54,19 @@ class Settings:
     )
     max_batch_fixes: int = setting(100_000, "most fixes accepted in one message")
     flush_interval_ms: float = setting(
-        2.0, "longest a stored-but-unflushed fix waits for its group commit"
+        2.0, "longest a received fix waits for its group commit (embedded store)"
+    )
+    database_flush_interval_ms: float = setting(
+        10.0,
+        "flush_interval_ms on PostgreSQL, where each commit costs the database a "
+        "few ms of CPU whatever its size",
     )
     flush_max_fixes: int = setting(20_000, "fixes per group commit at most")
+    processor_interval_ms: float = setting(
+        50.0,
+        "least time between two runs of the event processors (geofences, "
+        "activity); fixes stored meanwhile go through together",
+    )
     commits_in_flight: int = setting(
         4, "group commits running at once on a store that allows it (PostgreSQL)"
     )

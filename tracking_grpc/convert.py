@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from tracking.v1 import common_pb2, track_pb2
 
-from tracking_grpc.core.fixes import OPTIONAL_COLUMNS, FixBatch
+from tracking_grpc.core.fixes import OPTIONAL_COLUMNS, FixBatch, FixRow
 from tracking_grpc.core.validation import DETAILS, Reason
 from tracking_grpc.errors import InvalidArgument
 
@@ -31,11 +31,9 @@ def check_device_id(device_id: str, field: str) -> str:
     return device_id
 
 
-def fixes_to_batch(
-    tenant: str, device_id: str, fixes: Sequence[common_pb2.Fix]
-) -> FixBatch:
-    """Row messages of one device to a batch."""
-    rows = [
+def fix_rows(fixes: Sequence[common_pb2.Fix]) -> list[FixRow]:
+    """Row messages as plain tuples (the per-message path of a device stream)."""
+    return [
         (
             f.seq,
             f.time_ms,
@@ -50,6 +48,13 @@ def fixes_to_batch(
         )
         for f in fixes
     ]
+
+
+def fixes_to_batch(
+    tenant: str, device_id: str, fixes: Sequence[common_pb2.Fix]
+) -> FixBatch:
+    """Row messages of one device to a batch."""
+    rows = fix_rows(fixes)
     if not rows:
         return FixBatch.empty(tenant)
     seq, time_ms, lat, lon, acc, alt, speed, heading, battery, provider = zip(

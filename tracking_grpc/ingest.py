@@ -26,7 +26,7 @@ import numpy as np
 
 from tracking_grpc.config import Settings
 from tracking_grpc.core import validation
-from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.core.fixes import FixBatch, FixRow
 from tracking_grpc.errors import StorageUnavailable, Unavailable
 from tracking_grpc.events import EventBus, FixProcessor
 from tracking_grpc.observability import metrics, tracing
@@ -65,12 +65,32 @@ class IngestResult:
         return int(self.batch.seq[valid].max()) if valid.any() else 0
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceAck:
+    """What became of one device batch, as its ack reports it."""
+
+    acked_seq: int  # highest valid sequence number (stored now or before), or 0
+    stored: int
+    duplicates: int
+    newest_stored_seq: int  # highest sequence number stored by this batch, or 0
+    rejections: tuple[tuple[int, int], ...] = ()  # (seq, reason code)
+
+
+EMPTY_ACK = DeviceAck(0, 0, 0, 0)
+
+
 @dataclass(slots=True)
 class _Pending:
-    batch: FixBatch
+    """A submission waiting for its group commit: a batch, or one device's rows."""
+
+    tenant: str
+    size: int
     received_ms: int
-    done: asyncio.Future[tuple[np.ndarray, np.ndarray]]  # reasons, new
-    span: tracing.SpanContext = tracing.INVALID_CONTEXT  # the submitter's, for links
+    done: asyncio.Future
+    span: tracing.SpanContext
+    batch: FixBatch | None = None
+    device: str = ""
+    rows: list[FixRow] | None = None
 
 
 class IngestPipeline:
@@ -140,37 +160,78 @@ class IngestPipeline:
 
     async def ingest(self, batch: FixBatch) -> IngestResult:
         """Validate and durably store a batch; returns once stored (or raises)."""
-        started_s = time.perf_counter()
         if len(batch) == 0:
             empty = np.zeros(0, dtype=np.uint8)
             return IngestResult(batch, empty, empty.astype(bool))
         with tracing.span("ingest", fixes=len(batch)):
             reasons, new = await self._submit(batch)
-        metrics.fixes_stored(reasons == 0, new, time.perf_counter() - started_s)
         return IngestResult(batch, reasons, new)
 
-    async def _submit(self, batch: FixBatch) -> tuple[np.ndarray, np.ndarray]:
-        if self._closing:
-            raise StorageUnavailable("server is shutting down; nothing was stored")
+    @property
+    def congested(self) -> bool:
+        """Whether new submissions must wait (``wait_for_space``) before queueing."""
+        return self._queued_fixes >= self.settings.max_pending_fixes
+
+    async def wait_for_space(self) -> None:
+        """Wait until the queue is below ``max_pending_fixes`` (or closing)."""
         async with self._space:
-            await self._space.wait_for(
-                lambda: (
-                    self._queued_fixes < self.settings.max_pending_fixes
-                    or self._closing
-                )
+            await self._space.wait_for(lambda: not self.congested or self._closing)
+
+    def submit_rows(
+        self, tenant: str, device: str, rows: list[FixRow]
+    ) -> asyncio.Future[DeviceAck]:
+        """Queue one device's fixes for the next group commit, without waiting.
+
+        The returned future resolves once they are durably stored (or raises). This
+        is the per-message path of a device stream: no task, no arrays; the commit
+        turns the rows of every waiting stream into columns at once. Callers check
+        ``congested`` first and await ``wait_for_space`` when it is set.
+        """
+        done: asyncio.Future[DeviceAck] = asyncio.get_running_loop().create_future()
+        if not rows:
+            done.set_result(EMPTY_ACK)
+            return done
+        self._enqueue(
+            _Pending(
+                tenant,
+                len(rows),
+                now_ms(),
+                done,
+                self._submitter_span(),
+                device=device,
+                rows=rows,
             )
-        if self._closing:
-            raise StorageUnavailable("server is shutting down; nothing was stored")
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[tuple[np.ndarray, np.ndarray]] = loop.create_future()
-        pending = _Pending(batch, now_ms(), done, tracing.current_context())
-        self._queue.append(pending)
-        self._queued_fixes += len(batch)
-        self._wakeup.set()
+        )
+        return done
+
+    async def _submit(self, batch: FixBatch) -> tuple[np.ndarray, np.ndarray]:
+        if self.congested:
+            await self.wait_for_space()
+        done: asyncio.Future[tuple[np.ndarray, np.ndarray]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        span = self._submitter_span()
+        self._enqueue(
+            _Pending(batch.tenant, len(batch), now_ms(), done, span, batch=batch)
+        )
         return await done
 
+    def _enqueue(self, pending: _Pending) -> None:
+        if self._closing:
+            raise StorageUnavailable("server is shutting down; nothing was stored")
+        self._queue.append(pending)
+        self._queued_fixes += pending.size
+        self._wakeup.set()
+
+    @staticmethod
+    def _submitter_span() -> tracing.SpanContext:
+        if not tracing.enabled():
+            return tracing.INVALID_CONTEXT
+        return tracing.current_context()
+
     async def _flush_loop(self) -> None:
-        """Commit what is queued, waiting ``flush_interval_ms`` for more to join;
+        """Commit what is queued, waiting ``flush_interval_ms`` (on PostgreSQL
+        ``database_flush_interval_ms``) for more to join;
         ends once closing and nothing is left.
 
         A store that takes concurrent writers (PostgreSQL) gets up to
@@ -178,6 +239,8 @@ class IngestPipeline:
         fan-out, processors) still runs in commit order.
         """
         delay = self.settings.flush_interval_ms / 1000
+        if getattr(self.history, "concurrent_writers", False):  # PostgreSQL
+            delay = self.settings.database_flush_interval_ms / 1000
         slots = asyncio.Semaphore(self._commits_in_flight)
         flushing: set[asyncio.Task[None]] = set()
         previous: asyncio.Future[None] | None = None
@@ -206,7 +269,7 @@ class IngestPipeline:
         while self._queue and count < self.settings.flush_max_fixes:
             item = self._queue.popleft()
             taken.append(item)
-            count += len(item.batch)
+            count += item.size
         if self._queue:
             self._wakeup.set()
         return taken
@@ -221,7 +284,7 @@ class IngestPipeline:
         try:
             by_tenant: dict[str, list[_Pending]] = defaultdict(list)
             for item in items:
-                by_tenant[item.batch.tenant].append(item)
+                by_tenant[item.tenant].append(item)
             stored: list[tuple[FixBatch | None, tracing.SpanContext]] = []
             for tenant_items in by_tenant.values():
                 links = [item.span for item in tenant_items]
@@ -235,17 +298,31 @@ class IngestPipeline:
                     await self._after_commit(batch, commit)
         finally:
             finished.set_result(None)
-            self._queued_fixes -= sum(len(i.batch) for i in items)
+            self._queued_fixes -= sum(i.size for i in items)
             async with self._space:
                 self._space.notify_all()
 
     def _validate(self, items: list[_Pending]) -> tuple[FixBatch, np.ndarray]:
-        """The queued batches as one, stamped with their receive times, and reasons."""
-        sizes = [len(i.batch) for i in items]
+        """The items' fixes as one batch, in item order, stamped with their receive
+        times; and the reason code of each fix."""
+        parts: list[FixBatch] = []
+        run: list[_Pending] = []  # consecutive row items become one part
+        for item in items:
+            if item.rows is not None:
+                run.append(item)
+                continue
+            if run:
+                parts.append(_rows_batch(run))
+                run = []
+            assert item.batch is not None
+            parts.append(item.batch)
+        if run:
+            parts.append(_rows_batch(run))
         received = np.repeat(
-            np.array([i.received_ms for i in items], dtype=np.int64), sizes
+            np.array([i.received_ms for i in items], dtype=np.int64),
+            [i.size for i in items],
         )
-        batch = replace(FixBatch.concat([i.batch for i in items]), received_ms=received)
+        batch = replace(FixBatch.concat(parts), received_ms=received)
         reasons = validation.reasons(batch, now_ms(), self.limits)
         metrics.fixes_validated(reasons)
         return batch, reasons
@@ -262,13 +339,8 @@ class IngestPipeline:
             if stored is None:
                 return None  # shutting down with the store away: callers got the error
             new[valid] = stored
-        offset = 0
-        for item in items:
-            n = len(item.batch)
-            if not item.done.done():
-                part = slice(offset, offset + n)
-                item.done.set_result((reasons[part], new[part]))
-            offset += n
+        metrics.fixes_stored(valid, new)
+        _resolve(items, batch.seq, reasons, new)
         return batch.take(new)
 
     async def _store(self, batch: FixBatch, items: list[_Pending]) -> np.ndarray | None:
@@ -345,13 +417,21 @@ class IngestPipeline:
         return work, ended
 
     async def _process_loop(self) -> None:
-        """Runs processors on stored fixes off the commit path; when they fall behind,
-        the commits waiting by then go through together (one sort, one call)."""
+        """Runs processors on stored fixes off the commit path. The commits waiting
+        by then go through together (one sort, one call); a run starts at least
+        ``processor_interval_ms`` after the previous one, so under load each call's
+        fixed cost is shared by many commits."""
+        interval = self.settings.processor_interval_ms / 1000
+        loop = asyncio.get_running_loop()
         ended = False
         while not ended and (item := await self._processing.get()) is not None:
+            started = loop.time()
             work, ended = self._waiting_work(item)
             for stored, links in work:
                 await self._process(stored, links)
+            pause = interval - (loop.time() - started)
+            if not ended and pause > 0:
+                await asyncio.sleep(pause)
 
     async def _process(
         self, stored: FixBatch, links: list[tracing.SpanContext]
@@ -382,3 +462,65 @@ class IngestPipeline:
             await self._processing.put(None)
             await self._processor_task
             self._processor_task = None
+
+
+def _rows_batch(items: list[_Pending]) -> FixBatch:
+    """The rows of consecutive device submissions of one tenant as one batch."""
+    rows = [row for item in items for row in item.rows or ()]
+    seq, time_ms, lat, lon, accuracy, altitude, speed, heading, battery, provider = zip(
+        *rows, strict=True
+    )
+    devices = np.array([item.device for item in items], dtype=object)
+    return FixBatch.from_columns(
+        items[0].tenant,
+        np.repeat(devices, [item.size for item in items]),
+        seq,
+        time_ms,
+        lat,
+        lon,
+        provider=provider,
+        accuracy_m=accuracy,
+        altitude_m=altitude,
+        speed_mps=speed,
+        heading_deg=heading,
+        battery_pct=battery,
+    )
+
+
+def _resolve(
+    items: list[_Pending], seq: np.ndarray, reasons: np.ndarray, new: np.ndarray
+) -> None:
+    """Give each waiting submitter its outcome: row items a ``DeviceAck`` (computed
+    for all of them at once), batch items their slices of ``reasons`` and ``new``."""
+    sizes = np.array([item.size for item in items], dtype=np.intp)
+    starts = np.zeros(len(items), dtype=np.intp)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    valid = reasons == 0
+    zero = np.uint64(0)
+    acked = np.maximum.reduceat(np.where(valid, seq, zero), starts).tolist()
+    newest = np.maximum.reduceat(np.where(new, seq, zero), starts).tolist()
+    stored = np.add.reduceat(new, starts, dtype=np.int64).tolist()
+    duplicates = np.add.reduceat(valid & ~new, starts, dtype=np.int64).tolist()
+    rejected: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    bad = np.flatnonzero(reasons)
+    owners = np.searchsorted(starts, bad, side="right") - 1
+    for owner, row in zip(owners.tolist(), bad.tolist(), strict=True):
+        rejected[owner].append((int(seq[row]), int(reasons[row])))
+    now_s = time.time()
+    for i, item in enumerate(items):
+        if item.done.done():
+            continue
+        if item.rows is None:
+            part = slice(int(starts[i]), int(starts[i]) + item.size)
+            item.done.set_result((reasons[part], new[part]))
+        else:
+            item.done.set_result(
+                DeviceAck(
+                    acked[i],
+                    stored[i],
+                    duplicates[i],
+                    newest[i],
+                    tuple(rejected.get(i, ())),
+                )
+            )
+        metrics.fix_acked(now_s - item.received_ms / 1000)

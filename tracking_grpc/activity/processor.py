@@ -25,6 +25,7 @@ from tracking_grpc.activity.groups import Groups, previous_where, runs
 from tracking_grpc.activity.motion import Motion, settle
 from tracking_grpc.activity.params import ActivityConfig, ActivityParams
 from tracking_grpc.activity.smooth import KalmanFilter
+from tracking_grpc.activity.tail import Tail
 from tracking_grpc.activity.track import Analysis, analyse
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.events import ActivityDetail, EventType, TrackingEvent, event_id
@@ -89,8 +90,7 @@ class _Tenant:
     names: list[str] = field(default_factory=list)
     cols: dict[str, np.ndarray] = field(default_factory=dict)
     kalman: KalmanFilter = field(default_factory=KalmanFilter)
-    tail: FixBatch | None = None  # recent fixes of every device, sorted
-    tail_slot: np.ndarray = field(default_factory=lambda: np.empty(0, np.intp))
+    tail: Tail = field(default_factory=Tail)  # recent fixes of every device
 
     def slot_of(self, devices: np.ndarray) -> np.ndarray:
         """Slots of device ids (one lookup per distinct device), new ones added."""
@@ -202,14 +202,12 @@ class ActivityProcessor:
                 return events
 
         # Only the tails of devices in this batch take part.
+        involved = np.unique(new_slot)
         fixes, slots = stored, new_slot
-        rest, rest_slot = None, None
-        if state.tail is not None:
-            involved = np.isin(state.tail_slot, new_slot)
-            fixes = FixBatch.concat([state.tail.take(involved), stored])
-            slots = np.concatenate([state.tail_slot[involved], new_slot])
-            if not involved.all():
-                rest, rest_slot = state.tail.take(~involved), state.tail_slot[~involved]
+        tail, tail_slot = state.tail.take(involved)
+        if tail is not None:
+            fixes = FixBatch.concat([tail, stored])
+            slots = np.concatenate([tail_slot, new_slot])
         order = np.lexsort((fixes.seq, fixes.time_ms, slots))
         fixes, row_slot = fixes.take(order), slots[order]
 
@@ -221,12 +219,7 @@ class ActivityProcessor:
             events += _Apply(state, self.config, a, row_slot, rows, created_ms).run()
 
         keep = _keep_tail(a, row_slot, state)
-        kept, kept_slot = fixes.take(keep), row_slot[keep]
-        if rest is not None:
-            kept = FixBatch.concat([rest, kept])
-            kept_slot = np.concatenate([rest_slot, kept_slot])
-        state.tail = kept if len(kept) else None
-        state.tail_slot = kept_slot
+        state.tail.replace(involved, fixes.take(keep), row_slot[keep])
         return events
 
     def _online(

@@ -23,6 +23,11 @@ OPTIONAL_COLUMNS = (
     "battery_pct",
 )
 
+# One fix as read off a row message: seq, time_ms, lat, lon, accuracy_m, altitude_m,
+# speed_mps, heading_deg, battery_pct (NaN when unset), provider. A device stream's
+# fixes stay plain tuples until a group commit turns many streams' rows into columns.
+FixRow = tuple[int, int, float, float, float, float, float, float, float, int]
+
 
 @dataclass(frozen=True, slots=True)
 class FixBatch:

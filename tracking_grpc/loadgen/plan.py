@@ -13,15 +13,17 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """The phases of a run: ramp-up, then steady state; samples count in steady."""
+    """The phases of a run: ramp-up, settling, then steady state; samples count in
+    steady state only."""
 
     start_s: float  # wall time the ramp begins
     ramp_s: float
     steady_s: float
+    settle_s: float = 0.0  # after the last stream opened, before measuring
 
     @property
     def steady_start_s(self) -> float:
-        return self.start_s + self.ramp_s
+        return self.start_s + self.ramp_s + self.settle_s
 
     @property
     def end_s(self) -> float:

@@ -38,7 +38,15 @@ Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandl
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Calls, status codes, latency and open streams per RPC method."""
+    """Calls, status codes, latency and open streams per RPC method.
+
+    A method's wrapped handler is built once and reused while the handler it wraps
+    stays the same, so an open stream holds no closures of its own.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]]
+        self._wrapped = {}
 
     async def intercept_service(
         self, continuation: Continuation, details: grpc.HandlerCallDetails
@@ -47,29 +55,38 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = details.method
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method, streaming=True),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary(handler.unary_unary, method, streaming=False),
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap_handler(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> Any:
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream, method),
             handler.request_deserializer,
             handler.response_serializer,
         )
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_stream(handler.unary_stream, method),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap_unary(handler.stream_unary, method, streaming=True),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        _wrap_unary(handler.unary_unary, method, streaming=False),
+        handler.request_deserializer,
+        handler.response_serializer,
+    )
 
 
 def _wrap_unary(behavior: Any, method: str, streaming: bool) -> Any:

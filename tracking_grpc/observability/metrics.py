@@ -361,8 +361,8 @@ def fixes_validated(reasons: np.ndarray) -> None:
         fixes_rejected_codes(reasons[reasons != 0])
 
 
-def fixes_stored(valid: np.ndarray, new: np.ndarray, seconds: float) -> None:
-    """Count the outcome of a stored batch: new fixes and duplicates; ack latency."""
+def fixes_stored(valid: np.ndarray, new: np.ndarray) -> None:
+    """Count the outcome of a group commit: new fixes and duplicates."""
     if _m is None:
         return
     accepted = int(np.count_nonzero(new))
@@ -371,10 +371,10 @@ def fixes_stored(valid: np.ndarray, new: np.ndarray, seconds: float) -> None:
         _m.fixes_accepted.inc(accepted)
     if duplicates:
         _m.fixes_deduplicated.inc(duplicates)
-    _m.ack_seconds.observe(seconds)
 
 
 def fix_acked(seconds: float) -> None:
+    """Time from a submission's arrival to its fixes being stored."""
     if _m is not None:
         _m.ack_seconds.observe(seconds)
 

@@ -15,11 +15,12 @@ from tracking.v1 import event_pb2, track_pb2, track_pb2_grpc
 from tracking_grpc import convert
 from tracking_grpc.app import App
 from tracking_grpc.auth import Caller, Role
-from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.core.fixes import FixBatch, FixRow
+from tracking_grpc.core.validation import DETAILS, Reason
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.events import TrackingEvent
 from tracking_grpc.fanout import Watcher, WatchFilter
-from tracking_grpc.ingest import IngestResult, now_ms
+from tracking_grpc.ingest import DeviceAck, IngestResult, now_ms
 from tracking_grpc.observability import logs, metrics
 from tracking_grpc.storage.base import HistoryStore
 
@@ -56,16 +57,18 @@ def _rejections(result: IngestResult) -> list[tuple[str, int, int, str]]:
     return convert.rejections(result.batch, result.reasons)
 
 
-def _ack(result: IngestResult, last_stored_seq: int) -> track_pb2.TrackResponse:
+def _ack(ack: DeviceAck, last_stored_seq: int) -> track_pb2.TrackResponse:
     return track_pb2.TrackResponse(
         ack=track_pb2.Ack(
-            acked_seq=result.acked_seq(),
+            acked_seq=ack.acked_seq,
             last_stored_seq=last_stored_seq,
-            stored=result.stored,
-            duplicates=result.duplicates,
+            stored=ack.stored,
+            duplicates=ack.duplicates,
             rejections=[
-                track_pb2.Rejection(seq=seq, reason=reason, detail=detail)
-                for _, seq, reason, detail in _rejections(result)
+                track_pb2.Rejection(
+                    seq=seq, reason=reason, detail=DETAILS[Reason(reason)]
+                )
+                for seq, reason in ack.rejections
             ],
         )
     )
@@ -169,6 +172,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         await context.write(track_pb2.TrackResponse(started=started))
         log.debug("track stream opened for %s/%s", caller.tenant, device_id)
         want_events = first.hello.want_events
+        del first, started  # the stream outlives them: do not keep them alive
         session = _Session(
             self.app, caller, device_id, last_stored, context, want_events
         )
@@ -355,7 +359,13 @@ class _StateLoader:
 
 
 class _Session:
-    """One Track stream: reads batches, stores them in order, writes acks and events."""
+    """One Track stream: reads batches, stores them in order, writes acks and events.
+
+    The handler's own task reads. An ack writer task exists only while acks are
+    outstanding (at one fix every few seconds, a few milliseconds out of every few
+    seconds): at 10k open streams, long-lived per-stream tasks and queues were a
+    tenth of the memory and most of the objects the garbage collector walks.
+    """
 
     def __init__(
         self,
@@ -371,8 +381,14 @@ class _Session:
         self.device_id = device_id
         self.last_stored = last_stored
         self.context = context
+        # A list, not a deque: at most INFLIGHT_BATCHES long, and an empty deque
+        # costs 760 bytes per open stream.
+        self._unacked: list[asyncio.Future[DeviceAck]] = []
+        self._acking: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+        self._reader: asyncio.Task | None = None
         # A stream that wants no events has one writer (acks) and needs neither a
-        # queue nor a lock: at 10k streams they are a fifth of the memory per stream.
+        # queue nor a lock.
         self.events: asyncio.Queue[TrackingEvent] | None = None
         self._write_lock: asyncio.Lock | None = None
         if want_events:
@@ -387,45 +403,51 @@ class _Session:
             await self.context.write(response)
 
     async def run(self, requests: AsyncIterator[track_pb2.TrackRequest]) -> None:
-        """Pipelines up to INFLIGHT_BATCHES batches; acks go out in batch order."""
-        inflight: asyncio.Queue[asyncio.Task[IngestResult] | None] = asyncio.Queue(
-            INFLIGHT_BATCHES
-        )
-        reader = asyncio.create_task(self._read(requests, inflight))
-        acks = asyncio.create_task(self._write_acks(inflight))
-        tasks = [reader, acks]
+        """Reads until the client half-closes, with up to INFLIGHT_BATCHES batches
+        awaiting their acks; acks go out in batch order; then the last acks."""
+        reader = self._reader = asyncio.current_task()
+        assert reader is not None
+        events = None
         if self.events is not None:
-            tasks.append(asyncio.create_task(self._write_events(self.events)))
+            events = asyncio.create_task(self._write_events(self.events))
         try:
-            done, _ = await asyncio.wait(
-                {reader, acks}, return_when=asyncio.FIRST_EXCEPTION
-            )
-            for task in done:
-                task.result()
+            await self._read(requests)
+            if self._acking is not None:
+                await asyncio.shield(self._acking)
+            self._raise_failure()
+        except asyncio.CancelledError:
+            # The ack writer cancels the reader when an ack cannot be given.
+            if self._failure is None or reader.uncancel() > 0:
+                raise
+            self._raise_failure()
         finally:
-            for task in tasks:
-                task.cancel()
-            # A call ended by the client or by the server stopping fails its reads
-            # and writes: those errors end the session and are not worth raising.
-            await asyncio.gather(*tasks, return_exceptions=True)
-            while not inflight.empty():
-                pending = inflight.get_nowait()
-                if pending is not None:
-                    # Submitted fixes are still stored; only their ack is lost.
-                    pending.add_done_callback(_consume)
+            for task in (self._acking, events):
+                if task is not None:
+                    task.cancel()
+            for pending in self._unacked:
+                # Submitted fixes are still stored; only their ack is lost.
+                pending.add_done_callback(_consume)
 
-    async def _read(
-        self,
-        requests: AsyncIterator[track_pb2.TrackRequest],
-        inflight: asyncio.Queue[asyncio.Task[IngestResult] | None],
-    ) -> None:
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def _read(self, requests: AsyncIterator[track_pb2.TrackRequest]) -> None:
+        pipeline = self.app.pipeline
+        tenant = self.caller.tenant
         async for request in requests:
-            batch = self._batch(request)
-            if batch is not None:
-                await inflight.put(asyncio.create_task(self.app.pipeline.ingest(batch)))
-        await inflight.put(None)
+            rows = self._rows(request)
+            if rows is None:
+                continue
+            if pipeline.congested:
+                await pipeline.wait_for_space()
+            if len(self._unacked) >= INFLIGHT_BATCHES:
+                await asyncio.wait((self._unacked[0],))
+            self._unacked.append(pipeline.submit_rows(tenant, self.device_id, rows))
+            if self._acking is None:
+                self._acking = asyncio.create_task(self._write_acks())
 
-    def _batch(self, request: track_pb2.TrackRequest) -> FixBatch | None:
+    def _rows(self, request: track_pb2.TrackRequest) -> list[FixRow] | None:
         kind = request.WhichOneof("message")
         if kind == "hello":
             if request.hello.device_id != self.device_id:
@@ -443,17 +465,26 @@ class _Session:
             )
         self.caller.check_not_expired()
         # An empty batch is acknowledged too, so acks pair with batches one to one.
-        return convert.fixes_to_batch(self.caller.tenant, self.device_id, fixes)
+        return convert.fix_rows(fixes)
 
-    async def _write_acks(
-        self, inflight: asyncio.Queue[asyncio.Task[IngestResult] | None]
-    ) -> None:
-        while (task := await inflight.get()) is not None:
-            result = await task
-            stored = result.batch.seq[result.new]
-            if stored.size:
-                self.last_stored = max(self.last_stored, int(stored.max()))
-            await self._write(_ack(result, self.last_stored))
+    async def _write_acks(self) -> None:
+        """Writes acks while batches await them; ends when none does."""
+        try:
+            while self._unacked:
+                ack = await self._unacked[0]
+                del self._unacked[0]
+                if ack.newest_stored_seq > self.last_stored:
+                    self.last_stored = ack.newest_stored_seq
+                await self._write(_ack(ack, self.last_stored))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Storage gave up (shutting down) or the call is gone: end the stream.
+            self._failure = exc
+            if self._reader is not None:
+                self._reader.cancel()
+        finally:
+            self._acking = None
 
     async def _write_events(self, events: asyncio.Queue[TrackingEvent]) -> None:
         while True:
@@ -461,9 +492,9 @@ class _Session:
             await self._write(track_pb2.TrackResponse(event=event_message(event)))
 
 
-def _consume(task: asyncio.Task) -> None:
-    if not task.cancelled():
-        task.exception()
+def _consume(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def register(server: grpc.aio.Server, app: App) -> str:
