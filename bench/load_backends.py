@@ -194,23 +194,32 @@ class Production:
 class BackendMeter:
     """CPU seconds of PostgreSQL and Redis since the meter was made.
 
-    A private server is measured by its own processes (exact); a shared one by the
-    processes of that name present at the start (an upper bound: other users'
-    work counts too).
+    A private server is measured by its own processes (exact); a shared one by every
+    process of that name (an upper bound: other users' work counts too).
     """
 
     NAMES = ("postgres", "redis-server")
 
     def __init__(self, production: Production | None) -> None:
         self.production = production
-        self.shared = {n: procstat.pids_named(n) for n in self.NAMES}
+        # Per process, so that backends started inside the window (a connection
+        # pool growing under load) count too.
+        self.shared = {
+            n: procstat.cpu_by_pid(procstat.pids_named(n)) for n in self.NAMES
+        }
         cluster = production.cluster if production else None
         postgres = production.postgres if production else None
         self.exact = {"postgres": postgres is not None, "redis-server": bool(cluster)}
         self.start, self.start_shards = self._now()
 
     def _now(self) -> tuple[dict[str, float], list[float]]:
-        cpu = {n: procstat.cpu_of(p) for n, p in self.shared.items()}
+        cpu = {
+            n: sum(
+                max(0.0, used - self.shared[n].get(pid, 0.0))
+                for pid, used in procstat.cpu_by_pid(procstat.pids_named(n)).items()
+            )
+            for n in self.NAMES
+        }
         shards: list[float] = []
         if self.production is not None:
             if self.production.postgres is not None:
