@@ -203,8 +203,12 @@ def run_drivers(
     drivers_cpu = sum(procstat.usage(p.pid).cpu_s for p in processes)
     busy = machine_busy_s()
     # Shared with other users of the machine: an upper bound for this run's share.
-    backends = {n: procstat.pids_named(n) for n in ("postgres", "redis-server")}
-    backend_cpu = {n: procstat.cpu_of(p) for n, p in backends.items()}
+    # Per process, so that backends started inside the window (the server's pool
+    # growing under load) count too.
+    backend_names = ("postgres", "redis-server")
+    backend_cpu = {
+        n: procstat.cpu_by_pid(procstat.pids_named(n)) for n in backend_names
+    }
     if args.profile:
         profiler = start_profiler(
             server_pid, args.profile, window.steady_s, args.profile_native
@@ -219,7 +223,11 @@ def run_drivers(
     )
     samples["machine_busy_s"] = machine_busy_s() - busy
     samples["backend_cpu_s"] = {
-        n: max(0.0, procstat.cpu_of(backends[n]) - backend_cpu[n]) for n in backends
+        n: sum(
+            max(0.0, cpu - backend_cpu[n].get(pid, 0.0))
+            for pid, cpu in procstat.cpu_by_pid(procstat.pids_named(n)).items()
+        )
+        for n in backend_names
     }
     samples["server_cpu_s"] = end.cpu_s - steady.cpu_s
     samples["server_processes"] = end.processes

@@ -14,7 +14,7 @@ from tests.backends import unique_tenant
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import FailedPrecondition, InvalidArgument
 from tracking_grpc.storage import pgcopy, schema
-from tracking_grpc.storage.postgres import DAY_MS, PostgresHistoryStore
+from tracking_grpc.storage.postgres import DAY_MS, PostgresHistoryStore, text_array
 
 T0 = 1_750_000_000_000
 
@@ -106,6 +106,12 @@ async def test_a_day_already_in_the_default_partition_stays_there(pg_url) -> Non
             " 4326) AND time_ms >= {t} AND time_ms < {t} + 3600000",
             "position", id="area-time-range",
         ),
+        pytest.param(
+            "SELECT * FROM fixes WHERE ST_DWithin(position, ST_SetSRID("
+            "ST_MakePoint(-74, 40.7), 4326), 0.01) AND time_ms >= {t}"
+            " AND time_ms < {t} + 3600000",
+            "position", id="distance-time-range",
+        ),
     ],
 )  # fmt: skip
 def test_access_paths_use_an_index_and_prune_partitions(pg_url, query, index) -> None:
@@ -133,6 +139,33 @@ async def test_store_rejects_seq_beyond_bigint(pg_url) -> None:
     batch = FixBatch.from_rows("t", [("a", 2**63, T0, 1.0, 2.0)])
     with pytest.raises(InvalidArgument, match="seq"):
         await store.store(batch)
+    await store.close()
+
+
+AWKWARD_IDS = [
+    "a", "", " spaced ", 'quo"te', "back\\slash", "com,ma", "{brace}", "NULL",
+    "null", "Zürich-車", "\\\"", "trailing\\", "🚚 truck", '"', "\\",
+]  # fmt: skip
+
+
+def test_text_array_literal_reads_back_as_the_same_strings(pg_url) -> None:
+    with psycopg.connect(pg_url) as conn:
+        for values in (AWKWARD_IDS, [], [""], ["x"]):
+            got = conn.execute("SELECT %s::text[]", [text_array(values)]).fetchone()
+            assert got is not None and got[0] == values
+
+
+async def test_awkward_device_ids_are_stored_under_their_own_names(pg_url) -> None:
+    tenant = unique_tenant()
+    store = await PostgresHistoryStore.open(pg_url)
+    rows = [(d, 1 + i, T0 + i, 1.0, 2.0) for i, d in enumerate(AWKWARD_IDS)]
+    stored = await store.store(FixBatch.from_rows(tenant, rows))
+    assert stored.all()
+    states = await store.device_states(tenant, AWKWARD_IDS)
+    assert {d: s.last_stored_seq for d, s in states.items()} == {
+        d: 1 + i for i, d in enumerate(AWKWARD_IDS)
+    }
+    assert (await store.store(FixBatch.from_rows(tenant, rows))).sum() == 0
     await store.close()
 
 

@@ -103,6 +103,22 @@ async def test_device_state_tracks_highest_seq_and_newest_time(history) -> None:
     assert (states["a"].last_stored_seq, states["a"].last_time_ms) == (8, T0 + 30_000)
 
 
+@pytest.mark.parametrize(
+    "resend",
+    [
+        pytest.param([("a", 2, 0)], id="same-time-new-seq"),
+        pytest.param([("a", 1, 30)], id="same-seq-new-time"),
+        pytest.param([("a", 1, 30), ("a", 2, 0), ("b", 1, 0)], id="mixed-with-new"),
+    ],
+)
+async def test_duplicates_leave_the_device_state_as_stored(history, resend) -> None:
+    tenant = unique_tenant()
+    await history.store(fixes(tenant, [("a", 1, 0)]))
+    await history.store(fixes(tenant, resend))
+    state = (await history.device_states(tenant, ["a"]))["a"]
+    assert (state.last_stored_seq, state.last_time_ms) == (1, T0)
+
+
 async def test_concurrent_duplicate_stores_keep_each_fix_once(history) -> None:
     tenant = unique_tenant()
     rows = [("a", s, s) for s in range(1, 200)] + [("b", s, s) for s in range(1, 50)]
@@ -110,6 +126,24 @@ async def test_concurrent_duplicate_stores_keep_each_fix_once(history) -> None:
     masks = await asyncio.gather(*(history.store(batch) for _ in range(4)))
     assert np.sum(masks, axis=0).tolist() == [1] * len(rows)
     assert await history.count(tenant) == len(rows)
+
+
+async def test_concurrent_stores_of_one_seq_at_other_times_keep_one(history) -> None:
+    # The same seqs with a different fix time in each writer: no unique key catches
+    # these, only the writers' serialisation on the (existing) device rows does.
+    tenant = unique_tenant()
+    await history.store(fixes(tenant, [("a", 1, 0), ("b", 1, 0)]))
+    batches = [
+        fixes(
+            tenant, [(d, s, 1000 * w + s) for d in ("a", "b") for s in range(2, 3000)]
+        )
+        for w in range(1, 5)
+    ]
+    masks = await asyncio.gather(*(history.store(b) for b in batches))
+    assert np.sum(masks, axis=0).tolist() == [1] * len(batches[0])
+    assert await history.count(tenant) == len(batches[0]) + 2
+    states = await history.device_states(tenant, ["a", "b"])
+    assert {d: s.last_stored_seq for d, s in states.items()} == {"a": 2999, "b": 2999}
 
 
 async def test_count_and_erase_are_per_device(history) -> None:
@@ -223,6 +257,25 @@ async def test_live_device_leaves_its_old_cell(live) -> None:
     old, _ = await live.nearby(tenant, 10.5, 10.5, radius_m=1_000.0, limit=5)
     new, _ = await live.nearby(tenant, 30.5, 30.5, radius_m=1_000.0, limit=5)
     assert (len(old), new.device.tolist()) == (0, ["a"])
+
+
+async def test_live_update_of_many_devices_in_one_cell(live) -> None:
+    # More devices in one bucket and one cell than one Lua unpack takes, some
+    # moving out of their cell, ids with spaces and non-ASCII letters.
+    tenant = unique_tenant()
+    devices = [f"gw {i} Zürich-車" for i in range(12_000)]
+    first = [(d, 1, 47.3 + i * 1e-6, 8.5) for i, d in enumerate(devices)]
+    await live.update(at(tenant, first))
+    second = [(d, 2, 47.3 if i % 2 else 46.3, 8.5) for i, d in enumerate(devices)]
+    late = ("gw 0 Zürich-車", 1, 0.0, 0.0)  # older than what is stored: ignored
+    moved = await live.update(at(tenant, [*second, late]))
+    assert sorted(moved.device.tolist()) == sorted(devices)
+    got = await live.get(tenant, devices[:4])
+    assert got.seq.tolist() == [2] * 4 and got.lat.tolist() == [46.3, 47.3] * 2
+    near, _ = await live.nearby(tenant, 46.3, 8.5, radius_m=10.0, limit=20_000)
+    assert sorted(near.device.tolist()) == sorted(devices[::2])
+    stayed, _ = await live.nearby(tenant, 47.3, 8.5, radius_m=10.0, limit=20_000)
+    assert sorted(stayed.device.tolist()) == sorted(devices[1::2])
 
 
 async def test_snapshot_and_remove_are_per_tenant(live) -> None:

@@ -75,13 +75,13 @@ def pids_named(*names: str) -> list[int]:
     return found
 
 
-def cpu_of(pids: list[int]) -> float:
-    """CPU seconds of these processes (without children); gone ones count 0."""
-    total = 0
+def cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of each of these processes that still runs."""
+    found = {}
     for pid in pids:
         try:
             fields = _stat_fields(pid)
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / TICKS_PER_S
+        found[pid] = (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+    return found

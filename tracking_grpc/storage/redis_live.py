@@ -7,6 +7,11 @@ never move a live position backwards. Second, one Lua script per coarse cell mov
 the accepted devices in that cell's GEO set, again only if newer than what the
 cell saw of the device, so the GEO index converges to the live hashes whatever
 order the scripts of different processes run in. Key layout: :mod:`redis_keys`.
+
+A script gets its devices as a few long arguments (lists joined by newlines, the
+records packed back to back) and answers in packed int32s, and inside it reads and
+writes with bulk commands: per fix, the client packs and parses no argument of its
+own, and Redis runs a handful of commands per bucket or cell, not per device.
 """
 
 from __future__ import annotations
@@ -43,51 +48,110 @@ RECORD = np.dtype(
 )
 RECORD_NAMES: tuple[str, ...] = RECORD.names or ()  # a structured dtype has names
 
-# KEYS: live hash, time hash. ARGV: (device, time_ms, cell, record) per device.
-# Returns (position in ARGV groups, previous cell or -1) for each accepted fix.
-KEEP_NEWER_TEMPLATE = """
-local out, records, times = {}, {}, {}
-for i = 1, #ARGV, 4 do
-    local known = redis.call('HGET', KEYS[2], ARGV[i])
-    local previous_cell = -1
-    local newer = true
-    if known then
-        local gap = string.find(known, ' ', 1, true)
-        newer = tonumber(ARGV[i + 1]) {op} tonumber(string.sub(known, 1, gap - 1))
-        previous_cell = tonumber(string.sub(known, gap + 1))
-    end
-    if newer then
-        times[#times + 1] = ARGV[i]
-        times[#times + 1] = ARGV[i + 1] .. ' ' .. ARGV[i + 2]
-        records[#records + 1] = ARGV[i]
-        records[#records + 1] = ARGV[i + 3]
-        out[#out + 1] = (i - 1) / 4
-        out[#out + 1] = previous_cell
+# Helpers of the scripts below. A list arrives as one argument, "\n"-separated
+# (device ids are printable, so never hold one); Lua's unpack is limited to a few
+# thousand values, so bulk commands go in chunks.
+LUA_HELPERS = """
+local function split(text)
+    local out, start = {}, 1
+    while true do
+        local stop = string.find(text, '\\n', start, true)
+        if not stop then
+            out[#out + 1] = string.sub(text, start)
+            return out
+        end
+        out[#out + 1] = string.sub(text, start, stop - 1)
+        start = stop + 1
     end
 end
-if #times > 0 then
-    redis.call('HSET', KEYS[2], unpack(times))
-    redis.call('HSET', KEYS[1], unpack(records))
+local function bulk(command, key, items, step)
+    for i = 1, #items, step do
+        redis.call(command, key, unpack(items, i, math.min(i + step - 1, #items)))
+    end
 end
-return out
+local function hmget(key, fields)
+    local out = {}
+    for i = 1, #fields, 1000 do
+        local part = redis.call(
+            'HMGET', key, unpack(fields, i, math.min(i + 999, #fields)))
+        for j = 1, #part do
+            out[#out + 1] = part[j]
+        end
+    end
+    return out
+end
 """
 
-# KEYS: GEO set, time hash of one cell. ARGV: (device, time_ms, lon, lat, enter)
-# per device; enter is 1 to place the device in the cell, 0 to take it out.
-MOVE_IN_CELL_TEMPLATE = """
-for i = 1, #ARGV, 5 do
-    local known = redis.call('HGET', KEYS[2], ARGV[i])
-    if (not known) or tonumber(ARGV[i + 1]) {op} tonumber(known) then
-        redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-        if ARGV[i + 4] == '1' then
-            redis.call('GEOADD', KEYS[1], ARGV[i + 2], ARGV[i + 3], ARGV[i])
+# KEYS: live hash, time hash. ARGV: devices, "<time_ms> <cell>" per device, the
+# packed records (ARGV[4] bytes each, in device order), record size.
+# Returns, packed as little-endian int32 pairs, (position in the device list,
+# previous cell or -1) for each accepted fix.
+KEEP_NEWER_TEMPLATE = (
+    LUA_HELPERS
+    + """
+local devices, stamps = split(ARGV[1]), split(ARGV[2])
+local size = tonumber(ARGV[4])
+if #devices ~= #stamps or #devices * size ~= #ARGV[3] then
+    return redis.error_reply('live update: device, time and record lists differ')
+end
+local known = hmget(KEYS[2], devices)
+local out, records, times = {}, {}, {}
+for i = 1, #devices do
+    local stamp = stamps[i]
+    local previous_cell = -1
+    local newer = true
+    if known[i] then
+        local gap = string.find(known[i], ' ', 1, true)
+        local time = string.sub(stamp, 1, string.find(stamp, ' ', 1, true) - 1)
+        newer = tonumber(time) {op} tonumber(string.sub(known[i], 1, gap - 1))
+        previous_cell = tonumber(string.sub(known[i], gap + 1))
+    end
+    if newer then
+        times[#times + 1] = devices[i]
+        times[#times + 1] = stamp
+        records[#records + 1] = devices[i]
+        records[#records + 1] = string.sub(ARGV[3], (i - 1) * size + 1, i * size)
+        out[#out + 1] = struct.pack('<i4i4', i - 1, previous_cell)
+    end
+end
+bulk('HSET', KEYS[2], times, 1000)
+bulk('HSET', KEYS[1], records, 1000)
+return table.concat(out)
+"""
+)
+
+# KEYS: GEO set, time hash of one cell. ARGV: devices, time_ms, lon, lat (lists),
+# and one character per device: 1 to place it in the cell, 0 to take it out.
+MOVE_IN_CELL_TEMPLATE = (
+    LUA_HELPERS
+    + """
+local devices, times = split(ARGV[1]), split(ARGV[2])
+local lons, lats, enter = split(ARGV[3]), split(ARGV[4]), ARGV[5]
+if #times ~= #devices or #lons ~= #devices or #lats ~= #devices
+        or #enter ~= #devices then
+    return redis.error_reply('live move: the lists differ in length')
+end
+local known = hmget(KEYS[2], devices)
+local stamps, places, leaving = {}, {}, {}
+for i = 1, #devices do
+    if (not known[i]) or tonumber(times[i]) {op} tonumber(known[i]) then
+        stamps[#stamps + 1] = devices[i]
+        stamps[#stamps + 1] = times[i]
+        if string.byte(enter, i) == 49 then
+            places[#places + 1] = lons[i]
+            places[#places + 1] = lats[i]
+            places[#places + 1] = devices[i]
         else
-            redis.call('ZREM', KEYS[1], ARGV[i])
+            leaving[#leaving + 1] = devices[i]
         end
     end
 end
+bulk('HSET', KEYS[2], stamps, 1000)
+bulk('GEOADD', KEYS[1], places, 999)
+bulk('ZREM', KEYS[1], leaving, 1000)
 return 0
 """
+)
 
 # Updates take strictly newer fixes; a repair (after a partial failure) also
 # re-applies a fix equal to the stored one, which rewrites a missed GEO move.
@@ -271,13 +335,15 @@ class RedisLiveStore:
         tenant = newest.tenant
         buckets = keys.bucket_of(newest.device)
         cells = keys.cell_of(newest.lat, newest.lon)
-        records = _encode(newest)
-        groups = [np.flatnonzero(buckets == b) for b in np.unique(buckets)]
-        args = np.empty((len(newest), 4), dtype=object)
-        args[:, 0] = newest.device
-        args[:, 1] = newest.time_ms.astype(str)
-        args[:, 2] = cells.astype(str)
-        args[:, 3] = records
+        records = _records(newest)
+        order = np.argsort(buckets, kind="stable")
+        groups = np.split(order, np.flatnonzero(np.diff(buckets[order])) + 1)
+        devices = newest.device.tolist()
+        stamps = [
+            f"{t} {c}"
+            for t, c in zip(newest.time_ms.tolist(), cells.tolist(), strict=True)
+        ]
+        script = KEEP_SAME_OR_NEWER if again else KEEP_NEWER
 
         def queue(pipe: Any) -> None:
             for rows in groups:
@@ -286,16 +352,22 @@ class RedisLiveStore:
                     keys.live_key(self.prefix, tenant, bucket),
                     keys.live_time_key(self.prefix, tenant, bucket),
                 ]
-                script = KEEP_SAME_OR_NEWER if again else KEEP_NEWER
-                _evalsha(pipe, script, live, args[rows].ravel().tolist())
+                picked = rows.tolist()
+                args = [
+                    _joined(devices, picked),
+                    _joined(stamps, picked),
+                    records[rows].tobytes(),
+                    RECORD.itemsize,
+                ]
+                _evalsha(pipe, script, live, args)
 
         with unavailable("live positions"):
             replies = await self._pipelined(queue)
         accepted, previous = [], []
         for rows, reply in zip(groups, replies, strict=True):
-            pairs = np.asarray(reply, dtype=np.int64).reshape(-1, 2)
+            pairs = np.frombuffer(reply, dtype="<i4").reshape(-1, 2)
             accepted.append(rows[pairs[:, 0]])
-            previous.append(pairs[:, 1])
+            previous.append(pairs[:, 1].astype(np.int64))
         return np.concatenate(accepted), np.concatenate(previous)
 
     async def _move(self, moved: FixBatch, previous: np.ndarray, again: bool) -> None:
@@ -305,28 +377,34 @@ class RedisLiveStore:
         tenant = moved.tenant
         cells = keys.cell_of(moved.lat, moved.lon)
         left = np.flatnonzero((previous >= 0) & (previous != cells))
-        ops = np.empty((len(moved) + len(left), 5), dtype=object)
-        ops[:, 0] = np.concatenate([moved.device, moved.device[left]])
-        ops[:, 1] = np.concatenate([moved.time_ms, moved.time_ms[left]]).astype(str)
-        geo_lat = np.clip(moved.lat, -keys.GEO_MAX_LAT, keys.GEO_MAX_LAT)
-        ops[: len(moved), 2] = moved.lon.astype(str)
-        ops[: len(moved), 3] = geo_lat.astype(str)
-        ops[len(moved) :, 2:4] = "0"
-        ops[:, 4] = ["1"] * len(moved) + ["0"] * len(left)
+        rows = np.concatenate([np.arange(len(moved)), left])
         op_cells = np.concatenate([cells, previous[left]])
+        devices = moved.device.tolist()
+        times = [str(t) for t in moved.time_ms.tolist()]
+        geo_lat = np.clip(moved.lat, -keys.GEO_MAX_LAT, keys.GEO_MAX_LAT)
+        lons = [repr(x) for x in moved.lon.tolist()]
+        lats = [repr(x) for x in geo_lat.tolist()]
+        order = np.argsort(op_cells, kind="stable")
+        groups = np.split(order, np.flatnonzero(np.diff(op_cells[order])) + 1)
+        script = MOVE_IN_CELL_AGAIN if again else MOVE_IN_CELL
 
         def queue(pipe: Any) -> None:
-            for cell in np.unique(op_cells).tolist():
+            for ops in groups:
+                cell = int(op_cells[ops[0]])
                 geo = [
                     keys.geo_key(self.prefix, tenant, cell),
                     keys.geo_time_key(self.prefix, tenant, cell),
                 ]
-                _evalsha(
-                    pipe,
-                    MOVE_IN_CELL_AGAIN if again else MOVE_IN_CELL,
-                    geo,
-                    ops[op_cells == cell].ravel().tolist(),
-                )
+                picked = rows[ops].tolist()
+                enter = "".join("1" if op < len(moved) else "0" for op in ops.tolist())
+                args = [
+                    _joined(devices, picked),
+                    _joined(times, picked),
+                    _joined(lons, picked),
+                    _joined(lats, picked),
+                    enter,
+                ]
+                _evalsha(pipe, script, geo, args)
             pipe.sadd(keys.cells_key(self.prefix, tenant), *np.unique(cells).tolist())
 
         with unavailable("live GEO index"):
@@ -380,13 +458,17 @@ def _evalsha(pipe: Any, script: str, script_keys: list[str], args: list) -> None
     pipe.evalsha(SHA[script], len(script_keys), *script_keys, *args)
 
 
-def _encode(batch: FixBatch) -> list[bytes]:
+def _records(batch: FixBatch) -> np.ndarray:
+    """The batch as packed records, one per row."""
     table = np.empty(len(batch), dtype=RECORD)
     for name in RECORD_NAMES:
         table[name] = getattr(batch, name)
-    raw = table.tobytes()
-    size = RECORD.itemsize
-    return [raw[i : i + size] for i in range(0, len(raw), size)]
+    return table
+
+
+def _joined(values: list[str], rows: list[int]) -> str:
+    """The values of ``rows`` as one script argument (see LUA_HELPERS)."""
+    return "\n".join([values[i] for i in rows])
 
 
 def _decode(tenant: str, devices: np.ndarray, records: list[bytes]) -> FixBatch:
