@@ -1,11 +1,26 @@
 """Capacity model: server processes, Redis shards and PostgreSQL nodes for N devices.
 
-Every input is either MEASURED (read from a load run in bench/results, or timed here
-in the same run) or ASSUMED (a stated planning figure). The model prints both, then
-what 1 million and 100 million devices at one fix every 10 s need, and writes
-bench/results/capacity.json.
+Every input is MEASURED (read from the scaled-down runs of ``bench/scale_matrix.sh``
+in bench/results, or timed here in the same run) or ASSUMED (a stated planning
+figure). The model prints both, the scaling it measured as processes and shards
+were added, then what 1 million and 100 million devices at one fix every 10 s need,
+and writes bench/results/capacity.json.
 
-    .venv/bin/python bench/capacity.py
+    bench/scale_matrix.sh && .venv/bin/python bench/capacity.py
+
+How the runs become a model. At a fixed offered rate R (fixes/s) the runs at 1, 2
+and 4 server processes give, for the server, PostgreSQL and Redis alike,
+
+    cores(W) = intercept + slope * W          (least squares over W = 1, 2, 4)
+
+``intercept / R`` is the cost per fix; ``slope`` what one more process costs at that
+rate. For the server, the slope is split into what a process costs idle (measured
+before each run, fences loaded, no load) and the rest, which is taken to grow with
+the fleet's whole rate: every process subscribes to every live update (Redis pub/sub
+fan-out), so each one decodes all R fixes/s whatever its own share. For Redis, the
+slope likewise grows with R (each update is delivered to W subscribers); for
+PostgreSQL it is a constant per process (its group commits, at most one per flush
+interval). Redis per fix at 3 shards against 1 gives the cost of sharding.
 """
 
 from __future__ import annotations
@@ -29,6 +44,9 @@ from tracking_grpc.core.fixes import FixBatch  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 FIX_INTERVAL_S = 10.0
 FLEETS = (1_000_000, 100_000_000)
+KINDS = ("streams", "gateway")
+WORKERS = (1, 2, 4)
+SHARDS = (1, 3)
 
 ASSUMED = {
     "core_utilisation": 0.6,  # plan each core to 60 % busy: headroom for latency
@@ -41,6 +59,10 @@ ASSUMED = {
     "pg_bytes_per_fix": 250,  # heap row + two indexes, before compression
     "retention_days": 30,
 }
+
+
+def run_name(kind: str, workers: int, shards: int) -> str:
+    return f"scale_{kind}_w{workers}_r{shards}"
 
 
 def load(name: str) -> dict | None:
@@ -69,146 +91,479 @@ def watcher_cost_us() -> float:
     return (time.perf_counter() - started) / (rounds * n) * 1e6
 
 
-def measured_inputs() -> tuple[dict, dict]:
-    """Inputs from the load runs; where a run is missing, the input says so."""
-    values: dict[str, float | None] = {}
-    sources: dict[str, str] = {}
+def summary(data: dict) -> dict:
+    """What the model and the table need from one load run."""
+    steady_s = data["args"]["steady_s"]
+    rate = data["fixes_in_window"] / steady_s
+    idle = data.get("idle") or {}
+    backend = data["backend_cpu_cores"]
+    shards = data.get("redis_shard_cpu_cores") or []
+    observer = data.get("observer") or {}
+    receive = None
+    if observer.get("cpu_cores") is not None and rate:
+        idle_observer = idle.get("observer_cores") or 0.0
+        receive = (observer["cpu_cores"] - idle_observer) / rate * 1e6
+    return {
+        "observer_us_per_fleet_fix": None if receive is None else round(receive, 2),
+        "workers": data["args"]["workers"],
+        "redis_shards": data.get("redis_shards", 0),
+        "fixes_per_s": round(rate, 1),
+        "server_cores": data["server"]["cpu_cores"],
+        "server_us_per_fix": data["server"]["cpu_us_per_fix"],
+        "process_cores": data["server"].get("process_cpu_cores"),
+        "process_connections": data["server"].get("process_connections"),
+        "idle_server_cores": idle.get("server_cores"),
+        "idle_processes": idle.get("server_processes"),
+        "rss_baseline_mb": data["server"]["rss_baseline_mb"],
+        "kb_per_stream": data["server"]["rss_kb_per_stream"],
+        "streams": data["streams_open"],
+        "rss_growth_mb": data["server"]["rss_steady_mb"]
+        - data["server"]["rss_baseline_mb"],
+        "run": data["name"],
+        "pg_cores": backend.get("postgres"),
+        "redis_cores": backend.get("redis-server"),
+        "pg_us_per_fix": data.get("backend_us_per_fix", {}).get("postgres"),
+        "redis_us_per_fix": data.get("backend_us_per_fix", {}).get("redis-server"),
+        "redis_shard_cores": shards,
+        "backends_exact": data.get("backend_exact", {}),
+        "ack_p50_ms": data["ack"].get("p50_ms"),
+        "ack_p99_ms": data["ack"].get("p99_ms"),
+        "batch_p50_ms": data["batch"].get("p50_ms"),
+        "batch_p99_ms": data["batch"].get("p99_ms"),
+        "watch_p99_ms": data["watch"].get("p99_ms"),
+        "errors": sum(data["errors"].values()),
+        "fixes_lost": data.get("verify", {}).get("fixes_lost"),
+        "machine_busy_cores": data["machine_busy_cores"],
+    }
 
-    def take(key: str, run: str, pick) -> None:
-        data = load(run)
-        values[key] = pick(data) if data else None
-        sources[key] = f"bench/results/load_{run}.json" if data else "missing run"
 
-    take(
-        "stream_us_per_fix",
-        "streams_10k_embedded",
-        lambda d: d["server"]["cpu_us_per_fix"],
+def fit_costs(
+    rows: list[dict], key: str, free: tuple[str, ...], fixed: dict | None = None
+) -> dict[str, float]:
+    """Least squares of ``cores = a*R + b*W + d*R*W`` over runs; ``fixed`` terms
+    are given, not fitted. a: core-seconds per fix; b: cores per process; d:
+    core-seconds per fix of the whole fleet, per process; e (``+ e*S``): cores per
+    open stream, whatever its rate."""
+    fixed = dict(fixed or {})
+    while True:  # no cost is negative: a term fitted below zero is fixed at zero
+        if not free:
+            return fixed
+        coef = _least_squares(rows, key, free, fixed)
+        if all(c >= 0 for c in coef.values()):
+            return {**fixed, **coef}
+        worst = min(coef, key=lambda t: coef[t])
+        fixed[worst] = 0.0
+        free = tuple(t for t in free if t != worst)
+
+
+def _least_squares(
+    rows: list[dict], key: str, free: tuple[str, ...], fixed: dict
+) -> dict[str, float]:
+    rate = np.array([r["fixes_per_s"] for r in rows], float)
+    workers = np.array([r["workers"] for r in rows], float)
+    streams = np.array([r.get("streams") or 0 for r in rows], float)
+    columns = {"a": rate, "b": workers, "d": rate * workers, "e": streams}
+    y = np.array([r[key] for r in rows], float)
+    y = y - sum(fixed[t] * columns[t] for t in fixed)
+    matrix = np.column_stack([columns[t] for t in free])
+    coef = np.linalg.lstsq(matrix, y, rcond=None)[0]
+    return {t: float(c) for t, c in zip(free, coef, strict=True)}
+
+
+def scaling(kinds: tuple[str, ...], fixed_b: float | None = None) -> dict | None:
+    """Per-fix and per-process costs of one kind of load, from its 1/2/4 runs.
+
+    Two rates over the same open streams (1 fix / 5 s and / 10 s) tell the cost
+    per fix (a) from the cost per open stream (e). The receive cost (d) comes from
+    the observer; without one it is fitted, with b fixed to ``fixed_b`` (or the
+    idle cost) when there is one rate only.
+    """
+    names = [run_name(k, w, 1) for k in kinds for w in WORKERS]
+    runs = [load(n) for n in names]
+    rows = [summary(r) for r in runs if r is not None]
+    if len({r["workers"] for r in rows}) < 2:
+        return None
+    idle = float(np.mean([r["idle_server_cores"] / r["workers"] for r in rows]))
+    two_rates = len({round(r["fixes_per_s"], -2) for r in rows}) > 1
+    # Receiving the fleet's updates, measured on a server with no clients (the
+    # observer); fitted when no run had one. It is paid per published message, so
+    # per fix it grows as the same load is split over more publishers: the run
+    # with the fewest processes at the highest rate (the largest messages, the
+    # nearest to a process at its planned load) is the one taken.
+    top = max(round(r["fixes_per_s"], -2) for r in rows)
+    candidates = [
+        r
+        for r in rows
+        if r["observer_us_per_fleet_fix"] is not None
+        and round(r["fixes_per_s"], -2) == top
+    ]
+    fewest = min((r["workers"] for r in candidates), default=0)
+    observed = [
+        r["observer_us_per_fleet_fix"] for r in candidates if r["workers"] == fewest
+    ]
+    receive = {"d": float(np.mean(observed)) / 1e6} if observed else None
+    if two_rates:
+        free = ("a", "b", "e") if receive else ("a", "b", "d", "e")
+        server = fit_costs(rows, "server_cores", free, receive)
+        redis = fit_costs(rows, "redis_cores", ("a", "b", "d"))
+    elif receive:
+        server = fit_costs(rows, "server_cores", ("a", "b"), {**receive, "e": 0.0})
+        redis = fit_costs(rows, "redis_cores", ("a", "d"), {"b": 0.0})
+    else:
+        b = {"b": idle if fixed_b is None else fixed_b, "e": 0.0}
+        server = fit_costs(rows, "server_cores", ("a", "d"), b)
+        redis = fit_costs(rows, "redis_cores", ("a", "d"), {"b": 0.0})
+    pg = fit_costs(rows, "pg_cores", ("a", "b"))
+    streams = [r["streams"] for r in rows if r["streams"]]
+    memory = baseline = None
+    if streams:
+        # RSS growth under load = per stream * streams + per process * W.
+        growth = fit_costs(
+            [{**r, "fixes_per_s": 1.0} for r in rows], "rss_growth_mb", ("a", "b")
+        )
+        memory = {
+            "kb_per_stream": growth["a"] / float(np.mean(streams)) * 1024,
+            "mb_per_process_under_load": growth["b"],
+        }
+    baseline = fit_costs(
+        [{**r, "fixes_per_s": 1.0} for r in rows], "rss_baseline_mb", ("a", "b")
     )
-    take(
-        "stream_us_per_fix_production",
-        "streams_10k_production",
-        lambda d: d["server"]["cpu_us_per_fix"],
-    )
-    take(
-        "kb_per_stream",
-        "streams_10k_embedded",
-        lambda d: d["server"]["rss_kb_per_stream"],
-    )
-    take(
-        "gateway_us_per_fix",
-        "gateway_8k_production",
-        lambda d: d["server"]["cpu_us_per_fix"],
-    )
-
-    def backend_us(name: str):
-        def pick(d: dict) -> float | None:
-            fixes_per_s = d["fixes_in_window"] / d["args"]["steady_s"]
-            cores = d.get("backend_cpu_cores", {}).get(name)
-            return None if cores is None else cores / fixes_per_s * 1e6
-
-        return pick
-
-    take("pg_us_per_fix", "gateway_8k_production", backend_us("postgres"))
-    take("redis_us_per_fix", "gateway_8k_production", backend_us("redis-server"))
-    values["watch_us_per_update"] = watcher_cost_us()
-    sources["watch_us_per_update"] = "timed here: convert.positions + serialise"
-    return values, sources
+    return {
+        "by_connections": by_connections(rows, fixed_cores_of(server, idle)),
+        "rates_fixes_per_s": sorted({round(r["fixes_per_s"], -1) for r in rows}),
+        "server_us_per_fix": server["a"] * 1e6,
+        "server_cores_per_process": server["b"],
+        "server_idle_cores_per_process": idle,
+        "server_us_per_fix_per_process": max(0.0, server["d"]) * 1e6,
+        "server_receive_measured_by": "observer" if receive else "fit",
+        "server_us_per_stream_s": max(0.0, server["e"]) * 1e6,
+        "pg_us_per_fix": pg["a"] * 1e6,
+        "pg_cores_per_process": max(0.0, pg["b"]),
+        "redis_us_per_fix": redis["a"] * 1e6,
+        "redis_cores_per_process": redis["b"],
+        "redis_us_per_fix_per_process": max(0.0, redis["d"]) * 1e6,
+        "rss_mb_per_process_at_start": baseline["b"],
+        "rss_mb_first_process_at_start": baseline["a"] + baseline["b"],
+        **(memory or {}),
+        "runs": [n for n, r in zip(names, runs, strict=True) if r is not None],
+        "rows": rows,
+    }
 
 
-def plan(devices: int, m: dict, a: dict) -> dict:
-    """Processes, shards and nodes for ``devices`` streaming one fix per interval."""
+def fixed_cores_of(server: dict, idle: float) -> float:
+    return max(server["b"], idle)
+
+
+def by_connections(rows: list[dict], fixed: float) -> dict | None:
+    """A check of the broadcast cost from inside the runs with several workers.
+
+    The kernel hands connections to workers unevenly; a worker's CPU against the
+    client connections it holds, ``cores = per_connection * n + zero``, gives what
+    a worker with no clients costs (``zero``): its fixed cost plus receiving every
+    update of the fleet. (``zero`` - fixed) / R is that receive cost per fix.
+    """
+    points = []
+    for r in rows:
+        cores, held = r["process_cores"], r["process_connections"]
+        if r["workers"] < 2 or not cores or not held or len(cores) != len(held):
+            continue
+        for c, n in zip(cores[1:], held[1:], strict=True):  # [0]: the supervisor
+            points.append((r["fixes_per_s"], n, c))
+    if points:  # one rate: the highest (streams run at two)
+        top = max(round(p[0], -2) for p in points)
+        points = [p for p in points if round(p[0], -2) == top]
+    if len(points) < 3 or len({p[1] for p in points}) < 2:
+        return None
+    rate = float(np.mean([p[0] for p in points]))
+    slope, zero = np.polyfit([p[1] for p in points], [p[2] for p in points], 1)
+    return {
+        "workers_seen": len(points),
+        "rate_fixes_per_s": rate,
+        "cores_per_connection": float(slope),
+        "cores_with_no_connections": float(zero),
+        "us_per_fleet_fix_per_process": max(0.0, float(zero) - fixed) / rate * 1e6,
+    }
+
+
+def sharding() -> dict | None:
+    """Redis cost per fix with 3 shards against 1, at the same server processes."""
+    pairs = []
+    for kind in ("streams", "gateway"):
+        for workers in (1, 2):
+            one, three = (load(run_name(kind, workers, s)) for s in SHARDS)
+            if one is None or three is None:
+                continue
+            a, b = summary(one), summary(three)
+            shard_cores = b["redis_shard_cores"] or [0.0]
+            pairs.append(
+                {
+                    "kind": kind,
+                    "workers": workers,
+                    "redis_us_per_fix_1_shard": a["redis_us_per_fix"],
+                    "redis_us_per_fix_3_shards": b["redis_us_per_fix"],
+                    "ratio_3_to_1": b["redis_us_per_fix"] / a["redis_us_per_fix"]
+                    if a["redis_us_per_fix"]
+                    else None,
+                    "shard_cores": shard_cores,
+                    "hottest_shard_share": max(shard_cores) / sum(shard_cores)
+                    if sum(shard_cores)
+                    else None,
+                    "server_us_per_fix_1_shard": a["server_us_per_fix"],
+                    "server_us_per_fix_3_shards": b["server_us_per_fix"],
+                }
+            )
+    ratios = [p["ratio_3_to_1"] for p in pairs if p["ratio_3_to_1"]]
+    if not ratios:
+        return None
+    return {"pairs": pairs, "redis_ratio_3_to_1": float(np.mean(ratios))}
+
+
+def fixed_cores(s: dict) -> float:
+    """A process's cost whatever its load: the fitted one, at least the idle one."""
+    return max(s["server_cores_per_process"], s["server_idle_cores_per_process"])
+
+
+def processes_for(
+    rate: float, streams: int, s: dict, util: float, broadcast: bool
+) -> float:
+    """Server processes for ``rate`` fixes/s over ``streams`` open streams.
+
+    Each process does its share of the per-fix work and pays its fixed cost, and
+    receives live updates: as built (``broadcast``) every update of the fleet, so
+    ``d * rate`` each; routed, only what its watchers want, ``watch_fanout`` updates
+    per fix spread over the processes. Infinite when the broadcast fills a process.
+    """
+    fan_us = s["server_us_per_fix_per_process"]
+    spare = util - fixed_cores(s)
+    per_fix_us = s["per_fix_us"]
+    if broadcast:
+        spare -= rate * fan_us / 1e6
+    else:
+        per_fix_us += ASSUMED["watch_fanout"] * fan_us
+    work = rate * per_fix_us / 1e6 + streams * s["server_us_per_stream_s"] / 1e6
+    return math.inf if spare <= 0 else work / spare
+
+
+def plan(devices: int, stream: dict, gateway: dict, shard: dict | None) -> dict:
+    """Processes, shards and nodes for ``devices`` sending one fix per interval."""
+    a = ASSUMED
     rate = devices / FIX_INTERVAL_S
     util = a["core_utilisation"]
-    stream_us = m["stream_us_per_fix_production"] or m["stream_us_per_fix"]
-    per_fix_us = stream_us + a["watch_fanout"] * m["watch_us_per_update"]
-    cpu_processes = rate * per_fix_us / 1e6 / util
-    memory_processes = (
-        devices * m["kb_per_stream"] / (a["server_process_memory_gb"] * 2**20)
+    out: dict = {"devices": devices, "fixes_per_s": rate}
+    for kind, s in (("stream", stream), ("gateway", gateway)):
+        streams = devices if kind == "stream" else 0
+        as_built = processes_for(rate, streams, s, util, broadcast=True)
+        out[f"{kind}_processes_as_built"] = (
+            None if math.isinf(as_built) else math.ceil(as_built)
+        )
+        fan_us = s["server_us_per_fix_per_process"]
+        out[f"{kind}_broadcast_limit_fixes_per_s"] = (
+            round((util - fixed_cores(s)) / fan_us * 1e6) if fan_us > 0 else None
+        )
+        out[f"{kind}_processes_by_cpu"] = round(
+            processes_for(rate, streams, s, util, broadcast=False), 1
+        )
+    # Memory: what a process holds at start and gains under load, then per stream.
+    usable_mb = a["server_process_memory_gb"] * 1024 - (
+        stream["rss_mb_first_process_at_start"]
+        + max(0.0, stream["mb_per_process_under_load"])
     )
-    gateway_processes = rate * m["gateway_us_per_fix"] / 1e6 / util
-    redis_cpu = (
-        rate * (m["redis_us_per_fix"] or 0) / 1e6 / util / a["redis_shard_cores"]
+    streams_per_process = usable_mb * 1024 / stream["kb_per_stream"]
+    out["streams_per_process_by_memory"] = round(streams_per_process)
+    out["stream_processes_by_memory"] = round(devices / streams_per_process, 1)
+    out["stream_processes"] = math.ceil(
+        max(out["stream_processes_by_cpu"], out["stream_processes_by_memory"])
     )
+    out["gateway_processes"] = math.ceil(out["gateway_processes_by_cpu"])
+    # Redis: per fix, times the measured cost of 3 shards over 1, plus delivering
+    # each update to watch_fanout subscribers (routed fan-out).
+    ratio = (shard or {}).get("redis_ratio_3_to_1") or 1.0
+    redis_us = stream["redis_us_per_fix"] * ratio
+    redis_us += a["watch_fanout"] * stream["redis_us_per_fix_per_process"]
+    redis_cpu = rate * redis_us / 1e6 / util / a["redis_shard_cores"]
     redis_memory = (
         devices * a["redis_bytes_per_device"] / (a["redis_shard_memory_gb"] * 2**30)
     )
-    pg_cores = rate * (m["pg_us_per_fix"] or 0) / 1e6 / util
+    out["redis_us_per_fix"] = round(redis_us, 1)
+    out["redis_shards_by_cpu"] = round(redis_cpu, 1)
+    out["redis_shards_by_memory"] = round(redis_memory, 1)
+    out["redis_shards"] = math.ceil(max(redis_cpu, redis_memory, 1))
+    # PostgreSQL: per fix, plus each server process's group commits.
+    for kind, s in (("streams", stream), ("gateways", gateway)):
+        processes = out[
+            "stream_processes" if kind == "streams" else "gateway_processes"
+        ]
+        cores = rate * s["pg_us_per_fix"] / 1e6 + processes * s["pg_cores_per_process"]
+        out[f"pg_cores_{kind}"] = round(cores / util, 1)
+        out[f"pg_nodes_{kind}"] = math.ceil(cores / util / a["pg_node_cores"])
     daily_tb = rate * 86_400 * a["pg_bytes_per_fix"] / 1e12
-    return {
-        "devices": devices,
-        "fixes_per_s": rate,
-        "stream_server_processes": math.ceil(max(cpu_processes, memory_processes)),
-        "stream_processes_by_cpu": round(cpu_processes, 1),
-        "stream_processes_by_memory": round(memory_processes, 1),
-        "gateway_server_processes": math.ceil(gateway_processes),
-        "redis_shards": math.ceil(max(redis_cpu, redis_memory, 1)),
-        "pg_cores": round(pg_cores, 1),
-        "pg_nodes": math.ceil(pg_cores / a["pg_node_cores"]) if pg_cores else None,
+    out |= {
         "pg_tb_per_day": round(daily_tb, 2),
         "pg_partitions": a["retention_days"],
         "pg_tb_retained": round(daily_tb * a["retention_days"], 1),
     }
+    return out
 
 
-def scaling_runs() -> list[dict]:
-    """The scaled-down runs on this machine that the extrapolation leans on."""
-    rows = []
-    for name in ("gateway_8k_production", "gateway_8k_production_2workers"):
-        data = load(name)
-        if data:
-            rows.append(
-                {
-                    "run": name,
-                    "processes": data["server"]["processes"],
-                    "fixes_stored": data["counts"].get("fixes_stored", 0),
-                    "batch_p50_ms": data["batch"].get("p50_ms"),
-                    "server_us_per_fix": data["server"]["cpu_us_per_fix"],
-                }
+SHOWN = (
+    ("server_us_per_fix", "server CPU per fix, µs"),
+    ("server_cores_per_process", "server cores per added process (fit)"),
+    ("server_idle_cores_per_process", "server cores per idle process"),
+    ("server_us_per_fix_per_process", "server µs per fleet fix per process"),
+    ("server_us_per_stream_s", "server µs per open stream per second"),
+    ("pg_us_per_fix", "PostgreSQL CPU per fix, µs"),
+    ("pg_cores_per_process", "PostgreSQL cores per server process"),
+    ("redis_us_per_fix", "Redis CPU per fix, µs"),
+    ("redis_us_per_fix_per_process", "Redis µs per fix per subscriber"),
+    ("rss_mb_per_process_at_start", "MB per added process at start"),
+    ("mb_per_process_under_load", "MB per process gained under load"),
+    ("kb_per_stream", "KB per open stream"),
+)
+
+
+def show_inputs(stream: dict | None, gateway: dict | None, shard: dict | None) -> None:
+    print("MEASURED (fits over bench/results/load_scale_*.json):")
+    for kind, s in (("streams", stream), ("gateways", gateway)):
+        if s is None:
+            print(f"  {kind}: runs missing (bench/scale_matrix.sh)")
+            continue
+        rates = ", ".join(f"{r:,.0f}" for r in s["rates_fixes_per_s"])
+        print(f"  {kind}, 1/2/4 processes at {rates} fixes/s:")
+        for key, title in SHOWN:
+            value = s.get(key)
+            shown = "n/a" if value is None else f"{value:.3f}"
+            print(f"    {title:40s} {shown:>10s}")
+    if shard is not None:
+        ratio = shard["redis_ratio_3_to_1"]
+        print(f"  Redis CPU per fix, 3 shards / 1 shard: {ratio:.2f}")
+        for pair in shard["pairs"]:
+            print(
+                f"    {pair['kind']}, {pair['workers']} process(es): "
+                f"{pair['redis_us_per_fix_1_shard']} -> "
+                f"{pair['redis_us_per_fix_3_shards']} µs/fix; shard cores "
+                f"{pair['shard_cores']}"
             )
-    return rows
+    else:
+        print("  sharding: the 3-shard runs are missing")
+    print("ASSUMED:")
+    for key, value in ASSUMED.items():
+        print(f"  {key:42s} {value!s:>10s}")
+
+
+def show_runs(rows: list[dict]) -> None:
+    print("\nScaled-down runs (CPU in cores and µs per fix; latency ack or batch):")
+    print(
+        "  run                      fixes/s  server  µs/fix  PG µs  Redis µs  "
+        "KB/stream  p50 / p99 ms  errors lost"
+    )
+    for r in rows:
+        p50, p99 = r["ack_p50_ms"], r["ack_p99_ms"]
+        if p50 is None:
+            p50, p99 = r["batch_p50_ms"], r["batch_p99_ms"]
+        print(
+            f"  {r['run']:24s} {r['fixes_per_s']:>7,.0f} {r['server_cores']:>7} "
+            f"{r['server_us_per_fix']!s:>7} {r['pg_us_per_fix']!s:>6} "
+            f"{r['redis_us_per_fix']!s:>8} {r['kb_per_stream']!s:>9}  "
+            f"{p50!s:>6} / {p99!s:<7} {r['errors']} {r['fixes_lost']}"
+        )
+
+
+def all_rows() -> list[dict]:
+    names = sorted(p.stem[len("load_") :] for p in RESULTS.glob("load_scale_*.json"))
+    return [summary(data) for n in names if (data := load(n)) is not None]
+
+
+def markdown(out: dict) -> None:
+    """The tables of bench/README.md's capacity section, from this run."""
+    print(
+        "\n| run | fixes/s | server cores (per process) | µs CPU/fix | observer µs "
+        "per fleet fix | PG µs/fix | Redis µs/fix (per shard cores) | KB/stream | "
+        "p50 / p99 ms | errors / lost |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in out["runs"]:
+        p50, p99 = r["ack_p50_ms"], r["ack_p99_ms"]
+        if p50 is None:
+            p50, p99 = r["batch_p50_ms"], r["batch_p99_ms"]
+        procs = r["process_cores"] or []
+        per = " (" + ", ".join(f"{c:.2f}" for c in procs[1:]) + ")" if procs[1:] else ""
+        shards = r["redis_shard_cores"]
+        per_shard = " (" + ", ".join(f"{c:.3f}" for c in shards) + ")" if shards else ""
+        latency = "–" if p50 is None else f"{p50:,.0f} / {p99:,.0f}"
+        print(
+            f"| `{r['run']}` | {r['fixes_per_s']:,.0f} | {r['server_cores']:.2f}{per} "
+            f"| {r['server_us_per_fix']:,.0f} | {r['observer_us_per_fleet_fix']} | "
+            f"{r['pg_us_per_fix']} | {r['redis_us_per_fix']}{per_shard} | "
+            f"{r['kb_per_stream'] or '–'} | {latency} | {r['errors']} / "
+            f"{r['fixes_lost']} |"
+        )
+    print(
+        "\n| devices | fixes/s | server processes, streams (as built) | server "
+        "processes, gateways (as built) | Redis shards | PostgreSQL cores / nodes "
+        "(streams; gateways) | PostgreSQL TB/day |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for p in out["plans"]:
+        print(
+            f"| {p['devices']:,} | {p['fixes_per_s']:,.0f} | {p['stream_processes']:,}"
+            f" ({p['stream_processes_as_built'] or 'cannot'}) | "
+            f"{p['gateway_processes']:,} "
+            f"({p['gateway_processes_as_built'] or 'cannot'})"
+            f" | {p['redis_shards']:,} | {p['pg_cores_streams']:,} / "
+            f"{p['pg_nodes_streams']}; {p['pg_cores_gateways']:,} / "
+            f"{p['pg_nodes_gateways']} | {p['pg_tb_per_day']} |"
+        )
 
 
 def main() -> dict:
-    measured, sources = measured_inputs()
-    missing = [k for k, v in measured.items() if v is None]
-    print("Inputs (MEASURED unless marked):")
-    for key, value in measured.items():
-        shown = "n/a" if value is None else f"{value:.1f}"
-        print(f"  {key:32s} {shown:>10s}  {sources[key]}")
-    for key, value in ASSUMED.items():
-        print(f"  {key:32s} {value!s:>10s}  ASSUMED")
-    if missing:
-        print(f"missing inputs (run bench/load.py first): {missing}")
-    plans = [plan(n, measured, ASSUMED) for n in FLEETS] if not missing else []
-    header = ["devices", "fixes/s", "stream procs", "gateway procs", "redis shards"]
-    header += ["PG cores", "PG nodes", "PG TB/day"]
-    print("\n" + " | ".join(header))
+    stream = scaling(("streams", "streams10"))
+    gateway = scaling(("gateway",), fixed_cores(stream) if stream is not None else None)
+    shard = sharding()
+    watch_us = watcher_cost_us()
+    show_inputs(stream, gateway, shard)
+    print(f"    {'watcher update, µs (timed here)':40s} {watch_us:>10.3f}")
+    rows = all_rows()
+    show_runs(rows)
+    plans = []
+    if stream is not None and gateway is not None:
+        for s in (stream, gateway):
+            s["per_fix_us"] = (
+                s["server_us_per_fix"] + ASSUMED["watch_fanout"] * watch_us
+            )
+        plans = [plan(n, stream, gateway, shard) for n in FLEETS]
+    print("\nAt one fix every 10 s (fan-out routed to watching processes; as built:")
+    print("every process receives every update, '-' where that cannot work):")
+    print(
+        "  devices | fixes/s | stream procs (as built) | gateway procs (as built) "
+        "| Redis shards | PG cores / nodes, streams | PG TB/day"
+    )
     for p in plans:
         print(
-            f"{p['devices']:>11,} | {p['fixes_per_s']:>10,.0f} | "
-            f"{p['stream_server_processes']:>6} | {p['gateway_server_processes']:>6} | "
-            f"{p['redis_shards']:>4} | {p['pg_cores']:>7} | {p['pg_nodes']} | "
-            f"{p['pg_tb_per_day']}"
+            f"  {p['devices']:>11,} | {p['fixes_per_s']:>10,.0f} | "
+            f"{p['stream_processes']:>6} ({p['stream_processes_as_built'] or '-'}) | "
+            f"{p['gateway_processes']:>5} ({p['gateway_processes_as_built'] or '-'}) | "
+            f"{p['redis_shards']:>4} | {p['pg_cores_streams']} / "
+            f"{p['pg_nodes_streams']} | {p['pg_tb_per_day']}"
         )
-    scaling = scaling_runs()
-    print("\nScaled-down runs here (same offered load, 1 and 2 server processes):")
-    for row in scaling:
-        print(f"  {row}")
+    if plans:
+        limit = plans[0]["stream_broadcast_limit_fixes_per_s"]
+        print(f"  as built, the broadcast alone fills a process at {limit} fixes/s")
     out = {
-        "measured": measured,
-        "sources": sources,
+        "measured": {
+            "streams": stream,
+            "gateways": gateway,
+            "sharding": shard,
+            "watch_us_per_update": watch_us,
+        },
         "assumed": ASSUMED,
+        "runs": rows,
         "plans": plans,
-        "scaling_runs": scaling,
-        "not_measured_here": [
-            "Redis Cluster with 3 shards (no cluster on this machine): shard counts "
-            "scale the measured single-Redis CPU per fix linearly",
-            "4 server processes: the machine has 2 cores shared with the driver",
-        ],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "capacity.json").write_text(json.dumps(out, indent=1) + "\n")
     print("wrote bench/results/capacity.json")
+    if "--markdown" in sys.argv[1:]:
+        markdown(out)
     return out
 
 

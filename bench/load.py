@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
 
+from load_backends import STORED_PER_DEVICE, BackendMeter, Production  # noqa: E402
 from tracking.v1 import geofence_pb2, geofence_pb2_grpc  # noqa: E402
 
 from tracking_grpc.loadgen import driver, fences, procstat, stats  # noqa: E402
@@ -50,11 +51,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_serving(target: str, timeout_s: float = 60.0) -> None:
+def wait_serving(
+    target: str, process: subprocess.Popen | None = None, timeout_s: float = 60.0
+) -> None:
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         deadline = time.time() + timeout_s
         while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}")
             try:
                 answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:
@@ -90,9 +95,10 @@ class SpawnedServer:
             command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
         )
         try:
-            wait_serving(self.target)
+            wait_serving(self.target, self.process)
         except BaseException:
             self.stop()
+            print(*(data_dir / "server.log").read_text().splitlines()[-20:], sep="\n")
             raise
 
     @property
@@ -181,8 +187,61 @@ def watch_ids(args: argparse.Namespace) -> list[str]:
     return ids[: args.watch_devices]
 
 
+def measure_idle(
+    server_pid: int,
+    production: Production | None,
+    idle_s: float,
+    observer_pid: int | None = None,
+) -> dict:
+    """Server and backend CPU with the server up, fences loaded and no load yet."""
+    if idle_s <= 0:
+        return {}
+    meter = BackendMeter(production)
+    before = procstat.usage(server_pid)
+    observed = procstat.usage(observer_pid).cpu_s if observer_pid else 0.0
+    time.sleep(idle_s)
+    after = procstat.usage(server_pid)
+    backend, _ = meter.elapsed()
+    observer = procstat.usage(observer_pid).cpu_s - observed if observer_pid else None
+    return {
+        "observer_cores": None if observer is None else round(observer / idle_s, 4),
+        "seconds": idle_s,
+        "server_cores": round((after.cpu_s - before.cpu_s) / idle_s, 4),
+        "server_processes": after.processes,
+        "rss_mb": round(after.rss_bytes / 2**20, 1),
+        "backend_cores": {n: round(v / idle_s, 4) for n, v in backend.items()},
+    }
+
+
+def connections_by_process(pids: list[int], port: int) -> list[int]:
+    """Established client connections to ``port`` held by each process (workers
+    sharing a port with SO_REUSEPORT get them from the kernel, not evenly)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "01":  # ESTABLISHED
+                    inodes.add(f"socket:[{fields[9]}]")
+    counts = []
+    for pid in pids:
+        held = 0
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    held += os.readlink(fd) in inodes
+        counts.append(held)
+    return counts
+
+
 def run_drivers(
-    plans: list[Plan], ids: list[str], server_pid: int, args: argparse.Namespace
+    plans: list[Plan],
+    ids: list[str],
+    server_pid: int,
+    args: argparse.Namespace,
+    production: Production | None = None,
+    observer_pid: int | None = None,
 ) -> tuple[list[DriverResult], dict]:
     """Start the driver processes, sample the server during the run, collect."""
     context = multiprocessing.get_context("spawn")
@@ -200,15 +259,14 @@ def run_drivers(
     samples: dict = {"rss_baseline_bytes": base.rss_bytes}
     time.sleep(max(0.0, window.steady_start_s - time.time()))
     steady = procstat.usage(server_pid)
+    members = [server_pid, *procstat.children(server_pid)]
+    member_cpu = [procstat.cpu_of([m]) for m in members]
+    port = int(plans[0].target.rsplit(":", 1)[1])
+    observed = procstat.usage(observer_pid) if observer_pid else None
+    samples["server_process_connections"] = connections_by_process(members, port)
     drivers_cpu = sum(procstat.usage(p.pid).cpu_s for p in processes)
     busy = machine_busy_s()
-    # Shared with other users of the machine: an upper bound for this run's share.
-    # Per process, so that backends started inside the window (the server's pool
-    # growing under load) count too.
-    backend_names = ("postgres", "redis-server")
-    backend_cpu = {
-        n: procstat.cpu_by_pid(procstat.pids_named(n)) for n in backend_names
-    }
+    meter = BackendMeter(production)
     if args.profile:
         profiler = start_profiler(
             server_pid, args.profile, window.steady_s, args.profile_native
@@ -218,18 +276,19 @@ def run_drivers(
         time.sleep(min(1.0, max(0.0, window.end_s - time.time())))
         rss_max = max(rss_max, procstat.usage(server_pid).rss_bytes)
     end = procstat.usage(server_pid)
+    if observer_pid and observed is not None:
+        samples["observer_cpu_s"] = procstat.usage(observer_pid).cpu_s - observed.cpu_s
     samples["drivers_cpu_s"] = (
         sum(procstat.usage(p.pid).cpu_s for p in processes) - drivers_cpu
     )
     samples["machine_busy_s"] = machine_busy_s() - busy
-    samples["backend_cpu_s"] = {
-        n: sum(
-            max(0.0, cpu - backend_cpu[n].get(pid, 0.0))
-            for pid, cpu in procstat.cpu_by_pid(procstat.pids_named(n)).items()
-        )
-        for n in backend_names
-    }
+    samples["backend_cpu_s"], samples["redis_shard_cpu_s"] = meter.elapsed()
+    samples["backend_exact"] = meter.exact
     samples["server_cpu_s"] = end.cpu_s - steady.cpu_s
+    # Each process of the server (supervisor first, then workers): the split of work.
+    samples["server_process_cpu_s"] = [
+        procstat.cpu_of([m]) - c for m, c in zip(members, member_cpu, strict=True)
+    ]
     samples["server_processes"] = end.processes
     samples["rss_steady_max_bytes"] = rss_max
     samples["rss_steady_end_bytes"] = end.rss_bytes
@@ -254,56 +313,6 @@ def start_profiler(
     return subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )
-
-
-STORED_PER_DEVICE = "SELECT device, count(*), max(seq) FROM fixes GROUP BY device"
-
-
-class Production:
-    """A private, migrated PostgreSQL database and Redis key prefix for one run."""
-
-    def __init__(self, admin_url: str, redis_url: str) -> None:
-        import asyncio
-
-        from tracking_grpc.storage import schema
-
-        self.admin_url = admin_url
-        self.redis_url = redis_url
-        self.name = f"trkload_{os.getpid()}_{int(time.time())}"
-        self.url = f"{admin_url.rsplit('/', 1)[0]}/{self.name}"
-        self.prefix = f"trkload{os.getpid()}:"
-        self._admin(f'CREATE DATABASE "{self.name}"')
-        asyncio.run(schema.migrate(self.url))
-
-    def _admin(self, statement: str) -> None:
-        import psycopg
-
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(statement)
-
-    @property
-    def flags(self) -> list[str]:
-        return [
-            f"--database-url={self.url}",
-            f"--redis-url={self.redis_url}",
-            f"--redis-key-prefix={self.prefix}",
-        ]
-
-    def stored(self) -> list[tuple[str, int, int]]:
-        import psycopg
-
-        with psycopg.connect(self.url) as conn:
-            return conn.execute(STORED_PER_DEVICE).fetchall()
-
-    def close(self) -> None:
-        import redis
-
-        self._admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-        client = redis.Redis.from_url(self.redis_url)
-        keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
-        client.close()
 
 
 def sqlite_stored(data_dir: Path) -> list[tuple[str, int, int]]:
@@ -369,6 +378,10 @@ def report(
             "cpu_us_per_fix": round(cpu_s / fixes_in_window * 1e6, 1)
             if fixes_in_window
             else None,
+            "process_cpu_cores": [
+                round(v / steady_s, 3) for v in samples["server_process_cpu_s"]
+            ],
+            "process_connections": samples["server_process_connections"],
             "rss_baseline_mb": round(samples["rss_baseline_bytes"] / 2**20, 1),
             "rss_steady_mb": round(samples["rss_steady_max_bytes"] / 2**20, 1),
             "rss_kb_per_stream": round(rss_growth / streams / 1024, 1)
@@ -380,8 +393,28 @@ def report(
         "backend_cpu_cores": {
             n: round(v / steady_s, 3) for n, v in samples["backend_cpu_s"].items()
         },
+        # exact: a private server measured by its own processes; otherwise every
+        # process of that name on the machine (an upper bound).
+        "backend_exact": samples["backend_exact"],
+        "backend_us_per_fix": {
+            n: round(v / fixes_in_window * 1e6, 1) if fixes_in_window else None
+            for n, v in samples["backend_cpu_s"].items()
+        },
+        "redis_shard_cpu_cores": [
+            round(v / steady_s, 3) for v in samples["redis_shard_cpu_s"]
+        ],
         "fixes_in_window": fixes_in_window,
     }
+    if "observer_cpu_s" in samples:
+        # A server process with no clients on the same backends: what every
+        # process pays for receiving the fleet's live updates (plus its idle cost).
+        observer_s = samples["observer_cpu_s"]
+        out["observer"] = {
+            "cpu_cores": round(observer_s / steady_s, 4),
+            "cpu_us_per_fleet_fix": round(observer_s / fixes_in_window * 1e6, 2)
+            if fixes_in_window
+            else None,
+        }
     if any(r.reconnected_s for r in results):
         reconnected = stats.merge(r.reconnected_s for r in results)
         recovered = stats.merge(r.recovered_s for r in results)
@@ -424,8 +457,15 @@ def print_report(out: dict) -> None:
     )
     print(
         f"Drivers: {out['drivers_cpu_cores']} cores; whole machine busy "
-        f"{out['machine_busy_cores']} cores; backends {out['backend_cpu_cores']}"
+        f"{out['machine_busy_cores']} cores; backends {out['backend_cpu_cores']} "
+        f"(exact: {out['backend_exact']}), µs/fix {out['backend_us_per_fix']}"
     )
+    if out["redis_shard_cpu_cores"]:
+        print(f"Redis shards (cores each): {out['redis_shard_cpu_cores']}")
+    if out.get("observer"):
+        print(f"Observer (a server with no clients): {json.dumps(out['observer'])}")
+    if out.get("idle"):
+        print(f"Idle before the run: {json.dumps(out['idle'])}")
     for key in ("storm", "verify"):
         if key in out:
             print(f"{key}: {json.dumps(out[key])}")
@@ -463,6 +503,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     add("--redis-url", default="redis://127.0.0.1:6379/0")
     add("--workers", type=int, default=1, help="server processes (needs --production)")
+    add(
+        "--redis-shards",
+        type=int,
+        default=0,
+        help="start a private Redis Cluster of N masters (0: the Redis at --redis-url)",
+    )
+    add(
+        "--private-postgres",
+        action="store_true",
+        help="start a PostgreSQL server of this run's own (exact CPU)",
+    )
+    add("--idle-s", type=float, default=0.0, help="measure idle server CPU first")
+    add(
+        "--observer",
+        action="store_true",
+        help="also run a server with no clients on the same backends (the cost "
+        "of receiving the fleet's live updates)",
+    )
     add("--target", help="use a running server at this loopback address")
     add("--server-pid", type=int, help="its pid, for CPU and memory")
     add("--server-flag", action="append", default=[], help="extra flag for serve")
@@ -480,6 +538,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{url} is not on loopback")
     if args.workers > 1 and not args.production:
         parser.error("--workers above 1 needs --production (shared backends)")
+    if (args.redis_shards or args.private_postgres) and not args.production:
+        parser.error("--redis-shards and --private-postgres need --production")
+    if args.observer and (args.target or not args.production):
+        parser.error("--observer needs --production and a spawned server")
     if args.target and not args.server_pid:
         parser.error("--target needs --server-pid (CPU and memory are read from /proc)")
     return args
@@ -492,9 +554,14 @@ def main(argv: list[str] | None = None) -> dict:
         tempfile.TemporaryDirectory(prefix="tracking-load-") as tmp,
         contextlib.ExitStack() as cleanup,  # runs on errors and Ctrl-C as well
     ):
-        server = production = None
+        server = production = observer = None
         if args.production:
-            production = Production(args.pg_admin_url, args.redis_url)
+            production = Production(
+                args.pg_admin_url,
+                args.redis_url,
+                args.redis_shards,
+                args.private_postgres,
+            )
             cleanup.callback(production.close)
         if args.target:
             target, pid = args.target, args.server_pid or 0
@@ -504,12 +571,24 @@ def main(argv: list[str] | None = None) -> dict:
             server = SpawnedServer(Path(tmp), flags)
             cleanup.callback(server.stop)
             target, pid = server.target, server.pid
+            if args.observer and production is not None:
+                observer_dir = Path(tmp) / "observer"
+                observer_dir.mkdir()
+                observer = SpawnedServer(observer_dir, production.flags)
+                cleanup.callback(observer.stop)
         plans = build_plans(args, target)
         fence_count = import_fences(target, args.fences, plans[0]) if args.fences else 0
+        observer_pid = observer.pid if observer is not None else None
+        idle = measure_idle(pid, production, args.idle_s, observer_pid)
         plans = build_plans(args, target)  # a fresh start time after the import
-        results, samples = run_drivers(plans, watch_ids(args), pid, args)
+        results, samples = run_drivers(
+            plans, watch_ids(args), pid, args, production, observer_pid
+        )
         out = report(args, plans, results, samples)
         out["fences"] = fence_count
+        out["idle"] = idle
+        if production is not None:
+            out["redis_shards"] = args.redis_shards
         if server is not None:
             out["server_exit_code"] = server.stop()
             log_lines = (Path(tmp) / "server.log").read_text().splitlines()

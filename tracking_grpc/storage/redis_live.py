@@ -323,7 +323,10 @@ class RedisLiveStore:
     async def _run_ids(self) -> dict[str, str]:
         client = await self.redis.get()
         if is_cluster(client):
-            replies = await client.info("server", target_nodes=client.get_primaries())
+            primaries = client.get_primaries()
+            replies = await client.info("server", target_nodes=primaries)
+            if len(primaries) == 1:  # one node's reply comes back unwrapped
+                replies = {primaries[0].name: replies}
             return {node: info["run_id"] for node, info in replies.items()}
         info = await client.info("server")
         return {"single": info["run_id"]}
