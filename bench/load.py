@@ -260,7 +260,7 @@ def run_drivers(
     time.sleep(max(0.0, window.steady_start_s - time.time()))
     steady = procstat.usage(server_pid)
     members = [server_pid, *procstat.children(server_pid)]
-    member_cpu = [procstat.cpu_of([m]) for m in members]
+    member_cpu = [sum(procstat.cpu_by_pid([m]).values()) for m in members]
     port = int(plans[0].target.rsplit(":", 1)[1])
     observed = procstat.usage(observer_pid) if observer_pid else None
     samples["server_process_connections"] = connections_by_process(members, port)
@@ -287,7 +287,8 @@ def run_drivers(
     samples["server_cpu_s"] = end.cpu_s - steady.cpu_s
     # Each process of the server (supervisor first, then workers): the split of work.
     samples["server_process_cpu_s"] = [
-        procstat.cpu_of([m]) - c for m, c in zip(members, member_cpu, strict=True)
+        sum(procstat.cpu_by_pid([m]).values()) - c
+        for m, c in zip(members, member_cpu, strict=True)
     ]
     samples["server_processes"] = end.processes
     samples["rss_steady_max_bytes"] = rss_max

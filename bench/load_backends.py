@@ -225,7 +225,10 @@ class BackendMeter:
             if self.production.postgres is not None:
                 cpu["postgres"] = procstat.usage(self.production.postgres.pid).cpu_s
             if self.production.cluster is not None:
-                shards = [procstat.cpu_of([p]) for p in self.production.cluster.pids]
+                shards = [
+                    sum(procstat.cpu_by_pid([p]).values())
+                    for p in self.production.cluster.pids
+                ]
                 cpu["redis-server"] = sum(shards)
         return cpu, shards
 
