@@ -55,24 +55,8 @@ def fixes_to_batch(
 ) -> FixBatch:
     """Row messages of one device to a batch."""
     rows = fix_rows(fixes)
-    if not rows:
-        return FixBatch.empty(tenant)
-    seq, time_ms, lat, lon, acc, alt, speed, heading, battery, provider = zip(
-        *rows, strict=True
-    )
-    return FixBatch.from_columns(
-        tenant,
-        np.full(len(rows), device_id, dtype=object),
-        seq,
-        time_ms,
-        lat,
-        lon,
-        provider=provider,
-        accuracy_m=acc,
-        altitude_m=alt,
-        speed_mps=speed,
-        heading_deg=heading,
-        battery_pct=battery,
+    return FixBatch.from_fix_rows(
+        tenant, np.full(len(rows), device_id, dtype=object), rows
     )
 
 

@@ -59,11 +59,6 @@ class IngestResult:
     def duplicates(self) -> int:
         return int((self.valid & ~self.new).sum())
 
-    def acked_seq(self) -> int:
-        """Highest sequence number of the batch that is durably stored."""
-        valid = self.valid
-        return int(self.batch.seq[valid].max()) if valid.any() else 0
-
 
 @dataclass(frozen=True, slots=True)
 class DeviceAck:
@@ -467,23 +462,9 @@ class IngestPipeline:
 def _rows_batch(items: list[_Pending]) -> FixBatch:
     """The rows of consecutive device submissions of one tenant as one batch."""
     rows = [row for item in items for row in item.rows or ()]
-    seq, time_ms, lat, lon, accuracy, altitude, speed, heading, battery, provider = zip(
-        *rows, strict=True
-    )
     devices = np.array([item.device for item in items], dtype=object)
-    return FixBatch.from_columns(
-        items[0].tenant,
-        np.repeat(devices, [item.size for item in items]),
-        seq,
-        time_ms,
-        lat,
-        lon,
-        provider=provider,
-        accuracy_m=accuracy,
-        altitude_m=altitude,
-        speed_mps=speed,
-        heading_deg=heading,
-        battery_pct=battery,
+    return FixBatch.from_fix_rows(
+        items[0].tenant, np.repeat(devices, [item.size for item in items]), rows
     )
 
 

@@ -263,18 +263,23 @@ async def test_fences_survive_a_restart(start_server, settings) -> None:
     assert got.fence.version == 1
 
 
-@pytest.mark.postgres
-@pytest.mark.redis
-async def test_events_published_to_the_redis_stream(
-    start_server, tmp_path, pg_url, redis_url, redis_prefix
-) -> None:
-    settings = replace(
+def production_settings(tmp_path, pg_url, redis_url, redis_prefix):
+    """PostgreSQL + Redis settings with a tenant of the test's own."""
+    return replace(
         embedded_settings(tmp_path),
         default_tenant=f"geo-{uuid.uuid4().hex[:8]}",
         database_url=pg_url,
         redis_url=redis_url,
         redis_key_prefix=redis_prefix,
     )
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_events_published_to_the_redis_stream(
+    start_server, tmp_path, pg_url, redis_url, redis_prefix
+) -> None:
+    settings = production_settings(tmp_path, pg_url, redis_url, redis_prefix)
     server = await start_server(settings=settings)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         await geofence_pb2_grpc.GeofenceStub(channel).CreateFence(
@@ -332,13 +337,7 @@ async def send_and_collect(channel, device: str, fixes, count: int) -> list:
 async def test_watch_on_one_process_sees_events_of_another(
     start_server, tmp_path, pg_url, redis_url, redis_prefix
 ) -> None:
-    settings = replace(
-        embedded_settings(tmp_path),
-        default_tenant=f"geo-{uuid.uuid4().hex[:8]}",
-        database_url=pg_url,
-        redis_url=redis_url,
-        redis_key_prefix=redis_prefix,
-    )
+    settings = production_settings(tmp_path, pg_url, redis_url, redis_prefix)
     watched, busy = (
         await start_server(settings=settings),
         await start_server(settings=settings),

@@ -113,6 +113,40 @@ class FixBatch:
         return cls.from_columns(tenant, device, seq, time_ms, lat, lon)
 
     @classmethod
+    def from_fix_rows(
+        cls, tenant: str, device: np.ndarray, rows: Sequence[FixRow]
+    ) -> FixBatch:
+        """Build a batch from ``FixRow`` tuples and the device id of each row."""
+        if not rows:
+            return cls.empty(tenant)
+        (
+            seq,
+            time_ms,
+            lat,
+            lon,
+            accuracy,
+            altitude,
+            speed,
+            heading,
+            battery,
+            provider,
+        ) = zip(*rows, strict=True)
+        return cls.from_columns(
+            tenant,
+            device,
+            seq,
+            time_ms,
+            lat,
+            lon,
+            provider=provider,
+            accuracy_m=accuracy,
+            altitude_m=altitude,
+            speed_mps=speed,
+            heading_deg=heading,
+            battery_pct=battery,
+        )
+
+    @classmethod
     def empty(cls, tenant: str) -> FixBatch:
         return cls.from_columns(tenant, [], [], [], [], [])
 
