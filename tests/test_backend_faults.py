@@ -1,7 +1,8 @@
 """Outages of private Redis and PostgreSQL servers that the tests stop and restart.
 
 Redis down: live calls fail with Unavailable (never hang), and once it is back the
-repairer rebuilds the lost live state from history. PostgreSQL down: stores fail with
+repairer rebuilds the lost live state from history and brokers register their
+watch interest again. PostgreSQL down: stores fail with
 StorageUnavailable, and the same store object works again when it returns.
 """
 
@@ -17,6 +18,7 @@ from tests.backends import require_service, unique_tenant
 from tests.services import PostgresServer, RedisServer
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import StorageUnavailable, Unavailable
+from tracking_grpc.interest import TenantInterest
 from tracking_grpc.storage import schema
 from tracking_grpc.storage.live_repair import LiveRepairer
 from tracking_grpc.storage.postgres import PostgresHistoryStore
@@ -92,9 +94,11 @@ async def test_broker_resubscribes_after_redis_restart(private_redis) -> None:
     publisher = await RedisBroker.open(private_redis.url, "t:")
     subscriber = await RedisBroker.open(private_redis.url, "t:")
     received: list[FixBatch] = []
-    await subscriber.subscribe(lambda batch: _append(received, batch))
+    wants = {"t": TenantInterest(everything=True)}
+    await subscriber.subscribe(lambda batch: _append(received, batch), lambda: wants)
+    await subscriber.interest_changed()
     private_redis.stop()
-    private_redis.start()
+    private_redis.start()  # empty: the subscriber registers its interest again
     async with asyncio.timeout(15):
         while not received:
             try:

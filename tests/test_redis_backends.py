@@ -15,6 +15,7 @@ from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.storage import redis_keys as keys
 from tracking_grpc.storage.live_repair import rebuild_live
 from tracking_grpc.storage.postgres import PostgresHistoryStore
+from tracking_grpc.interest import TenantInterest
 from tracking_grpc.storage.redis_broker import RedisBroker, decode, encode
 from tracking_grpc.storage.redis_live import RedisLiveStore
 
@@ -47,13 +48,18 @@ def test_broker_message_round_trips() -> None:
     np.testing.assert_array_equal(back.lat, batch.lat)
 
 
-async def test_every_broker_receives_every_publication(any_redis_url, redis_prefix):
+async def test_every_interested_broker_receives_the_publication(
+    any_redis_url, redis_prefix
+):
     brokers = [await RedisBroker.open(any_redis_url, redis_prefix) for _ in range(2)]
     received: list[list[FixBatch]] = [[], []]
+    tenant = unique_tenant()
     for broker, inbox in zip(brokers, received, strict=True):
-        await broker.subscribe(lambda batch, inbox=inbox: _append(inbox, batch))
-    batch = world_batch(unique_tenant(), 40)
-    await brokers[0].publish(batch)
+        wants = {tenant: TenantInterest(everything=True)}
+        await broker.subscribe(lambda b, inbox=inbox: _append(inbox, b), lambda: wants)
+        await broker.interest_changed()
+    batch = world_batch(tenant, 40)
+    await brokers[0].publish(batch)  # to itself directly, to the other by Redis
     for inbox in received:
         await _until(lambda inbox=inbox: sum(map(len, inbox)) == 40)
         devices = sorted(d for b in inbox for d in b.device)

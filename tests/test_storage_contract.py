@@ -16,6 +16,7 @@ import pytest
 
 from tests.backends import unique_tenant
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.interest import TenantInterest
 from tracking_grpc.storage.memory import LocalBroker, MemoryLiveStore
 from tracking_grpc.storage.postgres import PostgresHistoryStore
 from tracking_grpc.storage.redis_broker import RedisBroker
@@ -322,18 +323,25 @@ async def broker(request: pytest.FixtureRequest):
     await hub.close()
 
 
-async def test_broker_delivers_each_batch_to_every_handler(broker) -> None:
-    inboxes: list[list[FixBatch]] = [[], []]
-    for inbox in inboxes:
-        await broker.subscribe(lambda batch, inbox=inbox: _put(inbox, batch))
-    sent = at(unique_tenant(), [("a", 1, 1.0, 1.0), ("b", 2, 2.0, 2.0)])
+async def test_broker_delivers_what_its_subscriber_wants(broker) -> None:
+    inbox: list[FixBatch] = []
+    tenant = unique_tenant()
+    wants = {tenant: TenantInterest(devices=frozenset({"a", "b"}))}
+    await broker.subscribe(lambda batch: _put(inbox, batch), lambda: wants)
+    await broker.interest_changed()
+    sent = at(tenant, [("a", 1, 1.0, 1.0), ("b", 2, 2.0, 2.0)])
     await broker.publish(sent)
     async with asyncio.timeout(5):
-        while any(sum(map(len, inbox)) < 2 for inbox in inboxes):  # noqa: ASYNC110
+        while sum(map(len, inbox)) < 2:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
-    for inbox in inboxes:
-        got = FixBatch.concat(inbox)
-        assert sorted(got.device) == ["a", "b"] and got.tenant == sent.tenant
+    got = FixBatch.concat(inbox)
+    assert sorted(got.device) == ["a", "b"] and got.tenant == sent.tenant
+
+
+async def test_broker_takes_one_subscription(broker) -> None:
+    await broker.subscribe(lambda batch: _put([], batch), dict)
+    with pytest.raises(RuntimeError):
+        await broker.subscribe(lambda batch: _put([], batch), dict)
 
 
 async def _put(inbox: list, batch: FixBatch) -> None:

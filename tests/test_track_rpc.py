@@ -194,7 +194,7 @@ async def test_slow_watcher_gets_newest_position_coalesced(server, stub) -> None
     from tracking_grpc.fanout import Watcher, WatchFilter
 
     watcher = Watcher("default", WatchFilter(devices=frozenset({"c"})))
-    server.app.hub.add(watcher)
+    await server.app.hub.add(watcher)
     t = now_ms()
     await track_session(
         stub, "c", [[fix(i, 1.0 + i / 1000, 1.0, t + i)] for i in range(1, 6)]

@@ -40,6 +40,11 @@ class Settings:
     redis_key_prefix: str = setting(
         "trk:", "prefix of every Redis key and channel (several deployments, one Redis)"
     )
+    fanout_interest_ttl_s: float = setting(
+        30.0,
+        "seconds a server process's watch interest outlives its last heartbeat in "
+        "Redis: a crashed process stops being sent live updates after this",
+    )
     database_pool_size: int = setting(8, "PostgreSQL connections per server process")
     database_timeout_s: float = setting(
         5.0, "longest wait for a PostgreSQL connection before a store fails (retried)"

@@ -16,7 +16,9 @@ import numpy as np
 
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import in_box, in_circle
+from tracking_grpc.interest import TenantInterest, summarise
 from tracking_grpc.observability import metrics
+from tracking_grpc.storage.base import Broker
 
 log = logging.getLogger(__name__)
 
@@ -107,22 +109,52 @@ class Watcher:
 
 
 class WatchHub:
-    """Every watcher of this process, fed by the broker."""
+    """Every watcher of this process, fed by the broker, which learns from the hub
+    which updates this process wants (its interest)."""
 
-    def __init__(self) -> None:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
         self._watchers: dict[str, set[Watcher]] = {}
+        self._shrinking: set[asyncio.Task] = set()
 
-    def add(self, watcher: Watcher) -> None:
+    async def start(self) -> None:
+        await self.broker.subscribe(self.deliver, self.interest)
+
+    async def add(self, watcher: Watcher) -> None:
+        """Add a watcher; returns once every update whose live write starts later
+        will reach it (the broker routes by the grown interest), so a snapshot
+        read after this misses nothing. Unavailable if the broker cannot say so."""
         self._watchers.setdefault(watcher.tenant, set()).add(watcher)
         metrics.watcher_opened()
+        try:
+            await self.broker.interest_changed()
+        except BaseException:
+            self.remove(watcher)
+            raise
 
     def remove(self, watcher: Watcher) -> None:
+        """Remove a watcher; the interest shrinks in the background."""
         watchers = self._watchers.get(watcher.tenant)
         if watchers is not None and watcher in watchers:
             metrics.watcher_closed()
             watchers.discard(watcher)
             if not watchers:
                 del self._watchers[watcher.tenant]
+            task = asyncio.create_task(self.broker.interest_changed())
+            self._shrinking.add(task)
+            task.add_done_callback(self._shrunk)
+
+    def _shrunk(self, task: asyncio.Task) -> None:
+        self._shrinking.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("shrinking the watch interest failed: %s", task.exception())
+
+    def interest(self) -> dict[str, TenantInterest]:
+        """The union of the watchers' filters, per tenant."""
+        return {
+            tenant: summarise(w.filter for w in watchers)
+            for tenant, watchers in self._watchers.items()
+        }
 
     @property
     def count(self) -> int:

@@ -129,6 +129,12 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.fanout_received = Counter(
+            "tracking_fanout_received_fixes",
+            "live updates (fixes) this process received from other processes for "
+            "its watchers",
+            registry=r,
+        )
         self.stream_events_dropped = Counter(
             "tracking_stream_events_dropped",
             "events not delivered to a device stream that stopped reading",
@@ -392,6 +398,12 @@ def watch_updates(outcome: str, n: int = 1) -> None:
     """Record watcher updates: ``sent``, ``coalesced`` or ``dropped`` (outdated)."""
     if _m is not None and n:
         _m.child("watch_updates", outcome).inc(n)
+
+
+def fanout_received(n: int) -> None:
+    """Record fixes received from other processes for this process's watchers."""
+    if _m is not None and n:
+        _m.fanout_received.inc(n)
 
 
 def backend_name(store: object) -> str:

@@ -235,7 +235,8 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
         watcher = Watcher(caller.tenant, watch_filter(request))
-        self.app.hub.add(watcher)
+        # Before the snapshot read: see WatchHub.add and redis_broker's ordering.
+        await self.app.hub.add(watcher)
         try:
             if not request.skip_snapshot:
                 for chunk in await self._snapshot(watcher):

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.interest import Interest
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,12 +106,22 @@ UpdateHandler = Callable[[FixBatch], Awaitable[None]]
 
 
 class Broker(Protocol):
-    """Carries live updates to every server process's watchers."""
+    """Carries live updates to the server processes whose watchers want them."""
 
-    async def publish(self, updates: FixBatch) -> None: ...
+    async def publish(self, updates: FixBatch) -> None:
+        """Called once the updates' live write has completed."""
+        ...
 
-    async def subscribe(self, handler: UpdateHandler) -> None:
-        """Call ``handler`` with every published batch, from any process."""
+    async def subscribe(
+        self, handler: UpdateHandler, interest: Callable[[], Interest]
+    ) -> None:
+        """Call ``handler`` with published batches, from any process, holding at
+        least the rows ``interest()`` wants (the handler filters exactly)."""
+        ...
+
+    async def interest_changed(self) -> None:
+        """Returns once every publish that starts later routes by ``interest()`` as
+        it is now."""
         ...
 
     async def close(self) -> None: ...

@@ -37,7 +37,9 @@ async def open_live(settings: Settings) -> tuple[LiveStore, Broker]:
         prefix = settings.redis_key_prefix
         live = await RedisLiveStore.open(settings.redis_url, prefix)
         try:
-            broker = await RedisBroker.open(settings.redis_url, prefix)
+            broker = await RedisBroker.open(
+                settings.redis_url, prefix, settings.fanout_interest_ttl_s
+            )
         except BaseException:
             await live.close()
             raise

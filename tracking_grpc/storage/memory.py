@@ -7,13 +7,14 @@ single vectorised distance computation over the tenant's devices.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 
 import numpy as np
 
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import haversine_m
+from tracking_grpc.interest import Interest
 from tracking_grpc.storage.base import UpdateHandler
 
 log = logging.getLogger(__name__)
@@ -144,20 +145,29 @@ class MemoryLiveStore:
 
 
 class LocalBroker:
-    """Broker for a single process: handlers are called directly."""
+    """Broker for a single process: the handler is called directly, with every
+    update (it filters for its watchers), so interest needs no bookkeeping."""
 
     def __init__(self) -> None:
-        self._handlers: list[UpdateHandler] = []
+        self._handler: UpdateHandler | None = None
 
     async def publish(self, updates: FixBatch) -> None:
-        for handler in list(self._handlers):
-            try:
-                await handler(updates)
-            except Exception:
-                log.exception("live update handler failed")
+        if self._handler is None:
+            return
+        try:
+            await self._handler(updates)
+        except Exception:
+            log.exception("live update handler failed")
 
-    async def subscribe(self, handler: UpdateHandler) -> None:
-        self._handlers.append(handler)
+    async def subscribe(
+        self, handler: UpdateHandler, interest: Callable[[], Interest]
+    ) -> None:
+        if self._handler is not None:
+            raise RuntimeError("a broker takes one subscription")
+        self._handler = handler
+
+    async def interest_changed(self) -> None:
+        return None
 
     async def close(self) -> None:
-        self._handlers.clear()
+        self._handler = None
