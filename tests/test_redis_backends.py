@@ -12,10 +12,10 @@ import redis
 
 from tests.backends import unique_tenant
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.interest import TenantInterest
 from tracking_grpc.storage import redis_keys as keys
 from tracking_grpc.storage.live_repair import rebuild_live
 from tracking_grpc.storage.postgres import PostgresHistoryStore
-from tracking_grpc.interest import TenantInterest
 from tracking_grpc.storage.redis_broker import RedisBroker, decode, encode
 from tracking_grpc.storage.redis_live import RedisLiveStore
 
@@ -54,8 +54,8 @@ async def test_every_interested_broker_receives_the_publication(
     brokers = [await RedisBroker.open(any_redis_url, redis_prefix) for _ in range(2)]
     received: list[list[FixBatch]] = [[], []]
     tenant = unique_tenant()
+    wants = {tenant: TenantInterest(everything=True)}
     for broker, inbox in zip(brokers, received, strict=True):
-        wants = {tenant: TenantInterest(everything=True)}
         await broker.subscribe(lambda b, inbox=inbox: _append(inbox, b), lambda: wants)
         await broker.interest_changed()
     batch = world_batch(tenant, 40)

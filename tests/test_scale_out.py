@@ -2,7 +2,8 @@
 
 A device streams into one process while a watcher on another sees every update; the
 first process is killed mid-stream and the device resumes on the second from its last
-stored seq: the database ends with every fix exactly once.
+stored seq: the database ends with every fix exactly once. A killed process's watch
+interest expires, so updates stop being sent to it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from tracking.v1 import track_pb2, track_pb2_grpc
 
 from tests.server_fixtures import batch, fix, hello, now_ms
 from tests.services import ServerProcess
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.storage.redis_broker import RedisBroker
 
 pytestmark = pytest.mark.slow
 
@@ -27,8 +30,8 @@ pytestmark = pytest.mark.slow
 def servers(production_env):
     started: list[ServerProcess] = []
 
-    def start(**options) -> ServerProcess:
-        server = ServerProcess(production_env, **options)
+    def start(workers: int = 1, **env: str) -> ServerProcess:
+        server = ServerProcess({**production_env, **env}, workers=workers)
         started.append(server)
         server.start()
         return server
@@ -139,3 +142,33 @@ async def test_workers_share_one_port(servers, pg_url) -> None:
     assert all(stored_seqs(pg_url, d) == [1, 2, 3] for d in devices)
     os.kill(server.process.pid, 15)
     assert server.process.wait(timeout=20) == 0, server.log()[-3000:]
+
+
+async def test_a_killed_process_stops_being_sent_updates(
+    servers, production_env, redis_url, redis_prefix
+) -> None:
+    """Its watch interest expires after the TTL; a live process's heartbeat
+    removes it, and publishers stop routing to it."""
+    watching = servers(TRACKING_FANOUT_INTEREST_TTL_S="1")
+    survivor = await RedisBroker.open(redis_url, redis_prefix, interest_ttl_s=1.0)
+    await survivor.subscribe(_ignore, dict)
+    device = f"kite-{uuid.uuid4().hex[:8]}"
+    async with grpc.aio.insecure_channel(watching.address) as channel:
+        stub = track_pb2_grpc.TrackSessionStub(channel)
+        call = stub.Watch(track_pb2.WatchRequest(device_ids=[device]))
+        while not (await call.read()).snapshot_done:
+            pass
+        _, entries = await survivor.table.read({})
+        assert len(entries) == 1 and "default" in next(iter(entries.values()))[1]
+        watching.kill()
+    async with asyncio.timeout(20):
+        while (await survivor.table.read({}))[1]:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    batch = FixBatch.from_rows("default", [(device, 1, now_ms(), 1.0, 1.0)])
+    await survivor.publish(batch)
+    assert "default" not in survivor._routes
+    await survivor.close()
+
+
+async def _ignore(batch: FixBatch) -> None:
+    return None

@@ -33,12 +33,13 @@ local function bump()
     if redis.call('EXISTS', KEYS[3]) == 0 then
         redis.call('SET', KEYS[3], clock[1] .. string.format('%06d', clock[2]))
     end
-    return redis.call('INCR', KEYS[3])
+    redis.call('INCR', KEYS[3])
+    return redis.call('GET', KEYS[3])  -- as text: Lua would print 1.7e+15
 end
 """
 
 # KEYS: table, alive, version. ARGV: process id, interest JSON ('' to leave), ttl.
-# Returns the new version.
+# Returns the new version (as text).
 REGISTER = (
     NOW_MS
     + """
