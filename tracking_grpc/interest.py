@@ -45,13 +45,18 @@ class TenantInterest:
     def device_array(self) -> np.ndarray:
         return np.array(sorted(self.devices), dtype=str)
 
-    def mask(self, batch: FixBatch) -> np.ndarray:
-        """Rows of ``batch`` (of this tenant) that the process may want."""
+    def mask(self, batch: FixBatch, names: np.ndarray | None = None) -> np.ndarray:
+        """Rows of ``batch`` (of this tenant) that the process may want; ``names``:
+        the batch's device ids as a str array, if the caller has it already."""
         if self.everything:
             return np.ones(len(batch), dtype=bool)
         keep = np.zeros(len(batch), dtype=bool)
         if self.devices:
-            keep |= np.isin(batch.device.astype(str), self.device_array)
+            if names is None:
+                names = batch.device.astype(str)
+            known = self.device_array
+            at = np.minimum(np.searchsorted(known, names), len(known) - 1)
+            keep |= known[at] == names
         for box in self.boxes:
             keep |= in_box(batch.lat, batch.lon, *box)
         for circle in self.circles:

@@ -61,11 +61,19 @@ Routes = dict[str, TenantInterest]  # channel -> interest, for one tenant
 
 def encode(batch: FixBatch) -> bytes:
     """A batch as bytes: a JSON header (tenant, devices) and the packed fix records."""
-    header = json.dumps({"tenant": batch.tenant, "devices": batch.device.tolist()})
+    return _encode(batch.tenant, batch.device.tolist(), records(batch))
+
+
+def records(batch: FixBatch) -> np.ndarray:
+    """The batch's fixes as packed records, one per row."""
     table = np.empty(len(batch), dtype=RECORD)
     for name in RECORD_NAMES:
         table[name] = getattr(batch, name)
-    head = header.encode()
+    return table
+
+
+def _encode(tenant: str, devices: list[str], table: np.ndarray) -> bytes:
+    head = json.dumps({"tenant": tenant, "devices": devices}).encode()
     return HEADER.pack(len(head)) + head + table.tobytes()
 
 
@@ -324,21 +332,26 @@ def _messages(
 ) -> list[tuple[str, bytes]]:
     """(channel, message) for each process whose interest in ``routes`` matches
     rows of ``updates`` that its interest in ``sent`` (already sent) did not."""
+    if not routes:
+        return []
     out = []
+    names = updates.device.astype(str)
+    table = records(updates)
     encoded: dict[bytes, bytes] = {}
     for channel, interest in routes.items():
         before = sent.get(channel)
         if before is interest:
             continue
-        mask = interest.mask(updates)
+        mask = interest.mask(updates, names)
         if before is not None:
-            mask &= ~before.mask(updates)
+            mask &= ~before.mask(updates, names)
         if not mask.any():
             continue
         key = np.packbits(mask).tobytes()
         data = encoded.get(key)
         if data is None:
-            data = encoded[key] = encode(updates if mask.all() else updates.take(mask))
+            devices = updates.device[mask].tolist()
+            data = encoded[key] = _encode(updates.tenant, devices, table[mask])
         out.append((channel, data))
     return out
 
