@@ -15,12 +15,16 @@ and 4 server processes give, for the server, PostgreSQL and Redis alike,
 
 ``intercept / R`` is the cost per fix; ``slope`` what one more process costs at that
 rate. For the server, the slope is split into what a process costs idle (measured
-before each run, fences loaded, no load) and the rest, which is taken to grow with
-the fleet's whole rate: every process subscribes to every live update (Redis pub/sub
-fan-out), so each one decodes all R fixes/s whatever its own share. For Redis, the
-slope likewise grows with R (each update is delivered to W subscribers); for
-PostgreSQL it is a constant per process (its group commits, at most one per flush
-interval). Redis per fix at 3 shards against 1 gives the cost of sharding.
+before each run, fences loaded, no load) and what it pays per fix of the whole
+fleet, measured by the observer (a server with no clients). Before the fan-out was
+routed every process received every live update, so that was 60-150 µs per fleet
+fix and capped a deployment near 8,000 fixes/s; routed, a process receives only
+what its watchers want, so the observer should pay nothing, and each update a
+watcher wants costs a message to its process (``bench/fanout_bench.py``: the
+publisher per interested process, the receiver per message). For Redis, the slope
+may grow with R; for PostgreSQL it is a constant per process (its group commits, at
+most one per flush interval). Redis per fix at 3 shards against 1 gives the cost of
+sharding.
 """
 
 from __future__ import annotations
@@ -68,6 +72,29 @@ def run_name(kind: str, workers: int, shards: int) -> str:
 def load(name: str) -> dict | None:
     path = RESULTS / f"load_{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def routed_cost_us() -> dict | None:
+    """Server CPU per update delivered to another process, from the fan-out bench:
+    the receiver's cost of a one-fix message (each delivered fix taken to travel
+    alone, the dearest case) and what one more interested process adds to a
+    publisher's commit (the slope from 1 to 16 processes, 10-fix commits)."""
+    path = RESULTS / "fanout_bench.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    stream = next(
+        r for r in data["publish_cpu_per_commit"] if r["fixes_per_commit"] == 10
+    )
+    per_process = (stream["routed_16_us"] - stream["routed_1_us"]) / 15
+    receive = next(r for r in data["receive_cpu"] if r["fixes_per_message"] == 1)
+    return {
+        "publisher_us_per_interested_process": per_process,
+        "receiver_us_per_message": receive["us_per_message"],
+        "us_per_delivered_update": per_process + receive["us_per_message"],
+        "publisher_us_per_commit_nobody_watching": stream["routed_0_us"],
+        "publisher_us_per_commit_broadcast": stream["broadcast_us"],
+    }
 
 
 def watcher_cost_us() -> float:
@@ -255,12 +282,12 @@ def fixed_cores_of(server: dict, idle: float) -> float:
 
 
 def by_connections(rows: list[dict], fixed: float) -> dict | None:
-    """A check of the broadcast cost from inside the runs with several workers.
+    """A check of the receive cost from inside the runs with several workers.
 
     The kernel hands connections to workers unevenly; a worker's CPU against the
     client connections it holds, ``cores = per_connection * n + zero``, gives what
-    a worker with no clients costs (``zero``): its fixed cost plus receiving every
-    update of the fleet. (``zero`` - fixed) / R is that receive cost per fix.
+    a worker with no clients costs (``zero``): its fixed cost plus whatever it
+    receives of the fleet's updates. (``zero`` - fixed) / R is that cost per fix.
     """
     points = []
     for r in rows:
@@ -323,24 +350,16 @@ def fixed_cores(s: dict) -> float:
     return max(s["server_cores_per_process"], s["server_idle_cores_per_process"])
 
 
-def processes_for(
-    rate: float, streams: int, s: dict, util: float, broadcast: bool
-) -> float:
+def processes_for(rate: float, streams: int, s: dict, util: float) -> float:
     """Server processes for ``rate`` fixes/s over ``streams`` open streams.
 
-    Each process does its share of the per-fix work and pays its fixed cost, and
-    receives live updates: as built (``broadcast``) every update of the fleet, so
-    ``d * rate`` each; routed, only what its watchers want, ``watch_fanout`` updates
-    per fix spread over the processes. Infinite when the broadcast fills a process.
+    Each process does its share of the per-fix work (``per_fix_us``: the fitted
+    cost, the watcher update and the routed delivery, ``watch_fanout`` per fix),
+    pays its fixed cost, and whatever it still receives of the whole fleet
+    (``d``, measured by the observer). Infinite when that alone fills a process.
     """
-    fan_us = s["server_us_per_fix_per_process"]
-    spare = util - fixed_cores(s)
-    per_fix_us = s["per_fix_us"]
-    if broadcast:
-        spare -= rate * fan_us / 1e6
-    else:
-        per_fix_us += ASSUMED["watch_fanout"] * fan_us
-    work = rate * per_fix_us / 1e6 + streams * s["server_us_per_stream_s"] / 1e6
+    spare = util - fixed_cores(s) - rate * s["server_us_per_fix_per_process"] / 1e6
+    work = rate * s["per_fix_us"] / 1e6 + streams * s["server_us_per_stream_s"] / 1e6
     return math.inf if spare <= 0 else work / spare
 
 
@@ -352,16 +371,13 @@ def plan(devices: int, stream: dict, gateway: dict, shard: dict | None) -> dict:
     out: dict = {"devices": devices, "fixes_per_s": rate}
     for kind, s in (("stream", stream), ("gateway", gateway)):
         streams = devices if kind == "stream" else 0
-        as_built = processes_for(rate, streams, s, util, broadcast=True)
-        out[f"{kind}_processes_as_built"] = (
-            None if math.isinf(as_built) else math.ceil(as_built)
-        )
         fan_us = s["server_us_per_fix_per_process"]
-        out[f"{kind}_broadcast_limit_fixes_per_s"] = (
+        out[f"{kind}_fleet_receive_limit_fixes_per_s"] = (
             round((util - fixed_cores(s)) / fan_us * 1e6) if fan_us > 0 else None
         )
-        out[f"{kind}_processes_by_cpu"] = round(
-            processes_for(rate, streams, s, util, broadcast=False), 1
+        needed = processes_for(rate, streams, s, util)
+        out[f"{kind}_processes_by_cpu"] = (
+            None if math.isinf(needed) else round(needed, 1)
         )
     # Memory: what a process holds at start and gains under load, then per stream.
     usable_mb = a["server_process_memory_gb"] * 1024 - (
@@ -371,10 +387,14 @@ def plan(devices: int, stream: dict, gateway: dict, shard: dict | None) -> dict:
     streams_per_process = usable_mb * 1024 / stream["kb_per_stream"]
     out["streams_per_process_by_memory"] = round(streams_per_process)
     out["stream_processes_by_memory"] = round(devices / streams_per_process, 1)
-    out["stream_processes"] = math.ceil(
-        max(out["stream_processes_by_cpu"], out["stream_processes_by_memory"])
+    by_cpu = out["stream_processes_by_cpu"]
+    out["stream_processes"] = (
+        None
+        if by_cpu is None
+        else math.ceil(max(by_cpu, out["stream_processes_by_memory"]))
     )
-    out["gateway_processes"] = math.ceil(out["gateway_processes_by_cpu"])
+    gateway_cpu = out["gateway_processes_by_cpu"]
+    out["gateway_processes"] = None if gateway_cpu is None else math.ceil(gateway_cpu)
     # Redis: per fix, times the measured cost of 3 shards over 1, plus delivering
     # each update to watch_fanout subscribers (routed fan-out).
     ratio = (shard or {}).get("redis_ratio_3_to_1") or 1.0
@@ -390,9 +410,9 @@ def plan(devices: int, stream: dict, gateway: dict, shard: dict | None) -> dict:
     out["redis_shards"] = math.ceil(max(redis_cpu, redis_memory, 1))
     # PostgreSQL: per fix, plus each server process's group commits.
     for kind, s in (("streams", stream), ("gateways", gateway)):
-        processes = out[
-            "stream_processes" if kind == "streams" else "gateway_processes"
-        ]
+        processes = (
+            out["stream_processes" if kind == "streams" else "gateway_processes"] or 0
+        )
         cores = rate * s["pg_us_per_fix"] / 1e6 + processes * s["pg_cores_per_process"]
         out[f"pg_cores_{kind}"] = round(cores / util, 1)
         out[f"pg_nodes_{kind}"] = math.ceil(cores / util / a["pg_node_cores"])
@@ -498,21 +518,23 @@ def markdown(out: dict) -> None:
             f"{r['fixes_lost']} |"
         )
     print(
-        "\n| devices | fixes/s | server processes, streams (as built) | server "
-        "processes, gateways (as built) | Redis shards | PostgreSQL cores / nodes "
-        "(streams; gateways) | PostgreSQL TB/day |"
+        "\n| devices | fixes/s | server processes, streams | server processes, "
+        "gateways | Redis shards | PostgreSQL cores / nodes (streams; gateways) | "
+        "PostgreSQL TB/day |"
     )
     print("|---|---|---|---|---|---|---|")
     for p in out["plans"]:
         print(
-            f"| {p['devices']:,} | {p['fixes_per_s']:,.0f} | {p['stream_processes']:,}"
-            f" ({p['stream_processes_as_built'] or 'cannot'}) | "
-            f"{p['gateway_processes']:,} "
-            f"({p['gateway_processes_as_built'] or 'cannot'})"
+            f"| {p['devices']:,} | {p['fixes_per_s']:,.0f} | "
+            f"{_count(p['stream_processes'])} | {_count(p['gateway_processes'])}"
             f" | {p['redis_shards']:,} | {p['pg_cores_streams']:,} / "
             f"{p['pg_nodes_streams']}; {p['pg_cores_gateways']:,} / "
             f"{p['pg_nodes_gateways']} | {p['pg_tb_per_day']} |"
         )
+
+
+def _count(processes: int | None) -> str:
+    return "cannot" if processes is None else f"{processes:,}"
 
 
 def main() -> dict:
@@ -520,40 +542,48 @@ def main() -> dict:
     gateway = scaling(("gateway",), fixed_cores(stream) if stream is not None else None)
     shard = sharding()
     watch_us = watcher_cost_us()
+    routed = routed_cost_us()
     show_inputs(stream, gateway, shard)
     print(f"    {'watcher update, µs (timed here)':40s} {watch_us:>10.3f}")
+    if routed is None:
+        print("  routed delivery: bench/results/fanout_bench.json is missing")
+    else:
+        for key, value in routed.items():
+            print(f"    {key:40s} {value:>10.1f}")
     rows = all_rows()
     show_runs(rows)
     plans = []
     if stream is not None and gateway is not None:
+        delivered = 0.0 if routed is None else routed["us_per_delivered_update"]
         for s in (stream, gateway):
-            s["per_fix_us"] = (
-                s["server_us_per_fix"] + ASSUMED["watch_fanout"] * watch_us
+            s["per_fix_us"] = s["server_us_per_fix"] + ASSUMED["watch_fanout"] * (
+                watch_us + delivered
             )
         plans = [plan(n, stream, gateway, shard) for n in FLEETS]
-    print("\nAt one fix every 10 s (fan-out routed to watching processes; as built:")
-    print("every process receives every update, '-' where that cannot work):")
+    print("\nAt one fix every 10 s ('cannot': what every process receives of the")
+    print("whole fleet, measured by the observer, fills it):")
     print(
-        "  devices | fixes/s | stream procs (as built) | gateway procs (as built) "
+        "  devices | fixes/s | stream procs | gateway procs "
         "| Redis shards | PG cores / nodes, streams | PG TB/day"
     )
     for p in plans:
         print(
             f"  {p['devices']:>11,} | {p['fixes_per_s']:>10,.0f} | "
-            f"{p['stream_processes']:>6} ({p['stream_processes_as_built'] or '-'}) | "
-            f"{p['gateway_processes']:>5} ({p['gateway_processes_as_built'] or '-'}) | "
+            f"{_count(p['stream_processes']):>6} | "
+            f"{_count(p['gateway_processes']):>5} | "
             f"{p['redis_shards']:>4} | {p['pg_cores_streams']} / "
             f"{p['pg_nodes_streams']} | {p['pg_tb_per_day']}"
         )
     if plans:
-        limit = plans[0]["stream_broadcast_limit_fixes_per_s"]
-        print(f"  as built, the broadcast alone fills a process at {limit} fixes/s")
+        limit = plans[0]["stream_fleet_receive_limit_fixes_per_s"]
+        print(f"  what a process receives of the fleet fills it at {limit} fixes/s")
     out = {
         "measured": {
             "streams": stream,
             "gateways": gateway,
             "sharding": shard,
             "watch_us_per_update": watch_us,
+            "routed_delivery": routed,
         },
         "assumed": ASSUMED,
         "runs": rows,
