@@ -3,7 +3,8 @@
 Brokers stand for server processes (each has its own id and channel); the last
 tests run whole servers on PostgreSQL and Redis. A process learns that nothing else
 came its way by a marker: pub/sub keeps one publisher's messages to one channel in
-order, so once the marker has arrived, everything sent before it has too.
+order, so once the marker has arrived, everything sent before it has too. The
+geofence event feed, the other cross-process stream, is read only while watched.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ from tracking.v1 import common_pb2, track_pb2, track_pb2_grpc
 from tests.backends import unique_tenant
 from tests.server_fixtures import embedded_settings, fix, now_ms, track_session
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.geofence.delivery import (
+    EventFilter,
+    EventWatchHub,
+    StreamWatchFeed,
+    stream_fields,
+)
 from tracking_grpc.interest import Interest, TenantInterest
 from tracking_grpc.storage.redis_broker import RedisBroker
 
@@ -276,3 +284,39 @@ async def _until_live(server, seq: int) -> None:
             if seq in found.seq.tolist():
                 return
             await asyncio.sleep(0.01)
+
+
+class RecordingHub(EventWatchHub):
+    """An event watch hub that remembers every event the feed handed it."""
+
+    def __init__(self) -> None:
+        super().__init__(fed_by_stream=True)
+        self.seen: list[TrackingEvent] = []
+
+    async def __call__(self, events) -> None:
+        self.seen += events
+        await super().__call__(events)
+
+
+def fence_event(event_id: str) -> TrackingEvent:
+    return TrackingEvent(
+        event_id, "t", "van", EventType.ENTER, 1, 1.0, 1.0, 1, 1, fence_id="depot"
+    )
+
+
+async def test_the_event_feed_reads_the_stream_only_while_watched(
+    redis_url, redis_prefix
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    stream = redis_prefix + "geofence-events"
+    hub = RecordingHub()
+    feed = StreamWatchFeed(aioredis.Redis.from_url(redis_url), stream, hub)
+    feed.start()
+    await client.xadd(stream, stream_fields(fence_event("unwatched")))
+    subscription = hub.subscribe(EventFilter("t"))
+    await asyncio.wait_for(hub.following.wait(), 10)
+    await client.xadd(stream, stream_fields(fence_event("watched")))
+    got = await asyncio.wait_for(subscription.queue.get(), 10)
+    assert [e.event_id for e in got] == ["watched"]
+    assert [e.event_id for e in hub.seen] == ["watched"]
+    await asyncio.gather(feed.close(), client.aclose())

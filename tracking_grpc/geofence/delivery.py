@@ -129,18 +129,29 @@ class EventSubscription:
 
 
 class EventWatchHub:
-    """Delivers geofence events to WatchEvents subscribers of this process."""
+    """Delivers geofence events to WatchEvents subscribers of this process.
 
-    def __init__(self) -> None:
+    Fed directly by the event bus, or by a ``StreamWatchFeed``, which follows the
+    stream only while the hub has subscribers and says so in ``following``.
+    """
+
+    def __init__(self, fed_by_stream: bool = False) -> None:
         self._subscriptions: set[EventSubscription] = set()
+        self.watched = asyncio.Event()
+        self.following = asyncio.Event()
+        if not fed_by_stream:
+            self.following.set()
 
     def subscribe(self, event_filter: EventFilter) -> EventSubscription:
         subscription = EventSubscription(event_filter)
         self._subscriptions.add(subscription)
+        self.watched.set()
         return subscription
 
     def unsubscribe(self, subscription: EventSubscription) -> None:
         self._subscriptions.discard(subscription)
+        if not self._subscriptions:
+            self.watched.clear()
 
     async def __call__(self, events: Sequence[TrackingEvent]) -> None:
         found = geofence_events(events)
@@ -266,8 +277,10 @@ class StreamPublisher:
 
 class StreamWatchFeed:
     """Feeds a watch hub from the Redis Stream, so that WatchEvents on any server
-    process sees the events every process raises. Reads entries appended after it
-    started (XREAD from ``$``) and follows the stream from there."""
+    process sees the events every process raises. It reads only while the hub has
+    subscribers (a process nobody watches events on reads none of the fleet's):
+    when the first arrives it notes the stream's last entry, sets ``following``,
+    and reads every entry after it until the last subscriber has gone."""
 
     def __init__(self, client, stream: str, hub: EventWatchHub) -> None:
         self.client = client
@@ -279,10 +292,18 @@ class StreamWatchFeed:
         self._task = asyncio.create_task(self._run(), name="geofence-watch-feed")
 
     async def _run(self) -> None:
-        last = "$"
         failures = 0
+        last: str | None = None
         while True:
+            if not self.hub.watched.is_set():
+                last = None
+                self.hub.following.clear()
+                await self.hub.watched.wait()
             try:
+                if last is None:
+                    newest = await self.client.xrevrange(self.stream, count=1)
+                    last = _text(newest[0][0]) if newest else "0-0"
+                    self.hub.following.set()
                 found = await self.client.xread(
                     {self.stream: last}, block=1000, count=1000
                 )
@@ -300,11 +321,7 @@ class StreamWatchFeed:
             for _, entries in found or []:
                 if entries:
                     last = _text(entries[-1][0])
-                    events = [
-                        event_of_stream({_text(k): _text(v) for k, v in f.items()})
-                        for _, f in entries
-                    ]
-                    await self.hub(events)
+                    await self.hub([_event(f) for _, f in entries])
 
     async def close(self) -> None:
         if self._task is not None:
@@ -312,6 +329,10 @@ class StreamWatchFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.client.aclose()
+
+
+def _event(entry: dict) -> TrackingEvent:
+    return event_of_stream({_text(k): _text(v) for k, v in entry.items()})
 
 
 def _text(value: bytes | str) -> str:

@@ -15,7 +15,7 @@ from tracking.v1 import geofence_pb2, geofence_pb2_grpc
 
 from tracking_grpc.app import App
 from tracking_grpc.auth import Role
-from tracking_grpc.errors import InvalidArgument, ResourceExhausted
+from tracking_grpc.errors import InvalidArgument, ResourceExhausted, Unavailable
 from tracking_grpc.events import EventType
 from tracking_grpc.geofence.delivery import (
     GEOFENCE_TYPES,
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 MAX_WATCH_IDS = 10_000
+FOLLOW_TIMEOUT_S = 5.0  # longest WatchEvents waits for the event stream
 GEOFENCE_STREAM = "geofence-events"  # after redis_key_prefix
 
 
@@ -210,6 +211,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         )
         subscription = self.hub.subscribe(event_filter)
         try:
+            await self._following()
             await context.send_initial_metadata(())
             while True:
                 events = await subscription.queue.get()
@@ -220,6 +222,14 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
                 )
         finally:
             self.hub.unsubscribe(subscription)
+
+    async def _following(self) -> None:
+        """Wait until the events of every process reach this one's subscribers."""
+        try:
+            async with asyncio.timeout(FOLLOW_TIMEOUT_S):
+                await self.hub.following.wait()
+        except TimeoutError:
+            raise Unavailable("the geofence event stream is unavailable") from None
 
     async def ListEvents(self, request, context):
         """Stored geofence events in a time range (by fix time), oldest first."""
@@ -288,7 +298,7 @@ def register(server: grpc.aio.Server, app: App) -> str:
     """Add the Geofence service, its processor and its event listeners."""
     fences, events = open_repositories(app)
     processor = GeofenceProcessor(fences, events)
-    hub = EventWatchHub()
+    hub = EventWatchHub(fed_by_stream=bool(app.settings.redis_url))
     app.pipeline.add_processor(processor)
     publisher = None
     if app.settings.redis_url:
