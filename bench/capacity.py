@@ -202,8 +202,8 @@ def scaling(kinds: tuple[str, ...], fixed_b: float | None = None) -> dict | None
 
     Two rates over the same open streams (1 fix / 5 s and / 10 s) tell the cost
     per fix (a) from the cost per open stream (e). The receive cost (d) comes from
-    the observer; without one it is fitted, with b fixed to ``fixed_b`` (or the
-    idle cost) when there is one rate only.
+    the observer (``fleet_receive``); without one it is fitted, with b fixed to
+    ``fixed_b`` (or the idle cost) when there is one rate only.
     """
     names = [run_name(k, w, 1) for k in kinds for w in WORKERS]
     runs = [load(n) for n in names]
@@ -212,23 +212,10 @@ def scaling(kinds: tuple[str, ...], fixed_b: float | None = None) -> dict | None
         return None
     idle = float(np.mean([r["idle_server_cores"] / r["workers"] for r in rows]))
     two_rates = len({round(r["fixes_per_s"], -2) for r in rows}) > 1
-    # Receiving the fleet's updates, measured on a server with no clients (the
-    # observer); fitted when no run had one. It is paid per published message, so
-    # per fix it grows as the same load is split over more publishers: the run
-    # with the fewest processes at the highest rate (the largest messages, the
-    # nearest to a process at its planned load) is the one taken.
-    top = max(round(r["fixes_per_s"], -2) for r in rows)
-    candidates = [
-        r
-        for r in rows
-        if r["observer_us_per_fleet_fix"] is not None
-        and round(r["fixes_per_s"], -2) == top
-    ]
-    fewest = min((r["workers"] for r in candidates), default=0)
-    observed = [
-        r["observer_us_per_fleet_fix"] for r in candidates if r["workers"] == fewest
-    ]
-    receive = {"d": float(np.mean(observed)) / 1e6} if observed else None
+    # What a process pays per fix of the whole fleet, measured on a server with
+    # no clients (the observer): the slope of its CPU against the fleet's rate.
+    fleet = fleet_receive()
+    receive = {"d": fleet["us_per_fleet_fix"] / 1e6} if fleet else None
     if two_rates:
         free = ("a", "b", "e") if receive else ("a", "b", "d", "e")
         server = fit_costs(rows, "server_cores", free, receive)
@@ -263,6 +250,7 @@ def scaling(kinds: tuple[str, ...], fixed_b: float | None = None) -> dict | None
         "server_idle_cores_per_process": idle,
         "server_us_per_fix_per_process": max(0.0, server["d"]) * 1e6,
         "server_receive_measured_by": "observer" if receive else "fit",
+        "fleet_receive": fleet,
         "server_us_per_stream_s": max(0.0, server["e"]) * 1e6,
         "pg_us_per_fix": pg["a"] * 1e6,
         "pg_cores_per_process": max(0.0, pg["b"]),
@@ -274,6 +262,27 @@ def scaling(kinds: tuple[str, ...], fixed_b: float | None = None) -> dict | None
         **(memory or {}),
         "runs": [n for n, r in zip(names, runs, strict=True) if r is not None],
         "rows": rows,
+    }
+
+
+def fleet_receive() -> dict | None:
+    """The observer's CPU above its idle CPU against the fleet's rate, fitted over
+    every run that had one (500 to 3,900 fixes/s, streams and gateways alike):
+    the slope is what a process with no clients pays per fix of the fleet (the
+    broadcast made it 5-150 µs; routed, nothing is sent to it), the intercept
+    what it pays whatever the rate (heartbeats, health probes, timers)."""
+    rows = [r for r in all_rows() if r["observer_us_per_fleet_fix"] is not None]
+    if len({round(r["fixes_per_s"], -2) for r in rows}) < 2:
+        return None
+    rate = np.array([r["fixes_per_s"] for r in rows])
+    cores = np.array([r["observer_us_per_fleet_fix"] for r in rows]) * rate / 1e6
+    slope, intercept = np.polyfit(rate, cores, 1)
+    return {
+        "us_per_fleet_fix": max(0.0, float(slope)) * 1e6,
+        "fitted_us_per_fleet_fix": float(slope) * 1e6,
+        "cores_at_any_rate": float(intercept),
+        "runs": len(rows),
+        "rates_fixes_per_s": sorted({round(float(x), -1) for x in rate}),
     }
 
 
