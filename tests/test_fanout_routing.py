@@ -30,6 +30,7 @@ from tracking_grpc.geofence.delivery import (
 )
 from tracking_grpc.interest import Interest, TenantInterest
 from tracking_grpc.storage.redis_broker import RedisBroker
+from tracking_grpc.storage.redis_client import Connection
 
 pytestmark = pytest.mark.slow
 T0 = 1_750_000_000_000
@@ -313,7 +314,7 @@ async def test_the_event_feed_reads_the_stream_only_while_watched(
     client = aioredis.Redis.from_url(redis_url)
     stream = redis_prefix + "geofence-events"
     hub = RecordingHub()
-    feed = StreamWatchFeed(aioredis.Redis.from_url(redis_url), stream, hub)
+    feed = StreamWatchFeed(Connection(redis_url), stream, hub)
     feed.start()
     await client.xadd(stream, stream_fields(fence_event("unwatched")))
     subscription = hub.subscribe(EventFilter("t"))

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 from tests.conftest import require_service
 from tracking_grpc.events import EventType, TrackingEvent
 from tracking_grpc.geofence.delivery import StreamPublisher, event_of_stream
+from tracking_grpc.storage.redis_client import Connection
 from tracking_grpc.storage.sqlite_fences import (
     SqliteEventRepository,
     SqliteGeofenceDatabase,
@@ -68,7 +69,7 @@ async def read_group(client: aioredis.Redis, key: str) -> list:
 
 async def publish_once(url: str, key: str, outbox: SqliteEventRepository) -> None:
     """Run a publisher until it has drained the outbox (or given up), then stop."""
-    publisher = StreamPublisher(aioredis.Redis.from_url(url), key, outbox)
+    publisher = StreamPublisher(Connection(url), key, outbox)
     publisher.start()
     await publisher.close()
 

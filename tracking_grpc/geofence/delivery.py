@@ -5,7 +5,9 @@ The store and the watch hub are event-bus listeners that pick the geofence event
 of what the bus carries. The Redis publisher sends what the event store holds
 unpublished (an outbox), so an event once stored reaches the stream at least once,
 across outages and restarts; consumers read it with consumer groups (XREADGROUP,
-XACK) and de-duplicate by ``event_id``.
+XACK) and de-duplicate by ``event_id``. Both the publisher and the feed connect on
+first need through ``redis_client.Connection``, standalone or cluster; the stream is one
+key, so on a cluster every command goes to the node holding its slot.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tracking_grpc.events import EventType, TrackingEvent
 from tracking_grpc.storage.fences import EventRepository
+from tracking_grpc.storage.redis_client import Connection, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -214,9 +218,13 @@ class StreamPublisher:
     """
 
     def __init__(
-        self, client, stream: str, events: EventRepository, poll_s: float = 1.0
+        self,
+        connection: Connection,
+        stream: str,
+        events: EventRepository,
+        poll_s: float = 1.0,
     ) -> None:
-        self.client = client
+        self.connection = connection
         self.stream = stream
         self.events = events
         self.poll_s = poll_s
@@ -257,22 +265,25 @@ class StreamPublisher:
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
 
     async def _publish(self, events: list[TrackingEvent]) -> None:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for event in events:
-                pipe.xadd(
-                    self.stream,
-                    stream_fields(event),
-                    maxlen=STREAM_MAXLEN,
-                    approximate=True,
-                )
-            await pipe.execute()
+        client = await self.connection.get()
+        with unavailable("the geofence event stream"):
+            async with client.pipeline(transaction=False) as pipe:
+                for event in events:
+                    fields: dict[Any, Any] = stream_fields(event)
+                    pipe.xadd(
+                        self.stream,
+                        fields,
+                        maxlen=STREAM_MAXLEN,
+                        approximate=True,
+                    )
+                await pipe.execute()
 
     async def close(self) -> None:
         self._closing = True
         self._wake.set()
         if self._task is not None:
             await self._task
-        await self.client.aclose()
+        await self.connection.close()
 
 
 class StreamWatchFeed:
@@ -282,8 +293,8 @@ class StreamWatchFeed:
     when the first arrives it notes the stream's last entry, sets ``following``,
     and reads every entry after it until the last subscriber has gone."""
 
-    def __init__(self, client, stream: str, hub: EventWatchHub) -> None:
-        self.client = client
+    def __init__(self, connection: Connection, stream: str, hub: EventWatchHub) -> None:
+        self.connection = connection
         self.stream = stream
         self.hub = hub
         self._task: asyncio.Task[None] | None = None
@@ -300,13 +311,15 @@ class StreamWatchFeed:
                 self.hub.following.clear()
                 await self.hub.watched.wait()
             try:
-                if last is None:
-                    newest = await self.client.xrevrange(self.stream, count=1)
-                    last = _text(newest[0][0]) if newest else "0-0"
-                    self.hub.following.set()
-                found = await self.client.xread(
-                    {self.stream: last}, block=1000, count=1000
-                )
+                client = await self.connection.get()
+                with unavailable("the geofence event stream"):
+                    if last is None:
+                        newest: Any = await client.xrevrange(self.stream, count=1)
+                        last = _text(newest[0][0]) if newest else "0-0"
+                        self.hub.following.set()
+                    found: Any = await client.xread(
+                        {self.stream: last}, block=1000, count=1000
+                    )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -328,7 +341,7 @@ class StreamWatchFeed:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self.client.aclose()
+        await self.connection.close()
 
 
 def _event(entry: dict) -> TrackingEvent:

@@ -41,6 +41,7 @@ from tracking_grpc.storage.fences import (
     decode_token,
     encode_token,
 )
+from tracking_grpc.storage.redis_client import Connection
 
 log = logging.getLogger(__name__)
 
@@ -301,12 +302,9 @@ def register(server: grpc.aio.Server, app: App) -> str:
     hub = EventWatchHub(fed_by_stream=bool(app.settings.redis_url))
     app.pipeline.add_processor(processor)
     publisher = None
+    stream = app.settings.redis_key_prefix + GEOFENCE_STREAM
     if app.settings.redis_url:
-        import redis.asyncio as aioredis
-
-        client = aioredis.Redis.from_url(app.settings.redis_url)
-        stream = app.settings.redis_key_prefix + GEOFENCE_STREAM
-        publisher = StreamPublisher(client, stream, events)
+        publisher = StreamPublisher(Connection(app.settings.redis_url), stream, events)
         publisher.start()
         app.closers.append(publisher.close)
     store = EventStoreListener(events, publisher.wake if publisher else None)
@@ -316,9 +314,7 @@ def register(server: grpc.aio.Server, app: App) -> str:
     if publisher is None:
         app.bus.add_listener(hub)
     else:  # every process's events, through the stream
-        feed = StreamWatchFeed(
-            aioredis.Redis.from_url(app.settings.redis_url), stream, hub
-        )
+        feed = StreamWatchFeed(Connection(app.settings.redis_url), stream, hub)
         feed.start()
         app.closers.append(feed.close)
     servicer = GeofenceServicer(app, fences, events, processor, hub)
