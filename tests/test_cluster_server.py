@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import replace
+from urllib.parse import urlsplit
 
 import grpc
 import pytest
@@ -71,7 +72,7 @@ def node_without(key: str, urls: list[str]) -> str:
         owner = cluster.get_node_from_key(key).port
     finally:
         cluster.close()
-    return next(url for url in urls if not url.endswith(f":{owner}"))
+    return next(url for url in urls if urlsplit(url).port != owner)
 
 
 async def test_geofence_event_reaches_stream_watcher_and_list_on_a_cluster(
