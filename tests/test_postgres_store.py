@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
 import time
+from urllib.parse import quote
 
+import numpy as np
 import psycopg
 import pytest
 
 from tests.backends import unique_tenant
 from tracking_grpc.core.fixes import FixBatch
-from tracking_grpc.errors import FailedPrecondition, InvalidArgument
+from tracking_grpc.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    StorageUnavailable,
+)
 from tracking_grpc.storage import pgcopy, schema
 from tracking_grpc.storage.postgres import DAY_MS, PostgresHistoryStore, text_array
 
@@ -166,6 +173,48 @@ async def test_awkward_device_ids_are_stored_under_their_own_names(pg_url) -> No
         d: 1 + i for i, d in enumerate(AWKWARD_IDS)
     }
     assert (await store.store(FixBatch.from_rows(tenant, rows))).sum() == 0
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    ("values", "kind"),
+    [
+        pytest.param([0, -1, 2**15 - 1, -(2**15)], ">i2", id="smallint"),
+        pytest.param([7, -(2**31), 2**31 - 1], ">i4", id="integer"),
+        pytest.param([2**63 - 1, -(2**63), 0], ">i8", id="bigint"),
+        pytest.param([1.5, math.nan, -0.25, 3.4e38], ">f4", id="real-with-nan"),
+        pytest.param([51.123456789012, -180.0, math.nan, 5e-324], ">f8", id="double"),
+        pytest.param([], ">i8", id="empty"),
+    ],
+)  # fmt: skip
+def test_binary_array_parameters_read_back(pg_url, values, kind) -> None:
+    sent = np.array(values, dtype=kind)
+    with psycopg.connect(pg_url) as conn:
+        conn.adapters.register_dumper(pgcopy.BinaryArray, pgcopy.BinaryArrayDumper)
+        row = conn.execute("SELECT %s", [pgcopy.BinaryArray.of(sent, kind)]).fetchone()
+    assert row is not None
+    np.testing.assert_array_equal(np.array(row[0], dtype=kind), sent)
+
+
+async def test_a_failed_commit_leaves_no_device_state(pg_url) -> None:
+    """The three statements of a store are one transaction: when the insert of
+    the fixes fails, the devices' rows advanced before it are rolled back."""
+    tenant, day_ms = unique_tenant(), 1_200_000_000_000 // DAY_MS * DAY_MS
+    store = await PostgresHistoryStore.open(
+        pg_url + "?options=" + quote("-c lock_timeout=200")
+    )
+    first = FixBatch.from_rows(tenant, [("a", 1, day_ms + 1, 1.0, 2.0)])
+    assert (await store.store(first)).all()  # the day's partition exists now
+    with psycopg.connect(pg_url) as holder:
+        holder.execute(f"LOCK TABLE {day_name(day_ms)} IN ACCESS EXCLUSIVE MODE")
+        second = FixBatch.from_rows(
+            tenant, [("a", 2, day_ms + 2, 1.0, 2.0), ("b", 1, day_ms + 2, 1.0, 2.0)]
+        )
+        with pytest.raises(StorageUnavailable, match="lock timeout"):
+            await store.store(second)
+    states = await store.device_states(tenant, ["a", "b"])
+    assert {d: s.last_stored_seq for d, s in states.items()} == {"a": 1}
+    assert (await store.store(second)).all()
     await store.close()
 
 
