@@ -230,8 +230,9 @@ class IngestPipeline:
         ends once closing and nothing is left.
 
         A store that takes concurrent writers (PostgreSQL) gets up to
-        ``commits_in_flight`` commits at once; what follows a commit (live update,
-        fan-out, processors) still runs in commit order.
+        ``commits_in_flight`` commits at once. Each commit updates live state and
+        publishes as soon as it is stored (newer-only updates need no order); the
+        processors get the commits in commit order.
         """
         delay = self.settings.flush_interval_ms / 1000
         if getattr(self.history, "concurrent_writers", False):  # PostgreSQL
@@ -275,22 +276,26 @@ class IngestPipeline:
         previous: asyncio.Future[None] | None,
         finished: asyncio.Future[None],
     ) -> None:
-        """Commit ``items``; once the previous flush is through, post-process."""
+        """Commit ``items`` and update live state; once the previous flush is
+        through, hand the new fixes to the processors."""
         try:
             by_tenant: dict[str, list[_Pending]] = defaultdict(list)
             for item in items:
                 by_tenant[item.tenant].append(item)
-            stored: list[tuple[FixBatch | None, tracing.SpanContext]] = []
+            stored: list[tuple[FixBatch, tracing.SpanContext]] = []
             for tenant_items in by_tenant.values():
                 links = [item.span for item in tenant_items]
                 with tracing.span("ingest.commit", links, backend=self.backend):
                     new = await self._commit(tenant_items)
-                    stored.append((new, tracing.current_context()))
+                    if new is not None and len(new):
+                        stored.append((new, tracing.current_context()))
+            for batch, _ in stored:
+                await self._update_live(batch)
             if previous is not None:
                 await previous
-            for batch, commit in stored:
-                if batch is not None:
-                    await self._after_commit(batch, commit)
+            if self.processors:
+                for batch, commit in stored:
+                    await self._processing.put((batch, commit))
         finally:
             finished.set_result(None)
             self._queued_fixes -= sum(i.size for i in items)
@@ -365,13 +370,10 @@ class IngestPipeline:
             self.storage_healthy = True
         return new
 
-    async def _after_commit(
-        self, stored: FixBatch, commit: tracing.SpanContext
-    ) -> None:
-        """Live update and fan-out now; processors in their own task, in order.
-        ``commit`` is the span of the commit that stored the fixes (for links)."""
-        if len(stored) == 0:
-            return
+    async def _update_live(self, stored: FixBatch) -> None:
+        """Live update and fan-out of newly stored fixes. Not in commit order: a
+        fix older than the device's live position moves nothing and is not
+        published, and watchers never go back in fix time."""
         try:
             moved = await self.live.update(stored)
             if len(moved):
@@ -385,8 +387,6 @@ class IngestPipeline:
             self.live_healthy = False
         except Exception:
             log.exception("live update failed; history is intact")
-        if self.processors:
-            await self._processing.put((stored, commit))
 
     def _waiting_work(
         self, first: tuple[FixBatch, tracing.SpanContext]
