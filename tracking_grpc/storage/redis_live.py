@@ -1,17 +1,19 @@
 """The production live store: newest positions and a GEO index in Redis.
 
-An update is two pipelined rounds, whatever the batch size. First, one Lua script
-per device bucket compares each device's fix time with the stored one and keeps
+An update is two pipelined rounds, whatever the batch size. First, a Lua script
+compares each device's fix time with the one stored in its device bucket and keeps
 only newer fixes, atomically, so that concurrent writers in several processes can
-never move a live position backwards. Second, one Lua script per coarse cell moves
-the accepted devices in that cell's GEO set, again only if newer than what the
-cell saw of the device, so the GEO index converges to the live hashes whatever
-order the scripts of different processes run in. Key layout: :mod:`redis_keys`.
+never move a live position backwards. Second, a Lua script moves the accepted
+devices in their coarse cells' GEO sets, again only if newer than what the cell saw
+of the device, so the GEO index converges to the live hashes whatever order the
+scripts of different processes run in. Key layout: :mod:`redis_keys`.
 
 A script gets its devices as a few long arguments (lists joined by newlines, the
 records packed back to back) and answers in packed int32s, and inside it reads and
 writes with bulk commands: per fix, the client packs and parses no argument of its
-own, and Redis runs a handful of commands per bucket or cell, not per device.
+own, and Redis runs a handful of commands per bucket or cell, not per device. On a
+single Redis each round is one script call for all buckets (or cells); on a Redis
+Cluster, where a script's keys must share a slot, one call per bucket (or cell).
 """
 
 from __future__ import annotations
@@ -82,73 +84,114 @@ local function hmget(key, fields)
 end
 """
 
-# KEYS: live hash, time hash. ARGV: devices, "<time_ms> <cell>" per device, the
-# packed records (ARGV[4] bytes each, in device order), record size.
-# Returns, packed as little-endian int32 pairs, (position in the device list,
-# previous cell or -1) for each accepted fix.
+# A script call serves one or more groups of devices (a bucket's, or a cell's), each
+# with its own pair of keys: on a Redis Cluster one group per call (a script's keys
+# share one slot), on a single Redis every group of an update in one call. The last
+# argument is each group's device count; the lists run group after group.
+LUA_GROUPS = """
+local function group_sizes(text, devices)
+    local sizes, total = {}, 0
+    for count in string.gmatch(text, '%d+') do
+        sizes[#sizes + 1] = tonumber(count)
+        total = total + tonumber(count)
+    end
+    if total ~= devices or #sizes * 2 ~= #KEYS then
+        return nil
+    end
+    return sizes
+end
+local function slice(items, first, last)
+    local out = {}
+    for i = first, last do
+        out[#out + 1] = items[i]
+    end
+    return out
+end
+"""
+
+# KEYS: live hash, time hash of each group (a bucket). ARGV: devices,
+# "<time_ms> <cell>" per device (lists), the packed records (ARGV[4] bytes each, in
+# device order), record size, group sizes. Returns, packed as little-endian int32
+# pairs, (position in the device list, previous cell or -1) for each accepted fix.
 KEEP_NEWER_TEMPLATE = (
     LUA_HELPERS
+    + LUA_GROUPS
     + """
 local devices, stamps = split(ARGV[1]), split(ARGV[2])
 local size = tonumber(ARGV[4])
-if #devices ~= #stamps or #devices * size ~= #ARGV[3] then
+local sizes = group_sizes(ARGV[5], #devices)
+if #devices ~= #stamps or #devices * size ~= #ARGV[3] or not sizes then
     return redis.error_reply('live update: device, time and record lists differ')
 end
-local known = hmget(KEYS[2], devices)
-local out, records, times = {}, {}, {}
-for i = 1, #devices do
-    local stamp = stamps[i]
-    local previous_cell = -1
-    local newer = true
-    if known[i] then
-        local gap = string.find(known[i], ' ', 1, true)
-        local time = string.sub(stamp, 1, string.find(stamp, ' ', 1, true) - 1)
-        newer = tonumber(time) {op} tonumber(string.sub(known[i], 1, gap - 1))
-        previous_cell = tonumber(string.sub(known[i], gap + 1))
+local out, first = {}, 1
+for g = 1, #sizes do
+    local last = first + sizes[g] - 1
+    local known = hmget(KEYS[2 * g], slice(devices, first, last))
+    local records, times = {}, {}
+    for i = first, last do
+        local seen, stamp = known[i - first + 1], stamps[i]
+        local previous_cell = -1
+        local newer = true
+        if seen then
+            local gap = string.find(seen, ' ', 1, true)
+            local time = string.sub(stamp, 1, string.find(stamp, ' ', 1, true) - 1)
+            newer = tonumber(time) {op} tonumber(string.sub(seen, 1, gap - 1))
+            previous_cell = tonumber(string.sub(seen, gap + 1))
+        end
+        if newer then
+            times[#times + 1] = devices[i]
+            times[#times + 1] = stamp
+            records[#records + 1] = devices[i]
+            records[#records + 1] = string.sub(ARGV[3], (i - 1) * size + 1, i * size)
+            out[#out + 1] = struct.pack('<i4i4', i - 1, previous_cell)
+        end
     end
-    if newer then
-        times[#times + 1] = devices[i]
-        times[#times + 1] = stamp
-        records[#records + 1] = devices[i]
-        records[#records + 1] = string.sub(ARGV[3], (i - 1) * size + 1, i * size)
-        out[#out + 1] = struct.pack('<i4i4', i - 1, previous_cell)
-    end
+    bulk('HSET', KEYS[2 * g], times, 1000)
+    bulk('HSET', KEYS[2 * g - 1], records, 1000)
+    first = last + 1
 end
-bulk('HSET', KEYS[2], times, 1000)
-bulk('HSET', KEYS[1], records, 1000)
 return table.concat(out)
 """
 )
 
-# KEYS: GEO set, time hash of one cell. ARGV: devices, time_ms, lon, lat (lists),
-# and one character per device: 1 to place it in the cell, 0 to take it out.
+# KEYS: GEO set, time hash of each group (a cell). ARGV: devices, time_ms, lon, lat
+# (lists), one character per device (1 to place it in its group's cell, 0 to take
+# it out), group sizes.
 MOVE_IN_CELL_TEMPLATE = (
     LUA_HELPERS
+    + LUA_GROUPS
     + """
 local devices, times = split(ARGV[1]), split(ARGV[2])
 local lons, lats, enter = split(ARGV[3]), split(ARGV[4]), ARGV[5]
+local sizes = group_sizes(ARGV[6], #devices)
 if #times ~= #devices or #lons ~= #devices or #lats ~= #devices
-        or #enter ~= #devices then
+        or #enter ~= #devices or not sizes then
     return redis.error_reply('live move: the lists differ in length')
 end
-local known = hmget(KEYS[2], devices)
-local stamps, places, leaving = {}, {}, {}
-for i = 1, #devices do
-    if (not known[i]) or tonumber(times[i]) {op} tonumber(known[i]) then
-        stamps[#stamps + 1] = devices[i]
-        stamps[#stamps + 1] = times[i]
-        if string.byte(enter, i) == 49 then
-            places[#places + 1] = lons[i]
-            places[#places + 1] = lats[i]
-            places[#places + 1] = devices[i]
-        else
-            leaving[#leaving + 1] = devices[i]
+local first = 1
+for g = 1, #sizes do
+    local last = first + sizes[g] - 1
+    local known = hmget(KEYS[2 * g], slice(devices, first, last))
+    local stamps, places, leaving = {}, {}, {}
+    for i = first, last do
+        local seen = known[i - first + 1]
+        if (not seen) or tonumber(times[i]) {op} tonumber(seen) then
+            stamps[#stamps + 1] = devices[i]
+            stamps[#stamps + 1] = times[i]
+            if string.byte(enter, i) == 49 then
+                places[#places + 1] = lons[i]
+                places[#places + 1] = lats[i]
+                places[#places + 1] = devices[i]
+            else
+                leaving[#leaving + 1] = devices[i]
+            end
         end
     end
+    bulk('HSET', KEYS[2 * g], stamps, 1000)
+    bulk('GEOADD', KEYS[2 * g - 1], places, 999)
+    bulk('ZREM', KEYS[2 * g - 1], leaving, 1000)
+    first = last + 1
 end
-bulk('HSET', KEYS[2], stamps, 1000)
-bulk('GEOADD', KEYS[1], places, 999)
-bulk('ZREM', KEYS[1], leaving, 1000)
 return 0
 """
 )
@@ -339,37 +382,38 @@ class RedisLiveStore:
         buckets = keys.bucket_of(newest.device)
         cells = keys.cell_of(newest.lat, newest.lon)
         records = _records(newest)
-        order = np.argsort(buckets, kind="stable")
-        groups = np.split(order, np.flatnonzero(np.diff(buckets[order])) + 1)
         devices = newest.device.tolist()
         stamps = [
             f"{t} {c}"
             for t, c in zip(newest.time_ms.tolist(), cells.tolist(), strict=True)
         ]
         script = KEEP_SAME_OR_NEWER if again else KEEP_NEWER
+        with unavailable("live positions"):
+            calls = _calls(buckets, await self._cluster())
 
         def queue(pipe: Any) -> None:
-            for rows in groups:
-                bucket = int(buckets[rows[0]])
-                live = [
-                    keys.live_key(self.prefix, tenant, bucket),
-                    keys.live_time_key(self.prefix, tenant, bucket),
-                ]
-                picked = rows.tolist()
+            for groups, rows in calls:
+                live = []
+                for bucket in groups:
+                    live += [
+                        keys.live_key(self.prefix, tenant, bucket),
+                        keys.live_time_key(self.prefix, tenant, bucket),
+                    ]
                 args = [
-                    _joined(devices, picked),
-                    _joined(stamps, picked),
+                    _joined(devices, rows),
+                    _joined(stamps, rows),
                     records[rows].tobytes(),
                     RECORD.itemsize,
+                    " ".join(str(n) for n in groups.values()),
                 ]
                 _evalsha(pipe, script, live, args)
 
         with unavailable("live positions"):
             replies = await self._pipelined(queue)
         accepted, previous = [], []
-        for rows, reply in zip(groups, replies, strict=True):
+        for (_, rows), reply in zip(calls, replies, strict=True):
             pairs = np.frombuffer(reply, dtype="<i4").reshape(-1, 2)
-            accepted.append(rows[pairs[:, 0]])
+            accepted.append(np.asarray(rows, dtype=np.intp)[pairs[:, 0]])
             previous.append(pairs[:, 1].astype(np.int64))
         return np.concatenate(accepted), np.concatenate(previous)
 
@@ -382,36 +426,41 @@ class RedisLiveStore:
         left = np.flatnonzero((previous >= 0) & (previous != cells))
         rows = np.concatenate([np.arange(len(moved)), left])
         op_cells = np.concatenate([cells, previous[left]])
-        devices = moved.device.tolist()
-        times = [str(t) for t in moved.time_ms.tolist()]
-        geo_lat = np.clip(moved.lat, -keys.GEO_MAX_LAT, keys.GEO_MAX_LAT)
-        lons = [repr(x) for x in moved.lon.tolist()]
+        entering = np.arange(len(rows)) < len(moved)
+        devices = moved.device[rows].tolist()
+        times = [str(t) for t in moved.time_ms[rows].tolist()]
+        geo_lat = np.clip(moved.lat[rows], -keys.GEO_MAX_LAT, keys.GEO_MAX_LAT)
+        lons = [repr(x) for x in moved.lon[rows].tolist()]
         lats = [repr(x) for x in geo_lat.tolist()]
-        order = np.argsort(op_cells, kind="stable")
-        groups = np.split(order, np.flatnonzero(np.diff(op_cells[order])) + 1)
         script = MOVE_IN_CELL_AGAIN if again else MOVE_IN_CELL
+        with unavailable("live GEO index"):
+            calls = _calls(op_cells, await self._cluster())
 
         def queue(pipe: Any) -> None:
-            for ops in groups:
-                cell = int(op_cells[ops[0]])
-                geo = [
-                    keys.geo_key(self.prefix, tenant, cell),
-                    keys.geo_time_key(self.prefix, tenant, cell),
-                ]
-                picked = rows[ops].tolist()
-                enter = "".join("1" if op < len(moved) else "0" for op in ops.tolist())
+            for groups, ops in calls:
+                geo = []
+                for cell in groups:
+                    geo += [
+                        keys.geo_key(self.prefix, tenant, cell),
+                        keys.geo_time_key(self.prefix, tenant, cell),
+                    ]
+                enter = "".join("1" if entering[op] else "0" for op in ops)
                 args = [
-                    _joined(devices, picked),
-                    _joined(times, picked),
-                    _joined(lons, picked),
-                    _joined(lats, picked),
+                    _joined(devices, ops),
+                    _joined(times, ops),
+                    _joined(lons, ops),
+                    _joined(lats, ops),
                     enter,
+                    " ".join(str(n) for n in groups.values()),
                 ]
                 _evalsha(pipe, script, geo, args)
             pipe.sadd(keys.cells_key(self.prefix, tenant), *np.unique(cells).tolist())
 
         with unavailable("live GEO index"):
             await self._pipelined(queue)
+
+    async def _cluster(self) -> bool:
+        return is_cluster(await self.redis.get())
 
     async def _candidates(
         self, tenant: str, lat: float, lon: float, radius_m: float, limit: int
@@ -467,6 +516,23 @@ def _records(batch: FixBatch) -> np.ndarray:
     for name in RECORD_NAMES:
         table[name] = getattr(batch, name)
     return table
+
+
+def _calls(groups: np.ndarray, cluster: bool) -> list[tuple[dict[int, int], list[int]]]:
+    """How to split rows over script calls by group (bucket or cell): each call's
+    groups with their row counts, and its rows, group after group. A cluster gets
+    one call per group (a script's keys share a slot), a single Redis one call."""
+    order = np.argsort(groups, kind="stable")
+    values, counts = np.unique(groups[order], return_counts=True)
+    bounds = np.r_[0, np.cumsum(counts)].tolist()
+    pairs = list(zip(values.tolist(), counts.tolist(), strict=True))
+    rows = order.tolist()
+    if not cluster:
+        return [(dict(pairs), rows)]
+    return [
+        ({group: count}, rows[bounds[i] : bounds[i + 1]])
+        for i, (group, count) in enumerate(pairs)
+    ]
 
 
 def _joined(values: list[str], rows: list[int]) -> str:
