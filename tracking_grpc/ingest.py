@@ -227,13 +227,12 @@ class IngestPipeline:
     async def _flush_loop(self) -> None:
         """Commit what is queued; ends once closing and nothing is left.
 
-        Group commits start at least ``flush_interval_ms`` (on PostgreSQL
-        ``database_flush_interval_ms``) apart: a fix that finds the last commit
-        started longer ago than that is committed at once, any other waits for the
-        rest of the interval with whatever else arrives meanwhile. Under load that
-        is one commit per interval, as before; a lone fix no longer waits.
-        A backlog (more than one commit's worth queued) is committed without a
-        pause.
+        A fix that finds the store idle (no commit in flight) and the last commit
+        started at least ``flush_interval_ms`` (on PostgreSQL
+        ``database_flush_interval_ms``) ago is committed at once; otherwise the
+        loop waits ``flush_interval_ms`` for more to join, as a busy store gains
+        most from larger commits. A backlog (more than one commit's worth queued)
+        is committed without a pause.
 
         A store that takes concurrent writers (PostgreSQL) gets up to
         ``commits_in_flight`` commits at once. Each commit updates live state and
@@ -254,9 +253,9 @@ class IngestPipeline:
                     break
                 await self._wakeup.wait()
                 self._wakeup.clear()
-                pause = started + delay - loop.time()
-                if pause > 0 and not self._closing:
-                    await asyncio.sleep(pause)
+                idle = not flushing and loop.time() - started >= delay
+                if delay > 0 and not idle and not self._closing:
+                    await asyncio.sleep(delay)
             if self._queue:
                 await slots.acquire()
                 started = loop.time()
