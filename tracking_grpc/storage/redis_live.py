@@ -84,6 +84,12 @@ local function hmget(key, fields)
 end
 """
 
+# Updates of up to this many rows (the few fixes of a stream commit) go in one
+# script call per round on a single Redis; larger ones (gateway batches) in one call
+# per group, as on a cluster: with one call per round for 5,000-fix batches at
+# 30,000 fixes/s, load runs fell seconds behind (bench/README.md, third pass).
+SINGLE_CALL_ROWS = 1_000
+
 # A script call serves one or more groups of devices (a bucket's, or a cell's), each
 # with its own pair of keys: on a Redis Cluster one group per call (a script's keys
 # share one slot), on a single Redis every group of an update in one call. The last
@@ -521,13 +527,14 @@ def _records(batch: FixBatch) -> np.ndarray:
 def _calls(groups: np.ndarray, cluster: bool) -> list[tuple[dict[int, int], list[int]]]:
     """How to split rows over script calls by group (bucket or cell): each call's
     groups with their row counts, and its rows, group after group. A cluster gets
-    one call per group (a script's keys share a slot), a single Redis one call."""
+    one call per group (a script's keys share a slot); a single Redis one call for
+    an update of up to ``SINGLE_CALL_ROWS`` rows, one per group beyond that."""
     order = np.argsort(groups, kind="stable")
     values, counts = np.unique(groups[order], return_counts=True)
     bounds = np.r_[0, np.cumsum(counts)].tolist()
     pairs = list(zip(values.tolist(), counts.tolist(), strict=True))
     rows = order.tolist()
-    if not cluster:
+    if not cluster and len(rows) <= SINGLE_CALL_ROWS:
         return [(dict(pairs), rows)]
     return [
         ({group: count}, rows[bounds[i] : bounds[i + 1]])
