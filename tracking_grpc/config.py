@@ -63,8 +63,8 @@ class Settings:
     )
     database_flush_interval_ms: float = setting(
         10.0,
-        "flush_interval_ms on PostgreSQL, where each commit costs the database a "
-        "few ms of CPU whatever its size",
+        "flush_interval_ms on PostgreSQL, where each commit costs the database "
+        "about a millisecond of CPU whatever its size",
     )
     flush_max_fixes: int = setting(20_000, "fixes per group commit at most")
     processor_interval_ms: float = setting(

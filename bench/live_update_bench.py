@@ -1,0 +1,128 @@
+"""What the live update and the broker publish cost after one group commit, on Redis:
+wall time, the client's CPU and Redis's CPU per update, at stream-like and
+gateway-like sizes. Uses only ``RedisLiveStore.update`` and ``RedisBroker.publish``,
+so the same file measures any version of the package (run it from another checkout's
+virtual environment to compare).
+
+    .venv/bin/python bench/live_update_bench.py [--sizes 1 20 200 5000] [--updates 300]
+
+An update of size N carries the next fix of N devices drawn from a fleet of 10,000
+near London, all moving. Redis CPU is the server's own (``INFO cpu``), so whatever
+else uses that Redis counts too: an upper bound. Needs Redis on 127.0.0.1; uses its
+own key prefix and deletes its keys. Prints a table and writes
+bench/results/live_update_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.storage.redis_broker import RedisBroker
+from tracking_grpc.storage.redis_live import RedisLiveStore
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+RESULTS = Path(__file__).parent / "results" / "live_update_bench.json"
+FLEET = 10_000
+WARM_UP = 50
+
+
+def redis_cpu_s(client: redis.Redis) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def update_batch(k: int, size: int, rng: np.random.Generator, t0: int) -> FixBatch:
+    devices = rng.choice(FLEET, size, replace=False)
+    return FixBatch.from_columns(
+        "bench",
+        np.array([f"dev-{i:05d}" for i in devices], dtype=object),
+        np.full(size, k + 1, dtype=np.uint64),
+        np.full(size, t0 + k * 1000, dtype=np.int64),
+        51.5 + rng.uniform(-0.5, 0.5, size),
+        -0.12 + rng.uniform(-0.5, 0.5, size),
+        provider=np.ones(size, np.int8),
+        received_ms=np.int64(t0),
+    )
+
+
+async def measure(size: int, updates: int) -> dict[str, float]:
+    prefix = f"trkliveb{uuid.uuid4().hex[:8]}:"
+    live = await RedisLiveStore.open(REDIS_URL, prefix)
+    broker = await RedisBroker.open(REDIS_URL, prefix)
+    counter = redis.Redis.from_url(REDIS_URL)
+    rng = np.random.default_rng(size)
+    t0 = int(time.time() * 1000)
+    try:
+        for k in range(WARM_UP):
+            await live.update(update_batch(k, size, rng, t0))
+        batches = [
+            update_batch(k, size, rng, t0) for k in range(WARM_UP, WARM_UP + updates)
+        ]
+        server, wall, client = (
+            redis_cpu_s(counter),
+            time.perf_counter(),
+            time.process_time(),
+        )
+        for batch in batches:
+            await broker.publish(await live.update(batch))
+        wall = time.perf_counter() - wall
+        client = time.process_time() - client
+        server = redis_cpu_s(counter) - server
+    finally:
+        await asyncio.gather(live.close(), broker.close())
+        keys = list(counter.scan_iter(match=prefix + "*", count=1000))
+        for i in range(0, len(keys), 1000):
+            counter.delete(*keys[i : i + 1000])
+        counter.close()
+    return {
+        "wall_ms": round(wall / updates * 1e3, 3),
+        "client_cpu_ms": round(client / updates * 1e3, 3),
+        "redis_cpu_ms": round(server / updates * 1e3, 3),
+        "updates": updates,
+    }
+
+
+async def main(args: argparse.Namespace) -> dict:
+    sizes = {}
+    for size in args.sizes:
+        updates = args.updates if size < 1000 else max(20, args.updates // 10)
+        sizes[str(size)] = await measure(size, updates)
+    return {
+        "command": "python bench/live_update_bench.py --sizes "
+        + " ".join(str(s) for s in args.sizes)
+        + f" --updates {args.updates}",
+        "machine": platform.platform(),
+        "per_update_by_size": sizes,
+    }
+
+
+def report(result: dict) -> None:
+    print(result["command"])
+    print(f"{'fixes':>6}{'wall ms':>10}{'client ms':>11}{'Redis ms':>10}")
+    for size, row in result["per_update_by_size"].items():
+        print(
+            f"{size:>6}{row['wall_ms']:>10.2f}{row['client_cpu_ms']:>11.2f}"
+            f"{row['redis_cpu_ms']:>10.2f}"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 20, 200, 5000])
+    parser.add_argument("--updates", type=int, default=300)
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    arguments = parser.parse_args()
+    outcome = asyncio.run(main(arguments))
+    report(outcome)
+    arguments.json.parent.mkdir(parents=True, exist_ok=True)
+    arguments.json.write_text(json.dumps(outcome, indent=2) + "\n")
