@@ -225,14 +225,9 @@ class IngestPipeline:
         return tracing.current_context()
 
     async def _flush_loop(self) -> None:
-        """Commit what is queued; ends once closing and nothing is left.
-
-        A fix that finds the store idle (no commit in flight) and the last commit
-        started at least ``flush_interval_ms`` (on PostgreSQL
-        ``database_flush_interval_ms``) ago is committed at once; otherwise the
-        loop waits ``flush_interval_ms`` for more to join, as a busy store gains
-        most from larger commits. A backlog (more than one commit's worth queued)
-        is committed without a pause.
+        """Commit what is queued, waiting ``flush_interval_ms`` (on PostgreSQL
+        ``database_flush_interval_ms``) for more to join;
+        ends once closing and nothing is left.
 
         A store that takes concurrent writers (PostgreSQL) gets up to
         ``commits_in_flight`` commits at once. Each commit updates live state and
@@ -242,24 +237,20 @@ class IngestPipeline:
         delay = self.settings.flush_interval_ms / 1000
         if getattr(self.history, "concurrent_writers", False):  # PostgreSQL
             delay = self.settings.database_flush_interval_ms / 1000
-        loop = asyncio.get_running_loop()
         slots = asyncio.Semaphore(self._commits_in_flight)
         flushing: set[asyncio.Task[None]] = set()
         previous: asyncio.Future[None] | None = None
-        started = -delay
         while True:
             if not self._queue:
                 if self._closing:
                     break
                 await self._wakeup.wait()
                 self._wakeup.clear()
-                idle = not flushing and loop.time() - started >= delay
-                if delay > 0 and not idle and not self._closing:
+                if delay > 0 and not self._closing:
                     await asyncio.sleep(delay)
             if self._queue:
                 await slots.acquire()
-                started = loop.time()
-                finished = loop.create_future()
+                finished = asyncio.get_running_loop().create_future()
                 task = asyncio.create_task(
                     self._flush(self._take(), previous, finished)
                 )
