@@ -12,8 +12,9 @@ A script gets its devices as a few long arguments (lists joined by newlines, the
 records packed back to back) and answers in packed int32s, and inside it reads and
 writes with bulk commands: per fix, the client packs and parses no argument of its
 own, and Redis runs a handful of commands per bucket or cell, not per device. On a
-single Redis each round is one script call for all buckets (or cells); on a Redis
-Cluster, where a script's keys must share a slot, one call per bucket (or cell).
+single Redis each round of a small update (a stream commit's) is one script call for
+all its buckets (or cells); a larger update, and any on a Redis Cluster (where a
+script's keys must share a slot), makes one call per bucket (or cell).
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ SINGLE_CALL_ROWS = 1_000
 
 # A script call serves one or more groups of devices (a bucket's, or a cell's), each
 # with its own pair of keys: on a Redis Cluster one group per call (a script's keys
-# share one slot), on a single Redis every group of an update in one call. The last
-# argument is each group's device count; the lists run group after group.
+# share one slot), on a single Redis every group of a small update in one call. The
+# last argument is each group's device count; the lists run group after group.
 LUA_GROUPS = """
 local function group_sizes(text, devices)
     local sizes, total = {}, 0
