@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from tracking_grpc.config import Settings
@@ -29,3 +33,32 @@ def test_refused(settings: Settings, field: str) -> None:
 
 def test_shared_backends_on_a_fixed_port_are_accepted() -> None:
     check_workers(Settings(workers=4, listen="127.0.0.1:50051", **SHARED))
+
+
+def _serve(env: dict[str, str], *flags: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "tracking_grpc", "serve", *flags]
+    return subprocess.run(
+        command,
+        env={**os.environ, **env, "TRACKING_LISTEN": "127.0.0.1:0"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_serve_refuses_zero_workers() -> None:
+    # It used to start one server, as if --workers 1 had been given.
+    done = _serve({}, "--workers", "0")
+    assert done.returncode == 2
+    assert "workers" in done.stderr
+
+
+@pytest.mark.parametrize("ttl", ["0", "-5", "nan"])
+def test_serve_refuses_a_fanout_interest_ttl_that_is_not_positive(
+    production_env: dict[str, str], ttl: str
+) -> None:
+    # With 0 the heartbeat ran without pause: 70 % of a core and 4,000 Redis
+    # scripts a second on an idle server, and its interest expired at once.
+    done = _serve({**production_env, "TRACKING_FANOUT_INTEREST_TTL_S": ttl})
+    assert done.returncode == 2
+    assert "fanout_interest_ttl_s" in done.stderr

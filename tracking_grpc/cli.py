@@ -37,11 +37,12 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def _serve_workers(args: argparse.Namespace) -> int | None:
     """With ``--workers`` above 1, fork the workers before any event loop exists."""
-    settings = config.load(args)
-    if settings.workers <= 1:
-        return None
     from tracking_grpc import workers
 
+    settings = config.load(args)
+    workers.check_workers(settings)
+    if settings.workers == 1:
+        return None
     setup_logging(settings)
     return workers.supervise(settings)
 
