@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import sys
 
 import pytest
 
@@ -154,3 +156,28 @@ async def test_watch_reconnects_after_a_server_restart(start_server, capsys):
     assert "reconnecting" in err
     (line,) = [line for line in out.splitlines() if line.startswith("{")]
     assert json.loads(line)["device_id"] == CAR_DEVICE
+
+
+async def test_watch_into_a_closed_pipe_stops_without_a_traceback(server):
+    # `tracking watch | head -1`: once head exits, printing raised BrokenPipeError
+    # and the user saw a traceback.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tracking_grpc",
+            "watch",
+            "--timeout",
+            "10",
+            "--target",
+            f"127.0.0.1:{server.port}",
+            stdout=write_end,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(write_end)
+    _, stderr = await process.communicate()
+    assert process.returncode == 141
+    assert b"Traceback" not in stderr

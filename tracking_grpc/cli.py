@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -183,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         return uvloop.run(args.command(args)) or 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader left (`tracking watch | head`): stop as a shell tool would,
+        # with nothing more written to the closed pipe at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # a readable line for the operator, not a traceback
         from tracking_grpc.errors import TrackingError
 
