@@ -165,3 +165,11 @@ def production_env(pg_url: str, redis_url: str, redis_prefix: str) -> dict[str, 
         "TRACKING_REDIS_KEY_PREFIX": redis_prefix,
         "TRACKING_FLUSH_INTERVAL_MS": "1",
     }
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def any_redis_url(request: pytest.FixtureRequest) -> str:
+    """The URL of a standalone Redis, then of a Redis Cluster node."""
+    if request.param == "redis-cluster":
+        return request.getfixturevalue("redis_cluster")[0]
+    return request.getfixturevalue("redis_url")

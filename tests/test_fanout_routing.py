@@ -36,13 +36,6 @@ pytestmark = pytest.mark.slow
 T0 = 1_750_000_000_000
 
 
-@pytest.fixture(params=["redis", "redis-cluster"])
-def any_redis_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "redis-cluster":
-        return request.getfixturevalue("redis_cluster")[0]
-    return request.getfixturevalue("redis_url")
-
-
 class Process:
     """A broker with an inbox and an interest the test changes."""
 

@@ -7,7 +7,6 @@ import asyncio
 import random
 
 import numpy as np
-import pytest
 import redis
 
 from tests.backends import unique_tenant
@@ -20,13 +19,6 @@ from tracking_grpc.storage.redis_broker import RedisBroker, decode, encode
 from tracking_grpc.storage.redis_live import RedisLiveStore
 
 T0 = 1_750_000_000_000
-
-
-@pytest.fixture(params=["redis", "redis-cluster"])
-def any_redis_url(request: pytest.FixtureRequest) -> str:
-    if request.param == "redis-cluster":
-        return request.getfixturevalue("redis_cluster")[0]
-    return request.getfixturevalue("redis_url")
 
 
 def world_batch(tenant: str, n: int, time_s: int = 0) -> FixBatch:

@@ -171,12 +171,7 @@ def _final_code(
 
 
 def _context_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode | None:
-    try:
-        code = context.code()
-    except (AttributeError, NotImplementedError):
-        # Some servicer contexts (test doubles, older grpc.aio) do not keep the
-        # status they were given: then the status seen at the boundary stands.
-        return None
+    code = context.code()
     if isinstance(code, int):  # grpc.aio reports the cygrpc integer status
         return _BY_VALUE.get(code)
     return code if isinstance(code, grpc.StatusCode) else None
