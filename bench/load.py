@@ -157,6 +157,7 @@ def build_plans(args: argparse.Namespace, target: str) -> list[Plan]:
         gateway_rate_per_s=args.gateway_rate,
         want_events=args.want_events,
         storm=storm,
+        nice=args.driver_nice,
     )
     devices = split(args.devices, args.drivers)
     gateways = split(args.gateways, args.drivers)
@@ -489,6 +490,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "garbage collection and backlogs of the ramp)",
     )
     add("--streams-per-channel", type=int, default=500)
+    add(
+        "--driver-nice",
+        type=int,
+        default=10,
+        help="niceness added to the driver processes, so that the simulated devices "
+        "(which stand in for other machines) never take the CPU from the server "
+        "under test; 0 lets them compete",
+    )
     add("--watchers", type=int, default=1, help="Watch streams (a driver of their own)")
     add("--watch-devices", type=int, default=0, help="watch only this many devices")
     add("--want-events", action="store_true", help="devices ask for their events")

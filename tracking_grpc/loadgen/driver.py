@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import resource
 import time
@@ -124,5 +125,7 @@ async def drive(plan: Plan, watch_ids: list[str] | None = None) -> DriverResult:
 def run(plan: Plan, watch_ids: list[str] | None, queue: Queue) -> None:
     """Process entry: drive the plan on uvloop and put the result on ``queue``."""
     raise_open_file_limit()
+    if plan.nice > 0:
+        os.nice(plan.nice)
     result = uvloop.run(drive(plan, watch_ids))
     queue.put(result)

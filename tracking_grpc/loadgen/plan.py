@@ -62,6 +62,9 @@ class Plan:
     center: tuple[float, float] = (51.5, -0.12)  # where the devices roam
     spread_deg: float = 0.1
     tenant_token: str = ""  # bearer token when the server requires one
+    # Added to the driver process's niceness: the simulated devices stand in for
+    # phones on other machines and must not take the CPU from the server they load.
+    nice: int = 0
 
 
 @dataclass(slots=True)
