@@ -59,7 +59,7 @@ class Settings:
     )
     max_batch_fixes: int = setting(100_000, "most fixes accepted in one message")
     flush_interval_ms: float = setting(
-        2.0, "longest a received fix waits for its group commit (embedded store)"
+        5.0, "longest a received fix waits for its group commit (embedded store)"
     )
     database_flush_interval_ms: float = setting(
         10.0,

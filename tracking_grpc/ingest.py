@@ -226,8 +226,8 @@ class IngestPipeline:
 
     async def _flush_loop(self) -> None:
         """Commit what is queued, waiting ``flush_interval_ms`` (on PostgreSQL
-        ``database_flush_interval_ms``) for more to join;
-        ends once closing and nothing is left.
+        ``database_flush_interval_ms``) for more to join, and starting commits at
+        least that far apart; ends once closing and nothing is left.
 
         A store that takes concurrent writers (PostgreSQL) gets up to
         ``commits_in_flight`` commits at once. Each commit updates live state and
@@ -237,9 +237,11 @@ class IngestPipeline:
         delay = self.settings.flush_interval_ms / 1000
         if getattr(self.history, "concurrent_writers", False):  # PostgreSQL
             delay = self.settings.database_flush_interval_ms / 1000
+        loop = asyncio.get_running_loop()
         slots = asyncio.Semaphore(self._commits_in_flight)
         flushing: set[asyncio.Task[None]] = set()
         previous: asyncio.Future[None] | None = None
+        started = -delay
         while True:
             if not self._queue:
                 if self._closing:
@@ -248,9 +250,16 @@ class IngestPipeline:
                 self._wakeup.clear()
                 if delay > 0 and not self._closing:
                     await asyncio.sleep(delay)
+            # Under load the queue is never empty: commits still start at least
+            # ``delay`` apart, each carrying what arrived meanwhile, instead of
+            # back to back in ever smaller (and costlier per fix) commits.
+            pause = started + delay - loop.time()
+            if pause > 0 and not self._closing:
+                await asyncio.sleep(pause)
             if self._queue:
                 await slots.acquire()
-                finished = asyncio.get_running_loop().create_future()
+                started = loop.time()
+                finished = loop.create_future()
                 task = asyncio.create_task(
                     self._flush(self._take(), previous, finished)
                 )
