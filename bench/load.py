@@ -39,6 +39,7 @@ from load_backends import STORED_PER_DEVICE, BackendMeter, Production  # noqa: E
 from tracking.v1 import geofence_pb2, geofence_pb2_grpc  # noqa: E402
 
 from tracking_grpc.loadgen import driver, fences, procstat, stats  # noqa: E402
+from tracking_grpc.loadgen.node import NodeDriver  # noqa: E402
 from tracking_grpc.loadgen.plan import DriverResult, Plan, Storm, Window  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -236,6 +237,23 @@ def connections_by_process(pids: list[int], port: int) -> list[int]:
     return counts
 
 
+def assign_drivers(plans: list[Plan], device_driver: str) -> tuple[list, list]:
+    """Plans for Python driver processes and for node processes: with ``node``, the
+    device streams of each plan go to node, its gateways and watchers stay in
+    Python."""
+    if device_driver == "python":
+        return plans, []
+    python, node = [], []
+    for plan in plans:
+        if not plan.devices:
+            python.append(plan)
+            continue
+        node.append(replace(plan, gateways=0, watchers=0))
+        if plan.gateways or plan.watchers:
+            python.append(replace(plan, devices=0))
+    return python, node
+
+
 def run_drivers(
     plans: list[Plan],
     ids: list[str],
@@ -245,14 +263,37 @@ def run_drivers(
     observer_pid: int | None = None,
 ) -> tuple[list[DriverResult], dict]:
     """Start the driver processes, sample the server during the run, collect."""
+    python_plans, node_plans = assign_drivers(plans, args.device_driver)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     processes = [
         context.Process(target=driver.run, args=(plan, ids, queue), daemon=True)
-        for plan in plans
+        for plan in python_plans
     ]
     for process in processes:
         process.start()
+    nodes: list[NodeDriver] = []
+    try:
+        nodes += [NodeDriver(plan) for plan in node_plans]
+        return _sample_and_collect(
+            plans, processes, nodes, queue, server_pid, args, production, observer_pid
+        )
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def _sample_and_collect(
+    plans: list[Plan],
+    processes: list,
+    nodes: list[NodeDriver],
+    queue,
+    server_pid: int,
+    args: argparse.Namespace,
+    production: Production | None,
+    observer_pid: int | None,
+) -> tuple[list[DriverResult], dict]:
+    driver_pids = [p.pid for p in processes] + [n.pid for n in nodes]
     window = plans[0].window
     base = procstat.usage(server_pid)
     time.sleep(max(0.0, window.start_s - time.time()))
@@ -265,7 +306,7 @@ def run_drivers(
     port = int(plans[0].target.rsplit(":", 1)[1])
     observed = procstat.usage(observer_pid) if observer_pid else None
     samples["server_process_connections"] = connections_by_process(members, port)
-    drivers_cpu = sum(procstat.usage(p.pid).cpu_s for p in processes)
+    drivers_cpu = [procstat.usage(pid).cpu_s for pid in driver_pids]
     busy = machine_busy_s()
     meter = BackendMeter(production)
     if args.profile:
@@ -279,9 +320,12 @@ def run_drivers(
     end = procstat.usage(server_pid)
     if observer_pid and observed is not None:
         samples["observer_cpu_s"] = procstat.usage(observer_pid).cpu_s - observed.cpu_s
-    samples["drivers_cpu_s"] = (
-        sum(procstat.usage(p.pid).cpu_s for p in processes) - drivers_cpu
-    )
+    # Python driver processes first (watchers last among them), then node ones.
+    samples["driver_process_cpu_s"] = [
+        procstat.usage(pid).cpu_s - before
+        for pid, before in zip(driver_pids, drivers_cpu, strict=True)
+    ]
+    samples["drivers_cpu_s"] = sum(samples["driver_process_cpu_s"])
     samples["machine_busy_s"] = machine_busy_s() - busy
     samples["backend_cpu_s"], samples["redis_shard_cpu_s"] = meter.elapsed()
     samples["backend_exact"] = meter.exact
@@ -294,7 +338,8 @@ def run_drivers(
     samples["server_processes"] = end.processes
     samples["rss_steady_max_bytes"] = rss_max
     samples["rss_steady_end_bytes"] = end.rss_bytes
-    results = [queue.get(timeout=window.end_s + 120 - time.time()) for _ in plans]
+    results = [queue.get(timeout=window.end_s + 120 - time.time()) for _ in processes]
+    results += [node.result(window.end_s + 120 - time.time()) for node in nodes]
     for process in processes:
         process.join(timeout=30)
     if profiler is not None:
@@ -390,7 +435,11 @@ def report(
             if streams
             else None,
         },
+        "device_driver": args.device_driver,
         "drivers_cpu_cores": round(samples["drivers_cpu_s"] / steady_s, 3),
+        "driver_process_cpu_cores": [
+            round(v / steady_s, 3) for v in samples["driver_process_cpu_s"]
+        ],
         "machine_busy_cores": round(samples["machine_busy_s"] / steady_s, 3),
         "backend_cpu_cores": {
             n: round(v / steady_s, 3) for n, v in samples["backend_cpu_s"].items()
@@ -458,7 +507,8 @@ def print_report(out: dict) -> None:
         f"{server['rss_kb_per_stream']} KB/stream"
     )
     print(
-        f"Drivers: {out['drivers_cpu_cores']} cores; whole machine busy "
+        f"Drivers ({out['device_driver']} devices): {out['drivers_cpu_cores']} cores "
+        f"{out['driver_process_cpu_cores']}; whole machine busy "
         f"{out['machine_busy_cores']} cores; backends {out['backend_cpu_cores']} "
         f"(exact: {out['backend_exact']}), µs/fix {out['backend_us_per_fix']}"
     )
@@ -497,6 +547,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="niceness added to the driver processes, so that the simulated devices "
         "(which stand in for other machines) never take the CPU from the server "
         "under test; 0 lets them compete",
+    )
+    add(
+        "--device-driver",
+        choices=("python", "node"),
+        default="python",
+        help="what runs the device streams: Python grpc.aio processes, or Node.js "
+        "@grpc/grpc-js ones (bench/node_driver, about half the CPU per fix)",
     )
     add("--watchers", type=int, default=1, help="Watch streams (a driver of their own)")
     add("--watch-devices", type=int, default=0, help="watch only this many devices")
