@@ -166,7 +166,9 @@ class Device {
       };
       this.unacked.push({ fix, schedMs: this.nextMs, sentMs: 0, sends: 0 });
       this.result.count('fixes_generated');
-      this._flush();
+      // As in device.py, the next fix waits for this write: a stalled stream delays
+      // the generation of the next fix, never batches several in one message.
+      await this._flush();
       this.nextMs += this.intervalMs;
     }
   }
