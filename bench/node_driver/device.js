@@ -256,7 +256,9 @@ class Device {
     this.writtenSeq = stored;
     this.session = session;
     result.count('streams_opened');
-    this._flush();
+    this._flush().catch((error) => {
+      result.error(`driver_${error.name}`, 1, error.message);
+    });
     if (this.recoverSeq && !this.unacked.length) {
       result.recovered_s.push(nowMs() / 1000 - this.plan.storm.drop_s);
       this.recoverSeq = 0;

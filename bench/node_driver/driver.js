@@ -50,7 +50,8 @@ async function drive(plan) {
   }
   const result = new DriverResult(plan.index);
   const window = new Window(plan.window);
-  const pool = new ChannelPool(plan.target, plan.streams_per_channel, plan.tenant_token);
+  const { target, streams_per_channel: perChannel, tenant_token: token } = plan;
+  const pool = new ChannelPool(target, perChannel, token);
   const seeds = seededRandom(plan.index);
   const devices = [];
   for (let i = 0; i < plan.devices; i++) {

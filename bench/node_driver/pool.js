@@ -65,4 +65,9 @@ class ChannelPool {
   }
 }
 
-module.exports = { ChannelPool, statusName: (code) => grpc.status[code] || `CODE_${code}` };
+// The name of a status code, as grpc.StatusCode names it in Python.
+function statusName(code) {
+  return grpc.status[code] || `CODE_${code}`;
+}
+
+module.exports = { ChannelPool, statusName };
