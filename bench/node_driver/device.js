@@ -265,7 +265,17 @@ class Device {
     }
   }
 
+  // Never rejects (run() would not see it until the last fix): a failure of the
+  // client itself is counted as driver_<name>, like a failed task in driver.py.
   async _connectLoop(pool) {
+    try {
+      await this._connectUntilDone(pool);
+    } catch (error) {
+      this.result.error(`driver_${error.name}`, 1, error.message);
+    }
+  }
+
+  async _connectUntilDone(pool) {
     let failures = 0;
     while (!this.stopped) {
       const [outcome, detail] = await this._track(pool);
