@@ -171,6 +171,9 @@ class Device {
       await this._flush();
       this.nextMs += this.intervalMs;
     }
+    // Streams stay open until the window ends, as in device.py: thousands closing
+    // in its last interval would load the server in the steady state it measures.
+    await Promise.race([sleepUntil(endMs), this.stopping]);
   }
 
   // Write every fix not yet written on this stream; one writer at a time. Never

@@ -69,9 +69,10 @@ class NodeDriver:
         self.plan = plan
         self._dir = tempfile.TemporaryDirectory(prefix="tracking-node-driver-")
         self.result_path = Path(self._dir.name) / "result.json"
-        self.process = subprocess.Popen(
-            [node, str(ENTRY), str(self.result_path)], stdin=subprocess.PIPE
-        )
+        command = [node, str(ENTRY), str(self.result_path)]
+        if plan.nice > 0:  # as driver.py does for itself, for every thread of node
+            command = ["nice", "-n", str(plan.nice), *command]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE)
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps(asdict(plan)).encode())
         self.process.stdin.close()
