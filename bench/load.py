@@ -237,7 +237,9 @@ def connections_by_process(pids: list[int], port: int) -> list[int]:
     return counts
 
 
-def assign_drivers(plans: list[Plan], device_driver: str) -> tuple[list, list]:
+def assign_drivers(
+    plans: list[Plan], device_driver: str
+) -> tuple[list[Plan], list[Plan]]:
     """Plans for Python driver processes and for node processes: with ``node``, the
     device streams of each plan go to node, its gateways and watchers stay in
     Python."""
@@ -285,9 +287,9 @@ def run_drivers(
 
 def _sample_and_collect(
     plans: list[Plan],
-    processes: list,
+    processes: list[multiprocessing.process.BaseProcess],
     nodes: list[NodeDriver],
-    queue,
+    queue: multiprocessing.queues.Queue,
     server_pid: int,
     args: argparse.Namespace,
     production: Production | None,
