@@ -68,7 +68,7 @@ class Settings:
     )
     flush_max_fixes: int = setting(20_000, "fixes per group commit at most")
     processor_interval_ms: float = setting(
-        50.0,
+        100.0,
         "least time between two runs of the event processors (geofences, "
         "activity); fixes stored meanwhile go through together",
     )
