@@ -44,6 +44,7 @@ from tracking_grpc.loadgen.plan import DriverResult, Plan, Storm, Window  # noqa
 
 RESULTS = ROOT / "bench" / "results"
 MAX_RUN_S = 180.0  # every run is bounded: ramp + settle + steady at most 3 min
+PY_SPY = Path(sys.executable).parent / "py-spy"  # for --profile (pip install py-spy)
 
 
 def free_port() -> int:
@@ -352,7 +353,7 @@ def _sample_and_collect(
 def start_profiler(
     pid: int, path: str, duration_s: float, native: bool = False
 ) -> subprocess.Popen:
-    py_spy = Path(sys.executable).parent / "py-spy"
+    py_spy = PY_SPY
     kind = "raw" if path.endswith(".txt") else "flamegraph"
     command = [str(py_spy), "record", "-p", str(pid), "-d", str(int(duration_s))]
     command += ["-o", path, "-f", kind, "-r", "200"]
@@ -613,6 +614,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--observer needs --production and a spawned server")
     if args.target and not args.server_pid:
         parser.error("--target needs --server-pid (CPU and memory are read from /proc)")
+    if args.profile and not PY_SPY.exists():
+        parser.error(
+            f"--profile needs py-spy: {Path(sys.executable).parent}/pip install py-spy"
+        )
     return args
 
 

@@ -7,10 +7,10 @@ upsert of the devices' rows that locks each (creating new ones), advances its st
 to cover the batch and keeps the state it replaced; and one INSERT ... SELECT ... ON
 CONFLICT DO NOTHING RETURNING, under a snapshot taken with every row locked, that
 stores the new fixes, sets the state back for a device whose fixes turned out to be
-duplicates, and tells the caller exactly which fixes were new. Concurrent writers of
-one device queue on its row lock, which makes the same-seq rule (not expressible as
-a unique key on a table partitioned by time) safe. Each device row is written once
-per commit.
+duplicates, and tells the caller exactly which fixes were new (in one row when, as
+nearly always, all of them were). Concurrent writers of one device queue on its row
+lock, which makes the same-seq rule (not expressible as a unique key on a table
+partitioned by time) safe. Each device row is written once per commit.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ DAY_MS = 86_400_000
 DAYS_AHEAD = 7
 INT64_MAX = np.iinfo(np.int64).max
 RETRIES = 3
+ALL_NEW = -1  # the write's answer when every staged fix was new
 
 STAGING_COLUMNS = (
     ("idx", ">i4"),
@@ -142,6 +143,11 @@ WITH staged AS (
     ORDER BY device, time_ms
     ON CONFLICT DO NOTHING
     RETURNING device, time_ms, seq
+), outcome AS (
+    -- Nearly always every staged fix is new: then nothing is set back, and the
+    -- caller gets one row (-1) instead of every fix's index. Each part below is
+    -- gated on this (a one-time filter: a part switched off never runs).
+    SELECT (SELECT count(*) FROM ins) = (SELECT count(*) FROM staging) AS all_new
 ), stored AS (
     SELECT * FROM (
         SELECT p.row_id, greatest(p.seq, n.seq) AS seq,
@@ -151,6 +157,7 @@ WITH staged AS (
             SELECT device, max(seq) AS seq, max(time_ms) AS time_ms
             FROM ins GROUP BY device
         ) n USING (device)
+        WHERE NOT (SELECT all_new FROM outcome)
     ) covered
     WHERE seq IS DISTINCT FROM set_seq OR time_ms IS DISTINCT FROM set_time_ms
 ), undone AS (
@@ -162,11 +169,14 @@ WITH staged AS (
     WHERE st.ctid = ANY (ARRAY(SELECT row_id FROM stored))
       AND st.ctid = stored.row_id
 )
+SELECT ALL_NEW AS idx WHERE (SELECT all_new FROM outcome)
+UNION ALL
 SELECT s.idx
 FROM ins
 JOIN prior p USING (device)
 JOIN staging s ON s.device_idx = p.device_idx AND s.time_ms = ins.time_ms
-"""
+WHERE NOT (SELECT all_new FROM outcome)
+""".replace("ALL_NEW", str(ALL_NEW))
 
 READ_COLUMNS = """seq, time_ms, ST_Y(position), ST_X(position),
     coalesce(accuracy_m, 'NaN'), coalesce(altitude_m, 'NaN'),
@@ -290,7 +300,10 @@ class PostgresHistoryStore:
             ) as exc:
                 await self._check_pool()
                 raise StorageUnavailable(f"PostgreSQL cannot store: {exc}") from exc
-        new[np.fromiter((r[0] for r in rows), dtype=np.intp, count=len(rows))] = True
+        if rows == [(ALL_NEW,)]:
+            new[candidates] = True
+        else:
+            new[np.fromiter((r[0] for r in rows), dtype=np.intp, count=len(rows))] = True
         return new
 
     async def _write(
