@@ -302,8 +302,8 @@ class PostgresHistoryStore:
                 raise StorageUnavailable(f"PostgreSQL cannot store: {exc}") from exc
         if rows == [(ALL_NEW,)]:
             new[candidates] = True
-        else:
-            new[np.fromiter((r[0] for r in rows), dtype=np.intp, count=len(rows))] = True
+            return new
+        new[np.fromiter((r[0] for r in rows), dtype=np.intp, count=len(rows))] = True
         return new
 
     async def _write(
