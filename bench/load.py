@@ -39,7 +39,8 @@ from load_backends import STORED_PER_DEVICE, BackendMeter, Production  # noqa: E
 from tracking.v1 import geofence_pb2, geofence_pb2_grpc  # noqa: E402
 
 from tracking_grpc.loadgen import driver, fences, procstat, stats  # noqa: E402
-from tracking_grpc.loadgen.node import NodeDriver  # noqa: E402
+from tracking_grpc.loadgen.node import NodeDriver, NodeDriverError  # noqa: E402
+from tracking_grpc.loadgen.node import check_installed as check_node_driver  # noqa: E402
 from tracking_grpc.loadgen.plan import DriverResult, Plan, Storm, Window  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -614,6 +615,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--observer needs --production and a spawned server")
     if args.target and not args.server_pid:
         parser.error("--target needs --server-pid (CPU and memory are read from /proc)")
+    if args.device_driver == "node" and args.devices:
+        try:
+            check_node_driver()
+        except NodeDriverError as exc:
+            parser.error(str(exc))
     if args.profile and not PY_SPY.exists():
         parser.error(
             f"--profile needs py-spy: {Path(sys.executable).parent}/pip install py-spy"
