@@ -39,8 +39,11 @@ from load_backends import STORED_PER_DEVICE, BackendMeter, Production  # noqa: E
 from tracking.v1 import geofence_pb2, geofence_pb2_grpc  # noqa: E402
 
 from tracking_grpc.loadgen import driver, fences, procstat, stats  # noqa: E402
-from tracking_grpc.loadgen.node import NodeDriver, NodeDriverError  # noqa: E402
-from tracking_grpc.loadgen.node import check_installed as check_node_driver  # noqa: E402
+from tracking_grpc.loadgen.node import (  # noqa: E402
+    NodeDriver,
+    NodeDriverError,
+    check_installed,
+)
 from tracking_grpc.loadgen.plan import DriverResult, Plan, Storm, Window  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -617,7 +620,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--target needs --server-pid (CPU and memory are read from /proc)")
     if args.device_driver == "node" and args.devices:
         try:
-            check_node_driver()
+            check_installed()
         except NodeDriverError as exc:
             parser.error(str(exc))
     if args.profile and not PY_SPY.exists():
