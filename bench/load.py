@@ -357,9 +357,8 @@ def _sample_and_collect(
 def start_profiler(
     pid: int, path: str, duration_s: float, native: bool = False
 ) -> subprocess.Popen:
-    py_spy = PY_SPY
     kind = "raw" if path.endswith(".txt") else "flamegraph"
-    command = [str(py_spy), "record", "-p", str(pid), "-d", str(int(duration_s))]
+    command = [str(PY_SPY), "record", "-p", str(pid), "-d", str(int(duration_s))]
     command += ["-o", path, "-f", kind, "-r", "200"]
     # C frames too (gRPC core, uvloop, numpy) need py-spy to pause the process for
     # each sample, which slows it; without them it samples without pausing.
