@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import platform
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -152,17 +154,24 @@ async def measure(url: str, args: argparse.Namespace) -> dict[str, dict]:
     return results
 
 
-async def main(args: argparse.Namespace) -> dict:
-    name = f"trk_commit_{uuid.uuid4().hex[:8]}"
+@contextlib.asynccontextmanager
+async def migrated_database(prefix: str) -> AsyncIterator[str]:
+    """The URL of a new database with the schema migrated; dropped on the way out."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
     try:
+        url = ADMIN_URL.rsplit("/", 1)[0] + "/" + name
         await schema.migrate(url)
-        sizes = await measure(url, args)
+        yield url
     finally:
         with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def main(args: argparse.Namespace) -> dict:
+    async with migrated_database("trk_commit") as url:
+        sizes = await measure(url, args)
     return {
         "command": "python bench/commit_bench.py --sizes "
         + " ".join(str(s) for s in args.sizes)

@@ -19,14 +19,12 @@ import asyncio
 import json
 import platform
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import psycopg
-from commit_bench import ADMIN_URL, BackendCpu, Fleet, run_round
+from commit_bench import BackendCpu, Fleet, migrated_database, run_round
 
-from tracking_grpc.storage import schema
 from tracking_grpc.storage.postgres import PostgresHistoryStore
 
 RESULTS = Path(__file__).parent / "results" / "row_cost.json"
@@ -42,14 +40,9 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-async def measure(name: str, ddl: list[str], args: argparse.Namespace) -> np.ndarray:
+async def measure(ddl: list[str], args: argparse.Namespace) -> np.ndarray:
     """Wall, client CPU and PostgreSQL CPU microseconds per fix of one variant."""
-    database = f"row_cost_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {database}")
-    url = f"postgresql://postgres@127.0.0.1:5432/{database}"
-    try:
-        await schema.migrate(url)
+    async with migrated_database("trk_row_cost") as url:
         with psycopg.connect(url, autocommit=True) as conn:
             for statement in ddl:
                 conn.execute(statement)
@@ -65,17 +58,14 @@ async def measure(name: str, ddl: list[str], args: argparse.Namespace) -> np.nda
         finally:
             await store.close()
             cpu.conn.close()
-        return total * 1e6 / (args.size * 10 * args.rounds)
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {database} WITH (FORCE)")
+    return total * 1e6 / (args.size * 10 * args.rounds)
 
 
 async def main(args: argparse.Namespace) -> dict:
     runs: dict[str, list[np.ndarray]] = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
         for name, ddl in VARIANTS.items():
-            runs[name].append(await measure(name, ddl, args))
+            runs[name].append(await measure(ddl, args))
     shipped = np.mean(runs["as shipped"], axis=0)
     variants = {}
     for name, samples in runs.items():
