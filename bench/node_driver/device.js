@@ -171,9 +171,10 @@ class Device {
       await this._flush();
       this.nextMs += this.intervalMs;
     }
-    // Streams stay open until the window ends, as in device.py: thousands closing
-    // in its last interval would load the server in the steady state it measures.
-    await Promise.race([sleepUntil(endMs), this.stopping]);
+    // Streams stay open past the window's end, as in device.py: thousands closing
+    // in its last interval, or at its end, would load the server while it still
+    // acks fixes of the steady state it measures.
+    await Promise.race([sleepUntil(this.window.close_ms), this.stopping]);
   }
 
   // Write every fix not yet written on this stream; one writer at a time. Never

@@ -5,7 +5,7 @@
 const { nowMs } = require('./clock');
 
 class Window {
-  constructor({ start_s, ramp_s, steady_s, settle_s }) {
+  constructor({ start_s, ramp_s, steady_s, settle_s, close_after_s }) {
     this.start_s = start_s;
     this.ramp_s = ramp_s;
     this.steady_s = steady_s;
@@ -15,6 +15,8 @@ class Window {
     this.end_s = this.steady_start_s + this.steady_s;
     this.steady_start_ms = this.steady_start_s * 1000;
     this.end_ms = this.end_s * 1000;
+    // Device streams close this long after the window ends (plan.py says why).
+    this.close_ms = (this.end_s + (close_after_s || 0)) * 1000;
   }
 
   // Whether a fix scheduled at `timeMs` is a sample of the steady state.

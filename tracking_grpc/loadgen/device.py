@@ -120,9 +120,10 @@ class Device:
             self.result.count("fixes_generated")
             await self._flush()
             self.next_ms += self.interval_ms
-        # Streams stay open until the window ends: thousands of streams closing in
-        # its last interval would load the server in the steady state it measures.
-        await sleep_until(self.plan.window.end_s)
+        # Streams stay open past the window's end: thousands of streams closing in
+        # its last interval, or at its end, would load the server while it still
+        # acks fixes of the steady state it measures.
+        await sleep_until(self.plan.window.close_s)
 
     async def _flush(self) -> None:
         """Write every fix not yet written on this stream; one writer at a time."""
