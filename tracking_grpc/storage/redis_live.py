@@ -395,25 +395,25 @@ class RedisLiveStore:
             for t, c in zip(newest.time_ms.tolist(), cells.tolist(), strict=True)
         ]
         script = KEEP_SAME_OR_NEWER if again else KEEP_NEWER
+
+        def bucket_keys(bucket: int) -> tuple[str, str]:
+            return (
+                keys.live_key(self.prefix, tenant, bucket),
+                keys.live_time_key(self.prefix, tenant, bucket),
+            )
+
         with unavailable("live positions"):
             calls = _calls(buckets, await self._cluster())
 
         def queue(pipe: Any) -> None:
             for groups, rows in calls:
-                live = []
-                for bucket in groups:
-                    live += [
-                        keys.live_key(self.prefix, tenant, bucket),
-                        keys.live_time_key(self.prefix, tenant, bucket),
-                    ]
                 args = [
                     _joined(devices, rows),
                     _joined(stamps, rows),
                     records[rows].tobytes(),
                     RECORD.itemsize,
-                    " ".join(str(n) for n in groups.values()),
                 ]
-                _evalsha(pipe, script, live, args)
+                _evalsha_groups(pipe, script, groups, bucket_keys, args)
 
         with unavailable("live positions"):
             replies = await self._pipelined(queue)
@@ -440,17 +440,18 @@ class RedisLiveStore:
         lons = [repr(x) for x in moved.lon[rows].tolist()]
         lats = [repr(x) for x in geo_lat.tolist()]
         script = MOVE_IN_CELL_AGAIN if again else MOVE_IN_CELL
+
+        def cell_keys(cell: int) -> tuple[str, str]:
+            return (
+                keys.geo_key(self.prefix, tenant, cell),
+                keys.geo_time_key(self.prefix, tenant, cell),
+            )
+
         with unavailable("live GEO index"):
             calls = _calls(op_cells, await self._cluster())
 
         def queue(pipe: Any) -> None:
             for groups, ops in calls:
-                geo = []
-                for cell in groups:
-                    geo += [
-                        keys.geo_key(self.prefix, tenant, cell),
-                        keys.geo_time_key(self.prefix, tenant, cell),
-                    ]
                 enter = "".join("1" if entering[op] else "0" for op in ops)
                 args = [
                     _joined(devices, ops),
@@ -458,9 +459,8 @@ class RedisLiveStore:
                     _joined(lons, ops),
                     _joined(lats, ops),
                     enter,
-                    " ".join(str(n) for n in groups.values()),
                 ]
-                _evalsha(pipe, script, geo, args)
+                _evalsha_groups(pipe, script, groups, cell_keys, args)
             pipe.sadd(keys.cells_key(self.prefix, tenant), *np.unique(cells).tolist())
 
         with unavailable("live GEO index"):
@@ -515,6 +515,20 @@ SHA = {text: sha for sha, text in SCRIPTS.items()}
 
 def _evalsha(pipe: Any, script: str, script_keys: list[str], args: list) -> None:
     pipe.evalsha(SHA[script], len(script_keys), *script_keys, *args)
+
+
+def _evalsha_groups(
+    pipe: Any,
+    script: str,
+    groups: dict[int, int],
+    group_keys: Callable[[int], tuple[str, str]],
+    args: list,
+) -> None:
+    """Queue a call of a group script (see LUA_GROUPS): the key pair of each group,
+    then ``args``, then the groups' row counts."""
+    script_keys = [key for group in groups for key in group_keys(group)]
+    sizes = " ".join(str(n) for n in groups.values())
+    _evalsha(pipe, script, script_keys, [*args, sizes])
 
 
 def _records(batch: FixBatch) -> np.ndarray:
