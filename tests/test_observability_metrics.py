@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import subprocess
 import sys
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry, multiprocess
 
 from tracking_grpc.events import EventType
 from tracking_grpc.observability import metrics
+from tracking_grpc.observability.runtime import RuntimeMonitor
 
 
 @pytest.fixture
@@ -57,8 +61,46 @@ def test_a_failed_flush_is_counted_and_not_timed(registry):
     assert value("tracking_storage_batch_fixes_sum", {"backend": "sqlite"}) == 60
 
 
+async def test_gc_pauses_are_timed_by_generation(registry):
+    monitor = RuntimeMonitor()
+    monitor.start()
+    try:
+        garbage = [[] for _ in range(1000)]
+        for item in garbage:
+            item.append(item)  # cycles only the collector frees
+        del garbage, item
+        gc.collect(0)
+        gc.collect(2)
+    finally:
+        await monitor.stop()
+    count = registry.get_sample_value
+    young = count("tracking_gc_pause_seconds_count", {"generation": "0"})
+    full = count("tracking_gc_pause_seconds_count", {"generation": "2"})
+    assert young >= 1 and full >= 1
+    assert count("tracking_gc_pause_seconds_sum", {"generation": "2"}) > 0
+    gc.collect(2)  # stopped: no longer timed
+    assert count("tracking_gc_pause_seconds_count", {"generation": "2"}) == full
+
+
+async def test_a_blocked_event_loop_shows_as_lag(registry):
+    monitor = RuntimeMonitor(lag_sample_s=0.01)
+    monitor.start()
+    try:
+        await asyncio.sleep(0.05)
+        time.sleep(0.2)  # noqa: ASYNC251 - a handler that holds the loop
+        await asyncio.sleep(0.05)
+    finally:
+        await monitor.stop()
+    count = registry.get_sample_value
+    samples = count("tracking_event_loop_lag_seconds_count")
+    under_100ms = count("tracking_event_loop_lag_seconds_bucket", {"le": "0.1"})
+    assert samples >= 3
+    assert samples - under_100ms == 1  # only the blocked stretch was late by 0.1 s+
+
+
 WORKER = """
 from tracking_grpc.observability import metrics
+from tracking_grpc.observability.runtime import RuntimeMonitor
 metrics.enable()
 metrics.fixes_received({n})
 metrics.stream_opened("/tracking.v1.TrackSession/Track")

@@ -7,7 +7,7 @@ its part is off.
 
     telemetry = Telemetry(settings)
     server = grpc.aio.server(interceptors=telemetry.interceptors())
-    await telemetry.start()   # /metrics endpoint, dependency health checks
+    await telemetry.start()   # /metrics endpoint, GC pauses and event-loop lag
     ...
     await telemetry.stop()
 
@@ -25,6 +25,7 @@ import grpc
 
 from tracking_grpc.config import Settings
 from tracking_grpc.observability import metrics, tracing
+from tracking_grpc.observability.runtime import RuntimeMonitor
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Telemetry:
         else:
             metrics.disable()
         self.metrics_server: Any = None
+        self.runtime = RuntimeMonitor() if settings.metrics_listen else None
 
     @staticmethod
     def prepare_workers(settings: Settings) -> None:
@@ -67,8 +69,12 @@ class Telemetry:
         """Serve /metrics, unless this process is a worker (the supervisor does)."""
         if self.serves_metrics:
             self.metrics_server, _ = metrics.serve(self.settings.metrics_listen)
+        if self.runtime is not None:
+            self.runtime.start()
 
     async def stop(self) -> None:
+        if self.runtime is not None:
+            await self.runtime.stop()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()

@@ -174,6 +174,21 @@ class Metrics:
             buckets=LATENCY_S,
             registry=r,
         )
+        self.gc_pause_seconds = Histogram(
+            "tracking_gc_pause_seconds",
+            "how long one pass of Python's garbage collector stopped the process, "
+            "by generation (0 young, 2 full)",
+            ["generation"],
+            buckets=LATENCY_S,
+            registry=r,
+        )
+        self.loop_lag_seconds = Histogram(
+            "tracking_event_loop_lag_seconds",
+            "how late a timer of the event loop fired, sampled ten times a second: "
+            "time every stream and commit waited for the loop",
+            buckets=LATENCY_S,
+            registry=r,
+        )
         self._children: dict[tuple[str, ...], Any] = {}
 
     def child(self, metric: str, *labels: str) -> Any:
@@ -449,3 +464,13 @@ def dependency_checked(name: str, up: bool, seconds: float) -> None:
     if _m is not None:
         _m.dependency_up.labels(name).set(1.0 if up else 0.0)
         _m.dependency_check_seconds.labels(name).observe(seconds)
+
+
+def gc_paused(generation: int, seconds: float) -> None:
+    if _m is not None:
+        _m.child("gc_pause_seconds", str(generation)).observe(seconds)
+
+
+def loop_lagged(seconds: float) -> None:
+    if _m is not None:
+        _m.loop_lag_seconds.observe(seconds)
