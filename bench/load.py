@@ -38,7 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
 from load_backends import STORED_PER_DEVICE, BackendMeter, Production  # noqa: E402
 from tracking.v1 import geofence_pb2, geofence_pb2_grpc  # noqa: E402
 
-from tracking_grpc.loadgen import driver, fences, procstat, stats  # noqa: E402
+from tracking_grpc.loadgen import driver, fences, procstat, stalls, stats  # noqa: E402
 from tracking_grpc.loadgen.node import (  # noqa: E402
     NodeDriver,
     NodeDriverError,
@@ -96,6 +96,12 @@ class SpawnedServer:
             "WARNING",
             *flags,
         ]
+        # The server's own stalls (GC pauses, loop lag) come from its /metrics.
+        self.metrics_url: str | None = None
+        if not any(f.startswith("--metrics-listen") for f in flags):
+            metrics_listen = f"127.0.0.1:{free_port()}"
+            command.append(f"--metrics-listen={metrics_listen}")
+            self.metrics_url = f"http://{metrics_listen}/metrics"
         self.log = open(data_dir / "server.log", "w")
         self.process = subprocess.Popen(
             command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
@@ -268,6 +274,7 @@ def run_drivers(
     args: argparse.Namespace,
     production: Production | None = None,
     observer_pid: int | None = None,
+    metrics_url: str | None = None,
 ) -> tuple[list[DriverResult], dict]:
     """Start the driver processes, sample the server during the run, collect."""
     python_plans, node_plans = assign_drivers(plans, args.device_driver)
@@ -283,7 +290,15 @@ def run_drivers(
     try:
         nodes += [NodeDriver(plan) for plan in node_plans]
         return _sample_and_collect(
-            plans, processes, nodes, queue, server_pid, args, production, observer_pid
+            plans,
+            processes,
+            nodes,
+            queue,
+            server_pid,
+            args,
+            production,
+            observer_pid,
+            metrics_url,
         )
     finally:
         for node in nodes:
@@ -299,6 +314,7 @@ def _sample_and_collect(
     args: argparse.Namespace,
     production: Production | None,
     observer_pid: int | None,
+    metrics_url: str | None,
 ) -> tuple[list[DriverResult], dict]:
     driver_pids = [p.pid for p in processes] + [n.pid for n in nodes]
     window = plans[0].window
@@ -316,6 +332,7 @@ def _sample_and_collect(
     drivers_cpu = [procstat.usage(pid).cpu_s for pid in driver_pids]
     busy = machine_busy_s()
     meter = BackendMeter(production)
+    runtime = stalls.snapshot(metrics_url) if metrics_url else None
     if args.profile:
         profiler = start_profiler(
             server_pid, args.profile, window.steady_s, args.profile_native
@@ -325,6 +342,8 @@ def _sample_and_collect(
         time.sleep(min(1.0, max(0.0, window.end_s - time.time())))
         rss_max = max(rss_max, procstat.usage(server_pid).rss_bytes)
     end = procstat.usage(server_pid)
+    if metrics_url and runtime is not None:
+        samples["stalls"] = stalls.between(runtime, stalls.snapshot(metrics_url))
     if observer_pid and observed is not None:
         samples["observer_cpu_s"] = procstat.usage(observer_pid).cpu_s - observed.cpu_s
     # Python driver processes first (watchers last among them), then node ones.
@@ -440,6 +459,7 @@ def report(
             "rss_kb_per_stream": round(rss_growth / streams / 1024, 1)
             if streams
             else None,
+            "stalls": samples.get("stalls"),
         },
         "device_driver": args.device_driver,
         "drivers_cpu_cores": round(samples["drivers_cpu_s"] / steady_s, 3),
@@ -512,6 +532,8 @@ def print_report(out: dict) -> None:
         f"RSS {server['rss_baseline_mb']} -> {server['rss_steady_mb']} MB, "
         f"{server['rss_kb_per_stream']} KB/stream"
     )
+    if server.get("stalls"):
+        print(f"Server stalls: {stalls.describe(server['stalls'])}")
     print(
         f"Drivers ({out['device_driver']} devices): {out['drivers_cpu_cores']} cores "
         f"{out['driver_process_cpu_cores']}; whole machine busy "
@@ -663,8 +685,9 @@ def main(argv: list[str] | None = None) -> dict:
         observer_pid = observer.pid if observer is not None else None
         idle = measure_idle(pid, production, args.idle_s, observer_pid)
         plans = build_plans(args, target)  # a fresh start time after the import
+        metrics_url = server.metrics_url if server is not None else None
         results, samples = run_drivers(
-            plans, watch_ids(args), pid, args, production, observer_pid
+            plans, watch_ids(args), pid, args, production, observer_pid, metrics_url
         )
         out = report(args, plans, results, samples)
         out["fences"] = fence_count

@@ -49,6 +49,8 @@ def assert_every_fix_settled_once(result: dict) -> None:
     assert result["verify"]["fixes_lost"] == 0
     assert result["verify"]["devices_with_gaps_or_extra"] == 0
     assert result["watch"]["count"] > 0 and result["ack"]["count"] > 0
+    stalls = result["server"]["stalls"]  # from the server's /metrics
+    assert stalls["loop_lag_samples"] > 0 and "young" in stalls["gc"]
 
 
 @pytest.mark.slow

@@ -1,0 +1,72 @@
+"""The load tool's reading of a server's stalls from its /metrics."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from prometheus_client import generate_latest
+
+from tracking_grpc.loadgen import stalls
+from tracking_grpc.observability import metrics
+
+
+@pytest.fixture
+def endpoint():
+    """/metrics of this process's registry on a loopback port of its own."""
+    registry = metrics.enable()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = generate_latest(registry)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/metrics"
+    server.shutdown()
+    server.server_close()
+    metrics.disable()
+
+
+def test_stalls_count_what_happened_between_snapshots(endpoint):
+    metrics.loop_lagged(0.2)  # before the window: not counted
+    metrics.gc_paused(0, 0.3)
+    before = stalls.snapshot(endpoint)
+    for lag in (0.0001, 0.003, 0.03, 0.03, 0.2):
+        metrics.loop_lagged(lag)
+    metrics.gc_paused(0, 0.0004)
+    metrics.gc_paused(0, 0.004)
+    metrics.gc_paused(1, 0.12)
+    found = stalls.between(before, stalls.snapshot(endpoint))
+    assert found["loop_lag_samples"] == 5
+    assert found["loop_lag_over_ms"] == {"10": 3, "25": 3, "100": 1}
+    assert found["loop_lag_longest_at_most_ms"] == 250.0
+    young, middle = found["gc"]["young"], found["gc"]["middle"]
+    assert (young["passes"], young["longest_at_most_ms"]) == (2, 5.0)
+    assert young["paused_s"] == pytest.approx(0.004, abs=1e-3)
+    assert middle["over_ms"] == {"10": 1, "25": 1, "100": 1}
+    assert "GC middle 1 passes" in stalls.describe(found)
+
+
+def test_a_quiet_window_has_no_longest_pause(endpoint):
+    metrics.loop_lagged(0.001)
+    before = stalls.snapshot(endpoint)
+    found = stalls.between(before, stalls.snapshot(endpoint))
+    assert found["loop_lag_samples"] == 0
+    assert found["loop_lag_longest_at_most_ms"] is None
+
+
+def test_an_empty_registry_reads_as_no_stalls():
+    assert stalls.between({}, {}) == {
+        "loop_lag_samples": 0,
+        "loop_lag_over_ms": {"10": 0, "25": 0, "100": 0},
+        "loop_lag_longest_at_most_ms": None,
+        "gc": {},
+    }
