@@ -103,6 +103,8 @@ def describe(stalls: dict) -> str:
 
 
 def _ms(seconds: float | None) -> float | str | None:
-    if seconds is None or not math.isinf(seconds):
-        return None if seconds is None else round(seconds * 1000, 1)
-    return "over the largest bucket"
+    if seconds is None:
+        return None
+    if math.isinf(seconds):
+        return "over the largest bucket"
+    return round(seconds * 1000, 1)
