@@ -342,7 +342,7 @@ def _sample_and_collect(
         time.sleep(min(1.0, max(0.0, window.end_s - time.time())))
         rss_max = max(rss_max, procstat.usage(server_pid).rss_bytes)
     end = procstat.usage(server_pid)
-    if metrics_url and runtime is not None:
+    if runtime is not None:
         samples["stalls"] = stalls.between(runtime, stalls.snapshot(metrics_url))
     if observer_pid and observed is not None:
         samples["observer_cpu_s"] = procstat.usage(observer_pid).cpu_s - observed.cpu_s

@@ -99,10 +99,11 @@ async def test_a_blocked_event_loop_shows_as_lag(registry):
     finally:
         await monitor.stop()
     count = registry.get_sample_value
+    bucket = "tracking_event_loop_lag_seconds_bucket"
     samples = count("tracking_event_loop_lag_seconds_count")
-    under_100ms = count("tracking_event_loop_lag_seconds_bucket", {"le": "0.1"})
+    blocked = count(bucket, {"le": "0.25"}) - count(bucket, {"le": "0.1"})
     assert samples >= 3
-    assert samples - under_100ms == 1  # only the blocked stretch was late by 0.1 s+
+    assert blocked >= 1  # the sample that waited out the 0.2 s block
 
 
 WORKER = """

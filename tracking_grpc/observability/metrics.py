@@ -177,7 +177,7 @@ class Metrics:
         self.gc_pause_seconds = Histogram(
             "tracking_gc_pause_seconds",
             "how long one pass of Python's garbage collector stopped the process, "
-            "by generation (0 young, 2 full)",
+            "by generation (0 young, 1 middle, 2 full)",
             ["generation"],
             buckets=LATENCY_S,
             registry=r,
