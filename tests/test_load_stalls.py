@@ -63,10 +63,38 @@ def test_a_quiet_window_has_no_longest_pause(endpoint):
     assert found["loop_lag_longest_at_most_ms"] is None
 
 
+def test_server_ack_and_commit_times_are_summarised(endpoint):
+    metrics.fix_acked(0.4)  # before the window: not counted
+    before = stalls.snapshot(endpoint)
+    for seconds in [0.003] * 98 + [0.03, 0.2]:
+        metrics.fix_acked(seconds)
+    for backend, seconds in (("postgres", 0.002), ("postgres", 0.004), ("x", 0.06)):
+        metrics.storage_flushed(backend, 20, seconds)
+    found = stalls.between(before, stalls.snapshot(endpoint))
+    ack = found["server_ack"]
+    assert ack["count"] == 100
+    assert ack["p50_at_most_ms"] == 5.0
+    assert ack["p99_at_most_ms"] == 50.0
+    assert ack["over_ms"] == {"10": 2, "25": 2, "50": 1, "100": 1}
+    assert ack["mean_ms"] == pytest.approx((98 * 3 + 30 + 200) / 100, abs=0.01)
+    commit = found["commit"]  # summed over backends
+    assert (commit["count"], commit["over_ms"]["50"]) == (3, 1)
+    assert "server ack mean" in stalls.describe(found)
+
+
 def test_an_empty_registry_reads_as_no_stalls():
+    nothing = {
+        "count": 0,
+        "mean_ms": None,
+        "p50_at_most_ms": None,
+        "p99_at_most_ms": None,
+        "over_ms": {"10": 0, "25": 0, "50": 0, "100": 0},
+    }
     assert stalls.between({}, {}) == {
         "loop_lag_samples": 0,
         "loop_lag_over_ms": {"10": 0, "25": 0, "100": 0},
         "loop_lag_longest_at_most_ms": None,
         "gc": {},
+        "server_ack": nothing,
+        "commit": nothing,
     }
