@@ -242,3 +242,43 @@ def test_serve_refuses_until_migrate_has_run(pg_blank_url) -> None:
     assert done.returncode == 0 and "applied migrations [1, 2" in done.stdout
     again = tracking("migrate", "--database-url", pg_blank_url)
     assert "nothing to apply" in again.stdout
+
+
+@pytest.mark.parametrize("lag", ["state set back", "state row deleted"])
+async def test_a_device_state_behind_its_stored_fixes_still_keeps_each_fix_once(
+    pg_url, lag, caplog
+) -> None:
+    """Fixes past their device's state go in without key checks. Should the state
+    lag the stored fixes, a fix repeating a stored one must still come back as a
+    duplicate (not fail the commit), and the fixes beside it be stored."""
+    tenant = unique_tenant()
+    store = await PostgresHistoryStore.open(pg_url)
+    stored = FixBatch.from_rows(
+        tenant, [("a", 1, T0, 1.0, 2.0), ("a", 2, T0 + 1_000, 1.0, 2.0)]
+    )
+    assert (await store.store(stored)).all()
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        if lag == "state set back":
+            conn.execute(
+                "UPDATE devices SET last_stored_seq = 1, last_time_ms = %s"
+                " WHERE tenant = %s",
+                [T0, tenant],
+            )
+        else:
+            conn.execute("DELETE FROM devices WHERE tenant = %s", [tenant])
+    again = FixBatch.from_rows(
+        tenant,
+        [
+            ("a", 3, T0 + 1_000, 1.0, 2.0),  # the time of stored seq 2
+            ("a", 4, T0 + 2_000, 1.0, 2.0),
+            ("b", 1, T0, 1.0, 2.0),
+        ],
+    )
+    new = await store.store(again)
+    assert new.tolist() == [False, True, True]
+    assert "device state behind stored fixes" in caplog.text
+    assert await store.count(tenant, "a") == 3
+    states = await store.device_states(tenant, ["a"])
+    assert (states["a"].last_stored_seq, states["a"].last_time_ms) == (4, T0 + 2_000)
+    assert (await store.store(again)).tolist() == [False, False, False]
+    await store.close()
