@@ -113,7 +113,7 @@ FROM advanced a JOIN devs USING (device)
 # and time repeats no stored fix (the state covers every stored fix, and no other
 # writer can add one while the row is locked), and the staged fixes repeat none
 # among themselves, so it goes in by a plain insert; the others check the keys with
-# ON CONFLICT DO NOTHING, whose speculative insertion cost PostgreSQL a third more
+# ON CONFLICT DO NOTHING, whose speculative insertion costs a key probe and a lock
 # per row. With %(trust_state)s false every fix takes the checked way (the retry
 # after a unique violation, should the state ever lag the stored fixes).
 INSERT_NEW = """
