@@ -306,7 +306,7 @@ class PostgresHistoryStore:
             await self.prepare_partitions(now_ms)
         await self._ensure_days(np.unique(batch.time_ms[candidates] // DAY_MS))
         staged = _staging_columns(batch, candidates, device_idx)
-        params = {
+        params: dict[str, str | bool] = {
             "tenant": batch.tenant,
             "devices": text_array(devices.tolist()),
             "trust_state": True,
@@ -347,7 +347,7 @@ class PostgresHistoryStore:
         self,
         conn: psycopg.AsyncConnection,
         staged: list[tuple[np.ndarray, str]],
-        params: dict[str, str],
+        params: dict[str, str | bool],
     ) -> list[tuple]:
         """The write's three statements in one pipeline; the new rows' ``idx``.
 
