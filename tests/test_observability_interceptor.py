@@ -11,7 +11,7 @@ from grpc_health.v1._async import HealthServicer
 from tracking.v1 import track_pb2, track_pb2_grpc
 
 from tests.prometheus_server import PrometheusServer
-from tests.server_fixtures import fix
+from tests.server_fixtures import fix, now_ms
 from tracking_grpc.config import Settings
 from tracking_grpc.observability import metrics, probe
 from tracking_grpc.observability.interceptor import server_interceptors
@@ -124,3 +124,38 @@ async def eventually(read, timeout_s: float = 2.0):
             return value
         await asyncio.sleep(0.01)
     return read()
+
+
+async def test_a_watch_left_while_its_snapshot_is_written_counts_as_cancelled(
+    start_server,
+):
+    server = await start_server(metrics_listen="127.0.0.1:0")
+    address = f"127.0.0.1:{server.port}"
+    devices = [f"d{i}" for i in range(5_000)]
+    columns = track_pb2.ColumnarFixes(
+        device_ids=devices,
+        device_index=range(len(devices)),
+        seq=[1] * len(devices),
+        time_ms=[now_ms()] * len(devices),
+        lat=[60.0 + i * 1e-4 for i in range(len(devices))],
+        lon=[25.0] * len(devices),
+    )
+    # Without BDP probing the client's window stays 64 KiB: the server's write of
+    # the second snapshot chunk waits, its generator parked at the yield.
+    options = [("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        stub = track_pb2_grpc.TrackSessionStub(channel)
+        await stub.PublishBatch(track_pb2.PublishBatchRequest(columns=columns))
+        call = stub.Watch(track_pb2.WatchRequest())
+        assert (await call.read()).snapshot
+        await asyncio.sleep(0.5)
+        call.cancel()
+        assert await call.code() == grpc.StatusCode.CANCELLED
+
+    def handled(code: str) -> float | None:
+        labels = {"method": "/tracking.v1.TrackSession/Watch", "code": code}
+        return metrics.registry().get_sample_value("tracking_rpc_handled_total", labels)
+
+    # The handler unwinds after the client has its status: the count may lag.
+    assert await eventually(lambda: handled("CANCELLED") or handled("UNKNOWN")) == 1
+    assert handled("CANCELLED") == 1 and handled("UNKNOWN") is None

@@ -154,7 +154,10 @@ def _status_of(
     code = getattr(exc, "code", None)
     if isinstance(code, grpc.StatusCode):
         return code
-    if isinstance(exc, asyncio.CancelledError):
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        # The call ended under the handler: the client cancelled, its deadline
+        # passed or it went away. A stream parked at a yield (its response being
+        # written) is closed by grpc with GeneratorExit instead of CancelledError.
         return grpc.StatusCode.CANCELLED
     set_code = _context_code(context)
     if set_code is not None and set_code != grpc.StatusCode.OK:
