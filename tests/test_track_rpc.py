@@ -190,6 +190,16 @@ async def test_watch_by_box_across_antimeridian(stub) -> None:
     watch.cancel()
 
 
+async def test_watch_by_circle_needs_its_centre(stub) -> None:
+    """An unset centre reads as 0, 0 in proto3: refused, not watched there."""
+    area = common_pb2.Area(circle=common_pb2.Circle(radius_m=500))
+    watch = stub.Watch(track_pb2.WatchRequest(area=area))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await watch.read()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "area.circle.center" in raised.value.details()
+
+
 async def test_slow_watcher_gets_newest_position_coalesced(server, stub) -> None:
     from tracking_grpc.fanout import Watcher, WatchFilter
 

@@ -21,6 +21,13 @@ NAN = math.nan
 MAX_DEVICE_ID_LENGTH = 128
 
 
+def require(message: object, name: str, field: str) -> None:
+    """A message field that must be set: unset, proto3 would read it as zeros (a
+    position at 0, 0), so it is refused instead."""
+    if not message.HasField(name):  # type: ignore[attr-defined]
+        raise InvalidArgument(field, "is required")
+
+
 def check_device_id(device_id: str, field: str) -> str:
     if not device_id:
         raise InvalidArgument(field, "must not be empty")

@@ -319,6 +319,14 @@ async def test_get_track_rejects_bad_tolerance_and_clip(history):
             ),
             "clip.box",
         ),
+        (
+            history_pb2.GetTrackRequest(
+                device_id="d",
+                end_ms=1,
+                clip=common_pb2.Area(circle=common_pb2.Circle(radius_m=100)),
+            ),
+            "clip.circle.center",  # unset: not a circle at 0, 0
+        ),
     ]:
         with pytest.raises(grpc.aio.AioRpcError) as error:
             async for _ in stub.GetTrack(request_):

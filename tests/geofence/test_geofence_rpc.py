@@ -360,3 +360,84 @@ async def test_watch_on_one_process_sees_events_of_another(
             seen += (await asyncio.wait_for(watch.read(), 10)).events
         watch.cancel()
     assert [e.event_id for e in seen] == [e.event_id for e in raised]
+
+
+def _circle(**centre) -> geofence_pb2.FenceShape:
+    circle = common_pb2.Circle(radius_m=100, **centre)
+    return geofence_pb2.FenceShape(circle=circle)
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("call", "field", "words"),
+    [
+        pytest.param(
+            lambda s: s.CreateFence(
+                geofence_pb2.CreateFenceRequest(fence=polygon("e", events=[1, 99]))
+            ),
+            "fence.events[1]",
+            "99 is not an event type",
+            id="unknown-event-type",
+        ),
+        pytest.param(
+            lambda s: s.CreateFence(
+                geofence_pb2.CreateFenceRequest(
+                    fence=geofence_pb2.Fence(
+                        fence_id="deep",
+                        shape=geofence_pb2.FenceShape(geojson=DEEP_JSON),
+                    )
+                )
+            ),
+            "fence.shape.geojson",
+            "nested too deeply",
+            id="deeply-nested-geojson",
+        ),
+        pytest.param(
+            lambda s: s.CreateFence(
+                geofence_pb2.CreateFenceRequest(
+                    fence=geofence_pb2.Fence(fence_id="c", shape=_circle())
+                )
+            ),
+            "fence.shape.circle.center",
+            "is required",
+            id="circle-without-centre",
+        ),
+        pytest.param(
+            lambda s: s.Check(geofence_pb2.CheckRequest()),
+            "position",
+            "is required",
+            id="check-without-position",
+        ),
+        pytest.param(
+            lambda s: s.ListEvents(
+                geofence_pb2.ListEventsRequest(start_ms=1, end_ms=2, types=[99])
+            ),
+            "types[0]",
+            "99 is not an event type",
+            id="list-unknown-type",
+        ),
+        pytest.param(
+            lambda s: s.WatchEvents(
+                geofence_pb2.WatchEventsRequest(types=[2, 99])
+            ).read(),
+            "types[1]",
+            "99 is not an event type",
+            id="watch-unknown-type",
+        ),
+    ],
+)
+async def test_malformed_requests_are_invalid_argument_naming_the_field(
+    fences, call, field, words
+) -> None:
+    """Values a proto3 message can carry but the service cannot take: an enum value
+    it does not know, a message left unset (read as 0, 0), JSON nested past the
+    parser's recursion limit. Each gets INVALID_ARGUMENT naming the field, not
+    INTERNAL and not a silent (0, 0)."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(fences)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found_field, description = violation(caught.value)
+    assert found_field == field
+    assert words in description

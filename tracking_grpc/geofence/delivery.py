@@ -21,21 +21,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.geofence.model import GEOFENCE_EVENTS
 from tracking_grpc.storage.fences import EventRepository
 from tracking_grpc.storage.redis_client import Connection, unavailable
 
 log = logging.getLogger(__name__)
 
-GEOFENCE_TYPES = frozenset(
-    {EventType.ENTER, EventType.EXIT, EventType.DWELL, EventType.CROSS}
-)
 WATCH_QUEUE = 10_000
 STREAM_MAXLEN = 1_000_000
 RETRY_S = (0.1, 0.5, 2.0, 5.0)
 
 
 def geofence_events(events: Sequence[TrackingEvent]) -> list[TrackingEvent]:
-    return [e for e in events if e.type in GEOFENCE_TYPES and e.fence_id]
+    return [e for e in events if e.type in GEOFENCE_EVENTS and e.fence_id]
 
 
 class EventStoreListener:

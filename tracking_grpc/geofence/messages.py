@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
 from tracking.v1 import common_pb2, geofence_pb2
 
+from tracking_grpc import convert
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.events import EventType
 from tracking_grpc.geofence import schedule as schedules
@@ -45,6 +47,7 @@ def shape_of(message: geofence_pb2.FenceShape, field: str) -> ShapeSpec:
     kind = message.WhichOneof("shape")
     if kind == "circle":
         c = message.circle
+        convert.require(c, "center", f"{field}.circle.center")
         return ShapeSpec.circle(c.center.lat, c.center.lon, c.radius_m)
     if kind == "geojson":
         return ShapeSpec.geojson(message.geojson)
@@ -70,13 +73,27 @@ def shape_message(shape: ShapeSpec) -> geofence_pb2.FenceShape:
     return geofence_pb2.FenceShape(geojson=shape.text)
 
 
+def event_types(values: Iterable[int], field: str) -> frozenset[EventType]:
+    """The geofence event types asked for (0, unspecified, is skipped)."""
+    types = set()
+    for i, value in enumerate(values):
+        if value == 0:
+            continue
+        try:
+            types.add(EventType(int(value)))
+        except ValueError:
+            reason = f"{value} is not an event type"
+            raise InvalidArgument(f"{field}[{i}]", reason) from None
+    if types - GEOFENCE_EVENTS:
+        raise InvalidArgument(field, "only ENTER, EXIT, DWELL and CROSS")
+    return frozenset(types)
+
+
 def fence_of(
     message: geofence_pb2.Fence, field: str, repair: bool, fence_id: str
 ) -> tuple[FenceSpec, tuple[str, ...]]:
     """A checked FenceSpec from a Fence message, with the repairs made to its shape."""
-    events = frozenset(EventType(int(e)) for e in message.events if int(e) != 0)
-    if events - GEOFENCE_EVENTS:
-        raise InvalidArgument(f"{field}.events", "only ENTER, EXIT, DWELL and CROSS")
+    events = event_types(message.events, f"{field}.events")
     window_list = []
     if message.HasField("schedule"):
         for w in message.schedule.windows:

@@ -102,6 +102,8 @@ def _geojson_polygons(text: str, field: str) -> list[tuple[str, list[Any]]]:
         data = json.loads(text)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(field, f"not JSON: {exc}") from exc
+    except RecursionError:
+        raise InvalidArgument(field, "not a GeoJSON shape: nested too deeply") from None
     if isinstance(data, dict) and data.get("type") == "Feature":
         data = data.get("geometry")
     if not isinstance(data, dict) or "coordinates" not in data:

@@ -13,12 +13,11 @@ from pathlib import Path
 import grpc
 from tracking.v1 import geofence_pb2, geofence_pb2_grpc
 
+from tracking_grpc import convert
 from tracking_grpc.app import App
 from tracking_grpc.auth import Role
 from tracking_grpc.errors import InvalidArgument, ResourceExhausted, Unavailable
-from tracking_grpc.events import EventType
 from tracking_grpc.geofence.delivery import (
-    GEOFENCE_TYPES,
     EventFilter,
     EventStoreListener,
     EventWatchHub,
@@ -27,6 +26,7 @@ from tracking_grpc.geofence.delivery import (
 )
 from tracking_grpc.geofence.messages import (
     check_fence_id,
+    event_types,
     fence_message,
     fence_of,
     fences_of_feature_collection,
@@ -60,13 +60,6 @@ def _page_size(value: int) -> int:
     if value > MAX_PAGE:
         raise InvalidArgument("page_size", f"at most {MAX_PAGE}")
     return value or DEFAULT_PAGE
-
-
-def _types(values, field: str) -> frozenset[EventType]:
-    types = frozenset(EventType(int(v)) for v in values if int(v) != 0)
-    if types - GEOFENCE_TYPES:
-        raise InvalidArgument(field, "only ENTER, EXIT, DWELL and CROSS")
-    return types
 
 
 class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
@@ -164,6 +157,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         """Which fences contain a position, taking its accuracy into account."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
+        convert.require(request, "position", "position")
         lat, lon = request.position.lat, request.position.lon
         check_lat_lon(lat, lon, "position")
         accuracy = request.accuracy_m if request.HasField("accuracy_m") else 0.0
@@ -208,7 +202,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
             caller.tenant,
             frozenset(request.fence_ids),
             frozenset(request.device_ids),
-            _types(request.types, "types"),
+            event_types(request.types, "types"),
         )
         subscription = self.hub.subscribe(event_filter)
         try:
@@ -253,7 +247,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
                 end_ms,
                 device=request.device_id,
                 fence_id=request.fence_id,
-                types=_types(request.types, "types"),
+                types=event_types(request.types, "types"),
                 limit=size + 1,
                 after=after,
             )

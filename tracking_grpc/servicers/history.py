@@ -70,6 +70,7 @@ def _clip_mask(fixes: FixBatch, area: common_pb2.Area) -> np.ndarray:
         return in_box(fixes.lat, fixes.lon, box.south, box.west, box.north, box.east)
     if shape == "circle":
         c = area.circle
+        convert.require(c, "center", "clip.circle.center")
         if not (math.isfinite(c.center.lat) and abs(c.center.lat) <= 90):
             raise InvalidArgument("clip.circle.center.lat", "must be in ±90")
         if not (math.isfinite(c.center.lon) and abs(c.center.lon) <= 180):

@@ -121,6 +121,7 @@ def watch_filter(request: track_pb2.WatchRequest) -> WatchFilter:
         return WatchFilter(devices, box=_check_box(request.area.box))
     if shape == "circle":
         circle = request.area.circle
+        convert.require(circle, "center", "area.circle.center")
         _check_point(circle.center.lat, circle.center.lon, "area.circle.center")
         _check_radius(circle.radius_m, "area.circle.radius_m")
         return WatchFilter(
