@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 import pytest
-from tracking.v1 import common_pb2, track_pb2
+from tracking.v1 import common_pb2, track_pb2, track_pb2_grpc
 
 from tests.server_fixtures import batch, fix, hello, now_ms, track_session
 from tracking_grpc.errors import StorageUnavailable
@@ -261,3 +261,31 @@ async def test_stream_ends_unavailable_when_its_fixes_cannot_be_stored(
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "store away" in raised.value.details()
     await closing
+
+
+@pytest.mark.parametrize("form", ["devices", "columns"])
+async def test_an_oversized_gateway_batch_names_the_part_it_came_in(
+    start_server, form
+) -> None:
+    server = await start_server(max_batch_fixes=2)
+    t = now_ms()
+    if form == "devices":
+        device = track_pb2.DeviceFixes(
+            device_id="g", fixes=[fix(i, 1.0, 1.0, t + i) for i in (1, 2, 3)]
+        )
+        request = track_pb2.PublishBatchRequest(devices=[device])
+    else:
+        columns = track_pb2.ColumnarFixes(
+            device_ids=["g"],
+            device_index=[0, 0, 0],
+            seq=[1, 2, 3],
+            time_ms=[t + 1, t + 2, t + 3],
+            lat=[1.0] * 3,
+            lon=[1.0] * 3,
+        )
+        request = track_pb2.PublishBatchRequest(columns=columns)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await track_pb2_grpc.TrackSessionStub(channel).PublishBatch(request)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details() == f"{form}: 3 fixes exceed 2"

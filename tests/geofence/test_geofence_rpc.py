@@ -419,6 +419,12 @@ DEEP_JSON = "[" * 100_000 + "]" * 100_000
             id="list-unknown-type",
         ),
         pytest.param(
+            lambda s: s.ListEvents(geofence_pb2.ListEventsRequest(start_ms=-5)),
+            "start_ms",
+            "must be >= 0",
+            id="list-negative-start",
+        ),
+        pytest.param(
             lambda s: s.WatchEvents(
                 geofence_pb2.WatchEventsRequest(types=[2, 99])
             ).read(),

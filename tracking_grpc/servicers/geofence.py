@@ -231,7 +231,9 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
         end_ms = request.end_ms or now_ms() + 1
-        if request.start_ms < 0 or end_ms <= request.start_ms:
+        if request.start_ms < 0:
+            raise InvalidArgument("start_ms", "must be >= 0")
+        if end_ms <= request.start_ms:
             raise InvalidArgument("end_ms", "must lie after start_ms (0 means now)")
         size = _page_size(request.page_size)
         after = None

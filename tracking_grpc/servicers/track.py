@@ -210,7 +210,8 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
             raise InvalidArgument("devices", "the batch holds no fixes")
         limit = self.app.settings.max_batch_fixes
         if len(batch) > limit:
-            raise InvalidArgument("columns", f"{len(batch)} fixes exceed {limit}")
+            field = "columns" if request.HasField("columns") else "devices"
+            raise InvalidArgument(field, f"{len(batch)} fixes exceed {limit}")
         if caller.role == Role.DEVICE:
             for device_id in set(batch.device.tolist()):
                 caller.require_device(device_id)
