@@ -3,7 +3,8 @@
 Every handler is wrapped: a :class:`~tracking_grpc.errors.TrackingError` becomes its
 status code with its message (and, for an invalid argument, a ``google.rpc.BadRequest``
 field violation in the rich status details); anything else is logged and becomes
-INTERNAL without leaking internals to the caller.
+INTERNAL without leaking internals to the caller. A request whose bytes do not decode
+is an invalid argument too (see :func:`_decoder`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 from tracking_grpc.errors import InvalidArgument, TrackingError
@@ -58,12 +60,60 @@ def _method(context: grpc.aio.ServicerContext) -> str:
         return "rpc"
 
 
+class _Undecodable:
+    """A unary request whose bytes did not decode, as the wrapped handler gets it."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidArgument) -> None:
+        self.error = error
+
+
+def _decoded(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise request.error
+    return request
+
+
+def _message_type(deserializer: Callable[[bytes], Any]) -> str:
+    """The full name of the message that ``deserializer`` (``FromString``) makes."""
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "request message"))
+
+
+def _decoder(
+    deserializer: Callable[[bytes], Any] | None, request_streaming: bool
+) -> Callable[[bytes], Any] | None:
+    """``deserializer`` with a DecodeError turned into an InvalidArgument.
+
+    A stream's requests are decoded as its handler reads them, in the handler's
+    task: the error is raised there and mapped like any other. grpc decodes a
+    unary request before the handler runs, where an exception becomes UNKNOWN and
+    an ERROR traceback: the request becomes an :class:`_Undecodable` instead, which
+    the wrapped handler raises.
+    """
+    if deserializer is None:
+        return None
+    message_type = _message_type(deserializer)
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError as exc:
+            error = InvalidArgument("request", f"is not a valid {message_type}: {exc}")
+            if request_streaming:
+                raise error from exc
+            return _Undecodable(error)
+
+    return decode
+
+
 def _wrap_unary(
     behavior: Callable[..., Awaitable[Any]],
 ) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behavior(request, context)
+            return await behavior(_decoded(request), context)
         except (grpc.aio.AbortError, AssertionError, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -79,7 +129,7 @@ def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
             request: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
             try:
-                async for response in behavior(request, context):
+                async for response in behavior(_decoded(request), context):
                     yield response
             except grpc.aio.AbortError:
                 raise
@@ -135,7 +185,9 @@ def _wrap_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if behavior is not None:
             return make(
                 wrap(behavior),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_decoder(
+                    handler.request_deserializer, handler.request_streaming
+                ),
                 response_serializer=handler.response_serializer,
             )
     return handler
