@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -447,3 +448,44 @@ async def test_malformed_requests_are_invalid_argument_naming_the_field(
     found_field, description = violation(caught.value)
     assert found_field == field
     assert words in description
+
+
+def _many_vertex_polygon(
+    fence_id: str, vertices: int, lon: float
+) -> geofence_pb2.Fence:
+    """A round fence of ``vertices`` points, its GeoJSON about 41 bytes a vertex."""
+    turn = [2 * math.pi * i / vertices for i in range(vertices)]
+    ring = [[lon + 0.01 * math.cos(a), 48.0 + 0.01 * math.sin(a)] for a in turn]
+    geometry = {"type": "Polygon", "coordinates": [[*ring, ring[0]]]}
+    return polygon(fence_id, geometry)
+
+
+async def test_a_shape_too_large_for_one_message_is_refused(fences) -> None:
+    fence = _many_vertex_polygon("huge", 40_000, 2.0)
+    assert len(fence.shape.geojson) > 1_000_000
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fences.CreateFence(geofence_pb2.CreateFenceRequest(fence=fence))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(caught.value) == (
+        "fence.shape.geojson",
+        "at most 1000000 characters",
+    )
+
+
+async def test_list_pages_stay_under_a_default_client_limit(fences) -> None:
+    """Four fences of ~0.9 MB each: a page of all four would pass the 4 MB a
+    default client accepts, so the list comes in pages of at most three."""
+    for i in range(4):
+        fence = _many_vertex_polygon(f"big-{i}", 23_000, 2.0 + i)
+        assert 800_000 < len(fence.shape.geojson) < 1_000_000
+        await fences.CreateFence(geofence_pb2.CreateFenceRequest(fence=fence))
+    pages, token = [], ""
+    while True:
+        page = await fences.ListFences(geofence_pb2.ListFencesRequest(page_token=token))
+        pages.append([f.fence_id for f in page.fences])
+        assert page.ByteSize() < 4 * 1024 * 1024
+        token = page.next_page_token
+        if not token:
+            break
+    assert [len(p) for p in pages] == [3, 1]
+    assert sum(pages, []) == [f"big-{i}" for i in range(4)]

@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 GEOD = pyproj.Geod(ellps="WGS84")
 MAX_RADIUS_M = 5_000_000.0
+# A fence travels whole in every answer that carries it; at these sizes one fits a
+# client's default 4 MB message limit with room to spare (tens of thousands of
+# vertices: far more than any geofence needs).
+MAX_SHAPE_BYTES = 1_000_000
+MAX_CORRIDOR_POINTS = 20_000
 _WHERE = re.compile(r"^(?P<reason>[^\[]+)\[(?P<x>[-\d.e+]+) (?P<y>[-\d.e+]+)\]$")
 
 
@@ -76,6 +81,9 @@ def compile_checked(spec: ShapeSpec, field: str, repair: bool) -> Compiled:
         return Compiled(_circle(spec, f"{field}.circle"), spec, ())
     if spec.kind == "corridor":
         return Compiled(_corridor(spec, f"{field}.corridor"), spec, ())
+    if spec.kind in ("geojson", "wkt") and len(spec.text) > MAX_SHAPE_BYTES:
+        where = f"{field}.{spec.kind}"
+        raise InvalidArgument(where, f"at most {MAX_SHAPE_BYTES} characters")
     if spec.kind == "geojson":
         polygons = _geojson_polygons(spec.text, f"{field}.geojson")
         where = f"{field}.geojson"
@@ -363,8 +371,10 @@ def geodesic_ring(lat: float, lon: float, radius_m: float) -> shapely.Geometry:
 
 
 def _corridor(spec: ShapeSpec, field: str) -> Shape:
-    if len(spec.path) < 2:
-        raise InvalidArgument(f"{field}.path", "a corridor needs at least 2 points")
+    if not 2 <= len(spec.path) <= MAX_CORRIDOR_POINTS:
+        raise InvalidArgument(
+            f"{field}.path", f"a corridor needs 2 to {MAX_CORRIDOR_POINTS} points"
+        )
     for i, (lat, lon) in enumerate(spec.path):
         check_lat_lon(lat, lon, f"{field}.path[{i}]")
     width = spec.width_m

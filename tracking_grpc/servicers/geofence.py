@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+PAGE_BYTES = 3_000_000  # fences per page stop short of this many bytes
 MAX_WATCH_IDS = 10_000
 FOLLOW_TIMEOUT_S = 5.0  # longest WatchEvents waits for the event stream
 GEOFENCE_STREAM = "geofence-events"  # after redis_key_prefix
@@ -129,11 +130,17 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         found = await self.fences.list(
             caller.tenant, list(request.labels), size + 1, after
         )
-        page = found[:size]
-        token = encode_token(page[-1].fence_id) if len(found) > size else ""
-        return geofence_pb2.ListFencesResponse(
-            fences=[fence_message(f) for f in page], next_page_token=token
-        )
+        messages: list[geofence_pb2.Fence] = []
+        budget = PAGE_BYTES
+        for fence in found[:size]:
+            message = fence_message(fence)
+            budget -= message.ByteSize()
+            if messages and budget < 0:
+                break  # a page stays under a client's default 4 MB limit
+            messages.append(message)
+        more = len(found) > len(messages)
+        token = encode_token(messages[-1].fence_id) if more else ""
+        return geofence_pb2.ListFencesResponse(fences=messages, next_page_token=token)
 
     async def ImportFences(self, request, context):
         """Create or replace many fences from a GeoJSON FeatureCollection."""
