@@ -488,4 +488,4 @@ async def test_list_pages_stay_under_a_default_client_limit(fences) -> None:
         if not token:
             break
     assert [len(p) for p in pages] == [3, 1]
-    assert sum(pages, []) == [f"big-{i}" for i in range(4)]
+    assert [fence for page in pages for fence in page] == [f"big-{i}" for i in range(4)]
