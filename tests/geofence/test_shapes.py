@@ -228,6 +228,12 @@ OVERLAP = {
             "2 points",
             id="one-point-corridor",
         ),
+        pytest.param(
+            ShapeSpec.corridor([(10, 10 + i * 1e-4) for i in range(20_001)], 20),
+            "s.corridor.path",
+            "at most 20000 points",
+            id="corridor-too-long",
+        ),
     ],
 )
 def test_invalid_shapes_name_what_and_where(shape, field, words) -> None:

@@ -371,10 +371,10 @@ def geodesic_ring(lat: float, lon: float, radius_m: float) -> shapely.Geometry:
 
 
 def _corridor(spec: ShapeSpec, field: str) -> Shape:
-    if not 2 <= len(spec.path) <= MAX_CORRIDOR_POINTS:
-        raise InvalidArgument(
-            f"{field}.path", f"a corridor needs 2 to {MAX_CORRIDOR_POINTS} points"
-        )
+    if len(spec.path) < 2:
+        raise InvalidArgument(f"{field}.path", "a corridor needs at least 2 points")
+    if len(spec.path) > MAX_CORRIDOR_POINTS:
+        raise InvalidArgument(f"{field}.path", f"at most {MAX_CORRIDOR_POINTS} points")
     for i, (lat, lon) in enumerate(spec.path):
         check_lat_lon(lat, lon, f"{field}.path[{i}]")
     width = spec.width_m
