@@ -16,7 +16,7 @@ from tracking_grpc.client.schedule import (
     batch_bounds,
     stamped_times,
 )
-from tracking_grpc.client.session import SessionStats
+from tracking_grpc.client.session import Backoff, SessionStats
 from tracking_grpc.traces import Trace
 
 
@@ -91,16 +91,18 @@ def _columns(
 
 
 async def _publish_with_retry(stub, request, metadata, retry, stats):
-    for attempt in range(retry.max_attempts + 1):
+    backoff = Backoff(retry)
+    while True:
         try:
             return await stub.PublishBatch(request, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
-            if (
-                exc.code() != grpc.StatusCode.UNAVAILABLE
-                or attempt == retry.max_attempts
-            ):
-                stats.error = f"{exc.code().name}: {exc.details()}"
+            error = f"{exc.code().name}: {exc.details()}"
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                stats.error = error
+                return None
+            delay_s = backoff.next_delay_s()
+            if delay_s is None:
+                stats.error = backoff.gave_up(error)
                 return None
             stats.reconnects += 1
-            await asyncio.sleep(retry.delay_s(attempt))
-    return None
+            await asyncio.sleep(delay_s)

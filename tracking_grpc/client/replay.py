@@ -32,7 +32,7 @@ from tracking_grpc.client.schedule import (
     batch_bounds,
     stamped_times,
 )
-from tracking_grpc.client.session import DeviceSession
+from tracking_grpc.client.session import GIVE_UP_S, DeviceSession, RetryPolicy
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.timestamps import TIME_FORMATS
 from tracking_grpc.traces import FORMATS, SPEED_UNITS_MPS, CsvFormat, Trace, read_trace
@@ -144,6 +144,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--tick-ms", type=int, default=20, help="batching tick")
     parser.add_argument("--batch-fixes", type=int, default=100, help="most per batch")
     parser.add_argument("--window", type=int, default=8, help="unacked batches")
+    parser.add_argument(
+        "--give-up-s",
+        type=float,
+        default=GIVE_UP_S,
+        help="fail a device after this long without a session (default %(default)s);"
+        " until then it reconnects, waiting 0.1 s doubling to 5 s with full jitter",
+    )
     parser.add_argument("--events", action="store_true", help="print pushed events")
     columns = parser.add_argument_group("CSV columns (--format csv)")
     for role in ("device", "time", "lat", "lon", "accuracy", "altitude", "speed"):
@@ -212,6 +219,7 @@ async def run(args: argparse.Namespace) -> int:
         batch_fixes=args.batch_fixes,
         window=args.window,
         want_events=args.events,
+        retry=RetryPolicy(give_up_s=args.give_up_s),
     )
     metadata = call_metadata(args.token)
     async with open_channel(args.target) as channel:

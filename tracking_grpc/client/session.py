@@ -2,10 +2,11 @@
 
 A :class:`DeviceSession` takes batches of fixes from a :class:`Feed` (a queue that a
 replay clock or a simulator fills) and keeps at most ``window`` batches unacked.
-When the stream breaks it reconnects with jittered exponential backoff, says hello
-with the first unacked sequence number, drops every unacked fix the server reports
-as stored (``SessionStarted.last_stored_seq``) and resends the rest, so that a
-resumed device neither loses nor duplicates fixes.
+When the stream breaks it reconnects with jittered exponential backoff (for as long
+as ``RetryPolicy.give_up_s`` allows without a session), says hello with the first
+unacked sequence number, drops every unacked fix the server reports as stored
+(``SessionStarted.last_stored_seq``) and resends the rest, so that a resumed device
+neither loses nor duplicates fixes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import collections
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +36,10 @@ RETRYABLE = frozenset(
     }
 )
 
+# A server restart takes tens of seconds; a device rides it out and fails only when
+# it has had no session for this long.
+GIVE_UP_S = 120.0
+
 Batch = Sequence[common_pb2.Fix]
 Feed = asyncio.Queue  # of Batch, then None when the device has no more fixes
 
@@ -43,22 +49,62 @@ class StreamBroken(Exception):
 
 
 class SessionFailed(Exception):
-    """The device gave up: a non-retryable status or too many failed attempts."""
+    """The device gave up: a non-retryable status or no session for too long."""
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Jittered exponential backoff between reconnects."""
+    """Jittered exponential backoff between reconnects, bounded by time."""
 
     initial_s: float = 0.1
     max_s: float = 5.0
     multiplier: float = 2.0
-    max_attempts: int = 10  # consecutive failures without a session in between
+    give_up_s: float = GIVE_UP_S  # failing without a session for this long
 
     def delay_s(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(max, initial * multiplier**attempt)]."""
         ceiling = min(self.max_s, self.initial_s * self.multiplier**attempt)
         return random.uniform(0.0, ceiling)
+
+
+class Backoff:
+    """The waits of one caller's reconnects under a :class:`RetryPolicy`.
+
+    Attempts are not counted against a limit: full jitter can spend ten of them in
+    a few seconds. The caller gives up once it has been failing for ``give_up_s``,
+    counted from the first failure after its last success.
+    """
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._policy = policy
+        self.attempts = 0
+        self._failing_since: float | None = None
+
+    def succeeded(self) -> None:
+        """A session opened (or a response came): the next failure starts afresh."""
+        self.attempts = 0
+        self._failing_since = None
+
+    def failing_s(self) -> float:
+        if self._failing_since is None:
+            return 0.0
+        return time.monotonic() - self._failing_since
+
+    def next_delay_s(self) -> float | None:
+        """The wait before the next attempt, or None once it is time to give up."""
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        elif self.failing_s() >= self._policy.give_up_s:
+            return None
+        delay = self._policy.delay_s(self.attempts)
+        self.attempts += 1
+        return delay
+
+    def gave_up(self, detail: str) -> str:
+        return (
+            f"gave up after {self.failing_s():.1f} s without a session "
+            f"({self.attempts} attempts): {detail}"
+        )
 
 
 @dataclass(slots=True)
@@ -122,7 +168,7 @@ class DeviceSession:
 
     async def run(self) -> SessionStats:
         """Stream until every fix from the feed is settled; never raises on I/O."""
-        attempt = 0
+        backoff = Backoff(self._retry)
         while True:
             code: grpc.StatusCode | None = None
             try:
@@ -137,16 +183,18 @@ class DeviceSession:
                 self.stats.error = f"{code.name}: {detail}"
                 log.debug("device %s: %s", self._device, self.stats.error)
                 return self.stats
-            if attempt >= self._retry.max_attempts:
-                self.stats.error = f"gave up after {attempt} attempts: {detail}"
+            if self._started:
+                backoff.succeeded()
+            delay_s = backoff.next_delay_s()
+            if delay_s is None:
+                self.stats.error = backoff.gave_up(detail)
                 log.debug("device %s: %s", self._device, self.stats.error)
                 return self.stats
             log.debug(
                 "device %s: stream broke (%s), reconnecting", self._device, detail
             )
             self.stats.reconnects += 1
-            await asyncio.sleep(self._retry.delay_s(attempt))
-            attempt = 0 if self._started else attempt + 1
+            await asyncio.sleep(delay_s)
 
     async def _stream(self) -> None:
         self._started = False

@@ -22,7 +22,7 @@ from tracking_grpc.client.channel import (
     tracking_stub,
 )
 from tracking_grpc.client.messages import position_json, position_line
-from tracking_grpc.client.session import RETRYABLE, RetryPolicy
+from tracking_grpc.client.session import RETRYABLE, Backoff, RetryPolicy
 
 
 def parse_box(text: str) -> common_pb2.Area:
@@ -100,7 +100,7 @@ async def watch(stub, request, metadata, printer: UpdatePrinter, retry: RetryPol
     the reconnect. Statuses that a retry cannot fix (bad filter, no credentials)
     are raised.
     """
-    attempt = 0
+    backoff = Backoff(retry)
     while not printer.done:
         received = printer.responses
         call = stub.Watch(request, metadata=metadata)
@@ -115,11 +115,13 @@ async def watch(stub, request, metadata, printer: UpdatePrinter, retry: RetryPol
             call.cancel()
         if printer.done:
             return
-        attempt = 0 if printer.responses > received else attempt + 1
-        if attempt > retry.max_attempts:
-            raise SystemExit(f"tracking: watch gave up after {attempt} attempts")
+        if printer.responses > received:
+            backoff.succeeded()
+        delay_s = backoff.next_delay_s()
+        if delay_s is None:
+            raise SystemExit(f"tracking: watch {backoff.gave_up(reason)}")
         print(f"-- watch {reason}, reconnecting", file=sys.stderr, flush=True)
-        await asyncio.sleep(retry.delay_s(attempt))
+        await asyncio.sleep(delay_s)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
