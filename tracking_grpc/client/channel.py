@@ -37,7 +37,15 @@ def call_metadata(token: str) -> tuple[tuple[str, str], ...]:
 def open_channel(target: str) -> grpc.aio.Channel:
     """An insecure channel (the service listens on loopback unless told otherwise)."""
     return grpc.aio.insecure_channel(
-        target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        target,
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            # gRPC's own reconnect wait grows to 2 minutes; calls fail at once
+            # meanwhile, so a client back from a long outage could spend its whole
+            # give-up time waiting on it. The clients' jittered backoff (at most
+            # 5 s) spreads reconnects instead.
+            ("grpc.max_reconnect_backoff_ms", 5_000),
+        ],
     )
 
 
