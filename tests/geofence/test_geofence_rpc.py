@@ -420,6 +420,12 @@ DEEP_JSON = "[" * 100_000 + "]" * 100_000
             id="list-unknown-type",
         ),
         pytest.param(
+            lambda s: s.ListEvents(geofence_pb2.ListEventsRequest(device_id="d" * 200)),
+            "device_id",
+            "longer than 128 characters",
+            id="list-device-id-too-long",
+        ),
+        pytest.param(
             lambda s: s.ListEvents(geofence_pb2.ListEventsRequest(start_ms=-5)),
             "start_ms",
             "must be >= 0",

@@ -242,6 +242,8 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
             raise InvalidArgument("start_ms", "must be >= 0")
         if end_ms <= request.start_ms:
             raise InvalidArgument("end_ms", "must lie after start_ms (0 means now)")
+        if request.device_id:  # empty: every device
+            convert.check_device_id(request.device_id, "device_id")
         size = _page_size(request.page_size)
         after = None
         if request.page_token:
