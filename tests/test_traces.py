@@ -220,3 +220,13 @@ def test_capped_gaps_keep_order_and_short_steps(traces):
     assert trace.duration_ms() < 24 * 3600_000 < traces[PORTO].duration_ms()
     original = np.diff(traces[PORTO].time_ms)
     assert np.array_equal(steps[original <= 60_000], original[original <= 60_000])
+
+
+def test_a_device_id_renames_a_one_device_file_with_a_device_column():
+    trace = read_trace(require_shared(TRACES / POSMO), device_id="posmo-k9")
+    assert set(trace.device.tolist()) == {"posmo-k9"}
+    assert len(trace.time_ms) == 1327
+    with pytest.raises(InvalidArgument) as raised:
+        read_trace(require_shared(TRACES / AIS), device_id="boat")
+    assert raised.value.field == "device_id"
+    assert "devices; a device id renames a file of one" in raised.value.reason

@@ -233,6 +233,8 @@ def read_csv(path: Path, fmt: CsvFormat, device_id: str | None = None) -> Trace:
     else:
         device = raw["device"].astype(object)
         present &= ~_is_missing(raw["device"])
+        if device_id is not None:
+            device = _renamed(device, present, device_id, path.name)
     if not present.all():
         log.info(
             "%s: %d rows without time or position dropped", path.name, n - present.sum()
@@ -298,6 +300,19 @@ def _to_float(
 
 
 # --- GPX --------------------------------------------------------------------------
+
+
+def _renamed(
+    device: np.ndarray, present: np.ndarray, device_id: str, name: str
+) -> np.ndarray:
+    """A file of one device, stored under ``device_id`` instead of its own id."""
+    found = np.unique(device[present].astype(str))
+    if len(found) > 1:
+        raise InvalidArgument(
+            "device_id",
+            f"{name} holds {len(found)} devices; a device id renames a file of one",
+        )
+    return np.full(len(device), device_id, dtype=object)
 
 
 def read_gpx(path: Path, device_id: str | None = None) -> Trace:

@@ -139,7 +139,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="shorten pauses between fixes to this (trips spread over months)",
     )
     parser.add_argument("--via", choices=("track", "publish"), default="track")
-    parser.add_argument("--device-id", help="device id of a single-device file")
+    parser.add_argument(
+        "--device-id",
+        help="device id of a one-device file (replaces an id column's value)",
+    )
     parser.add_argument("--devices", nargs="+", help="replay only these devices")
     parser.add_argument("--tick-ms", type=int, default=20, help="batching tick")
     parser.add_argument("--batch-fixes", type=int, default=100, help="most per batch")
