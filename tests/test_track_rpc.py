@@ -52,6 +52,29 @@ async def test_bad_fix_is_rejected_and_stream_goes_on(stub, server, lat, lon, re
     assert (acks[1].stored, acks[1].acked_seq) == (1, 2)
 
 
+ATTRIBUTE_CASES = [
+    ("speed", {"speed_mps": -1.0}, "speed_mps -1 must be in [0, 10000]"),
+    ("heading", {"heading_deg": 361.0}, "heading_deg 361 must be in [0, 360]"),
+    ("battery", {"battery_pct": 101.0}, "battery_pct 101 must be in [0, 100]"),
+    ("altitude", {"altitude_m": 1e7}, "altitude_m 1e+07 must be in [-12000, 100000]"),
+    ("provider", {"provider": 99}, "provider 99 is not a defined Provider value"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "detail"),
+    [pytest.param(extra, detail, id=name) for name, extra, detail in ATTRIBUTE_CASES],
+)
+async def test_a_bad_attribute_is_named_with_its_value(stub, extra, detail) -> None:
+    """One reason code covers every attribute; the detail says which one failed."""
+    fixes = [fix(1, 45.0, 7.0, **extra), fix(2, 45.0, 7.0)]
+    _, acks = await track_session(stub, "d", [fixes])
+    rejection = acks[0].rejections[0]
+    assert (rejection.seq, rejection.reason) == (1, R.REJECT_REASON_INVALID_ATTRIBUTE)
+    assert rejection.detail == detail
+    assert acks[0].stored == 1
+
+
 async def test_first_message_must_be_hello(stub) -> None:
     call = stub.Track()
     await call.write(batch([fix(1, 1.0, 1.0)]))

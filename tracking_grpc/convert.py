@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 from tracking.v1 import common_pb2, track_pb2
 
+from tracking_grpc.core import validation
 from tracking_grpc.core.fixes import OPTIONAL_COLUMNS, FixBatch, FixRow
-from tracking_grpc.core.validation import DETAILS, Reason
 from tracking_grpc.errors import InvalidArgument
 
 NAN = math.nan
@@ -146,7 +146,7 @@ def rejections(batch: FixBatch, reasons: np.ndarray) -> list[tuple[str, int, int
             batch.device[i],
             int(batch.seq[i]),
             int(reasons[i]),
-            DETAILS[Reason(reasons[i])],
+            validation.detail(batch, i, int(reasons[i])),
         )
         for i in rows.tolist()
     ]

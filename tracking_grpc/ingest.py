@@ -68,7 +68,7 @@ class DeviceAck:
     stored: int
     duplicates: int
     newest_stored_seq: int  # highest sequence number stored by this batch, or 0
-    rejections: tuple[tuple[int, int], ...] = ()  # (seq, reason code)
+    rejections: tuple[tuple[int, int, str], ...] = ()  # (seq, reason code, detail)
 
 
 EMPTY_ACK = DeviceAck(0, 0, 0, 0)
@@ -349,7 +349,7 @@ class IngestPipeline:
                 return None  # shutting down with the store away: callers got the error
             new[valid] = stored
         metrics.fixes_stored(valid, new)
-        _resolve(items, batch.seq, reasons, new)
+        _resolve(items, batch, reasons, new)
         return batch.take(new)
 
     async def _store(self, batch: FixBatch, items: list[_Pending]) -> np.ndarray | None:
@@ -478,24 +478,27 @@ def _rows_batch(items: list[_Pending]) -> FixBatch:
 
 
 def _resolve(
-    items: list[_Pending], seq: np.ndarray, reasons: np.ndarray, new: np.ndarray
+    items: list[_Pending], batch: FixBatch, reasons: np.ndarray, new: np.ndarray
 ) -> None:
     """Give each waiting submitter its outcome: row items a ``DeviceAck`` (computed
     for all of them at once), batch items their slices of ``reasons`` and ``new``."""
     sizes = np.array([item.size for item in items], dtype=np.intp)
     starts = np.zeros(len(items), dtype=np.intp)
     np.cumsum(sizes[:-1], out=starts[1:])
+    seq = batch.seq
     valid = reasons == 0
     zero = np.uint64(0)
     acked = np.maximum.reduceat(np.where(valid, seq, zero), starts).tolist()
     newest = np.maximum.reduceat(np.where(new, seq, zero), starts).tolist()
     stored = np.add.reduceat(new, starts, dtype=np.int64).tolist()
     duplicates = np.add.reduceat(valid & ~new, starts, dtype=np.int64).tolist()
-    rejected: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    rejected: dict[int, list[tuple[int, int, str]]] = defaultdict(list)
     bad = np.flatnonzero(reasons)
     owners = np.searchsorted(starts, bad, side="right") - 1
     for owner, row in zip(owners.tolist(), bad.tolist(), strict=True):
-        rejected[owner].append((int(seq[row]), int(reasons[row])))
+        reason = int(reasons[row])
+        text = validation.detail(batch, row, reason)
+        rejected[owner].append((int(seq[row]), reason, text))
     now_s = time.time()
     for i, item in enumerate(items):
         if item.done.done():

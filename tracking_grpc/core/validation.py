@@ -72,6 +72,26 @@ def _bad_optional(values: np.ndarray, low: float, high: float) -> np.ndarray:
         return present & ~((values >= low) & (values <= high))
 
 
+ATTRIBUTE_RULES = (  # (column, low, high, rule) in the order they are reported
+    ("speed_mps", 0.0, 1e4, "must be in [0, 10000]"),
+    ("heading_deg", 0.0, 360.0, "must be in [0, 360]"),
+    ("battery_pct", 0.0, 100.0, "must be in [0, 100]"),
+    ("altitude_m", *ALTITUDE_RANGE_M, "must be in [-12000, 100000]"),
+)
+
+
+def detail(batch: FixBatch, row: int, reason: int) -> str:
+    """The text of one rejection: for an attribute, which one and its value."""
+    if reason != Reason.INVALID_ATTRIBUTE:
+        return DETAILS[Reason(reason)]
+    for column, low, high, rule in ATTRIBUTE_RULES:
+        value = float(getattr(batch, column)[row])
+        if not np.isnan(value) and not low <= value <= high:
+            return f"{column} {value:g} {rule}"
+    provider = int(batch.provider[row])
+    return f"provider {provider} is not a defined Provider value"
+
+
 def reasons(batch: FixBatch, now_ms: int, limits: Limits) -> np.ndarray:
     """Reason code per fix (uint8); 0 where the fix is valid."""
     lat, lon = batch.lat, batch.lon
@@ -89,10 +109,12 @@ def reasons(batch: FixBatch, now_ms: int, limits: Limits) -> np.ndarray:
             batch.time_ms > now_ms + limits.max_future_skew_ms,
             batch.time_ms < oldest,
             _bad_optional(batch.accuracy_m, 0.0, np.inf) | np.isinf(batch.accuracy_m),
-            _bad_optional(batch.speed_mps, 0.0, 1e4)
-            | _bad_optional(batch.heading_deg, 0.0, 360.0)
-            | _bad_optional(batch.battery_pct, 0.0, 100.0)
-            | _bad_optional(batch.altitude_m, *ALTITUDE_RANGE_M)
+            np.logical_or.reduce(
+                [
+                    _bad_optional(getattr(batch, column), low, high)
+                    for column, low, high, _ in ATTRIBUTE_RULES
+                ]
+            )
             | (batch.provider < 0)
             | (batch.provider > MAX_PROVIDER),
         ]

@@ -16,7 +16,6 @@ from tracking_grpc import convert
 from tracking_grpc.app import App
 from tracking_grpc.auth import Caller, Role
 from tracking_grpc.core.fixes import FixBatch, FixRow
-from tracking_grpc.core.validation import DETAILS, Reason
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.events import TrackingEvent
 from tracking_grpc.fanout import Watcher, WatchFilter
@@ -65,10 +64,8 @@ def _ack(ack: DeviceAck, last_stored_seq: int) -> track_pb2.TrackResponse:
             stored=ack.stored,
             duplicates=ack.duplicates,
             rejections=[
-                track_pb2.Rejection(
-                    seq=seq, reason=reason, detail=DETAILS[Reason(reason)]
-                )
-                for seq, reason in ack.rejections
+                track_pb2.Rejection(seq=seq, reason=reason, detail=detail)
+                for seq, reason, detail in ack.rejections
             ],
         )
     )
