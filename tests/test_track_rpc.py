@@ -84,7 +84,7 @@ async def test_first_message_must_be_hello(stub) -> None:
     assert "hello" in raised.value.details()
 
 
-@pytest.mark.parametrize("device_id", ["", "x" * 129, "bad\nid"])
+@pytest.mark.parametrize("device_id", ["", "   ", "x" * 129, "bad\nid"])
 async def test_hello_device_id_is_checked(stub, device_id) -> None:
     call = stub.Track()
     await call.write(hello(device_id))

@@ -29,8 +29,8 @@ def require(message: object, name: str, field: str) -> None:
 
 
 def check_device_id(device_id: str, field: str) -> str:
-    if not device_id:
-        raise InvalidArgument(field, "must not be empty")
+    if not device_id.strip():
+        raise InvalidArgument(field, "must not be empty or only spaces")
     if len(device_id) > MAX_DEVICE_ID_LENGTH:
         raise InvalidArgument(field, f"longer than {MAX_DEVICE_ID_LENGTH} characters")
     if not device_id.isprintable():
