@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 from tracking.v1 import common_pb2, track_pb2, track_pb2_grpc
 
 from tracking_grpc.config import Settings
@@ -99,3 +100,12 @@ async def track_session(
     await call.done_writing()
     assert await call.read() is grpc.aio.EOF
     return started, acks
+
+
+def violation(error: grpc.aio.AioRpcError) -> tuple[str, str]:
+    """The field and description of an INVALID_ARGUMENT's BadRequest detail."""
+    trailers = dict(error.trailing_metadata() or ())
+    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    detail = error_details_pb2.BadRequest()
+    status.details[0].Unpack(detail)
+    return detail.field_violations[0].field, detail.field_violations[0].description

@@ -10,22 +10,12 @@ import logging
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 from tracking.v1 import track_pb2
 
-from tests.server_fixtures import hello
+from tests.server_fixtures import hello, violation
 
 GARBAGE = b"\xff\xff\xff"
 TRACK = "/tracking.v1.TrackSession/Track"
-
-
-def violation(error: grpc.aio.AioRpcError) -> tuple[str, str]:
-    """The field and description of an INVALID_ARGUMENT's BadRequest detail."""
-    trailers = dict(error.trailing_metadata() or ())
-    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
-    detail = error_details_pb2.BadRequest()
-    status.details[0].Unpack(detail)
-    return detail.field_violations[0].field, detail.field_violations[0].description
 
 
 def assert_rejected(error: grpc.aio.AioRpcError, message_type: str) -> None:

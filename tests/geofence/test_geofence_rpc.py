@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from google.rpc import error_details_pb2, status_pb2
 from tracking.v1 import (
     common_pb2,
     event_pb2,
@@ -22,7 +21,14 @@ from tracking.v1 import (
 )
 
 from tests.geofence.support import DEPOT
-from tests.server_fixtures import batch, embedded_settings, fix, hello, now_ms
+from tests.server_fixtures import (
+    batch,
+    embedded_settings,
+    fix,
+    hello,
+    now_ms,
+    violation,
+)
 from tracking_grpc.config import Settings
 from tracking_grpc.server import TrackingServer
 
@@ -71,15 +77,6 @@ def fences(channel) -> geofence_pb2_grpc.GeofenceStub:
 def polygon(fence_id: str, geometry: dict = SQUARE, **extra) -> geofence_pb2.Fence:
     shape = geofence_pb2.FenceShape(geojson=json.dumps(geometry))
     return geofence_pb2.Fence(fence_id=fence_id, shape=shape, **extra)
-
-
-def violation(error: grpc.aio.AioRpcError) -> tuple[str, str]:
-    """The field and description of an INVALID_ARGUMENT's BadRequest detail."""
-    trailers = dict(error.trailing_metadata() or ())
-    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
-    detail = error_details_pb2.BadRequest()
-    status.details[0].Unpack(detail)
-    return detail.field_violations[0].field, detail.field_violations[0].description
 
 
 async def test_create_get_list_delete(fences) -> None:

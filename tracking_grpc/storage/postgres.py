@@ -116,6 +116,18 @@ FROM advanced a JOIN devs USING (device)
 # ON CONFLICT DO NOTHING, whose speculative insertion costs a key probe and a lock
 # per row. With %(trust_state)s false every fix takes the checked way (the retry
 # after a unique violation, should the state ever lag the stored fixes).
+# The insert of staged rows into fixes, used twice below: the text after it names
+# the rows (plain for fixes past their device's state, checked for the rest).
+INSERT_FIXES_FROM = """INSERT INTO fixes (
+        tenant, device, time_ms, seq, position, accuracy_m, altitude_m,
+        speed_mps, heading_deg, battery_pct, provider, received_ms
+    )
+    SELECT %(tenant)s, device, time_ms, seq,
+        ST_SetSRID(ST_MakePoint(lon, lat), 4326),
+        nullif(accuracy_m, 'NaN'), nullif(altitude_m, 'NaN'),
+        nullif(speed_mps, 'NaN'), nullif(heading_deg, 'NaN'),
+        nullif(battery_pct, 'NaN'), provider, received_ms
+    FROM"""
 INSERT_NEW = """
 WITH staged AS (
     SELECT s.*, p.device, p.seq AS last_stored_seq, p.time_ms AS last_time_ms,
@@ -139,30 +151,11 @@ WITH staged AS (
     ) dup ON true
     WHERE staged.seq <= staged.last_stored_seq AND dup.stored IS NULL
 ), ins_past AS (
-    INSERT INTO fixes (
-        tenant, device, time_ms, seq, position, accuracy_m, altitude_m,
-        speed_mps, heading_deg, battery_pct, provider, received_ms
-    )
-    SELECT %(tenant)s, device, time_ms, seq,
-        ST_SetSRID(ST_MakePoint(lon, lat), 4326),
-        nullif(accuracy_m, 'NaN'), nullif(altitude_m, 'NaN'),
-        nullif(speed_mps, 'NaN'), nullif(heading_deg, 'NaN'),
-        nullif(battery_pct, 'NaN'), provider, received_ms
-    FROM staged
-    WHERE past_state
+    INSERT_FIXES_FROM staged WHERE past_state
     ORDER BY device, time_ms
     RETURNING device, time_ms, seq
 ), ins_checked AS (
-    INSERT INTO fixes (
-        tenant, device, time_ms, seq, position, accuracy_m, altitude_m,
-        speed_mps, heading_deg, battery_pct, provider, received_ms
-    )
-    SELECT %(tenant)s, device, time_ms, seq,
-        ST_SetSRID(ST_MakePoint(lon, lat), 4326),
-        nullif(accuracy_m, 'NaN'), nullif(altitude_m, 'NaN'),
-        nullif(speed_mps, 'NaN'), nullif(heading_deg, 'NaN'),
-        nullif(battery_pct, 'NaN'), provider, received_ms
-    FROM checked
+    INSERT_FIXES_FROM checked
     ORDER BY device, time_ms
     ON CONFLICT DO NOTHING
     RETURNING device, time_ms, seq
@@ -201,7 +194,9 @@ FROM ins
 JOIN prior p USING (device)
 JOIN staging s ON s.device_idx = p.device_idx AND s.time_ms = ins.time_ms
 WHERE NOT (SELECT all_new FROM outcome)
-""".replace("ALL_NEW", str(ALL_NEW))
+"""
+INSERT_NEW = INSERT_NEW.replace("ALL_NEW", str(ALL_NEW))
+INSERT_NEW = INSERT_NEW.replace("INSERT_FIXES_FROM", INSERT_FIXES_FROM)
 
 READ_COLUMNS = """seq, time_ms, ST_Y(position), ST_X(position),
     coalesce(accuracy_m, 'NaN'), coalesce(altitude_m, 'NaN'),
