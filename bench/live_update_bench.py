@@ -5,9 +5,12 @@ so the same file measures any version of the package (run it from another checko
 virtual environment to compare).
 
     .venv/bin/python bench/live_update_bench.py [--sizes 1 20 200 5000] [--updates 300]
+        [--jitter-m 50]
 
 An update of size N carries the next fix of N devices drawn from a fleet of 10,000
-near London, all moving. Redis CPU is the server's own (``INFO cpu``), so whatever
+near London, all moving: each to anywhere in the area (about half of them into
+another GEO cell), or with ``--jitter-m`` within that distance of a home of its own
+(few cross into another cell, as in a fleet's fixes a few seconds apart). Redis CPU is the server's own (``INFO cpu``), so whatever
 else uses that Redis counts too: an upper bound. Needs Redis on 127.0.0.1; uses its
 own key prefix and deletes its keys. Prints a table and writes
 bench/results/live_update_bench.json.
@@ -34,6 +37,11 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 RESULTS = Path(__file__).parent / "results" / "live_update_bench.json"
 FLEET = 10_000
 WARM_UP = 50
+_homes = np.random.default_rng(0)
+HOMES = (
+    51.5 + _homes.uniform(-0.5, 0.5, FLEET),
+    -0.12 + _homes.uniform(-0.5, 0.5, FLEET),
+)
 
 
 def redis_cpu_s(client: redis.Redis) -> float:
@@ -41,21 +49,33 @@ def redis_cpu_s(client: redis.Redis) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
-def update_batch(k: int, size: int, rng: np.random.Generator, t0: int) -> FixBatch:
+def update_batch(
+    k: int, size: int, rng: np.random.Generator, t0: int, jitter_m: float = 0.0
+) -> FixBatch:
+    """The next fix of ``size`` devices: anywhere in the area (``jitter_m`` 0, so
+    that about half of them change GEO cell), or within ``jitter_m`` of a home of
+    their own, as a fleet between two fixes a few seconds apart."""
     devices = rng.choice(FLEET, size, replace=False)
+    if jitter_m > 0:
+        step = jitter_m / 111_000
+        lat = HOMES[0][devices] + rng.uniform(-step, step, size)
+        lon = HOMES[1][devices] + rng.uniform(-step, step, size)
+    else:
+        lat = 51.5 + rng.uniform(-0.5, 0.5, size)
+        lon = -0.12 + rng.uniform(-0.5, 0.5, size)
     return FixBatch.from_columns(
         "bench",
         np.array([f"dev-{i:05d}" for i in devices], dtype=object),
         np.full(size, k + 1, dtype=np.uint64),
         np.full(size, t0 + k * 1000, dtype=np.int64),
-        51.5 + rng.uniform(-0.5, 0.5, size),
-        -0.12 + rng.uniform(-0.5, 0.5, size),
+        lat,
+        lon,
         provider=np.ones(size, np.int8),
         received_ms=np.int64(t0),
     )
 
 
-async def measure(size: int, updates: int) -> dict[str, float]:
+async def measure(size: int, updates: int, jitter_m: float) -> dict[str, float]:
     prefix = f"trkliveb{uuid.uuid4().hex[:8]}:"
     live = await RedisLiveStore.open(REDIS_URL, prefix)
     broker = await RedisBroker.open(REDIS_URL, prefix)
@@ -64,9 +84,10 @@ async def measure(size: int, updates: int) -> dict[str, float]:
     t0 = int(time.time() * 1000)
     try:
         for k in range(WARM_UP):
-            await live.update(update_batch(k, size, rng, t0))
+            await live.update(update_batch(k, size, rng, t0, jitter_m))
         batches = [
-            update_batch(k, size, rng, t0) for k in range(WARM_UP, WARM_UP + updates)
+            update_batch(k, size, rng, t0, jitter_m)
+            for k in range(WARM_UP, WARM_UP + updates)
         ]
         server, wall, client = (
             redis_cpu_s(counter),
@@ -96,11 +117,12 @@ async def main(args: argparse.Namespace) -> dict:
     sizes = {}
     for size in args.sizes:
         updates = args.updates if size < 1000 else max(20, args.updates // 10)
-        sizes[str(size)] = await measure(size, updates)
+        sizes[str(size)] = await measure(size, updates, args.jitter_m)
     return {
         "command": "python bench/live_update_bench.py --sizes "
         + " ".join(str(s) for s in args.sizes)
-        + f" --updates {args.updates}",
+        + f" --updates {args.updates}"
+        + (f" --jitter-m {args.jitter_m:g}" if args.jitter_m else ""),
         "machine": platform.platform(),
         "per_update_by_size": sizes,
     }
@@ -120,6 +142,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 20, 200, 5000])
     parser.add_argument("--updates", type=int, default=300)
+    parser.add_argument(
+        "--jitter-m",
+        type=float,
+        default=0.0,
+        help="devices stay within this of a home of their own (0: anywhere)",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS)
     arguments = parser.parse_args()
     outcome = asyncio.run(main(arguments))

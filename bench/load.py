@@ -27,6 +27,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import grpc
 import numpy as np
@@ -49,6 +50,15 @@ from tracking_grpc.loadgen.plan import DriverResult, Plan, Storm, Window  # noqa
 RESULTS = ROOT / "bench" / "results"
 MAX_RUN_S = 180.0  # every run is bounded: ramp + settle + steady at most 3 min
 PY_SPY = Path(sys.executable).parent / "py-spy"  # for --profile (pip install py-spy)
+
+
+def on_this_machine(url: str) -> bool:
+    """Whether a PostgreSQL or Redis URL names loopback or a Unix socket."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return True
+    host = unquote(parts.hostname or "")
+    return host in ("127.0.0.1", "localhost") or host.startswith("/")
 
 
 def free_port() -> int:
@@ -628,9 +638,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.target and not args.target.startswith(("127.0.0.1:", "localhost:")):
         parser.error("--target must be a loopback address")
     for url in (args.pg_admin_url, args.redis_url):
-        host = url.split("@")[-1].split("//")[-1].split(":")[0].split("/")[0]
-        if host not in ("127.0.0.1", "localhost"):
-            parser.error(f"{url} is not on loopback")
+        if not on_this_machine(url):
+            parser.error(f"{url} is neither on loopback nor a local socket")
     if args.workers > 1 and not args.production:
         parser.error("--workers above 1 needs --production (shared backends)")
     if (args.redis_shards or args.private_postgres) and not args.production:

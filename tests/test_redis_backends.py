@@ -22,7 +22,7 @@ T0 = 1_750_000_000_000
 
 
 def world_batch(tenant: str, n: int, time_s: int = 0) -> FixBatch:
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(7 + time_s)  # devices move between updates
     return FixBatch.from_columns(
         tenant,
         [f"dev-{i}" for i in range(n)],
@@ -82,7 +82,30 @@ async def test_concurrent_writers_leave_the_newest_position(
     assert set(final.time_ms.tolist()) == {T0 + 29_000}
     found, _ = await stores[1].nearby(tenant, final.lat[0], final.lon[0], 10.0, 5)
     assert found.device.tolist() == [final.device[0]]
+    placed = await _geo_members(stores[2], redis_prefix, tenant)
+    assert placed == {
+        d: int(c)
+        for d, c in zip(
+            final.device.tolist(), keys.cell_of(final.lat, final.lon), strict=True
+        )
+    }
     await asyncio.gather(*(s.close() for s in stores))
+
+
+async def _geo_members(
+    live: RedisLiveStore, prefix: str, tenant: str
+) -> dict[str, int]:
+    """Each device in the GEO sets and its cell; fails if one is in two cells."""
+    client = await live.redis.get()
+    cells = sorted(
+        int(c) for c in await client.smembers(keys.cells_key(prefix, tenant))
+    )
+    placed: dict[str, int] = {}
+    for cell in cells:
+        for device in await client.zrange(keys.geo_key(prefix, tenant, cell), 0, -1):
+            assert device.decode() not in placed, f"{device!r} in two cells"
+            placed[device.decode()] = cell
+    return placed
 
 
 async def _append(inbox: list, batch: FixBatch) -> None:

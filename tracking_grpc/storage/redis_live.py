@@ -6,7 +6,10 @@ only newer fixes, atomically, so that concurrent writers in several processes ca
 never move a live position backwards. Second, a Lua script moves the accepted
 devices in their coarse cells' GEO sets, again only if newer than what the cell saw
 of the device, so the GEO index converges to the live hashes whatever order the
-scripts of different processes run in. Key layout: :mod:`redis_keys`.
+scripts of different processes run in. A small update on a single Redis (a stream
+commit's) makes the first round also place the devices in their new cells; the
+second then only takes a device out of a cell it left, and is skipped when no
+device changed cell. Key layout: :mod:`redis_keys`.
 
 A script gets its devices as a few long arguments (lists joined by newlines, the
 records packed back to back) and answers in packed int32s, and inside it reads and
@@ -203,12 +206,104 @@ return 0
 """
 )
 
+# One call for a whole small update on a single Redis: keeps the newer fixes as
+# KEEP_NEWER does, places their devices in the GEO sets of the cells they are in
+# now as MOVE_IN_CELL does, and records those cells as used. Taking a device out
+# of the cell it left needs that cell's keys, known only from the reply: the
+# caller makes that move (rare: a device crosses into another cell) with
+# MOVE_IN_CELL. KEYS: live hash and time hash of each bucket group, then GEO set
+# and time hash of each cell, then the tenant's set of used cells. ARGV: devices,
+# "<time_ms> <cell>" per device, packed records, record size, bucket group sizes
+# (as KEEP_NEWER's), then per device the number of its cell among the keys (from
+# 1), lon and lat (lists), and the cells' ids. Returns what KEEP_NEWER returns.
+KEEP_AND_PLACE_TEMPLATE = (
+    LUA_HELPERS
+    + """
+local devices, stamps = split(ARGV[1]), split(ARGV[2])
+local size = tonumber(ARGV[4])
+local sizes, total = {}, 0
+for count in string.gmatch(ARGV[5], '%d+') do
+    sizes[#sizes + 1] = tonumber(count)
+    total = total + tonumber(count)
+end
+local slots, lons, lats = split(ARGV[6]), split(ARGV[7]), split(ARGV[8])
+local cell_ids = split(ARGV[9])
+local first_cell_key = 2 * #sizes
+if total ~= #devices or #stamps ~= #devices or #slots ~= #devices
+        or #lons ~= #devices or #lats ~= #devices
+        or #devices * size ~= #ARGV[3]
+        or #KEYS ~= first_cell_key + 2 * #cell_ids + 1 then
+    return redis.error_reply('live update: the lists differ in length')
+end
+local out, placing, first = {}, {}, 1
+for g = 1, #sizes do
+    local last = first + sizes[g] - 1
+    local names = {}
+    for i = first, last do
+        names[#names + 1] = devices[i]
+    end
+    local known = hmget(KEYS[2 * g], names)
+    local records, times = {}, {}
+    for i = first, last do
+        local seen, stamp = known[i - first + 1], stamps[i]
+        local time = string.sub(stamp, 1, string.find(stamp, ' ', 1, true) - 1)
+        local previous_cell = -1
+        local newer = true
+        if seen then
+            local gap = string.find(seen, ' ', 1, true)
+            newer = tonumber(time) {op} tonumber(string.sub(seen, 1, gap - 1))
+            previous_cell = tonumber(string.sub(seen, gap + 1))
+        end
+        if newer then
+            times[#times + 1] = devices[i]
+            times[#times + 1] = stamp
+            records[#records + 1] = devices[i]
+            records[#records + 1] = string.sub(ARGV[3], (i - 1) * size + 1, i * size)
+            out[#out + 1] = struct.pack('<i4i4', i - 1, previous_cell)
+            local slot = tonumber(slots[i])
+            placing[slot] = placing[slot] or {}
+            table.insert(placing[slot], {i, time})
+        end
+    end
+    bulk('HSET', KEYS[2 * g], times, 1000)
+    bulk('HSET', KEYS[2 * g - 1], records, 1000)
+    first = last + 1
+end
+for slot, entries in pairs(placing) do
+    local geo = KEYS[first_cell_key + 2 * slot - 1]
+    local seen_key = KEYS[first_cell_key + 2 * slot]
+    local names = {}
+    for _, entry in ipairs(entries) do
+        names[#names + 1] = devices[entry[1]]
+    end
+    local known = hmget(seen_key, names)
+    local stamped, places = {}, {}
+    for k, entry in ipairs(entries) do
+        local i, time = entry[1], entry[2]
+        if (not known[k]) or tonumber(time) {op} tonumber(known[k]) then
+            stamped[#stamped + 1] = devices[i]
+            stamped[#stamped + 1] = time
+            places[#places + 1] = lons[i]
+            places[#places + 1] = lats[i]
+            places[#places + 1] = devices[i]
+        end
+    end
+    bulk('HSET', seen_key, stamped, 1000)
+    bulk('GEOADD', geo, places, 999)
+end
+bulk('SADD', KEYS[#KEYS], cell_ids, 1000)
+return table.concat(out)
+"""
+)
+
 # Updates take strictly newer fixes; a repair (after a partial failure) also
 # re-applies a fix equal to the stored one, which rewrites a missed GEO move.
 KEEP_NEWER = KEEP_NEWER_TEMPLATE.replace("{op}", ">")
 KEEP_SAME_OR_NEWER = KEEP_NEWER_TEMPLATE.replace("{op}", ">=")
 MOVE_IN_CELL = MOVE_IN_CELL_TEMPLATE.replace("{op}", ">")
 MOVE_IN_CELL_AGAIN = MOVE_IN_CELL_TEMPLATE.replace("{op}", ">=")
+KEEP_AND_PLACE = KEEP_AND_PLACE_TEMPLATE.replace("{op}", ">")
+KEEP_AND_PLACE_AGAIN = KEEP_AND_PLACE_TEMPLATE.replace("{op}", ">=")
 
 FORGET = """
 local known = redis.call('HGET', KEYS[2], ARGV[1])
@@ -272,9 +367,14 @@ class RedisLiveStore:
             return batch
         newest = batch.take(batch.newest_per_device())
         try:
-            accepted, previous = await self._keep_newest(newest, again)
+            with unavailable("live positions"):
+                one_call = len(newest) <= SINGLE_CALL_ROWS and not await self._cluster()
+            if one_call:
+                accepted, previous = await self._keep_and_place(newest, again)
+            else:
+                accepted, previous = await self._keep_newest(newest, again)
             moved = newest.take(accepted)
-            await self._move(moved, previous, again)
+            await self._move(moved, previous, again, placed=one_call)
         except Unavailable:
             self.lost_state()
             raise
@@ -424,16 +524,76 @@ class RedisLiveStore:
             previous.append(pairs[:, 1].astype(np.int64))
         return np.concatenate(accepted), np.concatenate(previous)
 
-    async def _move(self, moved: FixBatch, previous: np.ndarray, again: bool) -> None:
-        """Place moved devices in their cell's GEO set, out of the one they left."""
+    async def _keep_and_place(
+        self, newest: FixBatch, again: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``_keep_newest`` and the placing half of ``_move`` in one script call
+        (a small update on a single Redis); the same answer as ``_keep_newest``."""
+        tenant = newest.tenant
+        buckets = keys.bucket_of(newest.device)
+        cells = keys.cell_of(newest.lat, newest.lon)
+        used, slot = np.unique(cells, return_inverse=True)
+        [(groups, rows)] = _calls(buckets, cluster=False)
+        stamps = [
+            f"{t} {c}"
+            for t, c in zip(newest.time_ms.tolist(), cells.tolist(), strict=True)
+        ]
+        geo_lat = np.clip(newest.lat, -keys.GEO_MAX_LAT, keys.GEO_MAX_LAT)
+        script_keys = [
+            *(
+                key
+                for bucket in groups
+                for key in (
+                    keys.live_key(self.prefix, tenant, bucket),
+                    keys.live_time_key(self.prefix, tenant, bucket),
+                )
+            ),
+            *(
+                key
+                for cell in used.tolist()
+                for key in (
+                    keys.geo_key(self.prefix, tenant, cell),
+                    keys.geo_time_key(self.prefix, tenant, cell),
+                )
+            ),
+            keys.cells_key(self.prefix, tenant),
+        ]
+        args = [
+            _joined(newest.device.tolist(), rows),
+            _joined(stamps, rows),
+            _records(newest)[rows].tobytes(),
+            RECORD.itemsize,
+            " ".join(str(n) for n in groups.values()),
+            _joined([str(s + 1) for s in slot.tolist()], rows),
+            _joined([repr(x) for x in newest.lon.tolist()], rows),
+            _joined([repr(x) for x in geo_lat.tolist()], rows),
+            "\n".join(str(c) for c in used.tolist()),
+        ]
+        script = KEEP_AND_PLACE_AGAIN if again else KEEP_AND_PLACE
+        with unavailable("live positions"):
+            [reply] = await self._pipelined(
+                lambda pipe: _evalsha(pipe, script, script_keys, args)
+            )
+        pairs = np.frombuffer(reply, dtype="<i4").reshape(-1, 2)
+        accepted = np.asarray(rows, dtype=np.intp)[pairs[:, 0]]
+        return accepted, pairs[:, 1].astype(np.int64)
+
+    async def _move(
+        self, moved: FixBatch, previous: np.ndarray, again: bool, placed: bool = False
+    ) -> None:
+        """Place moved devices in their cell's GEO set, out of the one they left;
+        only the latter if ``placed`` (``_keep_and_place`` did the former)."""
         if len(moved) == 0:
             return
         tenant = moved.tenant
         cells = keys.cell_of(moved.lat, moved.lon)
         left = np.flatnonzero((previous >= 0) & (previous != cells))
-        rows = np.concatenate([np.arange(len(moved)), left])
-        op_cells = np.concatenate([cells, previous[left]])
-        entering = np.arange(len(rows)) < len(moved)
+        if placed and left.size == 0:
+            return
+        entered = np.arange(0 if placed else len(moved))
+        rows = np.concatenate([entered, left])
+        op_cells = np.concatenate([cells[entered], previous[left]])
+        entering = np.arange(len(rows)) < len(entered)
         devices = moved.device[rows].tolist()
         times = [str(t) for t in moved.time_ms[rows].tolist()]
         geo_lat = np.clip(moved.lat[rows], -keys.GEO_MAX_LAT, keys.GEO_MAX_LAT)
@@ -461,7 +621,10 @@ class RedisLiveStore:
                     enter,
                 ]
                 _evalsha_groups(pipe, script, groups, cell_keys, args)
-            pipe.sadd(keys.cells_key(self.prefix, tenant), *np.unique(cells).tolist())
+            if not placed:
+                pipe.sadd(
+                    keys.cells_key(self.prefix, tenant), *np.unique(cells).tolist()
+                )
 
         with unavailable("live GEO index"):
             await self._pipelined(queue)
@@ -507,6 +670,8 @@ SCRIPTS = {
         KEEP_SAME_OR_NEWER,
         MOVE_IN_CELL,
         MOVE_IN_CELL_AGAIN,
+        KEEP_AND_PLACE,
+        KEEP_AND_PLACE_AGAIN,
         FORGET,
     )
 }
