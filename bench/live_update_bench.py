@@ -10,9 +10,10 @@ virtual environment to compare).
 An update of size N carries the next fix of N devices drawn from a fleet of 10,000
 near London, all moving: each to anywhere in the area (about half of them into
 another GEO cell), or with ``--jitter-m`` within that distance of a home of its own
-(few cross into another cell, as in a fleet's fixes a few seconds apart). Redis CPU is the server's own (``INFO cpu``), so whatever
-else uses that Redis counts too: an upper bound. Needs Redis on 127.0.0.1; uses its
-own key prefix and deletes its keys. Prints a table and writes
+(few cross into another cell, as in a fleet's fixes a few seconds apart). Redis
+CPU is the server's own (``INFO cpu``), so whatever else uses that Redis counts
+too: an upper bound. Needs Redis on 127.0.0.1; uses its own key prefix and deletes
+its keys. Prints a table and writes
 bench/results/live_update_bench.json.
 """
 

@@ -9,9 +9,9 @@ and one, under a snapshot taken with every row locked, that stores the new fixes
 (those past their device's state by a plain insert, the rest through ON CONFLICT DO
 NOTHING), sets the state back for a device whose fixes turned out to be duplicates,
 and tells the caller exactly which fixes were new (in one row when, as nearly
-always, all of them were). Concurrent writers of one device queue on its row lock, which makes the
-same-seq rule (not expressible as a unique key on a table partitioned by time)
-safe. Each device row is written once per commit.
+always, all of them were). Concurrent writers of one device queue on its row
+lock, which makes the same-seq rule (not expressible as a unique key on a table
+partitioned by time) safe. Each device row is written once per commit.
 """
 
 from __future__ import annotations
