@@ -47,6 +47,10 @@ async def test_positions_and_nearby_after_a_replay(server, capsys):
     assert missing == "no position: nobody"
     await run(server, "nearby", *map(str, CAR_LAST), "50")
     assert CAR_DEVICE in capsys.readouterr().out
+    await run(server, "nearby", "0", "0", "50")
+    assert capsys.readouterr().out == "no device within 50 m of 0, 0\n"
+    await run(server, "nearby", "0", "0", "50", "--json")
+    assert capsys.readouterr().out == ""
 
 
 async def test_watch_prints_the_snapshot_as_json_lines(server, capsys):

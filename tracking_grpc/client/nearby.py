@@ -47,4 +47,6 @@ async def run(args: argparse.Namespace) -> int:
             print(position_json(device.position, distance_m=distance_m))
         else:
             print(position_line(device.position, f"{distance_m:8.1f} m"))
+    if not response.devices and not args.json:  # JSON lines: none is no line
+        print(f"no device within {args.radius_m:g} m of {args.lat:g}, {args.lon:g}")
     return 0
