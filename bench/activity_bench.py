@@ -232,7 +232,7 @@ async def part_two(database_url: str, devices: int, days: int, seconds: float) -
                 pending = []
         load_s = time.perf_counter() - t0
         config = ActivityConfig()
-        results = {
+        results: dict[str, str | int | float] = {
             "backend": "postgresql" if database_url else "sqlite",
             "devices": devices,
             "days": days,

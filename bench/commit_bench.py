@@ -84,7 +84,7 @@ class Fleet:
             -0.12 + self.rng.uniform(-0.1, 0.1, size),
             accuracy_m=self.rng.uniform(3, 30, size),
             provider=np.ones(size, np.int8),
-            received_ms=np.int64(self.start_ms),
+            received_ms=self.start_ms,
         )
 
 

@@ -67,7 +67,7 @@ def gateway_batch(k: int, size: int, devices: int, start_ms: int) -> FixBatch:
         51.5 + rng.uniform(-0.1, 0.1, size),
         -0.12 + rng.uniform(-0.1, 0.1, size),
         provider=np.ones(size, np.int8),
-        received_ms=np.int64(start_ms + k),
+        received_ms=start_ms + k,
     )
 
 

@@ -72,7 +72,7 @@ def update_batch(
         lat,
         lon,
         provider=np.ones(size, np.int8),
-        received_ms=np.int64(t0),
+        received_ms=t0,
     )
 
 

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -198,8 +199,8 @@ def watch_ids(args: argparse.Namespace) -> list[str]:
         return []
     if not args.devices:  # gateways only: watch some of the first gateway's devices
         every = max(1, args.gateway_devices // args.watch_devices)
-        ids = range(0, args.gateway_devices, every)
-        return [f"gw-00-000-{i:06d}" for i in ids][: args.watch_devices]
+        numbers = range(0, args.gateway_devices, every)
+        return [f"gw-00-000-{i:06d}" for i in numbers][: args.watch_devices]
     every = max(1, args.devices // args.watch_devices)
     per = split(args.devices, args.drivers)
     ids = [
@@ -315,9 +316,16 @@ def run_drivers(
             node.kill()
 
 
+def started_pid(process: multiprocessing.process.BaseProcess) -> int:
+    """The process id of a started driver process."""
+    if process.pid is None:
+        raise RuntimeError(f"driver process {process.name} was never started")
+    return process.pid
+
+
 def _sample_and_collect(
     plans: list[Plan],
-    processes: list[multiprocessing.process.BaseProcess],
+    processes: Sequence[multiprocessing.process.BaseProcess],
     nodes: list[NodeDriver],
     queue: multiprocessing.queues.Queue,
     server_pid: int,
@@ -326,7 +334,7 @@ def _sample_and_collect(
     observer_pid: int | None,
     metrics_url: str | None,
 ) -> tuple[list[DriverResult], dict]:
-    driver_pids = [p.pid for p in processes] + [n.pid for n in nodes]
+    driver_pids = [started_pid(p) for p in processes] + [n.pid for n in nodes]
     window = plans[0].window
     base = procstat.usage(server_pid)
     time.sleep(max(0.0, window.start_s - time.time()))
@@ -352,7 +360,7 @@ def _sample_and_collect(
         time.sleep(min(1.0, max(0.0, window.end_s - time.time())))
         rss_max = max(rss_max, procstat.usage(server_pid).rss_bytes)
     end = procstat.usage(server_pid)
-    if runtime is not None:
+    if metrics_url and runtime is not None:
         samples["stalls"] = stalls.between(runtime, stalls.snapshot(metrics_url))
     if observer_pid and observed is not None:
         samples["observer_cpu_s"] = procstat.usage(observer_pid).cpu_s - observed.cpu_s

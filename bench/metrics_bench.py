@@ -168,9 +168,11 @@ def server_rows() -> list[dict]:
     for fixes_per_message in (1, 10):
         samples: dict[bool, list[float]] = {False: [], True: []}
         for run in range(RUNS):
-            for on in (False, True):
-                tag = f"r{run}-{'on' if on else 'off'}"
-                samples[on].append(server_cpu_per_fix_ns(on, fixes_per_message, tag))
+            for metrics_on in (False, True):
+                tag = f"r{run}-{'on' if metrics_on else 'off'}"
+                samples[metrics_on].append(
+                    server_cpu_per_fix_ns(metrics_on, fixes_per_message, tag)
+                )
         off, on = statistics.median(samples[False]), statistics.median(samples[True])
         rows.append(
             {

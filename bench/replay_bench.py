@@ -46,12 +46,16 @@ def start_server(data_dir: str) -> tuple[subprocess.Popen, int]:
          "--data-dir", data_dir, "--log-level", "INFO"],
         cwd=ROOT, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    log = process.stderr
+    if log is None:  # stderr=PIPE above, so only a broken Popen gets here
+        process.kill()
+        raise RuntimeError("server stderr is not a pipe")
     deadline = time.monotonic() + 30
-    for line in process.stderr:
+    for line in log:
         found = re.search(r"listening on .* \(port (\d+)\)", line)
         if found:
             # Keep reading the log so that a full pipe never stalls the server.
-            threading.Thread(target=process.stderr.read, daemon=True).start()
+            threading.Thread(target=log.read, daemon=True).start()
             return process, int(found.group(1))
         if time.monotonic() > deadline:
             break

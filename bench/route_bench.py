@@ -204,6 +204,8 @@ def bench_matrix(car: RoutingEngine, points: np.ndarray, sizes: list[int]) -> li
 def nearest_neighbour_s(problem: optimise.Problem, vehicles: int) -> float:
     """Duration of a plan that splits jobs evenly and visits each nearest-first."""
     depot = problem.vehicle_places[0][0]
+    if depot is None:
+        raise ValueError("nearest-neighbour split: the first vehicle has no start")
     jobs = list(range(len(problem.jobs)))
     total = 0.0
     for share in np.array_split(np.array(jobs), vehicles):

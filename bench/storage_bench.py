@@ -217,7 +217,7 @@ async def main(args: argparse.Namespace) -> dict:
             "fixes_per_s": len(fixes) / resend,
         }
         with psycopg.connect(url) as conn:
-            counts = dict(
+            counts: dict[str, int] = dict(
                 conn.execute(
                     "SELECT tenant, count(*) FROM fixes GROUP BY tenant"
                 ).fetchall()
