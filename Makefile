@@ -43,7 +43,7 @@ lint: $(STAMP)
 	$(BIN)/buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy tracking_grpc
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) $(NODE_DRIVER)/node_modules
