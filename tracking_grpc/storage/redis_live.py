@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
+from functools import partial
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -495,12 +497,7 @@ class RedisLiveStore:
             for t, c in zip(newest.time_ms.tolist(), cells.tolist(), strict=True)
         ]
         script = KEEP_SAME_OR_NEWER if again else KEEP_NEWER
-
-        def bucket_keys(bucket: int) -> tuple[str, str]:
-            return (
-                keys.live_key(self.prefix, tenant, bucket),
-                keys.live_time_key(self.prefix, tenant, bucket),
-            )
+        bucket_keys = partial(self._bucket_keys, tenant)
 
         with unavailable("live positions"):
             calls = _calls(buckets, await self._cluster())
@@ -540,22 +537,8 @@ class RedisLiveStore:
         ]
         geo_lat = np.clip(newest.lat, -keys.GEO_MAX_LAT, keys.GEO_MAX_LAT)
         script_keys = [
-            *(
-                key
-                for bucket in groups
-                for key in (
-                    keys.live_key(self.prefix, tenant, bucket),
-                    keys.live_time_key(self.prefix, tenant, bucket),
-                )
-            ),
-            *(
-                key
-                for cell in used.tolist()
-                for key in (
-                    keys.geo_key(self.prefix, tenant, cell),
-                    keys.geo_time_key(self.prefix, tenant, cell),
-                )
-            ),
+            *chain.from_iterable(self._bucket_keys(tenant, b) for b in groups),
+            *chain.from_iterable(self._cell_keys(tenant, c) for c in used.tolist()),
             keys.cells_key(self.prefix, tenant),
         ]
         args = [
@@ -600,12 +583,7 @@ class RedisLiveStore:
         lons = [repr(x) for x in moved.lon[rows].tolist()]
         lats = [repr(x) for x in geo_lat.tolist()]
         script = MOVE_IN_CELL_AGAIN if again else MOVE_IN_CELL
-
-        def cell_keys(cell: int) -> tuple[str, str]:
-            return (
-                keys.geo_key(self.prefix, tenant, cell),
-                keys.geo_time_key(self.prefix, tenant, cell),
-            )
+        cell_keys = partial(self._cell_keys, tenant)
 
         with unavailable("live GEO index"):
             calls = _calls(op_cells, await self._cluster())
@@ -631,6 +609,20 @@ class RedisLiveStore:
 
     async def _cluster(self) -> bool:
         return is_cluster(await self.redis.get())
+
+    def _bucket_keys(self, tenant: str, bucket: int) -> tuple[str, str]:
+        """A device bucket's live hash and time hash."""
+        return (
+            keys.live_key(self.prefix, tenant, bucket),
+            keys.live_time_key(self.prefix, tenant, bucket),
+        )
+
+    def _cell_keys(self, tenant: str, cell: int) -> tuple[str, str]:
+        """A cell's GEO set and time hash."""
+        return (
+            keys.geo_key(self.prefix, tenant, cell),
+            keys.geo_time_key(self.prefix, tenant, cell),
+        )
 
     async def _candidates(
         self, tenant: str, lat: float, lon: float, radius_m: float, limit: int
