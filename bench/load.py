@@ -498,6 +498,19 @@ def report(
         "redis_shard_cpu_cores": [
             round(v / steady_s, 3) for v in samples["redis_shard_cpu_s"]
         ],
+        # The machine's CPU outside this run's server, drivers, backends and
+        # observer: other work sharing the cores (near 0 in an undisturbed run).
+        "other_work_cores": round(
+            (
+                samples["machine_busy_s"]
+                - cpu_s
+                - samples["drivers_cpu_s"]
+                - sum(samples["backend_cpu_s"].values())
+                - samples.get("observer_cpu_s", 0.0)
+            )
+            / steady_s,
+            3,
+        ),
         "fixes_in_window": fixes_in_window,
     }
     if "observer_cpu_s" in samples:
@@ -556,7 +569,8 @@ def print_report(out: dict) -> None:
         f"Drivers ({out['device_driver']} devices): {out['drivers_cpu_cores']} cores "
         f"{out['driver_process_cpu_cores']}; whole machine busy "
         f"{out['machine_busy_cores']} cores; backends {out['backend_cpu_cores']} "
-        f"(exact: {out['backend_exact']}), µs/fix {out['backend_us_per_fix']}"
+        f"(exact: {out['backend_exact']}), µs/fix {out['backend_us_per_fix']}; "
+        f"other work on the machine {out['other_work_cores']} cores"
     )
     if out["redis_shard_cpu_cores"]:
         print(f"Redis shards (cores each): {out['redis_shard_cpu_cores']}")

@@ -51,6 +51,8 @@ def assert_every_fix_settled_once(result: dict) -> None:
     assert result["watch"]["count"] > 0 and result["ack"]["count"] > 0
     stalls = result["server"]["stalls"]  # from the server's /metrics
     assert stalls["loop_lag_samples"] > 0 and "young" in stalls["gc"]
+    # What the run's own processes did not use of what the machine did.
+    assert result["other_work_cores"] < result["machine_busy_cores"]
 
 
 @pytest.mark.slow
