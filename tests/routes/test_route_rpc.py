@@ -132,6 +132,14 @@ async def test_matrix_matches_single_routes(routes) -> None:
         assert durations[i, j] == pytest.approx(plan.duration_s, rel=0.01)
 
 
+async def test_matrix_of_one_point_is_one_zero(routes) -> None:
+    request = route_pb2.ComputeMatrixRequest(points=[STATION])
+    matrix = await routes.ComputeMatrix(request)
+    assert (matrix.rows, matrix.columns) == (1, 1)
+    assert (list(matrix.duration_s), list(matrix.distance_m)) == ([0.0], [0.0])
+    assert len(matrix.sources) == len(matrix.destinations) == 1
+
+
 async def test_optimisation_orders_stops_in_epoch_time(routes) -> None:
     start = now_ms()
     window = route_pb2.TimeWindow(start_ms=start, end_ms=start + 3_600_000)
