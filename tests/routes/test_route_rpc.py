@@ -159,6 +159,50 @@ async def test_optimisation_orders_stops_in_epoch_time(routes) -> None:
     assert answer.unassigned[0].job_id == "c" and "crane" in answer.unassigned[0].reason
 
 
+@pytest.mark.parametrize(
+    ("jobs", "field"),
+    [
+        pytest.param([], "jobs", id="no-jobs"),
+        pytest.param(
+            [
+                route_pb2.Job(
+                    id="a",
+                    location=SENATE,
+                    time_windows=[route_pb2.TimeWindow(start_ms=10, end_ms=5)],
+                )
+            ],
+            "jobs[0].time_windows[0]",
+            id="window-ends-before-it-starts",
+        ),
+    ],
+)
+async def test_bad_optimisation_names_the_field(routes, jobs, field) -> None:
+    van = route_pb2.Vehicle(id="van", start=STATION)
+    request = route_pb2.OptimizeRouteRequest(vehicles=[van], jobs=jobs)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await routes.OptimizeRoute(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"{field}: ")
+
+
+async def test_job_window_long_past_leaves_the_job_unassigned(routes) -> None:
+    """A window given in seconds instead of milliseconds lies in January 1970: the
+    job cannot be served, and the vehicle's default shift stays valid."""
+    start = now_ms()
+    seconds = route_pb2.TimeWindow(start_ms=start // 1000, end_ms=start // 1000 + 3600)
+    jobs = [
+        route_pb2.Job(id="late", location=SENATE, time_windows=[seconds]),
+        route_pb2.Job(id="any", location=KAMPPI),
+    ]
+    van = route_pb2.Vehicle(id="van", start=STATION)
+    answer = await routes.OptimizeRoute(
+        route_pb2.OptimizeRouteRequest(vehicles=[van], jobs=jobs, departure_ms=start)
+    )
+    assert [s.job_id for s in answer.routes[0].stops if s.job_id] == ["any"]
+    assert answer.routes[0].stops[0].arrival_ms == start
+    assert [u.job_id for u in answer.unassigned] == ["late"]
+
+
 async def test_match_track_snaps_a_noisy_drive(routes) -> None:
     plan = (
         await routes.ComputeRoute(
