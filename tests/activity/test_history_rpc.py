@@ -14,7 +14,7 @@ import pytest
 from tracking.v1 import common_pb2, event_pb2, history_pb2, history_pb2_grpc, track_pb2
 
 from tests.activity.helpers import case_batch, track
-from tests.server_fixtures import batch, hello
+from tests.server_fixtures import batch, hello, violation
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import InvalidArgument
 
@@ -313,6 +313,28 @@ async def test_bad_options_name_the_field(history, call, request_, field):
         await getattr(stub, call)(request_)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in error.value.details()
+
+
+@pytest.mark.parametrize(
+    ("track", "field"),
+    [
+        pytest.param(None, "track.device_id", id="unset-track"),
+        pytest.param(
+            history_pb2.GetTrackRequest(device_id="d", start_ms=5, end_ms=1),
+            "track.end_ms",
+            id="reversed-range",
+        ),
+    ],
+)
+async def test_export_names_the_track_field(history, track, field):
+    stub, _ = history
+    request = history_pb2.ExportTrackRequest(
+        format=history_pb2.EXPORT_FORMAT_GPX, track=track
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        [r async for r in stub.ExportTrack(request)]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(error.value)[0] == field
 
 
 async def test_get_track_rejects_bad_tolerance_and_clip(history):
