@@ -14,7 +14,7 @@ import pytest
 from tracking.v1 import common_pb2, event_pb2, history_pb2, history_pb2_grpc, track_pb2
 
 from tests.activity.helpers import case_batch, track
-from tests.server_fixtures import batch, hello
+from tests.server_fixtures import batch, hello, violation
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import InvalidArgument
 
@@ -113,6 +113,21 @@ async def test_get_track_kinds_and_simplification(history, kind, tolerance_m, co
     positions = [p async for r in stub.GetTrack(request) for p in r.positions]
     assert len(positions) == count
     assert [p.time_ms for p in positions] == sorted(p.time_ms for p in positions)
+
+
+async def test_simplification_keeps_no_parked_jitter(history):
+    """A parked receiver flips between two readings a metre apart; at 5 m the line
+    keeps the same fixes as without the jitter (the commute's docstring)."""
+    stub, track_stub = history
+    east = np.concatenate([np.zeros(120), np.arange(1, 101) * 60.0, np.full(120, 6e3)])
+    north = np.zeros(east.size)
+    north[1:120:2] = 1.0
+    await publish(track_stub, track(east, north, 5.0, device="car", start_ms=T0))
+    request = history_pb2.GetTrackRequest(
+        device_id="car", start_ms=T0, end_ms=T0 + DAY_MS, simplify_tolerance_m=5.0
+    )
+    positions = [p async for r in stub.GetTrack(request) for p in r.positions]
+    assert [p.seq for p in positions] == [1, 220, 340]
 
 
 async def test_get_track_clips_to_a_circle(history):
@@ -298,6 +313,28 @@ async def test_bad_options_name_the_field(history, call, request_, field):
         await getattr(stub, call)(request_)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in error.value.details()
+
+
+@pytest.mark.parametrize(
+    ("track", "field"),
+    [
+        pytest.param(None, "track.device_id", id="unset-track"),
+        pytest.param(
+            history_pb2.GetTrackRequest(device_id="d", start_ms=5, end_ms=1),
+            "track.end_ms",
+            id="reversed-range",
+        ),
+    ],
+)
+async def test_export_names_the_track_field(history, track, field):
+    stub, _ = history
+    request = history_pb2.ExportTrackRequest(
+        format=history_pb2.EXPORT_FORMAT_GPX, track=track
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        [r async for r in stub.ExportTrack(request)]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(error.value)[0] == field
 
 
 async def test_get_track_rejects_bad_tolerance_and_clip(history):

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from tests.geofence.test_geofence_rpc import enter_then_exit
 from tests.test_client_cli import run
+from tracking_grpc.errors import InvalidArgument
 
 DEPOTS = {
     "type": "FeatureCollection",
@@ -45,3 +48,31 @@ async def test_import_list_and_events(server, channel, tmp_path, capsys) -> None
             break
         await asyncio.sleep(0.1)
     assert [line.split("\t")[2] for line in lines] == ["ENTER", "EXIT"]
+
+
+async def test_refused_import_prints_one_line(server, tmp_path, capsys) -> None:
+    geojson = tmp_path / "points.geojson"
+    point = {"type": "Point", "coordinates": [1, 2]}
+    feature = {"type": "Feature", "properties": {}, "geometry": point}
+    geojson.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    assert await run(server, "fences", "import", str(geojson)) == 1
+    assert capsys.readouterr().err.startswith("tracking: INVALID_ARGUMENT: features[0]")
+
+
+async def test_missing_import_file_is_one_readable_error(server, tmp_path) -> None:
+    with pytest.raises(InvalidArgument) as error:
+        await run(server, "fences", "import", str(tmp_path / "nope.geojson"))
+    assert (error.value.field, "not found" in error.value.reason) == ("file", True)
+
+
+async def test_import_without_a_file_is_one_readable_error(server) -> None:
+    with pytest.raises(InvalidArgument) as error:
+        await run(server, "fences", "import")
+    assert error.value.field == "file"
+
+
+async def test_unreachable_server_prints_one_line(start_server, capsys) -> None:
+    gone = await start_server()
+    await gone.stop(0)
+    assert await run(gone, "fences", "list") == 1
+    assert capsys.readouterr().err.startswith("tracking: UNAVAILABLE: ")

@@ -4,6 +4,7 @@ rings, and circles measured on the ellipsoid."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -284,3 +285,13 @@ def test_corridor_is_width_metres_wide() -> None:
     shape = ShapeSpec.corridor([(53.40, -2.90), (53.41, -2.90)], 40.0)
     lons, lats, _ = GEOD.fwd([-2.90] * 2, [53.405] * 2, [90.0] * 2, [19.5, 20.5])
     assert inside(shape, list(zip(lons, lats, strict=True))) == [True, False]
+
+
+def test_a_long_narrow_corridor_indexes_in_seconds() -> None:
+    """A 220 km road given by its two ends, 100 m wide: its band has some 18,000
+    vertices, which every grid cell along it is tested against (minutes of CPU
+    when each test walked every vertex)."""
+    road = ShapeSpec.corridor([(0.0, 0.0), (0.0, 2.0)], 100.0)
+    started = time.process_time()
+    assert inside(road, [(1.0, 0.0), (1.0, 0.01)]) == [True, False]
+    assert time.process_time() - started < 10.0

@@ -132,6 +132,14 @@ async def test_matrix_matches_single_routes(routes) -> None:
         assert durations[i, j] == pytest.approx(plan.duration_s, rel=0.01)
 
 
+async def test_matrix_of_one_point_is_one_zero(routes) -> None:
+    request = route_pb2.ComputeMatrixRequest(points=[STATION])
+    matrix = await routes.ComputeMatrix(request)
+    assert (matrix.rows, matrix.columns) == (1, 1)
+    assert (list(matrix.duration_s), list(matrix.distance_m)) == ([0.0], [0.0])
+    assert len(matrix.sources) == len(matrix.destinations) == 1
+
+
 async def test_optimisation_orders_stops_in_epoch_time(routes) -> None:
     start = now_ms()
     window = route_pb2.TimeWindow(start_ms=start, end_ms=start + 3_600_000)
@@ -149,6 +157,50 @@ async def test_optimisation_orders_stops_in_epoch_time(routes) -> None:
     assert [s.arrival_ms for s in stops] == sorted(s.arrival_ms for s in stops)
     assert stops[0].arrival_ms == start
     assert answer.unassigned[0].job_id == "c" and "crane" in answer.unassigned[0].reason
+
+
+@pytest.mark.parametrize(
+    ("jobs", "field"),
+    [
+        pytest.param([], "jobs", id="no-jobs"),
+        pytest.param(
+            [
+                route_pb2.Job(
+                    id="a",
+                    location=SENATE,
+                    time_windows=[route_pb2.TimeWindow(start_ms=10, end_ms=5)],
+                )
+            ],
+            "jobs[0].time_windows[0]",
+            id="window-ends-before-it-starts",
+        ),
+    ],
+)
+async def test_bad_optimisation_names_the_field(routes, jobs, field) -> None:
+    van = route_pb2.Vehicle(id="van", start=STATION)
+    request = route_pb2.OptimizeRouteRequest(vehicles=[van], jobs=jobs)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await routes.OptimizeRoute(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"{field}: ")
+
+
+async def test_job_window_long_past_leaves_the_job_unassigned(routes) -> None:
+    """A window given in seconds instead of milliseconds lies in January 1970: the
+    job cannot be served, and the vehicle's default shift stays valid."""
+    start = now_ms()
+    seconds = route_pb2.TimeWindow(start_ms=start // 1000, end_ms=start // 1000 + 3600)
+    jobs = [
+        route_pb2.Job(id="late", location=SENATE, time_windows=[seconds]),
+        route_pb2.Job(id="any", location=KAMPPI),
+    ]
+    van = route_pb2.Vehicle(id="van", start=STATION)
+    answer = await routes.OptimizeRoute(
+        route_pb2.OptimizeRouteRequest(vehicles=[van], jobs=jobs, departure_ms=start)
+    )
+    assert [s.job_id for s in answer.routes[0].stops if s.job_id] == ["any"]
+    assert answer.routes[0].stops[0].arrival_ms == start
+    assert [u.job_id for u in answer.unassigned] == ["late"]
 
 
 async def test_match_track_snaps_a_noisy_drive(routes) -> None:

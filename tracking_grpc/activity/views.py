@@ -43,15 +43,23 @@ def simplify(fixes: FixBatch, tolerance_m: float) -> FixBatch:
     x, y = local_xy(
         fixes.lat, fixes.lon, Groups.of(np.zeros(len(fixes), dtype=np.int8))
     )
-    line = shapely.linestrings(x, y)
-    kept = shapely.get_coordinates(
-        shapely.simplify(line, tolerance_m, preserve_topology=False)
+    # Each vertex carries its fix's index as z, which simplification keeps and
+    # ignores: a kept fix is known by its index, never by its coordinates (a
+    # device back at a spot, or jittering between two readings, matches by value).
+    index = np.arange(len(fixes), dtype=np.float64)
+    line = shapely.simplify(
+        shapely.linestrings(x, y, index), tolerance_m, preserve_topology=False
     )
-    # Simplification keeps input vertices unchanged, so they are found by value;
-    # of a run of fixes at one spot (a parked device) the first one is kept.
-    keep = np.isin(x, kept[:, 0]) & np.isin(y, kept[:, 1])
-    repeat = np.zeros(len(fixes), dtype=bool)
-    repeat[1:] = (x[1:] == x[:-1]) & (y[1:] == y[:-1])
-    keep &= ~repeat
+    kept = shapely.get_coordinates(line, include_z=True)[:, 2].astype(np.int64)
+    keep = np.zeros(len(fixes), dtype=bool)
+    keep[_run_starts(x, y)[kept]] = True
     keep[[0, -1]] = True
     return fixes.take(keep)
+
+
+def _run_starts(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """For every fix, the first fix of its run at one spot (a parked device): the
+    one simplification keeps of the run."""
+    moved = np.ones(len(x), dtype=bool)
+    moved[1:] = (x[1:] != x[:-1]) | (y[1:] != y[:-1])
+    return np.maximum.accumulate(np.where(moved, np.arange(len(x)), 0))

@@ -16,8 +16,10 @@ from tracking.v1 import event_pb2, geofence_pb2, geofence_pb2_grpc
 from tracking_grpc.client.channel import (
     add_connection_arguments,
     call_metadata,
+    exit_on_rpc_error,
     open_channel,
 )
+from tracking_grpc.errors import InvalidArgument
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -58,7 +60,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
+@exit_on_rpc_error
 async def run(args: argparse.Namespace) -> int:
+    if args.action == "import":
+        check_import_file(args.file)
     metadata = call_metadata(args.token)
     async with open_channel(args.target) as channel:
         stub = geofence_pb2_grpc.GeofenceStub(channel)
@@ -69,10 +74,15 @@ async def run(args: argparse.Namespace) -> int:
         return await _events(stub, args, metadata)
 
 
+def check_import_file(path: Path | None) -> None:
+    """Refuse before connecting when there is no file to import."""
+    if path is None:
+        raise InvalidArgument("file", "name the GeoJSON file to import")
+    if not path.is_file():
+        raise InvalidArgument("file", f"GeoJSON file not found: {path}")
+
+
 async def _import(stub, args, metadata) -> int:
-    if args.file is None:
-        print("tracking fences import: name the GeoJSON file")
-        return 2
     request = geofence_pb2.ImportFencesRequest(
         geojson=args.file.read_text(),
         repair=args.repair,

@@ -296,6 +296,9 @@ class _Grid:
         # Parts one at a time: a fence split at ±180 has two small boxes, not one
         # spanning the globe.
         parts, part_row = shapely.get_parts(area, return_index=True)
+        # Prepared, each cell test is a lookup in the part's edge index instead of a
+        # walk over all its vertices (a long corridor has tens of thousands).
+        shapely.prepare(parts)
         bounds = shapely.bounds(parts)
         west, south = bounds[:, 0].min(), bounds[:, 1].min()
         east, north = bounds[:, 2].max(), bounds[:, 3].max()

@@ -175,6 +175,9 @@ class RoutingEngine:
     ) -> Matrix:
         """Durations and distances from each source to each destination."""
         lat, lon = _points("points", lat, lon, least=1)
+        if len(lat) == 1:  # OSRM's table takes two or more: the point twice, once each
+            lat, lon = np.repeat(lat, 2), np.repeat(lon, 2)
+            sources, destinations = [0], [1]
         params = osrm.TableParameters(
             coordinates=list(zip(lon.tolist(), lat.tolist(), strict=True)),
             sources=sources or [],

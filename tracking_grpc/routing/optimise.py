@@ -283,6 +283,8 @@ def _plan(problem: Problem, answer: dict) -> Plan:
 def _check(vehicles: list[VehicleSpec], jobs: list[JobSpec]) -> None:
     if not vehicles:
         raise InvalidArgument("vehicles", "at least one vehicle is needed")
+    if not jobs:
+        raise InvalidArgument("jobs", "at least one job is needed")
     for field_name, ids in (
         ("vehicles", [v.vehicle_id for v in vehicles]),
         ("jobs", [j.job_id for j in jobs]),

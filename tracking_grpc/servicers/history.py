@@ -141,7 +141,10 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
         name = FORMATS.get(request.format)
         if name is None:
             raise InvalidArgument("format", "set GPX, GEOJSON or CSV")
-        fixes = await self._track(caller, request.track)
+        try:
+            fixes = await self._track(caller, request.track)
+        except InvalidArgument as exc:  # the track's fields sit under `track`
+            raise InvalidArgument(f"track.{exc.field}", exc.reason) from exc
         first = True
         for piece in export.WRITERS[name](fixes, request.track.device_id):
             yield history_pb2.ExportTrackResponse(

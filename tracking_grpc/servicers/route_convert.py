@@ -186,10 +186,12 @@ def problem_specs(
         raise InvalidArgument("vehicles", f"at most {MAX_VEHICLES}")
     if len(request.jobs) > MAX_JOBS:
         raise InvalidArgument("jobs", f"at most {MAX_JOBS}")
+    _check_windows(request)
     departure_ms = request.departure_ms or now_ms()
+    # Times count from the earliest a vehicle may start; a job window that closed
+    # before then is a window at 0, which no vehicle reaches.
     starts = [departure_ms]
     starts += [v.shift.start_ms for v in request.vehicles if v.HasField("shift")]
-    starts += [w.start_ms for j in request.jobs for w in j.time_windows]
     origin_ms = min(starts)
 
     def seconds(ms: int) -> int:
@@ -198,7 +200,7 @@ def problem_specs(
     vehicles = []
     for i, v in enumerate(request.vehicles):
         field = f"vehicles[{i}]"
-        shift = (seconds(departure_ms), optimise.FOREVER_S)
+        shift = (seconds(departure_ms), seconds(departure_ms) + optimise.FOREVER_S)
         if v.HasField("shift"):
             shift = (seconds(v.shift.start_ms), seconds(v.shift.end_ms))
         vehicles.append(
@@ -230,6 +232,19 @@ def problem_specs(
             )
         )
     return vehicles, jobs, origin_ms
+
+
+def _check_windows(request: route_pb2.OptimizeRouteRequest) -> None:
+    """Shifts and job windows that end before they start, named as sent."""
+    for i, v in enumerate(request.vehicles):
+        if v.HasField("shift") and v.shift.end_ms < v.shift.start_ms:
+            raise InvalidArgument(f"vehicles[{i}].shift", "ends before it starts")
+    for i, j in enumerate(request.jobs):
+        for k, w in enumerate(j.time_windows):
+            if w.end_ms < w.start_ms:
+                raise InvalidArgument(
+                    f"jobs[{i}].time_windows[{k}]", "ends before it starts"
+                )
 
 
 def plan_response(
