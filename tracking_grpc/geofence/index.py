@@ -84,6 +84,14 @@ class CompiledFence:
         """Fixes less accurate than this never enter the fence."""
         return self.spec.max_accuracy_m or self.size_m
 
+    def warm(self) -> CompiledFence:
+        """Work out now what evaluation would otherwise work out on first use: for
+        a huge polygon or corridor, seconds that belong in the thread building the
+        index, not in the event loop evaluating fixes."""
+        if self.shape.kind != "circle":
+            _ = self.metric_boundary, self.enter_limit_m
+        return self
+
 
 def _project(frame, geom: shapely.Geometry) -> list[shapely.Geometry]:
     """The polygons of a lon/lat geometry in a metric frame."""

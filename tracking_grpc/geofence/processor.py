@@ -124,7 +124,7 @@ class GeofenceProcessor:
             key = (tenant, spec.fence_id, spec.version)
             fence = self._compiled.get(key)
             if fence is None:
-                fence = self._compiled[key] = CompiledFence.of(spec)
+                fence = self._compiled[key] = CompiledFence.of(spec).warm()
             compiled.append(fence)
         keep = {(tenant, s.fence_id, s.version) for s in specs}
         for key in [k for k in self._compiled if k[0] == tenant and k not in keep]:
