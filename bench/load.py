@@ -499,7 +499,8 @@ def report(
             round(v / steady_s, 3) for v in samples["redis_shard_cpu_s"]
         ],
         # The machine's CPU outside this run's server, drivers, backends and
-        # observer: other work sharing the cores (near 0 in an undisturbed run).
+        # observer: other programs sharing the cores, and kernel work charged to
+        # no process (writeback of PostgreSQL's writes, for one).
         "other_work_cores": round(
             (
                 samples["machine_busy_s"]
