@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tracking_grpc.errors import InvalidArgument
-from tracking_grpc.timestamps import parse_times
+from tracking_grpc.timestamps import check_time_zone, parse_times
 
 NOON_UTC_MS = 1_719_835_200_000  # 2024-07-01T12:00:00Z
 
@@ -53,3 +53,26 @@ def test_garbage_names_the_time_field():
     with pytest.raises(InvalidArgument) as error:
         parse_times(["yesterday"], "iso")
     assert error.value.field == "time"
+
+
+@pytest.mark.parametrize("name", ["UTC", "Europe/Berlin", "America/Argentina/Salta"])
+def test_iana_time_zones_are_taken(name):
+    assert check_time_zone(name, "time_zone") == name
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        pytest.param("Mars/Base", "unknown IANA time zone", id="unknown"),
+        pytest.param("", "unknown IANA time zone", id="empty"),
+        # Both open as zones on Linux, but mean the server machine's own zone, or
+        # count leap seconds that Unix times leave out.
+        pytest.param("localtime", "is not an IANA time zone name", id="localtime"),
+        pytest.param("right/UTC", "is not an IANA time zone name", id="leap-seconds"),
+    ],
+)
+def test_other_time_zone_names_are_refused(name, reason):
+    with pytest.raises(InvalidArgument) as error:
+        check_time_zone(name, "schedule.timezone")
+    assert error.value.field == "schedule.timezone"
+    assert reason in str(error.value)

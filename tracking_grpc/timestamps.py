@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from zoneinfo import ZoneInfo
+from functools import cache
+from zoneinfo import ZoneInfo, available_timezones
 
 import numpy as np
 
@@ -64,11 +65,31 @@ def _offset_ms(local_ms: int, zone: ZoneInfo) -> int:
     return int(offset.total_seconds() * 1000) if offset else 0
 
 
+def check_time_zone(name: str, where: str) -> str:
+    """``name`` if it is an IANA time zone; InvalidArgument on ``where`` if not.
+
+    ``localtime`` (whatever zone the server's machine is set to) and the ``right/``
+    zones (which count leap seconds, as Unix times do not) open as zones too, but
+    would make the same request mean different times on different servers.
+    """
+    if name == "localtime" or name not in _iana_zones():
+        try:
+            ZoneInfo(name)
+        except (KeyError, ValueError) as exc:
+            raise InvalidArgument(where, f"unknown IANA time zone {name!r}") from exc
+        raise InvalidArgument(
+            where, f"{name!r} is not an IANA time zone name such as Europe/Berlin"
+        )
+    return name
+
+
+@cache
+def _iana_zones() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
 def _zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (KeyError, ValueError) as exc:
-        raise InvalidArgument("time_zone", f"unknown time zone {name!r}") from exc
+    return ZoneInfo(check_time_zone(name, "time_zone"))
 
 
 def _numbers(values: np.ndarray, field: str) -> np.ndarray:

@@ -292,6 +292,14 @@ async def test_bad_ranges_name_the_field(history, request_, field):
             id="bad-zone",
         ),
         pytest.param(
+            "DailySummary",
+            history_pb2.DailySummaryRequest(
+                device_id="d", end_ms=1, time_zone="localtime"
+            ),
+            "time_zone",
+            id="the-servers-own-zone",
+        ),
+        pytest.param(
             "Heatmap",
             history_pb2.HeatmapRequest(device_id="d", end_ms=1, resolution=16),
             "resolution",

@@ -20,7 +20,6 @@ The rules live in one TOML file named by the ``activity_config`` setting::
 from __future__ import annotations
 
 import tomllib
-import zoneinfo
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.timestamps import check_time_zone
 
 DEVICE_KEYS = ("speed_limit_mps", "time_zone")
 
@@ -69,14 +69,6 @@ class ActivityParams:
             raise InvalidArgument(where, "walking_mps <= cycling_mps <= driving_mps")
         check_time_zone(self.time_zone, f"{where}.time_zone")
         return self
-
-
-def check_time_zone(name: str, where: str) -> str:
-    try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
-        raise InvalidArgument(where, f"unknown IANA time zone {name!r}") from exc
-    return name
 
 
 def _apply(

@@ -10,12 +10,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import numpy as np
 
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.geofence.model import Schedule
+from tracking_grpc.timestamps import check_time_zone
 
 DAY_MS = 86_400_000
 _BUCKET_MS = 900_000  # offsets change on quarter hours at most
@@ -23,12 +24,7 @@ _BUCKET_MS = 900_000  # offsets change on quarter hours at most
 
 def check(schedule: Schedule, field: str) -> None:
     """InvalidArgument unless the time zone exists and every window is in range."""
-    try:
-        ZoneInfo(schedule.timezone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise InvalidArgument(
-            f"{field}.timezone", f"unknown time zone {schedule.timezone!r}"
-        ) from exc
+    check_time_zone(schedule.timezone, f"{field}.timezone")
     if not schedule.windows:
         raise InvalidArgument(
             f"{field}.windows", "a schedule needs at least one window"

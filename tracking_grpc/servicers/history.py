@@ -13,7 +13,6 @@ from tracking.v1 import common_pb2, history_pb2, history_pb2_grpc
 
 from tracking_grpc import convert
 from tracking_grpc.activity import export, fencetime, patterns, views
-from tracking_grpc.activity.params import check_time_zone
 from tracking_grpc.activity.queries import DeviceHistory, load
 from tracking_grpc.app import App
 from tracking_grpc.auth import Caller, Role
@@ -24,6 +23,7 @@ from tracking_grpc.geofence.index import FenceIndex
 from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.servicers.geofence import open_repositories
 from tracking_grpc.storage.fences import FenceRepository
+from tracking_grpc.timestamps import check_time_zone
 
 log = logging.getLogger(__name__)
 
