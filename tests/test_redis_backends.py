@@ -7,10 +7,12 @@ import asyncio
 import random
 
 import numpy as np
+import pytest
 import redis
 
 from tests.backends import unique_tenant
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.errors import Unavailable
 from tracking_grpc.interest import TenantInterest
 from tracking_grpc.storage import redis_keys as keys
 from tracking_grpc.storage.live_repair import rebuild_live
@@ -136,3 +138,32 @@ async def test_rebuild_mends_a_lost_geo_move(redis_url, redis_prefix, pg_url) ->
     await rebuild_live(history, live)
     assert (await live.nearby(tenant, 10.5, 10.5, 100.0, 5))[0].device.tolist() == ["a"]
     await asyncio.gather(history.close(), live.close())
+
+
+async def test_rebuild_takes_a_device_out_of_a_cell_it_left(
+    redis_url, redis_prefix, pg_url, monkeypatch
+) -> None:
+    history = await PostgresHistoryStore.open(pg_url)
+    live = await RedisLiveStore.open(redis_url, redis_prefix)
+    tenant = unique_tenant()
+    before = FixBatch.from_rows(tenant, [("a", 1, T0, 10.5, 10.5)])
+    after = FixBatch.from_rows(tenant, [("a", 2, T0 + 1000, 20.5, 20.5)])
+    await history.store(FixBatch.concat([before, after]))
+    await live.update(before)
+    # The update into another cell places the device there; the call taking it
+    # out of the cell it left times out (Redis paused, the connection dropped).
+    monkeypatch.setattr(RedisLiveStore, "_move", _redis_gone)
+    with pytest.raises(Unavailable):
+        await live.update(after)
+    monkeypatch.undo()
+    assert live.needs_rebuild
+    await rebuild_live(history, live)
+    cell = int(keys.cell_of(after.lat, after.lon)[0])
+    assert await _geo_members(live, redis_prefix, tenant) == {"a": cell}
+    found, _ = await live.nearby(tenant, 10.5, 10.5, 1000.0, 5)
+    assert len(found) == 0
+    await asyncio.gather(history.close(), live.close())
+
+
+async def _redis_gone(*args, **kwargs) -> None:
+    raise Unavailable("live GEO index unavailable: Timeout reading from Redis")

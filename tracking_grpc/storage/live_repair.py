@@ -38,12 +38,19 @@ async def rebuild_live(history: HistoryStore, live: LiveStore) -> int:
     """Write each device's newest stored fix into the live store; returns the count.
 
     A store with ``repair`` (Redis) re-applies fixes it already holds, which mends
-    a GEO index that missed a move."""
+    a GEO index that missed a move into a cell; one with ``mend_index`` then takes
+    each tenant's devices out of cells they have left."""
     devices = 0
+    tenants: set[str] = set()
     write = getattr(live, "repair", live.update)
     async for batch in history.newest_positions():
         await write(batch)
         devices += len(batch)
+        tenants.add(batch.tenant)
+    mend_index = getattr(live, "mend_index", None)
+    if mend_index is not None:
+        for tenant in sorted(tenants):
+            await mend_index(tenant)
     return devices
 
 

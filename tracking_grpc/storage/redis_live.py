@@ -96,6 +96,10 @@ end
 # 30,000 fixes/s, load runs fell seconds behind (bench/README.md, third pass).
 SINGLE_CALL_ROWS = 1_000
 
+# A rebuild mends the GEO index this many cells at a time (their members read in one
+# pipeline).
+MEND_CELLS = 256
+
 # A script call serves one or more groups of devices (a bucket's, or a cell's), each
 # with its own pair of keys: on a Redis Cluster one group per call (a script's keys
 # share one slot), on a single Redis every group of a small update in one call. The
@@ -363,6 +367,47 @@ class RedisLiveStore:
         """Like ``update``, but a fix equal to the stored one is applied again, so
         that a GEO move lost to a partial failure is made (used by rebuilds)."""
         return await self._update(batch, again=True)
+
+    async def mend_index(self, tenant: str) -> int:
+        """Take devices out of the GEO sets of cells they have left; the count.
+
+        A rebuild's ``repair`` places each device in its cell again but knows no
+        cell it left: a leave lost after its update (the second call timed out,
+        the process died between the calls) stays lost unless the tenant's GEO
+        sets are read. A leave goes through the cell's time check at the live
+        fix's time, so one racing a later move into that cell changes nothing."""
+        with unavailable("live GEO index"):
+            client = await self.redis.get()
+            used = await client.smembers(keys.cells_key(self.prefix, tenant))
+        cells = sorted(int(c) for c in used)
+        left = 0
+        for first in range(0, len(cells), MEND_CELLS):
+            left += await self._mend_cells(tenant, cells[first : first + MEND_CELLS])
+        return left
+
+    async def _mend_cells(self, tenant: str, cells: list[int]) -> int:
+        """``mend_index`` for some of the tenant's cells."""
+        with unavailable("live GEO index"):
+            client = await self.redis.get()
+            async with client.pipeline(transaction=False) as pipe:
+                for cell in cells:
+                    pipe.zrange(keys.geo_key(self.prefix, tenant, cell), 0, -1)
+                replies = await pipe.execute()
+        members = [d.decode() for reply in replies for d in reply]
+        member_cells = np.repeat(cells, [len(reply) for reply in replies])
+        found = await self.get(tenant, members)
+        row = {device: i for i, device in enumerate(found.device.tolist())}
+        now_in = keys.cell_of(found.lat, found.lon)
+        stale = [
+            (row[device], cell)
+            for device, cell in zip(members, member_cells.tolist(), strict=True)
+            if device in row and now_in[row[device]] != cell
+        ]
+        if stale:
+            rows, left_cells = zip(*stale, strict=True)
+            moved = found.take(np.array(rows, dtype=np.intp))
+            await self._move(moved, np.array(left_cells), again=True, placed=True)
+        return len(stale)
 
     async def _update(self, batch: FixBatch, again: bool) -> FixBatch:
         if len(batch) == 0:
