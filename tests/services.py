@@ -89,10 +89,14 @@ class RedisServer:
         wait_for(self.ping, 10.0, f"redis on port {self.port}")
 
     def ping(self) -> bool:
+        return self.command("PING") == "PONG"
+
+    def command(self, *words: str) -> str:
+        """Run one command through redis-cli; its answer as text."""
         done = subprocess.run(
-            ["redis-cli", "-p", str(self.port), "ping"], capture_output=True, text=True
+            ["redis-cli", "-p", str(self.port), *words], capture_output=True, text=True
         )
-        return done.stdout.strip() == "PONG"
+        return done.stdout.strip()
 
     def stop(self) -> None:
         if self.process is not None:

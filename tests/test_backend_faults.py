@@ -73,6 +73,21 @@ async def test_live_calls_fail_fast_while_redis_is_down(private_redis) -> None:
     await live.close()
 
 
+async def test_a_redis_that_refuses_writes_is_an_outage(private_redis) -> None:
+    """READONLY (a replica, as during a failover) and OOM come from Redis's state:
+    the update fails as Unavailable and the live state is marked for a rebuild,
+    instead of a logged error and positions silently left behind."""
+    live = await RedisLiveStore.open(private_redis.url, "t:")
+    await live.update(fixes("t", 1, 1))
+    private_redis.command("REPLICAOF", "127.0.0.1", "1")  # a master that is not there
+    with pytest.raises(Unavailable, match="read only replica"):
+        await live.update(fixes("t", 2, 1))
+    assert live.needs_rebuild
+    private_redis.command("REPLICAOF", "NO", "ONE")
+    assert len(await live.update(fixes("t", 3, 1))) == 1
+    await live.close()
+
+
 async def test_live_state_is_rebuilt_from_history_after_redis_restart(
     private_redis, pg_url
 ) -> None:

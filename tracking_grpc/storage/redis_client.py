@@ -16,6 +16,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
     ClusterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -62,12 +64,14 @@ def is_cluster(client: Client) -> TypeGuard[RedisCluster]:
 def unavailable(what: str) -> Iterator[None]:
     """Turn Redis being unreachable into ``Unavailable`` naming what failed.
 
-    A command Redis refused (a ResponseError other than the cluster's "down" and
-    "try again") is a bug, not an outage, and propagates unchanged.
+    So are refusals that come from Redis's state, not from the command: a cluster
+    down or asking to try again, a replica that does not take writes (READONLY:
+    say, a failover in progress) and a server out of memory (OOM). Any other
+    command Redis refused is a bug, not an outage, and propagates unchanged.
     """
     try:
         yield
-    except (ClusterDownError, TryAgainError) as exc:
+    except (ClusterDownError, TryAgainError, ReadOnlyError, OutOfMemoryError) as exc:
         raise Unavailable(f"{what} unavailable: {exc}") from exc
     except ResponseError:
         raise
