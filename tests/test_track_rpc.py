@@ -286,6 +286,31 @@ async def test_stream_ends_unavailable_when_its_fixes_cannot_be_stored(
     await closing
 
 
+async def test_a_commit_whose_answer_was_lost_still_moves_the_live_position(
+    stub, server, monkeypatch
+) -> None:
+    """The store wrote the fixes but its answer never came (the connection broke
+    after COMMIT): the retry finds them stored, so the ack counts them as
+    duplicates. The live position must move to them all the same."""
+    store = server.app.history.store
+    answers_lost = 1
+
+    async def answer_lost_once(fixes):
+        nonlocal answers_lost
+        new = await store(fixes)
+        if answers_lost:
+            answers_lost -= 1
+            raise StorageUnavailable("connection lost after COMMIT (test)")
+        return new
+
+    monkeypatch.setattr(server.app.history, "store", answer_lost_once)
+    t = now_ms()
+    _, acks = await track_session(stub, "lost-answer", [[fix(1, 45.5, 7.5, t)]])
+    assert (acks[0].acked_seq, acks[0].duplicates) == (1, 1)
+    live = await server.app.live.get("default", ["lost-answer"])
+    assert (live.seq.tolist(), live.lat.tolist()) == ([1], [45.5])
+
+
 @pytest.mark.parametrize("form", ["devices", "columns"])
 async def test_an_oversized_gateway_batch_names_the_part_it_came_in(
     start_server, form

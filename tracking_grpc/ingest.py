@@ -291,20 +291,21 @@ class IngestPipeline:
             by_tenant: dict[str, list[_Pending]] = defaultdict(list)
             for item in items:
                 by_tenant[item.tenant].append(item)
-            stored: list[tuple[FixBatch, tracing.SpanContext]] = []
+            stored: list[tuple[FixBatch, FixBatch, tracing.SpanContext]] = []
             for tenant_items in by_tenant.values():
                 links = [item.span for item in tenant_items]
                 with tracing.span("ingest.commit", links, backend=self.backend):
-                    new = await self._commit(tenant_items)
-                    if new is not None and len(new):
-                        stored.append((new, tracing.current_context()))
-            for batch, _ in stored:
-                await self._update_live(batch)
+                    outcome = await self._commit(tenant_items)
+                    if outcome is not None and len(outcome[0]):
+                        stored.append((*outcome, tracing.current_context()))
+            for live, _, _ in stored:
+                await self._update_live(live)
             if previous is not None:
                 await previous
             if self.processors:
-                for batch, commit in stored:
-                    await self._processing.put((batch, commit))
+                for _, new, commit in stored:
+                    if len(new):
+                        await self._processing.put((new, commit))
         finally:
             finished.set_result(None)
             self._queued_fixes -= sum(i.size for i in items)
@@ -336,25 +337,35 @@ class IngestPipeline:
         metrics.fixes_validated(reasons)
         return batch, reasons
 
-    async def _commit(self, items: list[_Pending]) -> FixBatch | None:
-        """Validate and store; resolves the callers' futures; the new fixes."""
+    async def _commit(self, items: list[_Pending]) -> tuple[FixBatch, FixBatch] | None:
+        """Validate and store; resolves the callers' futures. The fixes for the live
+        state, and the new ones (for the processors)."""
         batch, reasons = self._validate(items)
         valid = reasons == 0
         new = np.zeros(len(batch), dtype=bool)
+        retried = False
         if valid.any():
-            stored = await self._store(
+            outcome = await self._store(
                 batch if valid.all() else batch.take(valid), items
             )
-            if stored is None:
+            if outcome is None:
                 return None  # shutting down with the store away: callers got the error
-            new[valid] = stored
+            new[valid], retried = outcome
         metrics.fixes_stored(valid, new)
         _resolve(items, batch, reasons, new)
-        return batch.take(new)
+        fresh = batch.take(new)
+        # A failed try may have stored fixes after all (a commit whose answer was
+        # lost); the retry then finds them stored. The live state, which takes
+        # only what is newer than it holds, gets every valid fix in that case.
+        return (batch.take(valid) if retried else fresh), fresh
 
-    async def _store(self, batch: FixBatch, items: list[_Pending]) -> np.ndarray | None:
-        """Store, retrying while the store is unavailable; the mask of new rows."""
+    async def _store(
+        self, batch: FixBatch, items: list[_Pending]
+    ) -> tuple[np.ndarray, bool] | None:
+        """Store, retrying while the store is unavailable; the mask of new rows,
+        and whether a try failed first."""
         backoff = 0.05
+        retried = False
         while True:
             try:
                 with (
@@ -374,10 +385,11 @@ class IngestPipeline:
                     return None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+                retried = True
         if not self.storage_healthy:
             log.warning("history store is back; writes resumed")
             self.storage_healthy = True
-        return new
+        return new, retried
 
     async def _update_live(self, stored: FixBatch) -> None:
         """Live update and fan-out of newly stored fixes. Not in commit order: a
