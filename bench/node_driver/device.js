@@ -203,8 +203,14 @@ class Device {
         }
         this.writtenSeq = batch[batch.length - 1].fix.seq;
         const fixes = batch.map((p) => p.fix);
+        const writing = nowMs();
         if (!(await session.write({ batch: { fixes } }))) {
           return;
+        }
+        // A write that waits long with the loop on time waits for the transport
+        // (HTTP/2 flow control, the connection), not for this process.
+        if (this.window.counts(writing) && nowMs() - writing > 1000) {
+          this.result.count('driver_writes_waiting_over_1s');
         }
         this.result.count('messages_sent');
         this.result.count('fixes_sent', batch.length);

@@ -16,6 +16,7 @@ const { DriverResult, Window, seededRandom } = require('./result');
 
 const END_GRACE_S = 30.0; // after the window: last acks, then everything is stopped
 const COUNT_EVERY_MS = 500;
+const LOOP_TICK_MS = 50;
 
 // The same ids as device_id() in driver.py, so verify finds the stored rows.
 function deviceId(index, i) {
@@ -34,6 +35,27 @@ async function storm(plan, devices, pool) {
     device.cut(dropS + random() * spreadS); // connected or opening: every call is cut
   }
   pool.close();
+}
+
+// Counts, in the window, the times this process's event loop ran late: a late loop
+// delays every write and ack read of its streams, which the load tool would
+// otherwise take for the server's doing.
+function watchLoop(window, result) {
+  let expected = nowMs() + LOOP_TICK_MS;
+  return setInterval(() => {
+    const now = nowMs();
+    const late = now - expected;
+    expected = now + LOOP_TICK_MS;
+    if (!window.counts(now)) {
+      return;
+    }
+    if (late > 100) {
+      result.count('driver_loop_late_over_100ms');
+    }
+    if (late > 1000) {
+      result.count('driver_loop_late_over_1s');
+    }
+  }, LOOP_TICK_MS);
 }
 
 function countStreams(devices, result) {
@@ -68,6 +90,7 @@ async function drive(plan) {
     );
   }
   const counter = setInterval(() => countStreams(devices, result), COUNT_EVERY_MS);
+  const loopWatch = watchLoop(window, result);
   if (plan.storm) {
     storm(plan, devices, pool).catch((error) => {
       console.error('storm failed:', error);
@@ -94,6 +117,7 @@ async function drive(plan) {
     }
   }
   clearInterval(counter);
+  clearInterval(loopWatch);
   pool.close();
   return result;
 }
