@@ -209,8 +209,12 @@ class Device {
         }
         // A write that waits long with the loop on time waits for the transport
         // (HTTP/2 flow control, the connection), not for this process.
-        if (this.window.counts(writing) && nowMs() - writing > 1000) {
-          this.result.count('driver_writes_waiting_over_1s');
+        const waited = nowMs() - writing;
+        if (this.window.counts(writing) && waited > 100) {
+          this.result.count('driver_writes_waiting_over_100ms');
+          if (waited > 1000) {
+            this.result.count('driver_writes_waiting_over_1s');
+          }
         }
         this.result.count('messages_sent');
         this.result.count('fixes_sent', batch.length);
