@@ -62,8 +62,9 @@ CREATE_STAGING = (
         ", ".join(f"{name} {PG_TYPES[kind]} NOT NULL" for name, kind in STAGING_COLUMNS)
     )
 )
-# One binary array parameter per column; psycopg prepares the statement after a few
-# runs like the two below, so each commit costs the server no parsing or planning.
+# The staging load (the first CTE of STAGE_AND_ADVANCE): one binary array parameter
+# per column. psycopg prepares the write's statements after a few runs, so each
+# commit costs the server no parsing or planning.
 LOAD_STAGING = "INSERT INTO staging ({}) SELECT * FROM unnest({})".format(
     ", ".join(name for name, _ in STAGING_COLUMNS),
     ", ".join(f"%({name})s" for name, _ in STAGING_COLUMNS),
