@@ -90,6 +90,25 @@ def test_areas_decided_by_edges(shape, points, expected) -> None:
     assert inside(shape, points) == expected
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param(
+            polygon([[-180, -5], [-170, -5], [-170, 5], [-180, 5], [-180, -5]]),
+            id="edge-given-as-minus-180",
+        ),
+        pytest.param(
+            polygon([[170, -5], [180, -5], [180, 5], [170, 5], [170, -5]]),
+            id="edge-given-as-180",
+        ),
+    ],
+)
+def test_a_point_on_the_antimeridian_is_on_a_fence_edge_there(shape) -> None:
+    """180 and -180 are one meridian: a point on it, written either way, lies on
+    the edge of a fence that ends there, and edges count as inside."""
+    assert inside(shape, [(180, 0), (-180, 0), (0, 0)]) == [True, True, False]
+
+
 @pytest.mark.parametrize("lat", [0.0, 45.0, 60.0, 85.0])
 @pytest.mark.parametrize("azimuth", [0.0, 45.0, 90.0, 200.0])
 def test_circle_is_exact_on_the_ellipsoid(lat: float, azimuth: float) -> None:

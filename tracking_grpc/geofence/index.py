@@ -157,6 +157,20 @@ class FenceIndex:
         lat = np.asarray(lat, dtype=np.float64)
         if len(self) == 0 or lon.size == 0:
             return np.empty(0, np.intp), np.empty(0, np.intp)
+        pts, rows = self._contains(lon, lat)
+        seam = np.flatnonzero(np.abs(lon) == 180.0)
+        if seam.size:  # one meridian, two numbers: fences on either side may hold it
+            other_pts, other_rows = self._contains(-lon[seam], lat[seam])
+            pairs = np.unique(
+                np.column_stack([np.r_[pts, seam[other_pts]], np.r_[rows, other_rows]]),
+                axis=0,
+            )
+            pts, rows = pairs[:, 0], pairs[:, 1]
+        return pts, rows
+
+    def _contains(
+        self, lon: np.ndarray, lat: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         code = self.grid.lookup(lon, lat)
         sure = np.flatnonzero(code > 0)
         exact = np.flatnonzero(code < 0)
