@@ -125,6 +125,44 @@ local function slice(items, first, last)
 end
 """
 
+# Keeps the fixes of devices first..last, one bucket group (live hash KEYS[2g-1],
+# time hash KEYS[2g]), that are newer than the stored ones: writes their records
+# (ARGV[3], size bytes each) and times, appends (position, previous cell or -1) of
+# each to out as packed int32s, and calls kept(i, time) for each if given.
+LUA_KEEP_NEWER = """
+local function keep_newer(g, first, last, devices, stamps, size, out, kept)
+    local names = {}
+    for i = first, last do
+        names[#names + 1] = devices[i]
+    end
+    local known = hmget(KEYS[2 * g], names)
+    local records, times = {}, {}
+    for i = first, last do
+        local seen, stamp = known[i - first + 1], stamps[i]
+        local time = string.sub(stamp, 1, string.find(stamp, ' ', 1, true) - 1)
+        local previous_cell = -1
+        local newer = true
+        if seen then
+            local gap = string.find(seen, ' ', 1, true)
+            newer = tonumber(time) {op} tonumber(string.sub(seen, 1, gap - 1))
+            previous_cell = tonumber(string.sub(seen, gap + 1))
+        end
+        if newer then
+            times[#times + 1] = devices[i]
+            times[#times + 1] = stamp
+            records[#records + 1] = devices[i]
+            records[#records + 1] = string.sub(ARGV[3], (i - 1) * size + 1, i * size)
+            out[#out + 1] = struct.pack('<i4i4', i - 1, previous_cell)
+            if kept then
+                kept(i, time)
+            end
+        end
+    end
+    bulk('HSET', KEYS[2 * g], times, 1000)
+    bulk('HSET', KEYS[2 * g - 1], records, 1000)
+end
+"""
+
 # KEYS: live hash, time hash of each group (a bucket). ARGV: devices,
 # "<time_ms> <cell>" per device (lists), the packed records (ARGV[4] bytes each, in
 # device order), record size, group sizes. Returns, packed as little-endian int32
@@ -132,6 +170,7 @@ end
 KEEP_NEWER_TEMPLATE = (
     LUA_HELPERS
     + LUA_GROUPS
+    + LUA_KEEP_NEWER
     + """
 local devices, stamps = split(ARGV[1]), split(ARGV[2])
 local size = tonumber(ARGV[4])
@@ -142,28 +181,7 @@ end
 local out, first = {}, 1
 for g = 1, #sizes do
     local last = first + sizes[g] - 1
-    local known = hmget(KEYS[2 * g], slice(devices, first, last))
-    local records, times = {}, {}
-    for i = first, last do
-        local seen, stamp = known[i - first + 1], stamps[i]
-        local previous_cell = -1
-        local newer = true
-        if seen then
-            local gap = string.find(seen, ' ', 1, true)
-            local time = string.sub(stamp, 1, string.find(stamp, ' ', 1, true) - 1)
-            newer = tonumber(time) {op} tonumber(string.sub(seen, 1, gap - 1))
-            previous_cell = tonumber(string.sub(seen, gap + 1))
-        end
-        if newer then
-            times[#times + 1] = devices[i]
-            times[#times + 1] = stamp
-            records[#records + 1] = devices[i]
-            records[#records + 1] = string.sub(ARGV[3], (i - 1) * size + 1, i * size)
-            out[#out + 1] = struct.pack('<i4i4', i - 1, previous_cell)
-        end
-    end
-    bulk('HSET', KEYS[2 * g], times, 1000)
-    bulk('HSET', KEYS[2 * g - 1], records, 1000)
+    keep_newer(g, first, last, devices, stamps, size, out, nil)
     first = last + 1
 end
 return table.concat(out)
@@ -224,6 +242,7 @@ return 0
 # 1), lon and lat (lists), and the cells' ids. Returns what KEEP_NEWER returns.
 KEEP_AND_PLACE_TEMPLATE = (
     LUA_HELPERS
+    + LUA_KEEP_NEWER
     + """
 local devices, stamps = split(ARGV[1]), split(ARGV[2])
 local size = tonumber(ARGV[4])
@@ -242,37 +261,14 @@ if total ~= #devices or #stamps ~= #devices or #slots ~= #devices
     return redis.error_reply('live update: the lists differ in length')
 end
 local out, placing, first = {}, {}, 1
+local function place(i, time)
+    local slot = tonumber(slots[i])
+    placing[slot] = placing[slot] or {}
+    table.insert(placing[slot], {i, time})
+end
 for g = 1, #sizes do
     local last = first + sizes[g] - 1
-    local names = {}
-    for i = first, last do
-        names[#names + 1] = devices[i]
-    end
-    local known = hmget(KEYS[2 * g], names)
-    local records, times = {}, {}
-    for i = first, last do
-        local seen, stamp = known[i - first + 1], stamps[i]
-        local time = string.sub(stamp, 1, string.find(stamp, ' ', 1, true) - 1)
-        local previous_cell = -1
-        local newer = true
-        if seen then
-            local gap = string.find(seen, ' ', 1, true)
-            newer = tonumber(time) {op} tonumber(string.sub(seen, 1, gap - 1))
-            previous_cell = tonumber(string.sub(seen, gap + 1))
-        end
-        if newer then
-            times[#times + 1] = devices[i]
-            times[#times + 1] = stamp
-            records[#records + 1] = devices[i]
-            records[#records + 1] = string.sub(ARGV[3], (i - 1) * size + 1, i * size)
-            out[#out + 1] = struct.pack('<i4i4', i - 1, previous_cell)
-            local slot = tonumber(slots[i])
-            placing[slot] = placing[slot] or {}
-            table.insert(placing[slot], {i, time})
-        end
-    end
-    bulk('HSET', KEYS[2 * g], times, 1000)
-    bulk('HSET', KEYS[2 * g - 1], records, 1000)
+    keep_newer(g, first, last, devices, stamps, size, out, place)
     first = last + 1
 end
 for slot, entries in pairs(placing) do
