@@ -52,16 +52,19 @@ def migration_sql() -> str:
 class PostgresGeofenceDatabase:
     """A connection pool shared by the fence and event repositories."""
 
-    def __init__(self, url: str, max_size: int = 4) -> None:
+    def __init__(self, url: str, max_size: int = 4, timeout_s: float = 30.0) -> None:
         self.url = url
         self.max_size = max_size
+        self.timeout_s = timeout_s
         self.pool = self._new_pool()
         self._opened = False
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, url: str, max_size: int = 4) -> PostgresGeofenceDatabase:
-        database = cls(url, max_size)
+    async def open(
+        cls, url: str, max_size: int = 4, timeout_s: float = 30.0
+    ) -> PostgresGeofenceDatabase:
+        database = cls(url, max_size, timeout_s)
         await database.ensure_open()
         return database
 
@@ -85,6 +88,7 @@ class PostgresGeofenceDatabase:
             self.url,
             min_size=1,
             max_size=self.max_size,
+            timeout=self.timeout_s,
             open=False,
             check=AsyncConnectionPool.check_connection,
         )
