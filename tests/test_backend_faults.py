@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import psycopg
 import pytest
 
-from tests.backends import require_service, unique_tenant
+from tests.backends import (
+    PG_ADMIN_URL,
+    create_database,
+    drop_database,
+    require_service,
+    unique_tenant,
+)
 from tests.services import PostgresServer, RedisServer
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import StorageUnavailable, Unavailable
@@ -22,6 +29,11 @@ from tracking_grpc.interest import TenantInterest
 from tracking_grpc.storage import schema
 from tracking_grpc.storage.live_repair import LiveRepairer
 from tracking_grpc.storage.postgres import PostgresHistoryStore
+from tracking_grpc.storage.postgres_fences import (
+    PostgresEventRepository,
+    PostgresFenceRepository,
+    PostgresGeofenceDatabase,
+)
 from tracking_grpc.storage.redis_broker import RedisBroker
 from tracking_grpc.storage.redis_live import RedisLiveStore
 
@@ -149,3 +161,51 @@ async def test_history_store_recovers_when_postgres_returns(private_postgres) ->
 
 async def _append(inbox: list, batch: FixBatch) -> None:
     inbox.append(batch)
+
+
+@pytest.fixture
+def own_database(pg_session_prefix: str, pg_template: str):
+    """A migrated database of this test alone: its backends may be terminated."""
+    name = f"{pg_session_prefix}_{uuid.uuid4().hex[:8]}"
+    url = create_database(name, template=pg_template)
+    yield name, url
+    drop_database(name)
+
+
+def terminate_backends(database: str) -> None:
+    """What a restarted server or an administrator does to a database's sessions."""
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        others = "datname = %s AND pid <> pg_backend_pid()"
+        conn.execute(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {others}",
+            [database],
+        )
+        count = f"SELECT count(*) FROM pg_stat_activity WHERE {others}"
+        while conn.execute(count, [database]).fetchone() != (0,):
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("call", ["read", "transaction"])
+async def test_fence_database_serves_at_once_after_its_connections_were_dropped(
+    own_database, call
+) -> None:
+    """The server is up again (it never went): the next call gets a fresh connection.
+
+    With a checking pool, psycopg_pool slept 1, 2, 4 ... s after each dead pooled
+    connection, so a caller (the geofence processor, which the acks wait for) waited
+    through all four, past the pool's timeout, for a server that was there.
+    """
+    name, url = own_database
+    database = await PostgresGeofenceDatabase.open(url, max_size=4, timeout_s=5.0)
+    try:
+        leased = [await database.pool.getconn() for _ in range(4)]
+        for conn in leased:  # four idle connections in the pool
+            await database.pool.putconn(conn)
+        terminate_backends(name)
+        if call == "read":
+            assert await PostgresFenceRepository(database).revision("t") == 0
+        else:
+            await PostgresEventRepository(database).mark_published([])
+        assert await database.fetch("SELECT 1", []) == [(1,)]
+    finally:
+        await database.close()

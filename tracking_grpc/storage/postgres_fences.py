@@ -39,6 +39,8 @@ from tracking_grpc.storage.fences import (
 )
 
 log = logging.getLogger(__name__)
+# What a connection the server dropped raises (InterfaceError: already closed).
+CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
 MIGRATION = "0002_geofence.sql"
 
@@ -52,16 +54,19 @@ def migration_sql() -> str:
 class PostgresGeofenceDatabase:
     """A connection pool shared by the fence and event repositories."""
 
-    def __init__(self, url: str, max_size: int = 4) -> None:
+    def __init__(self, url: str, max_size: int = 4, timeout_s: float = 30.0) -> None:
         self.url = url
         self.max_size = max_size
+        self.timeout_s = timeout_s
         self.pool = self._new_pool()
         self._opened = False
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, url: str, max_size: int = 4) -> PostgresGeofenceDatabase:
-        database = cls(url, max_size)
+    async def open(
+        cls, url: str, max_size: int = 4, timeout_s: float = 30.0
+    ) -> PostgresGeofenceDatabase:
+        database = cls(url, max_size, timeout_s)
         await database.ensure_open()
         return database
 
@@ -81,22 +86,42 @@ class PostgresGeofenceDatabase:
                 self._opened = True
 
     def _new_pool(self) -> AsyncConnectionPool:
+        # No check on checkout: psycopg_pool sleeps 1, 2, 4, 8 s ... after each
+        # connection that fails it, so once the server dropped the pooled
+        # connections (a restart, pg_terminate_backend) the next caller slept
+        # through every dead one in turn. The geofence processor is such a
+        # caller, and the ingest pipeline waits for it: acks stalled for up to
+        # the pool's 30 s timeout. A failure checks the whole pool at once
+        # instead (``broken``), and the caller tries again on a fresh connection.
         return AsyncConnectionPool(
             self.url,
             min_size=1,
             max_size=self.max_size,
+            timeout=self.timeout_s,
             open=False,
-            check=AsyncConnectionPool.check_connection,
         )
+
+    async def broken(self) -> None:
+        """After a connection failed: drop every pooled connection that is broken
+        (a restarted server breaks them all), without the check's back-off."""
+        try:
+            await self.pool.check()
+        except Exception:  # the caller reports the failure that brought it here
+            log.debug("checking the pool's connections failed", exc_info=True)
 
     async def fetch(self, sql: str, args: Sequence[Any]) -> list[tuple]:
         await self.ensure_open()
-        try:
-            async with self.pool.connection() as conn:
-                cur = await conn.execute(sql, args)
-                return await cur.fetchall()
-        except psycopg.OperationalError as exc:
-            raise StorageUnavailable(f"postgres: {exc}") from exc
+        for attempt in range(2):
+            try:
+                async with self.pool.connection() as conn:
+                    cur = await conn.execute(sql, args)
+                    return await cur.fetchall()
+            except CONNECTION_ERRORS as exc:
+                # A read is safe to repeat; once, on a connection made since.
+                if attempt or isinstance(exc, PoolTimeout):
+                    raise StorageUnavailable(f"postgres: {exc}") from exc
+                await self.broken()
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         if self._opened:
@@ -297,14 +322,28 @@ class _Transaction:
 
     async def __aenter__(self) -> psycopg.AsyncConnection:
         await self.database.ensure_open()
-        try:
-            self._lease = self.database.pool.connection()
-            conn = await self._lease.__aenter__()
-            self._tx = conn.transaction()
-            await self._tx.__aenter__()
-        except psycopg.OperationalError as exc:
-            raise StorageUnavailable(f"postgres: {exc}") from exc
-        return conn
+        for attempt in range(2):
+            try:
+                self._lease = self.database.pool.connection()
+                conn = await self._lease.__aenter__()
+            except psycopg.OperationalError as exc:
+                raise StorageUnavailable(f"postgres: {exc}") from exc
+            try:
+                self._tx = conn.transaction()
+                await self._tx.__aenter__()
+                return conn
+            except BaseException as exc:
+                # Give the connection back (it stayed leased until the garbage
+                # collector found the lease); the pool replaces a broken one.
+                await self._lease.__aexit__(type(exc), exc, exc.__traceback__)
+                if not isinstance(exc, CONNECTION_ERRORS):
+                    raise
+                # Nothing was written: a BEGIN that failed is safe to repeat,
+                # once, on a connection made since.
+                if attempt:
+                    raise StorageUnavailable(f"postgres: {exc}") from exc
+                await self.database.broken()
+        raise AssertionError("unreachable")
 
     async def __aexit__(self, kind, exc, tb) -> None:
         try:
