@@ -209,3 +209,23 @@ async def test_fence_database_serves_at_once_after_its_connections_were_dropped(
         assert await database.fetch("SELECT 1", []) == [(1,)]
     finally:
         await database.close()
+
+
+async def test_history_store_reads_at_once_after_its_connections_were_dropped(
+    own_database,
+) -> None:
+    """A read after the server dropped the pooled connections (an administrator,
+    a failover) is served on a fresh one instead of failing: the device lookup of
+    a new Track session is such a read, and its failure ended the stream."""
+    name, url = own_database
+    store = await PostgresHistoryStore.open(url, max_connections=4)
+    try:
+        leased = [await store._pool.getconn() for _ in range(4)]
+        for conn in leased:  # four idle connections in the pool
+            await store._pool.putconn(conn)
+        terminate_backends(name)
+        assert await store.device_states("t", ["a"]) == {}
+        terminate_backends(name)
+        assert len(await store.history("t", "a", 0, 2**62)) == 0
+    finally:
+        await store.close()

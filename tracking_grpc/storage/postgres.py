@@ -393,14 +393,22 @@ class PostgresHistoryStore:
             end=sql.Literal(int(end_ms)),
             limit=sql.SQL(f"LIMIT {int(limit)}" if limit else ""),
         )
-        chunks = []
-        try:
-            async with self._pool.connection() as conn:
-                async with conn.cursor().copy(query) as copy:
-                    async for chunk in copy:
-                        chunks.append(bytes(chunk))
-        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
-            raise StorageUnavailable(f"PostgreSQL cannot read: {exc}") from exc
+        for attempt in range(2):  # once more on a fresh connection, as _fetch
+            chunks = []
+            try:
+                async with self._pool.connection() as conn:
+                    async with conn.cursor().copy(query) as copy:
+                        async for chunk in copy:
+                            chunks.append(bytes(chunk))
+                break
+            except (
+                psycopg.OperationalError,
+                psycopg.InterfaceError,
+                PoolTimeout,
+            ) as exc:
+                await self._check_pool()
+                if attempt or isinstance(exc, PoolTimeout):
+                    raise StorageUnavailable(f"PostgreSQL cannot read: {exc}") from exc
         rows = pgcopy.decode_rows(b"".join(chunks), READ_TYPES)
         return _batch_from_rows(tenant, np.full(len(rows), device, dtype=object), rows)
 
@@ -459,13 +467,23 @@ class PostgresHistoryStore:
     async def _fetch(
         self, query: str, params: Sequence[object] | Mapping[str, object]
     ) -> list[tuple]:
-        try:
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(query, params)
-                return await cur.fetchall()
-        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
-            await self._check_pool()
-            raise StorageUnavailable(f"PostgreSQL unavailable: {exc}") from exc
+        """Run a statement that is safe to repeat (a read, or the idempotent
+        partition function); after a broken connection, once more on a fresh one
+        (a server that dropped its sessions is usually up again at once)."""
+        for attempt in range(2):
+            try:
+                async with self._pool.connection() as conn:
+                    cur = await conn.execute(query, params)
+                    return await cur.fetchall()
+            except (
+                psycopg.OperationalError,
+                psycopg.InterfaceError,
+                PoolTimeout,
+            ) as exc:
+                await self._check_pool()
+                if attempt or isinstance(exc, PoolTimeout):
+                    raise StorageUnavailable(f"PostgreSQL unavailable: {exc}") from exc
+        raise AssertionError("unreachable")
 
     async def _check_pool(self) -> None:
         """After a failure, replace the pool's broken connections (a restarted
