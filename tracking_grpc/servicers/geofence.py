@@ -284,7 +284,9 @@ def open_repositories(app: App) -> tuple[FenceRepository, EventRepository]:
             PostgresGeofenceDatabase,
         )
 
-        postgres = PostgresGeofenceDatabase(settings.database_url)
+        postgres = PostgresGeofenceDatabase(
+            settings.database_url, timeout_s=settings.database_timeout_s
+        )
         app.closers.append(postgres.close)
         return PostgresFenceRepository(postgres), PostgresEventRepository(postgres)
     from tracking_grpc.storage.sqlite_fences import (
