@@ -106,3 +106,40 @@ def test_event_types_mirror_the_contract() -> None:
         if value
     }
     assert in_proto == {t.name: t.value for t in EventType}
+
+
+class GatedLiveStore:
+    """The server's live store, its updates held until ``gate`` opens (a Redis
+    paused or failing over)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.gate = asyncio.Event()
+
+    async def update(self, batch):
+        await self.gate.wait()
+        return await self.inner.update(batch)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+async def test_acks_go_on_while_the_live_store_is_stuck(server, stub) -> None:
+    """Acks wait for storage only: a live update that hangs holds up the live
+    position, not the next commits (it used to keep its commit's slot, so every
+    later ack waited for it)."""
+    live = GatedLiveStore(server.app.pipeline.live)
+    server.app.pipeline.live = live
+    batches = [[fix(i, 1.0, 1.0 + i / 1e4)] for i in range(1, 6)]
+    try:  # a hang guard only: before, the second ack never came
+        _, acks = await asyncio.wait_for(track_session(stub, "d", batches), 30)
+    finally:
+        live.gate.set()
+    assert [a.acked_seq for a in acks] == [1, 2, 3, 4, 5]
+    assert await server.app.history.count("default", "d") == 5
+    for _ in range(100):  # the held updates go through once the gate opens
+        positions = await live.inner.get("default", ["d"])
+        if positions.seq.tolist() == [5]:
+            break
+        await asyncio.sleep(0.05)
+    assert positions.seq.tolist() == [5]

@@ -261,11 +261,10 @@ class IngestPipeline:
                 started = loop.time()
                 finished = loop.create_future()
                 task = asyncio.create_task(
-                    self._flush(self._take(), previous, finished)
+                    self._flush(self._take(), previous, finished, _Slot(slots))
                 )
                 flushing.add(task)
                 task.add_done_callback(flushing.discard)
-                task.add_done_callback(lambda _: slots.release())
                 previous = finished
         await asyncio.gather(*flushing)
 
@@ -284,9 +283,17 @@ class IngestPipeline:
         items: list[_Pending],
         previous: asyncio.Future[None] | None,
         finished: asyncio.Future[None],
+        slot: _Slot,
     ) -> None:
         """Commit ``items`` and update live state; once the previous flush is
-        through, hand the new fixes to the processors."""
+        through, hand the new fixes to the processors.
+
+        The commit's slot is given back once its fixes are stored and acked: a
+        slow live store (Redis paused, failing over) or slow processors then hold
+        up live positions and events, not the next commits' acks. Their fixes
+        still count as queued until the end, so ``max_pending_fixes`` bounds what
+        waits behind them.
+        """
         try:
             by_tenant: dict[str, list[_Pending]] = defaultdict(list)
             for item in items:
@@ -298,6 +305,7 @@ class IngestPipeline:
                     outcome = await self._commit(tenant_items)
                     if outcome is not None and len(outcome[0]):
                         stored.append((*outcome, tracing.current_context()))
+            slot.release()
             for live, _, _ in stored:
                 await self._update_live(live)
             if previous is not None:
@@ -307,6 +315,7 @@ class IngestPipeline:
                     if len(new):
                         await self._processing.put((new, commit))
         finally:
+            slot.release()
             finished.set_result(None)
             self._queued_fixes -= sum(i.size for i in items)
             async with self._space:
@@ -478,6 +487,20 @@ class IngestPipeline:
             await self._processing.put(None)
             await self._processor_task
             self._processor_task = None
+
+
+class _Slot:
+    """One of the commits-in-flight slots, given back once."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots: asyncio.Semaphore | None = slots
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
 
 
 def _rows_batch(items: list[_Pending]) -> FixBatch:
