@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 import psycopg
@@ -32,6 +33,7 @@ from tracking_grpc.storage import pgcopy, schema
 from tracking_grpc.storage.base import DeviceState
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DAY_MS = 86_400_000
 DAYS_AHEAD = 7
@@ -393,23 +395,13 @@ class PostgresHistoryStore:
             end=sql.Literal(int(end_ms)),
             limit=sql.SQL(f"LIMIT {int(limit)}" if limit else ""),
         )
-        for attempt in range(2):  # once more on a fresh connection, as _fetch
-            chunks = []
-            try:
-                async with self._pool.connection() as conn:
-                    async with conn.cursor().copy(query) as copy:
-                        async for chunk in copy:
-                            chunks.append(bytes(chunk))
-                break
-            except (
-                psycopg.OperationalError,
-                psycopg.InterfaceError,
-                PoolTimeout,
-            ) as exc:
-                await self._check_pool()
-                if attempt or isinstance(exc, PoolTimeout):
-                    raise StorageUnavailable(f"PostgreSQL cannot read: {exc}") from exc
-        rows = pgcopy.decode_rows(b"".join(chunks), READ_TYPES)
+
+        async def copy_out(conn: psycopg.AsyncConnection) -> bytes:
+            async with conn.cursor().copy(query) as copy:
+                return b"".join([bytes(chunk) async for chunk in copy])
+
+        data = await self._read(copy_out, "cannot read")
+        rows = pgcopy.decode_rows(data, READ_TYPES)
         return _batch_from_rows(tenant, np.full(len(rows), device, dtype=object), rows)
 
     async def count(self, tenant: str, device: str | None = None) -> int:
@@ -467,14 +459,24 @@ class PostgresHistoryStore:
     async def _fetch(
         self, query: str, params: Sequence[object] | Mapping[str, object]
     ) -> list[tuple]:
-        """Run a statement that is safe to repeat (a read, or the idempotent
-        partition function); after a broken connection, once more on a fresh one
-        (a server that dropped its sessions is usually up again at once)."""
+        """Rows of a statement that is safe to repeat: a read, or the idempotent
+        partition functions."""
+
+        async def fetch(conn: psycopg.AsyncConnection) -> list[tuple]:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall()
+
+        return await self._read(fetch, "unavailable")
+
+    async def _read(
+        self, run: Callable[[psycopg.AsyncConnection], Awaitable[T]], failed: str
+    ) -> T:
+        """``run`` on a pooled connection; after a broken one, once more on a fresh
+        one (a server that dropped its sessions is usually up again at once)."""
         for attempt in range(2):
             try:
                 async with self._pool.connection() as conn:
-                    cur = await conn.execute(query, params)
-                    return await cur.fetchall()
+                    return await run(conn)
             except (
                 psycopg.OperationalError,
                 psycopg.InterfaceError,
@@ -482,7 +484,7 @@ class PostgresHistoryStore:
             ) as exc:
                 await self._check_pool()
                 if attempt or isinstance(exc, PoolTimeout):
-                    raise StorageUnavailable(f"PostgreSQL unavailable: {exc}") from exc
+                    raise StorageUnavailable(f"PostgreSQL {failed}: {exc}") from exc
         raise AssertionError("unreachable")
 
     async def _check_pool(self) -> None:
