@@ -185,6 +185,13 @@ def terminate_backends(database: str) -> None:
             time.sleep(0.05)
 
 
+async def fill_pool(pool, count: int) -> None:
+    """Leave ``count`` idle connections in the pool (all of them to be dropped)."""
+    leased = [await pool.getconn() for _ in range(count)]
+    for conn in leased:
+        await pool.putconn(conn)
+
+
 @pytest.mark.parametrize("call", ["read", "transaction"])
 async def test_fence_database_serves_at_once_after_its_connections_were_dropped(
     own_database, call
@@ -198,9 +205,7 @@ async def test_fence_database_serves_at_once_after_its_connections_were_dropped(
     name, url = own_database
     database = await PostgresGeofenceDatabase.open(url, max_size=4, timeout_s=5.0)
     try:
-        leased = [await database.pool.getconn() for _ in range(4)]
-        for conn in leased:  # four idle connections in the pool
-            await database.pool.putconn(conn)
+        await fill_pool(database.pool, 4)
         terminate_backends(name)
         if call == "read":
             assert await PostgresFenceRepository(database).revision("t") == 0
@@ -220,9 +225,7 @@ async def test_history_store_reads_at_once_after_its_connections_were_dropped(
     name, url = own_database
     store = await PostgresHistoryStore.open(url, max_connections=4)
     try:
-        leased = [await store._pool.getconn() for _ in range(4)]
-        for conn in leased:  # four idle connections in the pool
-            await store._pool.putconn(conn)
+        await fill_pool(store._pool, 4)
         terminate_backends(name)
         assert await store.device_states("t", ["a"]) == {}
         terminate_backends(name)
