@@ -34,6 +34,9 @@ from tracking_grpc.storage.base import DeviceState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# What a connection the server dropped, or a pool with none to give, raises
+# (psycopg_pool's PoolTimeout is an OperationalError).
+CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
 DAY_MS = 86_400_000
 DAYS_AHEAD = 7
@@ -336,11 +339,7 @@ class PostgresHistoryStore:
                         f"PostgreSQL kept rolling back: {exc}"
                     ) from exc
                 log.info("store of %d fixes rolled back; retrying", len(batch))
-            except (
-                psycopg.OperationalError,
-                psycopg.InterfaceError,
-                PoolTimeout,
-            ) as exc:
+            except CONNECTION_ERRORS as exc:
                 await self._check_pool()
                 raise StorageUnavailable(f"PostgreSQL cannot store: {exc}") from exc
         if rows == [(ALL_NEW,)]:
@@ -445,7 +444,7 @@ class PostgresHistoryStore:
                     "DELETE FROM devices WHERE tenant = %s AND device = %s",
                     [tenant, device],
                 )
-        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+        except CONNECTION_ERRORS as exc:
             raise StorageUnavailable(f"PostgreSQL cannot erase: {exc}") from exc
         return deleted
 
@@ -477,11 +476,7 @@ class PostgresHistoryStore:
             try:
                 async with self._pool.connection() as conn:
                     return await run(conn)
-            except (
-                psycopg.OperationalError,
-                psycopg.InterfaceError,
-                PoolTimeout,
-            ) as exc:
+            except CONNECTION_ERRORS as exc:
                 await self._check_pool()
                 if attempt or isinstance(exc, PoolTimeout):
                     raise StorageUnavailable(f"PostgreSQL {failed}: {exc}") from exc

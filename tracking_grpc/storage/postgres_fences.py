@@ -37,10 +37,9 @@ from tracking_grpc.storage.fences import (
     memberships_of,
     stamped,
 )
+from tracking_grpc.storage.postgres import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
-# What a connection the server dropped raises (InterfaceError: already closed).
-CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
 MIGRATION = "0002_geofence.sql"
 
