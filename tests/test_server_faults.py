@@ -13,16 +13,21 @@ from __future__ import annotations
 import asyncio
 import uuid
 from dataclasses import replace
+from functools import partial
 
 import grpc
+import numpy as np
 import psycopg
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tracking.v1 import track_pb2, track_pb2_grpc
 
 from tests.backends import require_service
 from tests.server_fixtures import batch, embedded_settings, fix, hello, now_ms
 from tests.services import PostgresServer, RedisServer
+from tracking_grpc.observability import metrics
+from tracking_grpc.storage import redis_keys as keys
 from tracking_grpc.storage import schema
 
 pytestmark = pytest.mark.slow
@@ -155,6 +160,52 @@ async def test_postgres_outage_holds_acks_until_it_returns(
     with psycopg.connect(url) as conn:
         rows = conn.execute("SELECT seq FROM fixes WHERE device = %s", [device])
         assert sorted(seq for (seq,) in rows) == [1, 2]
+
+
+async def test_a_failing_live_update_is_counted_and_acks_go_on(
+    pg_url, redis_url, redis_prefix, start_server, tmp_path
+) -> None:
+    """A live update that fails while Redis is up (here a device's live hash
+    holds a string, so the update script errs) is logged and counted apart from
+    an outage; the fix is stored and acknowledged, and once the key is mended the
+    device's next fix reaches the live state."""
+    settings = replace(
+        embedded_settings(tmp_path, metrics_listen="127.0.0.1:0"),
+        database_url=pg_url, redis_url=redis_url, redis_key_prefix=redis_prefix,
+    )  # fmt: skip
+    server = await start_server(settings=settings)
+    device, t0 = f"skiff-{uuid.uuid4().hex[:8]}", now_ms() - 60_000
+    bucket = int(keys.bucket_of(np.array([device]))[0])
+    spoiled = keys.live_key(redis_prefix, "default", bucket)
+    failures = partial(
+        metrics.registry().get_sample_value,
+        "tracking_live_update_failures_total",
+        {"reason": "error"},
+    )
+    with redis.Redis.from_url(redis_url) as client:
+        client.set(spoiled, "not a hash")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = track_pb2_grpc.TrackSessionStub(channel)
+            call = await open_track(stub, device)
+            await call.write(batch([fix(1, 40.7, -74.0, t0)]))
+            assert (await call.read()).ack.acked_seq == 1
+            await until(lambda: _above_zero(failures))
+            assert await server.app.history.count("default", device) == 1
+
+            client.delete(spoiled)
+            await call.write(batch([fix(2, 40.71, -74.0, t0 + 1000)]))
+            assert (await call.read()).ack.acked_seq == 2
+            await until(lambda: _live_seq_is(server, device, 2))
+            await call.done_writing()
+
+
+async def _above_zero(value) -> bool:
+    return (value() or 0) > 0
+
+
+async def _live_seq_is(server, device: str, seq: int) -> bool:
+    positions = await server.app.pipeline.live.get("default", [device])
+    return positions.seq.tolist() == [seq]
 
 
 async def _is(channel: grpc.aio.Channel, service: str, status: int) -> bool:

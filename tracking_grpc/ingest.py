@@ -412,10 +412,14 @@ class IngestPipeline:
                 log.warning("live updates resumed")
             self.live_healthy = True
         except Unavailable as exc:  # rebuilt from history when it returns
+            metrics.live_update_failed("unavailable")
             if self.live_healthy:  # once per outage, not once per commit
                 log.warning("live updates skipped; history is intact: %s", exc.message)
             self.live_healthy = False
         except Exception:
+            # A fault of the update itself (a script error, a key of the wrong
+            # type): counted, so an alert can tell it from an outage.
+            metrics.live_update_failed("error")
             log.exception("live update failed; history is intact")
 
     def _waiting_work(

@@ -160,6 +160,14 @@ class Metrics:
             ["backend"],
             registry=r,
         )
+        self.live_update_failures = Counter(
+            "tracking_live_update_failures",
+            "live updates of stored fixes that failed (positions, GEO index, "
+            "watchers): unavailable (the live store is down; rebuilt from history "
+            "when it returns) or error (a fault of the update itself)",
+            ["reason"],
+            registry=r,
+        )
         self.dependency_up = Gauge(
             "tracking_dependency_up",
             "1 when the last health check of a dependency passed, else 0",
@@ -446,6 +454,12 @@ def storage_flushed(backend: str, fixes: int, seconds: float) -> None:
 def storage_flush_failed(backend: str) -> None:
     if _m is not None:
         _m.child("storage_flush_failures", backend).inc()
+
+
+def live_update_failed(reason: str) -> None:
+    """Count a live update that failed after its fixes were stored."""
+    if _m is not None:
+        _m.child("live_update_failures", reason).inc()
 
 
 @contextmanager
