@@ -9,6 +9,7 @@ safe to reuse across tests.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,29 @@ async def test_concurrent_stores_of_one_seq_at_other_times_keep_one(history) -> 
     assert await history.count(tenant) == len(batches[0]) + 2
     states = await history.device_states(tenant, ["a", "b"])
     assert {d: s.last_stored_seq for d, s in states.items()} == {"a": 2999, "b": 2999}
+
+
+async def test_stored_as_received_finds_only_this_receipts_fixes(history) -> None:
+    """What a retried store asks: which fixes are stored as this very submission
+    received them. A resend of a stored fix is received later; a fix at a stored
+    one's time with another seq, or never stored, or of another tenant is not it."""
+    tenant, received = unique_tenant(), T0 + 100_000
+    rows = [("a", 1, 0), ("a", 2, 90_000), ("b", 1, 0)]  # a's fixes a day apart
+    sent = fixes(tenant, rows).with_received(received)
+    await history.store(sent)
+    assert (await history.stored_as_received(sent)).tolist() == [True] * 3
+    probe = FixBatch.concat(
+        [
+            sent.with_received(received + 1),  # resends
+            fixes(tenant, [("a", 9, 0), ("a", 3, 5)]).with_received(received),
+            sent.take(np.array([1])),
+        ]
+    )
+    found = await history.stored_as_received(probe)
+    assert found.tolist() == [False] * 5 + [True]
+    elsewhere = replace(sent, tenant=unique_tenant())
+    assert (await history.stored_as_received(elsewhere)).tolist() == [False] * 3
+    assert len(await history.stored_as_received(FixBatch.empty(tenant))) == 0
 
 
 async def test_count_and_erase_are_per_device(history) -> None:

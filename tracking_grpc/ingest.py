@@ -11,7 +11,9 @@ events reach the event bus.
 
 A failing store is retried with back-off while callers wait unacknowledged; when more
 than ``max_pending_fixes`` are waiting, new submissions wait too, which pauses the
-streams (the devices keep their data).
+streams (the devices keep their data). A try that stored but whose answer was lost
+leaves the retry finding its fixes stored: the store then tells which are stored as
+this commit received them, and the processors get those once.
 """
 
 from __future__ import annotations
@@ -360,13 +362,32 @@ class IngestPipeline:
             if outcome is None:
                 return None  # shutting down with the store away: callers got the error
             new[valid], retried = outcome
-        metrics.fixes_stored(valid, new)
         _resolve(items, batch, reasons, new)
+        if retried:
+            # A failed try may have stored fixes after all (a commit whose answer
+            # was lost); the retry then finds them stored, and the acks count them
+            # as duplicates. The processors get them all the same (a new mask: the
+            # callers' results are views of ``new``), and the live state, which
+            # takes only what is newer than it holds, gets every valid fix.
+            new = new | await self._stored_by_lost_answer(batch, valid)
+        metrics.fixes_stored(valid, new)
         fresh = batch.take(new)
-        # A failed try may have stored fixes after all (a commit whose answer was
-        # lost); the retry then finds them stored. The live state, which takes
-        # only what is newer than it holds, gets every valid fix in that case.
         return (batch.take(valid) if retried else fresh), fresh
+
+    async def _stored_by_lost_answer(
+        self, batch: FixBatch, valid: np.ndarray
+    ) -> np.ndarray:
+        """After a retried store, the mask of the valid fixes stored as this commit
+        received them, whichever try stored them; a fix repeated within the commit
+        counts once. Empty when the store cannot tell (the processors miss them)."""
+        found = np.zeros(len(batch), dtype=bool)
+        try:
+            stored = await self.history.stored_as_received(batch.take(valid))
+        except StorageUnavailable as exc:
+            log.warning("cannot tell what failed tries stored; no events: %s", exc)
+            return found
+        found[_first_per_fix(batch, np.flatnonzero(valid)[stored])] = True
+        return found
 
     async def _store(
         self, batch: FixBatch, items: list[_Pending]
@@ -505,6 +526,16 @@ class _Slot:
         if self._slots is not None:
             self._slots.release()
             self._slots = None
+
+
+def _first_per_fix(batch: FixBatch, rows: np.ndarray) -> np.ndarray:
+    """Of ``rows`` (ascending), those not repeating an earlier one's device and fix
+    time: the store keeps the first of such fixes and no other."""
+    first: dict[tuple[str, int], int] = {}
+    keys = zip(batch.device[rows].tolist(), batch.time_ms[rows].tolist(), strict=True)
+    for row, key in zip(rows.tolist(), keys, strict=True):
+        first.setdefault(key, row)
+    return np.fromiter(first.values(), dtype=np.intp, count=len(first))
 
 
 def _rows_batch(items: list[_Pending]) -> FixBatch:

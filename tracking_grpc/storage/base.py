@@ -38,6 +38,18 @@ class HistoryStore(Protocol):
         """
         ...
 
+    async def stored_as_received(self, batch: FixBatch) -> np.ndarray:
+        """A mask, True where the fix is stored as received in this very submission:
+        a row of its device with the same fix time, sequence number and receive time
+        (``received_ms``).
+
+        Only for a ``store`` retried after ``StorageUnavailable``: a resend is a
+        later message, received later, so such a row was stored by an earlier try
+        of the same batch whose answer was lost. Raises ``StorageUnavailable`` when
+        the store cannot answer.
+        """
+        ...
+
     async def device_states(
         self, tenant: str, devices: Sequence[str]
     ) -> dict[str, DeviceState]: ...

@@ -239,6 +239,22 @@ ORDER BY d.tenant, d.device
 LIMIT %(limit)s
 """
 
+# The retry's check (``stored_as_received``): each fix of the batch against the
+# stored fix of its device at its fix time, one primary-key probe each (LATERAL ...
+# LIMIT keeps the planner from hashing every stored fix of the batch's time span
+# instead); the bounds on time_ms keep the probes to the batch's days' partitions.
+STORED_AS_RECEIVED = """
+SELECT c.idx
+FROM unnest(%(idx)s, %(devices)s::text[], %(time_ms)s, %(seq)s, %(received_ms)s)
+    AS c(idx, device, time_ms, seq, received_ms)
+JOIN LATERAL (
+    SELECT f.seq, f.received_ms FROM fixes f
+    WHERE f.tenant = %(tenant)s AND f.device = c.device AND f.time_ms = c.time_ms
+      AND f.time_ms >= %(first_ms)s AND f.time_ms <= %(last_ms)s
+    LIMIT 1
+) f ON f.seq = c.seq AND f.received_ms = c.received_ms
+"""
+
 
 class PostgresHistoryStore:
     """HistoryStore on PostgreSQL/PostGIS; see the module docstring for the write."""
@@ -368,6 +384,14 @@ class PostgresHistoryStore:
             await conn.execute(STAGE_AND_ADVANCE, {**arrays, **params})
             cur = await conn.execute(INSERT_NEW, params)
         return await cur.fetchall()
+
+    async def stored_as_received(self, batch: FixBatch) -> np.ndarray:
+        found = np.zeros(len(batch), dtype=bool)
+        if len(batch) == 0:
+            return found
+        rows = await self._fetch(STORED_AS_RECEIVED, _receipt_params(batch))
+        found[[idx for (idx,) in rows]] = True
+        return found
 
     async def device_states(
         self, tenant: str, devices: Sequence[str]
@@ -554,6 +578,26 @@ def _staging_columns(
     for name, _ in STAGING_COLUMNS[3:]:
         values[name] = getattr(batch, name)[rows]
     return [(values[name], kind) for name, kind in STAGING_COLUMNS]
+
+
+def _receipt_params(batch: FixBatch) -> dict[str, object]:
+    """STORED_AS_RECEIVED's parameters: what identifies each fix of the batch as
+    received."""
+    columns = (
+        ("idx", np.arange(len(batch)), ">i4"),
+        ("time_ms", batch.time_ms, ">i8"),
+        ("seq", batch.seq.astype(np.int64), ">i8"),
+        ("received_ms", batch.received_ms, ">i8"),
+    )
+    params: dict[str, object] = {
+        name: pgcopy.BinaryArray.of(values, kind) for name, values, kind in columns
+    }
+    return params | {
+        "tenant": batch.tenant,
+        "devices": text_array(batch.device.astype(str).tolist()),
+        "first_ms": int(batch.time_ms.min()),
+        "last_ms": int(batch.time_ms.max()),
+    }
 
 
 def _batch_from_rows(tenant: str, devices: np.ndarray, rows: np.ndarray) -> FixBatch:

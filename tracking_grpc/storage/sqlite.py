@@ -89,6 +89,12 @@ ON CONFLICT (tenant, device) DO UPDATE SET
 }
 """
 
+# The retry's check (``stored_as_received``): one primary-key probe per fix.
+STORED_AS_RECEIVED = """
+SELECT 1 FROM fixes
+WHERE tenant = ? AND device = ? AND time_ms = ? AND seq = ? AND received_ms = ?
+"""
+
 
 def _rows(batch: FixBatch) -> list[tuple]:
     """Rows for executemany; NaN becomes NULL."""
@@ -206,6 +212,26 @@ class SqliteHistoryStore:
             conn.execute("ROLLBACK")
             raise
         return new
+
+    async def stored_as_received(self, batch: FixBatch) -> np.ndarray:
+        if len(batch) == 0:
+            return np.zeros(0, dtype=bool)
+        return await self._run(self._reader, self._stored_as_received, batch)
+
+    def _stored_as_received(self, batch: FixBatch) -> np.ndarray:
+        assert self._rconn is not None
+        keys = zip(
+            batch.device.astype(str).tolist(),
+            batch.time_ms.tolist(),
+            batch.seq.tolist(),
+            batch.received_ms.tolist(),
+            strict=True,
+        )
+        found = [
+            self._rconn.execute(STORED_AS_RECEIVED, (batch.tenant, *key)).fetchone()
+            for key in keys
+        ]
+        return np.array([row is not None for row in found], dtype=bool)
 
     async def device_states(
         self, tenant: str, devices: Sequence[str]
