@@ -290,8 +290,8 @@ async def test_a_commit_whose_answer_was_lost_still_moves_the_live_position(
     stub, server, monkeypatch
 ) -> None:
     """The store wrote the fixes but its answer never came (the connection broke
-    after COMMIT): the retry finds them stored, so the ack counts them as
-    duplicates. The live position must move to them all the same."""
+    after COMMIT): the retry finds them stored as this commit received them, so
+    the ack counts them as stored, and the live position moves to them."""
     store = server.app.history.store
     answers_lost = 1
 
@@ -306,7 +306,10 @@ async def test_a_commit_whose_answer_was_lost_still_moves_the_live_position(
     monkeypatch.setattr(server.app.history, "store", answer_lost_once)
     t = now_ms()
     _, acks = await track_session(stub, "lost-answer", [[fix(1, 45.5, 7.5, t)]])
-    assert (acks[0].acked_seq, acks[0].duplicates) == (1, 1)
+    ack = acks[0]
+    assert (ack.acked_seq, ack.stored, ack.duplicates, ack.last_stored_seq) == (
+        1, 1, 0, 1,
+    )  # fmt: skip
     live = await server.app.live.get("default", ["lost-answer"])
     assert (live.seq.tolist(), live.lat.tolist()) == ([1], [45.5])
 

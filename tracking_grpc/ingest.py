@@ -362,14 +362,15 @@ class IngestPipeline:
             if outcome is None:
                 return None  # shutting down with the store away: callers got the error
             new[valid], retried = outcome
-        _resolve(items, batch, reasons, new)
         if retried:
             # A failed try may have stored fixes after all (a commit whose answer
-            # was lost); the retry then finds them stored, and the acks count them
-            # as duplicates. The processors get them all the same (a new mask: the
-            # callers' results are views of ``new``), and the live state, which
-            # takes only what is newer than it holds, gets every valid fix.
-            new = new | await self._stored_by_lost_answer(batch, valid)
+            # was lost); the retry then finds them stored. Asked which are stored
+            # as this commit received them, the store tells them from resends, so
+            # the acks count them as stored and the processors get them once. The
+            # live state, which takes only what is newer than it holds, gets every
+            # valid fix.
+            new |= await self._stored_by_lost_answer(batch, valid)
+        _resolve(items, batch, reasons, new)
         metrics.fixes_stored(valid, new)
         fresh = batch.take(new)
         return (batch.take(valid) if retried else fresh), fresh
