@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from tracking_grpc.config import Settings
-from tracking_grpc.core import validation
+from tracking_grpc.core import chunks, validation
 from tracking_grpc.core.fixes import FixBatch, FixRow
 from tracking_grpc.errors import StorageUnavailable, Unavailable
 from tracking_grpc.events import EventBus, FixProcessor
@@ -471,7 +471,9 @@ class IngestPipeline:
         """Runs processors on stored fixes off the commit path. The commits waiting
         by then go through together (one sort, one call); a run starts at least
         ``processor_interval_ms`` after the previous one, so under load each call's
-        fixed cost is shared by many commits."""
+        fixed cost is shared by many commits. A large run (a gateway's or a
+        device's backlog) goes in pieces, the event loop serving streams between
+        them (``core.chunks``)."""
         interval = self.settings.processor_interval_ms / 1000
         loop = asyncio.get_running_loop()
         ended = False
@@ -479,7 +481,10 @@ class IngestPipeline:
             started = loop.time()
             work, ended = self._waiting_work(item)
             for stored, links in work:
-                await self._process(stored, links)
+                for n, piece in enumerate(chunks.pieces(stored)):
+                    if n:
+                        await asyncio.sleep(0)  # streams are served in between
+                    await self._process(piece, links)
             pause = interval - (loop.time() - started)
             if not ended and pause > 0:
                 await asyncio.sleep(pause)

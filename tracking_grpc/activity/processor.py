@@ -27,6 +27,7 @@ from tracking_grpc.activity.params import ActivityConfig, ActivityParams
 from tracking_grpc.activity.smooth import KalmanFilter
 from tracking_grpc.activity.tail import Tail
 from tracking_grpc.activity.track import Analysis, analyse
+from tracking_grpc.core import chunks
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.events import ActivityDetail, EventType, TrackingEvent, event_id
 
@@ -572,13 +573,11 @@ class _Apply:
         """Kalman filter over the applied rows: one step per rank, all devices."""
         f = self.a.fixes
         acc = f.accuracy_m[self.r].astype(np.float64)
-        first = np.append(True, self.slot[1:] != self.slot[:-1])
-        starts = np.flatnonzero(first)
-        rank = np.arange(self.slot.size) - np.repeat(
-            starts, np.diff(np.append(starts, self.slot.size))
-        )
+        rank = chunks.ranks(self.slot)
+        by_rank = np.argsort(rank, kind="stable")  # each rank's rows in row order
+        bounds = np.searchsorted(rank[by_rank], np.arange(int(rank.max()) + 2))
         for k in range(int(rank.max()) + 1):
-            rows = np.flatnonzero(rank == k)
+            rows = by_rank[bounds[k] : bounds[k + 1]]
             s = self.slot[rows]
             lat, lon = self.state.kalman.step(
                 s, self.t[rows], self.lat[rows], self.lon[rows], acc[rows]
