@@ -230,7 +230,8 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
     async def Watch(
         self, request: track_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[track_pb2.WatchResponse]:
-        """A snapshot of matching live positions, then every update, coalesced."""
+        """A snapshot of matching live positions, then every update, coalesced;
+        ends with UNAUTHENTICATED when the caller's token expires."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
         watcher = Watcher(caller.tenant, watch_filter(request))
@@ -238,13 +239,13 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         await self.app.hub.add(watcher)
         try:
             if not request.skip_snapshot:
-                for chunk in await self._snapshot(watcher):
+                for chunk in await caller.before_expiry(self._snapshot(watcher)):
                     yield track_pb2.WatchResponse(
                         snapshot=True, positions=convert.positions(chunk)
                     )
                 yield track_pb2.WatchResponse(snapshot=True, snapshot_done=True)
             while True:
-                updates = await watcher.next_updates()
+                updates = await caller.before_expiry(watcher.next_updates())
                 yield track_pb2.WatchResponse(positions=convert.positions(updates))
         finally:
             self.app.hub.remove(watcher)
