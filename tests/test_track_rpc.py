@@ -340,3 +340,21 @@ async def test_an_oversized_gateway_batch_names_the_part_it_came_in(
             await track_pb2_grpc.TrackSessionStub(channel).PublishBatch(request)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details() == f"{form}: 3 fixes exceed 2"
+
+
+async def test_protocol_error_comes_after_the_acks_of_earlier_batches(
+    stub, server
+) -> None:
+    call = stub.Track()
+    await call.write(hello("sh1"))
+    assert (await call.read()).WhichOneof("message") == "started"
+    for seq in (1, 2, 3):
+        await call.write(batch([fix(seq, 45.0, 7.0 + seq / 1000)]))
+    await call.write(hello("sh2"))  # before any ack is read: the stream ends
+    acked = []
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        while True:
+            acked.append((await asyncio.wait_for(call.read(), 10)).ack.acked_seq)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert acked == [1, 2, 3]
+    assert await server.app.history.count("default", "sh1") == 3

@@ -16,7 +16,7 @@ from tracking_grpc import convert
 from tracking_grpc.app import App
 from tracking_grpc.auth import Caller, Role
 from tracking_grpc.core.fixes import FixBatch, FixRow
-from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.errors import InvalidArgument, TrackingError
 from tracking_grpc.events import TrackingEvent
 from tracking_grpc.fanout import Watcher, WatchFilter
 from tracking_grpc.ingest import DeviceAck, IngestResult, now_ms
@@ -405,16 +405,23 @@ class _Session:
 
     async def run(self, requests: AsyncIterator[track_pb2.TrackRequest]) -> None:
         """Reads until the client half-closes, with up to INFLIGHT_BATCHES batches
-        awaiting their acks; acks go out in batch order; then the last acks."""
+        awaiting their acks; acks go out in batch order; then the last acks. A
+        message that ends the stream with an error ends it after the acks of the
+        batches before it."""
         reader = self._reader = asyncio.current_task()
         assert reader is not None
         events = None
         if self.events is not None:
             events = asyncio.create_task(self._write_events(self.events))
         try:
-            await self._read(requests)
-            if self._acking is not None:
-                await asyncio.shield(self._acking)
+            try:
+                await self._read(requests)
+            except TrackingError:
+                # A bad message ends the stream, but the batches before it are
+                # stored (or will be): their acks go out before the error.
+                await self._acks_written()
+                raise
+            await self._acks_written()
             self._raise_failure()
         except asyncio.CancelledError:
             # The ack writer cancels the reader when an ack cannot be given.
@@ -428,6 +435,11 @@ class _Session:
             for pending in self._unacked:
                 # Submitted fixes are still stored; only their ack is lost.
                 pending.add_done_callback(_consume)
+
+    async def _acks_written(self) -> None:
+        """Wait until every submitted batch is acked (or acking has failed)."""
+        if self._acking is not None:
+            await asyncio.shield(self._acking)
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
