@@ -63,6 +63,7 @@ def _ack(ack: DeviceAck, last_stored_seq: int) -> track_pb2.TrackResponse:
             last_stored_seq=last_stored_seq,
             stored=ack.stored,
             duplicates=ack.duplicates,
+            rejected=ack.rejected,
             rejections=[
                 track_pb2.Rejection(seq=seq, reason=reason, detail=detail)
                 for seq, reason, detail in ack.rejections
@@ -216,6 +217,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         return track_pb2.PublishBatchResponse(
             stored=result.stored,
             duplicates=result.duplicates,
+            rejected=result.rejected,
             rejections=[
                 track_pb2.BatchRejection(
                     device_id=device,
