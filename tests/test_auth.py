@@ -152,3 +152,19 @@ async def test_stream_ends_when_its_token_expires(secured) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await call.read()
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def expires_while_idle(call, wait_s: float = 10.0) -> grpc.StatusCode:
+    """The code that ends an idle watch stream; it must end within ``wait_s``."""
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async with asyncio.timeout(wait_s):
+            while True:  # snapshot and any updates, until the stream ends
+                await call.read()
+    return raised.value.code()
+
+
+async def test_watch_ends_when_its_token_expires(secured) -> None:
+    _, stub = secured
+    short = token("viewer", sub="v", exp=time.time() + 1.5)
+    call = stub.Watch(track_pb2.WatchRequest(), metadata=bearer(short))
+    assert await expires_while_idle(call) == grpc.StatusCode.UNAUTHENTICATED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import numpy as np
 import pytest
 from tracking.v1 import common_pb2, track_pb2, track_pb2_grpc
 
@@ -164,6 +165,33 @@ async def test_columnar_batch_stores_many_devices(stub, server) -> None:
     assert (reply.stored, reply.duplicates) == (3, 0)
     assert [(r.device_id, r.seq) for r in reply.rejections] == [("g2", 2)]
     assert await server.app.history.count("default") == 3
+
+
+async def test_mostly_rejected_big_batch_answers_within_4_mb(stub, server) -> None:
+    n = 100_000
+    t = now_ms() - 600_000
+    seq = np.arange(1, n + 1)
+    columns = track_pb2.ColumnarFixes(
+        device_ids=[f"gateway-7/vehicle-{i:036d}" for i in range(2)],
+        device_index=(seq % 2).tolist(),
+        seq=seq.tolist(),
+        time_ms=(t + seq).tolist(),
+        lat=np.full(n, 10.0).tolist(),
+        lon=np.full(n, 10.0).tolist(),
+        speed_mps=np.where(seq % 2 == 0, -1.5, 10.0).tolist(),  # even seqs: bad
+    )
+    reply = await stub.PublishBatch(track_pb2.PublishBatchRequest(columns=columns))
+    assert (reply.stored, reply.duplicates, reply.rejected) == (n // 2, 0, n // 2)
+    assert [r.seq for r in reply.rejections] == list(range(2, 2_001, 2))
+    assert reply.ByteSize() < 4 * 1024 * 1024
+    assert await server.app.history.count("default") == n // 2
+
+
+async def test_ack_lists_the_first_1000_rejections_and_counts_all(stub) -> None:
+    fixes = [fix(seq, 91.0 if seq <= 2_500 else 10.0, 10.0) for seq in range(1, 3001)]
+    _, acks = await track_session(stub, "d", [fixes])
+    assert (acks[0].stored, acks[0].rejected, acks[0].acked_seq) == (500, 2_500, 3000)
+    assert [r.seq for r in acks[0].rejections] == list(range(1, 1_001))
 
 
 async def test_columnar_batch_with_ragged_columns_names_the_field(stub) -> None:
@@ -340,3 +368,21 @@ async def test_an_oversized_gateway_batch_names_the_part_it_came_in(
             await track_pb2_grpc.TrackSessionStub(channel).PublishBatch(request)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details() == f"{form}: 3 fixes exceed 2"
+
+
+async def test_protocol_error_comes_after_the_acks_of_earlier_batches(
+    stub, server
+) -> None:
+    call = stub.Track()
+    await call.write(hello("sh1"))
+    assert (await call.read()).WhichOneof("message") == "started"
+    for seq in (1, 2, 3):
+        await call.write(batch([fix(seq, 45.0, 7.0 + seq / 1000)]))
+    await call.write(hello("sh2"))  # before any ack is read: the stream ends
+    acked = []
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        while True:
+            acked.append((await asyncio.wait_for(call.read(), 10)).ack.acked_seq)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert acked == [1, 2, 3]
+    assert await server.app.history.count("default", "sh1") == 3

@@ -9,11 +9,14 @@ only its own device id (its ``sub``).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import jwt
@@ -23,6 +26,10 @@ from tracking_grpc.errors import FailedPrecondition, PermissionDenied, Unauthent
 from tracking_grpc.observability import logs
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+EXPIRED = "token expired during the stream; reconnect with a new one"
 
 
 class Role(enum.IntEnum):
@@ -43,9 +50,24 @@ class Caller:
     def check_not_expired(self) -> None:
         """A stream outliving its token is ended: the device must re-authenticate."""
         if self.expires_at is not None and time.time() >= self.expires_at:
-            raise Unauthenticated(
-                "token expired during the stream; reconnect with a new one"
-            )
+            raise Unauthenticated(EXPIRED)
+
+    async def before_expiry(self, waiting: Awaitable[T]) -> T:
+        """What ``waiting`` gives, or UNAUTHENTICATED once the token expires: a
+        watch ends at expiry by a timer, even when nothing arrives meanwhile."""
+        if self.expires_at is None:
+            return await waiting
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.expires_at - time.time())
+        try:
+            async with asyncio.timeout_at(deadline) as timer:
+                result = await waiting
+        except TimeoutError:
+            if timer.expired():
+                raise Unauthenticated(EXPIRED) from None
+            raise
+        self.check_not_expired()  # what was ready at once still goes out in time
+        return result
 
     def require_writer(self) -> None:
         """Publishing fixes is for devices (their own) and admins, not viewers."""

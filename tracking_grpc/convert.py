@@ -139,8 +139,9 @@ def positions(batch: FixBatch) -> list[common_pb2.Position]:
 
 
 def rejections(batch: FixBatch, reasons: np.ndarray) -> list[tuple[str, int, int, str]]:
-    """(device, seq, reason, detail) for every rejected fix."""
-    rows = np.flatnonzero(reasons)
+    """(device, seq, reason, detail) for the first ``LISTED_REJECTIONS`` rejected
+    fixes."""
+    rows = np.flatnonzero(reasons)[: validation.LISTED_REJECTIONS]
     return [
         (
             batch.device[i],

@@ -61,6 +61,10 @@ class IngestResult:
     def duplicates(self) -> int:
         return int((self.valid & ~self.new).sum())
 
+    @property
+    def rejected(self) -> int:
+        return int(np.count_nonzero(self.reasons))
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceAck:
@@ -70,7 +74,9 @@ class DeviceAck:
     stored: int
     duplicates: int
     newest_stored_seq: int  # highest sequence number stored by this batch, or 0
-    rejections: tuple[tuple[int, int, str], ...] = ()  # (seq, reason code, detail)
+    # (seq, reason code, detail) of the first LISTED_REJECTIONS rejected fixes
+    rejections: tuple[tuple[int, int, str], ...] = ()
+    rejected: int = 0  # rejected fixes, listed or not
 
 
 EMPTY_ACK = DeviceAck(0, 0, 0, 0)
@@ -571,7 +577,11 @@ def _resolve(
     rejected: dict[int, list[tuple[int, int, str]]] = defaultdict(list)
     bad = np.flatnonzero(reasons)
     owners = np.searchsorted(starts, bad, side="right") - 1
-    for owner, row in zip(owners.tolist(), bad.tolist(), strict=True):
+    counts = np.bincount(owners, minlength=len(items)).tolist()
+    # Each owner's first LISTED_REJECTIONS are listed; the rest only counted.
+    rank = np.arange(len(bad)) - np.searchsorted(owners, owners)
+    listed = rank < validation.LISTED_REJECTIONS
+    for owner, row in zip(owners[listed].tolist(), bad[listed].tolist(), strict=True):
         reason = int(reasons[row])
         text = validation.detail(batch, row, reason)
         rejected[owner].append((int(seq[row]), reason, text))
@@ -590,6 +600,7 @@ def _resolve(
                     duplicates[i],
                     newest[i],
                     tuple(rejected.get(i, ())),
+                    counts[i],
                 )
             )
         metrics.fix_acked(now_s - item.received_ms / 1000)

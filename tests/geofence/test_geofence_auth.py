@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from tracking.v1 import geofence_pb2, geofence_pb2_grpc
 
 from tests.geofence.support import DEPOT
-from tests.test_auth import SECRET, bearer, token
+from tests.test_auth import SECRET, bearer, expires_while_idle, token
 
 
 @pytest.fixture
@@ -52,3 +54,9 @@ async def test_tenants_see_only_their_fences(stub) -> None:
         metadata=bearer(token("viewer", tenant="acme")),
     )
     assert (len(other.fences), len(mine.fences)) == (0, 1)
+
+
+async def test_watch_events_ends_when_its_token_expires(stub) -> None:
+    short = token("viewer", sub="v", exp=time.time() + 1.5)
+    call = stub.WatchEvents(geofence_pb2.WatchEventsRequest(), metadata=bearer(short))
+    assert await expires_while_idle(call) == grpc.StatusCode.UNAUTHENTICATED

@@ -48,8 +48,7 @@ async def publish_trace(
         if response is not None:
             stats.stored += response.stored
             stats.duplicates += response.duplicates
-            for rejection in response.rejections:
-                stats.rejected[track_pb2.RejectReason.Name(rejection.reason)] += 1
+            stats.count_rejections(response)
 
     # Up to ``window`` calls in flight; each answers once its fixes are durable.
     in_flight: set[asyncio.Task] = set()

@@ -133,6 +133,17 @@ class SessionStats:
             + sum(self.rejected.values())
         )
 
+    def count_rejections(
+        self, answer: track_pb2.Ack | track_pb2.PublishBatchResponse
+    ) -> None:
+        """Count an answer's rejections by reason; those beyond the server's list
+        (it lists the first 1,000) count as ``UNLISTED``."""
+        for rejection in answer.rejections:
+            self.rejected[track_pb2.RejectReason.Name(rejection.reason)] += 1
+        unlisted = answer.rejected - len(answer.rejections)
+        if unlisted > 0:
+            self.rejected["UNLISTED"] += unlisted
+
 
 class DeviceSession:
     """Streams one device's batches through ``Track`` until its feed is exhausted."""
@@ -287,8 +298,7 @@ class DeviceSession:
         self._unacked.popleft()
         self.stats.stored += ack.stored
         self.stats.duplicates += ack.duplicates
-        for rejection in ack.rejections:
-            self.stats.rejected[track_pb2.RejectReason.Name(rejection.reason)] += 1
+        self.stats.count_rejections(ack)
         self.stats.last_stored_seq = max(
             self.stats.last_stored_seq, ack.last_stored_seq
         )

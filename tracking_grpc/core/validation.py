@@ -26,6 +26,9 @@ MAX_SEQ = 2**63 - 1  # stored as a signed 64-bit integer
 NULL_ISLAND_DEG = 1e-6  # about 10 cm: what a float decoder makes of an exact 0
 MAX_PROVIDER = 6  # tracking.v1.Provider.PROVIDER_MANUAL
 ALTITUDE_RANGE_M = (-12_000.0, 100_000.0)  # deepest trench to the edge of space
+# Rejections an ack or a PublishBatch answer lists one by one; the rest are only
+# counted. 100,000 listed rejections made a 9 MB answer, over a client's 4 MB limit.
+LISTED_REJECTIONS = 1_000
 
 
 class Reason(enum.IntEnum):

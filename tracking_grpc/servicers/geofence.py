@@ -200,7 +200,8 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
     async def WatchEvents(
         self, request, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[geofence_pb2.WatchEventsResponse]:
-        """Geofence events as they happen, filtered by fence, device and type."""
+        """Geofence events as they happen, filtered by fence, device and type;
+        ends with UNAUTHENTICATED when the caller's token expires."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
         if len(request.fence_ids) + len(request.device_ids) > MAX_WATCH_IDS:
@@ -216,7 +217,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
             await self._following()
             await context.send_initial_metadata(())
             while True:
-                events = await subscription.queue.get()
+                events = await caller.before_expiry(subscription.queue.get())
                 if subscription.overflowed:
                     raise ResourceExhausted("the watcher fell behind; watch again")
                 yield geofence_pb2.WatchEventsResponse(

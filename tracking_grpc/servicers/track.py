@@ -16,7 +16,7 @@ from tracking_grpc import convert
 from tracking_grpc.app import App
 from tracking_grpc.auth import Caller, Role
 from tracking_grpc.core.fixes import FixBatch, FixRow
-from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.errors import InvalidArgument, TrackingError
 from tracking_grpc.events import TrackingEvent
 from tracking_grpc.fanout import Watcher, WatchFilter
 from tracking_grpc.ingest import DeviceAck, IngestResult, now_ms
@@ -63,6 +63,7 @@ def _ack(ack: DeviceAck, last_stored_seq: int) -> track_pb2.TrackResponse:
             last_stored_seq=last_stored_seq,
             stored=ack.stored,
             duplicates=ack.duplicates,
+            rejected=ack.rejected,
             rejections=[
                 track_pb2.Rejection(seq=seq, reason=reason, detail=detail)
                 for seq, reason, detail in ack.rejections
@@ -216,6 +217,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         return track_pb2.PublishBatchResponse(
             stored=result.stored,
             duplicates=result.duplicates,
+            rejected=result.rejected,
             rejections=[
                 track_pb2.BatchRejection(
                     device_id=device,
@@ -230,7 +232,8 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
     async def Watch(
         self, request: track_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[track_pb2.WatchResponse]:
-        """A snapshot of matching live positions, then every update, coalesced."""
+        """A snapshot of matching live positions, then every update, coalesced;
+        ends with UNAUTHENTICATED when the caller's token expires."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
         watcher = Watcher(caller.tenant, watch_filter(request))
@@ -238,13 +241,13 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         await self.app.hub.add(watcher)
         try:
             if not request.skip_snapshot:
-                for chunk in await self._snapshot(watcher):
+                for chunk in await caller.before_expiry(self._snapshot(watcher)):
                     yield track_pb2.WatchResponse(
                         snapshot=True, positions=convert.positions(chunk)
                     )
                 yield track_pb2.WatchResponse(snapshot=True, snapshot_done=True)
             while True:
-                updates = await watcher.next_updates()
+                updates = await caller.before_expiry(watcher.next_updates())
                 yield track_pb2.WatchResponse(positions=convert.positions(updates))
         finally:
             self.app.hub.remove(watcher)
@@ -404,16 +407,23 @@ class _Session:
 
     async def run(self, requests: AsyncIterator[track_pb2.TrackRequest]) -> None:
         """Reads until the client half-closes, with up to INFLIGHT_BATCHES batches
-        awaiting their acks; acks go out in batch order; then the last acks."""
+        awaiting their acks; acks go out in batch order; then the last acks. A
+        message that ends the stream with an error ends it after the acks of the
+        batches before it."""
         reader = self._reader = asyncio.current_task()
         assert reader is not None
         events = None
         if self.events is not None:
             events = asyncio.create_task(self._write_events(self.events))
         try:
-            await self._read(requests)
-            if self._acking is not None:
-                await asyncio.shield(self._acking)
+            try:
+                await self._read(requests)
+            except TrackingError:
+                # A bad message ends the stream, but the batches before it are
+                # stored (or will be): their acks go out before the error.
+                await self._acks_written()
+                raise
+            await self._acks_written()
             self._raise_failure()
         except asyncio.CancelledError:
             # The ack writer cancels the reader when an ack cannot be given.
@@ -427,6 +437,11 @@ class _Session:
             for pending in self._unacked:
                 # Submitted fixes are still stored; only their ack is lost.
                 pending.add_done_callback(_consume)
+
+    async def _acks_written(self) -> None:
+        """Wait until every submitted batch is acked (or acking has failed)."""
+        if self._acking is not None:
+            await asyncio.shield(self._acking)
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

@@ -9,6 +9,9 @@ in one cluster slot, and what grows with the fleet spreads over many slots:
     <prefix>geot:{<tenant>:c<cell>}        hash device -> time_ms of its last move
     <prefix>cells:{<tenant>}               set of the cells the tenant has used
 
+``<tenant>`` is the tenant with ``%``, ``{`` and ``}`` percent-encoded (:func:`tag`):
+no brace ends the hash tag early, and no two tenants share a key.
+
 A device's bucket is a stable hash of its id; a cell is a ``CELL_DEG`` square of
 latitude and longitude, so a cluster node holds some regions, not the whole world.
 
@@ -32,9 +35,17 @@ GEO_MAX_LAT = 85.05112878  # Redis GEO cannot index beyond this latitude
 MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
+TAG_ESCAPES = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D"})
+
+
 def tag(tenant: str) -> str:
-    """The tenant as it may appear inside a hash tag (no braces)."""
-    return tenant.replace("{", "(").replace("}", ")")
+    """The tenant as it may appear inside a hash tag: no braces, and one tenant
+    per tag (percent-encoding can be undone, so tenants never share keys).
+
+    >>> tag("acme"), tag("{acme}"), tag("(acme)"), tag("a%7Bb")
+    ('acme', '%7Bacme%7D', '(acme)', 'a%257Bb')
+    """
+    return tenant.translate(TAG_ESCAPES)
 
 
 def live_key(prefix: str, tenant: str, bucket: int) -> str:

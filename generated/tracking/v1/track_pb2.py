@@ -26,15 +26,15 @@ from tracking.v1 import common_pb2 as tracking_dot_v1_dot_common__pb2
 from tracking.v1 import event_pb2 as tracking_dot_v1_dot_event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tracking/v1/track.proto\x12\x0btracking.v1\x1a\x18tracking/v1/common.proto\x1a\x17tracking/v1/event.proto\"f\n\x0cTrackRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.tracking.v1.HelloH\x00\x12&\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x15.tracking.v1.FixBatchH\x00\x42\t\n\x07message\"a\n\x05Hello\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1c\n\x0fresume_from_seq\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0bwant_events\x18\x03 \x01(\x08\x42\x12\n\x10_resume_from_seq\"+\n\x08\x46ixBatch\x12\x1f\n\x05\x66ixes\x18\x01 \x03(\x0b\x32\x10.tracking.v1.Fix\"\x90\x01\n\rTrackResponse\x12.\n\x07started\x18\x01 \x01(\x0b\x32\x1b.tracking.v1.SessionStartedH\x00\x12\x1f\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.tracking.v1.AckH\x00\x12#\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x12.tracking.v1.EventH\x00\x42\t\n\x07message\"T\n\x0eSessionStarted\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0flast_stored_seq\x18\x02 \x01(\x04\x12\x16\n\x0eserver_time_ms\x18\x03 \x01(\x03\"S\n\tRejection\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.tracking.v1.RejectReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x81\x01\n\x03\x41\x63k\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x17\n\x0flast_stored_seq\x18\x02 \x01(\x04\x12\x0e\n\x06stored\x18\x03 \x01(\r\x12\x12\n\nduplicates\x18\x04 \x01(\r\x12*\n\nrejections\x18\x05 \x03(\x0b\x32\x16.tracking.v1.Rejection\"\xff\x01\n\rColumnarFixes\x12\x12\n\ndevice_ids\x18\x01 \x03(\t\x12\x14\n\x0c\x64\x65vice_index\x18\x02 \x03(\r\x12\x0b\n\x03seq\x18\x03 \x03(\x04\x12\x0f\n\x07time_ms\x18\x04 \x03(\x03\x12\x0b\n\x03lat\x18\x05 \x03(\x01\x12\x0b\n\x03lon\x18\x06 \x03(\x01\x12\x12\n\naccuracy_m\x18\x07 \x03(\x02\x12\x12\n\naltitude_m\x18\x08 \x03(\x02\x12\x11\n\tspeed_mps\x18\t \x03(\x02\x12\x13\n\x0bheading_deg\x18\n \x03(\x02\x12\x13\n\x0b\x62\x61ttery_pct\x18\x0b \x03(\x02\x12\'\n\x08provider\x18\x0c \x03(\x0e\x32\x15.tracking.v1.Provider\"A\n\x0b\x44\x65viceFixes\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1f\n\x05\x66ixes\x18\x02 \x03(\x0b\x32\x10.tracking.v1.Fix\"m\n\x13PublishBatchRequest\x12)\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x18.tracking.v1.DeviceFixes\x12+\n\x07\x63olumns\x18\x02 \x01(\x0b\x32\x1a.tracking.v1.ColumnarFixes\"k\n\x0e\x42\x61tchRejection\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12)\n\x06reason\x18\x03 \x01(\x0e\x32\x19.tracking.v1.RejectReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"k\n\x14PublishBatchResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12/\n\nrejections\x18\x03 \x03(\x0b\x32\x1b.tracking.v1.BatchRejection\"Z\n\x0cWatchRequest\x12\x12\n\ndevice_ids\x18\x01 \x03(\t\x12\x1f\n\x04\x61rea\x18\x02 \x01(\x0b\x32\x11.tracking.v1.Area\x12\x15\n\rskip_snapshot\x18\x03 \x01(\x08\"b\n\rWatchResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12(\n\tpositions\x18\x02 \x03(\x0b\x32\x15.tracking.v1.Position\x12\x15\n\rsnapshot_done\x18\x03 \x01(\x08\"-\n\x17GetLastPositionsRequest\x12\x12\n\ndevice_ids\x18\x01 \x03(\t\"`\n\x18GetLastPositionsResponse\x12(\n\tpositions\x18\x01 \x03(\x0b\x32\x15.tracking.v1.Position\x12\x1a\n\x12missing_device_ids\x18\x02 \x03(\t\"U\n\rNearbyRequest\x12#\n\x06\x63\x65nter\x18\x01 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12\x10\n\x08radius_m\x18\x02 \x01(\x01\x12\r\n\x05limit\x18\x03 \x01(\r\"K\n\x0cNearbyDevice\x12\'\n\x08position\x18\x01 \x01(\x0b\x32\x15.tracking.v1.Position\x12\x12\n\ndistance_m\x18\x02 \x01(\x01\"<\n\x0eNearbyResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.tracking.v1.NearbyDevice*\xe4\x02\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\'\n#REJECT_REASON_LATITUDE_OUT_OF_RANGE\x10\x01\x12(\n$REJECT_REASON_LONGITUDE_OUT_OF_RANGE\x10\x02\x12\x1c\n\x18REJECT_REASON_NOT_FINITE\x10\x03\x12\x1d\n\x19REJECT_REASON_NULL_ISLAND\x10\x04\x12\x1d\n\x19REJECT_REASON_FUTURE_TIME\x10\x05\x12\x1e\n\x1aREJECT_REASON_ANCIENT_TIME\x10\x06\x12\"\n\x1eREJECT_REASON_INVALID_ACCURACY\x10\x07\x12\x1d\n\x19REJECT_REASON_INVALID_SEQ\x10\x08\x12#\n\x1fREJECT_REASON_INVALID_ATTRIBUTE\x10\t2\x8d\x03\n\x0cTrackSession\x12\x42\n\x05Track\x12\x19.tracking.v1.TrackRequest\x1a\x1a.tracking.v1.TrackResponse(\x01\x30\x01\x12S\n\x0cPublishBatch\x12 .tracking.v1.PublishBatchRequest\x1a!.tracking.v1.PublishBatchResponse\x12@\n\x05Watch\x12\x19.tracking.v1.WatchRequest\x1a\x1a.tracking.v1.WatchResponse0\x01\x12_\n\x10GetLastPositions\x12$.tracking.v1.GetLastPositionsRequest\x1a%.tracking.v1.GetLastPositionsResponse\x12\x41\n\x06Nearby\x12\x1a.tracking.v1.NearbyRequest\x1a\x1b.tracking.v1.NearbyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tracking/v1/track.proto\x12\x0btracking.v1\x1a\x18tracking/v1/common.proto\x1a\x17tracking/v1/event.proto\"f\n\x0cTrackRequest\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.tracking.v1.HelloH\x00\x12&\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x15.tracking.v1.FixBatchH\x00\x42\t\n\x07message\"a\n\x05Hello\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1c\n\x0fresume_from_seq\x18\x02 \x01(\x04H\x00\x88\x01\x01\x12\x13\n\x0bwant_events\x18\x03 \x01(\x08\x42\x12\n\x10_resume_from_seq\"+\n\x08\x46ixBatch\x12\x1f\n\x05\x66ixes\x18\x01 \x03(\x0b\x32\x10.tracking.v1.Fix\"\x90\x01\n\rTrackResponse\x12.\n\x07started\x18\x01 \x01(\x0b\x32\x1b.tracking.v1.SessionStartedH\x00\x12\x1f\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.tracking.v1.AckH\x00\x12#\n\x05\x65vent\x18\x03 \x01(\x0b\x32\x12.tracking.v1.EventH\x00\x42\t\n\x07message\"T\n\x0eSessionStarted\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0flast_stored_seq\x18\x02 \x01(\x04\x12\x16\n\x0eserver_time_ms\x18\x03 \x01(\x03\"S\n\tRejection\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.tracking.v1.RejectReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x93\x01\n\x03\x41\x63k\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x17\n\x0flast_stored_seq\x18\x02 \x01(\x04\x12\x0e\n\x06stored\x18\x03 \x01(\r\x12\x12\n\nduplicates\x18\x04 \x01(\r\x12*\n\nrejections\x18\x05 \x03(\x0b\x32\x16.tracking.v1.Rejection\x12\x10\n\x08rejected\x18\x06 \x01(\r\"\xff\x01\n\rColumnarFixes\x12\x12\n\ndevice_ids\x18\x01 \x03(\t\x12\x14\n\x0c\x64\x65vice_index\x18\x02 \x03(\r\x12\x0b\n\x03seq\x18\x03 \x03(\x04\x12\x0f\n\x07time_ms\x18\x04 \x03(\x03\x12\x0b\n\x03lat\x18\x05 \x03(\x01\x12\x0b\n\x03lon\x18\x06 \x03(\x01\x12\x12\n\naccuracy_m\x18\x07 \x03(\x02\x12\x12\n\naltitude_m\x18\x08 \x03(\x02\x12\x11\n\tspeed_mps\x18\t \x03(\x02\x12\x13\n\x0bheading_deg\x18\n \x03(\x02\x12\x13\n\x0b\x62\x61ttery_pct\x18\x0b \x03(\x02\x12\'\n\x08provider\x18\x0c \x03(\x0e\x32\x15.tracking.v1.Provider\"A\n\x0b\x44\x65viceFixes\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x1f\n\x05\x66ixes\x18\x02 \x03(\x0b\x32\x10.tracking.v1.Fix\"m\n\x13PublishBatchRequest\x12)\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x18.tracking.v1.DeviceFixes\x12+\n\x07\x63olumns\x18\x02 \x01(\x0b\x32\x1a.tracking.v1.ColumnarFixes\"k\n\x0e\x42\x61tchRejection\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12)\n\x06reason\x18\x03 \x01(\x0e\x32\x19.tracking.v1.RejectReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"}\n\x14PublishBatchResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\x12/\n\nrejections\x18\x03 \x03(\x0b\x32\x1b.tracking.v1.BatchRejection\x12\x10\n\x08rejected\x18\x04 \x01(\r\"Z\n\x0cWatchRequest\x12\x12\n\ndevice_ids\x18\x01 \x03(\t\x12\x1f\n\x04\x61rea\x18\x02 \x01(\x0b\x32\x11.tracking.v1.Area\x12\x15\n\rskip_snapshot\x18\x03 \x01(\x08\"b\n\rWatchResponse\x12\x10\n\x08snapshot\x18\x01 \x01(\x08\x12(\n\tpositions\x18\x02 \x03(\x0b\x32\x15.tracking.v1.Position\x12\x15\n\rsnapshot_done\x18\x03 \x01(\x08\"-\n\x17GetLastPositionsRequest\x12\x12\n\ndevice_ids\x18\x01 \x03(\t\"`\n\x18GetLastPositionsResponse\x12(\n\tpositions\x18\x01 \x03(\x0b\x32\x15.tracking.v1.Position\x12\x1a\n\x12missing_device_ids\x18\x02 \x03(\t\"U\n\rNearbyRequest\x12#\n\x06\x63\x65nter\x18\x01 \x01(\x0b\x32\x13.tracking.v1.LatLng\x12\x10\n\x08radius_m\x18\x02 \x01(\x01\x12\r\n\x05limit\x18\x03 \x01(\r\"K\n\x0cNearbyDevice\x12\'\n\x08position\x18\x01 \x01(\x0b\x32\x15.tracking.v1.Position\x12\x12\n\ndistance_m\x18\x02 \x01(\x01\"<\n\x0eNearbyResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.tracking.v1.NearbyDevice*\xe4\x02\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12\'\n#REJECT_REASON_LATITUDE_OUT_OF_RANGE\x10\x01\x12(\n$REJECT_REASON_LONGITUDE_OUT_OF_RANGE\x10\x02\x12\x1c\n\x18REJECT_REASON_NOT_FINITE\x10\x03\x12\x1d\n\x19REJECT_REASON_NULL_ISLAND\x10\x04\x12\x1d\n\x19REJECT_REASON_FUTURE_TIME\x10\x05\x12\x1e\n\x1aREJECT_REASON_ANCIENT_TIME\x10\x06\x12\"\n\x1eREJECT_REASON_INVALID_ACCURACY\x10\x07\x12\x1d\n\x19REJECT_REASON_INVALID_SEQ\x10\x08\x12#\n\x1fREJECT_REASON_INVALID_ATTRIBUTE\x10\t2\x8d\x03\n\x0cTrackSession\x12\x42\n\x05Track\x12\x19.tracking.v1.TrackRequest\x1a\x1a.tracking.v1.TrackResponse(\x01\x30\x01\x12S\n\x0cPublishBatch\x12 .tracking.v1.PublishBatchRequest\x1a!.tracking.v1.PublishBatchResponse\x12@\n\x05Watch\x12\x19.tracking.v1.WatchRequest\x1a\x1a.tracking.v1.WatchResponse0\x01\x12_\n\x10GetLastPositions\x12$.tracking.v1.GetLastPositionsRequest\x1a%.tracking.v1.GetLastPositionsResponse\x12\x41\n\x06Nearby\x12\x1a.tracking.v1.NearbyRequest\x1a\x1b.tracking.v1.NearbyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tracking.v1.track_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REJECTREASON']._serialized_start=2007
-  _globals['_REJECTREASON']._serialized_end=2363
+  _globals['_REJECTREASON']._serialized_start=2043
+  _globals['_REJECTREASON']._serialized_end=2399
   _globals['_TRACKREQUEST']._serialized_start=91
   _globals['_TRACKREQUEST']._serialized_end=193
   _globals['_HELLO']._serialized_start=195
@@ -48,31 +48,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REJECTION']._serialized_start=572
   _globals['_REJECTION']._serialized_end=655
   _globals['_ACK']._serialized_start=658
-  _globals['_ACK']._serialized_end=787
-  _globals['_COLUMNARFIXES']._serialized_start=790
-  _globals['_COLUMNARFIXES']._serialized_end=1045
-  _globals['_DEVICEFIXES']._serialized_start=1047
-  _globals['_DEVICEFIXES']._serialized_end=1112
-  _globals['_PUBLISHBATCHREQUEST']._serialized_start=1114
-  _globals['_PUBLISHBATCHREQUEST']._serialized_end=1223
-  _globals['_BATCHREJECTION']._serialized_start=1225
-  _globals['_BATCHREJECTION']._serialized_end=1332
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=1334
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=1441
-  _globals['_WATCHREQUEST']._serialized_start=1443
-  _globals['_WATCHREQUEST']._serialized_end=1533
-  _globals['_WATCHRESPONSE']._serialized_start=1535
-  _globals['_WATCHRESPONSE']._serialized_end=1633
-  _globals['_GETLASTPOSITIONSREQUEST']._serialized_start=1635
-  _globals['_GETLASTPOSITIONSREQUEST']._serialized_end=1680
-  _globals['_GETLASTPOSITIONSRESPONSE']._serialized_start=1682
-  _globals['_GETLASTPOSITIONSRESPONSE']._serialized_end=1778
-  _globals['_NEARBYREQUEST']._serialized_start=1780
-  _globals['_NEARBYREQUEST']._serialized_end=1865
-  _globals['_NEARBYDEVICE']._serialized_start=1867
-  _globals['_NEARBYDEVICE']._serialized_end=1942
-  _globals['_NEARBYRESPONSE']._serialized_start=1944
-  _globals['_NEARBYRESPONSE']._serialized_end=2004
-  _globals['_TRACKSESSION']._serialized_start=2366
-  _globals['_TRACKSESSION']._serialized_end=2763
+  _globals['_ACK']._serialized_end=805
+  _globals['_COLUMNARFIXES']._serialized_start=808
+  _globals['_COLUMNARFIXES']._serialized_end=1063
+  _globals['_DEVICEFIXES']._serialized_start=1065
+  _globals['_DEVICEFIXES']._serialized_end=1130
+  _globals['_PUBLISHBATCHREQUEST']._serialized_start=1132
+  _globals['_PUBLISHBATCHREQUEST']._serialized_end=1241
+  _globals['_BATCHREJECTION']._serialized_start=1243
+  _globals['_BATCHREJECTION']._serialized_end=1350
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=1352
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=1477
+  _globals['_WATCHREQUEST']._serialized_start=1479
+  _globals['_WATCHREQUEST']._serialized_end=1569
+  _globals['_WATCHRESPONSE']._serialized_start=1571
+  _globals['_WATCHRESPONSE']._serialized_end=1669
+  _globals['_GETLASTPOSITIONSREQUEST']._serialized_start=1671
+  _globals['_GETLASTPOSITIONSREQUEST']._serialized_end=1716
+  _globals['_GETLASTPOSITIONSRESPONSE']._serialized_start=1718
+  _globals['_GETLASTPOSITIONSRESPONSE']._serialized_end=1814
+  _globals['_NEARBYREQUEST']._serialized_start=1816
+  _globals['_NEARBYREQUEST']._serialized_end=1901
+  _globals['_NEARBYDEVICE']._serialized_start=1903
+  _globals['_NEARBYDEVICE']._serialized_end=1978
+  _globals['_NEARBYRESPONSE']._serialized_start=1980
+  _globals['_NEARBYRESPONSE']._serialized_end=2040
+  _globals['_TRACKSESSION']._serialized_start=2402
+  _globals['_TRACKSESSION']._serialized_end=2799
 # @@protoc_insertion_point(module_scope)

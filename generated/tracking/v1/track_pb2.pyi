@@ -218,7 +218,8 @@ Global___Rejection: _TypeAlias = Rejection  # noqa: Y015
 @_typing.final
 class Ack(_message.Message):
     """Acknowledges one batch. Every fix of the batch is either durably stored (new or a
-    duplicate of a stored fix) or listed in rejections.
+    duplicate of a stored fix) or rejected: stored + duplicates + rejected is the
+    batch's size.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -228,14 +229,22 @@ class Ack(_message.Message):
     STORED_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
     acked_seq: _builtins.int
     """Highest sequence number of the batch that is durably stored."""
     last_stored_seq: _builtins.int
     """Highest sequence number durably stored for the device over all time."""
     stored: _builtins.int
     duplicates: _builtins.int
+    rejected: _builtins.int
+    """How many fixes of the batch were rejected, listed or not."""
     @_builtins.property
-    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rejection]: ...
+    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rejection]:
+        """The first 1,000 rejected fixes of the batch, in batch order; rejected counts
+        them all. The cap keeps an ack of a mostly rejected batch within a client's
+        default 4 MB message limit.
+        """
+
     def __init__(
         self,
         *,
@@ -244,10 +253,11 @@ class Ack(_message.Message):
         stored: _builtins.int = ...,
         duplicates: _builtins.int = ...,
         rejections: _abc.Iterable[Global___Rejection] | None = ...,
+        rejected: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "duplicates", b"duplicates", "last_stored_seq", b"last_stored_seq", "rejections", b"rejections", "stored", b"stored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "duplicates", b"duplicates", "last_stored_seq", b"last_stored_seq", "rejected", b"rejected", "rejections", b"rejections", "stored", b"stored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -403,25 +413,38 @@ Global___BatchRejection: _TypeAlias = BatchRejection  # noqa: Y015
 
 @_typing.final
 class PublishBatchResponse(_message.Message):
+    """Every fix of the request is stored (new or a duplicate of a stored fix) or
+    rejected: stored + duplicates + rejected is the request's size.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STORED_FIELD_NUMBER: _builtins.int
     DUPLICATES_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
     stored: _builtins.int
     duplicates: _builtins.int
+    rejected: _builtins.int
+    """How many fixes of the request were rejected, listed or not."""
     @_builtins.property
-    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchRejection]: ...
+    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchRejection]:
+        """The first 1,000 rejected fixes, in request order; rejected counts them all.
+        The cap keeps the answer to a mostly rejected batch (up to max_batch_fixes,
+        100,000 by default) within a client's default 4 MB message limit.
+        """
+
     def __init__(
         self,
         *,
         stored: _builtins.int = ...,
         duplicates: _builtins.int = ...,
         rejections: _abc.Iterable[Global___BatchRejection] | None = ...,
+        rejected: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicates", b"duplicates", "rejections", b"rejections", "stored", b"stored"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicates", b"duplicates", "rejected", b"rejected", "rejections", b"rejections", "stored", b"stored"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
