@@ -46,7 +46,13 @@ from tracking_grpc.loadgen.node import (  # noqa: E402
     NodeDriverError,
     check_installed,
 )
-from tracking_grpc.loadgen.plan import DriverResult, Plan, Storm, Window  # noqa: E402
+from tracking_grpc.loadgen.plan import (  # noqa: E402
+    DriverResult,
+    Plan,
+    Storm,
+    WatcherReport,
+    Window,
+)
 
 RESULTS = ROOT / "bench" / "results"
 MAX_RUN_S = 180.0  # every run is bounded: ramp + settle + steady at most 3 min
@@ -538,7 +544,51 @@ def report(
             if recovered.size
             else None,
         }
+    watchers = [w for r in results for w in r.watchers]
+    if watchers:
+        out["watchers"] = watch_availability(watchers)
     return out
+
+
+def watch_availability(watchers: list[WatcherReport]) -> dict:
+    """Reconnects and the longest gaps without live updates, of every watcher
+    (lists: one entry per watcher)."""
+    reconnected = [s for w in watchers for s in w.reconnected_s]
+    return {
+        "count": len(watchers),
+        "reconnects": sum(w.reconnects for w in watchers),
+        "longest_reconnect_s": round(max(reconnected), 3) if reconnected else None,
+        "longest_gap_s": round(max(w.longest_gap_s for w in watchers), 3),
+        "longest_device_gap_s": round(max(w.longest_device_gap_s for w in watchers), 3),
+        "reconnects_each": [w.reconnects for w in watchers],
+        "longest_gap_s_each": [round(w.longest_gap_s, 3) for w in watchers],
+        "longest_device_gap_s_each": [
+            round(w.longest_device_gap_s, 3) for w in watchers
+        ],
+        "devices_watched_each": [w.devices_watched for w in watchers],
+        "devices_updated_each": [w.devices_updated for w in watchers],
+        "devices_updated_on_last_stream_each": [
+            w.devices_updated_on_last_stream for w in watchers
+        ],
+    }
+
+
+def describe_watchers(watchers: dict) -> str:
+    """One line of watch availability for the terminal."""
+    back = watchers["longest_reconnect_s"]
+    watched = [
+        "tenant" if n is None else str(n) for n in watchers["devices_watched_each"]
+    ]
+    return (
+        f"Watchers: {watchers['count']}, {watchers['reconnects']} "
+        f"reconnects {watchers['reconnects_each']}"
+        + (f" (slowest back in {back:.2f} s)" if back is not None else "")
+        + f"; longest gap without updates {watchers['longest_gap_s']:.2f} s "
+        f"{watchers['longest_gap_s_each']}, for one device "
+        f"{watchers['longest_device_gap_s']:.2f} s; devices updated in the window "
+        f"{watchers['devices_updated_each']} and on the last stream "
+        f"{watchers['devices_updated_on_last_stream_each']} of {watched}"
+    )
 
 
 def print_report(out: dict) -> None:
@@ -579,6 +629,8 @@ def print_report(out: dict) -> None:
         print(f"Observer (a server with no clients): {json.dumps(out['observer'])}")
     if out.get("idle"):
         print(f"Idle before the run: {json.dumps(out['idle'])}")
+    if out.get("watchers"):
+        print(describe_watchers(out["watchers"]))
     for key in ("storm", "verify"):
         if key in out:
             print(f"{key}: {json.dumps(out[key])}")

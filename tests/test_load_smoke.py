@@ -2,9 +2,9 @@
 
 Runs ``bench/load.py`` as a program (it starts its own server on loopback and its
 own driver processes) and checks counts, not times: every fix generated is acked,
-seen by the watcher and stored exactly once, also across a reconnect storm, with the
-device streams in Python driver processes and in Node.js ones (``--device-driver
-node``).
+seen by the watcher and stored exactly once, also across a reconnect storm (which
+cuts the watcher's stream too), with the device streams in Python driver processes
+and in Node.js ones (``--device-driver node``).
 """
 
 from __future__ import annotations
@@ -60,7 +60,23 @@ def assert_every_fix_settled_once(result: dict) -> None:
     "extra", [pytest.param([], id="steady"), pytest.param(STORM, id="storm")]
 )
 def test_every_fix_is_acked_watched_and_stored_once(tmp_path: Path, extra) -> None:
-    assert_every_fix_settled_once(run_load(tmp_path, *extra))
+    result = run_load(tmp_path, *extra)
+    assert_every_fix_settled_once(result)
+    cut = 1 if extra == STORM else 0  # the storm cuts the watcher's stream too
+    assert result["counts"].get("watch_streams_dropped", 0) == cut
+    assert_watcher_hears_every_device(result, reconnects=cut)
+
+
+def assert_watcher_hears_every_device(result: dict, reconnects: int) -> None:
+    """The one watcher (of the whole tenant) reconnected ``reconnects`` times and
+    had live updates of all 200 devices in the window and on its last stream."""
+    watchers = result["watchers"]
+    assert result["counts"].get("watch_reconnects", 0) == reconnects
+    assert watchers["reconnects_each"] == [reconnects]
+    assert watchers["devices_updated_each"] == [200]
+    assert watchers["devices_updated_on_last_stream_each"] == [200]
+    if reconnects:  # a new stream starts with a snapshot of every device
+        assert result["counts"]["watch_snapshot_positions"] == 200 * reconnects
 
 
 @pytest.mark.slow
