@@ -37,16 +37,36 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "generated")]
 
-from load_backends import STORED_PER_DEVICE, BackendMeter, Production  # noqa: E402
+from load_backends import (  # noqa: E402
+    STORED_PER_DEVICE,
+    BackendMeter,
+    PrivateRedisCluster,
+    Production,
+)
+from load_faults import Target as FaultTarget  # noqa: E402
+from load_faults import plan_faults  # noqa: E402
 from tracking.v1 import geofence_pb2, geofence_pb2_grpc  # noqa: E402
 
-from tracking_grpc.loadgen import driver, fences, procstat, stalls, stats  # noqa: E402
+from tracking_grpc.loadgen import (  # noqa: E402
+    driver,
+    fences,
+    procstat,
+    sockets,
+    stalls,
+    stats,
+)
 from tracking_grpc.loadgen.node import (  # noqa: E402
     NodeDriver,
     NodeDriverError,
     check_installed,
 )
-from tracking_grpc.loadgen.plan import DriverResult, Plan, Storm, Window  # noqa: E402
+from tracking_grpc.loadgen.plan import (  # noqa: E402
+    DriverResult,
+    Plan,
+    Storm,
+    WatcherReport,
+    Window,
+)
 
 RESULTS = ROOT / "bench" / "results"
 MAX_RUN_S = 180.0  # every run is bounded: ramp + settle + steady at most 3 min
@@ -237,28 +257,6 @@ def measure_idle(
     }
 
 
-def connections_by_process(pids: list[int], port: int) -> list[int]:
-    """Established client connections to ``port`` held by each process (workers
-    sharing a port with SO_REUSEPORT get them from the kernel, not evenly)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                local_port = int(fields[1].rsplit(":", 1)[1], 16)
-                if local_port == port and fields[3] == "01":  # ESTABLISHED
-                    inodes.add(f"socket:[{fields[9]}]")
-    counts = []
-    for pid in pids:
-        held = 0
-        with contextlib.suppress(OSError):
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                with contextlib.suppress(OSError):
-                    held += os.readlink(fd) in inodes
-        counts.append(held)
-    return counts
-
-
 def assign_drivers(
     plans: list[Plan], device_driver: str
 ) -> tuple[list[Plan], list[Plan]]:
@@ -297,10 +295,16 @@ def run_drivers(
     ]
     for process in processes:
         process.start()
+    faults = plan_faults(
+        args,
+        FaultTarget(server_pid, port_of(plans[0].target), cluster_of(production)),
+        watcher_pid(python_plans, processes),
+    )
     nodes: list[NodeDriver] = []
     try:
         nodes += [NodeDriver(plan) for plan in node_plans]
-        return _sample_and_collect(
+        faults.start(plans[0].window.steady_start_s)
+        results, samples = _sample_and_collect(
             plans,
             processes,
             nodes,
@@ -314,6 +318,27 @@ def run_drivers(
     finally:
         for node in nodes:
             node.kill()
+    if faults:
+        samples["faults"] = faults.join()
+    return results, samples
+
+
+def port_of(target: str) -> int:
+    return int(target.rsplit(":", 1)[1])
+
+
+def cluster_of(production: Production | None) -> PrivateRedisCluster | None:
+    return production.cluster if production is not None else None
+
+
+def watcher_pid(
+    plans: list[Plan], processes: Sequence[multiprocessing.process.BaseProcess]
+) -> int | None:
+    """The driver process that runs the watchers, if any."""
+    for plan, process in zip(plans, processes, strict=True):
+        if plan.watchers:
+            return started_pid(process)
+    return None
 
 
 def started_pid(process: multiprocessing.process.BaseProcess) -> int:
@@ -342,11 +367,11 @@ def _sample_and_collect(
     samples: dict = {"rss_baseline_bytes": base.rss_bytes}
     time.sleep(max(0.0, window.steady_start_s - time.time()))
     steady = procstat.usage(server_pid)
-    members = [server_pid, *procstat.children(server_pid)]
-    member_cpu = [sum(procstat.cpu_by_pid([m]).values()) for m in members]
-    port = int(plans[0].target.rsplit(":", 1)[1])
+    members = procstat.MemberCpu(server_pid)
+    port = port_of(plans[0].target)
     observed = procstat.usage(observer_pid) if observer_pid else None
-    samples["server_process_connections"] = connections_by_process(members, port)
+    samples["server_process_pids"] = members.members
+    samples["server_process_connections"] = sockets.held_by_each(members.members, port)
     drivers_cpu = [procstat.usage(pid).cpu_s for pid in driver_pids]
     busy = machine_busy_s()
     meter = BackendMeter(production)
@@ -359,6 +384,7 @@ def _sample_and_collect(
     while time.time() < window.end_s:
         time.sleep(min(1.0, max(0.0, window.end_s - time.time())))
         rss_max = max(rss_max, procstat.usage(server_pid).rss_bytes)
+        members.sample()
     end = procstat.usage(server_pid)
     if metrics_url and runtime is not None:
         samples["stalls"] = stalls.between(runtime, stalls.snapshot(metrics_url))
@@ -373,12 +399,11 @@ def _sample_and_collect(
     samples["machine_busy_s"] = machine_busy_s() - busy
     samples["backend_cpu_s"], samples["redis_shard_cpu_s"] = meter.elapsed()
     samples["backend_exact"] = meter.exact
-    samples["server_cpu_s"] = end.cpu_s - steady.cpu_s
+    # A worker killed in the window counts up to its last sample (once a second).
+    samples["server_processes_gone"] = members.gone()
+    samples["server_cpu_s"] = end.cpu_s - steady.cpu_s + members.gone_cpu_s()
     # Each process of the server (supervisor first, then workers): the split of work.
-    samples["server_process_cpu_s"] = [
-        sum(procstat.cpu_by_pid([m]).values()) - c
-        for m, c in zip(members, member_cpu, strict=True)
-    ]
+    samples["server_process_cpu_s"] = members.elapsed()
     samples["server_processes"] = end.processes
     samples["rss_steady_max_bytes"] = rss_max
     samples["rss_steady_end_bytes"] = end.rss_bytes
@@ -472,6 +497,8 @@ def report(
                 round(v / steady_s, 3) for v in samples["server_process_cpu_s"]
             ],
             "process_connections": samples["server_process_connections"],
+            "process_pids": samples["server_process_pids"],
+            "processes_gone": samples["server_processes_gone"],
             "rss_baseline_mb": round(samples["rss_baseline_bytes"] / 2**20, 1),
             "rss_steady_mb": round(samples["rss_steady_max_bytes"] / 2**20, 1),
             "rss_kb_per_stream": round(rss_growth / streams / 1024, 1)
@@ -538,7 +565,53 @@ def report(
             if recovered.size
             else None,
         }
+    watchers = [w for r in results for w in r.watchers]
+    if watchers:
+        out["watchers"] = watch_availability(watchers)
+    if "faults" in samples:
+        out["faults"] = samples["faults"]
     return out
+
+
+def watch_availability(watchers: list[WatcherReport]) -> dict:
+    """Reconnects and the longest gaps without live updates, of every watcher
+    (lists: one entry per watcher)."""
+    reconnected = [s for w in watchers for s in w.reconnected_s]
+    return {
+        "count": len(watchers),
+        "reconnects": sum(w.reconnects for w in watchers),
+        "longest_reconnect_s": round(max(reconnected), 3) if reconnected else None,
+        "longest_gap_s": round(max(w.longest_gap_s for w in watchers), 3),
+        "longest_device_gap_s": round(max(w.longest_device_gap_s for w in watchers), 3),
+        "reconnects_each": [w.reconnects for w in watchers],
+        "longest_gap_s_each": [round(w.longest_gap_s, 3) for w in watchers],
+        "longest_device_gap_s_each": [
+            round(w.longest_device_gap_s, 3) for w in watchers
+        ],
+        "devices_watched_each": [w.devices_watched for w in watchers],
+        "devices_updated_each": [w.devices_updated for w in watchers],
+        "devices_updated_on_last_stream_each": [
+            w.devices_updated_on_last_stream for w in watchers
+        ],
+    }
+
+
+def describe_watchers(watchers: dict) -> str:
+    """One line of watch availability for the terminal."""
+    back = watchers["longest_reconnect_s"]
+    watched = [
+        "tenant" if n is None else str(n) for n in watchers["devices_watched_each"]
+    ]
+    return (
+        f"Watchers: {watchers['count']}, {watchers['reconnects']} "
+        f"reconnects {watchers['reconnects_each']}"
+        + (f" (slowest back in {back:.2f} s)" if back is not None else "")
+        + f"; longest gap without updates {watchers['longest_gap_s']:.2f} s "
+        f"{watchers['longest_gap_s_each']}, for one device "
+        f"{watchers['longest_device_gap_s']:.2f} s; devices updated in the window "
+        f"{watchers['devices_updated_each']} and on the last stream "
+        f"{watchers['devices_updated_on_last_stream_each']} of {watched}"
+    )
 
 
 def print_report(out: dict) -> None:
@@ -579,7 +652,9 @@ def print_report(out: dict) -> None:
         print(f"Observer (a server with no clients): {json.dumps(out['observer'])}")
     if out.get("idle"):
         print(f"Idle before the run: {json.dumps(out['idle'])}")
-    for key in ("storm", "verify"):
+    if out.get("watchers"):
+        print(describe_watchers(out["watchers"]))
+    for key in ("faults", "storm", "verify"):
         if key in out:
             print(f"{key}: {json.dumps(out[key])}")
 
@@ -627,6 +702,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--storm", action="store_true", help="drop every stream, then resume")
     add("--storm-at-s", type=float, default=10.0, help="into the steady state")
     add("--storm-spread-s", type=float, default=10.0, help="reconnect jitter")
+    add(
+        "--kill-worker-at-s",
+        type=float,
+        help="SIGKILL one server worker this many seconds into the steady state "
+        "(the watchers' one, or the busiest; needs --workers 2 or more)",
+    )
+    add(
+        "--restart-redis-at-s",
+        type=float,
+        help="kill the private Redis (first shard) this many seconds into the "
+        "steady state and start it again, empty (needs --redis-shards)",
+    )
+    add("--redis-down-s", type=float, default=1.0, help="Redis down this long")
     add("--production", action="store_true", help="PostgreSQL + Redis backends")
     add("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     add("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -669,6 +757,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--redis-shards and --private-postgres need --production")
     if args.observer and (args.target or not args.production):
         parser.error("--observer needs --production and a spawned server")
+    check_faults(parser, args)
     if args.target and not args.server_pid:
         parser.error("--target needs --server-pid (CPU and memory are read from /proc)")
     if args.device_driver == "node" and args.devices:
@@ -681,6 +770,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             f"--profile needs py-spy: {Path(sys.executable).parent}/pip install py-spy"
         )
     return args
+
+
+def check_faults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Faults need what they act on: workers to spare, a Redis of the run's own."""
+    for name in ("kill_worker_at_s", "restart_redis_at_s"):
+        at_s = getattr(args, name)
+        if at_s is not None and not 0 <= at_s < args.steady_s:
+            parser.error(f"--{name.replace('_', '-')} must lie in the steady state")
+    if args.kill_worker_at_s is not None and (args.workers < 2 or args.target):
+        parser.error("--kill-worker-at-s needs a spawned server with --workers 2+")
+    if args.restart_redis_at_s is not None and not args.redis_shards:
+        parser.error("--restart-redis-at-s needs a private Redis (--redis-shards)")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -60,11 +60,15 @@ class PrivateRedisCluster:
                 create_cluster(self.nodes)  # redis-cli refuses fewer than 3 masters
             else:
                 self._assign_slots()
-            for node in self.nodes:
-                wait_for(lambda n=node: self._ok(n.port), 20.0, "redis cluster")
+            self.wait_ready()
         except BaseException:
             self.close()
             raise
+
+    def wait_ready(self) -> None:
+        """Until every node says the cluster is whole (after a start or restart)."""
+        for node in self.nodes:
+            wait_for(lambda n=node: self._ok(n.port), 20.0, "redis cluster")
 
     def _assign_slots(self) -> None:
         """What ``redis-cli --cluster create`` does, for one or two masters."""
@@ -212,7 +216,7 @@ class BackendMeter:
         self.exact = {"postgres": postgres is not None, "redis-server": bool(cluster)}
         self.start, self.start_shards = self._now()
 
-    def _now(self) -> tuple[dict[str, float], list[float]]:
+    def _now(self) -> tuple[dict[str, float], dict[int, float]]:
         cpu = {
             n: sum(
                 max(0.0, used - self.shared[n].get(pid, 0.0))
@@ -220,20 +224,21 @@ class BackendMeter:
             )
             for n in self.NAMES
         }
-        shards: list[float] = []
+        shards: dict[int, float] = {}  # pid -> CPU seconds, in shard order
         if self.production is not None:
             if self.production.postgres is not None:
                 cpu["postgres"] = procstat.usage(self.production.postgres.pid).cpu_s
             if self.production.cluster is not None:
-                shards = [
-                    sum(procstat.cpu_by_pid([p]).values())
-                    for p in self.production.cluster.pids
-                ]
-                cpu["redis-server"] = sum(shards)
+                for pid in self.production.cluster.pids:
+                    shards[pid] = sum(procstat.cpu_by_pid([pid]).values())
         return cpu, shards
 
     def elapsed(self) -> tuple[dict[str, float], list[float]]:
-        """CPU seconds per backend, and per Redis shard (private cluster only)."""
+        """CPU seconds per backend, and per Redis shard (private cluster only). A
+        shard restarted meanwhile counts from its restart."""
         cpu, shards = self._now()
         per = {n: max(0.0, cpu[n] - self.start[n]) for n in self.NAMES}
-        return per, [b - a for a, b in zip(self.start_shards, shards, strict=True)]
+        by_shard = [used - self.start_shards.get(p, 0.0) for p, used in shards.items()]
+        if shards:
+            per["redis-server"] = sum(by_shard)
+        return per, by_shard

@@ -117,6 +117,32 @@ async def test_live_state_is_rebuilt_from_history_after_redis_restart(
     await asyncio.gather(live.close(), history.close())
 
 
+async def test_the_repairer_lets_watchers_catch_up_after_a_rebuild(
+    private_redis, pg_url
+) -> None:
+    """A fix stored while Redis was down is in the live store once rebuilt; then,
+    not before, the watchers catch up (WatchHub.catch_up)."""
+    history = await PostgresHistoryStore.open(pg_url)
+    live = await RedisLiveStore.open(private_redis.url, "t:")
+    tenant = unique_tenant()
+    seen: list[list[int]] = []
+
+    async def catch_up() -> None:
+        seen.append((await live.get(tenant, ["dev"])).seq.tolist())
+
+    repairer = LiveRepairer(history, live, on_rebuilt=catch_up)
+    await history.store(fixes(tenant, 1, 1))
+    await live.update(fixes(tenant, 1, 1))
+    assert await repairer.check() and seen == []  # nothing to rebuild
+    private_redis.stop()
+    assert not await repairer.check()
+    await history.store(fixes(tenant, 2, 1))  # its live update was skipped
+    private_redis.start()
+    assert await repairer.check()
+    assert seen == [[2]]
+    await asyncio.gather(live.close(), history.close())
+
+
 async def test_broker_resubscribes_after_redis_restart(private_redis) -> None:
     publisher = await RedisBroker.open(private_redis.url, "t:")
     subscriber = await RedisBroker.open(private_redis.url, "t:")
@@ -135,6 +161,33 @@ async def test_broker_resubscribes_after_redis_restart(private_redis) -> None:
             await asyncio.sleep(0.2)
     assert received[0].seq.tolist() == [1]
     await asyncio.gather(publisher.close(), subscriber.close())
+
+
+async def test_a_resubscribed_broker_catches_up_once_its_interest_is_back(
+    private_redis,
+) -> None:
+    """Updates published while the subscription was lost are gone: once it is back
+    and the interest registered again (later updates reach it), the subscriber is
+    told to catch up from the live store."""
+    subscriber = await RedisBroker.open(private_redis.url, "t:")
+    registered: list[bool] = []
+    caught_up = asyncio.Event()
+
+    async def catch_up() -> None:
+        _, entries = await subscriber.table.read({})
+        registered.append(subscriber.process in entries)
+        caught_up.set()
+
+    wants = {"t": TenantInterest(everything=True)}
+    handler = lambda batch: _append([], batch)  # noqa: E731
+    await subscriber.subscribe(handler, lambda: wants, catch_up)
+    await subscriber.interest_changed()
+    assert registered == []  # the first subscription missed nothing
+    private_redis.stop()
+    private_redis.start()  # empty: the interest must be registered again first
+    await asyncio.wait_for(caught_up.wait(), 15)
+    assert registered == [True]
+    await subscriber.close()
 
 
 async def test_history_store_recovers_when_postgres_returns(private_postgres) -> None:

@@ -2,9 +2,11 @@
 
 Runs ``bench/load.py`` as a program (it starts its own server on loopback and its
 own driver processes) and checks counts, not times: every fix generated is acked,
-seen by the watcher and stored exactly once, also across a reconnect storm, with the
-device streams in Python driver processes and in Node.js ones (``--device-driver
-node``).
+seen by the watcher and stored exactly once, also across a reconnect storm (which
+cuts the watcher's stream too), with the device streams in Python driver processes
+and in Node.js ones (``--device-driver node``); and with ``serve --workers 2``
+when the worker serving the watcher is killed, or the run's private Redis restarted:
+the watcher comes back and hears every device again.
 """
 
 from __future__ import annotations
@@ -33,8 +35,12 @@ def run_load(tmp_path: Path, *extra: str) -> dict:
 
 
 def assert_every_fix_settled_once(result: dict) -> None:
-    counts = result["counts"]
     assert result["errors"] == {}
+    assert_settled_once(result)
+
+
+def assert_settled_once(result: dict) -> None:
+    counts = result["counts"]
     assert result["streams_open"] == 200
     # A fix whose ack was cut off may be stored after its device's hello was
     # answered; its resend is then acked as a duplicate. The rows themselves are
@@ -60,7 +66,23 @@ def assert_every_fix_settled_once(result: dict) -> None:
     "extra", [pytest.param([], id="steady"), pytest.param(STORM, id="storm")]
 )
 def test_every_fix_is_acked_watched_and_stored_once(tmp_path: Path, extra) -> None:
-    assert_every_fix_settled_once(run_load(tmp_path, *extra))
+    result = run_load(tmp_path, *extra)
+    assert_every_fix_settled_once(result)
+    cut = 1 if extra == STORM else 0  # the storm cuts the watcher's stream too
+    assert result["counts"].get("watch_streams_dropped", 0) == cut
+    assert_watcher_hears_every_device(result, reconnects=cut)
+
+
+def assert_watcher_hears_every_device(result: dict, reconnects: int) -> None:
+    """The one watcher (of the whole tenant) reconnected ``reconnects`` times and
+    had live updates of all 200 devices in the window and on its last stream."""
+    watchers = result["watchers"]
+    assert result["counts"].get("watch_reconnects", 0) == reconnects
+    assert watchers["reconnects_each"] == [reconnects]
+    assert watchers["devices_updated_each"] == [200]
+    assert watchers["devices_updated_on_last_stream_each"] == [200]
+    if reconnects:  # a new stream starts with a snapshot of every device
+        assert result["counts"]["watch_snapshot_positions"] == 200 * reconnects
 
 
 @pytest.mark.slow
@@ -154,3 +176,57 @@ def test_a_private_redis_cluster_serves_the_run(tmp_path: Path) -> None:
     assert result["verify"]["fixes_lost"] == 0
     assert result["verify"]["devices_with_gaps_or_extra"] == 0
     assert result["watch"]["count"] > 0
+
+
+def production_backends() -> list[str]:
+    from tests.backends import PG_ADMIN_URL, REDIS_TEST_URL, admin_execute
+
+    try:
+        admin_execute("SELECT 1")
+    except Exception as exc:
+        require_service("postgres", str(exc))
+    return [
+        "--production",
+        "--pg-admin-url",
+        PG_ADMIN_URL,
+        "--redis-url",
+        REDIS_TEST_URL,
+    ]
+
+
+# Two workers; streams on channels of 50, so that both workers hold some.
+WORKERS = ["--workers", "2", "--streams-per-channel", "50", "--steady-s", "5"]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_watcher_and_devices_come_back_after_a_worker_is_killed(tmp_path) -> None:
+    """The worker serving the watcher is killed (SIGKILL): its streams end with
+    UNAVAILABLE, the watcher and those devices reconnect to the other worker."""
+    extra = [*production_backends(), *WORKERS, "--kill-worker-at-s", "1"]
+    result = run_load(tmp_path, *extra)
+    [fault] = result["faults"]
+    assert (fault["kind"], fault["chosen"]) == ("kill_worker", "served the watchers")
+    assert result["server"]["processes_gone"] == [fault["pid"]]
+    errors = result["errors"]
+    assert errors["watch_UNAVAILABLE"] == 1
+    assert set(errors) <= {"watch_UNAVAILABLE", "track_UNAVAILABLE"}
+    assert_settled_once(result)
+    assert_watcher_hears_every_device(result, reconnects=1)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_watcher_hears_every_device_after_a_redis_restart(tmp_path) -> None:
+    """The run's private Redis is killed and started again, empty: the watch stream
+    stays open and every device's updates reach it again."""
+    if shutil.which("redis-server") is None:
+        require_service("redis-server", "redis-server is not installed")
+    extra = [*production_backends(), *WORKERS, "--redis-shards", "1"]
+    result = run_load(tmp_path, *extra, "--restart-redis-at-s", "1")
+    [fault] = result["faults"]
+    assert fault["kind"] == "restart_redis" and "error" not in fault
+    assert result["errors"] == {}
+    assert_settled_once(result)
+    assert_watcher_hears_every_device(result, reconnects=0)

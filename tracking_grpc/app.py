@@ -62,7 +62,7 @@ async def open_app(settings: Settings) -> App:
     except Unavailable as exc:  # the live repairer rebuilds it once it is back
         log.warning("live state not rebuilt at start: %s", exc.message)
     bus = EventBus()
-    hub = WatchHub(broker)
+    hub = WatchHub(broker, live)
     await hub.start()
     pipeline = IngestPipeline(settings, history, live, broker, bus)
     activity = ActivityProcessor(ActivityConfig.from_file(settings.activity_config))
@@ -70,7 +70,7 @@ async def open_app(settings: Settings) -> App:
     pipeline.start()
     closers: list[Callable[[], Awaitable[None]]] = []
     if hasattr(live, "needs_rebuild"):  # shared live state that can lose updates
-        repairer = LiveRepairer(history, live)
+        repairer = LiveRepairer(history, live, on_rebuilt=hub.catch_up)
         repairer.start()
         closers.append(repairer.stop)
     return App(

@@ -3,6 +3,11 @@
 Each watcher holds at most one pending position per device: a newer update replaces
 an older one that has not been sent yet. Delivery is pulled by the watcher's own
 stream task, so ingest only ever touches a small dict per watcher.
+
+After an outage (live updates skipped while Redis was down, or published while this
+process's subscription was lost) the hub offers every watcher the live store's
+positions again (:meth:`WatchHub.catch_up`); each gets only what is newer than it
+was sent.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import in_box, in_circle
 from tracking_grpc.interest import TenantInterest, summarise
 from tracking_grpc.observability import metrics
-from tracking_grpc.storage.base import Broker
+from tracking_grpc.storage.base import Broker, LiveStore
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +48,18 @@ class WatchFilter:
 
 
 class Watcher:
-    """One watch stream: a filter and the newest unsent position per device."""
+    """One watch stream: a filter and the newest unsent position per device.
 
-    def __init__(self, tenant: str, watch_filter: WatchFilter) -> None:
+    ``since_ms``: a watcher that skipped the snapshot wants positions the server
+    received from then on (server time, milliseconds); 0 for one that took it.
+    """
+
+    def __init__(
+        self, tenant: str, watch_filter: WatchFilter, since_ms: int = 0
+    ) -> None:
         self.tenant = tenant
         self.filter = watch_filter
+        self.since_ms = since_ms
         self._pending: dict[str, tuple[int, int, FixBatch, int]] = {}
         self._sent_time: dict[str, tuple[int, int]] = {}
         self._ready = asyncio.Event()
@@ -96,6 +108,13 @@ class Watcher:
                 )
                 return joined.take(np.lexsort((joined.seq, joined.time_ms)))
 
+    def catch_up(self, positions: FixBatch) -> None:
+        """Offer live positions after an outage: those newer than this watcher was
+        sent reach it, if received since it opened when it skipped the snapshot."""
+        if self.since_ms:
+            positions = positions.take(positions.received_ms >= self.since_ms)
+        self.offer(positions)
+
     def mark_sent(self, batch: FixBatch) -> None:
         """Remember snapshot rows so that older queued updates are not sent after."""
         for device, t, s in zip(
@@ -112,13 +131,14 @@ class WatchHub:
     """Every watcher of this process, fed by the broker, which learns from the hub
     which updates this process wants (its interest)."""
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, live: LiveStore) -> None:
         self.broker = broker
+        self.live = live
         self._watchers: dict[str, set[Watcher]] = {}
         self._shrinking: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        await self.broker.subscribe(self.deliver, self.interest)
+        await self.broker.subscribe(self.deliver, self.interest, self.catch_up)
 
     async def add(self, watcher: Watcher) -> None:
         """Add a watcher; returns once every update whose live write starts later
@@ -164,6 +184,18 @@ class WatchHub:
         """Broker handler: offer new live positions to the tenant's watchers."""
         for watcher in list(self._watchers.get(updates.tenant, ())):
             watcher.offer(updates)
+
+    async def catch_up(self) -> None:
+        """Offer every watcher its tenant's positions from the live store: after an
+        outage they hold what the watchers missed (called by the broker once its
+        lost subscription is back, and by the live repairer after a rebuild)."""
+        tenants = list(self._watchers)
+        for tenant in tenants:
+            positions = await self.live.snapshot(tenant)
+            for watcher in self.watchers_of(tenant):
+                watcher.catch_up(positions)
+        if tenants:
+            log.info("watchers of %d tenants caught up", len(tenants))
 
     def watchers_of(self, tenant: str) -> Sequence[Watcher]:
         return list(self._watchers.get(tenant, ()))

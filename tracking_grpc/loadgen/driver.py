@@ -21,7 +21,7 @@ from tracking_grpc.loadgen.channels import ChannelPool, sleep_until
 from tracking_grpc.loadgen.device import Device
 from tracking_grpc.loadgen.gateway import Gateway
 from tracking_grpc.loadgen.plan import DriverResult, Plan
-from tracking_grpc.loadgen.watcher import watch
+from tracking_grpc.loadgen.watcher import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,21 @@ def device_id(plan: Plan, i: int) -> str:
     return f"load-{plan.index:02d}-{i:06d}"
 
 
-async def _storm(plan: Plan, devices: list[Device], pool: ChannelPool) -> None:
+async def _storm(
+    plan: Plan,
+    clients: list[Device | Watcher],
+    pools: list[ChannelPool],
+) -> None:
+    """Cut every stream of this driver (devices' or watchers') at once; each
+    reconnects at a random moment of the spread."""
     storm = plan.storm
     assert storm is not None
     await sleep_until(storm.drop_s)
     rng = random.Random(plan.index * 7919 + 1)
-    for device in devices:
-        device.reconnect_at_s = storm.drop_s + rng.uniform(0, storm.spread_s)
-        device.dropped = True  # connected or opening: every call is cut
-    await pool.close()
+    for client in clients:
+        client.reconnect_at_s = storm.drop_s + rng.uniform(0, storm.spread_s)
+        client.dropped = True  # connected or opening: every call is cut
+    await asyncio.gather(*(pool.close() for pool in pools))
 
 
 async def _count_streams(devices: list[Device], result: DriverResult) -> None:
@@ -89,14 +95,12 @@ async def drive(plan: Plan, watch_ids: list[str] | None = None) -> DriverResult:
         for i, g in enumerate(gateways)
     ]
     background = [asyncio.create_task(_count_streams(devices, result))]
-    background += [
-        asyncio.create_task(
-            watch(watch_pool.stub(i), plan, result, watch_ids or [], pool.metadata)
-        )
-        for i in range(plan.watchers)
-    ]
+    watchers = [Watcher(i, plan, result, watch_ids or []) for i in range(plan.watchers)]
+    background += [asyncio.create_task(w.run(watch_pool)) for w in watchers]
     if plan.storm is not None:
-        background.append(asyncio.create_task(_storm(plan, devices, pool)))
+        clients: list[Device | Watcher] = [*devices, *watchers]
+        storm = _storm(plan, clients, [pool, watch_pool])
+        background.append(asyncio.create_task(storm))
     try:
         if main:
             timeout = window.end_s + END_GRACE_S - time.time()

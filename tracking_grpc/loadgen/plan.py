@@ -78,6 +78,20 @@ class Plan:
 
 
 @dataclass(slots=True)
+class WatcherReport:
+    """How available one watcher's updates were: its reconnects, and the longest
+    gaps without a live update in the steady window, overall and per device."""
+
+    reconnects: int = 0  # streams opened again after one ended
+    reconnected_s: list[float] = field(default_factory=list)  # end -> snapshot done
+    longest_gap_s: float = 0.0  # window time without any live update
+    longest_device_gap_s: float = 0.0  # the same for its worst device
+    devices_watched: int | None = None  # None: the whole tenant
+    devices_updated: int = 0  # with a live update in the window
+    devices_updated_on_last_stream: int = 0  # since the last reconnect
+
+
+@dataclass(slots=True)
 class DriverResult:
     """Samples and counts of one driver process."""
 
@@ -96,6 +110,7 @@ class DriverResult:
     generated: list[tuple[str, int, int]] = field(default_factory=list)
     reconnected_s: list[float] = field(default_factory=list)  # drop -> started
     recovered_s: list[float] = field(default_factory=list)  # drop -> backlog acked
+    watchers: list[WatcherReport] = field(default_factory=list)
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] = self.counts.get(name, 0) + n

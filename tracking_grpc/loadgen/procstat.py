@@ -45,6 +45,18 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def workers(pid: int) -> list[int]:
+    """The direct children of ``pid`` (a supervisor's workers) that still run."""
+    found = []
+    for child in children(pid):
+        try:
+            if int(_stat_fields(child)[1]) == pid:
+                found.append(child)
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def usage(pid: int) -> Usage:
     """CPU seconds and resident bytes of ``pid`` and its descendants."""
     cpu_ticks, rss_pages, count = 0, 0, 0
@@ -85,3 +97,31 @@ def cpu_by_pid(pids: list[int]) -> dict[int, float]:
             continue
         found[pid] = (int(fields[11]) + int(fields[12])) / TICKS_PER_S
     return found
+
+
+class MemberCpu:
+    """CPU seconds of each process of a tree (a server and its workers) since the
+    meter was made. A process that dies meanwhile (a killed worker) keeps what it
+    had used at its last :meth:`sample`."""
+
+    def __init__(self, pid: int) -> None:
+        self.members = [pid, *children(pid)]
+        self.start = cpu_by_pid(self.members)
+        self.last = dict(self.start)
+
+    def sample(self) -> None:
+        self.last.update(cpu_by_pid(self.members))
+
+    def gone(self) -> list[int]:
+        """Members that no longer run."""
+        running = cpu_by_pid(self.members)
+        return [m for m in self.members if m not in running]
+
+    def gone_cpu_s(self) -> float:
+        """What the members that died had used in all, at their last sample."""
+        return sum(self.last.get(m, 0.0) for m in self.gone())
+
+    def elapsed(self) -> list[float]:
+        """CPU seconds of each member since the start (members in order)."""
+        self.sample()
+        return [self.last.get(m, 0.0) - self.start.get(m, 0.0) for m in self.members]

@@ -236,7 +236,10 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         ends with UNAUTHENTICATED when the caller's token expires."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
-        watcher = Watcher(caller.tenant, watch_filter(request))
+        # Without a snapshot, a catch-up after an outage (WatchHub.catch_up) brings
+        # only positions received from now on.
+        since_ms = now_ms() if request.skip_snapshot else 0
+        watcher = Watcher(caller.tenant, watch_filter(request), since_ms)
         # Before the snapshot read: see WatchHub.add and redis_broker's ordering.
         await self.app.hub.add(watcher)
         try:

@@ -115,6 +115,7 @@ class LiveStore(Protocol):
 
 
 UpdateHandler = Callable[[FixBatch], Awaitable[None]]
+CatchUp = Callable[[], Awaitable[None]]
 
 
 class Broker(Protocol):
@@ -125,10 +126,15 @@ class Broker(Protocol):
         ...
 
     async def subscribe(
-        self, handler: UpdateHandler, interest: Callable[[], Interest]
+        self,
+        handler: UpdateHandler,
+        interest: Callable[[], Interest],
+        catch_up: CatchUp | None = None,
     ) -> None:
         """Call ``handler`` with published batches, from any process, holding at
-        least the rows ``interest()`` wants (the handler filters exactly)."""
+        least the rows ``interest()`` wants (the handler filters exactly). A broker
+        that can lose its subscription calls ``catch_up`` once it is back and
+        routed by ``interest()`` again: what was published meanwhile is lost."""
         ...
 
     async def interest_changed(self) -> None:

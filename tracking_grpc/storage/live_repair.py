@@ -4,13 +4,15 @@ History is the source of truth. When the live store missed updates (it was down)
 or lost its data (Redis restarted), the repairer notices through ``ping`` and the
 store's ``needs_rebuild`` flag, and replays every device's newest stored fix into
 it. The live store only accepts newer fixes, so a rebuild racing live updates
-cannot move any position backwards.
+cannot move any position backwards. After a rebuild it calls ``on_rebuilt``: the
+watch hub offers open watches what the skipped live updates would have sent them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeGuard
 
 from tracking_grpc.errors import Unavailable
@@ -58,11 +60,16 @@ class LiveRepairer:
     """Watches a live store and rebuilds it from history when it needs it."""
 
     def __init__(
-        self, history: HistoryStore, live: LiveStore, interval_s: float = 1.0
+        self,
+        history: HistoryStore,
+        live: LiveStore,
+        interval_s: float = 1.0,
+        on_rebuilt: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.history = history
         self.live = live
         self.interval_s = interval_s
+        self.on_rebuilt = on_rebuilt
         self.available = True
         self._task: asyncio.Task | None = None
 
@@ -75,6 +82,8 @@ class LiveRepairer:
                 devices = await rebuild_live(self.history, self.live)
                 self.live.rebuild_done(mark)
                 log.warning("rebuilt live state of %d devices from history", devices)
+                if self.on_rebuilt is not None:
+                    await self.on_rebuilt()
         except Unavailable as exc:
             if self.available:
                 log.warning("live store unavailable: %s", exc.message)

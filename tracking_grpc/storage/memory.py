@@ -15,7 +15,7 @@ import numpy as np
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import haversine_m
 from tracking_grpc.interest import Interest
-from tracking_grpc.storage.base import UpdateHandler
+from tracking_grpc.storage.base import CatchUp, UpdateHandler
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,12 @@ class LocalBroker:
             log.exception("live update handler failed")
 
     async def subscribe(
-        self, handler: UpdateHandler, interest: Callable[[], Interest]
+        self,
+        handler: UpdateHandler,
+        interest: Callable[[], Interest],
+        catch_up: CatchUp | None = None,
     ) -> None:
+        """``catch_up`` is never called: nothing is lost between caller and handler."""
         if self._handler is not None:
             raise RuntimeError("a broker takes one subscription")
         self._handler = handler

@@ -21,11 +21,14 @@ new interest matches that the cached one did not. Either way the update reaches 
 watcher. Versions never repeat (see :mod:`redis_interest`).
 
 Pub/sub delivers at most once: a subscriber disconnected for a while misses what was
-published meanwhile (watchers get the current state again from the live store). A
-process registers its interest again when it subscribes again and whenever a
-heartbeat finds its entry gone (Redis lost its data, or the process stalled past its
-expiry); the entry of a process that dies expires ``interest_ttl_s`` after its last
-heartbeat, and until then publishers send to a channel nobody reads.
+published meanwhile. A process registers its interest again when it subscribes again
+and whenever a heartbeat finds its entry gone (Redis lost its data, or the process
+stalled past its expiry), and once that is written it calls the subscriber's
+``catch_up``, which offers its watchers the current state from the live store: every
+update whose live write starts later is routed to it again, so the two together miss
+nothing (the ordering argument above, with ``catch_up`` as the snapshot read). The
+entry of a process that dies expires ``interest_ttl_s`` after its last heartbeat,
+and until then publishers send to a channel nobody reads.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import Unavailable
 from tracking_grpc.interest import Interest, TenantInterest
 from tracking_grpc.observability import metrics
-from tracking_grpc.storage.base import UpdateHandler
+from tracking_grpc.storage.base import CatchUp, UpdateHandler
 from tracking_grpc.storage.redis_client import Connection, is_cluster, unavailable
 from tracking_grpc.storage.redis_interest import Entry, InterestTable
 from tracking_grpc.storage.redis_live import RECORD, RECORD_NAMES
@@ -101,6 +104,7 @@ class RedisBroker:
         self.received_fixes = 0  # fixes that arrived from other processes
         self._handler: UpdateHandler | None = None
         self._interest: Callable[[], Interest] = dict
+        self._catch_up: CatchUp | None = None
         # Publishing: the table as last read, and the routes of each tenant.
         self._version: bytes | None = None
         self._entries: dict[str, Entry] = {}
@@ -145,13 +149,18 @@ class RedisBroker:
             await self._send(client, _messages(updates, routes, cached), False)
 
     async def subscribe(
-        self, handler: UpdateHandler, interest: Callable[[], Interest]
+        self,
+        handler: UpdateHandler,
+        interest: Callable[[], Interest],
+        catch_up: CatchUp | None = None,
     ) -> None:
-        """Call ``handler`` with updates that ``interest()`` wants; returns once
+        """Call ``handler`` with updates that ``interest()`` wants, and ``catch_up``
+        when updates may have been missed (see the module docstring); returns once
         subscribed, or after a failed try (then retried in the background)."""
         if self._handler is not None:
             raise RuntimeError("a broker takes one subscription")
         self._handler, self._interest = handler, interest
+        self._catch_up = catch_up
         for job in (self._listen(), self._keep_alive()):
             self._tasks.add(asyncio.create_task(job, name="redis-broker"))
         await asyncio.wait_for(self._tried.wait(), timeout=10.0)
@@ -243,16 +252,24 @@ class RedisBroker:
             self._writer = None
 
     def _register_soon(self) -> None:
-        """Write the interest again in the background (Redis may have lost it)."""
+        """Write the interest again in the background (Redis may have lost it), then
+        catch up on what was not routed here meanwhile."""
         self._registered = None
-        task = asyncio.create_task(self.interest_changed())
+        task = asyncio.create_task(self._register_and_catch_up())
         self._tasks.add(task)
         task.add_done_callback(self._registered_again)
+
+    async def _register_and_catch_up(self) -> None:
+        await self.interest_changed()
+        if self._catch_up is not None:
+            await self._catch_up()
 
     def _registered_again(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.debug("registering interest failed: %s", task.exception())
+            log.debug(
+                "registering interest or catching up failed: %s", task.exception()
+            )
 
     async def _keep_alive(self) -> None:
         """Heartbeat: keep this process's entry, expire dead processes' entries."""
