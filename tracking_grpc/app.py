@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tracking_grpc.activity.params import ActivityConfig
 from tracking_grpc.activity.processor import ActivityProcessor
@@ -17,6 +18,9 @@ from tracking_grpc.ingest import IngestPipeline
 from tracking_grpc.storage import factory
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
 from tracking_grpc.storage.live_repair import LiveRepairer, rebuild_live
+
+if TYPE_CHECKING:
+    from tracking_grpc.geofence.index import FenceIndex
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,9 @@ class App:
     hub: WatchHub
     activity: ActivityProcessor
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # The tenant's current fence index, kept by the geofence processor (rebuilt off
+    # the event loop when the tenant's fences change); set by the Geofence service.
+    fence_index: Callable[[str], Awaitable[FenceIndex]] | None = None
     # Services registered but unable to serve (Route without a routing dataset):
     # health reports them NOT_SERVING while the rest of the server serves.
     not_ready: set[str] = field(default_factory=set)

@@ -307,6 +307,7 @@ def register(server: grpc.aio.Server, app: App) -> str:
     """Add the Geofence service, its processor and its event listeners."""
     fences, events = open_repositories(app)
     processor = GeofenceProcessor(fences, events)
+    app.fence_index = processor.index
     hub = EventWatchHub(fed_by_stream=bool(app.settings.redis_url))
     app.pipeline.add_processor(processor)
     publisher = None
