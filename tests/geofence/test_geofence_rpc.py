@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import uuid
@@ -492,3 +493,66 @@ async def test_list_pages_stay_under_a_default_client_limit(fences) -> None:
             break
     assert [len(p) for p in pages] == [3, 1]
     assert [fence for page in pages for fence in page] == [f"big-{i}" for i in range(4)]
+
+
+def crafted_token(json_text: str) -> str:
+    """A page token as this service encodes one, around any JSON text."""
+    return base64.urlsafe_b64encode(json_text.encode()).decode()
+
+
+BAD_EVENT_TOKENS = [
+    pytest.param(crafted_token('["abc", "ab12"]'), id="time-a-string"),
+    pytest.param(crafted_token('[NaN, "ab12"]'), id="time-nan"),
+    pytest.param(crafted_token('[Infinity, "ab12"]'), id="time-infinity"),
+    pytest.param(crafted_token('[-Infinity, "ab12"]'), id="time-minus-infinity"),
+    pytest.param(crafted_token('[{"a": 1}, "ab12"]'), id="time-an-object"),
+    pytest.param(crafted_token('[1e30, "ab12"]'), id="time-huge-float"),
+    pytest.param(crafted_token('[1.5, "ab12"]'), id="time-fraction"),
+    pytest.param(crafted_token(f'[{2**64}, "ab12"]'), id="time-beyond-int64"),
+    pytest.param(crafted_token('[-1, "ab12"]'), id="time-negative"),
+    pytest.param(crafted_token('[true, "ab12"]'), id="time-a-boolean"),
+    pytest.param(crafted_token("[1, 5]"), id="event-id-a-number"),
+    pytest.param(crafted_token('[1, "x"]'), id="event-id-not-hex"),
+    pytest.param(crafted_token('[1, "\\u0000"]'), id="event-id-nul"),
+    pytest.param(crafted_token(json.dumps([1, "a" * 500])), id="event-id-long"),
+    pytest.param(crafted_token('[1, "ab12", 3]'), id="three-items"),
+    pytest.param(crafted_token('{"a": 1}'), id="an-object"),
+    pytest.param(crafted_token("[" * 100_000 + "]" * 100_000), id="deep-nesting"),
+    pytest.param(crafted_token("[1, "), id="not-json"),
+    pytest.param("%%%not base64", id="not-base64"),
+    pytest.param("é", id="not-ascii"),
+]
+
+
+@pytest.mark.parametrize("token", BAD_EVENT_TOKENS)
+async def test_list_events_refuses_a_token_it_did_not_issue(fences, token) -> None:
+    request = geofence_pb2.ListEventsRequest(start_ms=1, page_token=token)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fences.ListEvents(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(caught.value) == ("page_token", "not a token this service issued")
+
+
+BAD_FENCE_TOKENS = [
+    pytest.param(crafted_token('"a\\u0000b"'), id="nul"),
+    pytest.param(crafted_token('"a b"'), id="space"),
+    pytest.param(crafted_token(json.dumps("f" * 129)), id="too-long"),
+    pytest.param(crafted_token('""'), id="empty"),
+    pytest.param(crafted_token('{"a": 1}'), id="an-object"),
+    pytest.param(crafted_token('["a"]'), id="a-list"),
+    pytest.param(crafted_token("12"), id="a-number"),
+    pytest.param(crafted_token("NaN"), id="nan"),
+    pytest.param(crafted_token("null"), id="null"),
+    pytest.param(crafted_token("[" * 100_000 + "]" * 100_000), id="deep-nesting"),
+    pytest.param("%%%not base64", id="not-base64"),
+]
+
+
+@pytest.mark.parametrize("token", BAD_FENCE_TOKENS)
+async def test_list_fences_refuses_a_token_it_did_not_issue(fences, token) -> None:
+    await fences.CreateFence(geofence_pb2.CreateFenceRequest(fence=polygon("a")))
+    request = geofence_pb2.ListFencesRequest(page_token=token)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fences.ListFences(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(caught.value) == ("page_token", "not a token this service issued")
