@@ -556,3 +556,145 @@ async def test_list_fences_refuses_a_token_it_did_not_issue(fences, token) -> No
         await fences.ListFences(request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violation(caught.value) == ("page_token", "not a token this service issued")
+
+
+CIRCLE_POINT = {"type": "Point", "coordinates": [2.5, 48.5]}
+
+
+def feature(properties: object, geometry: object = CIRCLE_POINT, **extra) -> dict:
+    return {
+        "type": "Feature",
+        "id": "f",
+        "geometry": geometry,
+        "properties": properties,
+        **extra,
+    }
+
+
+BAD_FEATURES = [
+    pytest.param(feature([1]), "properties", "must be an object", id="props-list"),
+    pytest.param(feature("x"), "properties", "must be an object", id="props-text"),
+    pytest.param(
+        feature({"radius_m": 50}, geometry=[1]),
+        "geometry",
+        "must be an object",
+        id="geometry-list",
+    ),
+    pytest.param(
+        feature({"radius_m": True}), "properties.radius_m", "number", id="radius-true"
+    ),
+    pytest.param(
+        feature({"radius_m": "50"}), "properties.radius_m", "number", id="radius-text"
+    ),
+    pytest.param(
+        feature({"radius_m": None}), "properties.radius_m", "number", id="radius-null"
+    ),
+    pytest.param(
+        feature({"radius_m": math.nan}),
+        "properties.radius_m",
+        "number",
+        id="radius-nan",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "dwell_ms": "abc"}),
+        "properties.dwell_ms",
+        "whole number",
+        id="dwell-text",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "dwell_ms": math.nan}),
+        "properties.dwell_ms",
+        "whole number",
+        id="dwell-nan",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "dwell_ms": math.inf}),
+        "properties.dwell_ms",
+        "whole number",
+        id="dwell-infinity",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "dwell_ms": 1.5}),
+        "properties.dwell_ms",
+        "whole number",
+        id="dwell-fraction",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "dwell_ms": True}),
+        "properties.dwell_ms",
+        "whole number",
+        id="dwell-true",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "max_accuracy_m": "x"}),
+        "properties.max_accuracy_m",
+        "number",
+        id="accuracy-text",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "max_accuracy_m": False}),
+        "properties.max_accuracy_m",
+        "number",
+        id="accuracy-false",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "labels": [1, 2]}),
+        "properties.labels",
+        "list of strings",
+        id="labels-numbers",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "labels": "depot"}),
+        "properties.labels",
+        "list of strings",
+        id="labels-text",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "metadata": [1]}),
+        "properties.metadata",
+        "must be an object",
+        id="metadata-list",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "metadata": {"k": {"a": 1}}}),
+        "properties.metadata",
+        "strings",
+        id="metadata-nested",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "name": 7}), "properties.name", "string", id="name-7"
+    ),
+    pytest.param(feature({"radius_m": 50}, id=True), "id", "string", id="id-true"),
+    pytest.param(
+        feature({"radius_m": 50}, geometry={"type": "Point", "coordinates": [1, True]}),
+        "geometry.coordinates",
+        "numbers",
+        id="position-true",
+    ),
+]
+
+
+@pytest.mark.parametrize(("bad", "where", "words"), BAD_FEATURES)
+async def test_import_refuses_features_of_the_wrong_types(
+    fences, bad, where, words
+) -> None:
+    collection = {"type": "FeatureCollection", "features": [bad]}
+    request = geofence_pb2.ImportFencesRequest(geojson=json.dumps(collection))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fences.ImportFences(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    field, description = violation(caught.value)
+    assert field == f"features[0].{where}"
+    assert words in description
+    listed = await fences.ListFences(geofence_pb2.ListFencesRequest())
+    assert list(listed.fences) == []
+
+
+async def test_import_takes_whole_numbers_written_as_floats(fences) -> None:
+    props = {"radius_m": 50, "dwell_ms": 60000.0, "max_accuracy_m": 20}
+    collection = {"type": "FeatureCollection", "features": [feature(props)]}
+    await fences.ImportFences(
+        geofence_pb2.ImportFencesRequest(geojson=json.dumps(collection))
+    )
+    got = await fences.GetFence(geofence_pb2.GetFenceRequest(fence_id="f"))
+    assert (got.fence.dwell_ms, got.fence.max_accuracy_m) == (60000, 20.0)
