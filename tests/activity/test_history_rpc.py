@@ -323,6 +323,51 @@ async def test_bad_options_name_the_field(history, call, request_, field):
     assert field in error.value.details()
 
 
+FAR_FUTURE_RANGES = [
+    pytest.param(253_402_300_800_000, id="year-10000"),
+    pytest.param(253_402_300_800_000 + 300 * DAY_MS, id="past-year-10000"),
+    pytest.param(2**63 - 1, id="int64-max"),
+    pytest.param(2**63 - 1 - 5 * DAY_MS, id="near-int64-max"),
+    pytest.param(253_370_764_800_000 + DAY_MS, id="just-past-9999-01-01"),
+]
+HISTORY_CALLS = [
+    ("DailySummary", history_pb2.DailySummaryRequest),
+    ("HomeWork", history_pb2.HomeWorkRequest),
+    ("ListTrips", history_pb2.ListTripsRequest),
+    ("GetTrack", history_pb2.GetTrackRequest),
+]
+
+
+@pytest.mark.parametrize("end_ms", FAR_FUTURE_RANGES)
+@pytest.mark.parametrize(
+    ("call", "message"), [pytest.param(*c, id=c[0]) for c in HISTORY_CALLS]
+)
+async def test_ranges_past_year_9999_name_end_ms(history, call, message, end_ms):
+    stub, _ = history
+    request = message(device_id="d", start_ms=end_ms - DAY_MS, end_ms=end_ms)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        answer = getattr(stub, call)(request)
+        [r async for r in answer] if call == "GetTrack" else await answer
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(error.value) == (
+        "end_ms",
+        "must be at most 253370764800000 (9999-01-01)",
+    )
+
+
+async def test_a_day_summary_up_to_the_latest_time_is_answered(history):
+    stub, _ = history
+    end_ms = 253_370_764_800_000
+    request = history_pb2.DailySummaryRequest(
+        device_id="d",
+        start_ms=end_ms - DAY_MS,
+        end_ms=end_ms,
+        time_zone="Pacific/Kiritimati",
+    )
+    answer = await stub.DailySummary(request)
+    assert [d.date for d in answer.days] == ["9998-12-31", "9999-01-01"]
+
+
 @pytest.mark.parametrize(
     ("track", "field"),
     [
