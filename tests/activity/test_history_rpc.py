@@ -176,6 +176,30 @@ async def test_export_formats_parse_back(history, fmt):
     assert count == 340 and chunks[0].content_type
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param('=HYPERLINK("http://x","y")', id="equals"),
+        pytest.param("+1+2", id="plus"),
+        pytest.param("-2+3", id="minus"),
+        pytest.param("@SUM(A1)", id="at"),
+        pytest.param('="quoted"', id="equals-with-quotes"),
+    ],
+)
+async def test_csv_export_defuses_a_device_id_a_spreadsheet_would_run(history, device):
+    stub, track_stub = history
+    await publish(track_stub, commute(device))
+    track_request = history_pb2.GetTrackRequest(
+        device_id=device, start_ms=T0, end_ms=T0 + DAY_MS
+    )
+    request = history_pb2.ExportTrackRequest(
+        track=track_request, format=history_pb2.EXPORT_FORMAT_CSV
+    )
+    text = b"".join([c.data async for c in stub.ExportTrack(request)]).decode()
+    cells = {row["device_id"] for row in csv.DictReader(io.StringIO(text))}
+    assert cells == {"'" + device}
+
+
 async def test_daily_summary_splits_a_trip_at_local_midnight(history):
     stub, track_stub = history
     # 2023-11-14 23:00 Europe/Zurich is 22:00 UTC: park, then drive over midnight.

@@ -698,3 +698,28 @@ async def test_import_takes_whole_numbers_written_as_floats(fences) -> None:
     )
     got = await fences.GetFence(geofence_pb2.GetFenceRequest(fence_id="f"))
     assert (got.fence.dwell_ms, got.fence.max_accuracy_m) == (60000, 20.0)
+
+
+@pytest.mark.parametrize(
+    ("fences_n", "devices_n", "field"),
+    [
+        pytest.param(0, 10_001, "device_ids", id="devices-alone"),
+        pytest.param(10_001, 0, "fence_ids", id="fences-alone"),
+        pytest.param(6_000, 6_000, "device_ids", id="together"),
+        pytest.param(10_001, 10_001, "fence_ids", id="both-over"),
+    ],
+)
+async def test_watch_events_names_the_list_over_the_limit(
+    fences, fences_n, devices_n, field
+) -> None:
+    request = geofence_pb2.WatchEventsRequest(
+        fence_ids=[f"f{i}" for i in range(fences_n)],
+        device_ids=[f"d{i}" for i in range(devices_n)],
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fences.WatchEvents(request).read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(caught.value) == (
+        field,
+        "at most 10000 ids in fence_ids and device_ids together",
+    )

@@ -14,7 +14,7 @@ from pyproj import Geod
 from tracking.v1 import common_pb2, event_pb2, route_pb2, route_pb2_grpc
 
 from tests.routes import support
-from tests.server_fixtures import batch, hello, now_ms, track_session
+from tests.server_fixtures import batch, hello, now_ms, track_session, violation
 
 P = common_pb2.LatLng
 GEOD = Geod(ellps="WGS84")
@@ -392,3 +392,87 @@ async def test_match_track_checks_its_input(routes, request_fields, field) -> No
         await routes.MatchTrack(route_pb2.MatchTrackRequest(**request_fields))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith(f"{field}:")
+
+
+def match_fixes(times: list[int], **extra) -> list[common_pb2.Fix]:
+    return [
+        common_pb2.Fix(seq=k + 1, time_ms=t, lat=60.17 + k * 1e-4, lon=24.94, **extra)
+        for k, t in enumerate(times)
+    ]
+
+
+NOW_MS = 1_700_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("fixes", "field", "words"),
+    [
+        pytest.param(
+            match_fixes([INT64_MIN, INT64_MAX]),
+            "fixes[0].time_ms",
+            "epoch milliseconds",
+            id="int64-extremes",
+        ),
+        pytest.param(
+            match_fixes([NOW_MS, INT64_MAX]),
+            "fixes[1].time_ms",
+            "epoch milliseconds",
+            id="int64-max",
+        ),
+        pytest.param(
+            match_fixes([-1, NOW_MS]),
+            "fixes[0].time_ms",
+            "epoch milliseconds",
+            id="negative-time",
+        ),
+        pytest.param(
+            match_fixes([NOW_MS, NOW_MS + 1000], accuracy_m=-5),
+            "fixes[0].accuracy_m",
+            "finite number >= 0",
+            id="negative-accuracy",
+        ),
+        pytest.param(
+            match_fixes([NOW_MS, NOW_MS + 1000], accuracy_m=float("inf")),
+            "fixes[0].accuracy_m",
+            "finite number >= 0",
+            id="infinite-accuracy",
+        ),
+        pytest.param(
+            match_fixes([NOW_MS + 1000, NOW_MS]),
+            "fixes",
+            "fix times must not decrease",
+            id="decreasing",
+        ),
+    ],
+)
+async def test_match_track_checks_fix_times_and_accuracy(
+    routes, fixes, field, words
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await routes.MatchTrack(route_pb2.MatchTrackRequest(fixes=fixes))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found, description = violation(caught.value)
+    assert found == field and words in description
+
+
+@pytest.mark.parametrize(
+    ("route_id", "words"),
+    [
+        pytest.param("\0" * 1000, "longer than 128 characters", id="thousand-nuls"),
+        pytest.param("r\0", "contains control characters", id="nul"),
+        pytest.param("r\n1", "contains control characters", id="newline"),
+        pytest.param("r" * 100_000, "longer than 128 characters", id="100k-chars"),
+        pytest.param("   ", "must not be empty or only spaces", id="spaces"),
+    ],
+)
+async def test_assign_route_checks_the_route_id_like_a_device_id(
+    routes, route_id, words
+) -> None:
+    route = route_pb2.ComputeRouteRequest(origin=KAMPPI, destination=SENATE)
+    request = route_pb2.AssignRouteRequest(
+        device_id="d", route_id=route_id, route=route
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await routes.AssignRoute(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(caught.value) == ("route_id", words)

@@ -10,6 +10,7 @@ import numpy as np
 import polyline as polyline_codec
 from tracking.v1 import common_pb2, route_pb2
 
+from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.ingest import now_ms
 from tracking_grpc.routing import optimise
@@ -98,6 +99,21 @@ def latlng_arrays(
     lon = np.array([p.lon for p in points], dtype=np.float64)
     check_points(field, lat, lon)
     return lat, lon
+
+
+def check_match_fixes(batch: FixBatch) -> None:
+    """Fix times in [0, LATEST_MS] and accuracies, where given, finite and >= 0."""
+    bad_time = (batch.time_ms < 0) | (batch.time_ms > LATEST_MS)
+    if bad_time.any():
+        i = int(np.argmax(bad_time))
+        reason = f"must be epoch milliseconds in [0, {LATEST_MS}] (9999-01-01)"
+        raise InvalidArgument(f"fixes[{i}].time_ms", reason)
+    accuracy = batch.accuracy_m
+    with np.errstate(invalid="ignore"):
+        bad_accuracy = np.isinf(accuracy) | (accuracy < 0)
+    if bad_accuracy.any():
+        i = int(np.argmax(bad_accuracy))
+        raise InvalidArgument(f"fixes[{i}].accuracy_m", "must be a finite number >= 0")
 
 
 def latlng(lat: float, lon: float) -> common_pb2.LatLng:
