@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from tracking_grpc import config
 from tracking_grpc.errors import InvalidArgument
 
@@ -46,3 +53,117 @@ def test_bad_values_name_the_setting(values, field) -> None:
 
 def test_unknown_environment_variables_are_ignored() -> None:
     assert config.load(None, {"TRACKING_NOPE": "1"}) == config.Settings()
+
+
+BAD_SETTINGS = [
+    pytest.param({"listen": "127.0.0.1:99999"}, "listen", id="port-above-65535"),
+    pytest.param({"listen": "127.0.0.1"}, "listen", id="no-port"),
+    pytest.param({"listen": "127.0.0.1:-1"}, "listen", id="negative-port"),
+    pytest.param({"listen": ":50051"}, "listen", id="no-host"),
+    pytest.param({"metrics_listen": "0.0.0.0:70000"}, "metrics_listen", id="metrics"),
+    pytest.param({"workers": 0}, "workers", id="workers-0"),
+    pytest.param({"max_pending_fixes": 0}, "max_pending_fixes", id="pending-0"),
+    pytest.param({"max_batch_fixes": -1}, "max_batch_fixes", id="batch-negative"),
+    pytest.param({"flush_max_fixes": 0}, "flush_max_fixes", id="flush-0"),
+    pytest.param({"commits_in_flight": 0}, "commits_in_flight", id="commits-0"),
+    pytest.param({"database_pool_size": 0}, "database_pool_size", id="pool-0"),
+    pytest.param(
+        {"fanout_interest_ttl_s": 0.0}, "fanout_interest_ttl_s", id="ttl-zero"
+    ),
+    pytest.param(
+        {"database_timeout_s": math.nan}, "database_timeout_s", id="timeout-nan"
+    ),
+    pytest.param(
+        {"flush_interval_ms": -1.0}, "flush_interval_ms", id="flush-interval-negative"
+    ),
+    pytest.param({"max_fix_age_s": math.inf}, "max_fix_age_s", id="age-infinite"),
+    pytest.param(
+        {"trace_sample_ratio": 1.5}, "trace_sample_ratio", id="sample-ratio-above-1"
+    ),
+    pytest.param(
+        {"sqlite_synchronous": "BOGUS"}, "sqlite_synchronous", id="synchronous"
+    ),
+    pytest.param({"log_level": "LOUD"}, "log_level", id="log-level"),
+    pytest.param({"log_format": "xml"}, "log_format", id="log-format"),
+    pytest.param({"auth_mode": "maybe"}, "auth_mode", id="auth-mode"),
+    pytest.param(
+        {"jwt_rs256_public_key_file": "/nonexistent/key.pem"},
+        "jwt_rs256_public_key_file",
+        id="missing-key-file",
+    ),
+    pytest.param(
+        {"activity_config": "/nonexistent/rules.toml"},
+        "activity_config",
+        id="missing-activity-rules",
+    ),
+]
+
+
+@pytest.mark.parametrize(("values", "field"), BAD_SETTINGS)
+def test_settings_the_service_cannot_run_with_are_refused(values, field) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        config.check(replace(config.Settings(), **values))
+    assert raised.value.field == field
+
+
+def test_the_defaults_and_lower_case_choices_pass() -> None:
+    config.check(config.Settings())
+    config.check(
+        config.Settings(sqlite_synchronous="normal", log_level="debug", listen="[::]:0")
+    )
+
+
+def serve(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRACKING_DATA_DIR": str(tmp_path / "data")}
+    env.pop("TRACKING_CONFIG", None)
+    command = [sys.executable, "-m", "tracking_grpc", "serve", *flags]
+    return subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=20, cwd=ROOT
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        pytest.param(
+            ["--listen", "127.0.0.1:99999"],
+            "listen: port 99999 is not in [0, 65535]",
+            id="listen-port",
+        ),
+        pytest.param(
+            ["--max-pending-fixes", "0"],
+            "max_pending_fixes: must be at least 1",
+            id="pending-0",
+        ),
+        pytest.param(
+            ["--max-batch-fixes", "-1"],
+            "max_batch_fixes: must be at least 1",
+            id="batch-negative",
+        ),
+        pytest.param(
+            ["--sqlite-synchronous", "BOGUS"],
+            "sqlite_synchronous: must be one of off, normal, full, extra",
+            id="synchronous",
+        ),
+        pytest.param(
+            ["--log-level", "LOUD"],
+            "log_level: must be one of debug, info, warning, error",
+            id="log-level",
+        ),
+        pytest.param(
+            ["--auth-mode", "jwt", "--jwt-rs256-public-key-file", "/nonexistent.pem"],
+            "jwt_rs256_public_key_file: cannot read /nonexistent.pem",
+            id="missing-key",
+        ),
+        pytest.param(
+            ["--config", "/nonexistent.toml"],
+            "config: cannot read /nonexistent.toml: No such file or directory",
+            id="missing-config",
+        ),
+        pytest.param(["--workers", "0"], "workers: must be at least 1", id="workers"),
+    ],
+)
+def test_serve_refuses_bad_settings_with_one_line(tmp_path, flags, words) -> None:
+    done = serve(tmp_path, "--listen", "127.0.0.1:0", *flags)
+    assert done.returncode == 2
+    assert done.stderr == f"tracking: {words}\n"

@@ -76,6 +76,59 @@ async def test_a_bad_attribute_is_named_with_its_value(stub, extra, detail) -> N
     assert acks[0].stored == 1
 
 
+UNDEFINED_PROVIDERS = [
+    pytest.param(7, id="just-above-enum"),
+    pytest.param(128, id="int8-max+1"),
+    pytest.param(200, id="wraps-negative-in-int8"),
+    pytest.param(256, id="wraps-to-unspecified"),
+    pytest.param(257, id="wraps-to-gnss"),
+    pytest.param(262, id="wraps-to-manual"),
+    pytest.param(1000, id="thousand"),
+    pytest.param(2**31 - 1, id="int32-max"),
+    pytest.param(-1, id="minus-one"),
+    pytest.param(-5, id="negative"),
+    pytest.param(-255, id="wraps-to-gnss-negative"),
+    pytest.param(-(2**31), id="int32-min"),
+]
+
+
+def provider_detail(value: int) -> str:
+    return f"provider {value} is not a defined Provider value"
+
+
+@pytest.mark.parametrize("value", UNDEFINED_PROVIDERS)
+async def test_row_fix_with_undefined_provider_is_rejected_by_value(
+    stub, server, value
+) -> None:
+    fixes = [fix(1, 45.0, 7.0, provider=value), fix(2, 45.0, 7.0)]
+    _, acks = await track_session(stub, "d", [fixes])
+    [rejection] = acks[0].rejections
+    assert (rejection.seq, rejection.reason) == (1, R.REJECT_REASON_INVALID_ATTRIBUTE)
+    assert rejection.detail == provider_detail(value)
+    assert await server.app.history.count("default", "d") == 1
+
+
+@pytest.mark.parametrize("value", UNDEFINED_PROVIDERS)
+async def test_columnar_fix_with_undefined_provider_is_rejected_by_value(
+    stub, server, value
+) -> None:
+    t = now_ms()
+    columns = track_pb2.ColumnarFixes(
+        device_ids=["g"],
+        device_index=[0, 0],
+        seq=[1, 2],
+        time_ms=[t - 2000, t - 1000],
+        lat=[1.0, 1.001],
+        lon=[1.0, 1.0],
+        provider=[value, common_pb2.PROVIDER_GNSS],
+    )
+    reply = await stub.PublishBatch(track_pb2.PublishBatchRequest(columns=columns))
+    assert [(r.seq, r.detail) for r in reply.rejections] == [
+        (1, provider_detail(value))
+    ]
+    assert (reply.stored, await server.app.history.count("default", "g")) == (1, 1)
+
+
 async def test_first_message_must_be_hello(stub) -> None:
     call = stub.Track()
     await call.write(batch([fix(1, 1.0, 1.0)]))

@@ -9,6 +9,7 @@ environment < command-line flags.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -164,8 +165,13 @@ def from_environment(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def from_toml(path: Path) -> dict[str, Any]:
-    with path.open("rb") as handle:
-        data = tomllib.load(handle)
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise InvalidArgument("config", f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument("config", f"{path} is not TOML: {exc}") from exc
     return dict(data.get("tracking", data))
 
 
@@ -195,4 +201,79 @@ def load(
         given = {n: getattr(args, n) for n in Settings.names()}
         flags = {n: v for n, v in given.items() if v is not None}
         settings = settings.merged(flags, "flag")
+    check(settings)
     return settings
+
+
+# What each setting may hold; `check` refuses anything else before the service starts.
+AT_LEAST_ONE = (
+    "workers",
+    "database_pool_size",
+    "max_batch_fixes",
+    "flush_max_fixes",
+    "commits_in_flight",
+    "max_pending_fixes",
+    "max_concurrent_streams",
+    "route_off_route_fixes",
+    "route_back_on_route_fixes",
+)
+ABOVE_ZERO = (
+    "fanout_interest_ttl_s",  # the heartbeat runs every ttl / 3: at 0 it never pauses
+    "database_timeout_s",
+    "routing_max_snap_m",
+    "route_off_route_m",
+    "route_arrival_radius_m",
+)
+ZERO_OR_MORE = (
+    "max_future_skew_s",
+    "max_fix_age_s",
+    "flush_interval_ms",
+    "database_flush_interval_ms",
+    "processor_interval_ms",
+    "route_eta_change_s",
+)
+CHOICES = {
+    "sqlite_synchronous": ("OFF", "NORMAL", "FULL", "EXTRA"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+    "log_format": ("AUTO", "TEXT", "JSON"),
+    "auth_mode": ("OFF", "JWT"),
+}
+FILES = ("jwt_rs256_public_key_file", "activity_config")
+MAX_PORT = 65_535
+
+
+def check(settings: Settings) -> None:
+    """Refuse settings the service cannot run with, naming the setting and why."""
+    _check_address(settings.listen, "listen")
+    if settings.metrics_listen:
+        _check_address(settings.metrics_listen, "metrics_listen")
+    for name in AT_LEAST_ONE:
+        if getattr(settings, name) < 1:
+            raise InvalidArgument(name, "must be at least 1")
+    for name in ABOVE_ZERO:
+        if not 0 < getattr(settings, name) < math.inf:
+            raise InvalidArgument(name, "must be a finite number above 0")
+    for name in ZERO_OR_MORE:
+        if not 0 <= getattr(settings, name) < math.inf:
+            raise InvalidArgument(name, "must be a finite number, 0 or more")
+    if not 0 <= settings.trace_sample_ratio <= 1:
+        raise InvalidArgument("trace_sample_ratio", "must be in [0, 1]")
+    for name, allowed in CHOICES.items():
+        if getattr(settings, name).upper() not in allowed:
+            choices = ", ".join(a.lower() for a in allowed)
+            raise InvalidArgument(name, f"must be one of {choices}")
+    for name in FILES:
+        path = getattr(settings, name)
+        if path and not os.access(path, os.R_OK):
+            raise InvalidArgument(name, f"cannot read {path}")
+        if path and not Path(path).is_file():
+            raise InvalidArgument(name, f"{path} is not a file")
+
+
+def _check_address(address: str, name: str) -> None:
+    """host:port with a port in [0, 65535] (0: any free port)."""
+    host, _, port = address.rpartition(":")
+    if not (host and port.isdigit() and port.isascii()):
+        raise InvalidArgument(name, f"expected host:port, got {address!r}")
+    if int(port) > MAX_PORT:
+        raise InvalidArgument(name, f"port {port} is not in [0, {MAX_PORT}]")

@@ -98,7 +98,7 @@ def columns_to_batch(tenant: str, columns: track_pb2.ColumnarFixes) -> FixBatch:
         np.asarray(columns.time_ms, dtype=np.int64),
         np.asarray(columns.lat, dtype=np.float64),
         np.asarray(columns.lon, dtype=np.float64),
-        provider=np.asarray(columns.provider, dtype=np.int8),
+        provider=np.asarray(columns.provider, dtype=np.int32),
         **{
             name: np.asarray(getattr(columns, name), dtype=np.float32)
             for name in OPTIONAL_COLUMNS

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tracking_grpc import config
 from tracking_grpc.app import App, open_app
 from tracking_grpc.config import Settings
 from tracking_grpc.errors import Unavailable
@@ -79,6 +80,7 @@ class TrackingServer:
     async def start(
         cls, settings: Settings, telemetry: Telemetry | None = None
     ) -> TrackingServer:
+        config.check(settings)
         telemetry = telemetry or Telemetry(settings)
         app = await open_app(settings)
         try:

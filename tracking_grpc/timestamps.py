@@ -20,6 +20,10 @@ import numpy as np
 from tracking_grpc.errors import InvalidArgument
 
 MS_PER_HOUR = 3_600_000
+# 9999-01-01T00:00Z, the latest time a request may name: local calendar days of a
+# range ending by then, in any time zone, stay within the years datetime can name,
+# and milliseconds added to it stay far from the int64 limit.
+LATEST_MS = 253_370_764_800_000
 TIME_FORMATS = ("iso", "unix_s", "unix_ms")
 
 

@@ -14,19 +14,19 @@ import logging
 import os
 import signal
 
-from tracking_grpc.config import Settings
+from tracking_grpc.config import Settings, check
 from tracking_grpc.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
 
 def check_workers(settings: Settings) -> None:
-    """Several workers need a fixed port: with port 0 each would pick its own."""
+    """The settings' own checks, then what several workers need: a fixed port (with
+    port 0 each would pick its own) and shared backends."""
+    check(settings)
     _, _, port = settings.listen.rpartition(":")
     if settings.workers > 1 and port in ("", "0"):
         raise InvalidArgument("listen", "--workers above 1 needs a fixed port")
-    if settings.workers < 1:
-        raise InvalidArgument("workers", "must be at least 1")
     if settings.workers > 1 and not (settings.database_url and settings.redis_url):
         # Each worker would have its own SQLite writer and its own live positions.
         raise InvalidArgument(

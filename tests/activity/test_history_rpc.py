@@ -199,6 +199,30 @@ async def test_export_formats_parse_back(history, fmt):
     assert count == 340 and chunks[0].content_type
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param('=HYPERLINK("http://x","y")', id="equals"),
+        pytest.param("+1+2", id="plus"),
+        pytest.param("-2+3", id="minus"),
+        pytest.param("@SUM(A1)", id="at"),
+        pytest.param('="quoted"', id="equals-with-quotes"),
+    ],
+)
+async def test_csv_export_defuses_a_device_id_a_spreadsheet_would_run(history, device):
+    stub, track_stub = history
+    await publish(track_stub, commute(device))
+    track_request = history_pb2.GetTrackRequest(
+        device_id=device, start_ms=T0, end_ms=T0 + DAY_MS
+    )
+    request = history_pb2.ExportTrackRequest(
+        track=track_request, format=history_pb2.EXPORT_FORMAT_CSV
+    )
+    text = b"".join([c.data async for c in stub.ExportTrack(request)]).decode()
+    cells = {row["device_id"] for row in csv.DictReader(io.StringIO(text))}
+    assert cells == {"'" + device}
+
+
 async def test_daily_summary_splits_a_trip_at_local_midnight(history):
     stub, track_stub = history
     # 2023-11-14 23:00 Europe/Zurich is 22:00 UTC: park, then drive over midnight.
@@ -344,6 +368,51 @@ async def test_bad_options_name_the_field(history, call, request_, field):
         await getattr(stub, call)(request_)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in error.value.details()
+
+
+FAR_FUTURE_RANGES = [
+    pytest.param(253_402_300_800_000, id="year-10000"),
+    pytest.param(253_402_300_800_000 + 300 * DAY_MS, id="past-year-10000"),
+    pytest.param(2**63 - 1, id="int64-max"),
+    pytest.param(2**63 - 1 - 5 * DAY_MS, id="near-int64-max"),
+    pytest.param(253_370_764_800_000 + DAY_MS, id="just-past-9999-01-01"),
+]
+HISTORY_CALLS = [
+    ("DailySummary", history_pb2.DailySummaryRequest),
+    ("HomeWork", history_pb2.HomeWorkRequest),
+    ("ListTrips", history_pb2.ListTripsRequest),
+    ("GetTrack", history_pb2.GetTrackRequest),
+]
+
+
+@pytest.mark.parametrize("end_ms", FAR_FUTURE_RANGES)
+@pytest.mark.parametrize(
+    ("call", "message"), [pytest.param(*c, id=c[0]) for c in HISTORY_CALLS]
+)
+async def test_ranges_past_year_9999_name_end_ms(history, call, message, end_ms):
+    stub, _ = history
+    request = message(device_id="d", start_ms=end_ms - DAY_MS, end_ms=end_ms)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        answer = getattr(stub, call)(request)
+        [r async for r in answer] if call == "GetTrack" else await answer
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(error.value) == (
+        "end_ms",
+        "must be at most 253370764800000 (9999-01-01)",
+    )
+
+
+async def test_a_day_summary_up_to_the_latest_time_is_answered(history):
+    stub, _ = history
+    end_ms = 253_370_764_800_000
+    request = history_pb2.DailySummaryRequest(
+        device_id="d",
+        start_ms=end_ms - DAY_MS,
+        end_ms=end_ms,
+        time_zone="Pacific/Kiritimati",
+    )
+    answer = await stub.DailySummary(request)
+    assert [d.date for d in answer.days] == ["9998-12-31", "9999-01-01"]
 
 
 @pytest.mark.parametrize(

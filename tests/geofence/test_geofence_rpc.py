@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 import uuid
@@ -492,3 +493,233 @@ async def test_list_pages_stay_under_a_default_client_limit(fences) -> None:
             break
     assert [len(p) for p in pages] == [3, 1]
     assert [fence for page in pages for fence in page] == [f"big-{i}" for i in range(4)]
+
+
+def crafted_token(json_text: str) -> str:
+    """A page token as this service encodes one, around any JSON text."""
+    return base64.urlsafe_b64encode(json_text.encode()).decode()
+
+
+BAD_EVENT_TOKENS = [
+    pytest.param(crafted_token('["abc", "ab12"]'), id="time-a-string"),
+    pytest.param(crafted_token('[NaN, "ab12"]'), id="time-nan"),
+    pytest.param(crafted_token('[Infinity, "ab12"]'), id="time-infinity"),
+    pytest.param(crafted_token('[-Infinity, "ab12"]'), id="time-minus-infinity"),
+    pytest.param(crafted_token('[{"a": 1}, "ab12"]'), id="time-an-object"),
+    pytest.param(crafted_token('[1e30, "ab12"]'), id="time-huge-float"),
+    pytest.param(crafted_token('[1.5, "ab12"]'), id="time-fraction"),
+    pytest.param(crafted_token(f'[{2**64}, "ab12"]'), id="time-beyond-int64"),
+    pytest.param(crafted_token('[-1, "ab12"]'), id="time-negative"),
+    pytest.param(crafted_token('[true, "ab12"]'), id="time-a-boolean"),
+    pytest.param(crafted_token("[1, 5]"), id="event-id-a-number"),
+    pytest.param(crafted_token('[1, "x"]'), id="event-id-not-hex"),
+    pytest.param(crafted_token('[1, "\\u0000"]'), id="event-id-nul"),
+    pytest.param(crafted_token(json.dumps([1, "a" * 500])), id="event-id-long"),
+    pytest.param(crafted_token('[1, "ab12", 3]'), id="three-items"),
+    pytest.param(crafted_token('{"a": 1}'), id="an-object"),
+    pytest.param(crafted_token("[" * 100_000 + "]" * 100_000), id="deep-nesting"),
+    pytest.param(crafted_token("[1, "), id="not-json"),
+    pytest.param("%%%not base64", id="not-base64"),
+    pytest.param("é", id="not-ascii"),
+]
+
+
+@pytest.mark.parametrize("token", BAD_EVENT_TOKENS)
+async def test_list_events_refuses_a_token_it_did_not_issue(fences, token) -> None:
+    request = geofence_pb2.ListEventsRequest(start_ms=1, page_token=token)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fences.ListEvents(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(caught.value) == ("page_token", "not a token this service issued")
+
+
+BAD_FENCE_TOKENS = [
+    pytest.param(crafted_token('"a\\u0000b"'), id="nul"),
+    pytest.param(crafted_token('"a b"'), id="space"),
+    pytest.param(crafted_token(json.dumps("f" * 129)), id="too-long"),
+    pytest.param(crafted_token('""'), id="empty"),
+    pytest.param(crafted_token('{"a": 1}'), id="an-object"),
+    pytest.param(crafted_token('["a"]'), id="a-list"),
+    pytest.param(crafted_token("12"), id="a-number"),
+    pytest.param(crafted_token("NaN"), id="nan"),
+    pytest.param(crafted_token("null"), id="null"),
+    pytest.param(crafted_token("[" * 100_000 + "]" * 100_000), id="deep-nesting"),
+    pytest.param("%%%not base64", id="not-base64"),
+]
+
+
+@pytest.mark.parametrize("token", BAD_FENCE_TOKENS)
+async def test_list_fences_refuses_a_token_it_did_not_issue(fences, token) -> None:
+    await fences.CreateFence(geofence_pb2.CreateFenceRequest(fence=polygon("a")))
+    request = geofence_pb2.ListFencesRequest(page_token=token)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fences.ListFences(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(caught.value) == ("page_token", "not a token this service issued")
+
+
+CIRCLE_POINT = {"type": "Point", "coordinates": [2.5, 48.5]}
+
+
+def feature(properties: object, geometry: object = CIRCLE_POINT, **extra) -> dict:
+    return {
+        "type": "Feature",
+        "id": "f",
+        "geometry": geometry,
+        "properties": properties,
+        **extra,
+    }
+
+
+BAD_FEATURES = [
+    pytest.param(feature([1]), "properties", "must be an object", id="props-list"),
+    pytest.param(feature("x"), "properties", "must be an object", id="props-text"),
+    pytest.param(
+        feature({"radius_m": 50}, geometry=[1]),
+        "geometry",
+        "must be an object",
+        id="geometry-list",
+    ),
+    pytest.param(
+        feature({"radius_m": True}), "properties.radius_m", "number", id="radius-true"
+    ),
+    pytest.param(
+        feature({"radius_m": "50"}), "properties.radius_m", "number", id="radius-text"
+    ),
+    pytest.param(
+        feature({"radius_m": None}), "properties.radius_m", "number", id="radius-null"
+    ),
+    pytest.param(
+        feature({"radius_m": math.nan}),
+        "properties.radius_m",
+        "number",
+        id="radius-nan",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "dwell_ms": "abc"}),
+        "properties.dwell_ms",
+        "whole number",
+        id="dwell-text",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "dwell_ms": math.nan}),
+        "properties.dwell_ms",
+        "whole number",
+        id="dwell-nan",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "dwell_ms": math.inf}),
+        "properties.dwell_ms",
+        "whole number",
+        id="dwell-infinity",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "dwell_ms": 1.5}),
+        "properties.dwell_ms",
+        "whole number",
+        id="dwell-fraction",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "dwell_ms": True}),
+        "properties.dwell_ms",
+        "whole number",
+        id="dwell-true",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "max_accuracy_m": "x"}),
+        "properties.max_accuracy_m",
+        "number",
+        id="accuracy-text",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "max_accuracy_m": False}),
+        "properties.max_accuracy_m",
+        "number",
+        id="accuracy-false",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "labels": [1, 2]}),
+        "properties.labels",
+        "list of strings",
+        id="labels-numbers",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "labels": "depot"}),
+        "properties.labels",
+        "list of strings",
+        id="labels-text",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "metadata": [1]}),
+        "properties.metadata",
+        "must be an object",
+        id="metadata-list",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "metadata": {"k": {"a": 1}}}),
+        "properties.metadata",
+        "strings",
+        id="metadata-nested",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "name": 7}), "properties.name", "string", id="name-7"
+    ),
+    pytest.param(feature({"radius_m": 50}, id=True), "id", "string", id="id-true"),
+    pytest.param(
+        feature({"radius_m": 50}, geometry={"type": "Point", "coordinates": [1, True]}),
+        "geometry.coordinates",
+        "numbers",
+        id="position-true",
+    ),
+]
+
+
+@pytest.mark.parametrize(("bad", "where", "words"), BAD_FEATURES)
+async def test_import_refuses_features_of_the_wrong_types(
+    fences, bad, where, words
+) -> None:
+    collection = {"type": "FeatureCollection", "features": [bad]}
+    request = geofence_pb2.ImportFencesRequest(geojson=json.dumps(collection))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fences.ImportFences(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    field, description = violation(caught.value)
+    assert field == f"features[0].{where}"
+    assert words in description
+    listed = await fences.ListFences(geofence_pb2.ListFencesRequest())
+    assert list(listed.fences) == []
+
+
+async def test_import_takes_whole_numbers_written_as_floats(fences) -> None:
+    props = {"radius_m": 50, "dwell_ms": 60000.0, "max_accuracy_m": 20}
+    collection = {"type": "FeatureCollection", "features": [feature(props)]}
+    await fences.ImportFences(
+        geofence_pb2.ImportFencesRequest(geojson=json.dumps(collection))
+    )
+    got = await fences.GetFence(geofence_pb2.GetFenceRequest(fence_id="f"))
+    assert (got.fence.dwell_ms, got.fence.max_accuracy_m) == (60000, 20.0)
+
+
+@pytest.mark.parametrize(
+    ("fences_n", "devices_n", "field"),
+    [
+        pytest.param(0, 10_001, "device_ids", id="devices-alone"),
+        pytest.param(10_001, 0, "fence_ids", id="fences-alone"),
+        pytest.param(6_000, 6_000, "device_ids", id="together"),
+        pytest.param(10_001, 10_001, "fence_ids", id="both-over"),
+    ],
+)
+async def test_watch_events_names_the_list_over_the_limit(
+    fences, fences_n, devices_n, field
+) -> None:
+    request = geofence_pb2.WatchEventsRequest(
+        fence_ids=[f"f{i}" for i in range(fences_n)],
+        device_ids=[f"d{i}" for i in range(devices_n)],
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fences.WatchEvents(request).read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(caught.value) == (
+        field,
+        "at most 10000 ids in fence_ids and device_ids together",
+    )

@@ -14,7 +14,7 @@ from pyproj import Geod
 from tracking.v1 import common_pb2, event_pb2, route_pb2, route_pb2_grpc
 
 from tests.routes import support
-from tests.server_fixtures import batch, hello, now_ms, track_session
+from tests.server_fixtures import batch, hello, now_ms, track_session, violation
 
 P = common_pb2.LatLng
 GEOD = Geod(ellps="WGS84")
@@ -185,6 +185,81 @@ async def test_bad_optimisation_names_the_field(routes, jobs, field) -> None:
     assert caught.value.details().startswith(f"{field}: ")
 
 
+INT64_MAX, INT64_MIN = 2**63 - 1, -(2**63)
+LATEST_MS = 253_370_764_800_000  # 9999-01-01
+W = route_pb2.TimeWindow
+
+
+def plan(departure_ms: int = 0, shift=None, service_s=0.0, window=None):
+    """A one-van, one-job plan request with one setting changed."""
+    van = route_pb2.Vehicle(id="van", start=STATION, shift=shift)
+    job = route_pb2.Job(
+        id="a",
+        location=SENATE,
+        service_s=service_s,
+        time_windows=[window] if window else [],
+    )
+    return route_pb2.OptimizeRouteRequest(
+        vehicles=[van], jobs=[job], departure_ms=departure_ms
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        pytest.param(plan(service_s=1e300), "jobs[0].service_s", id="service-1e300"),
+        pytest.param(plan(service_s=1e10), "jobs[0].service_s", id="service-300-years"),
+        pytest.param(plan(service_s=-1), "jobs[0].service_s", id="service-negative"),
+        pytest.param(
+            plan(service_s=float("inf")), "jobs[0].service_s", id="service-infinite"
+        ),
+        pytest.param(plan(INT64_MAX), "departure_ms", id="departure-int64-max"),
+        pytest.param(plan(INT64_MIN), "departure_ms", id="departure-int64-min"),
+        pytest.param(plan(-1), "departure_ms", id="departure-negative"),
+        pytest.param(plan(LATEST_MS + 1), "departure_ms", id="departure-past-9999"),
+        pytest.param(
+            plan(shift=W(start_ms=INT64_MIN, end_ms=0)),
+            "vehicles[0].shift.start_ms",
+            id="shift-int64-min",
+        ),
+        pytest.param(
+            plan(shift=W(start_ms=0, end_ms=INT64_MAX)),
+            "vehicles[0].shift.end_ms",
+            id="shift-end-int64-max",
+        ),
+        pytest.param(
+            plan(window=W(start_ms=0, end_ms=INT64_MAX)),
+            "jobs[0].time_windows[0].end_ms",
+            id="window-end-int64-max",
+        ),
+        pytest.param(
+            plan(window=W(start_ms=-5, end_ms=5)),
+            "jobs[0].time_windows[0].start_ms",
+            id="window-negative",
+        ),
+        pytest.param(
+            plan(1_700_000_000_000, window=W(start_ms=LATEST_MS, end_ms=LATEST_MS)),
+            "jobs[0].time_windows[0].start_ms",
+            id="window-beyond-the-horizon",
+        ),
+    ],
+)
+async def test_optimisation_bounds_times_and_service(routes, request_, field) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await routes.OptimizeRoute(request_)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"{field}: ")
+
+
+async def test_a_shift_open_to_the_latest_time_plans_from_its_start(routes) -> None:
+    start = now_ms()
+    request = plan(shift=W(start_ms=start, end_ms=LATEST_MS), service_s=86_400)
+    answer = await routes.OptimizeRoute(request)
+    stops = answer.routes[0].stops
+    assert stops[0].arrival_ms == start
+    assert [s.job_id for s in stops if s.job_id] == ["a"]
+
+
 async def test_job_window_long_past_leaves_the_job_unassigned(routes) -> None:
     """A window given in seconds instead of milliseconds lies in January 1970: the
     job cannot be served, and the vehicle's default shift stays valid."""
@@ -317,3 +392,87 @@ async def test_match_track_checks_its_input(routes, request_fields, field) -> No
         await routes.MatchTrack(route_pb2.MatchTrackRequest(**request_fields))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith(f"{field}:")
+
+
+def match_fixes(times: list[int], **extra) -> list[common_pb2.Fix]:
+    return [
+        common_pb2.Fix(seq=k + 1, time_ms=t, lat=60.17 + k * 1e-4, lon=24.94, **extra)
+        for k, t in enumerate(times)
+    ]
+
+
+NOW_MS = 1_700_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("fixes", "field", "words"),
+    [
+        pytest.param(
+            match_fixes([INT64_MIN, INT64_MAX]),
+            "fixes[0].time_ms",
+            "epoch milliseconds",
+            id="int64-extremes",
+        ),
+        pytest.param(
+            match_fixes([NOW_MS, INT64_MAX]),
+            "fixes[1].time_ms",
+            "epoch milliseconds",
+            id="int64-max",
+        ),
+        pytest.param(
+            match_fixes([-1, NOW_MS]),
+            "fixes[0].time_ms",
+            "epoch milliseconds",
+            id="negative-time",
+        ),
+        pytest.param(
+            match_fixes([NOW_MS, NOW_MS + 1000], accuracy_m=-5),
+            "fixes[0].accuracy_m",
+            "finite number >= 0",
+            id="negative-accuracy",
+        ),
+        pytest.param(
+            match_fixes([NOW_MS, NOW_MS + 1000], accuracy_m=float("inf")),
+            "fixes[0].accuracy_m",
+            "finite number >= 0",
+            id="infinite-accuracy",
+        ),
+        pytest.param(
+            match_fixes([NOW_MS + 1000, NOW_MS]),
+            "fixes",
+            "fix times must not decrease",
+            id="decreasing",
+        ),
+    ],
+)
+async def test_match_track_checks_fix_times_and_accuracy(
+    routes, fixes, field, words
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await routes.MatchTrack(route_pb2.MatchTrackRequest(fixes=fixes))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found, description = violation(caught.value)
+    assert found == field and words in description
+
+
+@pytest.mark.parametrize(
+    ("route_id", "words"),
+    [
+        pytest.param("\0" * 1000, "longer than 128 characters", id="thousand-nuls"),
+        pytest.param("r\0", "contains control characters", id="nul"),
+        pytest.param("r\n1", "contains control characters", id="newline"),
+        pytest.param("r" * 100_000, "longer than 128 characters", id="100k-chars"),
+        pytest.param("   ", "must not be empty or only spaces", id="spaces"),
+    ],
+)
+async def test_assign_route_checks_the_route_id_like_a_device_id(
+    routes, route_id, words
+) -> None:
+    route = route_pb2.ComputeRouteRequest(origin=KAMPPI, destination=SENATE)
+    request = route_pb2.AssignRouteRequest(
+        device_id="d", route_id=route_id, route=route
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await routes.AssignRoute(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(caught.value) == ("route_id", words)

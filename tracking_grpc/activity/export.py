@@ -103,9 +103,21 @@ def geojson(fixes: FixBatch, name: str) -> Iterator[str]:
 CSV_HEADER = "device_id,seq,time_utc,time_ms,lat,lon,accuracy_m,speed_mps,heading_deg\n"
 
 
+# A cell starting with one of these is a formula to a spreadsheet (CSV injection);
+# such a cell gets a leading apostrophe, which shows it as text.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+    """A text cell, quoted, and defused if a spreadsheet would run it."""
+    if value.startswith(FORMULA_STARTS):
+        value = "'" + value
+    return '"' + value.replace('"', '""') + '"'
+
+
 def csv(fixes: FixBatch, name: str) -> Iterator[str]:
     yield CSV_HEADER
-    quoted = '"' + name.replace('"', '""') + '"'
+    quoted = csv_text(name)
     for part in _chunks(fixes):
         lines = []
         for seq, when, t, lat, lon, acc, speed, heading in zip(

@@ -13,6 +13,7 @@ from tracking_grpc.activity.track import Analysis, analyse
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.storage.base import HistoryStore
+from tracking_grpc.timestamps import LATEST_MS
 
 MAX_RANGE_MS = 366 * 86_400_000
 MAX_QUERY_FIXES = 2_000_000
@@ -23,6 +24,8 @@ def check_range(start_ms: int, end_ms: int) -> None:
         raise InvalidArgument("start_ms", "must be >= 0")
     if end_ms <= start_ms:
         raise InvalidArgument("end_ms", "must be after start_ms")
+    if end_ms > LATEST_MS:
+        raise InvalidArgument("end_ms", f"must be at most {LATEST_MS} (9999-01-01)")
     if end_ms - start_ms > MAX_RANGE_MS:
         raise InvalidArgument("end_ms", "range longer than 366 days")
 

@@ -15,6 +15,9 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
+# The Provider enum travels as an int32; codes beyond it only come from tools.
+PROVIDER_MIN, PROVIDER_MAX = -(2**31), 2**31 - 1
+
 OPTIONAL_COLUMNS = (
     "accuracy_m",
     "altitude_m",
@@ -44,7 +47,7 @@ class FixBatch:
     speed_mps: np.ndarray  # float32
     heading_deg: np.ndarray  # float32
     battery_pct: np.ndarray  # float32
-    provider: np.ndarray  # int8
+    provider: np.ndarray  # int32, the wire type of the Provider enum
     received_ms: np.ndarray  # int64, server receive time
 
     def __len__(self) -> int:
@@ -86,15 +89,7 @@ class FixBatch:
             time_ms=np.asarray(time_ms, dtype=np.int64),
             lat=np.asarray(lat, dtype=np.float64),
             lon=np.asarray(lon, dtype=np.float64),
-            provider=(
-                np.zeros(n, dtype=np.int8)
-                if provider is None or len(provider) == 0
-                # Out-of-range codes stay out of range (validation rejects them)
-                # instead of wrapping around in the narrow column.
-                else np.clip(np.asarray(provider, dtype=np.int64), -1, 127).astype(
-                    np.int8
-                )
-            ),
+            provider=_provider_column(provider, n),
             received_ms=np.broadcast_to(
                 np.asarray(received_ms, dtype=np.int64), (n,)
             ).copy(),
@@ -189,6 +184,15 @@ class FixBatch:
         last = np.ones(len(order), dtype=bool)
         last[:-1] = ordered[1:] != ordered[:-1]
         return order[last]
+
+
+def _provider_column(provider: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
+    """Provider codes as sent: an undefined code keeps its value, so validation
+    rejects it and names it (a narrower column would wrap 257 round to 1)."""
+    if provider is None or len(provider) == 0:
+        return np.zeros(n, dtype=np.int32)
+    wide = np.asarray(provider, dtype=np.int64)
+    return np.clip(wide, PROVIDER_MIN, PROVIDER_MAX).astype(np.int32)
 
 
 # The array columns, in field order; computed once (``fields()`` is slow per call and

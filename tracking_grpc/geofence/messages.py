@@ -26,7 +26,7 @@ from tracking_grpc.geofence.model import (
     ScheduleWindow,
     ShapeSpec,
 )
-from tracking_grpc.geofence.shapes import compile_checked
+from tracking_grpc.geofence.shapes import compile_checked, is_json_number
 
 FENCE_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 MAX_LABELS = 32
@@ -196,60 +196,105 @@ def _feature(
 ) -> tuple[FenceSpec, tuple[str, ...]]:
     if not isinstance(feature, dict) or feature.get("type") != "Feature":
         raise InvalidArgument(field, "expected a GeoJSON Feature")
-    props = feature.get("properties") or {}
-    geometry = feature.get("geometry") or {}
-    fence_id = str(feature.get("id", props.get("id", "")))
+    props = _object(feature.get("properties"), f"{field}.properties")
+    geometry = _object(feature.get("geometry"), f"{field}.geometry")
+    spec = FenceSpec(
+        fence_id=_feature_id(feature, props, field),
+        shape=_feature_shape(geometry, props, field),
+        name=_text(props, "name", field),
+        dwell_ms=_whole_number(props, "dwell_ms", field),
+        labels=_labels(props, field),
+        metadata=_metadata(props, field),
+        max_accuracy_m=_number(props, "max_accuracy_m", field, default=0.0),
+    )
+    return checked(spec, field, repair)
+
+
+def _feature_shape(geometry: dict, props: dict, field: str) -> ShapeSpec:
     kind = geometry.get("type")
     coords = geometry.get("coordinates")
     if kind == "Point" and "radius_m" in props:
         lon, lat = _pair(coords, f"{field}.geometry.coordinates")
-        shape = ShapeSpec.circle(lat, lon, _number(props, "radius_m", field))
-    elif kind == "LineString" and "width_m" in props:
+        return ShapeSpec.circle(lat, lon, _number(props, "radius_m", field))
+    if kind == "LineString" and "width_m" in props:
         if not isinstance(coords, list):
             raise InvalidArgument(f"{field}.geometry.coordinates", "expected a list")
         path = [
             _pair(p, f"{field}.geometry.coordinates[{j}]")[::-1]
             for j, p in enumerate(coords)
         ]
-        shape = ShapeSpec.corridor(path, _number(props, "width_m", field))
-    elif kind in {"Polygon", "MultiPolygon"}:
-        shape = ShapeSpec.geojson(json.dumps(geometry))
-    else:
-        raise InvalidArgument(
-            f"{field}.geometry",
-            "Polygon, MultiPolygon, Point with properties.radius_m or LineString "
-            "with properties.width_m",
-        )
-    labels = props.get("labels", [])
-    metadata = props.get("metadata", {})
-    if not isinstance(labels, list) or not isinstance(metadata, dict):
-        raise InvalidArgument(
-            f"{field}.properties", "labels is a list, metadata an object"
-        )
-    spec = FenceSpec(
-        fence_id=fence_id,
-        shape=shape,
-        name=str(props.get("name", "")),
-        dwell_ms=int(props.get("dwell_ms", 0)),
-        labels=tuple(str(x) for x in labels),
-        metadata={str(k): str(v) for k, v in metadata.items()},
-        max_accuracy_m=float(props.get("max_accuracy_m", 0.0)),
+        return ShapeSpec.corridor(path, _number(props, "width_m", field))
+    if kind in {"Polygon", "MultiPolygon"}:
+        return ShapeSpec.geojson(json.dumps(geometry))
+    raise InvalidArgument(
+        f"{field}.geometry",
+        "Polygon, MultiPolygon, Point with properties.radius_m or LineString "
+        "with properties.width_m",
     )
-    spec, repairs = checked(spec, field, repair)
-    return spec, repairs
+
+
+def _object(value: Any, field: str) -> dict:
+    """A JSON object member; absent or null reads as empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(field, "must be an object")
+    return value
+
+
+def _feature_id(feature: dict, props: dict, field: str) -> str:
+    """The feature's id, else properties.id: a string or a whole number."""
+    where, value = f"{field}.id", feature.get("id")
+    if value is None:
+        where, value = f"{field}.properties.id", props.get("id", "")
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidArgument(where, "must be a string or a whole number")
+    return str(value)
 
 
 def _pair(value: Any, field: str) -> tuple[float, float]:
     if not isinstance(value, list) or len(value) < 2:
         raise InvalidArgument(field, "a position is [lon, lat]")
-    try:
-        return float(value[0]), float(value[1])
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(field, "a position is [lon, lat] numbers") from exc
+    if not (is_json_number(value[0]) and is_json_number(value[1])):
+        raise InvalidArgument(field, "a position is [lon, lat] numbers")
+    return float(value[0]), float(value[1])
 
 
-def _number(props: dict, name: str, field: str) -> float:
-    try:
-        return float(props[name])
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(f"{field}.properties.{name}", "must be a number") from exc
+def _number(props: dict, name: str, field: str, default: float | None = None) -> float:
+    """A finite JSON number property (true and "5" are not numbers)."""
+    value: Any = props.get(name, default)
+    if not (is_json_number(value) and math.isfinite(value)):
+        raise InvalidArgument(f"{field}.properties.{name}", "must be a finite number")
+    return float(value)
+
+
+def _whole_number(props: dict, name: str, field: str) -> int:
+    """A whole JSON number property (5000 or 5000.0), 0 when absent."""
+    value = props.get(name, 0)
+    whole = is_json_number(value) and math.isfinite(value) and value == int(value)
+    if not whole:
+        raise InvalidArgument(f"{field}.properties.{name}", "must be a whole number")
+    return int(value)
+
+
+def _text(props: dict, name: str, field: str) -> str:
+    value = props.get(name, "")
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{field}.properties.{name}", "must be a string")
+    return value
+
+
+def _labels(props: dict, field: str) -> tuple[str, ...]:
+    labels = props.get("labels", [])
+    if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise InvalidArgument(f"{field}.properties.labels", "must be a list of strings")
+    return tuple(labels)
+
+
+def _metadata(props: dict, field: str) -> dict[str, str]:
+    metadata = _object(props.get("metadata"), f"{field}.properties.metadata")
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidArgument(
+            f"{field}.properties.metadata", "must map names to strings"
+        )
+    return dict(metadata)

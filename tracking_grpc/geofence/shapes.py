@@ -235,13 +235,17 @@ def _ring(ring: Any, field: str, repair: bool, repairs: list[str]) -> np.ndarray
     return coords
 
 
+def is_json_number(value: Any) -> bool:
+    """A JSON number as parsed: an int or a float, never a bool or a string."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _position(position: Any, field: str) -> tuple[float, float]:
     if not isinstance(position, list | tuple) or len(position) < 2:
         raise InvalidArgument(field, "a position is [lon, lat]")
-    try:
-        lon, lat = float(position[0]), float(position[1])
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(field, "a position is [lon, lat] numbers") from exc
+    if not (is_json_number(position[0]) and is_json_number(position[1])):
+        raise InvalidArgument(field, "a position is [lon, lat] numbers")
+    lon, lat = float(position[0]), float(position[1])
     check_lat_lon(lat, lon, field)
     return lon, lat
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from tracking_grpc.geofence.delivery import (
     StreamWatchFeed,
 )
 from tracking_grpc.geofence.messages import (
+    FENCE_ID,
     check_fence_id,
     event_types,
     fence_message,
@@ -35,6 +37,7 @@ from tracking_grpc.geofence.processor import GeofenceProcessor
 from tracking_grpc.geofence.shapes import check_lat_lon
 from tracking_grpc.servicers.track import event_message
 from tracking_grpc.storage.fences import (
+    NOT_ISSUED,
     EventQuery,
     EventRepository,
     FenceRepository,
@@ -51,6 +54,8 @@ PAGE_BYTES = 3_000_000  # fences per page stop short of this many bytes
 MAX_WATCH_IDS = 10_000
 FOLLOW_TIMEOUT_S = 5.0  # longest WatchEvents waits for the event stream
 GEOFENCE_STREAM = "geofence-events"  # after redis_key_prefix
+MAX_TIME_MS = 2**63 - 1  # event times are signed 64-bit integers in the stores
+EVENT_ID = re.compile(r"^[0-9a-f]{1,64}$")  # events.event_id: a hex digest
 
 
 def now_ms() -> int:
@@ -61,6 +66,37 @@ def _page_size(value: int) -> int:
     if value > MAX_PAGE:
         raise InvalidArgument("page_size", f"at most {MAX_PAGE}")
     return value or DEFAULT_PAGE
+
+
+def _fence_after(token: str) -> str:
+    """The fence id a ListFences page token resumes after."""
+    fence_id = decode_token(token)
+    if not (isinstance(fence_id, str) and FENCE_ID.match(fence_id)):
+        raise InvalidArgument("page_token", NOT_ISSUED)
+    return fence_id
+
+
+def _event_after(token: str) -> tuple[int, str]:
+    """The (time_ms, event_id) a ListEvents page token resumes after."""
+    value = decode_token(token)
+    if not (isinstance(value, list) and len(value) == 2):
+        raise InvalidArgument("page_token", NOT_ISSUED)
+    time_ms, event_id = value
+    # bool is an int subclass; a float (1e30) is no token this service writes
+    if type(time_ms) is not int or not 0 <= time_ms <= MAX_TIME_MS:
+        raise InvalidArgument("page_token", NOT_ISSUED)
+    if not (isinstance(event_id, str) and EVENT_ID.match(event_id)):
+        raise InvalidArgument("page_token", NOT_ISSUED)
+    return time_ms, event_id
+
+
+def _check_watch_ids(fences: int, devices: int) -> None:
+    """At most MAX_WATCH_IDS ids in all; the list that passes the limit is named."""
+    if fences + devices <= MAX_WATCH_IDS:
+        return
+    field = "fence_ids" if fences > MAX_WATCH_IDS else "device_ids"
+    reason = f"at most {MAX_WATCH_IDS} ids in fence_ids and device_ids together"
+    raise InvalidArgument(field, reason)
 
 
 class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
@@ -126,7 +162,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
         size = _page_size(request.page_size)
-        after = str(decode_token(request.page_token)) if request.page_token else ""
+        after = _fence_after(request.page_token) if request.page_token else ""
         found = await self.fences.list(
             caller.tenant, list(request.labels), size + 1, after
         )
@@ -204,8 +240,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         ends with UNAUTHENTICATED when the caller's token expires."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
-        if len(request.fence_ids) + len(request.device_ids) > MAX_WATCH_IDS:
-            raise InvalidArgument("fence_ids", f"at most {MAX_WATCH_IDS} ids in all")
+        _check_watch_ids(len(request.fence_ids), len(request.device_ids))
         event_filter = EventFilter(
             caller.tenant,
             frozenset(request.fence_ids),
@@ -246,12 +281,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         if request.device_id:  # empty: every device
             convert.check_device_id(request.device_id, "device_id")
         size = _page_size(request.page_size)
-        after = None
-        if request.page_token:
-            token = decode_token(request.page_token)
-            if not (isinstance(token, list) and len(token) == 2):
-                raise InvalidArgument("page_token", "not a token this service issued")
-            after = (int(token[0]), str(token[1]))
+        after = _event_after(request.page_token) if request.page_token else None
         found = await self.events.list(
             EventQuery(
                 caller.tenant,

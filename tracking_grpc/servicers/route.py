@@ -134,6 +134,8 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
         caller = self.app.auth.caller(context)
         caller.require(Role.ADMIN)
         device = convert.check_device_id(request.device_id, "device_id")
+        if request.route_id:  # empty: the service names the route
+            convert.check_device_id(request.route_id, "route_id")
         if not request.HasField("route"):
             raise InvalidArgument("route", "is required")
         profile = rc.profile(request.route.profile, "route.profile")
@@ -186,6 +188,7 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
                 raise InvalidArgument("fixes", f"at most {MAX_MATCH_FIXES} fixes")
             batch = convert.fixes_to_batch(tenant, "track", request.fixes)
             rc.latlng_arrays(request.fixes, "fixes", MAX_MATCH_FIXES)
+            rc.check_match_fixes(batch)
         else:
             if not request.device_id:
                 raise InvalidArgument(

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import polyline as polyline_codec
 from tracking.v1 import common_pb2, route_pb2
 
+from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.ingest import now_ms
 from tracking_grpc.routing import optimise
 from tracking_grpc.routing.engine import POLYLINE_PRECISION, Matrix, Route, Snap
 from tracking_grpc.routing.geometry import check_points
 from tracking_grpc.routing.monitor import RouteProgress
+from tracking_grpc.timestamps import LATEST_MS
 
 PROFILES = {
     route_pb2.ROUTING_PROFILE_UNSPECIFIED: "car",
@@ -28,6 +31,7 @@ MAX_MATRIX_POINTS = 500
 MAX_VEHICLES = 200
 MAX_JOBS = 2_000
 STOP_KINDS = {"start": 1, "job": 2, "end": 3}
+MAX_SERVICE_S = 86_400  # a day at one stop
 
 
 def profile(value: int, field: str = "profile") -> str:
@@ -95,6 +99,21 @@ def latlng_arrays(
     lon = np.array([p.lon for p in points], dtype=np.float64)
     check_points(field, lat, lon)
     return lat, lon
+
+
+def check_match_fixes(batch: FixBatch) -> None:
+    """Fix times in [0, LATEST_MS] and accuracies, where given, finite and >= 0."""
+    bad_time = (batch.time_ms < 0) | (batch.time_ms > LATEST_MS)
+    if bad_time.any():
+        i = int(np.argmax(bad_time))
+        reason = f"must be epoch milliseconds in [0, {LATEST_MS}] (9999-01-01)"
+        raise InvalidArgument(f"fixes[{i}].time_ms", reason)
+    accuracy = batch.accuracy_m
+    with np.errstate(invalid="ignore"):
+        bad_accuracy = np.isinf(accuracy) | (accuracy < 0)
+    if bad_accuracy.any():
+        i = int(np.argmax(bad_accuracy))
+        raise InvalidArgument(f"fixes[{i}].accuracy_m", "must be a finite number >= 0")
 
 
 def latlng(lat: float, lon: float) -> common_pb2.LatLng:
@@ -188,63 +207,110 @@ def problem_specs(
         raise InvalidArgument("jobs", f"at most {MAX_JOBS}")
     _check_windows(request)
     departure_ms = request.departure_ms or now_ms()
-    # Times count from the earliest a vehicle may start; a job window that closed
-    # before then is a window at 0, which no vehicle reaches.
+    # Times count from the earliest a vehicle may start.
     starts = [departure_ms]
     starts += [v.shift.start_ms for v in request.vehicles if v.HasField("shift")]
-    origin_ms = min(starts)
+    clock = PlanClock(min(starts))
+    vehicles = [
+        _vehicle(v, f"vehicles[{i}]", clock, departure_ms)
+        for i, v in enumerate(request.vehicles)
+    ]
+    jobs = [_job(j, f"jobs[{i}]", clock) for i, j in enumerate(request.jobs)]
+    return vehicles, jobs, clock.origin_ms
 
-    def seconds(ms: int) -> int:
-        return max(int((ms - origin_ms) // 1000), 0)
 
-    vehicles = []
-    for i, v in enumerate(request.vehicles):
-        field = f"vehicles[{i}]"
-        shift = (seconds(departure_ms), seconds(departure_ms) + optimise.FOREVER_S)
-        if v.HasField("shift"):
-            shift = (seconds(v.shift.start_ms), seconds(v.shift.end_ms))
-        vehicles.append(
-            optimise.VehicleSpec(
-                vehicle_id=v.id,
-                start=point(v.start, f"{field}.start") if v.HasField("start") else None,
-                end=point(v.end, f"{field}.end") if v.HasField("end") else None,
-                capacity=tuple(v.capacity),
-                shift_s=shift,
-                skills=frozenset(v.skills),
-            )
+@dataclass(frozen=True, slots=True)
+class PlanClock:
+    """Epoch milliseconds as the optimiser's whole seconds from ``origin_ms``.
+
+    The optimiser counts in 32-bit seconds, so a plan spans ``optimise.FOREVER_S``
+    at most: a time that opens a window beyond it is refused, one that closes a
+    window beyond it means "no end". A window that closed before the origin is a
+    window at 0, which no vehicle reaches.
+    """
+
+    origin_ms: int
+
+    def seconds(self, ms: int) -> int:
+        return max((ms - self.origin_ms) // 1000, 0)
+
+    def opens(self, ms: int, field: str) -> int:
+        seconds = self.seconds(ms)
+        if seconds > optimise.FOREVER_S:
+            reason = "lies more than 10 years after the earliest vehicle start"
+            raise InvalidArgument(field, reason)
+        return seconds
+
+    def closes(self, ms: int) -> int:
+        return min(self.seconds(ms), 2 * optimise.FOREVER_S)
+
+
+def _vehicle(
+    v: route_pb2.Vehicle, field: str, clock: PlanClock, departure_ms: int
+) -> optimise.VehicleSpec:
+    if v.HasField("shift"):
+        start_s = clock.opens(v.shift.start_ms, f"{field}.shift.start_ms")
+        shift = (start_s, clock.closes(v.shift.end_ms))
+    else:
+        start_s = clock.opens(departure_ms, "departure_ms")
+        shift = (start_s, start_s + optimise.FOREVER_S)
+    return optimise.VehicleSpec(
+        vehicle_id=v.id,
+        start=point(v.start, f"{field}.start") if v.HasField("start") else None,
+        end=point(v.end, f"{field}.end") if v.HasField("end") else None,
+        capacity=tuple(v.capacity),
+        shift_s=shift,
+        skills=frozenset(v.skills),
+    )
+
+
+def _job(j: route_pb2.Job, field: str, clock: PlanClock) -> optimise.JobSpec:
+    if not (np.isfinite(j.service_s) and 0 <= j.service_s <= MAX_SERVICE_S):
+        raise InvalidArgument(
+            f"{field}.service_s", f"must be a number in [0, {MAX_SERVICE_S}]"
         )
-    jobs = []
-    for i, j in enumerate(request.jobs):
-        field = f"jobs[{i}]"
-        if not (np.isfinite(j.service_s) and j.service_s >= 0):
-            raise InvalidArgument(f"{field}.service_s", "must be a finite number >= 0")
-        jobs.append(
-            optimise.JobSpec(
-                job_id=j.id,
-                location=point(j.location, f"{field}.location", j.HasField("location")),
-                service_s=round(j.service_s),
-                windows_s=tuple(
-                    (seconds(w.start_ms), seconds(w.end_ms)) for w in j.time_windows
-                ),
-                demand=tuple(j.demand),
-                priority=j.priority,
-                skills=frozenset(j.skills),
-            )
+    windows = tuple(
+        (
+            clock.opens(w.start_ms, f"{field}.time_windows[{k}].start_ms"),
+            clock.closes(w.end_ms),
         )
-    return vehicles, jobs, origin_ms
+        for k, w in enumerate(j.time_windows)
+    )
+    return optimise.JobSpec(
+        job_id=j.id,
+        location=point(j.location, f"{field}.location", j.HasField("location")),
+        service_s=round(j.service_s),
+        windows_s=windows,
+        demand=tuple(j.demand),
+        priority=j.priority,
+        skills=frozenset(j.skills),
+    )
 
 
 def _check_windows(request: route_pb2.OptimizeRouteRequest) -> None:
-    """Shifts and job windows that end before they start, named as sent."""
+    """Times out of range, and shifts and job windows that end before they start,
+    named as sent."""
+    _check_time(request.departure_ms, "departure_ms")
     for i, v in enumerate(request.vehicles):
-        if v.HasField("shift") and v.shift.end_ms < v.shift.start_ms:
-            raise InvalidArgument(f"vehicles[{i}].shift", "ends before it starts")
+        if v.HasField("shift"):
+            _check_window(v.shift, f"vehicles[{i}].shift")
     for i, j in enumerate(request.jobs):
         for k, w in enumerate(j.time_windows):
-            if w.end_ms < w.start_ms:
-                raise InvalidArgument(
-                    f"jobs[{i}].time_windows[{k}]", "ends before it starts"
-                )
+            _check_window(w, f"jobs[{i}].time_windows[{k}]")
+
+
+def _check_window(window: route_pb2.TimeWindow, field: str) -> None:
+    _check_time(window.start_ms, f"{field}.start_ms")
+    _check_time(window.end_ms, f"{field}.end_ms")
+    if window.end_ms < window.start_ms:
+        raise InvalidArgument(field, "ends before it starts")
+
+
+def _check_time(ms: int, field: str) -> None:
+    if not 0 <= ms <= LATEST_MS:
+        raise InvalidArgument(
+            field, f"must be epoch milliseconds in [0, {LATEST_MS}] (9999-01-01)"
+        )
 
 
 def plan_response(

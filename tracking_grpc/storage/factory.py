@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from tracking_grpc.config import Settings
-from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
 from tracking_grpc.storage.memory import LocalBroker, MemoryLiveStore
 from tracking_grpc.storage.sqlite import SqliteHistoryStore
@@ -35,15 +33,13 @@ async def open_live(settings: Settings) -> tuple[LiveStore, Broker]:
         from tracking_grpc.storage.redis_broker import RedisBroker
         from tracking_grpc.storage.redis_live import RedisLiveStore
 
-        ttl_s = settings.fanout_interest_ttl_s
-        if not (math.isfinite(ttl_s) and ttl_s > 0):
-            # The heartbeat runs every ttl_s / 3: at 0 it would never pause.
-            raise InvalidArgument("fanout_interest_ttl_s", "must be above 0 seconds")
         log.info("live state and fan-out: Redis")
         prefix = settings.redis_key_prefix
         live = await RedisLiveStore.open(settings.redis_url, prefix)
         try:
-            broker = await RedisBroker.open(settings.redis_url, prefix, ttl_s)
+            broker = await RedisBroker.open(
+                settings.redis_url, prefix, settings.fanout_interest_ttl_s
+            )
         except BaseException:
             await live.close()
             raise

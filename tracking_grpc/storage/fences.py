@@ -150,13 +150,29 @@ def event_attributes(event: TrackingEvent) -> str:
     return json.dumps(event.attributes, sort_keys=True)
 
 
+MAX_TOKEN_CHARS = 1024  # issued tokens are well under 200
+NOT_ISSUED = "not a token this service issued"
+
+
 def encode_token(value: object) -> str:
     """An opaque page token."""
     return base64.urlsafe_b64encode(json.dumps(value).encode()).decode()
 
 
 def decode_token(token: str, field: str = "page_token") -> object:
+    """The JSON value of a page token; the caller checks its shape and types.
+
+    A token is the caller's input: it is bounded in size and nesting, and the
+    non-standard constants NaN and Infinity are refused like any other garbage.
+    """
+    if len(token) > MAX_TOKEN_CHARS:
+        raise InvalidArgument(field, NOT_ISSUED)
     try:
-        return json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (ValueError, TypeError) as exc:
-        raise InvalidArgument(field, "not a token this service issued") from exc
+        text = base64.urlsafe_b64decode(token.encode())
+        return json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise InvalidArgument(field, NOT_ISSUED) from exc
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")

@@ -614,7 +614,7 @@ def _batch_from_rows(tenant: str, devices: np.ndarray, rows: np.ndarray) -> FixB
         speed_mps=f[6].astype(np.float32),
         heading_deg=f[7].astype(np.float32),
         battery_pct=f[8].astype(np.float32),
-        provider=f[9].astype(np.int8),
+        provider=f[9].astype(np.int32),
         received_ms=f[10].astype(np.int64),
     )
 

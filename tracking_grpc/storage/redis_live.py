@@ -763,4 +763,5 @@ def _joined(values: list[str], rows: list[int]) -> str:
 def _decode(tenant: str, devices: np.ndarray, records: list[bytes]) -> FixBatch:
     table = np.frombuffer(b"".join(records), dtype=RECORD)
     columns = {name: table[name].copy() for name in RECORD_NAMES}
+    columns["provider"] = columns["provider"].astype(np.int32)  # stored fixes: 0-6
     return FixBatch(tenant=tenant, device=np.asarray(devices, dtype=object), **columns)
