@@ -290,8 +290,9 @@ class Device {
   }
 
   async _connectUntilDone(pool) {
-    let failures = 0;
+    let failures = 0; // in a row: a stream that got an ack starts the count again
     while (!this.stopped) {
+      const ackedBefore = this.ackedSeq;
       const [outcome, detail] = await this._track(pool);
       this.call = null;
       this.session = null;
@@ -309,7 +310,7 @@ class Device {
         return; // the server closed the stream after our half-close
       }
       this.result.error(`track_${outcome}`, 1, detail);
-      failures += 1;
+      failures = this.ackedSeq > ackedBefore ? 1 : failures + 1;
       if (failures > RETRIES) {
         return;
       }

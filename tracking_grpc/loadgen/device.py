@@ -178,9 +178,10 @@ class Device:
             self.recover_seq = 0
 
     async def _connect_loop(self, pool: ChannelPool) -> None:
-        failures = 0
+        failures = 0  # in a row: a stream that got an ack starts the count again
         while True:
             detail = ""
+            acked_before = self.acked_seq
             call = pool.stub(self.slot).Track(metadata=pool.metadata)
             try:
                 await self._open(call)
@@ -206,7 +207,7 @@ class Device:
             if not self.generating:
                 return  # the server closed the stream after our done_writing
             self.result.error(f"track_{outcome}", detail=detail)
-            failures += 1
+            failures = 1 if self.acked_seq > acked_before else failures + 1
             if failures > RETRIES:
                 return
             await asyncio.sleep(0.5 * failures)
