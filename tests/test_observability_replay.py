@@ -67,7 +67,7 @@ async def replay(stub, trace: Trace) -> dict[str, int]:
         answer = await stub.PublishBatch(columns(chunk))
         totals["stored"] += answer.stored
         totals["duplicates"] += answer.duplicates
-        totals["rejected"] += len(answer.rejections)
+        totals["rejected"] += answer.rejected
     return totals
 
 

@@ -228,8 +228,9 @@ class Device {
     const now = nowMs();
     const result = this.result;
     const rejections = ack.rejections || [];
-    if (rejections.length) {
-      result.error('rejected_fixes', rejections.length);
+    const rejected = Number(ack.rejected || 0) || rejections.length; // all, not only listed
+    if (rejected) {
+      result.error('rejected_fixes', rejected);
     }
     const ackedSeq = ack.acked_seq || 0;
     let top = ackedSeq;

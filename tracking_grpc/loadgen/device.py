@@ -157,8 +157,8 @@ class Device:
     def _on_ack(self, ack: track_pb2.Ack) -> None:
         now_ns = time.time_ns()
         result = self.result
-        if ack.rejections:
-            result.error("rejected_fixes", len(ack.rejections))
+        if ack.rejected:  # all of them; at most 1,000 are listed
+            result.error("rejected_fixes", ack.rejected)
         top = max([ack.acked_seq, *(r.seq for r in ack.rejections)])
         self.acked_seq = max(self.acked_seq, ack.acked_seq)
         result.count("fixes_stored", ack.stored)

@@ -99,5 +99,5 @@ class Gateway:
         result.count("batches_acked")
         result.count("fixes_stored", response.stored)
         result.count("fixes_duplicate", response.duplicates)
-        if response.rejections:
-            result.error("rejected_fixes", len(response.rejections))
+        if response.rejected:  # all of them; at most 1,000 are listed
+            result.error("rejected_fixes", response.rejected)
