@@ -142,16 +142,18 @@ async def test_viewer_cannot_publish(secured) -> None:
 
 
 async def test_stream_ends_when_its_token_expires(secured) -> None:
-    _, stub = secured
+    server, stub = secured
     short = token("device", exp=time.time() + 1.5)
     call = stub.Track(metadata=bearer(short))
     await call.write(hello("dev-1"))
     await call.read()
     await asyncio.sleep(2)
-    await call.write(batch([fix(1, 1.0, 1.0)]))
+    with contextlib.suppress(asyncio.InvalidStateError):  # ended by its timer
+        await call.write(batch([fix(1, 1.0, 1.0)]))
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await call.read()
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert await server.app.history.count("acme", "dev-1") == 0
 
 
 async def expires_while_idle(call, wait_s: float = 10.0) -> grpc.StatusCode:
@@ -161,6 +163,22 @@ async def expires_while_idle(call, wait_s: float = 10.0) -> grpc.StatusCode:
             while True:  # snapshot and any updates, until the stream ends
                 await call.read()
     return raised.value.code()
+
+
+@pytest.mark.parametrize("want_events", [False, True])
+async def test_an_idle_track_stream_ends_when_its_token_expires(
+    secured, want_events
+) -> None:
+    """After its acks: a stream that sent a batch and went quiet (with events on, it
+    would go on hearing them) ends at expiry, not at its next batch."""
+    _, stub = secured
+    short = token("device", sub="dev-9", exp=time.time() + 1.5)
+    call = stub.Track(metadata=bearer(short))
+    await call.write(hello("dev-9", want_events=want_events))
+    assert (await call.read()).HasField("started")
+    await call.write(batch([fix(1, 1.0, 1.0)]))
+    assert (await call.read()).ack.acked_seq == 1
+    assert await expires_while_idle(call) == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_watch_ends_when_its_token_expires(secured) -> None:

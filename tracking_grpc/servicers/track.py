@@ -409,10 +409,10 @@ class _Session:
             await self.context.write(response)
 
     async def run(self, requests: AsyncIterator[track_pb2.TrackRequest]) -> None:
-        """Reads until the client half-closes, with up to INFLIGHT_BATCHES batches
-        awaiting their acks; acks go out in batch order; then the last acks. A
-        message that ends the stream with an error ends it after the acks of the
-        batches before it."""
+        """Reads until the client half-closes (or the caller's token expires), with
+        up to INFLIGHT_BATCHES batches awaiting their acks; acks go out in batch
+        order; then the last acks. A message (or the expiry) that ends the stream
+        with an error ends it after the acks of the batches before it."""
         reader = self._reader = asyncio.current_task()
         assert reader is not None
         events = None
@@ -420,7 +420,9 @@ class _Session:
             events = asyncio.create_task(self._write_events(self.events))
         try:
             try:
-                await self._read(requests)
+                # An idle stream would outlive its token (and hear events): the
+                # expiry ends it by a timer, not only at the next batch.
+                await self.caller.before_expiry(self._read(requests))
             except TrackingError:
                 # A bad message ends the stream, but the batches before it are
                 # stored (or will be): their acks go out before the error.
