@@ -190,14 +190,22 @@ LATEST_MS = 253_370_764_800_000  # 9999-01-01
 W = route_pb2.TimeWindow
 
 
-def plan(departure_ms: int = 0, shift=None, service_s=0.0, window=None):
+def plan(
+    departure_ms: int = 0,
+    shift=None,
+    service_s=0.0,
+    window=None,
+    capacity=(),
+    demand=(),
+):
     """A one-van, one-job plan request with one setting changed."""
-    van = route_pb2.Vehicle(id="van", start=STATION, shift=shift)
+    van = route_pb2.Vehicle(id="van", start=STATION, shift=shift, capacity=capacity)
     job = route_pb2.Job(
         id="a",
         location=SENATE,
         service_s=service_s,
         time_windows=[window] if window else [],
+        demand=demand,
     )
     return route_pb2.OptimizeRouteRequest(
         vehicles=[van], jobs=[job], departure_ms=departure_ms
@@ -212,6 +220,19 @@ def plan(departure_ms: int = 0, shift=None, service_s=0.0, window=None):
         pytest.param(plan(service_s=-1), "jobs[0].service_s", id="service-negative"),
         pytest.param(
             plan(service_s=float("inf")), "jobs[0].service_s", id="service-infinite"
+        ),
+        pytest.param(
+            plan(capacity=[INT64_MAX], demand=[1]),
+            "vehicles[0].capacity",
+            id="capacity-int64-max",
+        ),
+        pytest.param(
+            plan(capacity=[10], demand=[2**31]),
+            "jobs[0].demand",
+            id="demand-past-int32",
+        ),
+        pytest.param(
+            plan(capacity=[10], demand=[-1]), "jobs[0].demand", id="demand-negative"
         ),
         pytest.param(plan(INT64_MAX), "departure_ms", id="departure-int64-max"),
         pytest.param(plan(INT64_MIN), "departure_ms", id="departure-int64-min"),

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 FOREVER_S = 10 * 365 * 86_400
 UNREACHABLE_S = 100 * 86_400  # stands in for "no route" in VROOM's integer matrix
-UNLIMITED = 2**31 - 1
+UNLIMITED = 2**31 - 1  # also the largest capacity or demand taken (VROOM sums them)
 DEFAULT_TIMEOUT_S = 30.0  # the capacity of a vehicle given none
 
 
@@ -299,15 +299,17 @@ def _check(vehicles: list[VehicleSpec], jobs: list[JobSpec]) -> None:
             raise InvalidArgument(f"vehicles[{i}]", "set start, end or both")
         if v.shift_s[0] > v.shift_s[1]:
             raise InvalidArgument(f"vehicles[{i}].shift", "starts after it ends")
-        if any(c < 0 for c in v.capacity):
-            raise InvalidArgument(f"vehicles[{i}].capacity", "must not be negative")
+        if not all(0 <= c <= UNLIMITED for c in v.capacity):
+            raise InvalidArgument(
+                f"vehicles[{i}].capacity", f"must be in [0, {UNLIMITED}]"
+            )
     for i, j in enumerate(jobs):
         if any(a > b for a, b in j.windows_s):
             raise InvalidArgument(
                 f"jobs[{i}].time_windows", "a window ends before it starts"
             )
-        if any(d < 0 for d in j.demand):
-            raise InvalidArgument(f"jobs[{i}].demand", "must not be negative")
+        if not all(0 <= d <= UNLIMITED for d in j.demand):
+            raise InvalidArgument(f"jobs[{i}].demand", f"must be in [0, {UNLIMITED}]")
         if not 0 <= j.priority <= 100:
             raise InvalidArgument(f"jobs[{i}].priority", "must be in [0, 100]")
         if j.service_s < 0:
