@@ -477,6 +477,29 @@ async def test_match_track_checks_fix_times_and_accuracy(
 
 
 @pytest.mark.parametrize(
+    ("start_ms", "end_ms", "field"),
+    [
+        pytest.param(INT64_MIN, NOW_MS, "start_ms", id="start-int64-min"),
+        pytest.param(NOW_MS, INT64_MAX, "end_ms", id="end-int64-max"),
+        pytest.param(NOW_MS, NOW_MS - 1, "end_ms", id="inverted"),
+        pytest.param(0, NOW_MS, "end_ms", id="decades"),
+    ],
+)
+async def test_match_track_by_device_bounds_its_range(
+    routes, start_ms, end_ms, field
+) -> None:
+    """A device's stored track is matched over a range the History RPCs would
+    take: from 0, up to 9999-01-01, at most 366 days."""
+    request = route_pb2.MatchTrackRequest(
+        device_id="van", start_ms=start_ms, end_ms=end_ms
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await routes.MatchTrack(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(caught.value)[0] == field
+
+
+@pytest.mark.parametrize(
     ("route_id", "words"),
     [
         pytest.param("\0" * 1000, "longer than 128 characters", id="thousand-nuls"),

@@ -9,6 +9,7 @@ import numpy as np
 from tracking.v1 import route_pb2, route_pb2_grpc
 
 from tracking_grpc import convert
+from tracking_grpc.activity.queries import check_range
 from tracking_grpc.app import App
 from tracking_grpc.auth import Role
 from tracking_grpc.core.fixes import FixBatch
@@ -195,8 +196,7 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
                     "fixes", "give fixes, or a device_id with start_ms and end_ms"
                 )
             device = convert.check_device_id(request.device_id, "device_id")
-            if request.end_ms <= request.start_ms:
-                raise InvalidArgument("end_ms", "must be after start_ms")
+            check_range(request.start_ms, request.end_ms)  # as the History RPCs
             batch = await self.app.history.history(
                 tenant, device, request.start_ms, request.end_ms, MAX_MATCH_FIXES
             )
