@@ -144,6 +144,35 @@ async def test_workers_share_one_port(servers, pg_url) -> None:
     assert server.process.wait(timeout=20) == 0, server.log()[-3000:]
 
 
+async def test_a_worker_that_dies_is_replaced(servers, pg_url) -> None:
+    """The others go on serving, the supervisor starts another worker in its
+    place, and a stop still ends them all cleanly."""
+    server = servers(workers=2)
+    first = children(server.process.pid)
+    os.kill(first[0], 9)
+
+    def replaced() -> bool:
+        now = children(server.process.pid)
+        return len(now) == 2 and first[0] not in now and first[1] in now
+
+    async with asyncio.timeout(30):  # the survivor keeps serving meanwhile
+        while not replaced():  # noqa: ASYNC110 - polls another process's children
+            await asyncio.sleep(0.1)
+    device, t0 = f"tram-{uuid.uuid4().hex[:8]}", now_ms() - 60_000
+    for seq in (1, 2, 3, 4):  # a connection each: the kernel spreads them
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            call = track_pb2_grpc.TrackSessionStub(channel).Track()
+            await call.write(hello(device))
+            await call.read()
+            await call.write(batch([fix(seq, 48.1, 11.5, t0 + seq)]))
+            assert (await call.read()).ack.acked_seq == seq
+            await call.done_writing()
+    assert stored_seqs(pg_url, device) == [1, 2, 3, 4]
+    assert "replaced by pid" in server.log()
+    os.kill(server.process.pid, 15)
+    assert server.process.wait(timeout=20) == 0, server.log()[-3000:]
+
+
 async def test_a_killed_process_stops_being_sent_updates(
     servers, production_env, redis_url, redis_prefix
 ) -> None:

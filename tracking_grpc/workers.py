@@ -5,7 +5,10 @@ loops do not survive a fork), each worker binds the same address with SO_REUSEPO
 and the kernel spreads new connections over them. Workers share nothing but the
 backends (PostgreSQL, Redis), exactly as servers on different machines would. The
 supervisor forwards SIGINT/SIGTERM, serves the summed metrics if enabled, and exits
-when every worker has; a worker that dies leaves the others serving.
+when every worker has. A worker that dies leaves the others serving, and the
+supervisor starts another in its place; one that keeps dying within
+``STEADY_S`` of its start is replaced after a growing pause, and given up after
+``MAX_QUICK_DEATHS`` such deaths in a row (a bad setting or backend, not bad luck).
 """
 
 from __future__ import annotations
@@ -13,11 +16,35 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
+from dataclasses import dataclass
 
 from tracking_grpc.config import Settings, check
 from tracking_grpc.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
+
+STEADY_S = 30.0  # a worker that lived this long died of bad luck, not of its setup
+MAX_QUICK_DEATHS = 5
+MAX_PAUSE_S = 5.0
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One of the N worker places: its index, when its worker started, and how
+    many of its workers in a row died before ``STEADY_S``."""
+
+    index: int
+    started: float
+    quick_deaths: int = 0
+
+    def died(self) -> float | None:
+        """The pause before a replacement, or None to give the place up."""
+        quick = time.monotonic() - self.started < STEADY_S
+        self.quick_deaths = self.quick_deaths + 1 if quick else 0
+        if self.quick_deaths >= MAX_QUICK_DEATHS:
+            return None
+        return min(MAX_PAUSE_S, 0.5 * 2**self.quick_deaths) if quick else 0.0
 
 
 def check_workers(settings: Settings) -> None:
@@ -37,19 +64,23 @@ def check_workers(settings: Settings) -> None:
 
 
 def supervise(settings: Settings) -> int:
-    """Fork the workers, wait for them; returns the exit code for the command."""
+    """Fork the workers, replace those that die, wait for them all to stop; the
+    exit code for the command: 1 if a worker's place was given up."""
     from tracking_grpc.observability import Telemetry, metrics
 
     check_workers(settings)
     Telemetry.prepare_workers(settings)
-    workers = [_fork_worker(settings, index) for index in range(settings.workers)]
+    workers = {
+        _fork_worker(settings, i): _Slot(i, time.monotonic())
+        for i in range(settings.workers)
+    }
     log.info("started %d workers on %s: %s", len(workers), settings.listen, workers)
 
     stopping: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
         stopping.append(signum)
-        for pid in workers:
+        for pid in list(workers):
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
@@ -62,17 +93,32 @@ def supervise(settings: Settings) -> int:
         metrics.enable()
         metrics_server, _ = metrics.serve(settings.metrics_listen)
     failed = 0
-    remaining = set(workers)
-    while remaining:
+    while workers:
         pid, status = os.wait()
-        remaining.discard(pid)
+        slot = workers.pop(pid, None)
+        if slot is None:
+            continue
         metrics.worker_exited(pid)
         code = os.waitstatus_to_exitcode(status)
         # A worker still starting when we forwarded a stop dies of that signal
         # (its own handler was not installed yet): a stop, not a failure.
-        if code != 0 and -code not in stopping:
+        if code == 0 or -code in stopping:
+            continue
+        log.error("worker %d exited with %d; %d left", pid, code, len(workers))
+        pause = slot.died()
+        if pause is None:
             failed += 1
-            log.error("worker %d exited with %d; %d left", pid, code, len(remaining))
+            log.error("worker %d died %d times right after starting; not replaced",
+                      slot.index, MAX_QUICK_DEATHS)  # fmt: skip
+            continue
+        time.sleep(pause)
+        if not stopping:
+            replacement = _fork_worker(settings, slot.index)
+            slot.started = time.monotonic()
+            workers[replacement] = slot
+            log.warning("worker %d replaced by pid %d", slot.index, replacement)
+            if stopping:  # the stop came while it was being forked
+                forward(stopping[-1], None)
     if metrics_server is not None:
         metrics_server.shutdown()
     return 1 if failed else 0
@@ -84,7 +130,10 @@ def _fork_worker(settings: Settings, index: int) -> int:
         return pid
     code = 1
     try:
+        # Not the supervisor's forwarding (inherited by a replacement): a stop
+        # before the worker's own handlers are in place ends it.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         code = _run_worker(settings, index)
     except BaseException:
         log.exception("worker %d failed", index)
