@@ -30,7 +30,7 @@ from tracking_grpc.config import Settings
 from tracking_grpc.core import chunks, validation
 from tracking_grpc.core.fixes import FixBatch, FixRow
 from tracking_grpc.errors import StorageUnavailable, Unavailable
-from tracking_grpc.events import EventBus, FixProcessor
+from tracking_grpc.events import EventBus, FixProcessor, TrackingEvent
 from tracking_grpc.observability import metrics, tracing
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
 
@@ -500,14 +500,34 @@ class IngestPipeline:
     ) -> None:
         for processor in self.processors:
             try:
-                with tracing.span(
-                    f"process.{processor.name}", links, fixes=len(stored)
-                ):
-                    events = await processor.process(stored)
+                events = await self._run_processor(processor, stored, links)
             except Exception:
                 log.exception("processor %s failed", processor.name)
                 continue
             await self.bus.emit(events)
+
+    async def _run_processor(
+        self,
+        processor: FixProcessor,
+        stored: FixBatch,
+        links: list[tracing.SpanContext],
+    ) -> list[TrackingEvent]:
+        """The processor's events, retried with back-off while a store it reads is
+        unavailable (the geofence processor reads its fences before it changes
+        anything): stored fixes are not dropped from the events for an outage."""
+        backoff = 0.05
+        while True:
+            try:
+                with tracing.span(
+                    f"process.{processor.name}", links, fixes=len(stored)
+                ):
+                    return await processor.process(stored)
+            except (StorageUnavailable, Unavailable) as exc:
+                if self._closing:
+                    raise
+                log.warning("processor %s waits for its store: %s", processor.name, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
 
     async def close(self) -> None:
         """Store what is queued (acks for it may no longer reach anyone), then stop."""

@@ -31,6 +31,7 @@ from tests.server_fixtures import (
     violation,
 )
 from tracking_grpc.config import Settings
+from tracking_grpc.errors import StorageUnavailable
 from tracking_grpc.server import TrackingServer
 
 SQUARE = {
@@ -218,6 +219,36 @@ async def test_track_stream_gets_enter_and_exit(server, channel, fences) -> None
         (event_pb2.EVENT_TYPE_ENTER, "depot", 2),
         (event_pb2.EVENT_TYPE_EXIT, "depot", 3),
     ]
+
+
+async def test_events_wait_out_an_outage_of_the_fence_store(
+    server, channel, fences, monkeypatch
+) -> None:
+    """The geofence processor cannot read the tenant's fences (PostgreSQL down: a
+    raised StorageUnavailable stands in for it here): the stored fixes' events
+    come once the store answers, instead of being dropped with a logged error."""
+    await fences.CreateFence(
+        geofence_pb2.CreateFenceRequest(
+            fence=geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
+        )
+    )
+    processor = next(p for p in server.app.pipeline.processors if p.name == "geofence")
+    revision, failures = processor.fences.revision, [3]
+
+    async def down_three_times(tenant):
+        if failures[0]:
+            failures[0] -= 1
+            raise StorageUnavailable("fence store down (test)")
+        return await revision(tenant)
+
+    monkeypatch.setattr(processor.fences, "revision", down_three_times)
+    processor.changed("default")
+    events = await enter_then_exit(server, channel, "van-9")
+    assert [(e.type, e.fix_seq) for e in events] == [
+        (event_pb2.EVENT_TYPE_ENTER, 2),
+        (event_pb2.EVENT_TYPE_EXIT, 3),
+    ]
+    assert failures == [0]
 
 
 async def test_watch_events_and_list_events(server, channel, fences) -> None:
