@@ -563,11 +563,9 @@ class _Slot:
 def _first_per_fix(batch: FixBatch, rows: np.ndarray) -> np.ndarray:
     """Of ``rows`` (ascending), those not repeating an earlier one's device and fix
     time: the store keeps the first of such fixes and no other."""
-    first: dict[tuple[str, int], int] = {}
-    keys = zip(batch.device[rows].tolist(), batch.time_ms[rows].tolist(), strict=True)
-    for row, key in zip(rows.tolist(), keys, strict=True):
-        first.setdefault(key, row)
-    return np.fromiter(first.values(), dtype=np.intp, count=len(first))
+    keys = np.rec.fromarrays([batch.device[rows].astype(str), batch.time_ms[rows]])
+    _, first = np.unique(keys, return_index=True)  # each key's first place
+    return rows[np.sort(first)]
 
 
 def _rows_batch(items: list[_Pending]) -> FixBatch:
