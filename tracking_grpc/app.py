@@ -46,9 +46,10 @@ class App:
     # health reports them NOT_SERVING while the rest of the server serves.
     not_ready: set[str] = field(default_factory=set)
 
-    async def close(self) -> None:
-        """Flush the pipeline, then close what was opened, newest first."""
-        await self.pipeline.close()
+    async def close(self, deadline: float | None = None) -> None:
+        """Flush the pipeline, then close what was opened, newest first. The event
+        processors' backlog is cut off at ``deadline`` (event loop time)."""
+        await self.pipeline.close(deadline)
         for closer in reversed(self.closers):
             try:
                 await closer()

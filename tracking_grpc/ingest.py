@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from tracking_grpc.backlog import UnprocessedFixes
 from tracking_grpc.config import Settings
 from tracking_grpc.core import chunks, validation
 from tracking_grpc.core.fixes import FixBatch, FixRow
@@ -132,6 +133,7 @@ class IngestPipeline:
         )
         self._processor_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._unprocessed = UnprocessedFixes()  # what a stop's deadline cut off
         concurrent = getattr(history, "concurrent_writers", False)
         self._commits_in_flight = settings.commits_in_flight if concurrent else 1
 
@@ -498,6 +500,9 @@ class IngestPipeline:
     async def _process(
         self, stored: FixBatch, links: list[tracing.SpanContext]
     ) -> None:
+        if self._unprocessed.cut:  # past the stop's deadline
+            self._unprocessed.leave(stored)
+            return
         for processor in self.processors:
             try:
                 events = await self._run_processor(processor, stored, links)
@@ -529,21 +534,48 @@ class IngestPipeline:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    async def close(self) -> None:
-        """Store what is queued (acks for it may no longer reach anyone), then stop."""
+    async def close(self, deadline: float | None = None) -> None:
+        """Store what is queued (acks for it may no longer reach anyone), then stop.
+
+        The processors go on with their backlog until ``deadline`` (event loop
+        time; None: to its end). Then they finish the piece they are in and begin
+        no other: the stored fixes they did not get are logged per tenant and
+        counted (``backlog``).
+        """
         self._closing = True
         if self._ticker is not None:
             self._ticker.cancel()
         self._wakeup.set()
         async with self._space:
             self._space.notify_all()
-        if self._task is not None:
-            await self._task
-            self._task = None
-        if self._processor_task is not None:
-            await self._processing.put(None)
-            await self._processor_task
-            self._processor_task = None
+        cut = None
+        if deadline is not None:
+            cut = asyncio.get_running_loop().call_at(deadline, self._cut_off)
+        try:
+            if self._task is not None:
+                await self._task
+                self._task = None
+            if self._processor_task is not None:
+                await self._processing.put(None)
+                await self._processor_task
+                self._processor_task = None
+        finally:
+            if cut is not None:
+                cut.cancel()
+            self._unprocessed.report()
+
+    def _cut_off(self) -> None:
+        """The stop's deadline: what waits for the processors is left to none."""
+        self._unprocessed.cut_off()
+        ended = False
+        while not self._processing.empty():
+            item = self._processing.get_nowait()
+            if item is None:
+                ended = True
+            else:
+                self._unprocessed.leave(item[0])
+        if ended:
+            self._processing.put_nowait(None)
 
 
 class _Slot:

@@ -150,16 +150,22 @@ class TrackingServer:
             await self.check_dependencies()
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
-        """Stop accepting calls, let open calls finish for ``grace_s``, flush writes."""
+        """Stop accepting calls, let open calls finish for ``grace_s``, flush writes.
+
+        The event processors go on with their backlog until ``grace_s`` after the
+        stop began; what they have not begun by then is left unprocessed (and
+        logged), however long it is after a burst.
+        """
         if self._stopped:
             return
         self._stopped = True
+        deadline = asyncio.get_running_loop().time() + grace_s
         if self._dependency_task is not None:
             self._dependency_task.cancel()
             await asyncio.gather(self._dependency_task, return_exceptions=True)
         await self.set_serving(False)
         await self.server.stop(grace_s)
-        await self.app.close()
+        await self.app.close(deadline)
         await self.telemetry.stop()
         log.info("stopped")
 

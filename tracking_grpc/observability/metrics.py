@@ -135,6 +135,12 @@ class Metrics:
             "its watchers",
             registry=r,
         )
+        self.fixes_unprocessed = Counter(
+            "tracking_fixes_unprocessed",
+            "stored fixes the event processors had not begun when a stop's "
+            "deadline passed: their events were not raised",
+            registry=r,
+        )
         self.stream_events_dropped = Counter(
             "tracking_stream_events_dropped",
             "events not delivered to a device stream that stopped reading",
@@ -438,6 +444,12 @@ def backend_name(store: object) -> str:
     for suffix in ("historystore", "livestore", "store", "broker"):
         kind = kind.removesuffix(suffix)
     return kind or "unknown"
+
+
+def fixes_unprocessed(n: int) -> None:
+    """Count stored fixes left to no processor by a stop."""
+    if _m is not None and n:
+        _m.fixes_unprocessed.inc(n)
 
 
 def stream_events_dropped(n: int) -> None:
