@@ -39,6 +39,11 @@ class App:
     hub: WatchHub
     activity: ActivityProcessor
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # What has a backlog to finish before the closers run (events to store and to
+    # publish), given the stop's deadline (event loop time, or None: no limit).
+    drains: list[Callable[[float | None], Awaitable[None]]] = field(
+        default_factory=list
+    )
     # The tenant's current fence index, kept by the geofence processor (rebuilt off
     # the event loop when the tenant's fences change); set by the Geofence service.
     fence_index: Callable[[str], Awaitable[FenceIndex]] | None = None
@@ -47,9 +52,14 @@ class App:
     not_ready: set[str] = field(default_factory=set)
 
     async def close(self, deadline: float | None = None) -> None:
-        """Flush the pipeline, then close what was opened, newest first. The event
-        processors' backlog is cut off at ``deadline`` (event loop time)."""
+        """Flush the pipeline, drain the event backlogs, then close what was opened,
+        newest first. The backlogs are cut off at ``deadline`` (event loop time)."""
         await self.pipeline.close(deadline)
+        for drain in reversed(self.drains):
+            try:
+                await drain(deadline)
+            except Exception:
+                log.exception("draining %r failed", drain)
         for closer in reversed(self.closers):
             try:
                 await closer()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -12,7 +14,11 @@ from redis.exceptions import RedisError
 
 from tests.conftest import require_service
 from tracking_grpc.events import EventType, TrackingEvent
-from tracking_grpc.geofence.delivery import StreamPublisher, event_of_stream
+from tracking_grpc.geofence.delivery import (
+    EventStoreListener,
+    StreamPublisher,
+    event_of_stream,
+)
 from tracking_grpc.storage.redis_client import Connection
 from tracking_grpc.storage.sqlite_fences import (
     SqliteEventRepository,
@@ -92,3 +98,31 @@ async def test_events_stored_while_redis_is_down_go_out_later(stream, outbox) ->
     await publish_once(REDIS_URL, key, outbox)  # Redis is back, or a restart
     entries = await read_group(client, key)
     assert [fields["event_id"] for _, fields in entries] == ["e3"]
+
+
+async def test_a_stop_past_its_deadline_leaves_the_outbox_to_the_next_start(
+    stream, outbox
+) -> None:
+    client, key = stream
+    await outbox.add([event(n) for n in range(2_000)])  # four chunks of 500
+    publisher = StreamPublisher(Connection(REDIS_URL), key, outbox)
+    publisher.start()
+    await publisher.close(deadline=asyncio.get_running_loop().time())
+    published = await client.xlen(key)
+    assert published < 2_000
+
+    await publish_once(REDIS_URL, key, outbox)  # the next start
+    assert await client.xlen(key) == 2_000
+
+
+async def test_a_stop_past_its_deadline_logs_the_events_it_did_not_store(
+    outbox, caplog
+) -> None:
+    store = EventStoreListener(outbox)
+    store.start()
+    await store([event(n) for n in range(20_000)])  # four chunks of 5,000
+    with caplog.at_level(logging.WARNING, "tracking_grpc.geofence.delivery"):
+        await store.close(deadline=asyncio.get_running_loop().time())
+    stored = len(await outbox.unpublished(20_000))
+    assert stored < 20_000
+    assert f"{20_000 - stored} geofence events not stored" in caplog.text

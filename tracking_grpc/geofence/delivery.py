@@ -40,7 +40,8 @@ class EventStoreListener:
     """Stores geofence events for ListEvents, in batches, off the bus's path.
 
     The listener only queues; a task writes whatever has gathered in one transaction
-    and retries while the store is unavailable.
+    and retries while the store is unavailable. A stop lets it store what is queued
+    until the stop's deadline; what is left then is logged and lost.
     """
 
     def __init__(
@@ -54,6 +55,7 @@ class EventStoreListener:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._cut = False  # the stop's deadline has passed
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="geofence-event-store")
@@ -72,6 +74,13 @@ class EventStoreListener:
     async def _run(self) -> None:
         failures = 0
         while not (self._closing and not self._pending):
+            if self._cut:
+                log.warning(
+                    "%d geofence events not stored at the stop deadline: ListEvents "
+                    "and the event stream will not have them",
+                    len(self._pending),
+                )
+                return
             if not self._pending:
                 self._idle.set()
                 self._wake.clear()
@@ -94,11 +103,15 @@ class EventStoreListener:
                 self.on_stored()
         self._idle.set()
 
-    async def close(self) -> None:
+    async def close(self, deadline: float | None = None) -> None:
+        """Store what is queued, until ``deadline`` (event loop time) if given."""
         self._closing = True
         self._wake.set()
-        if self._task is not None:
-            await self._task
+        await _until(self._task, deadline, self._cut_off)
+
+    def _cut_off(self) -> None:
+        self._cut = True
+        self._wake.set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +225,8 @@ class StreamPublisher:
 
     Events marked unpublished in the store are appended (XADD) and then marked; what a
     crash or a Redis outage leaves unpublished goes out when the publisher runs again.
-    An event may so be appended twice, never lost once stored.
+    An event may so be appended twice, never lost once stored. A stop publishes
+    until its deadline and leaves the rest for the next start.
     """
 
     def __init__(
@@ -229,6 +243,7 @@ class StreamPublisher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._cut = False  # the stop's deadline has passed
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="geofence-stream")
@@ -240,6 +255,12 @@ class StreamPublisher:
     async def _run(self) -> None:
         failures = 0
         while True:
+            if self._cut:
+                log.info(
+                    "stop deadline: stored events not yet on the event stream are "
+                    "published after the next start"
+                )
+                return
             self._wake.clear()
             try:
                 chunk = await self.events.unpublished(500)
@@ -276,12 +297,17 @@ class StreamPublisher:
                     )
                 await pipe.execute()
 
-    async def close(self) -> None:
+    async def close(self, deadline: float | None = None) -> None:
+        """Publish what the store holds unpublished, until ``deadline`` (event loop
+        time) if given; then close the connection."""
         self._closing = True
         self._wake.set()
-        if self._task is not None:
-            await self._task
+        await _until(self._task, deadline, self._cut_off)
         await self.connection.close()
+
+    def _cut_off(self) -> None:
+        self._cut = True
+        self._wake.set()
 
 
 class StreamWatchFeed:
@@ -340,6 +366,22 @@ class StreamWatchFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.connection.close()
+
+
+async def _until(
+    task: asyncio.Task[None] | None, deadline: float | None, cut_off: Callable[[], None]
+) -> None:
+    """Wait for ``task`` to end, calling ``cut_off`` at ``deadline`` if it has not."""
+    if task is None:
+        return
+    cut = None
+    if deadline is not None:
+        cut = asyncio.get_running_loop().call_at(deadline, cut_off)
+    try:
+        await task
+    finally:
+        if cut is not None:
+            cut.cancel()
 
 
 def _event(entry: dict) -> TrackingEvent:

@@ -345,11 +345,11 @@ def register(server: grpc.aio.Server, app: App) -> str:
     if app.settings.redis_url:
         publisher = StreamPublisher(Connection(app.settings.redis_url), stream, events)
         publisher.start()
-        app.closers.append(publisher.close)
+        app.drains.append(publisher.close)
     store = EventStoreListener(events, publisher.wake if publisher else None)
     store.start()
     app.bus.add_listener(store)
-    app.closers.append(store.close)
+    app.drains.append(store.close)
     if publisher is None:
         app.bus.add_listener(hub)
     else:  # every process's events, through the stream
