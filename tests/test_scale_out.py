@@ -173,6 +173,32 @@ async def test_a_worker_that_dies_is_replaced(servers, pg_url) -> None:
     assert server.process.wait(timeout=20) == 0, server.log()[-3000:]
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead and not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_workers_die_with_a_killed_supervisor(servers) -> None:
+    """A supervisor killed outright forwards nothing: its workers must not go on
+    serving on their own."""
+    server = servers(workers=2)
+    workers = children(server.process.pid)
+    assert len(workers) == 2
+    server.kill()
+    try:
+        async with asyncio.timeout(60):  # hang guard: they stop within their grace
+            while any(alive(pid) for pid in workers):  # noqa: ASYNC110 - polls /proc
+                await asyncio.sleep(0.1)
+    finally:
+        for pid in workers:  # without the death signal they would serve on
+            if alive(pid):
+                os.kill(pid, 9)
+
+
 async def test_a_killed_process_stops_being_sent_updates(
     servers, production_env, redis_url, redis_prefix
 ) -> None:

@@ -5,7 +5,10 @@ loops do not survive a fork), each worker binds the same address with SO_REUSEPO
 and the kernel spreads new connections over them. Workers share nothing but the
 backends (PostgreSQL, Redis), exactly as servers on different machines would. The
 supervisor forwards SIGINT/SIGTERM, serves the summed metrics if enabled, and exits
-when every worker has. A worker that dies leaves the others serving, and the
+when every worker has. Workers die with the supervisor: killed outright (SIGKILL,
+the OOM killer), it cannot forward a stop, so each worker asks the kernel for a
+SIGTERM when its parent goes (Linux), and stops as it would on a forwarded one.
+A worker that dies leaves the others serving, and the
 supervisor starts another in its place; one that keeps dying within
 ``STEADY_S`` of its start is replaced after a growing pause, and given up after
 ``MAX_QUICK_DEATHS`` such deaths in a row (a bad setting or backend, not bad luck).
@@ -13,9 +16,11 @@ supervisor starts another in its place; one that keeps dying within
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 STEADY_S = 30.0  # a worker that lived this long died of bad luck, not of its setup
 MAX_QUICK_DEATHS = 5
 MAX_PAUSE_S = 5.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(slots=True)
@@ -125,6 +131,7 @@ def supervise(settings: Settings) -> int:
 
 
 def _fork_worker(settings: Settings, index: int) -> int:
+    supervisor = os.getpid()
     pid = os.fork()
     if pid:
         return pid
@@ -134,12 +141,28 @@ def _fork_worker(settings: Settings, index: int) -> int:
         # before the worker's own handlers are in place ends it.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        code = _run_worker(settings, index)
+        if _follow_parent(supervisor):
+            code = _run_worker(settings, index)
+        else:
+            log.error("worker %d: the supervisor died as it was started", index)
     except BaseException:
         log.exception("worker %d failed", index)
     finally:
         logging.shutdown()
         os._exit(code)
+
+
+def _follow_parent(supervisor: int) -> bool:
+    """Have the kernel send this process SIGTERM when its parent dies; whether the
+    parent is still ``supervisor`` (it may have died before the request: then this
+    process was already handed to another parent, and no signal will come)."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            error = ctypes.get_errno()
+            reason = os.strerror(error)
+            log.warning("a killed supervisor will leave this worker: %s", reason)
+    return os.getppid() == supervisor
 
 
 def _run_worker(settings: Settings, index: int) -> int:
