@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -113,8 +114,10 @@ def test_the_defaults_and_lower_case_choices_pass() -> None:
     )
 
 
-def serve(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TRACKING_DATA_DIR": str(tmp_path / "data")}
+def serve(
+    tmp_path: Path, *flags: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {}), "TRACKING_DATA_DIR": str(tmp_path / "data")}
     env.pop("TRACKING_CONFIG", None)
     command = [sys.executable, "-m", "tracking_grpc", "serve", *flags]
     return subprocess.run(
@@ -167,3 +170,59 @@ def test_serve_refuses_bad_settings_with_one_line(tmp_path, flags, words) -> Non
     done = serve(tmp_path, "--listen", "127.0.0.1:0", *flags)
     assert done.returncode == 2
     assert done.stderr == f"tracking: {words}\n"
+
+
+@pytest.fixture
+def taken_port():
+    """A loopback port another socket listens on."""
+    with socket.socket() as taker:
+        taker.bind(("127.0.0.1", 0))
+        taker.listen()
+        yield taker.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        pytest.param(
+            ["--listen", "127.0.0.1:{port}"],
+            "listen: cannot listen on 127.0.0.1:{port} (the port is taken, or the "
+            "address is not this machine's)",
+            id="listen",
+        ),
+        pytest.param(
+            ["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:{port}"],
+            "metrics_listen: cannot listen on 127.0.0.1:{port}: Address already in use",
+            id="metrics-listen",
+        ),
+    ],
+)
+def test_serve_refuses_a_taken_port_with_one_line(
+    tmp_path, taken_port, flags, words
+) -> None:
+    done = serve(tmp_path, *(flag.format(port=taken_port) for flag in flags))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == f"tracking: {words.format(port=taken_port)}"
+
+
+def test_workers_stop_when_the_metrics_port_is_taken(
+    tmp_path, taken_port, production_env
+) -> None:
+    """The supervisor has forked its workers when it finds the metrics port
+    taken: it stops them before it exits."""
+    with socket.create_server(("127.0.0.1", 0)) as free:
+        port = free.getsockname()[1]
+    listen = f"127.0.0.1:{port}"
+    flags = ["--workers", "2", "--listen", listen]
+    metrics_listen = f"127.0.0.1:{taken_port}"
+    done = serve(
+        tmp_path, *flags, "--metrics-listen", metrics_listen, env=production_env
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.endswith(
+        f"tracking: metrics_listen: cannot listen on 127.0.0.1:{taken_port}: "
+        "Address already in use\n"
+    )
+    socket.create_server(("127.0.0.1", port)).close()  # no worker serves on

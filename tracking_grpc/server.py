@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from tracking_grpc import config
 from tracking_grpc.app import App, open_app
 from tracking_grpc.config import Settings
-from tracking_grpc.errors import Unavailable
+from tracking_grpc.errors import InvalidArgument, Unavailable
 from tracking_grpc.interceptors import ErrorInterceptor
 from tracking_grpc.observability import Telemetry, metrics
 from tracking_grpc.servicers import geofence, history, route, track
@@ -88,9 +88,7 @@ class TrackingServer:
                 interceptors=[*telemetry.interceptors(), ErrorInterceptor()],
                 options=server_options(settings),
             )
-            port = server.add_insecure_port(settings.listen)
-            if port == 0:
-                raise OSError(f"cannot listen on {settings.listen}")
+            port = _bind(server, settings.listen)
             running = cls(app, server, port, telemetry)
             running.service_names = [register(server, app) for register in SERVICES]
             health_pb2_grpc.add_HealthServicer_to_server(running.health, server)
@@ -98,8 +96,8 @@ class TrackingServer:
                 [*running.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME],
                 server,
             )
+            await telemetry.start()  # a taken metrics port fails before serving
             await server.start()
-            await telemetry.start()
         except BaseException:
             await app.close()
             await telemetry.stop()
@@ -168,6 +166,20 @@ class TrackingServer:
         await self.app.close(deadline)
         await self.telemetry.stop()
         log.info("stopped")
+
+
+def _bind(server: grpc.aio.Server, listen: str) -> int:
+    """Add the listening address; the port bound. ``InvalidArgument`` when it
+    cannot be bound (taken by another process, or not an address of this host)."""
+    reason = f"cannot listen on {listen} (the port is taken, or the address is not "
+    reason += "this machine's)"
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as exc:  # grpcio's "Failed to bind to address"
+        raise InvalidArgument("listen", reason) from exc
+    if port == 0:  # older grpcio answers 0 instead
+        raise InvalidArgument("listen", reason)
+    return port
 
 
 async def _answers(store: HistoryStore | LiveStore) -> bool:

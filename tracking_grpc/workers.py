@@ -97,7 +97,13 @@ def supervise(settings: Settings) -> int:
     metrics_server = None
     if settings.metrics_listen:
         metrics.enable()
-        metrics_server, _ = metrics.serve(settings.metrics_listen)
+        try:
+            metrics_server, _ = metrics.serve(settings.metrics_listen)
+        except InvalidArgument:  # the port is taken: stop the workers, then say so
+            forward(signal.SIGTERM, None)
+            for pid in workers:
+                os.waitpid(pid, 0)
+            raise
     failed = 0
     while workers:
         pid, status = os.wait()

@@ -40,6 +40,8 @@ from prometheus_client import (
     values,
 )
 
+from tracking_grpc.errors import InvalidArgument
+
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -276,13 +278,18 @@ def _sample_suffixes(kind: str) -> tuple[str, ...]:
 
 
 def serve(listen: str) -> tuple[Any, Any]:
-    """Expose the metrics over HTTP at ``listen`` (host:port); returns the server."""
+    """Expose the metrics over HTTP at ``listen`` (host:port); returns the server.
+    Raises ``InvalidArgument`` when it cannot listen there (the port is taken)."""
     if _registry is None:
         raise RuntimeError("metrics.enable() must be called before serve()")
     host, _, port = listen.rpartition(":")
-    server, thread = start_http_server(
-        int(port), addr=host.strip("[]") or "127.0.0.1", registry=_registry
-    )
+    try:
+        server, thread = start_http_server(
+            int(port), addr=host.strip("[]") or "127.0.0.1", registry=_registry
+        )
+    except OSError as exc:
+        reason = f"cannot listen on {listen}: {exc.strerror or exc}"
+        raise InvalidArgument("metrics_listen", reason) from exc
     log.info("metrics on http://%s:%d/metrics", host, server.server_port)
     return server, thread
 
