@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import signal
 import socket
 import sqlite3
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -201,6 +203,7 @@ def build_plans(args: argparse.Namespace, target: str) -> list[Plan]:
         want_events=args.want_events,
         storm=storm,
         nice=args.driver_nice,
+        run=args.run_tag,
     )
     devices = split(args.devices, args.drivers)
     gateways = split(args.gateways, args.drivers)
@@ -220,11 +223,12 @@ def watch_ids(args: argparse.Namespace) -> list[str]:
     if not args.devices:  # gateways only: watch some of the first gateway's devices
         every = max(1, args.gateway_devices // args.watch_devices)
         numbers = range(0, args.gateway_devices, every)
-        return [f"gw-00-000-{i:06d}" for i in numbers][: args.watch_devices]
+        first = driver.gateway_name(Plan("", Window(0, 0, 0), run=args.run_tag), 0)
+        return [f"{first}-{i:06d}" for i in numbers][: args.watch_devices]
     every = max(1, args.devices // args.watch_devices)
     per = split(args.devices, args.drivers)
     ids = [
-        driver.device_id(Plan("", Window(0, 0, 0), index=d), i)
+        driver.device_id(Plan("", Window(0, 0, 0), index=d, run=args.run_tag), i)
         for d in range(args.drivers)
         for i in range(0, per[d], every)
     ]
@@ -739,6 +743,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add("--target", help="use a running server at this loopback address")
     add("--server-pid", type=int, help="its pid, for CPU and memory")
+    add(
+        "--run-tag",
+        help="put this in every device id (default with --target: a new tag each "
+        "run, so that a server holding an earlier run's devices stores this one's "
+        "fixes instead of taking them for resends)",
+    )
     add("--server-flag", action="append", default=[], help="extra flag for serve")
     add("--profile", help="py-spy the server in steady state (.svg or .txt)")
     add("--profile-native", action="store_true", help="profile C frames too")
@@ -760,6 +770,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     check_faults(parser, args)
     if args.target and not args.server_pid:
         parser.error("--target needs --server-pid (CPU and memory are read from /proc)")
+    if args.run_tag is None:  # a spawned server starts empty: the ids of old runs
+        args.run_tag = uuid.uuid4().hex[:8] if args.target else ""
+    if not re.fullmatch(r"[A-Za-z0-9_.]*", args.run_tag):
+        parser.error("--run-tag takes letters, digits, '_' and '.'")
     if args.device_driver == "node" and args.devices:
         try:
             check_installed()

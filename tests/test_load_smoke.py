@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, require_service
+from tests.services import ServerProcess
 from tracking_grpc.loadgen.node import NodeDriverError, check_installed
 
 SMALL = ["--devices", "200", "--interval-s", "0.5", "--drivers", "2"]
@@ -133,6 +134,40 @@ def test_gateway_batches_are_stored(tmp_path: Path) -> None:
     assert result["errors"] == {}
     assert result["counts"]["fixes_stored"] == result["counts"]["fixes_generated"] > 0
     assert result["batch"]["count"] > 0
+
+
+@pytest.fixture
+def running_server(tmp_path: Path):
+    """A server of the test's own, left running between load runs."""
+    server = ServerProcess({"TRACKING_DATA_DIR": str(tmp_path / "data")})
+    server.start()
+    yield server
+    server.stop()
+
+
+def target_load(server: ServerProcess, tmp_path: Path, *extra: str) -> dict:
+    """A small run of devices and one gateway against ``server``."""
+    flags = ["--target", server.address, "--server-pid", str(server.process.pid)]
+    flags += ["--watchers", "0", "--gateways", "1", "--gateway-rate", "10"]
+    flags += ["--gateway-batch", "100", "--gateway-devices", "500"]
+    return run_load(tmp_path, *flags, *extra)
+
+
+def test_a_second_run_against_the_same_server_stores_its_fixes(
+    running_server, tmp_path: Path
+) -> None:
+    target_load(running_server, tmp_path)
+    again = target_load(running_server, tmp_path)
+    assert again["errors"] == {}
+    assert again["counts"]["fixes_stored"] == again["counts"]["fixes_generated"] > 0
+
+
+def test_a_run_tag_used_before_is_reported(running_server, tmp_path: Path) -> None:
+    target_load(running_server, tmp_path, "--run-tag", "again")
+    again = target_load(running_server, tmp_path, "--run-tag", "again")
+    assert again["errors"]["device_id_in_use"] >= 200  # every device, once at least
+    assert again["errors"]["gateway_fixes_duplicate"] > 0
+    assert "--run-tag" in again["error_details"]["device_id_in_use"]
 
 
 @pytest.mark.postgres

@@ -259,6 +259,15 @@ class Device {
   _onStarted(session, started) {
     const stored = started.last_stored_seq || 0;
     const result = this.result;
+    if (stored > this.seq) {
+      // Fixes of another run: ours would be taken for resends.
+      result.error(
+        'device_id_in_use',
+        1,
+        `the server holds ${this.deviceId} up to seq ${stored}, beyond this run's: ` +
+          'a run tag of an earlier run? (bench/load.py --run-tag)',
+      );
+    }
     if (this.recoverSeq) {
       result.reconnected_s.push(nowMs() / 1000 - this.plan.storm.drop_s);
       result.count('streams_resumed');

@@ -19,8 +19,10 @@ const COUNT_EVERY_MS = 500;
 const LOOP_TICK_MS = 50;
 
 // The same ids as device_id() in driver.py, so verify finds the stored rows.
-function deviceId(index, i) {
-  return `load-${String(index).padStart(2, '0')}-${String(i).padStart(6, '0')}`;
+function deviceId(plan, i) {
+  const run = plan.run ? `${plan.run}-` : '';
+  const index = String(plan.index).padStart(2, '0');
+  return `load-${run}${index}-${String(i).padStart(6, '0')}`;
 }
 
 function readStdin() {
@@ -79,7 +81,7 @@ async function drive(plan) {
   for (let i = 0; i < plan.devices; i++) {
     devices.push(
       new Device({
-        deviceId: deviceId(plan.index, i),
+        deviceId: deviceId(plan, i),
         slot: i,
         plan,
         window,

@@ -231,6 +231,9 @@ class Device:
         if response is grpc.aio.EOF or response.WhichOneof("message") != "started":
             raise NoSession(self.device_id)
         stored = response.started.last_stored_seq
+        if stored > self.seq:  # fixes of another run: ours would be taken as resent
+            detail = _in_use(self.device_id, stored)
+            self.result.error("device_id_in_use", detail=detail)
         if self.recover_seq:
             storm = self.plan.storm
             assert storm is not None
@@ -249,3 +252,10 @@ class Device:
             assert storm is not None
             self.result.recovered_s.append(time.time() - storm.drop_s)
             self.recover_seq = 0
+
+
+def _in_use(device: str, stored: int) -> str:
+    return (
+        f"the server holds {device} up to seq {stored}, beyond this run's: a run "
+        "tag of an earlier run? (bench/load.py --run-tag)"
+    )

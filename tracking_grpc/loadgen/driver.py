@@ -38,7 +38,15 @@ def raise_open_file_limit(wanted: int = 65_536) -> int:
 
 
 def device_id(plan: Plan, i: int) -> str:
-    return f"load-{plan.index:02d}-{i:06d}"
+    """``load-RUN-DD-IIIIII`` (``load-DD-IIIIII`` without a run tag)."""
+    run = f"{plan.run}-" if plan.run else ""
+    return f"load-{run}{plan.index:02d}-{i:06d}"
+
+
+def gateway_name(plan: Plan, g: int) -> str:
+    """``gw-RUN-DD-GGG``, the prefix of its devices' ids (``gw-DD-GGG`` untagged)."""
+    run = f"{plan.run}-" if plan.run else ""
+    return f"gw-{run}{plan.index:02d}-{g:03d}"
 
 
 async def _storm(
@@ -86,7 +94,7 @@ async def drive(plan: Plan, watch_ids: list[str] | None = None) -> DriverResult:
     gateway_pool = ChannelPool(plan.target, 1, plan.tenant_token)
     watch_pool = ChannelPool(plan.target, 100, plan.tenant_token)
     gateways = [
-        Gateway(f"gw-{plan.index:02d}-{g:03d}", plan, result, plan.index * 1000 + g)
+        Gateway(gateway_name(plan, g), plan, result, plan.index * 1000 + g)
         for g in range(plan.gateways)
     ]
     main = [asyncio.create_task(d.run(pool)) for d in devices]

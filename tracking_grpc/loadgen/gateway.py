@@ -99,5 +99,12 @@ class Gateway:
         result.count("batches_acked")
         result.count("fixes_stored", response.stored)
         result.count("fixes_duplicate", response.duplicates)
+        if response.duplicates:  # never resent: the devices are of another run
+            result.error(
+                "gateway_fixes_duplicate",
+                response.duplicates,
+                detail="the server holds these devices' sequence numbers: a run "
+                "tag of an earlier run? (bench/load.py --run-tag)",
+            )
         if response.rejected:  # all of them; at most 1,000 are listed
             result.error("rejected_fixes", response.rejected)

@@ -58,6 +58,10 @@ class Plan:
     target: str
     window: Window
     index: int = 0  # driver number, for unique device ids and seeds
+    # In every device id when set: a run against a server that holds an earlier
+    # run's devices (--target) would otherwise send nothing new (their sequence
+    # numbers start again at 1, below what the server holds).
+    run: str = ""
     devices: int = 0  # device streams of this driver
     device_interval_s: float = 5.0
     streams_per_channel: int = 500
