@@ -254,9 +254,7 @@ class ActivityProcessor:
         work = _Work(state, involved, fixes.take(order), slots[order])
         return events, work
 
-    def _finish(
-        self, work: _Work, a: Analysis, created_ms: int
-    ) -> list[TrackingEvent]:
+    def _finish(self, work: _Work, a: Analysis, created_ms: int) -> list[TrackingEvent]:
         """Applies the rows ``a`` has made final and keeps the devices' tails."""
         state, fixes, row_slot = work.state, work.fixes, work.row_slot
         rows = np.flatnonzero(
