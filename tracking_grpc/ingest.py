@@ -499,6 +499,8 @@ class IngestPipeline:
                     if n:
                         await asyncio.sleep(0)  # streams are served in between
                     await self._process(piece, links)
+                    oldest_ms = int(piece.received_ms.min()) if len(piece) else 0
+                    metrics.processed(max(now_ms() - oldest_ms, 0) / 1000)
             pause = interval - (loop.time() - started)
             if not ended and pause > 0:
                 await asyncio.sleep(pause)
