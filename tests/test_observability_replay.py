@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -98,3 +99,29 @@ async def test_scraped_counters_equal_the_replay(start_server, tmp_path):
     assert (first["rejected"], second["rejected"]) == (ancient, ancient)
     assert first["stored"] == stored > 0 and second["stored"] == 0
     assert scraped == {query: float(value) for query, value in expected.items()}
+
+
+async def test_processing_lag_is_recorded_per_processed_piece(start_server, tmp_path):
+    """Each piece the processors finish records how long after receipt of its
+    oldest fix that was (``tracking_processing_lag_seconds``)."""
+    trace = recent_trace(PORTO)
+    trace = trace.take(np.argsort(trace.time_ms)[-3_000:])  # the recent end
+    settings = embedded_settings(tmp_path, metrics_listen="127.0.0.1:0")
+    server = await start_server(settings=settings)
+    url = f"http://127.0.0.1:{server.telemetry.metrics_port}/metrics"
+    async with grpc_stub(server) as stub:
+        assert (await replay(stub, trace))["stored"] > 0
+
+    def pieces_recorded() -> float:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            text = answer.read().decode()
+        for line in text.splitlines():
+            if line.startswith("tracking_processing_lag_seconds_count"):
+                return float(line.split()[-1])
+        return 0.0
+
+    for _ in range(600):  # hang guard: the pipeline processes within a second
+        if await asyncio.to_thread(pieces_recorded) >= 1:
+            break
+        await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(pieces_recorded) >= 1

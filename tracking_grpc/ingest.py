@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -36,6 +37,10 @@ from tracking_grpc.observability import metrics, tracing
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
 
 log = logging.getLogger(__name__)
+
+# Devices per live update: a piece is one Redis call (SINGLE_CALL_ROWS in
+# storage.redis_live), and a large commit's pieces let streams be served between.
+LIVE_PIECE = 1_000
 
 
 def now_ms() -> int:
@@ -435,9 +440,12 @@ class IngestPipeline:
         fix older than the device's live position moves nothing and is not
         published, and watchers never go back in fix time."""
         try:
-            moved = await self.live.update(stored)
-            if len(moved):
-                await self.broker.publish(moved)
+            for n, piece in enumerate(_live_pieces(stored)):
+                if n:
+                    await asyncio.sleep(0)  # streams are served in between
+                moved = await self.live.update(piece)
+                if len(moved):
+                    await self.broker.publish(moved)
             if not self.live_healthy:
                 log.warning("live updates resumed")
             self.live_healthy = True
@@ -493,6 +501,8 @@ class IngestPipeline:
                     if n:
                         await asyncio.sleep(0)  # streams are served in between
                     await self._process(piece, links)
+                    oldest_ms = int(piece.received_ms.min()) if len(piece) else 0
+                    metrics.processed(max(now_ms() - oldest_ms, 0) / 1000)
             pause = interval - (loop.time() - started)
             if not ended and pause > 0:
                 await asyncio.sleep(pause)
@@ -503,7 +513,9 @@ class IngestPipeline:
         if self._unprocessed.cut:  # past the stop's deadline
             self._unprocessed.leave(stored)
             return
-        for processor in self.processors:
+        for n, processor in enumerate(self.processors):
+            if n:
+                await asyncio.sleep(0)  # streams are served in between
             try:
                 events = await self._run_processor(processor, stored, links)
             except Exception:
@@ -598,6 +610,17 @@ def _first_per_fix(batch: FixBatch, rows: np.ndarray) -> np.ndarray:
     keys = np.rec.fromarrays([batch.device[rows].astype(str), batch.time_ms[rows]])
     _, first = np.unique(keys, return_index=True)  # each key's first place
     return rows[np.sort(first)]
+
+
+def _live_pieces(stored: FixBatch) -> Iterator[FixBatch]:
+    """The newest fix of each device in ``stored``, in pieces of at most
+    ``LIVE_PIECE`` devices; ``stored`` itself when it is that small."""
+    if len(stored) <= LIVE_PIECE:
+        yield stored
+        return
+    newest = stored.newest_per_device()
+    for start in range(0, newest.size, LIVE_PIECE):
+        yield stored.take(newest[start : start + LIVE_PIECE])
 
 
 def _rows_batch(items: list[_Pending]) -> FixBatch:

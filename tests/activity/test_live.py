@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -157,3 +159,30 @@ def test_late_fix_changes_no_live_activity():
     late = track(np.array([50_000.0]), np.zeros(1), start_ms=int(batch.time_ms[5]) + 1)
     assert processor.apply(late, created_ms=0) == []
     assert processor.state("t", "d").odometer_m == before.odometer_m
+
+
+async def test_a_large_batch_is_analysed_while_the_event_loop_serves_others():
+    """``process`` analyses a large batch in a worker thread: a task ready
+    meanwhile runs before it ends (before, the whole analysis held the loop), and
+    the events and state are those of the same batch applied on the loop."""
+    fleet = FixBatch.concat(
+        [
+            drive([12.0] * 40 + [0.0] * 400 + [9.0] * 60, device=f"van{i}")
+            for i in range(4)
+        ]
+    ).sorted_by_device_time()
+    processor, reference = ActivityProcessor(CONFIG), ActivityProcessor(CONFIG)
+    finished: list[str] = []
+
+    async def another_call() -> None:
+        finished.append("other")
+
+    other = asyncio.create_task(another_call())
+    events = await processor.process(fleet)
+    finished.append("process")
+    await other
+    assert finished == ["other", "process"]
+    expected = reference.apply(fleet, created_ms=0)
+    assert kinds(events) == kinds(expected)
+    assert "STOP_STARTED" in kinds(events)
+    assert processor.state("t", "van3") == reference.state("t", "van3")

@@ -15,6 +15,7 @@ activity starts afresh from the next fixes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from tracking_grpc.events import ActivityDetail, EventType, TrackingEvent, event
 log = logging.getLogger(__name__)
 
 NO_TRIP, CANDIDATE, ACTIVE = 0, 1, 2
+INLINE_FIXES = 500  # larger batches are analysed in a worker thread
 MOTION_NAMES = {m: m.name.lower() for m in Motion}
 
 
@@ -117,6 +119,20 @@ class _Tenant:
         self.kalman.grow(size)
 
 
+@dataclass(frozen=True, slots=True)
+class _Work:
+    """A batch's fixes behind its devices' tails, ready for ``analyse``."""
+
+    state: _Tenant
+    involved: np.ndarray  # slots of the batch's devices
+    fixes: FixBatch  # sorted by slot, then time
+    row_slot: np.ndarray
+
+    @property
+    def params(self) -> ActivityParams:
+        return self.state.params
+
+
 class ActivityProcessor:
     """Activity events for every tenant; see the module docstring."""
 
@@ -125,6 +141,7 @@ class ActivityProcessor:
     def __init__(self, config: ActivityConfig | None = None) -> None:
         self.config = config or ActivityConfig()
         self._tenants: dict[str, _Tenant] = {}
+        self._applying = asyncio.Lock()
 
     def _tenant(self, tenant: str) -> _Tenant:
         state = self._tenants.get(tenant)
@@ -133,7 +150,20 @@ class ActivityProcessor:
         return state
 
     async def process(self, stored: FixBatch) -> list[TrackingEvent]:
-        return self.apply(stored, created_ms=_now_ms())
+        """``apply``; a large batch is analysed in a worker thread, which reads
+        only its arguments, while the event loop serves streams. One batch at a
+        time: the devices' tails are taken before and kept after the analysis."""
+        async with self._applying:
+            created_ms = _now_ms()
+            events, work = self._prepare(stored, created_ms)
+            if work is None:
+                return events
+            args = (work.fixes, work.params, False, work.row_slot)
+            if len(work.fixes) <= INLINE_FIXES:
+                analysis = analyse(*args)
+            else:
+                analysis = await asyncio.to_thread(analyse, *args)
+            return events + self._finish(work, analysis, created_ms)
 
     async def tick(self, now_ms: int) -> list[TrackingEvent]:
         """OFFLINE for every online device silent for ``offline_after_s``."""
@@ -190,8 +220,19 @@ class ActivityProcessor:
 
     def apply(self, stored: FixBatch, created_ms: int) -> list[TrackingEvent]:
         """Events of newly stored fixes of one tenant (any order)."""
+        events, work = self._prepare(stored, created_ms)
+        if work is None:
+            return events
+        analysis = analyse(work.fixes, work.params, False, work.row_slot)
+        return events + self._finish(work, analysis, created_ms)
+
+    def _prepare(
+        self, stored: FixBatch, created_ms: int
+    ) -> tuple[list[TrackingEvent], _Work | None]:
+        """ONLINE events, and what ``analyse`` must look at: the new fixes that
+        are not late, behind their devices' tails, in device and time order."""
         if len(stored) == 0:
-            return []
+            return [], None
         state = self._tenant(stored.tenant)
         new_slot = state.slot_of(stored.device)
         events = self._online(state, stored, new_slot, created_ms)
@@ -200,7 +241,7 @@ class ActivityProcessor:
         if not fresh.all():
             stored, new_slot = stored.take(fresh), new_slot[fresh]
             if len(stored) == 0:
-                return events
+                return events, None
 
         # Only the tails of devices in this batch take part.
         involved = np.unique(new_slot)
@@ -210,17 +251,20 @@ class ActivityProcessor:
             fixes = FixBatch.concat([tail, stored])
             slots = np.concatenate([tail_slot, new_slot])
         order = np.lexsort((fixes.seq, fixes.time_ms, slots))
-        fixes, row_slot = fixes.take(order), slots[order]
+        work = _Work(state, involved, fixes.take(order), slots[order])
+        return events, work
 
-        a = analyse(fixes, state.params, complete=False, device_key=row_slot)
+    def _finish(self, work: _Work, a: Analysis, created_ms: int) -> list[TrackingEvent]:
+        """Applies the rows ``a`` has made final and keeps the devices' tails."""
+        state, fixes, row_slot = work.state, work.fixes, work.row_slot
         rows = np.flatnonzero(
             a.final & (fixes.time_ms > state.cols["last_ms"][row_slot])
         )
+        events = []
         if rows.size:
-            events += _Apply(state, self.config, a, row_slot, rows, created_ms).run()
-
+            events = _Apply(state, self.config, a, row_slot, rows, created_ms).run()
         keep = _keep_tail(a, row_slot, state)
-        state.tail.replace(involved, fixes.take(keep), row_slot[keep])
+        state.tail.replace(work.involved, fixes.take(keep), row_slot[keep])
         return events
 
     def _online(

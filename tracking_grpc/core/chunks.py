@@ -17,8 +17,8 @@ import numpy as np
 
 from tracking_grpc.core.fixes import FixBatch
 
-MAX_ROWS = 4_096
-MAX_RANKS = 128
+MAX_ROWS = 1_024
+MAX_RANKS = 32
 
 
 def ranks(devices: np.ndarray) -> np.ndarray:

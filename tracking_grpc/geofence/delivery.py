@@ -28,6 +28,7 @@ from tracking_grpc.storage.redis_client import Connection, unavailable
 log = logging.getLogger(__name__)
 
 WATCH_QUEUE = 10_000
+STORE_CHUNK = 1_000  # events per write: preparing one holds the event loop
 STREAM_MAXLEN = 1_000_000
 RETRY_S = (0.1, 0.5, 2.0, 5.0)
 
@@ -86,7 +87,7 @@ class EventStoreListener:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            chunk = self._pending[:5_000]
+            chunk = self._pending[:STORE_CHUNK]
             try:
                 await self.events.add(chunk)
             except Exception as exc:

@@ -24,7 +24,7 @@ from tracking_grpc.storage.fences import EventRepository, FenceRepository
 
 log = logging.getLogger(__name__)
 
-INLINE_FIXES = 2_000  # larger batches are evaluated in a worker thread
+INLINE_FIXES = 500  # larger batches are evaluated in a worker thread
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,7 @@ LATENCY_S: tuple[float, ...] = (
     *(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
     *(1.0, 2.5, 5.0, 10.0),
 )
+PROCESSING_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 STREAM_S = (0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 BATCH_FIXES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 20_000)
 STREAMING_KINDS = ("stream_stream", "unary_stream", "stream_unary")
@@ -203,6 +204,13 @@ class Metrics:
             "how late a timer of the event loop fired, sampled ten times a second: "
             "time every stream and commit waited for the loop",
             buckets=LATENCY_S,
+            registry=r,
+        )
+        self.processing_lag_seconds = Histogram(
+            "tracking_processing_lag_seconds",
+            "from receipt of the oldest fix of a processed piece to the end of its "
+            "processing (geofence and activity events): how far events trail fixes",
+            buckets=PROCESSING_S,
             registry=r,
         )
         self._children: dict[tuple[str, ...], Any] = {}
@@ -502,6 +510,11 @@ def dependency_checked(name: str, up: bool, seconds: float) -> None:
 def gc_paused(generation: int, seconds: float) -> None:
     if _m is not None:
         _m.child("gc_pause_seconds", str(generation)).observe(seconds)
+
+
+def processed(lag_s: float) -> None:
+    if _m is not None:
+        _m.processing_lag_seconds.observe(lag_s)
 
 
 def loop_lagged(seconds: float) -> None:

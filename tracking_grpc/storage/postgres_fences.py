@@ -367,17 +367,8 @@ async def _locked(
 async def _write(
     conn: psycopg.AsyncConnection, tenant: str, fences: list[FenceSpec]
 ) -> None:
-    rows = [
-        (
-            tenant,
-            f.fence_id,
-            f.to_json(),
-            sorted(set(f.labels)),
-            f.version,
-            shapely.to_wkb(compile_shape(f.shape).area),
-        )
-        for f in fences
-    ]
+    # Compiling thousands of shapes takes a while: off the event loop.
+    rows = await asyncio.to_thread(_rows, tenant, fences)
     async with conn.cursor() as cur:
         await cur.executemany(
             "INSERT INTO geofences (tenant, fence_id, spec, labels, version, area) "
@@ -388,6 +379,20 @@ async def _write(
             rows,
         )
     await _bump(conn, tenant)
+
+
+def _rows(tenant: str, fences: list[FenceSpec]) -> list[tuple]:
+    return [
+        (
+            tenant,
+            f.fence_id,
+            f.to_json(),
+            sorted(set(f.labels)),
+            f.version,
+            shapely.to_wkb(compile_shape(f.shape).area),
+        )
+        for f in fences
+    ]
 
 
 async def _bump(conn: psycopg.AsyncConnection, tenant: str) -> None:
