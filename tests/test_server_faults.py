@@ -110,52 +110,23 @@ async def test_redis_outage_keeps_acks_and_degrades_live_reads(
         await call.done_writing()
 
 
+@pytest.mark.parametrize("servers", [1, 2], ids=["same-server", "another-server"])
 async def test_an_open_watch_gets_the_position_stored_while_redis_was_down(
-    private_redis, pg_url, start_server, tmp_path
+    servers, private_redis, pg_url, start_server, tmp_path
 ) -> None:
     """The update skipped while Redis was down reaches a watcher that stayed open
     once the live state is back, without the device sending again (a device that
-    parked during the outage would otherwise stay where the watcher last saw it)."""
+    parked during the outage would otherwise stay where the watcher last saw it).
+    With two servers on the same backends the watcher's server lost its
+    subscription too, and catches up once Redis is back."""
     settings = replace(
         embedded_settings(tmp_path), database_url=pg_url, redis_url=private_redis.url
     )
-    server = await start_server(settings=settings)
+    watching = storing = await start_server(settings=settings)
+    if servers == 2:
+        other = replace(settings, data_dir=str(tmp_path / "storing"))
+        storing = await start_server(settings=other)
     device, t0 = f"skiff-{uuid.uuid4().hex[:8]}", now_ms() - 60_000
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stub = track_pb2_grpc.TrackSessionStub(channel)
-        watch = stub.Watch(track_pb2.WatchRequest(device_ids=[device]))
-        assert (await watch.read()).snapshot_done  # registered: updates follow
-        call = await open_track(stub, device)
-        await call.write(batch([fix(1, 40.7, -74.0, t0)]))
-        assert (await call.read()).ack.acked_seq == 1
-        assert [p.seq for p in (await watch.read()).positions] == [1]
-        private_redis.stop()
-        await call.write(batch([fix(2, 40.71, -74.0, t0 + 1000)]))
-        assert (await call.read()).ack.acked_seq == 2
-        await until(lambda: _is(channel, "tracking.dependency.live", NOT_SERVING))
-
-        private_redis.start()  # empty: the live state comes back from history
-        update = await asyncio.wait_for(watch.read(), 15.0)
-        assert [p.seq for p in update.positions] == [2]
-        watch.cancel()
-        await call.done_writing()
-
-
-async def test_a_watch_on_another_server_gets_the_position_stored_meanwhile(
-    private_redis, pg_url, start_server, tmp_path
-) -> None:
-    """The same across two servers sharing the backends: the watcher's server lost
-    its subscription too, and catches up once Redis is back."""
-    settings = replace(
-        embedded_settings(tmp_path), database_url=pg_url, redis_url=private_redis.url
-    )
-    watching, storing = (
-        await start_server(settings=settings),
-        await start_server(
-            settings=replace(settings, data_dir=str(tmp_path / "storing"))
-        ),
-    )
-    device, t0 = f"punt-{uuid.uuid4().hex[:8]}", now_ms() - 60_000
     async with (
         grpc.aio.insecure_channel(f"127.0.0.1:{watching.port}") as watch_channel,
         grpc.aio.insecure_channel(f"127.0.0.1:{storing.port}") as channel,
@@ -174,7 +145,7 @@ async def test_a_watch_on_another_server_gets_the_position_stored_meanwhile(
         live = "tracking.dependency.live"
         await until(lambda: _is(watch_channel, live, NOT_SERVING))
 
-        private_redis.start()
+        private_redis.start()  # empty: the live state comes back from history
         update = await asyncio.wait_for(watch.read(), 15.0)
         assert [p.seq for p in update.positions] == [2]
         watch.cancel()
