@@ -27,7 +27,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -36,15 +35,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "generated")]
 
-from load import (  # noqa: E402
-    RESULTS,
-    SpawnedServer,
-    free_port,
-    import_fences,
-    wait_serving,
-)
+from load import RESULTS, SpawnedServer, free_port, wait_serving  # noqa: E402
 from load_backends import Production  # noqa: E402
-from tracking.v1 import common_pb2, track_pb2, track_pb2_grpc  # noqa: E402
+from tracking.v1 import (  # noqa: E402
+    common_pb2,
+    geofence_pb2,
+    geofence_pb2_grpc,
+    track_pb2,
+    track_pb2_grpc,
+)
+
+from tracking_grpc.loadgen.fences import polygon_features  # noqa: E402
 
 CENTER = (52.52, 13.40)
 SPREAD_DEG = 0.05
@@ -167,6 +168,18 @@ class Burst:
                 raise SystemExit(f"{answer.rejected} fixes rejected: {answer}")
 
 
+def import_fences(target: str, count: int) -> int:
+    """``count`` polygon fences where the devices roam; how many were made."""
+    if count == 0:
+        return 0
+    collection = polygon_features(count, CENTER, SPREAD_DEG)
+    with grpc.insecure_channel(target) as channel:
+        stub = geofence_pb2_grpc.GeofenceStub(channel)
+        request = geofence_pb2.ImportFencesRequest(geojson=collection, repair=True)
+        answer = stub.ImportFences(request, timeout=120)
+    return int(answer.created + answer.replaced)
+
+
 def summary(values: list[float]) -> dict[str, float]:
     v = np.asarray(values, dtype=float)
     if v.size == 0:
@@ -190,8 +203,7 @@ def run(args: argparse.Namespace) -> dict:
             peer = subprocess.Popen([sys.executable, "-c", PEER, peer_target])
             wait_serving(peer_target, peer)
             try:
-                plan = SimpleNamespace(center=CENTER, spread_deg=SPREAD_DEG)
-                fences = import_fences(server.target, args.fences, plan)
+                fences = import_fences(server.target, args.fences)
                 phase = ["idle"]
                 probers = [Prober(server.target, phase), Prober(peer_target, phase)]
                 for prober in probers:
