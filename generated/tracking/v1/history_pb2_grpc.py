@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class HistoryStub:
     """Stored tracks and what they show: trips, stops, daily summaries and patterns.
-    Every request names one device of the caller's tenant and a time range
+    Every read names one device of the caller's tenant and a time range
     [start_ms, end_ms) in milliseconds since the Unix epoch, at most 366 days long.
     """
 
@@ -96,7 +96,7 @@ class HistoryStub:
 
 class HistoryServicer:
     """Stored tracks and what they show: trips, stops, daily summaries and patterns.
-    Every request names one device of the caller's tenant and a time range
+    Every read names one device of the caller's tenant and a time range
     [start_ms, end_ms) in milliseconds since the Unix epoch, at most 366 days long.
     """
 
@@ -247,7 +247,7 @@ def add_HistoryServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class History:
     """Stored tracks and what they show: trips, stops, daily summaries and patterns.
-    Every request names one device of the caller's tenant and a time range
+    Every read names one device of the caller's tenant and a time range
     [start_ms, end_ms) in milliseconds since the Unix epoch, at most 366 days long.
     """
 

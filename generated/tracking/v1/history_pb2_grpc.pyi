@@ -28,7 +28,7 @@ GRPC_VERSION: str
 
 class HistoryStub:
     """Stored tracks and what they show: trips, stops, daily summaries and patterns.
-    Every request names one device of the caller's tenant and a time range
+    Every read names one device of the caller's tenant and a time range
     [start_ms, end_ms) in milliseconds since the Unix epoch, at most 366 days long.
     """
 
@@ -65,7 +65,7 @@ class HistoryStub:
 @_typing.type_check_only
 class HistoryAsyncStub(HistoryStub):
     """Stored tracks and what they show: trips, stops, daily summaries and patterns.
-    Every request names one device of the caller's tenant and a time range
+    Every read names one device of the caller's tenant and a time range
     [start_ms, end_ms) in milliseconds since the Unix epoch, at most 366 days long.
     """
 
@@ -98,7 +98,7 @@ class HistoryAsyncStub(HistoryStub):
 
 class HistoryServicer(metaclass=_abc_1.ABCMeta):
     """Stored tracks and what they show: trips, stops, daily summaries and patterns.
-    Every request names one device of the caller's tenant and a time range
+    Every read names one device of the caller's tenant and a time range
     [start_ms, end_ms) in milliseconds since the Unix epoch, at most 366 days long.
     """
 
