@@ -78,6 +78,7 @@ BAD_SETTINGS = [
         {"flush_interval_ms": -1.0}, "flush_interval_ms", id="flush-interval-negative"
     ),
     pytest.param({"max_fix_age_s": math.inf}, "max_fix_age_s", id="age-infinite"),
+    pytest.param({"retention_days": -1}, "retention_days", id="retention-negative"),
     pytest.param(
         {"trace_sample_ratio": 1.5}, "trace_sample_ratio", id="sample-ratio-above-1"
     ),

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Erases one device (tenant, device) from what a service keeps; returns counts by
+# field of ``erasure.Erased``.
+DeviceEraser = Callable[[str, str], Awaitable[dict[str, int]]]
+
 
 @dataclass
 class App:
@@ -50,6 +54,13 @@ class App:
     # Services registered but unable to serve (Route without a routing dataset):
     # health reports them NOT_SERVING while the rest of the server serves.
     not_ready: set[str] = field(default_factory=set)
+    # What else keeps a device's data (added by the Geofence and Route services).
+    device_erasers: list[DeviceEraser] = field(default_factory=list)
+    # Retention: delete what is older than a cutoff (fix time, ms) from what else
+    # keeps history (geofence events); returns counts by kind.
+    purgers: list[Callable[[int], Awaitable[dict[str, int]]]] = field(
+        default_factory=list
+    )
 
     async def close(self, deadline: float | None = None) -> None:
         """Flush the pipeline, drain the event backlogs, then close what was opened,

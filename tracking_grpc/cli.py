@@ -7,7 +7,8 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import uvloop
@@ -80,6 +81,46 @@ def add_migrate(subparsers: argparse._SubParsersAction) -> None:
     )
     config.add_arguments(parser)
     parser.set_defaults(command=_migrate)
+
+
+async def _purge(args: argparse.Namespace) -> int:
+    from tracking_grpc.errors import FailedPrecondition
+    from tracking_grpc.retention import cutoff_ms, purge
+    from tracking_grpc.servicers.geofence import events_purger, open_stores
+    from tracking_grpc.storage import factory
+
+    settings = config.load(args)
+    setup_logging(settings)
+    if not settings.retention_days:
+        raise FailedPrecondition(
+            "purge needs --retention-days (or TRACKING_RETENTION_DAYS) above 0"
+        )
+    closers: list[Callable[[], Awaitable[None]]] = []
+    history = await factory.open_history(settings)
+    live = None
+    try:
+        if settings.redis_url:  # embedded live state lives in the server process
+            live, broker = await factory.open_live(settings)
+            closers += [broker.close, live.close]
+        _, events = open_stores(settings, closers)
+        cutoff = cutoff_ms(time.time_ns() // 1_000_000, settings.retention_days)
+        report = await purge(history, live, [events_purger(events)], cutoff)
+    finally:
+        for close in reversed(closers):
+            await close()
+        await history.close()
+    print(f"deleted what is older than day {cutoff // 86_400_000}: {report.describe()}")
+    return 0
+
+
+def add_purge(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "purge",
+        help="delete history older than --retention-days once (a server with "
+        "retention_days set does it hourly)",
+    )
+    config.add_arguments(parser)
+    parser.set_defaults(command=_purge)
 
 
 async def _prepare_routing(args: argparse.Namespace) -> int:
@@ -157,6 +198,7 @@ def add_trips(subparsers: argparse._SubParsersAction) -> None:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_serve,
     add_migrate,
+    add_purge,
     add_prepare_routing,
     add_trips,
     # replay, watch, simulate, positions, nearby (tracking_grpc/client/)

@@ -116,6 +116,12 @@ class Settings:
     activity_config: str = setting(
         "", "TOML file of activity rules per tenant and device (docs/activity.md)"
     )
+    retention_days: int = setting(
+        0,
+        "days of history kept: fixes and geofence events of UTC days before the "
+        "last N (and today) are deleted, hourly and at start (PostgreSQL drops "
+        "whole day partitions); 0 keeps everything",
+    )
     log_format: str = setting("auto", "auto, text or json")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     metrics_listen: str = setting(
@@ -231,6 +237,7 @@ ZERO_OR_MORE = (
     "database_flush_interval_ms",
     "processor_interval_ms",
     "route_eta_change_s",
+    "retention_days",
 )
 CHOICES = {
     "sqlite_synchronous": ("OFF", "NORMAL", "FULL", "EXTRA"),

@@ -19,6 +19,7 @@ from tracking_grpc.config import Settings
 from tracking_grpc.errors import InvalidArgument, Unavailable
 from tracking_grpc.interceptors import ErrorInterceptor
 from tracking_grpc.observability import Telemetry, metrics
+from tracking_grpc.retention import RetentionKeeper
 from tracking_grpc.servicers import geofence, history, route, track
 from tracking_grpc.storage.base import HistoryStore, LiveStore
 
@@ -73,6 +74,7 @@ class TrackingServer:
         self.health = health.aio.HealthServicer()
         self.service_names: list[str] = []
         self.dependencies_up = {HISTORY_HEALTH: True, LIVE_HEALTH: True}
+        self.retention: RetentionKeeper | None = None
         self._stopped = False
         self._dependency_task: asyncio.Task[None] | None = None
 
@@ -91,6 +93,8 @@ class TrackingServer:
             port = _bind(server, settings.listen)
             running = cls(app, server, port, telemetry)
             running.service_names = [register(server, app) for register in SERVICES]
+            if settings.retention_days:
+                running.retention = _keep_history(app)
             health_pb2_grpc.add_HealthServicer_to_server(running.health, server)
             reflection.enable_server_reflection(
                 [*running.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME],
@@ -166,6 +170,16 @@ class TrackingServer:
         await self.app.close(deadline)
         await self.telemetry.stop()
         log.info("stopped")
+
+
+def _keep_history(app: App) -> RetentionKeeper:
+    """Start enforcing ``retention_days``; stopped with the application."""
+    keeper = RetentionKeeper(
+        app.history, app.live, app.purgers, app.settings.retention_days
+    )
+    keeper.start()
+    app.closers.append(keeper.stop)
+    return keeper
 
 
 def _bind(server: grpc.aio.Server, listen: str) -> int:

@@ -218,6 +218,22 @@ class ActivityProcessor:
             smoothed_lon=float(c["smooth_lon"][slot]),
         )
 
+    async def forget(self, tenant: str, device: str) -> bool:
+        """Drop the device's activity (erasure); False when there was none. Its
+        slot is emptied and left unused: a later fix of the device takes a new one."""
+        async with self._applying:
+            state = self._tenants.get(tenant)
+            slot = state.slots.pop(device, None) if state else None
+            if state is None or slot is None:
+                return False
+            for name, (_, fill) in _COLUMNS.items():
+                state.cols[name][slot] = fill
+            state.kalman.reset(slot)
+            slots = np.array([slot], dtype=np.intp)
+            state.tail.replace(slots, FixBatch.empty(tenant), slots[:0])
+            state.names[slot] = ""
+            return True
+
     def apply(self, stored: FixBatch, created_ms: int) -> list[TrackingEvent]:
         """Events of newly stored fixes of one tenant (any order)."""
         events, work = self._prepare(stored, created_ms)

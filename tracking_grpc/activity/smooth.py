@@ -55,6 +55,13 @@ class KalmanFilter:
             setattr(self, name, np.vstack([getattr(self, name), pad2]))
         self.size = size
 
+    def reset(self, slot: int) -> None:
+        """Forget one slot's filter: its next fix starts it afresh."""
+        self.origin[slot] = np.nan
+        self.time_ms[slot] = -1
+        for name in ("pos", "vel", "p_pp", "p_pv", "p_vv"):
+            getattr(self, name)[slot] = 0.0
+
     def step(
         self, slot, time_ms, lat, lon, accuracy_m
     ) -> tuple[np.ndarray, np.ndarray]:

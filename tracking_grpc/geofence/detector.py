@@ -143,6 +143,25 @@ class FenceDetector:
         if codes:
             self._members.drop_fences(np.array(codes, dtype=np.int64))
 
+    def forget_device(self, device: str) -> int:
+        """Drop the device's memberships and newest fix (erasure; no EXIT is
+        raised); returns how many fences it was inside."""
+        code = self._device_codes.get(device)
+        if code is None:
+            return 0
+        rows = self._members.of_devices(np.array([code]))
+        self._members.replace_devices(
+            np.array([code]),
+            np.empty(0, np.int64),
+            np.empty(0, np.int64),
+            np.empty(0, bool),
+        )
+        if code < self._devices.time_ms.size:
+            self._devices.time_ms[code] = _NEVER
+            self._devices.lon[code] = self._devices.lat[code] = np.nan
+            self._devices.accuracy_m[code] = np.nan
+        return int(rows.size)
+
     def evaluate(
         self, batch: FixBatch, index: FenceIndex, now_ms: int
     ) -> list[TrackingEvent]:

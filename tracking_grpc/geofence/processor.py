@@ -89,6 +89,12 @@ class GeofenceProcessor:
         self._detectors[tenant] = detector
         return detector
 
+    async def forget_device(self, tenant: str, device: str) -> int:
+        """Drop the device's memberships (erasure); how many fences it was in."""
+        async with self._lock(tenant):
+            detector = self._detectors.get(tenant)
+            return detector.forget_device(device) if detector is not None else 0
+
     def changed(self, tenant: str) -> None:
         """Fences of the tenant were written here: reload before the next batch."""
         loaded = self._loaded.get(tenant)

@@ -8,7 +8,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -17,6 +17,7 @@ from tracking.v1 import geofence_pb2, geofence_pb2_grpc
 from tracking_grpc import convert
 from tracking_grpc.app import App
 from tracking_grpc.auth import Role
+from tracking_grpc.config import Settings
 from tracking_grpc.errors import InvalidArgument, ResourceExhausted, Unavailable
 from tracking_grpc.geofence.delivery import (
     EventFilter,
@@ -307,7 +308,14 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
 
 def open_repositories(app: App) -> tuple[FenceRepository, EventRepository]:
     """PostGIS when a database URL is set, else the embedded SQLite file."""
-    settings = app.settings
+    return open_stores(app.settings, app.closers)
+
+
+def open_stores(
+    settings: Settings, closers: list[Callable[[], Awaitable[None]]]
+) -> tuple[FenceRepository, EventRepository]:
+    """The fence and event repositories of ``settings``; their close goes on
+    ``closers``."""
     if settings.database_url:
         from tracking_grpc.storage.postgres_fences import (
             PostgresEventRepository,
@@ -318,7 +326,7 @@ def open_repositories(app: App) -> tuple[FenceRepository, EventRepository]:
         postgres = PostgresGeofenceDatabase(
             settings.database_url, timeout_s=settings.database_timeout_s
         )
-        app.closers.append(postgres.close)
+        closers.append(postgres.close)
         return PostgresFenceRepository(postgres), PostgresEventRepository(postgres)
     from tracking_grpc.storage.sqlite_fences import (
         SqliteEventRepository,
@@ -329,8 +337,30 @@ def open_repositories(app: App) -> tuple[FenceRepository, EventRepository]:
     sqlite = SqliteGeofenceDatabase.opening(
         Path(settings.data_dir) / "geofence.sqlite3"
     )
-    app.closers.append(sqlite.close)
+    closers.append(sqlite.close)
     return SqliteFenceRepository(sqlite), SqliteEventRepository(sqlite)
+
+
+async def _erase_device(
+    events: EventRepository, processor: GeofenceProcessor, tenant: str, device: str
+) -> dict[str, int]:
+    """A device's stored events, then its memberships in this process."""
+    erased = await events.erase_device(tenant, device)
+    return {
+        "events": erased,
+        "memberships": await processor.forget_device(tenant, device),
+    }
+
+
+def events_purger(
+    events: EventRepository,
+) -> Callable[[int], Awaitable[dict[str, int]]]:
+    """Retention of stored geofence events (``App.purgers``, ``tracking purge``)."""
+
+    async def purge_events(cutoff_ms: int) -> dict[str, int]:
+        return {"events": await events.purge_before(cutoff_ms)}
+
+    return purge_events
 
 
 def register(server: grpc.aio.Server, app: App) -> str:
@@ -356,6 +386,10 @@ def register(server: grpc.aio.Server, app: App) -> str:
         feed = StreamWatchFeed(Connection(app.settings.redis_url), stream, hub)
         feed.start()
         app.closers.append(feed.close)
+    app.device_erasers.append(
+        lambda tenant, device: _erase_device(events, processor, tenant, device)
+    )
+    app.purgers.append(events_purger(events))
     servicer = GeofenceServicer(app, fences, events, processor, hub)
     geofence_pb2_grpc.add_GeofenceServicer_to_server(servicer, server)
     return geofence_pb2.DESCRIPTOR.services_by_name["Geofence"].full_name

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 from tracking.v1 import common_pb2, history_pb2, history_pb2_grpc
 
-from tracking_grpc import convert
+from tracking_grpc import convert, erasure
 from tracking_grpc.activity import export, fencetime, patterns, views
 from tracking_grpc.activity.queries import DeviceHistory, load
 from tracking_grpc.app import App
@@ -366,6 +366,25 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             smoothed_position=(
                 _latlng(state.smoothed_lat, state.smoothed_lon) if applied else None
             ),
+        )
+
+    async def EraseDevice(
+        self, request: history_pb2.EraseDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> history_pb2.EraseDeviceResponse:
+        """Erase one device of the caller's tenant everywhere; admin only."""
+        caller = self.app.auth.caller(context)
+        caller.require(Role.ADMIN)
+        device = convert.check_device_id(request.device_id, "device_id")
+        erased = await erasure.erase_device(self.app, caller.tenant, device)
+        return history_pb2.EraseDeviceResponse(
+            device_id=device,
+            fixes_erased=erased.fixes,
+            events_erased=erased.events,
+            live_position_erased=erased.live_position,
+            memberships_erased=erased.memberships,
+            activity_erased=erased.activity,
+            route_erased=erased.route,
+            sequence_reset=erased.sequence_reset,
         )
 
 

@@ -205,6 +205,11 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
         return batch
 
 
+async def _forget_route(routing: Routing, tenant: str, device: str) -> dict[str, int]:
+    """Erasure: the device's monitored route, if it had one."""
+    return {"route": int(routing.monitor.clear(tenant, device))}
+
+
 def register(server: grpc.aio.Server, app: App) -> str:
     """Load the routing datasets, add the servicer and the route monitor."""
     routing = Routing.from_settings(app.settings)
@@ -212,6 +217,9 @@ def register(server: grpc.aio.Server, app: App) -> str:
         app.not_ready.add(SERVICE_NAME)
         log.warning("Route service not ready: %s", datasets.PREPARE_HINT)
     app.pipeline.add_processor(routing.monitor)
+    app.device_erasers.append(
+        lambda tenant, device: _forget_route(routing, tenant, device)
+    )
     app.closers.append(routing.close)
     route_pb2_grpc.add_RouteServicer_to_server(RouteServicer(app, routing), server)
     return SERVICE_NAME

@@ -26,6 +26,16 @@ class DeviceState:
     last_time_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class Purged:
+    """What a retention purge deleted from the history store."""
+
+    fixes: int  # rows deleted one by one (not those of dropped partitions)
+    partitions: int  # whole days dropped (PostgreSQL)
+    # (tenant, device) whose every stored fix is gone: their state went too
+    devices: list[tuple[str, str]]
+
+
 class HistoryStore(Protocol):
     """Durable fixes and per-device state."""
 
@@ -73,6 +83,11 @@ class HistoryStore(Protocol):
 
     async def erase_device(self, tenant: str, device: str) -> int:
         """Delete a device's fixes and state; returns the number of fixes deleted."""
+        ...
+
+    async def purge_before(self, cutoff_ms: int) -> Purged:
+        """Delete every fix of every tenant with time_ms < cutoff_ms, and the state
+        of devices with no newer fix (their sequence numbers start afresh)."""
         ...
 
     async def ping(self) -> None:

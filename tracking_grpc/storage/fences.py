@@ -139,6 +139,14 @@ class EventRepository(Protocol):
 
     async def mark_published(self, events: Sequence[TrackingEvent]) -> None: ...
 
+    async def erase_device(self, tenant: str, device: str) -> int:
+        """Delete the device's events; returns how many."""
+        ...
+
+    async def purge_before(self, cutoff_ms: int) -> int:
+        """Delete the events of every tenant with time_ms < cutoff_ms; how many."""
+        ...
+
     async def close(self) -> None: ...
 
 

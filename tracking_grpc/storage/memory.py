@@ -64,6 +64,21 @@ class _TenantPositions:
             index[i] = slot
         return index
 
+    def remove(self, device: str) -> None:
+        """Free the device's slot: the last slot's device moves into it."""
+        slot = self.slots.pop(device, None)
+        if slot is None:
+            return
+        last = self.size - 1
+        if slot != last:
+            moved = self.devices[last]
+            self.devices[slot] = moved
+            self.slots[moved] = slot
+            for column in self.columns.values():
+                column[slot] = column[last]
+        self.devices[last] = None
+        self.size = last
+
     def rows(self, slots: np.ndarray) -> FixBatch:
         arrays = {name: self.columns[name][slots] for name in _COLUMNS}
         return FixBatch(tenant=self.tenant, device=self.devices[slots], **arrays)
@@ -128,14 +143,8 @@ class MemoryLiveStore:
 
     async def remove(self, tenant: str, device: str) -> None:
         positions = self._tenants.get(tenant)
-        if positions is None or device not in positions.slots:
-            return
-        keep = [d for d in positions.devices[: positions.size] if d != device]
-        remaining = positions.rows(
-            np.asarray([positions.slots[d] for d in keep], dtype=np.intp)
-        )
-        self._tenants[tenant] = _TenantPositions(tenant)
-        await self.update(remaining)
+        if positions is not None:
+            positions.remove(device)
 
     async def ping(self) -> None:
         return None

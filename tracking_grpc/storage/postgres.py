@@ -30,7 +30,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import InvalidArgument, StorageUnavailable
 from tracking_grpc.storage import pgcopy, schema
-from tracking_grpc.storage.base import DeviceState
+from tracking_grpc.storage.base import DeviceState, Purged
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,6 +41,9 @@ CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 DAY_MS = 86_400_000
 DAYS_AHEAD = 7
 INT64_MAX = np.iinfo(np.int64).max
+# Dropping a partition locks the whole fixes table: rather than queue every writer
+# behind a long transaction, give up (the next retention pass tries again).
+PURGE_LOCK_TIMEOUT = "5s"
 RETRIES = 3
 ALL_NEW = -1  # the write's answer when every staged fix was new
 
@@ -471,6 +474,38 @@ class PostgresHistoryStore:
         except CONNECTION_ERRORS as exc:
             raise StorageUnavailable(f"PostgreSQL cannot erase: {exc}") from exc
         return deleted
+
+    async def purge_before(self, cutoff_ms: int) -> Purged:
+        """Drop the day partitions wholly before ``cutoff_ms``; delete the older
+        rows left (in the default partition, and of the cutoff's own day when it
+        is not midnight UTC), then the state of devices with no newer fix."""
+        try:
+            async with self._pool.connection() as conn:
+                async with conn.transaction():
+                    await conn.execute(
+                        f"SET LOCAL lock_timeout = '{PURGE_LOCK_TIMEOUT}'"
+                    )
+                    cur = await conn.execute(
+                        "SELECT tracking_drop_partitions_before(%s)",
+                        [cutoff_ms // DAY_MS],
+                    )
+                    dropped = [int(day) for (day,) in await cur.fetchall()]
+                self._partition_days.difference_update(dropped)
+                cur = await conn.execute(
+                    "DELETE FROM fixes WHERE time_ms < %s", [cutoff_ms]
+                )
+                deleted = cur.rowcount
+                cur = await conn.execute(
+                    "DELETE FROM devices WHERE last_time_ms < %s "
+                    "RETURNING tenant, device",
+                    [cutoff_ms],
+                )
+                gone = [(tenant, device) for tenant, device in await cur.fetchall()]
+        except (*CONNECTION_ERRORS, psycopg.errors.LockNotAvailable) as exc:
+            raise StorageUnavailable(f"PostgreSQL cannot purge: {exc}") from exc
+        for day in dropped:
+            log.info("dropped the fixes partition of day %d (retention)", day)
+        return Purged(deleted, len(dropped), gone)
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless PostgreSQL answers a query now."""

@@ -309,6 +309,21 @@ class PostgresEventRepository:
                 [[e.tenant for e in events], [e.event_id for e in events]],
             )
 
+    async def erase_device(self, tenant: str, device: str) -> int:
+        async with _Transaction(self.db) as conn:
+            cur = await conn.execute(
+                "DELETE FROM geofence_events WHERE tenant = %s AND device = %s",
+                [tenant, device],
+            )
+            return cur.rowcount
+
+    async def purge_before(self, cutoff_ms: int) -> int:
+        async with _Transaction(self.db) as conn:
+            cur = await conn.execute(
+                "DELETE FROM geofence_events WHERE time_ms < %s", [cutoff_ms]
+            )
+            return cur.rowcount
+
     async def close(self) -> None:
         return None
 

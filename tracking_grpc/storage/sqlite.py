@@ -18,7 +18,7 @@ import numpy as np
 
 from tracking_grpc.core.fixes import OPTIONAL_COLUMNS, FixBatch
 from tracking_grpc.errors import StorageUnavailable
-from tracking_grpc.storage.base import DeviceState
+from tracking_grpc.storage.base import DeviceState, Purged
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +326,28 @@ class SqliteHistoryStore:
             conn.execute("ROLLBACK")
             raise
         return int(deleted)
+
+    async def purge_before(self, cutoff_ms: int) -> Purged:
+        return await self._run(self._writer, self._purge, cutoff_ms)
+
+    def _purge(self, cutoff_ms: int) -> Purged:
+        """One transaction; a full scan of the fixes (no index leads with time)."""
+        assert self._wconn is not None
+        conn = self._wconn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = conn.execute(
+                "DELETE FROM fixes WHERE time_ms < ?", (cutoff_ms,)
+            ).rowcount
+            gone = conn.execute(
+                "DELETE FROM devices WHERE time_ms < ? RETURNING tenant, device",
+                (cutoff_ms,),
+            ).fetchall()
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return Purged(int(deleted), 0, [(t, d) for t, d in gone])
 
     async def ping(self) -> None:
         await self._run(self._reader, self._ping)

@@ -72,6 +72,8 @@ CREATE INDEX IF NOT EXISTS geofence_events_unpublished
     ON geofence_events (created_ms) WHERE published = 0;
 CREATE INDEX IF NOT EXISTS geofence_events_by_time
     ON geofence_events (tenant, time_ms, event_id);
+CREATE INDEX IF NOT EXISTS geofence_events_by_device
+    ON geofence_events (tenant, device);
 """
 
 
@@ -287,6 +289,14 @@ class SqliteEventRepository:
     async def mark_published(self, events: Sequence[TrackingEvent]) -> None:
         await self.db.run(self.db.transaction, _mark_published, list(events))
 
+    async def erase_device(self, tenant: str, device: str) -> int:
+        sql = "DELETE FROM geofence_events WHERE tenant = ? AND device = ?"
+        return await self.db.run(self.db.transaction, _deleted, sql, [tenant, device])
+
+    async def purge_before(self, cutoff_ms: int) -> int:
+        sql = "DELETE FROM geofence_events WHERE time_ms < ?"
+        return await self.db.run(self.db.transaction, _deleted, sql, [cutoff_ms])
+
     async def close(self) -> None:
         return None
 
@@ -405,6 +415,10 @@ def _add_events(conn: sqlite3.Connection, events: list[TrackingEvent]) -> int:
         ],
     )
     return conn.total_changes - before
+
+
+def _deleted(conn: sqlite3.Connection, sql: str, args: list[Any]) -> int:
+    return int(conn.execute(sql, args).rowcount)
 
 
 def _mark_published(conn: sqlite3.Connection, events: list[TrackingEvent]) -> None:

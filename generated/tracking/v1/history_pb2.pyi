@@ -886,3 +886,73 @@ class TimeInFencesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TimeInFencesResponse: _TypeAlias = TimeInFencesResponse  # noqa: Y015
+
+@_typing.final
+class EraseDeviceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseDeviceRequest: _TypeAlias = EraseDeviceRequest  # noqa: Y015
+
+@_typing.final
+class EraseDeviceResponse(_message.Message):
+    """What was erased. A device that had nothing anywhere erases nothing (all zero)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    FIXES_ERASED_FIELD_NUMBER: _builtins.int
+    EVENTS_ERASED_FIELD_NUMBER: _builtins.int
+    LIVE_POSITION_ERASED_FIELD_NUMBER: _builtins.int
+    MEMBERSHIPS_ERASED_FIELD_NUMBER: _builtins.int
+    ACTIVITY_ERASED_FIELD_NUMBER: _builtins.int
+    ROUTE_ERASED_FIELD_NUMBER: _builtins.int
+    SEQUENCE_RESET_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    fixes_erased: _builtins.int
+    """Stored fixes deleted."""
+    events_erased: _builtins.int
+    """Stored geofence events of the device deleted."""
+    live_position_erased: _builtins.bool
+    """Its live position (GetLastPositions, Nearby, Watch snapshots) was removed."""
+    memberships_erased: _builtins.int
+    """Fences this server process held the device inside (no EXIT is raised)."""
+    activity_erased: _builtins.bool
+    """This server process's live activity of the device (GetActivity) was removed."""
+    route_erased: _builtins.bool
+    """A route monitored for the device in this server process was cleared."""
+    sequence_reset: _builtins.bool
+    """The device's sequence state was removed: its next session starts with
+    last_stored_seq 0, and it may number its fixes from 1 again.
+    """
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        fixes_erased: _builtins.int = ...,
+        events_erased: _builtins.int = ...,
+        live_position_erased: _builtins.bool = ...,
+        memberships_erased: _builtins.int = ...,
+        activity_erased: _builtins.bool = ...,
+        route_erased: _builtins.bool = ...,
+        sequence_reset: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity_erased", b"activity_erased", "device_id", b"device_id", "events_erased", b"events_erased", "fixes_erased", b"fixes_erased", "live_position_erased", b"live_position_erased", "memberships_erased", b"memberships_erased", "route_erased", b"route_erased", "sequence_reset", b"sequence_reset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseDeviceResponse: _TypeAlias = EraseDeviceResponse  # noqa: Y015

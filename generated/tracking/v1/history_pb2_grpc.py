@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class HistoryStub:
     """Stored tracks and what they show: trips, stops, daily summaries and patterns.
-    Every request names one device of the caller's tenant and a time range
+    Every read names one device of the caller's tenant and a time range
     [start_ms, end_ms) in milliseconds since the Unix epoch, at most 366 days long.
     """
 
@@ -87,11 +87,16 @@ class HistoryStub:
                 request_serializer=tracking_dot_v1_dot_history__pb2.TimeInFencesRequest.SerializeToString,
                 response_deserializer=tracking_dot_v1_dot_history__pb2.TimeInFencesResponse.FromString,
                 _registered_method=True)
+        self.EraseDevice = channel.unary_unary(
+                '/tracking.v1.History/EraseDevice',
+                request_serializer=tracking_dot_v1_dot_history__pb2.EraseDeviceRequest.SerializeToString,
+                response_deserializer=tracking_dot_v1_dot_history__pb2.EraseDeviceResponse.FromString,
+                _registered_method=True)
 
 
 class HistoryServicer:
     """Stored tracks and what they show: trips, stops, daily summaries and patterns.
-    Every request names one device of the caller's tenant and a time range
+    Every read names one device of the caller's tenant and a time range
     [start_ms, end_ms) in milliseconds since the Unix epoch, at most 366 days long.
     """
 
@@ -165,6 +170,15 @@ class HistoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EraseDevice(self, request, context):
+        """Erase one device of the caller's tenant everywhere this service keeps it
+        (stored fixes and geofence events, live position, the state of this server
+        process, and the sequence state used to drop resends). Admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HistoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -218,6 +232,11 @@ def add_HistoryServicer_to_server(servicer, server):
                     request_deserializer=tracking_dot_v1_dot_history__pb2.TimeInFencesRequest.FromString,
                     response_serializer=tracking_dot_v1_dot_history__pb2.TimeInFencesResponse.SerializeToString,
             ),
+            'EraseDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseDevice,
+                    request_deserializer=tracking_dot_v1_dot_history__pb2.EraseDeviceRequest.FromString,
+                    response_serializer=tracking_dot_v1_dot_history__pb2.EraseDeviceResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tracking.v1.History', rpc_method_handlers)
@@ -228,7 +247,7 @@ def add_HistoryServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class History:
     """Stored tracks and what they show: trips, stops, daily summaries and patterns.
-    Every request names one device of the caller's tenant and a time range
+    Every read names one device of the caller's tenant and a time range
     [start_ms, end_ms) in milliseconds since the Unix epoch, at most 366 days long.
     """
 
@@ -492,6 +511,33 @@ class History:
             '/tracking.v1.History/TimeInFences',
             tracking_dot_v1_dot_history__pb2.TimeInFencesRequest.SerializeToString,
             tracking_dot_v1_dot_history__pb2.TimeInFencesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tracking.v1.History/EraseDevice',
+            tracking_dot_v1_dot_history__pb2.EraseDeviceRequest.SerializeToString,
+            tracking_dot_v1_dot_history__pb2.EraseDeviceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,7 +28,7 @@ GRPC_VERSION: str
 
 class HistoryStub:
     """Stored tracks and what they show: trips, stops, daily summaries and patterns.
-    Every request names one device of the caller's tenant and a time range
+    Every read names one device of the caller's tenant and a time range
     [start_ms, end_ms) in milliseconds since the Unix epoch, at most 366 days long.
     """
 
@@ -56,11 +56,16 @@ class HistoryStub:
     """The device's live activity: motion, stop or trip, odometer, smoothed position."""
     TimeInFences: _grpc.UnaryUnaryMultiCallable[_history_pb2.TimeInFencesRequest, _history_pb2.TimeInFencesResponse]
     """Time the device spent inside each of the tenant's geofences."""
+    EraseDevice: _grpc.UnaryUnaryMultiCallable[_history_pb2.EraseDeviceRequest, _history_pb2.EraseDeviceResponse]
+    """Erase one device of the caller's tenant everywhere this service keeps it
+    (stored fixes and geofence events, live position, the state of this server
+    process, and the sequence state used to drop resends). Admin only.
+    """
 
 @_typing.type_check_only
 class HistoryAsyncStub(HistoryStub):
     """Stored tracks and what they show: trips, stops, daily summaries and patterns.
-    Every request names one device of the caller's tenant and a time range
+    Every read names one device of the caller's tenant and a time range
     [start_ms, end_ms) in milliseconds since the Unix epoch, at most 366 days long.
     """
 
@@ -85,10 +90,15 @@ class HistoryAsyncStub(HistoryStub):
     """The device's live activity: motion, stop or trip, odometer, smoothed position."""
     TimeInFences: _aio.UnaryUnaryMultiCallable[_history_pb2.TimeInFencesRequest, _history_pb2.TimeInFencesResponse]  # type: ignore[assignment]
     """Time the device spent inside each of the tenant's geofences."""
+    EraseDevice: _aio.UnaryUnaryMultiCallable[_history_pb2.EraseDeviceRequest, _history_pb2.EraseDeviceResponse]  # type: ignore[assignment]
+    """Erase one device of the caller's tenant everywhere this service keeps it
+    (stored fixes and geofence events, live position, the state of this server
+    process, and the sequence state used to drop resends). Admin only.
+    """
 
 class HistoryServicer(metaclass=_abc_1.ABCMeta):
     """Stored tracks and what they show: trips, stops, daily summaries and patterns.
-    Every request names one device of the caller's tenant and a time range
+    Every read names one device of the caller's tenant and a time range
     [start_ms, end_ms) in milliseconds since the Unix epoch, at most 366 days long.
     """
 
@@ -171,5 +181,16 @@ class HistoryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_history_pb2.TimeInFencesResponse, _abc.Awaitable[_history_pb2.TimeInFencesResponse]]:
         """Time the device spent inside each of the tenant's geofences."""
+
+    @_abc_1.abstractmethod
+    def EraseDevice(
+        self,
+        request: _history_pb2.EraseDeviceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_history_pb2.EraseDeviceResponse, _abc.Awaitable[_history_pb2.EraseDeviceResponse]]:
+        """Erase one device of the caller's tenant everywhere this service keeps it
+        (stored fixes and geofence events, live position, the state of this server
+        process, and the sequence state used to drop resends). Admin only.
+        """
 
 def add_HistoryServicer_to_server(servicer: HistoryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,206 @@
+"""Retention: history older than ``retention_days`` goes, from the stores (SQLite,
+PostgreSQL day partitions), through a server that enforces it, and ``tracking
+purge``. Purges cover every tenant, so the PostgreSQL tests get a database of
+their own."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from tracking.v1 import (
+    common_pb2,
+    geofence_pb2,
+    geofence_pb2_grpc,
+    history_pb2,
+    history_pb2_grpc,
+    track_pb2,
+    track_pb2_grpc,
+)
+
+from tests.backends import create_database, drop_database
+from tests.server_fixtures import embedded_settings, fix, now_ms, track_session
+from tracking_grpc.cli import main
+from tracking_grpc.config import Settings
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.retention import DAY_MS, cutoff_ms
+from tracking_grpc.storage.postgres import PostgresHistoryStore
+from tracking_grpc.storage.sqlite import SqliteHistoryStore
+
+TENANT = "retained"
+TODAY = now_ms() // DAY_MS
+OLD_MS = (TODAY - 10) * DAY_MS + 3_600_000  # ten days ago, 01:00 UTC
+DEPOT = common_pb2.LatLng(lat=60.17, lon=24.94)
+BACKENDS = [
+    "embedded",
+    pytest.param("postgres-redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
+]
+
+
+@pytest.fixture
+def private_pg_url(pg_session_prefix: str, pg_template: str) -> Iterator[str]:
+    """A migrated database of this test alone (a purge spares no tenant)."""
+    name = f"{pg_session_prefix}_{uuid.uuid4().hex[:8]}"
+    yield create_database(name, template=pg_template)
+    drop_database(name)
+
+
+def fixes(device: str, times_ms: list[int]) -> FixBatch:
+    n = len(times_ms)
+    return FixBatch.from_columns(
+        TENANT,
+        [device] * n,
+        np.arange(1, n + 1),
+        times_ms,
+        np.full(n, 60.17),
+        np.full(n, 24.94),
+    )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def history(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator:
+    if request.param == "sqlite":
+        store = await SqliteHistoryStore.open(tmp_path / "history.sqlite3")
+    else:
+        url = request.getfixturevalue("private_pg_url")
+        store = await PostgresHistoryStore.open(url)
+    yield store
+    await store.close()
+
+
+async def test_purge_deletes_fixes_and_devices_past_the_cutoff(history) -> None:
+    recent_ms = now_ms() - 60_000
+    await history.store(fixes("old", [OLD_MS, OLD_MS + 1_000]))
+    await history.store(fixes("mixed", [OLD_MS + 2_000, recent_ms]))
+
+    purged = await history.purge_before(cutoff_ms(now_ms(), 3))
+
+    assert purged.devices == [(TENANT, "old")]
+    assert await history.count(TENANT, "old") == 0
+    assert await history.count(TENANT, "mixed") == 1
+    assert set(await history.device_states(TENANT, ["old", "mixed"])) == {"mixed"}
+    if isinstance(history, PostgresHistoryStore):  # the old day's partition, whole
+        assert (purged.fixes, purged.partitions) == (0, 1)
+        days = await history._fetch("SELECT tracking_partition_days()", [])
+        assert TODAY - 10 not in {day for (day,) in days}
+        assert TODAY in {day for (day,) in days}
+    else:
+        assert (purged.fixes, purged.partitions) == (3, 0)
+
+
+async def test_a_purge_with_nothing_old_deletes_nothing(history) -> None:
+    await history.store(fixes("recent", [now_ms() - 60_000]))
+    purged = await history.purge_before(cutoff_ms(now_ms(), 3))
+    assert (purged.fixes, purged.partitions, purged.devices) == (0, 0, [])
+    assert await history.count(TENANT, "recent") == 1
+
+
+@pytest.fixture(params=BACKENDS)
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    settings = embedded_settings(tmp_path, max_fix_age_s=0.0, default_tenant=TENANT)
+    if request.param == "embedded":
+        return settings
+    return replace(
+        settings,
+        database_url=request.getfixturevalue("private_pg_url"),
+        redis_url=request.getfixturevalue("redis_url"),
+        redis_key_prefix=request.getfixturevalue("redis_prefix"),
+    )
+
+
+async def store_old_and_recent(channel: grpc.aio.Channel) -> None:
+    """A depot fence; "old" inside it ten days ago (an ENTER event then), "recent"
+    inside it now; both stored, and both ENTER events."""
+    fence = geofence_pb2.Fence(
+        fence_id="depot",
+        shape=geofence_pb2.FenceShape(
+            circle=common_pb2.Circle(center=DEPOT, radius_m=300)
+        ),
+    )
+    geofence = geofence_pb2_grpc.GeofenceStub(channel)
+    await geofence.CreateFence(geofence_pb2.CreateFenceRequest(fence=fence))
+    track = track_pb2_grpc.TrackSessionStub(channel)
+    old = [fix(s, 60.17, 24.94, time_ms=OLD_MS + s * 1_000) for s in (1, 2)]
+    await track_session(track, "old", [old])
+    await track_session(track, "recent", [[fix(1, 60.17, 24.94)]])
+    async with asyncio.timeout(30):
+        while True:
+            if await events_of(channel, "old") and await events_of(channel, "recent"):
+                break
+            await asyncio.sleep(0.01)
+
+
+async def events_of(channel: grpc.aio.Channel, device: str) -> list:
+    request = geofence_pb2.ListEventsRequest(start_ms=0, device_id=device)
+    found = await geofence_pb2_grpc.GeofenceStub(channel).ListEvents(request)
+    return list(found.events)
+
+
+async def track_length(channel: grpc.aio.Channel, device: str) -> int:
+    request = history_pb2.GetTrackRequest(
+        device_id=device, start_ms=OLD_MS - DAY_MS, end_ms=now_ms() + 60_000
+    )
+    call = history_pb2_grpc.HistoryStub(channel).GetTrack(request)
+    return sum([len(part.positions) async for part in call])
+
+
+async def test_the_server_enforces_retention_from_its_start(
+    start_server, settings: Settings
+) -> None:
+    first = await start_server(settings=settings)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+        await store_old_and_recent(channel)
+    await first.stop(0)
+
+    server = await start_server(settings=replace(settings, retention_days=3))
+    assert server.retention is not None
+    async with asyncio.timeout(30):
+        await server.retention.passed.wait()
+
+    assert server.retention.last is not None
+    assert server.retention.last.devices == 1
+    assert server.retention.last.counts["events"] >= 1
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        last = await track_pb2_grpc.TrackSessionStub(channel).GetLastPositions(
+            track_pb2.GetLastPositionsRequest(device_ids=["old", "recent"])
+        )
+        assert [p.device_id for p in last.positions] == ["recent"]
+        assert await track_length(channel, "old") == 0
+        assert await track_length(channel, "recent") == 1
+        assert await events_of(channel, "old") == []
+        assert len(await events_of(channel, "recent")) >= 1
+
+
+async def test_tracking_purge_deletes_once(
+    start_server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = embedded_settings(tmp_path, max_fix_age_s=0.0, default_tenant=TENANT)
+    server = await start_server(settings=settings)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        await store_old_and_recent(channel)
+    await server.stop(0)
+    argv = ["purge", "--data-dir", settings.data_dir, "--retention-days", "3"]
+
+    assert await asyncio.to_thread(main, argv) == 0
+
+    assert "devices with nothing left" in capsys.readouterr().out
+    store = await SqliteHistoryStore.open(Path(settings.data_dir) / "history.sqlite3")
+    try:
+        assert await store.count(TENANT, "old") == 0
+        assert await store.count(TENANT, "recent") == 1
+    finally:
+        await store.close()
+
+
+async def test_tracking_purge_needs_retention_days(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["purge", "--data-dir", str(tmp_path / "data")]
+    assert await asyncio.to_thread(main, argv) == 2
+    assert "purge needs --retention-days" in capsys.readouterr().err

@@ -1,0 +1,60 @@
+"""Erasure: one device of one tenant, everywhere this service keeps it.
+
+The history store (fixes and the sequence state that drops resends), the live store
+(position and Nearby index), the activity processor, and what the services that keep
+more register in ``App.device_erasers`` (geofence events and memberships, route
+monitoring). In-process state is erased in this process only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tracking_grpc.app import App
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Erased:
+    """What an erasure removed; a device found nowhere erases nothing."""
+
+    fixes: int = 0
+    events: int = 0
+    live_position: bool = False
+    memberships: int = 0
+    activity: bool = False
+    route: bool = False
+    sequence_reset: bool = False
+
+    def add(self, counts: dict[str, int]) -> None:
+        """Add a part's counts (by field name; for a flag, above 0 sets it)."""
+        known = {f.name for f in fields(self)}
+        for name, count in counts.items():
+            if name not in known:
+                raise ValueError(f"an eraser counted {name!r}, not a part of Erased")
+            current = getattr(self, name)
+            setattr(self, name, type(current)(current + count))
+
+
+async def erase_device(app: App, tenant: str, device: str) -> Erased:
+    """Erase ``device`` of ``tenant``: stored data first, then in-process state."""
+    states = await app.history.device_states(tenant, [device])
+    erased = Erased(sequence_reset=device in states)
+    erased.fixes = await app.history.erase_device(tenant, device)
+    erased.live_position = len(await app.live.get(tenant, [device])) > 0
+    await app.live.remove(tenant, device)
+    erased.activity = await app.activity.forget(tenant, device)
+    for eraser in app.device_erasers:
+        erased.add(await eraser(tenant, device))
+    log.info(
+        "erased device %r of tenant %s: %d fixes, %d events",
+        device,
+        tenant,
+        erased.fixes,
+        erased.events,
+    )
+    return erased
