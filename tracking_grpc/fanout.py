@@ -21,6 +21,7 @@ import numpy as np
 
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import in_box, in_circle
+from tracking_grpc.errors import ResourceExhausted
 from tracking_grpc.interest import TenantInterest, summarise
 from tracking_grpc.observability import metrics
 from tracking_grpc.storage.base import Broker, LiveStore
@@ -131,10 +132,14 @@ class WatchHub:
     """Every watcher of this process, fed by the broker, which learns from the hub
     which updates this process wants (its interest)."""
 
-    def __init__(self, broker: Broker, live: LiveStore) -> None:
+    def __init__(
+        self, broker: Broker, live: LiveStore, max_watchers: int = 1_000
+    ) -> None:
         self.broker = broker
         self.live = live
+        self.max_watchers = max_watchers
         self._watchers: dict[str, set[Watcher]] = {}
+        self._count = 0
         self._shrinking: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -143,8 +148,15 @@ class WatchHub:
     async def add(self, watcher: Watcher) -> None:
         """Add a watcher; returns once every update whose live write starts later
         will reach it (the broker routes by the grown interest), so a snapshot
-        read after this misses nothing. Unavailable if the broker cannot say so."""
+        read after this misses nothing. Unavailable if the broker cannot say so;
+        ResourceExhausted when this process already has ``max_watchers``."""
+        if self._count >= self.max_watchers:
+            raise ResourceExhausted(
+                f"this server has {self.max_watchers} open watches (max_watchers); "
+                "retry later"
+            )
         self._watchers.setdefault(watcher.tenant, set()).add(watcher)
+        self._count += 1
         metrics.watcher_opened()
         try:
             await self.broker.interest_changed()
@@ -158,6 +170,7 @@ class WatchHub:
         if watchers is not None and watcher in watchers:
             metrics.watcher_closed()
             watchers.discard(watcher)
+            self._count -= 1
             if not watchers:
                 del self._watchers[watcher.tenant]
             task = asyncio.create_task(self.broker.interest_changed())
@@ -178,7 +191,7 @@ class WatchHub:
 
     @property
     def count(self) -> int:
-        return sum(len(w) for w in self._watchers.values())
+        return self._count
 
     async def deliver(self, updates: FixBatch) -> None:
         """Broker handler: offer new live positions to the tenant's watchers."""

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 from tracking.v1 import event_pb2, track_pb2, track_pb2_grpc
 
-from tracking_grpc import convert
+from tracking_grpc import convert, streams
 from tracking_grpc.app import App
 from tracking_grpc.auth import Caller, Role
 from tracking_grpc.core.fixes import FixBatch, FixRow
@@ -231,9 +231,11 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
 
     async def Watch(
         self, request: track_pb2.WatchRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[track_pb2.WatchResponse]:
+    ) -> None:
         """A snapshot of matching live positions, then every update, coalesced;
-        ends with UNAUTHENTICATED when the caller's token expires."""
+        ends with UNAUTHENTICATED when the caller's token expires, and with
+        RESOURCE_EXHAUSTED when the client leaves a response unread for
+        write_timeout_s (see tracking_grpc.streams)."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
         # Without a snapshot, a catch-up after an outage (WatchHub.catch_up) brings
@@ -243,28 +245,48 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         # Before the snapshot read: see WatchHub.add and redis_broker's ordering.
         await self.app.hub.add(watcher)
         try:
+            # Headers on their own: the first response then waits for the client's
+            # window (and times out) like every other.
+            await context.send_initial_metadata(())
             if not request.skip_snapshot:
-                for chunk in await caller.before_expiry(self._snapshot(watcher)):
-                    yield track_pb2.WatchResponse(
-                        snapshot=True, positions=convert.positions(chunk)
-                    )
-                yield track_pb2.WatchResponse(snapshot=True, snapshot_done=True)
+                await self._write_snapshot(context, caller, watcher)
             while True:
                 updates = await caller.before_expiry(watcher.next_updates())
-                yield track_pb2.WatchResponse(positions=convert.positions(updates))
+                response = track_pb2.WatchResponse(positions=convert.positions(updates))
+                del updates  # a stalled write holds the response only
+                await self._write_watch(context, caller, response)
         finally:
             self.app.hub.remove(watcher)
 
-    async def _snapshot(self, watcher: Watcher) -> list[FixBatch]:
-        snapshot = await self.app.live.snapshot(watcher.tenant)
+    async def _write_snapshot(
+        self, context: grpc.aio.ServicerContext, caller: Caller, watcher: Watcher
+    ) -> None:
+        """The matching live positions, oldest fix first, SNAPSHOT_CHUNK a message;
+        each message is made when the one before it has been taken."""
+        snapshot = await caller.before_expiry(self.app.live.snapshot(watcher.tenant))
         snapshot = snapshot.take(watcher.filter.mask(snapshot))
         snapshot = snapshot.take(np.argsort(snapshot.time_ms, kind="stable"))
         watcher.mark_sent(snapshot)
-        starts = range(0, len(snapshot), SNAPSHOT_CHUNK)
-        return [
-            snapshot.take(np.arange(s, min(s + SNAPSHOT_CHUNK, len(snapshot))))
-            for s in starts
-        ]
+        for start in range(0, len(snapshot), SNAPSHOT_CHUNK):
+            rows = np.arange(start, min(start + SNAPSHOT_CHUNK, len(snapshot)))
+            positions = convert.positions(snapshot.take(rows))
+            response = track_pb2.WatchResponse(snapshot=True, positions=positions)
+            del positions
+            await self._write_watch(context, caller, response)
+        del snapshot
+        done = track_pb2.WatchResponse(snapshot=True, snapshot_done=True)
+        await self._write_watch(context, caller, done)
+
+    async def _write_watch(
+        self,
+        context: grpc.aio.ServicerContext,
+        caller: Caller,
+        response: track_pb2.WatchResponse,
+    ) -> None:
+        timeout_s = self.app.settings.write_timeout_s
+        await streams.write(
+            context, caller, response, timeout_s, streams.WATCHER_BEHIND
+        )
 
     async def GetLastPositions(
         self,

@@ -1,0 +1,153 @@
+"""Clients that stop reading: their streams end instead of pinning server memory.
+
+The clients here turn off HTTP/2 window growth (BDP probing), so a client that does
+not read blocks the server's writes after 64 KB instead of a few megabytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import grpc
+import pytest
+from tracking.v1 import (
+    track_pb2,
+    track_pb2_grpc,
+)
+
+from tests.server_fixtures import now_ms
+from tests.test_auth import SECRET, bearer, token
+from tracking_grpc.observability import metrics
+
+HANG_GUARD_S = 60.0
+SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.use_local_subchannel_pool", 1)]
+TENANT_DEVICES = 3_000  # a snapshot of about 200 KB: more than the 64 KB window
+TRACK = "/tracking.v1.TrackSession/Track"
+WATCH = "/tracking.v1.TrackSession/Watch"
+WATCH_EVENTS = "/tracking.v1.Geofence/WatchEvents"
+
+
+@pytest.fixture
+async def metered(start_server):
+    """Starts a server, then records metrics (starting one turns them off)."""
+
+    async def start(**overrides: Any):
+        server = await start_server(**overrides)
+        return server, metrics.enable()
+
+    yield start
+    metrics.disable()
+
+
+async def until(check, what: str) -> None:
+    """Wait for ``check()`` to hold (hang guard only)."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not check():
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def load_tenant(port: int, metadata=None) -> None:
+    ids = [f"veh-{i:05d}" for i in range(TENANT_DEVICES)]
+    columns = track_pb2.ColumnarFixes(
+        device_ids=ids,
+        device_index=list(range(len(ids))),
+        seq=[1] * len(ids),
+        time_ms=[now_ms() - 1_000] * len(ids),
+        lat=[50 + i / 10_000 for i in range(len(ids))],
+        lon=[10.0] * len(ids),
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = track_pb2_grpc.TrackSessionStub(channel)
+        request = track_pb2.PublishBatchRequest(columns=columns)
+        await stub.PublishBatch(request, metadata=metadata)
+
+
+def small_window_stub(port: int) -> tuple[grpc.aio.Channel, Any]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=SMALL_WINDOW)
+    return channel, track_pb2_grpc.TrackSessionStub(channel)
+
+
+async def status_after_reading(call) -> tuple[grpc.StatusCode, str]:
+    """Read everything the server wrote; the status it ended the stream with."""
+    async with asyncio.timeout(HANG_GUARD_S):
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        return await call.code(), await call.details()
+
+
+async def test_a_watcher_that_does_not_read_is_ended_as_fallen_behind(
+    start_server,
+) -> None:
+    server = await start_server(write_timeout_s=0.5)
+    await load_tenant(server.port)
+    channel, stub = small_window_stub(server.port)
+    async with channel:
+        call = stub.Watch(track_pb2.WatchRequest())
+        await until(lambda: server.app.hub.count == 1, "the watch to open")
+        await until(lambda: server.app.hub.count == 0, "the watch to end")
+        code, details = await status_after_reading(call)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "watcher fell behind" in details
+
+
+async def test_a_watch_blocked_in_a_write_ends_when_its_token_expires(
+    start_server,
+) -> None:
+    server = await start_server(auth_mode="jwt", jwt_hs256_secret=SECRET)
+    await load_tenant(server.port, bearer(token("admin", sub="loader")))
+    channel, stub = small_window_stub(server.port)
+    async with channel:
+        short = token("viewer", sub="v", exp=time.time() + 1.5)
+        call = stub.Watch(track_pb2.WatchRequest(), metadata=bearer(short))
+        await until(lambda: server.app.hub.count == 1, "the watch to open")
+        await until(lambda: server.app.hub.count == 0, "the watch to end")
+        code, _ = await status_after_reading(call)
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_watchers_beyond_the_limit_are_refused(start_server) -> None:
+    server = await start_server(max_watchers=2)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = track_pb2_grpc.TrackSessionStub(channel)
+        first, second = (stub.Watch(track_pb2.WatchRequest()) for _ in range(2))
+        for call in (first, second):
+            assert (await call.read()).snapshot_done
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Watch(track_pb2.WatchRequest()).read()
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_watchers" in refused.value.details()
+        first.cancel()
+        await until(lambda: server.app.hub.count == 1, "the first watch to close")
+        assert (await stub.Watch(track_pb2.WatchRequest()).read()).snapshot_done
+
+
+async def test_watchers_that_vanish_while_written_to_leave_no_error(
+    metered, caplog
+) -> None:
+    server, registry = await metered()
+    await load_tenant(server.port)
+    channels = [small_window_stub(server.port) for _ in range(10)]
+    calls = [stub.Watch(track_pb2.WatchRequest()) for _, stub in channels]
+    await until(lambda: server.app.hub.count == len(calls), "the watches to open")
+    with caplog.at_level(logging.WARNING):
+        for channel, _ in channels:
+            await channel.close(grace=None)
+        await until(lambda: server.app.hub.count == 0, "the watches to end")
+        await until(
+            lambda: (
+                not registry.get_sample_value(
+                    "tracking_streams_open", {"method": WATCH}
+                )
+            ),
+            "the streams to close",
+        )
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    for code in ("INTERNAL", "UNKNOWN"):
+        labels = {"method": WATCH, "code": code}
+        assert not registry.get_sample_value("tracking_rpc_handled_total", labels)
