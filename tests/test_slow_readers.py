@@ -15,11 +15,12 @@ from typing import Any
 import grpc
 import pytest
 from tracking.v1 import (
+    common_pb2,
     track_pb2,
     track_pb2_grpc,
 )
 
-from tests.server_fixtures import now_ms
+from tests.server_fixtures import batch, fix, hello, now_ms
 from tests.test_auth import SECRET, bearer, token
 from tracking_grpc.observability import metrics
 
@@ -109,6 +110,47 @@ async def test_a_watch_blocked_in_a_write_ends_when_its_token_expires(
         await until(lambda: server.app.hub.count == 0, "the watch to end")
         code, _ = await status_after_reading(call)
     assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def rejected_batch(seq: int) -> track_pb2.TrackRequest:
+    """One valid fix (``seq``) and 1,000 rejected ones: an ack of about 60 KB."""
+    bad = [common_pb2.Fix(seq=seq * 10_000 + i, time_ms=now_ms(), lat=95.0, lon=1.0)
+           for i in range(1, 1_001)]  # fmt: skip
+    return batch([fix(seq, 51.0, 0.1 + seq * 1e-4), *bad])
+
+
+async def test_a_device_that_reads_no_acks_is_not_read_ahead_and_is_ended(
+    metered,
+) -> None:
+    server, registry = await metered(write_timeout_s=0.5)
+    channel, stub = small_window_stub(server.port)
+    async with channel:
+        call = stub.Track()
+        await call.write(hello("deaf-1"))
+
+        async def send() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                for seq in range(1, 101):
+                    await call.write(rejected_batch(seq))
+
+        sending = asyncio.create_task(send())
+        open_tracks = {"method": TRACK}
+        await until(
+            lambda: registry.get_sample_value("tracking_streams_open", open_tracks),
+            "the stream to open",
+        )
+        await until(
+            lambda: not registry.get_sample_value("tracking_streams_open", open_tracks),
+            "the stream to end",
+        )
+        stored = await server.app.live.get("default", ["deaf-1"])
+        code, details = await status_after_reading(call)
+        sending.cancel()
+    # The server stops reading a stream whose acks wait to be written (eight
+    # batches in flight), so gRPC's flow control holds the rest in the device.
+    assert stored.seq.tolist()[0] < 20
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "read no acks" in details
 
 
 async def test_watchers_beyond_the_limit_are_refused(start_server) -> None:

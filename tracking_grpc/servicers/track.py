@@ -168,7 +168,13 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         started = track_pb2.SessionStarted(
             device_id=device_id, last_stored_seq=last_stored, server_time_ms=now_ms()
         )
-        await context.write(track_pb2.TrackResponse(started=started))
+        await streams.write(
+            context,
+            caller,
+            track_pb2.TrackResponse(started=started),
+            self.app.settings.write_timeout_s,
+            streams.DEVICE_BEHIND,
+        )
         log.debug("track stream opened for %s/%s", caller.tenant, device_id)
         want_events = first.hello.want_events
         del first, started  # the stream outlives them: do not keep them alive
@@ -412,6 +418,8 @@ class _Session:
         # A list, not a deque: at most INFLIGHT_BATCHES long, and an empty deque
         # costs 760 bytes per open stream.
         self._unacked: list[asyncio.Future[DeviceAck]] = []
+        # Set by the ack writer when it has written an ack the reader waits for.
+        self._room: asyncio.Future[None] | None = None
         self._acking: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._reader: asyncio.Task | None = None
@@ -425,10 +433,16 @@ class _Session:
 
     async def _write(self, response: track_pb2.TrackResponse) -> None:
         if self._write_lock is None:
-            await self.context.write(response)
+            await self._write_now(response)
             return
         async with self._write_lock:
-            await self.context.write(response)
+            await self._write_now(response)
+
+    async def _write_now(self, response: track_pb2.TrackResponse) -> None:
+        timeout_s = self.app.settings.write_timeout_s
+        await streams.write(
+            self.context, self.caller, response, timeout_s, streams.DEVICE_BEHIND
+        )
 
     async def run(self, requests: AsyncIterator[track_pb2.TrackRequest]) -> None:
         """Reads until the client half-closes (or the caller's token expires), with
@@ -483,8 +497,11 @@ class _Session:
                 continue
             if pipeline.congested:
                 await pipeline.wait_for_space()
-            if len(self._unacked) >= INFLIGHT_BATCHES:
-                await asyncio.wait((self._unacked[0],))
+            while len(self._unacked) >= INFLIGHT_BATCHES:
+                # Until an ack is written: a device that reads no acks is not read
+                # ahead of them (gRPC's flow control keeps its batches in the device).
+                self._room = asyncio.get_running_loop().create_future()
+                await self._room
             self._unacked.append(pipeline.submit_rows(tenant, self.device_id, rows))
             if self._acking is None:
                 self._acking = asyncio.create_task(self._write_acks())
@@ -514,24 +531,38 @@ class _Session:
         try:
             while self._unacked:
                 ack = await self._unacked[0]
-                del self._unacked[0]
                 if ack.newest_stored_seq > self.last_stored:
                     self.last_stored = ack.newest_stored_seq
                 await self._write(_ack(ack, self.last_stored))
+                del self._unacked[0]
+                if self._room is not None:
+                    self._room.set_result(None)
+                    self._room = None
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # Storage gave up (shutting down) or the call is gone: end the stream.
-            self._failure = exc
-            if self._reader is not None:
-                self._reader.cancel()
+            # Storage gave up (shutting down), the device reads no acks or the call
+            # is gone: end the stream.
+            self._fail(exc)
         finally:
             self._acking = None
 
+    def _fail(self, exc: Exception) -> None:
+        """End the stream with ``exc``: the reader is cancelled, and raises it."""
+        if self._failure is None:
+            self._failure = exc
+            if self._reader is not None:
+                self._reader.cancel()
+
     async def _write_events(self, events: asyncio.Queue[TrackingEvent]) -> None:
-        while True:
-            event = await events.get()
-            await self._write(track_pb2.TrackResponse(event=event_message(event)))
+        try:
+            while True:
+                event = await events.get()
+                await self._write(track_pb2.TrackResponse(event=event_message(event)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail(exc)
 
 
 def _consume(future: asyncio.Future) -> None:
