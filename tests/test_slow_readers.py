@@ -16,10 +16,13 @@ import grpc
 import pytest
 from tracking.v1 import (
     common_pb2,
+    geofence_pb2,
+    geofence_pb2_grpc,
     track_pb2,
     track_pb2_grpc,
 )
 
+from tests.geofence.support import DEPOT
 from tests.server_fixtures import batch, fix, hello, now_ms
 from tests.test_auth import SECRET, bearer, token
 from tracking_grpc.observability import metrics
@@ -193,3 +196,44 @@ async def test_watchers_that_vanish_while_written_to_leave_no_error(
     for code in ("INTERNAL", "UNKNOWN"):
         labels = {"method": WATCH, "code": code}
         assert not registry.get_sample_value("tracking_rpc_handled_total", labels)
+
+
+async def test_an_event_watcher_that_does_not_read_is_ended_as_fallen_behind(
+    metered,
+) -> None:
+    server, registry = await metered(write_timeout_s=0.5)
+    depot = geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
+    channel, _ = small_window_stub(server.port)
+    async with channel, grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ok:
+        await geofence_pb2_grpc.GeofenceStub(ok).CreateFence(
+            geofence_pb2.CreateFenceRequest(fence=depot)
+        )
+        call = geofence_pb2_grpc.GeofenceStub(channel).WatchEvents(
+            geofence_pb2.WatchEventsRequest()
+        )
+        await call.initial_metadata()
+        await publish_through_the_depot(ok, devices=1_500)  # 3,000 events
+        watching = {"method": WATCH_EVENTS}
+        await until(
+            lambda: not registry.get_sample_value("tracking_streams_open", watching),
+            "the event watch to end",
+        )
+        code, details = await status_after_reading(call)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "watcher fell behind" in details
+
+
+async def publish_through_the_depot(channel: grpc.aio.Channel, devices: int) -> None:
+    """Each device one fix in the depot, then one outside: an ENTER and an EXIT."""
+    t = now_ms() - 60_000
+    columns = track_pb2.ColumnarFixes(
+        device_ids=[f"van-{i:05d}" for i in range(devices)],
+        device_index=[i for i in range(devices) for _ in range(2)],
+        seq=[1, 2] * devices,
+        time_ms=[t, t + 1_000] * devices,
+        lat=[52.52, 52.52] * devices,
+        lon=[13.405, 13.4123] * devices,
+        accuracy_m=[5.0, 5.0] * devices,
+    )
+    stub = track_pb2_grpc.TrackSessionStub(channel)
+    await stub.PublishBatch(track_pb2.PublishBatchRequest(columns=columns))
