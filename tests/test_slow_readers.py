@@ -125,16 +125,20 @@ def rejected_batch(seq: int) -> track_pb2.TrackRequest:
 async def test_a_device_that_reads_no_acks_is_not_read_ahead_and_is_ended(
     metered,
 ) -> None:
-    server, registry = await metered(write_timeout_s=0.5)
+    server, registry = await metered(write_timeout_s=2.0)
     channel, stub = small_window_stub(server.port)
+    batches = [rejected_batch(seq) for seq in range(1, 101)]  # 30 KB each
+    sent = 0
     async with channel:
         call = stub.Track()
         await call.write(hello("deaf-1"))
 
         async def send() -> None:
+            nonlocal sent
             with contextlib.suppress(grpc.aio.AioRpcError):
-                for seq in range(1, 101):
-                    await call.write(rejected_batch(seq))
+                for request in batches:
+                    await call.write(request)
+                    sent += 1
 
         sending = asyncio.create_task(send())
         open_tracks = {"method": TRACK}
@@ -147,11 +151,14 @@ async def test_a_device_that_reads_no_acks_is_not_read_ahead_and_is_ended(
             "the stream to end",
         )
         stored = await server.app.live.get("default", ["deaf-1"])
+        taken = sent
         code, details = await status_after_reading(call)
         sending.cancel()
     # The server stops reading a stream whose acks wait to be written (eight
-    # batches in flight), so gRPC's flow control holds the rest in the device.
+    # batches in flight), so gRPC's flow control holds the rest in the device:
+    # its window in the server stays 64 KB (stream_window_kb), two more batches.
     assert stored.seq.tolist()[0] < 20
+    assert taken < 30
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "read no acks" in details
 

@@ -95,6 +95,12 @@ class Settings:
         "longest a stream's response may wait for a client that does not read it; "
         "then the stream ends with RESOURCE_EXHAUSTED (Track, Watch, WatchEvents)",
     )
+    stream_window_kb: int = setting(
+        64,
+        "HTTP/2 receive window of a stream, KB: what a client's messages can fill in "
+        "the server while its stream is not read; 0 lets gRPC grow it with the "
+        "bandwidth-delay product (to megabytes per stream)",
+    )
     max_watchers: int = setting(
         1_000,
         "Watch streams open at once in one server process; more are refused with "
@@ -243,6 +249,7 @@ ZERO_OR_MORE = (
     "database_flush_interval_ms",
     "processor_interval_ms",
     "route_eta_change_s",
+    "stream_window_kb",
 )
 CHOICES = {
     "sqlite_synchronous": ("OFF", "NORMAL", "FULL", "EXTRA"),
