@@ -244,3 +244,20 @@ async def publish_through_the_depot(channel: grpc.aio.Channel, devices: int) -> 
     )
     stub = track_pb2_grpc.TrackSessionStub(channel)
     await stub.PublishBatch(track_pb2.PublishBatchRequest(columns=columns))
+
+
+async def test_a_watcher_that_vanishes_while_it_is_being_ended_leaves_no_error(
+    start_server, caplog
+) -> None:
+    server = await start_server(write_timeout_s=0.5)
+    await load_tenant(server.port)
+    channel, stub = small_window_stub(server.port)
+    call = stub.Watch(track_pb2.WatchRequest())
+    await until(lambda: server.app.hub.count == 1, "the watch to open")
+    with caplog.at_level(logging.WARNING):
+        # Removed as it falls behind: its status now waits behind unread responses.
+        await until(lambda: server.app.hub.count == 0, "the watch to fall behind")
+        await channel.close(grace=None)
+        await server.stop(1)  # waits for the call to end
+    assert call.done()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -78,13 +78,16 @@ async def _end(
 
     gRPC sends a status after the responses written before it: to a client that
     does not read them it stays queued, and the handler (with all it holds) would
-    wait as long. Given up, it is still queued; gRPC ends the call as aborted.
+    wait as long. Given up, it is still queued; gRPC ends the call as aborted. A
+    client that goes away meanwhile fails it: nobody is left to tell.
     """
     try:
         async with asyncio.timeout(STATUS_WAIT_S):
             await context.abort(code, message, trailers)
     except TimeoutError:
         log.debug("%s: its %s waits behind unread responses", _method(context), code)
+    except ExecuteBatchError:
+        log.debug("%s: the call ended before its %s", _method(context), code)
 
 
 def _method(context: grpc.aio.ServicerContext) -> str:
