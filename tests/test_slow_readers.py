@@ -152,15 +152,17 @@ async def test_a_device_that_reads_no_acks_is_not_read_ahead_and_is_ended(
         )
         stored = await server.app.live.get("default", ["deaf-1"])
         taken = sent
-        code, details = await status_after_reading(call)
+        # The client's own status varies: a write of its own still blocked, its
+        # gRPC reports INTERNAL ("Internal error from Core") about one time in four.
+        await status_after_reading(call)
         sending.cancel()
     # The server stops reading a stream whose acks wait to be written (eight
     # batches in flight), so gRPC's flow control holds the rest in the device:
     # its window in the server stays 64 KB (stream_window_kb), two more batches.
     assert stored.seq.tolist()[0] < 20
     assert taken < 30
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "read no acks" in details
+    ended = {"method": TRACK, "code": "RESOURCE_EXHAUSTED"}
+    assert registry.get_sample_value("tracking_rpc_handled_total", ended) == 1
 
 
 async def test_watchers_beyond_the_limit_are_refused(start_server) -> None:
