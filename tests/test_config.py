@@ -79,6 +79,9 @@ BAD_SETTINGS = [
     ),
     pytest.param({"max_fix_age_s": math.inf}, "max_fix_age_s", id="age-infinite"),
     pytest.param({"retention_days": -1}, "retention_days", id="retention-negative"),
+    pytest.param({"write_timeout_s": 0.0}, "write_timeout_s", id="write-timeout-0"),
+    pytest.param({"max_watchers": 0}, "max_watchers", id="watchers-0"),
+    pytest.param({"stream_window_kb": -1}, "stream_window_kb", id="window-negative"),
     pytest.param(
         {"trace_sample_ratio": 1.5}, "trace_sample_ratio", id="sample-ratio-above-1"
     ),

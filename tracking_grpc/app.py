@@ -91,7 +91,7 @@ async def open_app(settings: Settings) -> App:
     except Unavailable as exc:  # the live repairer rebuilds it once it is back
         log.warning("live state not rebuilt at start: %s", exc.message)
     bus = EventBus()
-    hub = WatchHub(broker, live)
+    hub = WatchHub(broker, live, settings.max_watchers)
     await hub.start()
     pipeline = IngestPipeline(settings, history, live, broker, bus)
     activity = ActivityProcessor(ActivityConfig.from_file(settings.activity_config))

@@ -90,6 +90,22 @@ class Settings:
     max_concurrent_streams: int = setting(
         20_000, "pending RPC backlog the gRPC server accepts (streams opening at once)"
     )
+    write_timeout_s: float = setting(
+        30.0,
+        "longest a stream's response may wait for a client that does not read it; "
+        "then the stream ends with RESOURCE_EXHAUSTED (Track, Watch, WatchEvents)",
+    )
+    stream_window_kb: int = setting(
+        64,
+        "HTTP/2 receive window of a stream, KB: what a client's messages can fill in "
+        "the server while its stream is not read; 0 lets gRPC grow it with the "
+        "bandwidth-delay product (to megabytes per stream)",
+    )
+    max_watchers: int = setting(
+        1_000,
+        "Watch streams open at once in one server process; more are refused with "
+        "RESOURCE_EXHAUSTED",
+    )
     routing_data_dir: str = setting(
         "",
         "directory of routing datasets made by `tracking prepare-routing`; empty "
@@ -220,12 +236,14 @@ AT_LEAST_ONE = (
     "commits_in_flight",
     "max_pending_fixes",
     "max_concurrent_streams",
+    "max_watchers",
     "route_off_route_fixes",
     "route_back_on_route_fixes",
 )
 ABOVE_ZERO = (
     "fanout_interest_ttl_s",  # the heartbeat runs every ttl / 3: at 0 it never pauses
     "database_timeout_s",
+    "write_timeout_s",
     "routing_max_snap_m",
     "route_off_route_m",
     "route_arrival_radius_m",
@@ -238,6 +256,7 @@ ZERO_OR_MORE = (
     "processor_interval_ms",
     "route_eta_change_s",
     "retention_days",
+    "stream_window_kb",
 )
 CHOICES = {
     "sqlite_synchronous": ("OFF", "NORMAL", "FULL", "EXTRA"),

@@ -8,6 +8,7 @@
     ├── Unauthenticated           UNAUTHENTICATED    no or bad credentials
     ├── PermissionDenied          PERMISSION_DENIED  credentials do not allow this
     ├── ResourceExhausted         RESOURCE_EXHAUSTED back-pressure: retry later
+    │   └── FellBehind                               the client stopped reading
     └── Unavailable               UNAVAILABLE        a dependency is down: retry later
         └── StorageUnavailable                       the history store cannot write
 
@@ -76,6 +77,11 @@ class ResourceExhausted(TrackingError):
     """Too much in flight: the caller should slow down and retry."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FellBehind(ResourceExhausted):
+    """The client did not read its stream for ``write_timeout_s``: the stream ends
+    rather than hold what was written for it."""
 
 
 class Unavailable(TrackingError):

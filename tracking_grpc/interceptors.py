@@ -5,10 +5,16 @@ status code with its message (and, for an invalid argument, a ``google.rpc.BadRe
 field violation in the rich status details); anything else is logged and becomes
 INTERNAL without leaking internals to the caller. A request whose bytes do not decode
 is an invalid argument too (see :func:`_decoder`).
+
+A call whose client went away (a write or read on it failed in gRPC's core) ends as
+CANCELLED, quietly: there is nobody to tell, and it is not a server fault. A status
+waits behind the responses the client has not read; the handler does not wait for it
+(see :mod:`tracking_grpc.streams`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,12 +24,16 @@ import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
+from grpc._cython.cygrpc import ExecuteBatchError  # no public name in grpc.aio
 
 from tracking_grpc.errors import InvalidArgument, TrackingError
 
 log = logging.getLogger(__name__)
 
 DETAILS_KEY = "grpc-status-details-bin"
+# How long ending a call waits for its status to be taken: it waits longer only
+# behind responses the client does not read, and then it goes out if it ever reads.
+STATUS_WAIT_S = 1.0
 
 
 def _trailers(error: TrackingError) -> tuple[tuple[str, bytes], ...]:
@@ -42,15 +52,42 @@ def _trailers(error: TrackingError) -> tuple[tuple[str, bytes], ...]:
 
 async def abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     """End the call with the status that ``error`` maps to."""
+    if isinstance(error, ExecuteBatchError):
+        # A read or write failed in gRPC's core: the client went away (or the
+        # server is stopping). That is how such calls end; nobody is left to tell.
+        log.debug("%s: the call ended under it", _method(context))
+        raise asyncio.CancelledError from error
     if isinstance(error, TrackingError):
-        await context.abort(error.code, error.message, _trailers(error))
+        await _end(context, error.code, error.message, _trailers(error))
+        return
     if context.done():
-        # The call already ended (client gone, server stopping): a read or write on
-        # it failed, which is how such calls end; there is nobody left to tell.
+        # The call already ended (client gone, server stopping).
         log.debug("%s ended: %r", _method(context), error)
         return
     log.exception("unhandled error in %s", _method(context), exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    await _end(context, grpc.StatusCode.INTERNAL, "internal error")
+
+
+async def _end(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    message: str,
+    trailers: tuple[tuple[str, bytes], ...] = (),
+) -> None:
+    """Abort with a status, waiting at most STATUS_WAIT_S for it to be taken.
+
+    gRPC sends a status after the responses written before it: to a client that
+    does not read them it stays queued, and the handler (with all it holds) would
+    wait as long. Given up, it is still queued; gRPC ends the call as aborted. A
+    client that goes away meanwhile fails it: nobody is left to tell.
+    """
+    try:
+        async with asyncio.timeout(STATUS_WAIT_S):
+            await context.abort(code, message, trailers)
+    except TimeoutError:
+        log.debug("%s: its %s waits behind unread responses", _method(context), code)
+    except ExecuteBatchError:
+        log.debug("%s: the call ended before its %s", _method(context), code)
 
 
 def _method(context: grpc.aio.ServicerContext) -> str:

@@ -47,9 +47,23 @@ LIVE_HEALTH = "tracking.dependency.live"
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
-    """Channel options: a backlog large enough for a reconnect storm of devices."""
+    """Channel options: a backlog large enough for a reconnect storm of devices, and
+    a fixed receive window per stream (``stream_window_kb``).
+
+    A stream that is being read gets a window as large as the message it reads
+    needs, whatever the setting; the fixed window bounds what a stream that is not
+    read holds: a Track stream whose device reads no acks is not read either, and
+    with the bandwidth-delay probe its window grew to about 4 MB of unread batches.
+    """
     backlog = settings.max_concurrent_streams
+    window = []
+    if settings.stream_window_kb:
+        window = [
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", settings.stream_window_kb * 1024),
+        ]
     return [
+        *window,
         ("grpc.server.max_pending_requests", backlog),
         ("grpc.server.max_pending_requests_hard_limit", backlog * 2),
         ("grpc.keepalive_time_ms", 60_000),

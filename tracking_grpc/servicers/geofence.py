@@ -8,13 +8,13 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 from tracking.v1 import geofence_pb2, geofence_pb2_grpc
 
-from tracking_grpc import convert
+from tracking_grpc import convert, streams
 from tracking_grpc.app import App
 from tracking_grpc.auth import Role
 from tracking_grpc.config import Settings
@@ -234,11 +234,11 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
             ]
         )
 
-    async def WatchEvents(
-        self, request, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[geofence_pb2.WatchEventsResponse]:
+    async def WatchEvents(self, request, context: grpc.aio.ServicerContext) -> None:
         """Geofence events as they happen, filtered by fence, device and type;
-        ends with UNAUTHENTICATED when the caller's token expires."""
+        ends with UNAUTHENTICATED when the caller's token expires, and with
+        RESOURCE_EXHAUSTED when it falls behind: more events waiting than its
+        queue holds, or a response left unread for write_timeout_s."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
         _check_watch_ids(len(request.fence_ids), len(request.device_ids))
@@ -256,8 +256,13 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
                 events = await caller.before_expiry(subscription.queue.get())
                 if subscription.overflowed:
                     raise ResourceExhausted("the watcher fell behind; watch again")
-                yield geofence_pb2.WatchEventsResponse(
+                response = geofence_pb2.WatchEventsResponse(
                     events=[event_message(e) for e in events]
+                )
+                del events
+                timeout_s = self.app.settings.write_timeout_s
+                await streams.write(
+                    context, caller, response, timeout_s, streams.WATCHER_BEHIND
                 )
         finally:
             self.hub.unsubscribe(subscription)

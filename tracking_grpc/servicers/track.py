@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 from tracking.v1 import event_pb2, track_pb2, track_pb2_grpc
 
-from tracking_grpc import convert
+from tracking_grpc import convert, streams
 from tracking_grpc.app import App
 from tracking_grpc.auth import Caller, Role
 from tracking_grpc.core.fixes import FixBatch, FixRow
@@ -168,7 +168,13 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         started = track_pb2.SessionStarted(
             device_id=device_id, last_stored_seq=last_stored, server_time_ms=now_ms()
         )
-        await context.write(track_pb2.TrackResponse(started=started))
+        await streams.write(
+            context,
+            caller,
+            track_pb2.TrackResponse(started=started),
+            self.app.settings.write_timeout_s,
+            streams.DEVICE_BEHIND,
+        )
         log.debug("track stream opened for %s/%s", caller.tenant, device_id)
         want_events = first.hello.want_events
         del first, started  # the stream outlives them: do not keep them alive
@@ -231,9 +237,11 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
 
     async def Watch(
         self, request: track_pb2.WatchRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[track_pb2.WatchResponse]:
+    ) -> None:
         """A snapshot of matching live positions, then every update, coalesced;
-        ends with UNAUTHENTICATED when the caller's token expires."""
+        ends with UNAUTHENTICATED when the caller's token expires, and with
+        RESOURCE_EXHAUSTED when the client leaves a response unread for
+        write_timeout_s (see tracking_grpc.streams)."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
         # Without a snapshot, a catch-up after an outage (WatchHub.catch_up) brings
@@ -243,28 +251,48 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         # Before the snapshot read: see WatchHub.add and redis_broker's ordering.
         await self.app.hub.add(watcher)
         try:
+            # Headers on their own: the first response then waits for the client's
+            # window (and times out) like every other.
+            await context.send_initial_metadata(())
             if not request.skip_snapshot:
-                for chunk in await caller.before_expiry(self._snapshot(watcher)):
-                    yield track_pb2.WatchResponse(
-                        snapshot=True, positions=convert.positions(chunk)
-                    )
-                yield track_pb2.WatchResponse(snapshot=True, snapshot_done=True)
+                await self._write_snapshot(context, caller, watcher)
             while True:
                 updates = await caller.before_expiry(watcher.next_updates())
-                yield track_pb2.WatchResponse(positions=convert.positions(updates))
+                response = track_pb2.WatchResponse(positions=convert.positions(updates))
+                del updates  # a stalled write holds the response only
+                await self._write_watch(context, caller, response)
         finally:
             self.app.hub.remove(watcher)
 
-    async def _snapshot(self, watcher: Watcher) -> list[FixBatch]:
-        snapshot = await self.app.live.snapshot(watcher.tenant)
+    async def _write_snapshot(
+        self, context: grpc.aio.ServicerContext, caller: Caller, watcher: Watcher
+    ) -> None:
+        """The matching live positions, oldest fix first, SNAPSHOT_CHUNK a message;
+        each message is made when the one before it has been taken."""
+        snapshot = await caller.before_expiry(self.app.live.snapshot(watcher.tenant))
         snapshot = snapshot.take(watcher.filter.mask(snapshot))
         snapshot = snapshot.take(np.argsort(snapshot.time_ms, kind="stable"))
         watcher.mark_sent(snapshot)
-        starts = range(0, len(snapshot), SNAPSHOT_CHUNK)
-        return [
-            snapshot.take(np.arange(s, min(s + SNAPSHOT_CHUNK, len(snapshot))))
-            for s in starts
-        ]
+        for start in range(0, len(snapshot), SNAPSHOT_CHUNK):
+            rows = np.arange(start, min(start + SNAPSHOT_CHUNK, len(snapshot)))
+            positions = convert.positions(snapshot.take(rows))
+            response = track_pb2.WatchResponse(snapshot=True, positions=positions)
+            del positions
+            await self._write_watch(context, caller, response)
+        del snapshot
+        done = track_pb2.WatchResponse(snapshot=True, snapshot_done=True)
+        await self._write_watch(context, caller, done)
+
+    async def _write_watch(
+        self,
+        context: grpc.aio.ServicerContext,
+        caller: Caller,
+        response: track_pb2.WatchResponse,
+    ) -> None:
+        timeout_s = self.app.settings.write_timeout_s
+        await streams.write(
+            context, caller, response, timeout_s, streams.WATCHER_BEHIND
+        )
 
     async def GetLastPositions(
         self,
@@ -390,6 +418,8 @@ class _Session:
         # A list, not a deque: at most INFLIGHT_BATCHES long, and an empty deque
         # costs 760 bytes per open stream.
         self._unacked: list[asyncio.Future[DeviceAck]] = []
+        # Set by the ack writer when it has written an ack the reader waits for.
+        self._room: asyncio.Future[None] | None = None
         self._acking: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._reader: asyncio.Task | None = None
@@ -403,10 +433,16 @@ class _Session:
 
     async def _write(self, response: track_pb2.TrackResponse) -> None:
         if self._write_lock is None:
-            await self.context.write(response)
+            await self._write_now(response)
             return
         async with self._write_lock:
-            await self.context.write(response)
+            await self._write_now(response)
+
+    async def _write_now(self, response: track_pb2.TrackResponse) -> None:
+        timeout_s = self.app.settings.write_timeout_s
+        await streams.write(
+            self.context, self.caller, response, timeout_s, streams.DEVICE_BEHIND
+        )
 
     async def run(self, requests: AsyncIterator[track_pb2.TrackRequest]) -> None:
         """Reads until the client half-closes (or the caller's token expires), with
@@ -461,8 +497,11 @@ class _Session:
                 continue
             if pipeline.congested:
                 await pipeline.wait_for_space()
-            if len(self._unacked) >= INFLIGHT_BATCHES:
-                await asyncio.wait((self._unacked[0],))
+            while len(self._unacked) >= INFLIGHT_BATCHES:
+                # Until an ack is written: a device that reads no acks is not read
+                # ahead of them (gRPC's flow control keeps its batches in the device).
+                self._room = asyncio.get_running_loop().create_future()
+                await self._room
             self._unacked.append(pipeline.submit_rows(tenant, self.device_id, rows))
             if self._acking is None:
                 self._acking = asyncio.create_task(self._write_acks())
@@ -492,24 +531,38 @@ class _Session:
         try:
             while self._unacked:
                 ack = await self._unacked[0]
-                del self._unacked[0]
                 if ack.newest_stored_seq > self.last_stored:
                     self.last_stored = ack.newest_stored_seq
                 await self._write(_ack(ack, self.last_stored))
+                del self._unacked[0]
+                if self._room is not None:
+                    self._room.set_result(None)
+                    self._room = None
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            # Storage gave up (shutting down) or the call is gone: end the stream.
-            self._failure = exc
-            if self._reader is not None:
-                self._reader.cancel()
+            # Storage gave up (shutting down), the device reads no acks or the call
+            # is gone: end the stream.
+            self._fail(exc)
         finally:
             self._acking = None
 
+    def _fail(self, exc: Exception) -> None:
+        """End the stream with ``exc``: the reader is cancelled, and raises it."""
+        if self._failure is None:
+            self._failure = exc
+            if self._reader is not None:
+                self._reader.cancel()
+
     async def _write_events(self, events: asyncio.Queue[TrackingEvent]) -> None:
-        while True:
-            event = await events.get()
-            await self._write(track_pb2.TrackResponse(event=event_message(event)))
+        try:
+            while True:
+                event = await events.get()
+                await self._write(track_pb2.TrackResponse(event=event_message(event)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._fail(exc)
 
 
 def _consume(future: asyncio.Future) -> None:
