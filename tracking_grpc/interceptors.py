@@ -50,26 +50,29 @@ def _trailers(error: TrackingError) -> tuple[tuple[str, bytes], ...]:
     return ((DETAILS_KEY, status.SerializeToString()),)
 
 
-async def abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
-    """End the call with the status that ``error`` maps to."""
+async def abort(
+    context: grpc.aio.ServicerContext, error: Exception, method: str = "rpc"
+) -> None:
+    """End the call of ``method`` with the status that ``error`` maps to."""
     if isinstance(error, ExecuteBatchError):
         # A read or write failed in gRPC's core: the client went away (or the
         # server is stopping). That is how such calls end; nobody is left to tell.
-        log.debug("%s: the call ended under it", _method(context))
+        log.debug("%s: the call ended under it", method)
         raise asyncio.CancelledError from error
     if isinstance(error, TrackingError):
-        await _end(context, error.code, error.message, _trailers(error))
+        await _end(context, method, error.code, error.message, _trailers(error))
         return
     if context.done():
         # The call already ended (client gone, server stopping).
-        log.debug("%s ended: %r", _method(context), error)
+        log.debug("%s ended: %r", method, error)
         return
-    log.exception("unhandled error in %s", _method(context), exc_info=error)
-    await _end(context, grpc.StatusCode.INTERNAL, "internal error")
+    log.exception("unhandled error in %s", method, exc_info=error)
+    await _end(context, method, grpc.StatusCode.INTERNAL, "internal error")
 
 
 async def _end(
     context: grpc.aio.ServicerContext,
+    method: str,
     code: grpc.StatusCode,
     message: str,
     trailers: tuple[tuple[str, bytes], ...] = (),
@@ -85,16 +88,9 @@ async def _end(
         async with asyncio.timeout(STATUS_WAIT_S):
             await context.abort(code, message, trailers)
     except TimeoutError:
-        log.debug("%s: its %s waits behind unread responses", _method(context), code)
+        log.debug("%s: its %s waits behind unread responses", method, code)
     except ExecuteBatchError:
-        log.debug("%s: the call ended before its %s", _method(context), code)
-
-
-def _method(context: grpc.aio.ServicerContext) -> str:
-    try:
-        return str(context._rpc_event.call_details.method.decode())
-    except AttributeError:
-        return "rpc"
+        log.debug("%s: the call ended before its %s", method, code)
 
 
 class _Undecodable:
@@ -146,7 +142,7 @@ def _decoder(
 
 
 def _wrap_unary(
-    behavior: Callable[..., Awaitable[Any]],
+    behavior: Callable[..., Awaitable[Any]], method: str
 ) -> Callable[..., Awaitable[Any]]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -154,12 +150,12 @@ def _wrap_unary(
         except (grpc.aio.AbortError, AssertionError, KeyboardInterrupt):
             raise
         except Exception as exc:
-            await abort(context, exc)
+            await abort(context, exc, method)
 
     return handler
 
 
-def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+def _wrap_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     if inspect.isasyncgenfunction(behavior):
 
         async def generator(
@@ -171,10 +167,10 @@ def _wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await abort(context, exc)
+                await abort(context, exc, method)
 
         return generator
-    return _wrap_unary(behavior)
+    return _wrap_unary(behavior, method)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -203,7 +199,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = _wrap_handler(handler)
+        wrapped = _wrap_handler(handler, method)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
@@ -216,12 +212,12 @@ _KINDS = {
 }
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     for attribute, (make, wrap) in _KINDS.items():
         behavior = getattr(handler, attribute)
         if behavior is not None:
             return make(
-                wrap(behavior),
+                wrap(behavior, method),
                 request_deserializer=_decoder(
                     handler.request_deserializer, handler.request_streaming
                 ),
