@@ -50,6 +50,16 @@ async def test_device_token_publishes_its_own_device(secured) -> None:
         pytest.param(None, grpc.StatusCode.UNAUTHENTICATED, id="no-token"),
         pytest.param(bearer("garbage"), grpc.StatusCode.UNAUTHENTICATED, id="garbage"),
         pytest.param(
+            bearer(token("device", tenant="a\x00b")),
+            grpc.StatusCode.UNAUTHENTICATED,
+            id="tenant-with-nul",  # PostgreSQL text cannot hold it
+        ),
+        pytest.param(
+            bearer(token("device", tenant="t" * 257)),
+            grpc.StatusCode.UNAUTHENTICATED,
+            id="tenant-too-long",
+        ),
+        pytest.param(
             bearer(token("device", exp=time.time() - 10)),
             grpc.StatusCode.UNAUTHENTICATED,
             id="expired",

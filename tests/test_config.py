@@ -79,6 +79,8 @@ BAD_SETTINGS = [
     ),
     pytest.param({"max_fix_age_s": math.inf}, "max_fix_age_s", id="age-infinite"),
     pytest.param({"retention_days": -1}, "retention_days", id="retention-negative"),
+    pytest.param({"default_tenant": "a\x00b"}, "default_tenant", id="tenant-nul"),
+    pytest.param({"default_tenant": " "}, "default_tenant", id="tenant-blank"),
     pytest.param({"write_timeout_s": 0.0}, "write_timeout_s", id="write-timeout-0"),
     pytest.param({"max_watchers": 0}, "max_watchers", id="watchers-0"),
     pytest.param({"stream_window_kb": -1}, "stream_window_kb", id="window-negative"),

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+MAX_TENANT_LENGTH = 256
 EXPIRED = "token expired during the stream; reconnect with a new one"
 
 
@@ -152,6 +153,12 @@ class Authenticator:
         role_name = str(claims.get("role", "")).upper()
         if not tenant or not isinstance(tenant, str):
             raise Unauthenticated("token has no tenant claim")
+        if len(tenant) > MAX_TENANT_LENGTH or not tenant.isprintable():
+            # Stores keep tenants as text: a NUL cannot go into PostgreSQL.
+            raise Unauthenticated(
+                f"token tenant must be printable and at most {MAX_TENANT_LENGTH} "
+                "characters"
+            )
         if role_name not in Role.__members__:
             raise Unauthenticated("token role must be device, viewer or admin")
         return Caller(tenant, str(claims["sub"]), Role[role_name], float(claims["exp"]))

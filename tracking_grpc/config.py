@@ -282,6 +282,11 @@ def check(settings: Settings) -> None:
     for name in ZERO_OR_MORE:
         if not 0 <= getattr(settings, name) < math.inf:
             raise InvalidArgument(name, "must be a finite number, 0 or more")
+    tenant = settings.default_tenant
+    if not tenant.strip() or len(tenant) > 256 or not tenant.isprintable():
+        raise InvalidArgument(
+            "default_tenant", "must be printable, not blank, at most 256 characters"
+        )
     if not 0 <= settings.trace_sample_ratio <= 1:
         raise InvalidArgument("trace_sample_ratio", "must be in [0, 1]")
     for name, allowed in CHOICES.items():

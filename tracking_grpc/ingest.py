@@ -317,7 +317,16 @@ class IngestPipeline:
             for tenant_items in by_tenant.values():
                 links = [item.span for item in tenant_items]
                 with tracing.span("ingest.commit", links, backend=self.backend):
-                    outcome = await self._commit(tenant_items)
+                    try:
+                        outcome = await self._commit(tenant_items)
+                    except Exception as exc:
+                        # A fault of this tenant's commit (the store refused its
+                        # data): its callers get the error, other tenants go on.
+                        log.exception(
+                            "commit of tenant %s failed", tenant_items[0].tenant
+                        )
+                        _fail(tenant_items, exc)
+                        continue
                     if outcome is not None and len(outcome[0]):
                         stored.append((*outcome, tracing.current_context()))
             slot.release()
@@ -610,6 +619,13 @@ def _first_per_fix(batch: FixBatch, rows: np.ndarray) -> np.ndarray:
     keys = np.rec.fromarrays([batch.device[rows].astype(str), batch.time_ms[rows]])
     _, first = np.unique(keys, return_index=True)  # each key's first place
     return rows[np.sort(first)]
+
+
+def _fail(items: list[_Pending], error: Exception) -> None:
+    """Ends the waits of ``items`` not yet answered with ``error``."""
+    for item in items:
+        if not item.done.done():
+            item.done.set_exception(error)
 
 
 def _live_pieces(stored: FixBatch) -> Iterator[FixBatch]:
