@@ -65,6 +65,9 @@ def test_iana_time_zones_are_taken(name):
     [
         pytest.param("Mars/Base", "unknown IANA time zone", id="unknown"),
         pytest.param("", "unknown IANA time zone", id="empty"),
+        # Longer than a file name may be: the zone file lookup raised OSError.
+        pytest.param("x" * 256, "unknown IANA time zone", id="too-long"),
+        pytest.param("Europe/" + "y" * 300, "unknown IANA time zone", id="long-path"),
         # Both open as zones on Linux, but mean the server machine's own zone, or
         # count leap seconds that Unix times leave out.
         pytest.param("localtime", "is not an IANA time zone name", id="localtime"),

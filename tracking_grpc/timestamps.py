@@ -79,8 +79,10 @@ def check_time_zone(name: str, where: str) -> str:
     if name == "localtime" or name not in _iana_zones():
         try:
             ZoneInfo(name)
-        except (KeyError, ValueError) as exc:
-            raise InvalidArgument(where, f"unknown IANA time zone {name!r}") from exc
+        except (KeyError, ValueError, OSError) as exc:  # OSError: name too long
+            raise InvalidArgument(
+                where, f"unknown IANA time zone {name[:64]!r}"
+            ) from exc
         raise InvalidArgument(
             where, f"{name!r} is not an IANA time zone name such as Europe/Berlin"
         )
