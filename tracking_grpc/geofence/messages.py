@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -41,6 +41,17 @@ def check_fence_id(fence_id: str, field: str) -> str:
             field, "1 to 128 letters, digits or -_.: characters are allowed"
         )
     return fence_id
+
+
+def check_labels(labels: Sequence[str], field: str) -> None:
+    """At most MAX_LABELS labels of 1 to 64 printable characters (a control
+    character, NUL above all, cannot be stored as PostgreSQL text)."""
+    if len(labels) > MAX_LABELS or any(
+        not (0 < len(x) <= 64 and x.isprintable()) for x in labels
+    ):
+        raise InvalidArgument(
+            field, f"at most {MAX_LABELS} labels of 1 to 64 printable characters"
+        )
 
 
 def shape_of(message: geofence_pb2.FenceShape, field: str) -> ShapeSpec:
@@ -126,10 +137,7 @@ def checked(
         raise InvalidArgument(f"{field}.dwell_ms", "must lie within 0 and 30 days")
     if not (math.isfinite(spec.max_accuracy_m) and spec.max_accuracy_m >= 0):
         raise InvalidArgument(f"{field}.max_accuracy_m", "must be 0 or more metres")
-    if len(spec.labels) > MAX_LABELS or any(not 0 < len(x) <= 64 for x in spec.labels):
-        raise InvalidArgument(
-            f"{field}.labels", f"at most {MAX_LABELS} labels of 1 to 64 characters"
-        )
+    check_labels(spec.labels, f"{field}.labels")
     if len(spec.metadata) > MAX_METADATA:
         raise InvalidArgument(f"{field}.metadata", f"at most {MAX_METADATA} entries")
     if spec.schedule is not None:

@@ -29,6 +29,7 @@ from tracking_grpc.geofence.delivery import (
 from tracking_grpc.geofence.messages import (
     FENCE_ID,
     check_fence_id,
+    check_labels,
     event_types,
     fence_message,
     fence_of,
@@ -164,6 +165,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         caller.require(Role.VIEWER)
         size = _page_size(request.page_size)
         after = _fence_after(request.page_token) if request.page_token else ""
+        check_labels(request.labels, "labels")
         found = await self.fences.list(
             caller.tenant, list(request.labels), size + 1, after
         )
@@ -286,6 +288,8 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
             raise InvalidArgument("end_ms", "must lie after start_ms (0 means now)")
         if request.device_id:  # empty: every device
             convert.check_device_id(request.device_id, "device_id")
+        if request.fence_id:  # empty: every fence
+            check_fence_id(request.fence_id, "fence_id")
         size = _page_size(request.page_size)
         after = _event_after(request.page_token) if request.page_token else None
         found = await self.events.list(
