@@ -212,6 +212,26 @@ def test_serve_refuses_a_taken_port_with_one_line(
     assert done.stderr.splitlines()[-1] == f"tracking: {words.format(port=taken_port)}"
 
 
+def test_workers_refuse_a_port_another_server_listens_on(
+    tmp_path, production_env
+) -> None:
+    """Another server's socket listens with SO_REUSEPORT, as gRPC's do: the
+    workers could bind beside it and share its connections, so the supervisor
+    refuses the port before it forks any."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        flags = ["--workers", "2", "--listen", f"127.0.0.1:{port}"]
+        done = serve(tmp_path, *flags, env=production_env)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr == (
+        f"tracking: listen: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+
+
 def test_workers_stop_when_the_metrics_port_is_taken(
     tmp_path, taken_port, production_env
 ) -> None:

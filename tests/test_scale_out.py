@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -197,6 +198,26 @@ async def test_workers_die_with_a_killed_supervisor(servers) -> None:
         for pid in workers:  # without the death signal they would serve on
             if alive(pid):
                 os.kill(pid, 9)
+
+
+async def test_a_stop_kills_a_worker_that_does_not_exit(servers) -> None:
+    """A worker that cannot stop (here: stopped with SIGSTOP) is killed once
+    KILL_AFTER_S have passed since the stop was forwarded; the supervisor exits
+    instead of waiting for it forever."""
+    server = servers(workers=2)
+    workers = children(server.process.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGSTOP)
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(60):  # hang guard: KILL_AFTER_S is 15 s
+            while server.process.poll() is None:  # noqa: ASYNC110 - polls a child
+                await asyncio.sleep(0.1)
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not any(alive(pid) for pid in workers)
 
 
 async def test_a_killed_process_stops_being_sent_updates(

@@ -12,6 +12,10 @@ A worker that dies leaves the others serving, and the
 supervisor starts another in its place; one that keeps dying within
 ``STEADY_S`` of its start is replaced after a growing pause, and given up after
 ``MAX_QUICK_DEATHS`` such deaths in a row (a bad setting or backend, not bad luck).
+Before forking, the supervisor makes sure nothing listens on the address yet: with
+SO_REUSEPORT a second supervisor's workers would otherwise share the port with the
+first's. A worker still running ``KILL_AFTER_S`` after a stop was forwarded (hung,
+or stopped with SIGSTOP) is killed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +38,8 @@ STEADY_S = 30.0  # a worker that lived this long died of bad luck, not of its se
 MAX_QUICK_DEATHS = 5
 MAX_PAUSE_S = 5.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+KILL_AFTER_S = 15.0  # the server's 5-s grace, and time to flush and close
+POLL_S = 0.1
 
 
 @dataclass(slots=True)
@@ -75,6 +82,7 @@ def supervise(settings: Settings) -> int:
     from tracking_grpc.observability import Telemetry, metrics
 
     check_workers(settings)
+    check_listen_free(settings.listen)
     Telemetry.prepare_workers(settings)
     workers = {
         _fork_worker(settings, i): _Slot(i, time.monotonic())
@@ -83,8 +91,11 @@ def supervise(settings: Settings) -> int:
     log.info("started %d workers on %s: %s", len(workers), settings.listen, workers)
 
     stopping: list[int] = []
+    kill_at = [float("inf")]
 
     def forward(signum: int, _frame: object) -> None:
+        if not stopping:
+            kill_at[0] = time.monotonic() + KILL_AFTER_S
         stopping.append(signum)
         for pid in list(workers):
             try:
@@ -106,7 +117,15 @@ def supervise(settings: Settings) -> int:
             raise
     failed = 0
     while workers:
-        pid, status = os.wait()
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:  # polled, so that a stop's deadline is noticed
+            if time.monotonic() > kill_at[0]:
+                log.error("workers %s still running after a stop; killed", workers)
+                for hung in workers:
+                    _kill(hung)
+                kill_at[0] = float("inf")
+            time.sleep(POLL_S)
+            continue
         slot = workers.pop(pid, None)
         if slot is None:
             continue
@@ -134,6 +153,29 @@ def supervise(settings: Settings) -> int:
     if metrics_server is not None:
         metrics_server.shutdown()
     return 1 if failed else 0
+
+
+def check_listen_free(listen: str) -> None:
+    """InvalidArgument unless ``listen`` can be bound now by a socket without
+    SO_REUSEPORT: nothing, another supervisor's workers included, listens there."""
+    host, _, port = listen.rpartition(":")
+    reason = f"cannot listen on {listen}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), int(port), type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        raise InvalidArgument("listen", f"{reason}: {exc.strerror}") from exc
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _fork_worker(settings: Settings, index: int) -> int:
