@@ -54,6 +54,20 @@ def admin_execute(statement: str) -> None:
         conn.execute(statement)
 
 
+def bench_production_flags() -> list[str]:
+    """The flags that point a benchmark program (bench/load.py, bench/burst.py) at
+    the test PostgreSQL and Redis; a missing PostgreSQL skips, or fails in CI."""
+    try:
+        admin_execute("SELECT 1")
+    except Exception as exc:
+        require_service("postgres", str(exc))
+    return [
+        "--production",
+        *("--pg-admin-url", PG_ADMIN_URL),
+        *("--redis-url", REDIS_TEST_URL),
+    ]
+
+
 def create_database(name: str, template: str = "template1") -> str:
     admin_execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     return database_url(name)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, require_service
+from tests.backends import bench_production_flags
+from tests.conftest import ROOT
 
 SMALL = ["--fences", "20", "--idle-s", "0.5", "--after-s", "1"]
 
@@ -40,13 +41,6 @@ def test_a_device_backlog_on_the_embedded_store(tmp_path: Path) -> None:
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_gateway_batches_on_the_production_backends(tmp_path: Path) -> None:
-    from tests.backends import PG_ADMIN_URL, REDIS_TEST_URL, admin_execute
-
-    try:
-        admin_execute("SELECT 1")
-    except Exception as exc:
-        require_service("postgres", str(exc))
     extra = ["--fixes", "6000", "--batch", "1000", "--devices", "2000"]
-    extra += ["--production", "--pg-admin-url", PG_ADMIN_URL]
-    result = run_burst(tmp_path, *extra, "--redis-url", REDIS_TEST_URL)
+    result = run_burst(tmp_path, *extra, *bench_production_flags())
     assert_burst_stored_and_probed(result, 6000)

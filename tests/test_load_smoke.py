@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.backends import bench_production_flags
 from tests.conftest import ROOT, require_service
 from tests.services import ServerProcess
 from tracking_grpc.loadgen.node import NodeDriverError, check_installed
@@ -173,14 +174,7 @@ def test_a_run_tag_used_before_is_reported(running_server, tmp_path: Path) -> No
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_production_backends_store_every_fix_once(tmp_path: Path) -> None:
-    from tests.backends import PG_ADMIN_URL, REDIS_TEST_URL, admin_execute
-
-    try:
-        admin_execute("SELECT 1")
-    except Exception as exc:
-        require_service("postgres", str(exc))
-    extra = ["--production", "--fences", "20", "--pg-admin-url", PG_ADMIN_URL]
-    result = run_load(tmp_path, *extra, "--redis-url", REDIS_TEST_URL)
+    result = run_load(tmp_path, *bench_production_flags(), "--fences", "20")
     assert result["errors"] == {}
     assert result["verify"]["fixes_lost"] == 0 and result["fences"] == 20
     assert result["verify"]["devices_with_gaps_or_extra"] == 0
@@ -213,22 +207,6 @@ def test_a_private_redis_cluster_serves_the_run(tmp_path: Path) -> None:
     assert result["watch"]["count"] > 0
 
 
-def production_backends() -> list[str]:
-    from tests.backends import PG_ADMIN_URL, REDIS_TEST_URL, admin_execute
-
-    try:
-        admin_execute("SELECT 1")
-    except Exception as exc:
-        require_service("postgres", str(exc))
-    return [
-        "--production",
-        "--pg-admin-url",
-        PG_ADMIN_URL,
-        "--redis-url",
-        REDIS_TEST_URL,
-    ]
-
-
 # Two workers; streams on channels of 50, so that both workers hold some.
 WORKERS = ["--workers", "2", "--streams-per-channel", "50", "--steady-s", "5"]
 
@@ -239,7 +217,7 @@ WORKERS = ["--workers", "2", "--streams-per-channel", "50", "--steady-s", "5"]
 def test_watcher_and_devices_come_back_after_a_worker_is_killed(tmp_path) -> None:
     """The worker serving the watcher is killed (SIGKILL): its streams end with
     UNAVAILABLE, the watcher and those devices reconnect to the other worker."""
-    extra = [*production_backends(), *WORKERS, "--kill-worker-at-s", "1"]
+    extra = [*bench_production_flags(), *WORKERS, "--kill-worker-at-s", "1"]
     result = run_load(tmp_path, *extra)
     [fault] = result["faults"]
     assert (fault["kind"], fault["chosen"]) == ("kill_worker", "served the watchers")
@@ -263,7 +241,7 @@ def test_watcher_hears_every_device_after_a_redis_restart(tmp_path) -> None:
     stays open and every device's updates reach it again."""
     if shutil.which("redis-server") is None:
         require_service("redis-server", "redis-server is not installed")
-    extra = [*production_backends(), *WORKERS, "--redis-shards", "1"]
+    extra = [*bench_production_flags(), *WORKERS, "--redis-shards", "1"]
     result = run_load(tmp_path, *extra, "--restart-redis-at-s", "1")
     [fault] = result["faults"]
     assert fault["kind"] == "restart_redis" and "error" not in fault

@@ -307,7 +307,7 @@ async def test_snapshot_and_remove_are_per_tenant(live) -> None:
     mine, theirs = unique_tenant(), unique_tenant()
     await live.update(at(mine, [("a", 1, 1.0, 1.0), ("b", 1, 2.0, 2.0)]))
     await live.update(at(theirs, [("c", 1, 1.0, 1.0)]))
-    await live.remove(mine, "a")
+    await live.remove(mine, ["a", "nobody", "a"])
     assert (await live.snapshot(mine)).device.tolist() == ["b"]
     found, _ = await live.nearby(mine, 1.0, 1.0, radius_m=1_000.0, limit=5)
     assert len(found) == 0

@@ -46,7 +46,7 @@ async def erase_device(app: App, tenant: str, device: str) -> Erased:
     erased = Erased(sequence_reset=device in states)
     erased.fixes = await app.history.erase_device(tenant, device)
     erased.live_position = len(await app.live.get(tenant, [device])) > 0
-    await app.live.remove(tenant, device)
+    await app.live.remove(tenant, [device])
     erased.activity = await app.activity.forget(tenant, device)
     for eraser in app.device_erasers:
         erased.add(await eraser(tenant, device))

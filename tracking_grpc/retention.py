@@ -81,8 +81,7 @@ async def _forget_live(
     for tenant, names in by_tenant.items():
         positions = await live.get(tenant, names)
         old = positions.device[positions.time_ms < cutoff]
-        for device in old.tolist():
-            await live.remove(tenant, device)
+        await live.remove(tenant, old.tolist())
 
 
 class RetentionKeeper:

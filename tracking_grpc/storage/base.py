@@ -120,7 +120,9 @@ class LiveStore(Protocol):
         """Every live position of the tenant (for watch snapshots)."""
         ...
 
-    async def remove(self, tenant: str, device: str) -> None: ...
+    async def remove(self, tenant: str, devices: Sequence[str]) -> None:
+        """Forget the devices' live positions (erasure, retention)."""
+        ...
 
     async def ping(self) -> None:
         """Raise ``Unavailable`` unless the store answers."""

@@ -141,10 +141,11 @@ class MemoryLiveStore:
             return FixBatch.empty(tenant)
         return positions.rows(np.arange(positions.size))
 
-    async def remove(self, tenant: str, device: str) -> None:
+    async def remove(self, tenant: str, devices: Sequence[str]) -> None:
         positions = self._tenants.get(tenant)
         if positions is not None:
-            positions.remove(device)
+            for device in devices:
+                positions.remove(device)
 
     async def ping(self) -> None:
         return None

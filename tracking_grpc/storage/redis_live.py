@@ -464,25 +464,31 @@ class RedisLiveStore:
         records = [r for reply in replies for r in reply.values()]
         return _decode(tenant, np.array(devices, dtype=object), records)
 
-    async def remove(self, tenant: str, device: str) -> None:
-        bucket = int(keys.bucket_of(np.array([device], dtype=object))[0])
+    async def remove(self, tenant: str, devices: Sequence[str]) -> None:
+        """Two round trips for any number of devices: their live entries, then
+        their places in the GEO cells the first answers named."""
+        names = list(dict.fromkeys(devices))
+        if not names:
+            return
+        buckets = keys.bucket_of(np.array(names, dtype=object)).tolist()
+
+        def forget(pipe: Any) -> None:
+            for device, bucket in zip(names, buckets, strict=True):
+                live_keys = [
+                    keys.live_key(self.prefix, tenant, bucket),
+                    keys.live_time_key(self.prefix, tenant, bucket),
+                ]
+                _evalsha(pipe, FORGET, live_keys, [device])
+
         with unavailable("live positions"):
-            [cell] = await self._pipelined(
-                lambda pipe: _evalsha(
-                    pipe,
-                    FORGET,
-                    [
-                        keys.live_key(self.prefix, tenant, bucket),
-                        keys.live_time_key(self.prefix, tenant, bucket),
-                    ],
-                    [device],
-                )
-            )
-            if int(cell) >= 0:
+            cells = [int(c) for c in await self._pipelined(forget)]
+            placed = [(d, c) for d, c in zip(names, cells, strict=True) if c >= 0]
+            if placed:
                 client = await self.redis.get()
                 async with client.pipeline(transaction=False) as pipe:
-                    pipe.zrem(keys.geo_key(self.prefix, tenant, int(cell)), device)
-                    pipe.hdel(keys.geo_time_key(self.prefix, tenant, int(cell)), device)
+                    for device, cell in placed:
+                        pipe.zrem(keys.geo_key(self.prefix, tenant, cell), device)
+                        pipe.hdel(keys.geo_time_key(self.prefix, tenant, cell), device)
                     await pipe.execute()
 
     async def ping(self) -> None:
