@@ -109,6 +109,40 @@ def wait_serving(
             time.sleep(0.2)
 
 
+class EchoPeer:
+    """``bench/echo_peer.py`` (a bare grpc.aio server) in a child process."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.target = f"127.0.0.1:{free_port()}"
+        self.log = open(data_dir / "peer.log", "w")
+        command = [sys.executable, str(ROOT / "bench" / "echo_peer.py")]
+        self.process = subprocess.Popen(
+            [*command, "--listen", self.target],
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_serving(self.target, self.process)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
 class SpawnedServer:
     """``tracking serve`` in a child process, on a free loopback port."""
 
@@ -577,6 +611,57 @@ def report(
     return out
 
 
+def run_peer(args: argparse.Namespace, data_dir: Path) -> dict:
+    """The same devices and watchers against the echo peer: its latencies, CPU and
+    memory (the peer stores nothing, so there is nothing to verify)."""
+    peer = EchoPeer(data_dir)
+    try:
+        peer_args = argparse.Namespace(**{**vars(args), "profile": None})
+        plans = build_plans(peer_args, peer.target)
+        results, samples = run_drivers(plans, watch_ids(args), peer.pid, peer_args)
+    finally:
+        peer.stop()
+    out = report(peer_args, plans, results, samples)
+    return {key: out[key] for key in PEER_KEEPS}
+
+
+PEER_KEEPS = [
+    *("streams_open", "ack", "watch", "send_lag", "counts", "errors", "server"),
+    *("drivers_cpu_cores", "machine_busy_cores", "other_work_cores"),
+]
+
+
+# (what, the result's path to it): the server's figures divided by the peer's.
+PEER_RATIOS = [
+    ("ack p50", ("ack", "p50_ms")),
+    ("ack p99", ("ack", "p99_ms")),
+    ("watcher p50", ("watch", "p50_ms")),
+    ("watcher p99", ("watch", "p99_ms")),
+    ("server CPU per fix", ("server", "cpu_us_per_fix")),
+    ("server KB per stream", ("server", "rss_kb_per_stream")),
+]
+
+
+def vs_peer(out: dict, peer: dict) -> dict:
+    """Each of PEER_RATIOS as the server's value, the peer's, and their ratio."""
+    compared = {}
+    for name, (section, key) in PEER_RATIOS:
+        ours, theirs = out[section].get(key), peer[section].get(key)
+        ratio = round(ours / theirs, 2) if ours and theirs else None
+        compared[name] = {"server": ours, "peer": theirs, "ratio": ratio}
+    return compared
+
+
+def describe_vs_peer(compared: dict) -> str:
+    lines = [f"{'against the echo peer':<24}{'server':>10}{'peer':>10}{'ratio':>8}"]
+    for name, row in compared.items():
+        lines.append(
+            f"{name:<24}{row['server'] or '-':>10}{row['peer'] or '-':>10}"
+            f"{row['ratio'] or '-':>8}"
+        )
+    return "\n".join(lines)
+
+
 def watch_availability(watchers: list[WatcherReport]) -> dict:
     """Reconnects and the longest gaps without live updates, of every watcher
     (lists: one entry per watcher)."""
@@ -661,6 +746,15 @@ def print_report(out: dict) -> None:
     for key in ("faults", "storm", "verify"):
         if key in out:
             print(f"{key}: {json.dumps(out[key])}")
+    if "vs_peer" in out:
+        peer = out["peer"]
+        print(
+            f"Echo peer: {peer['streams_open']} streams, errors {peer['errors']}, "
+            f"{peer['server']['cpu_cores']} cores, machine busy "
+            f"{peer['machine_busy_cores']} cores, other work "
+            f"{peer['other_work_cores']} cores"
+        )
+        print(describe_vs_peer(out["vs_peer"]))
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -752,6 +846,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--server-flag", action="append", default=[], help="extra flag for serve")
     add("--profile", help="py-spy the server in steady state (.svg or .txt)")
     add("--profile-native", action="store_true", help="profile C frames too")
+    add(
+        "--peer",
+        action="store_true",
+        help="then run the same devices and watchers against a bare grpc.aio echo "
+        "(bench/echo_peer.py) and report the ratios",
+    )
     add("--json", help="path of the JSON result (default bench/results/...)")
     args = parser.parse_args(argv)
     if args.ramp_s + args.settle_s + args.steady_s > MAX_RUN_S:
@@ -768,6 +868,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.observer and (args.target or not args.production):
         parser.error("--observer needs --production and a spawned server")
     check_faults(parser, args)
+    if args.peer and (args.gateways or args.want_events or args.storm):
+        parser.error("--peer compares device streams and watchers only")
+    faults = (args.kill_worker_at_s, args.restart_redis_at_s)
+    if args.peer and any(at_s is not None for at_s in faults):
+        parser.error("--peer runs without faults")
     if args.target and not args.server_pid:
         parser.error("--target needs --server-pid (CPU and memory are read from /proc)")
     if args.run_tag is None:  # a spawned server starts empty: the ids of old runs
@@ -849,6 +954,9 @@ def main(argv: list[str] | None = None) -> dict:
                 out["verify"] = verify(production.stored(), results)
             elif args.workers == 1:
                 out["verify"] = verify(sqlite_stored(Path(tmp)), results)
+        if args.peer:
+            out["peer"] = run_peer(args, Path(tmp))
+            out["vs_peer"] = vs_peer(out, out["peer"])
     print_report(out)
     path = Path(args.json) if args.json else RESULTS / f"load_{args.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

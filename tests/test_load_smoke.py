@@ -88,6 +88,24 @@ def assert_watcher_hears_every_device(result: dict, reconnects: int) -> None:
 
 
 @pytest.mark.slow
+def test_peer_run_measures_the_same_devices_against_a_bare_echo(tmp_path) -> None:
+    result = run_load(tmp_path, "--peer")
+    assert_every_fix_settled_once(result)
+    peer = result["peer"]
+    assert peer["errors"] == {} and peer["streams_open"] == 200
+    # The echo acks every fix and passes each to the whole-tenant watcher (two of
+    # a device within one write go as the newer).
+    generated = peer["counts"]["fixes_generated"]
+    assert peer["counts"]["fixes_stored"] == generated
+    assert 0 < peer["counts"]["watch_positions"] <= generated
+    assert peer["ack"]["count"] > 0 and peer["watch"]["count"] > 0
+    compared = result["vs_peer"]
+    for name in ("ack p99", "watcher p99", "server CPU per fix"):
+        row = compared[name]
+        assert row["ratio"] == round(row["server"] / row["peer"], 2)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
     [
