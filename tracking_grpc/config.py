@@ -140,9 +140,9 @@ class Settings:
     )
     retention_days: int = setting(
         0,
-        "days of history kept: fixes and geofence events of UTC days before the "
-        "last N (and today) are deleted, hourly and at start (PostgreSQL drops "
-        "whole day partitions); 0 keeps everything",
+        "days of history kept: fixes and geofence events (stored and on the Redis "
+        "Stream) of UTC days before the last N (and today) are deleted, hourly and "
+        "at start (PostgreSQL drops whole day partitions); 0 keeps everything",
     )
     log_format: str = setting("auto", "auto, text or json")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")

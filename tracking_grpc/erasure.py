@@ -24,6 +24,7 @@ class Erased:
 
     fixes: int = 0
     events: int = 0
+    stream_entries: int = 0  # of the Redis Stream of geofence events
     live_position: bool = False
     memberships: int = 0
     activity: bool = False
@@ -51,10 +52,11 @@ async def erase_device(app: App, tenant: str, device: str) -> Erased:
     for eraser in app.device_erasers:
         erased.add(await eraser(tenant, device))
     log.info(
-        "erased device %r of tenant %s: %d fixes, %d events",
+        "erased device %r of tenant %s: %d fixes, %d events, %d event stream entries",
         device,
         tenant,
         erased.fixes,
         erased.events,
+        erased.stream_entries,
     )
     return erased
