@@ -354,17 +354,21 @@ def open_stores(
 async def _erase_device(
     events: EventRepository,
     trimmer: EventStreamTrimmer | None,
-    processor: GeofenceProcessor,
     tenant: str,
     device: str,
 ) -> dict[str, int]:
-    """A device's stored events and its entries on the event stream, then its
-    memberships in this process."""
+    """A device's stored events and its entries on the event stream."""
     erased = {"events": await events.erase_device(tenant, device)}
     if trimmer is not None:
         erased["stream_entries"] = await trimmer.erase_device(tenant, device)
-    erased["memberships"] = await processor.forget_device(tenant, device)
     return erased
+
+
+async def _forget_memberships(
+    processor: GeofenceProcessor, tenant: str, device: str
+) -> dict[str, int]:
+    """Erasure: the device's memberships in this process."""
+    return {"memberships": await processor.forget_device(tenant, device)}
 
 
 def stream_trimmer(settings: Settings) -> EventStreamTrimmer:
@@ -417,7 +421,10 @@ def register(server: grpc.aio.Server, app: App) -> str:
         feed.start()
         app.closers.append(feed.close)
     app.device_erasers.append(
-        lambda tenant, device: _erase_device(events, trimmer, processor, tenant, device)
+        lambda tenant, device: _erase_device(events, trimmer, tenant, device)
+    )
+    app.state_forgetters.append(
+        lambda tenant, device: _forget_memberships(processor, tenant, device)
     )
     app.purgers.append(events_purger(events, trimmer))
     servicer = GeofenceServicer(app, fences, events, processor, hub)
