@@ -17,8 +17,10 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from tests.conftest import require_service
+from tracking_grpc.config import Settings
 from tracking_grpc.storage import schema
 
 PG_ADMIN_URL = os.environ.get(
@@ -144,6 +146,28 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
             client.delete(*keys)
     finally:
         client.close()
+
+
+async def stream_owners(settings: Settings) -> list[tuple[str, str]]:
+    """(tenant, device) of each entry of the Redis Stream of geofence events of a
+    server with ``settings``."""
+    from tracking_grpc.servicers.geofence import GEOFENCE_STREAM
+
+    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        entries = await client.xrange(settings.redis_key_prefix + GEOFENCE_STREAM)
+    finally:
+        await client.aclose()
+    return [(fields["tenant"], fields["device_id"]) for _, fields in entries]
+
+
+async def on_the_stream(settings: Settings, owners: set[tuple[str, str]]) -> None:
+    """Wait until the publisher has put events of each owner on the stream."""
+    async with asyncio.timeout(30):
+        while True:
+            if owners <= set(await stream_owners(settings)):
+                return
+            await asyncio.sleep(0.05)
 
 
 def unique_tenant() -> str:

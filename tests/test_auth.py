@@ -196,3 +196,91 @@ async def test_watch_ends_when_its_token_expires(secured) -> None:
     short = token("viewer", sub="v", exp=time.time() + 1.5)
     call = stub.Watch(track_pb2.WatchRequest(), metadata=bearer(short))
     assert await expires_while_idle(call) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def signed(**claims) -> str:
+    """A viewer token of ``claims`` (exp included only if given)."""
+    base = {"sub": "v", "tenant": "acme", "role": "viewer"}
+    return jwt.encode({**base, **claims}, SECRET, algorithm="HS256")
+
+
+async def last_positions(stub, value: str):
+    return await stub.GetLastPositions(
+        track_pb2.GetLastPositionsRequest(device_ids=["x"]), metadata=bearer(value)
+    )
+
+
+NOW = time.time()
+DAY = 86_400.0
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        pytest.param({"exp": 1e30}, "max_token_lifetime_s", id="exp-1e30"),
+        pytest.param({"exp": 10**400}, "finite", id="exp-beyond-any-float"),
+        pytest.param({"exp": float("inf")}, "finite", id="exp-infinite"),
+        pytest.param({"exp": float("nan")}, "finite", id="exp-nan"),
+        pytest.param({"exp": "2000000000"}, "number", id="exp-text"),
+        pytest.param({"exp": True}, "number", id="exp-bool"),
+        pytest.param({"exp": NOW + 2 * DAY}, "max_token_lifetime_s", id="exp-2-days"),
+        pytest.param(
+            {"exp": NOW + 600, "iat": NOW + DAY}, "iat", id="iat-in-the-future"
+        ),
+        pytest.param({"exp": NOW + 600, "iat": float("inf")}, "finite", id="iat-inf"),
+        pytest.param(
+            {"exp": NOW + 600, "iat": NOW - 2 * DAY},
+            "exp - iat",
+            id="issued-for-over-a-day",
+        ),
+        pytest.param({"exp": NOW + 600, "nbf": NOW + 3_600}, "nbf", id="nbf-later"),
+        pytest.param({"exp": NOW + 600, "nbf": 10**400}, "finite", id="nbf-huge"),
+    ],
+)
+async def test_absurd_time_claims_are_refused(secured, claims, reason) -> None:
+    _, stub = secured
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await last_positions(stub, signed(**claims))
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert reason in (raised.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        pytest.param({"exp": NOW + DAY - 60, "iat": NOW - 30}, id="a-day-issued"),
+        pytest.param({"exp": NOW + 600, "iat": NOW + 5, "nbf": NOW + 5}, id="skew"),
+        pytest.param({"exp": int(NOW) + 600}, id="integer-exp"),
+    ],
+)
+async def test_sane_time_claims_are_accepted(secured, claims) -> None:
+    _, stub = secured
+    reply = await last_positions(stub, signed(**claims))
+    assert list(reply.missing_device_ids) == ["x"]
+
+
+async def test_the_longest_lifetime_is_a_setting(start_server) -> None:
+    server = await start_server(
+        auth_mode="jwt", jwt_hs256_secret=SECRET, max_token_lifetime_s=300.0
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = track_pb2_grpc.TrackSessionStub(channel)
+        await last_positions(stub, signed(exp=time.time() + 200))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await last_positions(stub, signed(exp=time.time() + 900))
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_stream_of_a_token_near_the_longest_lifetime_keeps_its_timer(
+    start_server,
+) -> None:
+    """Bounded claims leave the expiry timer as it was: a watch of a token valid
+    for nearly the whole (here short) maximum lifetime ends at its exp."""
+    server = await start_server(
+        auth_mode="jwt", jwt_hs256_secret=SECRET, max_token_lifetime_s=2.0
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = track_pb2_grpc.TrackSessionStub(channel)
+        short = signed(exp=time.time() + 1.5, iat=time.time())
+        call = stub.Watch(track_pb2.WatchRequest(), metadata=bearer(short))
+        assert await expires_while_idle(call) == grpc.StatusCode.UNAUTHENTICATED

@@ -83,6 +83,14 @@ BAD_SETTINGS = [
     pytest.param({"default_tenant": " "}, "default_tenant", id="tenant-blank"),
     pytest.param({"write_timeout_s": 0.0}, "write_timeout_s", id="write-timeout-0"),
     pytest.param({"max_watchers": 0}, "max_watchers", id="watchers-0"),
+    pytest.param(
+        {"max_token_lifetime_s": 0.0}, "max_token_lifetime_s", id="token-lifetime-0"
+    ),
+    pytest.param(
+        {"max_token_lifetime_s": math.inf},
+        "max_token_lifetime_s",
+        id="token-lifetime-infinite",
+    ),
     pytest.param({"stream_window_kb": -1}, "stream_window_kb", id="window-negative"),
     pytest.param(
         {"trace_sample_ratio": 1.5}, "trace_sample_ratio", id="sample-ratio-above-1"

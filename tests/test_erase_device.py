@@ -24,6 +24,7 @@ from tracking.v1 import (
     track_pb2_grpc,
 )
 
+from tests.backends import on_the_stream, stream_owners
 from tests.server_fixtures import (
     embedded_settings,
     fix,
@@ -129,11 +130,14 @@ async def van_track(stubs: Stubs, tenant: str) -> int:
 
 
 async def test_erase_removes_the_device_of_one_tenant_everywhere(served) -> None:
-    _, stubs = served
+    server, stubs = served
     erased_tenant, kept_tenant = (f"erase-{uuid.uuid4().hex[:8]}" for _ in range(2))
     for tenant in (erased_tenant, kept_tenant):
         await van_inside_depot(stubs, tenant)
     events = await van_events(stubs, erased_tenant)
+    settings = server.app.settings
+    if settings.redis_url:
+        await on_the_stream(settings, {(erased_tenant, "van"), (kept_tenant, "van")})
 
     erased = await stubs.history.EraseDevice(
         history_pb2.EraseDeviceRequest(device_id="van"),
@@ -161,6 +165,10 @@ async def test_erase_removes_the_device_of_one_tenant_everywhere(served) -> None
     assert await van_positions(stubs, kept_tenant) == (1, 1)
     assert await van_track(stubs, kept_tenant) == 5
     assert len(await van_events(stubs, kept_tenant)) == len(events)
+    if settings.redis_url:  # the event stream too
+        owners = await stream_owners(settings)
+        assert (erased_tenant, "van") not in owners
+        assert (kept_tenant, "van") in owners
 
 
 async def test_an_erased_device_starts_again_at_seq_1(served) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 
 import grpc
 import jwt
@@ -109,7 +110,8 @@ async def test_server_logs_hold_no_tokens_or_secrets(start_server):
     settings = Settings(log_format="json", log_level="DEBUG", jwt_hs256_secret=SECRET)
     handler = logs.configure(settings, stream)
     server = await start_server(auth_mode="jwt", jwt_hs256_secret=SECRET)
-    claims = {"sub": "taxi-7", "tenant": "t", "role": "device", "exp": 2**40}
+    claims: dict[str, object] = {"sub": "taxi-7", "tenant": "t", "role": "device"}
+    claims["exp"] = time.time() + 600  # within max_token_lifetime_s
     good = jwt.encode(claims, SECRET)
     forged = jwt.encode({**claims, "role": "admin"}, "x" * 32)
     try:

@@ -24,7 +24,12 @@ from tracking.v1 import (
     track_pb2_grpc,
 )
 
-from tests.backends import create_database, drop_database
+from tests.backends import (
+    create_database,
+    drop_database,
+    on_the_stream,
+    stream_owners,
+)
 from tests.server_fixtures import embedded_settings, fix, now_ms, track_session
 from tracking_grpc.cli import main
 from tracking_grpc.config import Settings
@@ -156,6 +161,8 @@ async def test_the_server_enforces_retention_from_its_start(
     first = await start_server(settings=settings)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
         await store_old_and_recent(channel)
+    if settings.redis_url:  # both ENTER events on the event stream, appended now
+        await on_the_stream(settings, {(TENANT, "old"), (TENANT, "recent")})
     await first.stop(0)
 
     server = await start_server(settings=replace(settings, retention_days=3))
@@ -175,6 +182,9 @@ async def test_the_server_enforces_retention_from_its_start(
         assert await track_length(channel, "recent") == 1
         assert await events_of(channel, "old") == []
         assert len(await events_of(channel, "recent")) >= 1
+    if settings.redis_url:  # "old"'s event went by its fix time, not its append
+        assert set(await stream_owners(settings)) == {(TENANT, "recent")}
+        assert server.retention.last.counts["stream entries"] >= 1
 
 
 async def test_tracking_purge_deletes_once(

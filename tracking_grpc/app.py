@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tracking_grpc import erasure
 from tracking_grpc.activity.params import ActivityConfig
 from tracking_grpc.activity.processor import ActivityProcessor
 from tracking_grpc.auth import Authenticator
@@ -54,8 +55,13 @@ class App:
     # Services registered but unable to serve (Route without a routing dataset):
     # health reports them NOT_SERVING while the rest of the server serves.
     not_ready: set[str] = field(default_factory=set)
-    # What else keeps a device's data (added by the Geofence and Route services).
+    # What else stores a device's data (added by the Geofence service).
     device_erasers: list[DeviceEraser] = field(default_factory=list)
+    # What keeps a device's state in this process (added by the Geofence and Route
+    # services), besides the activity processor.
+    state_forgetters: list[DeviceEraser] = field(default_factory=list)
+    # Tells the other server processes of an erasure (None: this is the only one).
+    announce_erasure: Callable[[str, str], Awaitable[None]] | None = None
     # Retention: delete what is older than a cutoff (fix time, ms) from what else
     # keeps history (geofence events); returns counts by kind.
     purgers: list[Callable[[int], Awaitable[dict[str, int]]]] = field(
@@ -102,6 +108,24 @@ async def open_app(settings: Settings) -> App:
         repairer = LiveRepairer(history, live, on_rebuilt=hub.catch_up)
         repairer.start()
         closers.append(repairer.stop)
-    return App(
+    app = App(
         settings, history, live, broker, bus, auth, pipeline, hub, activity, closers
     )
+    if settings.redis_url:  # other server processes may share the backends
+        await _hear_erasures(app)
+    return app
+
+
+async def _hear_erasures(app: App) -> None:
+    """Announce erasures to the other processes, and forget what they erase."""
+    from tracking_grpc.storage.redis_client import Connection
+    from tracking_grpc.storage.redis_erasure import RedisErasureNotices
+
+    notices = RedisErasureNotices(
+        Connection(app.settings.redis_url),
+        app.settings.redis_key_prefix,
+        lambda tenant, device: erasure.forget_device(app, tenant, device),
+    )
+    await notices.start()
+    app.announce_erasure = notices.announce
+    app.closers.append(notices.close)

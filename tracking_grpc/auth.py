@@ -5,6 +5,12 @@ Authentication is off by default: every call is an admin of the default tenant. 
 with HS256 (shared secret) or RS256 (public key) whose claims carry ``tenant``,
 ``sub`` and ``role`` (``device``, ``viewer`` or ``admin``). A device token may publish
 only its own device id (its ``sub``).
+
+Time claims are checked here, not by the JWT library (which lets ``exp`` of 1e30
+through, and fails with an overflow on a huge integer): ``exp`` must be a finite
+number no further ahead than ``max_token_lifetime_s``; ``iat`` and ``nbf``, when
+present, finite numbers not in the future (``CLOCK_SKEW_S`` allowed for the issuer's
+clock), and ``exp - iat`` within the maximum lifetime too.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -31,6 +38,7 @@ T = TypeVar("T")
 
 MAX_TENANT_LENGTH = 256
 EXPIRED = "token expired during the stream; reconnect with a new one"
+CLOCK_SKEW_S = 60.0  # how far the issuer's clock may run ahead of ours
 
 
 class Role(enum.IntEnum):
@@ -102,6 +110,7 @@ class Authenticator:
         self.mode = settings.auth_mode
         self.default = Caller(settings.default_tenant, "anonymous", Role.ADMIN)
         self.audience = settings.jwt_audience or None
+        self.max_lifetime_s = settings.max_token_lifetime_s
         self._keys: list[tuple[str, str | bytes]] = []
         if self.mode not in {"off", "jwt"}:
             raise FailedPrecondition(f"auth_mode must be off or jwt, not {self.mode!r}")
@@ -145,10 +154,18 @@ class Authenticator:
                 key,
                 algorithms=[algorithm],
                 audience=self.audience,
-                options={"require": ["sub", "exp"], "verify_aud": bool(self.audience)},
+                options={
+                    "require": ["sub", "exp"],
+                    "verify_aud": bool(self.audience),
+                    # checked by check_times, which bounds them
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
             )
         except jwt.PyJWTError as exc:
             raise Unauthenticated(f"token rejected: {exc}") from exc
+        expires_at = check_times(claims, time.time(), self.max_lifetime_s)
         tenant = claims.get("tenant")
         role_name = str(claims.get("role", "")).upper()
         if not tenant or not isinstance(tenant, str):
@@ -161,4 +178,51 @@ class Authenticator:
             )
         if role_name not in Role.__members__:
             raise Unauthenticated("token role must be device, viewer or admin")
-        return Caller(tenant, str(claims["sub"]), Role[role_name], float(claims["exp"]))
+        return Caller(tenant, str(claims["sub"]), Role[role_name], expires_at)
+
+
+def check_times(claims: dict, now: float, max_lifetime_s: float) -> float:
+    """The token's ``exp`` once its time claims are sane at ``now``; otherwise
+    UNAUTHENTICATED naming the claim.
+
+    >>> check_times({"exp": 1_060.0, "iat": 1_000}, 1_000.0, 3_600.0)
+    1060.0
+    """
+    exp = _seconds(claims, "exp")
+    iat = _seconds(claims, "iat")
+    nbf = _seconds(claims, "nbf")
+    if exp is None:
+        raise Unauthenticated("token has no exp claim")
+    if now >= exp:
+        raise Unauthenticated("token expired")
+    if exp - now > max_lifetime_s + CLOCK_SKEW_S:
+        raise Unauthenticated(
+            "token exp is further ahead than max_token_lifetime_s "
+            f"({max_lifetime_s:g} s)"
+        )
+    if iat is not None and iat > now + CLOCK_SKEW_S:
+        raise Unauthenticated("token iat (issued at) is in the future")
+    if iat is not None and exp - iat > max_lifetime_s:
+        raise Unauthenticated(
+            "token was issued for longer (exp - iat) than max_token_lifetime_s "
+            f"({max_lifetime_s:g} s)"
+        )
+    if nbf is not None and nbf > now + CLOCK_SKEW_S:
+        raise Unauthenticated("token is not valid yet (nbf is in the future)")
+    return exp
+
+
+def _seconds(claims: dict, name: str) -> float | None:
+    """A time claim as seconds since the epoch: a finite JSON number, or None."""
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Unauthenticated(f"token {name} must be a number of seconds")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer beyond any float
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise Unauthenticated(f"token {name} must be a finite number of seconds")
+    return seconds

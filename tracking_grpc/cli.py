@@ -86,7 +86,11 @@ def add_migrate(subparsers: argparse._SubParsersAction) -> None:
 async def _purge(args: argparse.Namespace) -> int:
     from tracking_grpc.errors import FailedPrecondition
     from tracking_grpc.retention import cutoff_ms, purge
-    from tracking_grpc.servicers.geofence import events_purger, open_stores
+    from tracking_grpc.servicers.geofence import (
+        events_purger,
+        open_stores,
+        stream_trimmer,
+    )
     from tracking_grpc.storage import factory
 
     settings = config.load(args)
@@ -97,14 +101,16 @@ async def _purge(args: argparse.Namespace) -> int:
         )
     closers: list[Callable[[], Awaitable[None]]] = []
     history = await factory.open_history(settings)
-    live = None
+    live = trimmer = None
     try:
         if settings.redis_url:  # embedded live state lives in the server process
             live, broker = await factory.open_live(settings)
             closers += [broker.close, live.close]
+            trimmer = stream_trimmer(settings)
+            closers.append(trimmer.close)
         _, events = open_stores(settings, closers)
         cutoff = cutoff_ms(time.time_ns() // 1_000_000, settings.retention_days)
-        report = await purge(history, live, [events_purger(events)], cutoff)
+        report = await purge(history, live, [events_purger(events, trimmer)], cutoff)
     finally:
         for close in reversed(closers):
             await close()

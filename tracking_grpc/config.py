@@ -86,6 +86,12 @@ class Settings:
     jwt_hs256_secret: str = setting("", "shared secret for HS256 tokens")
     jwt_rs256_public_key_file: str = setting("", "PEM public key for RS256 tokens")
     jwt_audience: str = setting("", "required audience claim, if set")
+    max_token_lifetime_s: float = setting(
+        86_400.0,
+        "longest a token may be valid: one whose exp is further ahead than this "
+        "(or, with an iat, issued for longer) is refused; a day bounds what a "
+        "leaked token can do while devices renew theirs once a day",
+    )
     default_tenant: str = setting("default", "tenant of every call when auth is off")
     max_concurrent_streams: int = setting(
         20_000, "pending RPC backlog the gRPC server accepts (streams opening at once)"
@@ -134,9 +140,9 @@ class Settings:
     )
     retention_days: int = setting(
         0,
-        "days of history kept: fixes and geofence events of UTC days before the "
-        "last N (and today) are deleted, hourly and at start (PostgreSQL drops "
-        "whole day partitions); 0 keeps everything",
+        "days of history kept: fixes and geofence events (stored and on the Redis "
+        "Stream) of UTC days before the last N (and today) are deleted, hourly and "
+        "at start (PostgreSQL drops whole day partitions); 0 keeps everything",
     )
     log_format: str = setting("auto", "auto, text or json")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
@@ -244,6 +250,7 @@ ABOVE_ZERO = (
     "fanout_interest_ttl_s",  # the heartbeat runs every ttl / 3: at 0 it never pauses
     "database_timeout_s",
     "write_timeout_s",
+    "max_token_lifetime_s",
     "routing_max_snap_m",
     "route_off_route_m",
     "route_arrival_radius_m",

@@ -1,9 +1,13 @@
 """Erasure: one device of one tenant, everywhere this service keeps it.
 
-The history store (fixes and the sequence state that drops resends), the live store
-(position and Nearby index), the activity processor, and what the services that keep
-more register in ``App.device_erasers`` (geofence events and memberships, route
-monitoring). In-process state is erased in this process only.
+Stored data first: the history store (fixes and the sequence state that drops
+resends), the live store (position and Nearby index), and what the services that
+store more register in ``App.device_erasers`` (geofence events, in the event store
+and on the event stream). Then in-process state (:func:`forget_device`): the
+activity processor and what services register in ``App.state_forgetters``
+(geofence memberships, route monitoring), in this process, and through
+``App.announce_erasure`` (Redis pub/sub, ``storage.redis_erasure``) in every other
+server process sharing the backends.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class Erased:
 
     fixes: int = 0
     events: int = 0
+    stream_entries: int = 0  # of the Redis Stream of geofence events
     live_position: bool = False
     memberships: int = 0
     activity: bool = False
@@ -47,14 +52,27 @@ async def erase_device(app: App, tenant: str, device: str) -> Erased:
     erased.fixes = await app.history.erase_device(tenant, device)
     erased.live_position = len(await app.live.get(tenant, [device])) > 0
     await app.live.remove(tenant, [device])
-    erased.activity = await app.activity.forget(tenant, device)
     for eraser in app.device_erasers:
         erased.add(await eraser(tenant, device))
+    erased.add(await forget_device(app, tenant, device))
+    if app.announce_erasure is not None:
+        await app.announce_erasure(tenant, device)
     log.info(
-        "erased device %r of tenant %s: %d fixes, %d events",
+        "erased device %r of tenant %s: %d fixes, %d events, %d event stream entries",
         device,
         tenant,
         erased.fixes,
         erased.events,
+        erased.stream_entries,
     )
     return erased
+
+
+async def forget_device(app: App, tenant: str, device: str) -> dict[str, int]:
+    """Drop ``device`` of ``tenant`` from this process's in-process state; counts
+    by field of :class:`Erased` (for this process only)."""
+    counts = {"activity": int(await app.activity.forget(tenant, device))}
+    for forgetter in app.state_forgetters:
+        for name, count in (await forgetter(tenant, device)).items():
+            counts[name] = counts.get(name, 0) + count
+    return counts

@@ -2,7 +2,8 @@
 hour (and at start) or once by ``tracking purge``.
 
 Days are UTC days: with N days kept, fixes and geofence events of today and the N
-days before it stay, and everything of earlier days goes. On PostgreSQL those days'
+days before it stay, and everything of earlier days goes (the Redis Stream of
+geofence events included: ``geofence.stream_trim``). On PostgreSQL those days'
 partitions of the fixes table are dropped whole. A device with no fix left loses its
 sequence state and its live position (its next session starts at seq 0).
 """

@@ -37,6 +37,7 @@ from tracking_grpc.geofence.messages import (
 )
 from tracking_grpc.geofence.processor import GeofenceProcessor
 from tracking_grpc.geofence.shapes import check_lat_lon
+from tracking_grpc.geofence.stream_trim import EventStreamTrimmer
 from tracking_grpc.servicers.track import event_message
 from tracking_grpc.storage.fences import (
     NOT_ISSUED,
@@ -351,23 +352,45 @@ def open_stores(
 
 
 async def _erase_device(
-    events: EventRepository, processor: GeofenceProcessor, tenant: str, device: str
+    events: EventRepository,
+    trimmer: EventStreamTrimmer | None,
+    tenant: str,
+    device: str,
 ) -> dict[str, int]:
-    """A device's stored events, then its memberships in this process."""
-    erased = await events.erase_device(tenant, device)
-    return {
-        "events": erased,
-        "memberships": await processor.forget_device(tenant, device),
-    }
+    """A device's stored events and its entries on the event stream."""
+    erased = {"events": await events.erase_device(tenant, device)}
+    if trimmer is not None:
+        erased["stream_entries"] = await trimmer.erase_device(tenant, device)
+    return erased
+
+
+async def _forget_memberships(
+    processor: GeofenceProcessor, tenant: str, device: str
+) -> dict[str, int]:
+    """Erasure: the device's memberships in this process."""
+    return {"memberships": await processor.forget_device(tenant, device)}
+
+
+def stream_trimmer(settings: Settings) -> EventStreamTrimmer:
+    """Erasure and retention of the Redis Stream of geofence events."""
+    return EventStreamTrimmer(
+        Connection(settings.redis_url),
+        settings.redis_key_prefix + GEOFENCE_STREAM,
+        future_skew_ms=int(settings.max_future_skew_s * 1000),
+    )
 
 
 def events_purger(
-    events: EventRepository,
+    events: EventRepository, trimmer: EventStreamTrimmer | None = None
 ) -> Callable[[int], Awaitable[dict[str, int]]]:
-    """Retention of stored geofence events (``App.purgers``, ``tracking purge``)."""
+    """Retention of stored geofence events and of the event stream, if there is
+    one (``App.purgers``, ``tracking purge``)."""
 
     async def purge_events(cutoff_ms: int) -> dict[str, int]:
-        return {"events": await events.purge_before(cutoff_ms)}
+        purged = {"events": await events.purge_before(cutoff_ms)}
+        if trimmer is not None:
+            purged["stream entries"] = await trimmer.purge_before(cutoff_ms)
+        return purged
 
     return purge_events
 
@@ -379,12 +402,14 @@ def register(server: grpc.aio.Server, app: App) -> str:
     app.fence_index = processor.index
     hub = EventWatchHub(fed_by_stream=bool(app.settings.redis_url))
     app.pipeline.add_processor(processor)
-    publisher = None
+    publisher = trimmer = None
     stream = app.settings.redis_key_prefix + GEOFENCE_STREAM
     if app.settings.redis_url:
         publisher = StreamPublisher(Connection(app.settings.redis_url), stream, events)
         publisher.start()
         app.drains.append(publisher.close)
+        trimmer = stream_trimmer(app.settings)
+        app.closers.append(trimmer.close)
     store = EventStoreListener(events, publisher.wake if publisher else None)
     store.start()
     app.bus.add_listener(store)
@@ -396,9 +421,12 @@ def register(server: grpc.aio.Server, app: App) -> str:
         feed.start()
         app.closers.append(feed.close)
     app.device_erasers.append(
-        lambda tenant, device: _erase_device(events, processor, tenant, device)
+        lambda tenant, device: _erase_device(events, trimmer, tenant, device)
     )
-    app.purgers.append(events_purger(events))
+    app.state_forgetters.append(
+        lambda tenant, device: _forget_memberships(processor, tenant, device)
+    )
+    app.purgers.append(events_purger(events, trimmer))
     servicer = GeofenceServicer(app, fences, events, processor, hub)
     geofence_pb2_grpc.add_GeofenceServicer_to_server(servicer, server)
     return geofence_pb2.DESCRIPTOR.services_by_name["Geofence"].full_name

@@ -217,7 +217,7 @@ def register(server: grpc.aio.Server, app: App) -> str:
         app.not_ready.add(SERVICE_NAME)
         log.warning("Route service not ready: %s", datasets.PREPARE_HINT)
     app.pipeline.add_processor(routing.monitor)
-    app.device_erasers.append(
+    app.state_forgetters.append(
         lambda tenant, device: _forget_route(routing, tenant, device)
     )
     app.closers.append(routing.close)
