@@ -282,3 +282,25 @@ async def test_a_device_state_behind_its_stored_fixes_still_keeps_each_fix_once(
     assert (states["a"].last_stored_seq, states["a"].last_time_ms) == (4, T0 + 2_000)
     assert (await store.store(again)).tolist() == [False, False, False]
     await store.close()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        pytest.param(
+            "DELETE FROM geofence_events WHERE tenant = 't' AND device = 'd'",
+            id="erase-device",
+        ),
+        pytest.param(
+            "SELECT * FROM geofence_events WHERE tenant = 't' AND time_ms >= 0"
+            ' AND time_ms < 9 AND device = \'d\' ORDER BY time_ms, event_id COLLATE "C"'
+            " LIMIT 100",
+            id="list-device-events",
+        ),
+    ],
+)  # fmt: skip
+def test_one_devices_events_are_found_by_their_index(pg_url, query) -> None:
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + query).fetchall())
+    assert "geofence_events_device" in plan
