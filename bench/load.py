@@ -633,11 +633,11 @@ PEER_KEEPS = [
 
 # (what, the result's path to it): the server's figures divided by the peer's.
 PEER_RATIOS = [
-    ("ack p50", ("ack", "p50_ms")),
-    ("ack p99", ("ack", "p99_ms")),
-    ("watcher p50", ("watch", "p50_ms")),
-    ("watcher p99", ("watch", "p99_ms")),
-    ("server CPU per fix", ("server", "cpu_us_per_fix")),
+    ("ack p50 (ms)", ("ack", "p50_ms")),
+    ("ack p99 (ms)", ("ack", "p99_ms")),
+    ("watcher p50 (ms)", ("watch", "p50_ms")),
+    ("watcher p99 (ms)", ("watch", "p99_ms")),
+    ("server CPU per fix (µs)", ("server", "cpu_us_per_fix")),
     ("server KB per stream", ("server", "rss_kb_per_stream")),
 ]
 
@@ -647,18 +647,18 @@ def vs_peer(out: dict, peer: dict) -> dict:
     compared = {}
     for name, (section, key) in PEER_RATIOS:
         ours, theirs = out[section].get(key), peer[section].get(key)
-        ratio = round(ours / theirs, 2) if ours and theirs else None
+        ratio = None if ours is None or not theirs else round(ours / theirs, 2)
         compared[name] = {"server": ours, "peer": theirs, "ratio": ratio}
     return compared
 
 
 def describe_vs_peer(compared: dict) -> str:
-    lines = [f"{'against the echo peer':<24}{'server':>10}{'peer':>10}{'ratio':>8}"]
+    lines = [f"{'against the echo peer':<26}{'server':>10}{'peer':>10}{'ratio':>8}"]
     for name, row in compared.items():
-        lines.append(
-            f"{name:<24}{row['server'] or '-':>10}{row['peer'] or '-':>10}"
-            f"{row['ratio'] or '-':>8}"
+        server, peer, ratio = (
+            "-" if row[k] is None else row[k] for k in ("server", "peer", "ratio")
         )
+        lines.append(f"{name:<26}{server:>10}{peer:>10}{ratio:>8}")
     return "\n".join(lines)
 
 
@@ -870,6 +870,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     check_faults(parser, args)
     if args.peer and (args.gateways or args.want_events or args.storm):
         parser.error("--peer compares device streams and watchers only")
+    if args.peer and not args.devices:
+        parser.error("--peer needs --devices: the comparison is of device streams")
     faults = (args.kill_worker_at_s, args.restart_redis_at_s)
     if args.peer and any(at_s is not None for at_s in faults):
         parser.error("--peer runs without faults")

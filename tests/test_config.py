@@ -79,6 +79,15 @@ BAD_SETTINGS = [
     ),
     pytest.param({"max_fix_age_s": math.inf}, "max_fix_age_s", id="age-infinite"),
     pytest.param({"retention_days": -1}, "retention_days", id="retention-negative"),
+    pytest.param(  # 10**20 days overflowed SQLite and PostgreSQL at purge time
+        {"retention_days": 10**20}, "retention_days", id="retention-overflow"
+    ),
+    pytest.param({"retention_days": 36_501}, "retention_days", id="retention-century"),
+    pytest.param(
+        {"max_token_lifetime_s": 1e308},
+        "max_token_lifetime_s",
+        id="token-lifetime-huge",
+    ),
     pytest.param({"default_tenant": "a\x00b"}, "default_tenant", id="tenant-nul"),
     pytest.param({"default_tenant": " "}, "default_tenant", id="tenant-blank"),
     pytest.param({"write_timeout_s": 0.0}, "write_timeout_s", id="write-timeout-0"),

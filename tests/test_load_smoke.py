@@ -100,7 +100,7 @@ def test_peer_run_measures_the_same_devices_against_a_bare_echo(tmp_path) -> Non
     assert 0 < peer["counts"]["watch_positions"] <= generated
     assert peer["ack"]["count"] > 0 and peer["watch"]["count"] > 0
     compared = result["vs_peer"]
-    for name in ("ack p99", "watcher p99", "server CPU per fix"):
+    for name in ("ack p99 (ms)", "watcher p99 (ms)", "server CPU per fix (µs)"):
         row = compared[name]
         assert row["ratio"] == round(row["server"] / row["peer"], 2)
 

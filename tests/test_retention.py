@@ -214,3 +214,13 @@ async def test_tracking_purge_needs_retention_days(
     argv = ["purge", "--data-dir", str(tmp_path / "data")]
     assert await asyncio.to_thread(main, argv) == 2
     assert "purge needs --retention-days" in capsys.readouterr().err
+
+
+async def test_tracking_purge_refuses_a_data_dir_without_a_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "no-such-dir"
+    argv = ["purge", "--data-dir", str(typo), "--retention-days", "3"]
+    assert await asyncio.to_thread(main, argv) == 2
+    assert "no embedded store at" in capsys.readouterr().err
+    assert not typo.exists()  # nothing was made there either

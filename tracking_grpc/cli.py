@@ -84,6 +84,8 @@ def add_migrate(subparsers: argparse._SubParsersAction) -> None:
 
 
 async def _purge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from tracking_grpc.errors import FailedPrecondition
     from tracking_grpc.retention import cutoff_ms, purge
     from tracking_grpc.servicers.geofence import (
@@ -98,6 +100,14 @@ async def _purge(args: argparse.Namespace) -> int:
     if not settings.retention_days:
         raise FailedPrecondition(
             "purge needs --retention-days (or TRACKING_RETENTION_DAYS) above 0"
+        )
+    store = Path(settings.data_dir) / "history.sqlite3"
+    if not settings.database_url and not store.is_file():
+        # Opening it would make an empty store, and "deleted 0 fixes" would read
+        # like a purge of the server's history.
+        raise FailedPrecondition(
+            f"no embedded store at {store}: pass the server's --data-dir, or "
+            "--database-url for PostgreSQL"
         )
     closers: list[Callable[[], Awaitable[None]]] = []
     history = await factory.open_history(settings)

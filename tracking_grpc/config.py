@@ -265,6 +265,12 @@ ZERO_OR_MORE = (
     "retention_days",
     "stream_window_kb",
 )
+# Upper bounds, where a larger value would overflow a store's integers or switch a
+# protection off: a century of history, a token valid for a year.
+AT_MOST = {
+    "retention_days": (36_500, "days (a century)"),
+    "max_token_lifetime_s": (366 * 86_400.0, "seconds (a year)"),
+}
 CHOICES = {
     "sqlite_synchronous": ("OFF", "NORMAL", "FULL", "EXTRA"),
     "log_level": ("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -289,6 +295,9 @@ def check(settings: Settings) -> None:
     for name in ZERO_OR_MORE:
         if not 0 <= getattr(settings, name) < math.inf:
             raise InvalidArgument(name, "must be a finite number, 0 or more")
+    for name, (most, unit) in AT_MOST.items():
+        if getattr(settings, name) > most:
+            raise InvalidArgument(name, f"must be at most {most:g} {unit}")
     tenant = settings.default_tenant
     if not tenant.strip() or len(tenant) > 256 or not tenant.isprintable():
         raise InvalidArgument(

@@ -385,6 +385,7 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             activity_erased=erased.activity,
             route_erased=erased.route,
             sequence_reset=erased.sequence_reset,
+            stream_entries_erased=erased.stream_entries,
         )
 
 

@@ -920,6 +920,7 @@ class EraseDeviceResponse(_message.Message):
     ACTIVITY_ERASED_FIELD_NUMBER: _builtins.int
     ROUTE_ERASED_FIELD_NUMBER: _builtins.int
     SEQUENCE_RESET_FIELD_NUMBER: _builtins.int
+    STREAM_ENTRIES_ERASED_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
     fixes_erased: _builtins.int
     """Stored fixes deleted."""
@@ -937,6 +938,10 @@ class EraseDeviceResponse(_message.Message):
     """The device's sequence state was removed: its next session starts with
     last_stored_seq 0, and it may number its fixes from 1 again.
     """
+    stream_entries_erased: _builtins.int
+    """Entries of the device deleted from the Redis Stream of geofence events (0
+    without Redis).
+    """
     def __init__(
         self,
         *,
@@ -948,10 +953,11 @@ class EraseDeviceResponse(_message.Message):
         activity_erased: _builtins.bool = ...,
         route_erased: _builtins.bool = ...,
         sequence_reset: _builtins.bool = ...,
+        stream_entries_erased: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity_erased", b"activity_erased", "device_id", b"device_id", "events_erased", b"events_erased", "fixes_erased", b"fixes_erased", "live_position_erased", b"live_position_erased", "memberships_erased", b"memberships_erased", "route_erased", b"route_erased", "sequence_reset", b"sequence_reset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity_erased", b"activity_erased", "device_id", b"device_id", "events_erased", b"events_erased", "fixes_erased", b"fixes_erased", "live_position_erased", b"live_position_erased", "memberships_erased", b"memberships_erased", "route_erased", b"route_erased", "sequence_reset", b"sequence_reset", "stream_entries_erased", b"stream_entries_erased"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
