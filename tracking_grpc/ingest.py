@@ -671,10 +671,11 @@ def _resolve(
         reason = int(reasons[row])
         text = validation.detail(batch, row, reason)
         rejected[owner].append((int(seq[row]), reason, text))
-    now_s = time.time()
+    received_ms = []
     for i, item in enumerate(items):
         if item.done.done():
             continue
+        received_ms.append(item.received_ms)
         if item.rows is None:
             part = slice(int(starts[i]), int(starts[i]) + item.size)
             item.done.set_result((reasons[part], new[part]))
@@ -689,4 +690,4 @@ def _resolve(
                     counts[i],
                 )
             )
-        metrics.fix_acked(now_s - item.received_ms / 1000)
+    metrics.fixes_acked(time.time() * 1000, received_ms)

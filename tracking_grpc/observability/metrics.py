@@ -429,6 +429,28 @@ def fix_acked(seconds: float) -> None:
         _m.ack_seconds.observe(seconds)
 
 
+def fixes_acked(now_ms: float, received_ms: list[int]) -> None:
+    """:func:`fix_acked` for many submissions at once, received at ``received_ms``
+    and acked at ``now_ms``: one histogram update per bucket instead of a Python
+    ``observe`` (a lock per value) per message of a group commit."""
+    if _m is None or not received_ms:
+        return
+    seconds = (now_ms - np.asarray(received_ms, dtype=np.float64)) / 1000
+    observe_many(_m.ack_seconds, seconds)
+
+
+def observe_many(histogram: Histogram, amounts: np.ndarray) -> None:
+    """``histogram.observe(a)`` for every ``a`` of ``amounts``, by bucket (a
+    histogram without labels; prometheus_client keeps its buckets and sum as
+    values, each counted with ``inc``)."""
+    bounds = histogram._upper_bounds  # ascending, ends with +Inf
+    # observe counts a value in the first bucket whose bound is not below it
+    buckets = np.bincount(np.searchsorted(bounds, amounts), minlength=len(bounds))
+    histogram._sum.inc(float(amounts.sum()))
+    for index in np.flatnonzero(buckets).tolist():
+        histogram._buckets[index].inc(int(buckets[index]))
+
+
 def events_emitted(types: Iterable[Any]) -> None:
     """Count events by type; ``types`` are EventType members or events."""
     if _m is None:
