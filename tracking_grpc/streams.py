@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from typing import Any
 
 import grpc
@@ -105,19 +104,16 @@ class _Writes:
 
 
 _last: _Writes | None = None
-_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Writes] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def _writes(loop: asyncio.AbstractEventLoop) -> _Writes:
+    """The writes of ``loop``. A server runs one loop; when another one writes (in
+    tests, or a loop of another thread), it gets a new :class:`_Writes`, and the
+    writes started under the previous one end under it (each ends where it began)."""
     global _last
     writes = _last
     if writes is None or writes.loop is not loop:
-        writes = _by_loop.get(loop)
-        if writes is None:
-            writes = _by_loop[loop] = _Writes(loop)
-        _last = writes
+        writes = _last = _Writes(loop)
     return writes
 
 
