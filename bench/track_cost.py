@@ -205,6 +205,8 @@ def run_side(args: argparse.Namespace, side: str, root: Path, number: int) -> Ro
         *(production.flags if production else []),
         *args.server_flag,
     ]
+    if not args.no_metrics:  # as bench/load.py's servers: metrics on
+        command.append(f"--metrics-listen=127.0.0.1:{free_port()}")
     log = open(data_dir / "server.log", "w")
     server = subprocess.Popen(
         command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT
@@ -359,6 +361,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     add("--redis-url", default="redis://127.0.0.1:6379/0")
     add("--server-flag", action="append", default=[], help="extra flag for serve")
+    add(
+        "--no-metrics",
+        action="store_true",
+        help="serve no Prometheus metrics (bench/load.py's servers do, and so do "
+        "these by default)",
+    )
     add("--json", type=Path, help="default bench/results/track_cost.json")
     # the client process's own flags
     add("--client", action="store_true", help=argparse.SUPPRESS)
