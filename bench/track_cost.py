@@ -12,10 +12,16 @@ bench/results/track_cost.json (or ``--json``).
 
 The server of a checkout runs that checkout's code: ``python -m tracking_grpc`` with
 its directory first on PYTHONPATH, whatever the virtual environment's editable
-install points at.
+install points at. On a shared machine CPU time varies by 10 % from run to run;
+``--callgrind`` runs the servers under valgrind instead and counts the instructions
+they execute in the window, which repeats to about a per cent (at a low rate: the
+server runs some 50 times slower).
 
     flock /work/notes/bench.lock .venv/bin/python bench/track_cost.py \\
-        --base /work/wt-cpu-base --streams 2000 --interval-s 2 --rounds 3
+        --base ../old-checkout --streams 2000 --interval-s 2 --rounds 2
+    flock /work/notes/bench.lock .venv/bin/python bench/track_cost.py \\
+        --base ../old-checkout --callgrind --streams 50 --interval-s 2 \\
+        --ramp-s 5 --settle-s 5 --steady-s 20
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -61,6 +68,11 @@ class Round:
     ack_p50_ms: float = 0.0
     ack_p99_ms: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
+    instructions: int = 0  # with --callgrind: the server's, in the window
+
+    @property
+    def instructions_per_message(self) -> float:
+        return self.instructions / max(self.messages, 1)
 
     @property
     def cpu_us_per_message(self) -> float:
@@ -192,6 +204,7 @@ def run_side(args: argparse.Namespace, side: str, root: Path, number: int) -> Ro
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "generated")])
     command = [
+        *(_valgrind(data_dir) if args.callgrind else []),
         sys.executable,
         "-m",
         "tracking_grpc",
@@ -213,7 +226,7 @@ def run_side(args: argparse.Namespace, side: str, root: Path, number: int) -> Ro
     )
     result = Round(side, number)
     try:
-        wait_serving(target, server)
+        wait_serving(target, server, timeout_s=180 if args.callgrind else 60)
         client = subprocess.Popen(
             [
                 sys.executable,
@@ -236,6 +249,8 @@ def run_side(args: argparse.Namespace, side: str, root: Path, number: int) -> Ro
         for line in client.stdout:
             message = json.loads(line)
             if "steady" in message:
+                if args.callgrind:
+                    _callgrind_control(message["steady"], server.pid)
                 marks[message["steady"]] = (
                     time.monotonic(),
                     procstat.usage(server.pid).cpu_s,
@@ -256,6 +271,8 @@ def run_side(args: argparse.Namespace, side: str, root: Path, number: int) -> Ro
         result.ack_p50_ms = summary["p50_ms"]
         result.ack_p99_ms = summary["p99_ms"]
         result.errors = summary["errors"]
+        if args.callgrind:
+            result.instructions = _window_instructions(data_dir)
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
@@ -270,7 +287,42 @@ def run_side(args: argparse.Namespace, side: str, root: Path, number: int) -> Ro
     if server.returncode != 0:
         tail = (data_dir / "server.log").read_text().splitlines()[-20:]
         print(*tail, sep="\n")
+    if args.keep_data:
+        print(f"{side} round {number}: server files in {data_dir}")
+    else:
+        shutil.rmtree(data_dir, ignore_errors=True)
     return result
+
+
+def _valgrind(data_dir: Path) -> list[str]:
+    """Run the server under callgrind, counting nothing until the window opens."""
+    return [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={data_dir / 'callgrind.out'}",
+        "-q",
+    ]
+
+
+def _callgrind_control(mark: str, pid: int) -> None:
+    """The window opens: count; it closes: dump what was counted in it."""
+    flag = "--instr=on" if mark == "from" else "--dump=window"
+    subprocess.run(
+        ["callgrind_control", flag, str(pid)], check=True, capture_output=True
+    )
+
+
+def _window_instructions(data_dir: Path) -> int:
+    """Instructions of the window's dump (the first; the server's exit dumps
+    again, what came after the window)."""
+    dumps = sorted(data_dir.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+    if not dumps:
+        raise RuntimeError("callgrind wrote no dump for the window")
+    for line in dumps[0].read_text(errors="replace").splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no instruction count in {dumps[0]}")
 
 
 def _row(name: str, rounds: list[Round]) -> str:
@@ -289,15 +341,16 @@ def report(args: argparse.Namespace, rounds: list[Round]) -> dict:
     print()
     print(
         "| side | round | messages | server µs/message | server cores "
-        "| ack p50 / p99 ms | client cores | machine busy | errors |"
+        "| ack p50 / p99 ms | client cores | machine busy | errors "
+        "| instructions/message |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rounds:
         print(
             f"| {r.side} | {r.round} | {r.messages} | {r.cpu_us_per_message:.0f} "
             f"| {r.server_cores:.2f} | {r.ack_p50_ms:.1f} / {r.ack_p99_ms:.1f} "
             f"| {r.client_cpu_s / r.steady_s:.2f} | {r.machine_busy_cores:.2f} "
-            f"| {r.errors or ''} |"
+            f"| {r.errors or ''} | {r.instructions_per_message:,.0f} |"
         )
     sides = list(dict.fromkeys(r.side for r in rounds))
     print()
@@ -319,17 +372,22 @@ def report(args: argparse.Namespace, rounds: list[Round]) -> dict:
                 strict=False,
             )
         ]
-        per_round = [b.cpu_us_per_message / a.cpu_us_per_message for a, b in pairs]
-        ratios = {
-            "cpu_per_message_per_round": per_round,
-            "cpu_per_message_median": statistics.median(per_round),
-        }
         print()
-        print(
-            f"{head} / {base}, server CPU per message, round by round: "
-            + ", ".join(f"{x:.3f}" for x in per_round)
-            + f"; median {statistics.median(per_round):.3f}"
-        )
+        for name in ("cpu_us_per_message", "instructions_per_message"):
+            per_round = [
+                getattr(b, name) / getattr(a, name)
+                for a, b in pairs
+                if getattr(a, name)
+            ]
+            if not per_round:
+                continue
+            ratios[f"{name}_per_round"] = per_round
+            ratios[f"{name}_median"] = statistics.median(per_round)
+            print(
+                f"{head} / {base}, {name}, round by round: "
+                + ", ".join(f"{x:.3f}" for x in per_round)
+                + f"; median {statistics.median(per_round):.3f}"
+            )
     return {
         "args": {k: v for k, v in vars(args).items() if k != "client"},
         "rounds": [
@@ -337,6 +395,7 @@ def report(args: argparse.Namespace, rounds: list[Round]) -> dict:
                 **asdict(r),
                 "cpu_us_per_message": r.cpu_us_per_message,
                 "server_cores": r.server_cores,
+                "instructions_per_message": r.instructions_per_message,
             }
             for r in rounds
         ],
@@ -366,6 +425,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="serve no Prometheus metrics (bench/load.py's servers do, and so do "
         "these by default)",
+    )
+    add(
+        "--callgrind",
+        action="store_true",
+        help="run the servers under valgrind's callgrind and count their "
+        "instructions in the window (repeatable on a busy machine; use a low rate: "
+        "the server runs some 50 times slower)",
+    )
+    add(
+        "--keep-data",
+        action="store_true",
+        help="keep each server's directory (its log, store and callgrind dumps)",
     )
     add("--json", type=Path, help="default bench/results/track_cost.json")
     # the client process's own flags

@@ -52,8 +52,9 @@ def test_acks_timed_many_at_once_equal_acks_timed_one_by_one():
     for many in (False, True):
         registry = metrics.enable()
         if many:
-            metrics.fixes_acked(10_000, received)
+            metrics.fixes_acked(10_000, received[:-1])
             metrics.fixes_acked(10_000, [])
+            metrics.fixes_acked(10_000, received[-1:])
         else:
             for ms in received:
                 metrics.fix_acked((10_000 - ms) / 1000)
