@@ -14,8 +14,9 @@ The server of a checkout runs that checkout's code: ``python -m tracking_grpc`` 
 its directory first on PYTHONPATH, whatever the virtual environment's editable
 install points at. On a shared machine CPU time varies by 10 % from run to run;
 ``--callgrind`` runs the servers under valgrind instead and counts the instructions
-they execute in the window, which repeats to about a per cent (at a low rate: the
-server runs some 50 times slower).
+they execute in the window, which other work on the machine does not change (use a
+low rate: the server runs some 50 times slower, and its commits then batch as
+timing has it, so counts still vary by several per cent; bench/README.md).
 
     flock /work/notes/bench.lock .venv/bin/python bench/track_cost.py \\
         --base ../old-checkout --streams 2000 --interval-s 2 --rounds 2
