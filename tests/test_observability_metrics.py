@@ -44,6 +44,32 @@ def test_fix_counters_add_up(registry):
     )
 
 
+def test_acks_timed_many_at_once_equal_acks_timed_one_by_one():
+    """metrics.fixes_acked (one call per group commit) fills the ack histogram as
+    one observe per message would, values on bucket edges included."""
+    received = [10_000 - ms for ms in (0, 0.5, 0.7, 1, 2.5, 9, 10, 10.2, 800, 12e3)]
+    samples = {}
+    for many in (False, True):
+        registry = metrics.enable()
+        if many:
+            metrics.fixes_acked(10_000, received[:-1])
+            metrics.fixes_acked(10_000, [])
+            metrics.fixes_acked(10_000, received[-1:])
+        else:
+            for ms in received:
+                metrics.fix_acked((10_000 - ms) / 1000)
+        samples[many] = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in registry.collect()
+            if family.name == "tracking_fix_ack_seconds"
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+        metrics.disable()
+    assert samples[True] == pytest.approx(samples[False])
+    assert samples[True][("tracking_fix_ack_seconds_count", ())] == len(received)
+
+
 def test_events_are_counted_by_type(registry):
     metrics.events_emitted([EventType.ENTER, EventType.ENTER, EventType.EXIT])
     value = registry.get_sample_value

@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import grpc
 import numpy as np
-from tracking.v1 import event_pb2, track_pb2, track_pb2_grpc
+from tracking.v1 import common_pb2, event_pb2, track_pb2, track_pb2_grpc
 
 from tracking_grpc import convert, streams
 from tracking_grpc.app import App
@@ -57,19 +57,21 @@ def _rejections(result: IngestResult) -> list[tuple[str, int, int, str]]:
 
 
 def _ack(ack: DeviceAck, last_stored_seq: int) -> track_pb2.TrackResponse:
-    return track_pb2.TrackResponse(
-        ack=track_pb2.Ack(
-            acked_seq=ack.acked_seq,
-            last_stored_seq=last_stored_seq,
-            stored=ack.stored,
-            duplicates=ack.duplicates,
-            rejected=ack.rejected,
-            rejections=[
-                track_pb2.Rejection(seq=seq, reason=reason, detail=detail)
-                for seq, reason, detail in ack.rejections
-            ],
+    # Set in place: an Ack made first and passed to TrackResponse is copied.
+    response = track_pb2.TrackResponse()
+    out = response.ack
+    out.SetInParent()  # an ack of all zeros (an empty batch) is an ack too
+    out.acked_seq = ack.acked_seq
+    out.last_stored_seq = last_stored_seq
+    out.stored = ack.stored
+    out.duplicates = ack.duplicates
+    out.rejected = ack.rejected
+    if ack.rejections:
+        out.rejections.extend(
+            track_pb2.Rejection(seq=seq, reason=reason, detail=detail)
+            for seq, reason, detail in ack.rejections
         )
-    )
+    return response
 
 
 def _check_point(lat: float, lon: float, field: str) -> None:
@@ -490,51 +492,69 @@ class _Session:
 
     async def _read(self, requests: AsyncIterator[track_pb2.TrackRequest]) -> None:
         pipeline = self.app.pipeline
+        submit = pipeline.submit_rows
         tenant = self.caller.tenant
+        device_id = self.device_id
+        unacked = self._unacked
         async for request in requests:
-            rows = self._rows(request)
-            if rows is None:
+            if request.WhichOneof("message") == "batch":
+                rows = self._batch_rows(request.batch.fixes)
+            else:
+                self._other(request)
                 continue
             if pipeline.congested:
                 await pipeline.wait_for_space()
-            while len(self._unacked) >= INFLIGHT_BATCHES:
+            while len(unacked) >= INFLIGHT_BATCHES:
                 # Until an ack is written: a device that reads no acks is not read
                 # ahead of them (gRPC's flow control keeps its batches in the device).
                 self._room = asyncio.get_running_loop().create_future()
                 await self._room
-            self._unacked.append(pipeline.submit_rows(tenant, self.device_id, rows))
+            unacked.append(submit(tenant, device_id, rows))
             if self._acking is None:
                 self._acking = asyncio.create_task(self._write_acks())
 
-    def _rows(self, request: track_pb2.TrackRequest) -> list[FixRow] | None:
+    def _batch_rows(self, fixes: Sequence[common_pb2.Fix]) -> list[FixRow]:
+        limit = self.app.settings.max_batch_fixes
+        if len(fixes) > limit:
+            raise InvalidArgument(
+                "batch.fixes", f"{len(fixes)} fixes exceed the maximum of {limit}"
+            )
+        if self.caller.expires_at is not None:
+            self.caller.check_not_expired()
+        # An empty batch is acknowledged too, so acks pair with batches one to one.
+        return convert.fix_rows(fixes)
+
+    def _other(self, request: track_pb2.TrackRequest) -> None:
+        """A message that is not a batch: a repeated hello of this device passes."""
         kind = request.WhichOneof("message")
         if kind == "hello":
             if request.hello.device_id != self.device_id:
                 raise InvalidArgument(
                     "hello.device_id", "a stream carries one device; open another"
                 )
-            return None
-        if kind != "batch":
-            raise InvalidArgument("message", "set hello or batch")
-        fixes = request.batch.fixes
-        limit = self.app.settings.max_batch_fixes
-        if len(fixes) > limit:
-            raise InvalidArgument(
-                "batch.fixes", f"{len(fixes)} fixes exceed the maximum of {limit}"
-            )
-        self.caller.check_not_expired()
-        # An empty batch is acknowledged too, so acks pair with batches one to one.
-        return convert.fix_rows(fixes)
+            return
+        raise InvalidArgument("message", "set hello or batch")
 
     async def _write_acks(self) -> None:
         """Writes acks while batches await them; ends when none does."""
+        unacked = self._unacked
         try:
-            while self._unacked:
-                ack = await self._unacked[0]
+            while unacked:
+                ack = await unacked[0]
                 if ack.newest_stored_seq > self.last_stored:
                     self.last_stored = ack.newest_stored_seq
-                await self._write(_ack(ack, self.last_stored))
-                del self._unacked[0]
+                response = _ack(ack, self.last_stored)
+                if self._write_lock is None:  # no events: one coroutine less
+                    await streams.write(
+                        self.context,
+                        self.caller,
+                        response,
+                        self.app.settings.write_timeout_s,
+                        streams.DEVICE_BEHIND,
+                    )
+                else:
+                    await self._write(response)
+                del unacked[0]
                 if self._room is not None:
                     self._room.set_result(None)
                     self._room = None
