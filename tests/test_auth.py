@@ -90,11 +90,13 @@ async def test_device_token_publishes_its_own_device(secured) -> None:
 async def test_track_refuses_bad_credentials(secured, metadata, code) -> None:
     _, stub = secured
     call = stub.Track(metadata=metadata)
-    # The server may refuse before the hello is written; the write then fails on
-    # the client side (an RPC error, or InvalidStateError once the call has ended),
-    # and the call's status is what the server said.
-    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        # Refused once the hello names another device: the server reads it first.
         await call.write(hello("dev-1"))
+    # A bad token is refused as the call starts, before anything is read. Writing
+    # then races the refusal: a write that fails before the client has the
+    # server's status makes grpc-python set the status to INTERNAL ("Internal
+    # error from Core"), one run in several on a busy machine.
     assert await call.code() == code
 
 
