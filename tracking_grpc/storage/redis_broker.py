@@ -42,12 +42,12 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from redis.exceptions import RedisClusterException, RedisError
 
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import Unavailable
 from tracking_grpc.interest import Interest, TenantInterest
 from tracking_grpc.observability import metrics
+from tracking_grpc.storage import redis_pubsub
 from tracking_grpc.storage.base import CatchUp, UpdateHandler
 from tracking_grpc.storage.redis_client import Connection, is_cluster, unavailable
 from tracking_grpc.storage.redis_interest import Entry, InterestTable
@@ -56,8 +56,6 @@ from tracking_grpc.storage.redis_live import RECORD, RECORD_NAMES
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<I")
-RETRY_S = (0.1, 0.5, 1.0, 2.0)
-DATA_MESSAGES = ("message", "smessage")
 
 Routes = dict[str, TenantInterest]  # channel -> interest, for one tenant
 
@@ -286,44 +284,18 @@ class RedisBroker:
 
     async def _listen(self) -> None:
         """Receive and dispatch forever, resubscribing after connection losses."""
-        failures = 0
-        while True:
-            pubsub = None
-            try:
-                client = await self.redis.get()
-                sharded = is_cluster(client)
-                pubsub = client.pubsub()
-                if sharded:
-                    await pubsub.ssubscribe(self.channel)
-                else:
-                    await pubsub.subscribe(self.channel)
-                self._tried.set()
-                if failures:
-                    log.warning("live fan-out subscribed again")
-                    if self._interest():  # Redis may have lost the table
-                        self._register_soon()
-                failures = 0
-                while True:
-                    message = await self._next(pubsub, sharded)
-                    if message is not None and message["type"] in DATA_MESSAGES:
-                        await self._dispatch(message["data"])
-            except (RedisError, RedisClusterException, OSError, Unavailable) as exc:
-                self._tried.set()
-                delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
-                failures += 1
-                level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(level, "live fan-out lost (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-            finally:
-                if pubsub is not None:
-                    await _close_quietly(pubsub)
+        await redis_pubsub.listen(
+            self.redis,
+            self.channel,
+            self._dispatch,
+            self._tried,
+            "live fan-out",
+            on_resubscribed=self._after_outage,
+        )
 
-    async def _next(self, pubsub: Any, sharded: bool) -> dict | None:
-        if sharded:
-            return await pubsub.get_sharded_message(
-                ignore_subscribe_messages=True, timeout=1.0
-            )
-        return await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+    def _after_outage(self) -> None:
+        if self._interest():  # Redis may have lost the table
+            self._register_soon()
 
     async def _dispatch(self, data: bytes) -> None:
         try:
@@ -371,10 +343,3 @@ def _messages(
             data = encoded[key] = _encode(updates.tenant, devices, table[mask])
         out.append((channel, data))
     return out
-
-
-async def _close_quietly(pubsub: Any) -> None:
-    try:
-        await pubsub.aclose()
-    except (RedisError, RedisClusterException, OSError):
-        log.debug("closing a broken pub/sub connection failed", exc_info=True)

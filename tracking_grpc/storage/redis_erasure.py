@@ -19,19 +19,14 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-from redis.exceptions import RedisClusterException, RedisError
-
-from tracking_grpc.errors import Unavailable
-from tracking_grpc.storage.redis_client import Connection, is_cluster, unavailable
+from tracking_grpc.storage import redis_pubsub
+from tracking_grpc.storage.redis_client import Connection, unavailable
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "erasures"  # after redis_key_prefix
-RETRY_S = (0.1, 0.5, 1.0, 2.0)
 SUBSCRIBE_WAIT_S = 10.0
-DATA_MESSAGES = ("message", "smessage")
 
 Forget = Callable[[str, str], Awaitable[object]]
 
@@ -61,10 +56,7 @@ class RedisErasureNotices:
         )
         with unavailable("erasure notices"):
             client = await self.connection.get()
-            if is_cluster(client):
-                await client.spublish(self.channel, notice)
-            else:
-                await client.publish(self.channel, notice)
+            await redis_pubsub.publish(client, self.channel, notice)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -73,36 +65,9 @@ class RedisErasureNotices:
         await self.connection.close()
 
     async def _listen(self) -> None:
-        """Receive notices forever, subscribing again after connection losses."""
-        failures = 0
-        while True:
-            pubsub = None
-            try:
-                client = await self.connection.get()
-                sharded = is_cluster(client)
-                pubsub = client.pubsub()
-                if sharded:
-                    await pubsub.ssubscribe(self.channel)
-                else:
-                    await pubsub.subscribe(self.channel)
-                self._tried.set()
-                if failures:
-                    log.warning("erasure notices subscribed again")
-                failures = 0
-                while True:
-                    message = await _next(pubsub, sharded)
-                    if message is not None and message["type"] in DATA_MESSAGES:
-                        await self._heard(message["data"])
-            except (RedisError, RedisClusterException, OSError, Unavailable) as exc:
-                self._tried.set()
-                delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
-                failures += 1
-                level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(level, "erasure notices lost (%s); retry in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-            finally:
-                if pubsub is not None:
-                    await _close_quietly(pubsub)
+        await redis_pubsub.listen(
+            self.connection, self.channel, self._heard, self._tried, "erasure notices"
+        )
 
     async def _heard(self, data: bytes) -> None:
         try:
@@ -126,18 +91,3 @@ class RedisErasureNotices:
             tenant,
             forgotten,
         )
-
-
-async def _next(pubsub: Any, sharded: bool) -> dict | None:
-    if sharded:
-        return await pubsub.get_sharded_message(
-            ignore_subscribe_messages=True, timeout=1.0
-        )
-    return await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-
-
-async def _close_quietly(pubsub: Any) -> None:
-    try:
-        await pubsub.aclose()
-    except (RedisError, RedisClusterException, OSError):
-        log.debug("closing a broken pub/sub connection failed", exc_info=True)
