@@ -21,7 +21,12 @@ from tracking_grpc.errors import (
     StorageUnavailable,
 )
 from tracking_grpc.storage import pgcopy, schema
-from tracking_grpc.storage.postgres import DAY_MS, PostgresHistoryStore, text_array
+from tracking_grpc.storage.postgres import (
+    DAY_MS,
+    TRUNCATE_STAGING_AFTER_ROWS,
+    PostgresHistoryStore,
+    text_array,
+)
 
 T0 = 1_750_000_000_000
 
@@ -304,3 +309,26 @@ def test_one_devices_events_are_found_by_their_index(pg_url, query) -> None:
         conn.execute("SET enable_seqscan = off")
         plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + query).fetchall())
     assert "geofence_events_device" in plan
+
+
+async def test_the_write_leaves_its_temporary_tables_empty_and_small(pg_url) -> None:
+    # The staging tables are emptied by the write itself (a truncation at every
+    # commit waited on the file system) and truncated once enough rows went
+    # through; a connection's files must not grow with every write.
+    store = await PostgresHistoryStore.open(pg_url, max_connections=1)
+    tenant = unique_tenant()
+    sizes = []
+    for write in range(120):
+        rows = [(f"d{i}", write + 1, T0 + write * 1000 + i, 1.0, 2.0) for i in range(90)]
+        assert (await store.store(FixBatch.from_rows(tenant, rows))).all()
+        async with store._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT (SELECT count(*) FROM staging) + (SELECT count(*) FROM prior),"
+                " pg_relation_size('staging') + pg_relation_size('prior')"
+            )
+            left, size = await cur.fetchone()
+        assert left == 0
+        sizes.append(size)
+    assert max(sizes) <= 2 * 8192 * (TRUNCATE_STAGING_AFTER_ROWS // 50 + 2)
+    assert min(sizes[-60:]) < max(sizes[-60:])  # truncated in between
+    await store.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
@@ -46,6 +47,11 @@ INT64_MAX = np.iinfo(np.int64).max
 PURGE_LOCK_TIMEOUT = "5s"
 RETRIES = 3
 ALL_NEW = -1  # the write's answer when every staged fix was new
+# The write empties its temporary tables by DELETE (see INSERT_NEW). Nothing vacuums
+# a temporary table, so the space of deleted rows is not reused and the files grow
+# with every write: a connection truncates them (one wait on the file system) once
+# this many rows have gone through since the last time.
+TRUNCATE_STAGING_AFTER_ROWS = 5_000
 
 STAGING_COLUMNS = (
     ("idx", ">i4"),
@@ -66,7 +72,7 @@ PG_TYPES = {">i2": "smallint", ">i4": "integer", ">i8": "bigint"}
 PG_TYPES |= {">f4": "real", ">f8": "double precision"}
 
 CREATE_STAGING = (
-    "CREATE TEMP TABLE IF NOT EXISTS staging ({}) ON COMMIT DELETE ROWS".format(
+    "CREATE TEMP TABLE IF NOT EXISTS staging ({})".format(
         ", ".join(f"{name} {PG_TYPES[kind]} NOT NULL" for name, kind in STAGING_COLUMNS)
     )
 )
@@ -82,7 +88,7 @@ CREATE_PRIOR = """
 CREATE TEMP TABLE IF NOT EXISTS prior (
     device_idx integer NOT NULL, device text NOT NULL, seq bigint, time_ms bigint,
     set_seq bigint, set_time_ms bigint, row_id tid NOT NULL
-) ON COMMIT DELETE ROWS
+)
 """
 
 # Locks each device's row (creating new ones) and advances its state to cover the
@@ -203,6 +209,14 @@ WITH staged AS (
     FROM stored
     WHERE st.ctid = ANY (ARRAY(SELECT row_id FROM stored))
       AND st.ctid = stored.row_id
+), cleared_staging AS (
+    -- Both temporary tables end each write empty. A DELETE, not ON COMMIT DELETE
+    -- ROWS: that truncates both files at every commit, and on a disk mounted with
+    -- discard a commit waited on it (DataFileTruncate) for up to 30 ms. Every CTE
+    -- reads the rows as they were before this statement.
+    DELETE FROM staging
+), cleared_prior AS (
+    DELETE FROM prior
 )
 SELECT ALL_NEW AS idx WHERE (SELECT all_new FROM outcome)
 UNION ALL
@@ -285,6 +299,9 @@ class PostgresHistoryStore:
             open=False,
             name="history",
         )
+        # Rows through each connection's staging table since it was last truncated.
+        self._staged_rows: weakref.WeakKeyDictionary[psycopg.AsyncConnection, int]
+        self._staged_rows = weakref.WeakKeyDictionary()
         self._partition_days: set[int] = set()
         self._prepared_day = -1
         self._partition_lock = asyncio.Lock()
@@ -383,10 +400,16 @@ class PostgresHistoryStore:
             name: pgcopy.BinaryArray.of(values, kind)
             for (name, _), (values, kind) in zip(STAGING_COLUMNS, staged, strict=True)
         }
+        staged_rows = self._staged_rows.get(conn, 0) + len(staged[0][0])
         async with conn.pipeline():
+            if staged_rows > TRUNCATE_STAGING_AFTER_ROWS:
+                await conn.execute("TRUNCATE staging, prior")
+                staged_rows = len(staged[0][0])
             await conn.execute(STAGE_AND_ADVANCE, {**arrays, **params})
             cur = await conn.execute(INSERT_NEW, params)
-        return await cur.fetchall()
+        rows = await cur.fetchall()
+        self._staged_rows[conn] = staged_rows
+        return rows
 
     async def stored_as_received(self, batch: FixBatch) -> np.ndarray:
         found = np.zeros(len(batch), dtype=bool)
