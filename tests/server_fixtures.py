@@ -21,7 +21,7 @@ StartServer = Callable[..., Awaitable[TrackingServer]]
 
 def embedded_settings(tmp_path: Path, **overrides: Any) -> Settings:
     base = Settings(listen="127.0.0.1:0", data_dir=str(tmp_path / "data"))
-    return replace(base, flush_interval_ms=0.5, **overrides)
+    return replace(base, **{"flush_interval_ms": 0.5, **overrides})
 
 
 @pytest.fixture

@@ -319,7 +319,9 @@ async def test_the_write_leaves_its_temporary_tables_empty_and_small(pg_url) -> 
     tenant = unique_tenant()
     sizes = []
     for write in range(120):
-        rows = [(f"d{i}", write + 1, T0 + write * 1000 + i, 1.0, 2.0) for i in range(90)]
+        rows = [
+            (f"d{i}", write + 1, T0 + write * 1000 + i, 1.0, 2.0) for i in range(90)
+        ]
         assert (await store.store(FixBatch.from_rows(tenant, rows))).all()
         async with store._pool.connection() as conn:
             cur = await conn.execute(

@@ -237,9 +237,11 @@ class IngestPipeline:
         return tracing.current_context()
 
     async def _flush_loop(self) -> None:
-        """Commit what is queued, waiting ``flush_interval_ms`` (on PostgreSQL
-        ``database_flush_interval_ms``) for more to join, and starting commits at
-        least that far apart; ends once closing and nothing is left.
+        """Commit what is queued, starting commits at least ``flush_interval_ms``
+        (on PostgreSQL ``database_flush_interval_ms``) apart; ends once closing and
+        nothing is left. A fix that arrives when no commit has started for that
+        long is committed at once: it waits for no one (on a quiet fleet, most
+        fixes); under load each commit carries what arrived since the last.
 
         A store that takes concurrent writers (PostgreSQL) gets up to
         ``commits_in_flight`` commits at once. Each commit updates live state and
@@ -260,11 +262,9 @@ class IngestPipeline:
                     break
                 await self._wakeup.wait()
                 self._wakeup.clear()
-                if delay > 0 and not self._closing:
-                    await asyncio.sleep(delay)
-            # Under load the queue is never empty: commits still start at least
-            # ``delay`` apart, each carrying what arrived meanwhile, instead of
-            # back to back in ever smaller (and costlier per fix) commits.
+            # Commits start at least ``delay`` apart, each carrying what arrived
+            # meanwhile, instead of back to back in ever smaller (and costlier per
+            # fix) commits.
             pause = started + delay - loop.time()
             if pause > 0 and not self._closing:
                 await asyncio.sleep(pause)

@@ -71,10 +71,8 @@ STAGING_COLUMNS = (
 PG_TYPES = {">i2": "smallint", ">i4": "integer", ">i8": "bigint"}
 PG_TYPES |= {">f4": "real", ">f8": "double precision"}
 
-CREATE_STAGING = (
-    "CREATE TEMP TABLE IF NOT EXISTS staging ({})".format(
-        ", ".join(f"{name} {PG_TYPES[kind]} NOT NULL" for name, kind in STAGING_COLUMNS)
-    )
+CREATE_STAGING = "CREATE TEMP TABLE IF NOT EXISTS staging ({})".format(
+    ", ".join(f"{name} {PG_TYPES[kind]} NOT NULL" for name, kind in STAGING_COLUMNS)
 )
 # The staging load (the first CTE of STAGE_AND_ADVANCE): one binary array parameter
 # per column. psycopg prepares the write's statements after a few runs, so each
