@@ -77,6 +77,16 @@ def coarsen(batch: FixBatch, precision_m: float) -> FixBatch:
     )
 
 
+def resnap(batch: FixBatch, precision_m: float) -> FixBatch:
+    """Positions derived from coarse fixes (a smoothed track) put back on the grid,
+    claiming no more accuracy than a cell allows; coarse fixes stay as they are."""
+    if precision_m <= 0 or len(batch) == 0:
+        return batch
+    lat, lon, bound_m = snap(batch.lat, batch.lon, precision_m)
+    accuracy = np.fmax(batch.accuracy_m.astype(np.float64), bound_m)
+    return replace(batch, lat=lat, lon=lon, accuracy_m=accuracy.astype(np.float32))
+
+
 def round_m(metres: ArrayLike, precision_m: float) -> np.ndarray:
     """Distances rounded to whole multiples of ``precision_m`` (0: unchanged)."""
     metres = np.asarray(metres, dtype=np.float64)

@@ -123,7 +123,7 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             raise InvalidArgument("kind", f"unknown track kind {kind}")
         # Smoothing coarse fixes makes positions between cell centres: they are
         # snapped again (raw fixes are cell centres already).
-        fixes = precision.coarsen(fixes, caller.precision_m)
+        fixes = precision.resnap(fixes, caller.precision_m)
         if request.HasField("clip"):
             fixes = fixes.take(_clip_mask(fixes, request.clip))
         return views.simplify(fixes, tolerance)
