@@ -12,6 +12,8 @@ from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import haversine_m
 from tracking_grpc.core.precision import coarsen, slack_m, snap, widen_box
 from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.servicers.event_messages import event_messages
 from tracking_grpc.traces import read_trace
 
 AWKWARD = {
@@ -95,3 +97,27 @@ def test_a_bad_default_precision_is_refused(value) -> None:
         check(Settings(default_precision_m=value))
 
     assert raised.value.field == "default_precision_m"
+
+
+def test_event_messages_carry_cell_centres_and_round_distances() -> None:
+    event = TrackingEvent(
+        event_id="e1",
+        tenant="t",
+        device="4716",
+        type=EventType.OFF_ROUTE,
+        time_ms=1_700_000_000_000,
+        lat=53.44451,
+        lon=-2.925173,
+        fix_seq=1,
+        created_ms=1_700_000_000_100,
+        attributes={"accuracy_m": "5", "deviation_m": "312.4"},
+    )
+
+    (exact,) = event_messages([event])
+    (coarse,) = event_messages([event], 1_000.0)
+
+    lat, lon, bound_m = snap([event.lat], [event.lon], 1_000.0)
+    assert (exact.position.lat, exact.position.lon) == (event.lat, event.lon)
+    assert (coarse.position.lat, coarse.position.lon) == (lat[0], lon[0])
+    assert coarse.attributes["accuracy_m"] == f"{bound_m[0] + 5:.0f}"
+    assert coarse.attributes["deviation_m"] == "0"
