@@ -6,6 +6,10 @@ with HS256 (shared secret) or RS256 (public key) whose claims carry ``tenant``,
 ``sub`` and ``role`` (``device``, ``viewer`` or ``admin``). A device token may publish
 only its own device id (its ``sub``).
 
+A caller may be limited to coarse positions (:mod:`tracking_grpc.core.precision`):
+the token's ``precision_m`` claim, a number of metres (0: exact), or, without one,
+the ``default_precision_m`` setting, which is also every caller's when auth is off.
+
 Time claims are checked here, not by the JWT library (which lets ``exp`` of 1e30
 through, and fails with an overflow on a huge integer): ``exp`` must be a finite
 number no further ahead than ``max_token_lifetime_s``; ``iat`` and ``nbf``, when
@@ -29,6 +33,7 @@ import grpc
 import jwt
 
 from tracking_grpc.config import Settings
+from tracking_grpc.core.precision import MAX_PRECISION_M
 from tracking_grpc.errors import FailedPrecondition, PermissionDenied, Unauthenticated
 from tracking_grpc.observability import logs
 
@@ -38,6 +43,7 @@ T = TypeVar("T")
 
 MAX_TENANT_LENGTH = 256
 EXPIRED = "token expired during the stream; reconnect with a new one"
+PRECISION_CLAIM = "precision_m"
 CLOCK_SKEW_S = 60.0  # how far the issuer's clock may run ahead of ours
 
 
@@ -55,6 +61,7 @@ class Caller:
     subject: str
     role: Role
     expires_at: float | None = None  # the token's exp, Unix seconds
+    precision_m: float = 0.0  # positions it reads are snapped to this grid; 0: exact
 
     def check_not_expired(self) -> None:
         """A stream outliving its token is ended: the device must re-authenticate."""
@@ -108,7 +115,13 @@ class Authenticator:
 
     def __init__(self, settings: Settings) -> None:
         self.mode = settings.auth_mode
-        self.default = Caller(settings.default_tenant, "anonymous", Role.ADMIN)
+        self.default_precision_m = settings.default_precision_m
+        self.default = Caller(
+            settings.default_tenant,
+            "anonymous",
+            Role.ADMIN,
+            precision_m=settings.default_precision_m,
+        )
         self.audience = settings.jwt_audience or None
         self.max_lifetime_s = settings.max_token_lifetime_s
         self._keys: list[tuple[str, str | bytes]] = []
@@ -178,7 +191,10 @@ class Authenticator:
             )
         if role_name not in Role.__members__:
             raise Unauthenticated("token role must be device, viewer or admin")
-        return Caller(tenant, str(claims["sub"]), Role[role_name], expires_at)
+        precision_m = _precision(claims, self.default_precision_m)
+        return Caller(
+            tenant, str(claims["sub"]), Role[role_name], expires_at, precision_m
+        )
 
 
 def check_times(claims: dict, now: float, max_lifetime_s: float) -> float:
@@ -210,6 +226,26 @@ def check_times(claims: dict, now: float, max_lifetime_s: float) -> float:
     if nbf is not None and nbf > now + CLOCK_SKEW_S:
         raise Unauthenticated("token is not valid yet (nbf is in the future)")
     return exp
+
+
+def _precision(claims: dict, default_m: float) -> float:
+    """The token's ``precision_m`` claim, metres in [0, MAX_PRECISION_M], or the
+    server's default when the token has none; UNAUTHENTICATED otherwise."""
+    value = claims.get(PRECISION_CLAIM)
+    if value is None:
+        return default_m
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Unauthenticated(f"token {PRECISION_CLAIM} must be a number of metres")
+    try:
+        metres = float(value)
+    except OverflowError:  # an integer beyond any float
+        metres = math.inf
+    if not 0 <= metres <= MAX_PRECISION_M:
+        raise Unauthenticated(
+            f"token {PRECISION_CLAIM} must be a number of metres in "
+            f"[0, {MAX_PRECISION_M:.0f}], not {value!r}"
+        )
+    return metres
 
 
 def _seconds(claims: dict, name: str) -> float | None:

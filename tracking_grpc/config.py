@@ -92,6 +92,12 @@ class Settings:
         "(or, with an iat, issued for longer) is refused; a day bounds what a "
         "leaked token can do while devices renew theirs once a day",
     )
+    default_precision_m: float = setting(
+        0.0,
+        "coarsest detail, metres, of the positions a caller reads when its token "
+        "has no precision_m claim (and of every call when auth is off): positions "
+        "are snapped to a grid of cells this wide; 0 shows them exact",
+    )
     default_tenant: str = setting("default", "tenant of every call when auth is off")
     max_concurrent_streams: int = setting(
         20_000, "pending RPC backlog the gRPC server accepts (streams opening at once)"
@@ -264,12 +270,14 @@ ZERO_OR_MORE = (
     "route_eta_change_s",
     "retention_days",
     "stream_window_kb",
+    "default_precision_m",
 )
 # Upper bounds, where a larger value would overflow a store's integers or switch a
 # protection off: a century of history, a token valid for a year.
 AT_MOST = {
     "retention_days": (36_500, "days (a century)"),
     "max_token_lifetime_s": (366 * 86_400.0, "seconds (a year)"),
+    "default_precision_m": (1_000_000.0, "metres"),
 }
 CHOICES = {
     "sqlite_synchronous": ("OFF", "NORMAL", "FULL", "EXTRA"),

@@ -26,6 +26,7 @@ import numpy as np
 
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import in_box, in_circle
+from tracking_grpc.core.precision import snap
 from tracking_grpc.errors import ResourceExhausted
 from tracking_grpc.interest import TenantInterest, summarise
 from tracking_grpc.observability import metrics
@@ -69,20 +70,28 @@ _shared_rows = weakref.WeakValueDictionary()
 
 @dataclass(frozen=True, slots=True)
 class WatchFilter:
-    """Which positions a watcher wants: devices, and optionally an area."""
+    """Which positions a watcher wants: devices, and optionally an area, which a
+    watcher limited to ``precision_m`` matches against coarse positions (so that
+    a small area tells it nothing finer than the grid)."""
 
     devices: frozenset[str] = frozenset()
     box: tuple[float, float, float, float] | None = None  # south, west, north, east
     circle: tuple[float, float, float] | None = None  # lat, lon, radius_m
+    precision_m: float = 0.0
 
     def mask(self, batch: FixBatch) -> np.ndarray:
         keep = np.ones(len(batch), dtype=bool)
         if self.devices:
             keep &= np.isin(batch.device.astype(str), list(self.devices))
+        if self.box is None and self.circle is None:
+            return keep
+        lat, lon = batch.lat, batch.lon
+        if self.precision_m > 0:
+            lat, lon, _ = snap(lat, lon, self.precision_m)
         if self.box is not None:
-            keep &= in_box(batch.lat, batch.lon, *self.box)
+            keep &= in_box(lat, lon, *self.box)
         if self.circle is not None:
-            keep &= in_circle(batch.lat, batch.lon, *self.circle)
+            keep &= in_circle(lat, lon, *self.circle)
         return keep
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import in_box, in_circle
+from tracking_grpc.core.precision import slack_m, widen_box
 
 if TYPE_CHECKING:
     from tracking_grpc.fanout import WatchFilter
@@ -95,9 +96,14 @@ def summarise(filters: Iterable[WatchFilter]) -> TenantInterest:
         if f.devices:
             devices |= f.devices  # within an area or not: the devices suffice
         elif f.box is not None:
-            boxes[tuple(map(float, f.box))] = None  # type: ignore[index]
+            # A coarse watcher's area holds cell centres: fixes up to a cell's
+            # reach outside it may be wanted.
+            box = widen_box(f.box, slack_m(f.precision_m)) if f.precision_m else f.box
+            boxes[tuple(map(float, box))] = None  # type: ignore[index]
         elif f.circle is not None:
-            circles[tuple(map(float, f.circle))] = None  # type: ignore[index]
+            lat, lon, radius_m = f.circle
+            radius_m += slack_m(f.precision_m)
+            circles[(float(lat), float(lon), float(radius_m))] = None
         else:
             return TenantInterest(everything=True)
     if len(boxes) + len(circles) > MAX_AREAS:

@@ -11,6 +11,7 @@ from tracking_grpc.activity import segments
 from tracking_grpc.activity.params import ActivityConfig, ActivityParams
 from tracking_grpc.activity.track import Analysis, analyse
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.core.precision import coarsen
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.storage.base import HistoryStore
 from tracking_grpc.timestamps import LATEST_MS
@@ -50,8 +51,11 @@ async def load(
     device: str,
     start_ms: int,
     end_ms: int,
+    precision_m: float = 0.0,
 ) -> DeviceHistory:
-    """A device's fixes in [start_ms, end_ms), analysed with the tenant's rules."""
+    """A device's fixes in [start_ms, end_ms), analysed with the tenant's rules;
+    coarsened first for a caller limited to ``precision_m``, so that nothing
+    derived from them (trips, stops, places, heatmaps) is finer than the grid."""
     check_range(start_ms, end_ms)
     fixes = await history.history(
         tenant, device, start_ms, end_ms, limit=MAX_QUERY_FIXES + 1
@@ -61,5 +65,5 @@ async def load(
             "end_ms", f"range holds more than {MAX_QUERY_FIXES} fixes; ask for less"
         )
     params = config.params(tenant)
-    fixes = fixes.sorted_by_device_time()
+    fixes = coarsen(fixes.sorted_by_device_time(), precision_m)
     return DeviceHistory(fixes, analyse(fixes, params, complete=True), params)

@@ -38,7 +38,7 @@ from tracking_grpc.geofence.messages import (
 from tracking_grpc.geofence.processor import GeofenceProcessor
 from tracking_grpc.geofence.shapes import check_lat_lon
 from tracking_grpc.geofence.stream_trim import EventStreamTrimmer
-from tracking_grpc.servicers.track import event_message
+from tracking_grpc.servicers.event_messages import event_messages
 from tracking_grpc.storage.fences import (
     NOT_ISSUED,
     EventQuery,
@@ -260,7 +260,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
                 if subscription.overflowed:
                     raise ResourceExhausted("the watcher fell behind; watch again")
                 response = geofence_pb2.WatchEventsResponse(
-                    events=[event_message(e) for e in events]
+                    events=event_messages(events, caller.precision_m)
                 )
                 del events
                 timeout_s = self.app.settings.write_timeout_s
@@ -312,7 +312,8 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
             else ""
         )
         return geofence_pb2.ListEventsResponse(
-            events=[event_message(e) for e in page], next_page_token=token
+            events=event_messages(page, caller.precision_m),
+            next_page_token=token,
         )
 
 

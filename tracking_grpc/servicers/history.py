@@ -17,6 +17,7 @@ from tracking_grpc.activity import export, fencetime, patterns, views
 from tracking_grpc.activity.queries import DeviceHistory, load
 from tracking_grpc.app import App
 from tracking_grpc.auth import Caller, Role
+from tracking_grpc.core import precision
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import in_box, in_circle
 from tracking_grpc.errors import InvalidArgument, NotFound
@@ -103,6 +104,7 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             device,
             request.start_ms,
             request.end_ms,
+            caller.precision_m,
         )
 
     async def _track(self, caller: Caller, request: history_pb2.GetTrackRequest):
@@ -119,6 +121,9 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             fixes = views.smoothed(found.analysis)
         else:
             raise InvalidArgument("kind", f"unknown track kind {kind}")
+        # Smoothing coarse fixes makes positions between cell centres: they are
+        # snapped again (raw fixes are cell centres already).
+        fixes = precision.resnap(fixes, caller.precision_m)
         if request.HasField("clip"):
             fixes = fixes.take(_clip_mask(fixes, request.clip))
         return views.simplify(fixes, tolerance)
@@ -350,6 +355,12 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
                 f"no activity for device {device!r} since the server started"
             )
         applied = math.isfinite(state.lat) and math.isfinite(state.smoothed_lat)
+        lat, lon = [state.lat, state.smoothed_lat], [state.lon, state.smoothed_lon]
+        distances = [state.trip_distance_m, state.odometer_m]
+        if caller.precision_m > 0:
+            coarse_lat, coarse_lon, _ = precision.snap(lat, lon, caller.precision_m)
+            lat, lon = coarse_lat.tolist(), coarse_lon.tolist()
+            distances = precision.round_m(distances, caller.precision_m).tolist()
         return history_pb2.GetActivityResponse(
             device_id=device,
             online=state.online,
@@ -359,13 +370,11 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             stop_since_ms=state.stop_since_ms if state.in_stop else 0,
             in_trip=state.in_trip,
             trip_since_ms=max(state.trip_since_ms, 0),
-            trip_distance_m=state.trip_distance_m,
-            odometer_m=state.odometer_m,
+            trip_distance_m=distances[0],
+            odometer_m=distances[1],
             time_ms=max(state.time_ms, 0),
-            position=_latlng(state.lat, state.lon) if applied else None,
-            smoothed_position=(
-                _latlng(state.smoothed_lat, state.smoothed_lon) if applied else None
-            ),
+            position=_latlng(lat[0], lon[0]) if applied else None,
+            smoothed_position=_latlng(lat[1], lon[1]) if applied else None,
         )
 
     async def EraseDevice(

@@ -12,6 +12,7 @@ from tracking_grpc import convert
 from tracking_grpc.activity.queries import check_range
 from tracking_grpc.app import App
 from tracking_grpc.auth import Role
+from tracking_grpc.core import precision
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import InvalidArgument, NotFound
 from tracking_grpc.ingest import now_ms
@@ -78,6 +79,8 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
         caller.require(Role.ADMIN if request.learn_travel_times else Role.VIEWER)
         profile = rc.profile(request.profile)
         batch = await self._track(caller.tenant, request)
+        if request.device_id:  # stored fixes: matched as the caller may see them
+            batch = precision.coarsen(batch, caller.precision_m)
         match, learned = await self.routing.match(
             caller.tenant,
             profile,
@@ -175,9 +178,12 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
         progress = self.routing.monitor.progress(caller.tenant, device)
         if progress is None:
             raise NotFound(f"device {device!r} has no assigned route")
-        return route_pb2.GetRouteProgressResponse(
-            progress=rc.progress_message(device, progress)
-        )
+        message = rc.progress_message(device, progress)
+        if caller.precision_m > 0:  # distances along a known route place the device
+            for name in ("progress_m", "remaining_m", "deviation_m"):
+                metres = precision.round_m(getattr(message, name), caller.precision_m)
+                setattr(message, name, float(metres))
+        return route_pb2.GetRouteProgressResponse(progress=message)
 
     async def _track(
         self, tenant: str, request: route_pb2.MatchTrackRequest

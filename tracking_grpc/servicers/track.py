@@ -6,21 +6,22 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict
 
 import grpc
 import numpy as np
-from tracking.v1 import common_pb2, event_pb2, track_pb2, track_pb2_grpc
+from tracking.v1 import common_pb2, track_pb2, track_pb2_grpc
 
 from tracking_grpc import convert, streams
 from tracking_grpc.app import App
 from tracking_grpc.auth import Caller, Role
+from tracking_grpc.core import precision
 from tracking_grpc.core.fixes import FixBatch, FixRow
 from tracking_grpc.errors import InvalidArgument, TrackingError
 from tracking_grpc.events import TrackingEvent
 from tracking_grpc.fanout import Watcher, WatchFilter
 from tracking_grpc.ingest import DeviceAck, IngestResult, now_ms
 from tracking_grpc.observability import logs, metrics
+from tracking_grpc.servicers.event_messages import event_messages
 from tracking_grpc.storage.base import HistoryStore
 
 log = logging.getLogger(__name__)
@@ -30,26 +31,6 @@ MAX_NEARBY = 10_000
 MAX_RADIUS_M = 20_037_509.0  # half the equator: every point on Earth
 SNAPSHOT_CHUNK = 1_000
 INFLIGHT_BATCHES = 8
-
-
-def event_message(event: TrackingEvent) -> event_pb2.Event:
-    return event_pb2.Event(
-        event_id=event.event_id,
-        device_id=event.device,
-        type=int(event.type),
-        time_ms=event.time_ms,
-        position={"lat": event.lat, "lon": event.lon},
-        fix_seq=event.fix_seq,
-        created_ms=event.created_ms,
-        attributes=event.attributes,
-        fence_id=event.fence_id,
-        route_id=event.route_id,
-        activity=(
-            event_pb2.ActivityDetail(**asdict(event.activity))
-            if event.activity is not None
-            else None
-        ),
-    )
 
 
 def _rejections(result: IngestResult) -> list[tuple[str, int, int, str]]:
@@ -111,21 +92,27 @@ def _check_box(box: object) -> tuple[float, float, float, float]:
     return south, west, north, east
 
 
-def watch_filter(request: track_pb2.WatchRequest) -> WatchFilter:
-    """The filter a Watch request asks for, validated."""
+def watch_filter(
+    request: track_pb2.WatchRequest, precision_m: float = 0.0
+) -> WatchFilter:
+    """The filter a Watch request asks for, validated; its area is matched against
+    positions coarsened to ``precision_m`` (the caller's)."""
     devices = frozenset(_check_ids(request.device_ids, "device_ids"))
     if not request.HasField("area"):
         return WatchFilter(devices=devices)
     shape = request.area.WhichOneof("shape")
     if shape == "box":
-        return WatchFilter(devices, box=_check_box(request.area.box))
+        box = _check_box(request.area.box)
+        return WatchFilter(devices, box=box, precision_m=precision_m)
     if shape == "circle":
         circle = request.area.circle
         convert.require(circle, "center", "area.circle.center")
         _check_point(circle.center.lat, circle.center.lon, "area.circle.center")
         _check_radius(circle.radius_m, "area.circle.radius_m")
         return WatchFilter(
-            devices, circle=(circle.center.lat, circle.center.lon, circle.radius_m)
+            devices,
+            circle=(circle.center.lat, circle.center.lon, circle.radius_m),
+            precision_m=precision_m,
         )
     raise InvalidArgument("area", "set box or circle")
 
@@ -249,7 +236,8 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         # Without a snapshot, a catch-up after an outage (WatchHub.catch_up) brings
         # only positions received from now on.
         since_ms = now_ms() if request.skip_snapshot else 0
-        watcher = Watcher(caller.tenant, watch_filter(request), since_ms)
+        watch = watch_filter(request, caller.precision_m)
+        watcher = Watcher(caller.tenant, watch, since_ms)
         # Before the snapshot read: see WatchHub.add and redis_broker's ordering.
         await self.app.hub.add(watcher)
         try:
@@ -260,6 +248,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
                 await self._write_snapshot(context, caller, watcher)
             while True:
                 updates = await caller.before_expiry(watcher.next_updates())
+                updates = precision.coarsen(updates, caller.precision_m)
                 response = track_pb2.WatchResponse(positions=convert.positions(updates))
                 del updates  # a stalled write holds the response only
                 await self._write_watch(context, caller, response)
@@ -275,6 +264,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         snapshot = snapshot.take(watcher.filter.mask(snapshot))
         snapshot = snapshot.take(np.argsort(snapshot.time_ms, kind="stable"))
         watcher.mark_sent(snapshot)
+        snapshot = precision.coarsen(snapshot, caller.precision_m)
         for start in range(0, len(snapshot), SNAPSHOT_CHUNK):
             rows = np.arange(start, min(start + SNAPSHOT_CHUNK, len(snapshot)))
             positions = convert.positions(snapshot.take(rows))
@@ -308,6 +298,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         if not device_ids:
             raise InvalidArgument("device_ids", "name at least one device")
         found = await self.app.live.get(caller.tenant, device_ids)
+        found = precision.coarsen(found, caller.precision_m)
         by_device = dict(
             zip(found.device.tolist(), convert.positions(found), strict=True)
         )
@@ -330,15 +321,42 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         if limit > MAX_NEARBY:
             raise InvalidArgument("limit", f"at most {MAX_NEARBY}")
         center = request.center
-        found, distance = await self.app.live.nearby(
-            caller.tenant, center.lat, center.lon, request.radius_m, limit
-        )
+        if caller.precision_m > 0:
+            found, distance = await self._nearby_coarse(caller, request, limit)
+        else:
+            found, distance = await self.app.live.nearby(
+                caller.tenant, center.lat, center.lon, request.radius_m, limit
+            )
         positions = convert.positions(found)
         return track_pb2.NearbyResponse(
             devices=[
                 track_pb2.NearbyDevice(position=p, distance_m=d)
                 for p, d in zip(positions, distance.tolist(), strict=True)
             ]
+        )
+
+    async def _nearby_coarse(
+        self, caller: Caller, request: track_pb2.NearbyRequest, limit: int
+    ) -> tuple[FixBatch, np.ndarray]:
+        """Nearby for a caller limited to a precision: measured from cell centres
+        (core.precision.nearest), among the fixes within the radius grown by the
+        farthest a cell centre lies from its fix."""
+        center = request.center
+        reach_m = request.radius_m + precision.slack_m(caller.precision_m)
+        found, _ = await self.app.live.nearby(
+            caller.tenant,
+            center.lat,
+            center.lon,
+            min(reach_m, MAX_RADIUS_M),
+            MAX_NEARBY,
+        )
+        return precision.nearest(
+            found,
+            center.lat,
+            center.lon,
+            request.radius_m,
+            limit,
+            caller.precision_m,
         )
 
 
@@ -578,7 +596,8 @@ class _Session:
         try:
             while True:
                 event = await events.get()
-                await self._write(track_pb2.TrackResponse(event=event_message(event)))
+                (message,) = event_messages([event], self.caller.precision_m)
+                await self._write(track_pb2.TrackResponse(event=message))
         except asyncio.CancelledError:
             raise
         except Exception as exc:

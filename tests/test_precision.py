@@ -1,0 +1,336 @@
+"""Precision controls through a real server, on the embedded and the production
+backends: a caller whose token says ``precision_m`` (or, without the claim, the
+server's ``default_precision_m``) reads every position snapped to the grid, while
+fixes are stored exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import jwt
+import numpy as np
+import pytest
+from tracking.v1 import (
+    common_pb2,
+    history_pb2,
+    history_pb2_grpc,
+    track_pb2,
+    track_pb2_grpc,
+)
+
+from tests.conftest import TRACES, require_shared
+from tests.server_fixtures import embedded_settings, now_ms
+from tracking_grpc.core.precision import snap
+from tracking_grpc.server import TrackingServer
+from tracking_grpc.traces import Trace, read_trace
+
+SECRET = "precision-test-secret-of-enough-length"
+CELL_M = 1_000.0
+BUS = "liverpool_bus_route14_outbound.csv"
+BACKENDS = [
+    "embedded",
+    pytest.param("postgres-redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
+]
+
+
+def as_caller(
+    tenant: str, role: str = "viewer", **claims
+) -> tuple[tuple[str, str], ...]:
+    body = {"sub": "ops", "tenant": tenant, "role": role, "exp": time.time() + 600}
+    token = jwt.encode({**body, **claims}, SECRET, "HS256")
+    return (("authorization", f"Bearer {token}"),)
+
+
+class Stubs:
+    """Stubs, and the metadata of an exact viewer, a coarse viewer and an admin of
+    a tenant of the test's own (the production database is the session's)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.track = track_pb2_grpc.TrackSessionStub(channel)
+        self.history = history_pb2_grpc.HistoryStub(channel)
+        self.tenant = f"acme-{uuid.uuid4().hex[:8]}"
+        self.exact = as_caller(self.tenant, precision_m=0)
+        self.coarse = as_caller(self.tenant, precision_m=CELL_M)
+        self.admin = as_caller(self.tenant, "admin", precision_m=0)
+
+
+@pytest.fixture(params=BACKENDS)
+async def served(
+    request: pytest.FixtureRequest, start_server, tmp_path: Path
+) -> AsyncIterator[tuple[TrackingServer, Stubs]]:
+    settings = embedded_settings(tmp_path, auth_mode="jwt", jwt_hs256_secret=SECRET)
+    if request.param == "postgres-redis":
+        settings = replace(
+            settings,
+            database_url=request.getfixturevalue("pg_url"),
+            redis_url=request.getfixturevalue("redis_url"),
+            redis_key_prefix=request.getfixturevalue("redis_prefix"),
+        )
+    server = await start_server(settings=settings)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield server, Stubs(channel)
+
+
+@pytest.fixture(scope="module")
+def bus() -> Trace:
+    """The Liverpool bus trace (five buses on route 14)."""
+    return read_trace(require_shared(TRACES / BUS))
+
+
+async def publish(stubs: Stubs, trace: Trace, device: str, fixes: int = 120) -> int:
+    """The device's last ``fixes`` fixes, replayed to end a second ago, with 5 m of
+    accuracy; returns the fix time of the first."""
+    rows = np.flatnonzero(trace.device == device)[-fixes:]
+    times = trace.time_ms[rows] - trace.time_ms[rows[-1]] + now_ms() - 1_000
+    columns = track_pb2.ColumnarFixes(
+        device_ids=[device],
+        device_index=[0] * len(rows),
+        seq=list(range(1, len(rows) + 1)),
+        time_ms=times.tolist(),
+        lat=trace.lat[rows].tolist(),
+        lon=trace.lon[rows].tolist(),
+        accuracy_m=[5.0] * len(rows),
+        heading_deg=np.nan_to_num(trace.heading_deg[rows], nan=90.0).tolist(),
+    )
+    answer = await stubs.track.PublishBatch(
+        track_pb2.PublishBatchRequest(columns=columns), metadata=stubs.admin
+    )
+    assert answer.stored == len(rows)
+    return int(times[0])
+
+
+def assert_coarse(coarse: common_pb2.Position, exact: common_pb2.Position) -> None:
+    """The coarse position is the exact one's cell centre, no more accurate than
+    its cell, with no speed, heading or altitude."""
+    lat, lon, bound = snap([exact.lat], [exact.lon], CELL_M)
+    assert (coarse.lat, coarse.lon) == (lat[0], lon[0])
+    assert (coarse.lat, coarse.lon) != (exact.lat, exact.lon)
+    assert coarse.accuracy_m == pytest.approx(bound[0] + exact.accuracy_m, rel=1e-6)
+    assert not coarse.HasField("heading_deg") and exact.HasField("heading_deg")
+
+
+async def last(stubs: Stubs, metadata, *devices: str) -> list[common_pb2.Position]:
+    request = track_pb2.GetLastPositionsRequest(device_ids=list(devices))
+    answer = await stubs.track.GetLastPositions(request, metadata=metadata)
+    return list(answer.positions)
+
+
+async def test_last_positions_are_cell_centres(served, bus) -> None:
+    server, stubs = served
+    await publish(stubs, bus, "4716")
+
+    (exact,) = await last(stubs, stubs.exact, "4716")
+    (coarse,) = await last(stubs, stubs.coarse, "4716")
+
+    assert_coarse(coarse, exact)
+    stored = await server.app.history.history(stubs.tenant, "4716", 0, now_ms(), 1_000)
+    assert (stored.lat[-1], stored.lon[-1]) == (exact.lat, exact.lon)
+
+
+async def test_nearby_measures_from_cell_centres(served, bus) -> None:
+    _, stubs = served
+    await publish(stubs, bus, "4716")
+    (exact,) = await last(stubs, stubs.exact, "4716")
+    (coarse,) = await last(stubs, stubs.coarse, "4716")
+
+    async def nearby(lat: float, lon: float, radius_m: float, metadata):
+        request = track_pb2.NearbyRequest(
+            center=common_pb2.LatLng(lat=lat, lon=lon), radius_m=radius_m
+        )
+        return list((await stubs.track.Nearby(request, metadata=metadata)).devices)
+
+    # A tiny circle on the exact position finds the bus for an exact caller only.
+    assert len(await nearby(exact.lat, exact.lon, 1.0, stubs.exact)) == 1
+    assert await nearby(exact.lat, exact.lon, 1.0, stubs.coarse) == []
+    (found,) = await nearby(coarse.lat, coarse.lon, 1.0, stubs.coarse)
+    assert found.distance_m == 0.0
+    assert found.position == coarse
+
+
+async def test_nearby_ties_in_one_cell_go_by_device_id(served, bus) -> None:
+    """Two devices in one cell are equally far for a coarse caller: the exact
+    distance order does not show through."""
+    _, stubs = served
+    await publish(stubs, bus, "4716", fixes=1)
+    (bus_position,) = await last(stubs, stubs.exact, "4716")
+    center_lat, center_lon, _ = snap([bus_position.lat], [bus_position.lon], CELL_M)
+    # "a-far" shares the bus's place; "zz-nearest" sits on the cell centre, the
+    # nearest of the three, but its id sorts last.
+    places = {
+        "a-far": (bus_position.lat, bus_position.lon),
+        "zz-nearest": (float(center_lat[0]), float(center_lon[0])),
+    }
+    for device, (lat, lon) in places.items():
+        columns = track_pb2.ColumnarFixes(
+            device_ids=[device],
+            device_index=[0],
+            seq=[1],
+            time_ms=[now_ms() - 500],
+            lat=[lat],
+            lon=[lon],
+        )
+        await stubs.track.PublishBatch(
+            track_pb2.PublishBatchRequest(columns=columns), metadata=stubs.admin
+        )
+    request = track_pb2.NearbyRequest(
+        center=common_pb2.LatLng(lat=center_lat[0], lon=center_lon[0]),
+        radius_m=10.0,
+    )
+
+    exact = await stubs.track.Nearby(request, metadata=stubs.exact)
+    coarse = await stubs.track.Nearby(request, metadata=stubs.coarse)
+
+    assert [d.position.device_id for d in exact.devices] == ["zz-nearest"]
+    names = [d.position.device_id for d in coarse.devices]
+    assert names == ["4716", "a-far", "zz-nearest"]
+    assert {d.distance_m for d in coarse.devices} == {0.0}
+
+
+async def first_watch(stubs: Stubs, area: common_pb2.Area, metadata):
+    """The positions of a Watch's snapshot, and the watch call, still open."""
+    call = stubs.track.Watch(track_pb2.WatchRequest(area=area), metadata=metadata)
+    positions = []
+    while True:
+        response = await asyncio.wait_for(call.read(), 10)
+        assert response is not grpc.aio.EOF, "the watch ended before its snapshot"
+        positions += list(response.positions)
+        if response.snapshot_done:
+            return positions, call
+
+
+def box_around(lat: float, lon: float, half_deg: float) -> common_pb2.Area:
+    return common_pb2.Area(
+        box=common_pb2.BoundingBox(
+            south=lat - half_deg,
+            west=lon - half_deg,
+            north=lat + half_deg,
+            east=lon + half_deg,
+        )
+    )
+
+
+async def test_watch_matches_areas_against_cell_centres(served, bus) -> None:
+    _, stubs = served
+    await publish(stubs, bus, "4716")
+    (exact,) = await last(stubs, stubs.exact, "4716")
+    (coarse,) = await last(stubs, stubs.coarse, "4716")
+    tiny = box_around(exact.lat, exact.lon, 1e-5)  # about a metre: not its centre
+
+    seen_exact, call_exact = await first_watch(stubs, tiny, stubs.exact)
+    seen_coarse, call_coarse = await first_watch(stubs, tiny, stubs.coarse)
+    call_exact.cancel()
+    call_coarse.cancel()
+    around_cell, call = await first_watch(
+        stubs, box_around(coarse.lat, coarse.lon, 1e-5), stubs.coarse
+    )
+
+    assert [p.device_id for p in seen_exact] == ["4716"]
+    assert seen_coarse == []
+    assert around_cell == [coarse]
+    call.cancel()
+
+
+async def test_watch_updates_are_coarse(served, bus) -> None:
+    _, stubs = served
+    await publish(stubs, bus, "4716", fixes=1)
+    area = box_around(53.42, -2.95, 0.5)  # the bus's part of Liverpool
+    _, call = await first_watch(stubs, area, stubs.coarse)
+
+    await publish_more(stubs, bus)
+    update = await asyncio.wait_for(call.read(), 10)
+    (exact,) = await last(stubs, stubs.exact, "4716")
+
+    assert [p.device_id for p in update.positions] == ["4716"]
+    assert_coarse(update.positions[0], exact)
+    call.cancel()
+
+
+async def publish_more(stubs: Stubs, bus: Trace) -> None:
+    """The bus's first fix of the trace, as its next fix (seq 2), now."""
+    row = int(np.flatnonzero(bus.device == "4716")[0])
+    columns = track_pb2.ColumnarFixes(
+        device_ids=["4716"],
+        device_index=[0],
+        seq=[2],
+        time_ms=[now_ms()],
+        lat=[float(bus.lat[row])],
+        lon=[float(bus.lon[row])],
+        accuracy_m=[5.0],
+        heading_deg=[45.0],
+    )
+    await stubs.track.PublishBatch(
+        track_pb2.PublishBatchRequest(columns=columns), metadata=stubs.admin
+    )
+
+
+async def track_of(stubs: Stubs, request, metadata) -> list[common_pb2.Position]:
+    answers = stubs.history.GetTrack(request, metadata=metadata)
+    return [p async for answer in answers for p in answer.positions]
+
+
+async def test_track_and_export_show_only_cell_centres(served, bus) -> None:
+    _, stubs = served
+    start_ms = await publish(stubs, bus, "4716")
+    track = history_pb2.GetTrackRequest(
+        device_id="4716", start_ms=start_ms, end_ms=now_ms() + 1
+    )
+
+    exact = await track_of(stubs, track, stubs.exact)
+    coarse = await track_of(stubs, track, stubs.coarse)
+    export = history_pb2.ExportTrackRequest(
+        track=track, format=history_pb2.EXPORT_FORMAT_CSV
+    )
+    text = b"".join(
+        [r.data async for r in stubs.history.ExportTrack(export, metadata=stubs.coarse)]
+    ).decode()
+
+    assert len(coarse) == len(exact) == 120
+    for c, e in zip(coarse, exact, strict=True):
+        assert_coarse(c, e)
+    assert all(f"{e.lat:.5f}" not in text for e in exact)
+    assert f"{coarse[0].lat:.5f}" in text
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(-1, id="negative"),
+        pytest.param("100", id="string"),
+        pytest.param(True, id="boolean"),
+        pytest.param(2e6, id="beyond-1000-km"),
+        pytest.param(math.nan, id="nan"),
+        pytest.param(10**400, id="huge-integer"),
+    ],
+)
+async def test_a_bad_precision_claim_is_unauthenticated(served, value) -> None:
+    _, stubs = served
+    request = track_pb2.GetLastPositionsRequest(device_ids=["4716"])
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stubs.track.GetLastPositions(
+            request, metadata=as_caller(stubs.tenant, precision_m=value)
+        )
+
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "precision_m" in (raised.value.details() or "")
+
+
+async def test_default_precision_applies_without_a_claim(start_server, bus) -> None:
+    server = await start_server(
+        auth_mode="jwt", jwt_hs256_secret=SECRET, default_precision_m=CELL_M
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stubs = Stubs(channel)
+        await publish(stubs, bus, "4716")
+
+        (exact,) = await last(stubs, stubs.exact, "4716")  # a claim of 0 overrides it
+        (coarse,) = await last(stubs, as_caller(stubs.tenant), "4716")
+
+    assert_coarse(coarse, exact)
