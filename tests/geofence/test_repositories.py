@@ -91,6 +91,13 @@ async def test_delete_removes_and_bumps_the_revision(geo_stores, tenant) -> None
     assert await fences.revision(tenant) != before
 
 
+async def test_tenants_with_fences_are_listed(geo_stores, tenant) -> None:
+    fences, _ = geo_stores
+    assert tenant not in await fences.tenants()
+    await fences.create(tenant, fence("a"), 1)
+    assert tenant in await fences.tenants()
+
+
 async def test_list_pages_by_id_and_filters_by_labels(geo_stores, tenant) -> None:
     fences, _ = geo_stores
     await fences.import_many(

@@ -67,6 +67,7 @@ class GeofenceProcessor:
         self._compiled: dict[tuple[str, str, int], CompiledFence] = {}
         self._detectors: dict[str, FenceDetector] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._restored = self.events is None  # memberships of every tenant loaded
 
     async def process(self, stored: FixBatch) -> list[TrackingEvent]:
         """Events raised by newly stored fixes of one tenant."""
@@ -85,6 +86,8 @@ class GeofenceProcessor:
 
     async def tick(self, now_ms: int) -> list[TrackingEvent]:
         """DWELL events of stays that reached ``dwell_ms`` with no fix saying so."""
+        if not self._restored:
+            await self._restore()
         events: list[TrackingEvent] = []
         for tenant, detector in list(self._detectors.items()):
             if not detector.dwell_pending():
@@ -100,6 +103,20 @@ class GeofenceProcessor:
                     index, now_ms, self.dwell_lateness_ms
                 )
         return events
+
+    async def _restore(self) -> None:
+        """Load the memberships of every tenant with fences, once: after a restart
+        the timer raises the DWELLs due to devices that send nothing more."""
+        try:
+            tenants = await self.fences.tenants()
+        except Unavailable as exc:  # tried again on the next tick
+            log.debug("dwell timer cannot list tenants yet: %s", exc)
+            return
+        for tenant in tenants:
+            async with self._lock(tenant):
+                if tenant not in self._detectors:
+                    await self._detector(tenant)
+        self._restored = True
 
     async def _detector(self, tenant: str) -> FenceDetector:
         """A tenant's detector, seeded with the memberships its stored events give."""

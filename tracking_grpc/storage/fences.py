@@ -142,6 +142,10 @@ class FenceRepository(Protocol):
         """A number that changes whenever a fence of the tenant is written."""
         ...
 
+    async def tenants(self) -> builtins.list[str]:
+        """Every tenant that has written fences (the dwell timer's restart)."""
+        ...
+
     async def close(self) -> None: ...
 
 
