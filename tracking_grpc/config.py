@@ -73,6 +73,12 @@ class Settings:
         "least time between two runs of the event processors (geofences, "
         "activity); fixes stored meanwhile go through together",
     )
+    dwell_lateness_s: float = setting(
+        30.0,
+        "how late a fix may reach the geofence detector: a device silent inside a "
+        "fence gets its DWELL this long after its stay reached the fence's dwell_ms "
+        "(a fix saying it left before then, arriving within it, prevents the DWELL)",
+    )
     commits_in_flight: int = setting(
         4, "group commits running at once on a store that allows it (PostgreSQL)"
     )
@@ -267,6 +273,7 @@ ZERO_OR_MORE = (
     "flush_interval_ms",
     "database_flush_interval_ms",
     "processor_interval_ms",
+    "dwell_lateness_s",
     "route_eta_change_s",
     "retention_days",
     "stream_window_kb",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tracking_grpc.errors import AlreadyExists, FailedPrecondition, NotFound
@@ -89,6 +91,13 @@ async def test_delete_removes_and_bumps_the_revision(geo_stores, tenant) -> None
     assert await fences.revision(tenant) != before
 
 
+async def test_tenants_with_fences_are_listed(geo_stores, tenant) -> None:
+    fences, _ = geo_stores
+    assert tenant not in await fences.tenants()
+    await fences.create(tenant, fence("a"), 1)
+    assert tenant in await fences.tenants()
+
+
 async def test_list_pages_by_id_and_filters_by_labels(geo_stores, tenant) -> None:
     fences, _ = geo_stores
     await fences.import_many(
@@ -161,6 +170,18 @@ async def test_memberships_follow_the_latest_events(geo_stores, tenant) -> None:
         ("in", 10, False, 10),
         ("stayed", 10, True, 70),
     ]
+
+
+async def test_memberships_carry_the_position_of_their_enter(
+    geo_stores, tenant
+) -> None:
+    """What a DWELL raised by the timer after a restart reports as the position."""
+    _, events = geo_stores
+    old_stay = event("d", EventType.ENTER, 10, tenant)
+    enter = replace(event("d", EventType.ENTER, 30, tenant), lat=48.6, fix_seq=4)
+    await events.add([old_stay, event("d", EventType.EXIT, 20, tenant), enter])
+    (found,) = await events.memberships(tenant)
+    assert (found.entered_ms, found.lat, found.lon, found.fix_seq) == (30, 48.6, 2.5, 4)
 
 
 async def test_outbox_lists_unpublished_until_marked(geo_stores, tenant) -> None:

@@ -8,8 +8,9 @@ Rules (docs/geofencing.md says them for users):
 - A fix *exits* only when it is certainly outside: its distance to the fence's edge
   exceeds both its accuracy and ``EXIT_MARGIN_M``. Other fixes keep the membership.
 - DWELL is raised once per stay, by the first fix at least ``dwell_ms`` after the
-  enter while still inside. CROSS is raised when the straight segment between two
-  consecutive accurate fixes, both outside, passes through the fence.
+  enter while still inside, or by the timer (``raise_due_dwells``, rule in
+  dwell.py) when no such fix comes. CROSS is raised when the straight segment
+  between two consecutive accurate fixes, both outside, passes through the fence.
 - Fixes are evaluated per device in fix-time order. A fix not newer than the newest
   fix already evaluated for its device is late: it changes nothing and raises nothing.
 - Outside its schedule a fence neither enters nor exits anybody.
@@ -27,7 +28,7 @@ import numpy as np
 
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.events import EventType, TrackingEvent, event_id
-from tracking_grpc.geofence import schedule
+from tracking_grpc.geofence import dwell, schedule
 from tracking_grpc.geofence.index import FenceIndex
 from tracking_grpc.storage.fences import Membership
 
@@ -80,16 +81,19 @@ class _Members:
 
 @dataclass(slots=True)
 class _Devices:
-    """Per device code: newest evaluated fix."""
+    """Per device code: newest evaluated fix, and when it was received."""
 
     time_ms: np.ndarray
     lon: np.ndarray
     lat: np.ndarray
     accuracy_m: np.ndarray
+    received_ms: np.ndarray
+    seq: np.ndarray
 
     @classmethod
     def empty(cls) -> _Devices:
-        return cls(np.empty(0, np.int64), np.empty(0), np.empty(0), np.empty(0))
+        none = np.empty(0, np.int64)
+        return cls(none, np.empty(0), np.empty(0), np.empty(0), none, none)
 
     def grow(self, size: int) -> None:
         if size <= self.time_ms.size:
@@ -99,6 +103,14 @@ class _Devices:
         self.lon = np.concatenate([self.lon, np.full(extra, np.nan)])
         self.lat = np.concatenate([self.lat, np.full(extra, np.nan)])
         self.accuracy_m = np.concatenate([self.accuracy_m, np.full(extra, np.nan)])
+        self.received_ms = np.concatenate([self.received_ms, np.zeros(extra, np.int64)])
+        self.seq = np.concatenate([self.seq, np.zeros(extra, np.int64)])
+
+    def clear(self, code: int) -> None:
+        if code < self.time_ms.size:
+            self.time_ms[code] = _NEVER
+            self.lon[code] = self.lat[code] = self.accuracy_m[code] = np.nan
+            self.received_ms[code] = self.seq[code] = 0
 
 
 class FenceDetector:
@@ -107,7 +119,9 @@ class FenceDetector:
     def __init__(self, tenant: str) -> None:
         self.tenant = tenant
         self._device_codes: dict[str, int] = {}
+        self._device_names: list[str] = []
         self._fence_codes: dict[str, int] = {}
+        self._index_rows: tuple[FenceIndex, np.ndarray, np.ndarray] | None = None
         self._members = _Members.empty()
         self._devices = _Devices.empty()
 
@@ -120,16 +134,25 @@ class FenceDetector:
         rows = self._members.of_devices(np.array([code]))
         return sorted(names[int(k) & 0xFFFFFFFF] for k in self._members.key[rows])
 
-    def seed(self, memberships: list[Membership]) -> None:
+    def seed(self, memberships: list[Membership], restored_ms: int) -> None:
         """Start from stored memberships (after a restart); fixes not newer than a
-        device's newest stored event count as late."""
+        device's newest stored event count as late. The timer counts the silence of
+        a restored device from ``restored_ms`` (when its last fix came is unknown),
+        at the position of its ENTER."""
         if not memberships:
             return
         devices = np.array([self._device_code(m.device) for m in memberships])
         fences = np.array([self._fence_code(m.fence_id) for m in memberships])
-        self._devices.grow(int(devices.max()) + 1)
+        state = self._devices
+        state.grow(int(devices.max()) + 1)
         newest = np.array([m.last_event_ms for m in memberships], dtype=np.int64)
-        np.maximum.at(self._devices.time_ms, devices, newest)
+        np.maximum.at(state.time_ms, devices, newest)
+        unplaced = np.isnan(state.lon[devices])
+        at = devices[unplaced]
+        state.lat[at] = np.array([m.lat for m in memberships])[unplaced]
+        state.lon[at] = np.array([m.lon for m in memberships])[unplaced]
+        state.seq[at] = np.array([m.fix_seq for m in memberships])[unplaced]
+        state.received_ms[devices] = np.maximum(state.received_ms[devices], restored_ms)
         self._members.replace_devices(
             np.unique(devices),
             (devices.astype(np.int64) << 32) | fences,
@@ -156,11 +179,64 @@ class FenceDetector:
             np.empty(0, np.int64),
             np.empty(0, bool),
         )
-        if code < self._devices.time_ms.size:
-            self._devices.time_ms[code] = _NEVER
-            self._devices.lon[code] = self._devices.lat[code] = np.nan
-            self._devices.accuracy_m[code] = np.nan
+        self._devices.clear(code)
         return int(rows.size)
+
+    def dwell_pending(self) -> bool:
+        """Whether any membership has not had its DWELL (cheap; the timer's test)."""
+        return (
+            bool(self._members.dwell_done.size) and not self._members.dwell_done.all()
+        )
+
+    def raise_due_dwells(
+        self, index: FenceIndex, now_ms: int, lateness_ms: int
+    ) -> list[TrackingEvent]:
+        """DWELL for every stay that reached its fence's ``dwell_ms`` without a fix
+        saying so (the timer rule of dwell.py); each stay's DWELL is raised once,
+        by a fix or by this."""
+        members = self._members
+        pending = np.flatnonzero(~members.dwell_done)
+        if pending.size == 0 or len(index) == 0:
+            return []
+        _, code_to_row = self._rows_of(index)
+        fence_code = members.key[pending] & 0xFFFFFFFF
+        known = fence_code < code_to_row.size  # codes given after the index's
+        row = np.full(pending.size, -1, dtype=np.int64)
+        row[known] = code_to_row[fence_code[known]]
+        live = row >= 0  # memberships of deleted fences wait for the next batch
+        pending, row = pending[live], row[live]
+        device = members.key[pending] >> 32
+        entered = members.entered_ms[pending]
+        state = self._devices
+        due = dwell.overdue(
+            entered,
+            index.dwell_ms[row],
+            state.time_ms[device],
+            state.received_ms[device],
+            now_ms,
+            lateness_ms,
+        )
+        due &= index.emits[EventType.DWELL][row] & (entered != _NEVER)
+        pending, row, device = pending[due], row[due], device[due]
+        if pending.size == 0:
+            return []
+        members.dwell_done[pending] = True
+        newest = {
+            "time_ms": state.time_ms[device],
+            "lat": state.lat[device],
+            "lon": state.lon[device],
+            "accuracy_m": state.accuracy_m[device],
+            "seq": state.seq[device],
+        }
+        return dwell.timer_events(
+            self.tenant,
+            [self._device_names[d] for d in device.tolist()],
+            index.ids[row].tolist(),
+            members.entered_ms[pending],
+            index.dwell_ms[row],
+            newest,
+            now_ms,
+        )
 
     def evaluate(
         self, batch: FixBatch, index: FenceIndex, now_ms: int
@@ -178,14 +254,27 @@ class FenceDetector:
             batch, local = batch.take(fresh), local[fresh]
             if len(batch) == 0:
                 return []
-        fence_codes = np.array([self._fence_code(f) for f in index.ids], dtype=np.int64)
+        fence_codes, _ = self._rows_of(index)
         run = _Run(self, batch, local, codes, index, fence_codes)
         events = run.events(now_ms)
         run.commit()
         return events
 
     def _device_code(self, device: str) -> int:
-        return self._device_codes.setdefault(device, len(self._device_codes))
+        code = self._device_codes.setdefault(device, len(self._device_codes))
+        if code == len(self._device_names):
+            self._device_names.append(device)
+        return code
+
+    def _rows_of(self, index: FenceIndex) -> tuple[np.ndarray, np.ndarray]:
+        """The index's fence codes by row, and its row by fence code (-1: none);
+        kept while the index is the same."""
+        if self._index_rows is None or self._index_rows[0] is not index:
+            codes = np.array([self._fence_code(f) for f in index.ids], dtype=np.int64)
+            code_to_row = np.full(len(self._fence_codes), -1, dtype=np.int64)
+            code_to_row[codes] = np.arange(codes.size)
+            self._index_rows = (index, codes, code_to_row)
+        return self._index_rows[1], self._index_rows[2]
 
     def _fence_code(self, fence_id: str) -> int:
         return self._fence_codes.setdefault(fence_id, len(self._fence_codes))
@@ -466,6 +555,8 @@ class _Run:
         devices.lon[self.codes] = self.lon[newest]
         devices.lat[self.codes] = self.lat[newest]
         devices.accuracy_m[self.codes] = self.batch.accuracy_m[newest]
+        devices.received_ms[self.codes] = self.batch.received_ms[newest]
+        devices.seq[self.codes] = self.batch.seq[newest].astype(np.int64)
 
 
 def _ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:

@@ -3,7 +3,8 @@
 Each tenant's fences are compiled once into a :class:`FenceIndex` and rebuilt (in a
 worker thread, reusing every unchanged fence) when the repository's revision moves;
 the revision is checked at most every ``refresh_s`` seconds, and at once after a
-change made through this process.
+change made through this process. Every second the ingest pipeline's ``tick`` raises
+the DWELL events of devices silent inside a fence (rule in dwell.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.errors import Unavailable
 from tracking_grpc.events import TrackingEvent
 from tracking_grpc.geofence.detector import EXIT_MARGIN_M, FenceDetector
 from tracking_grpc.geofence.index import CompiledFence, FenceIndex
@@ -55,14 +57,17 @@ class GeofenceProcessor:
         fences: FenceRepository,
         events: EventRepository | None = None,
         refresh_s: float = 2.0,
+        dwell_lateness_ms: int = 30_000,
     ) -> None:
         self.fences = fences
         self.events = events
         self.refresh_s = refresh_s
+        self.dwell_lateness_ms = dwell_lateness_ms
         self._loaded: dict[str, _Loaded] = {}
         self._compiled: dict[tuple[str, str, int], CompiledFence] = {}
         self._detectors: dict[str, FenceDetector] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._restored = self.events is None  # memberships of every tenant loaded
 
     async def process(self, stored: FixBatch) -> list[TrackingEvent]:
         """Events raised by newly stored fixes of one tenant."""
@@ -79,12 +84,46 @@ class GeofenceProcessor:
                 return detector.evaluate(stored, index, now_ms)
             return await asyncio.to_thread(detector.evaluate, stored, index, now_ms)
 
+    async def tick(self, now_ms: int) -> list[TrackingEvent]:
+        """DWELL events of stays that reached ``dwell_ms`` with no fix saying so."""
+        if not self._restored:
+            await self._restore()
+        events: list[TrackingEvent] = []
+        for tenant, detector in list(self._detectors.items()):
+            if not detector.dwell_pending():
+                continue
+            async with self._lock(tenant):
+                try:
+                    index = await self.index(tenant)
+                except Unavailable as exc:  # the fence store (StorageUnavailable)
+                    # The fixes' path waits and warns; the timer tries next second.
+                    log.debug("dwell timer of tenant %s waits: %s", tenant, exc)
+                    continue
+                events += detector.raise_due_dwells(
+                    index, now_ms, self.dwell_lateness_ms
+                )
+        return events
+
+    async def _restore(self) -> None:
+        """Load the memberships of every tenant with fences, once: after a restart
+        the timer raises the DWELLs due to devices that send nothing more."""
+        try:
+            tenants = await self.fences.tenants()
+        except Unavailable as exc:  # tried again on the next tick
+            log.debug("dwell timer cannot list tenants yet: %s", exc)
+            return
+        for tenant in tenants:
+            async with self._lock(tenant):
+                if tenant not in self._detectors:
+                    await self._detector(tenant)
+        self._restored = True
+
     async def _detector(self, tenant: str) -> FenceDetector:
         """A tenant's detector, seeded with the memberships its stored events give."""
         detector = FenceDetector(tenant)
         if self.events is not None:
             memberships = await self.events.memberships(tenant)
-            detector.seed(memberships)
+            detector.seed(memberships, time.time_ns() // 1_000_000)
             log.info("tenant %s: %d memberships restored", tenant, len(memberships))
         self._detectors[tenant] = detector
         return detector

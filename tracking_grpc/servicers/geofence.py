@@ -399,7 +399,8 @@ def events_purger(
 def register(server: grpc.aio.Server, app: App) -> str:
     """Add the Geofence service, its processor and its event listeners."""
     fences, events = open_repositories(app)
-    processor = GeofenceProcessor(fences, events)
+    lateness_ms = int(app.settings.dwell_lateness_s * 1000)
+    processor = GeofenceProcessor(fences, events, dwell_lateness_ms=lateness_ms)
     app.fence_index = processor.index
     hub = EventWatchHub(fed_by_stream=bool(app.settings.redis_url))
     app.pipeline.add_processor(processor)

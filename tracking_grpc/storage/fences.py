@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import builtins
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -42,34 +43,58 @@ class EventQuery:
 
 @dataclass(frozen=True, slots=True)
 class Membership:
-    """A device inside a fence, as its latest stored events say."""
+    """A device inside a fence, as its latest stored events say; the position and
+    fix sequence number are those of the ENTER (a DWELL raised by the timer after a
+    restart, before the device's next fix, carries them)."""
 
     device: str
     fence_id: str
     entered_ms: int
     dwell_done: bool
     last_event_ms: int  # newest event of the device for this fence
+    lat: float = math.nan
+    lon: float = math.nan
+    fix_seq: int = 0
 
 
 MEMBERSHIP_SQL = """
-SELECT device, fence_id,
-    max(CASE WHEN type = 1 THEN time_ms END),
-    max(CASE WHEN type = 2 THEN time_ms END),
-    max(CASE WHEN type = 3 THEN time_ms END),
-    max(time_ms)
-FROM geofence_events WHERE tenant = {mark} AND type IN (1, 2, 3)
-GROUP BY device, fence_id
+SELECT m.device, m.fence_id, m.entered, m.exited, m.dwelled, m.newest,
+    e.lat, e.lon, e.fix_seq
+FROM (
+    SELECT tenant, device, fence_id,
+        max(CASE WHEN type = 1 THEN time_ms END) AS entered,
+        max(CASE WHEN type = 2 THEN time_ms END) AS exited,
+        max(CASE WHEN type = 3 THEN time_ms END) AS dwelled,
+        max(time_ms) AS newest
+    FROM geofence_events WHERE tenant = {mark} AND type IN (1, 2, 3)
+    GROUP BY tenant, device, fence_id
+) AS m
+LEFT JOIN geofence_events AS e ON e.tenant = m.tenant AND e.device = m.device
+    AND e.fence_id = m.fence_id AND e.type = 1 AND e.time_ms = m.entered
 """
 
 
 def memberships_of(rows: Sequence[tuple]) -> list[Membership]:
-    """Memberships from (device, fence, enter, exit, dwell, newest) time rows."""
+    """Memberships from (device, fence, enter, exit, dwell, newest) time rows and
+    the ENTER's (lat, lon, fix_seq)."""
     found = []
-    for device, fence_id, entered, exited, dwelled, newest in rows:
+    for device, fence_id, entered, exited, dwelled, newest, *enter in rows:
         if entered is None or (exited is not None and exited >= entered):
             continue
         done = dwelled is not None and dwelled >= entered
-        found.append(Membership(device, fence_id, int(entered), done, int(newest)))
+        lat, lon, seq = (math.nan, math.nan, 0) if enter[0] is None else enter
+        found.append(
+            Membership(
+                device,
+                fence_id,
+                int(entered),
+                done,
+                int(newest),
+                float(lat),
+                float(lon),
+                int(seq),
+            )
+        )
     return found
 
 
@@ -115,6 +140,10 @@ class FenceRepository(Protocol):
 
     async def revision(self, tenant: str) -> int:
         """A number that changes whenever a fence of the tenant is written."""
+        ...
+
+    async def tenants(self) -> builtins.list[str]:
+        """Every tenant that has written fences (the dwell timer's restart)."""
         ...
 
     async def close(self) -> None: ...

@@ -220,6 +220,10 @@ class PostgresFenceRepository:
         )
         return int(rows[0][0]) if rows else 0
 
+    async def tenants(self) -> builtins.list[str]:
+        sql = "SELECT tenant FROM geofence_revisions ORDER BY tenant"
+        return [row[0] for row in await self.db.fetch(sql, [])]
+
     async def close(self) -> None:
         return None
 

@@ -237,6 +237,10 @@ class SqliteFenceRepository:
         )
         return int(rows[0][0]) if rows else 0
 
+    async def tenants(self) -> builtins.list[str]:
+        sql = "SELECT tenant FROM geofence_revisions ORDER BY tenant"
+        return [row[0] for row in await self.db.run(self.db.read, sql, ())]
+
     async def close(self) -> None:
         return None
 
