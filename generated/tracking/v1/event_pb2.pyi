@@ -197,9 +197,14 @@ class Event(_message.Message):
     device_id: _builtins.str
     type: Global___EventType.ValueType
     time_ms: _builtins.int
-    """Fix time of the fix that caused the event, milliseconds since the Unix epoch."""
+    """Fix time of the fix that caused the event, milliseconds since the Unix epoch.
+    A DWELL raised by the timer (the device silent inside the fence) carries the
+    time its dwell was reached: the ENTER's fix time plus the fence's dwell_ms.
+    """
     fix_seq: _builtins.int
-    """Sequence number of the fix that caused the event."""
+    """Sequence number of the fix that caused the event (for a DWELL raised by the
+    timer, the device's newest fix, whose position the event carries).
+    """
     created_ms: _builtins.int
     """Server time at which the event was raised."""
     fence_id: _builtins.str
