@@ -55,6 +55,23 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(command=_serve, before_loop=_serve_workers)
 
 
+# The settings the one-off commands read, which get flags there (every setting
+# still comes from the TOML file and the environment, as for serve).
+LOG_SETTINGS = ("log_format", "log_level")
+MIGRATE_SETTINGS = ("database_url", "database_timeout_s", *LOG_SETTINGS)
+PURGE_SETTINGS = (
+    "data_dir",
+    "database_url",
+    "database_pool_size",
+    "database_timeout_s",
+    "sqlite_synchronous",
+    "redis_url",
+    "redis_key_prefix",
+    "retention_days",
+    *LOG_SETTINGS,
+)
+
+
 async def _migrate(args: argparse.Namespace) -> int:
     from tracking_grpc.errors import FailedPrecondition
     from tracking_grpc.storage import schema
@@ -79,7 +96,7 @@ def add_migrate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "migrate", help="create or upgrade the PostgreSQL schema (run before serve)"
     )
-    config.add_arguments(parser)
+    config.add_arguments(parser, MIGRATE_SETTINGS)
     parser.set_defaults(command=_migrate)
 
 
@@ -135,7 +152,7 @@ def add_purge(subparsers: argparse._SubParsersAction) -> None:
         help="delete history older than --retention-days once (a server with "
         "retention_days set does it hourly)",
     )
-    config.add_arguments(parser)
+    config.add_arguments(parser, PURGE_SETTINGS)
     parser.set_defaults(command=_purge)
 
 

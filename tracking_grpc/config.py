@@ -12,7 +12,7 @@ import argparse
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -215,10 +215,16 @@ def from_toml(path: Path) -> dict[str, Any]:
     return dict(data.get("tracking", data))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and one flag per setting (default None: not given)."""
+def add_arguments(
+    parser: argparse.ArgumentParser, only: Collection[str] | None = None
+) -> None:
+    """Add ``--config`` and one flag per setting (default None: not given); with
+    ``only``, flags for those settings alone (the rest still come from the TOML
+    file and the environment)."""
     parser.add_argument("--config", type=Path, help="TOML file of settings")
     for spec in fields(Settings):
+        if only is not None and spec.name not in only:
+            continue
         flag = "--" + spec.name.replace("_", "-")
         parser.add_argument(
             flag, dest=spec.name, default=None, help=spec.metadata["help"]
@@ -238,7 +244,7 @@ def load(
         settings = settings.merged(from_toml(Path(config_file)), str(config_file))
     settings = settings.merged(from_environment(environ), "environment")
     if args is not None:
-        given = {n: getattr(args, n) for n in Settings.names()}
+        given = {n: getattr(args, n, None) for n in Settings.names()}
         flags = {n: v for n, v in given.items() if v is not None}
         settings = settings.merged(flags, "flag")
     check(settings)

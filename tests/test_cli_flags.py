@@ -1,0 +1,45 @@
+"""The one-off commands offer flags for the settings they read, not every setting
+of the server; the others still come from the TOML file and the environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from tracking_grpc import cli, config
+
+
+def help_text(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_migrate_offers_only_its_settings(capsys) -> None:
+    text = help_text("migrate", capsys)
+    assert "--database-url" in text and "--log-level" in text
+    assert "--listen" not in text and "--workers" not in text
+
+
+def test_purge_offers_only_its_settings(capsys) -> None:
+    text = help_text("purge", capsys)
+    for flag in ("--data-dir", "--database-url", "--redis-key-prefix"):
+        assert flag in text
+    assert "--retention-days" in text
+    assert "--max-watchers" not in text and "--jwt-hs256-secret" not in text
+
+
+def test_serve_offers_every_setting(capsys) -> None:
+    text = help_text("serve", capsys)
+    for name in config.Settings.names():
+        assert "--" + name.replace("_", "-") in text
+
+
+def test_a_setting_without_a_flag_still_comes_from_the_environment() -> None:
+    args = cli.build_parser().parse_args(
+        ["migrate", "--database-url", "postgresql://x"]
+    )
+    settings = config.load(args, env={"TRACKING_DATABASE_TIMEOUT_S": "7"})
+    assert settings.database_url == "postgresql://x"
+    assert settings.database_timeout_s == 7.0
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["migrate", "--listen", "127.0.0.1:1"])
