@@ -307,6 +307,8 @@ async def test_track_and_export_show_only_cell_centres(served, bus) -> None:
         pytest.param(2e6, id="beyond-1000-km"),
         pytest.param(math.nan, id="nan"),
         pytest.param(10**400, id="huge-integer"),
+        pytest.param(1e-310, id="below-a-metre"),
+        pytest.param(0.5, id="half-a-metre"),
     ],
 )
 async def test_a_bad_precision_claim_is_unauthenticated(served, value) -> None:
@@ -319,7 +321,8 @@ async def test_a_bad_precision_claim_is_unauthenticated(served, value) -> None:
         )
 
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "precision_m" in (raised.value.details() or "")
+    details = raised.value.details() or ""
+    assert "precision_m" in details and len(details) < 200
 
 
 async def test_default_precision_applies_without_a_claim(start_server, bus) -> None:

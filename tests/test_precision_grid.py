@@ -10,9 +10,15 @@ from tests.conftest import TRACES, require_shared
 from tracking_grpc.config import Settings, check
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import haversine_m
-from tracking_grpc.core.precision import coarsen, slack_m, snap, widen_box
+from tracking_grpc.core.precision import (
+    coarsen,
+    round_eta_ms,
+    slack_m,
+    snap,
+    widen_box,
+)
 from tracking_grpc.errors import InvalidArgument
-from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.events import ActivityDetail, EventType, TrackingEvent
 from tracking_grpc.servicers.event_messages import event_messages
 from tracking_grpc.traces import read_trace
 
@@ -91,7 +97,7 @@ def test_widened_boxes(box, expected) -> None:
     assert south < box[0] and north >= box[2]
 
 
-@pytest.mark.parametrize("value", [-1.0, float("inf"), 2e6])
+@pytest.mark.parametrize("value", [-1.0, float("inf"), 2e6, 1e-310, 0.5])
 def test_a_bad_default_precision_is_refused(value) -> None:
     with pytest.raises(InvalidArgument) as raised:
         check(Settings(default_precision_m=value))
@@ -121,3 +127,62 @@ def test_event_messages_carry_cell_centres_and_round_distances() -> None:
     assert (coarse.position.lat, coarse.position.lon) == (lat[0], lon[0])
     assert coarse.attributes["accuracy_m"] == f"{bound_m[0] + 5:.0f}"
     assert coarse.attributes["deviation_m"] == "0"
+
+
+def test_coarse_activity_events_carry_no_speeds() -> None:
+    """A trip's average speed times its duration gave back its exact distance."""
+    trip = ActivityDetail(
+        distance_m=3661.3,
+        duration_s=298.0,
+        speed_mps=12.3,
+        avg_speed_mps=12.29,
+        max_speed_mps=31.0,
+        odometer_m=10_420.0,
+    )
+    event = TrackingEvent(
+        event_id="e2",
+        tenant="t",
+        device="car",
+        type=EventType.TRIP_ENDED,
+        time_ms=1_700_000_000_000,
+        lat=41.15,
+        lon=-8.61,
+        fix_seq=9,
+        created_ms=1_700_000_000_100,
+        attributes={"speed_mps": "12.3"},
+        activity=trip,
+    )
+
+    (exact,) = event_messages([event])
+    (coarse,) = event_messages([event], 500.0)
+
+    assert exact.activity.avg_speed_mps == pytest.approx(12.29)
+    detail = coarse.activity
+    assert (detail.speed_mps, detail.avg_speed_mps, detail.max_speed_mps) == (0, 0, 0)
+    assert (detail.distance_m, detail.odometer_m) == (3500.0, 10_500.0)
+    assert "speed_mps" not in coarse.attributes
+
+
+def test_coarse_etas_are_rounded_up_to_a_cells_crossing() -> None:
+    fix_ms = 1_700_000_000_000
+    # 1 km at the reference 10 m/s: 100-s steps; 113.041 s left shows as 200
+    assert round_eta_ms(fix_ms + 113_041, fix_ms, 1_000.0) == fix_ms + 200_000
+    assert round_eta_ms(fix_ms + 143_034, fix_ms, 1_000.0) == fix_ms + 200_000
+    # a small grid still rounds to whole minutes
+    assert round_eta_ms(fix_ms + 61_000, fix_ms, 50.0) == fix_ms + 120_000
+    assert round_eta_ms(fix_ms + 113_041, fix_ms, 0.0) == fix_ms + 113_041
+    event = TrackingEvent(
+        event_id="e3",
+        tenant="t",
+        device="car",
+        type=EventType.ETA_UPDATED,
+        time_ms=fix_ms,
+        lat=41.15,
+        lon=-8.61,
+        fix_seq=3,
+        created_ms=fix_ms,
+        attributes={"eta_ms": str(fix_ms + 113_041), "remaining_m": "1362.0"},
+    )
+    (coarse,) = event_messages([event], 1_000.0)
+    assert coarse.attributes["eta_ms"] == str(fix_ms + 200_000)
+    assert coarse.attributes["remaining_m"] == "1000"

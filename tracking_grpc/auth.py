@@ -23,6 +23,7 @@ import asyncio
 import enum
 import logging
 import math
+import reprlib
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import grpc
 import jwt
 
 from tracking_grpc.config import Settings
-from tracking_grpc.core.precision import MAX_PRECISION_M
+from tracking_grpc.core.precision import MAX_PRECISION_M, MIN_PRECISION_M
 from tracking_grpc.errors import FailedPrecondition, PermissionDenied, Unauthenticated
 from tracking_grpc.observability import logs
 
@@ -229,8 +230,9 @@ def check_times(claims: dict, now: float, max_lifetime_s: float) -> float:
 
 
 def _precision(claims: dict, default_m: float) -> float:
-    """The token's ``precision_m`` claim, metres in [0, MAX_PRECISION_M], or the
-    server's default when the token has none; UNAUTHENTICATED otherwise."""
+    """The token's ``precision_m`` claim (0, or metres in [MIN_PRECISION_M,
+    MAX_PRECISION_M]), or the server's default when the token has none;
+    UNAUTHENTICATED otherwise."""
     value = claims.get(PRECISION_CLAIM)
     if value is None:
         return default_m
@@ -240,10 +242,10 @@ def _precision(claims: dict, default_m: float) -> float:
         metres = float(value)
     except OverflowError:  # an integer beyond any float
         metres = math.inf
-    if not 0 <= metres <= MAX_PRECISION_M:
+    if metres != 0 and not MIN_PRECISION_M <= metres <= MAX_PRECISION_M:
         raise Unauthenticated(
-            f"token {PRECISION_CLAIM} must be a number of metres in "
-            f"[0, {MAX_PRECISION_M:.0f}], not {value!r}"
+            f"token {PRECISION_CLAIM} must be 0 (exact) or a number of metres from "
+            f"{MIN_PRECISION_M:g} to {MAX_PRECISION_M:.0f}, not {reprlib.repr(value)}"
         )
     return metres
 

@@ -319,6 +319,10 @@ def check(settings: Settings) -> None:
     for name, (most, unit) in AT_MOST.items():
         if getattr(settings, name) > most:
             raise InvalidArgument(name, f"must be at most {most:g} {unit}")
+    if 0 < settings.default_precision_m < 1:  # core.precision.MIN_PRECISION_M
+        raise InvalidArgument(
+            "default_precision_m", "must be 0 (exact) or at least 1 metre"
+        )
     tenant = settings.default_tenant
     if not tenant.strip() or len(tenant) > 256 or not tenant.isprintable():
         raise InvalidArgument(

@@ -11,7 +11,8 @@ latitude and the antimeridian is a cell edge.
 Reported accuracy is widened by the distance from a cell's centre to its farthest
 corner: a coarse position never claims more than its cell allows. Speed, heading
 and altitude are withheld (NaN): integrated over time they would trace the path
-inside the cells.
+inside the cells. For the same reason activity events carry no speeds and ETAs
+are rounded (:func:`round_eta_ms`).
 
 >>> lat, lon, bound = snap([53.40712], [-2.98211], 1_000.0)
 >>> round(float(lat[0]), 4), round(float(lon[0]), 4), round(float(bound[0]))
@@ -31,6 +32,11 @@ from tracking_grpc.core.geodesy import EARTH_RADIUS_M, haversine_m
 
 METRES_PER_DEGREE = EARTH_RADIUS_M * math.pi / 180.0
 MAX_PRECISION_M = 1_000_000.0
+MIN_PRECISION_M = 1.0  # a finer grid shows a fix as it is (and overflows below ~1e-300)
+# An ETA is rounded to the time a vehicle at this speed takes to cross a cell (and to
+# a whole minute at least), so that it places the device on its route no finer than
+# the grid does.
+ETA_REFERENCE_SPEED_MPS = 10.0
 # A cell's centre lies within SLACK times precision_m of every point of the cell
 # (at most about 2.3: a cell next to a pole, twice as wide at its equator edge).
 SLACK = 3.0
@@ -93,6 +99,16 @@ def round_m(metres: ArrayLike, precision_m: float) -> np.ndarray:
     if precision_m <= 0:
         return metres
     return np.round(metres / precision_m) * precision_m
+
+
+def round_eta_ms(eta_ms: int, from_ms: int, precision_m: float) -> int:
+    """An ETA as a caller limited to ``precision_m`` may see it: the time left after
+    ``from_ms`` rounded up to a whole step of ``precision_m`` at
+    ``ETA_REFERENCE_SPEED_MPS``, a minute at least (0: unchanged)."""
+    if precision_m <= 0 or eta_ms <= from_ms:
+        return eta_ms
+    step_ms = max(60_000, int(precision_m / ETA_REFERENCE_SPEED_MPS * 1000))
+    return from_ms + -(-(eta_ms - from_ms) // step_ms) * step_ms
 
 
 def slack_m(precision_m: float) -> float:

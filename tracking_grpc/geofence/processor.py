@@ -68,6 +68,9 @@ class GeofenceProcessor:
         self._detectors: dict[str, FenceDetector] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._restored = self.events is None  # memberships of every tenant loaded
+        # Fence writes through this process, per tenant: an index loaded while one
+        # happened may predate it, and is checked again at the next batch.
+        self._changes: dict[str, int] = {}
 
     async def process(self, stored: FixBatch) -> list[TrackingEvent]:
         """Events raised by newly stored fixes of one tenant."""
@@ -136,6 +139,7 @@ class GeofenceProcessor:
 
     def changed(self, tenant: str) -> None:
         """Fences of the tenant were written here: reload before the next batch."""
+        self._changes[tenant] = self._changes.get(tenant, 0) + 1
         loaded = self._loaded.get(tenant)
         if loaded is not None:
             loaded.checked_at = -float("inf")
@@ -146,12 +150,19 @@ class GeofenceProcessor:
         now = time.monotonic()
         if loaded is not None and now - loaded.checked_at < self.refresh_s:
             return loaded.index
+        changes = self._changes.get(tenant, 0)
         revision = await self.fences.revision(tenant)
+        # A write made here while this load awaited may postdate the revision read:
+        # then the index is checked again at the next batch, not refresh_s later.
+        if self._changes.get(tenant, 0) != changes:
+            now = -float("inf")
         if loaded is not None and loaded.revision == revision:
             loaded.checked_at = now
             return loaded.index
         specs = await self.fences.all(tenant)
         index = await asyncio.to_thread(self._build, tenant, specs)
+        if self._changes.get(tenant, 0) != changes:
+            now = -float("inf")
         if loaded is not None:
             gone = set(loaded.index.ids.tolist()) - set(index.ids.tolist())
             detector = self._detectors.get(tenant)

@@ -2,8 +2,9 @@
 
 A coarse caller's events carry the cell centre of their fix
 (:func:`tracking_grpc.core.precision.snap`), an ``accuracy_m`` attribute widened
-as a position's would be, and distances (route progress and deviation, activity
-distances and odometer) rounded to whole multiples of the precision.
+as a position's would be, distances (route progress and deviation, activity
+distances and odometer) rounded to whole multiples of the precision, ETAs rounded
+(:func:`tracking_grpc.core.precision.round_eta_ms`), and no speeds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import asdict, replace
 import numpy as np
 from tracking.v1 import event_pb2
 
-from tracking_grpc.core.precision import round_m, snap
+from tracking_grpc.core.precision import round_eta_ms, round_m, snap
 from tracking_grpc.events import ActivityDetail, TrackingEvent
 
 # Attributes holding distances in metres (route events).
@@ -70,6 +71,11 @@ def _coarse(
         if name in attributes:
             rounded = round_m(float(attributes[name]), precision_m)
             attributes[name] = f"{float(rounded):.0f}"
+    if "eta_ms" in attributes:
+        eta_ms = round_eta_ms(int(attributes["eta_ms"]), event.time_ms, precision_m)
+        attributes["eta_ms"] = str(eta_ms)
+    for name in [n for n in attributes if n.endswith("_mps")]:
+        del attributes[name]  # speeds, withheld as a position's are
     return replace(
         event,
         lat=lat,
@@ -84,8 +90,13 @@ def _coarse_activity(
 ) -> ActivityDetail | None:
     if detail is None:
         return None
+    # Speeds are withheld (0: unset), as a coarse fix's are: with a trip's duration
+    # they would give back its exact distance.
     return replace(
         detail,
         distance_m=float(round_m(detail.distance_m, precision_m)),
         odometer_m=float(round_m(detail.odometer_m, precision_m)),
+        speed_mps=0.0,
+        avg_speed_mps=0.0,
+        max_speed_mps=0.0,
     )

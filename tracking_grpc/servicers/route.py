@@ -183,6 +183,9 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
             for name in ("progress_m", "remaining_m", "deviation_m"):
                 metres = precision.round_m(getattr(message, name), caller.precision_m)
                 setattr(message, name, float(metres))
+            message.eta_ms = precision.round_eta_ms(
+                message.eta_ms, message.last_fix_ms, caller.precision_m
+            )
         return route_pb2.GetRouteProgressResponse(progress=message)
 
     async def _track(
