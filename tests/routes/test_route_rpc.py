@@ -11,7 +11,13 @@ import polyline
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pyproj import Geod
-from tracking.v1 import common_pb2, event_pb2, route_pb2, route_pb2_grpc
+from tracking.v1 import (
+    common_pb2,
+    event_pb2,
+    route_pb2,
+    route_pb2_grpc,
+    track_pb2_grpc,
+)
 
 from tests.routes import support
 from tests.server_fixtures import batch, hello, now_ms, track_session, violation
@@ -520,3 +526,44 @@ async def test_assign_route_checks_the_route_id_like_a_device_id(
         await routes.AssignRoute(request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violation(caught.value) == ("route_id", words)
+
+
+async def test_a_coarse_caller_sees_progress_and_eta_no_finer_than_its_grid(
+    start_server, helsinki_dir
+) -> None:
+    """With auth off, ``default_precision_m`` limits every caller: the progress on a
+    route and the ETA must not place the device finer than the grid."""
+    server = await start_server(
+        routing_data_dir=str(helsinki_dir), default_precision_m=1_000.0
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        routes = route_pb2_grpc.RouteStub(channel)
+        assigned = await routes.AssignRoute(
+            route_pb2.AssignRouteRequest(
+                device_id="van-9",
+                route=route_pb2.ComputeRouteRequest(origin=KAMPPI, destination=SENATE),
+            )
+        )
+        lat, lon = np.array(polyline.decode(assigned.route.polyline, 6)).T
+        points, along = support.drive(lat, lon, 10.0)
+        part = points[along < 450]  # under half way: not arrived
+        start = now_ms() - 5_000 * len(part) - 60_000
+        fixes = [
+            common_pb2.Fix(seq=i + 1, time_ms=start + i * 5000, lat=a, lon=b)
+            for i, (a, b) in enumerate(part.tolist())
+        ]
+        tracks = track_pb2_grpc.TrackSessionStub(channel)
+        _, acks = await track_session(tracks, "van-9", [fixes])
+        assert acks[0].stored == len(fixes)
+        async with asyncio.timeout(20):
+            while True:
+                answer = await routes.GetRouteProgress(
+                    route_pb2.GetRouteProgressRequest(device_id="van-9")
+                )
+                progress = answer.progress
+                if progress.last_fix_ms == fixes[-1].time_ms:
+                    break
+                await asyncio.sleep(0.1)
+    assert progress.progress_m % 1_000 == 0 and progress.remaining_m % 1_000 == 0
+    assert progress.eta_ms > progress.last_fix_ms
+    assert (progress.eta_ms - progress.last_fix_ms) % 100_000 == 0
