@@ -17,10 +17,11 @@ from its beginning.
 
 The stream keeps about ``MAXLEN`` notices and none older than ``KEEP_MS``: a process
 cut off from Redis for longer than that many erasures, or than a day, misses the
-notices trimmed meanwhile and says so in a warning; it keeps those devices' state
-until it restarts. A notice holds a device id (no positions) and is gone from Redis
-after those bounds. A write Redis acknowledged but lost in a failover before it
-reached the replica is lost for every reader.
+notices trimmed meanwhile (a warning says so when the stream still holds later
+ones) and keeps those devices' state until it restarts. A notice holds a device id
+(no positions) and is gone from Redis after those bounds. A notice Redis
+acknowledged but lost in a failover before its replica had it is lost for every
+reader.
 """
 
 from __future__ import annotations
