@@ -122,7 +122,7 @@ async def _hear_erasures(app: App) -> None:
     from tracking_grpc.storage.redis_erasure import RedisErasureNotices
 
     notices = RedisErasureNotices(
-        Connection(app.settings.redis_url),
+        Connection(app.settings.redis_url, name="tracking-erasure-notices"),
         app.settings.redis_key_prefix,
         lambda tenant, device: erasure.forget_device(app, tenant, device),
     )

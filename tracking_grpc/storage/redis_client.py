@@ -39,8 +39,9 @@ class _Timeouts(TypedDict):
 TIMEOUTS: _Timeouts = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
 
 
-async def connect(url: str) -> Client:
-    """A client for the Redis at ``url``; a cluster client if it is a cluster node."""
+async def connect(url: str, name: str | None = None) -> Client:
+    """A client for the Redis at ``url``; a cluster client if it is a cluster node.
+    ``name`` (CLIENT SETNAME) marks its connections in CLIENT LIST."""
     probe = aioredis.Redis.from_url(url, **TIMEOUTS)
     try:
         with unavailable("Redis"):
@@ -50,10 +51,10 @@ async def connect(url: str) -> Client:
     if info.get("cluster_enabled"):
         log.info("Redis at %s is a cluster node: using the cluster client", url)
         with unavailable("Redis Cluster"):
-            cluster = RedisCluster.from_url(url, **TIMEOUTS)
+            cluster = RedisCluster.from_url(url, client_name=name, **TIMEOUTS)
             await cluster.initialize()
         return cluster
-    return aioredis.Redis.from_url(url, **TIMEOUTS)
+    return aioredis.Redis.from_url(url, client_name=name, **TIMEOUTS)
 
 
 def is_cluster(client: Client) -> TypeGuard[RedisCluster]:
@@ -86,8 +87,9 @@ class Connection:
     made, the client reconnects by itself after outages.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, name: str | None = None) -> None:
         self.url = url
+        self.name = name
         self._client: Client | None = None
         self._lock = asyncio.Lock()
 
@@ -95,7 +97,7 @@ class Connection:
         if self._client is None:
             async with self._lock:
                 if self._client is None:
-                    self._client = await connect(self.url)
+                    self._client = await connect(self.url, self.name)
         return self._client
 
     async def close(self) -> None:

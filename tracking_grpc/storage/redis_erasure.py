@@ -1,32 +1,53 @@
-"""Erasure notices between server processes, on Redis pub/sub.
+"""Erasure notices between server processes, on a Redis Stream.
 
 Stored data is shared, so the process that answers ``EraseDevice`` erases it for
 everyone; in-process state (live activity, geofence memberships, monitored routes)
-is each process's own. After erasing, that process announces the tenant and device
-on one channel (``<prefix>erasures``) and every other process that shares the Redis
-forgets the device's state when the notice arrives. On a Redis Cluster the channel
-is sharded (SPUBLISH), as live fan-out is.
+is each process's own. After erasing, that process appends the tenant and device
+to one stream (``<prefix>erasures``, one key, so one slot on a Redis Cluster) and
+every other process that shares the Redis forgets the device's state when it reads
+the notice.
 
-Pub/sub delivers at most once: a process whose subscription is broken while the
-notice is sent keeps the device's state (until it restarts, or the device is erased
-again).
+Each process reads the stream with a blocking XREAD from the last entry it handled,
+so a notice reaches every live process at least once: one whose connection breaks,
+or whose Redis fails over, reads what was appended meanwhile when it is back. It
+starts after the newest entry (its state is empty then), or from the beginning of a
+stream that does not exist yet. A stream whose newest entry is behind the last one
+handled (Redis lost its data and its clock is behind) or that is gone is read again
+from its beginning.
+
+The stream keeps about ``MAXLEN`` notices and none older than ``KEEP_MS``: a process
+cut off from Redis for longer than that many erasures, or than a day, misses the
+notices trimmed meanwhile (a warning says so when the stream still holds later
+ones) and keeps those devices' state until it restarts. A notice holds a device id
+(no positions) and is gone from Redis after those bounds. A notice Redis
+acknowledged but lost in a failover before its replica had it is lost for every
+reader.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-from tracking_grpc.storage import redis_pubsub
-from tracking_grpc.storage.redis_client import Connection, unavailable
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
+
+from tracking_grpc.errors import Unavailable
+from tracking_grpc.storage.redis_client import Client, Connection, unavailable
+from tracking_grpc.storage.redis_pubsub import RETRY_S
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "erasures"  # after redis_key_prefix
-SUBSCRIBE_WAIT_S = 10.0
+STREAM = "erasures"  # after redis_key_prefix
+MAXLEN = 10_000  # notices kept, approximately (Redis trims whole nodes)
+KEEP_MS = 24 * 3600 * 1000  # and no notice older than a day
+BLOCK_MS = 1_000  # one XREAD's wait; below redis_client.TIMEOUTS' socket timeout
+READ_COUNT = 100  # notices per XREAD
+START_WAIT_S = 10.0
+FIRST = "0-0"
 
 Forget = Callable[[str, str], Awaitable[object]]
 
@@ -36,27 +57,35 @@ class RedisErasureNotices:
 
     def __init__(self, connection: Connection, prefix: str, forget: Forget) -> None:
         self.connection = connection
-        self.channel = prefix + CHANNEL
+        self.stream = prefix + STREAM
         self.forget = forget
         self.process = uuid.uuid4().hex[:16]
         self.heard = 0  # notices of other processes acted on
+        self.last_id: str | None = None  # of the last notice handled
         self._task: asyncio.Task[None] | None = None
         self._tried = asyncio.Event()
 
     async def start(self) -> None:
-        """Listen; returns once subscribed, or after a failed try (then retried in
+        """Listen; returns once reading, or after a failed try (then retried in
         the background)."""
         self._task = asyncio.create_task(self._listen(), name="erasure-notices")
-        await asyncio.wait_for(self._tried.wait(), SUBSCRIBE_WAIT_S)
+        await asyncio.wait_for(self._tried.wait(), START_WAIT_S)
 
     async def announce(self, tenant: str, device: str) -> None:
         """Tell the other processes that ``device`` of ``tenant`` was erased."""
-        notice = json.dumps(
-            {"process": self.process, "tenant": tenant, "device": device}
-        )
+        notice: dict[Any, Any] = {
+            "process": self.process,
+            "tenant": tenant,
+            "device": device,
+        }
+        oldest = f"{time.time_ns() // 1_000_000 - KEEP_MS}-0"
         with unavailable("erasure notices"):
             client = await self.connection.get()
-            await redis_pubsub.publish(client, self.channel, notice)
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.xadd(self.stream, notice, maxlen=MAXLEN, approximate=True)
+                pipe.xtrim(self.stream, minid=oldest, approximate=False)
+                pipe.pexpire(self.stream, KEEP_MS)
+                await pipe.execute()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -65,16 +94,66 @@ class RedisErasureNotices:
         await self.connection.close()
 
     async def _listen(self) -> None:
-        await redis_pubsub.listen(
-            self.connection, self.channel, self._heard, self._tried, "erasure notices"
-        )
+        failures = 0
+        while True:
+            try:
+                client = await self.connection.get()
+                await self._position(client, resumed=failures > 0)
+                self._tried.set()
+                if failures:
+                    log.warning("erasure notices read again after %s", self.last_id)
+                failures = 0
+                await self._read(client)
+            except (RedisError, RedisClusterException, OSError, Unavailable) as exc:
+                self._tried.set()
+                delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(level, "erasure notices lost (%s); retry in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
 
-    async def _heard(self, data: bytes) -> None:
+    async def _read(self, client: Client) -> None:
+        """Handle the notices after ``last_id`` as they come; check the position
+        whenever a wait brings none."""
+        while True:
+            assert self.last_id is not None
+            found: Any = await client.xread(
+                {self.stream: self.last_id}, count=READ_COUNT, block=BLOCK_MS
+            )
+            if not found:
+                await self._position(client)
+                continue
+            for entry_id, fields in found[0][1]:
+                await self._heard(fields)
+                self.last_id = _text(entry_id)
+
+    async def _position(self, client: Client, resumed: bool = False) -> None:
+        """Set where reading goes on: after the newest notice at the first
+        connection; from the start of a stream that is gone or behind."""
+        info = await _stream_info(client, self.stream)
+        newest = FIRST if info is None else _text(info["last-generated-id"])
+        if self.last_id is None:
+            self.last_id = newest
+            log.debug("erasure notices read after %s", newest)
+        elif _order(newest) < _order(self.last_id):
+            if info is not None:
+                log.warning("erasure notices behind the last one read: from the start")
+            self.last_id = FIRST
+        elif resumed and info is not None and self.last_id != FIRST:
+            first = info.get("first-entry")
+            if first and _order(_text(first[0])) > _order(self.last_id):
+                log.warning(
+                    "erasure notices after %s were trimmed before this process read "
+                    "them: devices erased meanwhile may keep their in-process state "
+                    "here until it restarts",
+                    self.last_id,
+                )
+
+    async def _heard(self, fields: dict[bytes, bytes]) -> None:
         try:
-            notice = json.loads(data)
-            process, tenant = notice["process"], str(notice["tenant"])
-            device = str(notice["device"])
-        except (ValueError, KeyError, TypeError):
+            process = _text(fields[b"process"])
+            tenant, device = _text(fields[b"tenant"]), _text(fields[b"device"])
+        except (KeyError, UnicodeDecodeError):
             log.warning("dropped an undecodable erasure notice")
             return
         if process == self.process:
@@ -91,3 +170,22 @@ class RedisErasureNotices:
             tenant,
             forgotten,
         )
+
+
+async def _stream_info(client: Client, stream: str) -> dict[str, Any] | None:
+    """XINFO STREAM of ``stream``, or None when it does not exist."""
+    try:
+        return await client.xinfo_stream(stream)
+    except ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return None
+        raise
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = entry_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
