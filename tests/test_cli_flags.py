@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tracking_grpc import cli, config
+from tracking_grpc.errors import InvalidArgument
 
 
 def help_text(command: str, capsys: pytest.CaptureFixture[str]) -> str:
@@ -43,3 +44,23 @@ def test_a_setting_without_a_flag_still_comes_from_the_environment() -> None:
     assert settings.database_timeout_s == 7.0
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["migrate", "--listen", "127.0.0.1:1"])
+
+
+def test_a_one_off_command_checks_only_its_own_settings() -> None:
+    """A migration job sharing the server's environment, whose key file is not
+    mounted in the job, still runs; its own settings are still checked."""
+    env = {
+        "TRACKING_JWT_RS256_PUBLIC_KEY_FILE": "/nonexistent/key.pem",
+        "TRACKING_WORKERS": "0",
+    }
+    args = cli.build_parser().parse_args(
+        ["migrate", "--database-url", "postgresql://x"]
+    )
+    assert config.load(args, env=env, only=cli.MIGRATE_SETTINGS).database_url
+    with pytest.raises(InvalidArgument) as raised:
+        config.load(args, env=env)
+    assert raised.value.field in ("jwt_rs256_public_key_file", "workers")
+    bad = {**env, "TRACKING_DATABASE_TIMEOUT_S": "-1"}
+    with pytest.raises(InvalidArgument) as raised:
+        config.load(args, env=bad, only=cli.MIGRATE_SETTINGS)
+    assert raised.value.field == "database_timeout_s"

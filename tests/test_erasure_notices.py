@@ -5,6 +5,7 @@ not act on its own notice, a new one not on notices older than itself."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -190,3 +191,29 @@ async def test_retention_and_erasure_leave_the_notices_alone(
 
 def test_a_read_waits_less_than_the_socket_timeout() -> None:
     assert BLOCK_MS / 1000 < TIMEOUTS["socket_timeout"]
+
+
+async def test_only_trimmed_notices_are_warned_about(
+    any_redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    notices = listener(any_redis_url, redis_prefix, [])
+    client = await notices.connection.get()
+    notice = {"process": "elsewhere", "tenant": "acme", "device": "van-3"}
+    try:
+        # A stream made anew (Redis lost its data): later than the last notice
+        # read, but nothing was trimmed from it.
+        notices.last_id = "1000-0"
+        await client.xadd(notices.stream, notice, id="2000-0")
+        with caplog.at_level(logging.WARNING):
+            await notices._position(client, resumed=True)
+        assert "trimmed" not in caplog.text
+
+        # Notices after the last one read were trimmed before it was back.
+        await client.xadd(notices.stream, notice, id="3000-0")
+        await client.xtrim(notices.stream, maxlen=1, approximate=False)
+        with caplog.at_level(logging.WARNING):
+            await notices._position(client, resumed=True)
+        assert "trimmed" in caplog.text
+    finally:
+        await client.delete(notices.stream)
+        await notices.connection.close()

@@ -55,12 +55,15 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(command=_serve, before_loop=_serve_workers)
 
 
-# The settings the one-off commands read, which get flags there (every setting
-# still comes from the TOML file and the environment, as for serve).
+# The settings the one-off commands read: they get flags there and are the ones
+# checked (every setting still comes from the TOML file and the environment, as for
+# serve, so a job sharing the server's configuration runs without its key files).
 LOG_SETTINGS = ("log_format", "log_level")
 MIGRATE_SETTINGS = ("database_url", "database_timeout_s", *LOG_SETTINGS)
 PURGE_SETTINGS = (
     "data_dir",
+    "fanout_interest_ttl_s",
+    "max_future_skew_s",
     "database_url",
     "database_pool_size",
     "database_timeout_s",
@@ -76,7 +79,7 @@ async def _migrate(args: argparse.Namespace) -> int:
     from tracking_grpc.errors import FailedPrecondition
     from tracking_grpc.storage import schema
 
-    settings = config.load(args)
+    settings = config.load(args, only=MIGRATE_SETTINGS)
     setup_logging(settings)
     if not settings.database_url:
         raise FailedPrecondition(
@@ -112,7 +115,7 @@ async def _purge(args: argparse.Namespace) -> int:
     )
     from tracking_grpc.storage import factory
 
-    settings = config.load(args)
+    settings = config.load(args, only=PURGE_SETTINGS)
     setup_logging(settings)
     if not settings.retention_days:
         raise FailedPrecondition(

@@ -232,9 +232,12 @@ def add_arguments(
 
 
 def load(
-    args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None
+    args: argparse.Namespace | None = None,
+    env: Mapping[str, str] | None = None,
+    only: Collection[str] | None = None,
 ) -> Settings:
-    """Settings from defaults, the TOML file, the environment and flags, in order."""
+    """Settings from defaults, the TOML file, the environment and flags, in order;
+    with ``only``, those alone are checked (the others keep their values)."""
     environ = os.environ if env is None else env
     settings = Settings()
     config_file = getattr(args, "config", None) if args else None
@@ -247,7 +250,7 @@ def load(
         given = {n: getattr(args, n, None) for n in Settings.names()}
         flags = {n: v for n, v in given.items() if v is not None}
         settings = settings.merged(flags, "flag")
-    check(settings)
+    check(settings, only)
     return settings
 
 
@@ -302,8 +305,14 @@ FILES = ("jwt_rs256_public_key_file", "activity_config")
 MAX_PORT = 65_535
 
 
-def check(settings: Settings) -> None:
-    """Refuse settings the service cannot run with, naming the setting and why."""
+def check(settings: Settings, only: Collection[str] | None = None) -> None:
+    """Refuse settings the service cannot run with, naming the setting and why; with
+    ``only``, those settings alone (a one-off command sharing the server's file
+    and environment need not have the server's key file, say)."""
+    if only is not None:
+        settings = replace(
+            Settings(), **{name: getattr(settings, name) for name in only}
+        )
     _check_address(settings.listen, "listen")
     if settings.metrics_listen:
         _check_address(settings.metrics_listen, "metrics_listen")

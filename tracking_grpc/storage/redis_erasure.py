@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -141,7 +142,11 @@ class RedisErasureNotices:
             self.last_id = FIRST
         elif resumed and info is not None and self.last_id != FIRST:
             first = info.get("first-entry")
-            if first and _order(_text(first[0])) > _order(self.last_id):
+            # A stream that never lost an entry (one made anew after Redis lost its
+            # data, say) starts later than the last notice read, with nothing
+            # trimmed (entries-added: Redis 7).
+            trimmed = info.get("entries-added", math.inf) > info.get("length", 0)
+            if trimmed and first and _order(_text(first[0])) > _order(self.last_id):
                 log.warning(
                     "erasure notices after %s were trimmed before this process read "
                     "them: devices erased meanwhile may keep their in-process state "
