@@ -13,6 +13,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 
 import psycopg
 import pytest
@@ -211,3 +212,22 @@ def any_redis_url(request: pytest.FixtureRequest) -> str:
     if request.param == "redis-cluster":
         return request.getfixturevalue("redis_cluster")[0]
     return request.getfixturevalue("redis_url")
+
+
+# Both stores, for tests that run a server on each (the production pair needs both).
+BACKENDS = [
+    "embedded",
+    pytest.param("postgres-redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
+]
+
+
+def backend_settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """``settings`` on the backend ``request.param`` names (one of BACKENDS)."""
+    if request.param != "postgres-redis":
+        return settings
+    return replace(
+        settings,
+        database_url=request.getfixturevalue("pg_url"),
+        redis_url=request.getfixturevalue("redis_url"),
+        redis_key_prefix=request.getfixturevalue("redis_prefix"),
+    )

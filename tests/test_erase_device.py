@@ -8,7 +8,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -24,7 +23,7 @@ from tracking.v1 import (
     track_pb2_grpc,
 )
 
-from tests.backends import on_the_stream, stream_owners
+from tests.backends import BACKENDS, backend_settings, on_the_stream, stream_owners
 from tests.server_fixtures import (
     embedded_settings,
     fix,
@@ -36,10 +35,6 @@ from tracking_grpc.server import TrackingServer
 
 SECRET = "erase-test-secret-of-enough-length-for-hs256"
 DEPOT = common_pb2.LatLng(lat=60.17, lon=24.94)
-BACKENDS = [
-    "embedded",
-    pytest.param("postgres-redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
-]
 
 
 def as_role(tenant: str, role: str = "admin") -> tuple[tuple[str, str], ...]:
@@ -59,14 +54,7 @@ async def served(
     request: pytest.FixtureRequest, start_server, tmp_path: Path
 ) -> AsyncIterator[tuple[TrackingServer, Stubs]]:
     settings = embedded_settings(tmp_path, auth_mode="jwt", jwt_hs256_secret=SECRET)
-    if request.param == "postgres-redis":
-        settings = replace(
-            settings,
-            database_url=request.getfixturevalue("pg_url"),
-            redis_url=request.getfixturevalue("redis_url"),
-            redis_key_prefix=request.getfixturevalue("redis_prefix"),
-        )
-    server = await start_server(settings=settings)
+    server = await start_server(settings=backend_settings(request, settings))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield server, Stubs(channel)
 

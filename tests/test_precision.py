@@ -10,7 +10,6 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -25,6 +24,7 @@ from tracking.v1 import (
     track_pb2_grpc,
 )
 
+from tests.backends import BACKENDS, backend_settings
 from tests.conftest import TRACES, require_shared
 from tests.server_fixtures import embedded_settings, now_ms
 from tracking_grpc.core.precision import snap
@@ -34,10 +34,6 @@ from tracking_grpc.traces import Trace, read_trace
 SECRET = "precision-test-secret-of-enough-length"
 CELL_M = 1_000.0
 BUS = "liverpool_bus_route14_outbound.csv"
-BACKENDS = [
-    "embedded",
-    pytest.param("postgres-redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
-]
 
 
 def as_caller(
@@ -66,14 +62,7 @@ async def served(
     request: pytest.FixtureRequest, start_server, tmp_path: Path
 ) -> AsyncIterator[tuple[TrackingServer, Stubs]]:
     settings = embedded_settings(tmp_path, auth_mode="jwt", jwt_hs256_secret=SECRET)
-    if request.param == "postgres-redis":
-        settings = replace(
-            settings,
-            database_url=request.getfixturevalue("pg_url"),
-            redis_url=request.getfixturevalue("redis_url"),
-            redis_key_prefix=request.getfixturevalue("redis_prefix"),
-        )
-    server = await start_server(settings=settings)
+    server = await start_server(settings=backend_settings(request, settings))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield server, Stubs(channel)
 

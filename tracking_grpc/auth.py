@@ -233,34 +233,37 @@ def _precision(claims: dict, default_m: float) -> float:
     """The token's ``precision_m`` claim (0, or metres in [MIN_PRECISION_M,
     MAX_PRECISION_M]), or the server's default when the token has none;
     UNAUTHENTICATED otherwise."""
-    value = claims.get(PRECISION_CLAIM)
-    if value is None:
+    metres = _number(claims, PRECISION_CLAIM, "metres")
+    if metres is None:
         return default_m
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise Unauthenticated(f"token {PRECISION_CLAIM} must be a number of metres")
-    try:
-        metres = float(value)
-    except OverflowError:  # an integer beyond any float
-        metres = math.inf
     if metres != 0 and not MIN_PRECISION_M <= metres <= MAX_PRECISION_M:
         raise Unauthenticated(
             f"token {PRECISION_CLAIM} must be 0 (exact) or a number of metres from "
-            f"{MIN_PRECISION_M:g} to {MAX_PRECISION_M:.0f}, not {reprlib.repr(value)}"
+            f"{MIN_PRECISION_M:g} to {MAX_PRECISION_M:.0f}, "
+            f"not {reprlib.repr(claims[PRECISION_CLAIM])}"
         )
     return metres
 
 
-def _seconds(claims: dict, name: str) -> float | None:
-    """A time claim as seconds since the epoch: a finite JSON number, or None."""
+def _number(claims: dict, name: str, unit: str) -> float | None:
+    """A claim that must be a JSON number, as a float (an integer beyond any float
+    is infinite), or None when the token has none; UNAUTHENTICATED otherwise."""
     value = claims.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise Unauthenticated(f"token {name} must be a number of seconds")
+        raise Unauthenticated(f"token {name} must be a number of {unit}")
     try:
-        seconds = float(value)
-    except OverflowError:  # an integer beyond any float
-        seconds = math.inf
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def _seconds(claims: dict, name: str) -> float | None:
+    """A time claim as seconds since the epoch: a finite JSON number, or None."""
+    seconds = _number(claims, name, "seconds")
+    if seconds is None:
+        return None
     if not math.isfinite(seconds):
         raise Unauthenticated(f"token {name} must be a finite number of seconds")
     return seconds
