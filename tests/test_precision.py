@@ -326,3 +326,79 @@ async def test_default_precision_applies_without_a_claim(start_server, bus) -> N
         (coarse,) = await last(stubs, as_caller(stubs.tenant), "4716")
 
     assert_coarse(coarse, exact)
+
+
+def visits(start_ms: int) -> track_pb2.ColumnarFixes:
+    """A car parked at A (15 min), driven 2 km north to B (10 min parked), back to
+    A (15 min), then away: a fix every 20 s, parked fixes jittering by up to 12 m,
+    so that each stop's fixes fall in several cells of a fine grid."""
+    rng = np.random.default_rng(7)
+    home, away = (53.40, -2.98), (53.418, -2.98)
+    legs: list[tuple[tuple[float, float], tuple[float, float], int, bool]] = [
+        (home, home, 45, True),
+        (home, away, 10, False),
+        (away, away, 30, True),
+        (away, home, 10, False),
+        (home, home, 45, True),
+        (home, away, 10, False),
+    ]
+    lat: list[float] = []
+    lon: list[float] = []
+    for (lat0, lon0), (lat1, lon1), count, parked in legs:
+        part = np.linspace(0.0, 1.0, count, endpoint=False)
+        along_lat, along_lon = lat0 + (lat1 - lat0) * part, lon0 + (lon1 - lon0) * part
+        if parked:
+            along_lat = along_lat + rng.uniform(-1e-4, 1e-4, count)
+            along_lon = along_lon + rng.uniform(-1.5e-4, 1.5e-4, count)
+        lat += along_lat.tolist()
+        lon += along_lon.tolist()
+    return track_pb2.ColumnarFixes(
+        device_ids=["car"],
+        device_index=[0] * len(lat),
+        seq=list(range(1, len(lat) + 1)),
+        time_ms=[start_ms + 20_000 * i for i in range(len(lat))],
+        lat=lat,
+        lon=lon,
+        accuracy_m=[5.0] * len(lat),
+    )
+
+
+def on_grid(point: common_pb2.LatLng, precision_m: float) -> bool:
+    lat, lon, _ = snap([point.lat], [point.lon], precision_m)
+    return (point.lat, point.lon) == (lat[0], lon[0])
+
+
+async def test_stop_and_place_centres_are_cell_centres(served) -> None:
+    """A stop's centre and a frequent place's are derived from many fixes; for a
+    coarse caller they are cell centres too (an average of several cells' centres
+    would lie between them, finer than the grid), and a stop's radius is a whole
+    number of cells."""
+    _, stubs = served
+    fine_m = 20.0
+    fine = as_caller(stubs.tenant, precision_m=fine_m)
+    start_ms = now_ms() - 3 * 3_600_000
+    answer = await stubs.track.PublishBatch(
+        track_pb2.PublishBatchRequest(columns=visits(start_ms)), metadata=stubs.admin
+    )
+    assert answer.stored == 150
+    span = {"device_id": "car", "start_ms": start_ms, "end_ms": now_ms()}
+
+    async def stops(metadata) -> list[history_pb2.Stop]:
+        request = history_pb2.ListStopsRequest(**span)
+        return list((await stubs.history.ListStops(request, metadata=metadata)).stops)
+
+    async def places(metadata) -> list[history_pb2.FrequentPlace]:
+        request = history_pb2.FrequentPlacesRequest(**span, place_radius_m=200)
+        answer = await stubs.history.FrequentPlaces(request, metadata=metadata)
+        return list(answer.places)
+
+    exact_stops, coarse_stops = await stops(stubs.exact), await stops(fine)
+    assert len(exact_stops) == len(coarse_stops) == 3
+    assert not any(on_grid(s.center, fine_m) for s in exact_stops)
+    for stop in coarse_stops:
+        assert on_grid(stop.center, fine_m)
+        assert stop.radius_m % fine_m == 0
+    coarse_places = await places(fine)
+    assert [p.visit_count for p in coarse_places] == [2, 1]
+    assert all(on_grid(p.center, fine_m) for p in coarse_places)
+    assert not any(on_grid(p.center, fine_m) for p in await places(stubs.exact))

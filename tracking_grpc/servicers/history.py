@@ -49,9 +49,21 @@ def _place(place) -> history_pb2.Place:
     )
 
 
-def _frequent(place: patterns.Place) -> history_pb2.FrequentPlace:
+def _on_grid(lat: float, lon: float, precision_m: float) -> common_pb2.LatLng:
+    """A derived position (an average of fixes) as a caller limited to
+    ``precision_m`` may see it: averaging cell centres lands between them, finer
+    than the grid, so it goes back to its cell's centre (0: unchanged)."""
+    if precision_m <= 0:
+        return _latlng(lat, lon)
+    cell_lat, cell_lon, _ = precision.snap([lat], [lon], precision_m)
+    return _latlng(float(cell_lat[0]), float(cell_lon[0]))
+
+
+def _frequent(
+    place: patterns.Place, precision_m: float = 0.0
+) -> history_pb2.FrequentPlace:
     return history_pb2.FrequentPlace(
-        center=_latlng(place.lat, place.lon),
+        center=_on_grid(place.lat, place.lon, precision_m),
         visit_count=place.visit_count,
         total_dwell_s=place.total_dwell_s,
         first_visit_ms=place.first_visit_ms,
@@ -183,15 +195,17 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
         self, request: history_pb2.ListStopsRequest, context: grpc.aio.ServicerContext
     ) -> history_pb2.ListStopsResponse:
         """Stops in a time range."""
-        found = await self._load(self._caller(context), request)
+        caller = self._caller(context)
+        found = await self._load(caller, request)
+        coarse = caller.precision_m
         return history_pb2.ListStopsResponse(
             stops=[
                 history_pb2.Stop(
                     start_ms=s.start_ms,
                     end_ms=s.end_ms,
                     duration_s=s.duration_s,
-                    center=_latlng(s.lat, s.lon),
-                    radius_m=s.radius_m,
+                    center=_on_grid(s.lat, s.lon, coarse),
+                    radius_m=float(precision.round_m(s.radius_m, coarse)),
                     fix_count=s.fix_count,
                 )
                 for s in found.stops()
@@ -253,7 +267,9 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             raise InvalidArgument("limit", "at most 1000")
         found = await self._load(caller, request)
         places = patterns.frequent_places(found.stops(), radius)[:limit]
-        return history_pb2.FrequentPlacesResponse(places=[_frequent(p) for p in places])
+        return history_pb2.FrequentPlacesResponse(
+            places=[_frequent(p, caller.precision_m) for p in places]
+        )
 
     async def HomeWork(
         self, request: history_pb2.HomeWorkRequest, context: grpc.aio.ServicerContext
@@ -270,11 +286,15 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
         response = history_pb2.HomeWorkResponse(time_zone=zone)
         if home is not None:
             response.home.CopyFrom(
-                history_pb2.RolePlace(place=_frequent(home[0]), role_dwell_s=home[1])
+                history_pb2.RolePlace(
+                    place=_frequent(home[0], caller.precision_m), role_dwell_s=home[1]
+                )
             )
         if work is not None:
             response.work.CopyFrom(
-                history_pb2.RolePlace(place=_frequent(work[0]), role_dwell_s=work[1])
+                history_pb2.RolePlace(
+                    place=_frequent(work[0], caller.precision_m), role_dwell_s=work[1]
+                )
             )
         return response
 
