@@ -6,6 +6,7 @@ fixes are stored exactly."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 import uuid
@@ -402,3 +403,33 @@ async def test_stop_and_place_centres_are_cell_centres(served) -> None:
     assert [p.visit_count for p in coarse_places] == [2, 1]
     assert all(on_grid(p.center, fine_m) for p in coarse_places)
     assert not any(on_grid(p.center, fine_m) for p in await places(stubs.exact))
+
+
+async def test_activity_shows_cell_centres_and_whole_cells(served, bus) -> None:
+    """GetActivity for a coarse caller: the live and smoothed positions are cell
+    centres, and the distances that place the device are whole cells."""
+    _, stubs = served
+    await publish(stubs, bus, "4716")
+    request = history_pb2.GetActivityRequest(device_id="4716")
+
+    async def activity(metadata) -> history_pb2.GetActivityResponse:
+        return await stubs.history.GetActivity(request, metadata=metadata)
+
+    # The processors run after the commit: wait until the state stops changing.
+    exact, before = None, None
+    async with asyncio.timeout(10):
+        while exact is None or exact != before:
+            await asyncio.sleep(0.3)
+            with contextlib.suppress(grpc.aio.AioRpcError):  # NOT_FOUND at first
+                exact, before = await activity(stubs.exact), exact
+    coarse = await activity(stubs.coarse)
+    assert await activity(stubs.exact) == exact
+
+    assert exact.odometer_m > CELL_M
+    for point in ("position", "smoothed_position"):
+        e, c = getattr(exact, point), getattr(coarse, point)
+        lat, lon, _ = snap([e.lat], [e.lon], CELL_M)
+        assert (c.lat, c.lon) == (lat[0], lon[0]) != (e.lat, e.lon)
+    assert coarse.odometer_m == round(exact.odometer_m / CELL_M) * CELL_M
+    assert coarse.trip_distance_m % CELL_M == 0
+    assert (coarse.motion, coarse.in_trip) == (exact.motion, exact.in_trip)
