@@ -64,3 +64,20 @@ def test_a_one_off_command_checks_only_its_own_settings() -> None:
     with pytest.raises(InvalidArgument) as raised:
         config.load(args, env=bad, only=cli.MIGRATE_SETTINGS)
     assert raised.value.field == "database_timeout_s"
+
+
+@pytest.mark.parametrize(
+    ("argv", "unknown"),
+    [
+        (["migrate", "--listen", "127.0.0.1:1"], "--listen 127.0.0.1:1"),
+        (["purge", "--bogus"], "--bogus"),
+        (["positions", "car-1", "--bogus"], "--bogus"),
+    ],
+)
+def test_an_unknown_flag_shows_its_subcommands_usage(argv, unknown, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.parse(argv)
+    error = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert error.startswith(f"usage: tracking {argv[0]} ")
+    assert error.rstrip().endswith(f"unrecognized arguments: {unknown}")

@@ -249,11 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="subcommand", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)
+    for name, subparser in subparsers.choices.items():
+        subparser.set_defaults(subcommand_parser=subparser, subcommand=name)
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's arguments; an unknown one is reported with the usage of
+    its subcommand (``tracking migrate --help``), not the whole tool's."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.subcommand_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         before_loop = getattr(args, "before_loop", None)
         handled = before_loop(args) if before_loop is not None else None
