@@ -59,6 +59,8 @@ def assert_settled_once(result: dict) -> None:
     assert result["watch"]["count"] > 0 and result["ack"]["count"] > 0
     stalls = result["server"]["stalls"]  # from the server's /metrics
     assert stalls["loop_lag_samples"] > 0 and "young" in stalls["gc"]
+    # A message's ack time is its wait for a group commit and the commit's write.
+    assert stalls["commit_wait"]["count"] > 0 and stalls["server_ack"]["count"] > 0
     # What the run's own processes did not use of what the machine did.
     assert result["other_work_cores"] < result["machine_busy_cores"]
 

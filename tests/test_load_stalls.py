@@ -70,6 +70,7 @@ def test_server_ack_and_commit_times_are_summarised(endpoint):
         metrics.fix_acked(seconds)
     for backend, seconds in (("postgres", 0.002), ("postgres", 0.004), ("x", 0.06)):
         metrics.storage_flushed(backend, 20, seconds)
+    metrics.commit_started(10_000, [9_998, 9_980, 9_970])
     found = stalls.between(before, stalls.snapshot(endpoint))
     ack = found["server_ack"]
     assert ack["count"] == 100
@@ -79,7 +80,10 @@ def test_server_ack_and_commit_times_are_summarised(endpoint):
     assert ack["mean_ms"] == pytest.approx((98 * 3 + 30 + 200) / 100, abs=0.01)
     commit = found["commit"]  # summed over backends
     assert (commit["count"], commit["over_ms"]["50"]) == (3, 1)
+    wait = found["commit_wait"]
+    assert (wait["count"], wait["over_ms"]["10"], wait["over_ms"]["25"]) == (3, 2, 1)
     assert "server ack mean" in stalls.describe(found)
+    assert "wait for commit mean" in stalls.describe(found)
 
 
 def test_an_empty_registry_reads_as_no_stalls():
@@ -96,5 +100,6 @@ def test_an_empty_registry_reads_as_no_stalls():
         "loop_lag_longest_at_most_ms": None,
         "gc": {},
         "server_ack": nothing,
+        "commit_wait": nothing,
         "commit": nothing,
     }

@@ -306,6 +306,7 @@ class IngestPipeline:
         still count as queued until the end, so ``max_pending_fixes`` bounds what
         waits behind them.
         """
+        metrics.commit_started(time.time() * 1000, [i.received_ms for i in items])
         try:
             by_tenant: dict[str, list[_Pending]] = defaultdict(list)
             for item in items:

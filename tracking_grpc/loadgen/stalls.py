@@ -21,8 +21,14 @@ from prometheus_client.parser import text_string_to_metric_families
 LOOP_LAG = "tracking_event_loop_lag_seconds"
 GC_PAUSE = "tracking_gc_pause_seconds"
 SERVER_ACK = "tracking_fix_ack_seconds"
+COMMIT_WAIT = "tracking_commit_wait_seconds"
 COMMIT = "tracking_storage_flush_seconds"
-KEYS = {LOOP_LAG: "loop", SERVER_ACK: "server_ack", COMMIT: "commit"}
+KEYS = {
+    LOOP_LAG: "loop",
+    SERVER_ACK: "server_ack",
+    COMMIT_WAIT: "commit_wait",
+    COMMIT: "commit",
+}
 THRESHOLDS_MS = (10, 25, 100)
 TIME_THRESHOLDS_MS = (10, 25, 50, 100)
 GENERATIONS = {"0": "young", "1": "middle", "2": "full"}
@@ -87,6 +93,7 @@ def between(before: dict[str, Histogram], after: dict[str, Histogram]) -> dict:
     spans = {k: h.minus(before.get(k, Histogram())) for k, h in after.items()}
     loop = spans.pop("loop", Histogram())
     server_ack = spans.pop("server_ack", Histogram())
+    commit_wait = spans.pop("commit_wait", Histogram())
     commit = spans.pop("commit", Histogram())
     out: dict = {
         "loop_lag_samples": int(loop.count),
@@ -94,6 +101,7 @@ def between(before: dict[str, Histogram], after: dict[str, Histogram]) -> dict:
         "loop_lag_longest_at_most_ms": _ms(loop.longest_at_most_s()),
         "gc": {},
         "server_ack": _times(server_ack),
+        "commit_wait": _times(commit_wait),
         "commit": _times(commit),
     }
     for generation, pauses in sorted(spans.items()):
@@ -132,7 +140,11 @@ def describe(stalls: dict) -> str:
             f"GC {name} {gc['passes']} passes, {gc['paused_s']} s, "
             f"longest <= {gc['longest_at_most_ms']} ms"
         )
-    for name, label in (("server_ack", "server ack"), ("commit", "commit")):
+    for name, label in (
+        ("server_ack", "server ack"),
+        ("commit_wait", "wait for commit"),
+        ("commit", "commit"),
+    ):
         times = stalls.get(name)
         if times and times["count"]:
             parts.append(

@@ -123,6 +123,13 @@ class Metrics:
             buckets=LATENCY_S,
             registry=r,
         )
+        self.commit_wait_seconds = Histogram(
+            "tracking_commit_wait_seconds",
+            "time from receiving a message of fixes to the start of its group "
+            "commit (the rest of its ack time is the commit's write)",
+            buckets=LATENCY_S,
+            registry=r,
+        )
         self.events = Counter(
             "tracking_events", "events emitted, by type", ["type"], registry=r
         )
@@ -438,6 +445,14 @@ def fixes_acked(now_ms: float, received_ms: list[int]) -> None:
     if _m is None or not received_ms:
         return
     observe_many(_m.ack_seconds, [(now_ms - r) / 1000 for r in received_ms])
+
+
+def commit_started(now_ms: float, received_ms: list[int]) -> None:
+    """A group commit starts at ``now_ms`` with submissions received at
+    ``received_ms``: how long each waited for it (as :func:`fixes_acked`)."""
+    if _m is None or not received_ms:
+        return
+    observe_many(_m.commit_wait_seconds, [(now_ms - r) / 1000 for r in received_ms])
 
 
 def observe_many(histogram: Histogram, amounts: list[float]) -> None:
