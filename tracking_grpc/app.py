@@ -100,11 +100,14 @@ async def open_app(settings: Settings) -> App:
     hub = WatchHub(broker, live, settings.max_watchers)
     await hub.start()
     pipeline = IngestPipeline(settings, history, live, broker, bus)
+    shared_live = hasattr(live, "needs_rebuild")  # Redis: a round trip per update
+    if shared_live:
+        pipeline.early_watchers = hub
     activity = ActivityProcessor(ActivityConfig.from_file(settings.activity_config))
     pipeline.add_processor(activity)
     pipeline.start()
     closers: list[Callable[[], Awaitable[None]]] = []
-    if hasattr(live, "needs_rebuild"):  # shared live state that can lose updates
+    if shared_live:  # shared live state can lose updates
         repairer = LiveRepairer(history, live, on_rebuilt=hub.catch_up)
         repairer.start()
         closers.append(repairer.stop)

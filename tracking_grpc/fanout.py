@@ -208,6 +208,7 @@ class WatchHub:
         self.max_watchers = max_watchers
         self._watchers: dict[str, set[Watcher]] = {}
         self._count = 0
+        self._added = 0  # watchers ever added (see offer_early)
         self._shrinking: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -225,6 +226,7 @@ class WatchHub:
             )
         self._watchers.setdefault(watcher.tenant, set()).add(watcher)
         self._count += 1
+        self._added += 1
         metrics.watcher_opened()
         try:
             await self.broker.interest_changed()
@@ -263,6 +265,26 @@ class WatchHub:
 
     async def deliver(self, updates: FixBatch) -> None:
         """Broker handler: offer new live positions to the tenant's watchers."""
+        self._offer(updates)
+
+    def offer_early(self, updates: FixBatch) -> int:
+        """Offer newly stored positions to this process's watchers before their
+        live write (a round trip to Redis) instead of after it; returns a mark
+        for :meth:`added_since`.
+
+        Each watcher takes only what is newer than it was sent, so a position
+        another process has since overtaken is dropped or replaced, never sent
+        after the newer one. A watcher added meanwhile may read its snapshot
+        before the live write lands: the publisher then delivers the updates
+        once more after the write (see ``added_since``), so it misses nothing."""
+        self._offer(updates)
+        return self._added
+
+    def added_since(self, mark: int) -> bool:
+        """Whether a watcher was added after ``offer_early`` returned ``mark``."""
+        return self._added != mark
+
+    def _offer(self, updates: FixBatch) -> None:
         for watcher in list(self._watchers.get(updates.tenant, ())):
             watcher.offer(updates)
 

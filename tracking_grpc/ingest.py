@@ -24,7 +24,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -103,6 +103,14 @@ class _Pending:
     rows: list[FixRow] | None = None
 
 
+class EarlyWatchers(Protocol):
+    """This process's watchers, offered stored fixes before their live write."""
+
+    def offer_early(self, updates: FixBatch) -> int: ...
+
+    def added_since(self, mark: int) -> bool: ...
+
+
 class IngestPipeline:
     """Validates, group-commits and post-processes fixes."""
 
@@ -124,6 +132,9 @@ class IngestPipeline:
             max_age_ms=int(settings.max_fix_age_s * 1000),
         )
         self.processors: list[FixProcessor] = []
+        # Set when the live store is shared (Redis): this process's watchers then
+        # get new positions without waiting for the live write's round trip.
+        self.early_watchers: EarlyWatchers | None = None
         self.backend = metrics.backend_name(history)
         self.storage_healthy = True
         self.live_healthy = True
@@ -450,9 +461,11 @@ class IngestPipeline:
             for n, piece in enumerate(_live_pieces(stored)):
                 if n:
                     await asyncio.sleep(0)  # streams are served in between
+                mark = self._offer_early(piece)
                 moved = await self.live.update(piece)
                 if len(moved):
-                    await self.broker.publish(moved)
+                    local = mark is None or self._added_since(mark)
+                    await self.broker.publish(moved, local=local)
             if not self.live_healthy:
                 log.warning("live updates resumed")
             self.live_healthy = True
@@ -466,6 +479,23 @@ class IngestPipeline:
             # type): counted, so an alert can tell it from an outage.
             metrics.live_update_failed("error")
             log.exception("live update failed; history is intact")
+
+    def _offer_early(self, piece: FixBatch) -> int | None:
+        """Offer the piece's newest fix per device to this process's watchers
+        before the live write; the watchers' mark, or None when not offered."""
+        if self.early_watchers is None:
+            return None
+        try:
+            return self.early_watchers.offer_early(
+                piece.take(piece.newest_per_device())
+            )
+        except Exception:  # the publish after the live write offers them again
+            log.exception("early offer to watchers failed")
+            return None
+
+    def _added_since(self, mark: int) -> bool:
+        assert self.early_watchers is not None
+        return self.early_watchers.added_since(mark)
 
     def _waiting_work(
         self, first: tuple[FixBatch, tracing.SpanContext]

@@ -138,8 +138,10 @@ CatchUp = Callable[[], Awaitable[None]]
 class Broker(Protocol):
     """Carries live updates to the server processes whose watchers want them."""
 
-    async def publish(self, updates: FixBatch) -> None:
-        """Called once the updates' live write has completed."""
+    async def publish(self, updates: FixBatch, local: bool = True) -> None:
+        """Called once the updates' live write has completed; ``local`` false
+        leaves out this process's own watchers (they were offered the updates
+        already)."""
         ...
 
     async def subscribe(

@@ -161,8 +161,8 @@ class LocalBroker:
     def __init__(self) -> None:
         self._handler: UpdateHandler | None = None
 
-    async def publish(self, updates: FixBatch) -> None:
-        if self._handler is None:
+    async def publish(self, updates: FixBatch, local: bool = True) -> None:
+        if self._handler is None or not local:
             return
         try:
             await self._handler(updates)

@@ -126,12 +126,13 @@ class RedisBroker:
     def channel_of(self, process: str) -> str:
         return f"{self.prefix}fanout:{{{process}}}"
 
-    async def publish(self, updates: FixBatch) -> None:
-        """Deliver to this process's watchers, and send other processes what their
-        interest matches (see the module docstring for the ordering)."""
+    async def publish(self, updates: FixBatch, local: bool = True) -> None:
+        """Deliver to this process's watchers (unless not ``local``), and send
+        other processes what their interest matches (see the module docstring for
+        the ordering)."""
         if len(updates) == 0:
             return
-        if self._handler is not None:
+        if self._handler is not None and local:
             await self._deliver(updates)
         with unavailable("live fan-out"):
             client = await self.redis.get()
