@@ -155,3 +155,30 @@ async def test_a_device_without_a_checkpoint_starts_afresh(history) -> None:
     await run(fresh, None, chunks[cut : cut + 1])
     assert after.state(tenant, device) == fresh.state(tenant, device)
     assert await after.current(tenant, "never-seen") is None
+
+
+async def test_a_restore_beside_many_new_devices(history) -> None:
+    tenant = unique_tenant()
+    chunks = trace_chunks(CAR, tenant)
+    cut = len(chunks) // 2
+    before = ActivityProcessor(store=history)
+    await run(before, history, chunks[:cut])
+    await before.save_checkpoints()
+    first = chunks[cut]
+    newcomers = FixBatch.from_columns(
+        tenant,
+        [f"new-{i:03d}" for i in range(100)],
+        np.ones(100),
+        np.full(100, first.time_ms[0]),
+        np.full(100, 45.0),
+        np.full(100, 13.0),
+    ).with_received(int(first.received_ms[0]))
+
+    after = ActivityProcessor(store=history)  # its columns grow on the way
+    await run(after, history, [FixBatch.concat([first, newcomers])])
+
+    device = str(first.device[0])
+    assert (
+        after.state(tenant, device).odometer_m > before.state(tenant, device).odometer_m
+    )
+    assert after.state(tenant, "new-099").online

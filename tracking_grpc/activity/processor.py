@@ -274,7 +274,8 @@ class ActivityProcessor:
         replay, restored = await self._restore(state, stored.tenant, unknown)
         if not restored:
             return stored
-        applied = state.cols["last_ms"][state.slot_of(stored.device)]
+        slots = state.slot_of(stored.device)  # first: it may grow the columns
+        applied = state.cols["last_ms"][slots]
         keep = ~np.isin(devices, restored) | (stored.time_ms <= applied)
         return FixBatch.concat([stored.take(keep), replay]).sorted_by_device_time()
 
