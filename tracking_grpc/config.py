@@ -291,6 +291,7 @@ ZERO_OR_MORE = (
     "dwell_lateness_s",
     "route_eta_change_s",
     "retention_days",
+    "activity_checkpoint_s",
     "stream_window_kb",
     "default_precision_m",
 )

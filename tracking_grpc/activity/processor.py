@@ -133,15 +133,16 @@ class _Tenant:
 
     def checkpoints(self, tenant: str) -> Checkpoints:
         """Checkpoints of the slots changed since their last, which are marked
-        saved (devices that have applied no fix yet wait)."""
-        size = len(self.names)
-        slots = np.flatnonzero(self.dirty[:size] & (self.cols["last_ms"][:size] >= 0))
+        saved. A device that has applied no fix yet (its fixes wait for a stop
+        to be ruled in or out) is saved for its tail."""
+        slots = np.flatnonzero(self.dirty[: len(self.names)])
+        tail_ms = self.tail.first_time_ms(slots)
+        has_state = (self.cols["last_ms"][slots] >= 0) | (tail_ms >= 0)
+        slots, tail_ms = slots[has_state], tail_ms[has_state]
         self.dirty[slots] = False
         kalman = {name: getattr(self.kalman, name)[slots] for name in KALMAN_FIELDS}
         states = _CODEC.pack(
-            {name: self.cols[name][slots] for name in _COLUMNS},
-            self.tail.first_time_ms(slots),
-            kalman,
+            {name: self.cols[name][slots] for name in _COLUMNS}, tail_ms, kalman
         )
         names = [self.names[s] for s in slots.tolist()]
         return Checkpoints(tenant, names, self.cols["last_ms"][slots].copy(), states)
@@ -290,14 +291,14 @@ class ActivityProcessor:
             chunk = devices[start : start + RESTORE_DEVICES]
             saved = await self.store.load_checkpoints(tenant, chunk)
             records = _CODEC.unpack(saved.states)
-            usable = records["version"] == CHECKPOINT_VERSION
+            last_ms, tail_ms = records["last_ms"], records["tail_ms"]
+            since = np.where(tail_ms >= 0, tail_ms, last_ms)
+            since = np.where(last_ms >= 0, np.minimum(since, last_ms), since)
+            usable = (records["version"] == CHECKPOINT_VERSION) & (since >= 0)
             if not usable.any():
                 continue
             names = [d for d, ok in zip(saved.devices, usable, strict=True) if ok]
-            records = records[usable]
-            tail_ms = records["tail_ms"]
-            since = np.where(tail_ms >= 0, tail_ms, records["last_ms"])
-            since = np.minimum(since, records["last_ms"])
+            records, since = records[usable], since[usable]
             fixes = await self.store.fixes_since(
                 tenant, dict(zip(names, since.tolist(), strict=True))
             )

@@ -268,13 +268,17 @@ WHERE excluded.applied_ms >= c.applied_ms
 """
 
 # A restore's fixes: each device's from its own time on, one primary-key range
-# scan per device; the lowest bound keeps the scans to the partitions needed.
+# scan per device (the lowest bound keeps the scans to the partitions needed), in
+# binary like HISTORY, each row with its device's position in the list (from 1).
 FIXES_SINCE = f"""
-SELECT %(tenant)s, c.device, {READ_COLUMNS}
-FROM unnest(%(devices)s::text[], %(since_ms)s::bigint[]) AS c(device, since_ms)
-JOIN fixes f ON f.tenant = %(tenant)s AND f.device = c.device
-    AND f.time_ms >= c.since_ms AND f.time_ms >= %(first_ms)s
-ORDER BY c.device, f.time_ms
+COPY (
+    SELECT {READ_COLUMNS}, c.i::integer
+    FROM unnest({{devices}}::text[], {{since}}::bigint[]) WITH ORDINALITY
+        AS c(device, since_ms, i)
+    JOIN fixes f ON f.tenant = {{tenant}} AND f.device = c.device
+        AND f.time_ms >= c.since_ms AND f.time_ms >= {{first}}
+    ORDER BY c.i, f.time_ms
+) TO STDOUT (FORMAT BINARY)
 """
 
 # The retry's check (``stored_as_received``): each fix of the batch against the
@@ -605,18 +609,21 @@ class PostgresHistoryStore:
             return FixBatch.empty(tenant)
         devices = sorted(since_ms)
         starts = [int(since_ms[d]) for d in devices]
-        rows = await self._fetch(
-            FIXES_SINCE,
-            {
-                "tenant": tenant,
-                "devices": text_array(devices),
-                "since_ms": starts,
-                "first_ms": min(starts),
-            },
+        query = sql.SQL(FIXES_SINCE).format(
+            tenant=sql.Literal(tenant),
+            devices=sql.Literal(text_array(devices)),
+            since=sql.Literal("{" + ",".join(map(str, starts)) + "}"),
+            first=sql.Literal(min(starts)),
         )
-        if not rows:
-            return FixBatch.empty(tenant)
-        return _batch_from_tuples(tenant, rows)
+
+        async def copy_out(conn: psycopg.AsyncConnection) -> bytes:
+            async with conn.cursor().copy(query) as copy:
+                return b"".join([bytes(chunk) async for chunk in copy])
+
+        data = await self._read(copy_out, "cannot read")
+        rows = pgcopy.decode_rows(data, (*READ_TYPES, ">i4"))
+        names = np.array(devices, dtype=object)[rows[f"f{len(READ_TYPES)}"] - 1]
+        return _batch_from_rows(tenant, names, rows)
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless PostgreSQL answers a query now."""
