@@ -182,3 +182,26 @@ async def test_a_restore_beside_many_new_devices(history) -> None:
         after.state(tenant, device).odometer_m > before.state(tenant, device).odometer_m
     )
     assert after.state(tenant, "new-099").online
+
+
+async def test_a_device_back_from_another_process_continues_there(history) -> None:
+    """Its fixes went to another process for a while (it went offline here):
+    this process takes the other's newer checkpoint instead of its own state."""
+    tenant = unique_tenant()
+    chunks = trace_chunks(CAR, tenant)
+    third = len(chunks) // 3
+    reference = ActivityProcessor()
+    await run(reference, None, chunks)
+    here, there = ActivityProcessor(store=history), ActivityProcessor(store=history)
+    await run(here, history, chunks[:third])
+    await here.save_checkpoints()
+    await run(there, history, chunks[third : 2 * third])
+    await there.save_checkpoints()
+    await here.tick(time.time_ns() // 1_000_000 + 3_600_000)  # offline here
+
+    await run(here, history, chunks[2 * third :])
+
+    device = str(chunks[0].device[0])
+    got, want = here.state(tenant, device), reference.state(tenant, device)
+    assert got.odometer_m == pytest.approx(want.odometer_m, abs=1.0)
+    assert (got.in_trip, got.trip_since_ms) == (want.in_trip, want.trip_since_ms)

@@ -264,12 +264,21 @@ class ActivityProcessor:
         state.dirty[[s for s in slots if s is not None]] = True
 
     async def _with_restored(self, stored: FixBatch) -> FixBatch:
-        """``stored`` with the devices met for the first time restored: their
-        rows replaced by their stored fixes after the checkpoint (which include
-        the batch's; any older ones stay, as late fixes)."""
+        """``stored`` with the devices met for the first time, or back from
+        another process, restored: their rows replaced by their stored fixes
+        after the checkpoint (which include the batch's; any older ones stay, as
+        late fixes)."""
         state = self._tenant(stored.tenant)
         devices = stored.device.astype(str)
-        unknown = [d for d in np.unique(devices).tolist() if d not in state.slots]
+        names = np.unique(devices).tolist()
+        unknown = [d for d in names if d not in state.slots]
+        offline = [
+            d
+            for d in names
+            if d in state.slots and not state.cols["online"][state.slots[d]]
+        ]
+        if offline:
+            unknown += await self._moved_on(state, stored.tenant, offline)
         if not unknown:
             return stored
         replay, restored = await self._restore(state, stored.tenant, unknown)
@@ -279,6 +288,24 @@ class ActivityProcessor:
         applied = state.cols["last_ms"][slots]
         keep = ~np.isin(devices, restored) | (stored.time_ms <= applied)
         return FixBatch.concat([stored.take(keep), replay]).sorted_by_device_time()
+
+    async def _moved_on(
+        self, state: _Tenant, tenant: str, devices: list[str]
+    ) -> list[str]:
+        """Of devices back after going offline here, those another process has
+        applied later fixes of (so says their checkpoint): their state here is
+        dropped, to be restored."""
+        assert self.store is not None
+        saved = await self.store.load_checkpoints(tenant, devices)
+        applied = dict(zip(saved.devices, saved.applied_ms.tolist(), strict=True))
+        moved = [
+            d
+            for d in devices
+            if applied.get(d, -1) > state.cols["last_ms"][state.slots[d]]
+        ]
+        for device in moved:
+            self._drop(tenant, device)
+        return moved
 
     async def _restore(
         self, state: _Tenant, tenant: str, devices: list[str]
