@@ -1,14 +1,15 @@
 """Live activity across restarts and server processes, through real servers on the
 embedded and the production backends: a restarted server continues the odometer
-and the trip from the checkpoint saved at its clean stop, another process answers
-GetActivity for a device it never saw, and EraseDevice removes the checkpoint."""
+and the trip from the checkpoint saved at its clean stop, and EraseDevice removes
+the checkpoint; on the production backends, with ``tracking serve`` processes,
+another process answers GetActivity for a device it never saw, and one continues
+the trip of a process killed mid-trip."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -21,6 +22,7 @@ from tests.activity.helpers import stream
 from tests.backends import BACKENDS, backend_settings, unique_tenant
 from tests.conftest import TRACES, require_shared
 from tests.server_fixtures import embedded_settings, now_ms, track_session
+from tests.services import ServerProcess
 from tracking_grpc.activity.processor import DeviceActivity
 from tracking_grpc.config import Settings
 from tracking_grpc.core.fixes import FixBatch
@@ -73,7 +75,9 @@ def expected(batch: FixBatch) -> DeviceActivity:
     return state
 
 
-async def send(server: TrackingServer, tenant: str, batch: FixBatch) -> None:
+async def send(
+    server: TrackingServer | ServerProcess, tenant: str, batch: FixBatch
+) -> None:
     fixes = [
         common_pb2.Fix(seq=int(s), time_ms=int(t), lat=float(a), lon=float(o))
         for s, t, a, o in zip(
@@ -87,7 +91,7 @@ async def send(server: TrackingServer, tenant: str, batch: FixBatch) -> None:
 
 
 async def activity(
-    server: TrackingServer, tenant: str, time_ms: int
+    server: TrackingServer | ServerProcess, tenant: str, time_ms: int
 ) -> history_pb2.GetActivityResponse:
     """GetActivity of the car once it has applied the fix at ``time_ms``."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
@@ -139,28 +143,37 @@ async def test_a_restarted_server_continues_the_odometer_and_the_trip(
     assert after.trip_distance_m == pytest.approx(want.trip_distance_m, abs=1.0)
 
 
+@pytest.fixture
+def processes(production_env: dict[str, str]) -> Iterator[list[ServerProcess]]:
+    """Two ``tracking serve`` processes on the session's PostgreSQL and Redis,
+    saving checkpoints every 0.2 s; started by the test."""
+    env = {
+        **production_env,
+        "TRACKING_AUTH_MODE": "jwt",
+        "TRACKING_JWT_HS256_SECRET": SECRET,
+        "TRACKING_ACTIVITY_CHECKPOINT_S": "0.2",
+    }
+    made = [ServerProcess(env), ServerProcess(env)]
+    try:
+        yield made
+    finally:
+        for process in made:
+            process.stop()
+
+
+@pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.redis
-async def test_another_process_answers_for_a_device_it_never_saw(
-    servers, tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str
-) -> None:
-    settings = replace(
-        embedded_settings(tmp_path, auth_mode="jwt", jwt_hs256_secret=SECRET),
-        database_url=pg_url,
-        redis_url=redis_url,
-        redis_key_prefix=redis_prefix,
-        activity_checkpoint_s=0.2,
-    )
+async def test_another_process_answers_for_a_device_it_never_saw(processes) -> None:
     tenant, trace = unique_tenant(), car_trace()
-    receiving = await TrackingServer.start(settings)
-    other = await TrackingServer.start(settings)
-    servers += [receiving, other]
+    receiving, other = processes
+    receiving.start()
+    other.start()
     await send(receiving, tenant, trace)
     want = await activity(receiving, tenant, expected(trace).time_ms)
 
     got = await activity(other, tenant, want.time_ms)
 
-    assert other.app.activity.state(tenant, "car") is None  # a view, not kept
     assert got.odometer_m == pytest.approx(want.odometer_m, abs=1.0)
     assert (got.in_trip, got.trip_since_ms, got.in_stop, got.motion) == (
         want.in_trip,
@@ -169,6 +182,28 @@ async def test_another_process_answers_for_a_device_it_never_saw(
         want.motion,
     )
     assert got.online and got.time_ms == want.time_ms
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_after_a_crash_another_process_continues_the_trip(processes) -> None:
+    tenant, trace = unique_tenant(), car_trace()
+    half = trace.take(np.arange(len(trace) // 2))
+    crashing, taking_over = processes
+    crashing.start()
+    await send(crashing, tenant, half)
+    before = await activity(crashing, tenant, expected(half).time_ms)
+    await asyncio.sleep(1.0)  # a few checkpoint rounds
+    crashing.kill()
+
+    taking_over.start()
+    await send(taking_over, tenant, trace.take(np.arange(len(half), len(trace))))
+    want = expected(trace)
+    after = await activity(taking_over, tenant, want.time_ms)
+
+    assert after.in_trip and after.trip_since_ms == before.trip_since_ms
+    assert after.odometer_m == pytest.approx(want.odometer_m, abs=1.0)
 
 
 async def test_erasure_removes_the_checkpoint(servers, settings) -> None:
