@@ -205,3 +205,35 @@ async def test_a_device_back_from_another_process_continues_there(history) -> No
     got, want = here.state(tenant, device), reference.state(tenant, device)
     assert got.odometer_m == pytest.approx(want.odometer_m, abs=1.0)
     assert (got.in_trip, got.trip_since_ms) == (want.in_trip, want.trip_since_ms)
+
+
+class CountingReads:
+    """A store that counts the checkpoint reads made through it."""
+
+    def __init__(self, store) -> None:
+        self.store, self.loads = store, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+    async def load_checkpoints(self, tenant, devices):
+        self.loads += 1
+        return await self.store.load_checkpoints(tenant, devices)
+
+
+async def test_devices_already_held_cost_no_read(history) -> None:
+    tenant = unique_tenant()
+    counting = CountingReads(history)
+    chunks = trace_chunks(BUSES, tenant)
+    processor = ActivityProcessor(store=counting)  # type: ignore[arg-type]
+
+    await run(processor, history, chunks)
+
+    batches_with_newcomers = 0
+    held: set = set()
+    for chunk in chunks:
+        devices = set(chunk.device.tolist())
+        batches_with_newcomers += bool(devices - held)
+        held |= devices
+    assert len(held) == 8
+    assert counting.loads == batches_with_newcomers < len(chunks) // 4

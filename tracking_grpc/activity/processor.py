@@ -270,14 +270,12 @@ class ActivityProcessor:
         late fixes)."""
         state = self._tenant(stored.tenant)
         devices = stored.device.astype(str)
-        names = np.unique(devices).tolist()
-        unknown = [d for d in names if d not in state.slots]
-        offline = [
-            d
-            for d in names
-            if d in state.slots and not state.cols["online"][state.slots[d]]
-        ]
-        if offline:
+        names = np.unique(devices)
+        slots = np.array([state.slots.get(d, -1) for d in names.tolist()], np.intp)
+        known = slots >= 0
+        unknown = names[~known].tolist()
+        if known.any():
+            offline = names[known][~state.cols["online"][slots[known]]].tolist()
             unknown += await self._moved_on(state, stored.tenant, offline)
         if not unknown:
             return stored
@@ -295,7 +293,8 @@ class ActivityProcessor:
         """Of devices back after going offline here, those another process has
         applied later fixes of (so says their checkpoint): their state here is
         dropped, to be restored."""
-        assert self.store is not None
+        if not devices or self.store is None:
+            return []
         saved = await self.store.load_checkpoints(tenant, devices)
         applied = dict(zip(saved.devices, saved.applied_ms.tolist(), strict=True))
         moved = [
