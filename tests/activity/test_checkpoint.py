@@ -19,8 +19,10 @@ import pytest
 
 from tests.backends import unique_tenant
 from tests.conftest import TRACES, require_shared
+from tracking_grpc.activity import processor as processor_module
 from tracking_grpc.activity.processor import ActivityProcessor
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.errors import StorageUnavailable
 from tracking_grpc.events import EventType
 from tracking_grpc.storage.postgres import PostgresHistoryStore
 from tracking_grpc.storage.sqlite import SqliteHistoryStore
@@ -237,3 +239,40 @@ async def test_devices_already_held_cost_no_read(history) -> None:
         held |= devices
     assert len(held) == 8
     assert counting.loads == batches_with_newcomers < len(chunks) // 4
+
+
+class FailingRead(CountingReads):
+    """A store whose second read of fixes fails, as a database going away."""
+
+    def __init__(self, store) -> None:
+        super().__init__(store)
+        self.reads = 0
+
+    async def fixes_since(self, tenant, since_ms):
+        self.reads += 1
+        if self.reads == 2:
+            raise StorageUnavailable("gone for a moment")
+        return await self.store.fixes_since(tenant, since_ms)
+
+
+async def test_a_failed_restore_is_done_whole_on_the_retry(history, monkeypatch):
+    monkeypatch.setattr(processor_module, "RESTORE_DEVICES", 1)  # a read per device
+    tenant = unique_tenant()
+    chunks = trace_chunks(BUSES, tenant)
+    cut = len(chunks) // 2
+    rest = FixBatch.concat(chunks[cut:]).sorted_by_device_time()  # every device
+    reference = ActivityProcessor()
+    await run(reference, None, [*chunks[:cut], rest])
+    before = ActivityProcessor(store=history)
+    await run(before, history, chunks[:cut])
+    await before.save_checkpoints()
+    await history.store(rest)
+
+    after = ActivityProcessor(store=FailingRead(history))  # type: ignore[arg-type]
+    with pytest.raises(StorageUnavailable):
+        await after.process(rest)
+    await after.process(rest)  # the pipeline's retry
+
+    for device in np.unique(rest.device.astype(str)).tolist():
+        got, want = after.state(tenant, device), reference.state(tenant, device)
+        assert got.odometer_m == pytest.approx(want.odometer_m, abs=1.0), device

@@ -309,11 +309,13 @@ class ActivityProcessor:
     async def _restore(
         self, state: _Tenant, tenant: str, devices: list[str]
     ) -> tuple[FixBatch, list[str]]:
-        """Install the checkpoints of ``devices`` (a few thousand per read) and
-        refill their tails; the stored fixes to apply and the devices restored."""
-        replays, restored = [FixBatch.empty(tenant)], []
+        """Install the checkpoints of ``devices`` (read a few thousand at a time)
+        and refill their tails, once every read has succeeded (a failed restore
+        leaves them unknown, for the retry); the stored fixes to apply and the
+        devices restored."""
+        assert self.store is not None
+        read = []
         for start in range(0, len(devices), RESTORE_DEVICES):
-            assert self.store is not None
             chunk = devices[start : start + RESTORE_DEVICES]
             saved = await self.store.load_checkpoints(tenant, chunk)
             records = _CODEC.unpack(saved.states)
@@ -328,6 +330,9 @@ class ActivityProcessor:
             fixes = await self.store.fixes_since(
                 tenant, dict(zip(names, since.tolist(), strict=True))
             )
+            read.append((names, records, fixes))
+        replays, restored = [FixBatch.empty(tenant)], []
+        for names, records, fixes in read:
             state.install(names, records, _now_ms())
             replays.append(_refill_tails(state, names, fixes))
             restored += names
