@@ -79,6 +79,9 @@ BAD_SETTINGS = [
     ),
     pytest.param({"max_fix_age_s": math.inf}, "max_fix_age_s", id="age-infinite"),
     pytest.param({"retention_days": -1}, "retention_days", id="retention-negative"),
+    pytest.param(
+        {"activity_checkpoint_s": -1.0}, "activity_checkpoint_s", id="checkpoint-neg"
+    ),
     pytest.param(  # 10**20 days overflowed SQLite and PostgreSQL at purge time
         {"retention_days": 10**20}, "retention_days", id="retention-overflow"
     ),

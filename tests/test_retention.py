@@ -35,6 +35,7 @@ from tracking_grpc.cli import main
 from tracking_grpc.config import Settings
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.retention import DAY_MS, cutoff_ms
+from tracking_grpc.storage.base import Checkpoints
 from tracking_grpc.storage.postgres import PostgresHistoryStore
 from tracking_grpc.storage.sqlite import SqliteHistoryStore
 
@@ -97,6 +98,21 @@ async def test_purge_deletes_fixes_and_devices_past_the_cutoff(history) -> None:
         assert TODAY in {day for (day,) in days}
     else:
         assert (purged.fixes, purged.partitions) == (3, 0)
+
+
+async def test_purge_deletes_activity_checkpoints_applied_before_the_cutoff(
+    history,
+) -> None:
+    recent_ms = now_ms() - 60_000
+    saved = Checkpoints(
+        TENANT, ["old", "mixed"], np.array([OLD_MS, recent_ms]), [b"o", b"m"]
+    )
+    await history.save_checkpoints(saved)
+
+    await history.purge_before(cutoff_ms(now_ms(), 3))
+
+    kept = await history.load_checkpoints(TENANT, ["old", "mixed"])
+    assert kept.devices == ["mixed"]
 
 
 async def test_a_purge_with_nothing_old_deletes_nothing(history) -> None:

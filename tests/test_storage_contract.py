@@ -18,6 +18,7 @@ import pytest
 from tests.backends import unique_tenant
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.interest import TenantInterest
+from tracking_grpc.storage.base import Checkpoints
 from tracking_grpc.storage.memory import LocalBroker, MemoryLiveStore
 from tracking_grpc.storage.postgres import PostgresHistoryStore
 from tracking_grpc.storage.redis_broker import RedisBroker
@@ -178,6 +179,62 @@ async def test_count_and_erase_are_per_device(history) -> None:
     assert await history.erase_device(tenant, "a") == 2
     assert await history.count(tenant) == 1
     assert await history.device_states(tenant, ["a"]) == {}
+
+
+def checkpoints(tenant: str, rows: list[tuple[str, int, bytes]]) -> Checkpoints:
+    devices, applied, states = zip(*rows, strict=True) if rows else ((), (), ())
+    return Checkpoints(tenant, list(devices), np.array(applied), list(states))
+
+
+async def loaded(history, tenant: str, devices: list[str]) -> dict:
+    got = await history.load_checkpoints(tenant, devices)
+    pairs = zip(got.applied_ms.tolist(), got.states, strict=True)
+    return dict(zip(got.devices, pairs, strict=True))
+
+
+async def test_checkpoints_keep_the_one_that_covers_most(history) -> None:
+    tenant = unique_tenant()
+    await history.save_checkpoints(
+        checkpoints(tenant, [("a", 5, b"A5"), ("b", 5, b"B")])
+    )
+    await history.save_checkpoints(
+        checkpoints(tenant, [("a", 7, b"A7"), ("b", 3, b"x")])
+    )
+    assert await loaded(history, tenant, ["a", "b", "c"]) == {
+        "a": (7, b"A7"),
+        "b": (5, b"B"),  # a process that got less far does not overwrite it
+    }
+    assert await loaded(history, unique_tenant(), ["a"]) == {}
+
+
+async def test_erasure_deletes_the_checkpoint(history) -> None:
+    tenant = unique_tenant()
+    await history.store(fixes(tenant, [("a", 1, 0), ("b", 1, 0)]))
+    await history.save_checkpoints(
+        checkpoints(tenant, [("a", T0, b"A"), ("b", T0, b"B")])
+    )
+    await history.erase_device(tenant, "a")
+    assert list(await loaded(history, tenant, ["a", "b"])) == ["b"]
+    await history.erase_checkpoint(tenant, "b")
+    assert await loaded(history, tenant, ["a", "b"]) == {}
+
+
+async def test_fixes_since_reads_each_device_from_its_own_time(history) -> None:
+    tenant = unique_tenant()
+    rows = [
+        ("a", 1, 0),
+        ("a", 2, 5),
+        ("a", 3, 9),
+        ("b", 1, 2),
+        ("b", 2, 4),
+        ("c", 1, 1),
+    ]
+    await history.store(fixes(tenant, rows))
+    got = await history.fixes_since(tenant, {"b": T0 + 3000, "a": T0 + 5000})
+    assert list(zip(got.device.tolist(), got.seq.tolist(), strict=True)) == [
+        ("a", 2), ("a", 3), ("b", 2)
+    ]  # fmt: skip
+    assert len(await history.fixes_since(tenant, {})) == 0
 
 
 async def test_tenants_do_not_see_each_other(history) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tracking_grpc import erasure
+from tracking_grpc.activity.checkpoint import CheckpointWriter
 from tracking_grpc.activity.params import ActivityConfig
 from tracking_grpc.activity.processor import ActivityProcessor
 from tracking_grpc.auth import Authenticator
@@ -103,10 +104,18 @@ async def open_app(settings: Settings) -> App:
     shared_live = hasattr(live, "needs_rebuild")  # Redis: a round trip per update
     if shared_live:
         pipeline.early_watchers = hub
-    activity = ActivityProcessor(ActivityConfig.from_file(settings.activity_config))
+    checkpoints = history if settings.activity_checkpoint_s > 0 else None
+    activity = ActivityProcessor(
+        ActivityConfig.from_file(settings.activity_config), checkpoints
+    )
     pipeline.add_processor(activity)
     pipeline.start()
     closers: list[Callable[[], Awaitable[None]]] = []
+    drains: list[Callable[[float | None], Awaitable[None]]] = []
+    if checkpoints is not None:
+        writer = CheckpointWriter(activity, settings.activity_checkpoint_s)
+        writer.start()
+        drains.append(writer.stop)  # after the pipeline's last fixes
     if shared_live:  # shared live state can lose updates
         repairer = LiveRepairer(history, live, on_rebuilt=hub.catch_up)
         repairer.start()
@@ -114,6 +123,7 @@ async def open_app(settings: Settings) -> App:
     app = App(
         settings, history, live, broker, bus, auth, pipeline, hub, activity, closers
     )
+    app.drains += drains
     if settings.redis_url:  # other server processes may share the backends
         await _hear_erasures(app)
     return app

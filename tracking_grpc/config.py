@@ -150,6 +150,12 @@ class Settings:
     activity_config: str = setting(
         "", "TOML file of activity rules per tenant and device (docs/activity.md)"
     )
+    activity_checkpoint_s: float = setting(
+        10.0,
+        "seconds between saves of the live activity of devices that changed "
+        "(odometer, stop, trip...) to the history store, so that a restarted or "
+        "another server process continues it; 0 keeps it in the process only",
+    )
     retention_days: int = setting(
         0,
         "days of history kept: fixes and geofence events (stored and on the Redis "
@@ -285,6 +291,7 @@ ZERO_OR_MORE = (
     "dwell_lateness_s",
     "route_eta_change_s",
     "retention_days",
+    "activity_checkpoint_s",
     "stream_window_kb",
     "default_precision_m",
 )

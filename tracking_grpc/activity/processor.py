@@ -9,8 +9,13 @@ STOP_STARTED/ENDED, TRIP_STARTED/ENDED and OVERSPEED_STARTED/ENDED. ONLINE is
 raised on a device's first fix after silence; ``tick`` raises OFFLINE.
 
 Fixes older than a device's newest applied fix are stored but do not change its
-activity (history queries see them). State lives in the process: after a restart
-activity starts afresh from the next fixes.
+activity (history queries see them).
+
+With a history store, the state survives the process (``activity.checkpoint``):
+``save_checkpoints`` writes the devices that changed, and a device met for the first
+time (a fix, or ``current``) is restored from its checkpoint: the stored fixes up
+to the checkpoint's newest applied fix refill its tail, and those after it are
+applied as new (after a crash, again: their events keep their ``event_id``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tracking_grpc.activity.checkpoint import KALMAN_FIELDS, Codec
 from tracking_grpc.activity.groups import Groups, previous_where, runs
 from tracking_grpc.activity.motion import Motion, settle
 from tracking_grpc.activity.params import ActivityConfig, ActivityParams
@@ -31,11 +37,13 @@ from tracking_grpc.activity.track import Analysis, analyse
 from tracking_grpc.core import chunks
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.events import ActivityDetail, EventType, TrackingEvent, event_id
+from tracking_grpc.storage.base import Checkpoints, HistoryStore
 
 log = logging.getLogger(__name__)
 
 NO_TRIP, CANDIDATE, ACTIVE = 0, 1, 2
 INLINE_FIXES = 500  # larger batches are analysed in a worker thread
+RESTORE_DEVICES = 2_000  # devices restored per read of checkpoints and fixes
 MOTION_NAMES = {m: m.name.lower() for m in Motion}
 
 
@@ -84,6 +92,8 @@ _COLUMNS = {
     "smooth_lat": (np.float64, np.nan),
     "smooth_lon": (np.float64, np.nan),
 }
+CHECKPOINT_VERSION = 1  # raise when _COLUMNS or the Kalman filter's state change
+_CODEC = Codec(CHECKPOINT_VERSION, _COLUMNS)
 
 
 @dataclass
@@ -94,6 +104,8 @@ class _Tenant:
     cols: dict[str, np.ndarray] = field(default_factory=dict)
     kalman: KalmanFilter = field(default_factory=KalmanFilter)
     tail: Tail = field(default_factory=Tail)  # recent fixes of every device
+    # Per slot: changed since its checkpoint was last saved.
+    dirty: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
     def slot_of(self, devices: np.ndarray) -> np.ndarray:
         """Slots of device ids (one lookup per distinct device), new ones added."""
@@ -116,7 +128,37 @@ class _Tenant:
         for name, (dtype, fill) in _COLUMNS.items():
             extra = np.full(size - have, fill, dtype=dtype)
             self.cols[name] = np.concatenate([self.cols.get(name, extra[:0]), extra])
+        self.dirty = np.concatenate([self.dirty, np.zeros(size - have, dtype=bool)])
         self.kalman.grow(size)
+
+    def checkpoints(self, tenant: str) -> Checkpoints:
+        """Checkpoints of the slots changed since their last, which are marked
+        saved. A device that has applied no fix yet (its fixes wait for a stop
+        to be ruled in or out) is saved for its tail."""
+        slots = np.flatnonzero(self.dirty[: len(self.names)])
+        tail_ms = self.tail.first_time_ms(slots)
+        has_state = (self.cols["last_ms"][slots] >= 0) | (tail_ms >= 0)
+        slots, tail_ms = slots[has_state], tail_ms[has_state]
+        self.dirty[slots] = False
+        kalman = {name: getattr(self.kalman, name)[slots] for name in KALMAN_FIELDS}
+        states = _CODEC.pack(
+            {name: self.cols[name][slots] for name in _COLUMNS}, tail_ms, kalman
+        )
+        names = [self.names[s] for s in slots.tolist()]
+        return Checkpoints(tenant, names, self.cols["last_ms"][slots].copy(), states)
+
+    def install(self, names: list[str], records: np.ndarray, now_ms: int) -> None:
+        """Take devices' state from checkpoint records; a device silent for
+        ``offline_after_s`` comes back offline."""
+        slots = self.slot_of(np.array(names, dtype=object))
+        for name in _COLUMNS:
+            self.cols[name][slots] = records[name]
+        for name in KALMAN_FIELDS:
+            getattr(self.kalman, name)[slots] = records[f"kalman_{name}"]
+        silent = (
+            self.cols["seen_ms"][slots] < now_ms - self.params.offline_after_s * 1e3
+        )
+        self.cols["online"][slots[silent]] = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +180,14 @@ class ActivityProcessor:
 
     name = "activity"
 
-    def __init__(self, config: ActivityConfig | None = None) -> None:
+    def __init__(
+        self, config: ActivityConfig | None = None, store: HistoryStore | None = None
+    ) -> None:
         self.config = config or ActivityConfig()
+        self.store = store  # of checkpoints and the fixes restores read; or none
         self._tenants: dict[str, _Tenant] = {}
         self._applying = asyncio.Lock()
+        self._saving = asyncio.Lock()
 
     def _tenant(self, tenant: str) -> _Tenant:
         state = self._tenants.get(tenant)
@@ -154,16 +200,145 @@ class ActivityProcessor:
         only its arguments, while the event loop serves streams. One batch at a
         time: the devices' tails are taken before and kept after the analysis."""
         async with self._applying:
-            created_ms = _now_ms()
-            events, work = self._prepare(stored, created_ms)
-            if work is None:
-                return events
-            args = (work.fixes, work.params, False, work.row_slot)
-            if len(work.fixes) <= INLINE_FIXES:
-                analysis = analyse(*args)
-            else:
-                analysis = await asyncio.to_thread(analyse, *args)
-            return events + self._finish(work, analysis, created_ms)
+            if self.store is not None:
+                stored = await self._with_restored(stored)
+            return await self._process(stored)
+
+    async def _process(self, stored: FixBatch) -> list[TrackingEvent]:
+        created_ms = _now_ms()
+        events, work = self._prepare(stored, created_ms)
+        if work is None:
+            return events
+        args = (work.fixes, work.params, False, work.row_slot)
+        if len(work.fixes) <= INLINE_FIXES:
+            analysis = analyse(*args)
+        else:
+            analysis = await asyncio.to_thread(analyse, *args)
+        return events + self._finish(work, analysis, created_ms)
+
+    async def restore(self, tenant: str, devices: list[str]) -> list[TrackingEvent]:
+        """Restore devices this process holds nothing of from their checkpoints;
+        the events of the fixes stored after each checkpoint."""
+        async with self._applying:
+            state = self._tenant(tenant)
+            unknown = [d for d in devices if d not in state.slots]
+            replay, _ = await self._restore(state, tenant, unknown)
+            return await self._process(replay)
+
+    async def current(self, tenant: str, device: str) -> DeviceActivity | None:
+        """``state``; for a device this process holds nothing of, its activity as
+        restored from its checkpoint and the fixes stored since. That view is not
+        kept: the process that receives the device's fixes moves it on."""
+        held = self.state(tenant, device)
+        if held is not None or self.store is None:
+            return held
+        view = ActivityProcessor(self.config, self.store)
+        await view.restore(tenant, [device])
+        await view.tick(_now_ms())
+        return view.state(tenant, device)
+
+    async def save_checkpoints(self) -> int:
+        """Save the state of every device changed since its last checkpoint, one
+        write per tenant; returns the number of devices saved."""
+        if self.store is None:
+            return 0
+        async with self._saving:
+            async with self._applying:
+                taken = [s.checkpoints(t) for t, s in self._tenants.items() if s.cols]
+            saved = 0
+            for n, checkpoints in enumerate(taken):
+                try:
+                    await self.store.save_checkpoints(checkpoints)
+                except Exception:
+                    for unsaved in taken[n:]:  # the next round tries again
+                        self._mark_changed(unsaved)
+                    raise
+                saved += len(checkpoints.devices)
+            return saved
+
+    def _mark_changed(self, checkpoints: Checkpoints) -> None:
+        state = self._tenants.get(checkpoints.tenant)
+        if state is None:
+            return
+        slots = [state.slots.get(d) for d in checkpoints.devices]
+        state.dirty[[s for s in slots if s is not None]] = True
+
+    async def _with_restored(self, stored: FixBatch) -> FixBatch:
+        """``stored`` with the devices met for the first time, or back from
+        another process, restored: their rows replaced by their stored fixes
+        after the checkpoint (which include the batch's; any older ones stay, as
+        late fixes)."""
+        state = self._tenant(stored.tenant)
+        devices = stored.device.astype(str)
+        names = np.unique(devices)
+        slots = np.array([state.slots.get(d, -1) for d in names.tolist()], np.intp)
+        known = slots >= 0
+        unknown = names[~known].tolist()
+        if known.any():
+            offline = names[known][~state.cols["online"][slots[known]]].tolist()
+            unknown += await self._moved_on(state, stored.tenant, offline)
+        if not unknown:
+            return stored
+        replay, restored = await self._restore(state, stored.tenant, unknown)
+        if not restored:
+            return stored
+        slots = state.slot_of(stored.device)  # first: it may grow the columns
+        applied = state.cols["last_ms"][slots]
+        keep = ~np.isin(devices, restored) | (stored.time_ms <= applied)
+        return FixBatch.concat([stored.take(keep), replay]).sorted_by_device_time()
+
+    async def _moved_on(
+        self, state: _Tenant, tenant: str, devices: list[str]
+    ) -> list[str]:
+        """Of devices back after going offline here, those another process has
+        applied later fixes of (so says their checkpoint): their state here is
+        dropped, to be restored."""
+        if not devices or self.store is None:
+            return []
+        saved = await self.store.load_checkpoints(tenant, devices)
+        applied = dict(zip(saved.devices, saved.applied_ms.tolist(), strict=True))
+        moved = [
+            d
+            for d in devices
+            if applied.get(d, -1) > state.cols["last_ms"][state.slots[d]]
+        ]
+        for device in moved:
+            self._drop(tenant, device)
+        return moved
+
+    async def _restore(
+        self, state: _Tenant, tenant: str, devices: list[str]
+    ) -> tuple[FixBatch, list[str]]:
+        """Install the checkpoints of ``devices`` (read a few thousand at a time)
+        and refill their tails, once every read has succeeded (a failed restore
+        leaves them unknown, for the retry); the stored fixes to apply and the
+        devices restored."""
+        assert self.store is not None
+        read = []
+        for start in range(0, len(devices), RESTORE_DEVICES):
+            chunk = devices[start : start + RESTORE_DEVICES]
+            saved = await self.store.load_checkpoints(tenant, chunk)
+            records = _CODEC.unpack(saved.states)
+            last_ms, tail_ms = records["last_ms"], records["tail_ms"]
+            since = np.where(tail_ms >= 0, tail_ms, last_ms)
+            since = np.where(last_ms >= 0, np.minimum(since, last_ms), since)
+            usable = (records["version"] == CHECKPOINT_VERSION) & (since >= 0)
+            if not usable.any():
+                continue
+            names = [d for d, ok in zip(saved.devices, usable, strict=True) if ok]
+            records, since = records[usable], since[usable]
+            fixes = await self.store.fixes_since(
+                tenant, dict(zip(names, since.tolist(), strict=True))
+            )
+            read.append((names, records, fixes))
+        replays, restored = [FixBatch.empty(tenant)], []
+        for names, records, fixes in read:
+            state.install(names, records, _now_ms())
+            replays.append(_refill_tails(state, names, fixes))
+            restored += names
+        if restored:
+            log.info("restored the activity of %d devices of %s", len(restored), tenant)
+        return FixBatch.concat(replays), restored
 
     async def tick(self, now_ms: int) -> list[TrackingEvent]:
         """OFFLINE for every online device silent for ``offline_after_s``."""
@@ -221,18 +396,26 @@ class ActivityProcessor:
     async def forget(self, tenant: str, device: str) -> bool:
         """Drop the device's activity (erasure); False when there was none. Its
         slot is emptied and left unused: a later fix of the device takes a new one."""
-        async with self._applying:
-            state = self._tenants.get(tenant)
-            slot = state.slots.pop(device, None) if state else None
-            if state is None or slot is None:
-                return False
-            for name, (_, fill) in _COLUMNS.items():
-                state.cols[name][slot] = fill
-            state.kalman.reset(slot)
-            slots = np.array([slot], dtype=np.intp)
-            state.tail.replace(slots, FixBatch.empty(tenant), slots[:0])
-            state.names[slot] = ""
-            return True
+        async with self._saving:  # no checkpoint of it is being written
+            async with self._applying:
+                held = self._drop(tenant, device)
+            if self.store is not None:
+                await self.store.erase_checkpoint(tenant, device)
+            return held
+
+    def _drop(self, tenant: str, device: str) -> bool:
+        state = self._tenants.get(tenant)
+        slot = state.slots.pop(device, None) if state else None
+        if state is None or slot is None:
+            return False
+        for name, (_, fill) in _COLUMNS.items():
+            state.cols[name][slot] = fill
+        state.dirty[slot] = False
+        state.kalman.reset(slot)
+        slots = np.array([slot], dtype=np.intp)
+        state.tail.replace(slots, FixBatch.empty(tenant), slots[:0])
+        state.names[slot] = ""
+        return True
 
     def apply(self, stored: FixBatch, created_ms: int) -> list[TrackingEvent]:
         """Events of newly stored fixes of one tenant (any order)."""
@@ -251,6 +434,7 @@ class ActivityProcessor:
             return [], None
         state = self._tenant(stored.tenant)
         new_slot = state.slot_of(stored.device)
+        state.dirty[new_slot] = True
         events = self._online(state, stored, new_slot, created_ms)
         # Late fixes (older than what a device has applied) stay out of activity.
         fresh = stored.time_ms > state.cols["last_ms"][new_slot]
@@ -316,6 +500,21 @@ class ActivityProcessor:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _refill_tails(state: _Tenant, names: list[str], fixes: FixBatch) -> FixBatch:
+    """Make the stored fixes of restored devices up to their newest applied fix
+    their tails; returns the later ones, to apply."""
+    slots = state.slot_of(np.array(names, dtype=object))
+    if len(fixes) == 0:
+        state.tail.replace(slots, fixes, np.empty(0, dtype=np.intp))
+        return fixes
+    fix_slot = state.slot_of(fixes.device)
+    applied = fixes.time_ms <= state.cols["last_ms"][fix_slot]
+    order = np.lexsort((fixes.seq, fixes.time_ms, fix_slot))
+    applied_order = order[applied[order]]
+    state.tail.replace(slots, fixes.take(applied_order), fix_slot[applied_order])
+    return fixes.take(order[~applied[order]])
 
 
 def _event(

@@ -51,6 +51,16 @@ class Tail:
         )
         return batch, self._slot[rows]
 
+    def first_time_ms(self, slots: np.ndarray) -> np.ndarray:
+        """Fix time of each slot's oldest row; -1 for a slot without rows."""
+        first = np.full(slots.size, -1, dtype=np.int64)
+        known = slots < self._count.size
+        has = np.zeros(slots.size, dtype=bool)
+        has[known] = self._count[slots[known]] > 0
+        if has.any():
+            first[has] = self._columns["time_ms"][self._start[slots[has]]]
+        return first
+
     def replace(self, slots: np.ndarray, rows: FixBatch, row_slot: np.ndarray) -> None:
         """Make ``rows`` (grouped by slot) the whole tail of the distinct ``slots``;
         every slot of ``row_slot`` must be among ``slots``."""

@@ -366,14 +366,13 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
     async def GetActivity(
         self, request: history_pb2.GetActivityRequest, context: grpc.aio.ServicerContext
     ) -> history_pb2.GetActivityResponse:
-        """The device's live activity, as this server process has seen it."""
+        """The device's live activity: as this server process applies its fixes,
+        else as last saved (by any process) and brought up to date from history."""
         caller = self._caller(context)
         device = convert.check_device_id(request.device_id, "device_id")
-        state = self.app.activity.state(caller.tenant, device)
+        state = await self.app.activity.current(caller.tenant, device)
         if state is None:
-            raise NotFound(
-                f"no activity for device {device!r} since the server started"
-            )
+            raise NotFound(f"no activity saved or seen for device {device!r}")
         applied = math.isfinite(state.lat) and math.isfinite(state.smoothed_lat)
         lat, lon = [state.lat, state.smoothed_lat], [state.lon, state.smoothed_lon]
         distances = [state.trip_distance_m, state.odometer_m]

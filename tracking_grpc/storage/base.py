@@ -7,7 +7,7 @@ Every method takes the tenant explicitly; no backend mixes tenants.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,6 +34,16 @@ class Purged:
     partitions: int  # whole days dropped (PostgreSQL)
     # (tenant, device) whose every stored fix is gone: their state went too
     devices: list[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoints:
+    """Saved live activity of some devices of one tenant (``activity.checkpoint``)."""
+
+    tenant: str
+    devices: list[str]
+    applied_ms: np.ndarray  # per device: time of the newest fix applied
+    states: list[bytes]  # per device: the packed state, opaque to the store
 
 
 class HistoryStore(Protocol):
@@ -87,7 +97,28 @@ class HistoryStore(Protocol):
 
     async def purge_before(self, cutoff_ms: int) -> Purged:
         """Delete every fix of every tenant with time_ms < cutoff_ms, and the state
-        of devices with no newer fix (their sequence numbers start afresh)."""
+        of devices with no newer fix (their sequence numbers start afresh), and
+        activity checkpoints applied before the cutoff."""
+        ...
+
+    async def save_checkpoints(self, checkpoints: Checkpoints) -> None:
+        """Upsert the devices' activity checkpoints in one write; a stored one
+        applied later than the new one is kept (another process got further)."""
+        ...
+
+    async def load_checkpoints(
+        self, tenant: str, devices: Sequence[str]
+    ) -> Checkpoints:
+        """The stored checkpoints of those of ``devices`` that have one."""
+        ...
+
+    async def erase_checkpoint(self, tenant: str, device: str) -> None:
+        """Delete one device's checkpoint (``erase_device`` deletes it too)."""
+        ...
+
+    async def fixes_since(self, tenant: str, since_ms: Mapping[str, int]) -> FixBatch:
+        """Each named device's fixes with time_ms >= its ``since_ms``, grouped by
+        device, by fix time (activity restores)."""
         ...
 
     async def ping(self) -> None:

@@ -31,7 +31,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import InvalidArgument, StorageUnavailable
 from tracking_grpc.storage import pgcopy, schema
-from tracking_grpc.storage.base import DeviceState, Purged
+from tracking_grpc.storage.base import Checkpoints, DeviceState, Purged
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -252,6 +252,33 @@ JOIN fixes f ON f.tenant = d.tenant AND f.device = d.device
 WHERE (d.tenant, d.device) > (%(tenant)s, %(device)s)
 ORDER BY d.tenant, d.device
 LIMIT %(limit)s
+"""
+
+# Activity checkpoints: one upsert per flush, whatever the number of devices; a
+# stored checkpoint that covers later fixes (another process's) is kept.
+SAVE_CHECKPOINTS = """
+INSERT INTO activity_checkpoints AS c (tenant, device, applied_ms, state)
+SELECT %(tenant)s, d.device, d.applied_ms, d.state
+FROM unnest(%(devices)s::text[], %(applied_ms)s::bigint[], %(states)s::bytea[])
+    AS d(device, applied_ms, state)
+ORDER BY d.device
+ON CONFLICT (tenant, device) DO UPDATE SET
+    applied_ms = excluded.applied_ms, state = excluded.state, updated_at = now()
+WHERE excluded.applied_ms >= c.applied_ms
+"""
+
+# A restore's fixes: each device's from its own time on, one primary-key range
+# scan per device (the lowest bound keeps the scans to the partitions needed), in
+# binary like HISTORY, each row with its device's position in the list (from 1).
+FIXES_SINCE = f"""
+COPY (
+    SELECT {READ_COLUMNS}, c.i::integer
+    FROM unnest({{devices}}::text[], {{since}}::bigint[]) WITH ORDINALITY
+        AS c(device, since_ms, i)
+    JOIN fixes f ON f.tenant = {{tenant}} AND f.device = c.device
+        AND f.time_ms >= c.since_ms AND f.time_ms >= {{first}}
+    ORDER BY c.i, f.time_ms
+) TO STDOUT (FORMAT BINARY)
 """
 
 # The retry's check (``stored_as_received``): each fix of the batch against the
@@ -488,10 +515,13 @@ class PostgresHistoryStore:
                     [tenant, device],
                 )
                 deleted = cur.rowcount
-                await conn.execute(
-                    "DELETE FROM devices WHERE tenant = %s AND device = %s",
-                    [tenant, device],
-                )
+                for table in ("devices", "activity_checkpoints"):
+                    await conn.execute(
+                        sql.SQL(
+                            "DELETE FROM {} WHERE tenant = %s AND device = %s"
+                        ).format(sql.Identifier(table)),
+                        [tenant, device],
+                    )
         except CONNECTION_ERRORS as exc:
             raise StorageUnavailable(f"PostgreSQL cannot erase: {exc}") from exc
         return deleted
@@ -522,11 +552,78 @@ class PostgresHistoryStore:
                     [cutoff_ms],
                 )
                 gone = [(tenant, device) for tenant, device in await cur.fetchall()]
+                await conn.execute(
+                    "DELETE FROM activity_checkpoints WHERE applied_ms < %s",
+                    [cutoff_ms],
+                )
         except (*CONNECTION_ERRORS, psycopg.errors.LockNotAvailable) as exc:
             raise StorageUnavailable(f"PostgreSQL cannot purge: {exc}") from exc
         for day in dropped:
             log.info("dropped the fixes partition of day %d (retention)", day)
         return Purged(deleted, len(dropped), gone)
+
+    async def save_checkpoints(self, checkpoints: Checkpoints) -> None:
+        if not checkpoints.devices:
+            return
+        params = {
+            "tenant": checkpoints.tenant,
+            "devices": text_array(checkpoints.devices),
+            "applied_ms": checkpoints.applied_ms.astype(np.int64).tolist(),
+            "states": checkpoints.states,
+        }
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute(SAVE_CHECKPOINTS, params)
+        except CONNECTION_ERRORS as exc:
+            await self._check_pool()
+            raise StorageUnavailable(f"PostgreSQL cannot checkpoint: {exc}") from exc
+
+    async def load_checkpoints(
+        self, tenant: str, devices: Sequence[str]
+    ) -> Checkpoints:
+        rows = await self._fetch(
+            "SELECT device, applied_ms, state FROM activity_checkpoints "
+            "WHERE tenant = %s AND device = ANY(%s::text[])",
+            [tenant, text_array(list(devices))],
+        )
+        return Checkpoints(
+            tenant,
+            [r[0] for r in rows],
+            np.array([r[1] for r in rows], dtype=np.int64),
+            [bytes(r[2]) for r in rows],
+        )
+
+    async def erase_checkpoint(self, tenant: str, device: str) -> None:
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute(
+                    "DELETE FROM activity_checkpoints "
+                    "WHERE tenant = %s AND device = %s",
+                    [tenant, device],
+                )
+        except CONNECTION_ERRORS as exc:
+            raise StorageUnavailable(f"PostgreSQL cannot erase: {exc}") from exc
+
+    async def fixes_since(self, tenant: str, since_ms: Mapping[str, int]) -> FixBatch:
+        if not since_ms:
+            return FixBatch.empty(tenant)
+        devices = sorted(since_ms)
+        starts = [int(since_ms[d]) for d in devices]
+        query = sql.SQL(FIXES_SINCE).format(
+            tenant=sql.Literal(tenant),
+            devices=sql.Literal(text_array(devices)),
+            since=sql.Literal("{" + ",".join(map(str, starts)) + "}"),
+            first=sql.Literal(min(starts)),
+        )
+
+        async def copy_out(conn: psycopg.AsyncConnection) -> bytes:
+            async with conn.cursor().copy(query) as copy:
+                return b"".join([bytes(chunk) async for chunk in copy])
+
+        data = await self._read(copy_out, "cannot read")
+        rows = pgcopy.decode_rows(data, (*READ_TYPES, ">i4"))
+        names = np.array(devices, dtype=object)[rows[f"f{len(READ_TYPES)}"] - 1]
+        return _batch_from_rows(tenant, names, rows)
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless PostgreSQL answers a query now."""

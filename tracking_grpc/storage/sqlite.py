@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from tracking_grpc.core.fixes import OPTIONAL_COLUMNS, FixBatch
 from tracking_grpc.errors import StorageUnavailable
-from tracking_grpc.storage.base import DeviceState, Purged
+from tracking_grpc.storage.base import Checkpoints, DeviceState, Purged
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,13 @@ CREATE TABLE IF NOT EXISTS devices (
     received_ms INTEGER NOT NULL,
     PRIMARY KEY (tenant, device)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS activity_checkpoints (
+    tenant TEXT NOT NULL,
+    device TEXT NOT NULL,
+    applied_ms INTEGER NOT NULL,
+    state BLOB NOT NULL,
+    PRIMARY KEY (tenant, device)
+) WITHOUT ROWID;
 """
 
 COLUMNS = (
@@ -87,6 +94,14 @@ ON CONFLICT (tenant, device) DO UPDATE SET
         for c in COLUMNS[1:]
     )
 }
+"""
+
+UPSERT_CHECKPOINT = """
+INSERT INTO activity_checkpoints (tenant, device, applied_ms, state)
+VALUES (?, ?, ?, ?)
+ON CONFLICT (tenant, device) DO UPDATE SET
+    applied_ms = excluded.applied_ms, state = excluded.state
+WHERE excluded.applied_ms >= activity_checkpoints.applied_ms
 """
 
 # The retry's check (``stored_as_received``): one primary-key probe per fix.
@@ -318,9 +333,11 @@ class SqliteHistoryStore:
             deleted = conn.execute(
                 "DELETE FROM fixes WHERE tenant = ? AND device = ?", (tenant, device)
             ).rowcount
-            conn.execute(
-                "DELETE FROM devices WHERE tenant = ? AND device = ?", (tenant, device)
-            )
+            for table in ("devices", "activity_checkpoints"):
+                conn.execute(
+                    f"DELETE FROM {table} WHERE tenant = ? AND device = ?",
+                    (tenant, device),
+                )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -343,11 +360,84 @@ class SqliteHistoryStore:
                 "DELETE FROM devices WHERE time_ms < ? RETURNING tenant, device",
                 (cutoff_ms,),
             ).fetchall()
+            conn.execute(
+                "DELETE FROM activity_checkpoints WHERE applied_ms < ?", (cutoff_ms,)
+            )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         return Purged(int(deleted), 0, [(t, d) for t, d in gone])
+
+    async def save_checkpoints(self, checkpoints: Checkpoints) -> None:
+        if checkpoints.devices:
+            await self._run(self._writer, self._save_checkpoints, checkpoints)
+
+    def _save_checkpoints(self, checkpoints: Checkpoints) -> None:
+        assert self._wconn is not None
+        rows = zip(
+            [checkpoints.tenant] * len(checkpoints.devices),
+            checkpoints.devices,
+            checkpoints.applied_ms.tolist(),
+            checkpoints.states,
+            strict=True,
+        )
+        conn = self._wconn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(UPSERT_CHECKPOINT, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def load_checkpoints(
+        self, tenant: str, devices: Sequence[str]
+    ) -> Checkpoints:
+        return await self._run(
+            self._reader, self._load_checkpoints, tenant, list(devices)
+        )
+
+    def _load_checkpoints(self, tenant: str, devices: list[str]) -> Checkpoints:
+        assert self._rconn is not None
+        rows: list[tuple] = []
+        for start in range(0, len(devices), 500):
+            chunk = devices[start : start + 500]
+            rows += self._rconn.execute(
+                "SELECT device, applied_ms, state FROM activity_checkpoints "
+                f"WHERE tenant = ? AND device IN ({', '.join('?' * len(chunk))})",
+                [tenant, *chunk],
+            ).fetchall()
+        return Checkpoints(
+            tenant,
+            [r[0] for r in rows],
+            np.array([r[1] for r in rows], dtype=np.int64),
+            [bytes(r[2]) for r in rows],
+        )
+
+    async def erase_checkpoint(self, tenant: str, device: str) -> None:
+        await self._run(self._writer, self._erase_checkpoint, tenant, device)
+
+    def _erase_checkpoint(self, tenant: str, device: str) -> None:
+        assert self._wconn is not None
+        self._wconn.execute(
+            "DELETE FROM activity_checkpoints WHERE tenant = ? AND device = ?",
+            (tenant, device),
+        )
+
+    async def fixes_since(self, tenant: str, since_ms: Mapping[str, int]) -> FixBatch:
+        return await self._run(self._reader, self._fixes_since, tenant, since_ms)
+
+    def _fixes_since(self, tenant: str, since_ms: Mapping[str, int]) -> FixBatch:
+        assert self._rconn is not None
+        rows: list[tuple] = []
+        for device, start in sorted(since_ms.items()):
+            rows += self._rconn.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM fixes WHERE tenant = ? "
+                "AND device = ? AND time_ms >= ? ORDER BY time_ms",
+                (tenant, device, int(start)),
+            ).fetchall()
+        return _batch(tenant, rows)
 
     async def ping(self) -> None:
         await self._run(self._reader, self._ping)
