@@ -433,3 +433,31 @@ async def test_activity_shows_cell_centres_and_whole_cells(served, bus) -> None:
     assert coarse.odometer_m == round(exact.odometer_m / CELL_M) * CELL_M
     assert coarse.trip_distance_m % CELL_M == 0
     assert (coarse.motion, coarse.in_trip) == (exact.motion, exact.in_trip)
+
+
+async def test_history_analytics_work_on_coarse_fixes(served, bus) -> None:
+    """A coarse fix claims its cell's accuracy and jumps between cell centres: the
+    analysis allows for the grid, so a kilometre-coarse caller still gets the
+    bus's trips and the day's distance, in whole cells and without speeds."""
+    _, stubs = served
+    start_ms = await publish(stubs, bus, "4720", fixes=10_000)
+    span = {"device_id": "4720", "start_ms": start_ms, "end_ms": now_ms()}
+
+    async def trips(metadata) -> list[history_pb2.Trip]:
+        request = history_pb2.ListTripsRequest(**span)
+        return list((await stubs.history.ListTrips(request, metadata=metadata)).trips)
+
+    async def distance(metadata) -> float:
+        request = history_pb2.DailySummaryRequest(**span)
+        days = (await stubs.history.DailySummary(request, metadata=metadata)).days
+        return sum(day.distance_m for day in days)
+
+    exact, coarse = await trips(stubs.exact), await trips(stubs.coarse)
+    assert exact and coarse
+    assert all(t.distance_m % CELL_M == 0 and t.max_speed_mps == 0 for t in coarse)
+    assert sum(t.distance_m for t in coarse) == pytest.approx(
+        sum(t.distance_m for t in exact), rel=0.5
+    )
+    assert await distance(stubs.coarse) == pytest.approx(
+        await distance(stubs.exact), rel=0.5
+    )

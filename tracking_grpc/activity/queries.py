@@ -5,13 +5,13 @@ Reads go through :meth:`HistoryStore.history`, so they work on every backend.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tracking_grpc.activity import segments
 from tracking_grpc.activity.params import ActivityConfig, ActivityParams
 from tracking_grpc.activity.track import Analysis, analyse
 from tracking_grpc.core.fixes import FixBatch
-from tracking_grpc.core.precision import coarsen
+from tracking_grpc.core.precision import coarsen, snap
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.storage.base import HistoryStore
 from tracking_grpc.timestamps import LATEST_MS
@@ -65,5 +65,23 @@ async def load(
             "end_ms", f"range holds more than {MAX_QUERY_FIXES} fixes; ask for less"
         )
     params = config.params(tenant)
-    fixes = coarsen(fixes.sorted_by_device_time(), precision_m)
+    fixes = fixes.sorted_by_device_time()
+    if precision_m > 0 and len(fixes):
+        _, _, bound_m = snap(fixes.lat, fixes.lon, precision_m)
+        params = on_grid(params, float(bound_m.max()))
+        fixes = coarsen(fixes, precision_m)
     return DeviceHistory(fixes, analyse(fixes, params, complete=True), params)
+
+
+def on_grid(params: ActivityParams, bound_m: float) -> ActivityParams:
+    """The rules for fixes snapped to cells whose centres lie at most ``bound_m``
+    from any point of them: a coarse fix's accuracy is widened by that much, and
+    two coarse fixes may lie up to twice that further apart than the fixes.
+    Without the allowance a coarse track is all jumps and untrusted fixes, with no
+    trips or stops. (Stops keep their radius: a wider one would make a slow
+    vehicle crossing a large cell stop.)"""
+    return replace(
+        params,
+        max_accuracy_m=params.max_accuracy_m + bound_m,
+        jump_slack_m=params.jump_slack_m + 2 * bound_m,
+    )

@@ -71,6 +71,15 @@ def _frequent(
     )
 
 
+def _coarse_trip(trip: history_pb2.Trip, precision_m: float) -> None:
+    """A trip as a caller limited to ``precision_m`` may see it: its distance in
+    whole cells, its average speed from that distance, and no top speed (a step
+    between cell centres says nothing of how fast the device went)."""
+    trip.distance_m = float(precision.round_m(trip.distance_m, precision_m))
+    trip.avg_speed_mps = trip.distance_m / trip.duration_s if trip.duration_s else 0.0
+    trip.max_speed_mps = 0.0
+
+
 def _clip_mask(fixes: FixBatch, area: common_pb2.Area) -> np.ndarray:
     shape = area.WhichOneof("shape")
     if shape == "box":
@@ -175,21 +184,23 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
         self, request: history_pb2.ListTripsRequest, context: grpc.aio.ServicerContext
     ) -> history_pb2.ListTripsResponse:
         """Trips in a time range, with distance, duration and speeds."""
-        found = await self._load(self._caller(context), request)
-        return history_pb2.ListTripsResponse(
-            trips=[
-                history_pb2.Trip(
-                    start=_place(t.start),
-                    end=_place(t.end),
-                    distance_m=t.distance_m,
-                    duration_s=t.duration_s,
-                    avg_speed_mps=t.avg_speed_mps,
-                    max_speed_mps=t.max_speed_mps,
-                    fix_count=t.fix_count,
-                )
-                for t in found.trips()
-            ]
-        )
+        caller = self._caller(context)
+        found = await self._load(caller, request)
+        trips = []
+        for t in found.trips():
+            trip = history_pb2.Trip(
+                start=_place(t.start),
+                end=_place(t.end),
+                distance_m=t.distance_m,
+                duration_s=t.duration_s,
+                avg_speed_mps=t.avg_speed_mps,
+                max_speed_mps=t.max_speed_mps,
+                fix_count=t.fix_count,
+            )
+            if caller.precision_m > 0:
+                _coarse_trip(trip, caller.precision_m)
+            trips.append(trip)
+        return history_pb2.ListTripsResponse(trips=trips)
 
     async def ListStops(
         self, request: history_pb2.ListStopsRequest, context: grpc.aio.ServicerContext
@@ -239,11 +250,14 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             days=[
                 history_pb2.DaySummary(
                     date=d.date,
-                    distance_m=d.distance_m,
+                    distance_m=float(
+                        precision.round_m(d.distance_m, caller.precision_m)
+                    ),
                     moving_s=d.moving_s,
                     stopped_s=d.stopped_s,
                     trip_count=d.trip_count,
-                    max_speed_mps=d.max_speed_mps,
+                    # From steps between cell centres: no speed for a coarse caller.
+                    max_speed_mps=0.0 if caller.precision_m > 0 else d.max_speed_mps,
                     fix_count=d.fix_count,
                     first_fix_ms=d.first_fix_ms,
                     last_fix_ms=d.last_fix_ms,
