@@ -123,6 +123,10 @@ BAD_SETTINGS = [
         "activity_config",
         id="missing-activity-rules",
     ),
+    pytest.param({"jwt_hs256_secret": "short"}, "jwt_hs256_secret", id="hs256-5b"),
+    pytest.param(
+        {"jwt_hs256_secret": "é" * 15}, "jwt_hs256_secret", id="hs256-30-bytes"
+    ),
 ]
 
 

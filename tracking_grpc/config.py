@@ -310,6 +310,7 @@ CHOICES = {
 }
 FILES = ("jwt_rs256_public_key_file", "activity_config")
 MAX_PORT = 65_535
+MIN_HS256_SECRET_BYTES = 32  # RFC 7518, section 3.2
 
 
 def check(settings: Settings, only: Collection[str] | None = None) -> None:
@@ -346,6 +347,13 @@ def check(settings: Settings, only: Collection[str] | None = None) -> None:
         )
     if not 0 <= settings.trace_sample_ratio <= 1:
         raise InvalidArgument("trace_sample_ratio", "must be in [0, 1]")
+    secret = settings.jwt_hs256_secret
+    if secret and len(secret.encode()) < MIN_HS256_SECRET_BYTES:
+        raise InvalidArgument(
+            "jwt_hs256_secret",
+            f"must be at least {MIN_HS256_SECRET_BYTES} bytes (a key shorter than "
+            "HS256's 256-bit hash can be guessed offline from one token)",
+        )
     for name, allowed in CHOICES.items():
         if getattr(settings, name).upper() not in allowed:
             choices = ", ".join(a.lower() for a in allowed)
