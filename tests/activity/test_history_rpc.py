@@ -199,6 +199,29 @@ async def test_export_formats_parse_back(history, fmt):
     assert count == 340 and chunks[0].content_type
 
 
+@pytest.mark.parametrize("fixes", [0, 1, 2])
+async def test_geojson_line_needs_two_positions(history, fixes):
+    """RFC 7946: a LineString has two positions or more; a shorter track's line
+    feature has no geometry, and its fix is a Point feature."""
+    stub, track_stub = history
+    if fixes:
+        await publish(track_stub, commute().take(np.arange(fixes)))
+    track = history_pb2.GetTrackRequest(
+        device_id="car", start_ms=T0, end_ms=T0 + DAY_MS
+    )
+    request = history_pb2.ExportTrackRequest(
+        track=track, format=history_pb2.EXPORT_FORMAT_GEOJSON
+    )
+    text = b"".join([c.data async for c in stub.ExportTrack(request)]).decode()
+    line, *points = json.loads(text)["features"]
+    assert len(points) == fixes == line["properties"]["fix_count"]
+    if fixes < 2:
+        assert line["geometry"] is None
+    else:
+        assert line["geometry"]["type"] == "LineString"
+        assert len(line["geometry"]["coordinates"]) == 2
+
+
 @pytest.mark.parametrize(
     "device",
     [

@@ -63,12 +63,16 @@ def gpx(fixes: FixBatch, name: str) -> Iterator[str]:
 
 
 def geojson(fixes: FixBatch, name: str) -> Iterator[str]:
-    """A FeatureCollection: the line, then one Point feature per fix with its time."""
+    """A FeatureCollection: the line, then one Point feature per fix with its time.
+    A line needs two positions (RFC 7946): with fewer, its feature has no geometry
+    (null), and the fix, if any, is its Point feature alone."""
     coords = np.column_stack([fixes.lon, fixes.lat]).round(7).tolist()
     line = {
         "type": "Feature",
         "properties": {"device_id": name, "fix_count": len(fixes)},
-        "geometry": {"type": "LineString", "coordinates": coords},
+        "geometry": (
+            {"type": "LineString", "coordinates": coords} if len(coords) > 1 else None
+        ),
     }
     yield '{"type":"FeatureCollection","features":[' + json.dumps(line)
     for part in _chunks(fixes):
