@@ -183,7 +183,13 @@ async def test_simulated_fleet_is_stored(server, stub):
     fleet = SyntheticFleet(5, (60.1699, 24.9384), seed=2)
     report = await simulate(stub, fleet, interval_s=0.1, duration_s=0.5)
     assert report.total("stored") == 25 and not report.failed()
-    assert await stored_seqs(server, "sim-0003") == [1, 2, 3, 4, 5]
+    first = await stored_seqs(server, "sim-0003")
+    assert first == list(range(first[0], first[0] + 5))
+    # A second run with the same device ids goes on after the first.
+    again = await simulate(stub, fleet, interval_s=0.1, duration_s=0.5)
+    assert again.total("stored") == 25 and again.total("duplicates") == 0
+    seqs = await stored_seqs(server, "sim-0003")
+    assert len(seqs) == 10 and seqs[:5] == first and seqs[5] > first[-1]
 
 
 async def test_timed_replay_stamps_the_last_fix_when_it_is_sent(server, stub):
