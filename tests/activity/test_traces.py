@@ -10,7 +10,8 @@ import pytest
 from tests.activity.helpers import bus_trip_ids, stream
 from tests.conftest import TRACES, require_shared
 from tracking_grpc.activity.params import ActivityParams
-from tracking_grpc.activity.segments import trips
+from tracking_grpc.activity.patterns import daily_summary
+from tracking_grpc.activity.segments import stops, trips
 from tracking_grpc.activity.track import analyse
 from tracking_grpc.core.geodesy import haversine_m, path_length_m
 from tracking_grpc.traces import read_trace
@@ -117,3 +118,16 @@ def test_bus_live_trips_agree_with_history(bus):
         (e.device, e.time_ms) for e in events if e.type.name == "TRIP_STARTED"
     )
     assert started == sorted((t.device, t.start.time_ms) for t in found)
+
+
+def test_posmo_day_top_speed_is_capped_as_a_trips_is():
+    """A trusted step may beat max_speed_mps by the jump filter's slack; a day's top
+    speed is capped as its trips' are, so it never exceeds the fastest trip's."""
+    batch = batch_of(POSMO).sorted_by_device_time()
+    a = analyse(batch, DEFAULTS, complete=True)
+    found = trips(a, DEFAULTS)
+    start, end = int(batch.time_ms[0]), int(batch.time_ms[-1]) + 1
+    uncapped = daily_summary(a, found, stops(a), start, end, "UTC")
+    days = daily_summary(a, found, stops(a), start, end, "UTC", DEFAULTS.max_speed_mps)
+    assert max(d.max_speed_mps for d in uncapped) > DEFAULTS.max_speed_mps
+    assert max(d.max_speed_mps for d in days) == max(t.max_speed_mps for t in found)
