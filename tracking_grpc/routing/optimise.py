@@ -175,13 +175,12 @@ def solve(
     """The best plan VROOM finds within ``timeout_s``; unassigned jobs with a reason."""
     if exploration_level is None:
         exploration_level = effort_for(len(problem.jobs))
-    stranded = [
-        j for j in range(len(problem.jobs)) if not _suitable_routable(problem, j)
-    ]
+    dims = _dimensions(problem)
+    stranded = np.flatnonzero(~_servable(problem, dims).any(axis=1)).tolist()
     if len(stranded) == len(problem.jobs):
         return _plan(problem, {}, stranded)
+    left_out = set(stranded)
     skill_ids = {s: i for i, s in enumerate(_all_skills(problem))}
-    dims = _dimensions(problem)
     unreachable_s = _unreachable_s(problem, len(problem.jobs) - len(stranded))
     durations = np.where(
         np.isfinite(problem.duration_s), np.rint(problem.duration_s), unreachable_s
@@ -210,7 +209,7 @@ def solve(
     for j, (job, location) in enumerate(
         zip(problem.jobs, problem.job_places, strict=True)
     ):
-        if j in stranded:  # unassigned below: VROOM need not search for it
+        if j in left_out:  # unassigned below: VROOM need not search for it
             continue
         given.add_job(
             vroom.Job(
@@ -263,10 +262,11 @@ def unassigned_reason(problem: Problem, job_index: int) -> str:
     job = problem.jobs[job_index]
     if not _skilled(problem, job_index):
         return f"no vehicle has the skills {', '.join(sorted(job.skills))}"
-    roomy = _suitable(problem, job_index)
+    dims = _dimensions(problem)
+    roomy = _suitable(problem, job_index, dims)
     if not roomy:
         return "its demand exceeds the capacity of every vehicle with its skills"
-    if not _suitable_routable(problem, job_index):
+    if not _suitable_routable(problem, job_index, dims):
         return "no road route joins it to the start and end of any suitable vehicle"
     if not any(_reachable(problem, i, job_index) for i in roomy):
         return (
@@ -281,9 +281,8 @@ def _skilled(problem: Problem, job_index: int) -> list[int]:
     return [i for i, v in enumerate(problem.vehicles) if skills <= v.skills]
 
 
-def _suitable(problem: Problem, job_index: int) -> list[int]:
+def _suitable(problem: Problem, job_index: int, dims: int) -> list[int]:
     """The vehicles with the job's skills and room for its demand."""
-    dims = _dimensions(problem)
     demand = np.array(_amount(problem.jobs[job_index].demand, dims))
     return [
         i
@@ -292,10 +291,34 @@ def _suitable(problem: Problem, job_index: int) -> list[int]:
     ]
 
 
-def _suitable_routable(problem: Problem, job_index: int) -> bool:
+def _suitable_routable(problem: Problem, job_index: int, dims: int) -> bool:
     """Whether a suitable vehicle has roads from its start and to its end."""
     here = problem.job_places[job_index]
-    return any(_routable(problem, i, here) for i in _suitable(problem, job_index))
+    suitable = _suitable(problem, job_index, dims)
+    return any(_routable(problem, i, here) for i in suitable)
+
+
+def _servable(problem: Problem, dims: int) -> np.ndarray:
+    """(jobs, vehicles): the vehicle has the job's skills, room for its demand, and
+    roads from its start to the job and from the job to its end."""
+    skilled = np.array(
+        [[j.skills <= v.skills for v in problem.vehicles] for j in problem.jobs]
+    )
+    demand = np.array([_amount(j.demand, dims) for j in problem.jobs]).reshape(
+        len(problem.jobs), dims
+    )
+    capacity = np.array(
+        [_amount(v.capacity, dims, UNLIMITED) for v in problem.vehicles]
+    ).reshape(len(problem.vehicles), dims)
+    roomy = np.all(demand[:, None, :] <= capacity[None, :, :], axis=2)
+    here = np.array(problem.job_places)
+    routable = np.ones_like(skilled)
+    for i, (start, end) in enumerate(problem.vehicle_places):
+        if start is not None:
+            routable[:, i] &= np.isfinite(problem.duration_s[start, here])
+        if end is not None:
+            routable[:, i] &= np.isfinite(problem.duration_s[here, end])
+    return skilled & roomy & routable
 
 
 def _routable(problem: Problem, vehicle: int, here: int) -> bool:
@@ -359,8 +382,8 @@ def _plan(problem: Problem, answer: dict, stranded: list[int]) -> Plan:
 
 
 def _check_legs(problem: Problem, places: list[int]) -> None:
-    """A plan never drives a leg without a road: the matrix makes one too long to
-    fit any shift, and this guards that promise."""
+    """A plan never drives a leg without a road: every vehicle's maximum travel time
+    is shorter than the matrix's stand-in for one, and this guards that promise."""
     legs = problem.duration_s[places[:-1], places[1:]]
     if not np.all(np.isfinite(legs)):
         raise TrackingError("the optimiser planned a leg that no road route joins")
