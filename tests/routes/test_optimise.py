@@ -128,3 +128,27 @@ def test_identical_stops_give_a_zero_length_plan(car, field_cases) -> None:
         "s1",
         "s2",
     ]
+
+
+def test_a_place_nothing_reaches_among_many_jobs_is_left_unassigned() -> None:
+    """A whole column without roads puts "no route" in every row: the stand-in stays
+    within VROOM's cost bound however many jobs there are."""
+    n = 600
+    rng = np.random.default_rng(7)
+    duration_s = rng.uniform(60, 600, (n + 1, n + 1))
+    np.fill_diagonal(duration_s, 0)
+    duration_s[:, 1] = np.nan
+    duration_s[1, 1] = 0
+    problem = optimise.Problem(
+        vehicles=[optimise.VehicleSpec("van", DEPOT, DEPOT)],
+        jobs=[optimise.JobSpec(f"j{k}", DEPOT) for k in range(n)],
+        lat=np.full(n + 1, DEPOT[0]),
+        lon=np.full(n + 1, DEPOT[1]),
+        duration_s=duration_s,
+        distance_m=np.nan_to_num(duration_s * 10),
+        vehicle_places=[(0, 0)],
+        job_places=list(range(1, n + 1)),
+    )
+    plan = optimise.solve(problem, exploration_level=0, timeout_s=2)
+    assert list(plan.unassigned) == ["j0"]
+    assert "no road route" in plan.unassigned["j0"]

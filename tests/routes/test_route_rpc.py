@@ -421,6 +421,17 @@ async def test_match_track_checks_its_input(routes, request_fields, field) -> No
     assert caught.value.details().startswith(f"{field}:")
 
 
+async def test_match_track_of_a_device_without_fixes_names_the_device(routes) -> None:
+    request = route_pb2.MatchTrackRequest(
+        device_id="nobody", start_ms=now_ms() - 60_000, end_ms=now_ms()
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await routes.MatchTrack(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found, description = violation(caught.value)
+    assert found == "device_id" and "has 0 stored fixes" in description
+
+
 def match_fixes(times: list[int], **extra) -> list[common_pb2.Fix]:
     return [
         common_pb2.Fix(seq=k + 1, time_ms=t, lat=60.17 + k * 1e-4, lon=24.94, **extra)

@@ -16,13 +16,15 @@ from datetime import timedelta
 import numpy as np
 import vroom
 
-from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.errors import InvalidArgument, TrackingError
 from tracking_grpc.routing.engine import RoutingEngine
 
 log = logging.getLogger(__name__)
 
 FOREVER_S = 10 * 365 * 86_400
-UNREACHABLE_S = 100 * 86_400  # stands in for "no route" in VROOM's integer matrix
+# VROOM refuses a problem whose travel times could add up past 32 bits: the sum, over
+# every vehicle start and end and every job, of the longest leg leaving it.
+COST_BOUND = 2**32 - 1
 UNLIMITED = 2**31 - 1  # also the largest capacity or demand taken (VROOM sums them)
 DEFAULT_TIMEOUT_S = 30.0  # the capacity of a vehicle given none
 
@@ -96,27 +98,44 @@ class Problem:
 def build_problem(
     engine: RoutingEngine, vehicles: list[VehicleSpec], jobs: list[JobSpec]
 ) -> Problem:
-    """Check the specs and fetch one OSRM table over every place they name."""
+    """Check the specs and fetch one OSRM table over every place they name.
+
+    A place too far from a road is refused naming the first field that gives it
+    (``vehicles[0].start``, ``jobs[2].location``).
+    """
     _check(vehicles, jobs)
     places: dict[tuple[float, float], int] = {}
+    fields: list[str] = []  # per place, the first field naming it
 
-    def place(point: tuple[float, float]) -> int:
-        return places.setdefault(point, len(places))
+    def place(point: tuple[float, float], field_name: str) -> int:
+        if point not in places:
+            places[point] = len(places)
+            fields.append(field_name)
+        return places[point]
 
-    def place_or_none(point: tuple[float, float] | None) -> int | None:
-        return None if point is None else place(point)
+    def place_or_none(point: tuple[float, float] | None, name: str) -> int | None:
+        return None if point is None else place(point, name)
 
-    vehicle_places = [(place_or_none(v.start), place_or_none(v.end)) for v in vehicles]
-    job_places = [place(j.location) for j in jobs]
+    vehicle_places = [
+        (
+            place_or_none(v.start, f"vehicles[{i}].start"),
+            place_or_none(v.end, f"vehicles[{i}].end"),
+        )
+        for i, v in enumerate(vehicles)
+    ]
+    job_places = [place(j.location, f"jobs[{i}].location") for i, j in enumerate(jobs)]
     lat = np.array([p[0] for p in places])
     lon = np.array([p[1] for p in places])
-    if len(places) == 1:
-        matrix_s = np.zeros((1, 1))
-        matrix_m = np.zeros((1, 1))
-        engine.route(np.repeat(lat, 2), np.repeat(lon, 2), steps=False)  # snap check
-    else:
-        table = engine.table(lat, lon)
-        matrix_s, matrix_m = table.duration_s, table.distance_m
+    try:
+        if len(places) == 1:
+            matrix_s = np.zeros((1, 1))
+            matrix_m = np.zeros((1, 1))
+            engine.route(np.repeat(lat, 2), np.repeat(lon, 2), steps=False)  # snaps
+        else:
+            table = engine.table(lat, lon)
+            matrix_s, matrix_m = table.duration_s, table.distance_m
+    except InvalidArgument as exc:
+        raise _place_field(exc, fields) from exc
     return Problem(
         vehicles,
         jobs,
@@ -127,6 +146,16 @@ def build_problem(
         vehicle_places,
         job_places,
     )
+
+
+def _place_field(error: InvalidArgument, fields: list[str]) -> InvalidArgument:
+    """The engine's ``points[k]`` or ``waypoints[k]`` as the request field of place k
+    (a single place is routed to itself: both its waypoints are place 0)."""
+    name, _, index = error.field.partition("[")
+    if name not in {"points", "waypoints"} or not index.endswith("]"):
+        return error
+    k = min(int(index[:-1]), len(fields) - 1)
+    return InvalidArgument(fields[k], error.reason)
 
 
 def effort_for(jobs: int) -> int:
@@ -146,10 +175,15 @@ def solve(
     """The best plan VROOM finds within ``timeout_s``; unassigned jobs with a reason."""
     if exploration_level is None:
         exploration_level = effort_for(len(problem.jobs))
-    skill_ids = {s: i for i, s in enumerate(_all_skills(problem))}
     dims = _dimensions(problem)
+    stranded = np.flatnonzero(~_servable(problem, dims).any(axis=1)).tolist()
+    if len(stranded) == len(problem.jobs):
+        return _plan(problem, {}, stranded)
+    left_out = set(stranded)
+    skill_ids = {s: i for i, s in enumerate(_all_skills(problem))}
+    unreachable_s = _unreachable_s(problem, len(problem.jobs) - len(stranded))
     durations = np.where(
-        np.isfinite(problem.duration_s), np.rint(problem.duration_s), UNREACHABLE_S
+        np.isfinite(problem.duration_s), np.rint(problem.duration_s), unreachable_s
     ).astype(np.uint32)
     distances = np.where(
         np.isfinite(problem.distance_m), np.rint(problem.distance_m), 0
@@ -169,11 +203,14 @@ def solve(
                 capacity=_amount(v.capacity, dims, UNLIMITED),
                 skills={skill_ids[s] for s in v.skills},
                 time_window=vroom.TimeWindow(*v.shift_s),
+                max_travel_time=unreachable_s - 1,
             )
         )
     for j, (job, location) in enumerate(
         zip(problem.jobs, problem.job_places, strict=True)
     ):
+        if j in left_out:  # unassigned below: VROOM need not search for it
+            continue
         given.add_job(
             vroom.Job(
                 j,
@@ -182,7 +219,9 @@ def solve(
                 delivery=vroom.Amount(_amount(job.demand, dims)),
                 skills={skill_ids[s] for s in job.skills},
                 priority=job.priority,
-                time_windows=[vroom.TimeWindow(a, b) for a, b in job.windows_s],
+                time_windows=[
+                    vroom.TimeWindow(a, b) for a, b in merge_windows(job.windows_s)
+                ],
             )
         )
     threads = threads or max(1, min(4, os.cpu_count() or 1))
@@ -191,26 +230,43 @@ def solve(
         nb_threads=threads,
         timeout=timedelta(seconds=timeout_s),
     )
-    return _plan(problem, answer.to_dict())
+    return _plan(problem, answer.to_dict(), stranded)
+
+
+def _unreachable_s(problem: Problem, jobs: int) -> int:
+    """What stands in for "no route" in VROOM's integer matrix: as long as its cost
+    bound allows. Every vehicle may drive one second less in all, so no plan can hold
+    such a leg (a real tour that long, weeks of driving, is left undone)."""
+    return COST_BOUND // (2 * len(problem.vehicles) + jobs + 1)
+
+
+def merge_windows(
+    windows: tuple[tuple[int, int], ...],
+) -> tuple[tuple[int, int], ...]:
+    """Windows sorted, with overlapping, touching and repeated ones made one.
+
+    >>> merge_windows(((50, 60), (0, 10), (10, 20), (5, 8)))
+    ((0, 20), (50, 60))
+    """
+    merged: list[tuple[int, int]] = []
+    for open_s, close_s in sorted(windows):
+        if merged and open_s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], close_s))
+        else:
+            merged.append((open_s, close_s))
+    return tuple(merged)
 
 
 def unassigned_reason(problem: Problem, job_index: int) -> str:
     """Why no vehicle took this job, as far as the specs alone can tell."""
     job = problem.jobs[job_index]
-    skilled = [i for i, v in enumerate(problem.vehicles) if job.skills <= v.skills]
-    if not skilled:
+    if not _skilled(problem, job_index):
         return f"no vehicle has the skills {', '.join(sorted(job.skills))}"
     dims = _dimensions(problem)
-    demand = np.array(_amount(job.demand, dims))
-    roomy = [
-        i
-        for i in skilled
-        if np.all(demand <= _amount(problem.vehicles[i].capacity, dims, UNLIMITED))
-    ]
+    roomy = _suitable(problem, job_index, dims)
     if not roomy:
         return "its demand exceeds the capacity of every vehicle with its skills"
-    here = problem.job_places[job_index]
-    if not any(_routable(problem, i, here) for i in roomy):
+    if not _suitable_routable(problem, job_index, dims):
         return "no road route joins it to the start and end of any suitable vehicle"
     if not any(_reachable(problem, i, job_index) for i in roomy):
         return (
@@ -218,6 +274,51 @@ def unassigned_reason(problem: Problem, job_index: int) -> str:
             "windows and come back within its shift"
         )
     return "the fleet's capacity or shift time went to other jobs"
+
+
+def _skilled(problem: Problem, job_index: int) -> list[int]:
+    skills = problem.jobs[job_index].skills
+    return [i for i, v in enumerate(problem.vehicles) if skills <= v.skills]
+
+
+def _suitable(problem: Problem, job_index: int, dims: int) -> list[int]:
+    """The vehicles with the job's skills and room for its demand."""
+    demand = np.array(_amount(problem.jobs[job_index].demand, dims))
+    return [
+        i
+        for i in _skilled(problem, job_index)
+        if np.all(demand <= _amount(problem.vehicles[i].capacity, dims, UNLIMITED))
+    ]
+
+
+def _suitable_routable(problem: Problem, job_index: int, dims: int) -> bool:
+    """Whether a suitable vehicle has roads from its start and to its end."""
+    here = problem.job_places[job_index]
+    suitable = _suitable(problem, job_index, dims)
+    return any(_routable(problem, i, here) for i in suitable)
+
+
+def _servable(problem: Problem, dims: int) -> np.ndarray:
+    """(jobs, vehicles): the vehicle has the job's skills, room for its demand, and
+    roads from its start to the job and from the job to its end."""
+    skilled = np.array(
+        [[j.skills <= v.skills for v in problem.vehicles] for j in problem.jobs]
+    )
+    demand = np.array([_amount(j.demand, dims) for j in problem.jobs]).reshape(
+        len(problem.jobs), dims
+    )
+    capacity = np.array(
+        [_amount(v.capacity, dims, UNLIMITED) for v in problem.vehicles]
+    ).reshape(len(problem.vehicles), dims)
+    roomy = np.all(demand[:, None, :] <= capacity[None, :, :], axis=2)
+    here = np.array(problem.job_places)
+    routable = np.ones_like(skilled)
+    for i, (start, end) in enumerate(problem.vehicle_places):
+        if start is not None:
+            routable[:, i] &= np.isfinite(problem.duration_s[start, here])
+        if end is not None:
+            routable[:, i] &= np.isfinite(problem.duration_s[here, end])
+    return skilled & roomy & routable
 
 
 def _routable(problem: Problem, vehicle: int, here: int) -> bool:
@@ -243,10 +344,12 @@ def _reachable(problem: Problem, vehicle: int, job_index: int) -> bool:
     return False
 
 
-def _plan(problem: Problem, answer: dict) -> Plan:
+def _plan(problem: Problem, answer: dict, stranded: list[int]) -> Plan:
     vehicles = []
     for route in answer.get("routes", []):
         index = int(route["vehicle"])
+        places = [int(step["location_index"]) for step in route["steps"]]
+        _check_legs(problem, places)
         stops = []
         for step in route["steps"]:
             kind = step["type"]
@@ -273,11 +376,17 @@ def _plan(problem: Problem, answer: dict) -> Plan:
                 duration_s=int(route["duration"]),
             )
         )
-    unassigned = {
-        problem.jobs[int(u["id"])].job_id: unassigned_reason(problem, int(u["id"]))
-        for u in answer.get("unassigned", [])
-    }
+    left = sorted(stranded + [int(u["id"]) for u in answer.get("unassigned", [])])
+    unassigned = {problem.jobs[j].job_id: unassigned_reason(problem, j) for j in left}
     return Plan(vehicles, unassigned)
+
+
+def _check_legs(problem: Problem, places: list[int]) -> None:
+    """A plan never drives a leg without a road: every vehicle's maximum travel time
+    is shorter than the matrix's stand-in for one, and this guards that promise."""
+    legs = problem.duration_s[places[:-1], places[1:]]
+    if not np.all(np.isfinite(legs)):
+        raise TrackingError("the optimiser planned a leg that no road route joins")
 
 
 def _check(vehicles: list[VehicleSpec], jobs: list[JobSpec]) -> None:

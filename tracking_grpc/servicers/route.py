@@ -209,8 +209,14 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
             batch = await self.app.history.history(
                 tenant, device, request.start_ms, request.end_ms, MAX_MATCH_FIXES
             )
-        if len(batch) < 2:
+        if len(batch) < 2 and request.fixes:
             raise InvalidArgument("fixes", "a track needs at least 2 fixes")
+        if len(batch) < 2:
+            reason = (
+                f"has {len(batch)} stored fixes from start_ms to end_ms; "
+                "a track needs at least 2"
+            )
+            raise InvalidArgument("device_id", reason)
         return batch
 
 

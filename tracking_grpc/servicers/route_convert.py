@@ -10,6 +10,7 @@ import numpy as np
 import polyline as polyline_codec
 from tracking.v1 import common_pb2, route_pb2
 
+from tracking_grpc import convert
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.ingest import now_ms
@@ -209,7 +210,7 @@ def problem_specs(
     departure_ms = request.departure_ms or now_ms()
     # Times count from the earliest a vehicle may start.
     starts = [departure_ms]
-    starts += [v.shift.start_ms for v in request.vehicles if v.HasField("shift")]
+    starts += [v.shift.start_ms for v in request.vehicles if v.shift.start_ms]
     clock = PlanClock(min(starts))
     vehicles = [
         _vehicle(v, f"vehicles[{i}]", clock, departure_ms)
@@ -248,20 +249,29 @@ class PlanClock:
 def _vehicle(
     v: route_pb2.Vehicle, field: str, clock: PlanClock, departure_ms: int
 ) -> optimise.VehicleSpec:
-    if v.HasField("shift"):
+    if v.shift.start_ms:
         start_s = clock.opens(v.shift.start_ms, f"{field}.shift.start_ms")
-        shift = (start_s, clock.closes(v.shift.end_ms))
-    else:
+    else:  # no shift, or one without a start: from departure_ms on
         start_s = clock.opens(departure_ms, "departure_ms")
+    if v.shift.end_ms:
+        shift = (start_s, clock.closes(v.shift.end_ms))
+    else:  # open-ended
         shift = (start_s, start_s + optimise.FOREVER_S)
     return optimise.VehicleSpec(
-        vehicle_id=v.id,
+        vehicle_id=convert.check_device_id(v.id, f"{field}.id"),
         start=point(v.start, f"{field}.start") if v.HasField("start") else None,
         end=point(v.end, f"{field}.end") if v.HasField("end") else None,
         capacity=tuple(v.capacity),
         shift_s=shift,
-        skills=frozenset(v.skills),
+        skills=_skills(v.skills, f"{field}.skills"),
     )
+
+
+def _skills(skills: Sequence[str], field: str) -> frozenset[str]:
+    """Skills follow the device id rules: 1-128 printable characters, not blank."""
+    for k, skill in enumerate(skills):
+        convert.check_device_id(skill, f"{field}[{k}]")
+    return frozenset(skills)
 
 
 def _job(j: route_pb2.Job, field: str, clock: PlanClock) -> optimise.JobSpec:
@@ -277,13 +287,13 @@ def _job(j: route_pb2.Job, field: str, clock: PlanClock) -> optimise.JobSpec:
         for k, w in enumerate(j.time_windows)
     )
     return optimise.JobSpec(
-        job_id=j.id,
+        job_id=convert.check_device_id(j.id, f"{field}.id"),
         location=point(j.location, f"{field}.location", j.HasField("location")),
         service_s=round(j.service_s),
         windows_s=windows,
         demand=tuple(j.demand),
         priority=j.priority,
-        skills=frozenset(j.skills),
+        skills=_skills(j.skills, f"{field}.skills"),
     )
 
 
@@ -293,16 +303,19 @@ def _check_windows(request: route_pb2.OptimizeRouteRequest) -> None:
     _check_time(request.departure_ms, "departure_ms")
     for i, v in enumerate(request.vehicles):
         if v.HasField("shift"):
-            _check_window(v.shift, f"vehicles[{i}].shift")
+            _check_window(v.shift, f"vehicles[{i}].shift", open_ended=True)
     for i, j in enumerate(request.jobs):
         for k, w in enumerate(j.time_windows):
             _check_window(w, f"jobs[{i}].time_windows[{k}]")
 
 
-def _check_window(window: route_pb2.TimeWindow, field: str) -> None:
+def _check_window(
+    window: route_pb2.TimeWindow, field: str, open_ended: bool = False
+) -> None:
+    """``open_ended``: an unset (0) end means no end (a shift)."""
     _check_time(window.start_ms, f"{field}.start_ms")
     _check_time(window.end_ms, f"{field}.end_ms")
-    if window.end_ms < window.start_ms:
+    if window.end_ms < window.start_ms and not (open_ended and window.end_ms == 0):
         raise InvalidArgument(field, "ends before it starts")
 
 
