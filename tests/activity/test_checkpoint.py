@@ -276,3 +276,44 @@ async def test_a_failed_restore_is_done_whole_on_the_retry(history, monkeypatch)
     for device in np.unique(rest.device.astype(str)).tolist():
         got, want = after.state(tenant, device), reference.state(tenant, device)
         assert got.odometer_m == pytest.approx(want.odometer_m, abs=1.0), device
+
+
+async def test_a_round_saves_in_pieces_and_a_failed_piece_waits_for_the_next(
+    history, monkeypatch
+) -> None:
+    """A round of 1,200 devices goes in writes of at most SAVE_PIECE_DEVICES; a
+    write that fails leaves its devices and the later ones for the next round."""
+    tenant = unique_tenant()
+    count = 1_200
+    fixes = FixBatch.from_columns(
+        tenant,
+        [f"car-{i:04d}" for i in range(count)],
+        np.ones(count),
+        np.full(count, time.time_ns() // 1_000_000 - 1_000),
+        np.full(count, 45.0),
+        np.full(count, 13.0),
+    ).with_received(time.time_ns() // 1_000_000)
+    processor = ActivityProcessor(store=history)
+    await run(processor, history, [fixes])
+    writes: list[int] = []
+    failures = [2]  # the second write fails, once
+    save = history.save_checkpoints
+
+    async def failing_second(checkpoints) -> None:
+        writes.append(len(checkpoints.devices))
+        if failures and len(writes) == failures[0]:
+            failures.clear()
+            raise StorageUnavailable("down for one write")
+        await save(checkpoints)
+
+    monkeypatch.setattr(history, "save_checkpoints", failing_second)
+    with pytest.raises(StorageUnavailable):
+        await processor.save_checkpoints(pause_s=0.001)
+    assert writes == [500, 500]
+    writes.clear()
+
+    assert await processor.save_checkpoints() == 700  # the failed piece and after
+    assert writes == [500, 200]
+    assert await processor.save_checkpoints() == 0
+    saved = await history.load_checkpoints(tenant, fixes.device.tolist())
+    assert sorted(saved.devices) == sorted(fixes.device.tolist())

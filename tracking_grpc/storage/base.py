@@ -45,6 +45,18 @@ class Checkpoints:
     applied_ms: np.ndarray  # per device: time of the newest fix applied
     states: list[bytes]  # per device: the packed state, opaque to the store
 
+    def pieces(self, size: int) -> list[Checkpoints]:
+        """These checkpoints in pieces of at most ``size`` devices."""
+        return [
+            Checkpoints(
+                self.tenant,
+                self.devices[first : first + size],
+                self.applied_ms[first : first + size],
+                self.states[first : first + size],
+            )
+            for first in range(0, len(self.devices), size)
+        ]
+
 
 class HistoryStore(Protocol):
     """Durable fixes and per-device state."""
