@@ -62,12 +62,15 @@ async def activity_code(channel: grpc.aio.Channel, tenant: str) -> grpc.StatusCo
     return grpc.StatusCode.OK
 
 
-async def enters(channel: grpc.aio.Channel, tenant: str) -> int:
-    request = geofence_pb2.ListEventsRequest(start_ms=0, device_id="van")
+async def stored(
+    channel: grpc.aio.Channel, tenant: str, kind: int = event_pb2.EVENT_TYPE_ENTER
+) -> int:
+    """How many events of the van of type ``kind`` are stored."""
+    request = geofence_pb2.ListEventsRequest(start_ms=0, device_id="van", types=[kind])
     found = await geofence_pb2_grpc.GeofenceStub(channel).ListEvents(
         request, metadata=as_admin(tenant)
     )
-    return sum(e.type == event_pb2.EVENT_TYPE_ENTER for e in found.events)
+    return len(found.events)
 
 
 async def until(check, timeout_s: float = 20.0) -> None:
@@ -101,19 +104,22 @@ async def test_an_erasure_clears_the_state_of_every_process(two_servers) -> None
         )
         await van_in_depot(to_holding, tenant)
         await until(lambda: _is(activity_code(to_holding, tenant), grpc.StatusCode.OK))
-        await until(lambda: _is(enters(to_holding, tenant), 1))
+        await until(lambda: _is(stored(to_holding, tenant), 1))
+        online = event_pb2.EVENT_TYPE_ONLINE
+        await until(lambda: _is(stored(to_holding, tenant, online), 1))
 
         erased = await history_pb2_grpc.HistoryStub(to_answering).EraseDevice(
             history_pb2.EraseDeviceRequest(device_id="van"), metadata=as_admin(tenant)
         )
 
-        assert erased.fixes_erased == 5 and erased.events_erased == 1
+        # Its ENTER and its ONLINE.
+        assert erased.fixes_erased == 5 and erased.events_erased == 2
         assert not erased.activity_erased  # the answering process never saw it
         await until(
             lambda: _is(activity_code(to_holding, tenant), grpc.StatusCode.NOT_FOUND)
         )
         await van_in_depot(to_holding, tenant)  # seq from 1 again: it was erased
-        await until(lambda: _is(enters(to_holding, tenant), 1))
+        await until(lambda: _is(stored(to_holding, tenant), 1))
 
 
 async def _is(value, expected) -> bool:

@@ -15,6 +15,7 @@ import jwt
 import pytest
 from tracking.v1 import (
     common_pb2,
+    event_pb2,
     geofence_pb2,
     geofence_pb2_grpc,
     history_pb2,
@@ -61,7 +62,7 @@ async def served(
 
 async def van_inside_depot(stubs: Stubs, tenant: str) -> list[common_pb2.Fix]:
     """A depot fence, and the van's five fixes inside it, stored and processed
-    (its ENTER event stored, its activity taken in)."""
+    (its ENTER and ONLINE events stored, its activity taken in)."""
     fence = geofence_pb2.Fence(
         fence_id="depot",
         shape=geofence_pb2.FenceShape(
@@ -74,8 +75,8 @@ async def van_inside_depot(stubs: Stubs, tenant: str) -> list[common_pb2.Fix]:
     fixes = [fix(seq, 60.17, 24.94, accuracy_m=5) for seq in range(1, 6)]
     await track_session(stubs.track, "van", [fixes], metadata=as_role(tenant))
     async with asyncio.timeout(30):
-        while True:  # the ENTER event stored
-            if await van_events(stubs, tenant):
+        while True:  # its ENTER and ONLINE events stored
+            if len(await van_events(stubs, tenant)) == 2:
                 break
             await asyncio.sleep(0.01)
         while True:
@@ -93,7 +94,9 @@ async def van_inside_depot(stubs: Stubs, tenant: str) -> list[common_pb2.Fix]:
 
 
 async def van_events(stubs: Stubs, tenant: str) -> list:
-    request = geofence_pb2.ListEventsRequest(start_ms=0, device_id="van")
+    """The van's geofence and activity events."""
+    types = [event_pb2.EVENT_TYPE_ENTER, event_pb2.EVENT_TYPE_ONLINE]
+    request = geofence_pb2.ListEventsRequest(start_ms=0, device_id="van", types=types)
     found = await stubs.geofence.ListEvents(request, metadata=as_role(tenant))
     return list(found.events)
 

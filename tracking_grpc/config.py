@@ -158,7 +158,7 @@ class Settings:
     )
     retention_days: int = setting(
         0,
-        "days of history kept: fixes and geofence events (stored and on the Redis "
+        "days of history kept: fixes and events (stored and on the Redis "
         "Stream) of UTC days before the last N (and today) are deleted, hourly and "
         "at start (PostgreSQL drops whole day partitions); 0 keeps everything",
     )

@@ -209,6 +209,27 @@ async def test_a_device_back_from_another_process_continues_there(history) -> No
     assert (got.in_trip, got.trip_since_ms) == (want.in_trip, want.trip_since_ms)
 
 
+async def test_a_device_gone_to_another_process_goes_offline_there_only(
+    history,
+) -> None:
+    """Its fixes went to another process: this one raises no OFFLINE of it when
+    it falls silent here (listeners would hear of a device online elsewhere as
+    gone) and drops its state; the other raises the OFFLINE."""
+    tenant = unique_tenant()
+    chunks = trace_chunks(CAR, tenant)
+    half = len(chunks) // 2
+    here, there = ActivityProcessor(store=history), ActivityProcessor(store=history)
+    await run(here, history, chunks[:half])
+    await here.save_checkpoints()
+    await run(there, history, chunks[half:])
+    await there.save_checkpoints()
+    later_ms = time.time_ns() // 1_000_000 + 3_600_000
+
+    assert await here.tick(later_ms) == []
+    assert [e.type for e in await there.tick(later_ms)] == [EventType.OFFLINE]
+    assert here.state(tenant, str(chunks[0].device[0])) is None
+
+
 class CountingReads:
     """A store that counts the checkpoint reads made through it."""
 

@@ -1,4 +1,4 @@
-"""Geofence events on a Redis Stream through the event-store outbox (real Redis)."""
+"""Events on a Redis Stream through the event-store outbox (real Redis)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,19 @@ import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from tests.conftest import require_service
-from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.events import ActivityDetail, EventType, TrackingEvent
 from tracking_grpc.geofence.delivery import (
     EventStoreListener,
     StreamPublisher,
     event_of_stream,
+    stream_fields,
 )
 from tracking_grpc.storage.redis_client import Connection
 from tracking_grpc.storage.sqlite_fences import (
@@ -125,4 +127,16 @@ async def test_a_stop_past_its_deadline_logs_the_events_it_did_not_store(
         await store.close(deadline=asyncio.get_running_loop().time())
     stored = len(await outbox.unpublished(20_000))
     assert stored < 20_000
-    assert f"{20_000 - stored} geofence events not stored" in caplog.text
+    assert f"{20_000 - stored} events not stored" in caplog.text
+
+
+def test_stream_entries_carry_activity_and_route_fields() -> None:
+    trip = TrackingEvent(
+        "e1", "t", "van", EventType.TRIP_ENDED, 10, 48.5, 2.5, 3, 11,
+        route_id="delivery-1",
+        activity=ActivityDetail(motion=2, distance_m=1234.5, since_ms=3),
+    )  # fmt: skip
+    entry = stream_fields(trip)
+    assert event_of_stream(entry) == trip
+    older = {k: v for k, v in entry.items() if k not in ("route_id", "activity")}
+    assert event_of_stream(older) == replace(trip, route_id="", activity=None)

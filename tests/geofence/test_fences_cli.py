@@ -48,6 +48,13 @@ async def test_import_list_and_events(server, channel, tmp_path, capsys) -> None
             break
         await asyncio.sleep(0.1)
     assert [line.split("\t")[2] for line in lines] == ["ENTER", "EXIT"]
+    for _ in range(50):  # its activity events, when asked for
+        await run(server, "fences", "events", "--device", "van-1", "--type", "ONLINE")
+        lines = capsys.readouterr().out.splitlines()
+        if lines:
+            break
+        await asyncio.sleep(0.1)
+    assert [line.split("\t")[2] for line in lines] == ["ONLINE"]
 
 
 async def test_refused_import_prints_one_line(server, tmp_path, capsys) -> None:

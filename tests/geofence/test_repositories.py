@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from tracking_grpc.errors import AlreadyExists, FailedPrecondition, NotFound
-from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.events import ActivityDetail, EventType, TrackingEvent
 from tracking_grpc.geofence.model import (
     FenceSpec,
     Schedule,
@@ -197,3 +197,25 @@ async def test_outbox_lists_unpublished_until_marked(geo_stores, tenant) -> None
     assert [e for e in await events.unpublished(1000) if e.tenant == tenant] == [
         stored[1]
     ]
+
+
+async def test_activity_and_route_events_keep_their_detail(geo_stores, tenant) -> None:
+    _, events = geo_stores
+    trip = replace(
+        event("van", EventType.TRIP_ENDED, 10, tenant),
+        fence_id="",
+        activity=ActivityDetail(motion=2, distance_m=1234.5, since_ms=3),
+    )
+    off = replace(
+        event("van", EventType.OFF_ROUTE, 20, tenant),
+        fence_id="",
+        route_id="delivery-1",
+        attributes={"deviation_m": "140"},
+    )
+    await events.add([trip, off])
+
+    listed = await events.list(EventQuery(tenant, 0, 100))
+
+    assert listed == [trip, off]
+    assert [e for e in await events.unpublished(1000) if e.tenant == tenant] == listed
+    assert await events.memberships(tenant) == []

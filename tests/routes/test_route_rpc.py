@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -14,13 +15,23 @@ from pyproj import Geod
 from tracking.v1 import (
     common_pb2,
     event_pb2,
+    geofence_pb2,
+    geofence_pb2_grpc,
     route_pb2,
     route_pb2_grpc,
     track_pb2_grpc,
 )
 
+from tests.backends import BACKENDS, backend_settings, unique_tenant
 from tests.routes import support
-from tests.server_fixtures import batch, hello, now_ms, track_session, violation
+from tests.server_fixtures import (
+    batch,
+    embedded_settings,
+    hello,
+    now_ms,
+    track_session,
+    violation,
+)
 
 P = common_pb2.LatLng
 GEOD = Geod(ellps="WGS84")
@@ -349,6 +360,62 @@ async def test_assigned_route_raises_events_on_the_device_stream(
         route_pb2.GetRouteProgressRequest(device_id="van-7")
     )
     assert progress.progress.arrived and progress.progress.route_id == "delivery-1"
+
+
+@pytest.fixture(params=BACKENDS)
+async def on_backend(
+    request, start_server, helsinki_dir, tmp_path
+) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to a server with the Helsinki datasets on each backend, for a
+    tenant of the test's own."""
+    settings = embedded_settings(
+        tmp_path, routing_data_dir=str(helsinki_dir), default_tenant=unique_tenant()
+    )
+    server = await start_server(settings=backend_settings(request, settings))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield channel
+
+
+async def test_route_events_reach_watch_events_and_list_events(on_backend) -> None:
+    fences = geofence_pb2_grpc.GeofenceStub(on_backend)
+    wanted = [
+        event_pb2.EVENT_TYPE_OFF_ROUTE,
+        event_pb2.EVENT_TYPE_BACK_ON_ROUTE,
+        event_pb2.EVENT_TYPE_ARRIVED,
+    ]
+    request = geofence_pb2.WatchEventsRequest(types=wanted, device_ids=["van-8"])
+    watch = fences.WatchEvents(request)
+    await watch.initial_metadata()  # subscribed
+    assigned = await route_pb2_grpc.RouteStub(on_backend).AssignRoute(
+        route_pb2.AssignRouteRequest(
+            device_id="van-8",
+            route_id="delivery-2",
+            route=route_pb2.ComputeRouteRequest(origin=KAMPPI, destination=SENATE),
+        )
+    )
+    lat, lon = np.array(polyline.decode(assigned.route.polyline, 6)).T
+    points, along = support.drive(lat, lon, 10.0)
+    rows = np.flatnonzero((along > 600) & (along < 900))
+    points = support.shift(points, rows, 0.0, 300.0)
+
+    await drive_on_stream(track_pb2_grpc.TrackSessionStub(on_backend), "van-8", points)
+    watched: list[event_pb2.Event] = []
+    async with asyncio.timeout(30):
+        while len(watched) < len(wanted):
+            watched.extend((await watch.read()).events)
+    watch.cancel()
+    listed: list[event_pb2.Event] = []
+    async with asyncio.timeout(30):
+        while len(listed) < len(wanted):
+            request = geofence_pb2.ListEventsRequest(
+                start_ms=0, device_id="van-8", types=wanted
+            )
+            listed = list((await fences.ListEvents(request)).events)
+
+    assert [e.type for e in watched] == wanted
+    assert listed == watched  # stored as delivered
+    assert {e.route_id for e in listed} == {"delivery-2"}
+    assert float(listed[0].attributes["deviation_m"]) > 50  # route_off_route_m
 
 
 async def test_cleared_route_has_no_progress(routes) -> None:

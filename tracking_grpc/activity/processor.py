@@ -298,9 +298,9 @@ class ActivityProcessor:
     async def _moved_on(
         self, state: _Tenant, tenant: str, devices: list[str]
     ) -> list[str]:
-        """Of devices back after going offline here, those another process has
-        applied later fixes of (so says their checkpoint): their state here is
-        dropped, to be restored."""
+        """Of devices back after going offline here, or about to go offline
+        here, those another process has applied later fixes of (so says their
+        checkpoint): their state here is dropped, to be restored."""
         if not devices or self.store is None:
             return []
         saved = await self.store.load_checkpoints(tenant, devices)
@@ -349,32 +349,45 @@ class ActivityProcessor:
         return FixBatch.concat(replays), restored
 
     async def tick(self, now_ms: int) -> list[TrackingEvent]:
-        """OFFLINE for every online device silent for ``offline_after_s``."""
+        """OFFLINE for every online device silent for ``offline_after_s``, but for
+        those another process has applied later fixes of (the device reconnected
+        there): their state here is dropped instead, so that listeners hear no
+        OFFLINE of a device online elsewhere. Only a tick that finds silent
+        devices waits for a batch being applied."""
         events = []
-        for tenant, state in self._tenants.items():
-            if not state.cols:
-                continue
-            c = state.cols
-            limit = now_ms - int(state.params.offline_after_s * 1000)
-            silent = np.flatnonzero(
-                c["online"] & (c["seen_ms"] >= 0) & (c["seen_ms"] < limit)
-            )
-            c["online"][silent] = False
-            for slot in silent.tolist():
-                events.append(
-                    _event(
-                        tenant,
-                        state.names[slot],
-                        EventType.OFFLINE,
-                        now_ms,
-                        c["lat"][slot],
-                        c["lon"][slot],
-                        int(c["seq"][slot]),
-                        now_ms,
-                        {"last_seen_ms": str(int(c["seen_ms"][slot]))},
-                    )
-                )
+        for tenant, state in list(self._tenants.items()):
+            if state.cols and _silent(state, now_ms).size:
+                async with self._applying:
+                    events += await self._offline(tenant, state, now_ms)
         return events
+
+    async def _offline(
+        self, tenant: str, state: _Tenant, now_ms: int
+    ) -> list[TrackingEvent]:
+        silent = _silent(state, now_ms)
+        try:
+            await self._moved_on(
+                state, tenant, [state.names[s] for s in silent.tolist()]
+            )
+        except Exception as exc:  # an OFFLINE too many beats one lost
+            log.warning("checking where silent devices went failed (%s)", exc)
+        c = state.cols
+        silent = silent[c["online"][silent]]  # a dropped slot is reset
+        c["online"][silent] = False
+        return [
+            _event(
+                tenant,
+                state.names[slot],
+                EventType.OFFLINE,
+                now_ms,
+                c["lat"][slot],
+                c["lon"][slot],
+                int(c["seq"][slot]),
+                now_ms,
+                {"last_seen_ms": str(int(c["seen_ms"][slot]))},
+            )
+            for slot in silent.tolist()
+        ]
 
     def state(self, tenant: str, device: str) -> DeviceActivity | None:
         """The device's current activity, or None if it sent nothing since start."""
@@ -523,6 +536,13 @@ def _refill_tails(state: _Tenant, names: list[str], fixes: FixBatch) -> FixBatch
     applied_order = order[applied[order]]
     state.tail.replace(slots, fixes.take(applied_order), fix_slot[applied_order])
     return fixes.take(order[~applied[order]])
+
+
+def _silent(state: _Tenant, now_ms: int) -> np.ndarray:
+    """Slots of the online devices silent for ``offline_after_s``."""
+    c = state.cols
+    limit = now_ms - int(state.params.offline_after_s * 1000)
+    return np.flatnonzero(c["online"] & (c["seen_ms"] >= 0) & (c["seen_ms"] < limit))
 
 
 def _event(

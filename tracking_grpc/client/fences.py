@@ -3,6 +3,7 @@
 tracking fences import depots.geojson --replace
 tracking fences list --label depot
 tracking fences events --since-s 3600 --device van-1
+tracking fences events --type OFFLINE --type OVERSPEED_STARTED
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--fence", default="", help="events: of this fence only")
     parser.add_argument("--device", default="", help="events: of this device only")
+    parser.add_argument(
+        "--type",
+        action="append",
+        default=[],
+        choices=[n.removeprefix("EVENT_TYPE_") for n in event_pb2.EventType.keys()][1:],
+        metavar="TYPE",
+        help="events: of this type only (repeatable; activity and route types too, "
+        "e.g. OFFLINE, ARRIVED); default ENTER, EXIT, DWELL and CROSS",
+    )
     parser.add_argument(
         "--since-s",
         type=float,
@@ -127,6 +137,7 @@ async def _events(stub, args, metadata) -> int:
                 start_ms=max(0, now_ms - int(args.since_s * 1000)),
                 device_id=args.device,
                 fence_id=args.fence,
+                types=[event_pb2.EventType.Value(f"EVENT_TYPE_{t}") for t in args.type],
                 page_token=token,
                 page_size=1000,
             ),

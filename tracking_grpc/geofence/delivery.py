@@ -1,13 +1,15 @@
-"""Where geofence events go after the bus: the event store, WatchEvents subscribers
-and a Redis Stream.
+"""Where events go after the bus: the event store, WatchEvents subscribers and a
+Redis Stream.
 
-The store and the watch hub are event-bus listeners that pick the geofence events out
-of what the bus carries. The Redis publisher sends what the event store holds
-unpublished (an outbox), so an event once stored reaches the stream at least once,
-across outages and restarts; consumers read it with consumer groups (XREADGROUP,
-XACK) and de-duplicate by ``event_id``. Both the publisher and the feed connect on
-first need through ``redis_client.Connection``, standalone or cluster; the stream is one
-key, so on a cluster every command goes to the node holding its slot.
+The store and the watch hub are event-bus listeners that take every event the bus
+carries: geofence, activity and route events alike (each WatchEvents call filters
+by type; with no types it gets the geofence events). The Redis publisher sends what
+the event store holds unpublished (an outbox), so an event once stored reaches the
+stream at least once, across outages and restarts; consumers read it with consumer
+groups (XREADGROUP, XACK) and de-duplicate by ``event_id``. Both the publisher and
+the feed connect on first need through ``redis_client.Connection``, standalone or
+cluster; the stream is one key, so on a cluster every command goes to the node
+holding its slot.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tracking_grpc.events import EventType, TrackingEvent
-from tracking_grpc.geofence.model import GEOFENCE_EVENTS
-from tracking_grpc.storage.fences import EventRepository
+from tracking_grpc.storage.fences import (
+    EventRepository,
+    activity_of_text,
+    activity_text,
+)
 from tracking_grpc.storage.redis_client import Connection, unavailable
 
 log = logging.getLogger(__name__)
@@ -33,12 +38,8 @@ STREAM_MAXLEN = 1_000_000
 RETRY_S = (0.1, 0.5, 2.0, 5.0)
 
 
-def geofence_events(events: Sequence[TrackingEvent]) -> list[TrackingEvent]:
-    return [e for e in events if e.type in GEOFENCE_EVENTS and e.fence_id]
-
-
 class EventStoreListener:
-    """Stores geofence events for ListEvents, in batches, off the bus's path.
+    """Stores events for ListEvents, in batches, off the bus's path.
 
     The listener only queues; a task writes whatever has gathered in one transaction
     and retries while the store is unavailable. A stop lets it store what is queued
@@ -59,12 +60,11 @@ class EventStoreListener:
         self._cut = False  # the stop's deadline has passed
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="geofence-event-store")
+        self._task = asyncio.create_task(self._run(), name="event-store")
 
     async def __call__(self, events: Sequence[TrackingEvent]) -> None:
-        found = geofence_events(events)
-        if found:
-            self._pending.extend(found)
+        if events:
+            self._pending.extend(events)
             self._idle.clear()
             self._wake.set()
 
@@ -77,7 +77,7 @@ class EventStoreListener:
         while not (self._closing and not self._pending):
             if self._cut:
                 log.warning(
-                    "%d geofence events not stored at the stop deadline: ListEvents "
+                    "%d events not stored at the stop deadline: ListEvents "
                     "and the event stream will not have them",
                     len(self._pending),
                 )
@@ -145,7 +145,7 @@ class EventSubscription:
 
 
 class EventWatchHub:
-    """Delivers geofence events to WatchEvents subscribers of this process.
+    """Delivers events to WatchEvents subscribers of this process.
 
     Fed directly by the event bus, or by a ``StreamWatchFeed``, which follows the
     stream only while the hub has subscribers and says so in ``following``.
@@ -170,11 +170,8 @@ class EventWatchHub:
             self.watched.clear()
 
     async def __call__(self, events: Sequence[TrackingEvent]) -> None:
-        found = geofence_events(events)
-        if not found:
-            return
         for subscription in list(self._subscriptions):
-            matching = [e for e in found if subscription.filter.matches(e)]
+            matching = [e for e in events if subscription.filter.matches(e)]
             if not matching:
                 continue
             try:
@@ -188,7 +185,8 @@ class EventWatchHub:
 
 
 def stream_fields(event: TrackingEvent) -> dict[str, str]:
-    """One stream entry: every field of the event as text."""
+    """One stream entry: every field of the event as text (``activity`` is the
+    ActivityDetail as JSON, empty for an event without one)."""
     return {
         "event_id": event.event_id,
         "tenant": event.tenant,
@@ -201,11 +199,14 @@ def stream_fields(event: TrackingEvent) -> dict[str, str]:
         "fix_seq": str(event.fix_seq),
         "created_ms": str(event.created_ms),
         "attributes": json.dumps(event.attributes, sort_keys=True),
+        "route_id": event.route_id,
+        "activity": activity_text(event.activity) or "",
     }
 
 
 def event_of_stream(entry: dict[str, str]) -> TrackingEvent:
-    """The event of a stream entry (for consumers and tests)."""
+    """The event of a stream entry (for consumers and tests); entries written before
+    activity and route events were published lack their two fields."""
     return TrackingEvent(
         event_id=entry["event_id"],
         tenant=entry["tenant"],
@@ -217,12 +218,14 @@ def event_of_stream(entry: dict[str, str]) -> TrackingEvent:
         fix_seq=int(entry["fix_seq"]),
         created_ms=int(entry["created_ms"]),
         fence_id=entry["fence_id"],
+        route_id=entry.get("route_id", ""),
         attributes=json.loads(entry["attributes"]),
+        activity=activity_of_text(entry.get("activity")),
     )
 
 
 class StreamPublisher:
-    """Appends stored geofence events to a Redis Stream: the event store is the outbox.
+    """Appends stored events to a Redis Stream: the event store is the outbox.
 
     Events marked unpublished in the store are appended (XADD) and then marked; what a
     crash or a Redis outage leaves unpublished goes out when the publisher runs again.
@@ -286,7 +289,7 @@ class StreamPublisher:
 
     async def _publish(self, events: list[TrackingEvent]) -> None:
         client = await self.connection.get()
-        with unavailable("the geofence event stream"):
+        with unavailable("the event stream"):
             async with client.pipeline(transaction=False) as pipe:
                 for event in events:
                     fields: dict[Any, Any] = stream_fields(event)
@@ -337,7 +340,7 @@ class StreamWatchFeed:
                 await self.hub.watched.wait()
             try:
                 client = await self.connection.get()
-                with unavailable("the geofence event stream"):
+                with unavailable("the event stream"):
                     if last is None:
                         newest: Any = await client.xrevrange(self.stream, count=1)
                         last = _text(newest[0][0]) if newest else "0-0"

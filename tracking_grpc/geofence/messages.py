@@ -84,8 +84,8 @@ def shape_message(shape: ShapeSpec) -> geofence_pb2.FenceShape:
     return geofence_pb2.FenceShape(geojson=shape.text)
 
 
-def event_types(values: Iterable[int], field: str) -> frozenset[EventType]:
-    """The geofence event types asked for (0, unspecified, is skipped)."""
+def _parsed_types(values: Iterable[int], field: str) -> frozenset[EventType]:
+    """Event types from enum values (0, unspecified, is skipped)."""
     types = set()
     for i, value in enumerate(values):
         if value == 0:
@@ -95,9 +95,23 @@ def event_types(values: Iterable[int], field: str) -> frozenset[EventType]:
         except ValueError:
             reason = f"{value} is not an event type"
             raise InvalidArgument(f"{field}[{i}]", reason) from None
+    return frozenset(types)
+
+
+def event_types(values: Iterable[int], field: str) -> frozenset[EventType]:
+    """The geofence event types a fence raises (0, unspecified, is skipped)."""
+    types = _parsed_types(values, field)
     if types - GEOFENCE_EVENTS:
         raise InvalidArgument(field, "only ENTER, EXIT, DWELL and CROSS")
-    return frozenset(types)
+    return types
+
+
+def listened_types(values: Iterable[int], field: str) -> frozenset[EventType]:
+    """The event types a WatchEvents or ListEvents call asks for: any the service
+    raises. None given means the geofence types, what these calls gave before
+    activity and route events reached them, so that an existing client is not
+    flooded with MOTION_CHANGED and ONLINE events it never asked for."""
+    return _parsed_types(values, field) or GEOFENCE_EVENTS
 
 
 def fence_of(

@@ -72,7 +72,7 @@ class EventStreamTrimmer:
     async def purge_before(self, cutoff_ms: int) -> int:
         """Delete the entries of events whose fix time is before ``cutoff_ms``."""
         minimum = max(0, cutoff_ms - self.future_skew_ms)
-        with unavailable("the geofence event stream"):
+        with unavailable("the event stream"):
             client = await self.connection.get()
             trimmed = await client.xtrim(self.stream, minid=minimum, approximate=False)
         return int(trimmed) + await self._walk(f"{minimum}-0", ["before", cutoff_ms])
@@ -89,7 +89,7 @@ class EventStreamTrimmer:
             start = "(" + (last.decode() if isinstance(last, bytes) else last)
 
     async def _run(self, args: list[Any]) -> Any:
-        with unavailable("the geofence event stream"):
+        with unavailable("the event stream"):
             client = await self.connection.get()
             try:
                 return await client.evalsha(WALK_SHA, 1, self.stream, *args)

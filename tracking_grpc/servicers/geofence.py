@@ -30,10 +30,10 @@ from tracking_grpc.geofence.messages import (
     FENCE_ID,
     check_fence_id,
     check_labels,
-    event_types,
     fence_message,
     fence_of,
     fences_of_feature_collection,
+    listened_types,
 )
 from tracking_grpc.geofence.processor import GeofenceProcessor
 from tracking_grpc.geofence.shapes import check_lat_lon
@@ -238,10 +238,11 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         )
 
     async def WatchEvents(self, request, context: grpc.aio.ServicerContext) -> None:
-        """Geofence events as they happen, filtered by fence, device and type;
-        ends with UNAUTHENTICATED when the caller's token expires, and with
-        RESOURCE_EXHAUSTED when it falls behind: more events waiting than its
-        queue holds, or a response left unread for write_timeout_s."""
+        """Events as they happen (geofence ones unless types asks for activity or
+        route events), filtered by fence, device and type; ends with
+        UNAUTHENTICATED when the caller's token expires, and with RESOURCE_EXHAUSTED
+        when it falls behind: more events waiting than its queue holds, or a
+        response left unread for write_timeout_s."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
         _check_watch_ids(len(request.fence_ids), len(request.device_ids))
@@ -249,7 +250,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
             caller.tenant,
             frozenset(request.fence_ids),
             frozenset(request.device_ids),
-            event_types(request.types, "types"),
+            listened_types(request.types, "types"),
         )
         subscription = self.hub.subscribe(event_filter)
         try:
@@ -276,10 +277,11 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
             async with asyncio.timeout(FOLLOW_TIMEOUT_S):
                 await self.hub.following.wait()
         except TimeoutError:
-            raise Unavailable("the geofence event stream is unavailable") from None
+            raise Unavailable("the event stream is unavailable") from None
 
     async def ListEvents(self, request, context):
-        """Stored geofence events in a time range (by fix time), oldest first."""
+        """Stored events in a time range (by fix time), oldest first; geofence ones
+        unless types asks for activity or route events."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
         end_ms = request.end_ms or now_ms() + 1
@@ -300,7 +302,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
                 end_ms,
                 device=request.device_id,
                 fence_id=request.fence_id,
-                types=event_types(request.types, "types"),
+                types=listened_types(request.types, "types"),
                 limit=size + 1,
                 after=after,
             )
@@ -358,7 +360,8 @@ async def _erase_device(
     tenant: str,
     device: str,
 ) -> dict[str, int]:
-    """A device's stored events and its entries on the event stream."""
+    """A device's stored events (of every type) and its entries on the event
+    stream."""
     erased = {"events": await events.erase_device(tenant, device)}
     if trimmer is not None:
         erased["stream_entries"] = await trimmer.erase_device(tenant, device)

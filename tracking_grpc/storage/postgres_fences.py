@@ -1,15 +1,15 @@
 """Fence and event repositories on PostgreSQL with PostGIS.
 
-The tables come from the migration ``migrations/0002_geofence.sql`` (applied by
-``tracking migrate``; tests apply it to their private databases). Each fence's area is
-stored as a PostGIS geometry with a GiST index, for spatial queries in SQL.
+The tables come from the migrations ``migrations/0002_geofence.sql`` and
+``0009_device_events.sql`` (applied by ``tracking migrate``; tests apply them to
+their private databases). Each fence's area is stored as a PostGIS geometry with a
+GiST index, for spatial queries in SQL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
-import json
 import logging
 from collections.abc import Sequence
 from importlib import resources
@@ -25,15 +25,17 @@ from tracking_grpc.errors import (
     NotFound,
     StorageUnavailable,
 )
-from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.events import TrackingEvent
 from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.geofence.shapes import compile_shape
 from tracking_grpc.storage.fences import (
+    EVENT_FIELDS,
     MEMBERSHIP_SQL,
     EventQuery,
     ImportResult,
     Membership,
-    event_attributes,
+    event_of_row,
+    event_row,
     memberships_of,
     stamped,
 )
@@ -41,13 +43,20 @@ from tracking_grpc.storage.postgres import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
 
-MIGRATION = "0002_geofence.sql"
+MIGRATIONS = ("0002_geofence.sql", "0009_device_events.sql")
+# Columns as the repository selects them (EVENT_FIELDS, JSON as text).
+SELECTED = (
+    "tenant, event_id, device, fence_id, type, time_ms, lat, lon, fix_seq, "
+    "created_ms, attributes::text, route_id, activity::text"
+)
 
 
 def migration_sql() -> str:
-    """The DDL of the geofence tables (idempotent)."""
+    """The DDL of the geofence and event tables (idempotent)."""
     folder = resources.files("tracking_grpc.storage").joinpath("migrations")
-    return folder.joinpath(MIGRATION).read_text(encoding="utf-8")
+    return "\n".join(
+        folder.joinpath(name).read_text(encoding="utf-8") for name in MIGRATIONS
+    )
 
 
 class PostgresGeofenceDatabase:
@@ -240,29 +249,13 @@ class PostgresEventRepository:
     async def add(self, events: Sequence[TrackingEvent]) -> int:
         if not events:
             return 0
-        rows = [
-            (
-                e.tenant,
-                e.event_id,
-                e.device,
-                e.fence_id,
-                int(e.type),
-                e.time_ms,
-                e.lat,
-                e.lon,
-                e.fix_seq,
-                e.created_ms,
-                event_attributes(e),
-            )
-            for e in events
-        ]
+        rows = [event_row(e) for e in events]
         async with _Transaction(self.db) as conn:
             cur = await conn.execute(
-                "INSERT INTO geofence_events (tenant, event_id, device, fence_id, "
-                "type, time_ms, lat, lon, fix_seq, created_ms, attributes) "
+                f"INSERT INTO geofence_events ({', '.join(EVENT_FIELDS)}) "
                 "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], "
                 "%s::smallint[], %s::bigint[], %s::float8[], %s::float8[], "
-                "%s::bigint[], %s::bigint[], %s::jsonb[]) "
+                "%s::bigint[], %s::bigint[], %s::jsonb[], %s::text[], %s::jsonb[]) "
                 "ON CONFLICT DO NOTHING",
                 [list(column) for column in zip(*rows, strict=True)],
             )
@@ -270,8 +263,7 @@ class PostgresEventRepository:
 
     async def list(self, query: EventQuery) -> list[TrackingEvent]:
         sql = (
-            "SELECT tenant, event_id, device, fence_id, type, time_ms, lat, lon, "
-            "fix_seq, created_ms, attributes::text FROM geofence_events "
+            f"SELECT {SELECTED} FROM geofence_events "
             "WHERE tenant = %s AND time_ms >= %s AND time_ms < %s"
         )
         args: list[Any] = [query.tenant, query.start_ms, query.end_ms]
@@ -287,7 +279,7 @@ class PostgresEventRepository:
             args += [query.after[0], query.after[1]]
         sql += ' ORDER BY time_ms, event_id COLLATE "C" LIMIT %s'
         rows = await self.db.fetch(sql, [*args, query.limit])
-        return [_event(row) for row in rows]
+        return [event_of_row(row) for row in rows]
 
     async def memberships(self, tenant: str) -> builtins.list[Membership]:
         sql = MEMBERSHIP_SQL.format(mark="%s")
@@ -295,13 +287,12 @@ class PostgresEventRepository:
 
     async def unpublished(self, limit: int) -> builtins.list[TrackingEvent]:
         rows = await self.db.fetch(
-            "SELECT tenant, event_id, device, fence_id, type, time_ms, lat, lon, "
-            "fix_seq, created_ms, attributes::text FROM geofence_events "
+            f"SELECT {SELECTED} FROM geofence_events "
             'WHERE NOT published ORDER BY created_ms, time_ms, event_id COLLATE "C" '
             "LIMIT %s",
             [limit],
         )
-        return [_event(row) for row in rows]
+        return [event_of_row(row) for row in rows]
 
     async def mark_published(self, events: Sequence[TrackingEvent]) -> None:
         async with _Transaction(self.db) as conn:
@@ -420,23 +411,4 @@ async def _bump(conn: psycopg.AsyncConnection, tenant: str) -> None:
         "ON CONFLICT (tenant) DO UPDATE SET "
         "revision = geofence_revisions.revision + 1",
         [tenant],
-    )
-
-
-def _event(row: tuple) -> TrackingEvent:
-    tenant, event_id, device, fence_id, kind, time_ms, lat, lon, seq, created, attrs = (
-        row
-    )
-    return TrackingEvent(
-        event_id=event_id,
-        tenant=tenant,
-        device=device,
-        type=EventType(kind),
-        time_ms=int(time_ms),
-        lat=float(lat),
-        lon=float(lon),
-        fix_seq=int(seq),
-        created_ms=int(created),
-        fence_id=fence_id,
-        attributes=json.loads(attrs),
     )

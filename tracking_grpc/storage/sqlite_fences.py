@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import json
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -21,14 +20,16 @@ from tracking_grpc.errors import (
     NotFound,
     StorageUnavailable,
 )
-from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.events import TrackingEvent
 from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.storage.fences import (
+    EVENT_FIELDS,
     MEMBERSHIP_SQL,
     EventQuery,
     ImportResult,
     Membership,
-    event_attributes,
+    event_of_row,
+    event_row,
     memberships_of,
     stamped,
 )
@@ -66,6 +67,8 @@ CREATE TABLE IF NOT EXISTS geofence_events (
     created_ms INTEGER NOT NULL,
     attributes TEXT NOT NULL,
     published INTEGER NOT NULL DEFAULT 0,
+    route_id TEXT NOT NULL DEFAULT '',
+    activity TEXT,
     PRIMARY KEY (tenant, event_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS geofence_events_unpublished
@@ -74,13 +77,19 @@ CREATE INDEX IF NOT EXISTS geofence_events_by_time
     ON geofence_events (tenant, time_ms, event_id);
 CREATE INDEX IF NOT EXISTS geofence_events_by_device
     ON geofence_events (tenant, device);
+CREATE INDEX IF NOT EXISTS geofence_events_memberships
+    ON geofence_events (tenant, device, fence_id) WHERE type IN (1, 2, 3);
 """
 
-
-EVENT_COLUMNS = (
-    "tenant, event_id, device, fence_id, type, time_ms, lat, lon, fix_seq, "
-    "created_ms, attributes"
+# Columns added since the table was first shipped: (name, definition).
+ADDED_COLUMNS = (
+    ("published", "INTEGER NOT NULL DEFAULT 0"),  # the outbox
+    ("route_id", "TEXT NOT NULL DEFAULT ''"),  # route and activity events
+    ("activity", "TEXT"),
 )
+
+
+EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
 
 
 class SqliteGeofenceDatabase:
@@ -116,11 +125,11 @@ class SqliteGeofenceDatabase:
         # (at most) the last transactions on power loss.
         conn.execute("PRAGMA synchronous=NORMAL")
         columns = {r[1] for r in conn.execute("PRAGMA table_info(geofence_events)")}
-        if columns and "published" not in columns:  # a file from before the outbox
-            conn.execute(
-                "ALTER TABLE geofence_events "
-                "ADD COLUMN published INTEGER NOT NULL DEFAULT 0"
-            )
+        for name, definition in ADDED_COLUMNS:
+            if columns and name not in columns:  # a file from before the column
+                conn.execute(
+                    f"ALTER TABLE geofence_events ADD COLUMN {name} {definition}"
+                )
         conn.executescript(SCHEMA)
         self._conn = conn
 
@@ -275,7 +284,7 @@ class SqliteEventRepository:
             args += [query.after[0], query.after[0], query.after[1]]
         sql += " ORDER BY time_ms, event_id LIMIT ?"
         rows = await self.db.run(self.db.read, sql, [*args, query.limit])
-        return [_event(row) for row in rows]
+        return [event_of_row(row) for row in rows]
 
     async def memberships(self, tenant: str) -> builtins.list[Membership]:
         sql = MEMBERSHIP_SQL.format(mark="?")
@@ -288,7 +297,7 @@ class SqliteEventRepository:
             "ORDER BY created_ms, time_ms, event_id LIMIT ?",
             [limit],
         )
-        return [_event(row) for row in rows]
+        return [event_of_row(row) for row in rows]
 
     async def mark_published(self, events: Sequence[TrackingEvent]) -> None:
         await self.db.run(self.db.transaction, _mark_published, list(events))
@@ -398,25 +407,10 @@ def _delete(conn: sqlite3.Connection, tenant: str, fence_id: str) -> None:
 
 def _add_events(conn: sqlite3.Connection, events: list[TrackingEvent]) -> int:
     before = conn.total_changes
+    marks = ", ".join("?" * len(EVENT_FIELDS))
     conn.executemany(
-        f"INSERT OR IGNORE INTO geofence_events ({EVENT_COLUMNS}) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            (
-                e.tenant,
-                e.event_id,
-                e.device,
-                e.fence_id,
-                int(e.type),
-                e.time_ms,
-                e.lat,
-                e.lon,
-                e.fix_seq,
-                e.created_ms,
-                event_attributes(e),
-            )
-            for e in events
-        ],
+        f"INSERT OR IGNORE INTO geofence_events ({EVENT_COLUMNS}) VALUES ({marks})",
+        [event_row(e) for e in events],
     )
     return conn.total_changes - before
 
@@ -429,23 +423,4 @@ def _mark_published(conn: sqlite3.Connection, events: list[TrackingEvent]) -> No
     conn.executemany(
         "UPDATE geofence_events SET published = 1 WHERE tenant = ? AND event_id = ?",
         [(e.tenant, e.event_id) for e in events],
-    )
-
-
-def _event(row: tuple) -> TrackingEvent:
-    tenant, event_id, device, fence_id, kind, time_ms, lat, lon, seq, created, attrs = (
-        row
-    )
-    return TrackingEvent(
-        event_id=event_id,
-        tenant=tenant,
-        device=device,
-        type=EventType(kind),
-        time_ms=int(time_ms),
-        lat=float(lat),
-        lon=float(lon),
-        fix_seq=int(seq),
-        created_ms=int(created),
-        fence_id=fence_id,
-        attributes=json.loads(attrs),
     )

@@ -683,12 +683,21 @@ class WatchEventsRequest(_message.Message):
     TYPES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def fence_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Empty lists match everything."""
+        """Empty: every fence. Only geofence events carry a fence, so naming fences
+        leaves out activity and route events.
+        """
 
     @_builtins.property
-    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Empty: every device."""
+
     @_builtins.property
-    def types(self) -> _containers.RepeatedScalarFieldContainer[_event_pb2.EventType.ValueType]: ...
+    def types(self) -> _containers.RepeatedScalarFieldContainer[_event_pb2.EventType.ValueType]:
+        """Any event types (geofence, activity, route). Empty means the geofence types
+        ENTER, EXIT, DWELL and CROSS, as before activity and route events were
+        delivered here: ask for ONLINE, OFFLINE, OFF_ROUTE ... by name.
+        """
+
     def __init__(
         self,
         *,
@@ -739,12 +748,16 @@ class ListEventsRequest(_message.Message):
     """Fix time range, start_ms <= time_ms < end_ms; end 0 means now."""
     end_ms: _builtins.int
     device_id: _builtins.str
+    """Empty: every device."""
     fence_id: _builtins.str
+    """Empty: every fence; a fence leaves out activity and route events."""
     page_size: _builtins.int
     """At most this many events (default 100, at most 1000)."""
     page_token: _builtins.str
     @_builtins.property
-    def types(self) -> _containers.RepeatedScalarFieldContainer[_event_pb2.EventType.ValueType]: ...
+    def types(self) -> _containers.RepeatedScalarFieldContainer[_event_pb2.EventType.ValueType]:
+        """As WatchEventsRequest.types: empty means ENTER, EXIT, DWELL and CROSS."""
+
     def __init__(
         self,
         *,

@@ -136,14 +136,16 @@ class GeofenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """Geofence events as they happen, filtered by fence, device and type.
+        """Events as they happen, filtered by fence, device and type: geofence events,
+        and activity and route events when types names them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListEvents(self, request, context):
-        """Stored geofence events in a time range (by fix time), oldest first.
+        """Stored events in a time range (by fix time), oldest first: geofence events,
+        and activity and route events when types names them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

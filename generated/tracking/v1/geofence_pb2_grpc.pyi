@@ -48,9 +48,13 @@ class GeofenceStub:
     Check: _grpc.UnaryUnaryMultiCallable[_geofence_pb2.CheckRequest, _geofence_pb2.CheckResponse]
     """Which fences contain a position, taking its accuracy into account."""
     WatchEvents: _grpc.UnaryStreamMultiCallable[_geofence_pb2.WatchEventsRequest, _geofence_pb2.WatchEventsResponse]
-    """Geofence events as they happen, filtered by fence, device and type."""
+    """Events as they happen, filtered by fence, device and type: geofence events,
+    and activity and route events when types names them.
+    """
     ListEvents: _grpc.UnaryUnaryMultiCallable[_geofence_pb2.ListEventsRequest, _geofence_pb2.ListEventsResponse]
-    """Stored geofence events in a time range (by fix time), oldest first."""
+    """Stored events in a time range (by fix time), oldest first: geofence events,
+    and activity and route events when types names them.
+    """
 
 @_typing.type_check_only
 class GeofenceAsyncStub(GeofenceStub):
@@ -72,9 +76,13 @@ class GeofenceAsyncStub(GeofenceStub):
     Check: _aio.UnaryUnaryMultiCallable[_geofence_pb2.CheckRequest, _geofence_pb2.CheckResponse]  # type: ignore[assignment]
     """Which fences contain a position, taking its accuracy into account."""
     WatchEvents: _aio.UnaryStreamMultiCallable[_geofence_pb2.WatchEventsRequest, _geofence_pb2.WatchEventsResponse]  # type: ignore[assignment]
-    """Geofence events as they happen, filtered by fence, device and type."""
+    """Events as they happen, filtered by fence, device and type: geofence events,
+    and activity and route events when types names them.
+    """
     ListEvents: _aio.UnaryUnaryMultiCallable[_geofence_pb2.ListEventsRequest, _geofence_pb2.ListEventsResponse]  # type: ignore[assignment]
-    """Stored geofence events in a time range (by fix time), oldest first."""
+    """Stored events in a time range (by fix time), oldest first: geofence events,
+    and activity and route events when types names them.
+    """
 
 class GeofenceServicer(metaclass=_abc_1.ABCMeta):
     """Geofences of a tenant and the events devices raise against them."""
@@ -141,7 +149,9 @@ class GeofenceServicer(metaclass=_abc_1.ABCMeta):
         request: _geofence_pb2.WatchEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_geofence_pb2.WatchEventsResponse], _abc.AsyncIterator[_geofence_pb2.WatchEventsResponse]]:
-        """Geofence events as they happen, filtered by fence, device and type."""
+        """Events as they happen, filtered by fence, device and type: geofence events,
+        and activity and route events when types names them.
+        """
 
     @_abc_1.abstractmethod
     def ListEvents(
@@ -149,6 +159,8 @@ class GeofenceServicer(metaclass=_abc_1.ABCMeta):
         request: _geofence_pb2.ListEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_geofence_pb2.ListEventsResponse, _abc.Awaitable[_geofence_pb2.ListEventsResponse]]:
-        """Stored geofence events in a time range (by fix time), oldest first."""
+        """Stored events in a time range (by fix time), oldest first: geofence events,
+        and activity and route events when types names them.
+        """
 
 def add_GeofenceServicer_to_server(servicer: GeofenceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
