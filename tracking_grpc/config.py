@@ -151,7 +151,7 @@ class Settings:
         "", "TOML file of activity rules per tenant and device (docs/activity.md)"
     )
     activity_checkpoint_s: float = setting(
-        10.0,
+        30.0,
         "seconds between saves of the live activity of devices that changed "
         "(odometer, stop, trip...) to the history store, so that a restarted or "
         "another server process continues it; 0 keeps it in the process only",

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 NO_TRIP, CANDIDATE, ACTIVE = 0, 1, 2
 INLINE_FIXES = 500  # larger batches are analysed in a worker thread
-SAVE_PIECE_DEVICES = 500  # devices per checkpoint write
+SAVE_PIECE_DEVICES = 250  # devices per checkpoint write
 RESTORE_DEVICES = 2_000  # devices restored per read of checkpoints and fixes
 MOTION_NAMES = {m: m.name.lower() for m in Motion}
 
