@@ -12,7 +12,7 @@ import asyncio
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 import psycopg
@@ -23,6 +23,8 @@ import redis.asyncio as aioredis
 from tests.conftest import require_service
 from tracking_grpc.config import Settings
 from tracking_grpc.storage import schema
+from tracking_grpc.storage.postgres import PostgresHistoryStore
+from tracking_grpc.storage.sqlite import SqliteHistoryStore
 
 PG_ADMIN_URL = os.environ.get(
     "TRACKING_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -219,6 +221,18 @@ BACKENDS = [
     "embedded",
     pytest.param("postgres-redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
 ]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def history_store(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator:
+    """A history store on SQLite in the test's directory, then on the session's
+    PostgreSQL database."""
+    if request.param == "sqlite":
+        store = await SqliteHistoryStore.open(tmp_path / "history.sqlite3")
+    else:
+        store = await PostgresHistoryStore.open(request.getfixturevalue("pg_url"))
+    yield store
+    await store.close()
 
 
 def backend_settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:

@@ -3,20 +3,54 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
+import jwt
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from tracking.v1 import common_pb2, track_pb2, track_pb2_grpc
+from tracking.v1 import (
+    common_pb2,
+    geofence_pb2_grpc,
+    history_pb2_grpc,
+    track_pb2,
+    track_pb2_grpc,
+)
 
 from tracking_grpc.config import Settings
 from tracking_grpc.server import TrackingServer
 
 StartServer = Callable[..., Awaitable[TrackingServer]]
+
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def bearer(secret: str, tenant: str, role: str = "viewer", **claims: Any) -> Metadata:
+    """Call metadata of a caller ("ops") of ``tenant`` in ``role``, its token signed
+    HS256 with ``secret`` and valid ten minutes; ``claims`` add to it."""
+    body = {"sub": "ops", "tenant": tenant, "role": role, "exp": time.time() + 600}
+    token = jwt.encode({**body, **claims}, secret, "HS256")
+    return (("authorization", f"Bearer {token}"),)
+
+
+class TenantStubs:
+    """Stubs of a server in JWT mode, and the metadata of an exact viewer, a viewer
+    limited to ``coarse_m`` and an admin of a tenant of their own (the production
+    database is the whole session's)."""
+
+    def __init__(self, channel: grpc.aio.Channel, secret: str, coarse_m: float):
+        self.track = track_pb2_grpc.TrackSessionStub(channel)
+        self.history = history_pb2_grpc.HistoryStub(channel)
+        self.geofence = geofence_pb2_grpc.GeofenceStub(channel)
+        self.tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+        self.exact = bearer(secret, self.tenant, precision_m=0)
+        self.coarse = bearer(secret, self.tenant, precision_m=coarse_m)
+        self.admin = bearer(secret, self.tenant, "admin", precision_m=0)
 
 
 def embedded_settings(tmp_path: Path, **overrides: Any) -> Settings:

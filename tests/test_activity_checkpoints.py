@@ -8,12 +8,10 @@ the trip of a process killed mid-trip."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
-import jwt
 import numpy as np
 import pytest
 from tracking.v1 import common_pb2, history_pb2, history_pb2_grpc, track_pb2_grpc
@@ -21,7 +19,13 @@ from tracking.v1 import common_pb2, history_pb2, history_pb2_grpc, track_pb2_grp
 from tests.activity.helpers import stream
 from tests.backends import BACKENDS, backend_settings, unique_tenant
 from tests.conftest import TRACES, require_shared
-from tests.server_fixtures import embedded_settings, now_ms, track_session
+from tests.server_fixtures import (
+    Metadata,
+    bearer,
+    embedded_settings,
+    now_ms,
+    track_session,
+)
 from tests.services import ServerProcess
 from tracking_grpc.activity.processor import DeviceActivity
 from tracking_grpc.config import Settings
@@ -51,9 +55,8 @@ async def servers() -> AsyncIterator[list[TrackingServer]]:
         await server.stop(0)
 
 
-def as_admin(tenant: str) -> tuple[tuple[str, str], ...]:
-    claims = {"sub": "ops", "tenant": tenant, "role": "admin", "exp": time.time() + 600}
-    return (("authorization", "Bearer " + jwt.encode(claims, SECRET, "HS256")),)
+def as_admin(tenant: str) -> Metadata:
+    return bearer(SECRET, tenant, "admin")
 
 
 def car_trace() -> FixBatch:

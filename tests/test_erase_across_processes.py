@@ -5,11 +5,9 @@ memberships (the next fix in a fence raises ENTER again)."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import grpc
-import jwt
 import pytest
 from tracking.v1 import (
     common_pb2,
@@ -21,7 +19,7 @@ from tracking.v1 import (
     track_pb2_grpc,
 )
 
-from tests.server_fixtures import fix, track_session
+from tests.server_fixtures import Metadata, bearer, fix, track_session
 from tests.services import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
@@ -47,9 +45,8 @@ def two_servers(production_env):
             server.stop()
 
 
-def as_admin(tenant: str) -> tuple[tuple[str, str], ...]:
-    claims = {"sub": "ops", "tenant": tenant, "role": "admin", "exp": time.time() + 600}
-    return (("authorization", "Bearer " + jwt.encode(claims, SECRET, "HS256")),)
+def as_admin(tenant: str) -> Metadata:
+    return bearer(SECRET, tenant, "admin")
 
 
 async def activity_code(channel: grpc.aio.Channel, tenant: str) -> grpc.StatusCode:

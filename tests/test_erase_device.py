@@ -5,13 +5,11 @@ device id of another tenant stays."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import jwt
 import pytest
 from tracking.v1 import (
     common_pb2,
@@ -26,6 +24,8 @@ from tracking.v1 import (
 
 from tests.backends import BACKENDS, backend_settings, on_the_stream, stream_owners
 from tests.server_fixtures import (
+    Metadata,
+    bearer,
     embedded_settings,
     fix,
     now_ms,
@@ -38,9 +38,8 @@ SECRET = "erase-test-secret-of-enough-length-for-hs256"
 DEPOT = common_pb2.LatLng(lat=60.17, lon=24.94)
 
 
-def as_role(tenant: str, role: str = "admin") -> tuple[tuple[str, str], ...]:
-    claims = {"sub": "ops", "tenant": tenant, "role": role, "exp": time.time() + 600}
-    return (("authorization", "Bearer " + jwt.encode(claims, SECRET, "HS256")),)
+def as_role(tenant: str, role: str = "admin") -> Metadata:
+    return bearer(SECRET, tenant, role)
 
 
 class Stubs:

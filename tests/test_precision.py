@@ -8,26 +8,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import jwt
 import numpy as np
 import pytest
 from tracking.v1 import (
     common_pb2,
     history_pb2,
-    history_pb2_grpc,
     track_pb2,
-    track_pb2_grpc,
 )
 
 from tests.backends import BACKENDS, backend_settings
 from tests.conftest import TRACES, require_shared
-from tests.server_fixtures import embedded_settings, now_ms
+from tests.server_fixtures import TenantStubs, bearer, embedded_settings, now_ms
 from tracking_grpc.core.precision import snap
 from tracking_grpc.server import TrackingServer
 from tracking_grpc.traces import Trace, read_trace
@@ -37,35 +32,14 @@ CELL_M = 1_000.0
 BUS = "liverpool_bus_route14_outbound.csv"
 
 
-def as_caller(
-    tenant: str, role: str = "viewer", **claims
-) -> tuple[tuple[str, str], ...]:
-    body = {"sub": "ops", "tenant": tenant, "role": role, "exp": time.time() + 600}
-    token = jwt.encode({**body, **claims}, SECRET, "HS256")
-    return (("authorization", f"Bearer {token}"),)
-
-
-class Stubs:
-    """Stubs, and the metadata of an exact viewer, a coarse viewer and an admin of
-    a tenant of the test's own (the production database is the session's)."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.track = track_pb2_grpc.TrackSessionStub(channel)
-        self.history = history_pb2_grpc.HistoryStub(channel)
-        self.tenant = f"acme-{uuid.uuid4().hex[:8]}"
-        self.exact = as_caller(self.tenant, precision_m=0)
-        self.coarse = as_caller(self.tenant, precision_m=CELL_M)
-        self.admin = as_caller(self.tenant, "admin", precision_m=0)
-
-
 @pytest.fixture(params=BACKENDS)
 async def served(
     request: pytest.FixtureRequest, start_server, tmp_path: Path
-) -> AsyncIterator[tuple[TrackingServer, Stubs]]:
+) -> AsyncIterator[tuple[TrackingServer, TenantStubs]]:
     settings = embedded_settings(tmp_path, auth_mode="jwt", jwt_hs256_secret=SECRET)
     server = await start_server(settings=backend_settings(request, settings))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield server, Stubs(channel)
+        yield server, TenantStubs(channel, SECRET, CELL_M)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +48,9 @@ def bus() -> Trace:
     return read_trace(require_shared(TRACES / BUS))
 
 
-async def publish(stubs: Stubs, trace: Trace, device: str, fixes: int = 120) -> int:
+async def publish(
+    stubs: TenantStubs, trace: Trace, device: str, fixes: int = 120
+) -> int:
     """The device's last ``fixes`` fixes, replayed to end a second ago, with 5 m of
     accuracy; returns the fix time of the first."""
     rows = np.flatnonzero(trace.device == device)[-fixes:]
@@ -106,7 +82,9 @@ def assert_coarse(coarse: common_pb2.Position, exact: common_pb2.Position) -> No
     assert not coarse.HasField("heading_deg") and exact.HasField("heading_deg")
 
 
-async def last(stubs: Stubs, metadata, *devices: str) -> list[common_pb2.Position]:
+async def last(
+    stubs: TenantStubs, metadata, *devices: str
+) -> list[common_pb2.Position]:
     request = track_pb2.GetLastPositionsRequest(device_ids=list(devices))
     answer = await stubs.track.GetLastPositions(request, metadata=metadata)
     return list(answer.positions)
@@ -183,7 +161,7 @@ async def test_nearby_ties_in_one_cell_go_by_device_id(served, bus) -> None:
     assert {d.distance_m for d in coarse.devices} == {0.0}
 
 
-async def first_watch(stubs: Stubs, area: common_pb2.Area, metadata):
+async def first_watch(stubs: TenantStubs, area: common_pb2.Area, metadata):
     """The positions of a Watch's snapshot, and the watch call, still open."""
     call = stubs.track.Watch(track_pb2.WatchRequest(area=area), metadata=metadata)
     positions = []
@@ -242,7 +220,7 @@ async def test_watch_updates_are_coarse(served, bus) -> None:
     call.cancel()
 
 
-async def publish_more(stubs: Stubs, bus: Trace) -> None:
+async def publish_more(stubs: TenantStubs, bus: Trace) -> None:
     """The bus's first fix of the trace, as its next fix (seq 2), now."""
     row = int(np.flatnonzero(bus.device == "4716")[0])
     columns = track_pb2.ColumnarFixes(
@@ -260,7 +238,7 @@ async def publish_more(stubs: Stubs, bus: Trace) -> None:
     )
 
 
-async def track_of(stubs: Stubs, request, metadata) -> list[common_pb2.Position]:
+async def track_of(stubs: TenantStubs, request, metadata) -> list[common_pb2.Position]:
     answers = stubs.history.GetTrack(request, metadata=metadata)
     return [p async for answer in answers for p in answer.positions]
 
@@ -307,7 +285,7 @@ async def test_a_bad_precision_claim_is_unauthenticated(served, value) -> None:
 
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stubs.track.GetLastPositions(
-            request, metadata=as_caller(stubs.tenant, precision_m=value)
+            request, metadata=bearer(SECRET, stubs.tenant, precision_m=value)
         )
 
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -320,11 +298,11 @@ async def test_default_precision_applies_without_a_claim(start_server, bus) -> N
         auth_mode="jwt", jwt_hs256_secret=SECRET, default_precision_m=CELL_M
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        stubs = Stubs(channel)
+        stubs = TenantStubs(channel, SECRET, CELL_M)
         await publish(stubs, bus, "4716")
 
         (exact,) = await last(stubs, stubs.exact, "4716")  # a claim of 0 overrides it
-        (coarse,) = await last(stubs, as_caller(stubs.tenant), "4716")
+        (coarse,) = await last(stubs, bearer(SECRET, stubs.tenant), "4716")
 
     assert_coarse(coarse, exact)
 
@@ -376,7 +354,7 @@ async def test_stop_and_place_centres_are_cell_centres(served) -> None:
     number of cells."""
     _, stubs = served
     fine_m = 20.0
-    fine = as_caller(stubs.tenant, precision_m=fine_m)
+    fine = bearer(SECRET, stubs.tenant, precision_m=fine_m)
     start_ms = now_ms() - 3 * 3_600_000
     answer = await stubs.track.PublishBatch(
         track_pb2.PublishBatchRequest(columns=visits(start_ms)), metadata=stubs.admin

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,22 +19,16 @@ from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.interest import TenantInterest
 from tracking_grpc.storage.base import Checkpoints
 from tracking_grpc.storage.memory import LocalBroker, MemoryLiveStore
-from tracking_grpc.storage.postgres import PostgresHistoryStore
 from tracking_grpc.storage.redis_broker import RedisBroker
 from tracking_grpc.storage.redis_live import RedisLiveStore
-from tracking_grpc.storage.sqlite import SqliteHistoryStore
 
 T0 = 1_750_000_000_000
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def history(request: pytest.FixtureRequest, tmp_path: Path):
-    if request.param == "sqlite":
-        store = await SqliteHistoryStore.open(tmp_path / "history.sqlite3")
-    else:
-        store = await PostgresHistoryStore.open(request.getfixturevalue("pg_url"))
-    yield store
-    await store.close()
+@pytest.fixture
+def history(history_store):
+    """The history store of each backend (tests.backends.history_store)."""
+    return history_store
 
 
 def fixes(tenant: str, rows: list[tuple[str, int, int]]) -> FixBatch:

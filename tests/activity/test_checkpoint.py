@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,21 +23,15 @@ from tracking_grpc.activity.processor import ActivityProcessor
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import StorageUnavailable
 from tracking_grpc.events import EventType
-from tracking_grpc.storage.postgres import PostgresHistoryStore
-from tracking_grpc.storage.sqlite import SqliteHistoryStore
 from tracking_grpc.traces import read_trace
 
 CHUNK = 40  # fixes per processed batch, across devices in fix-time order
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def history(request: pytest.FixtureRequest, tmp_path: Path):
-    if request.param == "sqlite":
-        store = await SqliteHistoryStore.open(tmp_path / "history.sqlite3")
-    else:
-        store = await PostgresHistoryStore.open(request.getfixturevalue("pg_url"))
-    yield store
-    await store.close()
+@pytest.fixture
+def history(history_store):
+    """The history store of each backend (tests.backends.history_store)."""
+    return history_store
 
 
 def trace_chunks(name: str, tenant: str) -> list[FixBatch]:

@@ -11,29 +11,23 @@ trace takes to process (under 2 s), so that it closes the trace.
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import jwt
 import numpy as np
 import pytest
 from tracking.v1 import (
     common_pb2,
     event_pb2,
     geofence_pb2,
-    geofence_pb2_grpc,
     history_pb2,
-    history_pb2_grpc,
     track_pb2,
-    track_pb2_grpc,
 )
 
 from tests.backends import BACKENDS, backend_settings, stream_owners
 from tests.conftest import TRACES, require_shared
-from tests.server_fixtures import embedded_settings
+from tests.server_fixtures import TenantStubs, embedded_settings
 from tracking_grpc.core.precision import snap
 from tracking_grpc.server import TrackingServer
 from tracking_grpc.traces import Trace, read_trace
@@ -55,30 +49,10 @@ ACTIVITY = [
 WATCHED = [E.EVENT_TYPE_TRIP_STARTED, E.EVENT_TYPE_STOP_STARTED, E.EVENT_TYPE_OFFLINE]
 
 
-def as_caller(tenant: str, role: str = "viewer", **claims) -> tuple:
-    body = {"sub": "ops", "tenant": tenant, "role": role, "exp": time.time() + 600}
-    token = jwt.encode({**body, **claims}, SECRET, "HS256")
-    return (("authorization", f"Bearer {token}"),)
-
-
-class Stubs:
-    """Stubs, and the metadata of an exact viewer, a coarse viewer and an admin of
-    a tenant of the test's own (the production database is the session's)."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.track = track_pb2_grpc.TrackSessionStub(channel)
-        self.geofence = geofence_pb2_grpc.GeofenceStub(channel)
-        self.history = history_pb2_grpc.HistoryStub(channel)
-        self.tenant = f"walk-{uuid.uuid4().hex[:8]}"
-        self.exact = as_caller(self.tenant, precision_m=0)
-        self.coarse = as_caller(self.tenant, precision_m=CELL_M)
-        self.admin = as_caller(self.tenant, "admin", precision_m=0)
-
-
 @pytest.fixture(params=BACKENDS)
 async def served(
     request: pytest.FixtureRequest, start_server, tmp_path: Path
-) -> AsyncIterator[tuple[TrackingServer, Stubs]]:
+) -> AsyncIterator[tuple[TrackingServer, TenantStubs]]:
     rules = tmp_path / "activity.toml"
     rules.write_text("[defaults]\noffline_after_s = 4\n")
     settings = embedded_settings(
@@ -90,7 +64,7 @@ async def served(
     )
     server = await start_server(settings=backend_settings(request, settings))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield server, Stubs(channel)
+        yield server, TenantStubs(channel, SECRET, CELL_M)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +72,7 @@ def posmo() -> Trace:
     return read_trace(require_shared(TRACES / POSMO))
 
 
-async def publish(stubs: Stubs, trace: Trace) -> None:
+async def publish(stubs: TenantStubs, trace: Trace) -> None:
     """The trace as the device's fixes, in one request."""
     fixes = [
         common_pb2.Fix(
@@ -133,14 +107,14 @@ def closed(kinds: list[int]) -> bool:
     )
 
 
-async def listed(stubs: Stubs, metadata, types=ACTIVITY) -> list[event_pb2.Event]:
+async def listed(stubs: TenantStubs, metadata, types=ACTIVITY) -> list[event_pb2.Event]:
     request = geofence_pb2.ListEventsRequest(
         start_ms=0, device_id=DEVICE, types=types, page_size=1000
     )
     return list((await stubs.geofence.ListEvents(request, metadata=metadata)).events)
 
 
-async def all_stored(stubs: Stubs) -> list[event_pb2.Event]:
+async def all_stored(stubs: TenantStubs) -> list[event_pb2.Event]:
     """Every activity event of the trace, once the closing OFFLINE is stored."""
     async with asyncio.timeout(60):
         while True:
