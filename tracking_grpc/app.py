@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,8 +52,9 @@ class App:
         default_factory=list
     )
     # The tenant's current fence index, kept by the geofence processor (rebuilt off
-    # the event loop when the tenant's fences change); set by the Geofence service.
-    fence_index: Callable[[str], Awaitable[FenceIndex]] | None = None
+    # the event loop when the tenant's fences change), held while it is queried;
+    # set by the Geofence service.
+    fence_index: Callable[[str], AbstractAsyncContextManager[FenceIndex]] | None = None
     # Services registered but unable to serve (Route without a routing dataset):
     # health reports them NOT_SERVING while the rest of the server serves.
     not_ready: set[str] = field(default_factory=set)

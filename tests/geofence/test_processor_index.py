@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.geofence.detector import FenceDetector
+from tracking_grpc.geofence.index import CompiledFence, FenceIndex
 from tracking_grpc.geofence.model import FenceSpec, ShapeSpec
-from tracking_grpc.geofence.processor import GeofenceProcessor
+from tracking_grpc.geofence.processor import INLINE_FIXES, GeofenceProcessor
 
 
 class _Fences:
@@ -70,3 +75,120 @@ async def test_a_fence_written_while_the_index_loads_is_in_the_next_index() -> N
     assert (await loading).ids.tolist() == ["park"]
     fences.reading.clear()
     assert sorted((await processor.index("t")).ids.tolist()) == ["depot", "park"]
+
+
+def _counting_builds(processor: GeofenceProcessor) -> list[str]:
+    built: list[str] = []
+    build = processor._build
+
+    def counted(tenant, specs):
+        built.append(tenant)
+        return build(tenant, specs)
+
+    processor._build = counted  # type: ignore[method-assign]
+    return built
+
+
+async def test_callers_arriving_during_a_load_share_it() -> None:
+    """Two builds of one tenant's index ran at once when a batch and a
+    TimeInFences call both found it stale; both prepared the same fences'
+    geometry in two threads, and GEOS crashed the server (CI, a segfault)."""
+    fences = _SlowFences([FenceSpec("park", ShapeSpec.circle(0.0, 1.0, 50.0))])
+    processor = GeofenceProcessor(fences, refresh_s=3600.0)
+    built = _counting_builds(processor)
+    callers = [asyncio.create_task(processor.index("t")) for _ in range(4)]
+    await fences.reading.wait()
+    callers[0].cancel()  # a caller that gives up leaves the load to the others
+    fences.release.set()
+    indexes = await asyncio.gather(*callers[1:])
+    assert callers[0].cancelled()
+    assert built == ["t"]
+    assert all(index is indexes[0] for index in indexes)
+
+
+async def test_a_caller_that_wrote_a_fence_during_a_load_waits_for_the_next() -> None:
+    park = FenceSpec("park", ShapeSpec.circle(0.0, 1.0, 50.0))
+    depot = FenceSpec("depot", ShapeSpec.circle(0.0, 2.0, 50.0))
+    fences = _SlowFences([park])
+    processor = GeofenceProcessor(fences, refresh_s=3600.0)
+    first = asyncio.create_task(processor.index("t"))
+    await fences.reading.wait()
+    fences.specs.append(depot)
+    fences.revision_number = 2
+    processor.changed("t")
+    writer = asyncio.create_task(processor.index("t"))  # the one that wrote
+    await asyncio.sleep(0)
+    fences.release.set()
+    assert (await first).ids.tolist() == ["park"]
+    assert sorted((await writer).ids.tolist()) == ["depot", "park"]
+
+
+async def test_a_rebuilt_index_shares_no_geometry_with_the_one_in_use() -> None:
+    """A rebuild reuses unchanged fences, but tests its grid cells in a worker
+    thread against geometry of its own: the index in use may be evaluating a
+    batch with its prepared geometry in another thread at the same time."""
+    park = FenceSpec("park", ShapeSpec.corridor([(0.0, 0.0), (0.0, 0.5)], 100.0))
+    fences = _SlowFences([park])
+    fences.release.set()
+    processor = GeofenceProcessor(fences, refresh_s=3600.0)
+    before = await processor.index("t")
+    fences.specs.append(FenceSpec("depot", ShapeSpec.circle(0.0, 2.0, 50.0)))
+    fences.revision_number = 2
+    processor.changed("t")
+    after = await processor.index("t")
+    assert after.fences[0] is before.fences[0]  # compiled once
+    assert after.area[0] is not before.area[0]
+    assert after.core[0] is not before.core[0]
+    assert after.area[0].equals_exact(before.area[0], 0.0)
+    assert before.area[0] is not before.fences[0].shape.area
+
+
+async def test_a_check_waits_for_a_batch_evaluated_in_a_worker_thread(
+    monkeypatch,
+) -> None:
+    """Check and TimeInFences query the index on the event loop; a large batch is
+    evaluated with it in a worker thread meanwhile, and a prepared geometry must
+    not be used by two threads at once."""
+    park = FenceSpec("park", ShapeSpec.circle(0.0, 1.0, 50.0))
+    processor = GeofenceProcessor(_Fences([park]))
+    entered, release = threading.Event(), threading.Event()
+    evaluate = FenceDetector.evaluate
+
+    def held(self, batch, index, now_ms):
+        entered.set()
+        release.wait(10)
+        return evaluate(self, batch, index, now_ms)
+
+    monkeypatch.setattr(FenceDetector, "evaluate", held)
+    n = INLINE_FIXES + 1
+    batch = FixBatch.from_columns(
+        "t", ["d"] * n, range(1, n + 1), range(n), [0.0] * n, [1.0] * n
+    )
+    processing = asyncio.create_task(processor.process(batch))
+    await asyncio.to_thread(entered.wait, 10)
+    checking = asyncio.create_task(processor.check("t", 0.0, 1.0, 5.0))
+    await asyncio.sleep(0.05)
+    waited = not checking.done()
+    release.set()
+    events = await processing
+    assert waited
+    assert [c.fence_id for c in await checking] == ["park"]
+    assert [e.fence_id for e in events] == ["park"]
+
+
+def test_indexes_of_the_same_fences_build_in_several_threads_at_once() -> None:
+    """Without geometry of their own, builds sharing compiled fences crashed the
+    interpreter (a segfault in GEOS) within a few builds; this test then fails by
+    taking pytest down."""
+    specs = [
+        FenceSpec(f"f{i}", ShapeSpec.circle(47.0 + i * 0.001, 8.0, 100.0))
+        for i in range(200)
+    ]
+    compiled = [CompiledFence.of(s).warm() for s in specs]
+
+    def build() -> list[int]:
+        return [len(FenceIndex(compiled)) for _ in range(5)]
+
+    with ThreadPoolExecutor(4) as pool:
+        sizes = list(pool.map(lambda _: build(), range(4)))
+    assert sizes == [[200] * 5] * 4

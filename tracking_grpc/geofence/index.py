@@ -101,6 +101,11 @@ def _project(frame, geom: shapely.Geometry) -> list[shapely.Geometry]:
     ]
 
 
+def _own(geoms: list[shapely.Geometry]) -> np.ndarray:
+    """New GEOS objects equal to ``geoms`` (WKB keeps every coordinate exactly)."""
+    return shapely.from_wkb(shapely.to_wkb(np.array(geoms, dtype=object)))
+
+
 class FenceIndex:
     """Fences of one tenant, indexed for array queries; rows are positions in it."""
 
@@ -124,8 +129,11 @@ class FenceIndex:
             )
         }
         self.scheduled = np.array([f.spec.schedule is not None for f in fences], bool)
-        self.area = np.array([s.area for s in shapes], dtype=object)
-        self.core = np.array([s.core for s in shapes], dtype=object)
+        # Copies of their own: GEOS prepared geometries are not thread-safe, and a
+        # rebuild in a worker thread must not test cells against the very objects
+        # the index in use is being queried with (that crashed the process).
+        self.area = _own([s.area for s in shapes])
+        self.core = _own([s.core for s in shapes])
         shapely.prepare(self.area)
         shapely.prepare(self.core)
         self.tree = STRtree(self.area)

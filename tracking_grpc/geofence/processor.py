@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +49,16 @@ class _Loaded:
     checked_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class _Load:
+    """A load of a tenant's index in progress, and the fence writes made here
+    before it began."""
+
+    tenant: str
+    changes: int
+    task: asyncio.Task[FenceIndex]
+
+
 class GeofenceProcessor:
     """Evaluates fences for every tenant; one detector (membership state) per tenant."""
 
@@ -64,9 +76,12 @@ class GeofenceProcessor:
         self.refresh_s = refresh_s
         self.dwell_lateness_ms = dwell_lateness_ms
         self._loaded: dict[str, _Loaded] = {}
-        self._compiled: dict[tuple[str, str, int], CompiledFence] = {}
+        # Per tenant (fence id, version): builds of different tenants may run in
+        # worker threads at once.
+        self._compiled: dict[str, dict[tuple[str, int], CompiledFence]] = {}
         self._detectors: dict[str, FenceDetector] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._loading: dict[str, _Load] = {}
         self._restored = self.events is None  # memberships of every tenant loaded
         # Fence writes through this process, per tenant: an index loaded while one
         # happened may predate it, and is checked again at the next batch.
@@ -145,11 +160,45 @@ class GeofenceProcessor:
             loaded.checked_at = -float("inf")
 
     async def index(self, tenant: str) -> FenceIndex:
-        """The tenant's current fence index, rebuilt when its fences changed."""
+        """The tenant's current fence index, rebuilt when its fences changed.
+
+        Callers that arrive while the index is being loaded share that load: two
+        builds at once would prepare the same fences' geometry in two threads.
+        """
+        while True:
+            loaded = self._loaded.get(tenant)
+            if (
+                loaded is not None
+                and time.monotonic() - loaded.checked_at < self.refresh_s
+            ):
+                return loaded.index
+            changes = self._changes.get(tenant, 0)
+            load = self._loading.get(tenant)
+            if load is None:
+                task = asyncio.ensure_future(self._load(tenant))
+                load = self._loading[tenant] = _Load(tenant, changes, task)
+                task.add_done_callback(lambda _, load=load: self._settle(load))
+            # Shielded: a caller that is cancelled leaves the load to the others.
+            index = await asyncio.shield(load.task)
+            if load.changes == changes:
+                return index
+            # A fence was written here after that load began: load again.
+
+    def _settle(self, load: _Load) -> None:
+        if self._loading.get(load.tenant) is load:
+            del self._loading[load.tenant]
+
+    @asynccontextmanager
+    async def using(self, tenant: str) -> AsyncIterator[FenceIndex]:
+        """The tenant's index, for queries made while no batch is evaluated with
+        it: evaluation may run in a worker thread, and GEOS prepared geometries
+        must not be used by two threads at once."""
+        async with self._lock(tenant):
+            yield await self.index(tenant)
+
+    async def _load(self, tenant: str) -> FenceIndex:
         loaded = self._loaded.get(tenant)
         now = time.monotonic()
-        if loaded is not None and now - loaded.checked_at < self.refresh_s:
-            return loaded.index
         changes = self._changes.get(tenant, 0)
         revision = await self.fences.revision(tenant)
         # A write made here while this load awaited may postdate the revision read:
@@ -175,23 +224,37 @@ class GeofenceProcessor:
         return index
 
     def _build(self, tenant: str, specs: list[FenceSpec]) -> FenceIndex:
-        compiled = []
+        cache = self._compiled.get(tenant, {})
+        compiled = {}
         for spec in specs:
-            key = (tenant, spec.fence_id, spec.version)
-            fence = self._compiled.get(key)
-            if fence is None:
-                fence = self._compiled[key] = CompiledFence.of(spec).warm()
-            compiled.append(fence)
-        keep = {(tenant, s.fence_id, s.version) for s in specs}
-        for key in [k for k in self._compiled if k[0] == tenant and k not in keep]:
-            del self._compiled[key]
-        return FenceIndex(compiled)
+            key = (spec.fence_id, spec.version)
+            fence = cache.get(key)
+            compiled[key] = fence or CompiledFence.of(spec).warm()
+        self._compiled[tenant] = compiled
+        return FenceIndex(list(compiled.values()))
 
     async def check(
-        self, tenant: str, lat: float, lon: float, accuracy_m: float
+        self,
+        tenant: str,
+        lat: float,
+        lon: float,
+        accuracy_m: float,
+        labels: frozenset[str] = frozenset(),
     ) -> list[FenceCheck]:
-        """Fences containing a position or reached by its accuracy circle, by id."""
-        index = await self.index(tenant)
+        """Fences containing a position or reached by its accuracy circle, by id;
+        only fences carrying all of ``labels``."""
+        async with self.using(tenant) as index:
+            found = self._check(index, lat, lon, accuracy_m)
+            return [
+                c
+                for c in found
+                if labels <= set(index.fences[index.row_of[c.fence_id]].spec.labels)
+            ]
+
+    @staticmethod
+    def _check(
+        index: FenceIndex, lat: float, lon: float, accuracy_m: float
+    ) -> list[FenceCheck]:
         reach = max(accuracy_m, EXIT_MARGIN_M)
         rows = index.near(lon, lat, reach)
         if rows.size == 0:

@@ -210,15 +210,9 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         accuracy = request.accuracy_m if request.HasField("accuracy_m") else 0.0
         if not (math.isfinite(accuracy) and 0 <= accuracy <= 1e6):
             raise InvalidArgument("accuracy_m", "must lie within 0 and 1000 km")
-        found = await self.processor.check(caller.tenant, lat, lon, accuracy)
-        if request.labels:
-            wanted = set(request.labels)
-            index = await self.processor.index(caller.tenant)
-            found = [
-                c
-                for c in found
-                if wanted <= set(index.fences[index.row_of[c.fence_id]].spec.labels)
-            ]
+        found = await self.processor.check(
+            caller.tenant, lat, lon, accuracy, frozenset(request.labels)
+        )
         return geofence_pb2.CheckResponse(
             fences=[
                 geofence_pb2.FenceCheck(
@@ -404,7 +398,7 @@ def register(server: grpc.aio.Server, app: App) -> str:
     fences, events = open_repositories(app)
     lateness_ms = int(app.settings.dwell_lateness_s * 1000)
     processor = GeofenceProcessor(fences, events, dwell_lateness_ms=lateness_ms)
-    app.fence_index = processor.index
+    app.fence_index = processor.using
     hub = EventWatchHub(fed_by_stream=bool(app.settings.redis_url))
     app.pipeline.add_processor(processor)
     publisher = trimmer = None

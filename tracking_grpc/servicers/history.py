@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import cast
 
 import grpc
@@ -348,13 +349,10 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             raise InvalidArgument("fence_ids", f"at most {MAX_FENCE_IDS}")
         found = await self._load(caller, request)
         fixes = views.clean(found.analysis)
-        times = fencetime.time_in_fences(
-            await self._fence_index(caller.tenant),
-            fixes.time_ms,
-            fixes.lat,
-            fixes.lon,
-            found.params.max_gap_s,
-        )
+        async with self._fence_index(caller.tenant) as index:
+            times = fencetime.time_in_fences(
+                index, fixes.time_ms, fixes.lat, fixes.lon, found.params.max_gap_s
+            )
         return history_pb2.TimeInFencesResponse(
             fences=[
                 history_pb2.FenceTime(
@@ -369,14 +367,17 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             ]
         )
 
-    async def _fence_index(self, tenant: str) -> FenceIndex:
+    @asynccontextmanager
+    async def _fence_index(self, tenant: str) -> AsyncIterator[FenceIndex]:
         """The geofence processor's index of the tenant's fences (kept between
         calls; building one for 20,000 fences took seconds, on the event loop)."""
         if self.app.fence_index is not None:
-            return await self.app.fence_index(tenant)
+            async with self.app.fence_index(tenant) as index:
+                yield index
+            return
         # cast: the repository protocol's `list` method shadows the builtin for mypy
         specs = cast("list[FenceSpec]", await self.fences.all(tenant))
-        return await asyncio.to_thread(FenceIndex.build, specs)
+        yield await asyncio.to_thread(FenceIndex.build, specs)
 
     async def GetActivity(
         self, request: history_pb2.GetActivityRequest, context: grpc.aio.ServicerContext
