@@ -10,6 +10,7 @@ the DWELL events of devices silent inside a fence (rule in dwell.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -177,14 +178,14 @@ class GeofenceProcessor:
             if load is None:
                 task = asyncio.ensure_future(self._load(tenant))
                 load = self._loading[tenant] = _Load(tenant, changes, task)
-                task.add_done_callback(lambda _, load=load: self._settle(load))
+                task.add_done_callback(functools.partial(self._settle, load))
             # Shielded: a caller that is cancelled leaves the load to the others.
             index = await asyncio.shield(load.task)
             if load.changes == changes:
                 return index
             # A fence was written here after that load began: load again.
 
-    def _settle(self, load: _Load) -> None:
+    def _settle(self, load: _Load, _task: object) -> None:
         if self._loading.get(load.tenant) is load:
             del self._loading[load.tenant]
 
