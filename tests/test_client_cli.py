@@ -185,3 +185,39 @@ async def test_watch_into_a_closed_pipe_stops_without_a_traceback(server):
     _, stderr = await process.communicate()
     assert process.returncode == 141
     assert b"Traceback" not in stderr
+
+
+def test_an_event_line_says_when_what_where_and_the_details():
+    """``replay --events`` printed the type, the device and the sequence number:
+    not when the event happened, nor a trip's length or a speed."""
+    from tracking.v1 import common_pb2, event_pb2
+
+    from tracking_grpc.client.replay import event_line
+
+    fence = event_pb2.Event(
+        device_id="van-7",
+        type=event_pb2.EVENT_TYPE_DWELL,
+        time_ms=1_700_000_000_123,
+        position=common_pb2.LatLng(lat=1.0, lon=2.0),
+        fix_seq=42,
+        fence_id="depot",
+        attributes={"dwell_ms": "60000"},
+    )
+    trip = event_pb2.Event(
+        device_id="van-7",
+        type=event_pb2.EVENT_TYPE_TRIP_ENDED,
+        time_ms=1_700_000_600_000,
+        fix_seq=99,
+        activity=event_pb2.ActivityDetail(
+            motion=event_pb2.MOTION_STOPPED,
+            distance_m=5321.04,
+            duration_s=600.0,
+        ),
+    )
+    assert event_line(fence) == (
+        "event 2023-11-14T22:13:20.123Z DWELL van-7 fence=depot seq=42 dwell_ms=60000"
+    )
+    assert event_line(trip) == (
+        "event 2023-11-14T22:23:20.000Z TRIP_ENDED van-7 seq=99 motion=stopped"
+        " distance_m=5321.0 duration_s=600.0"
+    )

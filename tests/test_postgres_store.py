@@ -26,6 +26,7 @@ from tracking_grpc.storage.postgres import (
     TRUNCATE_STAGING_AFTER_ROWS,
     PostgresHistoryStore,
     text_array,
+    utc_date,
 )
 
 T0 = 1_750_000_000_000
@@ -88,6 +89,11 @@ async def test_an_old_day_gets_its_partition_on_demand(pg_url) -> None:
     assert (await store.store(batch)).tolist() == [True]
     assert day_name(old_ms) in partitions(pg_url)
     await store.close()
+
+
+def test_a_partition_is_logged_by_its_date_not_its_day_number() -> None:
+    assert utc_date(1_500_000_000_000 // DAY_MS) == "2017-07-14"
+    assert utc_date(0) == "1970-01-01"
 
 
 async def test_a_day_already_in_the_default_partition_stays_there(pg_url) -> None:

@@ -92,6 +92,8 @@ class App:
 
 async def open_app(settings: Settings) -> App:
     auth = Authenticator(settings)
+    # Read before any store is opened (and a new SQLite file created) for nothing.
+    activity_config = ActivityConfig.from_file(settings.activity_config)
     history = await factory.open_history(settings)
     live, broker = await factory.open_live(settings)
     try:
@@ -107,9 +109,7 @@ async def open_app(settings: Settings) -> App:
     if shared_live:
         pipeline.early_watchers = hub
     checkpoints = history if settings.activity_checkpoint_s > 0 else None
-    activity = ActivityProcessor(
-        ActivityConfig.from_file(settings.activity_config), checkpoints
-    )
+    activity = ActivityProcessor(activity_config, checkpoints)
     pipeline.add_processor(activity)
     pipeline.start()
     closers: list[Callable[[], Awaitable[None]]] = []

@@ -92,6 +92,22 @@ async def test_time_in_fences_rpc(start_server):
     assert response.fences[0].inside_s == pytest.approx(620, abs=30)
 
 
+async def test_time_in_fences_names_a_fence_id_the_tenant_lacks(start_server):
+    """A mistyped id answered an empty list, as if the device had never been in
+    the fence."""
+    server = await start_server(max_fix_age_s=0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        await create_circles(channel, (HOME, SHOP))
+        f = visit_twice()
+        await publish(track_pb2_grpc.TrackSessionStub(channel), f)
+        stub = history_pb2_grpc.HistoryStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.TimeInFences(time_in(f, "shop", "shopp"))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "fence_ids" in raised.value.details()
+    assert "'shopp'" in raised.value.details()
+
+
 async def test_time_in_fences_reuses_the_fence_index_until_fences_change(
     start_server, monkeypatch
 ):

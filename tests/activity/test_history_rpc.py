@@ -568,5 +568,7 @@ async def test_bad_activity_rules_stop_the_server_naming_the_key(
 ):
     rules = tmp_path / "activity.toml"
     rules.write_text("[tenants.default]\nmin_stop_s = -5\n")
+    data = tmp_path / "bad-rules-data"
     with pytest.raises(InvalidArgument, match="min_stop_s"):
-        await start_server(activity_config=str(rules))
+        await start_server(activity_config=str(rules), data_dir=str(data))
+    assert not data.exists()  # refused before an empty store was created

@@ -88,6 +88,15 @@ async def test_route_geometry_agrees_with_its_distance(routes, profile) -> None:
     assert plan.legs[0].steps[0].maneuver == "depart" and plan.duration_s > 0
 
 
+async def test_expected_duration_is_in_tenths_of_a_second(routes) -> None:
+    """With nothing learned the expected duration is the engine's; summed over
+    segments it came out as 406.40000000000003 in JSON."""
+    request = route_pb2.ComputeRouteRequest(origin=KAMPPI, destination=SENATE)
+    plan = (await routes.ComputeRoute(request)).route
+    assert plan.expected_duration_s == round(plan.duration_s, 1) > 0
+    assert plan.expected_duration_s == round(plan.expected_duration_s, 1)
+
+
 @pytest.mark.parametrize("query_id", ["R1", "R2"])
 async def test_identical_start_and_end_is_a_zero_length_route(
     routes, field_cases, query_id

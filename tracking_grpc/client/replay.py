@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -207,10 +208,36 @@ def load_trace(args: argparse.Namespace) -> Trace:
     return trace
 
 
-def _print_event(event: event_pb2.Event) -> None:
+def event_line(event: event_pb2.Event) -> str:
+    """One line per event: when, what, which device and fence or route, and the
+    details the event carries (attributes, then the activity's values)."""
     kind = event_pb2.EventType.Name(event.type).removeprefix("EVENT_TYPE_")
-    subject = event.fence_id or event.route_id
-    print(f"event {kind} {event.device_id} {subject} seq {event.fix_seq}", flush=True)
+    when = datetime.fromtimestamp(event.time_ms / 1000, UTC)
+    words = [
+        "event",
+        when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        kind,
+        event.device_id,
+    ]
+    if event.fence_id:
+        words.append(f"fence={event.fence_id}")
+    if event.route_id:
+        words.append(f"route={event.route_id}")
+    words.append(f"seq={event.fix_seq}")
+    words += [f"{k}={v}" for k, v in sorted(event.attributes.items())]
+    if event.HasField("activity"):
+        for field, value in event.activity.ListFields():
+            if field.enum_type is not None:
+                value = field.enum_type.values_by_number[value].name
+                value = value.removeprefix("MOTION_").lower()
+            elif isinstance(value, float):
+                value = f"{value:.1f}"
+            words.append(f"{field.name}={value}")
+    return " ".join(words)
+
+
+def _print_event(event: event_pb2.Event) -> None:
+    print(event_line(event), flush=True)
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -129,8 +129,9 @@ class TravelTimeModel:
         return seconds * self.factors(mid_lat, mid_lon)
 
     def expected_duration_s(self, route: Route) -> float:
-        """The route's duration as learned trips suggest."""
-        return float(self.segment_durations_s(route).sum())
+        """The route's duration as learned trips suggest, in tenths of a second
+        (the engine's own unit; the sum's float noise is of no use to anyone)."""
+        return round(float(self.segment_durations_s(route).sum()), 1)
 
     def _cells(self, lat: np.ndarray, lon: np.ndarray) -> list[str]:
         res = self.resolution

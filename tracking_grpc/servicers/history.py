@@ -350,6 +350,9 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
         found = await self._load(caller, request)
         fixes = views.clean(found.analysis)
         async with self._fence_index(caller.tenant) as index:
+            unknown = sorted(wanted.difference(index.row_of))
+            if unknown:
+                raise NotFound(f"fence_ids: no fence {unknown[0]!r} in this tenant")
             times = fencetime.time_in_fences(
                 index, fixes.time_ms, fixes.lat, fixes.lon, found.params.max_gap_s
             )

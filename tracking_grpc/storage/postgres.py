@@ -21,6 +21,7 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import date, timedelta
 from typing import TypeVar
 
 import numpy as np
@@ -40,6 +41,13 @@ T = TypeVar("T")
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
 DAY_MS = 86_400_000
+
+
+def utc_date(day: int) -> str:
+    """A partition's day (days since 1970-01-01, UTC) as its date."""
+    return (date(1970, 1, 1) + timedelta(days=day)).isoformat()
+
+
 DAYS_AHEAD = 7
 INT64_MAX = np.iinfo(np.int64).max
 # Dropping a partition locks the whole fixes table: rather than queue every writer
@@ -559,7 +567,7 @@ class PostgresHistoryStore:
         except (*CONNECTION_ERRORS, psycopg.errors.LockNotAvailable) as exc:
             raise StorageUnavailable(f"PostgreSQL cannot purge: {exc}") from exc
         for day in dropped:
-            log.info("dropped the fixes partition of day %d (retention)", day)
+            log.info("dropped the fixes partition of %s (retention)", utc_date(day))
         return Purged(deleted, len(dropped), gone)
 
     async def save_checkpoints(self, checkpoints: Checkpoints) -> None:
@@ -680,7 +688,7 @@ class PostgresHistoryStore:
                     continue
                 made = await self._fetch("SELECT tracking_ensure_partition(%s)", [day])
                 if made[0][0]:
-                    log.info("created the fixes partition of day %d", day)
+                    log.info("created the fixes partition of %s", utc_date(day))
                     self._partition_days.add(day)
 
 
