@@ -215,6 +215,21 @@ def machine_busy_s() -> float:
     return (sum(ticks[:8]) - idle) / procstat.TICKS_PER_S
 
 
+def _cpu_list(text: str) -> tuple[int, ...]:
+    """``0,1`` as (0, 1): CPUs this machine has."""
+    try:
+        cpus = tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a list of CPU numbers: {text!r}"
+        ) from None
+    if not cpus or not set(cpus) <= os.sched_getaffinity(0):
+        raise argparse.ArgumentTypeError(
+            f"CPUs {text!r}: this machine has {sorted(os.sched_getaffinity(0))}"
+        )
+    return cpus
+
+
 def split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
@@ -237,6 +252,7 @@ def build_plans(args: argparse.Namespace, target: str) -> list[Plan]:
         want_events=args.want_events,
         storm=storm,
         nice=args.driver_nice,
+        cpus=args.driver_cpus,
         run=args.run_tag,
     )
     devices = split(args.devices, args.drivers)
@@ -781,6 +797,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="niceness added to the driver processes, so that the simulated devices "
         "(which stand in for other machines) never take the CPU from the server "
         "under test; 0 lets them compete",
+    )
+    add(
+        "--driver-cpus",
+        type=_cpu_list,
+        default=(),
+        help="CPUs the driver processes may run on, as 0,1 (default: any); "
+        "the server, PostgreSQL and Redis keep every CPU",
     )
     add(
         "--device-driver",

@@ -8,7 +8,9 @@ in-process server that requires JWT bearer tokens.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from dataclasses import replace
 
 import jwt
 import pytest
@@ -83,3 +85,24 @@ async def test_a_refused_token_is_counted_and_retried(start_server) -> None:
         True,
         True,
     ]
+
+
+def threads(pid: int) -> list[str]:
+    return os.listdir(f"/proc/{pid}/task")
+
+
+async def test_the_driver_and_its_threads_keep_to_the_cpus_named(start_server) -> None:
+    """``--driver-cpus``: the node process and every thread it starts (V8's
+    garbage-collector helpers among them) run only on the CPUs given."""
+    server = await secured(start_server)
+    cpus = {min(os.sched_getaffinity(0))}
+    plan = replace(small_plan(server.port, token("admin"), 5), cpus=tuple(cpus))
+    driver = NodeDriver(plan)
+    try:
+        await asyncio.sleep(1.0)  # node has started its threads
+        masks = {frozenset(os.sched_getaffinity(int(t))) for t in threads(driver.pid)}
+        result = await asyncio.to_thread(driver.result, 60.0)
+    finally:
+        driver.kill()
+    assert masks == {frozenset(cpus)}
+    assert result.counts["fixes_sent"] > 0

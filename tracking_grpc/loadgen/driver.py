@@ -139,5 +139,7 @@ def run(plan: Plan, watch_ids: list[str] | None, queue: Queue) -> None:
     raise_open_file_limit()
     if plan.nice > 0:
         os.nice(plan.nice)
+    if plan.cpus:
+        os.sched_setaffinity(0, plan.cpus)
     result = uvloop.run(drive(plan, watch_ids))
     queue.put(result)

@@ -11,6 +11,7 @@ everything downstream of the drivers is the same for both.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -72,7 +73,13 @@ class NodeDriver:
         command = [node, str(ENTRY), str(self.result_path)]
         if plan.nice > 0:  # as driver.py does for itself, for every thread of node
             command = ["nice", "-n", str(plan.nice), *command]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE)
+        cpus = plan.cpus
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            # Before node starts, so that its helper threads inherit the mask.
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps(asdict(plan)).encode())
         self.process.stdin.close()

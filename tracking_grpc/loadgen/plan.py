@@ -79,6 +79,8 @@ class Plan:
     # Added to the driver process's niceness: the simulated devices stand in for
     # phones on other machines and must not take the CPU from the server they load.
     nice: int = 0
+    # CPUs the driver process and its threads may run on; empty: any.
+    cpus: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
