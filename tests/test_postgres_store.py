@@ -317,6 +317,19 @@ def test_one_devices_events_are_found_by_their_index(pg_url, query) -> None:
     assert "geofence_events_device" in plan
 
 
+def test_one_routes_events_are_found_by_their_index(pg_url) -> None:
+    """ListEvents with a route_id, as the repository asks it (migration 0010)."""
+    query = (
+        "SELECT * FROM geofence_events WHERE tenant = 't' AND time_ms >= 0"
+        " AND time_ms < 9 AND route_id = 'r' AND route_id <> ''"
+        ' ORDER BY time_ms, event_id COLLATE "C" LIMIT 100'
+    )
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + query).fetchall())
+    assert "geofence_events_route" in plan
+
+
 async def test_the_write_leaves_its_temporary_tables_empty_and_small(pg_url) -> None:
     # The staging tables are emptied by the write itself (a truncation at every
     # commit waited on the file system) and truncated once enough rows went

@@ -485,6 +485,34 @@ DEEP_JSON = "[" * 100_000 + "]" * 100_000
             id="list-events-fence-id-with-nul",
         ),
         pytest.param(
+            lambda s: s.ListEvents(geofence_pb2.ListEventsRequest(route_id="r" * 129)),
+            "route_id",
+            "longer than 128 characters",
+            id="list-events-route-id-too-long",
+        ),
+        pytest.param(
+            lambda s: s.ListEvents(geofence_pb2.ListEventsRequest(route_id="r\x00")),
+            "route_id",
+            "contains control characters",
+            id="list-events-route-id-with-nul",
+        ),
+        pytest.param(
+            lambda s: s.WatchEvents(
+                geofence_pb2.WatchEventsRequest(route_ids=["r1", "r" * 129])
+            ).read(),
+            "route_ids[1]",
+            "longer than 128 characters",
+            id="watch-route-id-too-long",
+        ),
+        pytest.param(
+            lambda s: s.WatchEvents(
+                geofence_pb2.WatchEventsRequest(route_ids=["r1", " "])
+            ).read(),
+            "route_ids[1]",
+            "must not be empty or only spaces",
+            id="watch-route-id-blank",
+        ),
+        pytest.param(
             lambda s: s.ListEvents(geofence_pb2.ListEventsRequest(start_ms=-5)),
             "start_ms",
             "must be >= 0",
@@ -762,25 +790,28 @@ async def test_import_takes_whole_numbers_written_as_floats(fences) -> None:
 
 
 @pytest.mark.parametrize(
-    ("fences_n", "devices_n", "field"),
+    ("fences_n", "devices_n", "routes_n", "field"),
     [
-        pytest.param(0, 10_001, "device_ids", id="devices-alone"),
-        pytest.param(10_001, 0, "fence_ids", id="fences-alone"),
-        pytest.param(6_000, 6_000, "device_ids", id="together"),
-        pytest.param(10_001, 10_001, "fence_ids", id="both-over"),
+        pytest.param(0, 10_001, 0, "device_ids", id="devices-alone"),
+        pytest.param(10_001, 0, 0, "fence_ids", id="fences-alone"),
+        pytest.param(0, 0, 10_001, "route_ids", id="routes-alone"),
+        pytest.param(6_000, 6_000, 0, "device_ids", id="together"),
+        pytest.param(5_000, 5_000, 1, "route_ids", id="routes-past-the-rest"),
+        pytest.param(10_001, 10_001, 10_001, "fence_ids", id="all-over"),
     ],
 )
 async def test_watch_events_names_the_list_over_the_limit(
-    fences, fences_n, devices_n, field
+    fences, fences_n, devices_n, routes_n, field
 ) -> None:
     request = geofence_pb2.WatchEventsRequest(
         fence_ids=[f"f{i}" for i in range(fences_n)],
         device_ids=[f"d{i}" for i in range(devices_n)],
+        route_ids=[f"r{i}" for i in range(routes_n)],
     )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await fences.WatchEvents(request).read()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violation(caught.value) == (
         field,
-        "at most 10000 ids in fence_ids and device_ids together",
+        "at most 10000 ids in fence_ids, device_ids and route_ids together",
     )

@@ -219,3 +219,36 @@ async def test_activity_and_route_events_keep_their_detail(geo_stores, tenant) -
     assert listed == [trip, off]
     assert [e for e in await events.unpublished(1000) if e.tenant == tenant] == listed
     assert await events.memberships(tenant) == []
+
+
+def route_event(
+    device: str, kind: EventType, time_ms: int, tenant: str, route_id: str
+) -> TrackingEvent:
+    return replace(event(device, kind, time_ms, tenant), fence_id="", route_id=route_id)
+
+
+async def test_events_filter_by_route_and_page(geo_stores, tenant) -> None:
+    """A route leaves out the other routes' events and those without a route; the
+    next page goes on within the route."""
+    _, events = geo_stores
+    on_route = [
+        route_event("d1", EventType.ETA_UPDATED, t, tenant, "r1") for t in (1, 3, 5)
+    ]
+    await events.add(
+        [
+            *on_route,
+            route_event("d1", EventType.ETA_UPDATED, 2, tenant, "r2"),
+            replace(event("d1", EventType.TRIP_STARTED, 4, tenant), fence_id=""),
+            event("d1", EventType.ENTER, 6, tenant),
+        ]
+    )
+    every_type = frozenset(EventType)
+    page = await events.list(
+        EventQuery(tenant, 0, 99, route_id="r1", limit=2, types=every_type)
+    )
+    after = (page[-1].time_ms, page[-1].event_id)
+    rest = await events.list(
+        EventQuery(tenant, 0, 99, route_id="r1", after=after, types=every_type)
+    )
+    assert page + rest == on_route
+    assert await events.list(EventQuery(tenant, 0, 99, route_id="r3")) == []

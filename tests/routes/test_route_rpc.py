@@ -371,6 +371,48 @@ async def test_assigned_route_raises_events_on_the_device_stream(
     assert progress.progress.arrived and progress.progress.route_id == "delivery-1"
 
 
+EVERY_TYPE = [t for t in event_pb2.EventType.values() if t]
+OFF_AND_BACK = [
+    event_pb2.EVENT_TYPE_OFF_ROUTE,
+    event_pb2.EVENT_TYPE_BACK_ON_ROUTE,
+    event_pb2.EVENT_TYPE_ARRIVED,
+]
+
+
+async def drive_off_route(
+    channel: grpc.aio.Channel, device: str, route_id: str
+) -> None:
+    """Assign ``route_id`` to ``device`` and drive it, 300 m off the route for a
+    while, to the end: OFF_ROUTE, BACK_ON_ROUTE and ARRIVED, with ETA updates."""
+    assigned = await route_pb2_grpc.RouteStub(channel).AssignRoute(
+        route_pb2.AssignRouteRequest(
+            device_id=device,
+            route_id=route_id,
+            route=route_pb2.ComputeRouteRequest(origin=KAMPPI, destination=SENATE),
+        )
+    )
+    lat, lon = np.array(polyline.decode(assigned.route.polyline, 6)).T
+    points, along = support.drive(lat, lon, 10.0)
+    rows = np.flatnonzero((along > 600) & (along < 900))
+    points = support.shift(points, rows, 0.0, 300.0)
+    await drive_on_stream(track_pb2_grpc.TrackSessionStub(channel), device, points)
+
+
+async def every_page(
+    fences: geofence_pb2_grpc.GeofenceStub, first: geofence_pb2.ListEventsRequest
+) -> list[event_pb2.Event]:
+    """The events of every page from ``first`` on, following the page tokens."""
+    request = geofence_pb2.ListEventsRequest()
+    request.CopyFrom(first)
+    events: list[event_pb2.Event] = []
+    while True:
+        page = await fences.ListEvents(request)
+        events.extend(page.events)
+        if not page.next_page_token:
+            return events
+        request.page_token = page.next_page_token
+
+
 @pytest.fixture(params=BACKENDS)
 async def on_backend(
     request, start_server, helsinki_dir, tmp_path
@@ -395,19 +437,7 @@ async def test_route_events_reach_watch_events_and_list_events(on_backend) -> No
     request = geofence_pb2.WatchEventsRequest(types=wanted, device_ids=["van-8"])
     watch = fences.WatchEvents(request)
     await watch.initial_metadata()  # subscribed
-    assigned = await route_pb2_grpc.RouteStub(on_backend).AssignRoute(
-        route_pb2.AssignRouteRequest(
-            device_id="van-8",
-            route_id="delivery-2",
-            route=route_pb2.ComputeRouteRequest(origin=KAMPPI, destination=SENATE),
-        )
-    )
-    lat, lon = np.array(polyline.decode(assigned.route.polyline, 6)).T
-    points, along = support.drive(lat, lon, 10.0)
-    rows = np.flatnonzero((along > 600) & (along < 900))
-    points = support.shift(points, rows, 0.0, 300.0)
-
-    await drive_on_stream(track_pb2_grpc.TrackSessionStub(on_backend), "van-8", points)
+    await drive_off_route(on_backend, "van-8", "delivery-2")
     watched: list[event_pb2.Event] = []
     async with asyncio.timeout(30):
         while len(watched) < len(wanted):
@@ -425,6 +455,44 @@ async def test_route_events_reach_watch_events_and_list_events(on_backend) -> No
     assert listed == watched  # stored as delivered
     assert {e.route_id for e in listed} == {"delivery-2"}
     assert float(listed[0].attributes["deviation_m"]) > 50  # route_off_route_m
+
+
+async def test_route_filter_leaves_out_other_routes_and_events_without_one(
+    on_backend,
+) -> None:
+    fences = geofence_pb2_grpc.GeofenceStub(on_backend)
+    request = geofence_pb2.WatchEventsRequest(
+        types=EVERY_TYPE, route_ids=["delivery-3"]
+    )
+    watch = fences.WatchEvents(request)
+    await watch.initial_metadata()  # subscribed
+    await drive_off_route(on_backend, "van-10", "delivery-4")  # raised first
+    await drive_off_route(on_backend, "van-9", "delivery-3")
+    watched: list[event_pb2.Event] = []
+    async with asyncio.timeout(30):
+        while event_pb2.EVENT_TYPE_ARRIVED not in [e.type for e in watched]:
+            watched.extend((await watch.read()).events)
+    watch.cancel()
+    on_route = geofence_pb2.ListEventsRequest(
+        start_ms=0, route_id="delivery-3", types=EVERY_TYPE, page_size=2
+    )
+    listed: list[event_pb2.Event] = []
+    async with asyncio.timeout(30):  # the event store writes in the background
+        while event_pb2.EVENT_TYPE_ARRIVED not in [e.type for e in listed]:
+            await asyncio.sleep(0.1)
+            listed = await every_page(fences, on_route)
+    every_route = geofence_pb2.ListEventsRequest(
+        start_ms=0, types=EVERY_TYPE, page_size=1000
+    )
+    stored = (await fences.ListEvents(every_route)).events
+
+    assert {(e.device_id, e.route_id) for e in watched} == {("van-9", "delivery-3")}
+    kinds = [e.type for e in watched if e.type != event_pb2.EVENT_TYPE_ETA_UPDATED]
+    assert kinds == OFF_AND_BACK
+    assert len(listed) > on_route.page_size  # more than one page
+    assert sorted(e.event_id for e in listed) == sorted(e.event_id for e in watched)
+    # what the filter left out: the other route's events and activity events
+    assert {e.route_id for e in stored} == {"", "delivery-3", "delivery-4"}
 
 
 async def test_cleared_route_has_no_progress(routes) -> None:

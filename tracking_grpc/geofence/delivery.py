@@ -123,6 +123,7 @@ class EventFilter:
     fences: frozenset[str] = frozenset()
     devices: frozenset[str] = frozenset()
     types: frozenset[EventType] = frozenset()
+    routes: frozenset[str] = frozenset()
 
     def matches(self, event: TrackingEvent) -> bool:
         return (
@@ -130,6 +131,7 @@ class EventFilter:
             and (not self.fences or event.fence_id in self.fences)
             and (not self.devices or event.device in self.devices)
             and (not self.types or event.type in self.types)
+            and (not self.routes or event.route_id in self.routes)
         )
 
 

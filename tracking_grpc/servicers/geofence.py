@@ -8,7 +8,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -93,13 +93,29 @@ def _event_after(token: str) -> tuple[int, str]:
     return time_ms, event_id
 
 
-def _check_watch_ids(fences: int, devices: int) -> None:
-    """At most MAX_WATCH_IDS ids in all; the list that passes the limit is named."""
-    if fences + devices <= MAX_WATCH_IDS:
-        return
-    field = "fence_ids" if fences > MAX_WATCH_IDS else "device_ids"
-    reason = f"at most {MAX_WATCH_IDS} ids in fence_ids and device_ids together"
-    raise InvalidArgument(field, reason)
+WATCH_ID_LISTS = ("fence_ids", "device_ids", "route_ids")
+
+
+def _check_watch_ids(request: geofence_pb2.WatchEventsRequest) -> None:
+    """At most MAX_WATCH_IDS ids in all; the list that passes the limit, counted in
+    the order of WATCH_ID_LISTS, is named."""
+    counted = 0
+    for field in WATCH_ID_LISTS:
+        counted += len(getattr(request, field))
+        if counted > MAX_WATCH_IDS:
+            reason = (
+                f"at most {MAX_WATCH_IDS} ids in fence_ids, device_ids and "
+                "route_ids together"
+            )
+            raise InvalidArgument(field, reason)
+
+
+def _watched_routes(route_ids: Sequence[str]) -> frozenset[str]:
+    """The routes a WatchEvents call names, each checked as AssignRoute checks a
+    route id."""
+    for i, route_id in enumerate(route_ids):
+        convert.check_device_id(route_id, f"route_ids[{i}]")
+    return frozenset(route_ids)
 
 
 class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
@@ -233,18 +249,19 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
 
     async def WatchEvents(self, request, context: grpc.aio.ServicerContext) -> None:
         """Events as they happen (geofence ones unless types asks for activity or
-        route events), filtered by fence, device and type; ends with
+        route events), filtered by fence, device, type and route; ends with
         UNAUTHENTICATED when the caller's token expires, and with RESOURCE_EXHAUSTED
         when it falls behind: more events waiting than its queue holds, or a
         response left unread for write_timeout_s."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
-        _check_watch_ids(len(request.fence_ids), len(request.device_ids))
+        _check_watch_ids(request)
         event_filter = EventFilter(
             caller.tenant,
             frozenset(request.fence_ids),
             frozenset(request.device_ids),
             listened_types(request.types, "types"),
+            _watched_routes(request.route_ids),
         )
         subscription = self.hub.subscribe(event_filter)
         try:
@@ -287,6 +304,8 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
             convert.check_device_id(request.device_id, "device_id")
         if request.fence_id:  # empty: every fence
             check_fence_id(request.fence_id, "fence_id")
+        if request.route_id:  # empty: every route
+            convert.check_device_id(request.route_id, "route_id")
         size = _page_size(request.page_size)
         after = _event_after(request.page_token) if request.page_token else None
         found = await self.events.list(
@@ -296,6 +315,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
                 end_ms,
                 device=request.device_id,
                 fence_id=request.fence_id,
+                route_id=request.route_id,
                 types=listened_types(request.types, "types"),
                 limit=size + 1,
                 after=after,

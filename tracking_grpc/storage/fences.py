@@ -36,6 +36,7 @@ class EventQuery:
     end_ms: int
     device: str = ""
     fence_id: str = ""
+    route_id: str = ""
     types: frozenset[EventType] = frozenset()
     limit: int = 100
     after: tuple[int, str] | None = None  # (time_ms, event_id) of the previous page

@@ -1,9 +1,9 @@
 """Fence and event repositories on PostgreSQL with PostGIS.
 
-The tables come from the migrations ``migrations/0002_geofence.sql`` and
-``0009_device_events.sql`` (applied by ``tracking migrate``; tests apply them to
-their private databases). Each fence's area is stored as a PostGIS geometry with a
-GiST index, for spatial queries in SQL.
+The tables come from the migrations ``migrations/0002_geofence.sql``,
+``0009_device_events.sql`` and ``0010_events_by_route.sql`` (applied by ``tracking
+migrate``; tests apply them to their private databases). Each fence's area is stored
+as a PostGIS geometry with a GiST index, for spatial queries in SQL.
 """
 
 from __future__ import annotations
@@ -43,7 +43,11 @@ from tracking_grpc.storage.postgres import CONNECTION_ERRORS
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS = ("0002_geofence.sql", "0009_device_events.sql")
+MIGRATIONS = (
+    "0002_geofence.sql",
+    "0009_device_events.sql",
+    "0010_events_by_route.sql",
+)
 # Columns as the repository selects them (EVENT_FIELDS, JSON as text).
 SELECTED = (
     "tenant, event_id, device, fence_id, type, time_ms, lat, lon, fix_seq, "
@@ -271,6 +275,9 @@ class PostgresEventRepository:
             sql, args = sql + " AND device = %s", [*args, query.device]
         if query.fence_id:
             sql, args = sql + " AND fence_id = %s", [*args, query.fence_id]
+        if query.route_id:  # with the predicate of the index geofence_events_route
+            sql += " AND route_id = %s AND route_id <> ''"
+            args.append(query.route_id)
         if query.types:
             sql += " AND type = ANY(%s::smallint[])"
             args.append(sorted(int(t) for t in query.types))

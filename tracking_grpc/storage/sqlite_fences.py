@@ -79,6 +79,8 @@ CREATE INDEX IF NOT EXISTS geofence_events_by_device
     ON geofence_events (tenant, device);
 CREATE INDEX IF NOT EXISTS geofence_events_memberships
     ON geofence_events (tenant, device, fence_id) WHERE type IN (1, 2, 3);
+CREATE INDEX IF NOT EXISTS geofence_events_by_route
+    ON geofence_events (tenant, route_id, time_ms, event_id) WHERE route_id <> '';
 """
 
 # Columns added since the table was first shipped: (name, definition).
@@ -275,6 +277,9 @@ class SqliteEventRepository:
             sql, args = sql + " AND device = ?", [*args, query.device]
         if query.fence_id:
             sql, args = sql + " AND fence_id = ?", [*args, query.fence_id]
+        if query.route_id:  # with the predicate of geofence_events_by_route
+            sql += " AND route_id = ? AND route_id <> ''"
+            args.append(query.route_id)
         if query.types:
             kinds = sorted(int(t) for t in query.types)
             sql += f" AND type IN ({', '.join('?' * len(kinds))})"

@@ -681,6 +681,7 @@ class WatchEventsRequest(_message.Message):
     FENCE_IDS_FIELD_NUMBER: _builtins.int
     DEVICE_IDS_FIELD_NUMBER: _builtins.int
     TYPES_FIELD_NUMBER: _builtins.int
+    ROUTE_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def fence_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Empty: every fence. Only geofence events carry a fence, so naming fences
@@ -698,16 +699,23 @@ class WatchEventsRequest(_message.Message):
         delivered here: ask for ONLINE, OFFLINE, OFF_ROUTE ... by name.
         """
 
+    @_builtins.property
+    def route_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Empty: every route. Only route events carry a route, so naming routes leaves
+        out geofence and activity events (name the route types in types too).
+        """
+
     def __init__(
         self,
         *,
         fence_ids: _abc.Iterable[_builtins.str] | None = ...,
         device_ids: _abc.Iterable[_builtins.str] | None = ...,
         types: _abc.Iterable[_event_pb2.EventType.ValueType] | None = ...,
+        route_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_ids", b"device_ids", "fence_ids", b"fence_ids", "types", b"types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_ids", b"device_ids", "fence_ids", b"fence_ids", "route_ids", b"route_ids", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -744,6 +752,7 @@ class ListEventsRequest(_message.Message):
     TYPES_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ROUTE_ID_FIELD_NUMBER: _builtins.int
     start_ms: _builtins.int
     """Fix time range, start_ms <= time_ms < end_ms; end 0 means now."""
     end_ms: _builtins.int
@@ -754,6 +763,8 @@ class ListEventsRequest(_message.Message):
     page_size: _builtins.int
     """At most this many events (default 100, at most 1000)."""
     page_token: _builtins.str
+    route_id: _builtins.str
+    """Empty: every route; a route leaves out geofence and activity events."""
     @_builtins.property
     def types(self) -> _containers.RepeatedScalarFieldContainer[_event_pb2.EventType.ValueType]:
         """As WatchEventsRequest.types: empty means ENTER, EXIT, DWELL and CROSS."""
@@ -768,10 +779,11 @@ class ListEventsRequest(_message.Message):
         types: _abc.Iterable[_event_pb2.EventType.ValueType] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        route_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "end_ms", b"end_ms", "fence_id", b"fence_id", "page_size", b"page_size", "page_token", b"page_token", "start_ms", b"start_ms", "types", b"types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "end_ms", b"end_ms", "fence_id", b"fence_id", "page_size", b"page_size", "page_token", b"page_token", "route_id", b"route_id", "start_ms", b"start_ms", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -811,7 +811,9 @@ class TimeInFencesRequest(_message.Message):
     end_ms: _builtins.int
     @_builtins.property
     def fence_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only these fences; empty means every fence of the tenant."""
+        """Only these fences; empty means every fence of the tenant. An id that names no
+        fence of the tenant is NOT_FOUND.
+        """
 
     def __init__(
         self,
