@@ -485,6 +485,8 @@ async def test_route_filter_leaves_out_other_routes_and_events_without_one(
         start_ms=0, types=EVERY_TYPE, page_size=1000
     )
     stored = (await fences.ListEvents(every_route)).events
+    untyped = geofence_pb2.ListEventsRequest(start_ms=0, route_id="delivery-3")
+    by_route_alone = (await fences.ListEvents(untyped)).events
 
     assert {(e.device_id, e.route_id) for e in watched} == {("van-9", "delivery-3")}
     kinds = [e.type for e in watched if e.type != event_pb2.EVENT_TYPE_ETA_UPDATED]
@@ -493,6 +495,10 @@ async def test_route_filter_leaves_out_other_routes_and_events_without_one(
     assert sorted(e.event_id for e in listed) == sorted(e.event_id for e in watched)
     # what the filter left out: the other route's events and activity events
     assert {e.route_id for e in stored} == {"", "delivery-3", "delivery-4"}
+    # a route named without types: its route events (the geofence types matched none)
+    assert sorted(e.event_id for e in by_route_alone) == sorted(
+        e.event_id for e in listed
+    )
 
 
 async def test_cleared_route_has_no_progress(routes) -> None:

@@ -106,12 +106,27 @@ def event_types(values: Iterable[int], field: str) -> frozenset[EventType]:
     return types
 
 
-def listened_types(values: Iterable[int], field: str) -> frozenset[EventType]:
+ROUTE_EVENTS = frozenset(
+    {
+        EventType.OFF_ROUTE,
+        EventType.BACK_ON_ROUTE,
+        EventType.ARRIVED,
+        EventType.ETA_UPDATED,
+    }
+)
+
+
+def listened_types(
+    values: Iterable[int], field: str, routes_named: bool = False
+) -> frozenset[EventType]:
     """The event types a WatchEvents or ListEvents call asks for: any the service
     raises. None given means the geofence types, what these calls gave before
     activity and route events reached them, so that an existing client is not
-    flooded with MOTION_CHANGED and ONLINE events it never asked for."""
-    return _parsed_types(values, field) or GEOFENCE_EVENTS
+    flooded with MOTION_CHANGED and ONLINE events it never asked for; or, when
+    the call names routes, the route types (a route filter with the geofence
+    types would match nothing)."""
+    default = ROUTE_EVENTS if routes_named else GEOFENCE_EVENTS
+    return _parsed_types(values, field) or default
 
 
 def fence_of(

@@ -260,7 +260,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
             caller.tenant,
             frozenset(request.fence_ids),
             frozenset(request.device_ids),
-            listened_types(request.types, "types"),
+            listened_types(request.types, "types", bool(request.route_ids)),
             _watched_routes(request.route_ids),
         )
         subscription = self.hub.subscribe(event_filter)
@@ -316,7 +316,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
                 device=request.device_id,
                 fence_id=request.fence_id,
                 route_id=request.route_id,
-                types=listened_types(request.types, "types"),
+                types=listened_types(request.types, "types", bool(request.route_id)),
                 limit=size + 1,
                 after=after,
             )

@@ -702,7 +702,8 @@ class WatchEventsRequest(_message.Message):
     @_builtins.property
     def route_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Empty: every route. Only route events carry a route, so naming routes leaves
-        out geofence and activity events (name the route types in types too).
+        out geofence and activity events; with routes named, empty types means the
+        route types OFF_ROUTE, BACK_ON_ROUTE, ARRIVED and ETA_UPDATED.
         """
 
     def __init__(
@@ -764,7 +765,9 @@ class ListEventsRequest(_message.Message):
     """At most this many events (default 100, at most 1000)."""
     page_token: _builtins.str
     route_id: _builtins.str
-    """Empty: every route; a route leaves out geofence and activity events."""
+    """Empty: every route; a route leaves out geofence and activity events, and
+    with no types gives the route types (as WatchEventsRequest.route_ids).
+    """
     @_builtins.property
     def types(self) -> _containers.RepeatedScalarFieldContainer[_event_pb2.EventType.ValueType]:
         """As WatchEventsRequest.types: empty means ENTER, EXIT, DWELL and CROSS."""
