@@ -513,6 +513,14 @@ DEEP_JSON = "[" * 100_000 + "]" * 100_000
             id="watch-route-id-blank",
         ),
         pytest.param(
+            lambda s: s.WatchEvents(
+                geofence_pb2.WatchEventsRequest(fence_ids=["depot", ""])
+            ).read(),
+            "fence_ids[1]",
+            "1 to 128 letters",
+            id="watch-fence-id-blank",
+        ),
+        pytest.param(
             lambda s: s.ListEvents(geofence_pb2.ListEventsRequest(start_ms=-5)),
             "start_ms",
             "must be >= 0",

@@ -110,6 +110,14 @@ def _check_watch_ids(request: geofence_pb2.WatchEventsRequest) -> None:
             raise InvalidArgument(field, reason)
 
 
+def _watched_fences(fence_ids: Sequence[str]) -> frozenset[str]:
+    """The fences a WatchEvents call names, each a valid fence id (a blank one
+    matched every event without a fence)."""
+    for i, fence_id in enumerate(fence_ids):
+        check_fence_id(fence_id, f"fence_ids[{i}]")
+    return frozenset(fence_ids)
+
+
 def _watched_routes(route_ids: Sequence[str]) -> frozenset[str]:
     """The routes a WatchEvents call names, each checked as AssignRoute checks a
     route id."""
@@ -258,7 +266,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         _check_watch_ids(request)
         event_filter = EventFilter(
             caller.tenant,
-            frozenset(request.fence_ids),
+            _watched_fences(request.fence_ids),
             frozenset(request.device_ids),
             listened_types(request.types, "types", bool(request.route_ids)),
             _watched_routes(request.route_ids),
