@@ -192,3 +192,56 @@ def test_indexes_of_the_same_fences_build_in_several_threads_at_once() -> None:
     with ThreadPoolExecutor(4) as pool:
         sizes = list(pool.map(lambda _: build(), range(4)))
     assert sizes == [[200] * 5] * 4
+
+
+class _Forgetting(FenceDetector):
+    """A detector that calls ``then`` as a load forgets deleted fences: the last
+    step of the load, before its task is done."""
+
+    def __init__(self, tenant: str, then) -> None:
+        super().__init__(tenant)
+        self.then = then
+
+    def forget_fences(self, fence_ids: list[str]) -> None:
+        super().forget_fences(fence_ids)
+        self.then()
+
+
+def test_a_caller_arriving_as_a_load_ends_does_not_spin() -> None:
+    """A Check cancelled while it waited for the index leaves the load to finish
+    alone; a fence written during that load makes the loaded index stale at once.
+    A call that started in the same turn of the event loop as the load's end (before
+    the load's done callback removed it) found the finished load, saw that it
+    predated its own write count and awaited it again, which returns at once:
+    ``index`` looped forever without yielding, and the server hung at 100 % CPU."""
+    park = FenceSpec("park", ShapeSpec.circle(0.0, 1.0, 50.0))
+    depot = FenceSpec("depot", ShapeSpec.circle(0.0, 2.0, 50.0))
+    result: list[list[str]] = []
+
+    async def scenario() -> None:
+        fences = _SlowFences([park, depot])
+        fences.release.set()
+        processor = GeofenceProcessor(fences, refresh_s=3600.0)
+        await processor.index("t")
+        late: list[asyncio.Task[FenceIndex]] = []
+        processor._detectors["t"] = _Forgetting(
+            "t", lambda: late.append(asyncio.create_task(processor.index("t")))
+        )
+        fences.specs.remove(depot)  # DeleteFence
+        fences.revision_number = 2
+        processor.changed("t")
+        fences.reading.clear()
+        fences.release.clear()
+        check = asyncio.create_task(processor.index("t"))
+        await fences.reading.wait()
+        processor.changed("t")  # another write while the load reads
+        check.cancel()  # its client went away
+        fences.release.set()
+        await asyncio.sleep(0.2)
+        result.append(sorted((await late[0]).ids.tolist()))
+
+    thread = threading.Thread(target=asyncio.run, args=(scenario(),), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the event loop is stuck in index()"
+    assert result == [["park"]]

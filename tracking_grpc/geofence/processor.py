@@ -175,7 +175,10 @@ class GeofenceProcessor:
                 return loaded.index
             changes = self._changes.get(tenant, 0)
             load = self._loading.get(tenant)
-            if load is None:
+            # A finished load is still listed until its done callback runs; one
+            # that did not serve (older than our writes, or failed) would be
+            # awaited again at once, and this loop would never yield.
+            if load is None or load.task.done():
                 task = asyncio.ensure_future(self._load(tenant))
                 load = self._loading[tenant] = _Load(tenant, changes, task)
                 task.add_done_callback(functools.partial(self._settle, load))
