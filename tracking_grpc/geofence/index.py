@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -44,6 +44,9 @@ class CompiledFence:
 
     spec: FenceSpec
     shape: Shape
+    # The grid cells the fence touches on the lattice of the last index built with
+    # it: a rebuild after another fence changed classifies only that one.
+    cells: _FenceCells | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, spec: FenceSpec) -> CompiledFence:
@@ -102,8 +105,8 @@ def _project(frame, geom: shapely.Geometry) -> list[shapely.Geometry]:
 
 
 def _own(geoms: list[shapely.Geometry]) -> np.ndarray:
-    """New GEOS objects equal to ``geoms`` (WKB keeps every coordinate exactly)."""
-    return shapely.from_wkb(shapely.to_wkb(np.array(geoms, dtype=object)))
+    """New GEOS objects equal to ``geoms``, coordinate for coordinate."""
+    return shapely.transform(np.array(geoms, dtype=object), lambda xy: xy)
 
 
 class FenceIndex:
@@ -137,7 +140,7 @@ class FenceIndex:
         shapely.prepare(self.area)
         shapely.prepare(self.core)
         self.tree = STRtree(self.area)
-        self.grid = _Grid.build(self.area, self.core)
+        self.grid = _Grid.build(self.area, self.core, self.fences)
         self._enter_limit_m = np.full(len(fences), np.nan)
 
     @classmethod
@@ -308,7 +311,11 @@ class _Grid:
     pair_sure: np.ndarray  # bool
 
     @classmethod
-    def build(cls, area: np.ndarray, core: np.ndarray) -> _Grid:
+    def build(
+        cls, area: np.ndarray, core: np.ndarray, fences: Sequence[CompiledFence]
+    ) -> _Grid:
+        """The grid of fences ``area`` (rows as in ``fences``, whose cells found on
+        the same lattice before are reused, and whose new ones are kept)."""
         empty = np.empty(0, np.int64)
         if len(area) == 0:
             return cls(
@@ -326,68 +333,49 @@ class _Grid:
         # Parts one at a time: a fence split at ±180 has two small boxes, not one
         # spanning the globe.
         parts, part_row = shapely.get_parts(area, return_index=True)
-        # Prepared, each cell test is a lookup in the part's edge index instead of a
-        # walk over all its vertices (a long corridor has tens of thousands).
-        shapely.prepare(parts)
         bounds = shapely.bounds(parts)
-        west, south = bounds[:, 0].min(), bounds[:, 1].min()
-        east, north = bounds[:, 2].max(), bounds[:, 3].max()
-        sizes = np.maximum(bounds[:, 3] - bounds[:, 1], 1e-7)
-        mid = math.cos(math.radians(np.clip((south + north) / 2, -89.0, 89.0)))
-        dy = float(np.median(sizes)) / 16.0
-        while True:
-            dx = dy / max(mid, 0.01)
-            nx = int((east - west) / dx) + 2
-            ny = int((north - south) / dy) + 2
-            ix0, iy0, ix1, iy1 = _cell_ranges(bounds, west, south, dx, dy)
-            pairs = int(((ix1 - ix0 + 1) * (iy1 - iy0 + 1)).sum())
-            if nx * ny <= MAX_GRID_CELLS and pairs <= MAX_CLASSIFIED_PAIRS:
-                break
-            dy *= 1.25
-        counts = (ix1 - ix0 + 1) * (iy1 - iy0 + 1)
-        part = np.repeat(np.arange(len(parts)), counts)
-        offset = np.arange(part.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        width = (ix1 - ix0 + 1)[part]
-        ix = ix0[part] + offset % width
-        iy = iy0[part] + offset // width
-        cells, owners, sure = [], [], []
-        for start in range(0, part.size, _CHUNK):
-            chunk = slice(start, start + _CHUNK)
-            p, cx, cy = part[chunk], ix[chunk], iy[chunk]
-            r = part_row[p]
-            boxes = shapely.box(
-                west + cx * dx - _EPS_DEG,
-                south + cy * dy - _EPS_DEG,
-                west + (cx + 1) * dx + _EPS_DEG,
-                south + (cy + 1) * dy + _EPS_DEG,
-            )
-            touch = shapely.intersects(parts[p], boxes)
-            inside = np.zeros(touch.size, dtype=bool)
-            inside[touch] = shapely.contains_properly(core[r[touch]], boxes[touch])
-            cells.append((cy * nx + cx)[touch])
-            owners.append(r[touch])
-            sure.append(inside[touch])
-        cell, owner, whole = _merge_parts(
-            np.concatenate(cells), np.concatenate(owners), np.concatenate(sure)
+        dx, dy, lo, hi = _lattice(bounds)
+        stale = np.array([_reusable(f.cells, dx, dy) is None for f in fences])
+        fresh = _classify(parts, part_row, core, bounds, dx, dy, stale[part_row])
+        gx, gy, owner, whole = [], [], [], []
+        for row, fence in enumerate(fences):
+            known = fresh.get(row) or _reusable(fence.cells, dx, dy)
+            assert known is not None
+            fence.cells = known
+            gx.append(known.gx)
+            gy.append(known.gy)
+            owner.append(np.full(known.gx.size, row, dtype=np.intp))
+            whole.append(known.sure)
+        x0, y0 = int(lo[0]), int(lo[1])
+        nx, ny = int(hi[0]) - x0 + 1, int(hi[1]) - y0 + 1
+        local = (np.concatenate(gy) - y0) * nx + (np.concatenate(gx) - x0)
+        cell, row_of_pair, sure = _merge_parts(
+            local, np.concatenate(owner), np.concatenate(whole)
         )
         touches = np.bincount(cell, minlength=nx * ny)
         code = np.where(touches > 0, -1, 0).astype(np.int32)
-        alone = whole & (touches[cell] == 1)
-        code[cell[alone]] = owner[alone] + 1
+        alone = sure & (touches[cell] == 1)
+        code[cell[alone]] = row_of_pair[alone] + 1
         keep = code[cell] < 0
         order = np.argsort(cell[keep], kind="stable")
-        log.debug("fence grid %dx%d, %d classified pairs", nx, ny, part.size)
+        log.debug(
+            "fence grid %dx%d, %d pairs, %d fences classified",
+            nx,
+            ny,
+            cell.size,
+            int(stale.sum()),
+        )
         return cls(
-            float(west),
-            float(south),
-            float(dx),
-            float(dy),
+            x0 * dx,
+            y0 * dy,
+            dx,
+            dy,
             nx,
             ny,
             code,
             cell[keep][order],
-            owner[keep][order],
-            whole[keep][order],
+            row_of_pair[keep][order],
+            sure[keep][order],
         )
 
     def cells(self, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
@@ -418,6 +406,106 @@ class _Grid:
         return pts, self.pair_row[at], self.pair_sure[at]
 
 
+@dataclass(frozen=True, slots=True)
+class _FenceCells:
+    """Cells of the lattice (dx, dy) one fence touches, numbered from 0 at 0° 0°;
+    ``sure`` where a cell lies wholly inside it. A cell touched by two parts of
+    the fence is listed twice."""
+
+    dx: float
+    dy: float
+    gx: np.ndarray  # int64
+    gy: np.ndarray  # int64
+    sure: np.ndarray  # bool
+
+
+def _reusable(cells: _FenceCells | None, dx: float, dy: float) -> _FenceCells | None:
+    return cells if cells is not None and (cells.dx, cells.dy) == (dx, dy) else None
+
+
+def _lattice(bounds: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """Cell width and height (powers of two degrees, so that a fence's cells stay
+    the same whatever other fences come and go), and the lowest and highest cell
+    (x, y) of the parts with ``bounds``.
+
+    Cells are about a sixteenth of the median fence high (within a factor of
+    1.4) and about as wide as high on
+    the ground, and made coarser until the grid and its classified pairs fit the
+    limits.
+    """
+    south, north = bounds[:, 1].min(), bounds[:, 3].max()
+    sizes = np.maximum(bounds[:, 3] - bounds[:, 1], 1e-7)
+    mid = math.cos(math.radians(np.clip((south + north) / 2, -89.0, 89.0)))
+    y_exp = round(math.log2(float(np.median(sizes)) / 16.0))
+    x_exp = y_exp + round(-math.log2(max(mid, 0.01)))
+    while True:
+        dx, dy = 2.0**x_exp, 2.0**y_exp
+        x0, y0, x1, y1 = _cell_ranges(bounds, dx, dy)
+        cells = (int(x1.max() - x0.min()) + 1) * (int(y1.max() - y0.min()) + 1)
+        pairs = int(((x1 - x0 + 1) * (y1 - y0 + 1)).sum())
+        if cells <= MAX_GRID_CELLS and pairs <= MAX_CLASSIFIED_PAIRS:
+            lo = np.array([x0.min(), y0.min()])
+            hi = np.array([x1.max(), y1.max()])
+            return dx, dy, lo, hi
+        x_exp, y_exp = x_exp + 1, y_exp + 1
+
+
+def _classify(
+    parts: np.ndarray,
+    part_row: np.ndarray,
+    core: np.ndarray,
+    bounds: np.ndarray,
+    dx: float,
+    dy: float,
+    wanted: np.ndarray,
+) -> dict[int, _FenceCells]:
+    """The cells of the fences of the ``wanted`` parts, by fence row: each cell
+    of a part's bounding box tested against the part (touches) and the fence's
+    core (wholly inside)."""
+    which = np.flatnonzero(wanted)
+    if which.size == 0:
+        return {}
+    parts, rows, bounds = parts[which], part_row[which], bounds[which]
+    # Prepared, each cell test is a lookup in the part's edge index instead of a
+    # walk over all its vertices (a long corridor has tens of thousands).
+    shapely.prepare(parts)
+    x0, y0, x1, y1 = _cell_ranges(bounds, dx, dy)
+    counts = (x1 - x0 + 1) * (y1 - y0 + 1)
+    part = np.repeat(np.arange(len(parts)), counts)
+    offset = np.arange(part.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    width = (x1 - x0 + 1)[part]
+    gx = x0[part] + offset % width
+    gy = y0[part] + offset // width
+    touched, sure = [], []
+    for start in range(0, part.size, _CHUNK):
+        chunk = slice(start, start + _CHUNK)
+        p, cx, cy = part[chunk], gx[chunk], gy[chunk]
+        boxes = shapely.box(
+            cx * dx - _EPS_DEG,
+            cy * dy - _EPS_DEG,
+            (cx + 1) * dx + _EPS_DEG,
+            (cy + 1) * dy + _EPS_DEG,
+        )
+        touch = shapely.intersects(parts[p], boxes)
+        inside = np.zeros(touch.size, dtype=bool)
+        inside[touch] = shapely.contains_properly(core[rows[p[touch]]], boxes[touch])
+        touched.append(touch)
+        sure.append(inside)
+    touch, inside = np.concatenate(touched), np.concatenate(sure)
+    owner = rows[part]
+    found = {}
+    for group in _by_row(owner, np.flatnonzero(touch)):
+        found[int(owner[group[0]])] = _FenceCells(
+            dx, dy, gx[group], gy[group], inside[group]
+        )
+    for row in np.unique(rows).tolist():  # a fence no cell touched (degenerate)
+        found.setdefault(row, _FenceCells(dx, dy, *_NO_CELLS))
+    return found
+
+
+_NO_CELLS = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, bool))
+
+
 def _merge_parts(
     cell: np.ndarray, row: np.ndarray, sure: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -441,10 +529,11 @@ def _by_row(rows: np.ndarray, which: np.ndarray) -> list[np.ndarray]:
 
 
 def _cell_ranges(
-    bounds: np.ndarray, west: float, south: float, dx: float, dy: float
+    bounds: np.ndarray, dx: float, dy: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    ix0 = np.floor((bounds[:, 0] - west) / dx - 1e-9).astype(np.int64).clip(0)
-    iy0 = np.floor((bounds[:, 1] - south) / dy - 1e-9).astype(np.int64).clip(0)
-    ix1 = np.floor((bounds[:, 2] - west) / dx + 1e-9).astype(np.int64)
-    iy1 = np.floor((bounds[:, 3] - south) / dy + 1e-9).astype(np.int64)
-    return ix0, iy0, ix1, iy1
+    """The lowest and highest cell (x, y) each bounding box reaches."""
+    x0 = np.floor(bounds[:, 0] / dx - 1e-9).astype(np.int64)
+    y0 = np.floor(bounds[:, 1] / dy - 1e-9).astype(np.int64)
+    x1 = np.floor(bounds[:, 2] / dx + 1e-9).astype(np.int64)
+    y1 = np.floor(bounds[:, 3] / dy + 1e-9).astype(np.int64)
+    return x0, y0, x1, y1
