@@ -15,7 +15,7 @@ from tracking_grpc.storage.postgres_fences import (
     PostgresEventRepository,
     PostgresFenceRepository,
     PostgresGeofenceDatabase,
-    migration_sql,
+    migration_statements,
 )
 from tracking_grpc.storage.sqlite_fences import (
     SqliteEventRepository,
@@ -45,7 +45,8 @@ def geo_pg_url() -> Iterator[str]:
     url = f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
     try:
         with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(migration_sql().encode())
+            for statement in migration_statements():
+                conn.execute(statement.encode())
         yield url
     finally:
         _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -28,6 +28,7 @@ from tracking_grpc.errors import (
 from tracking_grpc.events import TrackingEvent
 from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.geofence.shapes import compile_shape
+from tracking_grpc.storage import schema
 from tracking_grpc.storage.fences import (
     EVENT_FIELDS,
     MEMBERSHIP_SQL,
@@ -55,12 +56,17 @@ SELECTED = (
 )
 
 
-def migration_sql() -> str:
-    """The DDL of the geofence and event tables (idempotent)."""
+def migration_statements() -> list[str]:
+    """The DDL of the geofence and event tables (idempotent), one statement each:
+    to run in autocommit mode (some build indexes concurrently)."""
     folder = resources.files("tracking_grpc.storage").joinpath("migrations")
-    return "\n".join(
-        folder.joinpath(name).read_text(encoding="utf-8") for name in MIGRATIONS
-    )
+    return [
+        statement
+        for name in MIGRATIONS
+        for statement in schema.statements(
+            folder.joinpath(name).read_text(encoding="utf-8")
+        )
+    ]
 
 
 class PostgresGeofenceDatabase:

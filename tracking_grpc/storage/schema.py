@@ -1,26 +1,58 @@
 """Versioned migrations of the PostgreSQL schema, and the start-up check.
 
 Migrations are the numbered SQL files in ``migrations/`` (``0001_history.sql``...),
-applied in order, each in its own transaction, by ``tracking migrate``; the table
-``schema_migrations`` records which ran. A server refuses to start on a database
-that is behind, so that no process writes through a schema it does not expect.
+applied in order by ``tracking migrate``; the table ``schema_migrations`` records
+which ran. A server refuses to start on a database that is behind, so that no process
+writes through a schema it does not expect. The check compares version numbers only,
+never the text of a migration.
+
+A migration runs in its own transaction, unless its first line is the marker
+``-- tracking: no transaction``. Such a migration runs statement by statement in
+autocommit mode, so that it can build indexes with ``CREATE INDEX CONCURRENTLY``,
+which does not block writes to the table (it takes SHARE UPDATE EXCLUSIVE, not the
+SHARE of a plain build); its version is recorded once every statement succeeded. Its
+statements must therefore be re-runnable (``IF NOT EXISTS``), and every index it
+creates is ``CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS name``: an interrupted
+build leaves an INVALID index of that name, which the next ``migrate`` drops and
+builds again. Partitioned tables (``fixes``) cannot be indexed concurrently.
+
+One ``migrate`` runs at a time: each holds a session advisory lock for its whole run.
+A waiting one polls for the lock between statements instead of blocking in one,
+because a concurrent index build waits for every transaction with an older snapshot,
+a blocked waiter's too, which would deadlock.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
 
 import psycopg
+from psycopg import sql
 
 from tracking_grpc.errors import FailedPrecondition, StorageUnavailable
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
-LOCK_KEY = 0x7472_6B6D  # pg_advisory_xact_lock key of migrate: "trkm"
+LOCK_KEY = 0x7472_6B6D  # pg_advisory_lock key of migrate: "trkm"
+LOCK_POLL_S = 0.5
+NO_TRANSACTION = "-- tracking: no transaction"
+
+# What a statement splitter must step over: comments, quoted text, dollar quotes.
+TOKEN = re.compile(
+    r"""--[^\n]*|/\*.*?\*/|'(?:''|[^'])*'|"(?:""|[^"])*"|(\$\w*\$).*?\1|;""",
+    re.DOTALL,
+)
+ANY_INDEX = re.compile(r"CREATE\s+(?:UNIQUE\s+)?INDEX\b", re.IGNORECASE)
+CONCURRENT_INDEX = re.compile(
+    r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+IF\s+NOT\s+EXISTS\s+"
+    r"(\"(?:\"\"|[^\"])+\"|\w+)",
+    re.IGNORECASE,
+)
 
 CREATE_LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -29,6 +61,15 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 )
 """
+RECORD = "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)"
+# The index of that name (as CREATE INDEX resolves it) if it is invalid.
+INVALID_INDEX = """
+SELECT n.nspname, c.relname
+FROM pg_index i
+JOIN pg_class c ON c.oid = i.indexrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE i.indexrelid = to_regclass(%s) AND NOT i.indisvalid
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +77,41 @@ class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def transaction(self) -> bool:
+        """False for a migration marked to run outside a transaction."""
+        return self.sql.partition("\n")[0].strip() != NO_TRANSACTION
+
+
+def statements(text: str) -> list[str]:
+    """The statements of an SQL script, without comments."""
+    found, piece, start = [], [], 0
+    for token in TOKEN.finditer(text):
+        piece.append(text[start : token.start()])
+        start = token.end()
+        if token[0] == ";":
+            found.append("".join(piece))
+            piece = []
+        elif token[0].startswith("/*"):
+            piece.append(" ")
+        elif not token[0].startswith("--"):
+            piece.append(token[0])
+    found.append("".join([*piece, text[start:]]))
+    return [s.strip() for s in found if s.strip()]
+
+
+def check_rerunnable(migration: Migration) -> None:
+    """Raise unless each index of a no-transaction migration is built concurrently
+    and only if missing (the rebuild of an invalid one needs its name)."""
+    if migration.transaction:
+        return
+    for statement in statements(migration.sql):
+        if ANY_INDEX.match(statement) and not CONCURRENT_INDEX.match(statement):
+            raise RuntimeError(
+                f"migration {migration.version:04d} runs outside a transaction: its "
+                "indexes need CREATE INDEX CONCURRENTLY IF NOT EXISTS name"
+            )
 
 
 def available() -> list[Migration]:
@@ -50,6 +126,8 @@ def available() -> list[Migration]:
     found.sort(key=lambda m: m.version)
     if len({m.version for m in found}) != len(found):
         raise RuntimeError("two migrations share a version number")
+    for migration in found:
+        check_rerunnable(migration)
     return found
 
 
@@ -66,29 +144,70 @@ async def current_version(conn: psycopg.AsyncConnection) -> int:
 
 async def migrate(url: str) -> list[int]:
     """Apply pending migrations to the database at ``url``; returns their versions."""
-    applied = []
     try:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await _lock(conn)  # released as the connection closes
             await conn.execute(CREATE_LEDGER)
-            for migration in available():
-                async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock(%s)", [LOCK_KEY])
-                    cur = await conn.execute(
-                        "SELECT 1 FROM schema_migrations WHERE version = %s",
-                        [migration.version],
-                    )
-                    if await cur.fetchone():
-                        continue
-                    await conn.execute(migration.sql.encode())
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                        [migration.version, migration.name],
-                    )
-                log.info("applied migration %04d %s", migration.version, migration.name)
-                applied.append(migration.version)
+            return await _apply_pending(conn)
     except psycopg.OperationalError as exc:
         raise StorageUnavailable(f"cannot migrate the database: {exc}") from exc
+
+
+async def _lock(conn: psycopg.AsyncConnection) -> None:
+    """Take migrate's session lock, polling: no snapshot is held while waiting."""
+    waiting = False
+    while True:
+        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", [LOCK_KEY])
+        row = await cur.fetchone()
+        if row and row[0]:
+            return
+        if not waiting:
+            log.info("another migrate is running: waiting for it to finish")
+            waiting = True
+        await asyncio.sleep(LOCK_POLL_S)
+
+
+async def _apply_pending(conn: psycopg.AsyncConnection) -> list[int]:
+    cur = await conn.execute("SELECT version FROM schema_migrations")
+    done = {row[0] for row in await cur.fetchall()}
+    applied = []
+    for migration in available():
+        if migration.version in done:
+            continue
+        if migration.transaction:
+            async with conn.transaction():
+                await conn.execute(migration.sql.encode())
+                await conn.execute(RECORD, [migration.version, migration.name])
+        else:
+            await _apply_outside_transaction(conn, migration)
+        log.info("applied migration %04d %s", migration.version, migration.name)
+        applied.append(migration.version)
     return applied
+
+
+async def _apply_outside_transaction(
+    conn: psycopg.AsyncConnection, migration: Migration
+) -> None:
+    """Each statement on its own (autocommit), then the version."""
+    for statement in statements(migration.sql):
+        await _drop_if_invalid(conn, statement)
+        await conn.execute(statement.encode())
+    await conn.execute(RECORD, [migration.version, migration.name])
+
+
+async def _drop_if_invalid(conn: psycopg.AsyncConnection, statement: str) -> None:
+    """Drop the INVALID index an interrupted run of this concurrent build left, so
+    that the statement (IF NOT EXISTS) builds it again instead of skipping it."""
+    match = CONCURRENT_INDEX.match(statement)
+    if not match:
+        return
+    cur = await conn.execute(INVALID_INDEX, [match[1]])
+    row = await cur.fetchone()
+    if row is None:
+        return
+    log.warning("index %s.%s is invalid (an interrupted build): rebuilding it", *row)
+    drop = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(*row))
+    await conn.execute(drop)
 
 
 async def check(conn: psycopg.AsyncConnection) -> None:
