@@ -253,6 +253,7 @@ def build_plans(args: argparse.Namespace, target: str) -> list[Plan]:
         storm=storm,
         nice=args.driver_nice,
         cpus=args.driver_cpus,
+        node_options=tuple(args.node_option),
         run=args.run_tag,
     )
     devices = split(args.devices, args.drivers)
@@ -804,6 +805,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=(),
         help="CPUs the driver processes may run on, as 0,1 (default: any); "
         "the server, PostgreSQL and Redis keep every CPU",
+    )
+    add(
+        "--node-option",
+        action="append",
+        default=[],
+        help="an option for node in the node drivers (repeatable), for example "
+        "--node-option=--single-threaded-gc",
     )
     add(
         "--device-driver",

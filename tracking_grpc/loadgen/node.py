@@ -70,7 +70,7 @@ class NodeDriver:
         self.plan = plan
         self._dir = tempfile.TemporaryDirectory(prefix="tracking-node-driver-")
         self.result_path = Path(self._dir.name) / "result.json"
-        command = [node, str(ENTRY), str(self.result_path)]
+        command = [node, *plan.node_options, str(ENTRY), str(self.result_path)]
         if plan.nice > 0:  # as driver.py does for itself, for every thread of node
             command = ["nice", "-n", str(plan.nice), *command]
         cpus = plan.cpus

@@ -81,6 +81,8 @@ class Plan:
     nice: int = 0
     # CPUs the driver process and its threads may run on; empty: any.
     cpus: tuple[int, ...] = ()
+    # Options for node itself (V8's, such as --single-threaded-gc), node driver only.
+    node_options: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 import psycopg
+import sqlparse
 from psycopg import sql
 
 from tracking_grpc.errors import FailedPrecondition, StorageUnavailable
@@ -42,11 +43,6 @@ LOCK_KEY = 0x7472_6B6D  # pg_advisory_lock key of migrate: "trkm"
 LOCK_POLL_S = 0.5
 NO_TRANSACTION = "-- tracking: no transaction"
 
-# What a statement splitter must step over: comments, quoted text, dollar quotes.
-TOKEN = re.compile(
-    r"""--[^\n]*|/\*.*?\*/|'(?:''|[^'])*'|"(?:""|[^"])*"|(\$\w*\$).*?\1|;""",
-    re.DOTALL,
-)
 ANY_INDEX = re.compile(r"CREATE\s+(?:UNIQUE\s+)?INDEX\b", re.IGNORECASE)
 CONCURRENT_INDEX = re.compile(
     r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+IF\s+NOT\s+EXISTS\s+"
@@ -85,20 +81,12 @@ class Migration:
 
 
 def statements(text: str) -> list[str]:
-    """The statements of an SQL script, without comments."""
-    found, piece, start = [], [], 0
-    for token in TOKEN.finditer(text):
-        piece.append(text[start : token.start()])
-        start = token.end()
-        if token[0] == ";":
-            found.append("".join(piece))
-            piece = []
-        elif token[0].startswith("/*"):
-            piece.append(" ")
-        elif not token[0].startswith("--"):
-            piece.append(token[0])
-    found.append("".join([*piece, text[start:]]))
-    return [s.strip() for s in found if s.strip()]
+    """The statements of an SQL script, without comments or the closing ``;``."""
+    found = (
+        sqlparse.format(piece, strip_comments=True).strip().rstrip(";").rstrip()
+        for piece in sqlparse.split(text)
+    )
+    return [statement for statement in found if statement]
 
 
 def check_rerunnable(migration: Migration) -> None:
