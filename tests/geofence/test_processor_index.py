@@ -58,6 +58,16 @@ class _SlowFences(_Fences):
         return specs
 
 
+def write_during_load(
+    fences: _SlowFences, processor: GeofenceProcessor, spec: FenceSpec
+) -> None:
+    """A fence written through the processor's process, and its notice (during a
+    load, when the test holds one at ``fences.reading``)."""
+    fences.specs.append(spec)
+    fences.revision_number += 1
+    processor.changed("t")
+
+
 async def test_a_fence_written_while_the_index_loads_is_in_the_next_index() -> None:
     """A fence created through this process while its index was loading (the load
     had read the revision before the write) was ignored until ``refresh_s`` later:
@@ -68,9 +78,7 @@ async def test_a_fence_written_while_the_index_loads_is_in_the_next_index() -> N
     processor = GeofenceProcessor(fences, refresh_s=3600.0)
     loading = asyncio.create_task(processor.index("t"))
     await fences.reading.wait()
-    fences.specs.append(depot)  # the write, and its notice, during the load
-    fences.revision_number = 2
-    processor.changed("t")
+    write_during_load(fences, processor, depot)
     fences.release.set()
     assert (await loading).ids.tolist() == ["park"]
     fences.reading.clear()
@@ -113,9 +121,7 @@ async def test_a_caller_that_wrote_a_fence_during_a_load_waits_for_the_next() ->
     processor = GeofenceProcessor(fences, refresh_s=3600.0)
     first = asyncio.create_task(processor.index("t"))
     await fences.reading.wait()
-    fences.specs.append(depot)
-    fences.revision_number = 2
-    processor.changed("t")
+    write_during_load(fences, processor, depot)
     writer = asyncio.create_task(processor.index("t"))  # the one that wrote
     await asyncio.sleep(0)
     fences.release.set()
@@ -132,9 +138,7 @@ async def test_a_rebuilt_index_shares_no_geometry_with_the_one_in_use() -> None:
     fences.release.set()
     processor = GeofenceProcessor(fences, refresh_s=3600.0)
     before = await processor.index("t")
-    fences.specs.append(FenceSpec("depot", ShapeSpec.circle(0.0, 2.0, 50.0)))
-    fences.revision_number = 2
-    processor.changed("t")
+    write_during_load(fences, processor, FenceSpec("depot", ShapeSpec.circle(0, 2, 50)))
     after = await processor.index("t")
     assert after.fences[0] is before.fences[0]  # compiled once
     assert after.area[0] is not before.area[0]

@@ -335,12 +335,12 @@ class _Grid:
         parts, part_row = shapely.get_parts(area, return_index=True)
         bounds = shapely.bounds(parts)
         dx, dy, lo, hi = _lattice(bounds)
-        stale = np.array([_reusable(f.cells, dx, dy) is None for f in fences])
+        reused = [_reusable(f.cells, dx, dy) for f in fences]
+        stale = np.array([cells is None for cells in reused])
         fresh = _classify(parts, part_row, core, bounds, dx, dy, stale[part_row])
         gx, gy, owner, whole = [], [], [], []
         for row, fence in enumerate(fences):
-            known = fresh.get(row) or _reusable(fence.cells, dx, dy)
-            assert known is not None
+            known = reused[row] or fresh[row]
             fence.cells = known
             gx.append(known.gx)
             gy.append(known.gy)
