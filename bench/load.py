@@ -859,6 +859,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="start a PostgreSQL server of this run's own (exact CPU)",
     )
+    add(
+        "--postgres-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of the private PostgreSQL server (repeatable), e.g. "
+        "shared_buffers=2GB",
+    )
     add("--idle-s", type=float, default=0.0, help="measure idle server CPU first")
     add(
         "--observer",
@@ -896,6 +904,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--workers above 1 needs --production (shared backends)")
     if (args.redis_shards or args.private_postgres) and not args.production:
         parser.error("--redis-shards and --private-postgres need --production")
+    if args.postgres_setting and not args.private_postgres:
+        parser.error("--postgres-setting needs --private-postgres")
+    for setting in args.postgres_setting:
+        name, _, value = setting.partition("=")
+        if not re.fullmatch(r"[a-z_.]+", name) or not re.fullmatch(r"[\w.]+", value):
+            parser.error(f"--postgres-setting {setting!r}: expected name=value")
     if args.observer and (args.target or not args.production):
         parser.error("--observer needs --production and a spawned server")
     check_faults(parser, args)
@@ -950,6 +964,7 @@ def main(argv: list[str] | None = None) -> dict:
                 args.redis_url,
                 args.redis_shards,
                 args.private_postgres,
+                args.postgres_setting,
             )
             cleanup.callback(production.close)
         if args.target:

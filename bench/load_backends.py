@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.services import (
@@ -98,10 +99,16 @@ class PrivateRedisCluster:
 
 
 class PrivatePostgres(PostgresServer):
-    """A PostgreSQL server of this run alone, with the shared server's durability."""
+    """A PostgreSQL server of this run alone, with the shared server's durability;
+    ``settings`` (``name=value``) are given to the server as ``-c`` options."""
+
+    def __init__(self, settings: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.settings = list(settings)
 
     def start(self) -> None:
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir}"
+        options += "".join(f" -c {setting}" for setting in self.settings)
         log_file = str(self.dir / "log")
         command = ["pg_ctl", "-D", str(self.data), "-o", options, "-l", log_file]
         self._run([*command, "-w", "start"])
@@ -120,7 +127,8 @@ class Production:
 
     ``redis_shards`` 0 uses the Redis at ``redis_url`` (shared: its CPU is an upper
     bound); N starts a private Redis Cluster of N masters. ``private_postgres``
-    starts a PostgreSQL server of this run's own instead of using ``admin_url``.
+    starts a PostgreSQL server of this run's own instead of using ``admin_url``,
+    with ``postgres_settings`` (``name=value``) on its command line.
     """
 
     def __init__(
@@ -129,6 +137,7 @@ class Production:
         redis_url: str,
         redis_shards: int = 0,
         private_postgres: bool = False,
+        postgres_settings: Sequence[str] = (),
     ) -> None:
         import asyncio
 
@@ -145,7 +154,7 @@ class Production:
                 self.cluster = PrivateRedisCluster(redis_shards)
                 self.redis_url = self.cluster.url
             if private_postgres:
-                self.postgres = PrivatePostgres()
+                self.postgres = PrivatePostgres(postgres_settings)
                 self.postgres.start()
                 self.admin_url = self.postgres.admin_url
             self.url = f"{self.admin_url.rsplit('/', 1)[0]}/{self.name}"
