@@ -64,6 +64,7 @@ BAD_SETTINGS = [
     pytest.param({"metrics_listen": "0.0.0.0:70000"}, "metrics_listen", id="metrics"),
     pytest.param({"workers": 0}, "workers", id="workers-0"),
     pytest.param({"max_pending_fixes": 0}, "max_pending_fixes", id="pending-0"),
+    pytest.param({"event_queue_max": 0}, "event_queue_max", id="event-queue-0"),
     pytest.param({"max_batch_fixes": -1}, "max_batch_fixes", id="batch-negative"),
     pytest.param({"flush_max_fixes": 0}, "flush_max_fixes", id="flush-0"),
     pytest.param({"commits_in_flight": 0}, "commits_in_flight", id="commits-0"),

@@ -85,6 +85,12 @@ class Settings:
     max_pending_fixes: int = setting(
         200_000, "fixes waiting for storage before streams are paused (back-pressure)"
     )
+    event_queue_max: int = setting(
+        100_000,
+        "events waiting to be written to the event store (ListEvents, the event "
+        "stream) at most; beyond, event processing waits and, once "
+        "max_pending_fixes are waiting behind it, streams are paused (back-pressure)",
+    )
     sqlite_synchronous: str = setting(
         "FULL", "SQLite synchronous mode: FULL makes every ack survive power loss"
     )
@@ -268,6 +274,7 @@ AT_LEAST_ONE = (
     "flush_max_fixes",
     "commits_in_flight",
     "max_pending_fixes",
+    "event_queue_max",
     "max_concurrent_streams",
     "max_watchers",
     "route_off_route_fixes",

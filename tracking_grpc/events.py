@@ -109,6 +109,14 @@ class EventBus:
     def remove_listener(self, listener: EventListener) -> None:
         self._listeners.remove(listener)
 
+    def release(self) -> None:
+        """The stop's deadline: listeners that make emitters wait for room (the
+        event store) let them go, so that the processors finish."""
+        for listener in self._listeners:
+            release = getattr(listener, "release", None)
+            if release is not None:
+                release()
+
     async def emit(self, events: Sequence[TrackingEvent]) -> None:
         if not events:
             return

@@ -14,6 +14,10 @@ than ``max_pending_fixes`` are waiting, new submissions wait too, which pauses t
 streams (the devices keep their data). A try that stored but whose answer was lost
 leaves the retry finding its fixes stored: the store then tells which are stored as
 this commit received them, and the processors get those once.
+
+Processors whose events the bus cannot take (the event store's queue is full) wait,
+and once their own queue is full the commits behind them wait too, stored and acked
+but still counted as pending: ``max_pending_fixes`` then pauses the streams.
 """
 
 from __future__ import annotations
@@ -614,8 +618,10 @@ class IngestPipeline:
             self._unprocessed.report()
 
     def _cut_off(self) -> None:
-        """The stop's deadline: what waits for the processors is left to none."""
+        """The stop's deadline: what waits for the processors is left to none, and
+        a processor waiting for room on the bus (a full event store) is let go."""
         self._unprocessed.cut_off()
+        self.bus.release()
         ended = False
         while not self._processing.empty():
             item = self._processing.get_nowait()

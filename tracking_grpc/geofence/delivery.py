@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.observability import metrics
 from tracking_grpc.storage.fences import (
     EventRepository,
     activity_of_text,
@@ -41,46 +42,112 @@ RETRY_S = (0.1, 0.5, 2.0, 5.0)
 class EventStoreListener:
     """Stores events for ListEvents, in batches, off the bus's path.
 
-    The listener only queues; a task writes whatever has gathered in one transaction
-    and retries while the store is unavailable. A stop lets it store what is queued
-    until the stop's deadline; what is left then is logged and lost.
+    The listener queues; a task writes what has gathered, a chunk per transaction,
+    and retries while the store is unavailable. At most ``max_queued`` events wait:
+    beyond, the bus call waits for room, and with it the event processors; the
+    stored fixes they have not yet had then hold the group commits back until
+    ``max_pending_fixes`` pauses the device streams. Acks still mean stored, and no
+    accepted fix is dropped.
+
+    A stop lets it store what is queued until the stop's deadline, where a write
+    still running is cut off and waiting emitters are let go (``release``); what
+    is left then is logged and lost.
     """
 
     def __init__(
-        self, events: EventRepository, on_stored: Callable[[], None] | None = None
+        self,
+        events: EventRepository,
+        max_queued: int,
+        on_stored: Callable[[], None] | None = None,
     ) -> None:
         self.events = events
+        self.max_queued = max_queued
         self.on_stored = on_stored
         self._pending: list[TrackingEvent] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._room = asyncio.Event()  # set while an emitter need not wait
+        self._room.set()
+        self._cut = asyncio.Event()  # the stop's deadline has passed
         self._task: asyncio.Task[None] | None = None
+        self._writing: asyncio.Task[int] | None = None
         self._closing = False
-        self._cut = False  # the stop's deadline has passed
+        self._released = False  # emitters no longer wait for room
+        self._full = False  # the queue was full and has not drained since
+        self._dropped = 0  # events that found no room once released
+
+    @property
+    def queued(self) -> int:
+        """Events waiting to be stored, the chunk being written included."""
+        return len(self._pending)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-store")
 
     async def __call__(self, events: Sequence[TrackingEvent]) -> None:
-        if events:
-            self._pending.extend(events)
-            self._idle.clear()
-            self._wake.set()
+        """Queue ``events``, waiting for room while ``max_queued`` are queued."""
+        start = 0
+        while start < len(events):
+            room = self.max_queued - len(self._pending)
+            if room > 0:
+                self._queue(events[start : start + room])
+                start += room
+            elif self._released:
+                self._dropped += len(events) - start
+                return
+            else:
+                self._note_full()
+                await self._room.wait()
 
     async def flushed(self) -> None:
         """Wait until every queued event is stored."""
         await self._idle.wait()
 
+    def release(self) -> None:
+        """Let waiting emitters go, and make none wait again (the stop's deadline):
+        events that find no room from now on are counted as not stored."""
+        self._released = True
+        self._room.set()
+
+    def _queue(self, events: Sequence[TrackingEvent]) -> None:
+        self._pending.extend(events)
+        if len(self._pending) >= self.max_queued and not self._released:
+            self._room.clear()
+        metrics.event_store_queued(len(self._pending))
+        self._idle.clear()
+        self._wake.set()
+
+    def _stored(self, count: int) -> None:
+        del self._pending[:count]
+        metrics.event_store_queued(len(self._pending))
+        if len(self._pending) < self.max_queued:
+            self._room.set()
+        if self._full and not self._pending:
+            self._full = False
+            log.warning("event store queue drained: every queued event is stored")
+
+    def _note_full(self) -> None:
+        if not self._full:
+            self._full = True
+            log.warning(
+                "event store queue full (%d events): event processing waits for the "
+                "event store, and device streams pause once max_pending_fixes "
+                "stored fixes wait for event processing",
+                len(self._pending),
+            )
+
     async def _run(self) -> None:
+        try:
+            await self._store_queued()
+        finally:
+            self.release()  # nothing stores what an emitter would wait to queue
+
+    async def _store_queued(self) -> None:
         failures = 0
         while not (self._closing and not self._pending):
-            if self._cut:
-                log.warning(
-                    "%d events not stored at the stop deadline: ListEvents "
-                    "and the event stream will not have them",
-                    len(self._pending),
-                )
+            if self._cut.is_set():
+                self._log_unstored(cut_write=0)
                 return
             if not self._pending:
                 self._idle.set()
@@ -89,20 +156,56 @@ class EventStoreListener:
                 continue
             chunk = self._pending[:STORE_CHUNK]
             try:
-                await self.events.add(chunk)
+                await self._write_chunk(chunk)
+            except _WriteCut:
+                self._log_unstored(cut_write=len(chunk))
+                return
             except Exception as exc:
                 failures += 1
                 log.warning("storing %d events failed (%s); retrying", len(chunk), exc)
                 if self._closing and failures > len(RETRY_S):
-                    log.error("%d events not stored at shutdown", len(self._pending))
+                    log.error(
+                        "%d events not stored at shutdown",
+                        len(self._pending) + self._dropped,
+                    )
                     return
-                await asyncio.sleep(RETRY_S[min(failures, len(RETRY_S)) - 1])
+                delay = RETRY_S[min(failures, len(RETRY_S)) - 1]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._cut.wait(), delay)
                 continue
             failures = 0
-            del self._pending[: len(chunk)]
+            self._stored(len(chunk))
             if self.on_stored is not None:
                 self.on_stored()
         self._idle.set()
+
+    async def _write_chunk(self, chunk: list[TrackingEvent]) -> None:
+        """Store ``chunk``; raises ``_WriteCut`` when the stop's deadline cut the
+        write off (held by a lock, a slow database)."""
+        self._writing = asyncio.create_task(self.events.add(chunk))
+        try:
+            await self._writing
+        except asyncio.CancelledError:
+            this = asyncio.current_task()
+            if not self._cut.is_set() or (this is not None and this.cancelling()):
+                raise  # the task itself was cancelled, not the write by the cut
+            raise _WriteCut from None
+        finally:
+            self._writing = None
+
+    def _log_unstored(self, cut_write: int) -> None:
+        """At the stop's deadline: how many events are left, ``cut_write`` of them
+        in a write cut off then."""
+        cut = ""
+        if cut_write:
+            cut = f", and a write of {cut_write} more was cut off (it may have stored"
+            cut += " them)"
+        log.warning(
+            "%d events not stored at the stop deadline%s: ListEvents and the event "
+            "stream will not have them",
+            len(self._pending) + self._dropped - cut_write,
+            cut,
+        )
 
     async def close(self, deadline: float | None = None) -> None:
         """Store what is queued, until ``deadline`` (event loop time) if given."""
@@ -111,8 +214,15 @@ class EventStoreListener:
         await _until(self._task, deadline, self._cut_off)
 
     def _cut_off(self) -> None:
-        self._cut = True
+        self._cut.set()
         self._wake.set()
+        self.release()
+        if self._writing is not None:
+            self._writing.cancel()
+
+
+class _WriteCut(Exception):
+    """The stop's deadline cut a write of events off."""
 
 
 @dataclass(frozen=True, slots=True)

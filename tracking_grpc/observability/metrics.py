@@ -152,6 +152,13 @@ class Metrics:
             "deadline passed: their events were not raised",
             registry=r,
         )
+        self.event_store_queued = Gauge(
+            "tracking_event_store_queued",
+            "events waiting to be written to the event store (ListEvents, the event "
+            "stream); at event_queue_max the event processors wait for room",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.stream_events_dropped = Counter(
             "tracking_stream_events_dropped",
             "events not delivered to a device stream that stopped reading",
@@ -509,6 +516,12 @@ def fixes_unprocessed(n: int) -> None:
     """Count stored fixes left to no processor by a stop."""
     if _m is not None and n:
         _m.fixes_unprocessed.inc(n)
+
+
+def event_store_queued(n: int) -> None:
+    """Set how many events wait for the event store."""
+    if _m is not None:
+        _m.event_store_queued.set(n)
 
 
 def stream_events_dropped(n: int) -> None:

@@ -437,7 +437,9 @@ def register(server: grpc.aio.Server, app: App) -> str:
         app.drains.append(publisher.close)
         trimmer = stream_trimmer(app.settings)
         app.closers.append(trimmer.close)
-    store = EventStoreListener(events, publisher.wake if publisher else None)
+    store = EventStoreListener(
+        events, app.settings.event_queue_max, publisher.wake if publisher else None
+    )
     store.start()
     app.bus.add_listener(store)
     app.drains.append(store.close)
