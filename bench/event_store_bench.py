@@ -2,12 +2,15 @@
 events per transaction, as ``EventStoreListener`` writes) on SQLite and PostgreSQL,
 and, with Redis, the outbox's publish (read unpublished, XADD, mark published);
 geofence events against activity events, which carry an ActivityDetail as JSON.
+Per event: wall time, the client's CPU, on PostgreSQL the CPU of the backends of
+the bench's own database, and for the publish the CPU of a Redis server of the
+bench's own (all it does: what one event costs the shard holding an event stream).
 
     .venv/bin/python bench/event_store_bench.py [--events 20000]
 
-Needs PostgreSQL with PostGIS and Redis on 127.0.0.1; creates and drops its own
-database and stream key. Prints a table and writes
-bench/results/event_store_bench.json.
+Needs PostgreSQL with PostGIS on 127.0.0.1 and redis-server installed; creates and
+drops its own database and starts and stops its own Redis on a free loopback port.
+Prints a table and writes bench/results/event_store_bench.json.
 """
 
 from __future__ import annotations
@@ -17,17 +20,20 @@ import asyncio
 import functools
 import json
 import platform
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import redis.asyncio as aioredis
-from commit_bench import migrated_database
+from commit_bench import BackendCpu, migrated_database
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.services import RedisServer
 from tracking_grpc.events import ActivityDetail, EventType, TrackingEvent, event_id
 from tracking_grpc.geofence.delivery import STORE_CHUNK, StreamPublisher
+from tracking_grpc.loadgen import procstat
 from tracking_grpc.storage.fences import EventRepository
 from tracking_grpc.storage.postgres_fences import (
     PostgresEventRepository,
@@ -40,7 +46,6 @@ from tracking_grpc.storage.sqlite_fences import (
 )
 
 RESULTS = Path(__file__).parent / "results" / "event_store_bench.json"
-REDIS_URL = "redis://127.0.0.1:6379/0"
 DEVICES = 10_000
 
 
@@ -78,14 +83,33 @@ def _event(device, kind, time_ms, fence_id, detail, accuracy) -> TrackingEvent:
     )
 
 
-async def timed(work: Callable[[], Awaitable[None]], count: int) -> dict[str, float]:
-    """Wall and client CPU microseconds per event of ``work``."""
+async def timed(
+    work: Callable[[], Awaitable[None]],
+    count: int,
+    backend: BackendCpu | None = None,
+    redis: RedisServer | None = None,
+) -> dict[str, float]:
+    """Wall and client CPU microseconds per event of ``work``; given ``backend``
+    and ``redis``, their CPU per event too."""
+    meters = {"postgres_cpu_us": backend, "redis_cpu_us": redis and _redis_cpu(redis)}
+    before = {name: meter() for name, meter in meters.items() if meter is not None}
     wall, cpu = time.perf_counter(), time.process_time()
     await work()
-    return {
+    result = {
         "wall_us": (time.perf_counter() - wall) * 1e6 / count,
         "client_cpu_us": (time.process_time() - cpu) * 1e6 / count,
     }
+    for name, start in before.items():
+        meter = meters[name]
+        assert meter is not None
+        result[name] = (meter() - start) * 1e6 / count
+    return result
+
+
+def _redis_cpu(redis: RedisServer) -> Callable[[], float]:
+    assert redis.process is not None
+    pid = redis.process.pid
+    return lambda: procstat.cpu_by_pid([pid]).get(pid, 0.0)
 
 
 async def store_all(repository: EventRepository, batch: list[TrackingEvent]) -> None:
@@ -99,7 +123,7 @@ async def publish_all(publisher: StreamPublisher, repository: EventRepository) -
         await repository.mark_published(chunk)
 
 
-async def measure(args: argparse.Namespace) -> dict:
+async def measure(args: argparse.Namespace, redis: RedisServer) -> dict:
     """Each kind on a store of its own, so neither writes into the other's rows."""
     results: dict[str, dict] = {}
     start_ms = int(time.time() * 1000) - 86_400_000
@@ -111,7 +135,7 @@ async def measure(args: argparse.Namespace) -> dict:
             results[f"sqlite add, {kind}"] = await timed(work, len(batch))
             await sqlite.close()
         async with migrated_database("trk_event_bench") as url:
-            results.update(await measure_postgres(url, kind, batch))
+            results.update(await measure_postgres(url, kind, batch, redis))
     return {
         "command": f"python bench/event_store_bench.py --events {args.events}",
         "machine": platform.platform(),
@@ -120,22 +144,20 @@ async def measure(args: argparse.Namespace) -> dict:
 
 
 async def measure_postgres(
-    url: str, kind: str, batch: list[TrackingEvent]
+    url: str, kind: str, batch: list[TrackingEvent], redis: RedisServer
 ) -> dict[str, dict]:
     database = await PostgresGeofenceDatabase.open(url)
     repository = PostgresEventRepository(database)
     stream = f"trkbench-{uuid.uuid4().hex[:8]}:events"
-    publisher = StreamPublisher(Connection(REDIS_URL), stream, repository)
+    publisher = StreamPublisher(Connection(redis.url), stream, repository)
+    backend = BackendCpu(url)
     try:
         work = functools.partial(store_all, repository, batch)
-        added = await timed(work, len(batch))
-        published = await timed(
-            functools.partial(publish_all, publisher, repository), len(batch)
-        )
+        added = await timed(work, len(batch), backend)
+        publish = functools.partial(publish_all, publisher, repository)
+        published = await timed(publish, len(batch), backend, redis)
     finally:
-        client = aioredis.Redis.from_url(REDIS_URL)
-        await client.delete(stream)
-        await client.aclose()
+        backend.conn.close()
         await publisher.connection.close()
         await database.close()
     return {
@@ -146,15 +168,26 @@ async def measure_postgres(
 
 def report(result: dict) -> None:
     print(result["command"])
-    print(f"{'step':<36}{'wall us/event':>15}{'client CPU us/event':>21}")
+    print(
+        f"{'step':<36}{'wall':>8}{'client CPU':>12}{'PostgreSQL':>12}{'Redis':>12}"
+        "  (µs per event)"
+    )
     for step, row in result["per_event"].items():
-        print(f"{step:<36}{row['wall_us']:>15.1f}{row['client_cpu_us']:>21.1f}")
+        cells = [row.get(k) for k in ("postgres_cpu_us", "redis_cpu_us")]
+        shown = "".join(f"{'–' if c is None else f'{c:.1f}':>12}" for c in cells)
+        print(f"{step:<36}{row['wall_us']:>8.1f}{row['client_cpu_us']:>12.1f}{shown}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000)
-    result = asyncio.run(measure(parser.parse_args()))
+    with tempfile.TemporaryDirectory(prefix="trk-event-bench-") as folder:
+        redis = RedisServer(Path(folder))
+        redis.start()
+        try:
+            result = asyncio.run(measure(parser.parse_args(), redis))
+        finally:
+            redis.stop()
     report(result)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 
