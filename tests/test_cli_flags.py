@@ -23,7 +23,12 @@ def test_migrate_offers_only_its_settings(capsys) -> None:
 
 def test_purge_offers_only_its_settings(capsys) -> None:
     text = help_text("purge", capsys)
-    for flag in ("--data-dir", "--database-url", "--redis-key-prefix"):
+    for flag in (
+        "--data-dir",
+        "--database-url",
+        "--redis-key-prefix",
+        "--event-stream-partitions",
+    ):
         assert flag in text
     assert "--retention-days" in text
     assert "--max-watchers" not in text and "--jwt-hs256-secret" not in text

@@ -65,6 +65,14 @@ BAD_SETTINGS = [
     pytest.param({"workers": 0}, "workers", id="workers-0"),
     pytest.param({"max_pending_fixes": 0}, "max_pending_fixes", id="pending-0"),
     pytest.param({"event_queue_max": 0}, "event_queue_max", id="event-queue-0"),
+    pytest.param(
+        {"event_stream_partitions": 0}, "event_stream_partitions", id="partitions-0"
+    ),
+    pytest.param(
+        {"event_stream_partitions": 1_025},
+        "event_stream_partitions",
+        id="partitions-above-1024",
+    ),
     pytest.param({"max_batch_fixes": -1}, "max_batch_fixes", id="batch-negative"),
     pytest.param({"flush_max_fixes": 0}, "flush_max_fixes", id="flush-0"),
     pytest.param({"commits_in_flight": 0}, "commits_in_flight", id="commits-0"),

@@ -70,6 +70,7 @@ PURGE_SETTINGS = (
     "sqlite_synchronous",
     "redis_url",
     "redis_key_prefix",
+    "event_stream_partitions",
     "retention_days",
     *LOG_SETTINGS,
 )

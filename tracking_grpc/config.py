@@ -91,6 +91,13 @@ class Settings:
         "stream) at most; beyond, event processing waits and, once "
         "max_pending_fixes are waiting behind it, streams are paused (back-pressure)",
     )
+    event_stream_partitions: int = setting(
+        1,
+        "Redis Streams the events are split over by device (keys after "
+        "redis_key_prefix): 1 keeps the one stream geofence-events; N uses "
+        "geofence-events:0 to geofence-events:N-1, which a Redis Cluster spreads "
+        "over its shards (docs/geofencing.md, before changing it)",
+    )
     sqlite_synchronous: str = setting(
         "FULL", "SQLite synchronous mode: FULL makes every ack survive power loss"
     )
@@ -275,6 +282,7 @@ AT_LEAST_ONE = (
     "commits_in_flight",
     "max_pending_fixes",
     "event_queue_max",
+    "event_stream_partitions",
     "max_concurrent_streams",
     "max_watchers",
     "route_off_route_fixes",
@@ -308,6 +316,7 @@ AT_MOST = {
     "retention_days": (36_500, "days (a century)"),
     "max_token_lifetime_s": (366 * 86_400.0, "seconds (a year)"),
     "default_precision_m": (1_000_000.0, "metres"),
+    "event_stream_partitions": (1_024, "streams (a WatchEvents process reads each)"),
 }
 CHOICES = {
     "sqlite_synchronous": ("OFF", "NORMAL", "FULL", "EXTRA"),

@@ -8,8 +8,9 @@ the event store holds unpublished (an outbox), so an event once stored reaches t
 stream at least once, across outages and restarts; consumers read it with consumer
 groups (XREADGROUP, XACK) and de-duplicate by ``event_id``. Both the publisher and
 the feed connect on first need through ``redis_client.Connection``, standalone or
-cluster; the stream is one key, so on a cluster every command goes to the node
-holding its slot.
+cluster. The stream is one key, or one per partition of the fleet
+(``partitions.EventStreams``: a device's events on one of them, in order), so that
+on a cluster the partitions' keys spread over the nodes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tracking_grpc.events import EventType, TrackingEvent
+from tracking_grpc.geofence.partitions import EventStreams
 from tracking_grpc.observability import metrics
 from tracking_grpc.storage.fences import (
     EventRepository,
@@ -342,7 +344,8 @@ class StreamPublisher:
     Events marked unpublished in the store are appended (XADD) and then marked; what a
     crash or a Redis outage leaves unpublished goes out when the publisher runs again.
     An event may so be appended twice, never lost once stored. A stop publishes
-    until its deadline and leaves the rest for the next start.
+    until its deadline and leaves the rest for the next start. With ``partitions``
+    above 1 each event goes to its device's partition of ``stream``.
     """
 
     def __init__(
@@ -351,9 +354,10 @@ class StreamPublisher:
         stream: str,
         events: EventRepository,
         poll_s: float = 1.0,
+        partitions: int = 1,
     ) -> None:
         self.connection = connection
-        self.stream = stream
+        self.streams = EventStreams(stream, partitions)
         self.events = events
         self.poll_s = poll_s
         self._wake = asyncio.Event()
@@ -400,13 +404,16 @@ class StreamPublisher:
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
 
     async def _publish(self, events: list[TrackingEvent]) -> None:
+        """Append ``events`` in one pipeline; on a cluster it sends each node the
+        appends to its partitions (not a transaction: a retry may append some
+        twice)."""
         client = await self.connection.get()
         with unavailable("the event stream"):
             async with client.pipeline(transaction=False) as pipe:
                 for event in events:
                     fields: dict[Any, Any] = stream_fields(event)
                     pipe.xadd(
-                        self.stream,
+                        self.streams.key_of(event.tenant, event.device),
                         fields,
                         maxlen=STREAM_MAXLEN,
                         approximate=True,
@@ -430,12 +437,25 @@ class StreamWatchFeed:
     """Feeds a watch hub from the Redis Stream, so that WatchEvents on any server
     process sees the events every process raises. It reads only while the hub has
     subscribers (a process nobody watches events on reads none of the fleet's):
-    when the first arrives it notes the stream's last entry, sets ``following``,
-    and reads every entry after it until the last subscriber has gone."""
+    when the first arrives it notes the last entry of each partition's stream,
+    sets ``following``, and reads every entry after those until the last
+    subscriber has gone.
 
-    def __init__(self, connection: Connection, stream: str, hub: EventWatchHub) -> None:
+    Each partition has a reader of its own (one blocking XREAD, so one connection,
+    each): a cluster cannot read keys of several slots in one call. A device's
+    events come in order; events of devices on different partitions may come in
+    another order than they were appended.
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        stream: str,
+        hub: EventWatchHub,
+        partitions: int = 1,
+    ) -> None:
         self.connection = connection
-        self.stream = stream
+        self.streams = EventStreams(stream, partitions)
         self.hub = hub
         self._task: asyncio.Task[None] | None = None
 
@@ -443,38 +463,60 @@ class StreamWatchFeed:
         self._task = asyncio.create_task(self._run(), name="geofence-watch-feed")
 
     async def _run(self) -> None:
-        failures = 0
-        last: str | None = None
         while True:
-            if not self.hub.watched.is_set():
-                last = None
-                self.hub.following.clear()
-                await self.hub.watched.wait()
+            self.hub.following.clear()
+            await self.hub.watched.wait()
+            newest = await self._newest()
+            if newest is None:
+                continue  # the subscribers left before the streams could be read
+            self.hub.following.set()
+            async with asyncio.TaskGroup() as readers:
+                for key, last in newest.items():
+                    readers.create_task(self._follow(key, last))
+
+    async def _newest(self) -> dict[str, str] | None:
+        """The id of each partition's last entry ("0-0" for an empty one), tried
+        until Redis answers; None if the hub is no longer watched meanwhile."""
+        failures = 0
+        while self.hub.watched.is_set():
             try:
                 client = await self.connection.get()
                 with unavailable("the event stream"):
-                    if last is None:
-                        newest: Any = await client.xrevrange(self.stream, count=1)
-                        last = _text(newest[0][0]) if newest else "0-0"
-                        self.hub.following.set()
-                    found: Any = await client.xread(
-                        {self.stream: last}, block=1000, count=1000
+                    keys = self.streams.keys()
+                    found: list[Any] = await asyncio.gather(
+                        *(client.xrevrange(key, count=1) for key in keys)
                     )
-            except asyncio.CancelledError:
-                raise
+                return {
+                    key: _text(last[0][0]) if last else "0-0"
+                    for key, last in zip(keys, found, strict=True)
+                }
             except Exception as exc:
                 failures += 1
-                delay = RETRY_S[min(failures, len(RETRY_S)) - 1]
-                log.warning(
-                    "reading the event stream failed (%s); retry in %ss", exc, delay
-                )
-                await asyncio.sleep(delay)
+                await self._pause(failures, exc)
+        return None
+
+    async def _follow(self, key: str, last: str) -> None:
+        """Hand the hub the entries of ``key`` after ``last`` while it is watched."""
+        failures = 0
+        while self.hub.watched.is_set():
+            try:
+                client = await self.connection.get()
+                with unavailable("the event stream"):
+                    found: Any = await client.xread({key: last}, block=1000, count=1000)
+            except Exception as exc:
+                failures += 1
+                await self._pause(failures, exc)
                 continue
             failures = 0
             for _, entries in found or []:
                 if entries:
                     last = _text(entries[-1][0])
                     await self.hub([_event(f) for _, f in entries])
+
+    async def _pause(self, failures: int, exc: Exception) -> None:
+        delay = RETRY_S[min(failures, len(RETRY_S)) - 1]
+        log.warning("reading the event stream failed (%s); retry in %ss", exc, delay)
+        await asyncio.sleep(delay)
 
     async def close(self) -> None:
         if self._task is not None:

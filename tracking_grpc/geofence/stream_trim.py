@@ -4,15 +4,16 @@ Each entry holds one event as text fields (``delivery.stream_fields``: tenant,
 device_id, time_ms, ...) under an id that Redis gave it when it was appended, the
 Redis clock's milliseconds. There is no index by device or by event time, so:
 
-* erasure (``erase_device``) walks the stream and deletes the entries of one tenant's
-  device; the walk runs inside Redis, ``CHUNK`` entries per script call, so that no
-  call holds Redis for long and only counts cross the network. Its cost is bounded
-  by the stream's length (``delivery.STREAM_MAXLEN``).
-* retention (``purge_before``) first drops every entry appended before the cutoff
-  less ``future_skew_ms`` (XTRIM MINID: an event's fix time is at most that far
-  after it was raised, so all of those are older than the cutoff), then walks the
-  rest for events whose fix time is before the cutoff (late uploads appended
-  recently) and deletes those.
+* erasure (``erase_device``) walks the stream of the device's partition
+  (``partitions.EventStreams``) and deletes the entries of one tenant's device; the
+  walk runs inside Redis, ``CHUNK`` entries per script call, so that no call holds
+  Redis for long and only counts cross the network. Its cost is bounded by the
+  partition's length (``delivery.STREAM_MAXLEN``).
+* retention (``purge_before``), on every partition, first drops every entry
+  appended before the cutoff less ``future_skew_ms`` (XTRIM MINID: an event's fix
+  time is at most that far after it was raised, so all of those are older than the
+  cutoff), then walks the rest for events whose fix time is before the cutoff (late
+  uploads appended recently) and deletes those.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from tracking_grpc.geofence.partitions import EventStreams
 from tracking_grpc.storage.redis_client import Connection, unavailable
 
 log = logging.getLogger(__name__)
@@ -56,45 +58,57 @@ WALK_SHA = hashlib.sha1(WALK.encode()).hexdigest()
 
 
 class EventStreamTrimmer:
-    """Deletes entries of the geofence event stream: a device's, or old ones."""
+    """Deletes entries of the geofence event stream, split into ``partitions``: a
+    device's, or old ones."""
 
     def __init__(
-        self, connection: Connection, stream: str, future_skew_ms: int = 0
+        self,
+        connection: Connection,
+        stream: str,
+        future_skew_ms: int = 0,
+        partitions: int = 1,
     ) -> None:
         self.connection = connection
-        self.stream = stream
+        self.streams = EventStreams(stream, partitions)
         self.future_skew_ms = future_skew_ms
 
     async def erase_device(self, tenant: str, device: str) -> int:
-        """Delete the entries of ``device`` of ``tenant``; how many."""
-        return await self._walk("-", ["device", tenant, device])
+        """Delete the entries of ``device`` of ``tenant`` from its partition; how
+        many."""
+        key = self.streams.key_of(tenant, device)
+        return await self._walk(key, "-", ["device", tenant, device])
 
     async def purge_before(self, cutoff_ms: int) -> int:
-        """Delete the entries of events whose fix time is before ``cutoff_ms``."""
+        """Delete the entries of events whose fix time is before ``cutoff_ms``,
+        from every partition."""
         minimum = max(0, cutoff_ms - self.future_skew_ms)
-        with unavailable("the event stream"):
-            client = await self.connection.get()
-            trimmed = await client.xtrim(self.stream, minid=minimum, approximate=False)
-        return int(trimmed) + await self._walk(f"{minimum}-0", ["before", cutoff_ms])
+        purged = 0
+        for key in self.streams.keys():
+            with unavailable("the event stream"):
+                client = await self.connection.get()
+                trimmed = await client.xtrim(key, minid=minimum, approximate=False)
+            purged += int(trimmed)
+            purged += await self._walk(key, f"{minimum}-0", ["before", cutoff_ms])
+        return purged
 
-    async def _walk(self, start: str, match: list[Any]) -> int:
-        """Walk the stream from ``start`` to its end, deleting what ``match``
-        selects (see ``WALK``)."""
+    async def _walk(self, key: str, start: str, match: list[Any]) -> int:
+        """Walk the stream ``key`` from ``start`` to its end, deleting what
+        ``match`` selects (see ``WALK``)."""
         deleted = 0
         while True:
-            walked, gone, last = await self._run([start, CHUNK, *match])
+            walked, gone, last = await self._run(key, [start, CHUNK, *match])
             deleted += int(gone)
             if int(walked) < CHUNK:
                 return deleted
             start = "(" + (last.decode() if isinstance(last, bytes) else last)
 
-    async def _run(self, args: list[Any]) -> Any:
+    async def _run(self, key: str, args: list[Any]) -> Any:
         with unavailable("the event stream"):
             client = await self.connection.get()
             try:
-                return await client.evalsha(WALK_SHA, 1, self.stream, *args)
+                return await client.evalsha(WALK_SHA, 1, key, *args)
             except NoScriptError:  # not loaded yet on this node: EVAL loads it
-                return await client.eval(WALK, 1, self.stream, *args)
+                return await client.eval(WALK, 1, key, *args)
 
     async def close(self) -> None:
         await self.connection.close()

@@ -56,7 +56,7 @@ MAX_PAGE = 1000
 PAGE_BYTES = 3_000_000  # fences per page stop short of this many bytes
 MAX_WATCH_IDS = 10_000
 FOLLOW_TIMEOUT_S = 5.0  # longest WatchEvents waits for the event stream
-GEOFENCE_STREAM = "geofence-events"  # after redis_key_prefix
+GEOFENCE_STREAM = "geofence-events"  # after redis_key_prefix; :<p> per partition
 MAX_TIME_MS = 2**63 - 1  # event times are signed 64-bit integers in the stores
 EVENT_ID = re.compile(r"^[0-9a-f]{1,64}$")  # events.event_id: a hex digest
 
@@ -403,6 +403,7 @@ def stream_trimmer(settings: Settings) -> EventStreamTrimmer:
         Connection(settings.redis_url),
         settings.redis_key_prefix + GEOFENCE_STREAM,
         future_skew_ms=int(settings.max_future_skew_s * 1000),
+        partitions=settings.event_stream_partitions,
     )
 
 
@@ -431,8 +432,11 @@ def register(server: grpc.aio.Server, app: App) -> str:
     app.pipeline.add_processor(processor)
     publisher = trimmer = None
     stream = app.settings.redis_key_prefix + GEOFENCE_STREAM
+    partitions = app.settings.event_stream_partitions
     if app.settings.redis_url:
-        publisher = StreamPublisher(Connection(app.settings.redis_url), stream, events)
+        publisher = StreamPublisher(
+            Connection(app.settings.redis_url), stream, events, partitions=partitions
+        )
         publisher.start()
         app.drains.append(publisher.close)
         trimmer = stream_trimmer(app.settings)
@@ -446,7 +450,8 @@ def register(server: grpc.aio.Server, app: App) -> str:
     if publisher is None:
         app.bus.add_listener(hub)
     else:  # every process's events, through the stream
-        feed = StreamWatchFeed(Connection(app.settings.redis_url), stream, hub)
+        connection = Connection(app.settings.redis_url)
+        feed = StreamWatchFeed(connection, stream, hub, partitions=partitions)
         feed.start()
         app.closers.append(feed.close)
     app.device_erasers.append(
