@@ -62,6 +62,9 @@ ASSUMED = {
     "pg_node_cores": 16,
     "pg_bytes_per_fix": 250,  # heap row + two indexes, before compression
     "retention_days": 30,
+    # Stored events (geofence, activity, route) per fix: the real traces raise
+    # 0.01 (a walker) to 0.12 (buses, taxis), most of them MOTION_CHANGED.
+    "events_per_fix": 0.12,
 }
 
 
@@ -95,6 +98,28 @@ def routed_cost_us() -> dict | None:
         "publisher_us_per_commit_nobody_watching": stream["routed_0_us"],
         "publisher_us_per_commit_broadcast": stream["broadcast_us"],
     }
+
+
+def event_cost_us() -> dict | None:
+    """What one stored event costs PostgreSQL and the Redis shard holding its event
+    stream (``bench/event_store_bench.py``: the store's write, then the outbox's
+    read, XADD and mark; the dearer of geofence and activity events)."""
+    path = RESULTS / "event_store_bench.json"
+    if not path.exists():
+        return None
+    steps = json.loads(path.read_text())["per_event"]
+    costs = {"pg_us": 0.0, "redis_us": 0.0}
+    for kind in ("geofence", "activity"):
+        add, outbox = (
+            steps[f"postgres add, {kind}"],
+            steps[f"postgres outbox to redis, {kind}"],
+        )
+        if "postgres_cpu_us" not in add or "redis_cpu_us" not in outbox:
+            return None  # written before the bench measured the servers
+        pg = add["postgres_cpu_us"] + outbox["postgres_cpu_us"]
+        costs["pg_us"] = max(costs["pg_us"], pg)
+        costs["redis_us"] = max(costs["redis_us"], outbox["redis_cpu_us"])
+    return costs
 
 
 def watcher_cost_us() -> float:
@@ -372,7 +397,13 @@ def processes_for(rate: float, streams: int, s: dict, util: float) -> float:
     return math.inf if spare <= 0 else work / spare
 
 
-def plan(devices: int, stream: dict, gateway: dict, shard: dict | None) -> dict:
+def plan(
+    devices: int,
+    stream: dict,
+    gateway: dict,
+    shard: dict | None,
+    event: dict | None = None,
+) -> dict:
     """Processes, shards and nodes for ``devices`` sending one fix per interval."""
     a = ASSUMED
     rate = devices / FIX_INTERVAL_S
@@ -413,6 +444,17 @@ def plan(devices: int, stream: dict, gateway: dict, shard: dict | None) -> dict:
     redis_memory = (
         devices * a["redis_bytes_per_device"] / (a["redis_shard_memory_gb"] * 2**30)
     )
+    # Events: every one goes to its partition's Redis Stream, one key, so one
+    # shard's single thread takes all of a partition's appends.
+    events_per_s = rate * a["events_per_fix"]
+    out["events_per_s"] = round(events_per_s)
+    if event is not None:
+        stream_cores = events_per_s * event["redis_us"] / 1e6
+        out["event_stream_cores"] = round(stream_cores, 2)
+        out["event_stream_partitions"] = math.ceil(
+            stream_cores / util / a["redis_shard_cores"]
+        )
+        redis_cpu += stream_cores / util / a["redis_shard_cores"]
     out["redis_us_per_fix"] = round(redis_us, 1)
     out["redis_shards_by_cpu"] = round(redis_cpu, 1)
     out["redis_shards_by_memory"] = round(redis_memory, 1)
@@ -423,6 +465,8 @@ def plan(devices: int, stream: dict, gateway: dict, shard: dict | None) -> dict:
             out["stream_processes" if kind == "streams" else "gateway_processes"] or 0
         )
         cores = rate * s["pg_us_per_fix"] / 1e6 + processes * s["pg_cores_per_process"]
+        if event is not None:
+            cores += events_per_s * event["pg_us"] / 1e6
         out[f"pg_cores_{kind}"] = round(cores / util, 1)
         out[f"pg_nodes_{kind}"] = math.ceil(cores / util / a["pg_node_cores"])
     daily_tb = rate * 86_400 * a["pg_bytes_per_fix"] / 1e12
@@ -529,16 +573,17 @@ def markdown(out: dict) -> None:
     print(
         "\n| devices | fixes/s | server processes, streams | server processes, "
         "gateways | Redis shards | PostgreSQL cores / nodes (streams; gateways) | "
-        "PostgreSQL TB/day |"
+        "PostgreSQL TB/day | events/s, event stream partitions |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for p in out["plans"]:
         print(
             f"| {p['devices']:,} | {p['fixes_per_s']:,.0f} | "
             f"{_count(p['stream_processes'])} | {_count(p['gateway_processes'])}"
             f" | {p['redis_shards']:,} | {p['pg_cores_streams']:,} / "
             f"{p['pg_nodes_streams']}; {p['pg_cores_gateways']:,} / "
-            f"{p['pg_nodes_gateways']} | {p['pg_tb_per_day']} |"
+            f"{p['pg_nodes_gateways']} | {p['pg_tb_per_day']} | "
+            f"{p['events_per_s']:,}, {p.get('event_stream_partitions', '–')} |"
         )
 
 
@@ -552,8 +597,16 @@ def main() -> dict:
     shard = sharding()
     watch_us = watcher_cost_us()
     routed = routed_cost_us()
+    event = event_cost_us()
     show_inputs(stream, gateway, shard)
     print(f"    {'watcher update, µs (timed here)':40s} {watch_us:>10.3f}")
+    if event is None:
+        print("  events: bench/results/event_store_bench.json lacks server CPU")
+    else:
+        print(f"    {'PostgreSQL µs per stored event':40s} {event['pg_us']:>10.1f}")
+        print(
+            f"    {'Redis µs per event on its stream':40s} {event['redis_us']:>10.1f}"
+        )
     if routed is None:
         print("  routed delivery: bench/results/fanout_bench.json is missing")
     else:
@@ -568,7 +621,7 @@ def main() -> dict:
             s["per_fix_us"] = s["server_us_per_fix"] + ASSUMED["watch_fanout"] * (
                 watch_us + delivered
             )
-        plans = [plan(n, stream, gateway, shard) for n in FLEETS]
+        plans = [plan(n, stream, gateway, shard, event) for n in FLEETS]
     print("\nAt one fix every 10 s ('cannot': what every process receives of the")
     print("whole fleet, measured by the observer, fills it):")
     print(
@@ -586,6 +639,13 @@ def main() -> dict:
     if plans:
         limit = plans[0]["stream_fleet_receive_limit_fixes_per_s"]
         print(f"  what a process receives of the fleet fills it at {limit} fixes/s")
+    for p in plans:
+        if "event_stream_partitions" in p:
+            print(
+                f"  {p['devices']:>11,} devices: {p['events_per_s']:,} events/s, "
+                f"{p['event_stream_cores']} Redis cores on event streams: "
+                f"event_stream_partitions >= {p['event_stream_partitions']}"
+            )
     out = {
         "measured": {
             "streams": stream,
@@ -593,6 +653,7 @@ def main() -> dict:
             "sharding": shard,
             "watch_us_per_update": watch_us,
             "routed_delivery": routed,
+            "event_costs_us": event,
         },
         "assumed": ASSUMED,
         "runs": rows,
