@@ -54,6 +54,12 @@ INT64_MAX = np.iinfo(np.int64).max
 # behind a long transaction, give up (the next retention pass tries again).
 PURGE_LOCK_TIMEOUT = "5s"
 RETRIES = 3
+# How long one pool slot keeps reconnecting before it gives up; the next caller that
+# finds no connection starts a fresh attempt. psycopg_pool's default (5 min) lets a
+# slot's back-off double without a cap (1, 2, 4 ... 32, 64 s): after an outage of
+# half a minute the pool tried again only about 30 s after PostgreSQL was back, and
+# every ack waited for it (tests/test_pg_outage_recovery.py).
+RECONNECT_TIMEOUT_S = 5.0
 ALL_NEW = -1  # the write's answer when every staged fix was new
 # The write empties its temporary tables by DELETE (see INSERT_NEW). Nothing vacuums
 # a temporary table, so the space of deleted rows is not reused and the files grow
@@ -331,6 +337,7 @@ class PostgresHistoryStore:
             configure=_configure,
             open=False,
             name="history",
+            reconnect_timeout=RECONNECT_TIMEOUT_S,
         )
         # Rows through each connection's staging table since it was last truncated.
         self._staged_rows: weakref.WeakKeyDictionary[psycopg.AsyncConnection, int]

@@ -40,7 +40,7 @@ from tracking_grpc.storage.fences import (
     memberships_of,
     stamped,
 )
-from tracking_grpc.storage.postgres import CONNECTION_ERRORS
+from tracking_grpc.storage.postgres import CONNECTION_ERRORS, RECONNECT_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,9 @@ class PostgresGeofenceDatabase:
             max_size=self.max_size,
             timeout=self.timeout_s,
             open=False,
+            # Reconnect attempts back off without a cap otherwise: see
+            # storage.postgres.RECONNECT_TIMEOUT_S.
+            reconnect_timeout=RECONNECT_TIMEOUT_S,
         )
 
     async def broken(self) -> None:
