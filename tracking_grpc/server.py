@@ -211,13 +211,34 @@ def _bind(server: grpc.aio.Server, listen: str) -> int:
 
 
 async def _answers(store: HistoryStore | LiveStore) -> bool:
-    """Whether a store's ``ping`` succeeds within the check timeout."""
+    """Whether a store's ``ping`` succeeds within the check timeout.
+
+    The answer does not wait for a late ping to finish cancelling: psycopg cancels
+    a query it is interrupted in and waits for it to end (5 s, then 5 s more),
+    so a PostgreSQL that stopped answering (frozen, a partition without resets)
+    was reported NOT_SERVING 13 s after it stopped instead of 3 s, and the
+    dependency loop probed nothing else meanwhile. The late ping ends on its own.
+    """
+    ping = asyncio.ensure_future(store.ping())
     try:
-        async with asyncio.timeout(CHECK_TIMEOUT_S):
-            await store.ping()
-    except (Unavailable, TimeoutError):
+        done, _ = await asyncio.wait({ping}, timeout=CHECK_TIMEOUT_S)
+    except asyncio.CancelledError:
+        ping.cancel()
+        raise
+    if not done:
+        ping.cancel()
+        ping.add_done_callback(_consume)
+        return False
+    try:
+        ping.result()
+    except Unavailable:
         return False
     return True
+
+
+def _consume(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def tune_gc() -> None:
