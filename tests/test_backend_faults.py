@@ -212,6 +212,30 @@ async def test_history_store_recovers_when_postgres_returns(private_postgres) ->
     await history.close()
 
 
+async def test_a_store_blocked_by_a_lock_gives_up_and_is_retried(
+    private_postgres,
+) -> None:
+    """A write waiting on a lock (LOCK TABLE, a long ALTER TABLE, a stuck
+    migration) gives up after ``database_timeout_s`` as a wait for a connection
+    does, so the pipeline logs the outage and retries; it used to wait without
+    limit, holding every ack with nothing said."""
+    url = private_postgres.url("tracking")
+    history = await PostgresHistoryStore.open(url, pool_timeout_s=1.0)
+    tenant = unique_tenant()
+    assert (await history.store(fixes(tenant, 1, 10))).all()
+    locker = await psycopg.AsyncConnection.connect(url)
+    await locker.execute("LOCK TABLE fixes IN ACCESS EXCLUSIVE MODE")  # held
+    try:
+        with pytest.raises(StorageUnavailable, match="lock timeout"):
+            await asyncio.wait_for(history.store(fixes(tenant, 11, 10)), 30)
+    finally:
+        await locker.rollback()
+        await locker.close()
+    assert (await history.store(fixes(tenant, 11, 10))).all()  # the retry
+    assert await history.count(tenant) == 20
+    await history.close()
+
+
 async def _append(inbox: list, batch: FixBatch) -> None:
     inbox.append(batch)
 

@@ -46,7 +46,7 @@ async def test_a_hung_dependency_is_down_within_the_check_timeout(monkeypatch) -
     store = SlowToCancel()
     started = time.monotonic()
     assert await server._answers(store) is False
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 1.5  # not the 2 s of the late cancel
     await asyncio.wait_for(store.gave_up.wait(), 5)  # the late ping still ends
 
 

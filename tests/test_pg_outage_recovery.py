@@ -46,4 +46,6 @@ async def test_writes_resume_soon_after_a_long_outage(private_postgres) -> None:
     waited = time.monotonic() - back
     await history.close()
     assert mask.all()
-    assert waited < 5.0, f"writes resumed {waited:.1f} s after PostgreSQL was back"
+    # Before: 22-26 s (the next backed-off attempt); now about 2 s. The bound leaves
+    # room for a busy machine.
+    assert waited < 12.0, f"writes resumed {waited:.1f} s after PostgreSQL was back"

@@ -48,7 +48,9 @@ class Settings:
     )
     database_pool_size: int = setting(8, "PostgreSQL connections per server process")
     database_timeout_s: float = setting(
-        5.0, "longest wait for a PostgreSQL connection before a store fails (retried)"
+        5.0,
+        "longest wait for a PostgreSQL connection, or for a lock a statement needs, "
+        "before a store call fails (writes are retried)",
     )
     workers: int = setting(1, "server processes sharing the port (SO_REUSEPORT)")
     max_future_skew_s: float = setting(

@@ -17,6 +17,7 @@ partitioned by time) safe. Each device row is written once per commit.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import weakref
@@ -334,7 +335,7 @@ class PostgresHistoryStore:
             max_size=max_connections,
             timeout=pool_timeout_s,
             kwargs={"autocommit": True},
-            configure=_configure,
+            configure=functools.partial(_configure, lock_timeout_s=pool_timeout_s),
             open=False,
             name="history",
             reconnect_timeout=RECONNECT_TIMEOUT_S,
@@ -699,11 +700,15 @@ class PostgresHistoryStore:
                     self._partition_days.add(day)
 
 
-async def _configure(conn: psycopg.AsyncConnection) -> None:
+async def _configure(conn: psycopg.AsyncConnection, lock_timeout_s: float) -> None:
     # The planner prices the write (a probe per staged row into every partition) far
     # above jit_above_cost, and compiling it took ~0.75 s of a 5,000-fix commit that
     # runs in ~0.1 s without: these statements gain nothing from JIT.
     await conn.execute("SET jit = off")
+    # A statement waiting on a lock (LOCK TABLE, a long ALTER TABLE, a stuck
+    # migration) gives up as a connection wait does: the write is retried and the
+    # outage logged, where it used to hold every ack with nothing said.
+    await conn.execute(f"SET lock_timeout = {max(1, round(lock_timeout_s * 1000))}")
     conn.adapters.register_dumper(pgcopy.BinaryArray, pgcopy.BinaryArrayDumper)
     await conn.execute(CREATE_STAGING)
     await conn.execute(CREATE_PRIOR)

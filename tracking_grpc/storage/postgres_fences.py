@@ -116,6 +116,11 @@ class PostgresGeofenceDatabase:
             min_size=1,
             max_size=self.max_size,
             timeout=self.timeout_s,
+            # A statement waiting on a lock gives up after as long as a wait for
+            # a connection (see storage.postgres._configure).
+            kwargs={
+                "options": f"-c lock_timeout={max(1, round(self.timeout_s * 1000))}"
+            },
             open=False,
             # Reconnect attempts back off without a cap otherwise: see
             # storage.postgres.RECONNECT_TIMEOUT_S.
