@@ -343,6 +343,11 @@ class IngestPipeline:
                     if outcome is not None and len(outcome[0]):
                         stored.append((*outcome, tracing.current_context()))
             slot.release()
+            if stored:
+                # The acks this commit resolved are written first: their writers
+                # were woken by it, and the live update's own work would hold
+                # them back until its first round trip.
+                await asyncio.sleep(0)
             for live, _, _ in stored:
                 await self._update_live(live)
             if previous is not None:
