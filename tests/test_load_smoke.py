@@ -155,6 +155,10 @@ def test_gateway_batches_are_stored(tmp_path: Path) -> None:
     assert result["errors"] == {}
     assert result["counts"]["fixes_stored"] == result["counts"]["fixes_generated"] > 0
     assert result["batch"]["count"] > 0
+    checked = result["verify"]  # what the store holds, not what the acks said
+    assert checked["gateway_fixes_sent"] == result["counts"]["fixes_generated"]
+    assert checked["gateway_fixes_stored_rows"] == checked["gateway_fixes_sent"]
+    assert checked["gateway_fixes_missing"] == 0
 
 
 @pytest.fixture
