@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -10,6 +11,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tracking.v1 import event_pb2, track_pb2_grpc
 
 from tests.server_fixtures import batch, fix, hello, track_session
+from tracking_grpc.errors import StorageUnavailable
 from tracking_grpc.events import EventType, TrackingEvent, event_id
 
 
@@ -67,6 +69,47 @@ async def test_events_reach_the_stream_that_asked(server, stub) -> None:
     kinds = {(await call.read()).WhichOneof("message") for _ in range(2)}
     assert kinds == {"ack", "event"}
     await call.done_writing()
+
+
+class FlakyStoreProcessor(EchoProcessor):
+    """Finds its store unavailable ``outages`` times, then raises its events."""
+
+    name = "flaky"
+
+    def __init__(self, outages: int) -> None:
+        self.outages = outages
+        self.done = asyncio.Event()
+
+    async def process(self, stored):
+        if self.outages:
+            self.outages -= 1
+            raise StorageUnavailable("fence store away (test)")
+        self.done.set()
+        return await super().process(stored)
+
+
+async def test_a_processor_waiting_for_its_store_says_so_once(
+    server, stub, caplog
+) -> None:
+    processor = FlakyStoreProcessor(outages=4)
+    server.app.pipeline.add_processor(processor)
+    call = stub.Track()
+    await call.write(hello("d", want_events=True))
+    await call.read()
+    await call.write(batch([fix(1, 1.0, 1.0)]))
+    kinds = {(await call.read()).WhichOneof("message") for _ in range(2)}
+    assert kinds == {"ack", "event"}  # the events came after the outage
+    await asyncio.wait_for(processor.done.wait(), 10)
+    await call.done_writing()
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "tracking_grpc.ingest" and r.levelno >= logging.WARNING
+    ]
+    assert said == [
+        "processor flaky waits for its store: fence store away (test)",
+        "processor flaky has its store back",
+    ]
 
 
 async def test_acked_fixes_survive_a_restart(start_server, tmp_path) -> None:

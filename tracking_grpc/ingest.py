@@ -579,18 +579,30 @@ class IngestPipeline:
         unavailable (the geofence processor reads its fences before it changes
         anything): stored fixes are not dropped from the events for an outage."""
         backoff = 0.05
+        waited = False
         while True:
             try:
                 with tracing.span(
                     f"process.{processor.name}", links, fixes=len(stored)
                 ):
-                    return await processor.process(stored)
+                    events = await processor.process(stored)
             except (StorageUnavailable, Unavailable) as exc:
                 if self._closing:
                     raise
-                log.warning("processor %s waits for its store: %s", processor.name, exc)
+                # Once per outage, not once per try.
+                log.log(
+                    logging.DEBUG if waited else logging.WARNING,
+                    "processor %s waits for its store: %s",
+                    processor.name,
+                    exc,
+                )
+                waited = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+                continue
+            if waited:
+                log.warning("processor %s has its store back", processor.name)
+            return events
 
     async def close(self, deadline: float | None = None) -> None:
         """Store what is queued (acks for it may no longer reach anyone), then stop.
