@@ -91,18 +91,20 @@ async def timed(
 ) -> dict[str, float]:
     """Wall and client CPU microseconds per event of ``work``; given ``backend``
     and ``redis``, their CPU per event too."""
-    meters = {"postgres_cpu_us": backend, "redis_cpu_us": redis and _redis_cpu(redis)}
-    before = {name: meter() for name, meter in meters.items() if meter is not None}
+    meters: dict[str, Callable[[], float]] = {}
+    if backend is not None:
+        meters["postgres_cpu_us"] = backend
+    if redis is not None:
+        meters["redis_cpu_us"] = _redis_cpu(redis)
+    before = {name: meter() for name, meter in meters.items()}
     wall, cpu = time.perf_counter(), time.process_time()
     await work()
     result = {
         "wall_us": (time.perf_counter() - wall) * 1e6 / count,
         "client_cpu_us": (time.process_time() - cpu) * 1e6 / count,
     }
-    for name, start in before.items():
-        meter = meters[name]
-        assert meter is not None
-        result[name] = (meter() - start) * 1e6 / count
+    for name, meter in meters.items():
+        result[name] = (meter() - before[name]) * 1e6 / count
     return result
 
 

@@ -19,7 +19,9 @@ from tracking_grpc.storage.postgres import PostgresHistoryStore
 OUTAGE_S = 35.0
 
 
-async def test_writes_resume_soon_after_a_long_outage(private_postgres) -> None:  # noqa: F811
+async def test_writes_resume_soon_after_a_long_outage(
+    private_postgres,  # noqa: F811
+) -> None:
     history = await PostgresHistoryStore.open(
         private_postgres.url("tracking"), max_connections=4
     )
