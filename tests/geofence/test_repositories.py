@@ -184,6 +184,11 @@ async def test_memberships_carry_the_position_of_their_enter(
     assert (found.entered_ms, found.lat, found.lon, found.fix_seq) == (30, 48.6, 2.5, 4)
 
 
+# The oldest unpublished events come first, and the PostgreSQL database is shared by
+# the session's tests: a page large enough for what other tests leave unpublished.
+OUTBOX_PAGE = 1_000_000
+
+
 async def test_outbox_lists_unpublished_until_marked(geo_stores, tenant) -> None:
     _, events = geo_stores
     stored = [
@@ -191,10 +196,10 @@ async def test_outbox_lists_unpublished_until_marked(geo_stores, tenant) -> None
         event("d", EventType.EXIT, 20, tenant),
     ]
     await events.add(stored)
-    pending = [e for e in await events.unpublished(1000) if e.tenant == tenant]
+    pending = [e for e in await events.unpublished(OUTBOX_PAGE) if e.tenant == tenant]
     assert pending == stored
     await events.mark_published(pending[:1])
-    assert [e for e in await events.unpublished(1000) if e.tenant == tenant] == [
+    assert [e for e in await events.unpublished(OUTBOX_PAGE) if e.tenant == tenant] == [
         stored[1]
     ]
 
@@ -217,7 +222,9 @@ async def test_activity_and_route_events_keep_their_detail(geo_stores, tenant) -
     listed = await events.list(EventQuery(tenant, 0, 100))
 
     assert listed == [trip, off]
-    assert [e for e in await events.unpublished(1000) if e.tenant == tenant] == listed
+    assert [
+        e for e in await events.unpublished(OUTBOX_PAGE) if e.tenant == tenant
+    ] == listed
     assert await events.memberships(tenant) == []
 
 
