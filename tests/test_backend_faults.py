@@ -25,6 +25,7 @@ from tests.backends import (
 from tests.services import PostgresServer, RedisServer
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import StorageUnavailable, Unavailable
+from tracking_grpc.events import EventType, TrackingEvent, event_id
 from tracking_grpc.interest import TenantInterest
 from tracking_grpc.storage import schema
 from tracking_grpc.storage.live_repair import LiveRepairer
@@ -234,6 +235,30 @@ async def test_a_store_blocked_by_a_lock_gives_up_and_is_retried(
     assert (await history.store(fixes(tenant, 11, 10))).all()  # the retry
     assert await history.count(tenant) == 20
     await history.close()
+
+
+def entered(tenant: str) -> TrackingEvent:
+    return TrackingEvent(
+        event_id(tenant, "van", EventType.ENTER, 1, "depot"), tenant, "van",
+        EventType.ENTER, 1, 52.5, 13.4, 1, 1, fence_id="depot",
+    )  # fmt: skip
+
+
+async def test_an_event_write_blocked_by_a_lock_gives_up(private_postgres) -> None:
+    """The geofence database's pool has the same lock timeout: the event store's
+    listener then logs and retries instead of waiting unseen."""
+    url = private_postgres.url("tracking")
+    database = await PostgresGeofenceDatabase.open(url, timeout_s=1.0)
+    events = PostgresEventRepository(database)
+    locker = await psycopg.AsyncConnection.connect(url)
+    await locker.execute("LOCK TABLE geofence_events IN ACCESS EXCLUSIVE MODE")
+    try:
+        with pytest.raises(StorageUnavailable, match="lock timeout"):
+            await asyncio.wait_for(events.add([entered(unique_tenant())]), 30)
+    finally:
+        await locker.rollback()
+        await locker.close()
+        await database.close()
 
 
 async def _append(inbox: list, batch: FixBatch) -> None:

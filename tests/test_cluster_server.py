@@ -17,12 +17,11 @@ from tracking.v1 import (
     common_pb2,
     event_pb2,
     geofence_pb2,
-    geofence_pb2_grpc,
     track_pb2,
     track_pb2_grpc,
 )
 
-from tests.geofence.support import DEPOT
+from tests.geofence.support import depot_watched_elsewhere, enter_depot
 from tests.server_fixtures import batch, embedded_settings, fix, hello, now_ms
 
 pytestmark = pytest.mark.slow
@@ -85,34 +84,13 @@ async def test_geofence_event_reaches_stream_watcher_and_list_on_a_cluster(
         redis_url=node_without(stream, redis_cluster), redis_key_prefix=redis_prefix,
         default_tenant=f"geo-{uuid.uuid4().hex[:8]}",
     )  # fmt: skip
-    watched = await start_server(settings=settings)
-    busy = await start_server(settings=replace(settings, data_dir=str(tmp_path / "b")))
     device = f"van-{uuid.uuid4().hex[:8]}"
-    async with (
-        grpc.aio.insecure_channel(f"127.0.0.1:{watched.port}") as to_watched,
-        grpc.aio.insecure_channel(f"127.0.0.1:{busy.port}") as to_busy,
-    ):
-        fences = geofence_pb2_grpc.GeofenceStub(to_watched)
-        await fences.CreateFence(
-            geofence_pb2.CreateFenceRequest(
-                fence=geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
-            )
-        )
-        watch = fences.WatchEvents(geofence_pb2.WatchEventsRequest(device_ids=[device]))
-        await watch.initial_metadata()
-        call = track_pb2_grpc.TrackSessionStub(to_busy).Track()
-        await call.write(hello(device, want_events=True))
-        await call.read()
-        await call.write(batch([fix(1, 52.52, 13.405, now_ms() - 60_000)]))
-        raised = None
-        while raised is None:
-            response = await asyncio.wait_for(call.read(), 10)
-            if response.WhichOneof("message") == "event" and response.event.fence_id:
-                raised = response.event
-        await call.done_writing()
+    async with depot_watched_elsewhere(
+        start_server, settings, [device], tmp_path / "b"
+    ) as (fences, watch, to_busy):
+        raised = await enter_depot(to_busy, device)
         assert raised.type == event_pb2.EVENT_TYPE_ENTER
         seen = (await asyncio.wait_for(watch.read(), 10)).events
-        watch.cancel()
         listed = await fences.ListEvents(
             geofence_pb2.ListEventsRequest(
                 start_ms=now_ms() - 3_600_000, device_id=device

@@ -19,12 +19,12 @@ import redis.asyncio as aioredis
 from tracking.v1 import common_pb2, track_pb2, track_pb2_grpc
 
 from tests.backends import unique_tenant
+from tests.geofence.support import RecordingHub
 from tests.server_fixtures import embedded_settings, fix, now_ms, track_session
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.events import EventType, TrackingEvent
 from tracking_grpc.geofence.delivery import (
     EventFilter,
-    EventWatchHub,
     StreamWatchFeed,
     stream_fields,
 )
@@ -281,18 +281,6 @@ async def _until_live(server, seq: int) -> None:
             if seq in found.seq.tolist():
                 return
             await asyncio.sleep(0.01)
-
-
-class RecordingHub(EventWatchHub):
-    """An event watch hub that remembers every event the feed handed it."""
-
-    def __init__(self) -> None:
-        super().__init__(fed_by_stream=True)
-        self.seen: list[TrackingEvent] = []
-
-    async def __call__(self, events) -> None:
-        self.seen += events
-        await super().__call__(events)
 
 
 def fence_event(event_id: str) -> TrackingEvent:

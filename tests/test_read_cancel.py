@@ -10,6 +10,7 @@ statement and reads its end; see docs/storage.md, Faults): these tests keep it s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -46,6 +47,25 @@ async def one_connection_server(tmp_path, pg_own_url) -> AsyncIterator[TrackingS
     server = await TrackingServer.start(settings)
     yield server
     await server.stop(0)
+
+
+@contextlib.asynccontextmanager
+async def history_and_locker(
+    server: TrackingServer, url: str
+) -> AsyncIterator[
+    tuple[
+        history_pb2_grpc.HistoryStub, psycopg.AsyncConnection, psycopg.AsyncConnection
+    ]
+]:
+    """A History stub of ``server`` with the commute stored, a connection to watch
+    and cancel backends with, and one to hold ``fixes`` locked."""
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        await psycopg.AsyncConnection.connect(url, autocommit=True) as admin,
+        await psycopg.AsyncConnection.connect(url) as locker,
+    ):
+        await publish(track_pb2_grpc.TrackSessionStub(channel), commute())
+        yield history_pb2_grpc.HistoryStub(channel), admin, locker
 
 
 def start_call(stub: history_pb2_grpc.HistoryStub, rpc: str):
@@ -100,13 +120,7 @@ async def test_a_cancelled_read_keeps_its_connection(
 ):
     server = one_connection_server
     caplog.set_level(logging.DEBUG, logger=ACCESS_LOG)
-    async with (
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
-        await psycopg.AsyncConnection.connect(pg_own_url, autocommit=True) as admin,
-        await psycopg.AsyncConnection.connect(pg_own_url) as locker,
-    ):
-        await publish(track_pb2_grpc.TrackSessionStub(channel), commute())
-        stub = history_pb2_grpc.HistoryStub(channel)
+    async with history_and_locker(server, pg_own_url) as (stub, admin, locker):
         opened = server.app.history._pool.get_stats()["connections_num"]
         pids = []
         for round_ in (1, 2):
@@ -136,13 +150,8 @@ async def test_a_statement_the_server_cancels_is_still_a_failure(
     the read is tried once more (psycopg's QueryCanceled is an OperationalError,
     which the store takes for a broken connection), then fails as UNAVAILABLE."""
     caplog.set_level(logging.DEBUG, logger=ACCESS_LOG)
-    async with (
-        grpc.aio.insecure_channel(f"127.0.0.1:{one_connection_server.port}") as channel,
-        await psycopg.AsyncConnection.connect(pg_own_url, autocommit=True) as admin,
-        await psycopg.AsyncConnection.connect(pg_own_url) as locker,
-    ):
-        await publish(track_pb2_grpc.TrackSessionStub(channel), commute())
-        stub = history_pb2_grpc.HistoryStub(channel)
+    server = one_connection_server
+    async with history_and_locker(server, pg_own_url) as (stub, admin, locker):
         await locker.execute("LOCK TABLE fixes IN ACCESS EXCLUSIVE MODE")
         call = stub.TimeInFences(history_pb2.TimeInFencesRequest(**SPAN))
         started = None

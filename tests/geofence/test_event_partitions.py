@@ -11,17 +11,18 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
-import grpc
 import pytest
 from redis.crc import key_slot
-from tracking.v1 import geofence_pb2, geofence_pb2_grpc, track_pb2_grpc
 
-from tests.geofence.support import DEPOT
-from tests.server_fixtures import batch, embedded_settings, fix, hello, now_ms
+from tests.geofence.support import (
+    RecordingHub,
+    depot_watched_elsewhere,
+    enter_depot,
+)
+from tests.server_fixtures import embedded_settings
 from tracking_grpc.events import EventType, TrackingEvent
 from tracking_grpc.geofence.delivery import (
     EventFilter,
-    EventWatchHub,
     StreamPublisher,
     StreamWatchFeed,
     event_of_stream,
@@ -131,18 +132,6 @@ async def test_events_land_in_their_device_partition_in_order(
     assert sum(map(len, landed.values())) == len(sent)
 
 
-class RecordingHub(EventWatchHub):
-    """An event watch hub that remembers every event the feed handed it."""
-
-    def __init__(self) -> None:
-        super().__init__(fed_by_stream=True)
-        self.seen: list[TrackingEvent] = []
-
-    async def __call__(self, events) -> None:
-        self.seen += events
-        await super().__call__(events)
-
-
 def device_per_partition(tenant: str, partitions: int) -> list[str]:
     """A device id of each partition, partition 0 first."""
     found: dict[int, str] = {}
@@ -238,27 +227,15 @@ async def test_watch_events_on_another_server_sees_every_partition(
         redis_key_prefix=redis_prefix, event_stream_partitions=PARTITIONS,
         default_tenant=f"geo-{uuid.uuid4().hex[:8]}",
     )  # fmt: skip
-    watched = await start_server(settings=settings)
-    busy = await start_server(settings=replace(settings, data_dir=str(tmp_path / "b")))
     devices = device_per_partition(settings.default_tenant, PARTITIONS)
-    async with (
-        grpc.aio.insecure_channel(f"127.0.0.1:{watched.port}") as to_watched,
-        grpc.aio.insecure_channel(f"127.0.0.1:{busy.port}") as to_busy,
-    ):
-        fences = geofence_pb2_grpc.GeofenceStub(to_watched)
-        await fences.CreateFence(
-            geofence_pb2.CreateFenceRequest(
-                fence=geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
-            )
-        )
-        watch = fences.WatchEvents(geofence_pb2.WatchEventsRequest(device_ids=devices))
-        await watch.initial_metadata()
-        raised = {await enter_depot(to_busy, device) for device in devices}
+    async with depot_watched_elsewhere(
+        start_server, settings, devices, tmp_path / "b"
+    ) as (_, watch, to_busy):
+        raised = {(await enter_depot(to_busy, d)).event_id for d in devices}
         seen: set[str] = set()
         while len(seen) < len(raised):
             response = await asyncio.wait_for(watch.read(), 10)
             seen |= {e.event_id for e in response.events}
-        watch.cancel()
     assert seen == raised
     keys = EventStreams(redis_prefix + GEOFENCE_STREAM, PARTITIONS)
     client = await connect(any_redis_url)
@@ -269,16 +246,3 @@ async def test_watch_events_on_another_server_sees_every_partition(
             assert {e.device for e in on_key} == {device}
     finally:
         await client.aclose()
-
-
-async def enter_depot(channel: grpc.aio.Channel, device: str) -> str:
-    """The event id of the ENTER a fix of ``device`` in the depot raises."""
-    call = track_pb2_grpc.TrackSessionStub(channel).Track()
-    await call.write(hello(device, want_events=True))
-    await call.read()
-    await call.write(batch([fix(1, 52.52, 13.405, now_ms() - 60_000)]))
-    while True:
-        response = await asyncio.wait_for(call.read(), 10)
-        if response.WhichOneof("message") == "event" and response.event.fence_id:
-            await call.done_writing()
-            return response.event.event_id

@@ -700,15 +700,25 @@ class PostgresHistoryStore:
                     self._partition_days.add(day)
 
 
+async def set_lock_timeout(
+    conn: psycopg.AsyncConnection, lock_timeout_s: float
+) -> None:
+    """Make a statement waiting on a lock (LOCK TABLE, a long ALTER TABLE, a stuck
+    migration) give up after ``lock_timeout_s``, as a wait for a pooled connection
+    does: the write is retried and the outage logged, where it used to hold every
+    ack with nothing said. A SET, not a connection option: it would replace the
+    options a database URL carries."""
+    await conn.execute(f"SET lock_timeout = {max(1, round(lock_timeout_s * 1000))}")
+    if not conn.autocommit:
+        await conn.commit()  # a pool takes back only an idle connection
+
+
 async def _configure(conn: psycopg.AsyncConnection, lock_timeout_s: float) -> None:
     # The planner prices the write (a probe per staged row into every partition) far
     # above jit_above_cost, and compiling it took ~0.75 s of a 5,000-fix commit that
     # runs in ~0.1 s without: these statements gain nothing from JIT.
     await conn.execute("SET jit = off")
-    # A statement waiting on a lock (LOCK TABLE, a long ALTER TABLE, a stuck
-    # migration) gives up as a connection wait does: the write is retried and the
-    # outage logged, where it used to hold every ack with nothing said.
-    await conn.execute(f"SET lock_timeout = {max(1, round(lock_timeout_s * 1000))}")
+    await set_lock_timeout(conn, lock_timeout_s)
     conn.adapters.register_dumper(pgcopy.BinaryArray, pgcopy.BinaryArrayDumper)
     await conn.execute(CREATE_STAGING)
     await conn.execute(CREATE_PRIOR)

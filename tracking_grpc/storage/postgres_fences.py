@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import logging
 from collections.abc import Sequence
 from importlib import resources
@@ -40,7 +41,11 @@ from tracking_grpc.storage.fences import (
     memberships_of,
     stamped,
 )
-from tracking_grpc.storage.postgres import CONNECTION_ERRORS, RECONNECT_TIMEOUT_S
+from tracking_grpc.storage.postgres import (
+    CONNECTION_ERRORS,
+    RECONNECT_TIMEOUT_S,
+    set_lock_timeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +121,10 @@ class PostgresGeofenceDatabase:
             min_size=1,
             max_size=self.max_size,
             timeout=self.timeout_s,
-            # A statement waiting on a lock gives up after as long as a wait for
-            # a connection (see storage.postgres._configure).
-            kwargs={
-                "options": f"-c lock_timeout={max(1, round(self.timeout_s * 1000))}"
-            },
+            # A statement waiting on a lock gives up as a connection wait does.
+            configure=functools.partial(
+                set_lock_timeout, lock_timeout_s=self.timeout_s
+            ),
             open=False,
             # Reconnect attempts back off without a cap otherwise: see
             # storage.postgres.RECONNECT_TIMEOUT_S.
