@@ -104,6 +104,11 @@ BOWTIE = {
     ],
 }
 BAD_LAT = {"type": "Polygon", "coordinates": [[[2, 48], [3, 95], [3, 49], [2, 48]]]}
+E = 1e-10  # degrees: about 0.01 mm
+SPECK = {
+    "type": "Polygon",
+    "coordinates": [[[0.5, 0.5], [0.5 + E, 0.5], [0.5 + E, 0.5 + E], [0.5, 0.5]]],
+}
 
 
 @pytest.mark.parametrize(
@@ -123,6 +128,9 @@ BAD_LAT = {"type": "Polygon", "coordinates": [[[2, 48], [3, 95], [3, 49], [2, 48
             "fence.shape.geojson.coordinates[0][1]",
             "latitude 95",
             id="latitude",
+        ),
+        pytest.param(
+            SPECK, "fence.shape", "a fence needs at least 1 m²", id="no-area-in-metres"
         ),
     ],
 )

@@ -249,3 +249,22 @@ def test_a_caller_arriving_as_a_load_ends_does_not_spin() -> None:
     thread.join(10)
     assert not thread.is_alive(), "the event loop is stuck in index()"
     assert result == [["park"]]
+
+
+async def test_a_stored_fence_that_cannot_be_evaluated_leaves_the_others_working(
+    caplog,
+) -> None:
+    """Create refuses an area of no size in metres, but a fence stored before that
+    check must not take its tenant's other fences down: before, its index build
+    failed, every Check answered INTERNAL and no event was raised at all."""
+    speck = ShapeSpec.geojson(
+        '{"type": "Polygon", "coordinates": [[[0.5, 0.5], [0.5000000001, 0.5], '
+        "[0.5000000001, 0.5000000001], [0.5, 0.5]]]}"
+    )
+    park = FenceSpec("park", ShapeSpec.circle(0.0, 1.0, 50.0))
+    processor = GeofenceProcessor(_Fences([FenceSpec("speck", speck), park]))
+    batch = FixBatch.from_columns("t", ["d"], [1], [0], [0.0], [1.0])
+    events = await processor.process(batch)
+    assert [e.fence_id for e in events] == ["park"]
+    assert [c.fence_id for c in await processor.check("t", 0.0, 1.0, 5.0)] == ["park"]
+    assert "fence speck (version 0) cannot be evaluated" in caplog.text

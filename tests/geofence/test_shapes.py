@@ -4,6 +4,7 @@ rings, and circles measured on the ellipsoid."""
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import numpy as np
@@ -107,6 +108,34 @@ def test_a_point_on_the_antimeridian_is_on_a_fence_edge_there(shape) -> None:
     """180 and -180 are one meridian: a point on it, written either way, lies on
     the edge of a fence that ends there, and edges count as inside."""
     assert inside(shape, [(180, 0), (-180, 0), (0, 0)]) == [True, True, False]
+
+
+def split_at_180(south: float, north: float) -> ShapeSpec:
+    """Two parts touching ±180, the way RFC 7946 asks a fence across it be split."""
+    east = [[170, south], [180, south], [180, north], [170, north], [170, south]]
+    west = [[-180, south], [-170, south], [-170, north], [-180, north]]
+    geometry = {"type": "MultiPolygon", "coordinates": [[east], [[*west, west[0]]]]}
+    return ShapeSpec.geojson(json.dumps(geometry))
+
+
+@pytest.mark.parametrize(
+    ("south", "north"),
+    [
+        pytest.param(-10, 10, id="on-the-equator"),
+        pytest.param(-60, -50, id="south"),
+        pytest.param(50, 51, id="north"),
+    ],
+)
+def test_a_fence_split_at_180_is_one_fence_across_it(south, north) -> None:
+    """Its parts' planar centre lies half a world away (at lon 0), where a metric
+    frame cannot measure them: the frame is centred between them, on ±180."""
+    mid = (south + north) / 2
+    fence = FenceIndex.build([FenceSpec("f", split_at_180(south, north))]).fences[0]
+    assert fence.shape.origin_lon == pytest.approx(180.0)
+    degrees = min(20 * math.cos(math.radians(mid)), north - south)  # narrower way
+    assert fence.size_m == pytest.approx(degrees / 2 * 111_200, rel=0.05)
+    points = [(175, mid), (-175, mid), (180, mid), (0, mid), (160, mid)]
+    assert inside(split_at_180(south, north), points) == [1, 1, 1, 0, 0]
 
 
 @pytest.mark.parametrize("lat", [0.0, 45.0, 60.0, 85.0])

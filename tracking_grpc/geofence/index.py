@@ -26,6 +26,7 @@ import numpy as np
 import shapely
 from shapely import STRtree
 
+from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.events import EventType
 from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.geofence.shapes import GEOD, Shape, compile_shape, metric_frame
@@ -36,6 +37,7 @@ MAX_GRID_CELLS = 1 << 24
 MAX_CLASSIFIED_PAIRS = 12_000_000
 _CHUNK = 200_000
 _EPS_DEG = 1e-9
+MIN_AREA_M2 = 1.0  # smaller areas vanish on the metric grid (1 mm) evaluation uses
 
 
 @dataclass(eq=False)
@@ -79,13 +81,35 @@ class CompiledFence:
             return self.shape.radius_m
         parts = shapely.get_parts(self.metric_area)
         return max(
-            shapely.length(shapely.maximum_inscribed_circle(p, 0.1)) for p in parts
+            (shapely.length(shapely.maximum_inscribed_circle(p, 0.1)) for p in parts),
+            default=0.0,
         )
 
     @property
     def enter_limit_m(self) -> float:
         """Fixes less accurate than this never enter the fence."""
         return self.spec.max_accuracy_m or self.size_m
+
+    def check_measurable(self, field: str) -> None:
+        """Raise InvalidArgument naming ``field`` unless the area keeps an area of at
+        least ``MIN_AREA_M2`` in the fence's metric projection (where evaluation
+        measures it); warms the fence on the way. A circle's radius is checked
+        where it is parsed, and evaluation measures it on the ellipsoid."""
+        if self.shape.kind == "circle":
+            return
+        try:
+            area_m2 = float(shapely.area(self.metric_area))
+            corners = shapely.get_coordinates(self.metric_area)
+            if area_m2 >= MIN_AREA_M2:
+                self.warm()
+        except shapely.errors.GEOSException as exc:
+            raise InvalidArgument(field, f"the area cannot be measured: {exc}") from exc
+        if not np.isfinite(corners).all() or not math.isfinite(area_m2):
+            raise InvalidArgument(field, "the area cannot be measured in metres")
+        if area_m2 < MIN_AREA_M2:
+            raise InvalidArgument(
+                field, f"the area is {area_m2:.3g} m²; a fence needs at least 1 m²"
+            )
 
     def warm(self) -> CompiledFence:
         """Work out now what evaluation would otherwise work out on first use: for
@@ -94,6 +118,25 @@ class CompiledFence:
         if self.shape.kind != "circle":
             _ = self.metric_boundary, self.enter_limit_m
         return self
+
+
+def compile_usable(spec: FenceSpec) -> CompiledFence | None:
+    """The fence compiled and warmed; None, logged, when that fails.
+
+    Create and update check every fence (:meth:`CompiledFence.check_measurable`),
+    but one stored before a check existed must not take its tenant's other fences
+    down with it: it is left out of the index, and the log names it.
+    """
+    try:
+        return CompiledFence.of(spec).warm()
+    except Exception:
+        log.exception(
+            "fence %s (version %d) cannot be evaluated and is left out of its "
+            "tenant's index; update or delete it",
+            spec.fence_id,
+            spec.version,
+        )
+        return None
 
 
 def _project(frame, geom: shapely.Geometry) -> list[shapely.Geometry]:
@@ -145,7 +188,10 @@ class FenceIndex:
 
     @classmethod
     def build(cls, specs: Sequence[FenceSpec]) -> FenceIndex:
-        return cls([CompiledFence.of(s) for s in specs])
+        """The index of ``specs``, leaving out any fence that cannot be evaluated
+        (:func:`compile_usable`)."""
+        compiled = (compile_usable(s) for s in specs)
+        return cls([fence for fence in compiled if fence is not None])
 
     def __len__(self) -> int:
         return len(self.fences)

@@ -19,6 +19,7 @@ from tracking_grpc import convert
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.events import EventType
 from tracking_grpc.geofence import schedule as schedules
+from tracking_grpc.geofence.index import CompiledFence
 from tracking_grpc.geofence.model import (
     GEOFENCE_EVENTS,
     FenceSpec,
@@ -172,7 +173,9 @@ def checked(
     if spec.schedule is not None:
         schedules.check(spec.schedule, f"{field}.schedule")
     compiled = compile_checked(spec.shape, f"{field}.shape", repair)
-    return replace(spec, shape=compiled.spec), compiled.repairs
+    spec = replace(spec, shape=compiled.spec)
+    CompiledFence(spec, compiled.shape).check_measurable(f"{field}.shape")
+    return spec, compiled.repairs
 
 
 def fence_message(spec: FenceSpec) -> geofence_pb2.Fence:

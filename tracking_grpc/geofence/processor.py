@@ -23,7 +23,7 @@ from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import Unavailable
 from tracking_grpc.events import TrackingEvent
 from tracking_grpc.geofence.detector import EXIT_MARGIN_M, FenceDetector
-from tracking_grpc.geofence.index import CompiledFence, FenceIndex
+from tracking_grpc.geofence.index import CompiledFence, FenceIndex, compile_usable
 from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.storage.fences import EventRepository, FenceRepository
 
@@ -79,7 +79,7 @@ class GeofenceProcessor:
         self._loaded: dict[str, _Loaded] = {}
         # Per tenant (fence id, version): builds of different tenants may run in
         # worker threads at once.
-        self._compiled: dict[str, dict[tuple[str, int], CompiledFence]] = {}
+        self._compiled: dict[str, dict[tuple[str, int], CompiledFence | None]] = {}
         self._detectors: dict[str, FenceDetector] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._loading: dict[str, _Load] = {}
@@ -228,14 +228,15 @@ class GeofenceProcessor:
         return index
 
     def _build(self, tenant: str, specs: list[FenceSpec]) -> FenceIndex:
+        """The tenant's index; a fence that cannot be evaluated is left out (and
+        logged once per version), not its tenant's whole index."""
         cache = self._compiled.get(tenant, {})
-        compiled = {}
+        compiled: dict[tuple[str, int], CompiledFence | None] = {}
         for spec in specs:
             key = (spec.fence_id, spec.version)
-            fence = cache.get(key)
-            compiled[key] = fence or CompiledFence.of(spec).warm()
+            compiled[key] = cache[key] if key in cache else compile_usable(spec)
         self._compiled[tenant] = compiled
-        return FenceIndex(list(compiled.values()))
+        return FenceIndex([f for f in compiled.values() if f is not None])
 
     async def check(
         self,

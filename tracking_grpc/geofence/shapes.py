@@ -332,10 +332,36 @@ def _pair(xy: np.ndarray) -> str:
 
 
 def _origin(unwrapped: shapely.Geometry) -> tuple[float, float]:
-    """Centre of the metric projection: the centre of the unwrapped area."""
+    """Centre of the metric projection: the centre of the unwrapped area.
+
+    Parts given apart, more than 180 degrees of longitude from each other (a fence
+    split at ±180 as RFC 7946 asks, with a part on each side), have no planar
+    centre near them: the centre is then their mean direction on the sphere,
+    each part's centre weighted by its area.
+    """
+    west, _, east, _ = unwrapped.bounds
+    if east - west > 180.0 and unwrapped.geom_type == "MultiPolygon":
+        parts = shapely.get_parts(unwrapped)
+        centres = shapely.get_coordinates(shapely.centroid(parts))
+        return _spherical_centre(centres, shapely.area(parts))
     centre = shapely.centroid(unwrapped)
     lon = (centre.x + 180.0) % 360.0 - 180.0
     return lon, float(np.clip(centre.y, -90.0, 90.0))
+
+
+def _spherical_centre(lon_lat: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+    """The weighted mean direction of lon/lat points on the sphere, as lon/lat.
+
+    >>> _spherical_centre(np.array([[175.0, 2.0], [-175.0, -2.0]]), np.ones(2))
+    (180.0, 0.0)
+    """
+    lon, lat = np.radians(lon_lat[:, 0]), np.radians(lon_lat[:, 1])
+    x = float(np.average(np.cos(lat) * np.cos(lon), weights=weights))
+    y = float(np.average(np.cos(lat) * np.sin(lon), weights=weights))
+    z = float(np.average(np.sin(lat), weights=weights))
+    lon_deg = round(math.degrees(math.atan2(y, x)), 9)
+    lat_deg = round(math.degrees(math.atan2(z, math.hypot(x, y))), 9)
+    return (180.0 if lon_deg == -180.0 else lon_deg), lat_deg + 0.0
 
 
 # Circles and corridors ---------------------------------------------------------------
