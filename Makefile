@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 NODE_DRIVER := bench/node_driver
 NODE_STAMP := $(NODE_DRIVER)/node_modules/.installed-stamp
 
-.PHONY: run test lint generate bench services clean node-driver
+.PHONY: run test lint generate services clean node-driver
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -n "$(PYTHON)" || { echo "Python 3.12 not found: install it (pyenv install 3.12) or set PYTHON=" >&2; exit 1; }

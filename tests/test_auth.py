@@ -248,6 +248,22 @@ async def test_absurd_time_claims_are_refused(secured, claims, reason) -> None:
 
 
 @pytest.mark.parametrize(
+    "sub",
+    [
+        pytest.param("", id="empty"),
+        pytest.param("  ", id="blank"),
+        pytest.param(7, id="a-number"),
+    ],
+)
+async def test_a_token_without_a_subject_is_refused(secured, sub) -> None:
+    _, stub = secured
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await last_positions(stub, signed(sub=sub, exp=NOW + 600))
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "sub" in (raised.value.details() or "").lower()
+
+
+@pytest.mark.parametrize(
     "claims",
     [
         pytest.param({"exp": NOW + DAY - 60, "iat": NOW - 30}, id="a-day-issued"),

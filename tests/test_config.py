@@ -133,6 +133,10 @@ BAD_SETTINGS = [
         id="missing-activity-rules",
     ),
     pytest.param({"jwt_hs256_secret": "short"}, "jwt_hs256_secret", id="hs256-5b"),
+    pytest.param({"database_url": "mysql://x/db"}, "database_url", id="mysql-url"),
+    pytest.param({"database_url": "no equals"}, "database_url", id="garbled-url"),
+    pytest.param({"redis_url": "http://x"}, "redis_url", id="http-redis-url"),
+    pytest.param({"redis_url": "127.0.0.1:6379"}, "redis_url", id="no-scheme"),
     pytest.param(
         {"jwt_hs256_secret": "é" * 15}, "jwt_hs256_secret", id="hs256-30-bytes"
     ),
@@ -148,6 +152,12 @@ def test_settings_the_service_cannot_run_with_are_refused(values, field) -> None
 
 def test_the_defaults_and_lower_case_choices_pass() -> None:
     config.check(config.Settings())
+    config.check(
+        config.Settings(
+            database_url="host=127.0.0.1 dbname=tracking",  # a connection string
+            redis_url="rediss://127.0.0.1:6380/0",
+        )
+    )
     config.check(
         config.Settings(sqlite_synchronous="normal", log_level="debug", listen="[::]:0")
     )
@@ -203,6 +213,16 @@ def serve(
             id="missing-config",
         ),
         pytest.param(["--workers", "0"], "workers: must be at least 1", id="workers"),
+        pytest.param(
+            ["--database-url", "mysql://x"],
+            "database_url: expected postgresql://..., got a mysql:// URL",
+            id="database-url",
+        ),
+        pytest.param(
+            ["--redis-url", "http://x"],
+            "redis_url: expected redis://, rediss:// or unix://, got 'http://x'",
+            id="redis-url",
+        ),
     ],
 )
 def test_serve_refuses_bad_settings_with_one_line(tmp_path, flags, words) -> None:

@@ -49,6 +49,12 @@ async def test_resend_after_reconnect_is_idempotent(stub, server) -> None:
 async def test_bad_fix_is_rejected_and_stream_goes_on(stub, server, lat, lon, reason):
     _, acks = await track_session(stub, "d", [[fix(1, lat, lon)], [fix(2, 45.0, 7.0)]])
     assert [(r.seq, r.reason) for r in acks[0].rejections] == [(1, reason)]
+    named = {  # the detail names the value sent
+        R.REJECT_REASON_LATITUDE_OUT_OF_RANGE: f"latitude {lat:g} ",
+        R.REJECT_REASON_LONGITUDE_OUT_OF_RANGE: f"longitude {lon:g} ",
+        R.REJECT_REASON_NOT_FINITE: f"latitude {lat:g} and longitude {lon:g} ",
+    }
+    assert acks[0].rejections[0].detail.startswith(named.get(reason, ""))
     assert acks[0].stored == 0
     assert (acks[1].stored, acks[1].acked_seq) == (1, 2)
 

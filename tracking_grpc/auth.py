@@ -192,10 +192,12 @@ class Authenticator:
             )
         if role_name not in Role.__members__:
             raise Unauthenticated("token role must be device, viewer or admin")
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not subject.strip():
+            # A device token's sub is the one device it may publish for.
+            raise Unauthenticated("token sub must be a non-blank string")
         precision_m = _precision(claims, self.default_precision_m)
-        return Caller(
-            tenant, str(claims["sub"]), Role[role_name], expires_at, precision_m
-        )
+        return Caller(tenant, subject, Role[role_name], expires_at, precision_m)
 
 
 def check_times(claims: dict, now: float, max_lifetime_s: float) -> float:

@@ -16,6 +16,10 @@ from collections.abc import Collection, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from tracking_grpc.errors import InvalidArgument
 
@@ -328,6 +332,8 @@ CHOICES = {
 }
 FILES = ("jwt_rs256_public_key_file", "activity_config")
 MAX_PORT = 65_535
+DATABASE_SCHEMES = ("postgresql", "postgres")  # or a key=value connection string
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 MIN_HS256_SECRET_BYTES = 32  # RFC 7518, section 3.2
 
 
@@ -340,6 +346,7 @@ def check(settings: Settings, only: Collection[str] | None = None) -> None:
             Settings(), **{name: getattr(settings, name) for name in only}
         )
     _check_address(settings.listen, "listen")
+    _check_urls(settings)
     if settings.metrics_listen:
         _check_address(settings.metrics_listen, "metrics_listen")
     for name in AT_LEAST_ONE:
@@ -382,6 +389,29 @@ def check(settings: Settings, only: Collection[str] | None = None) -> None:
             raise InvalidArgument(name, f"cannot read {path}")
         if path and not Path(path).is_file():
             raise InvalidArgument(name, f"{path} is not a file")
+
+
+def _check_urls(settings: Settings) -> None:
+    """The database and Redis URLs parse as what they are meant to be; whether the
+    servers answer is found out when the service connects."""
+    database = settings.database_url
+    if database:
+        scheme = urlsplit(database).scheme if "://" in database else ""
+        if "://" in database and scheme not in DATABASE_SCHEMES:
+            raise InvalidArgument(
+                "database_url", f"expected postgresql://..., got a {scheme}:// URL"
+            )
+        try:
+            conninfo_to_dict(database)
+        except psycopg.ProgrammingError as exc:
+            raise InvalidArgument(
+                "database_url", f"not a PostgreSQL URL: {exc}"
+            ) from exc
+    redis_url = settings.redis_url
+    if redis_url and urlsplit(redis_url).scheme not in REDIS_SCHEMES:
+        raise InvalidArgument(
+            "redis_url", f"expected redis://, rediss:// or unix://, got {redis_url!r}"
+        )
 
 
 def _check_address(address: str, name: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -84,7 +85,25 @@ ATTRIBUTE_RULES = (  # (column, low, high, rule) in the order they are reported
 
 
 def detail(batch: FixBatch, row: int, reason: int) -> str:
-    """The text of one rejection: for an attribute, which one and its value."""
+    """The text of one rejection, naming the value refused (for an attribute,
+    which one it was)."""
+    lat, lon = float(batch.lat[row]), float(batch.lon[row])
+    if reason == Reason.LATITUDE_OUT_OF_RANGE:
+        return f"latitude {lat:g} must be in [-90, 90]"
+    if reason == Reason.LONGITUDE_OUT_OF_RANGE:
+        return f"longitude {lon:g} must be in [-180, 180]"
+    if reason == Reason.NOT_FINITE:
+        return f"latitude {lat:g} and longitude {lon:g} must be finite numbers"
+    when = _utc_text(int(batch.time_ms[row]))
+    if reason == Reason.FUTURE_TIME:
+        return f"fix time {when} is further ahead of the server clock than allowed"
+    if reason == Reason.ANCIENT_TIME:
+        return f"fix time {when} is older than allowed"
+    if reason == Reason.INVALID_ACCURACY:
+        accuracy = float(batch.accuracy_m[row])
+        return f"accuracy_m {accuracy:g} must be a finite number >= 0"
+    if reason == Reason.INVALID_SEQ:
+        return f"seq {int(batch.seq[row])} must be between 1 and 2^63-1"
     if reason != Reason.INVALID_ATTRIBUTE:
         return DETAILS[Reason(reason)]
     for column, low, high, rule in ATTRIBUTE_RULES:
@@ -93,6 +112,19 @@ def detail(batch: FixBatch, row: int, reason: int) -> str:
             return f"{column} {value:g} {rule}"
     provider = int(batch.provider[row])
     return f"provider {provider} is not a defined Provider value"
+
+
+def _utc_text(time_ms: int) -> str:
+    """A fix time as UTC, or its milliseconds when no calendar date holds it.
+
+    >>> _utc_text(1_893_456_000_000), _utc_text(2**62)
+    ('2030-01-01T00:00:00.000Z', '4611686018427387904 ms')
+    """
+    try:
+        moment = datetime.fromtimestamp(time_ms / 1000, UTC)
+    except (OverflowError, OSError, ValueError):
+        return f"{time_ms} ms"
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def reasons(batch: FixBatch, now_ms: int, limits: Limits) -> np.ndarray:
