@@ -11,9 +11,13 @@ events reach the event bus.
 
 A failing store is retried with back-off while callers wait unacknowledged; when more
 than ``max_pending_fixes`` are waiting, new submissions wait too, which pauses the
-streams (the devices keep their data). A try that stored but whose answer was lost
-leaves the retry finding its fixes stored: the store then tells which are stored as
-this commit received them, and the processors get those once.
+streams (the devices keep their data). A gateway call waits as received, before its
+request becomes a batch, and only while ``max_waiting_batch_fixes`` allow: a call
+beyond them is refused with nothing stored (``admit_batch``).
+
+A try that stored but whose answer was lost leaves the retry finding its fixes
+stored: the store then tells which are stored as this commit received them, and the
+processors get those once.
 
 Processors whose events the bus cannot take (the event store's queue is full) wait,
 and once their own queue is full the commits behind them wait too, stored and acked
@@ -36,7 +40,7 @@ from tracking_grpc.backlog import UnprocessedFixes
 from tracking_grpc.config import Settings
 from tracking_grpc.core import chunks, validation
 from tracking_grpc.core.fixes import FixBatch, FixRow
-from tracking_grpc.errors import StorageUnavailable, Unavailable
+from tracking_grpc.errors import Congested, StorageUnavailable, Unavailable
 from tracking_grpc.events import EventBus, FixProcessor, TrackingEvent
 from tracking_grpc.observability import metrics, tracing
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
@@ -46,6 +50,8 @@ log = logging.getLogger(__name__)
 # Devices per live update: a piece is one Redis call (SINGLE_CALL_ROWS in
 # storage.redis_live), and a large commit's pieces let streams be served between.
 LIVE_PIECE = 1_000
+# How long a gateway call refused while storage is behind is told to wait.
+RETRY_AFTER_S = 1.0
 
 
 def now_ms() -> int:
@@ -143,7 +149,10 @@ class IngestPipeline:
         self.storage_healthy = True
         self.live_healthy = True
         self._queue: deque[_Pending] = deque()
-        self._queued_fixes = 0
+        self._queued_fixes = 0  # in the queue and in commits (until processed)
+        self._waiting_fixes = 0  # in the queue
+        self._waiting_batch_fixes = 0  # in gateway calls waiting for room
+        self._refusing = False  # gateway calls are being refused (logged once)
         self._wakeup = asyncio.Event()
         self._space = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -198,10 +207,51 @@ class IngestPipeline:
         """Whether new submissions must wait (``wait_for_space``) before queueing."""
         return self._queued_fixes >= self.settings.max_pending_fixes
 
+    @property
+    def waiting_fixes(self) -> int:
+        """Fixes queued for a group commit that has not taken them yet."""
+        return self._waiting_fixes
+
+    @property
+    def waiting_batch_fixes(self) -> int:
+        """Fixes of gateway calls waiting for room (``admit_batch``), as received."""
+        return self._waiting_batch_fixes
+
     async def wait_for_space(self) -> None:
         """Wait until the queue is below ``max_pending_fixes`` (or closing)."""
         async with self._space:
             await self._space.wait_for(lambda: not self.congested or self._closing)
+
+    async def admit_batch(self, fixes: int) -> None:
+        """Wait for room for a gateway call of ``fixes`` fixes, before its request
+        is turned into a batch.
+
+        While ``max_pending_fixes`` are pending, calls wait holding their request
+        only, up to ``max_waiting_batch_fixes`` fixes among them; a call beyond is
+        refused (``Congested``, RESOURCE_EXHAUSTED) with nothing of it stored, so
+        what a congested server holds for gateways stays bounded.
+        """
+        if not self.congested:
+            return
+        waiting = self._waiting_batch_fixes
+        if waiting + fixes > self.settings.max_waiting_batch_fixes:
+            if not self._refusing:
+                log.warning(
+                    "storage is behind (%d fixes pending): refusing gateway calls",
+                    self._queued_fixes,
+                )
+                self._refusing = True
+            raise Congested(
+                f"storage is behind: {self._queued_fixes} fixes wait to be stored "
+                f"and {waiting} more in gateway calls; nothing of this call "
+                f"({fixes} fixes) was stored",
+                RETRY_AFTER_S,
+            )
+        self._waiting_batch_fixes += fixes
+        try:
+            await self.wait_for_space()
+        finally:
+            self._waiting_batch_fixes -= fixes
 
     def submit_rows(
         self, tenant: str, device: str, rows: list[FixRow]
@@ -243,6 +293,7 @@ class IngestPipeline:
             raise StorageUnavailable("server is shutting down; nothing was stored")
         self._queue.append(pending)
         self._queued_fixes += pending.size
+        self._waiting_fixes += pending.size
         self._wakeup.set()
 
     @staticmethod
@@ -301,6 +352,7 @@ class IngestPipeline:
             item = self._queue.popleft()
             taken.append(item)
             count += item.size
+        self._waiting_fixes -= count
         if self._queue:
             self._wakeup.set()
         return taken
@@ -360,6 +412,9 @@ class IngestPipeline:
             slot.release()
             finished.set_result(None)
             self._queued_fixes -= sum(i.size for i in items)
+            if self._refusing and not self.congested:
+                log.warning("storage caught up: gateway calls are taken again")
+                self._refusing = False
             async with self._space:
                 self._space.notify_all()
 
