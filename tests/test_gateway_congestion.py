@@ -5,7 +5,9 @@ outage.
 A gateway call that arrives while ``max_pending_fixes`` are pending waits holding
 its request only, up to ``max_waiting_batch_fixes`` fixes of such calls; one beyond
 is refused with RESOURCE_EXHAUSTED and a retry delay, nothing of it stored, and the
-documented client sends it again.
+documented client sends it again. Once the store is back, device streams' small
+batches go into the first commits, ahead of the gateway backlog, and a device's
+fixes are stored in the order they were submitted.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import grpc
 import pytest
 from tracking.v1 import track_pb2, track_pb2_grpc
 
-from tests.server_fixtures import now_ms
+from tests.server_fixtures import batch, fix, hello, now_ms
 from tracking_grpc import convert
 from tracking_grpc.client.gateway import _publish_with_retry
 from tracking_grpc.client.session import RetryPolicy, SessionStats
@@ -28,21 +30,37 @@ HANG_GUARD_S = 30.0
 
 
 class Outage:
-    """The history store's ``store``, away until ``end``."""
+    """The history store's ``store``, away until ``end``; the devices of each
+    commit it stored, in commit order."""
 
     def __init__(self, store: Callable) -> None:
         self.store = store
         self.down = True
         self.tries = 0
+        self.commits: list[list[tuple[str, int]]] = []
 
     async def __call__(self, fixes):
         self.tries += 1
         if self.down:
             raise StorageUnavailable("store away (test)")
+        pairs = zip(fixes.device.tolist(), fixes.seq.tolist(), strict=True)
+        self.commits.append(list(pairs))
         return await self.store(fixes)
 
     def end(self) -> None:
         self.down = False
+
+    def commit_of(self, device: str) -> int:
+        """The first commit that stored fixes of ``device``."""
+        return next(
+            n
+            for n, fixes in enumerate(self.commits)
+            if any(d == device for d, _ in fixes)
+        )
+
+    def stored_seqs(self, device: str) -> list[int]:
+        """The sequence numbers of ``device`` in the order they were stored."""
+        return [seq for fixes in self.commits for d, seq in fixes if d == device]
 
 
 @pytest.fixture
@@ -120,3 +138,44 @@ async def test_a_congested_server_holds_a_bounded_gateway_backlog(
     assert [a.stored for a in answers] == [3, 4, 1]
     assert not stats.error
     assert await server.app.history.count("default", "h") == 1
+
+
+async def test_device_streams_go_ahead_of_a_gateway_backlog_in_device_order(
+    start_server, outage
+) -> None:
+    """The first commit after the outage (the one that was retrying) carries the
+    first call; the next takes the waiting device batches before the two gateway
+    calls queued ahead of them, except the batch of a device those calls hold
+    fixes of: it stays behind them."""
+    server = await start_server(flush_max_fixes=4)
+    away = outage(server)
+    pipeline = server.app.pipeline
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = track_pb2_grpc.TrackSessionStub(channel)
+        calls = []
+        for n, devices in enumerate(
+            [("g1", "g2", "g3", "g4"), ("g5", "g6", "g7", "g8"), ("g9", "g10", "g11")]
+        ):
+            devices += ("shared",) if n == 2 else ()
+            request = gateway_request(*devices, seq=n + 1)
+            calls.append(asyncio.ensure_future(stub.PublishBatch(request)))
+            # The first call is in the retrying commit, the others wait.
+            await until(lambda q=4 * n: away.tries > 0 and pipeline.waiting_fixes == q)
+        streams = []
+        for n, device in enumerate(("phone", "shared")):
+            stream = stub.Track()
+            await stream.write(hello(device))
+            await stream.read()
+            await stream.write(batch([fix(5, 45.0, 7.0)]))
+            streams.append(stream)
+            await until(lambda q=9 + n: pipeline.waiting_fixes == q)
+        away.end()
+        async with asyncio.timeout(HANG_GUARD_S):
+            await asyncio.gather(*calls)
+            acks = [(await stream.read()).ack for stream in streams]
+        for stream in streams:
+            await stream.done_writing()
+
+    assert [ack.stored for ack in acks] == [1, 1]
+    assert away.commit_of("phone") <= away.commit_of("g5") < away.commit_of("g9")
+    assert away.stored_seqs("shared") == [3, 5]

@@ -13,7 +13,9 @@ A failing store is retried with back-off while callers wait unacknowledged; when
 than ``max_pending_fixes`` are waiting, new submissions wait too, which pauses the
 streams (the devices keep their data). A gateway call waits as received, before its
 request becomes a batch, and only while ``max_waiting_batch_fixes`` allow: a call
-beyond them is refused with nothing stored (``admit_batch``).
+beyond them is refused with nothing stored (``admit_batch``). When more is waiting
+than one commit takes, device streams' rows go first (``_take_fair``), each device's
+fixes still in the order they were submitted.
 
 A try that stored but whose answer was lost leaves the retry finding its fixes
 stored: the store then tells which are stored as this commit received them, and the
@@ -111,6 +113,16 @@ class _Pending:
     batch: FixBatch | None = None
     device: str = ""
     rows: list[FixRow] | None = None
+    passed_over: bool = False  # a batch left for a later commit once (_take_fair)
+    _devices: frozenset[str] | None = None
+
+    def devices(self) -> frozenset[str]:
+        """The devices of a batch submission (worked out once), or of a row one."""
+        if self.batch is None:
+            return frozenset((self.device,))
+        if self._devices is None:
+            self._devices = frozenset(self.batch.device.tolist())
+        return self._devices
 
 
 class EarlyWatchers(Protocol):
@@ -347,14 +359,55 @@ class IngestPipeline:
         await asyncio.gather(*flushing)
 
     def _take(self) -> list[_Pending]:
-        taken, count = [], 0
-        while self._queue and count < self.settings.flush_max_fixes:
-            item = self._queue.popleft()
-            taken.append(item)
-            count += item.size
-        self._waiting_fixes -= count
+        """The next commit's submissions: everything waiting when it fits in
+        ``flush_max_fixes``, else device streams' rows first (``_take_fair``)."""
+        limit = self.settings.flush_max_fixes
+        if self._waiting_fixes <= limit:
+            taken = list(self._queue)
+            self._queue.clear()
+        else:
+            taken = self._take_fair(limit)
+        self._waiting_fixes -= sum(item.size for item in taken)
         if self._queue:
             self._wakeup.set()
+        return taken
+
+    def _take_fair(self, limit: int) -> list[_Pending]:
+        """About ``limit`` fixes of a queue longer than a commit, device streams'
+        small messages ahead of gateway batches.
+
+        A batch passed over once goes first; then every device row submission up
+        to ``limit``, except one whose device has fixes in a submission left
+        waiting before it: a device's fixes are stored in the order they were
+        submitted (commits start in queue order and lock each device's row, and a
+        device resumes after the highest sequence number stored). The room left
+        goes to the rest in arrival order.
+        """
+        queue, taken, count = self._queue, [], 0
+        while queue and queue[0].passed_over and count < limit:
+            item = queue.popleft()
+            taken.append(item)
+            count += item.size
+        left: deque[_Pending] = deque()
+        held: dict[str, set[str]] = defaultdict(set)  # devices of what is left
+        for item in queue:
+            devices = held[item.tenant]
+            if item.rows is None:
+                left.append(item)
+                devices.update(item.devices())
+            elif count < limit and item.device not in devices:
+                taken.append(item)
+                count += item.size
+            else:
+                left.append(item)
+                devices.add(item.device)
+        while left and count < limit:
+            item = left.popleft()
+            taken.append(item)
+            count += item.size
+        for item in left:
+            item.passed_over = item.rows is None
+        self._queue = left
         return taken
 
     async def _flush(
