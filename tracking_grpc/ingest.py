@@ -15,7 +15,8 @@ streams (the devices keep their data). A gateway call waits as received, before 
 request becomes a batch, and only while ``max_waiting_batch_fixes`` allow: a call
 beyond them is refused with nothing stored (``admit_batch``). When more is waiting
 than one commit takes, device streams' rows go first (``_take_fair``), each device's
-fixes still in the order they were submitted.
+fixes still in the order they were submitted. Once a large backlog has drained, the
+C heap's free memory is given back to the system (``heap``).
 
 A try that stored but whose answer was lost leaves the retry finding its fixes
 stored: the store then tells which are stored as this commit received them, and the
@@ -38,6 +39,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from tracking_grpc import heap
 from tracking_grpc.backlog import UnprocessedFixes
 from tracking_grpc.config import Settings
 from tracking_grpc.core import chunks, validation
@@ -54,6 +56,9 @@ log = logging.getLogger(__name__)
 LIVE_PIECE = 1_000
 # How long a gateway call refused while storage is behind is told to wait.
 RETRY_AFTER_S = 1.0
+# A backlog this large leaves the C heap's freed memory to be given back once it has
+# drained (``heap.release_free_memory``).
+RELEASE_AFTER_FIXES = 50_000
 
 
 def now_ms() -> int:
@@ -165,6 +170,8 @@ class IngestPipeline:
         self._waiting_fixes = 0  # in the queue
         self._waiting_batch_fixes = 0  # in gateway calls waiting for room
         self._refusing = False  # gateway calls are being refused (logged once)
+        self._backlog_peak = 0  # most fixes queued since memory was last released
+        self._processing_idle = True
         self._wakeup = asyncio.Event()
         self._space = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -191,9 +198,11 @@ class IngestPipeline:
             )
 
     async def _tick_loop(self, interval_s: float = 1.0) -> None:
-        """Give processors with a ``tick(now_ms)`` (timeouts: offline, dwell) a turn."""
+        """Give processors with a ``tick(now_ms)`` (timeouts: offline, dwell) a turn,
+        and give memory back once a backlog has drained."""
         while True:
             await asyncio.sleep(interval_s)
+            await self._release_memory_after_backlog()
             for processor in self.processors:
                 tick = getattr(processor, "tick", None)
                 if tick is None:
@@ -306,6 +315,7 @@ class IngestPipeline:
         self._queue.append(pending)
         self._queued_fixes += pending.size
         self._waiting_fixes += pending.size
+        self._backlog_peak = max(self._backlog_peak, self._queued_fixes)
         self._wakeup.set()
 
     @staticmethod
@@ -597,6 +607,32 @@ class IngestPipeline:
             metrics.live_update_failed("error")
             log.exception("live update failed; history is intact")
 
+    async def _release_memory_after_backlog(self) -> None:
+        """Once a backlog of ``RELEASE_AFTER_FIXES`` or more has been stored and
+        processed, give the C heap's free pages back to the system: the many small
+        blocks it was built of stay in malloc's free lists otherwise, and the
+        process keeps its peak size (``heap``). Under load the pipeline is never
+        empty: drained means a tenth of that pending, a commit or two waiting for
+        the processors, and the processors between runs."""
+        drained = (
+            self._queued_fixes <= RELEASE_AFTER_FIXES // 10
+            and self._processing.qsize() <= 2
+            and self._processing_idle
+        )
+        if not drained or self._backlog_peak < RELEASE_AFTER_FIXES:
+            return
+        peak, self._backlog_peak = self._backlog_peak, 0
+        before = heap.resident_bytes()
+        if not await asyncio.to_thread(heap.release_free_memory):
+            return
+        after = heap.resident_bytes()
+        log.info(
+            "a backlog of %d fixes drained: resident memory %.0f -> %.0f MB",
+            peak,
+            before / 1e6,
+            after / 1e6,
+        )
+
     def _offer_early(self, piece: FixBatch) -> int | None:
         """Offer the piece's newest fix per device to this process's watchers
         before the live write; the watchers' mark, or None when not offered."""
@@ -649,6 +685,7 @@ class IngestPipeline:
         ended = False
         while not ended and (item := await self._processing.get()) is not None:
             started = loop.time()
+            self._processing_idle = False
             work, ended = self._waiting_work(item)
             for stored, links in work:
                 for n, piece in enumerate(chunks.pieces(stored)):
@@ -657,6 +694,7 @@ class IngestPipeline:
                     await self._process(piece, links)
                     oldest_ms = int(piece.received_ms.min()) if len(piece) else 0
                     metrics.processed(max(now_ms() - oldest_ms, 0) / 1000)
+            self._processing_idle = True
             pause = interval - (loop.time() - started)
             if not ended and pause > 0:
                 await asyncio.sleep(pause)
