@@ -352,7 +352,12 @@ def run_drivers(
         process.start()
     faults = plan_faults(
         args,
-        FaultTarget(server_pid, port_of(plans[0].target), cluster_of(production)),
+        FaultTarget(
+            server_pid,
+            port_of(plans[0].target),
+            cluster_of(production),
+            production.postgres if production is not None else None,
+        ),
         watcher_pid(python_plans, processes),
     )
     nodes: list[NodeDriver] = []
@@ -856,6 +861,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "steady state and start it again, empty (needs --redis-shards)",
     )
     add("--redis-down-s", type=float, default=1.0, help="Redis down this long")
+    add(
+        "--stop-postgres-at-s",
+        type=float,
+        help="stop the private PostgreSQL this many seconds into the steady state "
+        "and start it again (needs --private-postgres); the server's memory is "
+        "read each second after",
+    )
+    add("--postgres-down-s", type=float, default=20.0, help="PostgreSQL down this long")
     add("--production", action="store_true", help="PostgreSQL + Redis backends")
     add("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     add("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -929,7 +942,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--peer compares device streams and watchers only")
     if args.peer and not args.devices:
         parser.error("--peer needs --devices: the comparison is of device streams")
-    faults = (args.kill_worker_at_s, args.restart_redis_at_s)
+    faults = (args.kill_worker_at_s, args.restart_redis_at_s, args.stop_postgres_at_s)
     if args.peer and any(at_s is not None for at_s in faults):
         parser.error("--peer runs without faults")
     if args.target and not args.server_pid:
@@ -952,7 +965,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_faults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Faults need what they act on: workers to spare, a Redis of the run's own."""
-    for name in ("kill_worker_at_s", "restart_redis_at_s"):
+    for name in ("kill_worker_at_s", "restart_redis_at_s", "stop_postgres_at_s"):
         at_s = getattr(args, name)
         if at_s is not None and not 0 <= at_s < args.steady_s:
             parser.error(f"--{name.replace('_', '-')} must lie in the steady state")
@@ -960,6 +973,8 @@ def check_faults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("--kill-worker-at-s needs a spawned server with --workers 2+")
     if args.restart_redis_at_s is not None and not args.redis_shards:
         parser.error("--restart-redis-at-s needs a private Redis (--redis-shards)")
+    if args.stop_postgres_at_s is not None and not args.private_postgres:
+        parser.error("--stop-postgres-at-s needs --private-postgres")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -9,6 +9,11 @@
   first shard, leave it down ``--redis-down-s`` seconds, start it again on the same
   port with the same cluster configuration and no data (the run's Redis keeps
   nothing on disk), as a Redis without persistence comes back from a crash.
+- ``--stop-postgres-at-s S`` (``--private-postgres``): stop the run's PostgreSQL
+  server (fast shutdown: its connections end), leave it down ``--postgres-down-s``
+  seconds and start it again; the server's resident memory is read before the
+  stop, at the restart and every second after it until the steady state ends
+  (what a backlog held, and whether it was given back once it drained).
 
 Each fault runs in a thread of its own and records what it did; the run's JSON
 lists the records under ``faults``.
@@ -25,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from load_backends import PrivateRedisCluster
+from load_backends import PrivatePostgres, PrivateRedisCluster
 
 from tracking_grpc.loadgen import procstat, sockets
 
@@ -36,11 +41,13 @@ Record = dict[str, object]
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """What the faults act on: the spawned server and the run's private Redis."""
+    """What the faults act on: the spawned server, the run's private Redis and
+    PostgreSQL."""
 
     server_pid: int
     port: int
     cluster: PrivateRedisCluster | None = None
+    postgres: PrivatePostgres | None = None
 
 
 def _worker_to_kill(
@@ -85,6 +92,34 @@ def restart_redis(cluster: PrivateRedisCluster, down_s: float) -> Record:
         "port": node.port,
         "down_s": down_s,
         "ready_after_start_s": round(time.time() - started_s, 3),
+    }
+
+
+def stop_postgres(
+    postgres: PrivatePostgres, server_pid: int, down_s: float, watch_s: float
+) -> Record:
+    """Stop PostgreSQL for ``down_s``, start it again, then read the server's
+    resident memory every second for ``watch_s``."""
+
+    def rss_mb() -> float:
+        return round(procstat.usage(server_pid).rss_bytes / 2**20, 1)
+
+    before_mb = rss_mb()
+    postgres.stop("fast")
+    log.warning("stopped PostgreSQL on port %d", postgres.port)
+    time.sleep(down_s)
+    at_restart_mb = rss_mb()
+    postgres.start()
+    log.warning("started PostgreSQL again on port %d", postgres.port)
+    after_mb = []
+    for _ in range(int(watch_s)):
+        time.sleep(1.0)
+        after_mb.append(rss_mb())
+    return {
+        "down_s": down_s,
+        "rss_before_mb": before_mb,
+        "rss_at_restart_mb": at_restart_mb,
+        "rss_each_s_after_mb": after_mb,
     }
 
 
@@ -142,7 +177,7 @@ def plan_faults(
     args: argparse.Namespace, target: Target, watcher_pid: int | None
 ) -> Faults:
     """The faults the command line asks for (``--kill-worker-at-s``,
-    ``--restart-redis-at-s``)."""
+    ``--restart-redis-at-s``, ``--stop-postgres-at-s``)."""
     faults = Faults()
     if args.kill_worker_at_s is not None:
         faults.add(
@@ -158,5 +193,17 @@ def plan_faults(
             "restart_redis",
             args.restart_redis_at_s,
             lambda: restart_redis(cluster, args.redis_down_s),
+        )
+    if args.stop_postgres_at_s is not None:
+        postgres = target.postgres
+        if postgres is None:
+            raise ValueError("--stop-postgres-at-s needs --private-postgres")
+        watch_s = args.steady_s - args.stop_postgres_at_s - args.postgres_down_s
+        faults.add(
+            "stop_postgres",
+            args.stop_postgres_at_s,
+            lambda: stop_postgres(
+                postgres, target.server_pid, args.postgres_down_s, max(watch_s, 0)
+            ),
         )
     return faults

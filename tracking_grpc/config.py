@@ -91,6 +91,13 @@ class Settings:
     max_pending_fixes: int = setting(
         200_000, "fixes waiting for storage before streams are paused (back-pressure)"
     )
+    max_waiting_batch_fixes: int = setting(
+        20_000,
+        "fixes of PublishBatch calls that may wait, as received, while "
+        "max_pending_fixes are pending; a call beyond is refused with "
+        "RESOURCE_EXHAUSTED and a retry delay, nothing of it stored (0: refuse "
+        "every call while congested)",
+    )
     event_queue_max: int = setting(
         100_000,
         "events waiting to be written to the event store (ListEvents, the event "
@@ -304,6 +311,7 @@ ABOVE_ZERO = (
     "route_arrival_radius_m",
 )
 ZERO_OR_MORE = (
+    "max_waiting_batch_fixes",
     "max_future_skew_s",
     "max_fix_age_s",
     "flush_interval_ms",

@@ -8,7 +8,8 @@
     ├── Unauthenticated           UNAUTHENTICATED    no or bad credentials
     ├── PermissionDenied          PERMISSION_DENIED  credentials do not allow this
     ├── ResourceExhausted         RESOURCE_EXHAUSTED back-pressure: retry later
-    │   └── FellBehind                               the client stopped reading
+    │   ├── FellBehind                               the client stopped reading
+    │   └── Congested                                storage is behind: nothing stored
     └── Unavailable               UNAVAILABLE        a dependency is down: retry later
         └── StorageUnavailable                       the history store cannot write
 
@@ -82,6 +83,16 @@ class ResourceExhausted(TrackingError):
 class FellBehind(ResourceExhausted):
     """The client did not read its stream for ``write_timeout_s``: the stream ends
     rather than hold what was written for it."""
+
+
+class Congested(ResourceExhausted):
+    """Storage is behind and this call may not wait for it: nothing of the call was
+    stored, and it may be sent again after ``retry_after_s`` (a ``RetryInfo`` in
+    the status details)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(f"{message}; retry in {retry_after_s:g} s")
+        self.retry_after_s = retry_after_s
 
 
 class Unavailable(TrackingError):

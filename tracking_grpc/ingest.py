@@ -11,9 +11,16 @@ events reach the event bus.
 
 A failing store is retried with back-off while callers wait unacknowledged; when more
 than ``max_pending_fixes`` are waiting, new submissions wait too, which pauses the
-streams (the devices keep their data). A try that stored but whose answer was lost
-leaves the retry finding its fixes stored: the store then tells which are stored as
-this commit received them, and the processors get those once.
+streams (the devices keep their data). A gateway call waits as received, before its
+request becomes a batch, and only while ``max_waiting_batch_fixes`` allow: a call
+beyond them is refused with nothing stored (``admit_batch``). When more is waiting
+than one commit takes, device streams' rows go first (``_take_fair``), each device's
+fixes still in the order they were submitted. Once a large backlog has drained, the
+C heap's free memory is given back to the system (``heap``).
+
+A try that stored but whose answer was lost leaves the retry finding its fixes
+stored: the store then tells which are stored as this commit received them, and the
+processors get those once.
 
 Processors whose events the bus cannot take (the event store's queue is full) wait,
 and once their own queue is full the commits behind them wait too, stored and acked
@@ -32,11 +39,12 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from tracking_grpc import heap
 from tracking_grpc.backlog import UnprocessedFixes
 from tracking_grpc.config import Settings
 from tracking_grpc.core import chunks, validation
 from tracking_grpc.core.fixes import FixBatch, FixRow
-from tracking_grpc.errors import StorageUnavailable, Unavailable
+from tracking_grpc.errors import Congested, StorageUnavailable, Unavailable
 from tracking_grpc.events import EventBus, FixProcessor, TrackingEvent
 from tracking_grpc.observability import metrics, tracing
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
@@ -46,6 +54,11 @@ log = logging.getLogger(__name__)
 # Devices per live update: a piece is one Redis call (SINGLE_CALL_ROWS in
 # storage.redis_live), and a large commit's pieces let streams be served between.
 LIVE_PIECE = 1_000
+# How long a gateway call refused while storage is behind is told to wait.
+RETRY_AFTER_S = 1.0
+# A backlog this large leaves the C heap's freed memory to be given back once it has
+# drained (``heap.release_free_memory``).
+RELEASE_AFTER_FIXES = 50_000
 
 
 def now_ms() -> int:
@@ -105,6 +118,16 @@ class _Pending:
     batch: FixBatch | None = None
     device: str = ""
     rows: list[FixRow] | None = None
+    passed_over: bool = False  # a batch left for a later commit once (_take_fair)
+    _devices: frozenset[str] | None = None
+
+    def devices(self) -> frozenset[str]:
+        """The devices of a batch submission (worked out once), or of a row one."""
+        if self.batch is None:
+            return frozenset((self.device,))
+        if self._devices is None:
+            self._devices = frozenset(self.batch.device.tolist())
+        return self._devices
 
 
 class EarlyWatchers(Protocol):
@@ -143,7 +166,12 @@ class IngestPipeline:
         self.storage_healthy = True
         self.live_healthy = True
         self._queue: deque[_Pending] = deque()
-        self._queued_fixes = 0
+        self._queued_fixes = 0  # in the queue and in commits (until processed)
+        self._waiting_fixes = 0  # in the queue
+        self._waiting_batch_fixes = 0  # in gateway calls waiting for room
+        self._refusing = False  # gateway calls are being refused (logged once)
+        self._backlog_peak = 0  # most fixes queued since memory was last released
+        self._processing_idle = True
         self._wakeup = asyncio.Event()
         self._space = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
@@ -170,9 +198,11 @@ class IngestPipeline:
             )
 
     async def _tick_loop(self, interval_s: float = 1.0) -> None:
-        """Give processors with a ``tick(now_ms)`` (timeouts: offline, dwell) a turn."""
+        """Give processors with a ``tick(now_ms)`` (timeouts: offline, dwell) a turn,
+        and give memory back once a backlog has drained."""
         while True:
             await asyncio.sleep(interval_s)
+            await self._release_memory_after_backlog()
             for processor in self.processors:
                 tick = getattr(processor, "tick", None)
                 if tick is None:
@@ -198,10 +228,51 @@ class IngestPipeline:
         """Whether new submissions must wait (``wait_for_space``) before queueing."""
         return self._queued_fixes >= self.settings.max_pending_fixes
 
+    @property
+    def waiting_fixes(self) -> int:
+        """Fixes queued for a group commit that has not taken them yet."""
+        return self._waiting_fixes
+
+    @property
+    def waiting_batch_fixes(self) -> int:
+        """Fixes of gateway calls waiting for room (``admit_batch``), as received."""
+        return self._waiting_batch_fixes
+
     async def wait_for_space(self) -> None:
         """Wait until the queue is below ``max_pending_fixes`` (or closing)."""
         async with self._space:
             await self._space.wait_for(lambda: not self.congested or self._closing)
+
+    async def admit_batch(self, fixes: int) -> None:
+        """Wait for room for a gateway call of ``fixes`` fixes, before its request
+        is turned into a batch.
+
+        While ``max_pending_fixes`` are pending, calls wait holding their request
+        only, up to ``max_waiting_batch_fixes`` fixes among them; a call beyond is
+        refused (``Congested``, RESOURCE_EXHAUSTED) with nothing of it stored, so
+        what a congested server holds for gateways stays bounded.
+        """
+        if not self.congested:
+            return
+        waiting = self._waiting_batch_fixes
+        if waiting + fixes > self.settings.max_waiting_batch_fixes:
+            if not self._refusing:
+                log.warning(
+                    "storage is behind (%d fixes pending): refusing gateway calls",
+                    self._queued_fixes,
+                )
+                self._refusing = True
+            raise Congested(
+                f"storage is behind: {self._queued_fixes} fixes wait to be stored "
+                f"and {waiting} more in gateway calls; nothing of this call "
+                f"({fixes} fixes) was stored",
+                RETRY_AFTER_S,
+            )
+        self._waiting_batch_fixes += fixes
+        try:
+            await self.wait_for_space()
+        finally:
+            self._waiting_batch_fixes -= fixes
 
     def submit_rows(
         self, tenant: str, device: str, rows: list[FixRow]
@@ -243,6 +314,8 @@ class IngestPipeline:
             raise StorageUnavailable("server is shutting down; nothing was stored")
         self._queue.append(pending)
         self._queued_fixes += pending.size
+        self._waiting_fixes += pending.size
+        self._backlog_peak = max(self._backlog_peak, self._queued_fixes)
         self._wakeup.set()
 
     @staticmethod
@@ -296,13 +369,55 @@ class IngestPipeline:
         await asyncio.gather(*flushing)
 
     def _take(self) -> list[_Pending]:
-        taken, count = [], 0
-        while self._queue and count < self.settings.flush_max_fixes:
-            item = self._queue.popleft()
-            taken.append(item)
-            count += item.size
+        """The next commit's submissions: everything waiting when it fits in
+        ``flush_max_fixes``, else device streams' rows first (``_take_fair``)."""
+        limit = self.settings.flush_max_fixes
+        if self._waiting_fixes <= limit:
+            taken = list(self._queue)
+            self._queue.clear()
+        else:
+            taken = self._take_fair(limit)
+        self._waiting_fixes -= sum(item.size for item in taken)
         if self._queue:
             self._wakeup.set()
+        return taken
+
+    def _take_fair(self, limit: int) -> list[_Pending]:
+        """About ``limit`` fixes of a queue longer than a commit, device streams'
+        small messages ahead of gateway batches.
+
+        A batch passed over once goes first; then every device row submission up
+        to ``limit``, except one whose device has fixes in a submission left
+        waiting before it: a device's fixes are stored in the order they were
+        submitted (commits start in queue order and lock each device's row, and a
+        device resumes after the highest sequence number stored). The room left
+        goes to the rest in arrival order.
+        """
+        queue, taken, count = self._queue, [], 0
+        while queue and queue[0].passed_over and count < limit:
+            item = queue.popleft()
+            taken.append(item)
+            count += item.size
+        left: deque[_Pending] = deque()
+        held: dict[str, set[str]] = defaultdict(set)  # devices of what is left
+        for item in queue:
+            devices = held[item.tenant]
+            if item.rows is None:
+                left.append(item)
+                devices.update(item.devices())
+            elif count < limit and item.device not in devices:
+                taken.append(item)
+                count += item.size
+            else:
+                left.append(item)
+                devices.add(item.device)
+        while left and count < limit:
+            item = left.popleft()
+            taken.append(item)
+            count += item.size
+        for item in left:
+            item.passed_over = item.rows is None
+        self._queue = left
         return taken
 
     async def _flush(
@@ -360,6 +475,9 @@ class IngestPipeline:
             slot.release()
             finished.set_result(None)
             self._queued_fixes -= sum(i.size for i in items)
+            if self._refusing and not self.congested:
+                log.warning("storage caught up: gateway calls are taken again")
+                self._refusing = False
             async with self._space:
                 self._space.notify_all()
 
@@ -489,6 +607,32 @@ class IngestPipeline:
             metrics.live_update_failed("error")
             log.exception("live update failed; history is intact")
 
+    async def _release_memory_after_backlog(self) -> None:
+        """Once a backlog of ``RELEASE_AFTER_FIXES`` or more has been stored and
+        processed, give the C heap's free pages back to the system: the many small
+        blocks it was built of stay in malloc's free lists otherwise, and the
+        process keeps its peak size (``heap``). Under load the pipeline is never
+        empty: drained means a tenth of that pending, a commit or two waiting for
+        the processors, and the processors between runs."""
+        drained = (
+            self._queued_fixes <= RELEASE_AFTER_FIXES // 10
+            and self._processing.qsize() <= 2
+            and self._processing_idle
+        )
+        if not drained or self._backlog_peak < RELEASE_AFTER_FIXES:
+            return
+        peak, self._backlog_peak = self._backlog_peak, 0
+        before = heap.resident_bytes()
+        if not await asyncio.to_thread(heap.release_free_memory):
+            return
+        after = heap.resident_bytes()
+        log.info(
+            "a backlog of %d fixes drained: resident memory %.0f -> %.0f MB",
+            peak,
+            before / 1e6,
+            after / 1e6,
+        )
+
     def _offer_early(self, piece: FixBatch) -> int | None:
         """Offer the piece's newest fix per device to this process's watchers
         before the live write; the watchers' mark, or None when not offered."""
@@ -541,6 +685,7 @@ class IngestPipeline:
         ended = False
         while not ended and (item := await self._processing.get()) is not None:
             started = loop.time()
+            self._processing_idle = False
             work, ended = self._waiting_work(item)
             for stored, links in work:
                 for n, piece in enumerate(chunks.pieces(stored)):
@@ -549,6 +694,7 @@ class IngestPipeline:
                     await self._process(piece, links)
                     oldest_ms = int(piece.received_ms.min()) if len(piece) else 0
                     metrics.processed(max(now_ms() - oldest_ms, 0) / 1000)
+            self._processing_idle = True
             pause = interval - (loop.time() - started)
             if not ended and pause > 0:
                 await asyncio.sleep(pause)

@@ -2,7 +2,8 @@
 
 Every handler is wrapped: a :class:`~tracking_grpc.errors.TrackingError` becomes its
 status code with its message (and, for an invalid argument, a ``google.rpc.BadRequest``
-field violation in the rich status details); anything else is logged and becomes
+field violation in the rich status details; for a call refused while storage is
+behind, a ``google.rpc.RetryInfo``); anything else is logged and becomes
 INTERNAL without leaking internals to the caller. A request whose bytes do not decode
 is an invalid argument too (see :func:`_decoder`).
 
@@ -26,7 +27,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc._cython.cygrpc import ExecuteBatchError  # no public name in grpc.aio
 
-from tracking_grpc.errors import InvalidArgument, TrackingError
+from tracking_grpc.errors import Congested, InvalidArgument, TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +38,20 @@ STATUS_WAIT_S = 1.0
 
 
 def _trailers(error: TrackingError) -> tuple[tuple[str, bytes], ...]:
-    if not isinstance(error, InvalidArgument):
-        return ()
-    violation = error_details_pb2.BadRequest.FieldViolation(
-        field=error.field, description=error.reason
-    )
+    """The rich status details a client can act on: the field of an invalid
+    argument, the wait before retrying a call refused for congestion."""
     detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    if isinstance(error, InvalidArgument):
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=error.field, description=error.reason
+        )
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    elif isinstance(error, Congested):
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(round(error.retry_after_s * 1000))
+        detail.Pack(retry)
+    else:
+        return ()
     status = status_pb2.Status(
         code=error.code.value[0], message=error.message, details=[detail]
     )

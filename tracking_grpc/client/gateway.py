@@ -17,6 +17,7 @@ from tracking_grpc.client.schedule import (
     stamped_times,
 )
 from tracking_grpc.client.session import Backoff, SessionStats
+from tracking_grpc.client.status import retry_delay_s
 from tracking_grpc.traces import Trace
 
 
@@ -90,13 +91,20 @@ def _columns(
 
 
 async def _publish_with_retry(stub, request, metadata, retry, stats):
+    """Send ``request`` until it is answered; again after UNAVAILABLE (the server
+    is away), and after RESOURCE_EXHAUSTED with a retry delay (storage is behind:
+    nothing was stored), not before that delay and with the backoff's jitter."""
     backoff = Backoff(retry)
     while True:
         try:
             return await stub.PublishBatch(request, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             error = f"{exc.code().name}: {exc.details()}"
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            hint_s = retry_delay_s(exc)
+            refused = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            if exc.code() != grpc.StatusCode.UNAVAILABLE and not (
+                refused and hint_s is not None
+            ):
                 stats.error = error
                 return None
             delay_s = backoff.next_delay_s()
@@ -104,4 +112,4 @@ async def _publish_with_retry(stub, request, metadata, retry, stats):
                 stats.error = backoff.gave_up(error)
                 return None
             stats.reconnects += 1
-            await asyncio.sleep(delay_s)
+            await asyncio.sleep((hint_s or 0.0) + delay_s)

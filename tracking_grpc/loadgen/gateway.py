@@ -3,20 +3,28 @@
 Batch ``k`` is sent at ``start + k / rate`` whatever happened to earlier ones; at most
 ``gateway_max_inflight`` calls are outstanding, and a batch due while that many are
 waiting is counted as ``gateway_overload`` instead of being sent late. Each batch
-carries the next ``gateway_batch_fixes`` devices of the gateway, one fix each.
+carries the next ``gateway_batch_fixes`` devices of the gateway, one fix each. A call
+the server refuses while its storage is behind (RESOURCE_EXHAUSTED with a retry
+delay: nothing stored) is sent again after the delay, still counted in flight; its
+latency runs from the first send.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import grpc
 import numpy as np
 from tracking.v1 import common_pb2, track_pb2, track_pb2_grpc
 
+from tracking_grpc.client.status import retry_delay_s
 from tracking_grpc.loadgen.channels import sleep_until
 from tracking_grpc.loadgen.plan import DriverResult, Plan
+
+# A call refused this long is given up (an error), as a gateway's buffer would be.
+REFUSED_FOR_S = 120.0
 
 
 class Gateway:
@@ -76,6 +84,32 @@ class Gateway:
         if self.inflight:
             await asyncio.wait(self.inflight, timeout=30.0)
 
+    async def _send(
+        self,
+        stub: track_pb2_grpc.TrackSessionStub,
+        request: track_pb2.PublishBatchRequest,
+        metadata: tuple[tuple[str, str], ...] | None,
+    ) -> track_pb2.PublishBatchResponse | None:
+        """The call's answer, sent again while the server refuses it for
+        congestion (RESOURCE_EXHAUSTED with a retry delay: nothing was stored),
+        after that delay and a jitter of up to as much; None after another
+        error, or refusals for longer than ``REFUSED_FOR_S``."""
+        result = self.result
+        refused_since = time.monotonic()
+        while True:
+            try:
+                return await stub.PublishBatch(request, metadata=metadata, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                hint_s = retry_delay_s(exc)
+                code = exc.code()
+                refused = code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                given_up = time.monotonic() - refused_since > REFUSED_FOR_S
+                if not refused or hint_s is None or given_up:
+                    result.error(f"publish_{code.name}", detail=exc.details() or "")
+                    return None
+                result.count("gateway_calls_refused")
+                await asyncio.sleep(hint_s * (1 + random.random()))
+
     async def _publish(
         self,
         stub: track_pb2_grpc.TrackSessionStub,
@@ -87,10 +121,8 @@ class Gateway:
         result = self.result
         result.count("fixes_generated", size)
         sent_ns = time.time_ns()
-        try:
-            response = await stub.PublishBatch(request, metadata=metadata, timeout=30)
-        except grpc.aio.AioRpcError as exc:
-            result.error(f"publish_{exc.code().name}", detail=exc.details() or "")
+        response = await self._send(stub, request, metadata)
+        if response is None:
             return
         now_ns = time.time_ns()
         if self.plan.window.counts(time_ms):

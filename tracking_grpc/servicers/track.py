@@ -55,6 +55,17 @@ def _ack(ack: DeviceAck, last_stored_seq: int) -> track_pb2.TrackResponse:
     return response
 
 
+def _check_batch_size(
+    request: track_pb2.PublishBatchRequest, fixes: int, limit: int
+) -> None:
+    """A gateway call's fixes, counted as received (``fixes``), are 1 to ``limit``."""
+    if fixes == 0:
+        raise InvalidArgument("devices", "the batch holds no fixes")
+    if fixes > limit:
+        field = "columns" if request.HasField("columns") else "devices"
+        raise InvalidArgument(field, f"{fixes} fixes exceed {limit}")
+
+
 def _check_point(lat: float, lon: float, field: str) -> None:
     if not (math.isfinite(lat) and -90 <= lat <= 90):
         raise InvalidArgument(f"{field}.lat", "must be a finite number in [-90, 90]")
@@ -186,9 +197,14 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
     async def PublishBatch(
         self, request: track_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
     ) -> track_pb2.PublishBatchResponse:
-        """Store fixes of many devices; answers once they are durable."""
+        """Store fixes of many devices; answers once they are durable. While
+        storage is behind, waits as received, or is refused with RESOURCE_EXHAUSTED
+        and nothing stored (IngestPipeline.admit_batch)."""
         caller = self.app.auth.caller(context)
         caller.require_writer()
+        fixes = len(request.columns.seq) + sum(len(d.fixes) for d in request.devices)
+        _check_batch_size(request, fixes, self.app.settings.max_batch_fixes)
+        await self.app.pipeline.admit_batch(fixes)
         batches = []
         for i, device in enumerate(request.devices):
             field = f"devices[{i}].device_id"
@@ -199,12 +215,6 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         if request.HasField("columns"):
             batches.append(convert.columns_to_batch(caller.tenant, request.columns))
         batch = FixBatch.concat(batches) if batches else FixBatch.empty(caller.tenant)
-        if len(batch) == 0:
-            raise InvalidArgument("devices", "the batch holds no fixes")
-        limit = self.app.settings.max_batch_fixes
-        if len(batch) > limit:
-            field = "columns" if request.HasField("columns") else "devices"
-            raise InvalidArgument(field, f"{len(batch)} fixes exceed {limit}")
         if caller.role == Role.DEVICE:
             for device_id in set(batch.device.tolist()):
                 caller.require_device(device_id)
