@@ -496,7 +496,8 @@ def sqlite_stored(data_dir: Path) -> list[tuple[str, int, int]]:
 
 
 def verify(rows: list[tuple[str, int, int]], results: list[DriverResult]) -> dict:
-    """After the server stopped: is every fix a device generated stored once?
+    """After the server stopped: is every fix a device generated stored once, and
+    every fix acked stored?
 
     Device streams are checked device by device. Gateways keep no list per device
     (a failed call is not resent); their fixes are checked in total: every row of
@@ -505,7 +506,10 @@ def verify(rows: list[tuple[str, int, int]], results: list[DriverResult]) -> dic
     once."""
     stored = {device: (count, top) for device, count, top in rows}
     generated = {d: n for r in results for d, n, _ in r.generated}
+    acked = {d: a for r in results for d, _, a in r.generated}
     lost = sum(n - stored.get(d, (0, 0))[0] for d, n in generated.items())
+    # Seqs run 1..n: an acked seq is missing when fewer rows than it are stored.
+    acked_lost = sum(max(a - stored.get(d, (0, 0))[0], 0) for d, a in acked.items())
     gaps = sum(1 for d, n in generated.items() if stored.get(d, (0, 0)) != (n, n))
     everything = sum(r.counts.get("fixes_generated", 0) for r in results)
     gateway_sent = everything - sum(generated.values())
@@ -516,6 +520,9 @@ def verify(rows: list[tuple[str, int, int]], results: list[DriverResult]) -> dic
         "fixes_generated": sum(generated.values()),
         "fixes_stored_rows": sum(stored.get(d, (0, 0))[0] for d in generated),
         "fixes_lost": lost,
+        # Of those, acked ones (an ack means stored: must be 0). The rest were
+        # never acked: sent after the server stopped taking them, or never sent.
+        "fixes_acked_not_stored": acked_lost,
         "devices_with_gaps_or_extra": gaps,
         "gateway_fixes_sent": gateway_sent,
         "gateway_fixes_stored_rows": gateway_rows,

@@ -55,6 +55,7 @@ def assert_settled_once(result: dict) -> None:
     assert settled == counts["fixes_generated"]
     assert result["verify"]["devices_checked"] == 200
     assert result["verify"]["fixes_lost"] == 0
+    assert result["verify"]["fixes_acked_not_stored"] == 0
     assert result["verify"]["devices_with_gaps_or_extra"] == 0
     assert result["watch"]["count"] > 0 and result["ack"]["count"] > 0
     stalls = result["server"]["stalls"]  # from the server's /metrics
