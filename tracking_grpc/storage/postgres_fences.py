@@ -126,6 +126,7 @@ class PostgresGeofenceDatabase:
                 set_lock_timeout, lock_timeout_s=self.timeout_s
             ),
             open=False,
+            name="geofence",  # in psycopg_pool's log lines
             # Reconnect attempts back off without a cap otherwise: see
             # storage.postgres.RECONNECT_TIMEOUT_S.
             reconnect_timeout=RECONNECT_TIMEOUT_S,
