@@ -39,6 +39,7 @@ from tracking_grpc.errors import (
 )
 from tracking_grpc.storage import pgcopy, schema
 from tracking_grpc.storage.base import Checkpoints, DeviceState, Purged
+from tracking_grpc.storage.pgcancel import run_cancellable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -339,6 +340,7 @@ class PostgresHistoryStore:
         pool_timeout_s: float = 5.0,
     ) -> None:
         self.url = url
+        self._timeout_s = pool_timeout_s
         self._pool = AsyncConnectionPool(
             url,
             min_size=min_connections,
@@ -675,11 +677,13 @@ class PostgresHistoryStore:
     ) -> T:
         """``run`` on a pooled connection; after a broken one, once more on a fresh
         one (a server that dropped its sessions is usually up again at once). A
-        statement PostgreSQL cancelled is not run again."""
+        statement PostgreSQL cancelled is not run again. A caller cancelled gives
+        the statement's cancellation the pool timeout, then drops the connection
+        (see :mod:`.pgcancel`)."""
         for attempt in range(2):
             try:
                 async with self._pool.connection() as conn:
-                    return await run(conn)
+                    return await run_cancellable(run(conn), conn, self._timeout_s)
             except CANCELLED_BY_SERVER as exc:
                 raise cancelled_read(exc) from exc
             except CONNECTION_ERRORS as exc:
