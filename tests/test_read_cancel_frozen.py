@@ -6,10 +6,11 @@ one reads the rest of the copy with no time limit. A frozen PostgreSQL (SIGSTOP)
 answers no cancel request and sends nothing more: without a limit of the store's
 own, the server's handler and its pooled connection waited for it forever.
 
-A private PostgreSQL, reached through its Unix socket (whose small buffer a 20,000
-fix copy overfills), frozen in steps keyed on what the backend waits for and on
-psycopg's own warnings, so that whatever the timing the copy's reader ends up
-waiting for rows that never come.
+A private PostgreSQL, reached through its Unix socket (whose small buffer a 50,000
+fix copy overfills many times). The postmaster is frozen, so psycopg's cancel
+request is not answered; the call is cancelled in the middle of the copy, and once
+psycopg has given up asking (and the copy has filled the socket again) the backend
+is frozen too. Each step waits for an event, none for a time.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from tracking_grpc.storage import schema
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 T0 = 1_700_000_000_000  # November 2023: the default partition, none made at start
-FIXES = 20_000
+FIXES = 50_000
 EXPORT = history_pb2.ExportTrackRequest(
     track=history_pb2.GetTrackRequest(
         device_id="van", start_ms=T0, end_ms=T0 + (FIXES + 1) * 1000
@@ -172,19 +173,19 @@ async def test_a_cancelled_export_lets_go_of_a_frozen_postgres(
             first = asyncio.ensure_future(call.read())
             await until(lambda: copy_waiting(admin, "relation"), "COPY on the lock")
 
-            # The copy fills the socket while the server cannot read, then stops.
+            freeze.freeze(postmaster)  # answers no cancel request
+
+            # The copy fills the socket while the server cannot read it, and the
+            # call is cancelled in the middle of it.
             locker.rollback()
             backend = until_holding_the_loop(
                 lambda: copy_waiting(admin, "ClientWrite"), "full socket"
             )
-            freeze.freeze(backend)
-            freeze.freeze(postmaster)  # answers no cancel request
             call.cancel()
 
-            # psycopg gave up asking: the backend sends again, then stops again.
+            # psycopg gave up asking (the socket full again meanwhile): once it
+            # has read the rows waiting there, no more come.
             await until(lambda: logged(caplog, "cancellation failed"), "warning")
-            freeze.thaw(backend)
-            await until(lambda: copy_waiting(admin, "ClientWrite"), "full socket")
             freeze.freeze(backend)
 
             await until(lambda: logged(caplog, "finished CANCELLED"), "call's end")
