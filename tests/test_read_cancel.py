@@ -5,6 +5,9 @@ the cancel lands while it runs. The pool has one connection: the same backend mu
 serve the next read, the call ends as CANCELLED and nothing is logged as an error.
 psycopg does the work (on a cancelled task it asks the server to cancel the
 statement and reads its end; see docs/storage.md, Faults): these tests keep it so.
+
+A read that PostgreSQL cancels itself (its statement_timeout or lock_timeout, an
+operator) is not tried again, and its status says the database cancelled it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 import grpc
 import psycopg
@@ -29,6 +33,11 @@ from tracking_grpc.server import TrackingServer
 pytestmark = pytest.mark.postgres
 SPAN = {"device_id": "car", "start_ms": T0, "end_ms": T0 + DAY_MS}
 ACCESS_LOG = "tracking_grpc.observability.interceptor"
+LOCKED_COPIES = (
+    "SELECT pid, query_start FROM pg_stat_activity "
+    "WHERE datname = current_database() AND wait_event_type = 'Lock' "
+    "AND query LIKE '%%COPY%%' AND query_start > %s"
+)
 
 
 @pytest.fixture
@@ -93,15 +102,25 @@ async def blocked_backend(
     async with asyncio.timeout(60):
         while True:
             cur = await admin.execute(
-                "SELECT pid, query_start FROM pg_stat_activity "
-                "WHERE datname = current_database() AND wait_event_type = 'Lock' "
-                "AND query LIKE '%%COPY%%' AND query_start > %s",
-                [after or datetime.min.replace(tzinfo=UTC)],
+                LOCKED_COPIES, [after or datetime.min.replace(tzinfo=UTC)]
             )
             row = await cur.fetchone()
             if row is not None:
                 return row
             await asyncio.sleep(0.02)
+
+
+async def blocked_reads(
+    admin: psycopg.AsyncConnection, call: grpc.aio.Call
+) -> set[tuple[int, datetime]]:
+    """Every COPY (pid and start) seen waiting for the lock on ``fixes`` until
+    ``call`` ends."""
+    seen: set[tuple[int, datetime]] = set()
+    while not call.done():
+        cur = await admin.execute(LOCKED_COPIES, [datetime.min.replace(tzinfo=UTC)])
+        seen.update(await cur.fetchall())
+        await asyncio.sleep(0.02)
+    return seen
 
 
 async def cancelled_logged(caplog: pytest.LogCaptureFixture, count: int) -> None:
@@ -143,30 +162,59 @@ async def test_a_cancelled_read_keeps_its_connection(
     assert not [r for r in caplog.records if r.name.startswith("psycopg")]
 
 
-async def test_a_statement_the_server_cancels_is_still_a_failure(
-    one_connection_server, pg_own_url, caplog
-):
-    """Cancelled by the server (an operator, statement_timeout), not the client:
-    the read is tried once more (psycopg's QueryCanceled is an OperationalError,
-    which the store takes for a broken connection), then fails as UNAVAILABLE."""
-    caplog.set_level(logging.DEBUG, logger=ACCESS_LOG)
-    server = one_connection_server
-    async with history_and_locker(server, pg_own_url) as (stub, admin, locker):
-        await locker.execute("LOCK TABLE fixes IN ACCESS EXCLUSIVE MODE")
-        call = stub.TimeInFences(history_pb2.TimeInFencesRequest(**SPAN))
-        started = None
-        for _ in range(2):
-            pid, started = await blocked_backend(admin, after=started)
-            await admin.execute("SELECT pg_cancel_backend(%s)", [pid])
-        with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await call
-        await locker.rollback()
-        assert await finish_call(stub, "TimeInFences") > 0
+CANCELLED_BY_THE_DATABASE = [
+    pytest.param(
+        {"options": "-c statement_timeout=2000", "database_timeout_s": 30.0},
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        "statement timeout",
+        id="statement-timeout",
+    ),
+    pytest.param(
+        {"database_timeout_s": 2.0},
+        grpc.StatusCode.UNAVAILABLE,
+        "lock timeout",
+        id="lock-timeout",
+    ),
+    pytest.param(
+        {"operator_cancels": True},
+        grpc.StatusCode.UNAVAILABLE,
+        "user request",
+        id="operator-cancel",
+    ),
+]
 
-    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "canceling statement" in failed.value.details()
-    ended = [r for r in caplog.records if "TimeInFences finished" in r.getMessage()]
-    assert [(r.levelno, r.getMessage().split()[-1]) for r in ended] == [
-        (logging.WARNING, "UNAVAILABLE"),
-        (logging.DEBUG, "OK"),
-    ]
+
+@pytest.mark.parametrize(("how", "code", "cause"), CANCELLED_BY_THE_DATABASE)
+async def test_a_read_the_database_cancels_is_not_retried(
+    tmp_path, pg_own_url, how, code, cause
+):
+    """Cancelled by PostgreSQL, not the client: the same read at once would most
+    likely fail alike, so it runs once and its status says why."""
+    options = how.get("options")
+    settings = embedded_settings(
+        tmp_path,
+        database_url=pg_own_url + (f"?options={quote(options)}" if options else ""),
+        database_pool_size=1,
+        database_timeout_s=how.get("database_timeout_s", 5.0),
+        max_fix_age_s=0,
+    )
+    server = await TrackingServer.start(settings)
+    try:
+        async with history_and_locker(server, pg_own_url) as (stub, admin, locker):
+            await locker.execute("LOCK TABLE fixes IN ACCESS EXCLUSIVE MODE")
+            call = stub.TimeInFences(history_pb2.TimeInFencesRequest(**SPAN))
+            seen = asyncio.ensure_future(blocked_reads(admin, call))
+            if how.get("operator_cancels"):
+                pid, _ = await blocked_backend(admin)
+                await admin.execute("SELECT pg_cancel_backend(%s)", [pid])
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await call
+            await locker.rollback()
+            assert await finish_call(stub, "TimeInFences") > 0
+    finally:
+        await server.stop(0)
+
+    assert failed.value.code() == code
+    assert "the database cancelled the query" in failed.value.details()
+    assert cause in failed.value.details()
+    assert len(await seen) == 1  # one attempt

@@ -54,7 +54,8 @@ class Settings:
     database_timeout_s: float = setting(
         5.0,
         "longest wait for a PostgreSQL connection, or for a lock a statement needs, "
-        "before a store call fails (writes are retried)",
+        "before a store call fails (writes are retried); also how long a cancelled "
+        "read may take to end before its connection is dropped",
     )
     workers: int = setting(1, "server processes sharing the port (SO_REUSEPORT)")
     max_future_skew_s: float = setting(

@@ -12,6 +12,8 @@
     │   └── Congested                                storage is behind: nothing stored
     └── Unavailable               UNAVAILABLE        a dependency is down: retry later
         └── StorageUnavailable                       the history store cannot write
+            └── QueryCancelled                       the database cancelled a read
+                └── QueryTimedOut DEADLINE_EXCEEDED  ... at its statement_timeout
 
 Servicers and the core raise these; :mod:`tracking_grpc.interceptors` turns them into
 statuses in one place. Repositories convert library errors into these at their
@@ -103,3 +105,16 @@ class Unavailable(TrackingError):
 
 class StorageUnavailable(Unavailable):
     """The history store cannot take writes; nothing was acknowledged."""
+
+
+class QueryCancelled(StorageUnavailable):
+    """PostgreSQL cancelled a read itself (an operator's ``pg_cancel_backend``, its
+    ``lock_timeout``): not tried again at once, since it would likely meet the
+    same fate; the caller may retry later."""
+
+
+class QueryTimedOut(QueryCancelled):
+    """PostgreSQL cancelled a read at its ``statement_timeout``: the same read
+    would run out of time again."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

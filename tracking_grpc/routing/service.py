@@ -14,11 +14,12 @@ import logging
 import multiprocessing
 import uuid
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
 from tracking_grpc.config import Settings
-from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.errors import InvalidArgument, Unavailable
 from tracking_grpc.observability import tracing
 from tracking_grpc.routing import optimise
 from tracking_grpc.routing.engine import Match, Matrix, Route, Router
@@ -104,12 +105,31 @@ class Routing:
         problem = await asyncio.to_thread(
             optimise.build_problem, engine, vehicles, jobs
         )
+        loop = asyncio.get_running_loop()
+        with tracing.span("routing.optimise", profile=profile, jobs=len(jobs)):
+            for attempt in range(2):
+                solver = self._solver_pool()
+                try:
+                    return await loop.run_in_executor(solver, optimise.solve, problem)
+                except BrokenProcessPool as exc:
+                    # The process died (killed, out of memory): a pool stays broken
+                    # for good, so the next one is new. The solve is tried once more.
+                    self._drop_solver(solver)
+                    if attempt:
+                        raise Unavailable("the route solver process died") from exc
+                    log.warning("the route solver process died; starting another")
+        raise AssertionError("unreachable")
+
+    def _solver_pool(self) -> ProcessPoolExecutor:
         if self._solver is None:
             spawn = multiprocessing.get_context("spawn")
             self._solver = ProcessPoolExecutor(max_workers=1, mp_context=spawn)
-        loop = asyncio.get_running_loop()
-        with tracing.span("routing.optimise", profile=profile, jobs=len(jobs)):
-            return await loop.run_in_executor(self._solver, optimise.solve, problem)
+        return self._solver
+
+    def _drop_solver(self, solver: ProcessPoolExecutor) -> None:
+        if self._solver is solver:
+            self._solver = None
+        solver.shutdown(wait=False, cancel_futures=True)
 
     async def match(
         self,

@@ -31,15 +31,26 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from tracking_grpc.core.fixes import FixBatch
-from tracking_grpc.errors import InvalidArgument, StorageUnavailable
+from tracking_grpc.errors import (
+    InvalidArgument,
+    QueryCancelled,
+    QueryTimedOut,
+    StorageUnavailable,
+)
 from tracking_grpc.storage import pgcopy, schema
 from tracking_grpc.storage.base import Checkpoints, DeviceState, Purged
+from tracking_grpc.storage.pgcancel import run_cancellable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 # What a connection the server dropped, or a pool with none to give, raises
 # (psycopg_pool's PoolTimeout is an OperationalError).
 CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+# What a statement the server cancelled itself raises (both OperationalErrors too):
+# its statement_timeout, an operator's pg_cancel_backend (57014), its lock_timeout
+# (55P03). The connection is sound; the same read at once would most likely fail
+# alike, so a read does not try again.
+CANCELLED_BY_SERVER = (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)
 
 DAY_MS = 86_400_000
 
@@ -329,6 +340,7 @@ class PostgresHistoryStore:
         pool_timeout_s: float = 5.0,
     ) -> None:
         self.url = url
+        self._timeout_s = pool_timeout_s
         self._pool = AsyncConnectionPool(
             url,
             min_size=min_connections,
@@ -664,11 +676,16 @@ class PostgresHistoryStore:
         self, run: Callable[[psycopg.AsyncConnection], Awaitable[T]], failed: str
     ) -> T:
         """``run`` on a pooled connection; after a broken one, once more on a fresh
-        one (a server that dropped its sessions is usually up again at once)."""
+        one (a server that dropped its sessions is usually up again at once). A
+        statement PostgreSQL cancelled is not run again. A caller cancelled gives
+        the statement's cancellation the pool timeout, then drops the connection
+        (see :mod:`.pgcancel`)."""
         for attempt in range(2):
             try:
                 async with self._pool.connection() as conn:
-                    return await run(conn)
+                    return await run_cancellable(run(conn), conn, self._timeout_s)
+            except CANCELLED_BY_SERVER as exc:
+                raise cancelled_read(exc) from exc
             except CONNECTION_ERRORS as exc:
                 await self._check_pool()
                 if attempt or isinstance(exc, PoolTimeout):
@@ -698,6 +715,20 @@ class PostgresHistoryStore:
                 if made[0][0]:
                     log.info("created the fixes partition of %s", utc_date(day))
                     self._partition_days.add(day)
+
+
+def cancelled_read(exc: psycopg.Error) -> QueryCancelled:
+    """The error of a read that PostgreSQL cancelled (``CANCELLED_BY_SERVER``):
+    timed out when its statement_timeout did it, cancelled otherwise. PostgreSQL
+    gives the cause only in its message (in English unless ``lc_messages`` says
+    otherwise; a translated one makes a timeout a plain cancellation)."""
+    reason = exc.diag.message_primary or str(exc)
+    timed_out = isinstance(exc, psycopg.errors.QueryCanceled) and (
+        "statement timeout" in reason
+    )
+    log.info("PostgreSQL cancelled a read; not retried: %s", reason)
+    kind = QueryTimedOut if timed_out else QueryCancelled
+    return kind(f"the database cancelled the query: {reason}")
 
 
 async def set_lock_timeout(

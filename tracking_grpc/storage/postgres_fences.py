@@ -42,8 +42,10 @@ from tracking_grpc.storage.fences import (
     stamped,
 )
 from tracking_grpc.storage.postgres import (
+    CANCELLED_BY_SERVER,
     CONNECTION_ERRORS,
     RECONNECT_TIMEOUT_S,
+    cancelled_read,
     set_lock_timeout,
 )
 
@@ -147,6 +149,8 @@ class PostgresGeofenceDatabase:
                 async with self.pool.connection() as conn:
                     cur = await conn.execute(sql, args)
                     return await cur.fetchall()
+            except CANCELLED_BY_SERVER as exc:
+                raise cancelled_read(exc) from exc
             except CONNECTION_ERRORS as exc:
                 # A read is safe to repeat; once, on a connection made since.
                 if attempt or isinstance(exc, PoolTimeout):
