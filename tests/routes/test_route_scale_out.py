@@ -120,6 +120,16 @@ async def progress_code(channel: grpc.aio.Channel, device: str) -> grpc.StatusCo
     return grpc.StatusCode.OK
 
 
+async def until_saved(channel: grpc.aio.Channel, drive: Drive) -> None:
+    """Wait until ``channel``'s server tells the progress of the drive's last fix
+    sent (from memory, or from the checkpoint of the server that applied it)."""
+    sent_ms, device = drive.time_ms(drive.sent - 1), drive.device
+    async with asyncio.timeout(10):
+        # polls the other server (ASYNC110: no event to wait on across processes)
+        while (await progress(channel, device)).last_fix_ms < sent_ms:  # noqa: ASYNC110
+            await asyncio.sleep(CHECKPOINT_S / 2)
+
+
 @pytest.fixture
 def route_settings(tmp_path, helsinki_dir):
     return embedded_settings(
@@ -169,13 +179,8 @@ async def test_a_route_assigned_on_one_server_is_watched_where_the_fixes_go(
 async def test_progress_from_the_server_that_saw_no_fix(two_servers) -> None:
     assigning, storing = two_servers
     drive = await assign(assigning, "van-2", "delivery-2")
-    last = drive.first_at(800)
-    assert await drive.send(storing, last, settle_s=0.2) == [OFF]
-    async with asyncio.timeout(10):  # as old as the storing server's last save
-        seen = drive.time_ms(last - 1)
-        # polls the other server (ASYNC110: no event to wait on across processes)
-        while (await progress(assigning, "van-2")).last_fix_ms < seen:  # noqa: ASYNC110
-            await asyncio.sleep(CHECKPOINT_S / 2)
+    assert await drive.send(storing, drive.first_at(800), settle_s=0.2) == [OFF]
+    await until_saved(assigning, drive)  # as old as the storing server's last save
     elsewhere = await progress(assigning, "van-2")
     here = await progress(storing, "van-2")
     assert elsewhere.off_route and elsewhere.route_id == "delivery-2"
@@ -198,6 +203,20 @@ async def test_a_route_cleared_on_one_server_is_not_watched_on_the_other(
         while await progress_code(storing, "van-3") != NOT_FOUND:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
     assert await drive.send(storing, len(drive.points)) == []  # no BACK, ARRIVED
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_a_device_moving_between_servers_continues_where_it_was(
+    two_servers,
+) -> None:
+    first, second = two_servers
+    drive = await assign(first, "van-5", "delivery-5")
+    assert await drive.send(first, drive.first_at(500), settle_s=0.2) == []
+    await until_saved(second, drive)
+    assert await drive.send(second, drive.first_at(800), settle_s=0.2) == [OFF]
+    await until_saved(first, drive)  # the first let go: it reads the checkpoint
+    assert await drive.send(first, len(drive.points)) == [BACK, ARRIVED]
 
 
 @pytest.fixture(params=BACKENDS)
