@@ -13,7 +13,8 @@ hearer reads that device's route from the store. A process holds a device once i
 applies its fixes; meeting a device it does not hold (at its first fix after a
 start, an assignment made elsewhere, or a device moved over from another process),
 it first takes the stored checkpoint when that covers later fixes than its own
-state, and announces the take-over so that the previous holder lets go.
+state, and announces the take-over (a notice of the kind ``held``, which needs no
+store read) so that the previous holder lets go.
 
 The monitor's state of the routes that changed is saved every
 ``route_checkpoint_s`` and at a clean stop. ``GetRouteProgress`` is answered from
@@ -67,7 +68,8 @@ SAVE_PIECE = 250  # routes per checkpoint write
 SAVE_PAUSE_S = 0.025  # between two writes of a round: commits get the store
 LOAD_RETRY_S = 2.0
 
-Announce = Callable[[str, str], Awaitable[None]]
+HELD = "held"  # the kind of notice of a take-over
+Announce = Callable[[str, str, str], Awaitable[None]]
 
 
 def pack_plan(route: PlannedRoute) -> bytes:
@@ -201,8 +203,7 @@ class AssignmentKeeper:
         return events
 
     async def heard(self, tenant: str, device: str) -> dict[str, int]:
-        """Another process changed the device's route or took it over: follow the
-        store."""
+        """Another process changed the device's route: follow the store."""
         await self._loaded.wait()
         found = await self.store.routes(tenant, [device])
         if not found or found[0].checkpoint.ended:
@@ -214,13 +215,18 @@ class AssignmentKeeper:
             checkpoint.route_id,
             checkpoint.assigned_ms,
         )
-        if not same:
-            self.monitor.assign(_planned(found[0]), saved)
-            return {"assigned": 1}
+        if same:  # this process has it already
+            return {}
+        self.monitor.assign(_planned(found[0]), saved)
+        return {"assigned": 1}
+
+    async def released(self, tenant: str, device: str) -> dict[str, int]:
+        """Another process took the device over: its state here is no longer the
+        newest (its next fix here reads the checkpoint first)."""
+        await self._loaded.wait()
+        held = self.monitor.held(tenant, device)
         self.monitor.hold(tenant, device, False)
-        if saved is not None:
-            self.monitor.restore(tenant, device, saved)
-        return {"released": 1}
+        return {"released": int(held)}
 
     async def save_checkpoints(self, pause_s: float = 0.0) -> int:
         """Save the state of the routes that changed; the number saved."""
@@ -299,7 +305,7 @@ class AssignmentKeeper:
                 self.monitor.restore(tenant, c.device, saved)
         for device in devices:
             self.monitor.hold(tenant, device, True)
-        self._spawn(self._tell(tenant, devices))
+        self._spawn(self._tell(tenant, devices, HELD))
 
     async def _end(self, tenant: str, devices: list[str]) -> None:
         """Save the arrivals at once, as ended, and tell the others."""
@@ -344,12 +350,12 @@ class AssignmentKeeper:
             if pause_s and first + SAVE_PIECE < len(checkpoints):
                 await asyncio.sleep(pause_s)
 
-    async def _tell(self, tenant: str, devices: list[str]) -> None:
+    async def _tell(self, tenant: str, devices: list[str], kind: str = "") -> None:
         if self.announce is None:
             return
         for device in devices:
             try:
-                await self.announce(tenant, device)
+                await self.announce(tenant, device, kind)
             except Unavailable as exc:
                 log.warning("route notice of tenant %s lost: %s", tenant, exc.message)
 

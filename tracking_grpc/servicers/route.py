@@ -17,6 +17,7 @@ from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import InvalidArgument, NotFound
 from tracking_grpc.ingest import now_ms
 from tracking_grpc.routing import datasets
+from tracking_grpc.routing.assignments import HELD
 from tracking_grpc.routing.service import Routing
 from tracking_grpc.servicers import route_convert as rc
 from tracking_grpc.storage.redis_client import Connection
@@ -246,6 +247,7 @@ def register(server: grpc.aio.Server, app: App) -> str:
             stream=ROUTE_NOTICES,
             subject="route",
             heard_level=logging.DEBUG,
+            others={HELD: keeper.released},
         )
         keeper.announce = notices.announce
         keeper.start(listen=notices.start)

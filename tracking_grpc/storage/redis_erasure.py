@@ -24,8 +24,8 @@ acknowledged but lost in a failover before its replica had it is lost for every
 reader.
 
 The same class carries route notices (``subject`` "route", ``routing.assignments``):
-a device's assigned route changed in the store, or another process took its
-monitoring over.
+a device's assigned route changed in the store, or (a notice of the kind "held",
+handled by ``others``) another process took its monitoring over.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
@@ -70,11 +70,13 @@ class RedisErasureNotices:
         stream: str = STREAM,
         subject: str = "erasure",
         heard_level: int = logging.INFO,
+        others: Mapping[str, Forget] | None = None,
     ) -> None:
         self.connection = connection
         self.stream = prefix + stream
         self.subject = subject
         self.heard_level = heard_level  # of the line logged per notice acted on
+        self.others = dict(others or {})  # kind: what a notice of that kind calls
         self.forget = forget
         self.process = uuid.uuid4().hex[:16]
         self.heard = 0  # notices of other processes acted on
@@ -88,14 +90,17 @@ class RedisErasureNotices:
         self._task = asyncio.create_task(self._listen(), name=f"{self.subject}-notices")
         await asyncio.wait_for(self._tried.wait(), START_WAIT_S)
 
-    async def announce(self, tenant: str, device: str) -> None:
+    async def announce(self, tenant: str, device: str, kind: str = "") -> None:
         """Tell the other processes that ``device`` of ``tenant`` was erased (or
-        what this ``subject`` says of a device)."""
+        what this ``subject`` says of a device; a ``kind`` names one of
+        ``others``)."""
         notice: dict[Any, Any] = {
             "process": self.process,
             "tenant": tenant,
             "device": device,
         }
+        if kind:
+            notice["kind"] = kind
         oldest = f"{time.time_ns() // 1_000_000 - KEEP_MS}-0"
         with unavailable(f"{self.subject} notices"):
             client = await self.connection.get()
@@ -187,13 +192,18 @@ class RedisErasureNotices:
         try:
             process = _text(fields[b"process"])
             tenant, device = _text(fields[b"tenant"]), _text(fields[b"device"])
+            kind = _text(fields.get(b"kind", b""))
         except (KeyError, UnicodeDecodeError):
             log.warning("dropped an undecodable %s notice", self.subject)
             return
         if process == self.process:
             return
+        act = self.others.get(kind) if kind else self.forget
+        if act is None:
+            log.warning("dropped a %s notice of unknown kind %r", self.subject, kind)
+            return
         try:
-            forgotten = await self.forget(tenant, device)
+            forgotten = await act(tenant, device)
         except Exception:
             log.exception(
                 "acting on a %s notice of tenant %s failed", self.subject, tenant
