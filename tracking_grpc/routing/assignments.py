@@ -289,12 +289,14 @@ class AssignmentKeeper:
         log.info("monitoring %d assigned routes", len(stored))
 
     async def _take_over(self, tenant: str, devices: list[str]) -> None:
-        """Continue from the stored checkpoints of devices held nowhere here."""
+        """Continue from the stored checkpoints of devices held nowhere here (the
+        only process has the newest state already)."""
+        found: list[StoredRoute] = []
         try:
-            found = await self.store.routes(tenant, devices)
+            if self.announce is not None:
+                found = await self.store.routes(tenant, devices)
         except Unavailable as exc:  # go on from the state here
             log.warning("route checkpoints not read: %s", exc.message)
-            found = []
         for stored in found:
             c = stored.checkpoint
             here = self.monitor.route(tenant, c.device)
