@@ -18,6 +18,7 @@ from tracking.v1 import common_pb2, event_pb2, route_pb2, route_pb2_grpc, track_
 from tests.backends import BACKENDS, backend_settings, unique_tenant
 from tests.routes import support
 from tests.server_fixtures import batch, embedded_settings, hello, now_ms
+from tests.services import ServerProcess
 
 KAMPPI = common_pb2.LatLng(lat=60.1690, lon=24.9330)
 SENATE = common_pb2.LatLng(lat=60.1750, lon=24.9502)
@@ -239,3 +240,36 @@ async def test_a_restarted_server_goes_on_monitoring(start_server, on_backend) -
         )
         assert await drive.send(channel, len(drive.points)) == [OFF, BACK, ARRIVED]
         assert (await progress(channel, "van-4")).arrived
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_server_processes_share_routes_and_a_crash_loses_no_route(
+    production_env, helsinki_dir
+) -> None:
+    """Two ``tracking serve`` processes: the route assigned on one raises OFF_ROUTE
+    on the other, which is then killed and started again (SIGKILL: no save at
+    stop) and goes on from its last checkpoint."""
+    env = {
+        **production_env,
+        "TRACKING_ROUTING_DATA_DIR": str(helsinki_dir),
+        "TRACKING_ROUTE_CHECKPOINT_S": str(CHECKPOINT_S),
+        "TRACKING_DEFAULT_TENANT": unique_tenant(),
+    }
+    assigning, storing = ServerProcess(env), ServerProcess(env)
+    try:
+        for server in (assigning, storing):
+            server.start()
+        async with grpc.aio.insecure_channel(assigning.address) as to_assigning:
+            drive = await assign(to_assigning, "van-6", "delivery-6")
+            async with grpc.aio.insecure_channel(storing.address) as to_storing:
+                assert await drive.send(to_storing, drive.first_at(800)) == [OFF]
+            await until_saved(to_assigning, drive)  # read from the store there
+        storing.kill()
+        storing.start()
+        async with grpc.aio.insecure_channel(storing.address) as channel:
+            assert await drive.send(channel, len(drive.points)) == [BACK, ARRIVED]
+    finally:
+        for server in (assigning, storing):
+            server.stop()
