@@ -111,12 +111,17 @@ class RouteMonitor:
         return len(self._routes)
 
     def assign(
-        self, route: PlannedRoute, saved: Mapping[str, Any] | None = None
+        self,
+        route: PlannedRoute,
+        saved: Mapping[str, Any] | None = None,
+        parts: dict[str, np.ndarray] | None = None,
     ) -> RouteProgress:
         """Monitor the device on this route from now on (replacing any other), from
-        the start or from a ``saved`` state (one row of :func:`saved_states`)."""
+        the start or from a ``saved`` state (values of the ``SAVED_FIELDS``);
+        ``parts``: the route's :func:`route_parts`, when already computed."""
         self.clear(route.tenant, route.device)
-        parts = _route_parts(route)
+        if parts is None:
+            parts = route_parts(route)
         self._slots[(route.tenant, route.device)] = len(self._routes)
         self._routes.append(route)
         self._parts.append(parts)
@@ -510,8 +515,9 @@ SAVED_FIELDS = tuple(k for k in _empty_state(0) if k not in ("held", "dirty"))
 SAVED_DTYPES = {k: v.dtype for k, v in _empty_state(0).items() if k in SAVED_FIELDS}
 
 
-def _route_parts(route: PlannedRoute) -> dict[str, np.ndarray]:
-    """One route's segments in the local frame of its first point, and its totals."""
+def route_parts(route: PlannedRoute) -> dict[str, np.ndarray]:
+    """One route's segments in the local frame of its first point, and its totals
+    (about a millisecond for 300 points, mostly the geodesic segment lengths)."""
     lat, lon = route.lat, route.lon
     if len(lat) == 1:
         lat, lon = np.repeat(lat, 2), np.repeat(lon, 2)
@@ -563,7 +569,7 @@ class _FlatRoutes:
 
     @classmethod
     def build(cls, parts: list[dict[str, np.ndarray]]) -> _FlatRoutes:
-        """Join the per-route arrays of :func:`_route_parts`, in slot order."""
+        """Join the per-route arrays of :func:`route_parts`, in slot order."""
         if not parts:
             empty = {k: np.zeros(0) for k in cls.__slots__}
             empty["offset"] = np.zeros(1, np.int64)
