@@ -253,8 +253,20 @@ async def route_states(history, tenant: str, devices: list[str]) -> dict:
     }
 
 
-async def test_an_assigned_route_replaces_the_devices_other(history) -> None:
+@pytest.fixture
+async def route_tenant(history):
+    """A tenant of the test's own whose routes (of devices a-d) are cleared
+    afterwards: servers on the session's database load every stored route."""
     tenant = unique_tenant()
+    yield tenant
+    for device in "abcd":
+        await history.clear_route(tenant, device)
+
+
+async def test_an_assigned_route_replaces_the_devices_other(
+    history, route_tenant
+) -> None:
+    tenant = route_tenant
     await history.assign_route(assigned(tenant, "a", "r1", plan=b"old"))
     await history.assign_route(assigned(tenant, "a", "r2", plan=b"new"))
     await history.assign_route(assigned(tenant, "b", "r3"))
@@ -278,9 +290,9 @@ async def test_an_assigned_route_replaces_the_devices_other(history) -> None:
     ],
 )
 async def test_a_route_checkpoint_updates_only_its_own_newer_state(
-    history, checkpoint, expected
+    history, route_tenant, checkpoint, expected
 ) -> None:
-    tenant = unique_tenant()
+    tenant = route_tenant
     await history.assign_route(assigned(tenant, "a", "r1"))
     await history.save_route_checkpoints(
         [RouteCheckpoint(tenant, "a", "r1", 1, 5, b"S5")]
@@ -292,8 +304,10 @@ async def test_a_route_checkpoint_updates_only_its_own_newer_state(
     assert await route_states(history, tenant, ["a"]) == {"a": expected}
 
 
-async def test_cleared_erased_and_ended_routes_are_not_monitored(history) -> None:
-    tenant = unique_tenant()
+async def test_cleared_erased_and_ended_routes_are_not_monitored(
+    history, route_tenant
+) -> None:
+    tenant = route_tenant
     for device in ("a", "b", "c", "d"):
         await history.assign_route(assigned(tenant, device, f"r-{device}"))
     await history.store(fixes(tenant, [("b", 1, 0)]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,6 +20,8 @@ from tests.backends import BACKENDS, backend_settings, unique_tenant
 from tests.routes import support
 from tests.server_fixtures import batch, embedded_settings, hello, now_ms
 from tests.services import ServerProcess
+from tracking_grpc.storage.base import RouteCheckpoint, StoredRoute
+from tracking_grpc.storage.sqlite import SqliteHistoryStore
 
 KAMPPI = common_pb2.LatLng(lat=60.1690, lon=24.9330)
 SENATE = common_pb2.LatLng(lat=60.1750, lon=24.9502)
@@ -273,3 +276,18 @@ async def test_server_processes_share_routes_and_a_crash_loses_no_route(
     finally:
         for server in (assigning, storing):
             server.stop()
+
+
+async def test_a_stored_route_that_cannot_be_read_is_left_out(
+    start_server, route_settings
+) -> None:
+    path = Path(route_settings.data_dir) / "history.sqlite3"
+    store = await SqliteHistoryStore.open(path)
+    tenant = route_settings.default_tenant
+    checkpoint = RouteCheckpoint(tenant, "van-8", "broken", 1, 0, b"")
+    await store.assign_route(StoredRoute(b"P", checkpoint))
+    await store.close()
+    server = await start_server(settings=route_settings)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        drive = await assign(channel, "van-7", "delivery-7")
+        assert await drive.send(channel, len(drive.points)) == [OFF, BACK, ARRIVED]

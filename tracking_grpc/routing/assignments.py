@@ -90,6 +90,8 @@ def pack_plan(route: PlannedRoute) -> bytes:
 def unpack_plan(
     plan: bytes, tenant: str, device: str, route_id: str, assigned_ms: int
 ) -> PlannedRoute:
+    if len(plan) < PLAN_HEADER.size:
+        raise ValueError("route plan of the wrong size")
     version, points, segments = PLAN_HEADER.unpack_from(plan)
     if version != VERSION:
         raise ValueError(f"route plan of version {version}, not {VERSION}")
@@ -280,7 +282,11 @@ class AssignmentKeeper:
                 log.warning("assigned routes not loaded (retrying): %s", exc.message)
                 await asyncio.sleep(LOAD_RETRY_S)
         # Off the event loop: about a millisecond per route of 300 points.
-        prepared = await asyncio.to_thread(_prepare, stored)
+        try:
+            prepared = await asyncio.to_thread(_prepare, stored)
+        except Exception:  # fixes must not wait for ever: monitor none
+            log.exception("assigned routes not loaded; none monitored until restart")
+            prepared = []
         for n, (planned, parts, saved) in enumerate(prepared, 1):
             self.monitor.assign(planned, saved, parts)
             if n % LOAD_PIECE == 0:  # let calls and commits in between
