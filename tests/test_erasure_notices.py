@@ -50,6 +50,33 @@ async def test_other_processes_forget_what_one_erased(
     assert forgotten == {"a": [], "b": [("acme", "van-7")], "c": [("acme", "van-7")]}
 
 
+async def test_a_notice_of_a_kind_goes_to_that_kinds_handler(
+    any_redis_url: str, redis_prefix: str
+) -> None:
+    plain: list[tuple[str, str]] = []
+    held: list[tuple[str, str]] = []
+
+    async def record_held(tenant: str, device: str) -> dict[str, int]:
+        held.append((tenant, device))
+        return {}
+
+    hearing = listener(any_redis_url, redis_prefix, plain)
+    hearing.others = {"held": record_held}
+    telling = listener(any_redis_url, redis_prefix, [])
+    for notices in (hearing, telling):
+        await notices.start()
+    try:
+        await telling.announce("acme", "van-1", "held")
+        await telling.announce("acme", "van-2", "unknown")  # dropped, logged
+        await telling.announce("acme", "van-3")
+        await until_heard(plain, "van-3")
+    finally:
+        for notices in (hearing, telling):
+            await notices.close()
+
+    assert (plain, held) == ([("acme", "van-3")], [("acme", "van-1")])
+
+
 def listener(
     url: str, prefix: str, heard: list[tuple[str, str]], name: str | None = None
 ) -> RedisErasureNotices:

@@ -17,7 +17,7 @@ import pytest
 from tests.backends import unique_tenant
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.interest import TenantInterest
-from tracking_grpc.storage.base import Checkpoints
+from tracking_grpc.storage.base import Checkpoints, RouteCheckpoint, StoredRoute
 from tracking_grpc.storage.memory import LocalBroker, MemoryLiveStore
 from tracking_grpc.storage.redis_broker import RedisBroker
 from tracking_grpc.storage.redis_live import RedisLiveStore
@@ -228,6 +228,102 @@ async def test_fixes_since_reads_each_device_from_its_own_time(history) -> None:
         ("a", 2), ("a", 3), ("b", 2)
     ]  # fmt: skip
     assert len(await history.fixes_since(tenant, {})) == 0
+
+
+def assigned(
+    tenant: str, device: str, route_id: str, assigned_ms: int = 1, plan: bytes = b"P"
+) -> StoredRoute:
+    """A route as AssignRoute stores it: no fix applied yet."""
+    return StoredRoute(
+        plan, RouteCheckpoint(tenant, device, route_id, assigned_ms, 0, b"S0")
+    )
+
+
+async def route_states(history, tenant: str, devices: list[str]) -> dict:
+    """device: (route_id, applied_ms, state, ended) of the stored routes."""
+    found = await history.routes(tenant, devices)
+    return {
+        r.checkpoint.device: (
+            r.checkpoint.route_id,
+            r.checkpoint.applied_ms,
+            r.checkpoint.state,
+            r.checkpoint.ended,
+        )
+        for r in found
+    }
+
+
+@pytest.fixture
+async def route_tenant(history):
+    """A tenant of the test's own whose routes (of devices a-d) are cleared
+    afterwards: servers on the session's database load every stored route."""
+    tenant = unique_tenant()
+    yield tenant
+    for device in "abcd":
+        await history.clear_route(tenant, device)
+
+
+async def test_an_assigned_route_replaces_the_devices_other(
+    history, route_tenant
+) -> None:
+    tenant = route_tenant
+    await history.assign_route(assigned(tenant, "a", "r1", plan=b"old"))
+    await history.assign_route(assigned(tenant, "a", "r2", plan=b"new"))
+    await history.assign_route(assigned(tenant, "b", "r3"))
+    found = {r.checkpoint.device: r for r in await history.routes(tenant, ["a"])}
+    assert list(found) == ["a"]
+    assert (found["a"].plan, found["a"].checkpoint) == (
+        b"new",
+        RouteCheckpoint(tenant, "a", "r2", 1, 0, b"S0"),
+    )
+    assert await history.routes(unique_tenant(), ["a"]) == []
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "expected"),
+    [
+        pytest.param(("r1", 1, 9, False), ("r1", 9, b"new", False), id="newer"),
+        pytest.param(("r1", 1, 9, True), ("r1", 9, b"new", True), id="arrived"),
+        pytest.param(("r1", 1, 4, False), ("r1", 5, b"S5", False), id="older"),
+        pytest.param(("r0", 1, 9, False), ("r1", 5, b"S5", False), id="other-route"),
+        pytest.param(("r1", 0, 9, False), ("r1", 5, b"S5", False), id="reassigned"),
+    ],
+)
+async def test_a_route_checkpoint_updates_only_its_own_newer_state(
+    history, route_tenant, checkpoint, expected
+) -> None:
+    tenant = route_tenant
+    await history.assign_route(assigned(tenant, "a", "r1"))
+    await history.save_route_checkpoints(
+        [RouteCheckpoint(tenant, "a", "r1", 1, 5, b"S5")]
+    )
+    route_id, assigned_ms, applied_ms, ended = checkpoint
+    await history.save_route_checkpoints(
+        [RouteCheckpoint(tenant, "a", route_id, assigned_ms, applied_ms, b"new", ended)]
+    )
+    assert await route_states(history, tenant, ["a"]) == {"a": expected}
+
+
+async def test_cleared_erased_and_ended_routes_are_not_monitored(
+    history, route_tenant
+) -> None:
+    tenant = route_tenant
+    for device in ("a", "b", "c", "d"):
+        await history.assign_route(assigned(tenant, device, f"r-{device}"))
+    await history.store(fixes(tenant, [("b", 1, 0)]))
+    await history.save_route_checkpoints(
+        [RouteCheckpoint(tenant, "c", "r-c", 1, 5, b"S", ended=True)]
+    )
+    assert await history.clear_route(tenant, "a")
+    assert not await history.clear_route(tenant, "a")
+    await history.erase_device(tenant, "b")
+    monitored = [
+        r.checkpoint.device
+        for r in await history.monitored_routes()
+        if r.checkpoint.tenant == tenant
+    ]
+    assert monitored == ["d"]
+    assert list(await route_states(history, tenant, ["a", "b", "c"])) == ["c"]
 
 
 async def test_tenants_do_not_see_each_other(history) -> None:

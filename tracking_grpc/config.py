@@ -174,6 +174,12 @@ class Settings:
     route_eta_change_s: float = setting(
         60.0, "ETA_UPDATED is raised when the ETA moves by more than this, seconds"
     )
+    route_checkpoint_s: float = setting(
+        2.0,
+        "seconds between saves of the monitoring state of assigned routes that "
+        "changed (progress, off-route counts, pace) to the history store, so that "
+        "a restarted or another server process continues it",
+    )
     activity_config: str = setting(
         "", "TOML file of activity rules per tenant and device (docs/activity.md)"
     )
@@ -310,6 +316,7 @@ ABOVE_ZERO = (
     "routing_max_snap_m",
     "route_off_route_m",
     "route_arrival_radius_m",
+    "route_checkpoint_s",
 )
 ZERO_OR_MORE = (
     "max_waiting_batch_fixes",

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +92,8 @@ class RouteProgress:
 
 
 class RouteMonitor:
-    """Planned routes of devices and their progress; a FixProcessor."""
+    """Planned routes of devices and their progress; a FixProcessor (the server
+    runs it through ``assignments.AssignmentKeeper``, which stores the routes)."""
 
     name = "routes"
 
@@ -100,27 +103,110 @@ class RouteMonitor:
         self._parts: list[dict[str, np.ndarray]] = []
         self._slots: dict[tuple[str, str], int] = {}
         self._state: dict[str, np.ndarray] = _empty_state(0)
-        self._new_etas: list[int] = []  # initial ETAs of routes not yet in _state
+        self._new: list[dict[str, Any]] = []  # states of routes not yet in _state
         self._flat: _FlatRoutes = _FlatRoutes.build([])
         self._stale = False  # _flat misses assigned or cleared routes
 
     def __len__(self) -> int:
         return len(self._routes)
 
-    def assign(self, route: PlannedRoute) -> RouteProgress:
-        """Monitor the device on this route from now on (replacing any other)."""
+    def assign(
+        self,
+        route: PlannedRoute,
+        saved: Mapping[str, Any] | None = None,
+        parts: dict[str, np.ndarray] | None = None,
+    ) -> RouteProgress:
+        """Monitor the device on this route from now on (replacing any other), from
+        the start or from a ``saved`` state (values of the ``SAVED_FIELDS``);
+        ``parts``: the route's :func:`route_parts`, when already computed."""
         self.clear(route.tenant, route.device)
-        parts = _route_parts(route)
+        if parts is None:
+            parts = route_parts(route)
         self._slots[(route.tenant, route.device)] = len(self._routes)
         self._routes.append(route)
         self._parts.append(parts)
-        eta_ms = route.assigned_ms + int(parts["total_s"][0] * 1e3)
-        self._new_etas.append(eta_ms)
-        self._stale = True
-        total = float(parts["total_m"][0])
-        return RouteProgress(
-            route.route_id, total, 0.0, total, eta_ms, False, 0.0, False, 0
+        if saved is None:
+            eta_ms = route.assigned_ms + int(parts["total_s"][0] * 1e3)
+            saved = {"eta_ms": eta_ms, "announced_eta_ms": eta_ms}
+        row = {k: saved[k] for k in SAVED_FIELDS if k in saved}
+        self._new.append(row)
+        self._stale = True  # the flat arrays are rebuilt once, when next needed
+        return progress_of(
+            route.route_id, {**_empty_row(), **row, "total_m": parts["total_m"][0]}
         )
+
+    def route(self, tenant: str, device: str) -> PlannedRoute | None:
+        slot = self._slots.get((tenant, device))
+        return None if slot is None else self._routes[slot]
+
+    def held(self, tenant: str, device: str) -> bool:
+        """Whether this process applies the device's fixes: its state here is the
+        newest (until another process takes the device over)."""
+        slot = self._slots.get((tenant, device))
+        if slot is None:
+            return False
+        self._refresh()
+        return bool(self._state["held"][slot])
+
+    def unheld(self, stored: FixBatch) -> list[str]:
+        """Devices of the batch on a route, not arrived, that this process does not
+        hold: their newest state may be another process's checkpoint."""
+        if not self._routes or len(stored) == 0:
+            return []
+        self._refresh()
+        s, found = self._state, []
+        for device in np.unique(stored.device.astype(str)).tolist():
+            slot = self._slots.get((stored.tenant, device))
+            if slot is not None and not s["held"][slot] and not s["arrived"][slot]:
+                found.append(device)
+        return found
+
+    def restore(self, tenant: str, device: str, saved: Mapping[str, Any]) -> bool:
+        """Take a saved state of the device's route when it covers later fixes
+        than the state here; False when it does not."""
+        slot = self._slots.get((tenant, device))
+        if slot is None:
+            return False
+        self._refresh()
+        if int(saved["last_ms"]) <= int(self._state["last_ms"][slot]):
+            return False
+        for name in SAVED_FIELDS:
+            self._state[name][slot] = saved[name]
+        return True
+
+    def hold(self, tenant: str, device: str, held: bool) -> None:
+        """Mark the device as held by this process (its fixes come here), or not."""
+        slot = self._slots.get((tenant, device))
+        if slot is not None:
+            self._refresh()
+            self._state["held"][slot] = held
+
+    def take_changed(
+        self, keys: list[tuple[str, str]] | None = None
+    ) -> tuple[list[PlannedRoute], dict[str, np.ndarray]]:
+        """The routes whose state changed since they were last taken (or those of
+        ``keys``, changed or not), their saved fields and their ``total_m``; marks
+        them unchanged."""
+        self._refresh()
+        s = self._state
+        if keys is None:
+            slots = np.flatnonzero(s["dirty"])
+        else:
+            slots = np.array(
+                [self._slots[k] for k in keys if k in self._slots], dtype=np.int64
+            )
+        s["dirty"][slots] = False
+        routes = [self._routes[i] for i in slots.tolist()]
+        saved = {name: s[name][slots] for name in SAVED_FIELDS}
+        return routes, {**saved, "total_m": self._flat.total_m[slots]}
+
+    def mark_changed(self, keys: list[tuple[str, str]]) -> None:
+        """Mark these routes changed again (their save failed)."""
+        self._refresh()
+        for key in keys:
+            slot = self._slots.get(key)
+            if slot is not None:
+                self._state["dirty"][slot] = True
 
     def clear(self, tenant: str, device: str) -> bool:
         """Stop monitoring a device; False when it had no route."""
@@ -139,14 +225,15 @@ class RouteMonitor:
 
     def _refresh(self) -> None:
         """Bring the state and the flat segment arrays up to the assigned routes."""
-        if self._new_etas:
-            added = _empty_state(len(self._new_etas))
-            added["eta_ms"][:] = self._new_etas
-            added["announced_eta_ms"][:] = self._new_etas
+        if self._new:
+            added = _empty_state(len(self._new))
+            for i, saved in enumerate(self._new):
+                for name, value in saved.items():
+                    added[name][i] = value
             self._state = {
                 k: np.concatenate([v, added[k]]) for k, v in self._state.items()
             }
-            self._new_etas = []
+            self._new = []
         if self._stale:
             self._flat = _FlatRoutes.build(self._parts)
             self._stale = False
@@ -319,6 +406,8 @@ class RouteMonitor:
         s["announced_eta_ms"][slots] = np.where(
             eta_moved, eta_ms, s["announced_eta_ms"][slots]
         )
+        s["held"][slots] = True
+        s["dirty"][slots] = True
         kinds = (
             (goes_off & ~arrived, EventType.OFF_ROUTE),
             (comes_back & ~arrived, EventType.BACK_ON_ROUTE),
@@ -381,6 +470,22 @@ def deviation_m(
     return float(distance.min())
 
 
+def progress_of(route_id: str, saved: Mapping[str, Any]) -> RouteProgress:
+    """The progress a saved state (one row of :func:`saved_states`) tells."""
+    total, progress = float(saved["total_m"]), float(saved["progress_m"])
+    return RouteProgress(
+        route_id=route_id,
+        total_m=total,
+        progress_m=progress,
+        remaining_m=max(total - progress, 0.0),
+        eta_ms=int(saved["eta_ms"]),
+        off_route=bool(saved["off"]),
+        deviation_m=float(saved["deviation_m"]),
+        arrived=bool(saved["arrived"]),
+        last_fix_ms=int(saved["last_ms"]),
+    )
+
+
 def _empty_state(n: int) -> dict[str, np.ndarray]:
     return {
         "last_ms": np.zeros(n, np.int64),
@@ -396,11 +501,23 @@ def _empty_state(n: int) -> dict[str, np.ndarray]:
         "speed_mps": np.zeros(n),
         "eta_ms": np.zeros(n, np.int64),
         "announced_eta_ms": np.zeros(n, np.int64),
+        "held": np.zeros(n, bool),  # this process applies the device's fixes
+        "dirty": np.zeros(n, bool),  # changed since its last checkpoint
     }
 
 
-def _route_parts(route: PlannedRoute) -> dict[str, np.ndarray]:
-    """One route's segments in the local frame of its first point, and its totals."""
+def _empty_row() -> dict[str, Any]:
+    return {k: v[0] for k, v in _empty_state(1).items()}
+
+
+# What a checkpoint saves of a device's state (not this process's own marks).
+SAVED_FIELDS = tuple(k for k in _empty_state(0) if k not in ("held", "dirty"))
+SAVED_DTYPES = {k: v.dtype for k, v in _empty_state(0).items() if k in SAVED_FIELDS}
+
+
+def route_parts(route: PlannedRoute) -> dict[str, np.ndarray]:
+    """One route's segments in the local frame of its first point, and its totals
+    (about a millisecond for 300 points, mostly the geodesic segment lengths)."""
     lat, lon = route.lat, route.lon
     if len(lat) == 1:
         lat, lon = np.repeat(lat, 2), np.repeat(lon, 2)
@@ -452,7 +569,7 @@ class _FlatRoutes:
 
     @classmethod
     def build(cls, parts: list[dict[str, np.ndarray]]) -> _FlatRoutes:
-        """Join the per-route arrays of :func:`_route_parts`, in slot order."""
+        """Join the per-route arrays of :func:`route_parts`, in slot order."""
         if not parts:
             empty = {k: np.zeros(0) for k in cls.__slots__}
             empty["offset"] = np.zeros(1, np.int64)

@@ -22,6 +22,7 @@ from tracking_grpc.config import Settings
 from tracking_grpc.errors import InvalidArgument, Unavailable
 from tracking_grpc.observability import tracing
 from tracking_grpc.routing import optimise
+from tracking_grpc.routing.assignments import AssignmentKeeper
 from tracking_grpc.routing.engine import Match, Matrix, Route, Router
 from tracking_grpc.routing.learning import TravelTimes
 from tracking_grpc.routing.monitor import (
@@ -30,6 +31,7 @@ from tracking_grpc.routing.monitor import (
     RouteMonitor,
     RouteProgress,
 )
+from tracking_grpc.storage.base import HistoryStore
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,10 @@ def monitor_settings(settings: Settings) -> MonitorSettings:
 class Routing:
     """Routes, tables, plans, matching and monitoring for every tenant."""
 
-    def __init__(self, router: Router, monitor: RouteMonitor) -> None:
+    def __init__(self, router: Router, keeper: AssignmentKeeper) -> None:
         self.router = router
-        self.monitor = monitor
+        self.keeper = keeper
+        self.monitor = keeper.monitor
         self.travel_times = TravelTimes()
         self._solver: ProcessPoolExecutor | None = None
 
@@ -63,9 +66,12 @@ class Routing:
             self._solver = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Routing:
+    def from_settings(cls, settings: Settings, store: HistoryStore) -> Routing:
+        """Routing on the settings' datasets; assigned routes kept in ``store``."""
         router = Router.load(settings.routing_data_dir, settings.routing_max_snap_m)
-        return cls(router, RouteMonitor(monitor_settings(settings)))
+        monitor = RouteMonitor(monitor_settings(settings))
+        keeper = AssignmentKeeper(monitor, store, settings.route_checkpoint_s)
+        return cls(router, keeper)
 
     async def route(
         self, tenant: str, profile: str, lat: np.ndarray, lon: np.ndarray, steps: bool
@@ -175,7 +181,7 @@ class Routing:
         lon: np.ndarray,
         now_ms: int,
     ) -> tuple[Route, float, RouteProgress]:
-        """Plan a route and monitor the device on it."""
+        """Plan a route and monitor the device on it (in every process)."""
         route, expected_s = await self.route(tenant, profile, lat, lon, steps=True)
         model = self.travel_times.model(tenant, profile)
         planned = PlannedRoute(
@@ -187,4 +193,4 @@ class Routing:
             segment_expected_s=model.segment_durations_s(route),
             assigned_ms=now_ms,
         )
-        return route, expected_s, self.monitor.assign(planned)
+        return route, expected_s, await self.keeper.assign(planned)

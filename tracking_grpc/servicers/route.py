@@ -17,13 +17,17 @@ from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import InvalidArgument, NotFound
 from tracking_grpc.ingest import now_ms
 from tracking_grpc.routing import datasets
+from tracking_grpc.routing.assignments import HELD
 from tracking_grpc.routing.service import Routing
 from tracking_grpc.servicers import route_convert as rc
+from tracking_grpc.storage.redis_client import Connection
+from tracking_grpc.storage.redis_erasure import RedisErasureNotices
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = route_pb2.DESCRIPTOR.services_by_name["Route"].full_name
 MAX_MATCH_FIXES = 20_000
+ROUTE_NOTICES = "routes"  # the Redis Stream of route notices, after the key prefix
 
 
 class RouteServicer(route_pb2_grpc.RouteServicer):
@@ -163,7 +167,7 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
         caller = self.app.auth.caller(context)
         caller.require(Role.ADMIN)
         device = convert.check_device_id(request.device_id, "device_id")
-        cleared = self.routing.monitor.clear(caller.tenant, device)
+        cleared = await self.routing.keeper.clear(caller.tenant, device)
         return route_pb2.ClearRouteResponse(cleared=cleared)
 
     async def GetRouteProgress(
@@ -171,11 +175,12 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
         request: route_pb2.GetRouteProgressRequest,
         context: grpc.aio.ServicerContext,
     ) -> route_pb2.GetRouteProgressResponse:
-        """Progress, ETA and off-route state of the device on its route."""
+        """Progress, ETA and off-route state of the device on its route (from
+        another process's checkpoint when that one applies the device's fixes)."""
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
         device = convert.check_device_id(request.device_id, "device_id")
-        progress = self.routing.monitor.progress(caller.tenant, device)
+        progress = await self.routing.keeper.progress(caller.tenant, device)
         if progress is None:
             raise NotFound(f"device {device!r} has no assigned route")
         message = rc.progress_message(device, progress)
@@ -227,11 +232,28 @@ async def _forget_route(routing: Routing, tenant: str, device: str) -> dict[str,
 
 def register(server: grpc.aio.Server, app: App) -> str:
     """Load the routing datasets, add the servicer and the route monitor."""
-    routing = Routing.from_settings(app.settings)
+    routing = Routing.from_settings(app.settings, app.history)
+    keeper = routing.keeper
     if not routing.router.available:
         app.not_ready.add(SERVICE_NAME)
         log.warning("Route service not ready: %s", datasets.PREPARE_HINT)
-    app.pipeline.add_processor(routing.monitor)
+    app.pipeline.add_processor(keeper)
+    app.drains.append(keeper.stop)  # after the pipeline's last fixes
+    if app.settings.redis_url:  # other server processes may monitor the routes
+        notices = RedisErasureNotices(
+            Connection(app.settings.redis_url, name="tracking-route-notices"),
+            app.settings.redis_key_prefix,
+            keeper.heard,
+            stream=ROUTE_NOTICES,
+            subject="route",
+            heard_level=logging.DEBUG,
+            others={HELD: keeper.released},
+        )
+        keeper.announce = notices.announce
+        keeper.start(listen=notices.start)
+        app.closers.append(notices.close)
+    else:
+        keeper.start()
     app.state_forgetters.append(
         lambda tenant, device: _forget_route(routing, tenant, device)
     )

@@ -58,6 +58,54 @@ class Checkpoints:
         ]
 
 
+@dataclass(frozen=True, slots=True)
+class RouteCheckpoint:
+    """Monitoring state of one device's assigned route (``routing.assignments``);
+    the route is the one assigned as ``route_id`` at ``assigned_ms``."""
+
+    tenant: str
+    device: str
+    route_id: str
+    assigned_ms: int
+    applied_ms: int  # fix time of the newest fix the state covers (0: none yet)
+    state: bytes  # packed by the route monitor, opaque to the store
+    ended: bool = False  # arrived: no longer monitored
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRoute:
+    """A route assigned to a device, as stored: its packed plan (the geometry and
+    expected time of each segment) and its latest checkpoint."""
+
+    plan: bytes
+    checkpoint: RouteCheckpoint
+
+
+def route_row(route: StoredRoute) -> tuple:
+    """A stored route as a row: tenant, device, route_id, assigned_ms, plan,
+    applied_ms, state, ended (the order of both backends' columns)."""
+    c = route.checkpoint
+    return (
+        c.tenant,
+        c.device,
+        c.route_id,
+        c.assigned_ms,
+        route.plan,
+        c.applied_ms,
+        c.state,
+        c.ended,
+    )
+
+
+def stored_route(row: Sequence) -> StoredRoute:
+    """A row in the order of :func:`route_row` as a stored route."""
+    tenant, device, route_id, assigned_ms, plan, applied_ms, state, ended = row
+    checkpoint = RouteCheckpoint(
+        tenant, device, route_id, assigned_ms, applied_ms, bytes(state), bool(ended)
+    )
+    return StoredRoute(bytes(plan), checkpoint)
+
+
 class HistoryStore(Protocol):
     """Durable fixes and per-device state."""
 
@@ -104,7 +152,8 @@ class HistoryStore(Protocol):
         ...
 
     async def erase_device(self, tenant: str, device: str) -> int:
-        """Delete a device's fixes and state; returns the number of fixes deleted."""
+        """Delete a device's fixes, state, activity checkpoint and assigned route;
+        returns the number of fixes deleted."""
         ...
 
     async def purge_before(self, cutoff_ms: int) -> Purged:
@@ -131,6 +180,30 @@ class HistoryStore(Protocol):
     async def fixes_since(self, tenant: str, since_ms: Mapping[str, int]) -> FixBatch:
         """Each named device's fixes with time_ms >= its ``since_ms``, grouped by
         device, by fix time (activity restores)."""
+        ...
+
+    async def assign_route(self, route: StoredRoute) -> None:
+        """Store the device's assigned route, replacing any other it had."""
+        ...
+
+    async def save_route_checkpoints(
+        self, checkpoints: Sequence[RouteCheckpoint]
+    ) -> None:
+        """Update the state of each device's route, in one write, where the stored
+        route is the same assignment and its state covers no later fix; an ended
+        route stays ended."""
+        ...
+
+    async def clear_route(self, tenant: str, device: str) -> bool:
+        """Delete the device's assigned route; False when it had none."""
+        ...
+
+    async def routes(self, tenant: str, devices: Sequence[str]) -> list[StoredRoute]:
+        """The stored routes (ended ones too) of those of ``devices`` that have one."""
+        ...
+
+    async def monitored_routes(self) -> list[StoredRoute]:
+        """Every tenant's assigned routes that have not ended (a start's load)."""
         ...
 
     async def ping(self) -> None:

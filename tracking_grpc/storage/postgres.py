@@ -38,7 +38,15 @@ from tracking_grpc.errors import (
     StorageUnavailable,
 )
 from tracking_grpc.storage import pgcopy, schema
-from tracking_grpc.storage.base import Checkpoints, DeviceState, Purged
+from tracking_grpc.storage.base import (
+    Checkpoints,
+    DeviceState,
+    Purged,
+    RouteCheckpoint,
+    StoredRoute,
+    route_row,
+    stored_route,
+)
 from tracking_grpc.storage.pgcancel import run_cancellable
 
 log = logging.getLogger(__name__)
@@ -293,6 +301,31 @@ ON CONFLICT (tenant, device) DO UPDATE SET
 WHERE excluded.applied_ms >= c.applied_ms
 """
 
+ROUTE_COLUMNS = "tenant, device, route_id, assigned_ms, plan, applied_ms, state, ended"
+
+ASSIGN_ROUTE = f"""
+INSERT INTO assigned_routes ({ROUTE_COLUMNS})
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (tenant, device) DO UPDATE SET
+    route_id = excluded.route_id, assigned_ms = excluded.assigned_ms,
+    plan = excluded.plan, applied_ms = excluded.applied_ms,
+    state = excluded.state, ended = excluded.ended, updated_at = now()
+"""
+
+# Route checkpoints: one statement per save; the device's route must still be the
+# same assignment, and a stored state covering later fixes (another process's) stays.
+SAVE_ROUTE_CHECKPOINTS = """
+UPDATE assigned_routes AS r SET
+    applied_ms = c.applied_ms, state = c.state, ended = r.ended OR c.ended,
+    updated_at = now()
+FROM unnest(%(tenants)s::text[], %(devices)s::text[], %(route_ids)s::text[],
+    %(assigned_ms)s::bigint[], %(applied_ms)s::bigint[], %(states)s::bytea[],
+    %(ended)s::boolean[])
+    AS c(tenant, device, route_id, assigned_ms, applied_ms, state, ended)
+WHERE r.tenant = c.tenant AND r.device = c.device AND r.route_id = c.route_id
+    AND r.assigned_ms = c.assigned_ms AND r.applied_ms <= c.applied_ms
+"""
+
 # A restore's fixes: each device's from its own time on, one primary-key range
 # scan per device (the lowest bound keeps the scans to the partitions needed), in
 # binary like HISTORY, each row with its device's position in the list (from 1).
@@ -543,7 +576,7 @@ class PostgresHistoryStore:
                     [tenant, device],
                 )
                 deleted = cur.rowcount
-                for table in ("devices", "activity_checkpoints"):
+                for table in ("devices", "activity_checkpoints", "assigned_routes"):
                     await conn.execute(
                         sql.SQL(
                             "DELETE FROM {} WHERE tenant = %s AND device = %s"
@@ -631,6 +664,59 @@ class PostgresHistoryStore:
                 )
         except CONNECTION_ERRORS as exc:
             raise StorageUnavailable(f"PostgreSQL cannot erase: {exc}") from exc
+
+    async def assign_route(self, route: StoredRoute) -> None:
+        await self._write_routes(ASSIGN_ROUTE, route_row(route), "cannot assign")
+
+    async def save_route_checkpoints(
+        self, checkpoints: Sequence[RouteCheckpoint]
+    ) -> None:
+        if not checkpoints:
+            return
+        params = {
+            "tenants": text_array([c.tenant for c in checkpoints]),
+            "devices": text_array([c.device for c in checkpoints]),
+            "route_ids": text_array([c.route_id for c in checkpoints]),
+            "assigned_ms": [c.assigned_ms for c in checkpoints],
+            "applied_ms": [c.applied_ms for c in checkpoints],
+            "states": [c.state for c in checkpoints],
+            "ended": [c.ended for c in checkpoints],
+        }
+        await self._write_routes(SAVE_ROUTE_CHECKPOINTS, params, "cannot checkpoint")
+
+    async def clear_route(self, tenant: str, device: str) -> bool:
+        statement = "DELETE FROM assigned_routes WHERE tenant = %s AND device = %s"
+        deleted = await self._write_routes(statement, [tenant, device], "cannot clear")
+        return deleted > 0
+
+    async def _write_routes(
+        self,
+        statement: str,
+        params: Sequence[object] | Mapping[str, object],
+        failed: str,
+    ) -> int:
+        """One statement on assigned_routes; the number of rows it changed."""
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(statement, params)
+                return cur.rowcount
+        except CONNECTION_ERRORS as exc:
+            await self._check_pool()
+            raise StorageUnavailable(f"PostgreSQL {failed}: {exc}") from exc
+
+    async def routes(self, tenant: str, devices: Sequence[str]) -> list[StoredRoute]:
+        rows = await self._fetch(
+            f"SELECT {ROUTE_COLUMNS} FROM assigned_routes "
+            "WHERE tenant = %s AND device = ANY(%s::text[])",
+            [tenant, text_array(list(devices))],
+        )
+        return [stored_route(row) for row in rows]
+
+    async def monitored_routes(self) -> list[StoredRoute]:
+        rows = await self._fetch(
+            f"SELECT {ROUTE_COLUMNS} FROM assigned_routes WHERE NOT ended", []
+        )
+        return [stored_route(row) for row in rows]
 
     async def fixes_since(self, tenant: str, since_ms: Mapping[str, int]) -> FixBatch:
         if not since_ms:

@@ -22,6 +22,10 @@ ones) and keeps those devices' state until it restarts. A notice holds a device 
 (no positions) and is gone from Redis after those bounds. A notice Redis
 acknowledged but lost in a failover before its replica had it is lost for every
 reader.
+
+The same class carries route notices (``subject`` "route", ``routing.assignments``):
+a device's assigned route changed in the store, or (a notice of the kind "held",
+handled by ``others``) another process took its monitoring over.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
@@ -54,11 +58,25 @@ Forget = Callable[[str, str], Awaitable[object]]
 
 
 class RedisErasureNotices:
-    """Announces this process's erasures; forgets the devices others erased."""
+    """Announces this process's erasures; forgets the devices others erased (or,
+    with another ``stream`` and ``subject``, other notices about a device)."""
 
-    def __init__(self, connection: Connection, prefix: str, forget: Forget) -> None:
+    def __init__(
+        self,
+        connection: Connection,
+        prefix: str,
+        forget: Forget,
+        *,
+        stream: str = STREAM,
+        subject: str = "erasure",
+        heard_level: int = logging.INFO,
+        others: Mapping[str, Forget] | None = None,
+    ) -> None:
         self.connection = connection
-        self.stream = prefix + STREAM
+        self.stream = prefix + stream
+        self.subject = subject
+        self.heard_level = heard_level  # of the line logged per notice acted on
+        self.others = dict(others or {})  # kind: what a notice of that kind calls
         self.forget = forget
         self.process = uuid.uuid4().hex[:16]
         self.heard = 0  # notices of other processes acted on
@@ -69,18 +87,22 @@ class RedisErasureNotices:
     async def start(self) -> None:
         """Listen; returns once reading, or after a failed try (then retried in
         the background)."""
-        self._task = asyncio.create_task(self._listen(), name="erasure-notices")
+        self._task = asyncio.create_task(self._listen(), name=f"{self.subject}-notices")
         await asyncio.wait_for(self._tried.wait(), START_WAIT_S)
 
-    async def announce(self, tenant: str, device: str) -> None:
-        """Tell the other processes that ``device`` of ``tenant`` was erased."""
+    async def announce(self, tenant: str, device: str, kind: str = "") -> None:
+        """Tell the other processes that ``device`` of ``tenant`` was erased (or
+        what this ``subject`` says of a device; a ``kind`` names one of
+        ``others``)."""
         notice: dict[Any, Any] = {
             "process": self.process,
             "tenant": tenant,
             "device": device,
         }
+        if kind:
+            notice["kind"] = kind
         oldest = f"{time.time_ns() // 1_000_000 - KEEP_MS}-0"
-        with unavailable("erasure notices"):
+        with unavailable(f"{self.subject} notices"):
             client = await self.connection.get()
             async with client.pipeline(transaction=False) as pipe:
                 pipe.xadd(self.stream, notice, maxlen=MAXLEN, approximate=True)
@@ -102,7 +124,9 @@ class RedisErasureNotices:
                 await self._position(client, resumed=failures > 0)
                 self._tried.set()
                 if failures:
-                    log.warning("erasure notices read again after %s", self.last_id)
+                    log.warning(
+                        "%s notices read again after %s", self.subject, self.last_id
+                    )
                 failures = 0
                 await self._read(client)
             except (RedisError, RedisClusterException, OSError, Unavailable) as exc:
@@ -110,7 +134,13 @@ class RedisErasureNotices:
                 delay = RETRY_S[min(failures, len(RETRY_S) - 1)]
                 failures += 1
                 level = logging.WARNING if failures == 1 else logging.DEBUG
-                log.log(level, "erasure notices lost (%s); retry in %.1fs", exc, delay)
+                log.log(
+                    level,
+                    "%s notices lost (%s); retry in %.1fs",
+                    self.subject,
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
 
     async def _read(self, client: Client) -> None:
@@ -135,10 +165,13 @@ class RedisErasureNotices:
         newest = FIRST if info is None else _text(info["last-generated-id"])
         if self.last_id is None:
             self.last_id = newest
-            log.debug("erasure notices read after %s", newest)
+            log.debug("%s notices read after %s", self.subject, newest)
         elif _order(newest) < _order(self.last_id):
             if info is not None:
-                log.warning("erasure notices behind the last one read: from the start")
+                log.warning(
+                    "%s notices behind the last one read: from the start",
+                    self.subject,
+                )
             self.last_id = FIRST
         elif resumed and info is not None and self.last_id != FIRST:
             first = info.get("first-entry")
@@ -148,9 +181,10 @@ class RedisErasureNotices:
             trimmed = info.get("entries-added", math.inf) > info.get("length", 0)
             if trimmed and first and _order(_text(first[0])) > _order(self.last_id):
                 log.warning(
-                    "erasure notices after %s were trimmed before this process read "
-                    "them: devices erased meanwhile may keep their in-process state "
+                    "%s notices after %s were trimmed before this process read "
+                    "them: devices named meanwhile may keep their in-process state "
                     "here until it restarts",
+                    self.subject,
                     self.last_id,
                 )
 
@@ -158,19 +192,28 @@ class RedisErasureNotices:
         try:
             process = _text(fields[b"process"])
             tenant, device = _text(fields[b"tenant"]), _text(fields[b"device"])
+            kind = _text(fields.get(b"kind", b""))
         except (KeyError, UnicodeDecodeError):
-            log.warning("dropped an undecodable erasure notice")
+            log.warning("dropped an undecodable %s notice", self.subject)
             return
         if process == self.process:
             return
+        act = self.others.get(kind) if kind else self.forget
+        if act is None:
+            log.warning("dropped a %s notice of unknown kind %r", self.subject, kind)
+            return
         try:
-            forgotten = await self.forget(tenant, device)
+            forgotten = await act(tenant, device)
         except Exception:
-            log.exception("forgetting an erased device of tenant %s failed", tenant)
+            log.exception(
+                "acting on a %s notice of tenant %s failed", self.subject, tenant
+            )
             return
         self.heard += 1
-        log.info(
-            "forgot device %r of tenant %s, erased by another process: %s",
+        log.log(
+            self.heard_level,
+            "%s notice of device %r of tenant %s from another process: %s",
+            self.subject,
             device,
             tenant,
             forgotten,

@@ -12,13 +12,22 @@ import logging
 import sqlite3
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from tracking_grpc.core.fixes import OPTIONAL_COLUMNS, FixBatch
 from tracking_grpc.errors import StorageUnavailable
-from tracking_grpc.storage.base import Checkpoints, DeviceState, Purged
+from tracking_grpc.storage.base import (
+    Checkpoints,
+    DeviceState,
+    Purged,
+    RouteCheckpoint,
+    StoredRoute,
+    route_row,
+    stored_route,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,17 @@ CREATE TABLE IF NOT EXISTS activity_checkpoints (
     state BLOB NOT NULL,
     PRIMARY KEY (tenant, device)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS assigned_routes (
+    tenant TEXT NOT NULL,
+    device TEXT NOT NULL,
+    route_id TEXT NOT NULL,
+    assigned_ms INTEGER NOT NULL,
+    plan BLOB NOT NULL,
+    applied_ms INTEGER NOT NULL,
+    state BLOB NOT NULL,
+    ended INTEGER NOT NULL,
+    PRIMARY KEY (tenant, device)
+) WITHOUT ROWID;
 """
 
 COLUMNS = (
@@ -103,6 +123,21 @@ ON CONFLICT (tenant, device) DO UPDATE SET
     applied_ms = excluded.applied_ms, state = excluded.state
 WHERE excluded.applied_ms >= activity_checkpoints.applied_ms
 """
+
+ASSIGN_ROUTE = """
+INSERT OR REPLACE INTO assigned_routes
+    (tenant, device, route_id, assigned_ms, plan, applied_ms, state, ended)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
+SAVE_ROUTE_CHECKPOINT = """
+UPDATE assigned_routes
+SET applied_ms = :applied_ms, state = :state, ended = max(ended, :ended)
+WHERE tenant = :tenant AND device = :device AND route_id = :route_id
+    AND assigned_ms = :assigned_ms AND applied_ms <= :applied_ms
+"""
+
+ROUTE_COLUMNS = "tenant, device, route_id, assigned_ms, plan, applied_ms, state, ended"
 
 # The retry's check (``stored_as_received``): one primary-key probe per fix.
 STORED_AS_RECEIVED = """
@@ -333,7 +368,7 @@ class SqliteHistoryStore:
             deleted = conn.execute(
                 "DELETE FROM fixes WHERE tenant = ? AND device = ?", (tenant, device)
             ).rowcount
-            for table in ("devices", "activity_checkpoints"):
+            for table in ("devices", "activity_checkpoints", "assigned_routes"):
                 conn.execute(
                     f"DELETE FROM {table} WHERE tenant = ? AND device = ?",
                     (tenant, device),
@@ -438,6 +473,69 @@ class SqliteHistoryStore:
                 (tenant, device, int(start)),
             ).fetchall()
         return _batch(tenant, rows)
+
+    async def assign_route(self, route: StoredRoute) -> None:
+        await self._run(
+            self._writer, self._write_routes, ASSIGN_ROUTE, [route_row(route)]
+        )
+
+    async def save_route_checkpoints(
+        self, checkpoints: Sequence[RouteCheckpoint]
+    ) -> None:
+        rows = [{**asdict(c), "ended": int(c.ended)} for c in checkpoints]
+        if rows:
+            await self._run(
+                self._writer, self._write_routes, SAVE_ROUTE_CHECKPOINT, rows
+            )
+
+    def _write_routes(self, statement: str, rows: list) -> None:
+        assert self._wconn is not None
+        conn = self._wconn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(statement, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def clear_route(self, tenant: str, device: str) -> bool:
+        return await self._run(self._writer, self._clear_route, tenant, device)
+
+    def _clear_route(self, tenant: str, device: str) -> bool:
+        assert self._wconn is not None
+        return (
+            self._wconn.execute(
+                "DELETE FROM assigned_routes WHERE tenant = ? AND device = ?",
+                (tenant, device),
+            ).rowcount
+            > 0
+        )
+
+    async def routes(self, tenant: str, devices: Sequence[str]) -> list[StoredRoute]:
+        return await self._run(self._reader, self._routes, tenant, list(devices))
+
+    def _routes(self, tenant: str, devices: list[str]) -> list[StoredRoute]:
+        assert self._rconn is not None
+        rows: list[tuple] = []
+        for start in range(0, len(devices), 500):
+            chunk = devices[start : start + 500]
+            rows += self._rconn.execute(
+                f"SELECT {ROUTE_COLUMNS} FROM assigned_routes "
+                f"WHERE tenant = ? AND device IN ({', '.join('?' * len(chunk))})",
+                [tenant, *chunk],
+            ).fetchall()
+        return [stored_route(row) for row in rows]
+
+    async def monitored_routes(self) -> list[StoredRoute]:
+        return await self._run(self._reader, self._monitored_routes)
+
+    def _monitored_routes(self) -> list[StoredRoute]:
+        assert self._rconn is not None
+        rows = self._rconn.execute(
+            f"SELECT {ROUTE_COLUMNS} FROM assigned_routes WHERE ended = 0"
+        ).fetchall()
+        return [stored_route(row) for row in rows]
 
     async def ping(self) -> None:
         await self._run(self._reader, self._ping)
