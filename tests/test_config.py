@@ -220,7 +220,7 @@ def serve(
         ),
         pytest.param(
             ["--redis-url", "http://x"],
-            "redis_url: expected redis://, rediss:// or unix://, got 'http://x'",
+            "redis_url: expected redis://, rediss:// or unix://, got a http:// URL",
             id="redis-url",
         ),
     ],

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -24,7 +26,11 @@ from tracking_grpc import convert
 from tracking_grpc.client.gateway import _publish_with_retry
 from tracking_grpc.client.session import RetryPolicy, SessionStats
 from tracking_grpc.client.status import retry_delay_s
+from tracking_grpc.config import Settings
+from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import StorageUnavailable
+from tracking_grpc.ingest import IngestPipeline, _Pending
+from tracking_grpc.observability import tracing
 
 HANG_GUARD_S = 30.0
 
@@ -140,6 +146,31 @@ async def test_a_congested_server_holds_a_bounded_gateway_backlog(
     assert await server.app.history.count("default", "h") == 1
 
 
+async def test_a_call_larger_than_the_bound_waits_when_no_other_does(
+    start_server, outage
+) -> None:
+    """Refused whenever storage is behind, a call over the bound would never get in
+    while it stays behind: the first call to wait waits whatever its size."""
+    server = await start_server(max_pending_fixes=3, max_waiting_batch_fixes=4)
+    away = outage(server)
+    pipeline = server.app.pipeline
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = track_pb2_grpc.TrackSessionStub(channel)
+        queued = asyncio.ensure_future(
+            stub.PublishBatch(gateway_request("a", "b", "c"))
+        )
+        await until(lambda: pipeline.congested)
+        large = asyncio.ensure_future(stub.PublishBatch(gateway_request(*"defghi")))
+        await until(lambda: pipeline.waiting_batch_fixes == 6)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.PublishBatch(gateway_request("j"))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        away.end()
+        async with asyncio.timeout(HANG_GUARD_S):
+            answers = [await queued, await large]
+    assert [a.stored for a in answers] == [3, 6]
+
+
 async def test_device_streams_go_ahead_of_a_gateway_backlog_in_device_order(
     start_server, outage
 ) -> None:
@@ -179,3 +210,50 @@ async def test_device_streams_go_ahead_of_a_gateway_backlog_in_device_order(
     assert [ack.stored for ack in acks] == [1, 1]
     assert away.commit_of("phone") <= away.commit_of("g5") < away.commit_of("g9")
     assert away.stored_seqs("shared") == [3, 5]
+
+
+NO_STORE = SimpleNamespace(backend="none")  # taking from the queue stores nothing
+
+
+def queued(pipeline: IngestPipeline, tenant: str = "t"):
+    """Queue a device row submission (``"a"``) or a batch (``["a", "b"]``)."""
+
+    def put(what: str | list[str]) -> _Pending:
+        done = asyncio.get_running_loop().create_future()
+        pending = _Pending(tenant, 1, 0, done, tracing.INVALID_CONTEXT)
+        if isinstance(what, str):
+            pending = replace(pending, device=what, rows=[])
+        else:
+            n = len(what)
+            batch = FixBatch.from_columns(
+                tenant, what, range(1, n + 1), [0] * n, [1.0] * n, [1.0] * n
+            )
+            pending = replace(pending, size=n, batch=batch)
+        pipeline._enqueue(pending)
+        return pending
+
+    return put
+
+
+def names(items: list[_Pending]) -> list[str]:
+    return [i.device or "+".join(i.batch.device.tolist()) for i in items]
+
+
+async def test_a_long_queue_takes_rows_first_but_never_past_their_own_device() -> None:
+    pipeline = IngestPipeline(Settings(flush_max_fixes=2), NO_STORE, None, None, None)
+    put = queued(pipeline)
+    for what in (["a", "b"], "c", "a", ["d"], "e"):
+        put(what)
+    assert names(pipeline._take()) == ["c", "e"]  # "a" waits behind a+b
+    assert names(pipeline._take()) == ["a+b"]  # passed over once: first now
+    assert names(pipeline._take()) == ["a", "d"]  # the rest fits: in order
+
+
+async def test_a_queue_of_batches_alone_is_taken_in_order_unread() -> None:
+    """Without device rows waiting, batches go in arrival order and nobody works
+    out their devices."""
+    pipeline = IngestPipeline(Settings(flush_max_fixes=3), NO_STORE, None, None, None)
+    put = queued(pipeline)
+    batches = [put(["a", "b"]), put(["c", "d"]), put(["e", "f"])]
+    assert names(pipeline._take()) == ["a+b", "c+d"]
+    assert all(b._devices is None for b in batches)

@@ -95,9 +95,9 @@ class Settings:
     max_waiting_batch_fixes: int = setting(
         20_000,
         "fixes of PublishBatch calls that may wait, as received, while "
-        "max_pending_fixes are pending; a call beyond is refused with "
-        "RESOURCE_EXHAUSTED and a retry delay, nothing of it stored (0: refuse "
-        "every call while congested)",
+        "max_pending_fixes are pending (one call, the first, whatever its size); "
+        "a call beyond is refused with RESOURCE_EXHAUSTED and a retry delay, "
+        "nothing of it stored (0: refuse every call while congested)",
     )
     event_queue_max: int = setting(
         100_000,
@@ -424,9 +424,11 @@ def _check_urls(settings: Settings) -> None:
                 "database_url", f"not a PostgreSQL URL: {exc}"
             ) from exc
     redis_url = settings.redis_url
-    if redis_url and urlsplit(redis_url).scheme not in REDIS_SCHEMES:
+    scheme = urlsplit(redis_url).scheme
+    if redis_url and scheme not in REDIS_SCHEMES:
+        got = f"a {scheme}:// URL" if scheme else "no scheme"  # not the password
         raise InvalidArgument(
-            "redis_url", f"expected redis://, rediss:// or unix://, got {redis_url!r}"
+            "redis_url", f"expected redis://, rediss:// or unix://, got {got}"
         )
 
 

@@ -30,6 +30,7 @@ but still counted as pending: ``max_pending_fixes`` then pauses the streams.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections import defaultdict, deque
@@ -168,6 +169,7 @@ class IngestPipeline:
         self._queue: deque[_Pending] = deque()
         self._queued_fixes = 0  # in the queue and in commits (until processed)
         self._waiting_fixes = 0  # in the queue
+        self._rows = 0  # device row submissions in the queue
         self._waiting_batch_fixes = 0  # in gateway calls waiting for room
         self._refusing = False  # gateway calls are being refused (logged once)
         self._backlog_peak = 0  # most fixes queued since memory was last released
@@ -254,8 +256,13 @@ class IngestPipeline:
         """
         if not self.congested:
             return
-        waiting = self._waiting_batch_fixes
-        if waiting + fixes > self.settings.max_waiting_batch_fixes:
+        waiting, limit = (
+            self._waiting_batch_fixes,
+            self.settings.max_waiting_batch_fixes,
+        )
+        # The first call waits whatever its size: a call larger than the bound
+        # would otherwise be refused for as long as storage stays behind.
+        if limit == 0 or (waiting and waiting + fixes > limit):
             if not self._refusing:
                 log.warning(
                     "storage is behind (%d fixes pending): refusing gateway calls",
@@ -315,6 +322,7 @@ class IngestPipeline:
         self._queue.append(pending)
         self._queued_fixes += pending.size
         self._waiting_fixes += pending.size
+        self._rows += pending.rows is not None
         self._backlog_peak = max(self._backlog_peak, self._queued_fixes)
         self._wakeup.set()
 
@@ -375,6 +383,7 @@ class IngestPipeline:
         if self._waiting_fixes <= limit:
             taken = list(self._queue)
             self._queue.clear()
+            self._rows = 0
         else:
             taken = self._take_fair(limit)
         self._waiting_fixes -= sum(item.size for item in taken)
@@ -386,38 +395,46 @@ class IngestPipeline:
         """About ``limit`` fixes of a queue longer than a commit, device streams'
         small messages ahead of gateway batches.
 
-        A batch passed over once goes first; then every device row submission up
-        to ``limit``, except one whose device has fixes in a submission left
-        waiting before it: a device's fixes are stored in the order they were
-        submitted (commits start in queue order and lock each device's row, and a
-        device resumes after the highest sequence number stored). The room left
-        goes to the rest in arrival order.
+        Batches passed over by an earlier commit that are still at the head of
+        the queue go first (a gateway backlog is not starved); then every device
+        row submission up to ``limit``, except one whose device has fixes in a
+        submission left waiting before it: a device's fixes are stored in the
+        order they were submitted (commits start in queue order and lock each
+        device's row, and a device resumes after the highest sequence number
+        stored). The room left goes to the rest in arrival order. The queue is
+        walked only as far as ``limit`` takes it (a queue of gateway batches
+        alone is taken in order, without looking at their devices).
         """
         queue, taken, count = self._queue, [], 0
-        while queue and queue[0].passed_over and count < limit:
+        while queue and count < limit and (queue[0].passed_over or not self._rows):
             item = queue.popleft()
             taken.append(item)
             count += item.size
         left: deque[_Pending] = deque()
         held: dict[str, set[str]] = defaultdict(set)  # devices of what is left
-        for item in queue:
+        while queue and count < limit:
+            item = queue.popleft()
             devices = held[item.tenant]
             if item.rows is None:
                 left.append(item)
                 devices.update(item.devices())
-            elif count < limit and item.device not in devices:
+            elif item.device not in devices:
                 taken.append(item)
                 count += item.size
             else:
                 left.append(item)
                 devices.add(item.device)
+        passed = len(left)
         while left and count < limit:
             item = left.popleft()
             taken.append(item)
             count += item.size
-        for item in left:
+            passed -= 1
+        for item in itertools.islice(left, passed):
             item.passed_over = item.rows is None
+        left.extend(queue)
         self._queue = left
+        self._rows -= sum(1 for item in taken if item.rows is not None)
         return taken
 
     async def _flush(
@@ -476,7 +493,7 @@ class IngestPipeline:
             finished.set_result(None)
             self._queued_fixes -= sum(i.size for i in items)
             if self._refusing and not self.congested:
-                log.warning("storage caught up: gateway calls are taken again")
+                log.info("storage caught up: gateway calls are taken again")
                 self._refusing = False
             async with self._space:
                 self._space.notify_all()

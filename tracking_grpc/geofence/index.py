@@ -93,15 +93,13 @@ class CompiledFence:
     def check_measurable(self, field: str) -> None:
         """Raise InvalidArgument naming ``field`` unless the area keeps an area of at
         least ``MIN_AREA_M2`` in the fence's metric projection (where evaluation
-        measures it); warms the fence on the way. A circle's radius is checked
-        where it is parsed, and evaluation measures it on the ellipsoid."""
+        measures it). A circle's radius is checked where it is parsed, and
+        evaluation measures it on the ellipsoid."""
         if self.shape.kind == "circle":
             return
         try:
             area_m2 = float(shapely.area(self.metric_area))
             corners = shapely.get_coordinates(self.metric_area)
-            if area_m2 >= MIN_AREA_M2:
-                self.warm()
         except shapely.errors.GEOSException as exc:
             raise InvalidArgument(field, f"the area cannot be measured: {exc}") from exc
         if not np.isfinite(corners).all() or not math.isfinite(area_m2):

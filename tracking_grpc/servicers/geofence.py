@@ -35,6 +35,7 @@ from tracking_grpc.geofence.messages import (
     fences_of_feature_collection,
     listened_types,
 )
+from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.geofence.processor import GeofenceProcessor
 from tracking_grpc.geofence.shapes import check_lat_lon
 from tracking_grpc.geofence.stream_trim import EventStreamTrimmer
@@ -146,7 +147,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         caller = self.app.auth.caller(context)
         caller.require(Role.ADMIN)
         fence_id = request.fence.fence_id or uuid.uuid4().hex
-        spec, repairs = fence_of(request.fence, "fence", request.repair, fence_id)
+        spec, repairs = await checked_fence(request, fence_id)
         stored = await self.fences.create(caller.tenant, spec, now_ms())
         self.processor.changed(caller.tenant)
         return geofence_pb2.CreateFenceResponse(
@@ -158,7 +159,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         caller = self.app.auth.caller(context)
         caller.require(Role.ADMIN)
         fence_id = check_fence_id(request.fence.fence_id, "fence.fence_id")
-        spec, repairs = fence_of(request.fence, "fence", request.repair, fence_id)
+        spec, repairs = await checked_fence(request, fence_id)
         stored = await self.fences.update(
             caller.tenant, spec, now_ms(), request.expected_version
         )
@@ -464,3 +465,12 @@ def register(server: grpc.aio.Server, app: App) -> str:
     servicer = GeofenceServicer(app, fences, events, processor, hub)
     geofence_pb2_grpc.add_GeofenceServicer_to_server(servicer, server)
     return geofence_pb2.DESCRIPTOR.services_by_name["Geofence"].full_name
+
+
+async def checked_fence(request, fence_id: str) -> tuple[FenceSpec, tuple[str, ...]]:
+    """The request's fence checked (and repaired) in a worker thread: a large
+    polygon's validation and measuring take long enough to stall every stream if
+    done on the event loop, as an import's are not."""
+    return await asyncio.to_thread(
+        fence_of, request.fence, "fence", request.repair, fence_id
+    )
