@@ -17,7 +17,7 @@ from tracking_grpc.client.schedule import (
     stamped_times,
 )
 from tracking_grpc.client.session import Backoff, SessionStats
-from tracking_grpc.client.status import retry_delay_s
+from tracking_grpc.client.status import refusal_delay_s
 from tracking_grpc.traces import Trace
 
 
@@ -100,11 +100,8 @@ async def _publish_with_retry(stub, request, metadata, retry, stats):
             return await stub.PublishBatch(request, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             error = f"{exc.code().name}: {exc.details()}"
-            hint_s = retry_delay_s(exc)
-            refused = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            if exc.code() != grpc.StatusCode.UNAVAILABLE and not (
-                refused and hint_s is not None
-            ):
+            hint_s = refusal_delay_s(exc)
+            if exc.code() != grpc.StatusCode.UNAVAILABLE and hint_s is None:
                 stats.error = error
                 return None
             delay_s = backoff.next_delay_s()

@@ -23,3 +23,12 @@ def retry_delay_s(error: grpc.aio.AioRpcError) -> float | None:
             if detail.Unpack(info):
                 return info.retry_delay.ToMilliseconds() / 1000
     return None
+
+
+def refusal_delay_s(error: grpc.aio.AioRpcError) -> float | None:
+    """How long to wait before sending a refused call again: the RetryInfo delay of
+    a RESOURCE_EXHAUSTED (storage is behind, nothing stored); None for any other
+    error, which a retry would not mend."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    return retry_delay_s(error)

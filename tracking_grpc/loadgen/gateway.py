@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 from tracking.v1 import common_pb2, track_pb2, track_pb2_grpc
 
-from tracking_grpc.client.status import retry_delay_s
+from tracking_grpc.client.status import refusal_delay_s
 from tracking_grpc.loadgen.channels import sleep_until
 from tracking_grpc.loadgen.plan import DriverResult, Plan
 
@@ -100,12 +100,11 @@ class Gateway:
             try:
                 return await stub.PublishBatch(request, metadata=metadata, timeout=30)
             except grpc.aio.AioRpcError as exc:
-                hint_s = retry_delay_s(exc)
-                code = exc.code()
-                refused = code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                hint_s = refusal_delay_s(exc)
                 given_up = time.monotonic() - refused_since > REFUSED_FOR_S
-                if not refused or hint_s is None or given_up:
-                    result.error(f"publish_{code.name}", detail=exc.details() or "")
+                if hint_s is None or given_up:
+                    code = exc.code().name
+                    result.error(f"publish_{code}", detail=exc.details() or "")
                     return None
                 result.count("gateway_calls_refused")
                 await asyncio.sleep(hint_s * (1 + random.random()))
