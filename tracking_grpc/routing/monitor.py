@@ -126,8 +126,7 @@ class RouteMonitor:
         self._routes.append(route)
         self._parts.append(parts)
         if saved is None:
-            eta_ms = route.assigned_ms + int(parts["total_s"][0] * 1e3)
-            saved = {"eta_ms": eta_ms, "announced_eta_ms": eta_ms}
+            saved = start_state(route, parts)
         row = {k: saved[k] for k in SAVED_FIELDS if k in saved}
         self._new.append(row)
         self._stale = True  # the flat arrays are rebuilt once, when next needed
@@ -207,6 +206,13 @@ class RouteMonitor:
             slot = self._slots.get(key)
             if slot is not None:
                 self._state["dirty"][slot] = True
+
+    def clear_all(self) -> None:
+        """Stop monitoring every device."""
+        self._routes, self._parts, self._slots, self._new = [], [], {}, []
+        self._state = _empty_state(0)
+        self._flat = _FlatRoutes.build([])
+        self._stale = False
 
     def clear(self, tenant: str, device: str) -> bool:
         """Stop monitoring a device; False when it had no route."""
@@ -484,6 +490,15 @@ def progress_of(route_id: str, saved: Mapping[str, Any]) -> RouteProgress:
         arrived=bool(saved["arrived"]),
         last_fix_ms=int(saved["last_ms"]),
     )
+
+
+def start_state(route: PlannedRoute, parts: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The saved fields (and ``total_m``) of a route not yet driven."""
+    eta_ms = route.assigned_ms + int(parts["total_s"][0] * 1e3)
+    empty = _empty_row()
+    row = {name: empty[name] for name in SAVED_FIELDS}
+    row.update(eta_ms=eta_ms, announced_eta_ms=eta_ms, total_m=parts["total_m"][0])
+    return row
 
 
 def _empty_state(n: int) -> dict[str, np.ndarray]:
