@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.routes import support
+from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import StorageUnavailable, Unavailable
 from tracking_grpc.routing.assignments import SAVE_PIECE, AssignmentKeeper
 from tracking_grpc.routing.monitor import PlannedRoute, RouteMonitor
@@ -124,3 +125,26 @@ async def test_a_stop_during_a_checkpoint_round_saves_every_route() -> None:
         await store.entered.wait()
         await keeper.stop()  # cancels the round, then saves what changed
     assert sorted(store.saved) == sorted(devices)
+
+
+def test_a_route_coming_between_unheld_and_evaluate_is_used() -> None:
+    """The monitor reuses a batch's route slots from ``unheld`` in ``evaluate``
+    only while no route came or went."""
+    monitor = RouteMonitor()
+    monitor.assign(planned("van-1"))
+    lat = np.array([60.16, 60.17, 60.16, 60.165, 60.17])
+    batch = FixBatch.from_columns(
+        TENANT,
+        ["van-1"] * 2 + ["van-2"] * 3,
+        np.array([1, 2, 1, 2, 3]),
+        support.START_MS + np.array([0, 5_000, 0, 5_000, 10_000]),
+        lat,
+        np.full(5, 24.93),
+        accuracy_m=np.full(5, 5.0),
+    )
+    assert monitor.unheld(batch) == ["van-1"]
+    monitor.assign(planned("van-2"))  # while the take-over reads the store
+    monitor.clear(TENANT, "van-1")
+    events = monitor.evaluate(batch, support.START_MS)
+    arrived = [(e.device, e.fix_seq) for e in events if e.type.name == "ARRIVED"]
+    assert arrived == [("van-2", 3)]

@@ -106,6 +106,8 @@ class RouteMonitor:
         self._new: list[dict[str, Any]] = []  # states of routes not yet in _state
         self._flat: _FlatRoutes = _FlatRoutes.build([])
         self._stale = False  # _flat misses assigned or cleared routes
+        self._generation = 0  # changes with the slots of the routes
+        self._last: tuple[FixBatch, int, np.ndarray] | None = None  # _fix_slots's
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -122,6 +124,7 @@ class RouteMonitor:
         self.clear(route.tenant, route.device)
         if parts is None:
             parts = route_parts(route)
+        self._generation += 1
         self._slots[(route.tenant, route.device)] = len(self._routes)
         self._routes.append(route)
         self._parts.append(parts)
@@ -153,12 +156,26 @@ class RouteMonitor:
         if not self._routes or len(stored) == 0:
             return []
         self._refresh()
-        s, found = self._state, []
-        for device in np.unique(stored.device.astype(str)).tolist():
-            slot = self._slots.get((stored.tenant, device))
-            if slot is not None and not s["held"][slot] and not s["arrived"][slot]:
-                found.append(device)
-        return found
+        slots = np.unique(self._fix_slots(stored))
+        slots = slots[slots >= 0]
+        s = self._state
+        found = slots[~s["held"][slots] & ~s["arrived"][slots]]
+        return [self._routes[i].device for i in found.tolist()]
+
+    def _fix_slots(self, stored: FixBatch) -> np.ndarray:
+        """The slot of each fix's route, -1 for none; computed once for the
+        ``unheld`` and ``evaluate`` of a batch while no route comes or goes."""
+        last = self._last
+        if last is not None and last[0] is stored and last[1] == self._generation:
+            return last[2]
+        names, inverse = np.unique(stored.device.astype(str), return_inverse=True)
+        slot_of_name = np.array(
+            [self._slots.get((stored.tenant, n), -1) for n in names.tolist()],
+            dtype=np.int64,
+        )
+        slot = slot_of_name[inverse]
+        self._last = (stored, self._generation, slot)
+        return slot
 
     def restore(self, tenant: str, device: str, saved: Mapping[str, Any]) -> bool:
         """Take a saved state of the device's route when it covers later fixes
@@ -210,6 +227,7 @@ class RouteMonitor:
     def clear_all(self) -> None:
         """Stop monitoring every device."""
         self._routes, self._parts, self._slots, self._new = [], [], {}, []
+        self._generation += 1
         self._state = _empty_state(0)
         self._flat = _FlatRoutes.build([])
         self._stale = False
@@ -220,6 +238,7 @@ class RouteMonitor:
         if slot is None:
             return False
         self._refresh()
+        self._generation += 1
         keep = np.ones(len(self._routes), dtype=bool)
         keep[slot] = False
         del self._routes[slot]
@@ -272,11 +291,8 @@ class RouteMonitor:
         if not self._routes or len(stored) == 0:
             return []
         self._refresh()
-        names, inverse = np.unique(stored.device.astype(str), return_inverse=True)
-        slot_of_name = np.array(
-            [self._slots.get((stored.tenant, n), -1) for n in names.tolist()]
-        )
-        slot = slot_of_name[inverse]
+        slot = self._fix_slots(stored)
+        self._last = None  # the batch is done with
         rows = np.flatnonzero(slot >= 0)
         if len(rows) == 0:
             return []
