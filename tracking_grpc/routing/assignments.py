@@ -296,7 +296,7 @@ class AssignmentKeeper:
         except TimeoutError:
             log.warning("route notices not heard yet; loading the routes")
         except Exception:  # the routes are loaded all the same
-            log.exception("route notices not heard; changes elsewhere are missed")
+            log.exception("route notices not started; changes elsewhere may be missed")
 
     async def _load(self) -> None:
         while True:
