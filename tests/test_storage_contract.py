@@ -12,6 +12,7 @@ import asyncio
 from dataclasses import replace
 
 import numpy as np
+import psycopg
 import pytest
 
 from tests.backends import unique_tenant
@@ -19,6 +20,7 @@ from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.interest import TenantInterest
 from tracking_grpc.storage.base import Checkpoints, RouteCheckpoint, StoredRoute
 from tracking_grpc.storage.memory import LocalBroker, MemoryLiveStore
+from tracking_grpc.storage.postgres import PostgresHistoryStore
 from tracking_grpc.storage.redis_broker import RedisBroker
 from tracking_grpc.storage.redis_live import RedisLiveStore
 
@@ -324,6 +326,50 @@ async def test_cleared_erased_and_ended_routes_are_not_monitored(
     ]
     assert monitored == ["d"]
     assert list(await route_states(history, tenant, ["a", "b", "c"])) == ["c"]
+
+
+LOCK_ROUTE = (
+    "SELECT 1 FROM assigned_routes WHERE tenant = %s AND device = %s FOR UPDATE"
+)
+BLOCKED_BY = (
+    "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+)
+
+
+@pytest.mark.postgres
+async def test_route_checkpoints_lock_their_rows_in_device_order(pg_url) -> None:
+    """Two processes saving overlapping routes wait for each other, never deadlock:
+    with b locked elsewhere, a save of b and a has a locked already."""
+    store = await PostgresHistoryStore.open(pg_url)
+    tenant = unique_tenant()
+    try:
+        for device in ("b", "a"):  # b stored first: a scan of the table meets b first
+            await store.assign_route(assigned(tenant, device, "r1"))
+        async with (
+            await psycopg.AsyncConnection.connect(pg_url) as other,
+            await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as watch,
+        ):
+            await other.execute(LOCK_ROUTE, [tenant, "b"])
+            saving = asyncio.create_task(
+                store.save_route_checkpoints(
+                    [RouteCheckpoint(tenant, d, "r1", 1, 5, b"S5") for d in "ba"]
+                )
+            )
+            async with asyncio.timeout(30):  # until the save waits for b
+                while True:
+                    cur = await watch.execute(BLOCKED_BY, [other.info.backend_pid])
+                    if (await cur.fetchone()) != (0,):
+                        break
+                    await asyncio.sleep(0.02)
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                await other.execute(LOCK_ROUTE + " NOWAIT", [tenant, "a"])
+            await other.rollback()
+            await saving
+        assert (await route_states(store, tenant, ["a", "b"]))["a"][1] == 5
+    finally:
+        for device in "ab":
+            await store.clear_route(tenant, device)
+        await store.close()
 
 
 async def test_tenants_do_not_see_each_other(history) -> None:

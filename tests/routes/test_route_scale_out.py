@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import polyline
+import psycopg
 import pytest
 from tracking.v1 import common_pb2, event_pb2, route_pb2, route_pb2_grpc, track_pb2_grpc
 
@@ -32,6 +33,7 @@ OFF, BACK, ARRIVED = (
 )
 CHECKPOINT_S = 0.2
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
+HANG_S = 60  # a hang guard: the conditions waited for come far sooner
 
 
 class Drive:
@@ -55,11 +57,13 @@ class Drive:
         return self.start_ms + index * 5_000
 
     async def send(
-        self, channel: grpc.aio.Channel, until: int, settle_s: float = 1.5
+        self, channel: grpc.aio.Channel, until: int, expected: int, watched: bool = True
     ) -> list[int]:
         """Send the fixes up to index ``until`` (exclusive) not sent yet, in batches
         of 10, through ``channel``'s server; the route events (not ETA updates) its
-        stream brings until every batch is acked and ``settle_s`` more."""
+        stream brings until every batch is acked, the server's progress covers the
+        last fix sent (unless not ``watched``: the device has no route there) and
+        ``expected`` route events came."""
         call = track_pb2_grpc.TrackSessionStub(channel).Track()
         await call.write(hello(self.device, want_events=True))
         await call.read()
@@ -79,22 +83,24 @@ class Drive:
             await call.write(batch(fixes))
         self.sent = until
         kinds: list[int] = []
-        acks, settled = 0, None
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(30):
-                while settled is None or loop.time() < settled:
-                    wait = None if settled is None else settled - loop.time()
-                    response = await asyncio.wait_for(call.read(), wait)
-                    kind = response.WhichOneof("message")
-                    acks += kind == "ack"
-                    if kind == "event" and response.event.route_id:
-                        if response.event.type != event_pb2.EVENT_TYPE_ETA_UPDATED:
-                            kinds.append(response.event.type)
-                    if acks == len(batches) and settled is None:
-                        settled = loop.time() + settle_s
-        except TimeoutError:
-            assert acks == len(batches), "the server did not ack every batch"
+        acks = 0
+
+        async def read() -> None:
+            nonlocal acks
+            response = await call.read()
+            kind = response.WhichOneof("message")
+            acks += kind == "ack"
+            if kind == "event" and response.event.route_id:
+                if response.event.type != event_pb2.EVENT_TYPE_ETA_UPDATED:
+                    kinds.append(response.event.type)
+
+        async with asyncio.timeout(HANG_S):
+            while acks < len(batches):
+                await read()
+            if watched:
+                await until_applied(channel, self)
+            while len(kinds) < expected:
+                await read()
         call.cancel()
         return kinds
 
@@ -124,14 +130,27 @@ async def progress_code(channel: grpc.aio.Channel, device: str) -> grpc.StatusCo
     return grpc.StatusCode.OK
 
 
-async def until_saved(channel: grpc.aio.Channel, drive: Drive) -> None:
+async def until_applied(channel: grpc.aio.Channel, drive: Drive) -> None:
     """Wait until ``channel``'s server tells the progress of the drive's last fix
-    sent (from memory, or from the checkpoint of the server that applied it)."""
+    sent, or its arrival (from memory, or from the checkpoint of the server that
+    applied it)."""
     sent_ms, device = drive.time_ms(drive.sent - 1), drive.device
-    async with asyncio.timeout(10):
-        # polls the other server (ASYNC110: no event to wait on across processes)
-        while (await progress(channel, device)).last_fix_ms < sent_ms:  # noqa: ASYNC110
+    async with asyncio.timeout(HANG_S):
+        # polls a server (ASYNC110: no event to wait on across processes)
+        while True:
+            now = await progress(channel, device)
+            if now.last_fix_ms >= sent_ms or now.arrived:
+                return
             await asyncio.sleep(CHECKPOINT_S / 2)
+
+
+async def forget_routes(database_url: str, tenant: str) -> None:
+    """Delete the tenant's stored routes: servers on the session's database load
+    every stored route that has not ended at their start."""
+    async with await psycopg.AsyncConnection.connect(
+        database_url, autocommit=True
+    ) as conn:
+        await conn.execute("DELETE FROM assigned_routes WHERE tenant = %s", [tenant])
 
 
 @pytest.fixture
@@ -160,11 +179,14 @@ async def two_servers(
     storing = await start_server(
         settings=replace(shared, data_dir=str(tmp_path / "storing"))
     )
-    async with (
-        grpc.aio.insecure_channel(f"127.0.0.1:{assigning.port}") as to_assigning,
-        grpc.aio.insecure_channel(f"127.0.0.1:{storing.port}") as to_storing,
-    ):
-        yield to_assigning, to_storing
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{assigning.port}") as to_assigning,
+            grpc.aio.insecure_channel(f"127.0.0.1:{storing.port}") as to_storing,
+        ):
+            yield to_assigning, to_storing
+    finally:
+        await forget_routes(pg_url, route_settings.default_tenant)
 
 
 @pytest.mark.postgres
@@ -174,8 +196,8 @@ async def test_a_route_assigned_on_one_server_is_watched_where_the_fixes_go(
 ) -> None:
     assigning, storing = two_servers
     drive = await assign(assigning, "van-1", "delivery-1")
-    assert await drive.send(storing, drive.first_at(800)) == [OFF]
-    assert await drive.send(storing, len(drive.points)) == [BACK, ARRIVED]
+    assert await drive.send(storing, drive.first_at(800), 1) == [OFF]
+    assert await drive.send(storing, len(drive.points), 2) == [BACK, ARRIVED]
 
 
 @pytest.mark.postgres
@@ -183,8 +205,8 @@ async def test_a_route_assigned_on_one_server_is_watched_where_the_fixes_go(
 async def test_progress_from_the_server_that_saw_no_fix(two_servers) -> None:
     assigning, storing = two_servers
     drive = await assign(assigning, "van-2", "delivery-2")
-    assert await drive.send(storing, drive.first_at(800), settle_s=0.2) == [OFF]
-    await until_saved(assigning, drive)  # as old as the storing server's last save
+    assert await drive.send(storing, drive.first_at(800), 1) == [OFF]
+    await until_applied(assigning, drive)  # as old as the storing server's last save
     elsewhere = await progress(assigning, "van-2")
     here = await progress(storing, "van-2")
     assert elsewhere.off_route and elsewhere.route_id == "delivery-2"
@@ -198,15 +220,18 @@ async def test_a_route_cleared_on_one_server_is_not_watched_on_the_other(
 ) -> None:
     assigning, storing = two_servers
     drive = await assign(assigning, "van-3", "delivery-3")
-    assert await drive.send(storing, drive.first_at(800), settle_s=0.2) == [OFF]
+    assert await drive.send(storing, drive.first_at(800), 1) == [OFF]
     cleared = await route_pb2_grpc.RouteStub(assigning).ClearRoute(
         route_pb2.ClearRouteRequest(device_id="van-3")
     )
     assert cleared.cleared
-    async with asyncio.timeout(10):  # the storing server hears the notice
+    async with asyncio.timeout(HANG_S):  # the storing server hears the notice
         while await progress_code(storing, "van-3") != NOT_FOUND:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
-    assert await drive.send(storing, len(drive.points)) == []  # no BACK, ARRIVED
+    # No BACK or ARRIVED among what comes until the last ack, and no route again.
+    assert await drive.send(storing, len(drive.points), 0, watched=False) == []
+    assert await progress_code(storing, "van-3") == NOT_FOUND
+    assert await progress_code(assigning, "van-3") == NOT_FOUND
 
 
 @pytest.mark.postgres
@@ -216,11 +241,12 @@ async def test_a_device_moving_between_servers_continues_where_it_was(
 ) -> None:
     first, second = two_servers
     drive = await assign(first, "van-5", "delivery-5")
-    assert await drive.send(first, drive.first_at(500), settle_s=0.2) == []
-    await until_saved(second, drive)
-    assert await drive.send(second, drive.first_at(800), settle_s=0.2) == [OFF]
-    await until_saved(first, drive)  # the first let go: it reads the checkpoint
-    assert await drive.send(first, len(drive.points)) == [BACK, ARRIVED]
+    assert await drive.send(first, drive.first_at(500), 0) == []
+    await until_applied(second, drive)
+    assert not (await progress(second, "van-5")).off_route
+    assert await drive.send(second, drive.first_at(800), 1) == [OFF]
+    await until_applied(first, drive)  # the first let go: it reads the checkpoint
+    assert await drive.send(first, len(drive.points), 2) == [BACK, ARRIVED]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -231,18 +257,24 @@ def on_backend(request, route_settings):
 
 async def test_a_restarted_server_goes_on_monitoring(start_server, on_backend) -> None:
     settings = on_backend
-    first = await start_server(settings=settings)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
-        drive = await assign(channel, "van-4", "delivery-4")
-        assert await drive.send(channel, drive.first_at(400), settle_s=0.2) == []
-    await first.stop()
-    second = await start_server(settings=settings)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as channel:
-        assert (await progress(channel, "van-4")).last_fix_ms == drive.time_ms(
-            drive.sent - 1
-        )
-        assert await drive.send(channel, len(drive.points)) == [OFF, BACK, ARRIVED]
-        assert (await progress(channel, "van-4")).arrived
+    try:
+        first = await start_server(settings=settings)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+            drive = await assign(channel, "van-4", "delivery-4")
+            assert await drive.send(channel, drive.first_at(400), 0) == []
+            assert not (await progress(channel, "van-4")).off_route
+        await first.stop()
+        second = await start_server(settings=settings)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as channel:
+            assert (await progress(channel, "van-4")).last_fix_ms == drive.time_ms(
+                drive.sent - 1
+            )
+            kinds = await drive.send(channel, len(drive.points), 3)
+            assert kinds == [OFF, BACK, ARRIVED]
+            assert (await progress(channel, "van-4")).arrived
+    finally:
+        if settings.database_url:
+            await forget_routes(settings.database_url, settings.default_tenant)
 
 
 @pytest.mark.slow
@@ -267,15 +299,19 @@ async def test_server_processes_share_routes_and_a_crash_loses_no_route(
         async with grpc.aio.insecure_channel(assigning.address) as to_assigning:
             drive = await assign(to_assigning, "van-6", "delivery-6")
             async with grpc.aio.insecure_channel(storing.address) as to_storing:
-                assert await drive.send(to_storing, drive.first_at(800)) == [OFF]
-            await until_saved(to_assigning, drive)  # read from the store there
+                assert await drive.send(to_storing, drive.first_at(800), 1) == [OFF]
+            await until_applied(to_assigning, drive)  # read from the store there
         storing.kill()
         storing.start()
         async with grpc.aio.insecure_channel(storing.address) as channel:
-            assert await drive.send(channel, len(drive.points)) == [BACK, ARRIVED]
+            kinds = await drive.send(channel, len(drive.points), 2)
+            assert kinds == [BACK, ARRIVED]
     finally:
         for server in (assigning, storing):
             server.stop()
+        await forget_routes(
+            env["TRACKING_DATABASE_URL"], env["TRACKING_DEFAULT_TENANT"]
+        )
 
 
 async def test_a_stored_route_that_cannot_be_read_is_left_out(
@@ -290,4 +326,23 @@ async def test_a_stored_route_that_cannot_be_read_is_left_out(
     server = await start_server(settings=route_settings)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         drive = await assign(channel, "van-7", "delivery-7")
-        assert await drive.send(channel, len(drive.points)) == [OFF, BACK, ARRIVED]
+        kinds = await drive.send(channel, len(drive.points), 3)
+        assert kinds == [OFF, BACK, ARRIVED]
+
+
+async def test_a_failed_route_load_holds_up_neither_fixes_nor_the_stop(
+    start_server, route_settings, monkeypatch
+) -> None:
+    async def broken(self: SqliteHistoryStore) -> list[StoredRoute]:
+        raise RuntimeError("a bug in the load")
+
+    monkeypatch.setattr(SqliteHistoryStore, "monitored_routes", broken)
+    server = await start_server(settings=route_settings)
+    async with (
+        asyncio.timeout(HANG_S),
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+    ):
+        drive = await assign(channel, "van-9", "delivery-9")
+        kinds = await drive.send(channel, len(drive.points), 3)
+        assert kinds == [OFF, BACK, ARRIVED]
+        await server.stop()

@@ -51,6 +51,7 @@ from tracking_grpc.routing.monitor import (
     RouteProgress,
     progress_of,
     route_parts,
+    start_state,
 )
 from tracking_grpc.storage.base import HistoryStore, RouteCheckpoint, StoredRoute
 
@@ -136,11 +137,16 @@ class AssignmentKeeper:
     name = "routes"
 
     def __init__(
-        self, monitor: RouteMonitor, store: HistoryStore, checkpoint_s: float
+        self,
+        monitor: RouteMonitor,
+        store: HistoryStore,
+        checkpoint_s: float,
+        load_wait_s: float = 5.0,
     ) -> None:
         self.monitor = monitor
         self.store = store
         self.checkpoint_s = checkpoint_s
+        self.load_wait_s = load_wait_s  # longest a call waits for the load
         self.announce: Announce | None = None  # None: the only process
         self._loaded = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -148,34 +154,32 @@ class AssignmentKeeper:
 
     def start(self, listen: Callable[[], Awaitable[None]] | None = None) -> None:
         """In the background: start hearing route notices (``listen``), load the
-        stored routes (retried until the store answers: fixes and calls wait for
-        it), then save checkpoints every round."""
+        stored routes (retried until the store answers: fixes wait for it, calls
+        up to ``load_wait_s``), then save checkpoints every round."""
         self._rounds = asyncio.create_task(self._run(listen), name="route-checkpoints")
 
     async def assign(self, route: PlannedRoute) -> RouteProgress:
-        """Monitor the device on ``route`` here, store it, tell the others."""
-        await self._loaded.wait()
-        progress = self.monitor.assign(route)
-        _, saved = self.monitor.take_changed([(route.tenant, route.device)])
+        """Store the device's ``route``, monitor it here, tell the others; a failed
+        store leaves the device's previous route monitored."""
+        await self._wait_loaded()
+        parts = route_parts(route)
+        state = start_state(route, parts)
         checkpoint = RouteCheckpoint(
             route.tenant,
             route.device,
             route.route_id,
             route.assigned_ms,
             0,
-            pack_states(saved)[0],
+            pack_states({k: np.array([v]) for k, v in state.items()})[0],
         )
-        try:
-            await self.store.assign_route(StoredRoute(pack_plan(route), checkpoint))
-        except BaseException:
-            self.monitor.clear(route.tenant, route.device)
-            raise
+        await self.store.assign_route(StoredRoute(pack_plan(route), checkpoint))
+        progress = self.monitor.assign(route, state, parts)
         await self._tell(route.tenant, [route.device])
         return progress
 
     async def clear(self, tenant: str, device: str) -> bool:
         """Stop monitoring the device everywhere; False when it had no route."""
-        await self._loaded.wait()
+        await self._wait_loaded()
         stored = await self.store.clear_route(tenant, device)
         here = self.monitor.clear(tenant, device)
         await self._tell(tenant, [device])
@@ -183,7 +187,7 @@ class AssignmentKeeper:
 
     async def progress(self, tenant: str, device: str) -> RouteProgress | None:
         """From memory where the state here is the newest, else from the store."""
-        await self._loaded.wait()
+        await self._wait_loaded()
         if self.announce is None or self.monitor.held(tenant, device):
             here = self.monitor.progress(tenant, device)
             if here is not None:
@@ -256,13 +260,26 @@ class AssignmentKeeper:
         except (Unavailable, TimeoutError) as exc:
             log.warning("route checkpoints not saved at stop: %r", exc)
 
+    async def _wait_loaded(self) -> None:
+        """Wait for the load, at most ``load_wait_s``."""
+        if self._loaded.is_set():
+            return
+        try:
+            async with asyncio.timeout(self.load_wait_s):
+                await self._loaded.wait()
+        except TimeoutError:
+            raise Unavailable("the assigned routes are still loading") from None
+
     async def _run(self, listen: Callable[[], Awaitable[None]] | None) -> None:
-        if listen is not None:  # first: a change after the load is then heard
-            try:
-                await listen()
-            except TimeoutError:
-                log.warning("route notices not heard yet; loading the routes")
-        await self._load()
+        try:
+            if listen is not None:  # first: a change after the load is then heard
+                await self._listen(listen)
+            await self._load()
+        except Exception:  # fixes must not wait for ever: monitor none
+            log.exception("assigned routes not loaded; none monitored until restart")
+            self.monitor.clear_all()
+        finally:  # also when stopped during the load
+            self._loaded.set()
         while True:
             await asyncio.sleep(self.checkpoint_s)
             try:
@@ -273,6 +290,14 @@ class AssignmentKeeper:
             except Exception:
                 log.exception("saving route checkpoints failed")
 
+    async def _listen(self, listen: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await listen()
+        except TimeoutError:
+            log.warning("route notices not heard yet; loading the routes")
+        except Exception:  # the routes are loaded all the same
+            log.exception("route notices not started; changes elsewhere may be missed")
+
     async def _load(self) -> None:
         while True:
             try:
@@ -282,16 +307,11 @@ class AssignmentKeeper:
                 log.warning("assigned routes not loaded (retrying): %s", exc.message)
                 await asyncio.sleep(LOAD_RETRY_S)
         # Off the event loop: about a millisecond per route of 300 points.
-        try:
-            prepared = await asyncio.to_thread(_prepare, stored)
-        except Exception:  # fixes must not wait for ever: monitor none
-            log.exception("assigned routes not loaded; none monitored until restart")
-            prepared = []
+        prepared = await asyncio.to_thread(_prepare, stored)
         for n, (planned, parts, saved) in enumerate(prepared, 1):
             self.monitor.assign(planned, saved, parts)
             if n % LOAD_PIECE == 0:  # let calls and commits in between
                 await asyncio.sleep(0)
-        self._loaded.set()
         log.info("monitoring %d assigned routes", len(prepared))
 
     async def _take_over(self, tenant: str, devices: list[str]) -> None:
@@ -331,7 +351,9 @@ class AssignmentKeeper:
         saved: Mapping[str, np.ndarray],
         pause_s: float = 0.0,
     ) -> None:
-        """Save in pieces; an arrived route is saved as ended."""
+        """Save in pieces; an arrived route is saved as ended. The routes of the
+        pieces not written (the store failed, or the save was cancelled by a
+        stop) are marked changed again, for the next round or the save at stop."""
         states = pack_states(saved)
         checkpoints = [
             RouteCheckpoint(
@@ -347,16 +369,18 @@ class AssignmentKeeper:
                 routes, saved["last_ms"], saved["arrived"], states, strict=True
             )
         ]
-        for first in range(0, len(checkpoints), SAVE_PIECE):
-            piece = checkpoints[first : first + SAVE_PIECE]
-            try:
+        written = 0
+        try:
+            for first in range(0, len(checkpoints), SAVE_PIECE):
+                if pause_s and first:
+                    await asyncio.sleep(pause_s)
+                piece = checkpoints[first : first + SAVE_PIECE]
                 await self.store.save_route_checkpoints(piece)
-            except Unavailable:
-                keys = [(c.tenant, c.device) for c in checkpoints[first:]]
-                self.monitor.mark_changed(keys)
-                raise
-            if pause_s and first + SAVE_PIECE < len(checkpoints):
-                await asyncio.sleep(pause_s)
+                written = first + len(piece)
+        except BaseException:
+            keys = [(c.tenant, c.device) for c in checkpoints[written:]]
+            self.monitor.mark_changed(keys)
+            raise
 
     async def _tell(self, tenant: str, devices: list[str], kind: str = "") -> None:
         if self.announce is None:

@@ -106,6 +106,8 @@ class RouteMonitor:
         self._new: list[dict[str, Any]] = []  # states of routes not yet in _state
         self._flat: _FlatRoutes = _FlatRoutes.build([])
         self._stale = False  # _flat misses assigned or cleared routes
+        self._generation = 0  # changes with the slots of the routes
+        self._last: tuple[FixBatch, int, np.ndarray] | None = None  # _fix_slots's
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -122,12 +124,12 @@ class RouteMonitor:
         self.clear(route.tenant, route.device)
         if parts is None:
             parts = route_parts(route)
+        self._generation += 1
         self._slots[(route.tenant, route.device)] = len(self._routes)
         self._routes.append(route)
         self._parts.append(parts)
         if saved is None:
-            eta_ms = route.assigned_ms + int(parts["total_s"][0] * 1e3)
-            saved = {"eta_ms": eta_ms, "announced_eta_ms": eta_ms}
+            saved = start_state(route, parts)
         row = {k: saved[k] for k in SAVED_FIELDS if k in saved}
         self._new.append(row)
         self._stale = True  # the flat arrays are rebuilt once, when next needed
@@ -154,12 +156,26 @@ class RouteMonitor:
         if not self._routes or len(stored) == 0:
             return []
         self._refresh()
-        s, found = self._state, []
-        for device in np.unique(stored.device.astype(str)).tolist():
-            slot = self._slots.get((stored.tenant, device))
-            if slot is not None and not s["held"][slot] and not s["arrived"][slot]:
-                found.append(device)
-        return found
+        slots = np.unique(self._fix_slots(stored))
+        slots = slots[slots >= 0]
+        s = self._state
+        found = slots[~s["held"][slots] & ~s["arrived"][slots]]
+        return [self._routes[i].device for i in found.tolist()]
+
+    def _fix_slots(self, stored: FixBatch) -> np.ndarray:
+        """The slot of each fix's route, -1 for none; computed once for the
+        ``unheld`` and ``evaluate`` of a batch while no route comes or goes."""
+        last = self._last
+        if last is not None and last[0] is stored and last[1] == self._generation:
+            return last[2]
+        names, inverse = np.unique(stored.device.astype(str), return_inverse=True)
+        slot_of_name = np.array(
+            [self._slots.get((stored.tenant, n), -1) for n in names.tolist()],
+            dtype=np.int64,
+        )
+        slot = slot_of_name[inverse]
+        self._last = (stored, self._generation, slot)
+        return slot
 
     def restore(self, tenant: str, device: str, saved: Mapping[str, Any]) -> bool:
         """Take a saved state of the device's route when it covers later fixes
@@ -208,12 +224,21 @@ class RouteMonitor:
             if slot is not None:
                 self._state["dirty"][slot] = True
 
+    def clear_all(self) -> None:
+        """Stop monitoring every device."""
+        self._routes, self._parts, self._slots, self._new = [], [], {}, []
+        self._generation += 1
+        self._state = _empty_state(0)
+        self._flat = _FlatRoutes.build([])
+        self._stale = False
+
     def clear(self, tenant: str, device: str) -> bool:
         """Stop monitoring a device; False when it had no route."""
         slot = self._slots.pop((tenant, device), None)
         if slot is None:
             return False
         self._refresh()
+        self._generation += 1
         keep = np.ones(len(self._routes), dtype=bool)
         keep[slot] = False
         del self._routes[slot]
@@ -266,11 +291,8 @@ class RouteMonitor:
         if not self._routes or len(stored) == 0:
             return []
         self._refresh()
-        names, inverse = np.unique(stored.device.astype(str), return_inverse=True)
-        slot_of_name = np.array(
-            [self._slots.get((stored.tenant, n), -1) for n in names.tolist()]
-        )
-        slot = slot_of_name[inverse]
+        slot = self._fix_slots(stored)
+        self._last = None  # the batch is done with
         rows = np.flatnonzero(slot >= 0)
         if len(rows) == 0:
             return []
@@ -484,6 +506,15 @@ def progress_of(route_id: str, saved: Mapping[str, Any]) -> RouteProgress:
         arrived=bool(saved["arrived"]),
         last_fix_ms=int(saved["last_ms"]),
     )
+
+
+def start_state(route: PlannedRoute, parts: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """The saved fields (and ``total_m``) of a route not yet driven."""
+    eta_ms = route.assigned_ms + int(parts["total_s"][0] * 1e3)
+    empty = _empty_row()
+    row = {name: empty[name] for name in SAVED_FIELDS}
+    row.update(eta_ms=eta_ms, announced_eta_ms=eta_ms, total_m=parts["total_m"][0])
+    return row
 
 
 def _empty_state(n: int) -> dict[str, np.ndarray]:

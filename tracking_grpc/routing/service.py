@@ -70,7 +70,12 @@ class Routing:
         """Routing on the settings' datasets; assigned routes kept in ``store``."""
         router = Router.load(settings.routing_data_dir, settings.routing_max_snap_m)
         monitor = RouteMonitor(monitor_settings(settings))
-        keeper = AssignmentKeeper(monitor, store, settings.route_checkpoint_s)
+        keeper = AssignmentKeeper(
+            monitor,
+            store,
+            settings.route_checkpoint_s,
+            load_wait_s=settings.database_timeout_s,
+        )
         return cls(router, keeper)
 
     async def route(

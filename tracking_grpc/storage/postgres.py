@@ -312,16 +312,23 @@ ON CONFLICT (tenant, device) DO UPDATE SET
     state = excluded.state, ended = excluded.ended, updated_at = now()
 """
 
-# Route checkpoints: one statement per save; the device's route must still be the
-# same assignment, and a stored state covering later fixes (another process's) stays.
+# Route checkpoints: one statement per piece of a save; the device's route must still
+# be the same assignment, and a stored state covering later fixes (another
+# process's) stays. The rows are locked in (tenant, device) order whatever the join's
+# plan, so that two processes saving overlapping routes wait rather than deadlock.
 SAVE_ROUTE_CHECKPOINTS = """
 UPDATE assigned_routes AS r SET
     applied_ms = c.applied_ms, state = c.state, ended = r.ended OR c.ended,
     updated_at = now()
-FROM unnest(%(tenants)s::text[], %(devices)s::text[], %(route_ids)s::text[],
-    %(assigned_ms)s::bigint[], %(applied_ms)s::bigint[], %(states)s::bytea[],
-    %(ended)s::boolean[])
-    AS c(tenant, device, route_id, assigned_ms, applied_ms, state, ended)
+FROM (
+    SELECT c.* FROM unnest(%(tenants)s::text[], %(devices)s::text[],
+        %(route_ids)s::text[], %(assigned_ms)s::bigint[], %(applied_ms)s::bigint[],
+        %(states)s::bytea[], %(ended)s::boolean[])
+        AS c(tenant, device, route_id, assigned_ms, applied_ms, state, ended)
+    JOIN assigned_routes AS l ON l.tenant = c.tenant AND l.device = c.device
+    ORDER BY c.tenant, c.device
+    FOR UPDATE OF l
+) AS c
 WHERE r.tenant = c.tenant AND r.device = c.device AND r.route_id = c.route_id
     AND r.assigned_ms = c.assigned_ms AND r.applied_ms <= c.applied_ms
 """
@@ -673,6 +680,7 @@ class PostgresHistoryStore:
     ) -> None:
         if not checkpoints:
             return
+        checkpoints = sorted(checkpoints, key=lambda c: (c.tenant, c.device))
         params = {
             "tenants": text_array([c.tenant for c in checkpoints]),
             "devices": text_array([c.device for c in checkpoints]),
