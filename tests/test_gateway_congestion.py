@@ -100,6 +100,14 @@ def gateway_request(*devices: str, seq: int = 1) -> track_pb2.PublishBatchReques
     return track_pb2.PublishBatchRequest(columns=columns)
 
 
+async def congest(stub, pipeline: IngestPipeline) -> asyncio.Future:
+    """A 3-fix call that fills ``max_pending_fixes`` (3) while storage is away;
+    its answer, once storage is back."""
+    queued = asyncio.ensure_future(stub.PublishBatch(gateway_request("a", "b", "c")))
+    await until(lambda: pipeline.congested)
+    return queued
+
+
 async def test_a_congested_server_holds_a_bounded_gateway_backlog(
     start_server, outage, monkeypatch
 ) -> None:
@@ -115,10 +123,7 @@ async def test_a_congested_server_holds_a_bounded_gateway_backlog(
     pipeline = server.app.pipeline
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = track_pb2_grpc.TrackSessionStub(channel)
-        queued = asyncio.ensure_future(
-            stub.PublishBatch(gateway_request("a", "b", "c"))
-        )
-        await until(lambda: pipeline.congested)
+        queued = await congest(stub, pipeline)
         waiting = asyncio.ensure_future(
             stub.PublishBatch(gateway_request("d", "e", "f", "g"))
         )
@@ -156,10 +161,7 @@ async def test_a_call_larger_than_the_bound_waits_when_no_other_does(
     pipeline = server.app.pipeline
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = track_pb2_grpc.TrackSessionStub(channel)
-        queued = asyncio.ensure_future(
-            stub.PublishBatch(gateway_request("a", "b", "c"))
-        )
-        await until(lambda: pipeline.congested)
+        queued = await congest(stub, pipeline)
         large = asyncio.ensure_future(stub.PublishBatch(gateway_request(*"defghi")))
         await until(lambda: pipeline.waiting_batch_fixes == 6)
         with pytest.raises(grpc.aio.AioRpcError) as refused:

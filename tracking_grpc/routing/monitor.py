@@ -22,7 +22,6 @@ ETA_UPDATED is raised when it moves by more than ``eta_change_s`` and more than
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -92,10 +91,8 @@ class RouteProgress:
 
 
 class RouteMonitor:
-    """Planned routes of devices and their progress; a FixProcessor (the server
-    runs it through ``assignments.AssignmentKeeper``, which stores the routes)."""
-
-    name = "routes"
+    """Planned routes of devices and their progress, evaluated on arrays (the
+    server's processor is ``assignments.AssignmentKeeper``, which stores them)."""
 
     def __init__(self, settings: MonitorSettings | None = None) -> None:
         self.settings = settings or MonitorSettings()
@@ -281,10 +278,6 @@ class RouteMonitor:
             arrived=bool(s["arrived"][slot]),
             last_fix_ms=int(s["last_ms"][slot]),
         )
-
-    async def process(self, stored: FixBatch) -> list[TrackingEvent]:
-        """Events raised by newly stored fixes of one tenant."""
-        return self.evaluate(stored, int(time.time() * 1000))
 
     def evaluate(self, stored: FixBatch, created_ms: int) -> list[TrackingEvent]:
         """Advance every monitored device of the batch; the events, in fix order."""

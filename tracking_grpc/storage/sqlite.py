@@ -417,14 +417,7 @@ class SqliteHistoryStore:
             checkpoints.states,
             strict=True,
         )
-        conn = self._wconn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(UPSERT_CHECKPOINT, rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        self._execute_many(UPSERT_CHECKPOINT, list(rows))
 
     async def load_checkpoints(
         self, tenant: str, devices: Sequence[str]
@@ -476,7 +469,7 @@ class SqliteHistoryStore:
 
     async def assign_route(self, route: StoredRoute) -> None:
         await self._run(
-            self._writer, self._write_routes, ASSIGN_ROUTE, [route_row(route)]
+            self._writer, self._execute_many, ASSIGN_ROUTE, [route_row(route)]
         )
 
     async def save_route_checkpoints(
@@ -485,10 +478,11 @@ class SqliteHistoryStore:
         rows = [{**asdict(c), "ended": int(c.ended)} for c in checkpoints]
         if rows:
             await self._run(
-                self._writer, self._write_routes, SAVE_ROUTE_CHECKPOINT, rows
+                self._writer, self._execute_many, SAVE_ROUTE_CHECKPOINT, rows
             )
 
-    def _write_routes(self, statement: str, rows: list) -> None:
+    def _execute_many(self, statement: str, rows: list) -> None:
+        """``statement`` for each row, in one write transaction."""
         assert self._wconn is not None
         conn = self._wconn
         conn.execute("BEGIN IMMEDIATE")
