@@ -125,6 +125,15 @@ def pg_blank_url(pg_session_prefix: str) -> Iterator[str]:
     drop_database(name)
 
 
+@pytest.fixture
+def private_pg_url(pg_session_prefix: str, pg_template: str) -> Iterator[str]:
+    """A migrated database of this test alone (for a purge, which spares no
+    tenant, or a count of every stored row), dropped after the test."""
+    name = f"{pg_session_prefix}_{uuid.uuid4().hex[:8]}"
+    yield create_database(name, template=pg_template)
+    drop_database(name)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     client = redis.Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=2)

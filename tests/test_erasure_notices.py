@@ -16,7 +16,7 @@ import redis
 from tracking_grpc.geofence.stream_trim import EventStreamTrimmer
 from tracking_grpc.servicers.geofence import GEOFENCE_STREAM
 from tracking_grpc.storage.redis_client import TIMEOUTS, Connection
-from tracking_grpc.storage.redis_erasure import BLOCK_MS, STREAM, RedisErasureNotices
+from tracking_grpc.storage.redis_notices import BLOCK_MS, STREAM, RedisDeviceNotices
 
 pytestmark = pytest.mark.redis
 
@@ -27,14 +27,14 @@ async def test_other_processes_forget_what_one_erased(
     forgotten: dict[str, list[tuple[str, str]]] = {"a": [], "b": [], "c": []}
     heard = asyncio.Event()
 
-    def process(name: str) -> RedisErasureNotices:
+    def process(name: str) -> RedisDeviceNotices:
         async def forget(tenant: str, device: str) -> dict[str, int]:
             forgotten[name].append((tenant, device))
             if all(forgotten[n] for n in ("b", "c")):
                 heard.set()
             return {}
 
-        return RedisErasureNotices(Connection(any_redis_url), redis_prefix, forget)
+        return RedisDeviceNotices(Connection(any_redis_url), redis_prefix, forget)
 
     processes = [process(name) for name in forgotten]
     for notices in processes:
@@ -79,14 +79,14 @@ async def test_a_notice_of_a_kind_goes_to_that_kinds_handler(
 
 def listener(
     url: str, prefix: str, heard: list[tuple[str, str]], name: str | None = None
-) -> RedisErasureNotices:
+) -> RedisDeviceNotices:
     """A process's notices whose forgetting is recorded in ``heard``."""
 
     async def forget(tenant: str, device: str) -> dict[str, int]:
         heard.append((tenant, device))
         return {}
 
-    return RedisErasureNotices(Connection(url, name=name), prefix, forget)
+    return RedisDeviceNotices(Connection(url, name=name), prefix, forget)
 
 
 async def until_heard(heard: list[tuple[str, str]], device: str) -> None:

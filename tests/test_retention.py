@@ -6,8 +6,7 @@ their own."""
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,18 +23,13 @@ from tracking.v1 import (
     track_pb2_grpc,
 )
 
-from tests.backends import (
-    create_database,
-    drop_database,
-    on_the_stream,
-    stream_owners,
-)
+from tests.backends import on_the_stream, stream_owners
 from tests.server_fixtures import embedded_settings, fix, now_ms, track_session
 from tracking_grpc.cli import main
 from tracking_grpc.config import Settings
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.retention import DAY_MS, cutoff_ms
-from tracking_grpc.storage.base import Checkpoints
+from tracking_grpc.storage.base import Checkpoints, RouteCheckpoint, StoredRoute
 from tracking_grpc.storage.postgres import PostgresHistoryStore
 from tracking_grpc.storage.sqlite import SqliteHistoryStore
 
@@ -47,14 +41,6 @@ BACKENDS = [
     "embedded",
     pytest.param("postgres-redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
 ]
-
-
-@pytest.fixture
-def private_pg_url(pg_session_prefix: str, pg_template: str) -> Iterator[str]:
-    """A migrated database of this test alone (a purge spares no tenant)."""
-    name = f"{pg_session_prefix}_{uuid.uuid4().hex[:8]}"
-    yield create_database(name, template=pg_template)
-    drop_database(name)
 
 
 def fixes(device: str, times_ms: list[int]) -> FixBatch:
@@ -113,6 +99,34 @@ async def test_purge_deletes_activity_checkpoints_applied_before_the_cutoff(
 
     kept = await history.load_checkpoints(TENANT, ["old", "mixed"])
     assert kept.devices == ["mixed"]
+
+
+async def test_purge_deletes_routes_that_arrived_before_the_cutoff(history) -> None:
+    """An arrived route goes with its arrival fix (the last its monitoring
+    applied); a route still followed stays, however old its last fix."""
+    recent_ms = now_ms() - 60_000
+    routes = {  # device: (fix time of the newest fix applied, arrived)
+        "arrived-old": (OLD_MS, True),
+        "arrived-recent": (recent_ms, True),
+        "driving-old": (OLD_MS, False),
+    }
+    for device, (applied_ms, ended) in routes.items():
+        start = RouteCheckpoint(TENANT, device, "r1", 1, 0, b"S0")
+        await history.assign_route(StoredRoute(b"P", start))
+        await history.save_route_checkpoints(
+            [RouteCheckpoint(TENANT, device, "r1", 1, applied_ms, b"S", ended)]
+        )
+
+    purged = await history.purge_before(cutoff_ms(now_ms(), 3))
+
+    assert purged.routes == 1
+    kept = await history.routes(TENANT, list(routes))
+    assert sorted(r.checkpoint.device for r in kept) == [
+        "arrived-recent",
+        "driving-old",
+    ]
+    monitored = await history.monitored_routes()
+    assert [r.checkpoint.device for r in monitored] == ["driving-old"]
 
 
 async def test_a_purge_with_nothing_old_deletes_nothing(history) -> None:

@@ -134,9 +134,9 @@ async def open_app(settings: Settings) -> App:
 async def _hear_erasures(app: App) -> None:
     """Announce erasures to the other processes, and forget what they erase."""
     from tracking_grpc.storage.redis_client import Connection
-    from tracking_grpc.storage.redis_erasure import RedisErasureNotices
+    from tracking_grpc.storage.redis_notices import RedisDeviceNotices
 
-    notices = RedisErasureNotices(
+    notices = RedisDeviceNotices(
         Connection(app.settings.redis_url, name="tracking-erasure-notices"),
         app.settings.redis_key_prefix,
         lambda tenant, device: erasure.forget_device(app, tenant, device),

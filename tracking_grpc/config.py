@@ -180,6 +180,11 @@ class Settings:
         "changed (progress, off-route counts, pace) to the history store, so that "
         "a restarted or another server process continues it",
     )
+    route_load_page: int = setting(
+        1000,
+        "assigned routes per read when a server loads them at start (each page "
+        "is read, then prepared in a worker thread; a failed page is retried)",
+    )
     activity_config: str = setting(
         "", "TOML file of activity rules per tenant and device (docs/activity.md)"
     )
@@ -307,6 +312,7 @@ AT_LEAST_ONE = (
     "max_watchers",
     "route_off_route_fixes",
     "route_back_on_route_fixes",
+    "route_load_page",
 )
 ABOVE_ZERO = (
     "fanout_interest_ttl_s",  # the heartbeat runs every ttl / 3: at 0 it never pauses

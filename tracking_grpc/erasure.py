@@ -6,7 +6,7 @@ store more register in ``App.device_erasers`` (geofence events, in the event sto
 and on the event stream). Then in-process state (:func:`forget_device`): the
 activity processor and what services register in ``App.state_forgetters``
 (geofence memberships, route monitoring), in this process, and through
-``App.announce_erasure`` (a Redis Stream, ``storage.redis_erasure``) in every other
+``App.announce_erasure`` (a Redis Stream, ``storage.redis_notices``) in every other
 server process sharing the backends.
 """
 

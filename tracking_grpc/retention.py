@@ -5,7 +5,10 @@ Days are UTC days: with N days kept, fixes and geofence events of today and the 
 days before it stay, and everything of earlier days goes (the Redis Stream of
 geofence events included: ``geofence.stream_trim``). On PostgreSQL those days'
 partitions of the fixes table are dropped whole. A device with no fix left loses its
-sequence state and its live position (its next session starts at seq 0).
+sequence state and its live position (its next session starts at seq 0). An
+arrived route (``routing.assignments``) goes once its arrival does: the fix time of
+the last fix its monitoring applied is before the oldest day kept; a route still
+being followed stays, however old.
 """
 
 from __future__ import annotations
@@ -45,10 +48,12 @@ class PurgeReport:
     fixes: int = 0  # deleted row by row (dropped partitions are not counted)
     partitions: int = 0
     devices: int = 0  # devices left with no fix: state and live position gone
+    routes: int = 0  # arrived routes
     counts: dict[str, int] = field(default_factory=dict)  # from the purgers
 
     def describe(self) -> str:
         parts = [f"{self.fixes} fixes", f"{self.partitions} day partitions"]
+        parts.append(f"{self.routes} arrived routes")
         parts += [f"{count} {name}" for name, count in sorted(self.counts.items())]
         parts.append(f"{self.devices} devices with nothing left")
         return ", ".join(parts)
@@ -62,7 +67,9 @@ async def purge(
 ) -> PurgeReport:
     """Delete what is older than ``cutoff`` (fix time, ms) from every store."""
     purged = await history.purge_before(cutoff)
-    report = PurgeReport(cutoff, purged.fixes, purged.partitions, len(purged.devices))
+    report = PurgeReport(
+        cutoff, purged.fixes, purged.partitions, len(purged.devices), purged.routes
+    )
     for purger in purgers:
         for name, count in (await purger(cutoff)).items():
             report.counts[name] = report.counts.get(name, 0) + count

@@ -18,6 +18,7 @@ from tracking_grpc.storage.base import RouteCheckpoint, StoredRoute
 
 HANG_S = 30  # a hang guard, not a timing
 TENANT = "t1"
+KEPT_IN_MEMORY = "arrived routes kept in memory"
 
 
 def planned(device: str, route_id: str = "r1") -> PlannedRoute:
@@ -41,10 +42,17 @@ class RouteStore:
         self.entered = asyncio.Event()  # a blocked piece is being written
         self.pieces = 0
 
-    async def monitored_routes(self) -> list[StoredRoute]:
+    async def monitored_routes(
+        self, after: tuple[str, str] | None = None, limit: int | None = None
+    ) -> list[StoredRoute]:
         if self.fail_load is not None:
             raise self.fail_load
-        return list(self.stored.values())
+        ordered = sorted(self.stored.values(), key=lambda r: r.checkpoint.device)
+        keys = [(r.checkpoint.tenant, r.checkpoint.device) for r in ordered]
+        found = [
+            r for r, key in zip(ordered, keys, strict=True) if key > (after or ("", ""))
+        ]
+        return found[:limit]
 
     async def assign_route(self, route: StoredRoute) -> None:
         if self.fail_assign:
@@ -125,6 +133,21 @@ async def test_a_stop_during_a_checkpoint_round_saves_every_route() -> None:
         await store.entered.wait()
         await keeper.stop()  # cancels the round, then saves what changed
     assert sorted(store.saved) == sorted(devices)
+
+
+async def test_retention_forgets_routes_that_arrived_before_the_cutoff() -> None:
+    keeper = await started(RouteStore())
+    for device in ("van-1", "van-2"):
+        await keeper.assign(planned(device))
+    drive = support.fixes("van-1", np.array([[60.16, 24.93], [60.17, 24.93]]))
+    assert [e.type.name for e in await keeper.process(drive)] == ["ARRIVED"]
+    await keeper.stop()  # the arrival saved
+    arrived_ms = support.START_MS + 5_000
+
+    assert await keeper.forget_arrived(arrived_ms) == {KEPT_IN_MEMORY: 0}
+    assert await keeper.forget_arrived(arrived_ms + 1) == {KEPT_IN_MEMORY: 1}
+    assert keeper.monitor.route(TENANT, "van-1") is None
+    assert keeper.monitor.route(TENANT, "van-2") is not None  # not arrived
 
 
 def test_a_route_coming_between_unheld_and_evaluate_is_used() -> None:

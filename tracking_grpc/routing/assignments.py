@@ -32,10 +32,11 @@ array([60.  , 60.01])
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,11 +69,14 @@ STATE_DTYPE = np.dtype(
 )
 SAVE_PIECE = 250  # routes per checkpoint write
 SAVE_PAUSE_S = 0.025  # between two writes of a round: commits get the store
-LOAD_RETRY_S = 2.0
+LOAD_PAGE = 1000  # routes per read of the start's load (a few MB, ~0.1 s)
+LOAD_RETRY_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # before each retry of a page
 LOAD_PIECE = 500  # routes put in the monitor between two turns of the event loop
+NO_DEADLINE_WAIT_S = 60.0  # longest a call without a deadline waits for the load
+DEADLINE_MARGIN_S = 0.05  # a call answers UNAVAILABLE this long before its deadline
 
 HELD = "held"  # the kind of notice of a take-over
-Announce = Callable[[str, str, str], Awaitable[None]]
+Announce = Callable[[str, Sequence[str], str], Awaitable[None]]
 
 
 def pack_plan(route: PlannedRoute) -> bytes:
@@ -141,27 +145,34 @@ class AssignmentKeeper:
         monitor: RouteMonitor,
         store: HistoryStore,
         checkpoint_s: float,
-        load_wait_s: float = 5.0,
+        load_wait_s: float = NO_DEADLINE_WAIT_S,
+        load_page: int = LOAD_PAGE,
     ) -> None:
         self.monitor = monitor
         self.store = store
         self.checkpoint_s = checkpoint_s
-        self.load_wait_s = load_wait_s  # longest a call waits for the load
+        self.load_wait_s = load_wait_s  # longest a call without a deadline waits
+        self.load_page = load_page  # routes per read of the load
         self.announce: Announce | None = None  # None: the only process
+        self.loaded_routes = 0  # so far, while loading
         self._loaded = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rounds: asyncio.Task[None] | None = None
 
     def start(self, listen: Callable[[], Awaitable[None]] | None = None) -> None:
         """In the background: start hearing route notices (``listen``), load the
-        stored routes (retried until the store answers: fixes wait for it, calls
-        up to ``load_wait_s``), then save checkpoints every round."""
+        stored routes page by page (a page is retried until the store answers it:
+        fixes wait for the load, calls up to their deadline), then save
+        checkpoints every round."""
         self._rounds = asyncio.create_task(self._run(listen), name="route-checkpoints")
 
-    async def assign(self, route: PlannedRoute) -> RouteProgress:
+    async def assign(
+        self, route: PlannedRoute, wait_s: float | None = None
+    ) -> RouteProgress:
         """Store the device's ``route``, monitor it here, tell the others; a failed
-        store leaves the device's previous route monitored."""
-        await self._wait_loaded()
+        store leaves the device's previous route monitored. ``wait_s``: the
+        call's time left (None: no deadline), the longest it waits for the load."""
+        await self._wait_loaded(wait_s)
         parts = route_parts(route)
         state = start_state(route, parts)
         checkpoint = RouteCheckpoint(
@@ -177,17 +188,21 @@ class AssignmentKeeper:
         await self._tell(route.tenant, [route.device])
         return progress
 
-    async def clear(self, tenant: str, device: str) -> bool:
+    async def clear(
+        self, tenant: str, device: str, wait_s: float | None = None
+    ) -> bool:
         """Stop monitoring the device everywhere; False when it had no route."""
-        await self._wait_loaded()
+        await self._wait_loaded(wait_s)
         stored = await self.store.clear_route(tenant, device)
         here = self.monitor.clear(tenant, device)
         await self._tell(tenant, [device])
         return stored or here
 
-    async def progress(self, tenant: str, device: str) -> RouteProgress | None:
+    async def progress(
+        self, tenant: str, device: str, wait_s: float | None = None
+    ) -> RouteProgress | None:
         """From memory where the state here is the newest, else from the store."""
-        await self._wait_loaded()
+        await self._wait_loaded(wait_s)
         if self.announce is None or self.monitor.held(tenant, device):
             here = self.monitor.progress(tenant, device)
             if here is not None:
@@ -236,6 +251,13 @@ class AssignmentKeeper:
         self.monitor.hold(tenant, device, False)
         return {"released": int(held)}
 
+    async def forget_arrived(self, cutoff_ms: int) -> dict[str, int]:
+        """Retention: stop keeping here the routes that arrived before the cutoff
+        (their stored rows go with the history store's purge)."""
+        if not self._loaded.is_set():
+            return {}
+        return {"arrived routes kept in memory": self.monitor.forget_arrived(cutoff_ms)}
+
     async def save_checkpoints(self, pause_s: float = 0.0) -> int:
         """Save the state of the routes that changed; the number saved."""
         routes, saved = self.monitor.take_changed()
@@ -260,15 +282,20 @@ class AssignmentKeeper:
         except (Unavailable, TimeoutError) as exc:
             log.warning("route checkpoints not saved at stop: %r", exc)
 
-    async def _wait_loaded(self) -> None:
-        """Wait for the load, at most ``load_wait_s``."""
+    async def _wait_loaded(self, wait_s: float | None) -> None:
+        """Wait for the load: until just before the call's deadline (``wait_s``
+        from now), or ``load_wait_s`` for a call without one."""
         if self._loaded.is_set():
             return
+        limit = self.load_wait_s if wait_s is None else wait_s - DEADLINE_MARGIN_S
         try:
-            async with asyncio.timeout(self.load_wait_s):
+            async with asyncio.timeout(max(limit, 0.0)):
                 await self._loaded.wait()
         except TimeoutError:
-            raise Unavailable("the assigned routes are still loading") from None
+            raise Unavailable(
+                f"the assigned routes are still loading ({self.loaded_routes} "
+                "loaded so far); retry"
+            ) from None
 
     async def _run(self, listen: Callable[[], Awaitable[None]] | None) -> None:
         try:
@@ -299,20 +326,47 @@ class AssignmentKeeper:
             log.exception("route notices not started; changes elsewhere may be missed")
 
     async def _load(self) -> None:
+        """Every stored route not ended, in pages of ``load_page`` by (tenant,
+        device), each read well within the store's timeout and prepared off the
+        event loop (about a millisecond per route of 300 points)."""
+        after: tuple[str, str] | None = None
+        pages = 0
         while True:
-            try:
-                stored = await self.store.monitored_routes()
+            page = await self._read_page(after)
+            prepared = await asyncio.to_thread(_prepare, page)
+            for n, (planned, parts, saved) in enumerate(prepared, 1):
+                self.monitor.assign(planned, saved, parts)
+                if n % LOAD_PIECE == 0:  # let calls and commits in between
+                    await asyncio.sleep(0)
+            self.loaded_routes += len(prepared)
+            pages += 1
+            if len(page) < self.load_page:
                 break
+            last = page[-1].checkpoint
+            after = (last.tenant, last.device)
+        log.info(
+            "monitoring %d assigned routes (read in %d pages)",
+            self.loaded_routes,
+            pages,
+        )
+
+    async def _read_page(self, after: tuple[str, str] | None) -> list[StoredRoute]:
+        """One page of the load; retried with back-off while the store is
+        unavailable (another failure ends the load)."""
+        for attempt in itertools.count():
+            try:
+                return await self.store.monitored_routes(after, self.load_page)
             except Unavailable as exc:
-                log.warning("assigned routes not loaded (retrying): %s", exc.message)
-                await asyncio.sleep(LOAD_RETRY_S)
-        # Off the event loop: about a millisecond per route of 300 points.
-        prepared = await asyncio.to_thread(_prepare, stored)
-        for n, (planned, parts, saved) in enumerate(prepared, 1):
-            self.monitor.assign(planned, saved, parts)
-            if n % LOAD_PIECE == 0:  # let calls and commits in between
-                await asyncio.sleep(0)
-        log.info("monitoring %d assigned routes", len(prepared))
+                delay = LOAD_RETRY_S[min(attempt, len(LOAD_RETRY_S) - 1)]
+                log.warning(
+                    "a page of the assigned routes not read (%d loaded so far), "
+                    "retried in %.1f s: %s",
+                    self.loaded_routes,
+                    delay,
+                    exc.message,
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def _take_over(self, tenant: str, devices: list[str]) -> None:
         """Continue from the stored checkpoints of devices held nowhere here (the
@@ -383,13 +437,19 @@ class AssignmentKeeper:
             raise
 
     async def _tell(self, tenant: str, devices: list[str], kind: str = "") -> None:
-        if self.announce is None:
+        """One notice per device, sent together (a take-over of many devices at
+        once is a few round trips to Redis, not one per device)."""
+        if self.announce is None or not devices:
             return
-        for device in devices:
-            try:
-                await self.announce(tenant, device, kind)
-            except Unavailable as exc:
-                log.warning("route notice of tenant %s lost: %s", tenant, exc.message)
+        try:
+            await self.announce(tenant, devices, kind)
+        except Unavailable as exc:
+            log.warning(
+                "%d route notices of tenant %s lost: %s",
+                len(devices),
+                tenant,
+                exc.message,
+            )
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

@@ -245,6 +245,23 @@ class RouteMonitor:
         self._stale = True
         return True
 
+    def forget_arrived(self, before_ms: int) -> int:
+        """Stop keeping the routes that arrived at a fix before ``before_ms``
+        (retention); the number forgotten."""
+        self._refresh()
+        s = self._state
+        gone = s["arrived"] & (s["last_ms"] < before_ms) & ~s["dirty"]
+        if not gone.any():
+            return 0
+        self._generation += 1
+        keep = ~gone
+        self._routes = [r for r, k in zip(self._routes, keep, strict=True) if k]
+        self._parts = [p for p, k in zip(self._parts, keep, strict=True) if k]
+        self._state = {k: v[keep] for k, v in s.items()}
+        self._slots = {(r.tenant, r.device): i for i, r in enumerate(self._routes)}
+        self._stale = True
+        return int(gone.sum())
+
     def _refresh(self) -> None:
         """Bring the state and the flat segment arrays up to the assigned routes."""
         if self._new:

@@ -74,7 +74,7 @@ class Routing:
             monitor,
             store,
             settings.route_checkpoint_s,
-            load_wait_s=settings.database_timeout_s,
+            load_page=settings.route_load_page,
         )
         return cls(router, keeper)
 
@@ -185,8 +185,10 @@ class Routing:
         lat: np.ndarray,
         lon: np.ndarray,
         now_ms: int,
+        wait_s: float | None = None,
     ) -> tuple[Route, float, RouteProgress]:
-        """Plan a route and monitor the device on it (in every process)."""
+        """Plan a route and monitor the device on it (in every process); ``wait_s``:
+        the call's time left, the longest it waits for the start's load."""
         route, expected_s = await self.route(tenant, profile, lat, lon, steps=True)
         model = self.travel_times.model(tenant, profile)
         planned = PlannedRoute(
@@ -198,4 +200,4 @@ class Routing:
             segment_expected_s=model.segment_durations_s(route),
             assigned_ms=now_ms,
         )
-        return route, expected_s, await self.keeper.assign(planned)
+        return route, expected_s, await self.keeper.assign(planned, wait_s)

@@ -21,7 +21,7 @@ from tracking_grpc.routing.assignments import HELD
 from tracking_grpc.routing.service import Routing
 from tracking_grpc.servicers import route_convert as rc
 from tracking_grpc.storage.redis_client import Connection
-from tracking_grpc.storage.redis_erasure import RedisErasureNotices
+from tracking_grpc.storage.redis_notices import RedisDeviceNotices
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,14 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
         lat, lon = rc.route_points(request.route, "route.")
         try:
             route, expected_s, progress = await self.routing.assign(
-                caller.tenant, device, request.route_id, profile, lat, lon, now_ms()
+                caller.tenant,
+                device,
+                request.route_id,
+                profile,
+                lat,
+                lon,
+                now_ms(),
+                context.time_remaining(),
             )
         except InvalidArgument as exc:
             raise rc.route_field(exc, len(lat), "route.") from exc
@@ -167,7 +174,9 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
         caller = self.app.auth.caller(context)
         caller.require(Role.ADMIN)
         device = convert.check_device_id(request.device_id, "device_id")
-        cleared = await self.routing.keeper.clear(caller.tenant, device)
+        cleared = await self.routing.keeper.clear(
+            caller.tenant, device, context.time_remaining()
+        )
         return route_pb2.ClearRouteResponse(cleared=cleared)
 
     async def GetRouteProgress(
@@ -180,7 +189,9 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
         caller = self.app.auth.caller(context)
         caller.require(Role.VIEWER)
         device = convert.check_device_id(request.device_id, "device_id")
-        progress = await self.routing.keeper.progress(caller.tenant, device)
+        progress = await self.routing.keeper.progress(
+            caller.tenant, device, context.time_remaining()
+        )
         if progress is None:
             raise NotFound(f"device {device!r} has no assigned route")
         message = rc.progress_message(device, progress)
@@ -240,7 +251,7 @@ def register(server: grpc.aio.Server, app: App) -> str:
     app.pipeline.add_processor(keeper)
     app.drains.append(keeper.stop)  # after the pipeline's last fixes
     if app.settings.redis_url:  # other server processes may monitor the routes
-        notices = RedisErasureNotices(
+        notices = RedisDeviceNotices(
             Connection(app.settings.redis_url, name="tracking-route-notices"),
             app.settings.redis_key_prefix,
             keeper.heard,
@@ -249,7 +260,7 @@ def register(server: grpc.aio.Server, app: App) -> str:
             heard_level=logging.DEBUG,
             others={HELD: keeper.released},
         )
-        keeper.announce = notices.announce
+        keeper.announce = notices.announce_many
         keeper.start(listen=notices.start)
         app.closers.append(notices.close)
     else:
@@ -257,6 +268,7 @@ def register(server: grpc.aio.Server, app: App) -> str:
     app.state_forgetters.append(
         lambda tenant, device: _forget_route(routing, tenant, device)
     )
+    app.purgers.append(keeper.forget_arrived)
     app.closers.append(routing.close)
     route_pb2_grpc.add_RouteServicer_to_server(RouteServicer(app, routing), server)
     return SERVICE_NAME

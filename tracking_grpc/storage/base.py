@@ -34,6 +34,7 @@ class Purged:
     partitions: int  # whole days dropped (PostgreSQL)
     # (tenant, device) whose every stored fix is gone: their state went too
     devices: list[tuple[str, str]]
+    routes: int = 0  # arrived routes whose arrival fix is before the cutoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,8 +159,9 @@ class HistoryStore(Protocol):
 
     async def purge_before(self, cutoff_ms: int) -> Purged:
         """Delete every fix of every tenant with time_ms < cutoff_ms, and the state
-        of devices with no newer fix (their sequence numbers start afresh), and
-        activity checkpoints applied before the cutoff."""
+        of devices with no newer fix (their sequence numbers start afresh),
+        activity checkpoints applied before the cutoff, and arrived routes whose
+        arrival (the last fix their monitoring applied) is before the cutoff."""
         ...
 
     async def save_checkpoints(self, checkpoints: Checkpoints) -> None:
@@ -202,8 +204,11 @@ class HistoryStore(Protocol):
         """The stored routes (ended ones too) of those of ``devices`` that have one."""
         ...
 
-    async def monitored_routes(self) -> list[StoredRoute]:
-        """Every tenant's assigned routes that have not ended (a start's load)."""
+    async def monitored_routes(
+        self, after: tuple[str, str] | None = None, limit: int | None = None
+    ) -> list[StoredRoute]:
+        """Assigned routes of every tenant that have not ended (a start's load), by
+        (tenant, device): those after ``after``, at most ``limit`` (one page)."""
         ...
 
     async def ping(self) -> None:

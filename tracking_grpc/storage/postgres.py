@@ -333,6 +333,15 @@ WHERE r.tenant = c.tenant AND r.device = c.device AND r.route_id = c.route_id
     AND r.assigned_ms = c.assigned_ms AND r.applied_ms <= c.applied_ms
 """
 
+# A page of the routes loaded at start: keyset on the primary key (an index range
+# scan from the last page's key; LIMIT NULL is no limit).
+MONITORED_ROUTES = f"""
+SELECT {ROUTE_COLUMNS} FROM assigned_routes
+WHERE NOT ended AND (tenant, device) > (%(tenant)s, %(device)s)
+ORDER BY tenant, device
+LIMIT %(limit)s
+"""
+
 # A restore's fixes: each device's from its own time on, one primary-key range
 # scan per device (the lowest bound keeps the scans to the partitions needed), in
 # binary like HISTORY, each row with its device's position in the list (from 1).
@@ -597,7 +606,8 @@ class PostgresHistoryStore:
     async def purge_before(self, cutoff_ms: int) -> Purged:
         """Drop the day partitions wholly before ``cutoff_ms``; delete the older
         rows left (in the default partition, and of the cutoff's own day when it
-        is not midnight UTC), then the state of devices with no newer fix."""
+        is not midnight UTC), then the state of devices with no newer fix and the
+        routes that arrived before the cutoff."""
         try:
             async with self._pool.connection() as conn:
                 async with conn.transaction():
@@ -624,11 +634,16 @@ class PostgresHistoryStore:
                     "DELETE FROM activity_checkpoints WHERE applied_ms < %s",
                     [cutoff_ms],
                 )
+                cur = await conn.execute(
+                    "DELETE FROM assigned_routes WHERE ended AND applied_ms < %s",
+                    [cutoff_ms],
+                )
+                routes = cur.rowcount
         except (*CONNECTION_ERRORS, psycopg.errors.LockNotAvailable) as exc:
             raise StorageUnavailable(f"PostgreSQL cannot purge: {exc}") from exc
         for day in dropped:
             log.info("dropped the fixes partition of %s (retention)", utc_date(day))
-        return Purged(deleted, len(dropped), gone)
+        return Purged(deleted, len(dropped), gone, routes)
 
     async def save_checkpoints(self, checkpoints: Checkpoints) -> None:
         if not checkpoints.devices:
@@ -720,9 +735,12 @@ class PostgresHistoryStore:
         )
         return [stored_route(row) for row in rows]
 
-    async def monitored_routes(self) -> list[StoredRoute]:
+    async def monitored_routes(
+        self, after: tuple[str, str] | None = None, limit: int | None = None
+    ) -> list[StoredRoute]:
+        tenant, device = after if after is not None else ("", "")
         rows = await self._fetch(
-            f"SELECT {ROUTE_COLUMNS} FROM assigned_routes WHERE NOT ended", []
+            MONITORED_ROUTES, {"tenant": tenant, "device": device, "limit": limit}
         )
         return [stored_route(row) for row in rows]
 

@@ -139,6 +139,15 @@ WHERE tenant = :tenant AND device = :device AND route_id = :route_id
 
 ROUTE_COLUMNS = "tenant, device, route_id, assigned_ms, plan, applied_ms, state, ended"
 
+# A page of the routes loaded at start: keyset on the primary key (LIMIT -1 is no
+# limit).
+MONITORED_ROUTES = f"""
+SELECT {ROUTE_COLUMNS} FROM assigned_routes
+WHERE ended = 0 AND (tenant, device) > (?, ?)
+ORDER BY tenant, device
+LIMIT ?
+"""
+
 # The retry's check (``stored_as_received``): one primary-key probe per fix.
 STORED_AS_RECEIVED = """
 SELECT 1 FROM fixes
@@ -398,11 +407,15 @@ class SqliteHistoryStore:
             conn.execute(
                 "DELETE FROM activity_checkpoints WHERE applied_ms < ?", (cutoff_ms,)
             )
+            routes = conn.execute(
+                "DELETE FROM assigned_routes WHERE ended != 0 AND applied_ms < ?",
+                (cutoff_ms,),
+            ).rowcount
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        return Purged(int(deleted), 0, [(t, d) for t, d in gone])
+        return Purged(int(deleted), 0, [(t, d) for t, d in gone], int(routes))
 
     async def save_checkpoints(self, checkpoints: Checkpoints) -> None:
         if checkpoints.devices:
@@ -521,13 +534,20 @@ class SqliteHistoryStore:
             ).fetchall()
         return [stored_route(row) for row in rows]
 
-    async def monitored_routes(self) -> list[StoredRoute]:
-        return await self._run(self._reader, self._monitored_routes)
+    async def monitored_routes(
+        self, after: tuple[str, str] | None = None, limit: int | None = None
+    ) -> list[StoredRoute]:
+        tenant, device = after if after is not None else ("", "")
+        return await self._run(
+            self._reader, self._monitored_routes, tenant, device, limit
+        )
 
-    def _monitored_routes(self) -> list[StoredRoute]:
+    def _monitored_routes(
+        self, tenant: str, device: str, limit: int | None
+    ) -> list[StoredRoute]:
         assert self._rconn is not None
         rows = self._rconn.execute(
-            f"SELECT {ROUTE_COLUMNS} FROM assigned_routes WHERE ended = 0"
+            MONITORED_ROUTES, (tenant, device, -1 if limit is None else limit)
         ).fetchall()
         return [stored_route(row) for row in rows]
 

@@ -1,4 +1,5 @@
-"""Erasure notices between server processes, on a Redis Stream.
+"""Notices about devices between server processes, on Redis Streams: erasures
+(``<prefix>erasures``) and route changes (``<prefix>routes``).
 
 Stored data is shared, so the process that answers ``EraseDevice`` erases it for
 everyone; in-process state (live activity, geofence memberships, monitored routes)
@@ -23,9 +24,14 @@ ones) and keeps those devices' state until it restarts. A notice holds a device 
 acknowledged but lost in a failover before its replica had it is lost for every
 reader.
 
-The same class carries route notices (``subject`` "route", ``routing.assignments``):
-a device's assigned route changed in the store, or (a notice of the kind "held",
-handled by ``others``) another process took its monitoring over.
+Route notices (``subject`` "route", ``routing.assignments``) go the same way on
+their own stream: a device's assigned route changed in the store, or (a notice of
+the kind "held", handled by ``others``) another process took its monitoring over.
+Many devices are announced at once (a reconnect storm moving devices to one
+process) in one pipeline per ``ANNOUNCE_PIECE`` devices, one entry each.
+
+This class was ``RedisErasureNotices`` in ``storage.redis_erasure``; the stream keys
+and the entries are unchanged, so processes of both versions hear each other.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
@@ -51,15 +57,18 @@ MAXLEN = 10_000  # notices kept, approximately (Redis trims whole nodes)
 KEEP_MS = 24 * 3600 * 1000  # and no notice older than a day
 BLOCK_MS = 1_000  # one XREAD's wait; below redis_client.TIMEOUTS' socket timeout
 READ_COUNT = 100  # notices per XREAD
+ANNOUNCE_PIECE = 1_000  # notices per pipeline (one round trip) of an announcement
 START_WAIT_S = 10.0
 FIRST = "0-0"
 
 Forget = Callable[[str, str], Awaitable[object]]
 
 
-class RedisErasureNotices:
-    """Announces this process's erasures; forgets the devices others erased (or,
-    with another ``stream`` and ``subject``, other notices about a device)."""
+class RedisDeviceNotices:
+    """Notices naming a device, on one stream: announces this process's, and acts
+    on the others' (by default erasures: forgets the devices others erased; with
+    another ``stream`` and ``subject``, other news of a device, such as a route
+    change, and notices of other kinds through ``others``)."""
 
     def __init__(
         self,
@@ -94,21 +103,29 @@ class RedisErasureNotices:
         """Tell the other processes that ``device`` of ``tenant`` was erased (or
         what this ``subject`` says of a device; a ``kind`` names one of
         ``others``)."""
-        notice: dict[Any, Any] = {
-            "process": self.process,
-            "tenant": tenant,
-            "device": device,
-        }
+        await self.announce_many(tenant, [device], kind)
+
+    async def announce_many(
+        self, tenant: str, devices: Sequence[str], kind: str = ""
+    ) -> None:
+        """:meth:`announce` for each of ``devices``: one entry each, sent in a
+        pipeline per ``ANNOUNCE_PIECE`` (a round trip each), trimmed once per
+        pipeline. A failed pipeline raises ``Unavailable``; the pieces before it
+        were sent."""
+        base: dict[Any, Any] = {"process": self.process, "tenant": tenant}
         if kind:
-            notice["kind"] = kind
-        oldest = f"{time.time_ns() // 1_000_000 - KEEP_MS}-0"
+            base["kind"] = kind
         with unavailable(f"{self.subject} notices"):
             client = await self.connection.get()
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.xadd(self.stream, notice, maxlen=MAXLEN, approximate=True)
-                pipe.xtrim(self.stream, minid=oldest, approximate=False)
-                pipe.pexpire(self.stream, KEEP_MS)
-                await pipe.execute()
+            for first in range(0, len(devices), ANNOUNCE_PIECE):
+                oldest = f"{time.time_ns() // 1_000_000 - KEEP_MS}-0"
+                async with client.pipeline(transaction=False) as pipe:
+                    for device in devices[first : first + ANNOUNCE_PIECE]:
+                        notice = {**base, "device": device}
+                        pipe.xadd(self.stream, notice, maxlen=MAXLEN, approximate=True)
+                    pipe.xtrim(self.stream, minid=oldest, approximate=False)
+                    pipe.pexpire(self.stream, KEEP_MS)
+                    await pipe.execute()
 
     async def close(self) -> None:
         if self._task is not None:
