@@ -3,9 +3,12 @@ monitors them and a restarted one goes on.
 
 ``AssignRoute`` stores the route (its geometry and the expected time of each
 segment) with the monitor's first state; ``ClearRoute`` deletes it; ``ARRIVED``
-marks it ended. Every process loads the routes that have not ended when it starts
-and keeps them all in its :class:`RouteMonitor`, so a fix is evaluated by whichever
-process stores it, with no read of the store per commit.
+marks it ended, and retention deletes it once the fix it arrived at is older than
+the history kept. Every process loads the routes that have not ended when it starts,
+in pages (each page read again with back-off while the store cannot answer it), and
+keeps them all in its :class:`RouteMonitor`, so a fix is evaluated by whichever
+process stores it, with no read of the store per commit. Calls that need the
+routes wait for the load up to their deadline.
 
 Other processes learn of a change through route notices (``<prefix>routes``, a
 Redis Stream read like the erasure notices): a notice names a device, and the
@@ -14,7 +17,8 @@ applies its fixes; meeting a device it does not hold (at its first fix after a
 start, an assignment made elsewhere, or a device moved over from another process),
 it first takes the stored checkpoint when that covers later fixes than its own
 state, and announces the take-over (a notice of the kind ``held``, which needs no
-store read) so that the previous holder lets go.
+store read) so that the previous holder lets go. The notices of the devices of one
+commit are sent together (a few Redis round trips however many devices).
 
 The monitor's state of the routes that changed is saved every
 ``route_checkpoint_s`` and at a clean stop. ``GetRouteProgress`` is answered from
