@@ -22,6 +22,10 @@ A try that stored but whose answer was lost leaves the retry finding its fixes
 stored: the store then tells which are stored as this commit received them, and the
 processors get those once.
 
+A processor that raises on a batch (not a store outage, which it waits out) is
+given the batch again split by device, and only the fixes of a device it still
+fails on alone are left out of its events (``isolation``).
+
 Processors whose events the bus cannot take (the event store's queue is full) wait,
 and once their own queue is full the commits behind them wait too, stored and acked
 but still counted as pending: ``max_pending_fixes`` then pauses the streams.
@@ -34,13 +38,13 @@ import itertools
 import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from tracking_grpc import heap
+from tracking_grpc import heap, isolation
 from tracking_grpc.backlog import UnprocessedFixes
 from tracking_grpc.config import Settings
 from tracking_grpc.core import chunks, validation
@@ -725,12 +729,39 @@ class IngestPipeline:
         for n, processor in enumerate(self.processors):
             if n:
                 await asyncio.sleep(0)  # streams are served in between
-            try:
-                events = await self._run_processor(processor, stored, links)
-            except Exception:
-                log.exception("processor %s failed", processor.name)
-                continue
+            events = await self._events_of(processor, stored, links)
             await self.bus.emit(events)
+
+    async def _events_of(
+        self,
+        processor: FixProcessor,
+        stored: FixBatch,
+        links: list[tracing.SpanContext],
+    ) -> list[TrackingEvent]:
+        """The processor's events of ``stored``; when it fails on the batch, those
+        of the devices it does not fail on, tried apart (``isolation``)."""
+
+        def run(part: FixBatch) -> Awaitable[list[TrackingEvent]]:
+            return self._run_processor(processor, part, links)
+
+        try:
+            try:
+                return await run(stored)
+            except Unavailable:
+                raise
+            except Exception as exc:
+                failure = exc
+            return await isolation.by_device(processor.name, stored, run, failure)
+        except Unavailable as exc:  # only at a stop: it waits for its store else
+            log.warning(
+                "processor %s stopped waiting for its store; %d fixes of tenant %s "
+                "left out of its events: %s",
+                processor.name,
+                len(stored),
+                stored.tenant,
+                exc,
+            )
+            return []
 
     async def _run_processor(
         self,

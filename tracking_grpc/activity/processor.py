@@ -163,6 +163,50 @@ class _Tenant:
 
 
 @dataclass(frozen=True, slots=True)
+class _Before:
+    """The state of a batch's devices before a call changes it, put back when the
+    call raises: the call changes it in steps (ONLINE, then the applied rows one
+    device and one row at a time, the Kalman filter, the tails), and a retry of a
+    partly applied batch would find its first fixes applied (their events lost)
+    and the devices online (their ONLINE lost). Taking it costs a copy of the
+    columns of the batch's devices; the tails are the ones the call reads anyway."""
+
+    slots: np.ndarray  # of the batch's devices, distinct and sorted
+    new_from: int  # slots from here on were given by the call: dropped
+    cols: dict[str, np.ndarray]
+    kalman: dict[str, np.ndarray]
+    dirty: np.ndarray
+    tail: FixBatch | None
+    tail_slot: np.ndarray
+
+    @classmethod
+    def take(cls, state: _Tenant, slots: np.ndarray, new_from: int) -> _Before:
+        tail, tail_slot = state.tail.take(slots)
+        return cls(
+            slots,
+            new_from,
+            {name: column[slots] for name, column in state.cols.items()},
+            {name: getattr(state.kalman, name)[slots] for name in KALMAN_FIELDS},
+            state.dirty[slots],
+            tail,
+            tail_slot,
+        )
+
+    def put_back(self, processor: ActivityProcessor, tenant: str) -> None:
+        state = processor._tenants[tenant]
+        slots = self.slots
+        for name, values in self.cols.items():
+            state.cols[name][slots] = values
+        for name, values in self.kalman.items():
+            getattr(state.kalman, name)[slots] = values
+        state.dirty[slots] = self.dirty
+        tail = self.tail if self.tail is not None else FixBatch.empty(tenant)
+        state.tail.replace(slots, tail, self.tail_slot)
+        for slot in slots[slots >= self.new_from].tolist():
+            processor._drop(tenant, state.names[slot])
+
+
+@dataclass(frozen=True, slots=True)
 class _Work:
     """A batch's fixes behind its devices' tails, ready for ``analyse``."""
 
@@ -201,21 +245,38 @@ class ActivityProcessor:
         only its arguments, while the event loop serves streams. One batch at a
         time: the devices' tails are taken before and kept after the analysis."""
         async with self._applying:
-            if self.store is not None:
-                stored = await self._with_restored(stored)
-            return await self._process(stored)
+            restored: list[str] = []
+            try:
+                if self.store is not None:
+                    stored, restored = await self._with_restored(stored)
+                return await self._process(stored)
+            except BaseException:
+                # Restored again, with the fixes stored since, by a retry.
+                for device in restored:
+                    self._drop(stored.tenant, device)
+                raise
 
     async def _process(self, stored: FixBatch) -> list[TrackingEvent]:
+        """Events of ``stored``; a call that raises leaves the state of the
+        batch's devices as it was (``_Before``), so that a retry of its fixes
+        (``isolation``) raises each of their events once and skips none."""
+        if len(stored) == 0:
+            return []
         created_ms = _now_ms()
-        events, work = self._prepare(stored, created_ms)
-        if work is None:
-            return events
-        args = (work.fixes, work.params, False, work.row_slot)
-        if len(work.fixes) <= INLINE_FIXES:
-            analysis = analyse(*args)
-        else:
-            analysis = await asyncio.to_thread(analyse, *args)
-        return events + self._finish(work, analysis, created_ms)
+        state, slots, before = self._take(stored)
+        try:
+            events, work = self._prepare(state, stored, slots, before, created_ms)
+            if work is None:
+                return events
+            args = (work.fixes, work.params, False, work.row_slot)
+            if len(work.fixes) <= INLINE_FIXES:
+                analysis = analyse(*args)
+            else:
+                analysis = await asyncio.to_thread(analyse, *args)
+            return events + self._finish(work, analysis, created_ms)
+        except BaseException:
+            before.put_back(self, stored.tenant)
+            raise
 
     async def restore(self, tenant: str, devices: list[str]) -> list[TrackingEvent]:
         """Restore devices this process holds nothing of from their checkpoints;
@@ -223,8 +284,13 @@ class ActivityProcessor:
         async with self._applying:
             state = self._tenant(tenant)
             unknown = [d for d in devices if d not in state.slots]
-            replay, _ = await self._restore(state, tenant, unknown)
-            return await self._process(replay)
+            replay, restored = await self._restore(state, tenant, unknown)
+            try:
+                return await self._process(replay)
+            except BaseException:
+                for device in restored:
+                    self._drop(tenant, device)
+                raise
 
     async def current(self, tenant: str, device: str) -> DeviceActivity | None:
         """``state``; for a device this process holds nothing of, its activity as
@@ -271,11 +337,11 @@ class ActivityProcessor:
         slots = [state.slots.get(d) for d in checkpoints.devices]
         state.dirty[[s for s in slots if s is not None]] = True
 
-    async def _with_restored(self, stored: FixBatch) -> FixBatch:
+    async def _with_restored(self, stored: FixBatch) -> tuple[FixBatch, list[str]]:
         """``stored`` with the devices met for the first time, or back from
         another process, restored: their rows replaced by their stored fixes
         after the checkpoint (which include the batch's; any older ones stay, as
-        late fixes)."""
+        late fixes); and the devices restored."""
         state = self._tenant(stored.tenant)
         devices = stored.device.astype(str)
         names = np.unique(devices)
@@ -286,14 +352,15 @@ class ActivityProcessor:
             offline = names[known][~state.cols["online"][slots[known]]].tolist()
             unknown += await self._moved_on(state, stored.tenant, offline)
         if not unknown:
-            return stored
+            return stored, []
         replay, restored = await self._restore(state, stored.tenant, unknown)
         if not restored:
-            return stored
+            return stored, []
         slots = state.slot_of(stored.device)  # first: it may grow the columns
         applied = state.cols["last_ms"][slots]
         keep = ~np.isin(devices, restored) | (stored.time_ms <= applied)
-        return FixBatch.concat([stored.take(keep), replay]).sorted_by_device_time()
+        batch = FixBatch.concat([stored.take(keep), replay]).sorted_by_device_time()
+        return batch, restored
 
     async def _moved_on(
         self, state: _Tenant, tenant: str, devices: list[str]
@@ -439,36 +506,56 @@ class ActivityProcessor:
         return True
 
     def apply(self, stored: FixBatch, created_ms: int) -> list[TrackingEvent]:
-        """Events of newly stored fixes of one tenant (any order)."""
-        events, work = self._prepare(stored, created_ms)
-        if work is None:
-            return events
-        analysis = analyse(work.fixes, work.params, False, work.row_slot)
-        return events + self._finish(work, analysis, created_ms)
+        """Events of newly stored fixes of one tenant (any order); like
+        ``process``, a call that raises leaves the devices' state as it was."""
+        if len(stored) == 0:
+            return []
+        state, slots, before = self._take(stored)
+        try:
+            events, work = self._prepare(state, stored, slots, before, created_ms)
+            if work is None:
+                return events
+            analysis = analyse(work.fixes, work.params, False, work.row_slot)
+            return events + self._finish(work, analysis, created_ms)
+        except BaseException:
+            before.put_back(self, stored.tenant)
+            raise
+
+    def _take(self, stored: FixBatch) -> tuple[_Tenant, np.ndarray, _Before]:
+        """The tenant's state, the slot of each fix (a device met for the first
+        time gets one), and the state of the batch's devices before the call."""
+        state = self._tenant(stored.tenant)
+        new_from = len(state.names)
+        slots = state.slot_of(stored.device)
+        return state, slots, _Before.take(state, np.unique(slots), new_from)
 
     def _prepare(
-        self, stored: FixBatch, created_ms: int
+        self,
+        state: _Tenant,
+        stored: FixBatch,
+        new_slot: np.ndarray,
+        before: _Before,
+        created_ms: int,
     ) -> tuple[list[TrackingEvent], _Work | None]:
         """ONLINE events, and what ``analyse`` must look at: the new fixes that
         are not late, behind their devices' tails, in device and time order."""
-        if len(stored) == 0:
-            return [], None
-        state = self._tenant(stored.tenant)
-        new_slot = state.slot_of(stored.device)
         state.dirty[new_slot] = True
         events = self._online(state, stored, new_slot, created_ms)
         # Late fixes (older than what a device has applied) stay out of activity.
         fresh = stored.time_ms > state.cols["last_ms"][new_slot]
+        involved, tail, tail_slot = before.slots, before.tail, before.tail_slot
         if not fresh.all():
             stored, new_slot = stored.take(fresh), new_slot[fresh]
             if len(stored) == 0:
                 return events, None
+            involved = np.unique(new_slot)
+            if tail is not None:
+                taken = np.isin(tail_slot, involved)
+                tail, tail_slot = tail.take(taken), tail_slot[taken]
 
         # Only the tails of devices in this batch take part.
-        involved = np.unique(new_slot)
         fixes, slots = stored, new_slot
-        tail, tail_slot = state.tail.take(involved)
-        if tail is not None:
+        if tail is not None and len(tail):
             fixes = FixBatch.concat([tail, stored])
             slots = np.concatenate([tail_slot, new_slot])
         order = np.lexsort((fixes.seq, fixes.time_ms, slots))

@@ -69,9 +69,14 @@ class _Members:
         keep[drop] = False
         merged_key = np.concatenate([self.key[keep], key])
         order = np.argsort(merged_key, kind="stable")
-        self.key = merged_key[order]
-        self.entered_ms = np.concatenate([self.entered_ms[keep], entered])[order]
-        self.dwell_done = np.concatenate([self.dwell_done[keep], done])[order]
+        entered_ms = np.concatenate([self.entered_ms[keep], entered])[order]
+        dwell_done = np.concatenate([self.dwell_done[keep], done])[order]
+        # Computed first, set together: a failure leaves the memberships whole.
+        self.key, self.entered_ms, self.dwell_done = (
+            merged_key[order],
+            entered_ms,
+            dwell_done,
+        )
 
     def drop_fences(self, codes: np.ndarray) -> None:
         keep = ~np.isin(self.key & 0xFFFFFFFF, codes)
@@ -541,22 +546,31 @@ class _Run:
     # state --------------------------------------------------------------------------
 
     def commit(self) -> None:
-        """Store the batch's outcome: memberships and each device's newest fix."""
+        """Store the batch's outcome: memberships and each device's newest fix.
+
+        The only change a batch makes to the detector's state (besides naming new
+        devices and fences), made once its events are out: a detector that raised
+        on a batch is as it was before, and a retry of the batch (or of some of its
+        devices, ``isolation``) raises each event once."""
         last = np.flatnonzero(self.r_last & (self.state > 0))
         key = (self.codes[self.pair_dev[self.r_pair[last]]] << 32) | self.fence_codes[
             self.r_row[last]
         ]
+        newest = self.stop - 1
+        fix = {
+            "time_ms": self.time[newest],
+            "lon": self.lon[newest],
+            "lat": self.lat[newest],
+            "accuracy_m": self.batch.accuracy_m[newest],
+            "received_ms": self.batch.received_ms[newest],
+            "seq": self.batch.seq[newest].astype(np.int64),
+        }
         self.d._members.replace_devices(
             self.codes, key.astype(np.int64), self.entered[last], self.done[last]
         )
-        newest = self.stop - 1
         devices = self.d._devices
-        devices.time_ms[self.codes] = self.time[newest]
-        devices.lon[self.codes] = self.lon[newest]
-        devices.lat[self.codes] = self.lat[newest]
-        devices.accuracy_m[self.codes] = self.batch.accuracy_m[newest]
-        devices.received_ms[self.codes] = self.batch.received_ms[newest]
-        devices.seq[self.codes] = self.batch.seq[newest].astype(np.int64)
+        for name, values in fix.items():  # values computed above
+            getattr(devices, name)[self.codes] = values
 
 
 def _ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:

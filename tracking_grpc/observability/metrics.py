@@ -152,6 +152,20 @@ class Metrics:
             "deadline passed: their events were not raised",
             registry=r,
         )
+        self.processor_failures = Counter(
+            "tracking_processor_failures",
+            "devices an event processor failed on and left out of a batch (each "
+            "once per batch): their fixes of that batch raised none of its events",
+            ["processor"],
+            registry=r,
+        )
+        self.processor_skipped_fixes = Counter(
+            "tracking_processor_skipped_fixes",
+            "stored fixes left out of an event processor because it failed on "
+            "their device's fixes of a batch",
+            ["processor"],
+            registry=r,
+        )
         self.event_store_queued = Gauge(
             "tracking_event_store_queued",
             "events waiting to be written to the event store (ListEvents, the event "
@@ -516,6 +530,13 @@ def fixes_unprocessed(n: int) -> None:
     """Count stored fixes left to no processor by a stop."""
     if _m is not None and n:
         _m.fixes_unprocessed.inc(n)
+
+
+def processor_failed(processor: str, devices: int, fixes: int) -> None:
+    """Count devices (and their fixes) a processor failed on and left out."""
+    if _m is not None:
+        _m.child("processor_failures", processor).inc(devices)
+        _m.child("processor_skipped_fixes", processor).inc(fixes)
 
 
 def event_store_queued(n: int) -> None:

@@ -297,7 +297,11 @@ class RouteMonitor:
         )
 
     def evaluate(self, stored: FixBatch, created_ms: int) -> list[TrackingEvent]:
-        """Advance every monitored device of the batch; the events, in fix order."""
+        """Advance every monitored device of the batch; the events, in fix order.
+
+        Each round changes the state of its devices; when a round raises, the
+        state of the batch's devices is put back as it was before the first, so
+        that a retry (``isolation``) raises each event once and skips no fix."""
         if not self._routes or len(stored) == 0:
             return []
         self._refresh()
@@ -313,10 +317,17 @@ class RouteMonitor:
         rank = np.arange(len(order)) - np.repeat(
             starts, np.diff(np.r_[starts, len(order)])
         )
+        devices = ordered_slots[first]
+        before = {name: values[devices] for name, values in self._state.items()}
         events: list[TrackingEvent] = []
-        for k in range(int(rank.max()) + 1):
-            picked = order[rank == k]
-            events.extend(self._round(stored, picked, slot[picked], created_ms))
+        try:
+            for k in range(int(rank.max()) + 1):
+                picked = order[rank == k]
+                events.extend(self._round(stored, picked, slot[picked], created_ms))
+        except BaseException:
+            for name, values in before.items():
+                self._state[name][devices] = values
+            raise
         return events
 
     def _round(
