@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import replace
-from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -26,10 +25,10 @@ from tracking_grpc import convert
 from tracking_grpc.client.gateway import _publish_with_retry
 from tracking_grpc.client.session import RetryPolicy, SessionStats
 from tracking_grpc.client.status import retry_delay_s
-from tracking_grpc.config import Settings
+from tracking_grpc.commit_queue import CommitQueue, Submission
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import StorageUnavailable
-from tracking_grpc.ingest import IngestPipeline, _Pending
+from tracking_grpc.ingest import IngestPipeline
 from tracking_grpc.observability import tracing
 
 HANG_GUARD_S = 30.0
@@ -104,7 +103,7 @@ async def congest(stub, pipeline: IngestPipeline) -> asyncio.Future:
     """A 3-fix call that fills ``max_pending_fixes`` (3) while storage is away;
     its answer, once storage is back."""
     queued = asyncio.ensure_future(stub.PublishBatch(gateway_request("a", "b", "c")))
-    await until(lambda: pipeline.congested)
+    await until(lambda: pipeline.admission.congested)
     return queued
 
 
@@ -127,7 +126,7 @@ async def test_a_congested_server_holds_a_bounded_gateway_backlog(
         waiting = asyncio.ensure_future(
             stub.PublishBatch(gateway_request("d", "e", "f", "g"))
         )
-        await until(lambda: pipeline.waiting_batch_fixes == 4)
+        await until(lambda: pipeline.admission.waiting_batch_fixes == 4)
         assert len(converted) == 1  # the waiting call holds its request only
 
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -163,7 +162,7 @@ async def test_a_call_larger_than_the_bound_waits_when_no_other_does(
         stub = track_pb2_grpc.TrackSessionStub(channel)
         queued = await congest(stub, pipeline)
         large = asyncio.ensure_future(stub.PublishBatch(gateway_request(*"defghi")))
-        await until(lambda: pipeline.waiting_batch_fixes == 6)
+        await until(lambda: pipeline.admission.waiting_batch_fixes == 6)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.PublishBatch(gateway_request("j"))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -214,15 +213,12 @@ async def test_device_streams_go_ahead_of_a_gateway_backlog_in_device_order(
     assert away.stored_seqs("shared") == [3, 5]
 
 
-NO_STORE = SimpleNamespace(backend="none")  # taking from the queue stores nothing
-
-
-def queued(pipeline: IngestPipeline, tenant: str = "t"):
+def queued(queue: CommitQueue, tenant: str = "t"):
     """Queue a device row submission (``"a"``) or a batch (``["a", "b"]``)."""
 
-    def put(what: str | list[str]) -> _Pending:
+    def put(what: str | list[str]) -> Submission:
         done = asyncio.get_running_loop().create_future()
-        pending = _Pending(tenant, 1, 0, done, tracing.INVALID_CONTEXT)
+        pending = Submission(tenant, 1, 0, done, tracing.INVALID_CONTEXT)
         if isinstance(what, str):
             pending = replace(pending, device=what, rows=[])
         else:
@@ -231,31 +227,32 @@ def queued(pipeline: IngestPipeline, tenant: str = "t"):
                 tenant, what, range(1, n + 1), [0] * n, [1.0] * n, [1.0] * n
             )
             pending = replace(pending, size=n, batch=batch)
-        pipeline._enqueue(pending)
+        queue.append(pending)
         return pending
 
     return put
 
 
-def names(items: list[_Pending]) -> list[str]:
+def names(items: list[Submission]) -> list[str]:
     return [i.device or "+".join(i.batch.device.tolist()) for i in items]
 
 
 async def test_a_long_queue_takes_rows_first_but_never_past_their_own_device() -> None:
-    pipeline = IngestPipeline(Settings(flush_max_fixes=2), NO_STORE, None, None, None)
-    put = queued(pipeline)
+    queue = CommitQueue()
+    put = queued(queue)
     for what in (["a", "b"], "c", "a", ["d"], "e"):
         put(what)
-    assert names(pipeline._take()) == ["c", "e"]  # "a" waits behind a+b
-    assert names(pipeline._take()) == ["a+b"]  # passed over once: first now
-    assert names(pipeline._take()) == ["a", "d"]  # the rest fits: in order
+    assert names(queue.take(2)) == ["c", "e"]  # "a" waits behind a+b
+    assert names(queue.take(2)) == ["a+b"]  # passed over once: first now
+    assert names(queue.take(2)) == ["a", "d"]  # the rest fits: in order
+    assert queue.fixes == 0 and not queue
 
 
 async def test_a_queue_of_batches_alone_is_taken_in_order_unread() -> None:
     """Without device rows waiting, batches go in arrival order and nobody works
     out their devices."""
-    pipeline = IngestPipeline(Settings(flush_max_fixes=3), NO_STORE, None, None, None)
-    put = queued(pipeline)
+    queue = CommitQueue()
+    put = queued(queue)
     batches = [put(["a", "b"]), put(["c", "d"]), put(["e", "f"])]
-    assert names(pipeline._take()) == ["a+b", "c+d"]
+    assert names(queue.take(3)) == ["a+b", "c+d"]
     assert all(b._devices is None for b in batches)
