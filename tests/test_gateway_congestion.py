@@ -8,14 +8,19 @@ is refused with RESOURCE_EXHAUSTED and a retry delay, nothing of it stored, and 
 documented client sends it again. Once the store is back, device streams' small
 batches go into the first commits, ahead of the gateway backlog, and a device's
 fixes are stored in the order they were submitted.
+
+The gateway clients (the replay client's and the load tool's) send a refused call
+again after its delay and hold back the calls made after it meanwhile, so that its
+fixes are not stored after newer ones of the same devices; while none is refused,
+their calls are pipelined.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -24,12 +29,15 @@ from tracking.v1 import track_pb2, track_pb2_grpc
 from tests.server_fixtures import batch, fix, hello, now_ms
 from tracking_grpc import convert
 from tracking_grpc.client.gateway import _publish_with_retry
+from tracking_grpc.client.order import CallOrder
 from tracking_grpc.client.session import RetryPolicy, SessionStats
 from tracking_grpc.client.status import retry_delay_s
-from tracking_grpc.config import Settings
+from tracking_grpc.commit_queue import CommitQueue, Submission
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import StorageUnavailable
-from tracking_grpc.ingest import IngestPipeline, _Pending
+from tracking_grpc.ingest import IngestPipeline
+from tracking_grpc.loadgen.gateway import Gateway
+from tracking_grpc.loadgen.plan import DriverResult, Plan, Window
 from tracking_grpc.observability import tracing
 
 HANG_GUARD_S = 30.0
@@ -104,7 +112,7 @@ async def congest(stub, pipeline: IngestPipeline) -> asyncio.Future:
     """A 3-fix call that fills ``max_pending_fixes`` (3) while storage is away;
     its answer, once storage is back."""
     queued = asyncio.ensure_future(stub.PublishBatch(gateway_request("a", "b", "c")))
-    await until(lambda: pipeline.congested)
+    await until(lambda: pipeline.admission.congested)
     return queued
 
 
@@ -127,7 +135,7 @@ async def test_a_congested_server_holds_a_bounded_gateway_backlog(
         waiting = asyncio.ensure_future(
             stub.PublishBatch(gateway_request("d", "e", "f", "g"))
         )
-        await until(lambda: pipeline.waiting_batch_fixes == 4)
+        await until(lambda: pipeline.admission.waiting_batch_fixes == 4)
         assert len(converted) == 1  # the waiting call holds its request only
 
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -139,7 +147,9 @@ async def test_a_congested_server_holds_a_bounded_gateway_backlog(
         stats = SessionStats(device="gateway")
         policy = RetryPolicy(initial_s=0.01, max_s=0.05)
         retried = asyncio.create_task(
-            _publish_with_retry(stub, gateway_request("h"), (), policy, stats)
+            _publish_with_retry(
+                stub, gateway_request("h"), (), policy, stats, CallOrder().call()
+            )
         )
         await until(lambda: stats.reconnects >= 1)  # refused, waiting to retry
         away.end()
@@ -163,7 +173,7 @@ async def test_a_call_larger_than_the_bound_waits_when_no_other_does(
         stub = track_pb2_grpc.TrackSessionStub(channel)
         queued = await congest(stub, pipeline)
         large = asyncio.ensure_future(stub.PublishBatch(gateway_request(*"defghi")))
-        await until(lambda: pipeline.waiting_batch_fixes == 6)
+        await until(lambda: pipeline.admission.waiting_batch_fixes == 6)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.PublishBatch(gateway_request("j"))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -214,15 +224,12 @@ async def test_device_streams_go_ahead_of_a_gateway_backlog_in_device_order(
     assert away.stored_seqs("shared") == [3, 5]
 
 
-NO_STORE = SimpleNamespace(backend="none")  # taking from the queue stores nothing
-
-
-def queued(pipeline: IngestPipeline, tenant: str = "t"):
+def queued(queue: CommitQueue, tenant: str = "t"):
     """Queue a device row submission (``"a"``) or a batch (``["a", "b"]``)."""
 
-    def put(what: str | list[str]) -> _Pending:
+    def put(what: str | list[str]) -> Submission:
         done = asyncio.get_running_loop().create_future()
-        pending = _Pending(tenant, 1, 0, done, tracing.INVALID_CONTEXT)
+        pending = Submission(tenant, 1, 0, done, tracing.INVALID_CONTEXT)
         if isinstance(what, str):
             pending = replace(pending, device=what, rows=[])
         else:
@@ -231,31 +238,126 @@ def queued(pipeline: IngestPipeline, tenant: str = "t"):
                 tenant, what, range(1, n + 1), [0] * n, [1.0] * n, [1.0] * n
             )
             pending = replace(pending, size=n, batch=batch)
-        pipeline._enqueue(pending)
+        queue.append(pending)
         return pending
 
     return put
 
 
-def names(items: list[_Pending]) -> list[str]:
+def names(items: list[Submission]) -> list[str]:
     return [i.device or "+".join(i.batch.device.tolist()) for i in items]
 
 
 async def test_a_long_queue_takes_rows_first_but_never_past_their_own_device() -> None:
-    pipeline = IngestPipeline(Settings(flush_max_fixes=2), NO_STORE, None, None, None)
-    put = queued(pipeline)
+    queue = CommitQueue()
+    put = queued(queue)
     for what in (["a", "b"], "c", "a", ["d"], "e"):
         put(what)
-    assert names(pipeline._take()) == ["c", "e"]  # "a" waits behind a+b
-    assert names(pipeline._take()) == ["a+b"]  # passed over once: first now
-    assert names(pipeline._take()) == ["a", "d"]  # the rest fits: in order
+    assert names(queue.take(2)) == ["c", "e"]  # "a" waits behind a+b
+    assert names(queue.take(2)) == ["a+b"]  # passed over once: first now
+    assert names(queue.take(2)) == ["a", "d"]  # the rest fits: in order
+    assert queue.fixes == 0 and not queue
 
 
 async def test_a_queue_of_batches_alone_is_taken_in_order_unread() -> None:
     """Without device rows waiting, batches go in arrival order and nobody works
     out their devices."""
-    pipeline = IngestPipeline(Settings(flush_max_fixes=3), NO_STORE, None, None, None)
-    put = queued(pipeline)
+    queue = CommitQueue()
+    put = queued(queue)
     batches = [put(["a", "b"]), put(["c", "d"]), put(["e", "f"])]
-    assert names(pipeline._take()) == ["a+b", "c+d"]
+    assert names(queue.take(3)) == ["a+b", "c+d"]
     assert all(b._devices is None for b in batches)
+
+
+class ReplayGateway:
+    """The replay client's calls (``tracking replay --via publish``), in one order."""
+
+    def __init__(self, stub) -> None:
+        self.stub, self.order = stub, CallOrder()
+        self.stats = SessionStats(device="gateway")
+
+    def send(self, request: track_pb2.PublishBatchRequest) -> Awaitable:
+        policy = RetryPolicy(initial_s=0.01, max_s=0.05)
+        call = self.order.call()
+        return _publish_with_retry(self.stub, request, (), policy, self.stats, call)
+
+    def refusals(self) -> int:
+        return self.stats.reconnects
+
+
+class LoadGateway:
+    """The load tool's gateway (bench/load.py --gateways)."""
+
+    def __init__(self, stub) -> None:
+        self.stub, self.result = stub, DriverResult(0)
+        plan = Plan(
+            "", Window(time.time(), 0, 600), gateway_devices=2, gateway_batch_fixes=2
+        )
+        self.gateway = Gateway("gw", plan, self.result, seed=1)
+
+    def send(self, request: track_pb2.PublishBatchRequest) -> Awaitable:
+        time_ms = int(request.columns.time_ms[0])
+        return self.gateway.publish(self.stub, request, time_ms, None)
+
+    def refusals(self) -> int:
+        return self.result.counts.get("gateway_calls_refused", 0)
+
+
+GATEWAYS = [
+    pytest.param(ReplayGateway, id="replay-client"),
+    pytest.param(LoadGateway, id="load-tool"),
+]
+
+
+@pytest.mark.parametrize("client", GATEWAYS)
+async def test_a_refused_call_is_stored_before_the_later_calls_of_its_devices(
+    start_server, outage, client
+) -> None:
+    """The refused call goes again after its delay; the calls made meanwhile wait
+    behind it, though storage caught up and would take them at once."""
+    server = await start_server(max_pending_fixes=3, max_waiting_batch_fixes=0)
+    away = outage(server)
+    pipeline = server.app.pipeline
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = track_pb2_grpc.TrackSessionStub(channel)
+        gateway = client(stub)
+        queued = await congest(stub, pipeline)
+        refused = asyncio.ensure_future(gateway.send(gateway_request("x", "y")))
+        await until(lambda: gateway.refusals() >= 1)
+        away.end()
+        await until(lambda: not pipeline.admission.congested)
+        later = [
+            asyncio.ensure_future(gateway.send(gateway_request("x", "y", seq=n)))
+            for n in (2, 3)
+        ]
+        async with asyncio.timeout(HANG_GUARD_S):
+            await queued
+            await asyncio.gather(refused, *later)
+
+    assert away.stored_seqs("x") == away.stored_seqs("y") == [1, 2, 3]
+    for device in "xy":
+        assert await server.app.history.count("default", device) == 3
+
+
+@pytest.mark.parametrize("client", GATEWAYS)
+async def test_calls_are_pipelined_while_none_is_refused(
+    start_server, outage, client
+) -> None:
+    """Three calls reach the server while none of them is answered. (gRPC does not
+    order calls in flight at once: the first calls of a new connection have been
+    seen taken in another order than they were made.)"""
+    server = await start_server()
+    away = outage(server)
+    pipeline = server.app.pipeline
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        gateway = client(track_pb2_grpc.TrackSessionStub(channel))
+        calls = [
+            asyncio.ensure_future(gateway.send(gateway_request("x", "y", seq=n)))
+            for n in (1, 2, 3)
+        ]
+        await until(lambda: pipeline.admission.pending == 6)
+        away.end()
+        async with asyncio.timeout(HANG_GUARD_S):
+            await asyncio.gather(*calls)
+    assert sorted(away.stored_seqs("x")) == [1, 2, 3]
+    assert gateway.refusals() == 0

@@ -23,7 +23,7 @@ from tests.test_gateway_congestion import (  # noqa: F401
     outage,
     until,
 )
-from tracking_grpc import heap, ingest
+from tracking_grpc import admission, heap
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = 100_000  # 1 KB each: above pymalloc's 512 bytes, below malloc's mmap
@@ -62,7 +62,7 @@ async def test_memory_is_given_back_once_a_backlog_drained(
     outage,  # noqa: F811
     monkeypatch,
 ) -> None:
-    monkeypatch.setattr(ingest, "RELEASE_AFTER_FIXES", 3)
+    monkeypatch.setattr(admission, "RELEASE_AFTER_FIXES", 3)
     released = asyncio.Event()
     loop = asyncio.get_running_loop()
 

@@ -13,10 +13,10 @@ A failing store is retried with back-off while callers wait unacknowledged; when
 than ``max_pending_fixes`` are waiting, new submissions wait too, which pauses the
 streams (the devices keep their data). A gateway call waits as received, before its
 request becomes a batch, and only while ``max_waiting_batch_fixes`` allow: a call
-beyond them is refused with nothing stored (``admit_batch``). When more is waiting
-than one commit takes, device streams' rows go first (``_take_fair``), each device's
-fixes still in the order they were submitted. Once a large backlog has drained, the
-C heap's free memory is given back to the system (``heap``).
+beyond them is refused with nothing stored (``admission``, which also gives the C
+heap's free memory back once a large backlog has drained). When more is waiting
+than one commit takes, device streams' rows go first, each device's fixes still in
+the order they were submitted (``commit_queue``).
 
 A try that stored but whose answer was lost leaves the retry finding its fixes
 stored: the store then tells which are stored as this commit received them, and the
@@ -34,22 +34,23 @@ but still counted as pending: ``max_pending_fixes`` then pauses the streams.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from tracking_grpc import heap, isolation
+from tracking_grpc import isolation
+from tracking_grpc.admission import Admission
 from tracking_grpc.backlog import UnprocessedFixes
+from tracking_grpc.commit_queue import CommitQueue, Submission
 from tracking_grpc.config import Settings
 from tracking_grpc.core import chunks, validation
 from tracking_grpc.core.fixes import FixBatch, FixRow
-from tracking_grpc.errors import Congested, StorageUnavailable, Unavailable
+from tracking_grpc.errors import StorageUnavailable, Unavailable
 from tracking_grpc.events import EventBus, FixProcessor, TrackingEvent
 from tracking_grpc.observability import metrics, tracing
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
@@ -59,11 +60,6 @@ log = logging.getLogger(__name__)
 # Devices per live update: a piece is one Redis call (SINGLE_CALL_ROWS in
 # storage.redis_live), and a large commit's pieces let streams be served between.
 LIVE_PIECE = 1_000
-# How long a gateway call refused while storage is behind is told to wait.
-RETRY_AFTER_S = 1.0
-# A backlog this large leaves the C heap's freed memory to be given back once it has
-# drained (``heap.release_free_memory``).
-RELEASE_AFTER_FIXES = 50_000
 
 
 def now_ms() -> int:
@@ -111,30 +107,6 @@ class DeviceAck(NamedTuple):
 EMPTY_ACK = DeviceAck(0, 0, 0, 0)
 
 
-@dataclass(slots=True)
-class _Pending:
-    """A submission waiting for its group commit: a batch, or one device's rows."""
-
-    tenant: str
-    size: int
-    received_ms: int
-    done: asyncio.Future
-    span: tracing.SpanContext
-    batch: FixBatch | None = None
-    device: str = ""
-    rows: list[FixRow] | None = None
-    passed_over: bool = False  # a batch left for a later commit once (_take_fair)
-    _devices: frozenset[str] | None = None
-
-    def devices(self) -> frozenset[str]:
-        """The devices of a batch submission (worked out once), or of a row one."""
-        if self.batch is None:
-            return frozenset((self.device,))
-        if self._devices is None:
-            self._devices = frozenset(self.batch.device.tolist())
-        return self._devices
-
-
 class EarlyWatchers(Protocol):
     """This process's watchers, offered stored fixes before their live write."""
 
@@ -170,16 +142,11 @@ class IngestPipeline:
         self.backend = metrics.backend_name(history)
         self.storage_healthy = True
         self.live_healthy = True
-        self._queue: deque[_Pending] = deque()
-        self._queued_fixes = 0  # in the queue and in commits (until processed)
-        self._waiting_fixes = 0  # in the queue
-        self._rows = 0  # device row submissions in the queue
-        self._waiting_batch_fixes = 0  # in gateway calls waiting for room
-        self._refusing = False  # gateway calls are being refused (logged once)
-        self._backlog_peak = 0  # most fixes queued since memory was last released
+        # Whether a submission is queued now, waits, or is refused.
+        self.admission = Admission(settings)
+        self._queue = CommitQueue()
         self._processing_idle = True
         self._wakeup = asyncio.Event()
-        self._space = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         # Bounded: when processors fall behind, commits wait (back-pressure).
@@ -208,7 +175,9 @@ class IngestPipeline:
         and give memory back once a backlog has drained."""
         while True:
             await asyncio.sleep(interval_s)
-            await self._release_memory_after_backlog()
+            await self.admission.release_memory_after_backlog(
+                self._processing.qsize() <= 2 and self._processing_idle
+            )
             for processor in self.processors:
                 tick = getattr(processor, "tick", None)
                 if tick is None:
@@ -230,60 +199,9 @@ class IngestPipeline:
         return IngestResult(batch, reasons, new)
 
     @property
-    def congested(self) -> bool:
-        """Whether new submissions must wait (``wait_for_space``) before queueing."""
-        return self._queued_fixes >= self.settings.max_pending_fixes
-
-    @property
     def waiting_fixes(self) -> int:
         """Fixes queued for a group commit that has not taken them yet."""
-        return self._waiting_fixes
-
-    @property
-    def waiting_batch_fixes(self) -> int:
-        """Fixes of gateway calls waiting for room (``admit_batch``), as received."""
-        return self._waiting_batch_fixes
-
-    async def wait_for_space(self) -> None:
-        """Wait until the queue is below ``max_pending_fixes`` (or closing)."""
-        async with self._space:
-            await self._space.wait_for(lambda: not self.congested or self._closing)
-
-    async def admit_batch(self, fixes: int) -> None:
-        """Wait for room for a gateway call of ``fixes`` fixes, before its request
-        is turned into a batch.
-
-        While ``max_pending_fixes`` are pending, calls wait holding their request
-        only, up to ``max_waiting_batch_fixes`` fixes among them; a call beyond is
-        refused (``Congested``, RESOURCE_EXHAUSTED) with nothing of it stored, so
-        what a congested server holds for gateways stays bounded.
-        """
-        if not self.congested:
-            return
-        waiting, limit = (
-            self._waiting_batch_fixes,
-            self.settings.max_waiting_batch_fixes,
-        )
-        # The first call waits whatever its size: a call larger than the bound
-        # would otherwise be refused for as long as storage stays behind.
-        if limit == 0 or (waiting and waiting + fixes > limit):
-            if not self._refusing:
-                log.warning(
-                    "storage is behind (%d fixes pending): refusing gateway calls",
-                    self._queued_fixes,
-                )
-                self._refusing = True
-            raise Congested(
-                f"storage is behind: {self._queued_fixes} fixes wait to be stored "
-                f"and {waiting} more in gateway calls; nothing of this call "
-                f"({fixes} fixes) was stored",
-                RETRY_AFTER_S,
-            )
-        self._waiting_batch_fixes += fixes
-        try:
-            await self.wait_for_space()
-        finally:
-            self._waiting_batch_fixes -= fixes
+        return self._queue.fixes
 
     def submit_rows(
         self, tenant: str, device: str, rows: list[FixRow]
@@ -293,7 +211,8 @@ class IngestPipeline:
         The returned future resolves once they are durably stored (or raises). This
         is the per-message path of a device stream: no task, no arrays; the commit
         turns the rows of every waiting stream into columns at once. Callers check
-        ``congested`` first and await ``wait_for_space`` when it is set.
+        ``admission.congested`` first and await ``admission.wait_for_space`` when
+        it is set.
         """
         done: asyncio.Future[DeviceAck] = asyncio.get_running_loop().create_future()
         if not rows:
@@ -302,32 +221,29 @@ class IngestPipeline:
         span = self._submitter_span()
         received_ms = time.time_ns() // 1_000_000  # now_ms(), a call less
         self._enqueue(
-            _Pending(
+            Submission(
                 tenant, len(rows), received_ms, done, span, device=device, rows=rows
             )
         )
         return done
 
     async def _submit(self, batch: FixBatch) -> tuple[np.ndarray, np.ndarray]:
-        if self.congested:
-            await self.wait_for_space()
+        if self.admission.congested:
+            await self.admission.wait_for_space()
         done: asyncio.Future[tuple[np.ndarray, np.ndarray]] = (
             asyncio.get_running_loop().create_future()
         )
         span = self._submitter_span()
         self._enqueue(
-            _Pending(batch.tenant, len(batch), now_ms(), done, span, batch=batch)
+            Submission(batch.tenant, len(batch), now_ms(), done, span, batch=batch)
         )
         return await done
 
-    def _enqueue(self, pending: _Pending) -> None:
+    def _enqueue(self, pending: Submission) -> None:
         if self._closing:
             raise StorageUnavailable("server is shutting down; nothing was stored")
         self._queue.append(pending)
-        self._queued_fixes += pending.size
-        self._waiting_fixes += pending.size
-        self._rows += pending.rows is not None
-        self._backlog_peak = max(self._backlog_peak, self._queued_fixes)
+        self.admission.enqueued(pending.size)
         self._wakeup.set()
 
     @staticmethod
@@ -372,78 +288,20 @@ class IngestPipeline:
                 await slots.acquire()
                 started = loop.time()
                 finished = loop.create_future()
+                taken = self._queue.take(self.settings.flush_max_fixes)
+                if self._queue:
+                    self._wakeup.set()
                 task = asyncio.create_task(
-                    self._flush(self._take(), previous, finished, _Slot(slots))
+                    self._flush(taken, previous, finished, _Slot(slots))
                 )
                 flushing.add(task)
                 task.add_done_callback(flushing.discard)
                 previous = finished
         await asyncio.gather(*flushing)
 
-    def _take(self) -> list[_Pending]:
-        """The next commit's submissions: everything waiting when it fits in
-        ``flush_max_fixes``, else device streams' rows first (``_take_fair``)."""
-        limit = self.settings.flush_max_fixes
-        if self._waiting_fixes <= limit:
-            taken = list(self._queue)
-            self._queue.clear()
-            self._rows = 0
-        else:
-            taken = self._take_fair(limit)
-        self._waiting_fixes -= sum(item.size for item in taken)
-        if self._queue:
-            self._wakeup.set()
-        return taken
-
-    def _take_fair(self, limit: int) -> list[_Pending]:
-        """About ``limit`` fixes of a queue longer than a commit, device streams'
-        small messages ahead of gateway batches.
-
-        Batches passed over by an earlier commit that are still at the head of
-        the queue go first (a gateway backlog is not starved); then every device
-        row submission up to ``limit``, except one whose device has fixes in a
-        submission left waiting before it: a device's fixes are stored in the
-        order they were submitted (commits start in queue order and lock each
-        device's row, and a device resumes after the highest sequence number
-        stored). The room left goes to the rest in arrival order. The queue is
-        walked only as far as ``limit`` takes it (a queue of gateway batches
-        alone is taken in order, without looking at their devices).
-        """
-        queue, taken, count = self._queue, [], 0
-        while queue and count < limit and (queue[0].passed_over or not self._rows):
-            item = queue.popleft()
-            taken.append(item)
-            count += item.size
-        left: deque[_Pending] = deque()
-        held: dict[str, set[str]] = defaultdict(set)  # devices of what is left
-        while queue and count < limit:
-            item = queue.popleft()
-            devices = held[item.tenant]
-            if item.rows is None:
-                left.append(item)
-                devices.update(item.devices())
-            elif item.device not in devices:
-                taken.append(item)
-                count += item.size
-            else:
-                left.append(item)
-                devices.add(item.device)
-        passed = len(left)
-        while left and count < limit:
-            item = left.popleft()
-            taken.append(item)
-            count += item.size
-            passed -= 1
-        for item in itertools.islice(left, passed):
-            item.passed_over = item.rows is None
-        left.extend(queue)
-        self._queue = left
-        self._rows -= sum(1 for item in taken if item.rows is not None)
-        return taken
-
     async def _flush(
         self,
-        items: list[_Pending],
+        items: list[Submission],
         previous: asyncio.Future[None] | None,
         finished: asyncio.Future[None],
         slot: _Slot,
@@ -459,7 +317,7 @@ class IngestPipeline:
         """
         metrics.commit_started(time.time() * 1000, [i.received_ms for i in items])
         try:
-            by_tenant: dict[str, list[_Pending]] = defaultdict(list)
+            by_tenant: dict[str, list[Submission]] = defaultdict(list)
             for item in items:
                 by_tenant[item.tenant].append(item)
             stored: list[tuple[FixBatch, FixBatch, tracing.SpanContext]] = []
@@ -495,18 +353,13 @@ class IngestPipeline:
         finally:
             slot.release()
             finished.set_result(None)
-            self._queued_fixes -= sum(i.size for i in items)
-            if self._refusing and not self.congested:
-                log.info("storage caught up: gateway calls are taken again")
-                self._refusing = False
-            async with self._space:
-                self._space.notify_all()
+            await self.admission.finished(sum(i.size for i in items))
 
-    def _validate(self, items: list[_Pending]) -> tuple[FixBatch, np.ndarray]:
+    def _validate(self, items: list[Submission]) -> tuple[FixBatch, np.ndarray]:
         """The items' fixes as one batch, in item order, stamped with their receive
         times; and the reason code of each fix."""
         parts: list[FixBatch] = []
-        run: list[_Pending] = []  # consecutive row items become one part
+        run: list[Submission] = []  # consecutive row items become one part
         for item in items:
             if item.rows is not None:
                 run.append(item)
@@ -527,7 +380,9 @@ class IngestPipeline:
         metrics.fixes_validated(reasons)
         return batch, reasons
 
-    async def _commit(self, items: list[_Pending]) -> tuple[FixBatch, FixBatch] | None:
+    async def _commit(
+        self, items: list[Submission]
+    ) -> tuple[FixBatch, FixBatch] | None:
         """Validate and store; resolves the callers' futures. The fixes for the live
         state, and the new ones (for the processors)."""
         batch, reasons = self._validate(items)
@@ -570,7 +425,7 @@ class IngestPipeline:
         return found
 
     async def _store(
-        self, batch: FixBatch, items: list[_Pending]
+        self, batch: FixBatch, items: list[Submission]
     ) -> tuple[np.ndarray, bool] | None:
         """Store, retrying while the store is unavailable; the mask of new rows,
         and whether a try failed first."""
@@ -627,32 +482,6 @@ class IngestPipeline:
             # type): counted, so an alert can tell it from an outage.
             metrics.live_update_failed("error")
             log.exception("live update failed; history is intact")
-
-    async def _release_memory_after_backlog(self) -> None:
-        """Once a backlog of ``RELEASE_AFTER_FIXES`` or more has been stored and
-        processed, give the C heap's free pages back to the system: the many small
-        blocks it was built of stay in malloc's free lists otherwise, and the
-        process keeps its peak size (``heap``). Under load the pipeline is never
-        empty: drained means a tenth of that pending, a commit or two waiting for
-        the processors, and the processors between runs."""
-        drained = (
-            self._queued_fixes <= RELEASE_AFTER_FIXES // 10
-            and self._processing.qsize() <= 2
-            and self._processing_idle
-        )
-        if not drained or self._backlog_peak < RELEASE_AFTER_FIXES:
-            return
-        peak, self._backlog_peak = self._backlog_peak, 0
-        before = heap.resident_bytes()
-        if not await asyncio.to_thread(heap.release_free_memory):
-            return
-        after = heap.resident_bytes()
-        log.info(
-            "a backlog of %d fixes drained: resident memory %.0f -> %.0f MB",
-            peak,
-            before / 1e6,
-            after / 1e6,
-        )
 
     def _offer_early(self, piece: FixBatch) -> int | None:
         """Offer the piece's newest fix per device to this process's watchers
@@ -810,8 +639,7 @@ class IngestPipeline:
         if self._ticker is not None:
             self._ticker.cancel()
         self._wakeup.set()
-        async with self._space:
-            self._space.notify_all()
+        await self.admission.close()
         cut = None
         if deadline is not None:
             cut = asyncio.get_running_loop().call_at(deadline, self._cut_off)
@@ -866,7 +694,7 @@ def _first_per_fix(batch: FixBatch, rows: np.ndarray) -> np.ndarray:
     return rows[np.sort(first)]
 
 
-def _fail(items: list[_Pending], error: Exception) -> None:
+def _fail(items: list[Submission], error: Exception) -> None:
     """Ends the waits of ``items`` not yet answered with ``error``."""
     for item in items:
         if not item.done.done():
@@ -884,7 +712,7 @@ def _live_pieces(stored: FixBatch) -> Iterator[FixBatch]:
         yield stored.take(newest[start : start + LIVE_PIECE])
 
 
-def _rows_batch(items: list[_Pending]) -> FixBatch:
+def _rows_batch(items: list[Submission]) -> FixBatch:
     """The rows of consecutive device submissions of one tenant as one batch."""
     rows = [row for item in items for row in item.rows or ()]
     devices = np.array([item.device for item in items], dtype=object)
@@ -894,7 +722,7 @@ def _rows_batch(items: list[_Pending]) -> FixBatch:
 
 
 def _resolve(
-    items: list[_Pending], batch: FixBatch, reasons: np.ndarray, new: np.ndarray
+    items: list[Submission], batch: FixBatch, reasons: np.ndarray, new: np.ndarray
 ) -> None:
     """Give each waiting submitter its outcome: row items a ``DeviceAck`` (computed
     for all of them at once), batch items their slices of ``reasons`` and ``new``."""

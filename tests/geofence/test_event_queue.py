@@ -294,7 +294,7 @@ class BlockedPipeline:
         return (
             self.store.queued == EVENT_BOUND
             and pipeline._processing.full()  # private: 256 commits wait
-            and pipeline.congested
+            and pipeline.admission.congested
         )
 
     def fixes_stored(self) -> int:

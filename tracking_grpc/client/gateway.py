@@ -1,4 +1,9 @@
-"""Replay a trace as a gateway would: columnar ``PublishBatch`` calls, many devices."""
+"""Replay a trace as a gateway would: columnar ``PublishBatch`` calls, many devices.
+
+Up to ``window`` calls are in flight. A call the server refuses because its storage
+is behind is sent again after the delay it names, and the calls made after it wait
+until it is answered (``order``): its fixes are not stored after newer ones.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import grpc
 import numpy as np
 from tracking.v1 import track_pb2, track_pb2_grpc
 
+from tracking_grpc.client.order import CallOrder, OrderedCall
 from tracking_grpc.client.report import ReplayReport
 from tracking_grpc.client.schedule import (
     DEFAULT_OPTIONS,
@@ -41,10 +47,13 @@ async def publish_trace(
         sessions=[stats],
     )
 
-    async def publish(a: int, b: int) -> None:
-        request = track_pb2.PublishBatchRequest(columns=_columns(trace, times, a, b))
+    order = CallOrder()
+
+    async def publish(
+        request: track_pb2.PublishBatchRequest, call: OrderedCall
+    ) -> None:
         response = await _publish_with_retry(
-            stub, request, metadata, options.retry, stats
+            stub, request, metadata, options.retry, stats, call
         )
         if response is not None:
             stats.stored += response.stored
@@ -65,7 +74,8 @@ async def publish_trace(
         if stats.error:
             break
         stats.sent += int(b - a)
-        in_flight.add(asyncio.create_task(publish(a, b)))
+        request = track_pb2.PublishBatchRequest(columns=_columns(trace, times, a, b))
+        in_flight.add(asyncio.create_task(publish(request, order.call())))
     if in_flight:
         await asyncio.wait(in_flight)
     report.elapsed_s = loop.time() - start_clock
@@ -90,23 +100,30 @@ def _columns(
     )
 
 
-async def _publish_with_retry(stub, request, metadata, retry, stats):
-    """Send ``request`` until it is answered; again after UNAVAILABLE (the server
-    is away), and after RESOURCE_EXHAUSTED with a retry delay (storage is behind:
-    nothing was stored), not before that delay and with the backoff's jitter."""
+async def _publish_with_retry(stub, request, metadata, retry, stats, call):
+    """Send ``request`` when ``call``'s turn comes, until it is answered; again
+    after UNAVAILABLE (the server is away), and after RESOURCE_EXHAUSTED with a
+    retry delay (storage is behind: nothing was stored), not before that delay and
+    with the backoff's jitter. A refused call holds back the calls made after it
+    until it is answered."""
     backoff = Backoff(retry)
-    while True:
-        try:
-            return await stub.PublishBatch(request, metadata=metadata)
-        except grpc.aio.AioRpcError as exc:
-            error = f"{exc.code().name}: {exc.details()}"
-            hint_s = refusal_delay_s(exc)
-            if exc.code() != grpc.StatusCode.UNAVAILABLE and hint_s is None:
-                stats.error = error
-                return None
-            delay_s = backoff.next_delay_s()
-            if delay_s is None:
-                stats.error = backoff.gave_up(error)
-                return None
-            stats.reconnects += 1
-            await asyncio.sleep((hint_s or 0.0) + delay_s)
+    with call:
+        await call.turn()
+        while True:
+            try:
+                return await stub.PublishBatch(request, metadata=metadata)
+            except grpc.aio.AioRpcError as exc:
+                error = f"{exc.code().name}: {exc.details()}"
+                hint_s = refusal_delay_s(exc)
+                if exc.code() != grpc.StatusCode.UNAVAILABLE and hint_s is None:
+                    stats.error = error
+                    return None
+                delay_s = backoff.next_delay_s()
+                if delay_s is None:
+                    stats.error = backoff.gave_up(error)
+                    return None
+                stats.reconnects += 1
+                if hint_s is not None:
+                    call.refused()
+                await asyncio.sleep((hint_s or 0.0) + delay_s)
+                await call.turn()

@@ -6,7 +6,9 @@ waiting is counted as ``gateway_overload`` instead of being sent late. Each batc
 carries the next ``gateway_batch_fixes`` devices of the gateway, one fix each. A call
 the server refuses while its storage is behind (RESOURCE_EXHAUSTED with a retry
 delay: nothing stored) is sent again after the delay, still counted in flight; its
-latency runs from the first send.
+latency runs from the first send. The calls made after it wait until it is
+answered, counted in flight too (``client.order``): a device's fixes are not stored
+after newer ones for a refusal.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import grpc
 import numpy as np
 from tracking.v1 import common_pb2, track_pb2, track_pb2_grpc
 
+from tracking_grpc.client.order import CallOrder, OrderedCall
 from tracking_grpc.client.status import refusal_delay_s
 from tracking_grpc.loadgen.channels import sleep_until
 from tracking_grpc.loadgen.plan import DriverResult, Plan
@@ -44,6 +47,7 @@ class Gateway:
         self.cursor = 0
         self.last_ms = 0
         self.inflight: set[asyncio.Task[None]] = set()
+        self.order = CallOrder()
 
     def _request(self, sched_s: float) -> tuple[track_pb2.PublishBatchRequest, int]:
         size = self.plan.gateway_batch_fixes
@@ -78,7 +82,7 @@ class Gateway:
                 self.result.error("gateway_overload")
                 continue
             request, time_ms = self._request(sched_s)
-            task = asyncio.create_task(self._publish(stub, request, time_ms, metadata))
+            task = asyncio.create_task(self.publish(stub, request, time_ms, metadata))
             self.inflight.add(task)
             task.add_done_callback(self.inflight.discard)
         if self.inflight:
@@ -89,38 +93,48 @@ class Gateway:
         stub: track_pb2_grpc.TrackSessionStub,
         request: track_pb2.PublishBatchRequest,
         metadata: tuple[tuple[str, str], ...] | None,
+        call: OrderedCall,
     ) -> track_pb2.PublishBatchResponse | None:
-        """The call's answer, sent again while the server refuses it for
-        congestion (RESOURCE_EXHAUSTED with a retry delay: nothing was stored),
-        after that delay and a jitter of up to as much; None after another
-        error, or refusals for longer than ``REFUSED_FOR_S``."""
+        """The call's answer, sent when its turn comes and again while the server
+        refuses it for congestion (RESOURCE_EXHAUSTED with a retry delay: nothing
+        was stored), after that delay and a jitter of up to as much, holding back
+        the calls made after it; None after another error, or refusals for longer
+        than ``REFUSED_FOR_S`` (counted from when the call was made)."""
         result = self.result
         refused_since = time.monotonic()
-        while True:
-            try:
-                return await stub.PublishBatch(request, metadata=metadata, timeout=30)
-            except grpc.aio.AioRpcError as exc:
-                hint_s = refusal_delay_s(exc)
-                given_up = time.monotonic() - refused_since > REFUSED_FOR_S
-                if hint_s is None or given_up:
-                    code = exc.code().name
-                    result.error(f"publish_{code}", detail=exc.details() or "")
-                    return None
-                result.count("gateway_calls_refused")
-                await asyncio.sleep(hint_s * (1 + random.random()))
+        with call:
+            await call.turn()
+            while True:
+                try:
+                    return await stub.PublishBatch(
+                        request, metadata=metadata, timeout=30
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    hint_s = refusal_delay_s(exc)
+                    given_up = time.monotonic() - refused_since > REFUSED_FOR_S
+                    if hint_s is None or given_up:
+                        code = exc.code().name
+                        result.error(f"publish_{code}", detail=exc.details() or "")
+                        return None
+                    result.count("gateway_calls_refused")
+                    call.refused()
+                    await asyncio.sleep(hint_s * (1 + random.random()))
+                    await call.turn()
 
-    async def _publish(
+    async def publish(
         self,
         stub: track_pb2_grpc.TrackSessionStub,
         request: track_pb2.PublishBatchRequest,
         time_ms: int,
         metadata: tuple[tuple[str, str], ...] | None,
     ) -> None:
+        """Send one batch (in turn, see ``client.order``) and count its outcome."""
+        call = self.order.call()
         size = len(request.columns.seq)
         result = self.result
         result.count("fixes_generated", size)
         sent_ns = time.time_ns()
-        response = await self._send(stub, request, metadata)
+        response = await self._send(stub, request, metadata, call)
         if response is None:
             return
         now_ns = time.time_ns()

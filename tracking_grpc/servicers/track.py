@@ -199,12 +199,12 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
     ) -> track_pb2.PublishBatchResponse:
         """Store fixes of many devices; answers once they are durable. While
         storage is behind, waits as received, or is refused with RESOURCE_EXHAUSTED
-        and nothing stored (IngestPipeline.admit_batch)."""
+        and nothing stored (Admission.admit_batch)."""
         caller = self.app.auth.caller(context)
         caller.require_writer()
         fixes = len(request.columns.seq) + sum(len(d.fixes) for d in request.devices)
         _check_batch_size(request, fixes, self.app.settings.max_batch_fixes)
-        await self.app.pipeline.admit_batch(fixes)
+        await self.app.pipeline.admission.admit_batch(fixes)
         batches = []
         for i, device in enumerate(request.devices):
             field = f"devices[{i}].device_id"
@@ -520,6 +520,7 @@ class _Session:
 
     async def _read(self, requests: AsyncIterator[track_pb2.TrackRequest]) -> None:
         pipeline = self.app.pipeline
+        admission = pipeline.admission
         submit = pipeline.submit_rows
         tenant = self.caller.tenant
         device_id = self.device_id
@@ -530,8 +531,8 @@ class _Session:
             else:
                 self._other(request)
                 continue
-            if pipeline.congested:
-                await pipeline.wait_for_space()
+            if admission.congested:
+                await admission.wait_for_space()
             while len(unacked) >= INFLIGHT_BATCHES:
                 # Until an ack is written: a device that reads no acks is not read
                 # ahead of them (gRPC's flow control keeps its batches in the device).
