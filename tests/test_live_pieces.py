@@ -1,12 +1,12 @@
 """A large commit's live update goes in pieces of at most LIVE_PIECE devices, so
-that the event loop serves streams between them (ingest._live_pieces)."""
+that the event loop serves streams between them (live_writer._pieces)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from tracking_grpc.core.fixes import FixBatch
-from tracking_grpc.ingest import LIVE_PIECE, _live_pieces
+from tracking_grpc.live_writer import LIVE_PIECE, _pieces
 
 
 def commit(devices: int) -> FixBatch:
@@ -24,7 +24,7 @@ def commit(devices: int) -> FixBatch:
 
 def test_a_large_commit_goes_in_pieces_of_each_devices_newest_fix() -> None:
     batch = commit(2 * LIVE_PIECE + 500)
-    pieces = list(_live_pieces(batch))
+    pieces = list(_pieces(batch))
     assert [len(p) for p in pieces] == [LIVE_PIECE, LIVE_PIECE, 500]
     newest = {}
     for piece in pieces:
@@ -41,4 +41,4 @@ def test_a_large_commit_goes_in_pieces_of_each_devices_newest_fix() -> None:
 
 def test_a_small_commit_is_one_piece_as_it_is() -> None:
     batch = commit(LIVE_PIECE // 2)
-    assert [p is batch for p in _live_pieces(batch)] == [True]
+    assert [p is batch for p in _pieces(batch)] == [True]

@@ -18,6 +18,7 @@ from tracking_grpc.errors import Unavailable
 from tracking_grpc.events import EventBus
 from tracking_grpc.fanout import WatchHub
 from tracking_grpc.ingest import IngestPipeline
+from tracking_grpc.live_writer import live_is_shared
 from tracking_grpc.storage import factory
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
 from tracking_grpc.storage.live_repair import LiveRepairer, rebuild_live
@@ -105,9 +106,9 @@ async def open_app(settings: Settings) -> App:
     hub = WatchHub(broker, live, settings.max_watchers)
     await hub.start()
     pipeline = IngestPipeline(settings, history, live, broker, bus)
-    shared_live = hasattr(live, "needs_rebuild")  # Redis: a round trip per update
+    shared_live = live_is_shared(live)  # Redis: a round trip per update
     if shared_live:
-        pipeline.early_watchers = hub
+        pipeline.live_writer.early_watchers = hub
     checkpoints = history if settings.activity_checkpoint_s > 0 else None
     activity = ActivityProcessor(activity_config, checkpoints)
     pipeline.add_processor(activity)

@@ -75,6 +75,12 @@ class Settings:
         "about a millisecond of CPU whatever its size",
     )
     flush_max_fixes: int = setting(20_000, "fixes per group commit at most")
+    live_write_interval_ms: float = setting(
+        20.0,
+        "least time between two writes of live positions to Redis: the commits "
+        "stored meanwhile share one write (the in-process live store is written "
+        "at once; this process's watchers get positions before the write)",
+    )
     processor_interval_ms: float = setting(
         100.0,
         "least time between two runs of the event processors (geofences, "
@@ -330,6 +336,7 @@ ZERO_OR_MORE = (
     "max_fix_age_s",
     "flush_interval_ms",
     "database_flush_interval_ms",
+    "live_write_interval_ms",
     "processor_interval_ms",
     "dwell_lateness_s",
     "route_eta_change_s",

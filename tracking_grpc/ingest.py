@@ -5,7 +5,8 @@ moment, validated on arrays and stored in one transaction per tenant (group comm
 the per-batch work of a stream carrying one fix per message is a queue append, and the
 array work is paid once per commit. The caller's future resolves once its fixes are
 durable, so an ack always means stored. After each commit the newly stored fixes
-update the live store and are published to watchers; the registered processors get
+update the live store and are published to watchers (``live_writer``: on Redis,
+commits close together share one write); the registered processors get
 them in their own task, several commits at once when they fall behind, and their
 events reach the event bus.
 
@@ -37,9 +38,9 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import numpy as np
 
@@ -52,14 +53,11 @@ from tracking_grpc.core import chunks, validation
 from tracking_grpc.core.fixes import FixBatch, FixRow
 from tracking_grpc.errors import StorageUnavailable, Unavailable
 from tracking_grpc.events import EventBus, FixProcessor, TrackingEvent
+from tracking_grpc.live_writer import LiveWriter, live_is_shared
 from tracking_grpc.observability import metrics, tracing
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
 
 log = logging.getLogger(__name__)
-
-# Devices per live update: a piece is one Redis call (SINGLE_CALL_ROWS in
-# storage.redis_live), and a large commit's pieces let streams be served between.
-LIVE_PIECE = 1_000
 
 
 def now_ms() -> int:
@@ -107,14 +105,6 @@ class DeviceAck(NamedTuple):
 EMPTY_ACK = DeviceAck(0, 0, 0, 0)
 
 
-class EarlyWatchers(Protocol):
-    """This process's watchers, offered stored fixes before their live write."""
-
-    def offer_early(self, updates: FixBatch) -> int: ...
-
-    def added_since(self, mark: int) -> bool: ...
-
-
 class IngestPipeline:
     """Validates, group-commits and post-processes fixes."""
 
@@ -136,12 +126,12 @@ class IngestPipeline:
             max_age_ms=int(settings.max_fix_age_s * 1000),
         )
         self.processors: list[FixProcessor] = []
-        # Set when the live store is shared (Redis): this process's watchers then
-        # get new positions without waiting for the live write's round trip.
-        self.early_watchers: EarlyWatchers | None = None
+        # Shared (Redis) live stores pay a round trip per write: commits close
+        # together share one.
+        interval_ms = settings.live_write_interval_ms if live_is_shared(live) else 0
+        self.live_writer = LiveWriter(live, broker, interval_ms / 1000)
         self.backend = metrics.backend_name(history)
         self.storage_healthy = True
-        self.live_healthy = True
         # Whether a submission is queued now, waits, or is refused.
         self.admission = Admission(settings)
         self._queue = CommitQueue()
@@ -343,7 +333,7 @@ class IngestPipeline:
                 # them back until its first round trip.
                 await asyncio.sleep(0)
             for live, _, _ in stored:
-                await self._update_live(live)
+                await self.live_writer.write(live)
             if previous is not None:
                 await previous
             if self.processors:
@@ -455,50 +445,6 @@ class IngestPipeline:
             log.warning("history store is back; writes resumed")
             self.storage_healthy = True
         return new, retried
-
-    async def _update_live(self, stored: FixBatch) -> None:
-        """Live update and fan-out of newly stored fixes. Not in commit order: a
-        fix older than the device's live position moves nothing and is not
-        published, and watchers never go back in fix time."""
-        try:
-            for n, piece in enumerate(_live_pieces(stored)):
-                if n:
-                    await asyncio.sleep(0)  # streams are served in between
-                mark = self._offer_early(piece)
-                moved = await self.live.update(piece)
-                if len(moved):
-                    local = mark is None or self._added_since(mark)
-                    await self.broker.publish(moved, local=local)
-            if not self.live_healthy:
-                log.warning("live updates resumed")
-            self.live_healthy = True
-        except Unavailable as exc:  # rebuilt from history when it returns
-            metrics.live_update_failed("unavailable")
-            if self.live_healthy:  # once per outage, not once per commit
-                log.warning("live updates skipped; history is intact: %s", exc.message)
-            self.live_healthy = False
-        except Exception:
-            # A fault of the update itself (a script error, a key of the wrong
-            # type): counted, so an alert can tell it from an outage.
-            metrics.live_update_failed("error")
-            log.exception("live update failed; history is intact")
-
-    def _offer_early(self, piece: FixBatch) -> int | None:
-        """Offer the piece's newest fix per device to this process's watchers
-        before the live write; the watchers' mark, or None when not offered."""
-        if self.early_watchers is None:
-            return None
-        try:
-            return self.early_watchers.offer_early(
-                piece.take(piece.newest_per_device())
-            )
-        except Exception:  # the publish after the live write offers them again
-            log.exception("early offer to watchers failed")
-            return None
-
-    def _added_since(self, mark: int) -> bool:
-        assert self.early_watchers is not None
-        return self.early_watchers.added_since(mark)
 
     def _waiting_work(
         self, first: tuple[FixBatch, tracing.SpanContext]
@@ -647,6 +593,7 @@ class IngestPipeline:
             if self._task is not None:
                 await self._task
                 self._task = None
+            await self.live_writer.close()
             if self._processor_task is not None:
                 await self._processing.put(None)
                 await self._processor_task
@@ -699,17 +646,6 @@ def _fail(items: list[Submission], error: Exception) -> None:
     for item in items:
         if not item.done.done():
             item.done.set_exception(error)
-
-
-def _live_pieces(stored: FixBatch) -> Iterator[FixBatch]:
-    """The newest fix of each device in ``stored``, in pieces of at most
-    ``LIVE_PIECE`` devices; ``stored`` itself when it is that small."""
-    if len(stored) <= LIVE_PIECE:
-        yield stored
-        return
-    newest = stored.newest_per_device()
-    for start in range(0, newest.size, LIVE_PIECE):
-        yield stored.take(newest[start : start + LIVE_PIECE])
 
 
 def _rows_batch(items: list[Submission]) -> FixBatch:

@@ -1,0 +1,123 @@
+"""Commits close together share one live write to Redis (``live_writer``).
+
+On the real Redis live store and broker: each caller returns only once its fixes
+are live, the writes of commits that arrive within ``live_write_interval_ms`` go as
+one, devices end at their newest position whatever commit carried it, and a
+watcher of this process is offered each commit's fixes before the write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.live_writer import LiveWriter
+from tracking_grpc.storage.redis_broker import RedisBroker
+from tracking_grpc.storage.redis_live import RedisLiveStore
+
+pytestmark = pytest.mark.redis
+
+TENANT = "writer"
+
+
+def commit(seq: int, devices: list[str], lat: float) -> FixBatch:
+    n = len(devices)
+    return FixBatch.from_columns(
+        TENANT,
+        np.array(devices, dtype=object),
+        np.full(n, seq, dtype=np.uint64),
+        np.full(n, 1_700_000_000_000 + seq * 1_000, dtype=np.int64),
+        np.full(n, lat),
+        np.linspace(-0.2, 0.2, n),
+        received_ms=1_700_000_000_000 + seq * 1_000,
+    )
+
+
+class CountedLive(RedisLiveStore):
+    """The real store, counting its writes."""
+
+    writes: list[int]
+
+    async def update(self, batch: FixBatch) -> FixBatch:
+        self.writes.append(len(batch))
+        return await super().update(batch)
+
+
+class Watchers:
+    """This process's watchers as the writer sees them: what was offered early."""
+
+    def __init__(self) -> None:
+        self.offered: list[int] = []
+
+    def offer_early(self, updates: FixBatch) -> int:
+        self.offered.append(len(updates))
+        return 0
+
+    def added_since(self, mark: int) -> bool:
+        return False
+
+
+@pytest.fixture
+async def stores(redis_url: str, redis_prefix: str) -> AsyncIterator[CountedLive]:
+    live = await CountedLive.open(redis_url, redis_prefix)
+    live.writes = []
+    broker = await RedisBroker.open(redis_url, redis_prefix)
+    live.broker = broker  # type: ignore[attr-defined]
+    try:
+        yield live
+    finally:
+        await asyncio.gather(live.close(), broker.close())
+
+
+async def test_commits_within_the_interval_share_one_write(stores) -> None:
+    live = stores
+    writer = LiveWriter(live, live.broker, interval_s=0.2)
+    watchers = Watchers()
+    writer.early_watchers = watchers
+    devices = [f"van-{i}" for i in range(6)]
+    # The first write goes at once; the five commits behind it share the next.
+    await writer.write(commit(1, devices, 51.0))
+    assert live.writes == [6]
+    callers = [
+        asyncio.create_task(writer.write(commit(seq, devices[:4], 51.0 + seq / 100)))
+        for seq in range(2, 7)
+    ]
+    await asyncio.sleep(0.05)
+    assert not any(c.done() for c in callers)  # not live yet: not returned
+    assert watchers.offered == [6, 4, 4, 4, 4, 4]  # offered before any write
+    await asyncio.gather(*callers)
+    assert live.writes == [6, 20]  # one write for five commits
+    newest = await live.get(TENANT, devices)
+    by_device = dict(zip(newest.device.tolist(), newest.seq.tolist(), strict=True))
+    assert by_device == {d: 6 if d in devices[:4] else 1 for d in devices}
+    await writer.close()
+
+
+async def test_without_an_interval_each_commit_is_written_at_once(stores) -> None:
+    live = stores
+    writer = LiveWriter(live, live.broker, interval_s=0.0)
+    for seq in range(1, 4):
+        await writer.write(commit(seq, ["a", "b"], 52.0))
+    assert live.writes == [2, 2, 2]
+    newest = await live.get(TENANT, ["a", "b"])
+    assert newest.seq.tolist() == [3, 3]
+    await writer.close()
+
+
+async def test_a_cancelled_caller_leaves_the_write_to_the_others(stores) -> None:
+    live = stores
+    writer = LiveWriter(live, live.broker, interval_s=0.2)
+    await writer.write(commit(1, ["a"], 53.0))
+    cancelled = asyncio.create_task(writer.write(commit(2, ["a"], 53.1)))
+    waiting = asyncio.create_task(writer.write(commit(3, ["b"], 53.2)))
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    await waiting
+    assert live.writes == [1, 2]
+    newest = await live.get(TENANT, ["a", "b"])
+    assert newest.seq.tolist() == [2, 3]
+    await writer.close()
