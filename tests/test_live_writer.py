@@ -3,7 +3,8 @@
 On the real Redis live store and broker: each caller returns only once its fixes
 are live, the writes of commits that arrive within ``live_write_interval_ms`` go as
 one, devices end at their newest position whatever commit carried it, and a
-watcher of this process is offered each commit's fixes before the write.
+watcher of this process is offered each commit's fixes before the write, and a
+read of positions in this process sees every fix it acked.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import grpc
 import numpy as np
 import pytest
+from tracking.v1 import common_pb2, track_pb2, track_pb2_grpc
 
+from tests.server_fixtures import fix, track_session
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.live_writer import LiveWriter
 from tracking_grpc.storage.redis_broker import RedisBroker
@@ -121,3 +125,27 @@ async def test_a_cancelled_caller_leaves_the_write_to_the_others(stores) -> None
     newest = await live.get(TENANT, ["a", "b"])
     assert newest.seq.tolist() == [2, 3]
     await writer.close()
+
+
+async def test_a_position_acked_here_is_read_here_at_once(
+    start_server, redis_url: str, redis_prefix: str
+) -> None:
+    """A read of live positions waits for the write under way: with a long
+    interval the second fix is still pending when its ack arrives."""
+    server = await start_server(
+        redis_url=redis_url, redis_key_prefix=redis_prefix, live_write_interval_ms=500
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = track_pb2_grpc.TrackSessionStub(channel)
+        for seq, lat in ((1, 60.1), (2, 60.2)):
+            await track_session(stub, "bus-7", [[fix(seq, lat, 24.9)]])
+            last = await stub.GetLastPositions(
+                track_pb2.GetLastPositionsRequest(device_ids=["bus-7"])
+            )
+            assert [p.seq for p in last.positions] == [seq]
+            near = await stub.Nearby(
+                track_pb2.NearbyRequest(
+                    center=common_pb2.LatLng(lat=lat, lon=24.9), radius_m=100.0
+                )
+            )
+            assert [d.position.seq for d in near.devices] == [seq]

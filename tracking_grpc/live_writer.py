@@ -9,7 +9,9 @@ last write go in one. A commit waits for the write that carries its fixes, as it
 waited for its own before: a slow live store still holds its fixes as pending
 (back-pressure), and processors still see a commit only once its positions are
 live. This process's watchers are offered the fixes at once, before the write
-(``EarlyWatchers``), so the interval does not delay them.
+(``EarlyWatchers``), so the interval does not delay them; a watcher added before
+a write lands gets its fixes once more after it. This process's reads of positions
+wait for the writes under way (``settled``), so a position acked here is read here.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class LiveWriter:
         # the write.
         self._publish_local = False
         self._first_mark: int | None = None
-        self._written: asyncio.Future[None] | None = None
+        self._written: asyncio.Future[None] | None = None  # of the pending fixes
+        self._writing: asyncio.Future[None] | None = None  # of the write under way
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_write = float("-inf")
@@ -90,6 +93,14 @@ class LiveWriter:
         # Shielded: a caller that is cancelled leaves the write to the others.
         await asyncio.shield(written)
 
+    async def settled(self) -> None:
+        """Return once the fixes handed to the writer so far are live (or their
+        write failed): a read of the live store after it sees every fix acked by
+        this process before it was called."""
+        waits = [f for f in (self._writing, self._written) if f and not f.done()]
+        if waits:
+            await asyncio.shield(asyncio.gather(*waits))
+
     async def close(self) -> None:
         """Stop the writer once nothing is pending (every ``write`` returned)."""
         if self._task is not None:
@@ -110,6 +121,7 @@ class LiveWriter:
             self._last_write = loop.time()
             pending, self._pending = self._pending, {}
             written, self._written = self._written, None
+            self._writing = written
             publish_local, first_mark = self._publish_local, self._first_mark
             self._publish_local, self._first_mark = False, None
             try:

@@ -96,6 +96,10 @@ end
 # 30,000 fixes/s, load runs fell seconds behind (bench/README.md, third pass).
 SINGLE_CALL_ROWS = 1_000
 
+# Key names kept for reuse: 64 bucket pairs per tenant and the pairs of the cells
+# its devices are in.
+KEY_PAIRS_KEPT = 50_000
+
 # A rebuild mends the GEO index this many cells at a time (their members read in one
 # pipeline).
 MEND_CELLS = 256
@@ -327,6 +331,8 @@ class RedisLiveStore:
         self._losses = 0  # times state was (or may have been) lost
         self._repaired = 0  # losses a finished rebuild has made good
         self._server_ids: dict[str, str] = {}
+        # (tenant, bucket) or (tenant, -1 - cell): the pair's key names
+        self._key_pairs: dict[tuple[str, int], tuple[str, str]] = {}
 
     @classmethod
     async def open(cls, url: str, prefix: str = "trk:") -> RedisLiveStore:
@@ -513,6 +519,21 @@ class RedisLiveStore:
                 await (await self.redis.get()).script_load(script)
             return await self._execute(queue)
 
+    async def _call(self, script: str, script_keys: list[str], args: list) -> Any:
+        """One script call, outside a pipeline (a pipeline of one call costs
+        more); loads the scripts if Redis lacks them."""
+        client = await self.redis.get()
+        try:
+            return await client.evalsha(
+                SHA[script], len(script_keys), *script_keys, *args
+            )
+        except NoScriptError:
+            for text in SCRIPTS.values():
+                await client.script_load(text)
+            return await client.evalsha(
+                SHA[script], len(script_keys), *script_keys, *args
+            )
+
     async def _execute(self, queue: Callable[[Any], None]) -> list[Any]:
         client = await self.redis.get()
         async with client.pipeline(transaction=False) as pipe:
@@ -601,9 +622,7 @@ class RedisLiveStore:
         ]
         script = KEEP_AND_PLACE_AGAIN if again else KEEP_AND_PLACE
         with unavailable("live positions"):
-            [reply] = await self._pipelined(
-                lambda pipe: _evalsha(pipe, script, script_keys, args)
-            )
+            reply = await self._call(script, script_keys, args)
         pairs = np.frombuffer(reply, dtype="<i4").reshape(-1, 2)
         accepted = np.asarray(rows, dtype=np.intp)[pairs[:, 0]]
         return accepted, pairs[:, 1].astype(np.int64)
@@ -659,17 +678,35 @@ class RedisLiveStore:
 
     def _bucket_keys(self, tenant: str, bucket: int) -> tuple[str, str]:
         """A device bucket's live hash and time hash."""
-        return (
-            keys.live_key(self.prefix, tenant, bucket),
-            keys.live_time_key(self.prefix, tenant, bucket),
-        )
+        pair = self._key_pairs.get((tenant, bucket))
+        if pair is None:
+            pair = self._remember(
+                (tenant, bucket),
+                keys.live_key(self.prefix, tenant, bucket),
+                keys.live_time_key(self.prefix, tenant, bucket),
+            )
+        return pair
 
     def _cell_keys(self, tenant: str, cell: int) -> tuple[str, str]:
         """A cell's GEO set and time hash."""
-        return (
-            keys.geo_key(self.prefix, tenant, cell),
-            keys.geo_time_key(self.prefix, tenant, cell),
-        )
+        pair = self._key_pairs.get((tenant, -1 - cell))
+        if pair is None:
+            pair = self._remember(
+                (tenant, -1 - cell),
+                keys.geo_key(self.prefix, tenant, cell),
+                keys.geo_time_key(self.prefix, tenant, cell),
+            )
+        return pair
+
+    def _remember(self, name: tuple[str, int], *pair: str) -> tuple[str, str]:
+        """Keep a key pair for the next update (names cost more to build than the
+        rest of a small update's arguments); forgotten wholesale past
+        ``KEY_PAIRS_KEPT``."""
+        if len(self._key_pairs) >= KEY_PAIRS_KEPT:
+            self._key_pairs.clear()
+        first, second = pair
+        self._key_pairs[name] = (first, second)
+        return first, second
 
     async def _candidates(
         self, tenant: str, lat: float, lon: float, radius_m: float, limit: int
