@@ -83,17 +83,16 @@ async def test_commits_within_the_interval_share_one_write(stores) -> None:
     watchers = Watchers()
     writer.early_watchers = watchers
     devices = [f"van-{i}" for i in range(6)]
-    # The first write goes at once; the five commits behind it share the next.
-    await writer.write(commit(1, devices, 51.0))
+    # The first write goes at once; the five commits queued behind it share the
+    # next one.
+    await writer.add(commit(1, devices, 51.0))
     assert live.writes == [6]
-    callers = [
-        asyncio.create_task(writer.write(commit(seq, devices[:4], 51.0 + seq / 100)))
-        for seq in range(2, 7)
+    written = [
+        writer.add(commit(seq, devices[:4], 51.0 + seq / 100)) for seq in range(2, 7)
     ]
-    await asyncio.sleep(0.05)
-    assert not any(c.done() for c in callers)  # not live yet: not returned
+    assert not any(w.done() for w in written)  # not live yet
     assert watchers.offered == [6, 4, 4, 4, 4, 4]  # offered before any write
-    await asyncio.gather(*callers)
+    await asyncio.gather(*written)
     assert live.writes == [6, 20]  # one write for five commits
     newest = await live.get(TENANT, devices)
     by_device = dict(zip(newest.device.tolist(), newest.seq.tolist(), strict=True))
@@ -105,26 +104,36 @@ async def test_without_an_interval_each_commit_is_written_at_once(stores) -> Non
     live = stores
     writer = LiveWriter(live, live.broker, interval_s=0.0)
     for seq in range(1, 4):
-        await writer.write(commit(seq, ["a", "b"], 52.0))
+        await writer.add(commit(seq, ["a", "b"], 52.0))
     assert live.writes == [2, 2, 2]
     newest = await live.get(TENANT, ["a", "b"])
     assert newest.seq.tolist() == [3, 3]
     await writer.close()
 
 
-async def test_a_cancelled_caller_leaves_the_write_to_the_others(stores) -> None:
+async def test_a_reader_of_the_tenant_has_its_write_go_at_once(stores) -> None:
+    """settled() cuts the pause short for a tenant with fixes pending, and does
+    not wait at all for a tenant without."""
     live = stores
-    writer = LiveWriter(live, live.broker, interval_s=0.2)
-    await writer.write(commit(1, ["a"], 53.0))
-    cancelled = asyncio.create_task(writer.write(commit(2, ["a"], 53.1)))
-    waiting = asyncio.create_task(writer.write(commit(3, ["b"], 53.2)))
-    await asyncio.sleep(0.01)
-    cancelled.cancel()
-    await waiting
-    assert live.writes == [1, 2]
-    newest = await live.get(TENANT, ["a", "b"])
-    assert newest.seq.tolist() == [2, 3]
+    writer = LiveWriter(live, live.broker, interval_s=3600.0)
+    await writer.add(commit(1, ["a"], 53.0))
+    writer.add(commit(2, ["a"], 53.1))
+    other = asyncio.create_task(writer.settled("another tenant"))
+    await asyncio.sleep(0)
+    assert other.done()
+    await asyncio.wait_for(writer.settled(TENANT), 30)  # not the hour's pause
+    assert live.writes == [1, 1]
+    assert (await live.get(TENANT, ["a"])).seq.tolist() == [2]
     await writer.close()
+
+
+async def test_closing_lets_every_waiter_go(stores) -> None:
+    live = stores
+    writer = LiveWriter(live, live.broker, interval_s=3600.0)
+    await writer.add(commit(1, ["a"], 54.0))
+    waiting = writer.add(commit(2, ["a"], 54.1))
+    await writer.close()
+    assert waiting.done()
 
 
 async def test_a_position_acked_here_is_read_here_at_once(

@@ -50,7 +50,7 @@ async def erase_device(app: App, tenant: str, device: str) -> Erased:
     states = await app.history.device_states(tenant, [device])
     erased = Erased(sequence_reset=device in states)
     erased.fixes = await app.history.erase_device(tenant, device)
-    await app.pipeline.live_writer.settled()  # no write under way puts it back
+    await app.pipeline.live_writer.settled(tenant)  # no write under way puts it back
     erased.live_position = len(await app.live.get(tenant, [device])) > 0
     await app.live.remove(tenant, [device])
     for eraser in app.device_erasers:

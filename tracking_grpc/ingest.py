@@ -311,6 +311,7 @@ class IngestPipeline:
             for item in items:
                 by_tenant[item.tenant].append(item)
             stored: list[tuple[FixBatch, FixBatch, tracing.SpanContext]] = []
+            live_written: list[asyncio.Future[None]] = []
             for tenant_items in by_tenant.values():
                 links = [item.span for item in tenant_items]
                 with tracing.span("ingest.commit", links, backend=self.backend):
@@ -326,14 +327,12 @@ class IngestPipeline:
                         continue
                     if outcome is not None and len(outcome[0]):
                         stored.append((*outcome, tracing.current_context()))
+                        # Queued as its acks are resolved, before they are sent.
+                        live_written.append(self.live_writer.add(outcome[0]))
             slot.release()
-            if stored:
-                # The acks this commit resolved are written first: their writers
-                # were woken by it, and the live update's own work would hold
-                # them back until its first round trip.
-                await asyncio.sleep(0)
-            for live, _, _ in stored:
-                await self.live_writer.write(live)
+            if live_written:
+                # Shielded: the write goes on for the others if this is cancelled.
+                await asyncio.shield(asyncio.gather(*live_written))
             if previous is not None:
                 await previous
             if self.processors:
@@ -593,12 +592,12 @@ class IngestPipeline:
             if self._task is not None:
                 await self._task
                 self._task = None
-            await self.live_writer.close()
             if self._processor_task is not None:
                 await self._processing.put(None)
                 await self._processor_task
                 self._processor_task = None
         finally:
+            await self.live_writer.close()
             if cut is not None:
                 cut.cancel()
             self._unprocessed.report()

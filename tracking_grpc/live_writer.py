@@ -17,6 +17,7 @@ wait for the writes under way (``settled``), so a position acked here is read he
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Protocol
@@ -68,45 +69,56 @@ class LiveWriter:
         self._first_mark: int | None = None
         self._written: asyncio.Future[None] | None = None  # of the pending fixes
         self._writing: asyncio.Future[None] | None = None  # of the write under way
+        self._writing_tenants: frozenset[str] = frozenset()
         self._wakeup = asyncio.Event()
+        self._reader_waits = asyncio.Event()  # cuts the pause short
         self._task: asyncio.Task[None] | None = None
         self._last_write = float("-inf")
 
-    async def write(self, stored: FixBatch) -> None:
-        """Offer ``stored`` to this process's watchers, then return once the live
-        write that carries it is done (failed writes are logged and counted,
-        never raised: the history is intact and the live state is rebuilt)."""
+    def add(self, stored: FixBatch) -> asyncio.Future[None]:
+        """Offer ``stored`` to this process's watchers and queue its live write;
+        the future is done once that write is (failed writes are logged and
+        counted, never raised: the history is intact and the live state is
+        rebuilt). Called as the commit resolves its acks, so a read that waits
+        for ``settled`` after an ack finds the fixes pending or written."""
+        if self._written is None:
+            self._written = asyncio.get_running_loop().create_future()
         if len(stored) == 0:
-            return
+            return self._written
         mark = self._offer_early(stored)
         if mark is None:
             self._publish_local = True
         elif self._first_mark is None:
             self._first_mark = mark
         self._pending.setdefault(stored.tenant, []).append(stored)
-        if self._written is None:
-            self._written = asyncio.get_running_loop().create_future()
-        written = self._written
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="live-writer")
         self._wakeup.set()
-        # Shielded: a caller that is cancelled leaves the write to the others.
-        await asyncio.shield(written)
+        return self._written
 
-    async def settled(self) -> None:
-        """Return once the fixes handed to the writer so far are live (or their
-        write failed): a read of the live store after it sees every fix acked by
-        this process before it was called."""
-        waits = [f for f in (self._writing, self._written) if f and not f.done()]
+    async def settled(self, tenant: str) -> None:
+        """Return once the fixes of ``tenant`` handed to the writer so far are
+        live (or their write failed): a read of the live store after it sees every
+        fix of the tenant acked by this process before it was called. A pending
+        write goes at once rather than after the rest of its pause."""
+        waits = []
+        if tenant in self._pending and self._written is not None:
+            waits.append(self._written)
+            self._reader_waits.set()
+        if tenant in self._writing_tenants and self._writing is not None:
+            waits.append(self._writing)
         if waits:
             await asyncio.shield(asyncio.gather(*waits))
 
     async def close(self) -> None:
-        """Stop the writer once nothing is pending (every ``write`` returned)."""
+        """Stop the writer; whoever still waits for a write is let go."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        for waited in (self._writing, self._written):
+            if waited is not None and not waited.done():
+                waited.set_result(None)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -116,21 +128,24 @@ class LiveWriter:
             if not self._pending:
                 continue
             pause = self._last_write + self.interval_s - loop.time()
-            if pause > 0:
-                await asyncio.sleep(pause)
+            if pause > 0 and not self._reader_waits.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._reader_waits.wait(), pause)
+            self._reader_waits.clear()
             self._last_write = loop.time()
             pending, self._pending = self._pending, {}
             written, self._written = self._written, None
-            self._writing = written
+            self._writing, self._writing_tenants = written, frozenset(pending)
             publish_local, first_mark = self._publish_local, self._first_mark
             self._publish_local, self._first_mark = False, None
             try:
                 for batches in pending.values():
                     stored = (
-                        batches[0] if len(batches) == 1 else FixBatch.concat(batches)
+                        FixBatch.concat(batches) if len(batches) > 1 else batches[0]
                     )
                     await self._write(stored, publish_local, first_mark)
             finally:
+                self._writing_tenants = frozenset()
                 if written is not None and not written.done():
                     written.set_result(None)
 

@@ -307,7 +307,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         device_ids = _check_ids(request.device_ids, "device_ids")
         if not device_ids:
             raise InvalidArgument("device_ids", "name at least one device")
-        await self.app.pipeline.live_writer.settled()
+        await self.app.pipeline.live_writer.settled(caller.tenant)
         found = await self.app.live.get(caller.tenant, device_ids)
         found = precision.coarsen(found, caller.precision_m)
         by_device = dict(
@@ -332,7 +332,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
         if limit > MAX_NEARBY:
             raise InvalidArgument("limit", f"at most {MAX_NEARBY}")
         center = request.center
-        await self.app.pipeline.live_writer.settled()
+        await self.app.pipeline.live_writer.settled(caller.tenant)
         if caller.precision_m > 0:
             found, distance = await self._nearby_coarse(caller, request, limit)
         else:
