@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from tracking.v1 import common_pb2, track_pb2, track_pb2_grpc
 
+from tests.backends import require_service
 from tests.server_fixtures import fix, track_session
+from tests.services import RedisServer
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.live_writer import LiveWriter
 from tracking_grpc.storage.redis_broker import RedisBroker
@@ -158,3 +160,25 @@ async def test_a_position_acked_here_is_read_here_at_once(
                 )
             )
             assert [d.position.seq for d in near.devices] == [seq]
+
+
+async def test_a_redis_that_lost_its_scripts_gets_them_again(tmp_path) -> None:
+    """A restarted or failed-over Redis has no scripts: the live store loads them
+    and the update goes through (a Redis of this test's own: SCRIPT FLUSH would
+    empty a shared one for everyone)."""
+    try:
+        server = RedisServer(tmp_path)
+    except FileNotFoundError as exc:
+        require_service("redis-server", str(exc))
+    server.start()
+    try:
+        live = await RedisLiveStore.open(server.url, "scripts:")
+        try:
+            await live.update(commit(1, ["a", "b"], 55.0))
+            assert server.command("SCRIPT", "FLUSH").strip() == "OK"
+            await live.update(commit(2, ["a", "b"], 55.1))
+            assert (await live.get(TENANT, ["a", "b"])).seq.tolist() == [2, 2]
+        finally:
+            await live.close()
+    finally:
+        server.stop()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from itertools import chain
 from typing import Any
@@ -511,28 +511,30 @@ class RedisLiveStore:
         await self.redis.close()
 
     async def _pipelined(self, queue: Callable[[Any], None]) -> list[Any]:
-        """Run what ``queue`` adds in one pipeline; load scripts Redis lacks."""
-        try:
-            return await self._execute(queue)
-        except NoScriptError:
-            for script in SCRIPTS.values():
-                await (await self.redis.get()).script_load(script)
-            return await self._execute(queue)
+        """Run what ``queue`` adds in one pipeline."""
+        return await self._with_scripts(lambda: self._execute(queue))
 
     async def _call(self, script: str, script_keys: list[str], args: list) -> Any:
         """One script call, outside a pipeline (a pipeline of one call costs
-        more); loads the scripts if Redis lacks them."""
-        client = await self.redis.get()
+        more)."""
+
+        async def call() -> Any:
+            client = await self.redis.get()
+            sha = SHA[script]
+            return await client.evalsha(sha, len(script_keys), *script_keys, *args)
+
+        return await self._with_scripts(call)
+
+    async def _with_scripts(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """``call``, once more after loading the scripts if Redis lacks them (a
+        new or restarted Redis, a failover)."""
         try:
-            return await client.evalsha(
-                SHA[script], len(script_keys), *script_keys, *args
-            )
+            return await call()
         except NoScriptError:
-            for text in SCRIPTS.values():
-                await client.script_load(text)
-            return await client.evalsha(
-                SHA[script], len(script_keys), *script_keys, *args
-            )
+            client = await self.redis.get()
+            for script in SCRIPTS.values():
+                await client.script_load(script)
+            return await call()
 
     async def _execute(self, queue: Callable[[Any], None]) -> list[Any]:
         client = await self.redis.get()
@@ -678,35 +680,33 @@ class RedisLiveStore:
 
     def _bucket_keys(self, tenant: str, bucket: int) -> tuple[str, str]:
         """A device bucket's live hash and time hash."""
-        pair = self._key_pairs.get((tenant, bucket))
-        if pair is None:
-            pair = self._remember(
-                (tenant, bucket),
-                keys.live_key(self.prefix, tenant, bucket),
-                keys.live_time_key(self.prefix, tenant, bucket),
-            )
-        return pair
+        return self._key_pair(tenant, bucket, keys.live_key, keys.live_time_key)
 
     def _cell_keys(self, tenant: str, cell: int) -> tuple[str, str]:
         """A cell's GEO set and time hash."""
-        pair = self._key_pairs.get((tenant, -1 - cell))
-        if pair is None:
-            pair = self._remember(
-                (tenant, -1 - cell),
-                keys.geo_key(self.prefix, tenant, cell),
-                keys.geo_time_key(self.prefix, tenant, cell),
-            )
-        return pair
+        return self._key_pair(tenant, -1 - cell, keys.geo_key, keys.geo_time_key)
 
-    def _remember(self, name: tuple[str, int], *pair: str) -> tuple[str, str]:
-        """Keep a key pair for the next update (names cost more to build than the
-        rest of a small update's arguments); forgotten wholesale past
-        ``KEY_PAIRS_KEPT``."""
-        if len(self._key_pairs) >= KEY_PAIRS_KEPT:
-            self._key_pairs.clear()
-        first, second = pair
-        self._key_pairs[name] = (first, second)
-        return first, second
+    def _key_pair(
+        self,
+        tenant: str,
+        number: int,
+        first: Callable[[str, str, int], str],
+        second: Callable[[str, str, int], str],
+    ) -> tuple[str, str]:
+        """A bucket's (``number`` >= 0) or a cell's (``-1 - cell``) key pair, kept
+        for the next update: the names cost more to build than the rest of a
+        small update's arguments. Forgotten wholesale past ``KEY_PAIRS_KEPT``."""
+        pair = self._key_pairs.get((tenant, number))
+        if pair is None:
+            if len(self._key_pairs) >= KEY_PAIRS_KEPT:
+                self._key_pairs.clear()
+            group = number if number >= 0 else -1 - number
+            pair = (
+                first(self.prefix, tenant, group),
+                second(self.prefix, tenant, group),
+            )
+            self._key_pairs[(tenant, number)] = pair
+        return pair
 
     async def _candidates(
         self, tenant: str, lat: float, lon: float, radius_m: float, limit: int
