@@ -171,12 +171,13 @@ class AssignmentKeeper:
         self._rounds = asyncio.create_task(self._run(listen), name="route-checkpoints")
 
     async def assign(
-        self, route: PlannedRoute, wait_s: float | None = None
+        self, route: PlannedRoute, deadline: float | None = None
     ) -> RouteProgress:
         """Store the device's ``route``, monitor it here, tell the others; a failed
-        store leaves the device's previous route monitored. ``wait_s``: the
-        call's time left (None: no deadline), the longest it waits for the load."""
-        await self._wait_loaded(wait_s)
+        store leaves the device's previous route monitored. ``deadline``: the
+        call's, in event-loop time (None: none); it waits for the load until
+        just before it."""
+        await self._wait_loaded(deadline)
         parts = route_parts(route)
         state = start_state(route, parts)
         checkpoint = RouteCheckpoint(
@@ -193,20 +194,20 @@ class AssignmentKeeper:
         return progress
 
     async def clear(
-        self, tenant: str, device: str, wait_s: float | None = None
+        self, tenant: str, device: str, deadline: float | None = None
     ) -> bool:
         """Stop monitoring the device everywhere; False when it had no route."""
-        await self._wait_loaded(wait_s)
+        await self._wait_loaded(deadline)
         stored = await self.store.clear_route(tenant, device)
         here = self.monitor.clear(tenant, device)
         await self._tell(tenant, [device])
         return stored or here
 
     async def progress(
-        self, tenant: str, device: str, wait_s: float | None = None
+        self, tenant: str, device: str, deadline: float | None = None
     ) -> RouteProgress | None:
         """From memory where the state here is the newest, else from the store."""
-        await self._wait_loaded(wait_s)
+        await self._wait_loaded(deadline)
         if self.announce is None or self.monitor.held(tenant, device):
             here = self.monitor.progress(tenant, device)
             if here is not None:
@@ -286,12 +287,17 @@ class AssignmentKeeper:
         except (Unavailable, TimeoutError) as exc:
             log.warning("route checkpoints not saved at stop: %r", exc)
 
-    async def _wait_loaded(self, wait_s: float | None) -> None:
-        """Wait for the load: until just before the call's deadline (``wait_s``
-        from now), or ``load_wait_s`` for a call without one."""
+    async def _wait_loaded(self, deadline: float | None) -> None:
+        """Wait for the load: until just before the call's ``deadline`` (event-loop
+        time, so the time the call spent before, planning a route say, counts), or
+        ``load_wait_s`` for a call without one."""
         if self._loaded.is_set():
             return
-        limit = self.load_wait_s if wait_s is None else wait_s - DEADLINE_MARGIN_S
+        if deadline is None:
+            limit = self.load_wait_s
+        else:
+            now = asyncio.get_running_loop().time()
+            limit = deadline - DEADLINE_MARGIN_S - now
         try:
             async with asyncio.timeout(max(limit, 0.0)):
                 await self._loaded.wait()
