@@ -40,6 +40,7 @@ import itertools
 import logging
 import struct
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -160,6 +161,7 @@ class AssignmentKeeper:
         self.announce: Announce | None = None  # None: the only process
         self.loaded_routes = 0  # so far, while loading
         self._loaded = asyncio.Event()
+        self._saving: Counter[tuple[str, str]] = Counter()  # saves under way
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rounds: asyncio.Task[None] | None = None
 
@@ -258,10 +260,13 @@ class AssignmentKeeper:
 
     async def forget_arrived(self, cutoff_ms: int) -> dict[str, int]:
         """Retention: stop keeping here the routes that arrived before the cutoff
-        (their stored rows go with the history store's purge)."""
+        (their stored rows go with the history store's purge), but for those whose
+        save is under way: a failed save marks them changed again, to be saved
+        (as ended) by the next round."""
         if not self._loaded.is_set():
             return {}
-        return {"arrived routes kept in memory": self.monitor.forget_arrived(cutoff_ms)}
+        forgotten = self.monitor.forget_arrived(cutoff_ms, keep=self._saving)
+        return {"arrived routes kept in memory": forgotten}
 
     async def save_checkpoints(self, pause_s: float = 0.0) -> int:
         """Save the state of the routes that changed; the number saved."""
@@ -417,7 +422,24 @@ class AssignmentKeeper:
     ) -> None:
         """Save in pieces; an arrived route is saved as ended. The routes of the
         pieces not written (the store failed, or the save was cancelled by a
-        stop) are marked changed again, for the next round or the save at stop."""
+        stop) are marked changed again, for the next round or the save at stop;
+        until then retention keeps them (``forget_arrived``)."""
+        keys = [(r.tenant, r.device) for r in routes]
+        self._saving.update(keys)  # before any wait: taken changed just before
+        try:
+            await self._write(routes, saved, pause_s)
+        finally:
+            self._saving.subtract(keys)
+            for key in keys:
+                if self._saving[key] <= 0:
+                    self._saving.pop(key, None)
+
+    async def _write(
+        self,
+        routes: list[PlannedRoute],
+        saved: Mapping[str, np.ndarray],
+        pause_s: float,
+    ) -> None:
         states = pack_states(saved)
         checkpoints = [
             RouteCheckpoint(
