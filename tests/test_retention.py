@@ -1,17 +1,19 @@
 """Retention: history older than ``retention_days`` goes, from the stores (SQLite,
 PostgreSQL day partitions), through a server that enforces it, and ``tracking
-purge``. Purges cover every tenant, so the PostgreSQL tests get a database of
-their own."""
+purge``; an arrived route whose save failed stays in memory until it is saved.
+Purges cover every tenant, so the PostgreSQL tests get a database of their own."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import numpy as np
+import psycopg
 import pytest
 from tracking.v1 import (
     common_pb2,
@@ -24,11 +26,16 @@ from tracking.v1 import (
 )
 
 from tests.backends import on_the_stream, stream_owners
+from tests.routes import support
+from tests.routes.test_assignments import HANG_S, KEPT_IN_MEMORY, planned
+from tests.routes.test_assignments import TENANT as ROUTE_TENANT
 from tests.server_fixtures import embedded_settings, fix, now_ms, track_session
 from tracking_grpc.cli import main
 from tracking_grpc.config import Settings
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.retention import DAY_MS, cutoff_ms
+from tracking_grpc.routing.assignments import AssignmentKeeper
+from tracking_grpc.routing.monitor import RouteMonitor
 from tracking_grpc.storage.base import Checkpoints, RouteCheckpoint, StoredRoute
 from tracking_grpc.storage.postgres import PostgresHistoryStore
 from tracking_grpc.storage.sqlite import SqliteHistoryStore
@@ -254,3 +261,49 @@ async def test_tracking_purge_refuses_a_data_dir_without_a_store(
     assert await asyncio.to_thread(main, argv) == 2
     assert "no embedded store at" in capsys.readouterr().err
     assert not typo.exists()  # nothing was made there either
+
+
+@pytest.mark.postgres
+async def test_an_arrival_whose_save_fails_during_a_retention_pass_is_kept(
+    private_pg_url: str,
+) -> None:
+    """The save of an arrival waits for a lock another session holds on the
+    routes (a migration, say) past the store's lock timeout, and fails; a
+    retention pass in the meantime keeps the route in memory, so the next round
+    stores it as ended and the next start does not monitor it again."""
+    store = await PostgresHistoryStore.open(private_pg_url, pool_timeout_s=0.5)
+    keeper = AssignmentKeeper(RouteMonitor(), store, 3600.0)
+    keeper.start()
+    await keeper.assign(planned("van-1"))
+    end = np.array([[60.16, 24.93], [60.17, 24.93]])
+    drive = support.fixes("van-1", end, tenant=ROUTE_TENANT)
+    async with await psycopg.AsyncConnection.connect(private_pg_url) as locker:
+        await locker.execute("LOCK TABLE assigned_routes IN ACCESS EXCLUSIVE MODE")
+        events = await keeper.process(drive)  # the arrival's save starts
+        async with asyncio.timeout(HANG_S):
+            await lock_waited_for(locker)
+        kept = await keeper.forget_arrived(now_ms())
+        await keeper.stop()  # the arrival's save fails, so does the one at stop
+        await locker.rollback()
+    saved = await keeper.save_checkpoints()
+    forgotten = await keeper.forget_arrived(now_ms())
+    stored = await store.routes(ROUTE_TENANT, ["van-1"])
+    monitored = await store.monitored_routes()
+    await store.close()
+
+    assert [e.type.name for e in events] == ["ARRIVED"]
+    assert kept == {KEPT_IN_MEMORY: 0}
+    assert saved == 1
+    assert forgotten == {KEPT_IN_MEMORY: 1}
+    assert stored[0].checkpoint.ended
+    assert monitored == []
+
+
+async def lock_waited_for(conn: psycopg.AsyncConnection) -> None:
+    """Until another session waits for a lock (a hang guard bounds it)."""
+    for _ in itertools.count():
+        cur = await conn.execute("SELECT count(*) FROM pg_locks WHERE NOT granted")
+        row = await cur.fetchone()
+        if row is not None and row[0]:
+            return
+        await asyncio.sleep(0.02)

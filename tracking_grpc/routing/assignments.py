@@ -40,6 +40,7 @@ import itertools
 import logging
 import struct
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -160,6 +161,7 @@ class AssignmentKeeper:
         self.announce: Announce | None = None  # None: the only process
         self.loaded_routes = 0  # so far, while loading
         self._loaded = asyncio.Event()
+        self._saving: Counter[tuple[str, str]] = Counter()  # saves under way
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rounds: asyncio.Task[None] | None = None
 
@@ -171,12 +173,13 @@ class AssignmentKeeper:
         self._rounds = asyncio.create_task(self._run(listen), name="route-checkpoints")
 
     async def assign(
-        self, route: PlannedRoute, wait_s: float | None = None
+        self, route: PlannedRoute, deadline: float | None = None
     ) -> RouteProgress:
         """Store the device's ``route``, monitor it here, tell the others; a failed
-        store leaves the device's previous route monitored. ``wait_s``: the
-        call's time left (None: no deadline), the longest it waits for the load."""
-        await self._wait_loaded(wait_s)
+        store leaves the device's previous route monitored. ``deadline``: the
+        call's, in event-loop time (None: none); it waits for the load until
+        just before it."""
+        await self._wait_loaded(deadline)
         parts = route_parts(route)
         state = start_state(route, parts)
         checkpoint = RouteCheckpoint(
@@ -193,20 +196,20 @@ class AssignmentKeeper:
         return progress
 
     async def clear(
-        self, tenant: str, device: str, wait_s: float | None = None
+        self, tenant: str, device: str, deadline: float | None = None
     ) -> bool:
         """Stop monitoring the device everywhere; False when it had no route."""
-        await self._wait_loaded(wait_s)
+        await self._wait_loaded(deadline)
         stored = await self.store.clear_route(tenant, device)
         here = self.monitor.clear(tenant, device)
         await self._tell(tenant, [device])
         return stored or here
 
     async def progress(
-        self, tenant: str, device: str, wait_s: float | None = None
+        self, tenant: str, device: str, deadline: float | None = None
     ) -> RouteProgress | None:
         """From memory where the state here is the newest, else from the store."""
-        await self._wait_loaded(wait_s)
+        await self._wait_loaded(deadline)
         if self.announce is None or self.monitor.held(tenant, device):
             here = self.monitor.progress(tenant, device)
             if here is not None:
@@ -257,10 +260,13 @@ class AssignmentKeeper:
 
     async def forget_arrived(self, cutoff_ms: int) -> dict[str, int]:
         """Retention: stop keeping here the routes that arrived before the cutoff
-        (their stored rows go with the history store's purge)."""
+        (their stored rows go with the history store's purge), but for those whose
+        save is under way: a failed save marks them changed again, to be saved
+        (as ended) by the next round."""
         if not self._loaded.is_set():
             return {}
-        return {"arrived routes kept in memory": self.monitor.forget_arrived(cutoff_ms)}
+        forgotten = self.monitor.forget_arrived(cutoff_ms, keep=self._saving)
+        return {"arrived routes kept in memory": forgotten}
 
     async def save_checkpoints(self, pause_s: float = 0.0) -> int:
         """Save the state of the routes that changed; the number saved."""
@@ -286,12 +292,17 @@ class AssignmentKeeper:
         except (Unavailable, TimeoutError) as exc:
             log.warning("route checkpoints not saved at stop: %r", exc)
 
-    async def _wait_loaded(self, wait_s: float | None) -> None:
-        """Wait for the load: until just before the call's deadline (``wait_s``
-        from now), or ``load_wait_s`` for a call without one."""
+    async def _wait_loaded(self, deadline: float | None) -> None:
+        """Wait for the load: until just before the call's ``deadline`` (event-loop
+        time, so the time the call spent before, planning a route say, counts), or
+        ``load_wait_s`` for a call without one."""
         if self._loaded.is_set():
             return
-        limit = self.load_wait_s if wait_s is None else wait_s - DEADLINE_MARGIN_S
+        if deadline is None:
+            limit = self.load_wait_s
+        else:
+            now = asyncio.get_running_loop().time()
+            limit = deadline - DEADLINE_MARGIN_S - now
         try:
             async with asyncio.timeout(max(limit, 0.0)):
                 await self._loaded.wait()
@@ -411,7 +422,24 @@ class AssignmentKeeper:
     ) -> None:
         """Save in pieces; an arrived route is saved as ended. The routes of the
         pieces not written (the store failed, or the save was cancelled by a
-        stop) are marked changed again, for the next round or the save at stop."""
+        stop) are marked changed again, for the next round or the save at stop;
+        until then retention keeps them (``forget_arrived``)."""
+        keys = [(r.tenant, r.device) for r in routes]
+        self._saving.update(keys)  # before any wait: taken changed just before
+        try:
+            await self._write(routes, saved, pause_s)
+        finally:
+            self._saving.subtract(keys)
+            for key in keys:
+                if self._saving[key] <= 0:
+                    self._saving.pop(key, None)
+
+    async def _write(
+        self,
+        routes: list[PlannedRoute],
+        saved: Mapping[str, np.ndarray],
+        pause_s: float,
+    ) -> None:
         states = pack_states(saved)
         checkpoints = [
             RouteCheckpoint(

@@ -22,7 +22,7 @@ ETA_UPDATED is raised when it moves by more than ``eta_change_s`` and more than
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,19 +245,26 @@ class RouteMonitor:
         self._stale = True
         return True
 
-    def forget_arrived(self, before_ms: int) -> int:
+    def forget_arrived(
+        self, before_ms: int, keep: Iterable[tuple[str, str]] = ()
+    ) -> int:
         """Stop keeping the routes that arrived at a fix before ``before_ms``
-        (retention); the number forgotten."""
+        (retention), but for those not saved since and those of ``keep`` (tenant,
+        device: their save is under way); the number forgotten."""
         self._refresh()
         s = self._state
         gone = s["arrived"] & (s["last_ms"] < before_ms) & ~s["dirty"]
+        for key in keep:
+            slot = self._slots.get(key)
+            if slot is not None:
+                gone[slot] = False
         if not gone.any():
             return 0
         self._generation += 1
-        keep = ~gone
-        self._routes = [r for r, k in zip(self._routes, keep, strict=True) if k]
-        self._parts = [p for p, k in zip(self._parts, keep, strict=True) if k]
-        self._state = {k: v[keep] for k, v in s.items()}
+        stay = ~gone
+        self._routes = [r for r, k in zip(self._routes, stay, strict=True) if k]
+        self._parts = [p for p, k in zip(self._parts, stay, strict=True) if k]
+        self._state = {k: v[stay] for k, v in s.items()}
         self._slots = {(r.tenant, r.device): i for i, r in enumerate(self._routes)}
         self._stale = True
         return int(gone.sum())

@@ -185,10 +185,11 @@ class Routing:
         lat: np.ndarray,
         lon: np.ndarray,
         now_ms: int,
-        wait_s: float | None = None,
+        deadline: float | None = None,
     ) -> tuple[Route, float, RouteProgress]:
-        """Plan a route and monitor the device on it (in every process); ``wait_s``:
-        the call's time left, the longest it waits for the start's load."""
+        """Plan a route and monitor the device on it (in every process);
+        ``deadline``: the call's, in event-loop time (None: none), until just before
+        which it waits for the start's load once the route is planned."""
         route, expected_s = await self.route(tenant, profile, lat, lon, steps=True)
         model = self.travel_times.model(tenant, profile)
         planned = PlannedRoute(
@@ -200,4 +201,4 @@ class Routing:
             segment_expected_s=model.segment_durations_s(route),
             assigned_ms=now_ms,
         )
-        return route, expected_s, await self.keeper.assign(planned, wait_s)
+        return route, expected_s, await self.keeper.assign(planned, deadline)

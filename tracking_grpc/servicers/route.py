@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -157,7 +158,7 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
                 lat,
                 lon,
                 now_ms(),
-                context.time_remaining(),
+                call_deadline(context),
             )
         except InvalidArgument as exc:
             raise rc.route_field(exc, len(lat), "route.") from exc
@@ -175,7 +176,7 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
         caller.require(Role.ADMIN)
         device = convert.check_device_id(request.device_id, "device_id")
         cleared = await self.routing.keeper.clear(
-            caller.tenant, device, context.time_remaining()
+            caller.tenant, device, call_deadline(context)
         )
         return route_pb2.ClearRouteResponse(cleared=cleared)
 
@@ -190,7 +191,7 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
         caller.require(Role.VIEWER)
         device = convert.check_device_id(request.device_id, "device_id")
         progress = await self.routing.keeper.progress(
-            caller.tenant, device, context.time_remaining()
+            caller.tenant, device, call_deadline(context)
         )
         if progress is None:
             raise NotFound(f"device {device!r} has no assigned route")
@@ -234,6 +235,15 @@ class RouteServicer(route_pb2_grpc.RouteServicer):
             )
             raise InvalidArgument("device_id", reason)
         return batch
+
+
+def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline in event-loop time (None: it has none), taken when the
+    call starts, so that a wait after other work ends before it."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return asyncio.get_running_loop().time() + remaining
 
 
 async def _forget_route(routing: Routing, tenant: str, device: str) -> dict[str, int]:

@@ -16,8 +16,8 @@ stream that does not exist yet. A stream whose newest entry is behind the last o
 handled (Redis lost its data and its clock is behind) or that is gone is read again
 from its beginning.
 
-The stream keeps about ``MAXLEN`` notices and none older than ``KEEP_MS``: a process
-cut off from Redis for longer than that many erasures, or than a day, misses the
+The stream keeps about ``MAXLEN`` entries and none older than ``KEEP_MS``: a process
+cut off from Redis for longer than that many entries, or than a day, misses the
 notices trimmed meanwhile (a warning says so when the stream still holds later
 ones) and keeps those devices' state until it restarts. A notice holds a device id
 (no positions) and is gone from Redis after those bounds. A notice Redis
@@ -28,7 +28,13 @@ Route notices (``subject`` "route", ``routing.assignments``) go the same way on
 their own stream: a device's assigned route changed in the store, or (a notice of
 the kind "held", handled by ``others``) another process took its monitoring over.
 Many devices are announced at once (a reconnect storm moving devices to one
-process) in one pipeline per ``ANNOUNCE_PIECE`` devices, one entry each.
+process) in one entry per ``ANNOUNCE_PIECE`` devices (a ``devices`` field, a JSON
+list), a few entries to a pipeline: a burst of ten thousand devices is ten entries,
+far below ``MAXLEN``, so no part of it is trimmed before a listener reads it. A
+notice of one device stays an entry with a ``device`` field, as before; a listener
+reads both forms, so entries written by an older version during an upgrade are
+heard (an older listener drops the many-device entries as undecodable, with a
+warning, until it is upgraded too).
 
 This class was ``RedisErasureNotices`` in ``storage.redis_erasure``; the stream keys
 and the entries are unchanged, so processes of both versions hear each other.
@@ -37,6 +43,7 @@ and the entries are unchanged, so processes of both versions hear each other.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -56,8 +63,9 @@ STREAM = "erasures"  # after redis_key_prefix
 MAXLEN = 10_000  # notices kept, approximately (Redis trims whole nodes)
 KEEP_MS = 24 * 3600 * 1000  # and no notice older than a day
 BLOCK_MS = 1_000  # one XREAD's wait; below redis_client.TIMEOUTS' socket timeout
-READ_COUNT = 100  # notices per XREAD
-ANNOUNCE_PIECE = 1_000  # notices per pipeline (one round trip) of an announcement
+READ_COUNT = 1_000  # entries per XREAD (an entry may name ANNOUNCE_PIECE devices)
+ANNOUNCE_PIECE = 1_000  # devices per entry of an announcement of many
+PIPELINE_ENTRIES = 20  # entries per pipeline (one round trip) of an announcement
 START_WAIT_S = 10.0
 FIRST = "0-0"
 
@@ -108,20 +116,25 @@ class RedisDeviceNotices:
     async def announce_many(
         self, tenant: str, devices: Sequence[str], kind: str = ""
     ) -> None:
-        """:meth:`announce` for each of ``devices``: one entry each, sent in a
-        pipeline per ``ANNOUNCE_PIECE`` (a round trip each), trimmed once per
-        pipeline. A failed pipeline raises ``Unavailable``; the pieces before it
-        were sent."""
+        """:meth:`announce` for each of ``devices``: one entry per
+        ``ANNOUNCE_PIECE`` devices (one device: an entry in the single-device
+        form), sent in pipelines of ``PIPELINE_ENTRIES`` entries (a round trip
+        each), trimmed once per pipeline. A failed pipeline raises
+        ``Unavailable``; the pieces before it were sent."""
         base: dict[Any, Any] = {"process": self.process, "tenant": tenant}
         if kind:
             base["kind"] = kind
+        pieces = [
+            devices[first : first + ANNOUNCE_PIECE]
+            for first in range(0, len(devices), ANNOUNCE_PIECE)
+        ]
         with unavailable(f"{self.subject} notices"):
             client = await self.connection.get()
-            for first in range(0, len(devices), ANNOUNCE_PIECE):
+            for first in range(0, len(pieces), PIPELINE_ENTRIES):
                 oldest = f"{time.time_ns() // 1_000_000 - KEEP_MS}-0"
                 async with client.pipeline(transaction=False) as pipe:
-                    for device in devices[first : first + ANNOUNCE_PIECE]:
-                        notice = {**base, "device": device}
+                    for piece in pieces[first : first + PIPELINE_ENTRIES]:
+                        notice = {**base, **_naming(piece)}
                         pipe.xadd(self.stream, notice, maxlen=MAXLEN, approximate=True)
                     pipe.xtrim(self.stream, minid=oldest, approximate=False)
                     pipe.pexpire(self.stream, KEEP_MS)
@@ -208,9 +221,10 @@ class RedisDeviceNotices:
     async def _heard(self, fields: dict[bytes, bytes]) -> None:
         try:
             process = _text(fields[b"process"])
-            tenant, device = _text(fields[b"tenant"]), _text(fields[b"device"])
+            tenant = _text(fields[b"tenant"])
+            devices = _devices(fields)
             kind = _text(fields.get(b"kind", b""))
-        except (KeyError, UnicodeDecodeError):
+        except (KeyError, ValueError):  # UnicodeDecodeError is a ValueError
             log.warning("dropped an undecodable %s notice", self.subject)
             return
         if process == self.process:
@@ -219,6 +233,10 @@ class RedisDeviceNotices:
         if act is None:
             log.warning("dropped a %s notice of unknown kind %r", self.subject, kind)
             return
+        for device in devices:
+            await self._act(act, tenant, device)
+
+    async def _act(self, act: Forget, tenant: str, device: str) -> None:
         try:
             forgotten = await act(tenant, device)
         except Exception:
@@ -235,6 +253,24 @@ class RedisDeviceNotices:
             tenant,
             forgotten,
         )
+
+
+def _naming(devices: Sequence[str]) -> dict[str, str]:
+    """The fields of an entry naming ``devices``: one in the single-device form
+    (readable by every version), more as a JSON list."""
+    if len(devices) == 1:
+        return {"device": devices[0]}
+    return {"devices": json.dumps(list(devices))}
+
+
+def _devices(fields: dict[bytes, bytes]) -> list[str]:
+    """The devices an entry names, in either form; ValueError when undecodable."""
+    if b"devices" not in fields:
+        return [_text(fields[b"device"])]
+    devices = json.loads(fields[b"devices"])
+    if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+        raise ValueError("devices is not a list of strings")
+    return devices
 
 
 async def _stream_info(client: Client, stream: str) -> dict[str, Any] | None:
