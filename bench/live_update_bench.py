@@ -5,7 +5,11 @@ so the same file measures any version of the package (run it from another checko
 virtual environment to compare).
 
     .venv/bin/python bench/live_update_bench.py [--sizes 1 20 200 5000] [--updates 300]
-        [--jitter-m 50]
+        [--jitter-m 50] [--commits-per-write 2 4 --commit-size 25]
+
+``--commits-per-write K`` also measures, per commit of ``--commit-size`` fixes, K
+commits joined in one update and publish (as ``live_writer`` joins the commits of
+its interval), each K alternated with one commit per write in the same run.
 
 An update of size N carries the next fix of N devices drawn from a fleet of 10,000
 near London, all moving: each to anywhere in the area (about half of them into
@@ -76,7 +80,11 @@ def update_batch(
     )
 
 
-async def measure(size: int, updates: int, jitter_m: float) -> dict[str, float]:
+async def measure(
+    size: int, updates: int, jitter_m: float, per_write: int = 1
+) -> dict[str, float]:
+    """Per commit of ``size`` fixes: ``per_write`` commits go in one update and
+    publish (``live_writer.LiveWriter`` joins the commits of its interval)."""
     prefix = f"trkliveb{uuid.uuid4().hex[:8]}:"
     live = await RedisLiveStore.open(REDIS_URL, prefix)
     broker = await RedisBroker.open(REDIS_URL, prefix)
@@ -95,8 +103,9 @@ async def measure(size: int, updates: int, jitter_m: float) -> dict[str, float]:
             time.perf_counter(),
             time.process_time(),
         )
-        for batch in batches:
-            await broker.publish(await live.update(batch))
+        for start in range(0, updates, per_write):
+            joined = FixBatch.concat(batches[start : start + per_write])
+            await broker.publish(await live.update(joined))
         wall = time.perf_counter() - wall
         client = time.process_time() - client
         server = redis_cpu_s(counter) - server
@@ -119,13 +128,27 @@ async def main(args: argparse.Namespace) -> dict:
     for size in args.sizes:
         updates = args.updates if size < 1000 else max(20, args.updates // 10)
         sizes[str(size)] = await measure(size, updates, args.jitter_m)
+    joined = {}
+    for per_write in args.commits_per_write:
+        # Alternated with one commit per write, the peer, in the same run.
+        for k in (1, per_write):
+            row = await measure(args.commit_size, args.updates, args.jitter_m, k)
+            joined.setdefault(str(k), []).append(row)
     return {
         "command": "python bench/live_update_bench.py --sizes "
         + " ".join(str(s) for s in args.sizes)
         + f" --updates {args.updates}"
-        + (f" --jitter-m {args.jitter_m:g}" if args.jitter_m else ""),
+        + (f" --jitter-m {args.jitter_m:g}" if args.jitter_m else "")
+        + (
+            " --commits-per-write "
+            + " ".join(str(k) for k in args.commits_per_write)
+            + f" --commit-size {args.commit_size}"
+            if args.commits_per_write
+            else ""
+        ),
         "machine": platform.platform(),
         "per_update_by_size": sizes,
+        "per_commit_by_commits_per_write": joined,
     }
 
 
@@ -137,6 +160,15 @@ def report(result: dict) -> None:
             f"{size:>6}{row['wall_ms']:>10.2f}{row['client_cpu_ms']:>11.2f}"
             f"{row['redis_cpu_ms']:>10.2f}"
         )
+    joined = result["per_commit_by_commits_per_write"]
+    if joined:
+        print(f"per commit: {'commits/write':>14}{'wall ms':>10}{'client ms':>11}")
+        for k, rows in joined.items():
+            for row in rows:
+                print(
+                    f"{'':12}{k:>14}{row['wall_ms']:>10.2f}"
+                    f"{row['client_cpu_ms']:>11.2f}  Redis {row['redis_cpu_ms']:.2f}"
+                )
 
 
 if __name__ == "__main__":
@@ -149,6 +181,15 @@ if __name__ == "__main__":
         default=0.0,
         help="devices stay within this of a home of their own (0: anywhere)",
     )
+    parser.add_argument(
+        "--commits-per-write",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also measure per commit with this many commits in one write, each "
+        "against one commit per write in the same run",
+    )
+    parser.add_argument("--commit-size", type=int, default=25)
     parser.add_argument("--json", type=Path, default=RESULTS)
     arguments = parser.parse_args()
     outcome = asyncio.run(main(arguments))
