@@ -215,3 +215,34 @@ async def test_a_batch_that_fails_once_loses_nothing(caplog) -> None:
     assert len(events) == len(batch)
     [line] = [r.getMessage() for r in caplog.records]
     assert "but not on their devices apart; no fixes left out" in line
+
+
+async def test_a_one_device_batch_that_fails_once_loses_nothing(caplog) -> None:
+    # No halves to try it in: the batch is tried once more whole.
+    batch = fleet(1)
+    processor = Echo(failing=set(), once=1)
+    with pytest.raises(ValueError):
+        await processor.process(batch)
+    with caplog.at_level(logging.WARNING, "tracking_grpc.isolation"):
+        events = await isolation.by_device(
+            "echo", batch, processor.process, ValueError("transient (test)")
+        )
+    assert [(e.device, e.fix_seq) for e in events] == [
+        ("d000", 1),
+        ("d000", 2),
+        ("d000", 3),
+    ]
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "of device 'd000'" in line and "not when tried again" in line
+
+
+async def test_a_one_device_batch_failing_again_is_left_out(caplog) -> None:
+    batch = fleet(1)
+    processor = Echo()
+    with caplog.at_level(logging.ERROR, "tracking_grpc.isolation"):
+        events = await isolation.by_device(
+            "echo", batch, processor.process, ValueError("fails (test)")
+        )
+    assert events == [] and processor.calls == 1
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "failed on device 'd000'" in line and "seq 1-3" in line

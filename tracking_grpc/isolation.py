@@ -4,11 +4,11 @@ The event processors take a batch of many devices' stored fixes at once (a commi
 a tenant, or several). When a processor raises on a batch for anything but a store
 outage (``IngestPipeline._run_processor`` waits those out), the batch is tried again
 split by device: its halves, and the halves of a half that fails again, down to
-single devices. The devices that go through get their events, in the batch's
-order (each device's in the order of its fixes); the fixes of a device that fails
-on its own are left out for that processor only, logged once with the exception
-and counted (``tracking_processor_failures_total``,
-``tracking_processor_skipped_fixes_total``).
+single devices (a batch of one device is tried once more whole). The devices that
+go through get their events, in the batch's order (each device's in the order of
+its fixes); the fixes of a device that fails on its own are left out for that
+processor only, logged once with the exception and counted
+(``tracking_processor_failures_total``, ``tracking_processor_skipped_fixes_total``).
 
 This relies on the processors leaving their state as it was when they raise (the
 geofence detector and the route monitor change it once a batch is evaluated; the
@@ -58,6 +58,24 @@ async def by_device(
     store otherwise); that ends the retries and is raised.
     """
     tally = _Tally()
+    if len(batch) and device_starts(batch).size == 2:  # no halves to retry it in
+        try:
+            events = await run(batch)
+        except Unavailable:
+            raise
+        except Exception as exc:
+            error = exc
+        else:
+            log.warning(
+                "processor %s failed on %d fixes of device %r of tenant %s (%r) but "
+                "not when tried again; no fixes left out",
+                processor,
+                len(batch),
+                batch.device[0],
+                batch.tenant,
+                error,
+            )
+            return events
     events = await _split(processor, batch, run, error, tally)
     if not tally.left_out:
         log.warning(

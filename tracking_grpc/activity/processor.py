@@ -21,8 +21,10 @@ applied as new (after a crash, again: their events keep their ``event_id``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -101,22 +103,36 @@ _CODEC = Codec(CHECKPOINT_VERSION, _COLUMNS)
 class _Tenant:
     params: ActivityParams
     slots: dict[str, int] = field(default_factory=dict)
-    names: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # per slot; "" for a free one
+    free: list[int] = field(default_factory=list)  # slots emptied, given out first
     cols: dict[str, np.ndarray] = field(default_factory=dict)
     kalman: KalmanFilter = field(default_factory=KalmanFilter)
     tail: Tail = field(default_factory=Tail)  # recent fixes of every device
     # Per slot: changed since its checkpoint was last saved.
     dirty: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    # Per device restored for a call that raised: the stored fixes after its
+    # checkpoint, kept for a retry of that call's fixes (``_with_restored``).
+    replays: dict[str, FixBatch] = field(default_factory=dict)
 
-    def slot_of(self, devices: np.ndarray) -> np.ndarray:
-        """Slots of device ids (one lookup per distinct device), new ones added."""
+    def slot_of(
+        self, devices: np.ndarray, added: list[int] | None = None
+    ) -> np.ndarray:
+        """Slots of device ids (one lookup per distinct device), new ones given
+        (a free slot first) and listed in ``added``."""
         unique, inverse = np.unique(devices.astype(str), return_inverse=True)
         out = np.empty(unique.size, dtype=np.intp)
         for i, name in enumerate(unique.tolist()):
             slot = self.slots.get(name)
             if slot is None:
-                slot = self.slots[name] = len(self.names)
-                self.names.append(name)
+                if self.free:
+                    slot = self.free.pop()
+                    self.names[slot] = name
+                else:
+                    slot = len(self.names)
+                    self.names.append(name)
+                self.slots[name] = slot
+                if added is not None:
+                    added.append(slot)
             out[i] = slot
         self._grow(len(self.names))
         return out[inverse]
@@ -161,6 +177,16 @@ class _Tenant:
         )
         self.cols["online"][slots[silent]] = False
 
+    def hold(self, replay: FixBatch) -> None:
+        """Keep each device's rows of ``replay`` for a retry (``replays``)."""
+        if len(replay) == 0:
+            return
+        replay = replay.sorted_by_device_time()
+        names, first = np.unique(replay.device.astype(str), return_index=True)
+        ends = np.append(first[1:], len(replay))
+        for name, start, end in zip(names.tolist(), first, ends, strict=True):
+            self.replays[name] = replay.take(np.arange(start, end))
+
 
 @dataclass(frozen=True, slots=True)
 class _Before:
@@ -172,7 +198,7 @@ class _Before:
     columns of the batch's devices; the tails are the ones the call reads anyway."""
 
     slots: np.ndarray  # of the batch's devices, distinct and sorted
-    new_from: int  # slots from here on were given by the call: dropped
+    new: np.ndarray  # slots given by the call: dropped
     cols: dict[str, np.ndarray]
     kalman: dict[str, np.ndarray]
     dirty: np.ndarray
@@ -180,11 +206,11 @@ class _Before:
     tail_slot: np.ndarray
 
     @classmethod
-    def take(cls, state: _Tenant, slots: np.ndarray, new_from: int) -> _Before:
+    def take(cls, state: _Tenant, slots: np.ndarray, new: np.ndarray) -> _Before:
         tail, tail_slot = state.tail.take(slots)
         return cls(
             slots,
-            new_from,
+            new,
             {name: column[slots] for name, column in state.cols.items()},
             {name: getattr(state.kalman, name)[slots] for name in KALMAN_FIELDS},
             state.dirty[slots],
@@ -202,7 +228,7 @@ class _Before:
         state.dirty[slots] = self.dirty
         tail = self.tail if self.tail is not None else FixBatch.empty(tenant)
         state.tail.replace(slots, tail, self.tail_slot)
-        for slot in slots[slots >= self.new_from].tolist():
+        for slot in self.new.tolist():
             processor._drop(tenant, state.names[slot])
 
 
@@ -245,16 +271,24 @@ class ActivityProcessor:
         only its arguments, while the event loop serves streams. One batch at a
         time: the devices' tails are taken before and kept after the analysis."""
         async with self._applying:
-            restored: list[str] = []
-            try:
-                if self.store is not None:
-                    stored, restored = await self._with_restored(stored)
-                return await self._process(stored)
-            except BaseException:
-                # Restored again, with the fixes stored since, by a retry.
-                for device in restored:
-                    self._drop(stored.tenant, device)
-                raise
+            replay = FixBatch.empty(stored.tenant)
+            if self.store is not None:
+                stored, replay = await self._with_restored(stored)
+            return await self._replaying(stored, replay)
+
+    async def _replaying(
+        self, batch: FixBatch, replay: FixBatch
+    ) -> list[TrackingEvent]:
+        """``_process``; ``replay`` holds the rows of ``batch`` of the devices
+        restored for it. When the call raises, these devices keep the state their
+        checkpoints gave (put back), and their rows are held for a retry of the
+        call's fixes (``_with_restored``): neither read again nor applied by a
+        call that brings newer fixes of them (the failed ones are left out)."""
+        try:
+            return await self._process(batch)
+        except BaseException:
+            self._tenant(batch.tenant).hold(replay)
+            raise
 
     async def _process(self, stored: FixBatch) -> list[TrackingEvent]:
         """Events of ``stored``; a call that raises leaves the state of the
@@ -263,9 +297,7 @@ class ActivityProcessor:
         if len(stored) == 0:
             return []
         created_ms = _now_ms()
-        state, slots, before = self._take(stored)
-        try:
-            events, work = self._prepare(state, stored, slots, before, created_ms)
+        with self._changing(stored, created_ms) as (events, work):
             if work is None:
                 return events
             args = (work.fixes, work.params, False, work.row_slot)
@@ -274,9 +306,6 @@ class ActivityProcessor:
             else:
                 analysis = await asyncio.to_thread(analyse, *args)
             return events + self._finish(work, analysis, created_ms)
-        except BaseException:
-            before.put_back(self, stored.tenant)
-            raise
 
     async def restore(self, tenant: str, devices: list[str]) -> list[TrackingEvent]:
         """Restore devices this process holds nothing of from their checkpoints;
@@ -284,13 +313,8 @@ class ActivityProcessor:
         async with self._applying:
             state = self._tenant(tenant)
             unknown = [d for d in devices if d not in state.slots]
-            replay, restored = await self._restore(state, tenant, unknown)
-            try:
-                return await self._process(replay)
-            except BaseException:
-                for device in restored:
-                    self._drop(tenant, device)
-                raise
+            replay, _ = await self._restore(state, tenant, unknown)
+            return await self._replaying(replay, replay)
 
     async def current(self, tenant: str, device: str) -> DeviceActivity | None:
         """``state``; for a device this process holds nothing of, its activity as
@@ -337,11 +361,13 @@ class ActivityProcessor:
         slots = [state.slots.get(d) for d in checkpoints.devices]
         state.dirty[[s for s in slots if s is not None]] = True
 
-    async def _with_restored(self, stored: FixBatch) -> tuple[FixBatch, list[str]]:
+    async def _with_restored(self, stored: FixBatch) -> tuple[FixBatch, FixBatch]:
         """``stored`` with the devices met for the first time, or back from
         another process, restored: their rows replaced by their stored fixes
         after the checkpoint (which include the batch's; any older ones stay, as
-        late fixes); and the devices restored."""
+        late fixes); and those of the devices whose rows a held replay has
+        (``_Tenant.replays``), replaced by it. Then the rows of these devices (to
+        hold if the call raises)."""
         state = self._tenant(stored.tenant)
         devices = stored.device.astype(str)
         names = np.unique(devices)
@@ -351,16 +377,18 @@ class ActivityProcessor:
         if known.any():
             offline = names[known][~state.cols["online"][slots[known]]].tolist()
             unknown += await self._moved_on(state, stored.tenant, offline)
-        if not unknown:
-            return stored, []
         replay, restored = await self._restore(state, stored.tenant, unknown)
-        if not restored:
-            return stored, []
-        slots = state.slot_of(stored.device)  # first: it may grow the columns
-        applied = state.cols["last_ms"][slots]
-        keep = ~np.isin(devices, restored) | (stored.time_ms <= applied)
-        batch = FixBatch.concat([stored.take(keep), replay]).sorted_by_device_time()
-        return batch, restored
+        held, retried = _held_replays(state, stored, devices)
+        if not restored and not retried:
+            return stored, replay
+        restoring = np.isin(devices, restored)
+        applied = state.cols["last_ms"][state.slot_of(stored.device[restoring])]
+        late = np.zeros(len(stored), dtype=bool)
+        late[restoring] = stored.time_ms[restoring] <= applied
+        ours = FixBatch.concat([stored.take(late), replay, held])
+        keep = ~restoring & ~np.isin(devices, retried)
+        batch = FixBatch.concat([stored.take(keep), ours]).sorted_by_device_time()
+        return batch, ours
 
     async def _moved_on(
         self, state: _Tenant, tenant: str, devices: list[str]
@@ -483,7 +511,7 @@ class ActivityProcessor:
 
     async def forget(self, tenant: str, device: str) -> bool:
         """Drop the device's activity (erasure); False when there was none. Its
-        slot is emptied and left unused: a later fix of the device takes a new one."""
+        slot is emptied and given to the next device met."""
         async with self._saving:  # no checkpoint of it is being written
             async with self._applying:
                 held = self._drop(tenant, device)
@@ -503,6 +531,8 @@ class ActivityProcessor:
         slots = np.array([slot], dtype=np.intp)
         state.tail.replace(slots, FixBatch.empty(tenant), slots[:0])
         state.names[slot] = ""
+        state.free.append(slot)
+        state.replays.pop(device, None)
         return True
 
     def apply(self, stored: FixBatch, created_ms: int) -> list[TrackingEvent]:
@@ -510,24 +540,28 @@ class ActivityProcessor:
         ``process``, a call that raises leaves the devices' state as it was."""
         if len(stored) == 0:
             return []
-        state, slots, before = self._take(stored)
-        try:
-            events, work = self._prepare(state, stored, slots, before, created_ms)
+        with self._changing(stored, created_ms) as (events, work):
             if work is None:
                 return events
             analysis = analyse(work.fixes, work.params, False, work.row_slot)
             return events + self._finish(work, analysis, created_ms)
+
+    @contextlib.contextmanager
+    def _changing(
+        self, stored: FixBatch, created_ms: int
+    ) -> Iterator[tuple[list[TrackingEvent], _Work | None]]:
+        """``_prepare`` of a batch (a device met for the first time gets a slot);
+        the state of the batch's devices is put back as it was before (``_Before``)
+        when the block raises."""
+        state = self._tenant(stored.tenant)
+        added: list[int] = []
+        slots = state.slot_of(stored.device, added)
+        before = _Before.take(state, np.unique(slots), np.array(added, np.intp))
+        try:
+            yield self._prepare(state, stored, slots, before, created_ms)
         except BaseException:
             before.put_back(self, stored.tenant)
             raise
-
-    def _take(self, stored: FixBatch) -> tuple[_Tenant, np.ndarray, _Before]:
-        """The tenant's state, the slot of each fix (a device met for the first
-        time gets one), and the state of the batch's devices before the call."""
-        state = self._tenant(stored.tenant)
-        new_from = len(state.names)
-        slots = state.slot_of(stored.device)
-        return state, slots, _Before.take(state, np.unique(slots), new_from)
 
     def _prepare(
         self,
@@ -608,6 +642,26 @@ class ActivityProcessor:
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _held_replays(
+    state: _Tenant, stored: FixBatch, devices: np.ndarray
+) -> tuple[FixBatch, list[str]]:
+    """The held replays of the devices of ``stored`` whose fixes in it they all
+    hold (a retry of a call that raised), and those devices. A held replay of a
+    device with newer fixes is dropped: the call it was held for is over."""
+    if not state.replays:
+        return FixBatch.empty(stored.tenant), []
+    names, inverse = np.unique(devices, return_inverse=True)
+    newest = np.zeros(names.size, dtype=stored.seq.dtype)
+    np.maximum.at(newest, inverse, stored.seq)
+    held, retried = [FixBatch.empty(stored.tenant)], []
+    for name, seq in zip(names.tolist(), newest.tolist(), strict=True):
+        replay = state.replays.pop(name, None)
+        if replay is not None and seq <= int(replay.seq.max()):
+            held.append(replay)
+            retried.append(name)
+    return FixBatch.concat(held), retried
 
 
 def _refill_tails(state: _Tenant, names: list[str], fixes: FixBatch) -> FixBatch:
