@@ -128,7 +128,7 @@ async def main(args: argparse.Namespace) -> dict:
     for size in args.sizes:
         updates = args.updates if size < 1000 else max(20, args.updates // 10)
         sizes[str(size)] = await measure(size, updates, args.jitter_m)
-    joined = {}
+    joined: dict[str, list[dict[str, float]]] = {}
     for per_write in args.commits_per_write:
         # Alternated with one commit per write, the peer, in the same run.
         for k in (1, per_write):
