@@ -100,6 +100,39 @@ async def test_track_refuses_bad_credentials(secured, metadata, code) -> None:
     assert await call.code() == code
 
 
+TWO_TOKENS = (
+    ("authorization", f"Bearer {token('admin', sub='a', tenant='acme')}"),
+    ("authorization", f"Bearer {token('admin', sub='b', tenant='beta')}"),
+)
+BAD_THEN_GOOD = (
+    ("authorization", "Bearer xx"),
+    ("authorization", f"Bearer {token('admin', sub='a')}"),
+)
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        pytest.param(TWO_TOKENS, id="two-valid-tokens"),
+        pytest.param(BAD_THEN_GOOD, id="bad-then-valid"),
+    ],
+)
+async def test_several_authorization_headers_are_refused(secured, metadata) -> None:
+    """Which of several headers counts would depend on the proxies on the way: none
+    does, on a unary call as on a stream."""
+    _, stub = secured
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.GetLastPositions(
+            track_pb2.GetLastPositionsRequest(device_ids=["dev-1"]),
+            metadata=metadata,
+        )
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "more than one authorization header" in (raised.value.details() or "")
+    call = stub.Track(metadata=metadata)
+    assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "more than one authorization header" in (await call.details() or "")
+
+
 async def test_device_role_cannot_read_positions(secured) -> None:
     _, stub = secured
     with pytest.raises(grpc.aio.AioRpcError) as raised:

@@ -1,7 +1,8 @@
 """Who is calling: tenant, subject and role, from a JWT bearer token or the default.
 
 Authentication is off by default: every call is an admin of the default tenant. With
-``auth_mode = "jwt"`` every call needs ``authorization: Bearer <token>``, a JWT signed
+``auth_mode = "jwt"`` every call needs one ``authorization: Bearer <token>`` header
+(several are refused: which one a proxy would pass on is unknown), a JWT signed
 with HS256 (shared secret) or RS256 (public key) whose claims carry ``tenant``,
 ``sub`` and ``role`` (``device``, ``viewer`` or ``admin``). A device token may publish
 only its own device id (its ``sub``).
@@ -148,8 +149,15 @@ class Authenticator:
     def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
         if self.mode == "off":
             return self.default
-        metadata = dict(context.invocation_metadata() or ())
-        header = metadata.get("authorization", "")
+        headers = [
+            value
+            for key, value in context.invocation_metadata() or ()
+            if key == "authorization"
+        ]
+        if len(headers) > 1:
+            # Which one would count is up to the proxies on the way: refuse them all.
+            raise Unauthenticated("more than one authorization header")
+        header = headers[0] if headers else ""
         if not isinstance(header, str) or not header.lower().startswith("bearer "):
             raise Unauthenticated("missing bearer token in the authorization header")
         return self.verify(header[7:].strip())
