@@ -297,6 +297,24 @@ async def test_a_token_without_a_subject_is_refused(secured, sub) -> None:
 
 
 @pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        pytest.param({"tenant": 5}, "token tenant claim must be a string", id="tenant"),
+        pytest.param(
+            {"tenant": ["acme"]}, "token tenant claim must be a string", id="list"
+        ),
+        pytest.param({"role": 3}, "token role claim must be a string", id="role"),
+    ],
+)
+async def test_a_text_claim_of_another_type_is_refused(secured, claims, reason) -> None:
+    _, stub = secured
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await last_positions(stub, signed(exp=NOW + 600, **claims))
+    assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert reason in (raised.value.details() or "")
+
+
+@pytest.mark.parametrize(
     "claims",
     [
         pytest.param({"exp": NOW + DAY - 60, "iat": NOW - 30}, id="a-day-issued"),

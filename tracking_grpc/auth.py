@@ -188,9 +188,9 @@ class Authenticator:
         except jwt.PyJWTError as exc:
             raise Unauthenticated(f"token rejected: {exc}") from exc
         expires_at = check_times(claims, time.time(), self.max_lifetime_s)
-        tenant = claims.get("tenant")
-        role_name = str(claims.get("role", "")).upper()
-        if not tenant or not isinstance(tenant, str):
+        tenant = _text(claims, "tenant")
+        role_name = (_text(claims, "role") or "").upper()
+        if not tenant:
             raise Unauthenticated("token has no tenant claim")
         if len(tenant) > MAX_TENANT_LENGTH or not tenant.isprintable():
             # Stores keep tenants as text: a NUL cannot go into PostgreSQL.
@@ -200,8 +200,8 @@ class Authenticator:
             )
         if role_name not in Role.__members__:
             raise Unauthenticated("token role must be device, viewer or admin")
-        subject = claims["sub"]
-        if not isinstance(subject, str) or not subject.strip():
+        subject = _text(claims, "sub")
+        if not subject or not subject.strip():
             # A device token's sub is the one device it may publish for.
             raise Unauthenticated("token sub must be a non-blank string")
         precision_m = _precision(claims, self.default_precision_m)
@@ -253,6 +253,17 @@ def _precision(claims: dict, default_m: float) -> float:
             f"not {reprlib.repr(claims[PRECISION_CLAIM])}"
         )
     return metres
+
+
+def _text(claims: dict, name: str) -> str | None:
+    """A claim that must be a JSON string, or None when the token has none;
+    UNAUTHENTICATED naming the claim when it is of another type."""
+    value = claims.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    raise Unauthenticated(
+        f"token {name} claim must be a string, not {reprlib.repr(value)}"
+    )
 
 
 def _number(claims: dict, name: str, unit: str) -> float | None:
