@@ -154,6 +154,23 @@ async def test_hello_device_id_is_checked(stub, device_id) -> None:
     assert raised.value.details().startswith("hello.device_id")
 
 
+@pytest.mark.parametrize("again", [False, True], ids=["first-hello", "repeated"])
+async def test_hello_resume_from_seq_beyond_any_fix_seq_is_refused(stub, again) -> None:
+    """Fix seqs end at 2^63 - 1 (signed 64-bit in the stores): a hello resuming
+    past them ends the stream, as another bad hello does."""
+    call = stub.Track()
+    if again:
+        await call.write(hello("resumer", resume_from_seq=2**63 - 1))
+        assert (await call.read()).WhichOneof("message") == "started"
+    await call.write(hello("resumer", resume_from_seq=2**64 - 1))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await asyncio.wait_for(call.read(), 10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = raised.value.details() or ""
+    assert details.startswith("hello.resume_from_seq")
+    assert "exceeds the largest sequence number" in details
+
+
 async def test_late_fix_never_moves_live_position_back(stub) -> None:
     t = now_ms()
     await track_session(

@@ -16,6 +16,7 @@ from tracking_grpc.app import App
 from tracking_grpc.auth import Caller, Role
 from tracking_grpc.core import precision
 from tracking_grpc.core.fixes import FixBatch, FixRow
+from tracking_grpc.core.validation import MAX_SEQ
 from tracking_grpc.errors import InvalidArgument, TrackingError
 from tracking_grpc.events import TrackingEvent
 from tracking_grpc.fanout import Watcher, WatchFilter
@@ -161,7 +162,7 @@ class TrackSessionServicer(track_pb2_grpc.TrackSessionServicer):
             raise InvalidArgument(
                 "hello", "the first message of a stream must be hello"
             )
-        device_id = convert.check_device_id(first.hello.device_id, "hello.device_id")
+        device_id = check_hello(first.hello)
         logs.bind(device=device_id)
         caller.require_device(device_id)
         last_stored = await self._states.last_stored_seq(caller.tenant, device_id)
@@ -559,7 +560,7 @@ class _Session:
         """A message that is not a batch: a repeated hello of this device passes."""
         kind = request.WhichOneof("message")
         if kind == "hello":
-            if request.hello.device_id != self.device_id:
+            if check_hello(request.hello) != self.device_id:
                 raise InvalidArgument(
                     "hello.device_id", "a stream carries one device; open another"
                 )
@@ -625,3 +626,15 @@ def _consume(future: asyncio.Future) -> None:
 def register(server: grpc.aio.Server, app: App) -> str:
     track_pb2_grpc.add_TrackSessionServicer_to_server(TrackSessionServicer(app), server)
     return track_pb2.DESCRIPTOR.services_by_name["TrackSession"].full_name
+
+
+def check_hello(hello: track_pb2.Hello) -> str:
+    """The hello's device id once its fields are valid; INVALID_ARGUMENT naming the
+    first bad one otherwise."""
+    device_id = convert.check_device_id(hello.device_id, "hello.device_id")
+    if hello.HasField("resume_from_seq") and hello.resume_from_seq > MAX_SEQ:
+        raise InvalidArgument(
+            "hello.resume_from_seq",
+            f"{hello.resume_from_seq} exceeds the largest sequence number {MAX_SEQ}",
+        )
+    return device_id
