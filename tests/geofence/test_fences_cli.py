@@ -66,6 +66,23 @@ async def test_refused_import_prints_one_line(server, tmp_path, capsys) -> None:
     assert capsys.readouterr().err.startswith("tracking: INVALID_ARGUMENT: features[0]")
 
 
+async def test_a_feature_without_an_id_is_named_as_geojson_has_it(
+    server, tmp_path, capsys
+) -> None:
+    """The fence id comes from the Feature's id or properties.id: the error names
+    those, not the fence_id of the gRPC message."""
+    unnamed = {**DEPOTS["features"][1]}
+    del unnamed["id"]
+    collection = {**DEPOTS, "features": [DEPOTS["features"][0], unnamed]}
+    geojson = tmp_path / "unnamed.geojson"
+    geojson.write_text(json.dumps(collection))
+    assert await run(server, "fences", "import", str(geojson)) == 1
+    assert capsys.readouterr().err.startswith(
+        "tracking: INVALID_ARGUMENT: features[1].id: missing "
+        '(set the Feature\'s "id" or properties.id)'
+    )
+
+
 async def test_missing_import_file_is_one_readable_error(server, tmp_path) -> None:
     with pytest.raises(InvalidArgument) as error:
         await run(server, "fences", "import", str(tmp_path / "nope.geojson"))

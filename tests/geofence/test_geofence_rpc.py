@@ -771,6 +771,18 @@ BAD_FEATURES = [
     ),
     pytest.param(feature({"radius_m": 50}, id=True), "id", "string", id="id-true"),
     pytest.param(
+        feature({"radius_m": 50}, id=None),
+        "id",
+        'missing (set the Feature\'s "id" or properties.id)',
+        id="id-missing",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "id": "a b"}, id=None),
+        "properties.id",
+        "1 to 128 letters",
+        id="properties-id-with-a-space",
+    ),
+    pytest.param(
         feature({"radius_m": 50}, geometry={"type": "Point", "coordinates": [1, True]}),
         "geometry.coordinates",
         "numbers",

@@ -283,13 +283,18 @@ def _object(value: Any, field: str) -> dict:
 
 
 def _feature_id(feature: dict, props: dict, field: str) -> str:
-    """The feature's id, else properties.id: a string or a whole number."""
+    """The feature's id, else properties.id: a string or a whole number, checked as
+    a fence id under the name it came by."""
     where, value = f"{field}.id", feature.get("id")
     if value is None:
-        where, value = f"{field}.properties.id", props.get("id", "")
+        where, value = f"{field}.properties.id", props.get("id")
+    if value is None:
+        raise InvalidArgument(
+            f"{field}.id", 'missing (set the Feature\'s "id" or properties.id)'
+        )
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise InvalidArgument(where, "must be a string or a whole number")
-    return str(value)
+    return check_fence_id(str(value), where)
 
 
 def _pair(value: Any, field: str) -> tuple[float, float]:
