@@ -131,6 +131,34 @@ def test_bad_target_is_a_usage_error(target, capsys):
     assert "expected HOST:PORT" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (("replay", "t.gpx", "--speed", "-2"), "--speed"),
+        (("replay", "t.gpx", "--speed", "0"), "--speed"),
+        (("replay", "t.gpx", "--tick-ms", "0"), "--tick-ms"),
+        (("replay", "t.gpx", "--batch-fixes", "-1"), "--batch-fixes"),
+        (("replay", "t.gpx", "--window", "0"), "--window"),
+        (("replay", "t.gpx", "--max-gap-s", "-1"), "--max-gap-s"),
+        (("replay", "t.gpx", "--give-up-s", "nan"), "--give-up-s"),
+        (("simulate", "--devices", "0"), "--devices"),
+        (("simulate", "--interval", "-1"), "--interval"),
+        (("simulate", "--radius-m", "-100"), "--radius-m"),
+        (("watch", "--count", "0"), "--count"),
+        (("watch", "--timeout", "-3"), "--timeout"),
+        (("nearby", "60", "24", "-5"), "radius_m"),
+        (("nearby", "60", "24", "500", "--limit", "-1"), "--limit"),
+    ],
+)
+def test_a_number_a_flag_cannot_take_is_a_usage_error_naming_it(argv, flag, capsys):
+    """Refused by argparse before any call, naming the flag, not sent on to come
+    back as an error about a request field."""
+    with pytest.raises(SystemExit) as exited:
+        parse(*argv)
+    assert exited.value.code == 2
+    assert f"argument {flag}: must be " in capsys.readouterr().err
+
+
 async def test_unreachable_server_prints_one_line(start_server, capsys):
     gone = await start_server()
     await gone.stop(0)

@@ -83,6 +83,20 @@ async def test_a_feature_without_an_id_is_named_as_geojson_has_it(
     )
 
 
+@pytest.mark.parametrize("since_s", ["-5", "0", "nan", "inf"])
+async def test_a_bad_since_s_is_a_usage_error_naming_the_flag(
+    server, since_s, capsys
+) -> None:
+    """Refused by the CLI before any call: not sent on to come back as a server
+    field (``end_ms: must lie after start_ms``) the user never set."""
+    with pytest.raises(SystemExit) as exited:
+        await run(server, "fences", "events", "--since-s", since_s)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --since-s: must be a number above 0" in err
+    assert "_ms" not in err
+
+
 async def test_missing_import_file_is_one_readable_error(server, tmp_path) -> None:
     with pytest.raises(InvalidArgument) as error:
         await run(server, "fences", "import", str(tmp_path / "nope.geojson"))

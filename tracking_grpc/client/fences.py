@@ -20,6 +20,7 @@ from tracking_grpc.client.channel import (
     exit_on_rpc_error,
     open_channel,
 )
+from tracking_grpc.client.flags import positive_float
 from tracking_grpc.errors import InvalidArgument
 
 
@@ -61,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--since-s",
-        type=float,
+        type=positive_float,
         default=86_400.0,
         help="events: from this many seconds ago (default a day)",
     )

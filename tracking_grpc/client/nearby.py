@@ -13,6 +13,7 @@ from tracking_grpc.client.channel import (
     open_channel,
     tracking_stub,
 )
+from tracking_grpc.client.flags import positive_float, positive_int
 from tracking_grpc.client.messages import position_json, position_line
 
 
@@ -22,8 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("lat", type=float)
     parser.add_argument("lon", type=float)
-    parser.add_argument("radius_m", type=float)
-    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("radius_m", type=positive_float)
+    parser.add_argument("--limit", type=positive_int, default=100)
     parser.add_argument("--json", action="store_true", help="JSON lines")
     add_connection_arguments(parser)
     parser.set_defaults(command=run)

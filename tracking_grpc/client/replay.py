@@ -23,6 +23,7 @@ from tracking_grpc.client.channel import (
     open_channel,
     tracking_stub,
 )
+from tracking_grpc.client.flags import non_negative_float, positive_float, positive_int
 from tracking_grpc.client.gateway import publish_trace
 from tracking_grpc.client.messages import trace_fixes
 from tracking_grpc.client.report import ReplayReport
@@ -127,7 +128,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("file", type=Path, help="GPX or CSV trace")
     parser.add_argument("--format", choices=FORMATS, default="auto")
     pace = parser.add_mutually_exclusive_group()
-    pace.add_argument("--speed", type=float, default=1.0, help="N times real time")
+    pace.add_argument(
+        "--speed", type=positive_float, default=1.0, help="N times real time"
+    )
     pace.add_argument("--fast", action="store_true", help="as fast as acks allow")
     parser.add_argument(
         "--original-times",
@@ -136,7 +139,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--max-gap-s",
-        type=float,
+        type=non_negative_float,
         help="shorten pauses between fixes to this (trips spread over months)",
     )
     parser.add_argument("--via", choices=("track", "publish"), default="track")
@@ -145,12 +148,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="device id of a one-device file (replaces an id column's value)",
     )
     parser.add_argument("--devices", nargs="+", help="replay only these devices")
-    parser.add_argument("--tick-ms", type=int, default=20, help="batching tick")
-    parser.add_argument("--batch-fixes", type=int, default=100, help="most per batch")
-    parser.add_argument("--window", type=int, default=8, help="unacked batches")
+    parser.add_argument(
+        "--tick-ms", type=positive_int, default=20, help="batching tick"
+    )
+    parser.add_argument(
+        "--batch-fixes", type=positive_int, default=100, help="most per batch"
+    )
+    parser.add_argument(
+        "--window", type=positive_int, default=8, help="unacked batches"
+    )
     parser.add_argument(
         "--give-up-s",
-        type=float,
+        type=non_negative_float,
         default=GIVE_UP_S,
         help="fail a device after this long without a session (default %(default)s);"
         " until then it reconnects, waiting 0.1 s doubling to 5 s with full jitter",

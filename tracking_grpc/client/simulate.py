@@ -21,6 +21,7 @@ from tracking_grpc.client.channel import (
     open_channel,
     tracking_stub,
 )
+from tracking_grpc.client.flags import positive_float, positive_int
 from tracking_grpc.client.fleet import SyntheticFleet
 from tracking_grpc.client.report import ReplayReport
 from tracking_grpc.client.session import DeviceSession, Feed
@@ -90,13 +91,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "simulate", help="drive N synthetic devices (demos, load)", description=__doc__
     )
-    parser.add_argument("--devices", type=int, default=10, help="how many vehicles")
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds per fix")
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds to run")
+    parser.add_argument(
+        "--devices", type=positive_int, default=10, help="how many vehicles"
+    )
+    parser.add_argument(
+        "--interval", type=positive_float, default=1.0, help="seconds per fix"
+    )
+    parser.add_argument(
+        "--duration", type=positive_float, default=60.0, help="seconds to run"
+    )
     parser.add_argument(
         "--center", type=_centre, default=HELSINKI_CENTRE, help="LAT,LON of the area"
     )
-    parser.add_argument("--radius-m", type=float, default=2000.0)
+    parser.add_argument("--radius-m", type=positive_float, default=2000.0)
     parser.add_argument("--prefix", default="sim-", help="device id prefix")
     parser.add_argument("--seed", type=int, help="random seed (repeatable runs)")
     add_connection_arguments(parser)

@@ -21,6 +21,7 @@ from tracking_grpc.client.channel import (
     open_channel,
     tracking_stub,
 )
+from tracking_grpc.client.flags import positive_float, positive_int
 from tracking_grpc.client.messages import position_json, position_line
 from tracking_grpc.client.session import RETRYABLE, Backoff, RetryPolicy
 
@@ -134,8 +135,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     area.add_argument("--circle", type=parse_circle, help="LAT,LON,RADIUS_M")
     parser.add_argument("--skip-snapshot", action="store_true")
     parser.add_argument("--json", action="store_true", help="JSON lines")
-    parser.add_argument("--count", type=int, help="stop after this many positions")
-    parser.add_argument("--timeout", type=float, help="stop after this many seconds")
+    parser.add_argument(
+        "--count", type=positive_int, help="stop after this many positions"
+    )
+    parser.add_argument(
+        "--timeout", type=positive_float, help="stop after this many seconds"
+    )
     add_connection_arguments(parser)
     parser.set_defaults(command=run)
     return parser
