@@ -194,6 +194,29 @@ async def test_check_with_accuracy_over_the_edge(fences) -> None:
     assert 5 < check.fences[0].edge_distance_m < 15
 
 
+async def test_check_takes_a_nan_accuracy_as_not_sent(fences) -> None:
+    """As in fixes, NaN in the optional accuracy means "not sent": the position is
+    judged as exact, not refused."""
+    await fences.CreateFence(
+        geofence_pb2.CreateFenceRequest(
+            fence=geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
+        )
+    )
+    near_edge = common_pb2.LatLng(lat=52.52, lon=13.4066)  # about 108 m out
+    unsent = await fences.Check(
+        geofence_pb2.CheckRequest(position=near_edge, accuracy_m=math.nan)
+    )
+    exact = await fences.Check(geofence_pb2.CheckRequest(position=near_edge))
+    assert list(unsent.fences) == list(exact.fences) == []
+    inside = common_pb2.LatLng(lat=52.52, lon=13.405)
+    check = await fences.Check(
+        geofence_pb2.CheckRequest(position=inside, accuracy_m=math.nan)
+    )
+    assert [(c.fence_id, c.containment) for c in check.fences] == [
+        ("depot", geofence_pb2.CONTAINMENT_INSIDE)
+    ]
+
+
 async def enter_then_exit(server, channel, device: str) -> list[event_pb2.Event]:
     """Drive one device into the depot and out again over Track; its events."""
     track = track_pb2_grpc.TrackSessionStub(channel)

@@ -233,6 +233,8 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         lat, lon = request.position.lat, request.position.lon
         check_lat_lon(lat, lon, "position")
         accuracy = request.accuracy_m if request.HasField("accuracy_m") else 0.0
+        if math.isnan(accuracy):
+            accuracy = 0.0  # not sent, as NaN in a fix's optional values
         if not (math.isfinite(accuracy) and 0 <= accuracy <= 1e6):
             raise InvalidArgument("accuracy_m", "must lie within 0 and 1000 km")
         found = await self.processor.check(

@@ -598,7 +598,7 @@ class CheckRequest(_message.Message):
     ACCURACY_M_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     accuracy_m: _builtins.float
-    """Horizontal accuracy in metres (68 % radius); absent means exact."""
+    """Horizontal accuracy in metres (68 % radius); absent or NaN means exact."""
     @_builtins.property
     def position(self) -> _common_pb2.LatLng: ...
     @_builtins.property
