@@ -129,6 +129,14 @@ async def test_a_reader_of_the_tenant_has_its_write_go_at_once(stores) -> None:
     await writer.close()
 
 
+async def test_an_empty_commit_waits_for_no_write(stores) -> None:
+    live = stores
+    writer = LiveWriter(live, live.broker, interval_s=3600.0)
+    assert writer.add(commit(1, [], 56.0)).done()
+    assert live.writes == []
+    await writer.close()
+
+
 async def test_closing_lets_every_waiter_go(stores) -> None:
     live = stores
     writer = LiveWriter(live, live.broker, interval_s=3600.0)

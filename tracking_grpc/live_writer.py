@@ -81,10 +81,13 @@ class LiveWriter:
         counted, never raised: the history is intact and the live state is
         rebuilt). Called as the commit resolves its acks, so a read that waits
         for ``settled`` after an ack finds the fixes pending or written."""
+        loop = asyncio.get_running_loop()
+        if len(stored) == 0:  # nothing to write: done now, not at the next write
+            done = loop.create_future()
+            done.set_result(None)
+            return done
         if self._written is None:
-            self._written = asyncio.get_running_loop().create_future()
-        if len(stored) == 0:
-            return self._written
+            self._written = loop.create_future()
         mark = self._offer_early(stored)
         if mark is None:
             self._publish_local = True
