@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -109,10 +109,17 @@ def wait_serving(
             time.sleep(0.2)
 
 
+def _on_cpus(cpus: tuple[int, ...]) -> Callable[[], None] | None:
+    """A ``preexec_fn`` keeping a child (and every thread it starts) on ``cpus``."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 class EchoPeer:
     """``bench/echo_peer.py`` (a bare grpc.aio server) in a child process."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, cpus: tuple[int, ...] = ()) -> None:
         self.target = f"127.0.0.1:{free_port()}"
         self.log = open(data_dir / "peer.log", "w")
         command = [sys.executable, str(ROOT / "bench" / "echo_peer.py")]
@@ -121,6 +128,7 @@ class EchoPeer:
             cwd=ROOT,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            preexec_fn=_on_cpus(cpus),
         )
         try:
             wait_serving(self.target, self.process)
@@ -146,7 +154,9 @@ class EchoPeer:
 class SpawnedServer:
     """``tracking serve`` in a child process, on a free loopback port."""
 
-    def __init__(self, data_dir: Path, flags: list[str]) -> None:
+    def __init__(
+        self, data_dir: Path, flags: list[str], cpus: tuple[int, ...] = ()
+    ) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.data_dir = data_dir
@@ -171,7 +181,11 @@ class SpawnedServer:
             self.metrics_url = f"http://{metrics_listen}/metrics"
         self.log = open(data_dir / "server.log", "w")
         self.process = subprocess.Popen(
-            command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT
+            command,
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_on_cpus(cpus),
         )
         try:
             wait_serving(self.target, self.process)
@@ -655,7 +669,7 @@ def report(
 def run_peer(args: argparse.Namespace, data_dir: Path) -> dict:
     """The same devices and watchers against the echo peer: its latencies, CPU and
     memory (the peer stores nothing, so there is nothing to verify)."""
-    peer = EchoPeer(data_dir)
+    peer = EchoPeer(data_dir, args.server_cpus)
     try:
         peer_args = argparse.Namespace(**{**vars(args), "profile": None})
         plans = build_plans(peer_args, peer.target)
@@ -829,6 +843,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=(),
         help="CPUs the driver processes may run on, as 0,1 (default: any); "
         "the server, PostgreSQL and Redis keep every CPU",
+    )
+    add(
+        "--server-cpus",
+        type=_cpu_list,
+        default=(),
+        help="CPUs the spawned server (and the echo peer) may run on, as 0 "
+        "(default: any), as taskset would keep them; PostgreSQL and Redis keep "
+        "every CPU",
     )
     add(
         "--node-option",
@@ -1006,7 +1028,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             flags = [*args.server_flag, *(production.flags if production else [])]
             flags += [f"--workers={args.workers}"] if args.workers > 1 else []
-            server = SpawnedServer(Path(tmp), flags)
+            server = SpawnedServer(Path(tmp), flags, args.server_cpus)
             cleanup.callback(server.stop)
             target, pid = server.target, server.pid
             if args.observer and production is not None:
