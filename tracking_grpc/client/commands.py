@@ -6,9 +6,17 @@ the parsed arguments and returning an exit code) as the parser's default.
 
 from __future__ import annotations
 
-from tracking_grpc.client import fences, nearby, positions, replay, simulate, watch
+from tracking_grpc.client import (
+    export,
+    fences,
+    nearby,
+    positions,
+    replay,
+    simulate,
+    watch,
+)
 
-COMMANDS = (replay, watch, simulate, positions, nearby, fences)
+COMMANDS = (replay, watch, simulate, positions, nearby, fences, export)
 
 
 def add_client_parsers(subparsers) -> None:
