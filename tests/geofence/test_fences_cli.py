@@ -83,6 +83,22 @@ async def test_a_feature_without_an_id_is_named_as_geojson_has_it(
     )
 
 
+async def test_a_setting_out_of_range_is_named_as_geojson_has_it(
+    server, tmp_path, capsys
+) -> None:
+    """A dwell_ms read from properties is named there, not as the gRPC message's
+    fence setting (features[1].dwell_ms)."""
+    slow = {**DEPOTS["features"][1], "properties": {"dwell_ms": -1}}
+    collection = {**DEPOTS, "features": [DEPOTS["features"][0], slow]}
+    geojson = tmp_path / "negative-dwell.geojson"
+    geojson.write_text(json.dumps(collection))
+    assert await run(server, "fences", "import", str(geojson)) == 1
+    assert capsys.readouterr().err.startswith(
+        "tracking: INVALID_ARGUMENT: features[1].properties.dwell_ms: must lie "
+        "within 0 and 30 days"
+    )
+
+
 @pytest.mark.parametrize("since_s", ["-5", "0", "nan", "inf"])
 async def test_a_bad_since_s_is_a_usage_error_naming_the_flag(
     server, since_s, capsys
