@@ -28,14 +28,70 @@ def require(message: object, name: str, field: str) -> None:
         raise InvalidArgument(field, "is required")
 
 
-def check_device_id(device_id: str, field: str) -> str:
+def device_id_fault(device_id: str) -> str | None:
+    r"""Why ``device_id`` is not a device id, or None when it is one.
+
+    The rule for every id that names a device (and for route, vehicle and job ids
+    and skills): 1 to 128 printable characters (no control characters and no
+    whitespace but the ASCII space), neither starting nor ending with a space, so
+    that " van-7" is refused instead of becoming a device apart from "van-7".
+
+    >>> device_id_fault("van-7"), device_id_fault("van-7 "), device_id_fault("a\tb")
+    (None, 'must not start or end with a space', 'contains control characters')
+    """
     if not device_id.strip():
-        raise InvalidArgument(field, "must not be empty or only spaces")
+        return "must not be empty or only spaces"
     if len(device_id) > MAX_DEVICE_ID_LENGTH:
-        raise InvalidArgument(field, f"longer than {MAX_DEVICE_ID_LENGTH} characters")
+        return f"longer than {MAX_DEVICE_ID_LENGTH} characters"
     if not device_id.isprintable():
-        raise InvalidArgument(field, "contains control characters")
+        return "contains control characters"
+    if device_id[0] == " " or device_id[-1] == " ":
+        return "must not start or end with a space"
+    return None
+
+
+def check_device_id(device_id: str, field: str) -> str:
+    """``device_id`` if it follows the device id rule (:func:`device_id_fault`),
+    else InvalidArgument naming ``field`` and the reason."""
+    reason = device_id_fault(device_id)
+    if reason is not None:
+        raise InvalidArgument(field, reason)
     return device_id
+
+
+def check_device_ids(device_ids: Sequence[str], field: str) -> list[str]:
+    """The ids as a list if each follows the device id rule, else InvalidArgument
+    naming the first that does not (``field[i]``).
+
+    A columnar batch may list one id per fix, so each distinct id is looked at
+    once and all of them together, in C: one pass over their joined text and
+    numpy over their first and last characters. Only a refused list is walked id
+    by id, to name the first fault.
+    """
+    ids = list(device_ids)
+    if not _any_fault(list(dict.fromkeys(ids))):
+        return ids
+    for i, device_id in enumerate(ids):
+        reason = device_id_fault(device_id)
+        if reason is not None:
+            raise InvalidArgument(f"{field}[{i}]", reason)
+    return ids
+
+
+def _any_fault(distinct: list[str]) -> bool:
+    """Whether any of the ids breaks the device id rule (without saying which)."""
+    if not distinct:
+        return False
+    lengths = np.fromiter(map(len, distinct), dtype=np.int64, count=len(distinct))
+    if lengths.min() == 0 or lengths.max() > MAX_DEVICE_ID_LENGTH:
+        return True
+    joined = "".join(distinct)
+    if not joined.isprintable():  # printable text holds no lone surrogate
+        return True
+    codes = np.frombuffer(joined.encode("utf-32-le"), dtype="<u4")
+    ends = np.cumsum(lengths)
+    edges = np.concatenate((codes[ends - lengths], codes[ends - 1]))
+    return bool((edges == ord(" ")).any())
 
 
 def fix_rows(fixes: Sequence[common_pb2.Fix]) -> list[FixRow]:
@@ -85,15 +141,14 @@ def columns_to_batch(tenant: str, columns: track_pb2.ColumnarFixes) -> FixBatch:
             raise InvalidArgument(
                 f"columns.{name}", f"has {size} values; expected 0 or {n}"
             )
-    for i, device_id in enumerate(columns.device_ids):
-        check_device_id(device_id, f"columns.device_ids[{i}]")
+    device_ids = check_device_ids(columns.device_ids, "columns.device_ids")
     index = np.asarray(columns.device_index, dtype=np.intp)
-    if n and (index.max() >= len(columns.device_ids)):
+    if n and (index.max() >= len(device_ids)):
         raise InvalidArgument(
             "columns.device_index",
-            f"refers to device {int(index.max())} of {len(columns.device_ids)}",
+            f"refers to device {int(index.max())} of {len(device_ids)}",
         )
-    devices = np.asarray(columns.device_ids, dtype=object)
+    devices = np.asarray(device_ids, dtype=object)
     return FixBatch.from_columns(
         tenant,
         devices[index] if n else np.empty(0, dtype=object),

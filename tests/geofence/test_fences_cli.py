@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 
 import pytest
 
@@ -40,7 +41,7 @@ async def test_import_list_and_events(server, channel, tmp_path, capsys) -> None
     assert "imported 2 fences (created 2, replaced 0)" in capsys.readouterr().out
     await run(server, "fences", "list", "--label", "depot")
     assert capsys.readouterr().out == "depot\tcircle\tv1\tdepot\tDepot\n"
-    await enter_then_exit(server, channel, "van-1")
+    raised = await enter_then_exit(server, channel, "van-1")
     for _ in range(50):  # the event store writes in the background
         await run(server, "fences", "events", "--device", "van-1")
         lines = capsys.readouterr().out.splitlines()
@@ -48,6 +49,9 @@ async def test_import_list_and_events(server, channel, tmp_path, capsys) -> None
             break
         await asyncio.sleep(0.1)
     assert [line.split("\t")[2] for line in lines] == ["ENTER", "EXIT"]
+    assert [line.split("\t")[0] for line in lines] == [
+        utc_text(event.time_ms) for event in raised
+    ]
     for _ in range(50):  # its activity events, when asked for
         await run(server, "fences", "events", "--device", "van-1", "--type", "ONLINE")
         lines = capsys.readouterr().out.splitlines()
@@ -55,6 +59,12 @@ async def test_import_list_and_events(server, channel, tmp_path, capsys) -> None
             break
         await asyncio.sleep(0.1)
     assert [line.split("\t")[2] for line in lines] == ["ONLINE"]
+
+
+def utc_text(time_ms: int) -> str:
+    """``2026-12-06T10:49:28.123Z``, worked out apart from the client's helper."""
+    moment = datetime.fromtimestamp(time_ms // 1000, UTC)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{time_ms % 1000:03d}Z"
 
 
 async def test_refused_import_prints_one_line(server, tmp_path, capsys) -> None:
@@ -80,6 +90,22 @@ async def test_a_feature_without_an_id_is_named_as_geojson_has_it(
     assert capsys.readouterr().err.startswith(
         "tracking: INVALID_ARGUMENT: features[1].id: missing "
         '(set the Feature\'s "id" or properties.id)'
+    )
+
+
+async def test_a_setting_out_of_range_is_named_as_geojson_has_it(
+    server, tmp_path, capsys
+) -> None:
+    """A dwell_ms read from properties is named there, not as the gRPC message's
+    fence setting (features[1].dwell_ms)."""
+    slow = {**DEPOTS["features"][1], "properties": {"dwell_ms": -1}}
+    collection = {**DEPOTS, "features": [DEPOTS["features"][0], slow]}
+    geojson = tmp_path / "negative-dwell.geojson"
+    geojson.write_text(json.dumps(collection))
+    assert await run(server, "fences", "import", str(geojson)) == 1
+    assert capsys.readouterr().err.startswith(
+        "tracking: INVALID_ARGUMENT: features[1].properties.dwell_ms: must lie "
+        "within 0 and 30 days"
     )
 
 

@@ -830,6 +830,125 @@ async def test_import_refuses_features_of_the_wrong_types(
     assert list(listed.fences) == []
 
 
+LINE = {"type": "LineString", "coordinates": [[2.5, 48.5], [2.6, 48.6]]}
+OUT_OF_RANGE_FEATURES = [  # (feature, where the Feature holds it, words of the reason)
+    pytest.param(
+        feature({"radius_m": 50, "dwell_ms": -1}),
+        "properties.dwell_ms",
+        "within 0 and 30 days",
+        id="dwell-negative",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "dwell_ms": 31 * 86_400_000}),
+        "properties.dwell_ms",
+        "within 0 and 30 days",
+        id="dwell-over-30-days",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "max_accuracy_m": -1}),
+        "properties.max_accuracy_m",
+        "0 or more",
+        id="accuracy-negative",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "labels": ["a\u0000b"]}),
+        "properties.labels",
+        "printable",
+        id="label-with-nul",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "labels": [f"l{i}" for i in range(33)]}),
+        "properties.labels",
+        "at most 32 labels",
+        id="too-many-labels",
+    ),
+    pytest.param(
+        feature({"radius_m": 50, "metadata": {f"k{i}": "v" for i in range(65)}}),
+        "properties.metadata",
+        "at most 64 entries",
+        id="too-much-metadata",
+    ),
+    pytest.param(
+        feature({"radius_m": 0}), "properties.radius_m", "above 0", id="radius-zero"
+    ),
+    pytest.param(
+        feature({"radius_m": -5}),
+        "properties.radius_m",
+        "above 0",
+        id="radius-negative",
+    ),
+    pytest.param(
+        feature({"radius_m": 1e9}),
+        "properties.radius_m",
+        "at most",
+        id="radius-too-large",
+    ),
+    pytest.param(
+        feature({"radius_m": 50}, {"type": "Point", "coordinates": [2.5, 95]}),
+        "geometry.coordinates",
+        "latitude 95",
+        id="centre-latitude",
+    ),
+    pytest.param(
+        feature({"width_m": 0}, LINE), "properties.width_m", "above 0", id="width-zero"
+    ),
+    pytest.param(
+        feature({"width_m": -20}, LINE),
+        "properties.width_m",
+        "above 0",
+        id="width-negative",
+    ),
+    pytest.param(
+        feature({"width_m": 20}, {**LINE, "coordinates": [[2.5, 48.5]]}),
+        "geometry.coordinates",
+        "at least 2 points",
+        id="corridor-of-one-point",
+    ),
+    pytest.param(
+        feature({"width_m": 20}, {**LINE, "coordinates": [[2.5, 48.5], [2.6, 95]]}),
+        "geometry.coordinates[1]",
+        "latitude 95",
+        id="corridor-latitude",
+    ),
+    pytest.param(
+        feature({}, UNCLOSED), "geometry.coordinates[0]", "not closed", id="unclosed"
+    ),
+    pytest.param(
+        feature({}, BAD_LAT),
+        "geometry.coordinates[0][1]",
+        "latitude 95",
+        id="polygon-latitude",
+    ),
+    pytest.param(feature({}, SPECK), "geometry", "at least 1 m²", id="no-area"),
+]
+
+
+@pytest.mark.parametrize(("bad", "where", "words"), OUT_OF_RANGE_FEATURES)
+async def test_import_names_a_refused_setting_as_the_feature_has_it(
+    fences, bad, where, words
+) -> None:
+    """A setting checked as a Fence message's is (dwell_ms within 30 days, a radius
+    above 0, ...) is named where the Feature holds it, not by the message's name
+    (features[0].dwell_ms, features[0].shape.circle.radius_m)."""
+    collection = {"type": "FeatureCollection", "features": [bad]}
+    request = geofence_pb2.ImportFencesRequest(geojson=json.dumps(collection))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fences.ImportFences(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    field, description = violation(caught.value)
+    assert (field, words in description) == (f"features[0].{where}", True)
+
+
+async def test_import_repairs_name_the_feature_geometry(fences) -> None:
+    collection = {"type": "FeatureCollection", "features": [feature({}, UNCLOSED)]}
+    imported = await fences.ImportFences(
+        geofence_pb2.ImportFencesRequest(geojson=json.dumps(collection), repair=True)
+    )
+    assert list(imported.repairs) == [
+        "features[0].geometry.coordinates[0]: closed the ring"
+    ]
+
+
 async def test_import_takes_whole_numbers_written_as_floats(fences) -> None:
     props = {"radius_m": 50, "dwell_ms": 60000.0, "max_accuracy_m": 20}
     collection = {"type": "FeatureCollection", "features": [feature(props)]}

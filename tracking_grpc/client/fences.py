@@ -21,6 +21,7 @@ from tracking_grpc.client.channel import (
     open_channel,
 )
 from tracking_grpc.client.flags import positive_float
+from tracking_grpc.client.messages import iso_time
 from tracking_grpc.errors import InvalidArgument
 
 
@@ -147,7 +148,7 @@ async def _events(stub, args, metadata) -> int:
         for e in page.events:
             kind = event_pb2.EventType.Name(e.type).removeprefix("EVENT_TYPE_")
             print(
-                f"{e.time_ms}\t{e.device_id}\t{kind}\t{e.fence_id}\t"
+                f"{iso_time(e.time_ms)}\t{e.device_id}\t{kind}\t{e.fence_id}\t"
                 f"{e.position.lat:.6f},{e.position.lon:.6f}\tseq {e.fix_seq}"
             )
         token = page.next_page_token

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import logging
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from tracking_grpc.client.channel import (
 )
 from tracking_grpc.client.flags import non_negative_float, positive_float, positive_int
 from tracking_grpc.client.gateway import publish_trace
-from tracking_grpc.client.messages import trace_fixes
+from tracking_grpc.client.messages import iso_time, trace_fixes
 from tracking_grpc.client.report import ReplayReport
 from tracking_grpc.client.schedule import (
     DEFAULT_OPTIONS,
@@ -221,10 +220,9 @@ def event_line(event: event_pb2.Event) -> str:
     """One line per event: when, what, which device and fence or route, and the
     details the event carries (attributes, then the activity's values)."""
     kind = event_pb2.EventType.Name(event.type).removeprefix("EVENT_TYPE_")
-    when = datetime.fromtimestamp(event.time_ms / 1000, UTC)
     words = [
         "event",
-        when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        iso_time(event.time_ms),
         kind,
         event.device_id,
     ]

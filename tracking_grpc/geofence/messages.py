@@ -1,7 +1,9 @@
 """Fences between protobuf messages, GeoJSON features and FenceSpec, with checks.
 
 Every check raises InvalidArgument naming the field, for example
-``fence.shape.geojson.coordinates[0]`` or ``features[3].properties.radius_m``.
+``fence.shape.geojson.coordinates[0]`` or ``features[3].properties.radius_m``: a
+GeoJSON Feature's settings are named where the Feature holds them (its
+``properties`` or ``geometry``), never by the Fence message's field names.
 """
 
 from __future__ import annotations
@@ -247,7 +249,48 @@ def _feature(
         metadata=_metadata(props, field),
         max_accuracy_m=_number(props, "max_accuracy_m", field, default=0.0),
     )
-    return checked(spec, field, repair)
+    try:
+        spec, repairs = checked(spec, field, repair)
+    except InvalidArgument as exc:
+        raise InvalidArgument(_as_written(exc.field, field), exc.reason) from exc
+    return spec, tuple(_repair_as_written(text, field) for text in repairs)
+
+
+# A feature's settings are checked as a Fence message's are; these are the names
+# a check gives them there (left) and where the Feature holds them (right). Longer
+# names come first: the first one that is a whole prefix of the field is taken.
+FEATURE_FIELDS = (
+    (".shape.circle.radius_m", ".properties.radius_m"),
+    (".shape.circle.center", ".geometry.coordinates"),
+    (".shape.corridor.width_m", ".properties.width_m"),
+    (".shape.corridor.path", ".geometry.coordinates"),
+    (".shape.geojson", ".geometry"),
+    (".shape", ".geometry"),
+    (".dwell_ms", ".properties.dwell_ms"),
+    (".max_accuracy_m", ".properties.max_accuracy_m"),
+    (".labels", ".properties.labels"),
+    (".metadata", ".properties.metadata"),
+)
+
+
+def _as_written(name: str, field: str) -> str:
+    """A Fence message's field name as the GeoJSON Feature at ``field`` has it:
+    ``features[3].dwell_ms`` is ``features[3].properties.dwell_ms``.
+
+    >>> _as_written("features[3].shape.corridor.path[1]", "features[3]")
+    'features[3].geometry.coordinates[1]'
+    """
+    rest = name.removeprefix(field)
+    for ours, theirs in FEATURE_FIELDS:
+        if rest == ours or rest.startswith((f"{ours}.", f"{ours}[")):
+            return field + theirs + rest[len(ours) :]
+    return name
+
+
+def _repair_as_written(text: str, field: str) -> str:
+    """A repair (``<field>: what was done``) naming the field as the Feature has it."""
+    name, sep, what = text.partition(": ")
+    return _as_written(name, field) + sep + what
 
 
 def _feature_shape(geometry: dict, props: dict, field: str) -> ShapeSpec:

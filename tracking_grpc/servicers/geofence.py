@@ -122,9 +122,7 @@ def _watched_fences(fence_ids: Sequence[str]) -> frozenset[str]:
 def _watched_routes(route_ids: Sequence[str]) -> frozenset[str]:
     """The routes a WatchEvents call names, each checked as AssignRoute checks a
     route id."""
-    for i, route_id in enumerate(route_ids):
-        convert.check_device_id(route_id, f"route_ids[{i}]")
-    return frozenset(route_ids)
+    return frozenset(convert.check_device_ids(route_ids, "route_ids"))
 
 
 class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
@@ -270,7 +268,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         event_filter = EventFilter(
             caller.tenant,
             _watched_fences(request.fence_ids),
-            frozenset(request.device_ids),
+            frozenset(convert.check_device_ids(request.device_ids, "device_ids")),
             listened_types(request.types, "types", bool(request.route_ids)),
             _watched_routes(request.route_ids),
         )

@@ -268,10 +268,8 @@ def _vehicle(
 
 
 def _skills(skills: Sequence[str], field: str) -> frozenset[str]:
-    """Skills follow the device id rules: 1-128 printable characters, not blank."""
-    for k, skill in enumerate(skills):
-        convert.check_device_id(skill, f"{field}[{k}]")
-    return frozenset(skills)
+    """Skills follow the device id rule (:func:`convert.device_id_fault`)."""
+    return frozenset(convert.check_device_ids(skills, field))
 
 
 def _job(j: route_pb2.Job, field: str, clock: PlanClock) -> optimise.JobSpec:

@@ -82,9 +82,7 @@ def _check_radius(radius_m: float, field: str) -> None:
 def _check_ids(device_ids: Sequence[str], field: str) -> list[str]:
     if len(device_ids) > MAX_IDS:
         raise InvalidArgument(field, f"at most {MAX_IDS} device ids per call")
-    for i, device_id in enumerate(device_ids):
-        convert.check_device_id(device_id, f"{field}[{i}]")
-    return list(device_ids)
+    return convert.check_device_ids(device_ids, field)
 
 
 def _check_box(box: object) -> tuple[float, float, float, float]:

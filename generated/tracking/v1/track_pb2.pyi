@@ -89,6 +89,11 @@ class Hello(_message.Message):
     RESUME_FROM_SEQ_FIELD_NUMBER: _builtins.int
     WANT_EVENTS_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
+    """The device's id. Every device id of this API (here, in PublishBatch,
+    GetLastPositions, Watch, the Geofence, History and Route services) is 1 to 128
+    printable characters with no space at either end: " van-7" is refused with
+    INVALID_ARGUMENT naming the field, not taken as a device apart from "van-7".
+    """
     resume_from_seq: _builtins.int
     """The device intends to send from this sequence number on; the server answers
     with what it already holds so the device can drop what is stored.
@@ -285,7 +290,11 @@ class ColumnarFixes(_message.Message):
     BATTERY_PCT_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def device_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Each follows the device id rule (see Hello.device_id); a bad one refuses the
+        whole request, named as columns.device_ids[i].
+        """
+
     @_builtins.property
     def device_index(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
