@@ -32,6 +32,7 @@ from tests.server_fixtures import (
     track_session,
     violation,
 )
+from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.server import TrackingServer
 
 SECRET = "erase-test-secret-of-enough-length-for-hs256"
@@ -194,6 +195,32 @@ async def test_erasing_an_unknown_device_erases_nothing(served) -> None:
         metadata=as_role(f"erase-{uuid.uuid4().hex[:8]}"),
     )
     assert erased == history_pb2.EraseDeviceResponse(device_id="never-seen")
+
+
+async def test_history_stored_under_an_id_with_edge_spaces_stays_erasable(
+    served,
+) -> None:
+    """Ids with a space at either end were stored before the device id rule refused
+    them; EraseDevice still takes such an id, and erases only that device."""
+    server, stubs = served
+    tenant = f"erase-{uuid.uuid4().hex[:8]}"
+    t = now_ms()
+    old = FixBatch.from_columns(
+        tenant, [" van", "van"], [1, 1], [t, t], [60.17, 60.17], [24.94, 24.94]
+    )
+    await server.app.history.store(old)
+    erased = await stubs.history.EraseDevice(
+        history_pb2.EraseDeviceRequest(device_id=" van"), metadata=as_role(tenant)
+    )
+    assert (erased.device_id, erased.fixes_erased) == (" van", 1)
+    assert await server.app.history.count(tenant, " van") == 0
+    assert await server.app.history.count(tenant, "van") == 1
+    with pytest.raises(grpc.aio.AioRpcError) as caught:  # the rule's other checks
+        await stubs.history.EraseDevice(
+            history_pb2.EraseDeviceRequest(device_id=" van\t"),
+            metadata=as_role(tenant),
+        )
+    assert violation(caught.value) == ("device_id", "contains control characters")
 
 
 @pytest.mark.parametrize(

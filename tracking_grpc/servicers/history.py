@@ -421,7 +421,7 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
         """Erase one device of the caller's tenant everywhere; admin only."""
         caller = self.app.auth.caller(context)
         caller.require(Role.ADMIN)
-        device = convert.check_device_id(request.device_id, "device_id")
+        device = convert.check_erasable_device_id(request.device_id, "device_id")
         erased = await erasure.erase_device(self.app, caller.tenant, device)
         return history_pb2.EraseDeviceResponse(
             device_id=device,
