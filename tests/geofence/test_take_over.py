@@ -7,16 +7,27 @@ process without Redis keeps its memberships in memory and reads the store once."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
+import grpc
 import pytest
+from tracking.v1 import (
+    common_pb2,
+    event_pb2,
+    geofence_pb2,
+    geofence_pb2_grpc,
+    track_pb2_grpc,
+)
 
-from tests.geofence.support import summary
+from tests.geofence.support import DEPOT, summary
 from tests.geofence.test_rules import FAR, INSIDE, T0, square
+from tests.server_fixtures import batch, embedded_settings, fix, hello, now_ms
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.events import EventType, TrackingEvent, event_id
 from tracking_grpc.geofence.processor import GeofenceProcessor
+from tracking_grpc.server import TrackingServer
 from tracking_grpc.servicers.geofence import FENCE_HOLDERS
 from tracking_grpc.storage.fences import Membership
 from tracking_grpc.storage.postgres_fences import (
@@ -32,6 +43,7 @@ pytestmark = pytest.mark.postgres
 DWELL_MS = 120_000
 HANG_S = 30  # a hang guard: what is waited for comes far sooner
 MANY = 2_500  # devices of one take-over: three notice entries
+ENTER, EXIT = event_pb2.EVENT_TYPE_ENTER, event_pb2.EVENT_TYPE_EXIT
 
 
 class CountedEvents(PostgresEventRepository):
@@ -235,3 +247,92 @@ def exit_of(enter: TrackingEvent, after_ms: int) -> TrackingEvent:
         time_ms=time_ms,
         event_id=event_id(enter.tenant, enter.device, kind, time_ms, fence),
     )
+
+
+# Two real servers ---------------------------------------------------------------
+
+DEPOT_LAT, DEPOT_LON = 52.52, 13.405  # support.DEPOT: 100 m around it
+AWAY_LAT = 52.53  # about a kilometre north
+FENCE_EVENTS = HANG_S
+
+
+async def fence_events(
+    channel: grpc.aio.Channel, device: str, fixes: list[common_pb2.Fix], count: int
+) -> list[int]:
+    """Send the fixes on a stream of their own; the types of the first ``count``
+    fence events it brings."""
+    call = track_pb2_grpc.TrackSessionStub(channel).Track()
+    await call.write(hello(device, want_events=True))
+    await call.read()
+    await call.write(batch(fixes))
+    kinds: list[int] = []
+    async with asyncio.timeout(FENCE_EVENTS):
+        while len(kinds) < count:
+            response = await call.read()
+            if response.WhichOneof("message") == "event" and response.event.fence_id:
+                kinds.append(response.event.type)
+    call.cancel()
+    return kinds
+
+
+async def stored_kinds(channel: grpc.aio.Channel, device: str) -> list[int]:
+    request = geofence_pb2.ListEventsRequest(start_ms=0, device_id=device)
+    found = await geofence_pb2_grpc.GeofenceStub(channel).ListEvents(request)
+    return [e.type for e in found.events if e.fence_id]
+
+
+def geofence_of(server: TrackingServer) -> GeofenceProcessor:
+    (processor,) = [
+        p for p in server.app.pipeline.processors if isinstance(p, GeofenceProcessor)
+    ]
+    return processor
+
+
+async def until_async(check: Callable[[], Awaitable[bool]]) -> None:
+    async with asyncio.timeout(HANG_S):
+        while not await check():  # noqa: ASYNC110 - polls a server
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.redis
+async def test_a_device_reconnecting_to_another_server_exits_there_and_enters_back(
+    start_server, pg_url, redis_url, redis_prefix, tmp_path
+) -> None:
+    tenant = f"geo-{uuid.uuid4().hex[:8]}"
+    settings = replace(
+        embedded_settings(tmp_path), database_url=pg_url, redis_url=redis_url,
+        redis_key_prefix=redis_prefix, default_tenant=tenant,
+    )  # fmt: skip
+    first = await start_server(settings=settings)
+    second = await start_server(
+        settings=replace(settings, data_dir=str(tmp_path / "b"))
+    )
+    t0 = now_ms() - 20 * 60_000
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as to_a,
+        grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as to_b,
+    ):
+        fence = geofence_pb2.Fence(fence_id="depot", shape=DEPOT, dwell_ms=600_000)
+        await geofence_pb2_grpc.GeofenceStub(to_a).CreateFence(
+            geofence_pb2.CreateFenceRequest(fence=fence)
+        )
+        # The second server knows the tenant's memberships before the van enters.
+        scout = [fix(1, DEPOT_LAT, DEPOT_LON, t0, accuracy_m=5)]
+        assert await fence_events(to_b, "scout", scout, 1) == [ENTER]
+        van_in = [fix(1, DEPOT_LAT, DEPOT_LON, t0, accuracy_m=5)]
+        assert await fence_events(to_a, "van", van_in, 1) == [ENTER]
+        await until_async(lambda: _equal(stored_kinds(to_a, "van"), [ENTER]))
+
+        # The van reconnects to the second server and leaves the depot there.
+        away = [fix(2, AWAY_LAT, DEPOT_LON, t0 + 5 * 60_000, accuracy_m=5)]
+        assert await fence_events(to_b, "van", away, 1) == [EXIT]
+        await until_async(lambda: _equal(stored_kinds(to_a, "van"), [ENTER, EXIT]))
+        await until(lambda: not geofence_of(first).holds(tenant, "van"))
+
+        # Back on the first, inside past the DWELL time of the stay that ended.
+        back = [fix(3, DEPOT_LAT, DEPOT_LON, t0 + 15 * 60_000, accuracy_m=5)]
+        assert await fence_events(to_a, "van", back, 1) == [ENTER]
+
+
+async def _equal(found: Awaitable[list[int]], expected: list[int]) -> bool:
+    return await found == expected
