@@ -47,17 +47,19 @@ ENTER, EXIT = event_pb2.EVENT_TYPE_ENTER, event_pb2.EVENT_TYPE_EXIT
 
 
 class CountedEvents(PostgresEventRepository):
-    """The real event repository, counting the membership queries (by devices
-    asked for; None: the whole tenant's)."""
+    """The real event repository, counting the membership queries of one tenant
+    (by devices asked for; None: the whole tenant's)."""
 
-    def __init__(self, db: PostgresGeofenceDatabase) -> None:
+    def __init__(self, db: PostgresGeofenceDatabase, tenant: str) -> None:
         super().__init__(db)
+        self.tenant = tenant
         self.asked: list[list[str] | None] = []
 
     async def memberships(
         self, tenant: str, devices: Sequence[str] | None = None
     ) -> list[Membership]:
-        self.asked.append(None if devices is None else list(devices))
+        if tenant == self.tenant:
+            self.asked.append(None if devices is None else list(devices))
         return await super().memberships(tenant, devices)
 
 
@@ -78,10 +80,10 @@ class Process:
 
 
 async def open_process(
-    url: str, redis_url: str | None = None, prefix: str = ""
+    url: str, tenant: str, redis_url: str | None = None, prefix: str = ""
 ) -> tuple[Process, PostgresGeofenceDatabase]:
     db = await PostgresGeofenceDatabase.open(url)
-    events = CountedEvents(db)
+    events = CountedEvents(db, tenant)
     processor = GeofenceProcessor(PostgresFenceRepository(db), events)
     notices = None
     if redis_url is not None:  # wired as the Geofence service does
@@ -142,8 +144,8 @@ async def two_processes(
 ) -> AsyncIterator[tuple[Process, Process]]:
     """Two processes on one database and one Redis, the tenant's square fence
     (DWELL after two minutes) created."""
-    first, first_db = await open_process(geo_pg_url, redis_url, redis_prefix)
-    second, second_db = await open_process(geo_pg_url, redis_url, redis_prefix)
+    first, first_db = await open_process(geo_pg_url, tenant, redis_url, redis_prefix)
+    second, second_db = await open_process(geo_pg_url, tenant, redis_url, redis_prefix)
     fence = square(dwell_ms=DWELL_MS)[0]
     await first.processor.fences.create(tenant, fence, T0)
     try:
@@ -185,13 +187,15 @@ async def test_the_process_a_device_left_raises_no_stale_dwell(
     await until(lambda: heard(a) == 1)  # b's take-over
 
     # The stay ended on b before its DWELL was due: a's timer raises nothing.
-    assert await a.processor.tick(T0 + 3_600_000) == []
+    assert of_tenant(await a.processor.tick(T0 + 3_600_000), tenant) == []
     # Back on a, inside past the old stay's DWELL time: a new stay begins.
     back = await a.feed(fixes(tenant, "van", (3, 300, INSIDE)))
     assert summary(back) == [("ENTER", 3)]
     await until(lambda: heard(b) == 2)  # a's take-overs: the first, and now
-    assert summary(await a.processor.tick(T0 + 3_600_000)) == [("DWELL", 3)]
-    assert await b.processor.tick(T0 + 3_600_000) == []
+    assert summary(of_tenant(await a.processor.tick(T0 + 3_600_000), tenant)) == [
+        ("DWELL", 3)
+    ]
+    assert of_tenant(await b.processor.tick(T0 + 3_600_000), tenant) == []
 
 
 @pytest.mark.redis
@@ -210,10 +214,37 @@ async def test_a_take_over_of_many_devices_is_one_query(two_processes, tenant) -
     assert sorted(b.events.asked[-1] or []) == sorted(e.device for e in left)
     await until(lambda: heard(a) == 1 + MANY)  # the scout, then the vans
     assert not any(a.processor.holds(tenant, e.device) for e in left)
-    assert await a.processor.tick(T0 + 3_600_000) == []
+    assert of_tenant(await a.processor.tick(T0 + 3_600_000), tenant) == []
     # Held now: the next batch of the same devices reads nothing.
     assert await b.feed(many(tenant, 3, 120, FAR)) == []
     assert len(b.events.asked) == queries + 1
+
+
+@pytest.mark.redis
+async def test_the_timer_reads_the_stay_of_a_device_held_elsewhere_again(
+    two_processes, tenant
+) -> None:
+    """A process that loaded the tenant (its start) while the van was inside a
+    fence, the van's fixes going to another process all along: before its timer
+    raises the van's DWELL it reads the van's stored events, which say it left."""
+    a, b = two_processes
+    assert summary(await b.feed(fixes(tenant, "van", (1, 0, INSIDE)))) == [("ENTER", 1)]
+    await until(lambda: heard(a) == 1)  # b's take-over, before a loads the tenant
+    assert await a.feed(fixes(tenant, "scout", (1, 0, FAR))) == []
+    assert summary(await b.feed(fixes(tenant, "van", (2, 60, FAR)))) == [("EXIT", 2)]
+    asked = len(a.events.asked)
+    later = now_ms() + 3_600_000  # the silence of a loaded stay counts from its load
+
+    # (The first tick also loads every other tenant of the shared database.)
+    assert of_tenant(await a.processor.tick(later), tenant) == []
+
+    assert a.events.asked[asked:] == [["van"]]
+    assert of_tenant(await a.processor.tick(later), tenant) == []
+    assert a.events.asked[asked:] == [["van"]]  # not inside: nothing more to read
+
+
+def of_tenant(events: list[TrackingEvent], tenant: str) -> list[TrackingEvent]:
+    return [e for e in events if e.tenant == tenant]
 
 
 async def test_a_single_process_keeps_its_memberships_in_memory(
@@ -222,7 +253,7 @@ async def test_a_single_process_keeps_its_memberships_in_memory(
     """Without Redis there is no other process: the tenant's memberships are read
     once, and what is stored afterwards (an EXIT here, as a process of an older
     version elsewhere would store it) is not read again."""
-    alone, db = await open_process(geo_pg_url)
+    alone, db = await open_process(geo_pg_url, tenant)
     try:
         await alone.processor.fences.create(tenant, square(dwell_ms=DWELL_MS)[0], T0)
         entered = await alone.feed(fixes(tenant, "van", (1, 0, INSIDE)))

@@ -269,10 +269,57 @@ class FenceDetector:
         """DWELL for every stay that reached its fence's ``dwell_ms`` without a fix
         saying so (the timer rule of dwell.py); each stay's DWELL is raised once,
         by a fix or by this."""
+        pending, row, device = self._due(index, now_ms, lateness_ms)
+        if pending.size == 0:
+            return []
+        members, state = self._members, self._devices
+        members.dwell_done[pending] = True
+        newest = {
+            "time_ms": state.time_ms[device],
+            "lat": state.lat[device],
+            "lon": state.lon[device],
+            "accuracy_m": state.accuracy_m[device],
+            "seq": state.seq[device],
+        }
+        return dwell.timer_events(
+            self.tenant,
+            [self._device_names[d] for d in device.tolist()],
+            index.ids[row].tolist(),
+            members.entered_ms[pending],
+            index.dwell_ms[row],
+            newest,
+            now_ms,
+        )
+
+    def due_unheld(self, index: FenceIndex, now_ms: int, lateness_ms: int) -> list[str]:
+        """Devices not held here with a DWELL due by the timer: another process
+        may have seen their stay end (check the stored events first)."""
+        _, _, device = self._due(index, now_ms, lateness_ms)
+        device = np.unique(device)
+        unheld = device[~self._devices.held[device]]
+        return [str(self._device_names[d]) for d in unheld.tolist()]
+
+    def refresh(self, devices: list[str], memberships: list[Membership]) -> None:
+        """Replace the devices' memberships with the stored ones, keeping the rest
+        of their state here (when their last fix came, for the timer)."""
+        if not devices:
+            return
+        codes = np.array([self._device_code(d) for d in devices], dtype=np.int64)
+        self._devices.grow(int(codes.max()) + 1)
+        none = np.empty(0, np.int64)
+        self._members.replace_devices(codes, none, none, np.empty(0, bool))
+        self.seed(memberships, 0)
+
+    def _due(
+        self, index: FenceIndex, now_ms: int, lateness_ms: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The memberships whose DWELL the timer raises now: their indices, their
+        fences' index rows and their device codes."""
         members = self._members
         pending = np.flatnonzero(~members.dwell_done)
+        none = np.empty(0, np.int64)
         if pending.size == 0 or len(index) == 0:
-            return []
+            return none, none, none
         _, code_to_row = self._rows_of(index)
         fence_code = members.key[pending] & 0xFFFFFFFF
         known = fence_code < code_to_row.size  # codes given after the index's
@@ -292,26 +339,7 @@ class FenceDetector:
             lateness_ms,
         )
         due &= index.emits[EventType.DWELL][row] & (entered != _NEVER)
-        pending, row, device = pending[due], row[due], device[due]
-        if pending.size == 0:
-            return []
-        members.dwell_done[pending] = True
-        newest = {
-            "time_ms": state.time_ms[device],
-            "lat": state.lat[device],
-            "lon": state.lon[device],
-            "accuracy_m": state.accuracy_m[device],
-            "seq": state.seq[device],
-        }
-        return dwell.timer_events(
-            self.tenant,
-            [self._device_names[d] for d in device.tolist()],
-            index.ids[row].tolist(),
-            members.entered_ms[pending],
-            index.dwell_ms[row],
-            newest,
-            now_ms,
-        )
+        return pending[due], row[due], device[due]
 
     def evaluate(
         self, batch: FixBatch, index: FenceIndex, now_ms: int

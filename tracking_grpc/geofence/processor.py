@@ -150,6 +150,10 @@ class GeofenceProcessor:
                     # The fixes' path waits and warns; the timer tries next second.
                     log.debug("dwell timer of tenant %s waits: %s", tenant, exc)
                     continue
+                if self.announce is not None and not await self._refresh_due(
+                    detector, index, now_ms
+                ):
+                    continue
                 events += detector.raise_due_dwells(
                     index, now_ms, self.dwell_lateness_ms
                 )
@@ -241,6 +245,24 @@ class GeofenceProcessor:
         sent = time.monotonic()
         self._announcing.update(((tenant, d), sent) for d in devices)
         self._spawn(self._tell(tenant, devices))
+
+    async def _refresh_due(
+        self, detector: FenceDetector, index: FenceIndex, now_ms: int
+    ) -> bool:
+        """Before the timer raises the DWELL of devices not held here (loaded at
+        the tenant's load, their fixes going to another process), read their
+        stored memberships again (one query): their stay may have ended there.
+        False when the store cannot answer (the timer tries next second)."""
+        devices = detector.due_unheld(index, now_ms, self.dwell_lateness_ms)
+        if not devices or self.events is None:
+            return True
+        try:
+            memberships = await self.events.memberships(detector.tenant, devices)
+        except Unavailable as exc:
+            log.debug("dwell timer of tenant %s waits: %s", detector.tenant, exc)
+            return False
+        detector.refresh(devices, memberships)
+        return True
 
     def _let_go(self, detector: FenceDetector) -> None:
         devices = self._letting_go.pop(detector.tenant, None)
