@@ -172,6 +172,25 @@ async def test_memberships_follow_the_latest_events(geo_stores, tenant) -> None:
     ]
 
 
+async def test_memberships_of_some_devices_in_one_query(geo_stores, tenant) -> None:
+    """What a process taking devices over reads (one query however many)."""
+    _, events = geo_stores
+    await events.add(
+        [
+            event("in", EventType.ENTER, 10, tenant),
+            event("left", EventType.ENTER, 10, tenant),
+            event("left", EventType.EXIT, 20, tenant),
+            event("other", EventType.ENTER, 10, tenant),
+            *(event(f"many-{n}", EventType.ENTER, 5, tenant) for n in range(1_500)),
+        ]
+    )
+    some = ["in", "left", "absent", *(f"many-{n}" for n in range(1_500))]
+    found = await events.memberships(tenant, some)
+    assert sorted(m.device for m in found) == sorted(["in", *some[3:]])
+    assert await events.memberships(tenant, []) == []
+    assert len(await events.memberships(tenant)) == 1_502
+
+
 async def test_memberships_carry_the_position_of_their_enter(
     geo_stores, tenant
 ) -> None:

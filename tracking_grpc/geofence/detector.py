@@ -86,7 +86,8 @@ class _Members:
 
 @dataclass(slots=True)
 class _Devices:
-    """Per device code: newest evaluated fix, and when it was received."""
+    """Per device code: newest evaluated fix, when it was received, and whether
+    this process holds the device (see ``FenceDetector.unheld``)."""
 
     time_ms: np.ndarray
     lon: np.ndarray
@@ -94,11 +95,13 @@ class _Devices:
     accuracy_m: np.ndarray
     received_ms: np.ndarray
     seq: np.ndarray
+    held: np.ndarray
 
     @classmethod
     def empty(cls) -> _Devices:
         none = np.empty(0, np.int64)
-        return cls(none, np.empty(0), np.empty(0), np.empty(0), none, none)
+        nowhere = np.empty(0, bool)
+        return cls(none, np.empty(0), np.empty(0), np.empty(0), none, none, nowhere)
 
     def grow(self, size: int) -> None:
         if size <= self.time_ms.size:
@@ -110,12 +113,19 @@ class _Devices:
         self.accuracy_m = np.concatenate([self.accuracy_m, np.full(extra, np.nan)])
         self.received_ms = np.concatenate([self.received_ms, np.zeros(extra, np.int64)])
         self.seq = np.concatenate([self.seq, np.zeros(extra, np.int64)])
+        self.held = np.concatenate([self.held, np.zeros(extra, bool)])
 
     def clear(self, code: int) -> None:
         if code < self.time_ms.size:
             self.time_ms[code] = _NEVER
-            self.lon[code] = self.lat[code] = self.accuracy_m[code] = np.nan
-            self.received_ms[code] = self.seq[code] = 0
+            self.unplace(np.array([code]))
+
+    def unplace(self, codes: np.ndarray) -> None:
+        """Forget the devices' newest position (and let them go); their newest
+        fix time stays: fixes not newer are still late."""
+        self.lon[codes] = self.lat[codes] = self.accuracy_m[codes] = np.nan
+        self.received_ms[codes] = self.seq[codes] = 0
+        self.held[codes] = False
 
 
 class FenceDetector:
@@ -129,6 +139,11 @@ class FenceDetector:
         self._index_rows: tuple[FenceIndex, np.ndarray, np.ndarray] | None = None
         self._members = _Members.empty()
         self._devices = _Devices.empty()
+        # The last batch prepared for evaluation (unheld, then evaluate):
+        # (batch, sorted by device and time, device names, device per fix, codes).
+        self._prepared: (
+            tuple[FixBatch, FixBatch, np.ndarray, np.ndarray, np.ndarray] | None
+        ) = None
 
     def inside(self, device: str) -> list[str]:
         """Fence ids the device is inside now (for tests and Check)."""
@@ -165,6 +180,61 @@ class FenceDetector:
             np.array([m.dwell_done for m in memberships], dtype=bool),
         )
 
+    def unheld(self, batch: FixBatch) -> list[str]:
+        """Devices of the batch this process does not hold: those whose fixes it
+        has not evaluated since their memberships were loaded (or let go). Another
+        process may have evaluated their later fixes. The batch's preparation is
+        kept for its ``evaluate``, so this costs nearly nothing more."""
+        _, names, _, codes = self._prepare(batch)
+        self._devices.grow(int(codes.max()) + 1)
+        return names[~self._devices.held[codes]].tolist()
+
+    def holds(self, device: str) -> bool:
+        code = self._device_codes.get(device)
+        held = self._devices.held
+        return code is not None and code < held.size and bool(held[code])
+
+    def hold(self, devices: list[str]) -> None:
+        """This process evaluates the devices' fixes from now on."""
+        codes = np.array([self._device_code(d) for d in devices], dtype=np.int64)
+        if codes.size:
+            self._devices.grow(int(codes.max()) + 1)
+            self._devices.held[codes] = True
+
+    def reload(
+        self, devices: list[str], memberships: list[Membership], restored_ms: int
+    ) -> None:
+        """Take the devices over: their memberships (and DWELL state) become those
+        their stored events give, as after a restart (``seed``), in place of what
+        this process had; then hold them. Their newest fix time here stays: fixes
+        not newer are late."""
+        if not devices:
+            return
+        codes = np.array([self._device_code(d) for d in devices], dtype=np.int64)
+        self._devices.grow(int(codes.max()) + 1)
+        none = np.empty(0, np.int64)
+        self._members.replace_devices(codes, none, none, np.empty(0, bool))
+        self._devices.unplace(codes)
+        self.seed(memberships, restored_ms)
+        self._devices.held[codes] = True
+
+    def release(self, devices: list[str]) -> int:
+        """Let devices another process took over go: drop their memberships (so
+        the timer raises no DWELL for them) and their newest position; their next
+        fix here reloads them. Returns how many memberships were dropped."""
+        codes = np.array(
+            [self._device_codes[d] for d in devices if d in self._device_codes],
+            dtype=np.int64,
+        )
+        if codes.size == 0:
+            return 0
+        dropped = int(self._members.of_devices(np.unique(codes)).size)
+        none = np.empty(0, np.int64)
+        self._members.replace_devices(codes, none, none, np.empty(0, bool))
+        self._devices.grow(int(codes.max()) + 1)
+        self._devices.unplace(codes)
+        return dropped
+
     def forget_fences(self, fence_ids: list[str]) -> None:
         """Drop memberships of deleted fences (their devices raise no exit)."""
         codes = [self._fence_codes[f] for f in fence_ids if f in self._fence_codes]
@@ -199,10 +269,57 @@ class FenceDetector:
         """DWELL for every stay that reached its fence's ``dwell_ms`` without a fix
         saying so (the timer rule of dwell.py); each stay's DWELL is raised once,
         by a fix or by this."""
+        pending, row, device = self._due(index, now_ms, lateness_ms)
+        if pending.size == 0:
+            return []
+        members, state = self._members, self._devices
+        members.dwell_done[pending] = True
+        newest = {
+            "time_ms": state.time_ms[device],
+            "lat": state.lat[device],
+            "lon": state.lon[device],
+            "accuracy_m": state.accuracy_m[device],
+            "seq": state.seq[device],
+        }
+        return dwell.timer_events(
+            self.tenant,
+            [self._device_names[d] for d in device.tolist()],
+            index.ids[row].tolist(),
+            members.entered_ms[pending],
+            index.dwell_ms[row],
+            newest,
+            now_ms,
+        )
+
+    def due_unheld(self, index: FenceIndex, now_ms: int, lateness_ms: int) -> list[str]:
+        """Devices not held here with a DWELL due by the timer: another process
+        may have seen their stay end (check the stored events first)."""
+        _, _, device = self._due(index, now_ms, lateness_ms)
+        device = np.unique(device)
+        unheld = device[~self._devices.held[device]]
+        return [str(self._device_names[d]) for d in unheld.tolist()]
+
+    def refresh(self, devices: list[str], memberships: list[Membership]) -> None:
+        """Replace the devices' memberships with the stored ones, keeping the rest
+        of their state here (when their last fix came, for the timer)."""
+        if not devices:
+            return
+        codes = np.array([self._device_code(d) for d in devices], dtype=np.int64)
+        self._devices.grow(int(codes.max()) + 1)
+        none = np.empty(0, np.int64)
+        self._members.replace_devices(codes, none, none, np.empty(0, bool))
+        self.seed(memberships, 0)
+
+    def _due(
+        self, index: FenceIndex, now_ms: int, lateness_ms: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The memberships whose DWELL the timer raises now: their indices, their
+        fences' index rows and their device codes."""
         members = self._members
         pending = np.flatnonzero(~members.dwell_done)
+        none = np.empty(0, np.int64)
         if pending.size == 0 or len(index) == 0:
-            return []
+            return none, none, none
         _, code_to_row = self._rows_of(index)
         fence_code = members.key[pending] & 0xFFFFFFFF
         known = fence_code < code_to_row.size  # codes given after the index's
@@ -222,26 +339,7 @@ class FenceDetector:
             lateness_ms,
         )
         due &= index.emits[EventType.DWELL][row] & (entered != _NEVER)
-        pending, row, device = pending[due], row[due], device[due]
-        if pending.size == 0:
-            return []
-        members.dwell_done[pending] = True
-        newest = {
-            "time_ms": state.time_ms[device],
-            "lat": state.lat[device],
-            "lon": state.lon[device],
-            "accuracy_m": state.accuracy_m[device],
-            "seq": state.seq[device],
-        }
-        return dwell.timer_events(
-            self.tenant,
-            [self._device_names[d] for d in device.tolist()],
-            index.ids[row].tolist(),
-            members.entered_ms[pending],
-            index.dwell_ms[row],
-            newest,
-            now_ms,
-        )
+        return pending[due], row[due], device[due]
 
     def evaluate(
         self, batch: FixBatch, index: FenceIndex, now_ms: int
@@ -249,9 +347,8 @@ class FenceDetector:
         """Events raised by a batch of stored fixes; updates the membership state."""
         if len(batch) == 0 or len(index) == 0:
             return []
-        batch = batch.sorted_by_device_time()
-        names, local = np.unique(batch.device.astype(str), return_inverse=True)
-        codes = np.array([self._device_code(n) for n in names], dtype=np.int64)
+        batch, _, local, codes = self._prepare(batch)
+        self._prepared = None  # no reference kept to a batch evaluated
         self._devices.grow(int(codes.max()) + 1)
         fresh = batch.time_ms > self._devices.time_ms[codes[local]]
         if not fresh.all():
@@ -264,6 +361,20 @@ class FenceDetector:
         events = run.events(now_ms)
         run.commit()
         return events
+
+    def _prepare(
+        self, batch: FixBatch
+    ) -> tuple[FixBatch, np.ndarray, np.ndarray, np.ndarray]:
+        """The batch sorted by device and time, its device names, the device of
+        each fix (index into the names) and the names' codes."""
+        kept = self._prepared
+        if kept is not None and kept[0] is batch:
+            return kept[1], kept[2], kept[3], kept[4]
+        ordered = batch.sorted_by_device_time()
+        names, local = np.unique(ordered.device.astype(str), return_inverse=True)
+        codes = np.array([self._device_code(n) for n in names], dtype=np.int64)
+        self._prepared = (batch, ordered, names, local, codes)
+        return ordered, names, local, codes
 
     def _device_code(self, device: str) -> int:
         code = self._device_codes.setdefault(device, len(self._device_codes))

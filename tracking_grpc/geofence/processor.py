@@ -5,6 +5,15 @@ worker thread, reusing every unchanged fence) when the repository's revision mov
 the revision is checked at most every ``refresh_s`` seconds, and at once after a
 change made through this process. Every second the ingest pipeline's ``tick`` raises
 the DWELL events of devices silent inside a fence (rule in dwell.py).
+
+With other server processes (``hear``: take-over notices on Redis), a device's
+fixes may come to any of them, and to another after a reconnect. A process holds
+the devices whose fixes it evaluated since it loaded their memberships. A batch
+bringing fixes of devices it does not hold (every device, after the tenant's load)
+first reloads their memberships from the stored events, in one query for them all,
+and announces the take-over; the process that held them lets them go (``released``:
+their memberships and DWELL timers are dropped, and reloaded if they come back).
+Held devices cost no query. A single process (no notices) holds every device.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -30,6 +39,11 @@ from tracking_grpc.storage.fences import EventRepository, FenceRepository
 log = logging.getLogger(__name__)
 
 INLINE_FIXES = 500  # larger batches are evaluated in a worker thread
+
+LISTENING = "geofence-notices-start"
+NOTICE_BACK_S = 10.0  # longest a take-over's own notice is waited for
+# Tells the other processes that this one took devices of a tenant over.
+Announce = Callable[[str, Sequence[str]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +101,16 @@ class GeofenceProcessor:
         # Fence writes through this process, per tenant: an index loaded while one
         # happened may predate it, and is checked again at the next batch.
         self._changes: dict[str, int] = {}
+        self.announce: Announce | None = None  # None: the only process
+        # Devices other processes took over, per tenant, let go at the tenant's
+        # next batch or timer round (one rebuild of the memberships for many).
+        self._letting_go: dict[str, set[str]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        # When this process announced a take-over whose notice the stream has not
+        # brought back yet, per (tenant, device): a notice of another process
+        # read before it is older, and lets nothing go (for NOTICE_BACK_S at
+        # most: a notice the listener missed holds nothing up for ever).
+        self._announcing: dict[tuple[str, str], float] = {}
 
     async def process(self, stored: FixBatch) -> list[TrackingEvent]:
         """Events raised by newly stored fixes of one tenant."""
@@ -97,7 +121,12 @@ class GeofenceProcessor:
             index = await self.index(tenant)
             if len(index) == 0:
                 return []
-            detector = self._detectors.get(tenant) or await self._detector(tenant)
+            detector = self._detectors.get(tenant)
+            loaded_now = detector is None
+            if detector is None:
+                detector = await self._detector(tenant)
+            if self.announce is not None:
+                await self._take_over(detector, stored, loaded_now)
             now_ms = time.time_ns() // 1_000_000
             if len(stored) <= INLINE_FIXES:
                 return detector.evaluate(stored, index, now_ms)
@@ -109,6 +138,9 @@ class GeofenceProcessor:
             await self._restore()
         events: list[TrackingEvent] = []
         for tenant, detector in list(self._detectors.items()):
+            if tenant in self._letting_go:
+                async with self._lock(tenant):
+                    self._let_go(detector)
             if not detector.dwell_pending():
                 continue
             async with self._lock(tenant):
@@ -117,6 +149,10 @@ class GeofenceProcessor:
                 except Unavailable as exc:  # the fence store (StorageUnavailable)
                     # The fixes' path waits and warns; the timer tries next second.
                     log.debug("dwell timer of tenant %s waits: %s", tenant, exc)
+                    continue
+                if self.announce is not None and not await self._refresh_due(
+                    detector, index, now_ms
+                ):
                     continue
                 events += detector.raise_due_dwells(
                     index, now_ms, self.dwell_lateness_ms
@@ -146,6 +182,127 @@ class GeofenceProcessor:
             log.info("tenant %s: %d memberships restored", tenant, len(memberships))
         self._detectors[tenant] = detector
         return detector
+
+    def hear(self, announce: Announce, listen: Callable[[], Awaitable[None]]) -> None:
+        """Share devices with other processes: ``announce`` tells them of a
+        take-over, ``listen`` (in the background) starts hearing the notices,
+        which call ``released`` (theirs) and ``announced`` (this process's own)."""
+        self.announce = announce
+        self._spawn(self._listen(listen), LISTENING)
+
+    def holds(self, tenant: str, device: str) -> bool:
+        """Whether this process evaluates the device's fixes from memberships of
+        its own (a single process holds every device it loaded)."""
+        detector = self._detectors.get(tenant)
+        if detector is None or device in self._letting_go.get(tenant, ()):
+            return False
+        return self.announce is None or detector.holds(device)
+
+    async def released(self, tenant: str, device: str) -> dict[str, int]:
+        """Another process took the device over: let it go here before the
+        tenant's next batch or timer round; unless this process's own take-over
+        of it is still to come in the stream (later than that notice)."""
+        sent = self._announcing.get((tenant, device))
+        if sent is not None and time.monotonic() - sent < NOTICE_BACK_S:
+            return {}
+        self._announcing.pop((tenant, device), None)
+        if tenant not in self._detectors:
+            return {}
+        self._letting_go.setdefault(tenant, set()).add(device)
+        return {"let go": 1}
+
+    async def announced(self, tenant: str, device: str) -> None:
+        """This process's notice of a take-over of the device came back."""
+        self._announcing.pop((tenant, device), None)
+
+    async def drain(self, deadline: float | None = None) -> None:
+        """Stop listening and finish announcing (a stop, after the last fixes)."""
+        for task in list(self._tasks):
+            if task.get_name() == LISTENING:
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _take_over(
+        self, detector: FenceDetector, stored: FixBatch, loaded_now: bool
+    ) -> None:
+        """Reload the memberships of the batch's devices not held here, in one
+        store query (none when the tenant's were loaded for this very batch), and
+        tell the other processes to let them go."""
+        tenant = stored.tenant
+        self._let_go(detector)
+        if len(stored) > INLINE_FIXES:
+            devices = await asyncio.to_thread(detector.unheld, stored)
+        else:
+            devices = detector.unheld(stored)
+        if not devices:
+            return
+        if loaded_now or self.events is None:
+            detector.hold(devices)
+        else:
+            memberships = await self.events.memberships(tenant, devices)
+            detector.reload(devices, memberships, time.time_ns() // 1_000_000)
+        log.debug("tenant %s: %d devices taken over", tenant, len(devices))
+        sent = time.monotonic()
+        self._announcing.update(((tenant, d), sent) for d in devices)
+        self._spawn(self._tell(tenant, devices))
+
+    async def _refresh_due(
+        self, detector: FenceDetector, index: FenceIndex, now_ms: int
+    ) -> bool:
+        """Before the timer raises the DWELL of devices not held here (loaded at
+        the tenant's load, their fixes going to another process), read their
+        stored memberships again (one query): their stay may have ended there.
+        False when the store cannot answer (the timer tries next second)."""
+        devices = detector.due_unheld(index, now_ms, self.dwell_lateness_ms)
+        if not devices or self.events is None:
+            return True
+        try:
+            memberships = await self.events.memberships(detector.tenant, devices)
+        except Unavailable as exc:
+            log.debug("dwell timer of tenant %s waits: %s", detector.tenant, exc)
+            return False
+        detector.refresh(devices, memberships)
+        return True
+
+    def _let_go(self, detector: FenceDetector) -> None:
+        devices = self._letting_go.pop(detector.tenant, None)
+        if devices:
+            dropped = detector.release(sorted(devices))
+            log.debug(
+                "tenant %s: %d devices let go (%d memberships)",
+                detector.tenant,
+                len(devices),
+                dropped,
+            )
+
+    async def _tell(self, tenant: str, devices: list[str]) -> None:
+        assert self.announce is not None
+        try:
+            await self.announce(tenant, devices)
+        except Unavailable as exc:
+            log.warning(
+                "take-over of %d devices of tenant %s not announced: %s",
+                len(devices),
+                tenant,
+                exc.message,
+            )
+            for device in devices:  # no notice will come back
+                self._announcing.pop((tenant, device), None)
+
+    async def _listen(self, listen: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await listen()
+        except TimeoutError:
+            log.warning("geofence take-over notices not heard yet; retried")
+        except Exception:
+            log.exception("geofence take-over notices not started")
+
+    def _spawn(self, work: Awaitable[None], name: str | None = None) -> None:
+        task = asyncio.ensure_future(work)
+        if name is not None:
+            task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def forget_device(self, tenant: str, device: str) -> int:
         """Drop the device's memberships (erasure); how many fences it was in."""

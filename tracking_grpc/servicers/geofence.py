@@ -49,6 +49,7 @@ from tracking_grpc.storage.fences import (
     encode_token,
 )
 from tracking_grpc.storage.redis_client import Connection
+from tracking_grpc.storage.redis_notices import RedisDeviceNotices
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ PAGE_BYTES = 3_000_000  # fences per page stop short of this many bytes
 MAX_WATCH_IDS = 10_000
 FOLLOW_TIMEOUT_S = 5.0  # longest WatchEvents waits for the event stream
 GEOFENCE_STREAM = "geofence-events"  # after redis_key_prefix; :<p> per partition
+FENCE_HOLDERS = "fence-holders"  # take-over notices of memberships, after the prefix
 MAX_TIME_MS = 2**63 - 1  # event times are signed 64-bit integers in the stores
 EVENT_ID = re.compile(r"^[0-9a-f]{1,64}$")  # events.event_id: a hex digest
 
@@ -423,6 +425,23 @@ def events_purger(
     return purge_events
 
 
+def _share_devices(app: App, processor: GeofenceProcessor) -> None:
+    """Other server processes may evaluate the tenants' fixes: take devices over
+    from them, and let go of those they take (notices on ``FENCE_HOLDERS``)."""
+    notices = RedisDeviceNotices(
+        Connection(app.settings.redis_url, name="tracking-fence-holders"),
+        app.settings.redis_key_prefix,
+        processor.released,
+        stream=FENCE_HOLDERS,
+        subject="fence holder",
+        heard_level=logging.DEBUG,
+        own=processor.announced,
+    )
+    processor.hear(notices.announce_many, notices.start)
+    app.drains.append(processor.drain)
+    app.closers.append(notices.close)
+
+
 def register(server: grpc.aio.Server, app: App) -> str:
     """Add the Geofence service, its processor and its event listeners."""
     fences, events = open_repositories(app)
@@ -442,6 +461,7 @@ def register(server: grpc.aio.Server, app: App) -> str:
         app.drains.append(publisher.close)
         trimmer = stream_trimmer(app.settings)
         app.closers.append(trimmer.close)
+        _share_devices(app, processor)
     store = EventStoreListener(
         events, app.settings.event_queue_max, publisher.wake if publisher else None
     )

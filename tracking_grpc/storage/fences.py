@@ -67,7 +67,7 @@ FROM (
         max(CASE WHEN type = 2 THEN time_ms END) AS exited,
         max(CASE WHEN type = 3 THEN time_ms END) AS dwelled,
         max(time_ms) AS newest
-    FROM geofence_events WHERE tenant = {mark} AND type IN (1, 2, 3)
+    FROM geofence_events WHERE tenant = {mark} AND type IN (1, 2, 3){devices}
     GROUP BY tenant, device, fence_id
 ) AS m
 LEFT JOIN geofence_events AS e ON e.tenant = m.tenant AND e.device = m.device
@@ -160,8 +160,11 @@ class EventRepository(Protocol):
 
     async def list(self, query: EventQuery) -> list[TrackingEvent]: ...
 
-    async def memberships(self, tenant: str) -> builtins.list[Membership]:
-        """Devices inside fences by their latest ENTER, EXIT and DWELL events."""
+    async def memberships(
+        self, tenant: str, devices: Sequence[str] | None = None
+    ) -> builtins.list[Membership]:
+        """Devices inside fences by their latest ENTER, EXIT and DWELL events; of
+        ``devices`` only, when given (one query however many)."""
         ...
 
     async def unpublished(self, limit: int) -> builtins.list[TrackingEvent]:

@@ -311,9 +311,17 @@ class PostgresEventRepository:
         rows = await self.db.fetch(sql, [*args, query.limit])
         return [event_of_row(row) for row in rows]
 
-    async def memberships(self, tenant: str) -> builtins.list[Membership]:
-        sql = MEMBERSHIP_SQL.format(mark="%s")
-        return memberships_of(await self.db.fetch(sql, [tenant]))
+    async def memberships(
+        self, tenant: str, devices: Sequence[str] | None = None
+    ) -> builtins.list[Membership]:
+        if devices is None:
+            sql = MEMBERSHIP_SQL.format(mark="%s", devices="")
+            return memberships_of(await self.db.fetch(sql, [tenant]))
+        if not devices:
+            return []
+        some = " AND device = ANY(%s::text[])"
+        sql = MEMBERSHIP_SQL.format(mark="%s", devices=some)
+        return memberships_of(await self.db.fetch(sql, [tenant, list(devices)]))
 
     async def unpublished(self, limit: int) -> builtins.list[TrackingEvent]:
         rows = await self.db.fetch(

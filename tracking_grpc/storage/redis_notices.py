@@ -27,6 +27,10 @@ reader.
 Route notices (``subject`` "route", ``routing.assignments``) go the same way on
 their own stream: a device's assigned route changed in the store, or (a notice of
 the kind "held", handled by ``others``) another process took its monitoring over.
+Geofence take-overs (``subject`` "fence holder", ``geofence.processor``) have a
+stream of their own, ``<prefix>fence-holders``; their listener also hears its own
+process's notices (``own``), to tell which of two take-overs of a device is the
+later in the stream.
 Many devices are announced at once (a reconnect storm moving devices to one
 process) in one entry per ``ANNOUNCE_PIECE`` devices (a ``devices`` field, a JSON
 list), a few entries to a pipeline: a burst of ten thousand devices is ten entries,
@@ -88,6 +92,7 @@ class RedisDeviceNotices:
         subject: str = "erasure",
         heard_level: int = logging.INFO,
         others: Mapping[str, Forget] | None = None,
+        own: Forget | None = None,
     ) -> None:
         self.connection = connection
         self.stream = prefix + stream
@@ -95,6 +100,9 @@ class RedisDeviceNotices:
         self.heard_level = heard_level  # of the line logged per notice acted on
         self.others = dict(others or {})  # kind: what a notice of that kind calls
         self.forget = forget
+        # Called for each device of this process's own notices as the stream
+        # brings them back (where their order among the others' matters).
+        self.own = own
         self.process = uuid.uuid4().hex[:16]
         self.heard = 0  # notices of other processes acted on
         self.last_id: str | None = None  # of the last notice handled
@@ -228,6 +236,9 @@ class RedisDeviceNotices:
             log.warning("dropped an undecodable %s notice", self.subject)
             return
         if process == self.process:
+            if self.own is not None and not kind:
+                for device in devices:
+                    await self.own(tenant, device)
             return
         act = self.others.get(kind) if kind else self.forget
         if act is None:

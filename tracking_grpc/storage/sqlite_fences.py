@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import json
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -291,9 +292,19 @@ class SqliteEventRepository:
         rows = await self.db.run(self.db.read, sql, [*args, query.limit])
         return [event_of_row(row) for row in rows]
 
-    async def memberships(self, tenant: str) -> builtins.list[Membership]:
-        sql = MEMBERSHIP_SQL.format(mark="?")
-        return memberships_of(await self.db.run(self.db.read, sql, [tenant]))
+    async def memberships(
+        self, tenant: str, devices: Sequence[str] | None = None
+    ) -> builtins.list[Membership]:
+        if devices is None:
+            sql = MEMBERSHIP_SQL.format(mark="?", devices="")
+            return memberships_of(await self.db.run(self.db.read, sql, [tenant]))
+        if not devices:
+            return []
+        # One parameter however many devices (SQLite caps the number of them).
+        some = " AND device IN (SELECT value FROM json_each(?))"
+        sql = MEMBERSHIP_SQL.format(mark="?", devices=some)
+        args = [tenant, json.dumps(list(devices))]
+        return memberships_of(await self.db.run(self.db.read, sql, args))
 
     async def unpublished(self, limit: int) -> builtins.list[TrackingEvent]:
         rows = await self.db.run(

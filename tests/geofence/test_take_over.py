@@ -1,0 +1,369 @@
+"""Geofence memberships of devices moving between server processes (one PostgreSQL
+and one Redis): the process that gets a device's fixes first reloads its
+memberships from the stored events, in one query for all such devices of a batch,
+and the process that held it lets it go (no stale DWELL, no missed ENTER). A single
+process without Redis keeps its memberships in memory and reads the store once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+
+import grpc
+import pytest
+from tracking.v1 import (
+    common_pb2,
+    event_pb2,
+    geofence_pb2,
+    geofence_pb2_grpc,
+    track_pb2_grpc,
+)
+
+from tests.geofence.support import DEPOT, summary
+from tests.geofence.test_rules import FAR, INSIDE, T0, square
+from tests.server_fixtures import batch, embedded_settings, fix, hello, now_ms
+from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.events import EventType, TrackingEvent, event_id
+from tracking_grpc.geofence.processor import GeofenceProcessor
+from tracking_grpc.server import TrackingServer
+from tracking_grpc.servicers.geofence import FENCE_HOLDERS
+from tracking_grpc.storage.fences import Membership
+from tracking_grpc.storage.postgres_fences import (
+    PostgresEventRepository,
+    PostgresFenceRepository,
+    PostgresGeofenceDatabase,
+)
+from tracking_grpc.storage.redis_client import Connection
+from tracking_grpc.storage.redis_notices import RedisDeviceNotices
+
+pytestmark = pytest.mark.postgres
+
+DWELL_MS = 120_000
+HANG_S = 30  # a hang guard: what is waited for comes far sooner
+MANY = 2_500  # devices of one take-over: three notice entries
+ENTER, EXIT = event_pb2.EVENT_TYPE_ENTER, event_pb2.EVENT_TYPE_EXIT
+
+
+class CountedEvents(PostgresEventRepository):
+    """The real event repository, counting the membership queries of one tenant
+    (by devices asked for; None: the whole tenant's)."""
+
+    def __init__(self, db: PostgresGeofenceDatabase, tenant: str) -> None:
+        super().__init__(db)
+        self.tenant = tenant
+        self.asked: list[list[str] | None] = []
+
+    async def memberships(
+        self, tenant: str, devices: Sequence[str] | None = None
+    ) -> list[Membership]:
+        if tenant == self.tenant:
+            self.asked.append(None if devices is None else list(devices))
+        return await super().memberships(tenant, devices)
+
+
+@dataclass
+class Process:
+    """A server process's geofence processor on the shared database."""
+
+    processor: GeofenceProcessor
+    events: CountedEvents
+    notices: RedisDeviceNotices | None
+
+    async def feed(self, batch: FixBatch) -> list[TrackingEvent]:
+        """Evaluate a stored batch and store its events (as the event store
+        listener does before another process could read them)."""
+        events = await self.processor.process(batch)
+        await self.events.add(events)
+        return events
+
+
+async def open_process(
+    url: str, tenant: str, redis_url: str | None = None, prefix: str = ""
+) -> tuple[Process, PostgresGeofenceDatabase]:
+    db = await PostgresGeofenceDatabase.open(url)
+    events = CountedEvents(db, tenant)
+    processor = GeofenceProcessor(PostgresFenceRepository(db), events)
+    notices = None
+    if redis_url is not None:  # wired as the Geofence service does
+        notices = RedisDeviceNotices(
+            Connection(redis_url),
+            prefix,
+            processor.released,
+            stream=FENCE_HOLDERS,
+            subject="fence holder",
+            own=processor.announced,
+        )
+        processor.hear(notices.announce_many, notices.start)
+        await until(lambda: notices.last_id is not None)
+    return Process(processor, events, notices), db
+
+
+async def until(check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(HANG_S):
+        while not check():  # noqa: ASYNC110 - another task acts on a notice
+            await asyncio.sleep(0.01)
+
+
+def heard(process: Process) -> int:
+    """Devices named in the take-over notices of other processes it acted on."""
+    assert process.notices is not None
+    return process.notices.heard
+
+
+def fixes(tenant: str, device: str, *rows: tuple) -> FixBatch:
+    """(seq, seconds after T0, (lat, lon)) of one device."""
+    return FixBatch.from_columns(
+        tenant,
+        [device] * len(rows),
+        [r[0] for r in rows],
+        [T0 + int(r[1] * 1000) for r in rows],
+        [r[2][0] for r in rows],
+        [r[2][1] for r in rows],
+        accuracy_m=[5.0] * len(rows),
+    )
+
+
+def many(tenant: str, seq: int, at_s: float, where: tuple[float, float]) -> FixBatch:
+    devices = [f"van-{n}" for n in range(MANY)]
+    return FixBatch.from_columns(
+        tenant,
+        devices,
+        [seq] * MANY,
+        [T0 + int(at_s * 1000)] * MANY,
+        [where[0]] * MANY,
+        [where[1]] * MANY,
+        accuracy_m=[5.0] * MANY,
+    )
+
+
+@pytest.fixture
+async def two_processes(
+    geo_pg_url: str, redis_url: str, redis_prefix: str, tenant: str
+) -> AsyncIterator[tuple[Process, Process]]:
+    """Two processes on one database and one Redis, the tenant's square fence
+    (DWELL after two minutes) created."""
+    first, first_db = await open_process(geo_pg_url, tenant, redis_url, redis_prefix)
+    second, second_db = await open_process(geo_pg_url, tenant, redis_url, redis_prefix)
+    fence = square(dwell_ms=DWELL_MS)[0]
+    await first.processor.fences.create(tenant, fence, T0)
+    try:
+        yield first, second
+    finally:
+        for process, db in ((first, first_db), (second, second_db)):
+            await process.processor.drain()
+            assert process.notices is not None
+            await process.notices.close()
+            await db.close()
+
+
+@pytest.mark.redis
+async def test_the_process_a_device_moves_to_raises_its_exit(
+    two_processes, tenant
+) -> None:
+    a, b = two_processes
+    # b has loaded the tenant's memberships before the van enters on a.
+    assert await b.feed(fixes(tenant, "scout", (1, 0, FAR))) == []
+    assert summary(await a.feed(fixes(tenant, "van", (1, 0, INSIDE)))) == [("ENTER", 1)]
+    await until(lambda: heard(b) == 1)  # a's take-over, before the van moves
+
+    left = await b.feed(fixes(tenant, "van", (2, 60, FAR)))
+
+    assert summary(left) == [("EXIT", 2)]
+    assert b.events.asked[-1] == ["van"]  # reloaded before it was evaluated
+    await until(lambda: not a.processor.holds(tenant, "van"))
+    assert b.processor.holds(tenant, "van")
+
+
+@pytest.mark.redis
+async def test_the_process_a_device_left_raises_no_stale_dwell(
+    two_processes, tenant
+) -> None:
+    a, b = two_processes
+    assert summary(await a.feed(fixes(tenant, "van", (1, 0, INSIDE)))) == [("ENTER", 1)]
+    await until(lambda: heard(b) == 1)  # a's take-over, before the van moves
+    assert summary(await b.feed(fixes(tenant, "van", (2, 60, FAR)))) == [("EXIT", 2)]
+    await until(lambda: heard(a) == 1)  # b's take-over
+
+    # The stay ended on b before its DWELL was due: a's timer raises nothing.
+    assert of_tenant(await a.processor.tick(T0 + 3_600_000), tenant) == []
+    # Back on a, inside past the old stay's DWELL time: a new stay begins.
+    back = await a.feed(fixes(tenant, "van", (3, 300, INSIDE)))
+    assert summary(back) == [("ENTER", 3)]
+    await until(lambda: heard(b) == 2)  # a's take-overs: the first, and now
+    assert summary(of_tenant(await a.processor.tick(T0 + 3_600_000), tenant)) == [
+        ("DWELL", 3)
+    ]
+    assert of_tenant(await b.processor.tick(T0 + 3_600_000), tenant) == []
+
+
+@pytest.mark.redis
+async def test_a_take_over_of_many_devices_is_one_query(two_processes, tenant) -> None:
+    a, b = two_processes
+    assert await b.feed(fixes(tenant, "scout", (1, 0, FAR))) == []
+    entered = await a.feed(many(tenant, 1, 0, INSIDE))
+    assert len(entered) == MANY
+    await until(lambda: heard(b) == MANY)  # a's take-over, before the vans move
+    queries = len(b.events.asked)
+
+    left = await b.feed(many(tenant, 2, 60, FAR))
+
+    assert {e.type.name for e in left} == {"EXIT"} and len(left) == MANY
+    assert len(b.events.asked) == queries + 1
+    assert sorted(b.events.asked[-1] or []) == sorted(e.device for e in left)
+    await until(lambda: heard(a) == 1 + MANY)  # the scout, then the vans
+    assert not any(a.processor.holds(tenant, e.device) for e in left)
+    assert of_tenant(await a.processor.tick(T0 + 3_600_000), tenant) == []
+    # Held now: the next batch of the same devices reads nothing.
+    assert await b.feed(many(tenant, 3, 120, FAR)) == []
+    assert len(b.events.asked) == queries + 1
+
+
+@pytest.mark.redis
+async def test_the_timer_reads_the_stay_of_a_device_held_elsewhere_again(
+    two_processes, tenant
+) -> None:
+    """A process that loaded the tenant (its start) while the van was inside a
+    fence, the van's fixes going to another process all along: before its timer
+    raises the van's DWELL it reads the van's stored events, which say it left."""
+    a, b = two_processes
+    assert summary(await b.feed(fixes(tenant, "van", (1, 0, INSIDE)))) == [("ENTER", 1)]
+    await until(lambda: heard(a) == 1)  # b's take-over, before a loads the tenant
+    assert await a.feed(fixes(tenant, "scout", (1, 0, FAR))) == []
+    assert summary(await b.feed(fixes(tenant, "van", (2, 60, FAR)))) == [("EXIT", 2)]
+    asked = len(a.events.asked)
+    later = now_ms() + 3_600_000  # the silence of a loaded stay counts from its load
+
+    # (The first tick also loads every other tenant of the shared database.)
+    assert of_tenant(await a.processor.tick(later), tenant) == []
+
+    assert a.events.asked[asked:] == [["van"]]
+    assert of_tenant(await a.processor.tick(later), tenant) == []
+    assert a.events.asked[asked:] == [["van"]]  # not inside: nothing more to read
+
+
+def of_tenant(events: list[TrackingEvent], tenant: str) -> list[TrackingEvent]:
+    return [e for e in events if e.tenant == tenant]
+
+
+async def test_a_single_process_keeps_its_memberships_in_memory(
+    geo_pg_url: str, tenant: str
+) -> None:
+    """Without Redis there is no other process: the tenant's memberships are read
+    once, and what is stored afterwards (an EXIT here, as a process of an older
+    version elsewhere would store it) is not read again."""
+    alone, db = await open_process(geo_pg_url, tenant)
+    try:
+        await alone.processor.fences.create(tenant, square(dwell_ms=DWELL_MS)[0], T0)
+        entered = await alone.feed(fixes(tenant, "van", (1, 0, INSIDE)))
+        assert summary(entered) == [("ENTER", 1)]
+        await alone.events.add([exit_of(entered[0], 10_000)])
+
+        stayed = await alone.feed(fixes(tenant, "van", (2, 300, INSIDE)))
+
+        assert summary(stayed) == [("DWELL", 2)]  # the stay in memory goes on
+        assert alone.events.asked == [None]  # the tenant's load, nothing since
+        assert alone.processor.holds(tenant, "van")
+    finally:
+        await db.close()
+
+
+def exit_of(enter: TrackingEvent, after_ms: int) -> TrackingEvent:
+    time_ms = enter.time_ms + after_ms
+    kind, fence = EventType.EXIT, enter.fence_id
+    return replace(
+        enter,
+        type=kind,
+        time_ms=time_ms,
+        event_id=event_id(enter.tenant, enter.device, kind, time_ms, fence),
+    )
+
+
+# Two real servers ---------------------------------------------------------------
+
+DEPOT_LAT, DEPOT_LON = 52.52, 13.405  # support.DEPOT: 100 m around it
+AWAY_LAT = 52.53  # about a kilometre north
+FENCE_EVENTS = HANG_S
+
+
+async def fence_events(
+    channel: grpc.aio.Channel, device: str, fixes: list[common_pb2.Fix], count: int
+) -> list[int]:
+    """Send the fixes on a stream of their own; the types of the first ``count``
+    fence events it brings."""
+    call = track_pb2_grpc.TrackSessionStub(channel).Track()
+    await call.write(hello(device, want_events=True))
+    await call.read()
+    await call.write(batch(fixes))
+    kinds: list[int] = []
+    async with asyncio.timeout(FENCE_EVENTS):
+        while len(kinds) < count:
+            response = await call.read()
+            if response.WhichOneof("message") == "event" and response.event.fence_id:
+                kinds.append(response.event.type)
+    call.cancel()
+    return kinds
+
+
+async def stored_kinds(channel: grpc.aio.Channel, device: str) -> list[int]:
+    request = geofence_pb2.ListEventsRequest(start_ms=0, device_id=device)
+    found = await geofence_pb2_grpc.GeofenceStub(channel).ListEvents(request)
+    return [e.type for e in found.events if e.fence_id]
+
+
+def geofence_of(server: TrackingServer) -> GeofenceProcessor:
+    (processor,) = [
+        p for p in server.app.pipeline.processors if isinstance(p, GeofenceProcessor)
+    ]
+    return processor
+
+
+async def until_async(check: Callable[[], Awaitable[bool]]) -> None:
+    async with asyncio.timeout(HANG_S):
+        while not await check():  # noqa: ASYNC110 - polls a server
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.redis
+async def test_a_device_reconnecting_to_another_server_exits_there_and_enters_back(
+    start_server, pg_url, redis_url, redis_prefix, tmp_path
+) -> None:
+    tenant = f"geo-{uuid.uuid4().hex[:8]}"
+    settings = replace(
+        embedded_settings(tmp_path), database_url=pg_url, redis_url=redis_url,
+        redis_key_prefix=redis_prefix, default_tenant=tenant,
+    )  # fmt: skip
+    first = await start_server(settings=settings)
+    second = await start_server(
+        settings=replace(settings, data_dir=str(tmp_path / "b"))
+    )
+    t0 = now_ms() - 20 * 60_000
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as to_a,
+        grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as to_b,
+    ):
+        fence = geofence_pb2.Fence(fence_id="depot", shape=DEPOT, dwell_ms=600_000)
+        await geofence_pb2_grpc.GeofenceStub(to_a).CreateFence(
+            geofence_pb2.CreateFenceRequest(fence=fence)
+        )
+        # The second server knows the tenant's memberships before the van enters.
+        scout = [fix(1, DEPOT_LAT, DEPOT_LON, t0, accuracy_m=5)]
+        assert await fence_events(to_b, "scout", scout, 1) == [ENTER]
+        van_in = [fix(1, DEPOT_LAT, DEPOT_LON, t0, accuracy_m=5)]
+        assert await fence_events(to_a, "van", van_in, 1) == [ENTER]
+        await until_async(lambda: _equal(stored_kinds(to_a, "van"), [ENTER]))
+
+        # The van reconnects to the second server and leaves the depot there.
+        away = [fix(2, AWAY_LAT, DEPOT_LON, t0 + 5 * 60_000, accuracy_m=5)]
+        assert await fence_events(to_b, "van", away, 1) == [EXIT]
+        await until_async(lambda: _equal(stored_kinds(to_a, "van"), [ENTER, EXIT]))
+        await until(lambda: not geofence_of(first).holds(tenant, "van"))
+
+        # Back on the first, inside past the DWELL time of the stay that ended.
+        back = [fix(3, DEPOT_LAT, DEPOT_LON, t0 + 15 * 60_000, accuracy_m=5)]
+        assert await fence_events(to_a, "van", back, 1) == [ENTER]
+
+
+async def _equal(found: Awaitable[list[int]], expected: list[int]) -> bool:
+    return await found == expected
