@@ -19,18 +19,15 @@ import asyncio
 import json
 import platform
 import statistics
-import sys
 import time
 import uuid
 from pathlib import Path
 
 from commit_bench import migrated_database
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.geofence.test_rules import FAR, INSIDE, SQUARE, T0
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.events import EventType, TrackingEvent, event_id
-from tracking_grpc.geofence.model import FenceSpec
+from tracking_grpc.geofence.model import FenceSpec, ShapeSpec
 from tracking_grpc.geofence.processor import GeofenceProcessor
 from tracking_grpc.storage.postgres_fences import (
     PostgresEventRepository,
@@ -42,6 +39,13 @@ from tracking_grpc.storage.redis_notices import RedisDeviceNotices
 
 RESULTS = Path(__file__).parent / "results" / "take_over_bench.json"
 REDIS_URL = "redis://127.0.0.1:6379/0"
+T0 = 1_704_700_800_000  # Monday 2024-01-08 08:00 UTC
+# A 200 m x 200 m square at 52.52 N, 13.40 E; INSIDE lies in it, FAR 14 km away.
+SQUARE = ShapeSpec.wkt(
+    "POLYGON((13.3985 52.5191, 13.4015 52.5191, 13.4015 52.5209, 13.3985 52.5209, "
+    "13.3985 52.5191))"
+)
+INSIDE, FAR = (52.52, 13.40), (52.60, 13.60)
 TENANT = "bench"
 
 
