@@ -3,6 +3,8 @@ answer names the field and the reason."""
 
 from __future__ import annotations
 
+import json
+
 import grpc
 import pytest
 from tracking.v1 import geofence_pb2, geofence_pb2_grpc
@@ -36,3 +38,54 @@ async def test_a_whole_world_fence_says_why(fences) -> None:
     assert field == "fence.shape.wkt[0]"
     assert "spans all 360° of longitude" in reason
     assert "cannot cover the whole world or both poles" in reason
+
+
+SQUARE_WKT = "POLYGON((2 48, 3 48, 3 49, 2 49, 2 48))"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "words"),
+    [
+        pytest.param(
+            {"note": "x" * 1_000_000},
+            "the value of key 'note' has 1000000 characters; at most 1024",
+            id="value-of-a-megabyte",
+        ),
+        pytest.param(
+            {"k" * 65: "v"},
+            f"key {'k' * 64!r}… (65 characters): a key is 1 to 64 printable",
+            id="key-too-long",
+        ),
+        pytest.param({"": "v"}, "key '' (0 characters)", id="empty-key"),
+        pytest.param({"a\x00b": "v"}, "printable characters", id="key-with-nul"),
+    ],
+)
+async def test_fence_metadata_is_bounded(fences, metadata, words) -> None:
+    fence = wkt_fence("meta", SQUARE_WKT, metadata=metadata)
+    request = geofence_pb2.CreateFenceRequest(fence=fence)
+    field, reason = await refused(fences.CreateFence(request))
+    assert field == "fence.metadata"
+    assert words in reason
+
+
+async def test_fence_metadata_at_the_limits_is_stored(fences) -> None:
+    metadata = {"k" * 64: "v" * 1024, "note": "ünïcödé " * 128}
+    fence = wkt_fence("meta", SQUARE_WKT, metadata=metadata)
+    await fences.CreateFence(geofence_pb2.CreateFenceRequest(fence=fence))
+    got = await fences.GetFence(geofence_pb2.GetFenceRequest(fence_id="meta"))
+    assert dict(got.fence.metadata) == metadata
+
+
+async def test_imported_fence_metadata_has_the_same_bounds(fences) -> None:
+    feature = {
+        "type": "Feature",
+        "id": "imported",
+        "geometry": {"type": "Point", "coordinates": [2.5, 48.5]},
+        "properties": {"radius_m": 100, "metadata": {"note": "x" * 1025}},
+    }
+    collection = {"type": "FeatureCollection", "features": [feature]}
+    request = geofence_pb2.ImportFencesRequest(geojson=json.dumps(collection))
+    field, reason = await refused(fences.ImportFences(request))
+    assert field.endswith(".metadata")
+    assert field.startswith("features[0]")
+    assert "the value of key 'note' has 1025 characters; at most 1024" in reason

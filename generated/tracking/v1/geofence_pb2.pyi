@@ -269,9 +269,15 @@ class Fence(_message.Message):
         """Optional: when the fence is active; absent means always."""
 
     @_builtins.property
-    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At most 32 labels of 1 to 64 printable characters."""
+
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """At most 64 entries; keys of 1 to 64 printable characters, values of at most
+        1,024 characters.
+        """
+
     def __init__(
         self,
         *,
