@@ -9,7 +9,7 @@ import grpc
 import pytest
 from tracking.v1 import geofence_pb2, geofence_pb2_grpc
 
-from tests.server_fixtures import violation
+from tests.server_fixtures import now_ms, violation
 
 WHOLE_WORLD = "POLYGON((-180 -90, 180 -90, 180 90, -180 90, -180 -90))"
 
@@ -89,3 +89,33 @@ async def test_imported_fence_metadata_has_the_same_bounds(fences) -> None:
     assert field.endswith(".metadata")
     assert field.startswith("features[0]")
     assert "the value of key 'note' has 1025 characters; at most 1024" in reason
+
+
+HOUR_MS = 3_600_000
+
+
+@pytest.mark.parametrize(
+    ("start_ms", "end_ms", "field", "words"),
+    [
+        pytest.param(
+            now_ms() + HOUR_MS,
+            0,
+            "start_ms",
+            "must not lie after now when end_ms is 0 (0 means now)",
+            id="start-after-now-end-0",
+        ),
+        pytest.param(5_000, 3_000, "end_ms", "must be after start_ms", id="inverted"),
+        pytest.param(5_000, 5_000, "end_ms", "must be after start_ms", id="empty"),
+    ],
+)
+async def test_list_events_refuses_a_range_that_ends_before_it_starts(
+    fences, start_ms, end_ms, field, words
+) -> None:
+    """As ListStops and GetTrack do; end_ms 0 means now (documented)."""
+    request = geofence_pb2.ListEventsRequest(start_ms=start_ms, end_ms=end_ms)
+    assert await refused(fences.ListEvents(request)) == (field, words)
+
+
+async def test_list_events_up_to_now_from_a_moment_ago_is_empty(fences) -> None:
+    request = geofence_pb2.ListEventsRequest(start_ms=now_ms() - 1, end_ms=0)
+    assert list((await fences.ListEvents(request)).events) == []

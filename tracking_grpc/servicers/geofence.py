@@ -310,8 +310,12 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         end_ms = request.end_ms or now_ms() + 1
         if request.start_ms < 0:
             raise InvalidArgument("start_ms", "must be >= 0")
+        if end_ms <= request.start_ms and not request.end_ms:
+            raise InvalidArgument(
+                "start_ms", "must not lie after now when end_ms is 0 (0 means now)"
+            )
         if end_ms <= request.start_ms:
-            raise InvalidArgument("end_ms", "must lie after start_ms (0 means now)")
+            raise InvalidArgument("end_ms", "must be after start_ms")
         if request.device_id:  # empty: every device
             convert.check_device_id(request.device_id, "device_id")
         if request.fence_id:  # empty: every fence

@@ -761,7 +761,9 @@ class ListEventsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     ROUTE_ID_FIELD_NUMBER: _builtins.int
     start_ms: _builtins.int
-    """Fix time range, start_ms <= time_ms < end_ms; end 0 means now."""
+    """Fix time range, start_ms <= time_ms < end_ms; end 0 means now. INVALID_ARGUMENT
+    for end_ms not after start_ms, or, with end 0, start_ms after now.
+    """
     end_ms: _builtins.int
     device_id: _builtins.str
     """Empty: every device."""
