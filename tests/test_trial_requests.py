@@ -1,0 +1,38 @@
+"""Requests and commands a new user's trial ran, against a real server on port 0:
+each refusal names the field and the reason."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from tracking.v1 import history_pb2, history_pb2_grpc
+
+from tests.server_fixtures import now_ms, violation
+
+DAY_MS = 86_400_000
+
+
+@pytest.mark.parametrize(
+    ("fence_ids", "field", "words"),
+    [
+        pytest.param(["nope", ""], "fence_ids[1]", "must not be empty", id="empty"),
+        pytest.param(
+            ["bad id!"], "fence_ids[0]", "1 to 128 letters", id="not-a-fence-id"
+        ),
+    ],
+)
+async def test_time_in_fences_refuses_a_malformed_fence_id(
+    channel, fence_ids, field, words
+) -> None:
+    """INVALID_ARGUMENT, as GetFence("") is; not NOT_FOUND for a fence that could
+    not exist."""
+    stub = history_pb2_grpc.HistoryStub(channel)
+    end = now_ms()
+    request = history_pb2.TimeInFencesRequest(
+        device_id="d", start_ms=end - DAY_MS, end_ms=end, fence_ids=fence_ids
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.TimeInFences(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation(caught.value)[0] == field
+    assert words in violation(caught.value)[1]
