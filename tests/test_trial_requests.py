@@ -7,7 +7,7 @@ import grpc
 import pytest
 from tracking.v1 import history_pb2, history_pb2_grpc
 
-from tests.server_fixtures import now_ms, violation
+from tests.server_fixtures import batch, fix, hello, now_ms, violation
 
 DAY_MS = 86_400_000
 
@@ -36,3 +36,17 @@ async def test_time_in_fences_refuses_a_malformed_fence_id(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violation(caught.value)[0] == field
     assert words in violation(caught.value)[1]
+
+
+async def test_a_repeated_hello_of_the_same_device_is_ignored(stub, server) -> None:
+    """As the Track contract says: no second SessionStarted, the stream goes on."""
+    call = stub.Track()
+    await call.write(hello("d"))
+    assert (await call.read()).WhichOneof("message") == "started"
+    await call.write(hello("d", resume_from_seq=1, want_events=True))
+    await call.write(batch([fix(1, 45.0, 7.0)]))
+    reply = await call.read()
+    assert reply.WhichOneof("message") == "ack"
+    assert (reply.ack.acked_seq, reply.ack.stored) == (1, 1)
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
