@@ -126,7 +126,8 @@ def _geojson_polygons(text: str, field: str) -> list[tuple[str, list[Any]]]:
 
 def _wkt_polygons(text: str, field: str) -> list[tuple[str, list[Any]]]:
     try:
-        geom = shapely.from_wkt(text)
+        with np.errstate(invalid="ignore"):  # a NaN coordinate is refused below
+            geom = shapely.from_wkt(text)
     except shapely.errors.GEOSException as exc:
         raise InvalidArgument(field, f"not valid WKT: {exc}") from exc
     if geom is None or geom.geom_type not in {"Polygon", "MultiPolygon"}:
