@@ -3,6 +3,8 @@ each refusal names the field and the reason."""
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 from tracking.v1 import history_pb2, history_pb2_grpc
@@ -50,3 +52,30 @@ async def test_a_repeated_hello_of_the_same_device_is_ignored(stub, server) -> N
     assert (reply.ack.acked_seq, reply.ack.stored) == (1, 1)
     await call.done_writing()
     assert await call.read() is grpc.aio.EOF
+
+
+ROUTE_LOG = "tracking_grpc.servicers.route"
+
+
+def route_not_ready(caplog: pytest.LogCaptureFixture) -> list[int]:
+    return [
+        r.levelno
+        for r in caplog.records
+        if r.name == ROUTE_LOG and "Route service not ready" in r.getMessage()
+    ]
+
+
+async def test_routing_off_by_default_is_logged_at_info(start_server, caplog) -> None:
+    caplog.set_level(logging.INFO, logger=ROUTE_LOG)
+    await start_server()
+    assert route_not_ready(caplog) == [logging.INFO]
+
+
+async def test_an_unusable_routing_data_dir_is_a_warning(
+    start_server, caplog, tmp_path
+) -> None:
+    empty = tmp_path / "no-routing-data"
+    empty.mkdir()
+    caplog.set_level(logging.INFO, logger=ROUTE_LOG)
+    await start_server(routing_data_dir=str(empty))
+    assert route_not_ready(caplog) == [logging.WARNING]
