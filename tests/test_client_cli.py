@@ -38,6 +38,25 @@ async def test_replay_prints_a_summary(server, capsys):
     assert "sent 104  stored 104  duplicates 0" in out
 
 
+async def test_a_replay_whose_every_fix_is_rejected_exits_1(server, capsys):
+    """Original times years old are older than a default server accepts: nothing is
+    stored, and the exit code says so (a script must not take it for success)."""
+    car = str(require_shared(TRACES / CAR))
+    assert await run(server, "replay", car, "--fast", "--original-times") == 1
+    out = capsys.readouterr().out
+    assert "sent 104  stored 0  duplicates 0" in out
+    assert "rejected REJECT_REASON_ANCIENT_TIME: 104" in out
+    assert "FAILED: the server rejected every fix sent and stored none" in out
+
+
+async def test_a_replay_of_fixes_stored_before_exits_0(server, capsys):
+    car = str(require_shared(TRACES / CAR))
+    assert await run(server, "replay", car, "--fast") == 0
+    capsys.readouterr()
+    assert await run(server, "replay", car, "--fast") == 0  # all duplicates now
+    assert "stored 0  duplicates 104" in capsys.readouterr().out
+
+
 async def test_positions_and_nearby_after_a_replay(server, capsys):
     await run(server, "replay", str(require_shared(TRACES / CAR)), "--fast")
     capsys.readouterr()

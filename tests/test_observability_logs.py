@@ -6,12 +6,13 @@ import io
 import json
 import logging
 import time
+import warnings
 
 import grpc
 import jwt
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from tracking.v1 import track_pb2_grpc
+from tracking.v1 import geofence_pb2, geofence_pb2_grpc, track_pb2_grpc
 
 from tests.server_fixtures import fix, track_session
 from tests.test_observability_tracing import publish_request
@@ -146,3 +147,41 @@ async def test_ingest_writes_no_info_line_per_fix_or_message(start_server):
     assert sum(ack.stored for ack in acks) == 500
     during = stream.getvalue()[started:].splitlines()
     assert len(during) < 5, during  # 50 messages, 500 fixes: no line for each
+
+
+def test_python_warnings_come_out_as_json_lines(json_lines, capfd):
+    """A library's warning goes through the log's formatter, not raw to stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("invalid value encountered", RuntimeWarning, stacklevel=1)
+    [line] = json_lines()
+    assert (line["level"], line["logger"]) == ("WARNING", "py.warnings")
+    assert "RuntimeWarning: invalid value encountered" in line["message"]
+    assert capfd.readouterr().err == ""
+
+
+async def test_a_nan_in_wkt_is_refused_and_logged_as_json_only(start_server, capfd):
+    stream, root = io.StringIO(), logging.getLogger()
+    level = root.level
+    handler = logs.configure(Settings(log_format="json", log_level="INFO"), stream)
+    server = await start_server()
+    shape = geofence_pb2.FenceShape(wkt="POLYGON((0 0, nan 0, 1 1, 0 0))")
+    request = geofence_pb2.CreateFenceRequest(
+        fence=geofence_pb2.Fence(fence_id="nan", shape=shape)
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            with warnings.catch_warnings(record=True) as shown:
+                warnings.simplefilter("always")
+                stub = geofence_pb2_grpc.GeofenceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.CreateFence(request)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "finite" in caught.value.details()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert not [x for x in lines if x["logger"] == "py.warnings"]
+    assert [str(w.message) for w in shown if w.category is RuntimeWarning] == []
+    assert "Warning" not in capfd.readouterr().err

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from tests.backends import admin_execute, database_url
 from tracking_grpc.errors import StorageUnavailable
 from tracking_grpc.storage import schema
 
@@ -172,3 +174,29 @@ async def test_two_migrates_at_once_apply_each_migration_once(pg_blank_url) -> N
     )
     assert sorted(first + second) == [m.version for m in schema.available()]
     assert invalid_indexes(pg_blank_url) == []
+
+
+@pytest.fixture
+def owner_database():
+    """A database owned by a role that is not a superuser, and that role's URL;
+    the superuser creates PostGIS in it, as the README's deployment step says."""
+    name = f"trk_owner_{uuid.uuid4().hex[:8]}"
+    admin_execute(f'CREATE ROLE "{name}" LOGIN')
+    admin_execute(f'CREATE DATABASE "{name}" OWNER "{name}"')
+    url = make_conninfo(database_url(name), user=name)
+    try:
+        with psycopg.connect(database_url(name), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION postgis")
+        yield url
+    finally:
+        admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin_execute(f'DROP ROLE IF EXISTS "{name}"')
+
+
+@pytest.mark.postgres
+async def test_an_owner_without_superuser_migrates_once_postgis_exists(
+    owner_database,
+) -> None:
+    applied = await schema.migrate(owner_database)
+    assert applied == [m.version for m in schema.available()]
+    assert await schema.migrate(owner_database) == []

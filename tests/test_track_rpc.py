@@ -82,6 +82,37 @@ async def test_a_bad_attribute_is_named_with_its_value(stub, extra, detail) -> N
     assert acks[0].stored == 1
 
 
+ACCURACY_DETAIL = "accuracy_m 1e+30 must be in [0, 1000000] (1000 km)"
+
+
+async def test_an_implausible_accuracy_is_rejected_on_the_stream(stub, server) -> None:
+    """Geofence.Check refuses an accuracy over 1,000 km; ingest rejects it too."""
+    fixes = [fix(1, 45.0, 7.0, accuracy_m=1e30), fix(2, 45.0, 7.0, accuracy_m=1e6)]
+    _, acks = await track_session(stub, "d", [fixes])
+    [rejection] = acks[0].rejections
+    assert (rejection.seq, rejection.reason) == (1, R.REJECT_REASON_INVALID_ACCURACY)
+    assert rejection.detail == ACCURACY_DETAIL
+    assert await server.app.history.count("default", "d") == 1
+
+
+async def test_an_implausible_accuracy_is_rejected_in_a_batch(stub, server) -> None:
+    t = now_ms()
+    columns = track_pb2.ColumnarFixes(
+        device_ids=["g"],
+        device_index=[0, 0],
+        seq=[1, 2],
+        time_ms=[t - 2000, t - 1000],
+        lat=[1.0, 1.001],
+        lon=[1.0, 1.0],
+        accuracy_m=[1e30, 5.0],
+    )
+    reply = await stub.PublishBatch(track_pb2.PublishBatchRequest(columns=columns))
+    assert [(r.seq, r.reason, r.detail) for r in reply.rejections] == [
+        (1, R.REJECT_REASON_INVALID_ACCURACY, ACCURACY_DETAIL)
+    ]
+    assert (reply.stored, await server.app.history.count("default", "g")) == (1, 1)
+
+
 UNDEFINED_PROVIDERS = [
     pytest.param(7, id="just-above-enum"),
     pytest.param(128, id="int8-max+1"),

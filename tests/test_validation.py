@@ -45,6 +45,12 @@ def one(lat=45.0, lon=7.0, time_ms=NOW, seq=1, **optional) -> FixBatch:
         pytest.param(
             one(accuracy_m=np.inf), Reason.INVALID_ACCURACY, id="accuracy-inf"
         ),
+        pytest.param(one(accuracy_m=1e30), Reason.INVALID_ACCURACY, id="accuracy-1e30"),
+        pytest.param(
+            one(accuracy_m=1_000_001.0), Reason.INVALID_ACCURACY, id="accuracy>1000km"
+        ),
+        pytest.param(one(accuracy_m=1_000_000.0), Reason.OK, id="accuracy-1000km"),
+        pytest.param(one(accuracy_m=np.nan), Reason.OK, id="accuracy-not-sent"),
         pytest.param(one(speed_mps=-2.0), Reason.INVALID_ATTRIBUTE, id="speed<0"),
         pytest.param(one(heading_deg=400.0), Reason.INVALID_ATTRIBUTE, id="heading"),
         pytest.param(one(battery_pct=101.0), Reason.INVALID_ATTRIBUTE, id="battery"),

@@ -196,6 +196,9 @@ OVERLAP = {
     ],
 }
 
+BAND_ROUND_THE_GLOBE = [[-180, -80], [0, -80], [180, -80], [180, 80], [0, 80]]
+BAND_ROUND_THE_GLOBE += [[-180, 80], [-180, -80]]
+
 
 @pytest.mark.parametrize(
     ("shape", "field", "words"),
@@ -264,6 +267,39 @@ OVERLAP = {
             "s.wkt",
             "closed",
             id="wkt-unclosed",
+        ),
+        pytest.param(
+            ShapeSpec.wkt("POLYGON((-180 -90, 180 -90, 180 90, -180 90, -180 -90))"),
+            "s.wkt[0]",
+            "a fence cannot cover the whole world or both poles",
+            id="whole-world",
+        ),
+        pytest.param(
+            polygon([[-180, -10], [180, -10], [180, 10], [-180, 10], [-180, -10]]),
+            "s.geojson.coordinates[0]",
+            "the edge from [-180, -10] to [180, -10] spans all 360° of longitude",
+            id="edge-from-minus-180-to-180",
+        ),
+        pytest.param(
+            polygon([[-180, 0], [180, 0], [180, 90], [-180, 90], [-180, 0]]),
+            "s.geojson.coordinates[0]",
+            "collapses to a point on the antimeridian",
+            id="cap-with-an-edge-of-360",
+        ),
+        pytest.param(
+            polygon(BAND_ROUND_THE_GLOBE),
+            "s.geojson.coordinates[0]",
+            "spans all 360° of longitude without reaching a pole",
+            id="band-round-the-globe",
+        ),
+        pytest.param(
+            polygon(
+                [[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]],
+                [[-180, 1], [180, 1], [180, 2], [-180, 2], [-180, 1]],
+            ),
+            "s.geojson.coordinates[1]",
+            "spans all 360° of longitude",
+            id="hole-with-an-edge-of-360",
         ),
         pytest.param(
             ShapeSpec.circle(10, 10, 0),

@@ -272,4 +272,4 @@ async def run(args: argparse.Namespace) -> int:
                 on_event=_print_event if args.events else None,
             )
     print(report.summary(f"replayed {args.file.name}"))
-    return 1 if report.failed() else 0
+    return report.exit_code()

@@ -32,6 +32,17 @@ class ReplayReport:
     def failed(self) -> list[SessionStats]:
         return [s for s in self.sessions if s.error or s.settled < s.sent]
 
+    def all_rejected(self) -> bool:
+        """Fixes were sent and the server turned every one away: none is stored,
+        now or before."""
+        kept = self.total("stored") + self.total("duplicates")
+        kept += self.total("stored_before_ack")
+        return self.total("sent") > 0 and kept == 0 and bool(self.rejected())
+
+    def exit_code(self) -> int:
+        """1 when a device failed or when every fix sent was rejected, else 0."""
+        return 1 if self.failed() or self.all_rejected() else 0
+
     def summary(self, title: str) -> str:
         rate = self.total("sent") / self.elapsed_s if self.elapsed_s > 0 else 0.0
         devices = self.devices or len(self.sessions)
@@ -57,6 +68,11 @@ class ReplayReport:
             lines.append(
                 "  hint: most fixes were older than the server accepts; cap long "
                 "pauses with --max-gap-s, or start the server with --max-fix-age-s 0"
+            )
+        if self.all_rejected():
+            lines.append(
+                "  FAILED: the server rejected every fix sent and stored none "
+                "(the reasons above)"
             )
         failed = self.failed()
         for stats in failed[:MAX_FAILURES_LISTED]:

@@ -127,4 +127,4 @@ async def run(args: argparse.Namespace) -> int:
             metadata=call_metadata(args.token),
         )
     print(report.summary(f"simulated {args.devices} devices"))
-    return 1 if report.failed() else 0
+    return report.exit_code()

@@ -27,6 +27,9 @@ MAX_SEQ = 2**63 - 1  # stored as a signed 64-bit integer
 NULL_ISLAND_DEG = 1e-6  # about 10 cm: what a float decoder makes of an exact 0
 MAX_PROVIDER = 6  # tracking.v1.Provider.PROVIDER_MANUAL
 ALTITUDE_RANGE_M = (-12_000.0, 100_000.0)  # deepest trench to the edge of space
+# A fix less accurate than 1,000 km places its device nowhere in particular: ingest
+# rejects it and Geofence.Check refuses such an accuracy.
+MAX_ACCURACY_M = 1_000_000.0
 # Rejections an ack or a PublishBatch answer lists one by one; the rest are only
 # counted. 100,000 listed rejections made a 9 MB answer, over a client's 4 MB limit.
 LISTED_REJECTIONS = 1_000
@@ -52,7 +55,7 @@ DETAILS = {
     Reason.NULL_ISLAND: "(0, 0) is a placeholder for a missing fix",
     Reason.FUTURE_TIME: "fix time is further ahead of the server clock than allowed",
     Reason.ANCIENT_TIME: "fix time is older than allowed",
-    Reason.INVALID_ACCURACY: "accuracy_m must be a finite number >= 0",
+    Reason.INVALID_ACCURACY: "accuracy_m must be in [0, 1000000] (1000 km)",
     Reason.INVALID_SEQ: "seq must be between 1 and 2^63-1",
     Reason.INVALID_ATTRIBUTE: (
         "speed_mps >= 0, heading_deg in [0, 360], battery_pct in [0, 100], "
@@ -101,7 +104,7 @@ def detail(batch: FixBatch, row: int, reason: int) -> str:
         return f"fix time {when} is older than allowed"
     if reason == Reason.INVALID_ACCURACY:
         accuracy = float(batch.accuracy_m[row])
-        return f"accuracy_m {accuracy:g} must be a finite number >= 0"
+        return f"accuracy_m {accuracy:g} must be in [0, 1000000] (1000 km)"
     if reason == Reason.INVALID_SEQ:
         return f"seq {int(batch.seq[row])} must be between 1 and 2^63-1"
     if reason != Reason.INVALID_ATTRIBUTE:
@@ -143,7 +146,7 @@ def reasons(batch: FixBatch, now_ms: int, limits: Limits) -> np.ndarray:
             (batch.seq == 0) | (batch.seq > MAX_SEQ),
             batch.time_ms > now_ms + limits.max_future_skew_ms,
             batch.time_ms < oldest,
-            _bad_optional(batch.accuracy_m, 0.0, np.inf) | np.isinf(batch.accuracy_m),
+            _bad_optional(batch.accuracy_m, 0.0, MAX_ACCURACY_M),
             np.logical_or.reduce(
                 [
                     _bad_optional(getattr(batch, column), low, high)

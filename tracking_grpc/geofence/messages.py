@@ -34,6 +34,8 @@ from tracking_grpc.geofence.shapes import compile_checked, is_json_number
 FENCE_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 MAX_LABELS = 32
 MAX_METADATA = 64
+MAX_METADATA_KEY = 64  # characters, as a label
+MAX_METADATA_VALUE = 1024  # characters
 MAX_DWELL_MS = 30 * 86_400_000
 MAX_IMPORT = 50_000
 
@@ -55,6 +57,30 @@ def check_labels(labels: Sequence[str], field: str) -> None:
         raise InvalidArgument(
             field, f"at most {MAX_LABELS} labels of 1 to 64 printable characters"
         )
+
+
+def check_metadata(metadata: dict[str, str], field: str) -> None:
+    """At most MAX_METADATA entries, each key 1 to MAX_METADATA_KEY printable
+    characters (as a label) and each value at most MAX_METADATA_VALUE characters:
+    a fence travels whole in every answer and index that carries it."""
+    if len(metadata) > MAX_METADATA:
+        raise InvalidArgument(field, f"at most {MAX_METADATA} entries")
+    for key in sorted(metadata):
+        shown = repr(key[:MAX_METADATA_KEY]) + (
+            "…" if len(key) > MAX_METADATA_KEY else ""
+        )
+        if not (0 < len(key) <= MAX_METADATA_KEY and key.isprintable()):
+            raise InvalidArgument(
+                field,
+                f"key {shown} ({len(key)} characters): a key is 1 to "
+                f"{MAX_METADATA_KEY} printable characters",
+            )
+        if len(metadata[key]) > MAX_METADATA_VALUE:
+            raise InvalidArgument(
+                field,
+                f"the value of key {shown} has {len(metadata[key])} characters; "
+                f"at most {MAX_METADATA_VALUE}",
+            )
 
 
 def shape_of(message: geofence_pb2.FenceShape, field: str) -> ShapeSpec:
@@ -170,8 +196,7 @@ def checked(
     if not (math.isfinite(spec.max_accuracy_m) and spec.max_accuracy_m >= 0):
         raise InvalidArgument(f"{field}.max_accuracy_m", "must be 0 or more metres")
     check_labels(spec.labels, f"{field}.labels")
-    if len(spec.metadata) > MAX_METADATA:
-        raise InvalidArgument(f"{field}.metadata", f"at most {MAX_METADATA} entries")
+    check_metadata(spec.metadata, f"{field}.metadata")
     if spec.schedule is not None:
         schedules.check(spec.schedule, f"{field}.schedule")
     compiled = compile_checked(spec.shape, f"{field}.shape", repair)

@@ -126,7 +126,8 @@ def _geojson_polygons(text: str, field: str) -> list[tuple[str, list[Any]]]:
 
 def _wkt_polygons(text: str, field: str) -> list[tuple[str, list[Any]]]:
     try:
-        geom = shapely.from_wkt(text)
+        with np.errstate(invalid="ignore"):  # a NaN coordinate is refused below
+            geom = shapely.from_wkt(text)
     except shapely.errors.GEOSException as exc:
         raise InvalidArgument(field, f"not valid WKT: {exc}") from exc
     if geom is None or geom.geom_type not in {"Polygon", "MultiPolygon"}:
@@ -189,7 +190,11 @@ def _polygon(
         clean.append(coords)
     if not clean:
         return None
+    for i, coords in enumerate(clean):
+        _refuse_collapsed_edges(coords, f"{field}[{i}]")
     lons, winds = _unwrap(clean[0][:, 0], clean[0][:, 1])
+    if not winds:
+        _refuse_round_the_globe(lons, clean[0][:, 1], f"{field}[0]")
     shell = np.column_stack([lons, clean[0][:, 1]])
     if winds:
         shell = _close_over_pole(shell)
@@ -270,6 +275,53 @@ def _unwrap(lons: np.ndarray, lats: np.ndarray) -> tuple[np.ndarray, int]:
     step = np.where(crosses, step - 360.0 * np.sign(step), step)
     unwrapped = lons[0] + np.concatenate([[0.0], np.cumsum(step)])
     return unwrapped, round((unwrapped[-1] - unwrapped[0]) / 360.0)
+
+
+def _refuse_collapsed_edges(coords: np.ndarray, field: str) -> None:
+    """InvalidArgument if an edge runs from -180 to 180 (or back) off the poles.
+
+    Taken the short way such an edge has no length: it collapses to a point on
+    the antimeridian, and the ring with it (at a pole, ±180 is one point anyway).
+    """
+    lons, lats = coords[:, 0], coords[:, 1]
+    at_pole = (np.abs(lats[:-1]) == 90.0) & (lats[:-1] == lats[1:])
+    whole = np.flatnonzero((np.abs(np.diff(lons)) == 360.0) & ~at_pole)
+    if whole.size:
+        j = int(whole[0])
+        raise InvalidArgument(
+            field,
+            f"the edge from {_pair(coords[j])} to {_pair(coords[j + 1])} spans all "
+            "360° of longitude; an edge takes the short way, so it collapses to a "
+            "point on the antimeridian: a ring cannot go round the globe in one edge",
+        )
+
+
+def _refuse_round_the_globe(lons: np.ndarray, lats: np.ndarray, field: str) -> None:
+    """InvalidArgument if an unwinding ring spans all 360° of longitude other than
+    as a cap on one pole.
+
+    Its edges at -180 and 180 then lie on one meridian and cancel out: from pole
+    to pole the ring collapses to the whole world, and off the poles to a band
+    round the globe that no single outline bounds. Only a cap that reaches one
+    pole (``[..., [180, 85], [180, 90], [-180, 90], [-180, 85]]``) keeps an outline.
+    """
+    if float(lons.max() - lons.min()) < 360.0:
+        return
+    north, south = bool((lats == 90.0).any()), bool((lats == -90.0).any())
+    if north and south:
+        raise InvalidArgument(
+            field,
+            "the ring spans all 360° of longitude from pole to pole; its edges at "
+            "-180 and 180 are one meridian and collapse, leaving the whole world: a "
+            "fence cannot cover the whole world or both poles",
+        )
+    if not (north or south):
+        raise InvalidArgument(
+            field,
+            "the ring spans all 360° of longitude without reaching a pole; its edges "
+            "at -180 and 180 are one meridian and collapse, leaving a band round the "
+            "globe with no outline: a fence cannot go all the way round off the poles",
+        )
 
 
 def _close_over_pole(shell: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ import logging
 import re
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any, TextIO
 
@@ -184,8 +185,25 @@ def configure(settings: Settings, stream: TextIO | None = None) -> logging.Handl
         root.removeHandler(_handler)
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
+    warnings.showwarning = _log_warning
     _handler = handler
     return handler
+
+
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Show a Python warning (a library's RuntimeWarning, say) as a log line of the
+    ``py.warnings`` logger, formatted like every other line, not as raw text on
+    standard error. ``logging.captureWarnings`` does the same but only once per
+    process, which a second ``configure`` (tests, the CLI) would undo."""
+    text = warnings.formatwarning(message, category, filename, lineno, line)
+    logging.getLogger("py.warnings").warning("%s", text.rstrip())
 
 
 def _secrets(settings: Settings) -> tuple[str, ...]:

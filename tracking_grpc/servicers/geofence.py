@@ -18,6 +18,7 @@ from tracking_grpc import convert, streams
 from tracking_grpc.app import App
 from tracking_grpc.auth import Role
 from tracking_grpc.config import Settings
+from tracking_grpc.core.validation import MAX_ACCURACY_M
 from tracking_grpc.errors import InvalidArgument, ResourceExhausted, Unavailable
 from tracking_grpc.geofence.delivery import (
     EventFilter,
@@ -235,7 +236,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         accuracy = request.accuracy_m if request.HasField("accuracy_m") else 0.0
         if math.isnan(accuracy):
             accuracy = 0.0  # not sent, as NaN in a fix's optional values
-        if not (math.isfinite(accuracy) and 0 <= accuracy <= 1e6):
+        if not 0 <= accuracy <= MAX_ACCURACY_M:
             raise InvalidArgument("accuracy_m", "must lie within 0 and 1000 km")
         found = await self.processor.check(
             caller.tenant, lat, lon, accuracy, frozenset(request.labels)
@@ -309,8 +310,12 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         end_ms = request.end_ms or now_ms() + 1
         if request.start_ms < 0:
             raise InvalidArgument("start_ms", "must be >= 0")
+        if end_ms <= request.start_ms and not request.end_ms:
+            raise InvalidArgument(
+                "start_ms", "must not lie after now when end_ms is 0 (0 means now)"
+            )
         if end_ms <= request.start_ms:
-            raise InvalidArgument("end_ms", "must lie after start_ms (0 means now)")
+            raise InvalidArgument("end_ms", "must be after start_ms")
         if request.device_id:  # empty: every device
             convert.check_device_id(request.device_id, "device_id")
         if request.fence_id:  # empty: every fence

@@ -23,6 +23,7 @@ from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.core.geodesy import in_box, in_circle
 from tracking_grpc.errors import InvalidArgument, NotFound
 from tracking_grpc.geofence.index import FenceIndex
+from tracking_grpc.geofence.messages import check_fence_id
 from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.servicers.geofence import open_repositories
 from tracking_grpc.storage.fences import FenceRepository
@@ -347,6 +348,10 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
         wanted = set(request.fence_ids)
         if len(wanted) > MAX_FENCE_IDS:
             raise InvalidArgument("fence_ids", f"at most {MAX_FENCE_IDS}")
+        for i, fence_id in enumerate(request.fence_ids):
+            if not fence_id:
+                raise InvalidArgument(f"fence_ids[{i}]", "must not be empty")
+            check_fence_id(fence_id, f"fence_ids[{i}]")
         found = await self._load(caller, request)
         fixes = views.clean(found.analysis)
         async with self._fence_index(caller.tenant) as index:

@@ -257,7 +257,9 @@ def register(server: grpc.aio.Server, app: App) -> str:
     keeper = routing.keeper
     if not routing.router.available:
         app.not_ready.add(SERVICE_NAME)
-        log.warning("Route service not ready: %s", datasets.PREPARE_HINT)
+        # Off by default: no data directory is a choice, not a fault to act on.
+        level = logging.WARNING if app.settings.routing_data_dir else logging.INFO
+        log.log(level, "Route service not ready: %s", datasets.PREPARE_HINT)
     app.pipeline.add_processor(keeper)
     app.drains.append(keeper.stop)  # after the pipeline's last fixes
     if app.settings.redis_url:  # other server processes may monitor the routes

@@ -175,7 +175,9 @@ class Fix(_message.Message):
     lat: _builtins.float
     lon: _builtins.float
     accuracy_m: _builtins.float
-    """Horizontal accuracy (68 % radius) in metres."""
+    """Horizontal accuracy (68 % radius) in metres. Track and PublishBatch reject a fix
+    whose accuracy is below 0 or above 1,000 km (REJECT_REASON_INVALID_ACCURACY).
+    """
     altitude_m: _builtins.float
     speed_mps: _builtins.float
     heading_deg: _builtins.float

@@ -269,9 +269,15 @@ class Fence(_message.Message):
         """Optional: when the fence is active; absent means always."""
 
     @_builtins.property
-    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At most 32 labels of 1 to 64 printable characters."""
+
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """At most 64 entries; keys of 1 to 64 printable characters, values of at most
+        1,024 characters.
+        """
+
     def __init__(
         self,
         *,
@@ -755,7 +761,9 @@ class ListEventsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     ROUTE_ID_FIELD_NUMBER: _builtins.int
     start_ms: _builtins.int
-    """Fix time range, start_ms <= time_ms < end_ms; end 0 means now."""
+    """Fix time range, start_ms <= time_ms < end_ms; end 0 means now. INVALID_ARGUMENT
+    for end_ms not after start_ms, or, with end 0, start_ms after now.
+    """
     end_ms: _builtins.int
     device_id: _builtins.str
     """Empty: every device."""

@@ -81,7 +81,10 @@ Global___TrackRequest: _TypeAlias = TrackRequest  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
-    """First message of a Track stream."""
+    """First message of a Track stream. A stream carries one device: a later Hello of the
+    same device is ignored (no new SessionStarted; its resume_from_seq and want_events
+    change nothing), one of another device is INVALID_ARGUMENT (hello.device_id).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
