@@ -4,12 +4,17 @@ and the rebuild of an index that an interrupted build left invalid."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.backends import admin_execute, database_url
 from tracking_grpc.errors import StorageUnavailable
@@ -21,6 +26,7 @@ EVENT_INDEXES = {
     10: "geofence_events_route",
 }
 MIGRATE_APP = "trk-migrate-test"
+ROOT = Path(__file__).resolve().parents[1]
 INSERT_EVENT = (
     "INSERT INTO geofence_events (tenant, event_id, device, fence_id, type, time_ms,"
     " lat, lon, fix_seq, created_ms) VALUES ('t', %s, 'd', 'f', 1, 1, 0, 0, 1, 1)"
@@ -176,21 +182,32 @@ async def test_two_migrates_at_once_apply_each_migration_once(pg_blank_url) -> N
     assert invalid_indexes(pg_blank_url) == []
 
 
-@pytest.fixture
-def owner_database():
+def owned_database(postgis: bool) -> Iterator[str]:
     """A database owned by a role that is not a superuser, and that role's URL;
-    the superuser creates PostGIS in it, as the README's deployment step says."""
+    with ``postgis`` the superuser creates PostGIS in it, as the README's
+    deployment step says. Both are dropped afterwards."""
     name = f"trk_owner_{uuid.uuid4().hex[:8]}"
     admin_execute(f'CREATE ROLE "{name}" LOGIN')
     admin_execute(f'CREATE DATABASE "{name}" OWNER "{name}"')
     url = make_conninfo(database_url(name), user=name)
     try:
-        with psycopg.connect(database_url(name), autocommit=True) as conn:
-            conn.execute("CREATE EXTENSION postgis")
+        if postgis:
+            with psycopg.connect(database_url(name), autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION postgis")
         yield url
     finally:
         admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin_execute(f'DROP ROLE IF EXISTS "{name}"')
+
+
+@pytest.fixture
+def owner_database() -> Iterator[str]:
+    yield from owned_database(postgis=True)
+
+
+@pytest.fixture
+def owner_database_without_postgis() -> Iterator[str]:
+    yield from owned_database(postgis=False)
 
 
 @pytest.mark.postgres
@@ -200,3 +217,23 @@ async def test_an_owner_without_superuser_migrates_once_postgis_exists(
     applied = await schema.migrate(owner_database)
     assert applied == [m.version for m in schema.available()]
     assert await schema.migrate(owner_database) == []
+
+
+@pytest.mark.postgres
+def test_migrate_by_an_owner_who_may_not_create_postgis_says_what_to_do(
+    owner_database_without_postgis,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKING_")}
+    command = [sys.executable, "-m", "tracking_grpc", "migrate"]
+    command += ["--database-url", owner_database_without_postgis]
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    user = conninfo_to_dict(owner_database_without_postgis)["user"]
+    assert done.stderr.splitlines()[-1] == (
+        f'tracking: role "{user}" may not create the PostGIS extension in database '
+        f'"{user}": a superuser runs `CREATE EXTENSION postgis` once in that '
+        "database, then run `tracking migrate` again"
+    )

@@ -91,6 +91,111 @@ async def test_imported_fence_metadata_has_the_same_bounds(fences) -> None:
     assert "the value of key 'note' has 1025 characters; at most 1024" in reason
 
 
+NAME_RULE = "a name is at most 256 printable characters"
+VALUE_RULE = "a value is at most 1024 printable characters"
+
+
+def feature_collection(**properties) -> str:
+    feature = {
+        "type": "Feature",
+        "id": "imported",
+        "geometry": {"type": "Point", "coordinates": [2.5, 48.5]},
+        "properties": {"radius_m": 100, **properties},
+    }
+    return json.dumps({"type": "FeatureCollection", "features": [feature]})
+
+
+# Fence settings refused alike on Create, Update and Import, as (settings,
+# field on Create and Update, field in a GeoJSON Feature, words of the reason).
+NAME_AND_VALUE_CASES = [
+    pytest.param(
+        {"name": "n" * 257},
+        "fence.name",
+        "features[0].properties.name",
+        f"has 257 characters; {NAME_RULE}",
+        id="name-of-257",
+    ),
+    pytest.param(
+        {"name": "Dock\n4"},
+        "fence.name",
+        "features[0].properties.name",
+        f"has U+000A, which is not printable, at character 4; {NAME_RULE}",
+        id="name-with-newline",
+    ),
+    pytest.param(
+        {"name": "a\x00b"},
+        "fence.name",
+        "features[0].properties.name",
+        f"has U+0000, which is not printable, at character 1; {NAME_RULE}",
+        id="name-with-nul",
+    ),
+    pytest.param(
+        {"metadata": {"note": "gate\tcode"}},
+        "fence.metadata",
+        "features[0].properties.metadata",
+        "the value of key 'note' has U+0009, which is not printable, at character "
+        f"4; {VALUE_RULE}",
+        id="value-with-tab",
+    ),
+    pytest.param(
+        {"metadata": {"a": "ok", "z": "\x1b[31m"}},
+        "fence.metadata",
+        "features[0].properties.metadata",
+        "the value of key 'z' has U+001B, which is not printable, at character 0; "
+        f"{VALUE_RULE}",
+        id="value-with-escape",
+    ),
+]
+
+
+@pytest.mark.parametrize(("settings", "field", "_", "words"), NAME_AND_VALUE_CASES)
+async def test_create_refuses_a_long_or_unprintable_name_or_value(
+    fences, settings, field, _, words
+) -> None:
+    request = geofence_pb2.CreateFenceRequest(
+        fence=wkt_fence("named", SQUARE_WKT, **settings)
+    )
+    assert await refused(fences.CreateFence(request)) == (field, words)
+
+
+@pytest.mark.parametrize(("settings", "field", "_", "words"), NAME_AND_VALUE_CASES)
+async def test_update_refuses_a_long_or_unprintable_name_or_value(
+    fences, settings, field, _, words
+) -> None:
+    fence = wkt_fence("named", SQUARE_WKT, name="Depot")
+    await fences.CreateFence(geofence_pb2.CreateFenceRequest(fence=fence))
+    request = geofence_pb2.UpdateFenceRequest(
+        fence=wkt_fence("named", SQUARE_WKT, **settings)
+    )
+    assert await refused(fences.UpdateFence(request)) == (field, words)
+    got = await fences.GetFence(geofence_pb2.GetFenceRequest(fence_id="named"))
+    assert got.fence.name == "Depot" and not got.fence.metadata
+
+
+@pytest.mark.parametrize(("settings", "_", "field", "words"), NAME_AND_VALUE_CASES)
+async def test_import_refuses_a_long_or_unprintable_name_or_value(
+    fences, settings, _, field, words
+) -> None:
+    request = geofence_pb2.ImportFencesRequest(geojson=feature_collection(**settings))
+    assert await refused(fences.ImportFences(request)) == (field, words)
+
+
+async def test_a_name_and_values_at_the_limits_are_stored(fences) -> None:
+    """256 printable characters, spaces and letters beyond ASCII among them."""
+    name = "Åsa's dock " * 23 + "ö" * 3
+    metadata = {"gate": "4 · ünïcödé ✓"}
+    fence = wkt_fence("named", SQUARE_WKT, name=name, metadata=metadata)
+    await fences.CreateFence(geofence_pb2.CreateFenceRequest(fence=fence))
+    got = await fences.GetFence(geofence_pb2.GetFenceRequest(fence_id="named"))
+    assert (got.fence.name, dict(got.fence.metadata)) == (name, metadata)
+    request = geofence_pb2.ImportFencesRequest(
+        geojson=feature_collection(name=name, metadata=metadata)
+    )
+    await fences.ImportFences(request)
+    got = await fences.GetFence(geofence_pb2.GetFenceRequest(fence_id="imported"))
+    assert (got.fence.name, dict(got.fence.metadata)) == (name, metadata)
+
+
 HOUR_MS = 3_600_000
 
 

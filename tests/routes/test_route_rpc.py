@@ -589,6 +589,13 @@ def match_fixes(times: list[int], **extra) -> list[common_pb2.Fix]:
     ]
 
 
+def with_accuracy(
+    fixes: list[common_pb2.Fix], index: int, accuracy_m: float
+) -> list[common_pb2.Fix]:
+    fixes[index].accuracy_m = accuracy_m
+    return fixes
+
+
 NOW_MS = 1_700_000_000_000
 
 
@@ -616,14 +623,26 @@ NOW_MS = 1_700_000_000_000
         pytest.param(
             match_fixes([NOW_MS, NOW_MS + 1000], accuracy_m=-5),
             "fixes[0].accuracy_m",
-            "finite number >= 0",
+            "must be in [0, 1000000] (1000 km)",
             id="negative-accuracy",
         ),
         pytest.param(
             match_fixes([NOW_MS, NOW_MS + 1000], accuracy_m=float("inf")),
             "fixes[0].accuracy_m",
-            "finite number >= 0",
+            "must be in [0, 1000000] (1000 km)",
             id="infinite-accuracy",
+        ),
+        pytest.param(
+            with_accuracy(match_fixes([NOW_MS + k * 1000 for k in range(5)]), 3, 1e30),
+            "fixes[3].accuracy_m",
+            "must be in [0, 1000000] (1000 km)",
+            id="accuracy-beyond-ingest-limit",
+        ),
+        pytest.param(
+            with_accuracy(match_fixes([NOW_MS, NOW_MS + 1000]), 1, 1_000_001.0),
+            "fixes[1].accuracy_m",
+            "must be in [0, 1000000] (1000 km)",
+            id="accuracy-just-over-1000-km",
         ),
         pytest.param(
             match_fixes([NOW_MS + 1000, NOW_MS]),

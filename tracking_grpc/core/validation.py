@@ -30,6 +30,7 @@ ALTITUDE_RANGE_M = (-12_000.0, 100_000.0)  # deepest trench to the edge of space
 # A fix less accurate than 1,000 km places its device nowhere in particular: ingest
 # rejects it and Geofence.Check refuses such an accuracy.
 MAX_ACCURACY_M = 1_000_000.0
+ACCURACY_RULE = "must be in [0, 1000000] (1000 km)"  # worded for MAX_ACCURACY_M
 # Rejections an ack or a PublishBatch answer lists one by one; the rest are only
 # counted. 100,000 listed rejections made a 9 MB answer, over a client's 4 MB limit.
 LISTED_REJECTIONS = 1_000
@@ -55,7 +56,7 @@ DETAILS = {
     Reason.NULL_ISLAND: "(0, 0) is a placeholder for a missing fix",
     Reason.FUTURE_TIME: "fix time is further ahead of the server clock than allowed",
     Reason.ANCIENT_TIME: "fix time is older than allowed",
-    Reason.INVALID_ACCURACY: "accuracy_m must be in [0, 1000000] (1000 km)",
+    Reason.INVALID_ACCURACY: f"accuracy_m {ACCURACY_RULE}",
     Reason.INVALID_SEQ: "seq must be between 1 and 2^63-1",
     Reason.INVALID_ATTRIBUTE: (
         "speed_mps >= 0, heading_deg in [0, 360], battery_pct in [0, 100], "
@@ -104,7 +105,7 @@ def detail(batch: FixBatch, row: int, reason: int) -> str:
         return f"fix time {when} is older than allowed"
     if reason == Reason.INVALID_ACCURACY:
         accuracy = float(batch.accuracy_m[row])
-        return f"accuracy_m {accuracy:g} must be in [0, 1000000] (1000 km)"
+        return f"accuracy_m {accuracy:g} {ACCURACY_RULE}"
     if reason == Reason.INVALID_SEQ:
         return f"seq {int(batch.seq[row])} must be between 1 and 2^63-1"
     if reason != Reason.INVALID_ATTRIBUTE:

@@ -36,6 +36,7 @@ MAX_LABELS = 32
 MAX_METADATA = 64
 MAX_METADATA_KEY = 64  # characters, as a label
 MAX_METADATA_VALUE = 1024  # characters
+MAX_NAME = 256  # characters
 MAX_DWELL_MS = 30 * 86_400_000
 MAX_IMPORT = 50_000
 
@@ -61,8 +62,8 @@ def check_labels(labels: Sequence[str], field: str) -> None:
 
 def check_metadata(metadata: dict[str, str], field: str) -> None:
     """At most MAX_METADATA entries, each key 1 to MAX_METADATA_KEY printable
-    characters (as a label) and each value at most MAX_METADATA_VALUE characters:
-    a fence travels whole in every answer and index that carries it."""
+    characters (as a label) and each value at most MAX_METADATA_VALUE printable
+    characters: a fence travels whole in every answer and index that carries it."""
     if len(metadata) > MAX_METADATA:
         raise InvalidArgument(field, f"at most {MAX_METADATA} entries")
     for key in sorted(metadata):
@@ -81,6 +82,36 @@ def check_metadata(metadata: dict[str, str], field: str) -> None:
                 f"the value of key {shown} has {len(metadata[key])} characters; "
                 f"at most {MAX_METADATA_VALUE}",
             )
+        bad = _unprintable(metadata[key])
+        if bad:
+            raise InvalidArgument(
+                field,
+                f"the value of key {shown} has {bad}; a value is at most "
+                f"{MAX_METADATA_VALUE} printable characters",
+            )
+
+
+def check_name(name: str, field: str) -> None:
+    """At most MAX_NAME printable characters (empty is no name)."""
+    rule = f"a name is at most {MAX_NAME} printable characters"
+    if len(name) > MAX_NAME:
+        raise InvalidArgument(field, f"has {len(name)} characters; {rule}")
+    bad = _unprintable(name)
+    if bad:
+        raise InvalidArgument(field, f"has {bad}; {rule}")
+
+
+def _unprintable(text: str) -> str:
+    """Where ``text`` first holds a character that is not printable (a control
+    character, NUL above all, cannot be stored as PostgreSQL text), or "".
+
+    >>> _unprintable("Dock 4"), _unprintable("Dock\\n4")
+    ('', 'U+000A, which is not printable, at character 4')
+    """
+    if text.isprintable():
+        return ""
+    k = next(k for k, c in enumerate(text) if not c.isprintable())
+    return f"U+{ord(text[k]):04X}, which is not printable, at character {k}"
 
 
 def shape_of(message: geofence_pb2.FenceShape, field: str) -> ShapeSpec:
@@ -195,6 +226,7 @@ def checked(
         raise InvalidArgument(f"{field}.dwell_ms", "must lie within 0 and 30 days")
     if not (math.isfinite(spec.max_accuracy_m) and spec.max_accuracy_m >= 0):
         raise InvalidArgument(f"{field}.max_accuracy_m", "must be 0 or more metres")
+    check_name(spec.name, f"{field}.name")
     check_labels(spec.labels, f"{field}.labels")
     check_metadata(spec.metadata, f"{field}.metadata")
     if spec.schedule is not None:
@@ -291,6 +323,7 @@ FEATURE_FIELDS = (
     (".shape.corridor.path", ".geometry.coordinates"),
     (".shape.geojson", ".geometry"),
     (".shape", ".geometry"),
+    (".name", ".properties.name"),
     (".dwell_ms", ".properties.dwell_ms"),
     (".max_accuracy_m", ".properties.max_accuracy_m"),
     (".labels", ".properties.labels"),

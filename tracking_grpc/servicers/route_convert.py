@@ -12,6 +12,7 @@ from tracking.v1 import common_pb2, route_pb2
 
 from tracking_grpc import convert
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.core.validation import ACCURACY_RULE, MAX_ACCURACY_M
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.ingest import now_ms
 from tracking_grpc.routing import optimise
@@ -103,18 +104,21 @@ def latlng_arrays(
 
 
 def check_match_fixes(batch: FixBatch) -> None:
-    """Fix times in [0, LATEST_MS] and accuracies, where given, finite and >= 0."""
+    """Fix times in [0, LATEST_MS] and accuracies, where given, in [0,
+    MAX_ACCURACY_M] as ingest requires."""
     bad_time = (batch.time_ms < 0) | (batch.time_ms > LATEST_MS)
     if bad_time.any():
         i = int(np.argmax(bad_time))
         reason = f"must be epoch milliseconds in [0, {LATEST_MS}] (9999-01-01)"
         raise InvalidArgument(f"fixes[{i}].time_ms", reason)
     accuracy = batch.accuracy_m
-    with np.errstate(invalid="ignore"):
-        bad_accuracy = np.isinf(accuracy) | (accuracy < 0)
+    with np.errstate(invalid="ignore"):  # NaN: not given
+        bad_accuracy = ~np.isnan(accuracy) & ~(
+            (accuracy >= 0) & (accuracy <= MAX_ACCURACY_M)
+        )
     if bad_accuracy.any():
         i = int(np.argmax(bad_accuracy))
-        raise InvalidArgument(f"fixes[{i}].accuracy_m", "must be a finite number >= 0")
+        raise InvalidArgument(f"fixes[{i}].accuracy_m", ACCURACY_RULE)
 
 
 def latlng(lat: float, lon: float) -> common_pb2.LatLng:

@@ -162,12 +162,22 @@ async def _apply_pending(conn: psycopg.AsyncConnection) -> list[int]:
     for migration in available():
         if migration.version in done:
             continue
-        if migration.transaction:
-            async with conn.transaction():
-                await conn.execute(migration.sql.encode())
-                await conn.execute(RECORD, [migration.version, migration.name])
-        else:
-            await _apply_outside_transaction(conn, migration)
+        try:
+            if migration.transaction:
+                async with conn.transaction():
+                    await conn.execute(migration.sql.encode())
+                    await conn.execute(RECORD, [migration.version, migration.name])
+            else:
+                await _apply_outside_transaction(conn, migration)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            if "extension" not in (exc.diag.message_primary or ""):
+                raise
+            raise FailedPrecondition(
+                f'role "{conn.info.user}" may not create the PostGIS extension in '
+                f'database "{conn.info.dbname}": a superuser runs '
+                "`CREATE EXTENSION postgis` once in that database, then run "
+                "`tracking migrate` again"
+            ) from exc
         log.info("applied migration %04d %s", migration.version, migration.name)
         applied.append(migration.version)
     return applied

@@ -246,6 +246,7 @@ class Fence(_message.Message):
     fence_id: _builtins.str
     """Letters, digits and -_.:; set by the server when empty on create."""
     name: _builtins.str
+    """At most 256 printable characters (no control characters); may be empty."""
     dwell_ms: _builtins.int
     """A device inside this long raises DWELL (with the first fix after that time);
     0 raises no DWELL.
@@ -275,7 +276,7 @@ class Fence(_message.Message):
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """At most 64 entries; keys of 1 to 64 printable characters, values of at most
-        1,024 characters.
+        1,024 printable characters.
         """
 
     def __init__(
