@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -109,11 +109,11 @@ def wait_serving(
             time.sleep(0.2)
 
 
-def _on_cpus(cpus: tuple[int, ...]) -> Callable[[], None] | None:
-    """A ``preexec_fn`` keeping a child (and every thread it starts) on ``cpus``."""
-    if not cpus:
-        return None
-    return lambda: os.sched_setaffinity(0, cpus)
+def _on_cpus(cpus: tuple[int, ...]) -> list[str]:
+    """The prefix of a command that keeps its process, and every thread it starts,
+    on ``cpus`` (``taskset``: no code runs between fork and exec in this process,
+    which has threads of its own)."""
+    return ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
 
 
 class EchoPeer:
@@ -124,11 +124,10 @@ class EchoPeer:
         self.log = open(data_dir / "peer.log", "w")
         command = [sys.executable, str(ROOT / "bench" / "echo_peer.py")]
         self.process = subprocess.Popen(
-            [*command, "--listen", self.target],
+            [*_on_cpus(cpus), *command, "--listen", self.target],
             cwd=ROOT,
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_on_cpus(cpus),
         )
         try:
             wait_serving(self.target, self.process)
@@ -181,11 +180,10 @@ class SpawnedServer:
             self.metrics_url = f"http://{metrics_listen}/metrics"
         self.log = open(data_dir / "server.log", "w")
         self.process = subprocess.Popen(
-            command,
+            [*_on_cpus(cpus), *command],
             cwd=ROOT,
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_on_cpus(cpus),
         )
         try:
             wait_serving(self.target, self.process)

@@ -7,6 +7,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -61,6 +62,9 @@ async def test_csv_and_geojson_to_a_file(car_server, tmp_path):
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert len(rows) == CAR_FIXES
     assert [p.name for p in tmp_path.iterdir()] == ["car.csv"]  # no part file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     geo = tmp_path / "car.geojson"
     argv = ["export", CAR_DEVICE, "--format", "geojson", "--output", str(geo)]
     assert await run(car_server, *argv) == 0

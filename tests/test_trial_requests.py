@@ -21,6 +21,8 @@ DAY_MS = 86_400_000
         pytest.param(
             ["bad id!"], "fence_ids[0]", "1 to 128 letters", id="not-a-fence-id"
         ),
+        # Repeats count: a list is refused by its length, not walked id by id.
+        pytest.param(["a"] * 10_001, "fence_ids", "at most 10000", id="too-many"),
     ],
 )
 async def test_time_in_fences_refuses_a_malformed_fence_id(

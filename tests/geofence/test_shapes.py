@@ -379,3 +379,16 @@ def test_a_long_narrow_corridor_indexes_in_seconds() -> None:
     started = time.process_time()
     assert inside(road, [(1.0, 0.0), (1.0, 0.01)]) == [True, False]
     assert time.process_time() - started < 10.0
+
+
+def test_a_refused_ring_is_named_by_its_place_after_a_dropped_one() -> None:
+    """Repair drops a hole with no area; a later ring refused is still named by
+    its place in the request, not by its place among the rings kept."""
+    outer = [[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]
+    no_area = [[1, 1], [1, 1], [1, 1], [1, 1]]
+    round_the_globe = [[-180, 1], [180, 1], [180, 2], [-180, 2], [-180, 1]]
+    rings = [outer, no_area, round_the_globe]
+    spec = ShapeSpec.geojson(json.dumps({"type": "Polygon", "coordinates": rings}))
+    with pytest.raises(InvalidArgument) as refused:
+        compile_checked(spec, "s", repair=True)
+    assert refused.value.field == "s.geojson.coordinates[2]"

@@ -143,17 +143,25 @@ async def run(args: argparse.Namespace) -> int:
             return 0
         target = args.output
         handle, part = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".part", dir=target.parent or Path(".")
+            prefix=f".{target.name}.", suffix=".part", dir=target.parent
         )
         try:
             with os.fdopen(handle, "wb") as out:
                 await _write_all(call, out)
+                os.fchmod(out.fileno(), _file_mode())  # as open() would make it
             os.replace(part, target)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(part)
             raise
     return 0
+
+
+def _file_mode() -> int:
+    """0o666 less the umask: the mode of a file the user's shell would create."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 async def _write_all(call, out: BinaryIO) -> None:

@@ -179,7 +179,7 @@ def _polygon(
 ) -> Polygon | None:
     if not isinstance(rings, list) or not rings:
         raise InvalidArgument(field, "a polygon needs at least its outer ring")
-    clean: list[np.ndarray] = []
+    clean: list[tuple[int, np.ndarray]] = []  # each kept ring with its place
     for i, ring in enumerate(rings):
         where = f"{field}[{i}]"
         coords = _ring(ring, where, repair, repairs)
@@ -187,20 +187,21 @@ def _polygon(
             if i == 0:
                 raise InvalidArgument(where, "outer ring has no area")
             continue
-        clean.append(coords)
+        clean.append((i, coords))
     if not clean:
         return None
-    for i, coords in enumerate(clean):
+    for i, coords in clean:
         _refuse_collapsed_edges(coords, f"{field}[{i}]")
-    lons, winds = _unwrap(clean[0][:, 0], clean[0][:, 1])
+    outer = clean[0][1]
+    lons, winds = _unwrap(outer[:, 0], outer[:, 1])
     if not winds:
-        _refuse_round_the_globe(lons, clean[0][:, 1], f"{field}[0]")
-    shell = np.column_stack([lons, clean[0][:, 1]])
+        _refuse_round_the_globe(lons, outer[:, 1], f"{field}[0]")
+    shell = np.column_stack([lons, outer[:, 1]])
     if winds:
         shell = _close_over_pole(shell)
     west = float(shell[:, 0].min())
     holes = []
-    for i, hole in enumerate(clean[1:], start=1):
+    for i, hole in clean[1:]:
         hole_lons, hole_winds = _unwrap(hole[:, 0], hole[:, 1])
         if hole_winds:
             raise InvalidArgument(f"{field}[{i}]", "a hole may not wind around a pole")

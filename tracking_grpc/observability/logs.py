@@ -200,8 +200,10 @@ def _log_warning(
 ) -> None:
     """Show a Python warning (a library's RuntimeWarning, say) as a log line of the
     ``py.warnings`` logger, formatted like every other line, not as raw text on
-    standard error. ``logging.captureWarnings`` does the same but only once per
-    process, which a second ``configure`` (tests, the CLI) would undo."""
+    standard error. ``logging.captureWarnings(True)`` installs its hook only while
+    it has none recorded: once something else has put ``warnings.showwarning``
+    back (pytest does after each test), a later ``configure`` would not route
+    warnings again; this hook is installed by every ``configure``."""
     text = warnings.formatwarning(message, category, filename, lineno, line)
     logging.getLogger("py.warnings").warning("%s", text.rstrip())
 

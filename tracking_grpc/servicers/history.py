@@ -345,9 +345,9 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
     ) -> history_pb2.TimeInFencesResponse:
         """Time the device spent inside each geofence of the tenant."""
         caller = self._caller(context)
-        wanted = set(request.fence_ids)
-        if len(wanted) > MAX_FENCE_IDS:
+        if len(request.fence_ids) > MAX_FENCE_IDS:
             raise InvalidArgument("fence_ids", f"at most {MAX_FENCE_IDS}")
+        wanted = set(request.fence_ids)
         for i, fence_id in enumerate(request.fence_ids):
             if not fence_id:
                 raise InvalidArgument(f"fence_ids[{i}]", "must not be empty")

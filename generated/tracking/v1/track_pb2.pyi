@@ -96,6 +96,8 @@ class Hello(_message.Message):
     GetLastPositions, Watch, the Geofence, History and Route services) is 1 to 128
     printable characters with no space at either end: " van-7" is refused with
     INVALID_ARGUMENT naming the field, not taken as a device apart from "van-7".
+    History.EraseDevice alone also takes an id with a space at either end, so
+    that data stored under one before this rule can still be erased.
     """
     resume_from_seq: _builtins.int
     """The device intends to send from this sequence number on; the server answers
