@@ -29,8 +29,16 @@ BAD_IDS = [
     pytest.param(" van-7", EDGE_SPACE, id="leading-space"),
     pytest.param("van-7 ", EDGE_SPACE, id="trailing-space"),
     pytest.param("  van-7  ", EDGE_SPACE, id="spaces-both-ends"),
-    pytest.param("van-7\t", "contains control characters", id="trailing-tab"),
-    pytest.param("\u00a0van-7", "contains control characters", id="leading-nbsp"),
+    pytest.param(
+        "van-7\t",
+        "has a character that is not printable",
+        id="trailing-tab",
+    ),
+    pytest.param(
+        "\u00a0van-7",
+        "has a character that is not printable",
+        id="leading-nbsp",
+    ),
 ]
 
 

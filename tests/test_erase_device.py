@@ -220,7 +220,10 @@ async def test_history_stored_under_an_id_with_edge_spaces_stays_erasable(
             history_pb2.EraseDeviceRequest(device_id=" van\t"),
             metadata=as_role(tenant),
         )
-    assert violation(caught.value) == ("device_id", "contains control characters")
+    assert violation(caught.value) == (
+        "device_id",
+        "has a character that is not printable",
+    )
 
 
 @pytest.mark.parametrize(

@@ -37,15 +37,17 @@ def device_id_fault(device_id: str) -> str | None:
     whitespace but the ASCII space), neither starting nor ending with a space, so
     that " van-7" is refused instead of becoming a device apart from "van-7".
 
-    >>> device_id_fault("van-7"), device_id_fault("van-7 "), device_id_fault("a\tb")
-    (None, 'must not start or end with a space', 'contains control characters')
+    >>> device_id_fault("van-7"), device_id_fault("van-7 ")
+    (None, 'must not start or end with a space')
+    >>> device_id_fault("a\tb"), device_id_fault("\u00a0van-7")
+    ('has a character that is not printable', 'has a character that is not printable')
     """
     if not device_id.strip():
         return "must not be empty or only spaces"
     if len(device_id) > MAX_DEVICE_ID_LENGTH:
         return f"longer than {MAX_DEVICE_ID_LENGTH} characters"
     if not device_id.isprintable():
-        return "contains control characters"
+        return "has a character that is not printable"
     if device_id[0] == " " or device_id[-1] == " ":
         return EDGE_SPACE
     return None

@@ -524,7 +524,7 @@ DEEP_JSON = "[" * 100_000 + "]" * 100_000
         pytest.param(
             lambda s: s.ListEvents(geofence_pb2.ListEventsRequest(route_id="r\x00")),
             "route_id",
-            "contains control characters",
+            "has a character that is not printable",
             id="list-events-route-id-with-nul",
         ),
         pytest.param(

@@ -689,8 +689,16 @@ async def test_match_track_by_device_bounds_its_range(
     ("route_id", "words"),
     [
         pytest.param("\0" * 1000, "longer than 128 characters", id="thousand-nuls"),
-        pytest.param("r\0", "contains control characters", id="nul"),
-        pytest.param("r\n1", "contains control characters", id="newline"),
+        pytest.param(
+            "r\0",
+            "has a character that is not printable",
+            id="nul",
+        ),
+        pytest.param(
+            "r\n1",
+            "has a character that is not printable",
+            id="newline",
+        ),
         pytest.param("r" * 100_000, "longer than 128 characters", id="100k-chars"),
         pytest.param("   ", "must not be empty or only spaces", id="spaces"),
     ],
