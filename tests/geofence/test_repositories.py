@@ -187,6 +187,9 @@ async def test_memberships_of_some_devices_in_one_query(geo_stores, tenant) -> N
     some = ["in", "left", "absent", *(f"many-{n}" for n in range(1_500))]
     found = await events.memberships(tenant, some)
     assert sorted(m.device for m in found) == sorted(["in", *some[3:]])
+    # The newest event of each device named, over every fence, left ones too.
+    assert found.newest_ms == {"in": 10, "left": 20} | {d: 5 for d in some[3:]}
+    assert (await events.memberships(tenant, [])).newest_ms == {}
     assert await events.memberships(tenant, []) == []
     assert len(await events.memberships(tenant)) == 1_502
 

@@ -7,6 +7,8 @@ process without Redis keeps its memberships in memory and reads the store once."
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -25,11 +27,13 @@ from tests.geofence.support import DEPOT, summary
 from tests.geofence.test_rules import FAR, INSIDE, T0, square
 from tests.server_fixtures import batch, embedded_settings, fix, hello, now_ms
 from tracking_grpc.core.fixes import FixBatch
+from tracking_grpc.errors import StorageUnavailable
 from tracking_grpc.events import EventType, TrackingEvent, event_id
-from tracking_grpc.geofence.processor import GeofenceProcessor
+from tracking_grpc.geofence import processor as processor_module
+from tracking_grpc.geofence.processor import Announce, GeofenceProcessor
 from tracking_grpc.server import TrackingServer
 from tracking_grpc.servicers.geofence import FENCE_HOLDERS
-from tracking_grpc.storage.fences import Membership
+from tracking_grpc.storage.fences import Memberships
 from tracking_grpc.storage.postgres_fences import (
     PostgresEventRepository,
     PostgresFenceRepository,
@@ -54,12 +58,19 @@ class CountedEvents(PostgresEventRepository):
         super().__init__(db)
         self.tenant = tenant
         self.asked: list[list[str] | None] = []
+        # Awaited before a query of some devices (while the query "runs").
+        self.meanwhile: Callable[[], Awaitable[None]] | None = None
+        self.out = False  # the store answers no query of some devices
 
     async def memberships(
         self, tenant: str, devices: Sequence[str] | None = None
-    ) -> list[Membership]:
+    ) -> Memberships:
         if tenant == self.tenant:
             self.asked.append(None if devices is None else list(devices))
+            if devices is not None and self.meanwhile is not None:
+                await self.meanwhile()
+            if devices is not None and self.out:
+                raise StorageUnavailable("the event store is out")
         return await super().memberships(tenant, devices)
 
 
@@ -177,9 +188,12 @@ async def test_the_process_a_device_moves_to_raises_its_exit(
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("inline_members", [processor_module.INLINE_MEMBERS, 0])
 async def test_the_process_a_device_left_raises_no_stale_dwell(
-    two_processes, tenant
+    two_processes, tenant, inline_members, monkeypatch
 ) -> None:
+    """(Also with every take-over and let-go rebuilt in a worker thread.)"""
+    monkeypatch.setattr(processor_module, "INLINE_MEMBERS", inline_members)
     a, b = two_processes
     assert summary(await a.feed(fixes(tenant, "van", (1, 0, INSIDE)))) == [("ENTER", 1)]
     await until(lambda: heard(b) == 1)  # a's take-over, before the van moves
@@ -241,6 +255,216 @@ async def test_the_timer_reads_the_stay_of_a_device_held_elsewhere_again(
     assert a.events.asked[asked:] == [["van"]]
     assert of_tenant(await a.processor.tick(later), tenant) == []
     assert a.events.asked[asked:] == [["van"]]  # not inside: nothing more to read
+
+
+@pytest.mark.redis
+async def test_a_notice_read_while_a_take_over_reads_the_store_lets_nothing_go(
+    two_processes, tenant
+) -> None:
+    """b takes the van over; a's batch of the van asks the store for its
+    memberships, and b's notice comes while the query runs: it is older than a's
+    own take-over, so a keeps the van (and b lets it go): one holder, one DWELL."""
+    a, b = two_processes
+    assert await a.feed(fixes(tenant, "scout", (1, 0, FAR))) == []  # a's load
+    before = heard(a)
+    query_runs = asyncio.Event()
+    tell = b.processor.announce
+    assert tell is not None
+
+    async def once_a_asks(tenant: str, devices: Sequence[str]) -> None:
+        await query_runs.wait()
+        await tell(tenant, devices)
+
+    async def notice_comes() -> None:
+        query_runs.set()
+        await until(lambda: heard(a) > before)
+
+    b.processor.announce = once_a_asks
+    a.events.meanwhile = notice_comes
+    assert summary(await b.feed(fixes(tenant, "van", (1, 0, INSIDE)))) == [("ENTER", 1)]
+    assert await a.feed(fixes(tenant, "van", (2, 10, INSIDE))) == []
+    a.events.meanwhile = None
+    await until(lambda: not b.processor.holds(tenant, "van"))  # a's notice
+    later = now_ms() + 3_600_000
+
+    dwells = of_tenant(await a.processor.tick(later), tenant)
+
+    assert a.processor.holds(tenant, "van")
+    assert summary(dwells) == [("DWELL", 2)]
+    assert of_tenant(await b.processor.tick(later), tenant) == []
+
+
+@pytest.mark.redis
+async def test_a_late_fix_of_a_device_another_process_took_over_raises_nothing(
+    two_processes, tenant
+) -> None:
+    """a's batch still in flight when the van moved to b: its fix is older than
+    the EXIT b stored, so a neither re-enters the van nor takes it over."""
+    a, b = two_processes
+    assert summary(await a.feed(fixes(tenant, "van", (1, 0, INSIDE)))) == [("ENTER", 1)]
+    await until(lambda: heard(b) == 1)
+    assert summary(await b.feed(fixes(tenant, "van", (3, 60, FAR)))) == [("EXIT", 3)]
+    await until(lambda: heard(a) == 1)  # a let the van go
+
+    late = await a.feed(fixes(tenant, "van", (2, 55, INSIDE)))
+
+    assert late == []
+    assert a.events.asked[-1] == ["van"]
+    assert not a.processor.holds(tenant, "van")
+    # A take-over announced after it: a notice of the van would come before.
+    assert summary(await a.feed(fixes(tenant, "car", (1, 0, FAR)))) == []
+    await until(lambda: heard(b) >= 2)
+    assert b.processor.holds(tenant, "van")
+
+
+@pytest.mark.redis
+async def test_the_timer_raises_the_dwells_of_held_devices_while_the_store_is_out(
+    two_processes, tenant
+) -> None:
+    a, b = two_processes
+    assert summary(await b.feed(fixes(tenant, "van", (1, 0, INSIDE)))) == [("ENTER", 1)]
+    await until(lambda: heard(a) == 1)  # b's take-over, before a loads the tenant
+    assert summary(await a.feed(fixes(tenant, "car", (1, 0, INSIDE)))) == [("ENTER", 1)]
+    a.events.out = True  # the van (not held by a) cannot be read again
+
+    dwells = of_tenant(await a.processor.tick(now_ms() + 3_600_000), tenant)
+
+    assert summary(dwells) == [("DWELL", 1)] and dwells[0].device == "car"
+    # A batch whose take-over fails keeps no reference to itself.
+    with pytest.raises(StorageUnavailable):
+        await a.feed(fixes(tenant, "bus", (1, 0, FAR)))
+    assert a.processor._detectors[tenant]._prepared is None
+
+
+async def alone_announcing(
+    geo_pg_url: str, tenant: str, announce: Announce
+) -> tuple[Process, PostgresGeofenceDatabase]:
+    """One process told it has others (announcing with ``announce``) whose own
+    notices never come back (it hears nothing)."""
+
+    async def deaf() -> None:
+        return None
+
+    alone, db = await open_process(geo_pg_url, tenant)
+    alone.processor.hear(announce, deaf)
+    await alone.processor.fences.create(tenant, square(dwell_ms=DWELL_MS)[0], T0)
+    return alone, db
+
+
+async def test_take_overs_whose_notices_do_not_come_back_are_forgotten(
+    geo_pg_url: str, tenant: str, monkeypatch
+) -> None:
+    sent: list[list[str]] = []
+
+    async def announce(tenant: str, devices: Sequence[str]) -> None:
+        sent.append(list(devices))
+        if "broken" in devices:
+            raise RuntimeError("a bug in announcing")
+
+    alone, db = await alone_announcing(geo_pg_url, tenant, announce)
+    processor = alone.processor
+    try:
+        await alone.feed(fixes(tenant, "van", (1, 0, INSIDE)))
+        await until(lambda: len(sent) == 1)
+        # Erased and back before its first notice came back: taken over again.
+        await processor.forget_device(tenant, "van")
+        await alone.feed(fixes(tenant, "van", (2, 10, INSIDE)))
+        await until(lambda: len(sent) == 2)
+        await processor.announced(tenant, "van")  # the first notice
+
+        # A notice of another process read now is older than the second.
+        assert await processor.released(tenant, "van") == {}
+        assert processor.holds(tenant, "van")
+
+        await alone.feed(fixes(tenant, "broken", (1, 0, FAR)))
+        await until(lambda: ("broken",) not in {k[1:] for k in processor._announcing})
+        monkeypatch.setattr(processor_module, "NOTICE_BACK_S", 0.0)
+        await processor.tick(now_ms())
+        assert processor._announcing == {}
+    finally:
+        await processor.drain()
+        await db.close()
+
+
+async def test_take_overs_made_while_one_is_announced_are_announced_together(
+    geo_pg_url: str, tenant: str
+) -> None:
+    calls: list[list[str]] = []
+    first_sent = asyncio.Event()
+
+    async def announce(tenant: str, devices: Sequence[str]) -> None:
+        calls.append(list(devices))
+        await first_sent.wait()
+
+    alone, db = await alone_announcing(geo_pg_url, tenant, announce)
+    try:
+        await alone.feed(fixes(tenant, "van-1", (1, 0, FAR)))
+        await until(lambda: len(calls) == 1)
+        for n in (2, 3, 4):
+            await alone.feed(fixes(tenant, f"van-{n}", (1, 0, FAR)))
+        first_sent.set()
+
+        await until(lambda: len(calls) == 2)
+
+        assert calls == [["van-1"], ["van-2", "van-3", "van-4"]]
+    finally:
+        await alone.processor.drain()
+        await db.close()
+
+
+@pytest.mark.redis
+async def test_an_outage_of_the_notices_is_warned_of_once(
+    geo_pg_url: str, redis_url: str, redis_prefix: str, tenant: str, caplog
+) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        nowhere = f"redis://127.0.0.1:{free.getsockname()[1]}/0"
+    down, up = (
+        RedisDeviceNotices(
+            Connection(url),
+            redis_prefix,
+            forget_nothing,
+            stream=FENCE_HOLDERS,
+            subject="fence holder",
+        )
+        for url in (nowhere, redis_url)
+    )
+    tried: list[list[str]] = []
+    notices = [down]
+
+    async def announce(tenant: str, devices: Sequence[str]) -> None:
+        try:
+            await notices[0].announce_many(tenant, devices)
+        finally:
+            tried.append(list(devices))
+
+    alone, db = await alone_announcing(geo_pg_url, tenant, announce)
+    caplog.set_level(logging.DEBUG, logger=processor_module.__name__)
+    try:
+        for n in (1, 2, 3):
+            await alone.feed(fixes(tenant, f"van-{n}", (1, 0, FAR)))
+            await until(lambda n=n: len(tried) == n)  # type: ignore[misc]
+        notices[0] = up
+        await alone.feed(fixes(tenant, "van-4", (1, 0, FAR)))
+        await until(lambda: len(tried) == 4)
+
+        told = [
+            (r.levelno, r.getMessage())
+            for r in caplog.records
+            if r.name == processor_module.__name__ and r.levelno >= logging.INFO
+            and "announced" in r.getMessage()
+        ]  # fmt: skip
+        assert [level for level, _ in told] == [logging.WARNING, logging.INFO]
+        assert "unavailable" in told[0][1]
+    finally:
+        await alone.processor.drain()
+        await db.close()
+        await down.close()
+        await up.close()
+
+
+async def forget_nothing(tenant: str, device: str) -> None:
+    return None
 
 
 def of_tenant(events: list[TrackingEvent], tenant: str) -> list[TrackingEvent]:

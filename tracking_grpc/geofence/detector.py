@@ -22,6 +22,7 @@ expanding (device, fence) pairs over the device's fixes and forward-filling deci
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,6 +162,17 @@ class FenceDetector:
         at the position of its ENTER."""
         if not memberships:
             return
+        devices, key, entered, done = self._seeded(memberships, restored_ms)
+        self._members.replace_devices(np.unique(devices), key, entered, done)
+
+    def _seeded(
+        self, memberships: list[Membership], restored_ms: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Set the devices' state from stored memberships (``seed``); their device
+        codes and membership keys, ENTER times and DWELL flags, to be stored."""
+        if not memberships:
+            none = np.empty(0, np.int64)
+            return none, none, none, np.empty(0, bool)
         devices = np.array([self._device_code(m.device) for m in memberships])
         fences = np.array([self._fence_code(m.fence_id) for m in memberships])
         state = self._devices
@@ -173,8 +185,8 @@ class FenceDetector:
         state.lon[at] = np.array([m.lon for m in memberships])[unplaced]
         state.seq[at] = np.array([m.fix_seq for m in memberships])[unplaced]
         state.received_ms[devices] = np.maximum(state.received_ms[devices], restored_ms)
-        self._members.replace_devices(
-            np.unique(devices),
+        return (
+            devices,
             (devices.astype(np.int64) << 32) | fences,
             np.array([m.entered_ms for m in memberships], dtype=np.int64),
             np.array([m.dwell_done for m in memberships], dtype=bool),
@@ -194,6 +206,10 @@ class FenceDetector:
         held = self._devices.held
         return code is not None and code < held.size and bool(held[code])
 
+    def unprepare(self) -> None:
+        """Keep no reference to a batch ``unheld`` prepared that is not evaluated."""
+        self._prepared = None
+
     def hold(self, devices: list[str]) -> None:
         """This process evaluates the devices' fixes from now on."""
         codes = np.array([self._device_code(d) for d in devices], dtype=np.int64)
@@ -201,21 +217,54 @@ class FenceDetector:
             self._devices.grow(int(codes.max()) + 1)
             self._devices.held[codes] = True
 
+    def members(self) -> int:
+        """How many memberships are kept (the cost of rebuilding them)."""
+        return int(self._members.key.size)
+
+    def late(self, batch: FixBatch, newest_ms: Mapping[str, int]) -> list[str]:
+        """Devices of the batch (prepared by ``unheld``) none of whose fixes is
+        newer than their time in ``newest_ms`` (their newest stored event)."""
+        ordered, names, local, _ = self._prepare(batch)
+        last = np.searchsorted(local, np.arange(names.size), side="right") - 1
+        newest = ordered.time_ms[last]
+        return [
+            name
+            for name, time_ms in zip(names.tolist(), newest.tolist(), strict=True)
+            if name in newest_ms and time_ms <= newest_ms[name]
+        ]
+
+    def floor(self, devices: list[str], newest_ms: Mapping[str, int]) -> None:
+        """Fixes of the devices not newer than their time in ``newest_ms`` (their
+        newest stored event, maybe raised by another process) are late here."""
+        named = [d for d in devices if d in newest_ms]
+        if not named:
+            return
+        codes = np.array([self._device_code(d) for d in named], dtype=np.int64)
+        self._devices.grow(int(codes.max()) + 1)
+        times = np.array([newest_ms[d] for d in named], dtype=np.int64)
+        np.maximum.at(self._devices.time_ms, codes, times)
+
     def reload(
-        self, devices: list[str], memberships: list[Membership], restored_ms: int
+        self,
+        devices: list[str],
+        memberships: list[Membership],
+        newest_ms: Mapping[str, int],
+        restored_ms: int,
     ) -> None:
         """Take the devices over: their memberships (and DWELL state) become those
         their stored events give, as after a restart (``seed``), in place of what
-        this process had; then hold them. Their newest fix time here stays: fixes
-        not newer are late."""
+        this process had (one rebuild); then hold them. Fixes not newer than the
+        newest fix evaluated here, or than the device's newest stored event
+        (``newest_ms``, over all its fences: another process may have raised it),
+        are late."""
         if not devices:
             return
         codes = np.array([self._device_code(d) for d in devices], dtype=np.int64)
         self._devices.grow(int(codes.max()) + 1)
-        none = np.empty(0, np.int64)
-        self._members.replace_devices(codes, none, none, np.empty(0, bool))
         self._devices.unplace(codes)
-        self.seed(memberships, restored_ms)
+        self.floor(devices, newest_ms)
+        _, key, entered, done = self._seeded(memberships, restored_ms)
+        self._members.replace_devices(codes, key, entered, done)
         self._devices.held[codes] = True
 
     def release(self, devices: list[str]) -> int:
@@ -264,12 +313,15 @@ class FenceDetector:
         )
 
     def raise_due_dwells(
-        self, index: FenceIndex, now_ms: int, lateness_ms: int
+        self, index: FenceIndex, now_ms: int, lateness_ms: int, held_only: bool = False
     ) -> list[TrackingEvent]:
         """DWELL for every stay that reached its fence's ``dwell_ms`` without a fix
         saying so (the timer rule of dwell.py); each stay's DWELL is raised once,
-        by a fix or by this."""
+        by a fix or by this. ``held_only``: of the devices held here only."""
         pending, row, device = self._due(index, now_ms, lateness_ms)
+        if held_only:
+            held = self._devices.held[device]
+            pending, row, device = pending[held], row[held], device[held]
         if pending.size == 0:
             return []
         members, state = self._members, self._devices
@@ -300,15 +352,15 @@ class FenceDetector:
         return [str(self._device_names[d]) for d in unheld.tolist()]
 
     def refresh(self, devices: list[str], memberships: list[Membership]) -> None:
-        """Replace the devices' memberships with the stored ones, keeping the rest
-        of their state here (when their last fix came, for the timer)."""
+        """Replace the devices' memberships with the stored ones (one rebuild),
+        keeping the rest of their state here (when their last fix came, for the
+        timer)."""
         if not devices:
             return
         codes = np.array([self._device_code(d) for d in devices], dtype=np.int64)
         self._devices.grow(int(codes.max()) + 1)
-        none = np.empty(0, np.int64)
-        self._members.replace_devices(codes, none, none, np.empty(0, bool))
-        self.seed(memberships, 0)
+        _, key, entered, done = self._seeded(memberships, 0)
+        self._members.replace_devices(codes, key, entered, done)
 
     def _due(
         self, index: FenceIndex, now_ms: int, lateness_ms: int

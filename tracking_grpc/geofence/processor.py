@@ -14,6 +14,9 @@ first reloads their memberships from the stored events, in one query for them al
 and announces the take-over; the process that held them lets them go (``released``:
 their memberships and DWELL timers are dropped, and reloaded if they come back).
 Held devices cost no query. A single process (no notices) holds every device.
+A device whose fixes in the batch are all older than its newest stored event is
+not taken over: they are late (another process went on with it). Take-overs are
+announced together, every ANNOUNCE_EVERY_S, by one task.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -34,14 +38,17 @@ from tracking_grpc.events import TrackingEvent
 from tracking_grpc.geofence.detector import EXIT_MARGIN_M, FenceDetector
 from tracking_grpc.geofence.index import CompiledFence, FenceIndex, compile_usable
 from tracking_grpc.geofence.model import FenceSpec
-from tracking_grpc.storage.fences import EventRepository, FenceRepository
+from tracking_grpc.storage.fences import EventRepository, FenceRepository, Membership
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 INLINE_FIXES = 500  # larger batches are evaluated in a worker thread
+INLINE_MEMBERS = 50_000  # above, take-overs rebuild memberships in a worker thread
 
 LISTENING = "geofence-notices-start"
 NOTICE_BACK_S = 10.0  # longest a take-over's own notice is waited for
+ANNOUNCE_EVERY_S = 0.02  # take-overs made meanwhile are announced together
 # Tells the other processes that this one took devices of a tenant over.
 Announce = Callable[[str, Sequence[str]], Awaitable[None]]
 
@@ -106,11 +113,17 @@ class GeofenceProcessor:
         # next batch or timer round (one rebuild of the memberships for many).
         self._letting_go: dict[str, set[str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        # When this process announced a take-over whose notice the stream has not
-        # brought back yet, per (tenant, device): a notice of another process
-        # read before it is older, and lets nothing go (for NOTICE_BACK_S at
-        # most: a notice the listener missed holds nothing up for ever).
-        self._announcing: dict[tuple[str, str], float] = {}
+        # When this process began a take-over whose notice the stream has not
+        # brought back yet, per (tenant, device), and how many such take-overs
+        # are pending: a notice of another process read before it is older, and
+        # lets nothing go (for NOTICE_BACK_S at most: a notice the listener
+        # missed holds nothing up for ever). Oldest first (pruned by ``tick``).
+        self._announcing: dict[tuple[str, str], tuple[float, int]] = {}
+        # Take-overs not announced yet, per tenant: one task announces them all
+        # every ANNOUNCE_EVERY_S (a reconnect storm makes few stream entries).
+        self._unsent: dict[str, set[str]] = {}
+        self._announcer: asyncio.Task[None] | None = None
+        self._announce_down = False  # the last announcement failed (warned once)
 
     async def process(self, stored: FixBatch) -> list[TrackingEvent]:
         """Events raised by newly stored fixes of one tenant."""
@@ -126,7 +139,11 @@ class GeofenceProcessor:
             if detector is None:
                 detector = await self._detector(tenant)
             if self.announce is not None:
-                await self._take_over(detector, stored, loaded_now)
+                try:
+                    await self._take_over(detector, stored, loaded_now)
+                except BaseException:
+                    detector.unprepare()
+                    raise
             now_ms = time.time_ns() // 1_000_000
             if len(stored) <= INLINE_FIXES:
                 return detector.evaluate(stored, index, now_ms)
@@ -136,11 +153,12 @@ class GeofenceProcessor:
         """DWELL events of stays that reached ``dwell_ms`` with no fix saying so."""
         if not self._restored:
             await self._restore()
+        self._prune_announcing()
         events: list[TrackingEvent] = []
         for tenant, detector in list(self._detectors.items()):
             if tenant in self._letting_go:
                 async with self._lock(tenant):
-                    self._let_go(detector)
+                    await self._let_go(detector)
             if not detector.dwell_pending():
                 continue
             async with self._lock(tenant):
@@ -150,12 +168,12 @@ class GeofenceProcessor:
                     # The fixes' path waits and warns; the timer tries next second.
                     log.debug("dwell timer of tenant %s waits: %s", tenant, exc)
                     continue
-                if self.announce is not None and not await self._refresh_due(
+                refreshed = self.announce is None or await self._refresh_due(
                     detector, index, now_ms
-                ):
-                    continue
+                )
+                # Unrefreshed: the devices held here need no read.
                 events += detector.raise_due_dwells(
-                    index, now_ms, self.dwell_lateness_ms
+                    index, now_ms, self.dwell_lateness_ms, held_only=not refreshed
                 )
         return events
 
@@ -202,8 +220,8 @@ class GeofenceProcessor:
         """Another process took the device over: let it go here before the
         tenant's next batch or timer round; unless this process's own take-over
         of it is still to come in the stream (later than that notice)."""
-        sent = self._announcing.get((tenant, device))
-        if sent is not None and time.monotonic() - sent < NOTICE_BACK_S:
+        pending = self._announcing.get((tenant, device))
+        if pending is not None and time.monotonic() - pending[0] < NOTICE_BACK_S:
             return {}
         self._announcing.pop((tenant, device), None)
         if tenant not in self._detectors:
@@ -213,7 +231,37 @@ class GeofenceProcessor:
 
     async def announced(self, tenant: str, device: str) -> None:
         """This process's notice of a take-over of the device came back."""
-        self._announcing.pop((tenant, device), None)
+        self._unexpect(tenant, [device])
+
+    def _expect(self, tenant: str, devices: list[str]) -> None:
+        """Take-overs of the devices begin: until their notices come back, a
+        notice of another process is older (``released``)."""
+        now = time.monotonic()
+        for device in devices:
+            # Moved to the end: the dict stays ordered by time.
+            _, count = self._announcing.pop((tenant, device), (now, 0))
+            self._announcing[(tenant, device)] = (now, count + 1)
+
+    def _unexpect(self, tenant: str, devices: list[str]) -> None:
+        """A take-over's notice came back, or none will."""
+        for device in devices:
+            pending = self._announcing.get((tenant, device))
+            if pending is None:
+                continue
+            if pending[1] > 1:
+                self._announcing[(tenant, device)] = (pending[0], pending[1] - 1)
+            else:
+                del self._announcing[(tenant, device)]
+
+    def _prune_announcing(self) -> None:
+        """Forget take-overs whose notices never came back (the listener not
+        started yet, the stream trimmed): the oldest first."""
+        oldest = time.monotonic() - NOTICE_BACK_S
+        while self._announcing:
+            key, (sent, _) = next(iter(self._announcing.items()))
+            if sent >= oldest:
+                break
+            del self._announcing[key]
 
     async def drain(self, deadline: float | None = None) -> None:
         """Stop listening and finish announcing (a stop, after the last fixes)."""
@@ -227,24 +275,71 @@ class GeofenceProcessor:
     ) -> None:
         """Reload the memberships of the batch's devices not held here, in one
         store query (none when the tenant's were loaded for this very batch), and
-        tell the other processes to let them go."""
+        tell the other processes to let them go. A device whose fixes are all
+        older than its newest stored event (late: another process went on with
+        it) is not taken over."""
         tenant = stored.tenant
-        self._let_go(detector)
+        await self._let_go(detector)
         if len(stored) > INLINE_FIXES:
             devices = await asyncio.to_thread(detector.unheld, stored)
         else:
             devices = detector.unheld(stored)
         if not devices:
             return
-        if loaded_now or self.events is None:
-            detector.hold(devices)
-        else:
-            memberships = await self.events.memberships(tenant, devices)
-            detector.reload(devices, memberships, time.time_ns() // 1_000_000)
+        # Before the query: a notice of another process read while it runs is
+        # older than this take-over's.
+        self._expect(tenant, devices)
+        chosen = devices
+        try:
+            if loaded_now or self.events is None:
+                detector.hold(devices)
+            else:
+                devices = await self._reload(detector, stored, devices)
+        except BaseException:
+            self._unexpect(tenant, chosen)
+            raise
+        if len(devices) < len(chosen):
+            taken = set(devices)
+            self._unexpect(tenant, [d for d in chosen if d not in taken])
+        if not devices:
+            return
         log.debug("tenant %s: %d devices taken over", tenant, len(devices))
-        sent = time.monotonic()
-        self._announcing.update(((tenant, d), sent) for d in devices)
-        self._spawn(self._tell(tenant, devices))
+        self._unsent.setdefault(tenant, set()).update(devices)
+        if self._announcer is None or self._announcer.done():
+            self._announcer = self._spawn(self._announce_unsent())
+
+    async def _reload(
+        self, detector: FenceDetector, stored: FixBatch, devices: list[str]
+    ) -> list[str]:
+        """Read the devices' stored memberships and take over those with fixes
+        newer than their newest stored event; the devices taken over."""
+        assert self.events is not None
+        stored_ones = await self.events.memberships(detector.tenant, devices)
+        newest = stored_ones.newest_ms
+        memberships: list[Membership] = stored_ones
+        late = detector.late(stored, newest)
+        if late:
+            detector.floor(late, newest)
+            log.debug("tenant %s: %d devices' fixes late", detector.tenant, len(late))
+            skip = set(late)
+            devices = [d for d in devices if d not in skip]
+            memberships = [m for m in memberships if m.device not in skip]
+        now_ms = time.time_ns() // 1_000_000
+        reload = functools.partial(
+            detector.reload, devices, memberships, newest, now_ms
+        )
+        await self._rebuild(detector, reload, len(memberships))
+        return devices
+
+    @staticmethod
+    async def _rebuild(
+        detector: FenceDetector, rebuild: Callable[[], _T], adding: int
+    ) -> _T:
+        """Rebuild the tenant's memberships, in a worker thread when they are many
+        (the tenant's lock is held: its queries wait, as for a batch)."""
+        if detector.members() + adding > INLINE_MEMBERS:
+            return await asyncio.to_thread(rebuild)
+        return rebuild()
 
     async def _refresh_due(
         self, detector: FenceDetector, index: FenceIndex, now_ms: int
@@ -252,7 +347,8 @@ class GeofenceProcessor:
         """Before the timer raises the DWELL of devices not held here (loaded at
         the tenant's load, their fixes going to another process), read their
         stored memberships again (one query): their stay may have ended there.
-        False when the store cannot answer (the timer tries next second)."""
+        False when the store cannot answer (the timer raises the DWELLs of the
+        devices held here only, and tries the others next second)."""
         devices = detector.due_unheld(index, now_ms, self.dwell_lateness_ms)
         if not devices or self.events is None:
             return True
@@ -264,30 +360,52 @@ class GeofenceProcessor:
         detector.refresh(devices, memberships)
         return True
 
-    def _let_go(self, detector: FenceDetector) -> None:
-        devices = self._letting_go.pop(detector.tenant, None)
-        if devices:
-            dropped = detector.release(sorted(devices))
-            log.debug(
-                "tenant %s: %d devices let go (%d memberships)",
-                detector.tenant,
-                len(devices),
-                dropped,
-            )
+    async def _let_go(self, detector: FenceDetector) -> None:
+        """Let the devices other processes took over go (one rebuild), but not
+        one this process is taking over again (its notice is the later)."""
+        tenant = detector.tenant
+        devices = self._letting_go.pop(tenant, None)
+        if not devices:
+            return
+        gone = sorted(d for d in devices if (tenant, d) not in self._announcing)
+        release = functools.partial(detector.release, gone)
+        dropped = await self._rebuild(detector, release, 0)
+        log.debug(
+            "tenant %s: %d devices let go (%d memberships)", tenant, len(gone), dropped
+        )
+
+    async def _announce_unsent(self) -> None:
+        """Announce the take-overs made meanwhile, every ANNOUNCE_EVERY_S, while
+        there are any."""
+        while self._unsent:
+            await asyncio.sleep(ANNOUNCE_EVERY_S)
+            unsent, self._unsent = self._unsent, {}
+            for tenant, devices in unsent.items():
+                await self._tell(tenant, sorted(devices))
 
     async def _tell(self, tenant: str, devices: list[str]) -> None:
         assert self.announce is not None
         try:
             await self.announce(tenant, devices)
-        except Unavailable as exc:
+        except Exception as exc:
+            self._unexpect(tenant, devices)  # no notice will come back
+            reason = exc.message if isinstance(exc, Unavailable) else repr(exc)
+            if self._announce_down:
+                log.debug("take-over of %d devices not announced", len(devices))
+                return
+            self._announce_down = True
             log.warning(
-                "take-over of %d devices of tenant %s not announced: %s",
+                "geofence take-overs not announced (%d devices of tenant %s; "
+                "further failures logged at DEBUG until it works): %s",
                 len(devices),
                 tenant,
-                exc.message,
+                reason,
+                exc_info=not isinstance(exc, Unavailable),
             )
-            for device in devices:  # no notice will come back
-                self._announcing.pop((tenant, device), None)
+            return
+        if self._announce_down:
+            self._announce_down = False
+            log.info("geofence take-overs announced again")
 
     async def _listen(self, listen: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -297,12 +415,15 @@ class GeofenceProcessor:
         except Exception:
             log.exception("geofence take-over notices not started")
 
-    def _spawn(self, work: Awaitable[None], name: str | None = None) -> None:
+    def _spawn(
+        self, work: Awaitable[None], name: str | None = None
+    ) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)
         if name is not None:
             task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def forget_device(self, tenant: str, device: str) -> int:
         """Drop the device's memberships (erasure); how many fences it was in."""

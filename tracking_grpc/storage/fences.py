@@ -75,11 +75,23 @@ LEFT JOIN geofence_events AS e ON e.tenant = m.tenant AND e.device = m.device
 """
 
 
-def memberships_of(rows: Sequence[tuple]) -> list[Membership]:
+class Memberships(list[Membership]):
+    """Memberships read from the stored events, and the newest ENTER, EXIT or
+    DWELL time of every device the rows named (over all its fences, the ones it
+    left included): a fix not newer than that is late for the reader."""
+
+    def __init__(self, found: Sequence[Membership], newest_ms: dict[str, int]):
+        super().__init__(found)
+        self.newest_ms = newest_ms
+
+
+def memberships_of(rows: Sequence[tuple]) -> Memberships:
     """Memberships from (device, fence, enter, exit, dwell, newest) time rows and
     the ENTER's (lat, lon, fix_seq)."""
     found = []
+    newest_ms: dict[str, int] = {}
     for device, fence_id, entered, exited, dwelled, newest, *enter in rows:
+        newest_ms[device] = max(newest_ms.get(device, int(newest)), int(newest))
         if entered is None or (exited is not None and exited >= entered):
             continue
         done = dwelled is not None and dwelled >= entered
@@ -96,7 +108,7 @@ def memberships_of(rows: Sequence[tuple]) -> list[Membership]:
                 int(seq),
             )
         )
-    return found
+    return Memberships(found, newest_ms)
 
 
 class FenceRepository(Protocol):
@@ -162,9 +174,10 @@ class EventRepository(Protocol):
 
     async def memberships(
         self, tenant: str, devices: Sequence[str] | None = None
-    ) -> builtins.list[Membership]:
+    ) -> Memberships:
         """Devices inside fences by their latest ENTER, EXIT and DWELL events; of
-        ``devices`` only, when given (one query however many)."""
+        ``devices`` only, when given (one query however many); with each named
+        device's newest such event time (``Memberships.newest_ms``)."""
         ...
 
     async def unpublished(self, limit: int) -> builtins.list[TrackingEvent]:

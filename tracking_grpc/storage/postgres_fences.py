@@ -35,7 +35,7 @@ from tracking_grpc.storage.fences import (
     MEMBERSHIP_SQL,
     EventQuery,
     ImportResult,
-    Membership,
+    Memberships,
     event_of_row,
     event_row,
     memberships_of,
@@ -313,12 +313,12 @@ class PostgresEventRepository:
 
     async def memberships(
         self, tenant: str, devices: Sequence[str] | None = None
-    ) -> builtins.list[Membership]:
+    ) -> Memberships:
         if devices is None:
             sql = MEMBERSHIP_SQL.format(mark="%s", devices="")
             return memberships_of(await self.db.fetch(sql, [tenant]))
         if not devices:
-            return []
+            return Memberships([], {})
         some = " AND device = ANY(%s::text[])"
         sql = MEMBERSHIP_SQL.format(mark="%s", devices=some)
         return memberships_of(await self.db.fetch(sql, [tenant, list(devices)]))

@@ -28,7 +28,7 @@ from tracking_grpc.storage.fences import (
     MEMBERSHIP_SQL,
     EventQuery,
     ImportResult,
-    Membership,
+    Memberships,
     event_of_row,
     event_row,
     memberships_of,
@@ -294,12 +294,12 @@ class SqliteEventRepository:
 
     async def memberships(
         self, tenant: str, devices: Sequence[str] | None = None
-    ) -> builtins.list[Membership]:
+    ) -> Memberships:
         if devices is None:
             sql = MEMBERSHIP_SQL.format(mark="?", devices="")
             return memberships_of(await self.db.run(self.db.read, sql, [tenant]))
         if not devices:
-            return []
+            return Memberships([], {})
         # One parameter however many devices (SQLite caps the number of them).
         some = " AND device IN (SELECT value FROM json_each(?))"
         sql = MEMBERSHIP_SQL.format(mark="?", devices=some)
