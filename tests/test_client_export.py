@@ -110,6 +110,28 @@ async def test_to_before_from_is_refused_before_any_call(capsys):
     assert "--to must come after --from" in capsys.readouterr().err
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_the_call(tmp_path, capsys):
+    for path, words in [
+        (tmp_path / "no" / "x.gpx", "no directory"),
+        (tmp_path, "is a directory"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            parse("export", "d", "-o", str(path))
+        assert exited.value.code == 2
+        assert words in capsys.readouterr().err
+
+
+def test_since_and_from_together_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse("export", "d", "--since-s", "60", "--from", "2026-12-01")
+    assert exited.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_an_id_that_starts_with_a_dash_follows_two_dashes():
+    assert parse("export", "--format", "csv", "--", "-2+3").device_id == "-2+3"
+
+
 @pytest.mark.parametrize(
     ("argv", "flag"),
     [
@@ -131,3 +153,5 @@ def test_times_without_an_offset_are_utc():
     assert export.parse_time("1970-01-01T01:00:00+01:00") == 0
     args = parse("export", "d", "--since-s", "60")
     assert export.time_range(args, 100_000) == (40_000, 100_000)
+    args = parse("export", "d", "--to", "1970-01-02T00:00Z")  # a day up to --to
+    assert export.time_range(args, 10**12) == (0, 86_400_000)

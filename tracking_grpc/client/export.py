@@ -2,11 +2,13 @@
 
     tracking export van-1 --format gpx --since-s 86400 --output van-1.gpx
     tracking export van-1 --format csv --from 2026-12-01T00:00Z --to 2026-12-02T00:00Z
+    tracking export --format csv -- -2+3      # an id that starts with "-"
 
 The document comes from ``History.ExportTrack`` in pieces and is written as they
 arrive, to ``--output`` or to standard output. A file is written beside its final
 name and renamed into place once the whole document has arrived, so a failed call
-leaves no partial file behind.
+leaves no partial file behind. A device with no fixes in the range (or unknown)
+gives a document with no points.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ FORMATS = {
     "geojson": history_pb2.EXPORT_FORMAT_GEOJSON,
     "csv": history_pb2.EXPORT_FORMAT_CSV,
 }
+DEFAULT_SINCE_S = 86_400.0
 KINDS = {
     "raw": history_pb2.TRACK_KIND_RAW,
     "clean": history_pb2.TRACK_KIND_CLEAN,
@@ -59,14 +62,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="raw: every stored fix; clean: without outliers; smoothed: clean "
         "fixes at their smoothed positions (default raw)",
     )
-    parser.add_argument(
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
         "--since-s",
         type=positive_float,
-        default=86_400.0,
-        help="from this many seconds ago until now (default a day); "
-        "--from and --to set the range instead",
+        help="the range is this many seconds up to its end (default a day)",
     )
-    parser.add_argument(
+    start.add_argument(
         "--from",
         dest="start",
         type=parse_time,
@@ -85,7 +87,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="drop fixes that move the line by less than this many metres",
     )
     parser.add_argument(
-        "--output", "-o", type=Path, help="file to write (default standard output)"
+        "--output",
+        "-o",
+        type=output_path,
+        help="file to write, in an existing directory (default standard output)",
     )
     add_connection_arguments(parser)
     parser.set_defaults(command=run)
@@ -105,12 +110,24 @@ def parse_time(text: str) -> int:
     return round(moment.timestamp() * 1000)
 
 
+def output_path(text: str) -> Path:
+    """A file to write whose directory exists (an argparse type): refused before
+    the call, not after the document has come."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; name a file")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no directory {str(path.parent)!r}")
+    return path
+
+
 def time_range(args: argparse.Namespace, now_ms: int) -> tuple[int, int]:
     """``(start_ms, end_ms)`` from ``--from``/``--to`` or ``--since-s``."""
     end_ms = now_ms if args.end is None else args.end
     if args.start is not None:
         return args.start, end_ms
-    return max(0, end_ms - round(args.since_s * 1000)), end_ms
+    since_s = DEFAULT_SINCE_S if args.since_s is None else args.since_s
+    return max(0, end_ms - round(since_s * 1000)), end_ms
 
 
 def request_of(args: argparse.Namespace, now_ms: int) -> history_pb2.ExportTrackRequest:
