@@ -46,3 +46,19 @@ def test_prepare_routing_reports_a_missing_file(tmp_path) -> None:
     done = prepare_routing("--pbf", missing, "--routing-data-dir", str(tmp_path))
     assert done.returncode == 2
     assert "no such file" in done.stderr
+
+
+def test_prepare_routing_refuses_a_file_as_the_data_dir(tmp_path) -> None:
+    pbf = require_shared(NETWORK / "helsinki.osm.pbf")
+    taken = tmp_path / "routing"
+    taken.write_text("not a directory\n")
+    done = prepare_routing(
+        "--pbf", str(pbf), "--profiles", "foot", "--routing-data-dir", str(taken)
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--routing-data-dir" in lines[0], done.stderr
+    assert "not a directory" in lines[0]
+    assert taken.read_text() == "not a directory\n"
+
