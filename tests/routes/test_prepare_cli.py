@@ -62,3 +62,23 @@ def test_prepare_routing_refuses_a_file_as_the_data_dir(tmp_path) -> None:
     assert "not a directory" in lines[0]
     assert taken.read_text() == "not a directory\n"
 
+
+def test_prepare_routing_leaves_no_staging_after_a_failed_step(tmp_path) -> None:
+    csv = tmp_path / "taxis.csv"
+    csv.write_text("device_id,lat,lon\n1,60.17,24.94\n")
+    previous = tmp_path / "routing" / "foot" / "helsinki.osrm.mldgr"
+    previous.parent.mkdir(parents=True)
+    previous.write_bytes(b"a complete earlier dataset")
+    done = prepare_routing(
+        "--pbf",
+        str(csv),
+        "--profiles",
+        "foot",
+        "--routing-data-dir",
+        str(tmp_path / "routing"),
+    )
+    assert done.returncode == 2
+    assert "osrm-extract failed" in done.stderr
+    assert sorted(p.name for p in (tmp_path / "routing").iterdir()) == ["foot"]
+    assert previous.read_bytes() == b"a complete earlier dataset"
+

@@ -85,18 +85,23 @@ def prepare(
         lua = PROFILES_DIR / f"{profile}.lua"
         size = ("--small-component-size", str(small_component_size))
         threads_arg = ("-t", str(threads))
-        _run(
-            "osrm-extract",
-            str(pbf),
-            "-p",
-            str(lua),
-            "-o",
-            str(base),
-            *size,
-            *threads_arg,
-        )
-        _run("osrm-partition", str(base), "-t", str(threads), *size)
-        _run("osrm-customize", str(base), "-t", str(threads))
+        try:
+            _run(
+                "osrm-extract",
+                str(pbf),
+                "-p",
+                str(lua),
+                "-o",
+                str(base),
+                *size,
+                *threads_arg,
+            )
+            _run("osrm-partition", str(base), "-t", str(threads), *size)
+            _run("osrm-customize", str(base), "-t", str(threads))
+        except BaseException:
+            # The profile's previous dataset, if any, stays as it was.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(final_dir, ignore_errors=True)
         staging.rename(final_dir)
         datasets.append(Dataset(profile, final_dir / f"{name}.osrm"))
