@@ -16,6 +16,7 @@ import uvloop
 
 from tracking_grpc import config
 from tracking_grpc.client.commands import COMMANDS as CLIENT_COMMANDS
+from tracking_grpc.client.flags import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def add_prepare_routing(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--small-component-size",
-        type=int,
+        type=positive_int,
         default=1000,
         help="nodes below which a road network piece is not snapped to when a "
         "bigger one is near (lower it to ~50 for small city-centre extracts)",

@@ -82,3 +82,18 @@ def test_prepare_routing_leaves_no_staging_after_a_failed_step(tmp_path) -> None
     assert sorted(p.name for p in (tmp_path / "routing").iterdir()) == ["foot"]
     assert previous.read_bytes() == b"a complete earlier dataset"
 
+
+def test_prepare_routing_refuses_a_negative_small_component_size(tmp_path) -> None:
+    pbf = require_shared(NETWORK / "helsinki.osm.pbf")
+    done = prepare_routing(
+        "--pbf",
+        str(pbf),
+        "--routing-data-dir",
+        str(tmp_path),
+        "--small-component-size",
+        "-1",
+    )
+    assert done.returncode == 2
+    assert "argument --small-component-size" in done.stderr
+    assert "above 0" in done.stderr
+    assert list(tmp_path.iterdir()) == []
