@@ -97,3 +97,10 @@ def test_prepare_routing_refuses_a_negative_small_component_size(tmp_path) -> No
     assert "argument --small-component-size" in done.stderr
     assert "above 0" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_readme_route_section_names_the_small_component_size() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Route:")[1].split("\n## ")[0]
+    assert "`--small-component-size 50`" in section
+    assert "docs/routes.md#preparing-a-routing-dataset" in section

@@ -32,7 +32,9 @@ TOOLS_DIR = OSRM_HOME / "bin"
 PROFILES_DIR = OSRM_HOME / "share" / "profiles"
 PREPARE_HINT = (
     "prepare one with `tracking prepare-routing --pbf AREA.osm.pbf "
-    "--routing-data-dir DIR` and start the server with --routing-data-dir DIR"
+    "--routing-data-dir DIR` (add `--small-component-size 50` for a small "
+    "city-centre extract: docs/routes.md says why) and start the server with "
+    "--routing-data-dir DIR"
 )
 
 
