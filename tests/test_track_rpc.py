@@ -348,6 +348,15 @@ async def test_watch_by_box_across_antimeridian(stub) -> None:
     watch.cancel()
 
 
+async def test_watch_refuses_an_empty_box(stub) -> None:
+    """An unset box reads as 0, 0, 0, 0 in proto3: refused, not watched there."""
+    watch = stub.Watch(track_pb2.WatchRequest(area=common_pb2.Area(box={})))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await watch.read()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "area.box: the box is empty" in raised.value.details()
+
+
 async def test_watch_by_circle_needs_its_centre(stub) -> None:
     """An unset centre reads as 0, 0 in proto3: refused, not watched there."""
     area = common_pb2.Area(circle=common_pb2.Circle(radius_m=500))

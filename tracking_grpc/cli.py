@@ -9,12 +9,14 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import uvloop
 
 from tracking_grpc import config
 from tracking_grpc.client.commands import COMMANDS as CLIENT_COMMANDS
+from tracking_grpc.client.flags import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +163,6 @@ def add_purge(subparsers: argparse._SubParsersAction) -> None:
 
 
 async def _prepare_routing(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from tracking_grpc.routing import datasets
 
     settings = config.load(args)
@@ -170,6 +170,13 @@ async def _prepare_routing(args: argparse.Namespace) -> int:
     data_dir = settings.routing_data_dir
     if not data_dir:
         print("tracking: set --routing-data-dir (where to write)", file=sys.stderr)
+        return 2
+    blocker = _not_a_directory(Path(data_dir))
+    if blocker is not None:
+        print(
+            f"tracking: --routing-data-dir {data_dir}: {blocker} is not a directory",
+            file=sys.stderr,
+        )
         return 2
     prepared = datasets.prepare(
         Path(args.pbf),
@@ -180,6 +187,15 @@ async def _prepare_routing(args: argparse.Namespace) -> int:
     for dataset in prepared:
         print(f"{dataset.profile}: {dataset.base_path}")
     return 0
+
+
+def _not_a_directory(path: Path) -> Path | None:
+    """The nearest existing path at or above ``path`` when it is not a directory
+    (a regular file where the datasets or one of their parents would go)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def add_prepare_routing(subparsers: argparse._SubParsersAction) -> None:
@@ -193,7 +209,7 @@ def add_prepare_routing(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--small-component-size",
-        type=int,
+        type=positive_int,
         default=1000,
         help="nodes below which a road network piece is not snapped to when a "
         "bigger one is near (lower it to ~50 for small city-centre extracts)",

@@ -29,6 +29,30 @@ def require(message: object, name: str, field: str) -> None:
         raise InvalidArgument(field, "is required")
 
 
+def check_box(
+    box: common_pb2.BoundingBox, field: str
+) -> tuple[float, float, float, float]:
+    """(south, west, north, east) of a box with bounds in range that covers some
+    ground: an unset or flat box (south == north, or west == east) would match
+    nothing, so it is refused like one whose south lies north of its north."""
+    south, west, north, east = box.south, box.west, box.north, box.east
+    for name, value, bound in (
+        ("south", south, 90),
+        ("north", north, 90),
+        ("west", west, 180),
+        ("east", east, 180),
+    ):
+        if not (math.isfinite(value) and -bound <= value <= bound):
+            raise InvalidArgument(f"{field}.{name}", f"must be in [-{bound}, {bound}]")
+    if south > north:
+        raise InvalidArgument(field, "south must not lie north of north")
+    if south == north or west == east:
+        raise InvalidArgument(
+            field, "the box is empty: south and north, and west and east, must differ"
+        )
+    return south, west, north, east
+
+
 def device_id_fault(device_id: str) -> str | None:
     r"""Why ``device_id`` is not a device id, or None when it is one.
 

@@ -495,6 +495,32 @@ async def test_get_track_rejects_bad_tolerance_and_clip(history):
         assert field in error.value.details()
 
 
+@pytest.mark.parametrize(
+    "box",
+    [
+        pytest.param(common_pb2.BoundingBox(), id="unset"),
+        pytest.param(
+            common_pb2.BoundingBox(south=5, north=5, west=0, east=1), id="no-height"
+        ),
+        pytest.param(
+            common_pb2.BoundingBox(south=5, north=6, west=170, east=170), id="no-width"
+        ),
+    ],
+)
+async def test_get_track_refuses_an_empty_clip_box(history, box):
+    """A flat box matches nothing: refused, not answered with an empty track."""
+    stub, _ = history
+    request = history_pb2.GetTrackRequest(
+        device_id="d", end_ms=1, clip=common_pb2.Area(box=box)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        async for _ in stub.GetTrack(request):
+            pass
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    field, reason = violation(error.value)
+    assert field == "clip.box" and "the box is empty" in reason
+
+
 async def test_a_long_backlog_is_processed_while_other_calls_are_served(history):
     """A device uploading hours of buffered fixes in one batch: the processors
     take them in pieces, so calls are answered in between (before, one 20,000-fix

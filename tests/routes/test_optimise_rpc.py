@@ -219,3 +219,39 @@ async def test_ids_and_skills_follow_the_device_id_rules(
         await optimise(routes, [vehicle], [job_])
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert violation(caught.value)[0] == field
+
+
+@pytest.mark.parametrize(
+    ("vehicles", "jobs", "field", "reason"),
+    [
+        pytest.param(
+            [van(capacity=[2])],
+            [job("a", NEAR[0], demand=[1, 1])],
+            "jobs[0].demand",
+            "has 2 values, expected 1 as vehicles[0].capacity has",
+            id="job",
+        ),
+        pytest.param(
+            [van("v1", capacity=[4]), van("v2", capacity=[4, 4])],
+            [job("a", NEAR[0], demand=[1]), job("b", NEAR[1])],
+            "vehicles[1].capacity",
+            "has 2 values, expected 1 as vehicles[0].capacity has",
+            id="vehicle",
+        ),
+        pytest.param(
+            [van(), van("v2", capacity=[3, 3])],
+            [job("a", NEAR[0]), job("b", NEAR[1], demand=[1, 1, 1])],
+            "jobs[1].demand",
+            "has 3 values, expected 2 as vehicles[1].capacity has",
+            id="unset-ones-aside",
+        ),
+    ],
+)
+async def test_a_capacity_or_demand_of_another_size_is_named(
+    routes, vehicles, jobs, field, reason
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await optimise(routes, vehicles, jobs)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found, description = violation(caught.value)
+    assert (found, description.split(" (")[0]) == (field, reason)

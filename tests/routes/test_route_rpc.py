@@ -62,6 +62,8 @@ async def test_without_dataset_route_is_not_serving_and_says_how_to_prepare(
             )
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "tracking prepare-routing" in caught.value.details()
+    assert "--small-component-size 50" in caught.value.details()
+    assert "docs/routes.md" in caught.value.details()
 
 
 async def test_route_is_serving_with_a_dataset(route_channel) -> None:

@@ -32,7 +32,9 @@ TOOLS_DIR = OSRM_HOME / "bin"
 PROFILES_DIR = OSRM_HOME / "share" / "profiles"
 PREPARE_HINT = (
     "prepare one with `tracking prepare-routing --pbf AREA.osm.pbf "
-    "--routing-data-dir DIR` and start the server with --routing-data-dir DIR"
+    "--routing-data-dir DIR` (add `--small-component-size 50` for a small "
+    "city-centre extract: docs/routes.md says why) and start the server with "
+    "--routing-data-dir DIR"
 )
 
 
@@ -85,18 +87,23 @@ def prepare(
         lua = PROFILES_DIR / f"{profile}.lua"
         size = ("--small-component-size", str(small_component_size))
         threads_arg = ("-t", str(threads))
-        _run(
-            "osrm-extract",
-            str(pbf),
-            "-p",
-            str(lua),
-            "-o",
-            str(base),
-            *size,
-            *threads_arg,
-        )
-        _run("osrm-partition", str(base), "-t", str(threads), *size)
-        _run("osrm-customize", str(base), "-t", str(threads))
+        try:
+            _run(
+                "osrm-extract",
+                str(pbf),
+                "-p",
+                str(lua),
+                "-o",
+                str(base),
+                *size,
+                *threads_arg,
+            )
+            _run("osrm-partition", str(base), "-t", str(threads), *size)
+            _run("osrm-customize", str(base), "-t", str(threads))
+        except BaseException:
+            # The profile's previous dataset, if any, stays as it was.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         shutil.rmtree(final_dir, ignore_errors=True)
         staging.rename(final_dir)
         datasets.append(Dataset(profile, final_dir / f"{name}.osrm"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -423,13 +424,32 @@ def _check(vehicles: list[VehicleSpec], jobs: list[JobSpec]) -> None:
             raise InvalidArgument(f"jobs[{i}].priority", "must be in [0, 100]")
         if j.service_s < 0:
             raise InvalidArgument(f"jobs[{i}].service_s", "must not be negative")
-    dims = {len(v.capacity) for v in vehicles} | {
-        len(j.demand) for j in jobs if j.demand
-    }
-    if len(dims - {0}) > 1:
-        raise InvalidArgument(
-            "capacity", "every capacity and demand needs as many values"
-        )
+    _check_dimensions(vehicles, jobs)
+
+
+def _check_dimensions(vehicles: list[VehicleSpec], jobs: list[JobSpec]) -> None:
+    """Every capacity and demand given has as many values: the count most of them
+    have (the first one's on a tie), and the first that differs is named."""
+    amounts = [
+        (f"vehicles[{i}].capacity", len(v.capacity)) for i, v in enumerate(vehicles)
+    ] + [(f"jobs[{i}].demand", len(j.demand)) for i, j in enumerate(jobs)]
+    given = [(field, size) for field, size in amounts if size]
+    if not given:
+        return
+    counts = Counter(size for _, size in given)
+    expected = max(counts, key=lambda size: (counts[size], -_first(given, size)))
+    model = given[_first(given, expected)][0]
+    for field_name, size in given:
+        if size != expected:
+            raise InvalidArgument(
+                field_name,
+                f"has {size} value{'s' * (size != 1)}, expected {expected} as "
+                f"{model} has (every capacity and demand needs as many values)",
+            )
+
+
+def _first(given: list[tuple[str, int]], size: int) -> int:
+    return next(i for i, (_, n) in enumerate(given) if n == size)
 
 
 def _dimensions(problem: Problem) -> int:

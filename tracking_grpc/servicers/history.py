@@ -85,14 +85,7 @@ def _coarse_trip(trip: history_pb2.Trip, precision_m: float) -> None:
 def _clip_mask(fixes: FixBatch, area: common_pb2.Area) -> np.ndarray:
     shape = area.WhichOneof("shape")
     if shape == "box":
-        box = area.box
-        for name, bound in (("south", 90), ("north", 90), ("west", 180), ("east", 180)):
-            value = getattr(box, name)
-            if not (math.isfinite(value) and -bound <= value <= bound):
-                raise InvalidArgument(f"clip.box.{name}", f"must be in ±{bound}")
-        if box.south > box.north:
-            raise InvalidArgument("clip.box", "south lies north of north")
-        return in_box(fixes.lat, fixes.lon, box.south, box.west, box.north, box.east)
+        return in_box(fixes.lat, fixes.lon, *convert.check_box(area.box, "clip.box"))
     if shape == "circle":
         c = area.circle
         convert.require(c, "center", "clip.circle.center")

@@ -85,23 +85,6 @@ def _check_ids(device_ids: Sequence[str], field: str) -> list[str]:
     return convert.check_device_ids(device_ids, field)
 
 
-def _check_box(box: object) -> tuple[float, float, float, float]:
-    south, west, north, east = (
-        getattr(box, n) for n in ("south", "west", "north", "east")
-    )
-    for name, value, bound in (
-        ("south", south, 90),
-        ("north", north, 90),
-        ("west", west, 180),
-        ("east", east, 180),
-    ):
-        if not (math.isfinite(value) and -bound <= value <= bound):
-            raise InvalidArgument(f"area.box.{name}", f"must be in [-{bound}, {bound}]")
-    if south > north:
-        raise InvalidArgument("area.box", "south must not lie north of north")
-    return south, west, north, east
-
-
 def watch_filter(
     request: track_pb2.WatchRequest, precision_m: float = 0.0
 ) -> WatchFilter:
@@ -112,7 +95,7 @@ def watch_filter(
         return WatchFilter(devices=devices)
     shape = request.area.WhichOneof("shape")
     if shape == "box":
-        box = _check_box(request.area.box)
+        box = convert.check_box(request.area.box, "area.box")
         return WatchFilter(devices, box=box, precision_m=precision_m)
     if shape == "circle":
         circle = request.area.circle
