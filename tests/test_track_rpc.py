@@ -343,7 +343,7 @@ async def test_watch_by_box_across_antimeridian(stub) -> None:
     )
     await track_session(stub, "out", [[fix(1, 0.0, 170.0)]])
     await track_session(stub, "in", [[fix(1, 0.0, -179.5)]])
-    update = await asyncio.wait_for(watch.read(), 5)
+    update = await asyncio.wait_for(watch.read(), 30)  # a guard against a hang
     assert [p.device_id for p in update.positions] == ["in"]
     watch.cancel()
 
