@@ -3,7 +3,6 @@ server on port 0, after replaying a real trace into it."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -13,24 +12,13 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from tests.conftest import TRACES, require_shared
+from tests.test_client_cli import parse, run
 from tracking_grpc.client import export
-from tracking_grpc.client.commands import add_client_parsers
 
 CAR = "gpxpy_around-visnjan-with-car.gpx"
 CAR_DEVICE = "gpxpy_around-visnjan-with-car"
 CAR_FIXES = 104
 GPX = "{http://www.topografix.com/GPX/1/1}"
-
-
-def parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tracking")
-    add_client_parsers(parser.add_subparsers(required=True))
-    return parser.parse_args(argv)
-
-
-async def run(server, *argv: str) -> int:
-    args = parse(*argv, "--target", f"127.0.0.1:{server.port}")
-    return await args.command(args)
 
 
 @pytest.fixture
