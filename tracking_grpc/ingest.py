@@ -189,6 +189,16 @@ class IngestPipeline:
         return IngestResult(batch, reasons, new)
 
     @property
+    def idle(self) -> bool:
+        """Nothing is queued, committing, or waiting for the processors: every
+        fix stored so far has been through them."""
+        return (
+            self.admission.pending == 0
+            and self._processing.empty()
+            and self._processing_idle
+        )
+
+    @property
     def waiting_fixes(self) -> int:
         """Fixes queued for a group commit that has not taken them yet."""
         return self._queue.fixes
