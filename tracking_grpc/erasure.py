@@ -1,13 +1,18 @@
 """Erasure: one device of one tenant, everywhere this service keeps it.
 
-Stored data first: the history store (fixes and the sequence state that drops
-resends), the live store (position and Nearby index), and what the services that
-store more register in ``App.device_erasers`` (geofence events, in the event store
-and on the event stream). Then in-process state (:func:`forget_device`): the
-activity processor and what services register in ``App.state_forgetters``
-(geofence memberships, route monitoring), in this process, and through
-``App.announce_erasure`` (a Redis Stream, ``storage.redis_notices``) in every other
-server process sharing the backends.
+First the pipeline settles the device: its fixes submitted before the erasure are
+stored and live, and marked so that the event processors drop them whenever they
+reach them (``IngestPipeline.settle_device``, ``erasure_cuts``); the fixes it sends
+from then on are new data, processed as usual. Then stored data: the history store
+(fixes and the sequence state that drops resends) and the live store (position and
+Nearby index). Then in-process state, with the processors paused between two runs
+(:func:`forget_device`): the activity processor, what services register in
+``App.state_forgetters`` (geofence memberships, route monitoring) and the events
+of the device queued for the event store. Then what the services that store more
+register in ``App.device_erasers`` (geofence events, in the event store and on the
+event stream), and ``App.announce_erasure`` (a Redis Stream,
+``storage.redis_notices``) tells every other server process sharing the backends,
+which forgets the device's state and drops its fixes waiting for its processors.
 """
 
 from __future__ import annotations
@@ -46,16 +51,19 @@ class Erased:
 
 
 async def erase_device(app: App, tenant: str, device: str) -> Erased:
-    """Erase ``device`` of ``tenant``: stored data first, then in-process state."""
+    """Erase ``device`` of ``tenant``: what the pipeline holds of it settled,
+    stored fixes and live position, in-process state, then stored events."""
+    await app.pipeline.settle_device(tenant, device)
     states = await app.history.device_states(tenant, [device])
     erased = Erased(sequence_reset=device in states)
     erased.fixes = await app.history.erase_device(tenant, device)
     await app.pipeline.live_writer.settled(tenant)  # no write under way puts it back
     erased.live_position = len(await app.live.get(tenant, [device])) > 0
     await app.live.remove(tenant, [device])
+    # Before the stored events: no event of it is raised or queued after this.
+    erased.add(await _forget_here(app, tenant, device))
     for eraser in app.device_erasers:
         erased.add(await eraser(tenant, device))
-    erased.add(await forget_device(app, tenant, device))
     if app.announce_erasure is not None:
         await app.announce_erasure(tenant, device)
     log.info(
@@ -70,10 +78,22 @@ async def erase_device(app: App, tenant: str, device: str) -> Erased:
 
 
 async def forget_device(app: App, tenant: str, device: str) -> dict[str, int]:
-    """Drop ``device`` of ``tenant`` from this process's in-process state; counts
-    by field of :class:`Erased` (for this process only)."""
-    counts = {"activity": int(await app.activity.forget(tenant, device))}
-    for forgetter in app.state_forgetters:
-        for name, count in (await forgetter(tenant, device)).items():
-            counts[name] = counts.get(name, 0) + count
+    """Another process erased ``device`` of ``tenant``: this one's processors drop
+    its fixes of the commits taken so far, and it forgets its in-process state;
+    counts by field of :class:`Erased` (for this process only)."""
+    app.pipeline.cut_device(tenant, device)
+    return await _forget_here(app, tenant, device)
+
+
+async def _forget_here(app: App, tenant: str, device: str) -> dict[str, int]:
+    """Drop ``device`` of ``tenant`` from this process's in-process state and from
+    its events waiting for the event store, between two processor runs (the
+    processors drop its fixes already cut off); counts by field of
+    :class:`Erased`."""
+    async with app.pipeline.processors_paused():
+        counts = {"activity": int(await app.activity.forget(tenant, device))}
+        for forgetter in app.state_forgetters:
+            for name, count in (await forgetter(tenant, device)).items():
+                counts[name] = counts.get(name, 0) + count
+        await app.bus.forget_device(tenant, device)
     return counts

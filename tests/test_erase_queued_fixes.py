@@ -1,0 +1,145 @@
+"""EraseDevice while the device's fixes are stored and acked but still wait for the
+event processors, through a real server on the embedded and the production
+backends: the processors drop them, so nothing of the device from before the
+erasure comes back (activity, memberships, events, checkpoint, live position),
+and a fix it sends after the erasure is processed as new data.
+
+The processors run at most every ``processor_interval_ms``: a long interval keeps
+the second part of the trace queued for them while the erasure runs (checked, not
+assumed)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from tracking.v1 import (
+    common_pb2,
+    geofence_pb2,
+    geofence_pb2_grpc,
+    history_pb2,
+    history_pb2_grpc,
+    track_pb2,
+    track_pb2_grpc,
+)
+
+from tests.backends import BACKENDS, backend_settings, unique_tenant
+from tests.server_fixtures import Metadata, bearer, embedded_settings, fix
+from tests.server_fixtures import track_session as send
+from tracking_grpc.events import EventType
+from tracking_grpc.server import TrackingServer
+
+SECRET = "erase-queued-fixes-secret-of-enough-length"
+DEPOT = common_pb2.LatLng(lat=60.17, lon=24.94)
+PROCESSOR_INTERVAL_MS = 4_000.0  # the queue outlasts the erasure
+
+
+def as_admin(tenant: str) -> Metadata:
+    return bearer(SECRET, tenant, "admin")
+
+
+class Stubs:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.track = track_pb2_grpc.TrackSessionStub(channel)
+        self.history = history_pb2_grpc.HistoryStub(channel)
+        self.geofence = geofence_pb2_grpc.GeofenceStub(channel)
+
+
+@pytest.fixture(params=BACKENDS)
+async def served(
+    request: pytest.FixtureRequest, start_server, tmp_path: Path
+) -> AsyncIterator[tuple[TrackingServer, Stubs]]:
+    settings = embedded_settings(
+        tmp_path,
+        auth_mode="jwt",
+        jwt_hs256_secret=SECRET,
+        activity_checkpoint_s=600,  # saved when the test says
+        processor_interval_ms=PROCESSOR_INTERVAL_MS,
+    )
+    server = await start_server(settings=backend_settings(request, settings))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield server, Stubs(channel)
+
+
+async def van_events(stubs: Stubs, tenant: str) -> list[str]:
+    """The types of the van's stored events, of every kind."""
+    request = geofence_pb2.ListEventsRequest(
+        start_ms=0, device_id="van", types=[int(kind) for kind in EventType]
+    )
+    found = await stubs.geofence.ListEvents(request, metadata=as_admin(tenant))
+    return sorted(EventType(event.type).name for event in found.events)
+
+
+async def activity_code(stubs: Stubs, tenant: str) -> grpc.StatusCode:
+    try:
+        await stubs.history.GetActivity(
+            history_pb2.GetActivityRequest(device_id="van"), metadata=as_admin(tenant)
+        )
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+async def processed(server: TrackingServer) -> None:
+    """Until every stored fix has been through the processors."""
+    async with asyncio.timeout(30):
+        while True:
+            if server.app.pipeline.idle:
+                break
+            await asyncio.sleep(0.01)
+
+
+async def test_fixes_queued_for_the_processors_at_an_erasure_bring_nothing_back(
+    served,
+) -> None:
+    server, stubs = served
+    tenant = unique_tenant()
+    fence = geofence_pb2.Fence(
+        fence_id="depot",
+        shape=geofence_pb2.FenceShape(
+            circle=common_pb2.Circle(center=DEPOT, radius_m=300)
+        ),
+    )
+    await stubs.geofence.CreateFence(
+        geofence_pb2.CreateFenceRequest(fence=fence), metadata=as_admin(tenant)
+    )
+    # North of the depot, then driving into it: the first part goes through the
+    # processors at once (their first run), the second waits for their next.
+    outside = [fix(seq, 60.18 - seq * 0.001, 24.94, accuracy_m=5) for seq in (1, 2)]
+    inside = [fix(seq, 60.17, 24.94, accuracy_m=5) for seq in range(3, 8)]
+    await send(stubs.track, "van", [outside], metadata=as_admin(tenant))
+    await processed(server)
+    assert await van_events(stubs, tenant) == ["ONLINE"]
+    await send(stubs.track, "van", [inside], metadata=as_admin(tenant))
+    assert not server.app.pipeline.idle  # the second part waits for the processors
+
+    erased = await stubs.history.EraseDevice(
+        history_pb2.EraseDeviceRequest(device_id="van"), metadata=as_admin(tenant)
+    )
+
+    assert not server.app.pipeline.idle, "the processors ran before the erasure"
+    assert (erased.fixes_erased, erased.events_erased) == (7, 1)
+    assert erased.activity_erased
+    await processed(server)
+    assert await van_events(stubs, tenant) == []
+    assert await activity_code(stubs, tenant) == grpc.StatusCode.NOT_FOUND
+    assert await server.app.activity.save_checkpoints() == 0
+    stored = await server.app.history.load_checkpoints(tenant, ["van"])
+    assert stored.devices == []
+    last = await stubs.track.GetLastPositions(
+        track_pb2.GetLastPositionsRequest(device_ids=["van"]), metadata=as_admin(tenant)
+    )
+    assert list(last.positions) == []
+
+    # Sent after the erasure: new data, processed as such (its membership in the
+    # depot was forgotten, so it enters it again).
+    _, acks = await send(
+        stubs.track, "van", [[fix(1, 60.17, 24.94, accuracy_m=5)]], as_admin(tenant)
+    )
+    assert acks[0].stored == 1
+    await processed(server)
+    assert await van_events(stubs, tenant) == ["ENTER", "ONLINE"]
+    assert await activity_code(stubs, tenant) == grpc.StatusCode.OK
