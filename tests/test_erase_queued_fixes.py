@@ -2,7 +2,9 @@
 event processors, through a real server on the embedded and the production
 backends: the processors drop them, so nothing of the device from before the
 erasure comes back (activity, memberships, events, checkpoint, live position),
-and a fix it sends after the erasure is processed as new data.
+and a fix it sends after the erasure is processed as new data. With PostgreSQL and
+Redis, another server process holding such fixes drops them too when it hears the
+erasure notice.
 
 The processors run at most every ``processor_interval_ms``: a long interval keeps
 the second part of the trace queued for them while the erasure runs (checked, not
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -92,11 +95,12 @@ async def processed(server: TrackingServer) -> None:
             await asyncio.sleep(0.01)
 
 
-async def test_fixes_queued_for_the_processors_at_an_erasure_bring_nothing_back(
-    served,
+async def depot_then_outside_and_inside(
+    server: TrackingServer, stubs: Stubs, tenant: str
 ) -> None:
-    server, stubs = served
-    tenant = unique_tenant()
+    """The depot fence; the van north of it, then driving into it: the first part
+    goes through the processors at once (their first run), the second waits for
+    their next."""
     fence = geofence_pb2.Fence(
         fence_id="depot",
         shape=geofence_pb2.FenceShape(
@@ -106,8 +110,6 @@ async def test_fixes_queued_for_the_processors_at_an_erasure_bring_nothing_back(
     await stubs.geofence.CreateFence(
         geofence_pb2.CreateFenceRequest(fence=fence), metadata=as_admin(tenant)
     )
-    # North of the depot, then driving into it: the first part goes through the
-    # processors at once (their first run), the second waits for their next.
     outside = [fix(seq, 60.18 - seq * 0.001, 24.94, accuracy_m=5) for seq in (1, 2)]
     inside = [fix(seq, 60.17, 24.94, accuracy_m=5) for seq in range(3, 8)]
     await send(stubs.track, "van", [outside], metadata=as_admin(tenant))
@@ -115,6 +117,14 @@ async def test_fixes_queued_for_the_processors_at_an_erasure_bring_nothing_back(
     assert await van_events(stubs, tenant) == ["ONLINE"]
     await send(stubs.track, "van", [inside], metadata=as_admin(tenant))
     assert not server.app.pipeline.idle  # the second part waits for the processors
+
+
+async def test_fixes_queued_for_the_processors_at_an_erasure_bring_nothing_back(
+    served,
+) -> None:
+    server, stubs = served
+    tenant = unique_tenant()
+    await depot_then_outside_and_inside(server, stubs, tenant)
 
     erased = await stubs.history.EraseDevice(
         history_pb2.EraseDeviceRequest(device_id="van"), metadata=as_admin(tenant)
@@ -143,3 +153,42 @@ async def test_fixes_queued_for_the_processors_at_an_erasure_bring_nothing_back(
     await processed(server)
     assert await van_events(stubs, tenant) == ["ENTER", "ONLINE"]
     assert await activity_code(stubs, tenant) == grpc.StatusCode.OK
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_another_process_drops_its_queued_fixes_of_an_erased_device(
+    start_server, tmp_path: Path, pg_url: str, redis_url: str, redis_prefix: str
+) -> None:
+    base = replace(
+        embedded_settings(tmp_path, auth_mode="jwt", jwt_hs256_secret=SECRET),
+        database_url=pg_url,
+        redis_url=redis_url,
+        redis_key_prefix=redis_prefix,
+        activity_checkpoint_s=600,
+    )
+    erasing = await start_server(settings=base)
+    holding = await start_server(
+        settings=replace(base, processor_interval_ms=PROCESSOR_INTERVAL_MS)
+    )
+    tenant = unique_tenant()
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{erasing.port}") as to_erasing,
+        grpc.aio.insecure_channel(f"127.0.0.1:{holding.port}") as to_holding,
+    ):
+        stubs = Stubs(to_holding)
+        await depot_then_outside_and_inside(holding, stubs, tenant)
+        await Stubs(to_erasing).history.EraseDevice(
+            history_pb2.EraseDeviceRequest(device_id="van"), metadata=as_admin(tenant)
+        )
+        async with asyncio.timeout(30):  # until it hears the notice
+            while True:
+                if holding.app.activity.state(tenant, "van") is None:
+                    break
+                await asyncio.sleep(0.01)
+        assert not holding.app.pipeline.idle, "the processors ran before the notice"
+        await processed(holding)
+
+        assert await van_events(stubs, tenant) == []
+        assert await activity_code(stubs, tenant) == grpc.StatusCode.NOT_FOUND
+        assert await holding.app.activity.save_checkpoints() == 0
