@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from tracking.v1 import (
     common_pb2,
@@ -30,7 +31,14 @@ from tracking.v1 import (
 )
 
 from tests.backends import BACKENDS, backend_settings, unique_tenant
-from tests.server_fixtures import Metadata, bearer, embedded_settings, fix
+from tests.server_fixtures import (
+    Metadata,
+    batch,
+    bearer,
+    embedded_settings,
+    fix,
+    hello,
+)
 from tests.server_fixtures import track_session as send
 from tracking_grpc.events import EventType
 from tracking_grpc.server import TrackingServer
@@ -38,6 +46,7 @@ from tracking_grpc.server import TrackingServer
 SECRET = "erase-queued-fixes-secret-of-enough-length"
 DEPOT = common_pb2.LatLng(lat=60.17, lon=24.94)
 PROCESSOR_INTERVAL_MS = 4_000.0  # the queue outlasts the erasure
+HANG_GUARD_S = 60.0  # a safety net against a hang, not a measure
 
 
 def as_admin(tenant: str) -> Metadata:
@@ -192,3 +201,44 @@ async def test_another_process_drops_its_queued_fixes_of_an_erased_device(
         assert await van_events(stubs, tenant) == []
         assert await activity_code(stubs, tenant) == grpc.StatusCode.NOT_FOUND
         assert await holding.app.activity.save_checkpoints() == 0
+
+
+@pytest.mark.postgres
+async def test_an_erasure_does_not_wait_for_a_store_that_is_away(
+    start_server, tmp_path: Path, pg_url: str
+) -> None:
+    """The device's fixes cannot be stored (a lock holds the fixes table): the
+    erasure answers UNAVAILABLE, having erased nothing, instead of waiting for
+    them; called again once the store is back, it erases them."""
+    settings = replace(
+        embedded_settings(tmp_path, auth_mode="jwt", jwt_hs256_secret=SECRET),
+        database_url=pg_url,
+        database_timeout_s=0.5,
+    )
+    server = await start_server(settings=settings)
+    tenant = unique_tenant()
+    erase = history_pb2.EraseDeviceRequest(device_id="van")
+    locker = await psycopg.AsyncConnection.connect(pg_url)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stubs = Stubs(channel)
+        call = stubs.track.Track(metadata=as_admin(tenant))
+        await call.write(hello("van"))
+        await call.read()  # started
+        await locker.execute("LOCK TABLE fixes IN ACCESS EXCLUSIVE MODE")  # held
+        try:
+            await call.write(batch([fix(1, 60.17, 24.94)]))
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stubs.history.EraseDevice(
+                    erase, metadata=as_admin(tenant), timeout=HANG_GUARD_S
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await locker.rollback()
+            await locker.close()
+        ack = await call.read()
+        while ack.WhichOneof("message") != "ack":
+            ack = await call.read()
+        assert ack.ack.stored == 1  # stored once the store is back
+        await call.done_writing()
+        erased = await stubs.history.EraseDevice(erase, metadata=as_admin(tenant))
+    assert erased.fixes_erased == 1

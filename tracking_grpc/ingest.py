@@ -62,6 +62,12 @@ from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
 log = logging.getLogger(__name__)
 
 
+_STORE_AWAY = (
+    "the history store is unavailable: fixes received before the erasure wait to "
+    "be stored; nothing was erased"
+)
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -237,9 +243,13 @@ class IngestPipeline:
 
     async def _handed_through(self, commit: int) -> None:
         """Return once the commits up to ``commit`` have been handed to the
-        processors (or have failed)."""
+        processors (or have failed); raises ``StorageUnavailable`` while the
+        history store is (or once it becomes) unavailable, rather than waiting
+        for it."""
         if self._handed >= commit:
             return
+        if not self.storage_healthy:
+            raise StorageUnavailable(_STORE_AWAY)
         waited = asyncio.get_running_loop().create_future()
         self._handed_waits.append((commit, waited))
         await waited
@@ -255,6 +265,13 @@ class IngestPipeline:
                 self._handed_waits.append((target, waited))
             elif not waited.done():
                 waited.set_result(None)
+
+    def _fail_handed_waits(self) -> None:
+        """The store is unavailable: those waiting for commits get an error."""
+        waits, self._handed_waits = self._handed_waits, []
+        for _, waited in waits:
+            if not waited.done():
+                waited.set_exception(StorageUnavailable(_STORE_AWAY))
 
     @property
     def waiting_fixes(self) -> int:
@@ -503,6 +520,7 @@ class IngestPipeline:
                 if self.storage_healthy:
                     log.warning("history store unavailable, holding acks: %s", exc)
                 self.storage_healthy = False
+                self._fail_handed_waits()
                 if self._closing:
                     for item in items:
                         if not item.done.done():
