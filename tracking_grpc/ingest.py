@@ -156,9 +156,9 @@ class IngestPipeline:
         self._commits = 0  # commits taken so far
         self._handed = 0  # commits whose fixes the processors have been handed
         self._handed_waits: list[tuple[int, asyncio.Future[None]]] = []
-        # Held by a processor run and by the ticks: an erasure forgets a device's
-        # state between two of them (``processors_paused``).
-        self._processors_busy = asyncio.Lock()
+        # Passed by processor runs and ticks (together, as before), closed by an
+        # erasure while it forgets a device's state (``processors_paused``).
+        self._processors_gate = _Gate()
         self._processor_task: asyncio.Task[None] | None = None
         self._closing = False
         self._unprocessed = UnprocessedFixes()  # what a stop's deadline cut off
@@ -184,7 +184,7 @@ class IngestPipeline:
             await self.admission.release_memory_after_backlog(
                 self._processing.qsize() <= 2 and self._processing_idle
             )
-            async with self._processors_busy:
+            async with self._processors_gate.passing():
                 await self._tick(now_ms())
 
     async def _tick(self, now: int) -> None:
@@ -238,7 +238,7 @@ class IngestPipeline:
     async def processors_paused(self) -> AsyncIterator[None]:
         """No processor run or tick is under way in the block (it waits for the
         one under way to end): an erasure forgets a device's state in it."""
-        async with self._processors_busy:
+        async with self._processors_gate.closed():
             yield
 
     async def _handed_through(self, commit: int) -> None:
@@ -574,7 +574,7 @@ class IngestPipeline:
         while not ended and (item := await self._processing.get()) is not None:
             started = loop.time()
             self._processing_idle = False
-            async with self._processors_busy:
+            async with self._processors_gate.passing():
                 work, ended = self._waiting_work(item)
                 # Every commit handed so far is in this run or an earlier one.
                 through = self._handed
@@ -722,6 +722,45 @@ class _Commit(NamedTuple):
     fixes: FixBatch
     span: tracing.SpanContext
     number: int  # the commit's number, in the order commits are taken
+
+
+class _Gate:
+    """Processor runs and ticks pass it together; closing it waits for those under
+    way and holds new ones back until it opens again (one closer at a time)."""
+
+    __slots__ = ("_closers", "_empty", "_inside", "_open")
+
+    def __init__(self) -> None:
+        self._inside = 0
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._open = asyncio.Event()
+        self._open.set()
+        self._closers = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def passing(self) -> AsyncIterator[None]:
+        while not self._open.is_set():
+            await self._open.wait()
+        self._inside += 1
+        self._empty.clear()
+        try:
+            yield
+        finally:
+            self._inside -= 1
+            if not self._inside:
+                self._empty.set()
+
+    @contextlib.asynccontextmanager
+    async def closed(self) -> AsyncIterator[None]:
+        async with self._closers:
+            self._open.clear()
+            try:
+                while self._inside:
+                    await self._empty.wait()
+                yield
+            finally:
+                self._open.set()
 
 
 class _Slot:
