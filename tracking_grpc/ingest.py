@@ -30,6 +30,12 @@ fails on alone are left out of its events (``isolation``).
 Processors whose events the bus cannot take (the event store's queue is full) wait,
 and once their own queue is full the commits behind them wait too, stored and acked
 but still counted as pending: ``max_pending_fixes`` then pauses the streams.
+
+Commits are numbered as they are taken. An erasure waits until the device's fixes
+submitted before it are stored and handed to the processors (``settle_device``),
+and the processors drop the device's fixes of the commits up to then
+(``erasure_cuts``); it forgets the device's state between two processor runs
+(``processors_paused``).
 """
 
 from __future__ import annotations
