@@ -5,24 +5,27 @@ stored and live, and marked so that the event processors drop them whenever they
 reach them (``IngestPipeline.settle_device``, ``erasure_cuts``); the fixes it sends
 from then on are new data, processed as usual. Then stored data: the history store
 (fixes and the sequence state that drops resends) and the live store (position and
-Nearby index). Then in-process state, with the processors paused between two runs
-(:func:`forget_device`): the activity processor, what services register in
-``App.state_forgetters`` (geofence memberships, route monitoring) and the events
-of the device queued for the event store. Then what the services that store more
-register in ``App.device_erasers`` (geofence events, in the event store and on the
+Nearby index). Then, with the processors paused between two runs: in-process
+state (the activity processor and what services register in
+``App.state_forgetters``: geofence memberships, route monitoring), the events of
+the device queued for the event store, and what the services that store more
+register in ``App.device_erasers`` (stored events, from which memberships would be
+reloaded). Then what its data was published to (``App.published_erasers``: the
 event stream), and ``App.announce_erasure`` (a Redis Stream,
 ``storage.redis_notices``) tells every other server process sharing the backends,
-which forgets the device's state and drops its fixes waiting for its processors.
+which forgets the device's state (:func:`forget_device`) and drops its fixes
+waiting for its processors.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tracking_grpc.app import App
+    from tracking_grpc.app import App, DeviceEraser
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +63,8 @@ async def erase_device(app: App, tenant: str, device: str) -> Erased:
     await app.pipeline.live_writer.settled(tenant)  # no write under way puts it back
     erased.live_position = len(await app.live.get(tenant, [device])) > 0
     await app.live.remove(tenant, [device])
-    # Before the stored events: no event of it is raised or queued after this.
-    erased.add(await _forget_here(app, tenant, device))
-    for eraser in app.device_erasers:
+    erased.add(await _forget_here(app, tenant, device, app.device_erasers))
+    for eraser in app.published_erasers:
         erased.add(await eraser(tenant, device))
     if app.announce_erasure is not None:
         await app.announce_erasure(tenant, device)
@@ -85,15 +87,25 @@ async def forget_device(app: App, tenant: str, device: str) -> dict[str, int]:
     return await _forget_here(app, tenant, device)
 
 
-async def _forget_here(app: App, tenant: str, device: str) -> dict[str, int]:
+async def _forget_here(
+    app: App, tenant: str, device: str, erasers: Sequence[DeviceEraser] = ()
+) -> dict[str, int]:
     """Drop ``device`` of ``tenant`` from this process's in-process state and from
-    its events waiting for the event store, between two processor runs (the
-    processors drop its fixes already cut off); counts by field of
+    its events waiting for the event store, then erase it with ``erasers``, all
+    between two processor runs (the processors drop its fixes already cut off,
+    and its later fixes find nothing to reload state from); counts by field of
     :class:`Erased`."""
+    counts: dict[str, int] = {}
+
+    def add(found: dict[str, int]) -> None:
+        for name, count in found.items():
+            counts[name] = counts.get(name, 0) + count
+
     async with app.pipeline.processors_paused():
-        counts = {"activity": int(await app.activity.forget(tenant, device))}
+        add({"activity": int(await app.activity.forget(tenant, device))})
         for forgetter in app.state_forgetters:
-            for name, count in (await forgetter(tenant, device)).items():
-                counts[name] = counts.get(name, 0) + count
-        await app.bus.forget_device(tenant, device)
+            add(await forgetter(tenant, device))
+        await app.bus.forget_device(tenant, device)  # no event of it is queued
+        for eraser in erasers:
+            add(await eraser(tenant, device))
     return counts
