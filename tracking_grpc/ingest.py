@@ -232,8 +232,10 @@ class IngestPipeline:
         waiting = self._queue.holding(tenant, device)
         while waiting and self._queue.holds_any(waiting):
             await self._handed_through(self._handed + 1)  # the next commit
-        self.erasure_cuts.add(tenant, device, self._commits)
-        await self._handed_through(self._commits)
+        cut = self._commits
+        await self._handed_through(cut)
+        # Marked once they are stored: an erasure that fails before drops none.
+        self.erasure_cuts.add(tenant, device, cut)
 
     def cut_device(self, tenant: str, device: str) -> None:
         """An erasure made by another process: the processors drop the fixes of
