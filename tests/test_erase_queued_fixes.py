@@ -45,7 +45,7 @@ from tracking_grpc.server import TrackingServer
 
 SECRET = "erase-queued-fixes-secret-of-enough-length"
 DEPOT = common_pb2.LatLng(lat=60.17, lon=24.94)
-PROCESSOR_INTERVAL_MS = 4_000.0  # the queue outlasts the erasure
+PROCESSOR_INTERVAL_MS = 6_000.0  # the queue outlasts the erasure
 HANG_GUARD_S = 60.0  # a safety net against a hang, not a measure
 
 
