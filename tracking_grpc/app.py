@@ -59,8 +59,13 @@ class App:
     # Services registered but unable to serve (Route without a routing dataset):
     # health reports them NOT_SERVING while the rest of the server serves.
     not_ready: set[str] = field(default_factory=set)
-    # What else stores a device's data (added by the Geofence service).
+    # What else stores a device's data (added by the Geofence service: its stored
+    # events); run with the processors paused, after the in-process state is
+    # forgotten, so that no state is reloaded from it (memberships from events).
     device_erasers: list[DeviceEraser] = field(default_factory=list)
+    # What a device's data was published to (the Redis Stream of events): erased
+    # last, with the processors running (a stream walk takes long).
+    published_erasers: list[DeviceEraser] = field(default_factory=list)
     # What keeps a device's state in this process (added by the Geofence and Route
     # services), besides the activity processor.
     state_forgetters: list[DeviceEraser] = field(default_factory=list)

@@ -60,6 +60,19 @@ class CommitQueue:
         self.fixes += item.size
         self._rows += item.rows is not None
 
+    def holding(self, tenant: str, device: str) -> list[Submission]:
+        """The waiting submissions with fixes of ``device`` (an erasure's wait)."""
+        return [
+            item
+            for item in self._items
+            if item.tenant == tenant and device in item.devices()
+        ]
+
+    def holds_any(self, items: list[Submission]) -> bool:
+        """Whether one of ``items`` is still waiting."""
+        ids = {id(item) for item in items}
+        return any(id(item) in ids for item in self._items)
+
     def take(self, limit: int) -> list[Submission]:
         """The next commit's submissions: everything waiting when it fits in
         ``limit`` fixes, else device streams' rows first (``_take_fair``)."""

@@ -1,23 +1,31 @@
 """Erasure: one device of one tenant, everywhere this service keeps it.
 
-Stored data first: the history store (fixes and the sequence state that drops
-resends), the live store (position and Nearby index), and what the services that
-store more register in ``App.device_erasers`` (geofence events, in the event store
-and on the event stream). Then in-process state (:func:`forget_device`): the
-activity processor and what services register in ``App.state_forgetters``
-(geofence memberships, route monitoring), in this process, and through
-``App.announce_erasure`` (a Redis Stream, ``storage.redis_notices``) in every other
-server process sharing the backends.
+First the pipeline settles the device: its fixes submitted before the erasure are
+stored and live, and marked so that the event processors drop them whenever they
+reach them (``IngestPipeline.settle_device``, ``erasure_cuts``); the fixes it sends
+from then on are new data, processed as usual. Then stored data: the history store
+(fixes and the sequence state that drops resends) and the live store (position and
+Nearby index). Then, with the processors paused between two runs: in-process
+state (the activity processor and what services register in
+``App.state_forgetters``: geofence memberships, route monitoring), the events of
+the device queued for the event store, and what the services that store more
+register in ``App.device_erasers`` (stored events, from which memberships would be
+reloaded). Then what its data was published to (``App.published_erasers``: the
+event stream), and ``App.announce_erasure`` (a Redis Stream,
+``storage.redis_notices``) tells every other server process sharing the backends,
+which forgets the device's state (:func:`forget_device`) and drops its fixes
+waiting for its processors.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tracking_grpc.app import App
+    from tracking_grpc.app import App, DeviceEraser
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +54,18 @@ class Erased:
 
 
 async def erase_device(app: App, tenant: str, device: str) -> Erased:
-    """Erase ``device`` of ``tenant``: stored data first, then in-process state."""
+    """Erase ``device`` of ``tenant``: what the pipeline holds of it settled,
+    stored fixes and live position, in-process state, then stored events."""
+    await app.pipeline.settle_device(tenant, device)
     states = await app.history.device_states(tenant, [device])
     erased = Erased(sequence_reset=device in states)
     erased.fixes = await app.history.erase_device(tenant, device)
     await app.pipeline.live_writer.settled(tenant)  # no write under way puts it back
     erased.live_position = len(await app.live.get(tenant, [device])) > 0
     await app.live.remove(tenant, [device])
-    for eraser in app.device_erasers:
+    erased.add(await _forget_here(app, tenant, device, app.device_erasers))
+    for eraser in app.published_erasers:
         erased.add(await eraser(tenant, device))
-    erased.add(await forget_device(app, tenant, device))
     if app.announce_erasure is not None:
         await app.announce_erasure(tenant, device)
     log.info(
@@ -70,10 +80,32 @@ async def erase_device(app: App, tenant: str, device: str) -> Erased:
 
 
 async def forget_device(app: App, tenant: str, device: str) -> dict[str, int]:
-    """Drop ``device`` of ``tenant`` from this process's in-process state; counts
-    by field of :class:`Erased` (for this process only)."""
-    counts = {"activity": int(await app.activity.forget(tenant, device))}
-    for forgetter in app.state_forgetters:
-        for name, count in (await forgetter(tenant, device)).items():
+    """Another process erased ``device`` of ``tenant``: this one's processors drop
+    its fixes of the commits taken so far, and it forgets its in-process state;
+    counts by field of :class:`Erased` (for this process only)."""
+    app.pipeline.cut_device(tenant, device)
+    return await _forget_here(app, tenant, device)
+
+
+async def _forget_here(
+    app: App, tenant: str, device: str, erasers: Sequence[DeviceEraser] = ()
+) -> dict[str, int]:
+    """Drop ``device`` of ``tenant`` from this process's in-process state and from
+    its events waiting for the event store, then erase it with ``erasers``, all
+    between two processor runs (the processors drop its fixes already cut off,
+    and its later fixes find nothing to reload state from); counts by field of
+    :class:`Erased`."""
+    counts: dict[str, int] = {}
+
+    def add(found: dict[str, int]) -> None:
+        for name, count in found.items():
             counts[name] = counts.get(name, 0) + count
+
+    async with app.pipeline.processors_paused():
+        add({"activity": int(await app.activity.forget(tenant, device))})
+        for forgetter in app.state_forgetters:
+            add(await forgetter(tenant, device))
+        await app.bus.forget_device(tenant, device)  # no event of it is queued
+        for eraser in erasers:
+            add(await eraser(tenant, device))
     return counts

@@ -117,6 +117,14 @@ class EventBus:
             if release is not None:
                 release()
 
+    async def forget_device(self, tenant: str, device: str) -> None:
+        """Erasure: listeners that hold events before delivering them (the event
+        store's queue) drop those of ``device`` of ``tenant``."""
+        for listener in list(self._listeners):
+            forget = getattr(listener, "forget_device", None)
+            if forget is not None:
+                await forget(tenant, device)
+
     async def emit(self, events: Sequence[TrackingEvent]) -> None:
         if not events:
             return

@@ -30,15 +30,22 @@ fails on alone are left out of its events (``isolation``).
 Processors whose events the bus cannot take (the event store's queue is full) wait,
 and once their own queue is full the commits behind them wait too, stored and acked
 but still counted as pending: ``max_pending_fixes`` then pauses the streams.
+
+Commits are numbered as they are taken. An erasure waits until the device's fixes
+submitted before it are stored and handed to the processors (``settle_device``),
+and the processors drop the device's fixes of the commits up to then
+(``erasure_cuts``); it forgets the device's state between two processor runs
+(``processors_paused``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -51,6 +58,7 @@ from tracking_grpc.commit_queue import CommitQueue, Submission
 from tracking_grpc.config import Settings
 from tracking_grpc.core import chunks, validation
 from tracking_grpc.core.fixes import FixBatch, FixRow
+from tracking_grpc.erasure_cuts import ErasureCuts
 from tracking_grpc.errors import StorageUnavailable, Unavailable
 from tracking_grpc.events import EventBus, FixProcessor, TrackingEvent
 from tracking_grpc.live_writer import LiveWriter, live_is_shared
@@ -58,6 +66,12 @@ from tracking_grpc.observability import metrics, tracing
 from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
 
 log = logging.getLogger(__name__)
+
+
+_STORE_AWAY = (
+    "the history store is unavailable: fixes received before the erasure wait to "
+    "be stored; nothing was erased"
+)
 
 
 def now_ms() -> int:
@@ -140,9 +154,17 @@ class IngestPipeline:
         self._task: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         # Bounded: when processors fall behind, commits wait (back-pressure).
-        self._processing: asyncio.Queue[tuple[FixBatch, tracing.SpanContext] | None] = (
-            asyncio.Queue(256)
-        )
+        # Each commit's new fixes, with its number (``_commits``).
+        self._processing: asyncio.Queue[_Commit | None] = asyncio.Queue(256)
+        # Erasures: group commits are numbered as they are taken; the processors
+        # drop an erased device's fixes of the commits up to its cut-off.
+        self.erasure_cuts = ErasureCuts()
+        self._commits = 0  # commits taken so far
+        self._handed = 0  # commits whose fixes the processors have been handed
+        self._handed_waits: list[tuple[int, asyncio.Future[None]]] = []
+        # Passed by processor runs and ticks (together, as before), closed by an
+        # erasure while it forgets a device's state (``processors_paused``).
+        self._processors_gate = _Gate()
         self._processor_task: asyncio.Task[None] | None = None
         self._closing = False
         self._unprocessed = UnprocessedFixes()  # what a stop's deadline cut off
@@ -168,16 +190,20 @@ class IngestPipeline:
             await self.admission.release_memory_after_backlog(
                 self._processing.qsize() <= 2 and self._processing_idle
             )
-            for processor in self.processors:
-                tick = getattr(processor, "tick", None)
-                if tick is None:
-                    continue
-                try:
-                    events = await tick(now_ms())
-                except Exception:
-                    log.exception("processor %s failed on tick", processor.name)
-                    continue
-                await self.bus.emit(events)
+            async with self._processors_gate.passing():
+                await self._tick(now_ms())
+
+    async def _tick(self, now: int) -> None:
+        for processor in self.processors:
+            tick = getattr(processor, "tick", None)
+            if tick is None:
+                continue
+            try:
+                events = await tick(now)
+            except Exception:
+                log.exception("processor %s failed on tick", processor.name)
+                continue
+            await self.bus.emit(events)
 
     async def ingest(self, batch: FixBatch) -> IngestResult:
         """Validate and durably store a batch; returns once stored (or raises)."""
@@ -197,6 +223,63 @@ class IngestPipeline:
             and self._processing.empty()
             and self._processing_idle
         )
+
+    async def settle_device(self, tenant: str, device: str) -> None:
+        """For an erasure: return once the fixes of ``device`` submitted so far
+        are stored, live and handed to the processors, having marked the device
+        so that the processors drop them (``erasure_cuts``); its later fixes go
+        through as usual."""
+        waiting = self._queue.holding(tenant, device)
+        while waiting and self._queue.holds_any(waiting):
+            await self._handed_through(self._handed + 1)  # the next commit
+        cut = self._commits
+        await self._handed_through(cut)
+        # Marked once they are stored: an erasure that fails before drops none.
+        self.erasure_cuts.add(tenant, device, cut)
+
+    def cut_device(self, tenant: str, device: str) -> None:
+        """An erasure made by another process: the processors drop the fixes of
+        ``device`` of the commits taken so far."""
+        self.erasure_cuts.add(tenant, device, self._commits)
+
+    @contextlib.asynccontextmanager
+    async def processors_paused(self) -> AsyncIterator[None]:
+        """No processor run or tick is under way in the block (it waits for the
+        one under way to end): an erasure forgets a device's state in it."""
+        async with self._processors_gate.closed():
+            yield
+
+    async def _handed_through(self, commit: int) -> None:
+        """Return once the commits up to ``commit`` have been handed to the
+        processors (or have failed); raises ``StorageUnavailable`` while the
+        history store is (or once it becomes) unavailable, rather than waiting
+        for it."""
+        if self._handed >= commit:
+            return
+        if not self.storage_healthy:
+            raise StorageUnavailable(_STORE_AWAY)
+        waited = asyncio.get_running_loop().create_future()
+        self._handed_waits.append((commit, waited))
+        await waited
+
+    def _note_handed(self, commit: int) -> None:
+        """Commits up to ``commit`` are through ``_flush`` (they end in order)."""
+        self._handed = max(self._handed, commit)
+        if not self._handed_waits:
+            return
+        waits, self._handed_waits = self._handed_waits, []
+        for target, waited in waits:
+            if target > self._handed:
+                self._handed_waits.append((target, waited))
+            elif not waited.done():
+                waited.set_result(None)
+
+    def _fail_handed_waits(self) -> None:
+        """The store is unavailable: those waiting for commits get an error."""
+        waits, self._handed_waits = self._handed_waits, []
+        for _, waited in waits:
+            if not waited.done():
+                waited.set_exception(StorageUnavailable(_STORE_AWAY))
 
     @property
     def waiting_fixes(self) -> int:
@@ -289,10 +372,11 @@ class IngestPipeline:
                 started = loop.time()
                 finished = loop.create_future()
                 taken = self._queue.take(self.settings.flush_max_fixes)
+                self._commits += 1
                 if self._queue:
                     self._wakeup.set()
                 task = asyncio.create_task(
-                    self._flush(taken, previous, finished, _Slot(slots))
+                    self._flush(taken, self._commits, previous, finished, _Slot(slots))
                 )
                 flushing.add(task)
                 task.add_done_callback(flushing.discard)
@@ -302,12 +386,13 @@ class IngestPipeline:
     async def _flush(
         self,
         items: list[Submission],
+        commit: int,
         previous: asyncio.Future[None] | None,
         finished: asyncio.Future[None],
         slot: _Slot,
     ) -> None:
-        """Commit ``items`` and update live state; once the previous flush is
-        through, hand the new fixes to the processors.
+        """Commit ``items`` (commit number ``commit``) and update live state;
+        once the previous flush is through, hand the new fixes to the processors.
 
         The commit's slot is given back once its fixes are stored and acked: a
         slow live store (Redis paused, failing over) or slow processors then hold
@@ -346,12 +431,13 @@ class IngestPipeline:
             if previous is not None:
                 await previous
             if self.processors:
-                for _, new, commit in stored:
+                for _, new, span in stored:
                     if len(new):
-                        await self._processing.put((new, commit))
+                        await self._processing.put(_Commit(new, span, commit))
         finally:
             slot.release()
             finished.set_result(None)
+            self._note_handed(commit)
             await self.admission.finished(sum(i.size for i in items))
 
     def _validate(self, items: list[Submission]) -> tuple[FixBatch, np.ndarray]:
@@ -442,6 +528,7 @@ class IngestPipeline:
                 if self.storage_healthy:
                     log.warning("history store unavailable, holding acks: %s", exc)
                 self.storage_healthy = False
+                self._fail_handed_waits()
                 if self._closing:
                     for item in items:
                         if not item.done.done():
@@ -456,27 +543,31 @@ class IngestPipeline:
         return new, retried
 
     def _waiting_work(
-        self, first: tuple[FixBatch, tracing.SpanContext]
+        self, first: _Commit
     ) -> tuple[list[tuple[FixBatch, list[tracing.SpanContext]]], bool]:
-        """The first commit and every other already waiting, joined per tenant;
-        and whether the end marker was among them."""
-        by_tenant: dict[str, list[tuple[FixBatch, tracing.SpanContext]]] = {}
-        item: tuple[FixBatch, tracing.SpanContext] | None = first
+        """The first commit and every other already waiting, joined per tenant,
+        without the fixes that erasures cut off; and whether the end marker was
+        among them."""
+        by_tenant: dict[str, list[_Commit]] = {}
+        item: _Commit | None = first
         ended = False
         while item is not None:
-            by_tenant.setdefault(item[0].tenant, []).append(item)
+            by_tenant.setdefault(item.fixes.tenant, []).append(item)
             if self._processing.empty():
                 break
             item = self._processing.get_nowait()
             ended = item is None
+        cuts = self.erasure_cuts
         work = [
             (
-                FixBatch.concat([b for b, _ in items]).sorted_by_device_time(),
-                [link for _, link in items],
+                FixBatch.concat(
+                    [cuts.cut(i.fixes, i.number) if cuts else i.fixes for i in items]
+                ).sorted_by_device_time(),
+                [i.span for i in items],
             )
             for items in by_tenant.values()
         ]
-        return work, ended
+        return [(fixes, links) for fixes, links in work if len(fixes)], ended
 
     async def _process_loop(self) -> None:
         """Runs processors on stored fixes off the commit path. The commits waiting
@@ -491,14 +582,19 @@ class IngestPipeline:
         while not ended and (item := await self._processing.get()) is not None:
             started = loop.time()
             self._processing_idle = False
-            work, ended = self._waiting_work(item)
-            for stored, links in work:
-                for n, piece in enumerate(chunks.pieces(stored)):
-                    if n:
-                        await asyncio.sleep(0)  # streams are served in between
-                    await self._process(piece, links)
-                    oldest_ms = int(piece.received_ms.min()) if len(piece) else 0
-                    metrics.processed(max(now_ms() - oldest_ms, 0) / 1000)
+            async with self._processors_gate.passing():
+                work, ended = self._waiting_work(item)
+                # Every commit handed so far is in this run or an earlier one.
+                through = self._handed
+                for stored, links in work:
+                    for n, piece in enumerate(chunks.pieces(stored)):
+                        if n:
+                            await asyncio.sleep(0)  # streams are served in between
+                        await self._process(piece, links)
+                        oldest_ms = int(piece.received_ms.min()) if len(piece) else 0
+                        metrics.processed(max(now_ms() - oldest_ms, 0) / 1000)
+                if self.erasure_cuts:
+                    self.erasure_cuts.passed(through)
             self._processing_idle = True
             pause = interval - (loop.time() - started)
             if not ended and pause > 0:
@@ -623,9 +719,56 @@ class IngestPipeline:
             if item is None:
                 ended = True
             else:
-                self._unprocessed.leave(item[0])
+                self._unprocessed.leave(item.fixes)
         if ended:
             self._processing.put_nowait(None)
+
+
+class _Commit(NamedTuple):
+    """A group commit's new fixes of one tenant, for the processors."""
+
+    fixes: FixBatch
+    span: tracing.SpanContext
+    number: int  # the commit's number, in the order commits are taken
+
+
+class _Gate:
+    """Processor runs and ticks pass it together; closing it waits for those under
+    way and holds new ones back until it opens again (one closer at a time)."""
+
+    __slots__ = ("_closers", "_empty", "_inside", "_open")
+
+    def __init__(self) -> None:
+        self._inside = 0
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._open = asyncio.Event()
+        self._open.set()
+        self._closers = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def passing(self) -> AsyncIterator[None]:
+        while not self._open.is_set():
+            await self._open.wait()
+        self._inside += 1
+        self._empty.clear()
+        try:
+            yield
+        finally:
+            self._inside -= 1
+            if not self._inside:
+                self._empty.set()
+
+    @contextlib.asynccontextmanager
+    async def closed(self) -> AsyncIterator[None]:
+        async with self._closers:
+            self._open.clear()
+            try:
+                while self._inside:
+                    await self._empty.wait()
+                yield
+            finally:
+                self._open.set()
 
 
 class _Slot:

@@ -16,6 +16,7 @@ import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -230,6 +231,39 @@ async def test_a_stop_with_a_full_queue_and_a_blocked_store_keeps_its_deadline(
             await emitter  # let go, its events counted as not stored
 
     assert not_stored(caplog.text) == 3_000
+
+
+async def test_an_erasure_drops_the_queued_events_of_the_device(
+    blockable, tenant
+) -> None:
+    """Events of an erased device still queued are dropped; a write of some under
+    way is waited for (the erasure then deletes what it stored): none is stored
+    after the erasure, and the other devices' events all are."""
+    repository, block = blockable
+    store = EventStoreListener(repository, max_queued=10_000)
+    store.start()
+    van = events(tenant, 0, 1_500)
+    truck = [
+        replace(event, event_id=f"t{n}", device="truck")
+        for n, event in enumerate(events(tenant, 0, 300))
+    ]
+    await block.hold()
+    await store(van[:1_000])  # one write's chunk, waiting on the lock
+    await block.writing()
+    await store(van[1_000:] + truck)
+
+    forgetting = asyncio.create_task(store.forget_device(tenant, "van-1"))
+    await until(lambda: store.queued == 1_000 + len(truck))
+    assert not forgetting.done()  # the write of the van's events is under way
+    await block.release()
+    async with asyncio.timeout(HANG_GUARD_S):
+        await forgetting
+    assert await repository.erase_device(tenant, "van-1") == 1_000
+    async with asyncio.timeout(HANG_GUARD_S):
+        await store.flushed()
+        await store.close()
+
+    assert await block.count("tenant", tenant) == (len(truck), len(truck))
 
 
 class EventPerFix:

@@ -74,6 +74,7 @@ class EventStoreListener:
         self._cut = asyncio.Event()  # the stop's deadline has passed
         self._task: asyncio.Task[None] | None = None
         self._writing: asyncio.Task[int] | None = None
+        self._chunk = 0  # events of the write under way (the first queued)
         self._closing = False
         self._released = False  # emitters no longer wait for room
         self._full = False  # the queue was full and has not drained since
@@ -105,6 +106,29 @@ class EventStoreListener:
     async def flushed(self) -> None:
         """Wait until every queued event is stored."""
         await self._idle.wait()
+
+    async def forget_device(self, tenant: str, device: str) -> None:
+        """Erasure: drop the queued events of ``device`` of ``tenant``; returns
+        once no write of any of them is under way (the caller then erases those
+        stored). A write of some that fails is not retried with them."""
+        while True:
+            writing = self._writing
+            start = self._chunk if writing is not None else 0
+            kept = [
+                event
+                for event in self._pending[start:]
+                if event.device != device or event.tenant != tenant
+            ]
+            self._pending[start:] = kept
+            metrics.event_store_queued(len(self._pending))
+            if len(self._pending) < self.max_queued:
+                self._room.set()
+            in_flight = self._pending[:start]
+            if writing is None or not any(
+                event.device == device and event.tenant == tenant for event in in_flight
+            ):
+                return
+            await asyncio.wait({writing})  # stored or failed: then dropped
 
     def release(self) -> None:
         """Let waiting emitters go, and make none wait again (the stop's deadline):
@@ -185,6 +209,7 @@ class EventStoreListener:
         """Store ``chunk``; raises ``_WriteCut`` when the stop's deadline cut the
         write off (held by a lock, a slow database)."""
         self._writing = asyncio.create_task(self.events.add(chunk))
+        self._chunk = len(chunk)
         try:
             await self._writing
         except asyncio.CancelledError:
@@ -193,7 +218,7 @@ class EventStoreListener:
                 raise  # the task itself was cancelled, not the write by the cut
             raise _WriteCut from None
         finally:
-            self._writing = None
+            self._writing, self._chunk = None, 0
 
     def _log_unstored(self, cut_write: int) -> None:
         """At the stop's deadline: how many events are left, ``cut_write`` of them

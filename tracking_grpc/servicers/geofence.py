@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import re
@@ -384,18 +385,18 @@ def open_stores(
     return SqliteFenceRepository(sqlite), SqliteEventRepository(sqlite)
 
 
-async def _erase_device(
-    events: EventRepository,
-    trimmer: EventStreamTrimmer | None,
-    tenant: str,
-    device: str,
+async def _erase_events(
+    events: EventRepository, tenant: str, device: str
 ) -> dict[str, int]:
-    """A device's stored events (of every type) and its entries on the event
-    stream."""
-    erased = {"events": await events.erase_device(tenant, device)}
-    if trimmer is not None:
-        erased["stream_entries"] = await trimmer.erase_device(tenant, device)
-    return erased
+    """A device's stored events (of every type)."""
+    return {"events": await events.erase_device(tenant, device)}
+
+
+async def _erase_stream_entries(
+    trimmer: EventStreamTrimmer, tenant: str, device: str
+) -> dict[str, int]:
+    """A device's entries on the event stream."""
+    return {"stream_entries": await trimmer.erase_device(tenant, device)}
 
 
 async def _forget_memberships(
@@ -481,8 +482,10 @@ def register(server: grpc.aio.Server, app: App) -> str:
         feed.start()
         app.closers.append(feed.close)
     app.device_erasers.append(
-        lambda tenant, device: _erase_device(events, trimmer, tenant, device)
+        lambda tenant, device: _erase_events(events, tenant, device)
     )
+    if trimmer is not None:
+        app.published_erasers.append(functools.partial(_erase_stream_entries, trimmer))
     app.state_forgetters.append(
         lambda tenant, device: _forget_memberships(processor, tenant, device)
     )
