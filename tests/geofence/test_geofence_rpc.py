@@ -30,6 +30,7 @@ from tests.server_fixtures import (
     now_ms,
     violation,
 )
+from tests.test_track_rpc import ACCURACY_DETAIL
 from tracking_grpc.config import Settings
 from tracking_grpc.errors import StorageUnavailable
 from tracking_grpc.server import TrackingServer
@@ -192,6 +193,24 @@ async def test_check_with_accuracy_over_the_edge(fences) -> None:
     )
     assert check.fences[0].containment == geofence_pb2.CONTAINMENT_POSSIBLY_INSIDE
     assert 5 < check.fences[0].edge_distance_m < 15
+
+
+@pytest.mark.parametrize("accuracy", [1e30, -5.0, math.inf, 1_000_001.0])
+async def test_check_refuses_an_accuracy_in_the_words_of_ingest(
+    fences, accuracy
+) -> None:
+    """An accuracy Track and Publish reject is refused by Check with the same
+    detail (ACCURACY_DETAIL is the one a Track ack gives for 1e30)."""
+    where = common_pb2.LatLng(lat=52.52, lon=13.405)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fences.Check(
+            geofence_pb2.CheckRequest(position=where, accuracy_m=accuracy)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    field, description = violation(caught.value)
+    assert field == "accuracy_m"
+    sent = f"{accuracy:g}"
+    assert f"{field} {description}" == ACCURACY_DETAIL.replace("1e+30", sent)
 
 
 async def test_check_takes_a_nan_accuracy_as_not_sent(fences) -> None:

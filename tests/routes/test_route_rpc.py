@@ -625,7 +625,7 @@ NOW_MS = 1_700_000_000_000
         pytest.param(
             match_fixes([NOW_MS, NOW_MS + 1000], accuracy_m=-5),
             "fixes[0].accuracy_m",
-            "must be in [0, 1000000] (1000 km)",
+            "-5 must be in [0, 1000000] (1000 km)",
             id="negative-accuracy",
         ),
         pytest.param(
