@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -219,21 +220,121 @@ async def test_an_owner_without_superuser_migrates_once_postgis_exists(
     assert await schema.migrate(owner_database) == []
 
 
+def run_migrate(url: str) -> subprocess.CompletedProcess[str]:
+    """``tracking migrate`` in a process of its own, as an operator runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKING_")}
+    command = [sys.executable, "-m", "tracking_grpc", "migrate", "--database-url", url]
+    return subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+
+
+def refusal(done: subprocess.CompletedProcess[str]) -> str:
+    """The one line a failed migrate ends with (exit 2, no traceback)."""
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    return done.stderr.splitlines()[-1]
+
+
 @pytest.mark.postgres
 def test_migrate_by_an_owner_who_may_not_create_postgis_says_what_to_do(
     owner_database_without_postgis,
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRACKING_")}
-    command = [sys.executable, "-m", "tracking_grpc", "migrate"]
-    command += ["--database-url", owner_database_without_postgis]
-    done = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=60, cwd=ROOT
-    )
-    assert done.returncode == 2
-    assert "Traceback" not in done.stderr
+    done = run_migrate(owner_database_without_postgis)
     user = conninfo_to_dict(owner_database_without_postgis)["user"]
-    assert done.stderr.splitlines()[-1] == (
+    assert refusal(done) == (
         f'tracking: role "{user}" may not create the PostGIS extension in database '
         f'"{user}": a superuser runs `CREATE EXTENSION postgis` once in that '
         "database, then run `tracking migrate` again"
+    )
+
+
+@pytest.fixture
+def stranger_role() -> Iterator[tuple[str, str]]:
+    """A database of the superuser's, with PostGIS, and a role that may log in but
+    was granted nothing in it: the names of both. Both are dropped afterwards."""
+    name = f"trk_stranger_{uuid.uuid4().hex[:8]}"
+    admin_execute(f'CREATE ROLE "{name}" LOGIN')
+    admin_execute(f'CREATE DATABASE "{name}"')
+    try:
+        with psycopg.connect(database_url(name), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION postgis")
+        yield name, name
+    finally:
+        admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin_execute(f'DROP ROLE IF EXISTS "{name}"')
+
+
+@pytest.mark.postgres
+def test_migrate_by_a_role_that_may_not_create_tables_says_what_to_do(
+    stranger_role,
+) -> None:
+    database, role = stranger_role
+    done = run_migrate(make_conninfo(database_url(database), user=role))
+    assert refusal(done) == (
+        f'tracking: role "{role}" lacks a privilege migrate needs in database '
+        f'"{database}" (permission denied for schema public): the database\'s owner '
+        f'or a superuser runs `GRANT USAGE, CREATE ON SCHEMA public TO "{role}"`, or '
+        "migrate as the database's owner, then run `tracking migrate` again"
+    )
+    with psycopg.connect(database_url(database), autocommit=True) as conn:
+        conn.execute(f'GRANT USAGE, CREATE ON SCHEMA public TO "{role}"')  # as told
+    assert run_migrate(make_conninfo(database_url(database), user=role)).returncode == 0
+
+
+@pytest.mark.postgres
+def test_migrate_by_a_role_that_may_not_use_the_tables_says_what_to_do(
+    stranger_role,
+) -> None:
+    """The schema was migrated by another role, whose tables this one may not read."""
+    database, role = stranger_role
+    with psycopg.connect(database_url(database), autocommit=True) as conn:
+        conn.execute(f'GRANT USAGE, CREATE ON SCHEMA public TO "{role}"')
+    asyncio.run(schema.migrate(database_url(database)))
+    done = run_migrate(make_conninfo(database_url(database), user=role))
+    assert refusal(done) == (
+        f'tracking: role "{role}" lacks a privilege migrate needs in database '
+        f'"{database}" (permission denied for table schema_migrations): migrate as '
+        "the role that owns the database and its tables (README: Scaling out), or "
+        "have a superuser grant the privilege, then run `tracking migrate` again"
+    )
+
+
+@pytest.mark.postgres
+def test_migrate_by_a_role_that_may_not_connect_says_what_to_do(stranger_role) -> None:
+    database, role = stranger_role
+    admin_execute(f'REVOKE CONNECT ON DATABASE "{database}" FROM PUBLIC')
+    done = run_migrate(make_conninfo(database_url(database), user=role))
+    line = refusal(done)
+    assert line.startswith("tracking: cannot connect to the database: ")
+    assert f'permission denied for database "{database}"' in line
+    assert line.endswith(
+        f'a superuser grants it with `GRANT CONNECT ON DATABASE "{database}" TO '
+        f'"{role}"`, then run `tracking migrate` again'
+    )
+
+
+def test_migrate_where_no_server_listens_says_what_to_do() -> None:
+    with socket.socket() as bound:  # a port of ours that accepts no connection
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        done = run_migrate(f"postgresql://postgres@127.0.0.1:{port}/tracking")
+    line = refusal(done)
+    assert line.startswith("tracking: cannot connect to the database: ")
+    assert "Connection refused" in line
+    assert line.endswith(
+        "check database_url (--database-url or TRACKING_DATABASE_URL) and that "
+        "PostgreSQL runs there and accepts connections, then run `tracking migrate` "
+        "again"
+    )
+
+
+@pytest.mark.postgres
+def test_migrate_of_a_missing_database_says_what_to_do() -> None:
+    name = f"trk_missing_{uuid.uuid4().hex[:8]}"  # never created
+    line = refusal(run_migrate(database_url(name)))
+    assert f'database "{name}" does not exist' in line
+    assert line.endswith(
+        "create it first (README: Scaling out), or correct database_url, then run "
+        "`tracking migrate` again"
     )

@@ -29,6 +29,13 @@ def require(message: object, name: str, field: str) -> None:
         raise InvalidArgument(field, "is required")
 
 
+def check_accuracy(accuracy: float, field: str) -> None:
+    """Refuse an accuracy that ingest would reject (below 0, above 1,000 km,
+    infinite) in ingest's words; NaN, "not sent", is the caller's to treat."""
+    if not 0 <= accuracy <= validation.MAX_ACCURACY_M:
+        raise InvalidArgument(field, validation.accuracy_refusal(accuracy))
+
+
 def check_box(
     box: common_pb2.BoundingBox, field: str
 ) -> tuple[float, float, float, float]:

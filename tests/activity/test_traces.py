@@ -9,6 +9,7 @@ import pytest
 
 from tests.activity.helpers import bus_trip_ids, stream
 from tests.conftest import TRACES, require_shared
+from tracking_grpc.activity import views
 from tracking_grpc.activity.params import ActivityParams
 from tracking_grpc.activity.patterns import daily_summary
 from tracking_grpc.activity.segments import stops, trips
@@ -120,14 +121,21 @@ def test_bus_live_trips_agree_with_history(bus):
     assert started == sorted((t.device, t.start.time_ms) for t in found)
 
 
-def test_posmo_day_top_speed_is_capped_as_a_trips_is():
-    """A trusted step may beat max_speed_mps by the jump filter's slack; a day's top
-    speed is capped as its trips' are, so it never exceeds the fastest trip's."""
+def test_posmo_top_speeds_are_the_cleaned_tracks():
+    """A trusted step may beat max_speed_mps by the jump filter's slack (74.2 m/s
+    here, against 70): the trip's top speed (ListTrips and the live TRIP_ENDED) and
+    the day's are that step's speed, as the cleaned track (GetTrack) shows it."""
     batch = batch_of(POSMO).sorted_by_device_time()
     a = analyse(batch, DEFAULTS, complete=True)
+    cleaned = views.clean(a)
+    moving = ~a.in_stop[a.trusted]
+    top = float(np.nanmax(cleaned.speed_mps[moving]))
+    assert top > DEFAULTS.max_speed_mps
     found = trips(a, DEFAULTS)
     start, end = int(batch.time_ms[0]), int(batch.time_ms[-1]) + 1
-    uncapped = daily_summary(a, found, stops(a), start, end, "UTC")
-    days = daily_summary(a, found, stops(a), start, end, "UTC", DEFAULTS.max_speed_mps)
-    assert max(d.max_speed_mps for d in uncapped) > DEFAULTS.max_speed_mps
-    assert max(d.max_speed_mps for d in days) == max(t.max_speed_mps for t in found)
+    days = daily_summary(a, found, stops(a), start, end, "UTC")
+    _, events = stream(batch, chunk=50)
+    ended = [e.activity.max_speed_mps for e in events if e.type.name == "TRIP_ENDED"]
+    assert max(t.max_speed_mps for t in found) == pytest.approx(top, rel=1e-6)
+    assert max(d.max_speed_mps for d in days) == pytest.approx(top, rel=1e-6)
+    assert max(ended) == pytest.approx(top, rel=1e-6)

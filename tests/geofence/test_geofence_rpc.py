@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import math
 import uuid
 from dataclasses import replace
@@ -30,8 +31,11 @@ from tests.server_fixtures import (
     now_ms,
     violation,
 )
+from tests.test_track_rpc import ACCURACY_DETAIL
 from tracking_grpc.config import Settings
 from tracking_grpc.errors import StorageUnavailable
+from tracking_grpc.geofence.messages import fence_message
+from tracking_grpc.geofence.model import FenceSpec, ShapeSpec
 from tracking_grpc.server import TrackingServer
 
 SQUARE = {
@@ -194,6 +198,24 @@ async def test_check_with_accuracy_over_the_edge(fences) -> None:
     assert 5 < check.fences[0].edge_distance_m < 15
 
 
+@pytest.mark.parametrize("accuracy", [1e30, -5.0, math.inf, 1_000_001.0])
+async def test_check_refuses_an_accuracy_in_the_words_of_ingest(
+    fences, accuracy
+) -> None:
+    """An accuracy Track and Publish reject is refused by Check with the same
+    detail (ACCURACY_DETAIL is the one a Track ack gives for 1e30)."""
+    where = common_pb2.LatLng(lat=52.52, lon=13.405)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await fences.Check(
+            geofence_pb2.CheckRequest(position=where, accuracy_m=accuracy)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    field, description = violation(caught.value)
+    assert field == "accuracy_m"
+    sent = f"{accuracy:g}"
+    assert f"{field} {description}" == ACCURACY_DETAIL.replace("1e+30", sent)
+
+
 async def test_check_takes_a_nan_accuracy_as_not_sent(fences) -> None:
     """As in fixes, NaN in the optional accuracy means "not sent": the position is
     judged as exact, not refused."""
@@ -252,6 +274,10 @@ async def test_track_stream_gets_enter_and_exit(server, channel, fences) -> None
     ]
 
 
+def geofence_processor(server: TrackingServer):
+    return next(p for p in server.app.pipeline.processors if p.name == "geofence")
+
+
 async def test_events_wait_out_an_outage_of_the_fence_store(
     server, channel, fences, monkeypatch
 ) -> None:
@@ -263,7 +289,7 @@ async def test_events_wait_out_an_outage_of_the_fence_store(
             fence=geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
         )
     )
-    processor = next(p for p in server.app.pipeline.processors if p.name == "geofence")
+    processor = geofence_processor(server)
     revision, failures = processor.fences.revision, [3]
 
     async def down_three_times(tenant):
@@ -322,6 +348,51 @@ async def test_fences_survive_a_restart(start_server, settings) -> None:
         stub = geofence_pb2_grpc.GeofenceStub(channel)
         got = await stub.GetFence(geofence_pb2.GetFenceRequest(fence_id="keep"))
     assert got.fence.version == 1
+
+
+async def test_fences_stored_under_older_rules_load_with_one_warning(
+    start_server, settings, caplog
+) -> None:
+    """Fences stored before today's rules on names and metadata (written here
+    through the repository, past the checks of CreateFence) load and are evaluated
+    after a restart, with one warning for the tenant naming them; an update must
+    correct them."""
+    server = await start_server(settings=settings)
+    stored, tenant = geofence_processor(server).fences, settings.default_tenant
+    circle = ShapeSpec.circle(52.52, 13.405, 100.0)
+    outdated = [FenceSpec(f"old-{k}", circle, name="N" * 300) for k in range(1, 6)]
+    outdated.append(FenceSpec("old-6", circle, metadata={"note": "line\nbreak"}))
+    outdated.append(FenceSpec("old-7", circle, metadata={"k" * 65: "v"}))
+    for spec in [FenceSpec("fine", circle, name="Depot"), *outdated]:
+        await stored.create(tenant, spec, now_ms())
+    await server.stop(1)
+    caplog.set_level(logging.WARNING, logger="tracking_grpc.geofence.processor")
+    again = await start_server(settings=settings)
+    inside = geofence_pb2.CheckRequest(
+        position=common_pb2.LatLng(lat=52.52, lon=13.405)
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{again.port}") as channel:
+        stub = geofence_pb2_grpc.GeofenceStub(channel)
+        check = await stub.Check(inside)
+        assert [c.fence_id for c in check.fences] == [
+            "fine",
+            *(spec.fence_id for spec in outdated),
+        ]
+        old = fence_message(outdated[0])
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.UpdateFence(geofence_pb2.UpdateFenceRequest(fence=old))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        old.name = "Old depot"
+        await stub.UpdateFence(geofence_pb2.UpdateFenceRequest(fence=old))
+        await stub.Check(inside)  # the index loads again: no second warning
+    warnings = [r.getMessage() for r in caplog.records if "older rules" in r.message]
+    assert warnings == [
+        f"tenant {tenant}: 7 fences stored under older rules have a name, labels or "
+        "metadata that today's rules refuse; they are evaluated as before, but must "
+        "be corrected at their next update (refused until then): old-1, old-2, "
+        "old-3, old-4, old-5 and 2 more (fence old-1: name: has 300 characters; a "
+        "name is at most 256 printable characters)"
+    ]
 
 
 def production_settings(tmp_path, pg_url, redis_url, redis_prefix):

@@ -149,7 +149,11 @@ def test_turning_back_against_the_route_is_off_route(car) -> None:
     assert events == [E.OFF_ROUTE]
 
 
-def test_a_detour_ending_at_the_destination_arrives(car) -> None:
+def test_a_detour_ending_at_the_destination_is_back_on_route_as_it_arrives(
+    car,
+) -> None:
+    """The last fix, at the destination, is the first back on the route: it
+    closes the detour with BACK_ON_ROUTE before ARRIVED (no later fix comes)."""
     route = car.route(np.array([A[0], B[0]]), np.array([A[1], B[1]]), steps=False)
     planned = PlannedRoute(
         "t1", "car-1", "ab", route.lat, route.lon, route.segment_duration_s, 0
@@ -157,5 +161,10 @@ def test_a_detour_ending_at_the_destination_arrives(car) -> None:
     points, along = support.drive(route.lat, route.lon, 10.0)
     rows = np.flatnonzero(along > along[-1] - 400)[:-1]  # all but the last fix
     points = detour(planned, points, rows)
-    events = [t for t, _ in run(planned, points) if t != E.ETA_UPDATED]
-    assert events == [E.OFF_ROUTE, E.ARRIVED]
+    events = [(t, seq) for t, seq in run(planned, points) if t != E.ETA_UPDATED]
+    last = len(points)
+    assert events == [
+        (E.OFF_ROUTE, rows[2] + 1),
+        (E.BACK_ON_ROUTE, last),
+        (E.ARRIVED, last),
+    ]

@@ -104,3 +104,24 @@ def test_the_readme_route_section_names_the_small_component_size() -> None:
     section = readme.split("### Route:")[1].split("\n## ")[0]
     assert "`--small-component-size 50`" in section
     assert "docs/routes.md#preparing-a-routing-dataset" in section
+
+
+def test_a_failed_first_run_leaves_no_data_dir_it_created(tmp_path) -> None:
+    """The data directory and its missing parent, created by the run, go with
+    its failure; an empty directory that existed before stays."""
+    csv = tmp_path / "taxis.csv"
+    csv.write_text("device_id,lat,lon\n1,60.17,24.94\n")
+    created = tmp_path / "var" / "routing"
+    done = prepare_routing(
+        "--pbf", str(csv), "--profiles", "foot", "--routing-data-dir", str(created)
+    )
+    assert done.returncode == 2
+    assert "osrm-extract failed" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taxis.csv"]
+    existing = tmp_path / "empty"
+    existing.mkdir()
+    done = prepare_routing(
+        "--pbf", str(csv), "--profiles", "foot", "--routing-data-dir", str(existing)
+    )
+    assert done.returncode == 2
+    assert existing.is_dir() and list(existing.iterdir()) == []

@@ -381,6 +381,26 @@ OFF_AND_BACK = [
 ]
 
 
+async def test_a_detour_ending_at_the_destination_is_back_on_route_before_arriving(
+    routes, tracks
+) -> None:
+    """Off the route until the last fix, which is at the destination: the route
+    processor closes the detour with BACK_ON_ROUTE, then ARRIVED."""
+    assigned = await routes.AssignRoute(
+        route_pb2.AssignRouteRequest(
+            device_id="van-8",
+            route_id="delivery-2",
+            route=route_pb2.ComputeRouteRequest(origin=KAMPPI, destination=SENATE),
+        )
+    )
+    lat, lon = np.array(polyline.decode(assigned.route.polyline, 6)).T
+    points, along = support.drive(lat, lon, 10.0)
+    rows = np.flatnonzero(along > along[-1] - 400)[:-1]  # all but the last fix
+    points = support.shift(points, rows, 0.0, 300.0)
+    kinds = await drive_on_stream(tracks, "van-8", points)
+    assert [k for k in kinds if k != event_pb2.EVENT_TYPE_ETA_UPDATED] == OFF_AND_BACK
+
+
 async def drive_off_route(
     channel: grpc.aio.Channel, device: str, route_id: str
 ) -> None:
@@ -625,7 +645,7 @@ NOW_MS = 1_700_000_000_000
         pytest.param(
             match_fixes([NOW_MS, NOW_MS + 1000], accuracy_m=-5),
             "fixes[0].accuracy_m",
-            "must be in [0, 1000000] (1000 km)",
+            "-5 must be in [0, 1000000] (1000 km)",
             id="negative-accuracy",
         ),
         pytest.param(

@@ -72,11 +72,10 @@ def daily_summary(
     start_ms: int,
     end_ms: int,
     time_zone: str,
-    max_speed_mps: float = np.inf,
 ) -> list[Day]:
     """One summary per local day of one device's analysed history; its top speed
-    capped at ``max_speed_mps`` as a trip's is (a step may exceed it by the jump
-    filter's slack)."""
+    is the cleaned track's, as a trip's is (a step may exceed ``max_speed_mps`` by
+    the jump filter's slack)."""
     dates, midnights = local_days(start_ms, end_ms, time_zone)
     lo, hi = midnights[:-1], midnights[1:]
     rows = np.flatnonzero(a.trusted)
@@ -116,7 +115,7 @@ def daily_summary(
                 moving_s=float(moving[:, k].sum()),
                 stopped_s=float(stopped[:, k].sum()),
                 trip_count=int(touching[:, k].sum()),
-                max_speed_mps=min(float(top.max()), max_speed_mps) if top.size else 0.0,
+                max_speed_mps=float(top.max()) if top.size else 0.0,
                 fix_count=int(counts[k]),
                 first_fix_ms=int(fix_times.min()) if fix_times.size else 0,
                 last_fix_ms=int(fix_times.max()) if fix_times.size else 0,

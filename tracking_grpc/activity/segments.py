@@ -93,7 +93,9 @@ def trips(a: Analysis, params: ActivityParams) -> list[Trip]:
     cum = np.cumsum(a.counted_m[rows])
     dist = cum[last_rows] - cum[first_rows]
     speed = np.where(moving, a.steps.speed_mps[rows], np.nan)
-    speed = np.where(np.isfinite(speed), np.minimum(speed, params.max_speed_mps), -1.0)
+    # The cleaned track's speeds as they are: a trusted step may beat max_speed_mps
+    # by the jump filter's slack, and the trip's top speed says so too.
+    speed = np.where(np.isfinite(speed), speed, -1.0)
     out: list[Trip] = []
     for k in range(starts.size):
         s, e = int(first_rows[k]), int(last_rows[k])

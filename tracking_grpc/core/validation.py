@@ -65,6 +65,13 @@ DETAILS = {
 }
 
 
+def accuracy_refusal(accuracy: float) -> str:
+    """Why an accuracy is refused, naming it as sent: ingest's rejection detail and
+    the INVALID_ARGUMENT of the calls that take one (Geofence.Check, route
+    matching) all say it in these words."""
+    return f"{accuracy:g} {ACCURACY_RULE}"
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """How far from the server clock a fix time may be."""
@@ -104,8 +111,7 @@ def detail(batch: FixBatch, row: int, reason: int) -> str:
     if reason == Reason.ANCIENT_TIME:
         return f"fix time {when} is older than allowed"
     if reason == Reason.INVALID_ACCURACY:
-        accuracy = float(batch.accuracy_m[row])
-        return f"accuracy_m {accuracy:g} {ACCURACY_RULE}"
+        return f"accuracy_m {accuracy_refusal(float(batch.accuracy_m[row]))}"
     if reason == Reason.INVALID_SEQ:
         return f"seq {int(batch.seq[row])} must be between 1 and 2^63-1"
     if reason != Reason.INVALID_ATTRIBUTE:

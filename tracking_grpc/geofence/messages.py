@@ -101,6 +101,19 @@ def check_name(name: str, field: str) -> None:
         raise InvalidArgument(field, f"has {bad}; {rule}")
 
 
+def refused_settings(spec: FenceSpec) -> str:
+    """Why today's checks refuse a stored fence's name, labels or metadata, or "":
+    a fence stored before a rule was tightened loads as it is, but its next
+    UpdateFence must correct it."""
+    try:
+        check_name(spec.name, "name")
+        check_labels(spec.labels, "labels")
+        check_metadata(spec.metadata, "metadata")
+    except InvalidArgument as exc:
+        return exc.message
+    return ""
+
+
 def _unprintable(text: str) -> str:
     """Where ``text`` first holds a character that is not printable (a control
     character, NUL above all, cannot be stored as PostgreSQL text), or "".

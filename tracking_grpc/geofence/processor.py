@@ -37,6 +37,7 @@ from tracking_grpc.errors import Unavailable
 from tracking_grpc.events import TrackingEvent
 from tracking_grpc.geofence.detector import EXIT_MARGIN_M, FenceDetector
 from tracking_grpc.geofence.index import CompiledFence, FenceIndex, compile_usable
+from tracking_grpc.geofence.messages import refused_settings
 from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.storage.fences import EventRepository, FenceRepository, Membership
 
@@ -49,6 +50,7 @@ INLINE_MEMBERS = 50_000  # above, take-overs rebuild memberships in a worker thr
 LISTENING = "geofence-notices-start"
 NOTICE_BACK_S = 10.0  # longest a take-over's own notice is waited for
 ANNOUNCE_EVERY_S = 0.02  # take-overs made meanwhile are announced together
+OUTDATED_NAMED = 5  # fence ids the warning about outdated fences names
 # Tells the other processes that this one took devices of a tenant over.
 Announce = Callable[[str, Sequence[str]], Awaitable[None]]
 
@@ -124,6 +126,9 @@ class GeofenceProcessor:
         self._unsent: dict[str, set[str]] = {}
         self._announcer: asyncio.Task[None] | None = None
         self._announce_down = False  # the last announcement failed (warned once)
+        # Tenants whose stored fences were checked against today's rules for
+        # names, labels and metadata (once per process: see _warn_outdated).
+        self._rules_checked: set[str] = set()
 
     async def process(self, stored: FixBatch) -> list[TrackingEvent]:
         """Events raised by newly stored fixes of one tenant."""
@@ -492,6 +497,9 @@ class GeofenceProcessor:
             return loaded.index
         specs = await self.fences.all(tenant)
         index = await asyncio.to_thread(self._build, tenant, specs)
+        if tenant not in self._rules_checked:
+            self._rules_checked.add(tenant)
+            await asyncio.to_thread(_warn_outdated, tenant, specs)
         if self._changes.get(tenant, 0) != changes:
             now = -float("inf")
         if loaded is not None:
@@ -567,3 +575,32 @@ class GeofenceProcessor:
 
     def _lock(self, tenant: str) -> asyncio.Lock:
         return self._locks.setdefault(tenant, asyncio.Lock())
+
+
+def _warn_outdated(tenant: str, specs: Sequence[FenceSpec]) -> None:
+    """One warning for the tenant's fences stored under older rules, whose name,
+    labels or metadata today's checks refuse: they load and are evaluated as
+    before, but their next update must correct them (it is refused otherwise)."""
+    outdated = [
+        (spec.fence_id, why) for spec in specs if (why := refused_settings(spec))
+    ]
+    if not outdated:
+        return
+    named = ", ".join(fence_id for fence_id, _ in outdated[:OUTDATED_NAMED])
+    more = (
+        f" and {len(outdated) - OUTDATED_NAMED} more"
+        if len(outdated) > OUTDATED_NAMED
+        else ""
+    )
+    log.warning(
+        "tenant %s: %d fences stored under older rules have a name, labels or "
+        "metadata that today's rules refuse; they are evaluated as before, but "
+        "must be corrected at their next update (refused until then): %s%s "
+        "(fence %s: %s)",
+        tenant,
+        len(outdated),
+        named,
+        more,
+        outdated[0][0],
+        outdated[0][1],
+    )

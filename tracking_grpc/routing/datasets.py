@@ -9,6 +9,8 @@ A routing data directory holds one sub-directory per profile, each with one data
 :func:`prepare` runs ``osrm-extract``, ``osrm-partition`` and ``osrm-customize`` (the
 tools and profiles ship in the ``osrm-bindings`` wheel) and writes into a staging
 directory that replaces the profile's directory only once all three steps succeeded.
+A run that fails removes the directories it created itself (``data_dir`` and missing
+parents) if nothing was prepared in them; a directory that existed stays.
 """
 
 from __future__ import annotations
@@ -75,6 +77,21 @@ def prepare(
     """
     if not pbf.is_file():
         raise InvalidArgument("pbf", f"no such file: {pbf}")
+    created = _missing_directories(data_dir)
+    try:
+        return _prepare_each(pbf, data_dir, profiles, threads, small_component_size)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _prepare_each(
+    pbf: Path,
+    data_dir: Path,
+    profiles: tuple[str, ...],
+    threads: int,
+    small_component_size: int,
+) -> list[Dataset]:
     name = pbf.name.split(".")[0]
     datasets = []
     for profile in profiles:
@@ -114,6 +131,29 @@ def prepare(
             time.perf_counter() - started,
         )
     return datasets
+
+
+def _missing_directories(path: Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, deepest first: the ones a
+    run creates."""
+    missing = []
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove the directories (deepest first) while they are empty: a failed run
+    leaves none it created, but keeps the datasets of profiles it did prepare."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return  # not empty (a prepared profile), or not ours to remove
 
 
 def discover(data_dir: Path) -> dict[str, Dataset]:

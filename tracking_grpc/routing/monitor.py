@@ -12,7 +12,10 @@ U-turn or loop (the same street twice) on the right pass. A device is OFF_ROUTE 
 ``off_route_fixes`` consecutive fixes further than ``off_route_m`` from the route
 beyond their accuracy radius, and BACK_ON_ROUTE after ``back_on_route_fixes`` within
 it, anywhere ahead on the route. Fixes less accurate than ``max_accuracy_m`` say
-nothing either way. ARRIVED comes once near the destination at the end of the route.
+nothing either way. ARRIVED comes once near the destination at the end of the route;
+a device off the route until then is BACK_ON_ROUTE at that fix first (the
+destination is on the route, and no later fix could confirm it), so that every
+OFF_ROUTE is closed.
 The ETA is the expected time of the rest of the route (engine durations scaled by
 learned travel-time factors) times the device's recent pace against that expectation;
 ETA_UPDATED is raised when it moves by more than ``eta_change_s`` and more than
@@ -458,14 +461,16 @@ class RouteMonitor:
         )
         s["held"][slots] = True
         s["dirty"][slots] = True
+        # Arriving closes an off-route stretch: BACK_ON_ROUTE, then ARRIVED.
+        back = (comes_back & ~arrived) | (was_off & arrived)
         kinds = (
             (goes_off & ~arrived, EventType.OFF_ROUTE),
-            (comes_back & ~arrived, EventType.BACK_ON_ROUTE),
+            (back, EventType.BACK_ON_ROUTE),
             (eta_moved, EventType.ETA_UPDATED),
             (arrived, EventType.ARRIVED),
         )
         events = []
-        for i in np.flatnonzero(goes_off | comes_back | eta_moved | arrived).tolist():
+        for i in np.flatnonzero(goes_off | back | eta_moved | arrived).tolist():
             for mask, kind in kinds:
                 if mask[i]:
                     events.append(

@@ -19,7 +19,6 @@ from tracking_grpc import convert, streams
 from tracking_grpc.app import App
 from tracking_grpc.auth import Role
 from tracking_grpc.config import Settings
-from tracking_grpc.core.validation import MAX_ACCURACY_M
 from tracking_grpc.errors import InvalidArgument, ResourceExhausted, Unavailable
 from tracking_grpc.geofence.delivery import (
     EventFilter,
@@ -237,8 +236,7 @@ class GeofenceServicer(geofence_pb2_grpc.GeofenceServicer):
         accuracy = request.accuracy_m if request.HasField("accuracy_m") else 0.0
         if math.isnan(accuracy):
             accuracy = 0.0  # not sent, as NaN in a fix's optional values
-        if not 0 <= accuracy <= MAX_ACCURACY_M:
-            raise InvalidArgument("accuracy_m", "must lie within 0 and 1000 km")
+        convert.check_accuracy(accuracy, "accuracy_m")
         found = await self.processor.check(
             caller.tenant, lat, lon, accuracy, frozenset(request.labels)
         )

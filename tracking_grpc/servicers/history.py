@@ -239,7 +239,6 @@ class HistoryServicer(history_pb2_grpc.HistoryServicer):
             request.start_ms,
             request.end_ms,
             zone,
-            found.params.max_speed_mps,
         )
         return history_pb2.DailySummaryResponse(
             time_zone=zone,

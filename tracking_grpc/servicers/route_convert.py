@@ -12,7 +12,7 @@ from tracking.v1 import common_pb2, route_pb2
 
 from tracking_grpc import convert
 from tracking_grpc.core.fixes import FixBatch
-from tracking_grpc.core.validation import ACCURACY_RULE, MAX_ACCURACY_M
+from tracking_grpc.core.validation import MAX_ACCURACY_M
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.ingest import now_ms
 from tracking_grpc.routing import optimise
@@ -118,7 +118,7 @@ def check_match_fixes(batch: FixBatch) -> None:
         )
     if bad_accuracy.any():
         i = int(np.argmax(bad_accuracy))
-        raise InvalidArgument(f"fixes[{i}].accuracy_m", ACCURACY_RULE)
+        convert.check_accuracy(float(accuracy[i]), f"fixes[{i}].accuracy_m")
 
 
 def latlng(lat: float, lon: float) -> common_pb2.LatLng:

@@ -33,6 +33,7 @@ from importlib import resources
 import psycopg
 import sqlparse
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from tracking_grpc.errors import FailedPrecondition, StorageUnavailable
 
@@ -131,14 +132,98 @@ async def current_version(conn: psycopg.AsyncConnection) -> int:
 
 
 async def migrate(url: str) -> list[int]:
-    """Apply pending migrations to the database at ``url``; returns their versions."""
+    """Apply pending migrations to the database at ``url``; returns their versions.
+
+    A connection or permission failure raises with one line that says what to do:
+    StorageUnavailable when the database cannot be reached (or is lost on the way),
+    FailedPrecondition when the role lacks a privilege a migration needs."""
     try:
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise StorageUnavailable(cannot_connect(url, exc)) from exc
+    async with conn:
+        try:
             await _lock(conn)  # released as the connection closes
             await conn.execute(CREATE_LEDGER)
             return await _apply_pending(conn)
-    except psycopg.OperationalError as exc:
-        raise StorageUnavailable(f"cannot migrate the database: {exc}") from exc
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise FailedPrecondition(refused(conn, exc)) from exc
+        except psycopg.OperationalError as exc:
+            raise StorageUnavailable(
+                f"cannot migrate the database: {one_line(exc)}; run `tracking "
+                "migrate` again once the database is reachable (it resumes where "
+                "it stopped)"
+            ) from exc
+
+
+def one_line(exc: psycopg.Error) -> str:
+    """libpq's message on one line (it spreads a reason over DETAIL/HINT lines)."""
+    return " ".join(str(exc).split())
+
+
+# What to do about a refused connection, by a piece of the server's message.
+CONNECT_ADVICE = (
+    (
+        "does not have CONNECT privilege",
+        "a superuser grants it with "
+        '`GRANT CONNECT ON DATABASE "{database}" TO "{role}"`',
+    ),
+    (
+        "does not exist",
+        "create it first (README: Scaling out), or correct database_url",
+    ),
+    ("not permitted to log in", 'a superuser runs `ALTER ROLE "{role}" LOGIN`'),
+    ("authentication failed", "correct the user or password in database_url"),
+)
+CONNECT_CHECK = (
+    "check database_url (--database-url or TRACKING_DATABASE_URL) and that "
+    "PostgreSQL runs there and accepts connections"
+)
+
+
+def cannot_connect(url: str, exc: psycopg.OperationalError) -> str:
+    reason = one_line(exc).removeprefix("connection failed: ").rstrip(".")
+    advice = next(
+        (advice for piece, advice in CONNECT_ADVICE if piece in reason), CONNECT_CHECK
+    )
+    given = conninfo_to_dict(url)
+    advice = advice.format(
+        database=given.get("dbname", "name"), role=given.get("user", "role")
+    )
+    return (
+        f"cannot connect to the database: {reason}; {advice}, then run "
+        "`tracking migrate` again"
+    )
+
+
+def refused(
+    conn: psycopg.AsyncConnection, exc: psycopg.errors.InsufficientPrivilege
+) -> str:
+    """One line naming the privilege the role lacks and who can give it."""
+    user, database = conn.info.user, conn.info.dbname
+    reason = exc.diag.message_primary or one_line(exc)
+    if "extension" in reason:
+        return (
+            f'role "{user}" may not create the PostGIS extension in '
+            f'database "{database}": a superuser runs '
+            "`CREATE EXTENSION postgis` once in that database, then run "
+            "`tracking migrate` again"
+        )
+    schema = re.search(r"permission denied for schema (\S+)", reason)
+    if schema:
+        advice = (
+            "the database's owner or a superuser runs `GRANT USAGE, CREATE ON "
+            f'SCHEMA {schema[1]} TO "{user}"`, or migrate as the database\'s owner'
+        )
+    else:
+        advice = (
+            "migrate as the role that owns the database and its tables (README: "
+            "Scaling out), or have a superuser grant the privilege"
+        )
+    return (
+        f'role "{user}" lacks a privilege migrate needs in database '
+        f'"{database}" ({reason}): {advice}, then run `tracking migrate` again'
+    )
 
 
 async def _lock(conn: psycopg.AsyncConnection) -> None:
@@ -162,22 +247,12 @@ async def _apply_pending(conn: psycopg.AsyncConnection) -> list[int]:
     for migration in available():
         if migration.version in done:
             continue
-        try:
-            if migration.transaction:
-                async with conn.transaction():
-                    await conn.execute(migration.sql.encode())
-                    await conn.execute(RECORD, [migration.version, migration.name])
-            else:
-                await _apply_outside_transaction(conn, migration)
-        except psycopg.errors.InsufficientPrivilege as exc:
-            if "extension" not in (exc.diag.message_primary or ""):
-                raise
-            raise FailedPrecondition(
-                f'role "{conn.info.user}" may not create the PostGIS extension in '
-                f'database "{conn.info.dbname}": a superuser runs '
-                "`CREATE EXTENSION postgis` once in that database, then run "
-                "`tracking migrate` again"
-            ) from exc
+        if migration.transaction:
+            async with conn.transaction():
+                await conn.execute(migration.sql.encode())
+                await conn.execute(RECORD, [migration.version, migration.name])
+        else:
+            await _apply_outside_transaction(conn, migration)
         log.info("applied migration %04d %s", migration.version, migration.name)
         applied.append(migration.version)
     return applied
