@@ -91,6 +91,13 @@ async def test_missing_trace_file_is_one_readable_error(server, tmp_path):
     assert (error.value.field, "not found" in error.value.reason) == ("file", True)
 
 
+async def test_a_trace_path_that_is_no_file_is_not_called_missing(server, tmp_path):
+    with pytest.raises(InvalidArgument) as error:
+        await run(server, "replay", str(tmp_path))
+    assert error.value.field == "file"
+    assert "is not a regular file" in error.value.reason
+
+
 async def test_csv_without_columns_names_the_missing_flag(server, tmp_path):
     path = tmp_path / "fixes.csv"
     path.write_text("when,y,x\n2024-01-01T00:00:00Z,1,2\n")

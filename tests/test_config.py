@@ -52,6 +52,34 @@ def test_bad_values_name_the_setting(values, field) -> None:
     assert raised.value.field == field
 
 
+@pytest.mark.parametrize(
+    ("line", "setting"),
+    [
+        pytest.param("max_batch_fixes = 1.5", "max_batch_fixes", id="float-for-int"),
+        pytest.param("workers = true", "workers", id="bool-for-int"),
+        pytest.param("max_fix_age_s = true", "max_fix_age_s", id="bool-for-float"),
+        pytest.param('data_dir = ["a", "b"]', "data_dir", id="list-for-path"),
+        pytest.param("redis_key_prefix = 5", "redis_key_prefix", id="int-for-str"),
+    ],
+)
+def test_toml_values_of_another_type_are_refused(tmp_path, line, setting) -> None:
+    """A TOML value is typed already: one of another kind is refused, naming the
+    file and setting, not truncated (1.5 to 1) or turned into text ("['a', 'b']")."""
+    toml = tmp_path / "tracking.toml"
+    toml.write_text(f"[tracking]\n{line}\n")
+    with pytest.raises(InvalidArgument) as raised:
+        config.load(parse("--config", str(toml)), {})
+    assert raised.value.field == f"{toml}:{setting}"
+    assert "expected" in str(raised.value)
+
+
+def test_toml_integers_are_taken_for_decimal_settings(tmp_path) -> None:
+    toml = tmp_path / "tracking.toml"
+    toml.write_text("max_fix_age_s = 5\nworkers = 1\n")
+    settings = config.load(parse("--config", str(toml)), {})
+    assert (settings.max_fix_age_s, settings.workers) == (5.0, 1)
+
+
 def test_unknown_environment_variables_are_ignored() -> None:
     assert config.load(None, {"TRACKING_NOPE": "1"}) == config.Settings()
 

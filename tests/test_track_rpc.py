@@ -357,6 +357,17 @@ async def test_watch_refuses_an_empty_box(stub) -> None:
     assert "area.box: the box is empty" in raised.value.details()
 
 
+async def test_watch_refuses_a_box_flat_on_the_antimeridian(stub) -> None:
+    """West 180 and east -180 cross the antimeridian with no width (one meridian):
+    refused like west == east, not watched as an area that matches nothing."""
+    box = common_pb2.BoundingBox(south=-20, west=180, north=-10, east=-180)
+    watch = stub.Watch(track_pb2.WatchRequest(area=common_pb2.Area(box=box)))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await watch.read()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "area.box: the box is empty" in raised.value.details()
+
+
 async def test_watch_by_circle_needs_its_centre(stub) -> None:
     """An unset centre reads as 0, 0 in proto3: refused, not watched there."""
     area = common_pb2.Area(circle=common_pb2.Circle(radius_m=500))

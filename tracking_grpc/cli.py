@@ -226,8 +226,12 @@ async def _trips(args: argparse.Namespace) -> int:
     from tracking_grpc.errors import InvalidArgument
     from tracking_grpc.traces import read_trace
 
-    if not await asyncio.to_thread(Path(args.trace).is_file):
-        raise InvalidArgument("trace", f"no such file: {args.trace}")
+    path = Path(args.trace)
+    if not await asyncio.to_thread(path.is_file):
+        # /dev/null or a directory exists: "no such file" would send the user looking
+        there = await asyncio.to_thread(path.exists)
+        what = "not a regular file" if there else "no such file"
+        raise InvalidArgument("trace", f"{what}: {args.trace}")
     activity = ActivityConfig.from_file(args.activity_config)
     trace = read_trace(args.trace)
     for line in describe(trace.to_batch(args.tenant), activity.params(args.tenant)):

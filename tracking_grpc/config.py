@@ -234,7 +234,18 @@ class Settings:
 
 
 def _convert(spec: Any, raw: Any, where: str) -> Any:
+    """``raw`` as the setting's type. Flags and the environment give strings; a TOML
+    file gives typed values, which must already be of the setting's kind: ``int(1.5)``
+    would truncate, ``int(True)`` is 1 and ``str([...])`` is a path, so those are
+    refused rather than converted."""
     kind = type(spec.default) if spec.default is not MISSING else str
+    wrong = (
+        (isinstance(raw, bool) and kind is not bool)
+        or (kind is str and not isinstance(raw, str))
+        or (kind is int and isinstance(raw, float))
+    )
+    if wrong:
+        raise InvalidArgument(where, f"expected {kind.__name__}, got {raw!r}")
     try:
         if kind is bool and isinstance(raw, str):
             return raw.strip().lower() in {"1", "true", "yes", "on"}

@@ -40,8 +40,9 @@ def check_box(
     box: common_pb2.BoundingBox, field: str
 ) -> tuple[float, float, float, float]:
     """(south, west, north, east) of a box with bounds in range that covers some
-    ground: an unset or flat box (south == north, or west == east) would match
-    nothing, so it is refused like one whose south lies north of its north."""
+    ground: an unset or flat box (south == north, or west == east, or west 180 and
+    east -180: one meridian, crossed with no width) would match nothing, so it is
+    refused like one whose south lies north of its north."""
     south, west, north, east = box.south, box.west, box.north, box.east
     for name, value, bound in (
         ("south", south, 90),
@@ -56,6 +57,12 @@ def check_box(
     if south == north or west == east:
         raise InvalidArgument(
             field, "the box is empty: south and north, and west and east, must differ"
+        )
+    if west == 180 and east == -180:
+        raise InvalidArgument(
+            field,
+            "the box is empty: west 180 and east -180 are one meridian "
+            "(west -180, east 180 is every longitude)",
         )
     return south, west, north, east
 

@@ -17,3 +17,9 @@ def test_trips_of_the_bus_trace(capsys):
 def test_trips_of_a_missing_file_is_one_line(capsys, tmp_path):
     assert main(["trips", str(tmp_path / "none.gpx")]) == 2
     assert "trace: no such file" in capsys.readouterr().err
+
+
+def test_trips_of_a_path_that_is_no_file_says_so(capsys, tmp_path):
+    """A directory (or /dev/null) exists: "no such file" would mislead."""
+    assert main(["trips", str(tmp_path)]) == 2
+    assert "trace: not a regular file" in capsys.readouterr().err

@@ -205,7 +205,9 @@ def csv_format_from(args: argparse.Namespace) -> CsvFormat | None:
 
 def load_trace(args: argparse.Namespace) -> Trace:
     if not args.file.is_file():
-        raise InvalidArgument("file", f"trace file not found: {args.file}")
+        # /dev/null or a directory exists: "not found" would send the user looking
+        what = "is not a regular file" if args.file.exists() else "not found"
+        raise InvalidArgument("file", f"trace file {what}: {args.file}")
     trace = read_trace(args.file, args.format, csv_format_from(args), args.device_id)
     if args.devices:
         trace = trace.take(np.isin(trace.device.astype(str), args.devices))
