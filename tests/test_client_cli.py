@@ -192,6 +192,19 @@ async def test_unreachable_server_prints_one_line(start_server, capsys):
     assert capsys.readouterr().err.startswith("tracking: UNAVAILABLE: ")
 
 
+async def test_a_replay_with_nothing_answering_says_so_while_it_retries(
+    start_server, capsys
+):
+    """It retries for --give-up-s; the user learns at once why nothing happens."""
+    car = str(require_shared(TRACES / CAR))
+    gone = await start_server()
+    await gone.stop(0)
+    assert await run(gone, "replay", car, "--fast", "--give-up-s", "2") == 1
+    err = capsys.readouterr().err
+    assert err.count("nothing answers at") == 1
+    assert f"127.0.0.1:{gone.port} yet; retrying for up to 2 s (--give-up-s)" in err
+
+
 async def test_porto_months_replay_as_live_with_capped_gaps(server, capsys):
     porto = str(require_shared(TRACES / "porto_taxi_test320.csv"))
     assert await run(server, "replay", porto, "--fast", "--max-gap-s", "60") == 0

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import functools
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from tracking.v1 import track_pb2_grpc
@@ -47,6 +49,38 @@ def open_channel(target: str) -> grpc.aio.Channel:
             ("grpc.max_reconnect_backoff_ms", 5_000),
         ],
     )
+
+
+UNREACHABLE_AFTER_S = 1.0  # a command that retries says so once this long passed
+
+
+@contextlib.asynccontextmanager
+async def saying_when_unreachable(
+    channel: grpc.aio.Channel, target: str, give_up_s: float
+) -> AsyncIterator[None]:
+    """Within the block, a command that reconnects on its own (``replay``) says
+    once, on stderr, that nothing answers at ``target`` when the channel is not
+    connected within ``UNREACHABLE_AFTER_S``, instead of waiting silently for up
+    to ``give_up_s``."""
+
+    async def watch() -> None:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), UNREACHABLE_AFTER_S)
+        except TimeoutError:
+            print(
+                f"tracking: nothing answers at {target} yet; retrying for up to "
+                f"{give_up_s:g} s (--give-up-s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
 
 
 def tracking_stub(channel: grpc.aio.Channel) -> track_pb2_grpc.TrackSessionStub:

@@ -20,6 +20,7 @@ from tracking_grpc.client.channel import (
     add_connection_arguments,
     call_metadata,
     open_channel,
+    saying_when_unreachable,
     tracking_stub,
 )
 from tracking_grpc.client.flags import non_negative_float, positive_float, positive_int
@@ -261,7 +262,10 @@ async def run(args: argparse.Namespace) -> int:
         retry=RetryPolicy(give_up_s=args.give_up_s),
     )
     metadata = call_metadata(args.token)
-    async with open_channel(args.target) as channel:
+    async with (
+        open_channel(args.target) as channel,
+        saying_when_unreachable(channel, args.target, args.give_up_s),
+    ):
         stub = tracking_stub(channel)
         if args.via == "publish":
             report = await publish_trace(stub, trace, options, metadata=metadata)
