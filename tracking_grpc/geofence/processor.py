@@ -17,6 +17,15 @@ Held devices cost no query. A single process (no notices) holds every device.
 A device whose fixes in the batch are all older than its newest stored event is
 not taken over: they are late (another process went on with it). Take-overs are
 announced together, every ANNOUNCE_EVERY_S, by one task.
+
+The stored events lag the fixes: the previous holder acks a fix once it is
+stored, and stores the fix's events after its processors have had it. So a
+take-over with a history store also reads, in one query for the batch's devices,
+each one's newest REPLAY_FIXES stored fixes from its newest stored event to its
+first fix in the batch, and judges them before the batch (the fix at the event's
+time, or the oldest read, only places the device). Their events are the ones the
+previous holder raises for them, with the same ``event_id`` (the store keeps one;
+a holder that died before storing them loses none).
 """
 
 from __future__ import annotations
@@ -35,9 +44,14 @@ import numpy as np
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import Unavailable
 from tracking_grpc.events import TrackingEvent
-from tracking_grpc.geofence.detector import EXIT_MARGIN_M, FenceDetector
+from tracking_grpc.geofence.detector import (
+    EXIT_MARGIN_M,
+    FenceDetector,
+    judged_in_turn,
+)
 from tracking_grpc.geofence.index import CompiledFence, FenceIndex, compile_usable
 from tracking_grpc.geofence.model import FenceSpec
+from tracking_grpc.storage.base import HistoryStore
 from tracking_grpc.storage.fences import EventRepository, FenceRepository, Membership
 
 log = logging.getLogger(__name__)
@@ -49,6 +63,10 @@ INLINE_MEMBERS = 50_000  # above, take-overs rebuild memberships in a worker thr
 LISTENING = "geofence-notices-start"
 NOTICE_BACK_S = 10.0  # longest a take-over's own notice is waited for
 ANNOUNCE_EVERY_S = 0.02  # take-overs made meanwhile are announced together
+# Stored fixes a take-over judges again per device, at most (the previous holder's
+# not yet turned into stored events: a few hundred milliseconds of them).
+REPLAY_FIXES = 32
+_NO_EVENT_MS = -(2**62)  # the start of the fixes read of a device with no event
 # Tells the other processes that this one took devices of a tenant over.
 Announce = Callable[[str, Sequence[str]], Awaitable[None]]
 
@@ -92,9 +110,11 @@ class GeofenceProcessor:
         events: EventRepository | None = None,
         refresh_s: float = 2.0,
         dwell_lateness_ms: int = 30_000,
+        history: HistoryStore | None = None,
     ) -> None:
         self.fences = fences
         self.events = events
+        self.history = history  # the fixes a take-over judges again; or none
         self.refresh_s = refresh_s
         self.dwell_lateness_ms = dwell_lateness_ms
         self._loaded: dict[str, _Loaded] = {}
@@ -138,16 +158,24 @@ class GeofenceProcessor:
             loaded_now = detector is None
             if detector is None:
                 detector = await self._detector(tenant)
+            replay = FixBatch.empty(tenant)
             if self.announce is not None:
                 try:
-                    await self._take_over(detector, stored, loaded_now)
+                    replay = await self._take_over(detector, stored, loaded_now)
                 except BaseException:
                     detector.unprepare()
                     raise
+            batch = stored if len(replay) == 0 else FixBatch.concat([replay, stored])
             now_ms = time.time_ns() // 1_000_000
-            if len(stored) <= INLINE_FIXES:
-                return detector.evaluate(stored, index, now_ms)
-            return await asyncio.to_thread(detector.evaluate, stored, index, now_ms)
+            try:
+                if len(batch) <= INLINE_FIXES:
+                    return detector.evaluate(batch, index, now_ms)
+                return await asyncio.to_thread(detector.evaluate, batch, index, now_ms)
+            except Exception:
+                # Taken over again by a retry of the batch, which judges these
+                # fixes again (the failed evaluation changed no membership).
+                detector.release(sorted(set(replay.device.tolist())))
+                raise
 
     async def tick(self, now_ms: int) -> list[TrackingEvent]:
         """DWELL events of stays that reached ``dwell_ms`` with no fix saying so."""
@@ -272,29 +300,31 @@ class GeofenceProcessor:
 
     async def _take_over(
         self, detector: FenceDetector, stored: FixBatch, loaded_now: bool
-    ) -> None:
+    ) -> FixBatch:
         """Reload the memberships of the batch's devices not held here, in one
-        store query (none when the tenant's were loaded for this very batch), and
-        tell the other processes to let them go. A device whose fixes are all
-        older than its newest stored event (late: another process went on with
-        it) is not taken over."""
+        store query (none when the tenant's were loaded for this very batch and
+        there is no history store), and tell the other processes to let them
+        go. A device whose fixes are all older than its newest stored event
+        (late: another process went on with it) is not taken over. The stored
+        fixes to judge before the batch (see the module docstring)."""
         tenant = stored.tenant
+        replay = FixBatch.empty(tenant)
         await self._let_go(detector)
         if len(stored) > INLINE_FIXES:
             devices = await asyncio.to_thread(detector.unheld, stored)
         else:
             devices = detector.unheld(stored)
         if not devices:
-            return
+            return replay
         # Before the query: a notice of another process read while it runs is
         # older than this take-over's.
         self._expect(tenant, devices)
         chosen = devices
         try:
-            if loaded_now or self.events is None:
+            if self.events is None or (loaded_now and self.history is None):
                 detector.hold(devices)
             else:
-                devices = await self._reload(detector, stored, devices)
+                devices, replay = await self._reload(detector, stored, devices)
         except BaseException:
             self._unexpect(tenant, chosen)
             raise
@@ -302,17 +332,19 @@ class GeofenceProcessor:
             taken = set(devices)
             self._unexpect(tenant, [d for d in chosen if d not in taken])
         if not devices:
-            return
+            return replay
         log.debug("tenant %s: %d devices taken over", tenant, len(devices))
         self._unsent.setdefault(tenant, set()).update(devices)
         if self._announcer is None or self._announcer.done():
             self._announcer = self._spawn(self._announce_unsent())
+        return replay
 
     async def _reload(
         self, detector: FenceDetector, stored: FixBatch, devices: list[str]
-    ) -> list[str]:
+    ) -> tuple[list[str], FixBatch]:
         """Read the devices' stored memberships and take over those with fixes
-        newer than their newest stored event; the devices taken over."""
+        newer than their newest stored event; the devices taken over, and their
+        stored fixes to judge before the batch."""
         assert self.events is not None
         stored_ones = await self.events.memberships(detector.tenant, devices)
         newest = stored_ones.newest_ms
@@ -324,12 +356,63 @@ class GeofenceProcessor:
             skip = set(late)
             devices = [d for d in devices if d not in skip]
             memberships = [m for m in memberships if m.device not in skip]
+        placing, replay = await self._unjudged(stored, devices, newest)
         now_ms = time.time_ns() // 1_000_000
         reload = functools.partial(
-            detector.reload, devices, memberships, newest, now_ms
+            self._resume, detector, devices, memberships, newest, now_ms, placing
         )
         await self._rebuild(detector, reload, len(memberships))
-        return devices
+        return devices, replay
+
+    @staticmethod
+    def _resume(
+        detector: FenceDetector,
+        devices: list[str],
+        memberships: list[Membership],
+        newest_ms: dict[str, int],
+        now_ms: int,
+        placing: FixBatch,
+    ) -> None:
+        detector.reload(devices, memberships, newest_ms, now_ms)
+        detector.place(placing)
+
+    async def _unjudged(
+        self, stored: FixBatch, devices: list[str], newest_ms: dict[str, int]
+    ) -> tuple[FixBatch, FixBatch]:
+        """The stored fixes of the devices taken over that the previous holder
+        may not have turned into stored events yet: each device's newest
+        REPLAY_FIXES from its newest stored event to its first fix in the batch
+        (one query for them all). Returns the fixes that only place their
+        device (the one at the event's time, or the oldest read when there may
+        be more) and those to judge before the batch, in fix-time order but for
+        those that were late when they came (judged as late there)."""
+        none = FixBatch.empty(stored.tenant)
+        if self.history is None or not devices:
+            return none, none
+        first = _first_times(stored)
+        bounds = {
+            d: (newest_ms.get(d, _NO_EVENT_MS), first[d]) for d in devices if d in first
+        }
+        found = await self.history.fixes_before(stored.tenant, bounds, REPLAY_FIXES + 1)
+        if len(found) == 0:
+            return none, none
+        found = found.sorted_by_device_time()
+        names = found.device.astype(str)
+        opens = np.flatnonzero(np.r_[True, names[1:] != names[:-1]])
+        counts = np.diff(np.r_[opens, len(found)])
+        since = np.array([bounds[n][0] for n in names[opens].tolist()], np.int64)
+        placing = np.zeros(len(found), bool)
+        placing[opens] = (found.time_ms[opens] <= since) | (counts > REPLAY_FIXES)
+        judged = judged_in_turn(found)
+        replay = found.take(~placing & judged)
+        if len(replay):
+            log.debug(
+                "tenant %s: %d stored fixes of %d devices taken over judged again",
+                stored.tenant,
+                len(replay),
+                len(set(replay.device.tolist())),
+            )
+        return found.take(placing), replay
 
     @staticmethod
     async def _rebuild(
@@ -567,3 +650,11 @@ class GeofenceProcessor:
 
     def _lock(self, tenant: str) -> asyncio.Lock:
         return self._locks.setdefault(tenant, asyncio.Lock())
+
+
+def _first_times(batch: FixBatch) -> dict[str, int]:
+    """Each device's first fix time in the batch."""
+    names, inverse = np.unique(batch.device.astype(str), return_inverse=True)
+    first = np.full(names.size, np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(first, inverse, batch.time_ms.astype(np.int64))
+    return dict(zip(names.tolist(), first.tolist(), strict=True))

@@ -184,6 +184,14 @@ class HistoryStore(Protocol):
         device, by fix time (activity restores)."""
         ...
 
+    async def fixes_before(
+        self, tenant: str, bounds: Mapping[str, tuple[int, int]], limit: int
+    ) -> FixBatch:
+        """Each named device's newest ``limit`` fixes with ``start <= time_ms <
+        end`` (its ``bounds``), grouped by device, by fix time (geofence
+        take-overs: what the previous holder may not have judged yet)."""
+        ...
+
     async def assign_route(self, route: StoredRoute) -> None:
         """Store the device's assigned route, replacing any other it had."""
         ...

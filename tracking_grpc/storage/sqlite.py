@@ -480,6 +480,26 @@ class SqliteHistoryStore:
             ).fetchall()
         return _batch(tenant, rows)
 
+    async def fixes_before(
+        self, tenant: str, bounds: Mapping[str, tuple[int, int]], limit: int
+    ) -> FixBatch:
+        return await self._run(self._reader, self._fixes_before, tenant, bounds, limit)
+
+    def _fixes_before(
+        self, tenant: str, bounds: Mapping[str, tuple[int, int]], limit: int
+    ) -> FixBatch:
+        assert self._rconn is not None
+        rows: list[tuple] = []
+        for device, (start, end) in sorted(bounds.items()):
+            newest = self._rconn.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM fixes WHERE tenant = ? "
+                "AND device = ? AND time_ms >= ? AND time_ms < ? "
+                "ORDER BY time_ms DESC LIMIT ?",
+                (tenant, device, int(start), int(end), int(limit)),
+            ).fetchall()
+            rows += reversed(newest)
+        return _batch(tenant, rows)
+
     async def assign_route(self, route: StoredRoute) -> None:
         await self._run(
             self._writer, self._execute_many, ASSIGN_ROUTE, [route_row(route)]
