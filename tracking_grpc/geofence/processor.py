@@ -65,7 +65,7 @@ NOTICE_BACK_S = 10.0  # longest a take-over's own notice is waited for
 ANNOUNCE_EVERY_S = 0.02  # take-overs made meanwhile are announced together
 # Stored fixes a take-over judges again per device, at most (the previous holder's
 # not yet turned into stored events: a few hundred milliseconds of them).
-REPLAY_FIXES = 32
+REPLAY_FIXES = 8
 _NO_EVENT_MS = -(2**62)  # the start of the fixes read of a device with no event
 # Tells the other processes that this one took devices of a tenant over.
 Announce = Callable[[str, Sequence[str]], Awaitable[None]]
@@ -393,7 +393,10 @@ class GeofenceProcessor:
         bounds = {
             d: (newest_ms.get(d, _NO_EVENT_MS), first[d]) for d in devices if d in first
         }
-        found = await self.history.fixes_before(stored.tenant, bounds, REPLAY_FIXES + 1)
+        recent_ms = time.time_ns() // 1_000_000 - self.dwell_lateness_ms
+        found = await self.history.fixes_before(
+            stored.tenant, bounds, REPLAY_FIXES + 1, recent_ms
+        )
         if len(found) == 0:
             return none, none
         found = found.sorted_by_device_time()
@@ -402,7 +405,11 @@ class GeofenceProcessor:
         counts = np.diff(np.r_[opens, len(found)])
         since = np.array([bounds[n][0] for n in names[opens].tolist()], np.int64)
         placing = np.zeros(len(found), bool)
-        placing[opens] = (found.time_ms[opens] <= since) | (counts > REPLAY_FIXES)
+        placing[opens] = (
+            (found.time_ms[opens] <= since)
+            | (found.received_ms[opens] < recent_ms)
+            | (counts > REPLAY_FIXES)
+        )
         judged = judged_in_turn(found)
         replay = found.take(~placing & judged)
         if len(replay):

@@ -358,19 +358,27 @@ COPY (
 
 # A take-over's fixes: each device's newest ``limit`` in its own time range, one
 # backward primary-key range scan per device (the outer bounds keep the scans to
-# the partitions needed), in binary like FIXES_SINCE.
+# the partitions needed), in binary like FIXES_SINCE. Newest first, ``older``
+# counts the fixes received before ``recent``: of those only the first is kept.
 FIXES_BEFORE = f"""
 COPY (
     SELECT {READ_COLUMNS}, c.i::integer
     FROM unnest({{devices}}::text[], {{starts}}::bigint[], {{ends}}::bigint[])
         WITH ORDINALITY AS c(device, start_ms, end_ms, i)
     CROSS JOIN LATERAL (
-        SELECT * FROM fixes f
-        WHERE f.tenant = {{tenant}} AND f.device = c.device
-            AND f.time_ms >= c.start_ms AND f.time_ms < c.end_ms
-            AND f.time_ms >= {{first}} AND f.time_ms < {{last}}
-        ORDER BY f.time_ms DESC
-        LIMIT {{limit}}
+        SELECT * FROM (
+            SELECT n.*, count(*) FILTER (WHERE n.received_ms < {{recent}})
+                OVER (ORDER BY n.time_ms DESC ROWS UNBOUNDED PRECEDING) AS older
+            FROM (
+                SELECT * FROM fixes f
+                WHERE f.tenant = {{tenant}} AND f.device = c.device
+                    AND f.time_ms >= c.start_ms AND f.time_ms < c.end_ms
+                    AND f.time_ms >= {{first}} AND f.time_ms < {{last}}
+                ORDER BY f.time_ms DESC
+                LIMIT {{limit}}
+            ) AS n
+        ) AS n
+        WHERE n.older = 0 OR (n.older = 1 AND n.received_ms < {{recent}})
     ) AS f
     ORDER BY c.i, f.time_ms
 ) TO STDOUT (FORMAT BINARY)
@@ -793,7 +801,11 @@ class PostgresHistoryStore:
         return _batch_from_rows(tenant, names, rows)
 
     async def fixes_before(
-        self, tenant: str, bounds: Mapping[str, tuple[int, int]], limit: int
+        self,
+        tenant: str,
+        bounds: Mapping[str, tuple[int, int]],
+        limit: int,
+        recent_ms: int | None = None,
     ) -> FixBatch:
         if not bounds or limit <= 0:
             return FixBatch.empty(tenant)
@@ -808,6 +820,7 @@ class PostgresHistoryStore:
             first=sql.Literal(min(starts)),
             last=sql.Literal(max(ends)),
             limit=sql.Literal(int(limit)),
+            recent=sql.Literal(-(2**63) if recent_ms is None else int(recent_ms)),
         )
         return await self._copy_fixes(tenant, devices, query)
 

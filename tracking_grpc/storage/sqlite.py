@@ -481,14 +481,25 @@ class SqliteHistoryStore:
         return _batch(tenant, rows)
 
     async def fixes_before(
-        self, tenant: str, bounds: Mapping[str, tuple[int, int]], limit: int
+        self,
+        tenant: str,
+        bounds: Mapping[str, tuple[int, int]],
+        limit: int,
+        recent_ms: int | None = None,
     ) -> FixBatch:
-        return await self._run(self._reader, self._fixes_before, tenant, bounds, limit)
+        return await self._run(
+            self._reader, self._fixes_before, tenant, bounds, limit, recent_ms
+        )
 
     def _fixes_before(
-        self, tenant: str, bounds: Mapping[str, tuple[int, int]], limit: int
+        self,
+        tenant: str,
+        bounds: Mapping[str, tuple[int, int]],
+        limit: int,
+        recent_ms: int | None,
     ) -> FixBatch:
         assert self._rconn is not None
+        received = COLUMNS.index("received_ms")
         rows: list[tuple] = []
         for device, (start, end) in sorted(bounds.items()):
             newest = self._rconn.execute(
@@ -497,7 +508,12 @@ class SqliteHistoryStore:
                 "ORDER BY time_ms DESC LIMIT ?",
                 (tenant, device, int(start), int(end), int(limit)),
             ).fetchall()
-            rows += reversed(newest)
+            kept = []
+            for row in newest:
+                kept.append(row)
+                if recent_ms is not None and row[received] < recent_ms:
+                    break  # the newest received before: no older one
+            rows += reversed(kept)
         return _batch(tenant, rows)
 
     async def assign_route(self, route: StoredRoute) -> None:
