@@ -66,7 +66,9 @@ ANNOUNCE_EVERY_S = 0.02  # take-overs made meanwhile are announced together
 # Stored fixes a take-over judges again per device, at most (the previous holder's
 # not yet turned into stored events: a few hundred milliseconds of them).
 REPLAY_FIXES = 8
-_NO_EVENT_MS = -(2**62)  # the start of the fixes read of a device with no event
+# ... of the day before its first fix in the batch (the partitions read).
+REPLAY_SPAN_MS = 86_400_000
+_NO_EVENT_MS = -(2**62)  # the newest stored event of a device with none
 # Tells the other processes that this one took devices of a tenant over.
 Announce = Callable[[str, Sequence[str]], Awaitable[None]]
 
@@ -344,9 +346,14 @@ class GeofenceProcessor:
     ) -> tuple[list[str], FixBatch]:
         """Read the devices' stored memberships and take over those with fixes
         newer than their newest stored event; the devices taken over, and their
-        stored fixes to judge before the batch."""
+        stored fixes to judge before the batch. With a history store, their
+        stored fixes are read at the same time (``_unjudged``)."""
         assert self.events is not None
-        stored_ones = await self.events.memberships(detector.tenant, devices)
+        recent_ms = time.time_ns() // 1_000_000 - self.dwell_lateness_ms
+        stored_ones, found = await _both(
+            self.events.memberships(detector.tenant, devices),
+            self._stored_fixes(stored, devices, recent_ms),
+        )
         newest = stored_ones.newest_ms
         memberships: list[Membership] = stored_ones
         late = detector.late(stored, newest)
@@ -356,7 +363,14 @@ class GeofenceProcessor:
             skip = set(late)
             devices = [d for d in devices if d not in skip]
             memberships = [m for m in memberships if m.device not in skip]
-        placing, replay = await self._unjudged(stored, devices, newest)
+        placing, replay = _unjudged(found, set(devices), newest, recent_ms)
+        if len(replay):
+            log.debug(
+                "tenant %s: %d stored fixes of %d devices taken over judged again",
+                stored.tenant,
+                len(replay),
+                len(set(replay.device.tolist())),
+            )
         now_ms = time.time_ns() // 1_000_000
         reload = functools.partial(
             self._resume, detector, devices, memberships, newest, now_ms, placing
@@ -376,50 +390,20 @@ class GeofenceProcessor:
         detector.reload(devices, memberships, newest_ms, now_ms)
         detector.place(placing)
 
-    async def _unjudged(
-        self, stored: FixBatch, devices: list[str], newest_ms: dict[str, int]
-    ) -> tuple[FixBatch, FixBatch]:
-        """The stored fixes of the devices taken over that the previous holder
-        may not have turned into stored events yet: each device's newest
-        REPLAY_FIXES from its newest stored event to its first fix in the batch
-        (one query for them all). Returns the fixes that only place their
-        device (the one at the event's time, or the oldest read when there may
-        be more) and those to judge before the batch, in fix-time order but for
-        those that were late when they came (judged as late there)."""
-        none = FixBatch.empty(stored.tenant)
+    async def _stored_fixes(
+        self, stored: FixBatch, devices: list[str], recent_ms: int
+    ) -> FixBatch:
+        """Each device's newest REPLAY_FIXES + 1 stored fixes of the
+        REPLAY_SPAN_MS before its first in the batch, but none received before
+        ``recent_ms`` save the newest of those (one query for them all; none
+        without a history store)."""
         if self.history is None or not devices:
-            return none, none
+            return FixBatch.empty(stored.tenant)
         first = _first_times(stored)
-        bounds = {
-            d: (newest_ms.get(d, _NO_EVENT_MS), first[d]) for d in devices if d in first
-        }
-        recent_ms = time.time_ns() // 1_000_000 - self.dwell_lateness_ms
-        found = await self.history.fixes_before(
+        bounds = {d: (first[d] - REPLAY_SPAN_MS, first[d]) for d in devices}
+        return await self.history.fixes_before(
             stored.tenant, bounds, REPLAY_FIXES + 1, recent_ms
         )
-        if len(found) == 0:
-            return none, none
-        found = found.sorted_by_device_time()
-        names = found.device.astype(str)
-        opens = np.flatnonzero(np.r_[True, names[1:] != names[:-1]])
-        counts = np.diff(np.r_[opens, len(found)])
-        since = np.array([bounds[n][0] for n in names[opens].tolist()], np.int64)
-        placing = np.zeros(len(found), bool)
-        placing[opens] = (
-            (found.time_ms[opens] <= since)
-            | (found.received_ms[opens] < recent_ms)
-            | (counts > REPLAY_FIXES)
-        )
-        judged = judged_in_turn(found)
-        replay = found.take(~placing & judged)
-        if len(replay):
-            log.debug(
-                "tenant %s: %d stored fixes of %d devices taken over judged again",
-                stored.tenant,
-                len(replay),
-                len(set(replay.device.tolist())),
-            )
-        return found.take(placing), replay
 
     @staticmethod
     async def _rebuild(
@@ -657,6 +641,46 @@ class GeofenceProcessor:
 
     def _lock(self, tenant: str) -> asyncio.Lock:
         return self._locks.setdefault(tenant, asyncio.Lock())
+
+
+async def _both[A, B](first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Both results, awaited at once; when one fails (or the caller is
+    cancelled) the other is cancelled and awaited, and the failure raised."""
+    one, two = asyncio.ensure_future(first), asyncio.ensure_future(second)
+    try:
+        return await one, await two
+    except BaseException:
+        for task in (one, two):
+            task.cancel()
+        await asyncio.gather(one, two, return_exceptions=True)
+        raise
+
+
+def _unjudged(
+    found: FixBatch, devices: set[str], newest_ms: dict[str, int], recent_ms: int
+) -> tuple[FixBatch, FixBatch]:
+    """Of the stored fixes read (``_stored_fixes``) of the devices taken over,
+    those the previous holder may not have turned into stored events yet, to
+    judge before the batch: the ones after the device's newest stored event,
+    after its newest fix received before ``recent_ms`` and after the oldest one
+    read when there may be more; but for those that were late when they came
+    (judged as late there). And the fix before them, which only places its
+    device."""
+    found = found.take(np.isin(found.device.astype(str), list(devices)))
+    if len(found) == 0:
+        return found, found
+    found = found.sorted_by_device_time()
+    names = found.device.astype(str)
+    opens = np.flatnonzero(np.r_[True, names[1:] != names[:-1]])
+    counts = np.diff(np.r_[opens, len(found)])
+    device = np.repeat(np.arange(opens.size), counts)
+    since = np.array([newest_ms.get(n, _NO_EVENT_MS) for n in names[opens].tolist()])
+    # A prefix of each device's fixes (by time): judged, their events stored.
+    settled = (found.time_ms <= since[device]) | (found.received_ms < recent_ms)
+    settled[opens[counts > REPLAY_FIXES]] = True
+    prefix = np.add.reduceat(settled.astype(np.int64), opens)
+    placing = opens[prefix > 0] + prefix[prefix > 0] - 1
+    return found.take(placing), found.take(~settled & judged_in_turn(found))
 
 
 def _first_times(batch: FixBatch) -> dict[str, int]:
