@@ -20,12 +20,15 @@ announced together, every ANNOUNCE_EVERY_S, by one task.
 
 The stored events lag the fixes: the previous holder acks a fix once it is
 stored, and stores the fix's events after its processors have had it. So a
-take-over with a history store also reads, in one query for the batch's devices,
-each one's newest REPLAY_FIXES stored fixes from its newest stored event to its
-first fix in the batch, and judges them before the batch (the fix at the event's
-time, or the oldest read, only places the device). Their events are the ones the
-previous holder raises for them, with the same ``event_id`` (the store keeps one;
-a holder that died before storing them loses none).
+take-over with a history store also reads, in one query for the batch's devices
+and while the memberships are read, each one's newest stored fixes before its
+first fix in the batch, and judges before the batch those the previous holder may
+not have turned into stored events: at most REPLAY_FIXES, after the device's
+newest stored event, received within ``dwell_lateness_ms``, and not late when
+they came; the fix before them only places the device (``_unjudged``). Their
+events are the ones the previous holder raises for them, with the same
+``event_id`` (the store keeps one; a holder that stopped before storing them
+loses none).
 """
 
 from __future__ import annotations
