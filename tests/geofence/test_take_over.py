@@ -25,7 +25,7 @@ from tracking.v1 import (
 )
 
 from tests.geofence.support import DEPOT, summary
-from tests.geofence.test_rules import FAR, INSIDE, T0, square
+from tests.geofence.test_rules import FAR, INSIDE, SQUARE, T0, square
 from tests.server_fixtures import (
     batch,
     embedded_settings,
@@ -38,6 +38,7 @@ from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import StorageUnavailable
 from tracking_grpc.events import EventType, TrackingEvent, event_id
 from tracking_grpc.geofence import processor as processor_module
+from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.geofence.processor import Announce, GeofenceProcessor
 from tracking_grpc.server import TrackingServer
 from tracking_grpc.servicers.geofence import FENCE_HOLDERS
@@ -99,12 +100,13 @@ class Process:
         await self.events.add(events)
         return events
 
-    async def ack(self, batch: FixBatch) -> FixBatch:
+    async def ack(self, batch: FixBatch, received_ms: int = 0) -> FixBatch:
         """Store a batch's fixes, as a commit does before its ack (the
         processors have them later: ``feed``); the batch as stored, stamped
-        with its receipt (each batch later than the one before)."""
+        with its receipt (each batch later than the one before, or
+        ``received_ms``)."""
         assert self.processor.history is not None
-        received = batch.with_received(next(RECEIPTS))
+        received = batch.with_received(received_ms or next(RECEIPTS))
         await self.processor.history.store(received)
         return received
 
@@ -278,6 +280,31 @@ async def test_a_take_over_of_a_device_whose_fixes_were_judged_raises_nothing_ag
     assert await b.feed(onward) == []
     assert await stored_summary(b, tenant) == [("ENTER", 1), ("EXIT", 2)]
     assert b.processor.holds(tenant, "van")
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("received_s_ago", [1, 600])
+async def test_a_take_over_crosses_from_the_last_fix_judged_before_it(
+    acking_processes, tenant, received_s_ago
+) -> None:
+    """The segment to the van's first fix on b starts at its last fix on a,
+    judged again (received lately) or only placing the van (long ago)."""
+    a, b = acking_processes
+    gate = FenceSpec("gate", SQUARE, events=frozenset({EventType.CROSS}))
+    await a.processor.fences.create(tenant, gate, T0)
+    assert await b.feed(fixes(tenant, "scout", (1, 0, FAR))) == []
+    west, east = (52.52, 13.396), (52.52, 13.404)  # either side of both fences
+    received_ms = now_ms() - received_s_ago * 1000
+    before = await a.ack(fixes(tenant, "van", (1, 0, west)), received_ms)
+    assert await a.feed(before) == []
+    await until(lambda: heard(b) == 1)
+    after = await b.ack(fixes(tenant, "van", (2, 20, east)))
+
+    crossed = await b.feed(after)
+
+    assert [(e.type.name, e.fence_id, e.fix_seq) for e in crossed] == [
+        ("CROSS", "gate", 2)
+    ]
 
 
 @pytest.mark.redis
