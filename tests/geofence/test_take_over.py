@@ -7,7 +7,6 @@ process without Redis keeps its memberships in memory and reads the store once."
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import socket
 import uuid
@@ -55,7 +54,15 @@ from tracking_grpc.storage.redis_notices import RedisDeviceNotices
 pytestmark = pytest.mark.postgres
 
 DWELL_MS = 120_000
-RECEIPTS = itertools.count(now_ms())  # when the acked batches came
+_LAST_RECEIPT = [0]
+
+
+def receipt() -> int:
+    """When an acked batch came: now, and later than the batch before."""
+    _LAST_RECEIPT[0] = max(now_ms(), _LAST_RECEIPT[0] + 1)
+    return _LAST_RECEIPT[0]
+
+
 HANG_S = 30  # a hang guard: what is waited for comes far sooner
 MANY = 2_500  # devices of one take-over: three notice entries
 ENTER, EXIT = event_pb2.EVENT_TYPE_ENTER, event_pb2.EVENT_TYPE_EXIT
@@ -106,7 +113,7 @@ class Process:
         with its receipt (each batch later than the one before, or
         ``received_ms``)."""
         assert self.processor.history is not None
-        received = batch.with_received(received_ms or next(RECEIPTS))
+        received = batch.with_received(received_ms or receipt())
         await self.processor.history.store(received)
         return received
 
