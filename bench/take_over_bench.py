@@ -39,7 +39,11 @@ from commit_bench import migrated_database
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.events import EventType, TrackingEvent, event_id
 from tracking_grpc.geofence.model import FenceSpec, ShapeSpec
-from tracking_grpc.geofence.processor import REPLAY_FIXES, GeofenceProcessor
+from tracking_grpc.geofence.processor import (
+    REPLAY_FIXES,
+    REPLAY_SPAN_MS,
+    GeofenceProcessor,
+)
 from tracking_grpc.storage.postgres import PostgresHistoryStore
 from tracking_grpc.storage.postgres_fences import (
     PostgresEventRepository,
@@ -158,7 +162,8 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
             found = await events.memberships(TENANT, group)
             query = time.perf_counter() - started
             started = time.perf_counter()
-            bounds = {d: (found.newest_ms[d], T0 + 600_000) for d in group}
+            batch_ms = T0 + 600_000  # as the take-over reads them
+            bounds = {d: (batch_ms - REPLAY_SPAN_MS, batch_ms) for d in group}
             recent_ms = time.time_ns() // 1_000_000 - 30_000
             read = await history.fixes_before(
                 TENANT, bounds, REPLAY_FIXES + 1, recent_ms
