@@ -3,9 +3,20 @@ process does not hold (they reconnected here from another server process) reload
 their memberships from the stored events in one query, then evaluates; the next
 batch of the same devices (held now) reads nothing. Times, per round of ``--take``
 devices: the take-over batch, the held batch after it, the membership query alone,
+the read of the stored fixes a take-over judges again (``fixes_before``) alone,
 and the take-over notice on Redis (``RedisDeviceNotices.announce_many``).
 
+Every device taken over has ``--history`` stored fixes, 10 s apart, up to the
+take-over batch, received 10 s apart up to the bench's start (judged by the
+process that held it, with no event since its ENTER or EXIT): the take-over
+reads those received in the last 30 s (``dwell_lateness_s``; the first round's
+three, fewer later) and the newest one before, and judges them again; it scans
+up to REPLAY_FIXES + 1 per device. ``--history 0`` stores none;
+``--no-history`` gives the processor no history store (a take-over reads the
+events only, as before the fixes were read).
+
     .venv/bin/python bench/take_over_bench.py [--devices 20000] [--take 2000]
+        [--history 40] [--no-history]
 
 Needs PostgreSQL on 127.0.0.1 (creates and drops its own database) and Redis on
 127.0.0.1:6379 (a key prefix of its own, deleted at the end). Prints a table and
@@ -28,7 +39,12 @@ from commit_bench import migrated_database
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.events import EventType, TrackingEvent, event_id
 from tracking_grpc.geofence.model import FenceSpec, ShapeSpec
-from tracking_grpc.geofence.processor import GeofenceProcessor
+from tracking_grpc.geofence.processor import (
+    REPLAY_FIXES,
+    REPLAY_SPAN_MS,
+    GeofenceProcessor,
+)
+from tracking_grpc.storage.postgres import PostgresHistoryStore
 from tracking_grpc.storage.postgres_fences import (
     PostgresEventRepository,
     PostgresFenceRepository,
@@ -74,21 +90,50 @@ def stored_events(devices: int) -> list[TrackingEvent]:
     return made
 
 
-def fixes(devices: list[str], seq: int, at_s: int) -> FixBatch:
+def fixes(
+    devices: list[str],
+    seq: int,
+    at_s: int,
+    where: list[tuple[float, float]] | None = None,
+) -> FixBatch:
     size = len(devices)
+    where = where or [FAR] * size
     return FixBatch.from_columns(
         TENANT,
         devices,
         [seq] * size,
         [T0 + at_s * 1000] * size,
-        [FAR[0]] * size,
-        [FAR[1]] * size,
+        [w[0] for w in where],
+        [w[1] for w in where],
         accuracy_m=[5.0] * size,
     )
 
 
+async def store_history(
+    history: PostgresHistoryStore, devices: list[str], count: int
+) -> int:
+    """``count`` fixes of each device, 10 s apart, ending before 600 s (the
+    take-over batch's time): where each device was after its last event (in
+    the square after an ENTER, far after an EXIT)."""
+    stored = 0
+    now_ms = time.time_ns() // 1_000_000
+    for first in range(0, len(devices), 500):
+        group = devices[first : first + 500]
+        where = [FAR if int(d.split("-")[1]) % 2 else INSIDE for d in group]
+        batches = [
+            fixes(group, 100 + k, 600 - 10 * (count - k), where).with_received(
+                now_ms - 10_000 * (count - k)
+            )
+            for k in range(count)
+        ]
+        if batches:
+            stored += int((await history.store(FixBatch.concat(batches))).sum())
+    return stored
+
+
 async def measure(url: str, args: argparse.Namespace) -> dict:
     db = await PostgresGeofenceDatabase.open(url)
+    history = await PostgresHistoryStore.open(url)
     fences, events = PostgresFenceRepository(db), PostgresEventRepository(db)
     prefix = f"takeover-bench-{uuid.uuid4().hex[:8]}:"
     notices = RedisDeviceNotices(Connection(REDIS_URL), prefix, _nothing)
@@ -97,7 +142,11 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
         made = stored_events(args.devices)
         for first in range(0, len(made), 1_000):
             await events.add(made[first : first + 1_000])
-        processor = GeofenceProcessor(fences, events)
+        taken = [f"dev-{n}" for n in range(args.rounds * args.take)]
+        fixes_stored = await store_history(history, taken, args.history)
+        processor = GeofenceProcessor(
+            fences, events, history=None if args.no_history else history
+        )
         processor.announce = _announce_nothing  # another process exists
         await processor.process(fixes(["scout"], 1, 600))  # the tenant's load
         rows = []
@@ -113,6 +162,14 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
             found = await events.memberships(TENANT, group)
             query = time.perf_counter() - started
             started = time.perf_counter()
+            batch_ms = T0 + 600_000  # as the take-over reads them
+            bounds = {d: (batch_ms - REPLAY_SPAN_MS, batch_ms) for d in group}
+            recent_ms = time.time_ns() // 1_000_000 - 30_000
+            read = await history.fixes_before(
+                TENANT, bounds, REPLAY_FIXES + 1, recent_ms
+            )
+            fixes_query = time.perf_counter() - started
+            started = time.perf_counter()
             await notices.announce_many(TENANT, group)
             notice = time.perf_counter() - started
             rows.append(
@@ -120,18 +177,22 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
                     "take_over_batch_ms": round(take_over * 1000, 2),
                     "held_batch_ms": round(held * 1000, 2),
                     "membership_query_ms": round(query * 1000, 2),
+                    "fixes_query_ms": round(fixes_query * 1000, 2),
                     "notice_ms": round(notice * 1000, 2),
                     "exits": len(raised),
                     "memberships_read": len(found),
+                    "fixes_read": len(read),
                 }
             )
         steady = await held_batches(processor, args)
         return {
             "steady_batch_ms": steady,
             "command": f"python bench/take_over_bench.py --devices {args.devices} "
-            f"--take {args.take} --rounds {args.rounds}",
+            f"--take {args.take} --rounds {args.rounds} --history {args.history}"
+            + (" --no-history" if args.no_history else ""),
             "machine": platform.platform(),
             "stored_events": len(made),
+            "stored_fixes": fixes_stored,
             "rounds": rows,
             "median": {
                 key: statistics.median(row[key] for row in rows)
@@ -143,6 +204,7 @@ async def measure(url: str, args: argparse.Namespace) -> dict:
         client = await notices.connection.get()
         await client.delete(prefix + "erasures")
         await notices.close()
+        await history.close()
         await db.close()
 
 
@@ -178,14 +240,19 @@ if __name__ == "__main__":
     parser.add_argument("--devices", type=int, default=20_000)
     parser.add_argument("--take", type=int, default=2_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--history", type=int, default=40)
+    parser.add_argument("--no-history", action="store_true")
     result = asyncio.run(main(parser.parse_args()))
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(result["command"])
-    print(f"{'take-over':>10} {'held':>8} {'query':>8} {'notice':>8}  (ms)")
+    print(
+        f"{'take-over':>10} {'held':>8} {'query':>8} {'fixes':>8} {'notice':>8}  (ms)"
+    )
     for row in result["rounds"]:
         print(
             f"{row['take_over_batch_ms']:>10} {row['held_batch_ms']:>8} "
-            f"{row['membership_query_ms']:>8} {row['notice_ms']:>8}"
+            f"{row['membership_query_ms']:>8} {row['fixes_query_ms']:>8} "
+            f"{row['notice_ms']:>8}"
         )
     print("median", result["median"])
     print("held batch, shared / alone", result["steady_batch_ms"])

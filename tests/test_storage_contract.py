@@ -232,6 +232,39 @@ async def test_fixes_since_reads_each_device_from_its_own_time(history) -> None:
     assert len(await history.fixes_since(tenant, {})) == 0
 
 
+async def test_fixes_before_reads_each_device_s_newest_in_its_own_range(
+    history,
+) -> None:
+    tenant = unique_tenant()
+    rows = [("a", n, n) for n in range(1, 8)] + [("b", 1, 2), ("b", 2, 4)]
+    await history.store(fixes(tenant, [*rows, ("c", 1, 1)]))
+    bounds = {"b": (T0, T0 + 4000), "a": (T0 + 2000, T0 + 7000)}
+
+    got = await history.fixes_before(tenant, bounds, 3)
+
+    assert list(zip(got.device.tolist(), got.seq.tolist(), strict=True)) == [
+        ("a", 4), ("a", 5), ("a", 6), ("b", 1)
+    ]  # fmt: skip
+    assert len(await history.fixes_before(tenant, {}, 3)) == 0
+
+
+async def test_fixes_before_keeps_one_fix_received_before_recent_ms(history) -> None:
+    """The newest fix received before ``recent_ms`` is the last one read (a
+    later one received after it, but older, is left out too)."""
+    tenant = unique_tenant()
+    made = fixes(tenant, [("a", n, n) for n in range(1, 8)])
+    received = T0 + 1000 * np.array([1, 2, 9, 4, 5, 6, 7])  # seq 3 came late
+    await history.store(replace(made, received_ms=received))
+    bounds = {"a": (T0, T0 + 7000)}
+
+    got = await history.fixes_before(tenant, bounds, 5, recent_ms=T0 + 5000)
+
+    assert got.seq.tolist() == [4, 5, 6]
+    assert (await history.fixes_before(tenant, bounds, 5)).seq.tolist() == [
+        2, 3, 4, 5, 6
+    ]  # fmt: skip
+
+
 def assigned(
     tenant: str, device: str, route_id: str, assigned_ms: int = 1, plan: bytes = b"P"
 ) -> StoredRoute:

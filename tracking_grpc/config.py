@@ -90,7 +90,9 @@ class Settings:
         30.0,
         "how late a fix may reach the geofence detector: a device silent inside a "
         "fence gets its DWELL this long after its stay reached the fence's dwell_ms "
-        "(a fix saying it left before then, arriving within it, prevents the DWELL)",
+        "(a fix saying it left before then, arriving within it, prevents the "
+        "DWELL); a geofence take-over judges again the device's stored fixes "
+        "received this recently",
     )
     commits_in_flight: int = setting(
         4, "group commits running at once on a store that allows it (PostgreSQL)"

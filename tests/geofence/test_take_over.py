@@ -24,16 +24,25 @@ from tracking.v1 import (
 )
 
 from tests.geofence.support import DEPOT, summary
-from tests.geofence.test_rules import FAR, INSIDE, T0, square
-from tests.server_fixtures import batch, embedded_settings, fix, hello, now_ms
+from tests.geofence.test_rules import FAR, INSIDE, SQUARE, T0, square
+from tests.server_fixtures import (
+    batch,
+    embedded_settings,
+    fix,
+    hello,
+    now_ms,
+    track_session,
+)
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import StorageUnavailable
 from tracking_grpc.events import EventType, TrackingEvent, event_id
 from tracking_grpc.geofence import processor as processor_module
+from tracking_grpc.geofence.model import FenceSpec
 from tracking_grpc.geofence.processor import Announce, GeofenceProcessor
 from tracking_grpc.server import TrackingServer
 from tracking_grpc.servicers.geofence import FENCE_HOLDERS
-from tracking_grpc.storage.fences import Memberships
+from tracking_grpc.storage.fences import EventQuery, Memberships
+from tracking_grpc.storage.postgres import PostgresHistoryStore
 from tracking_grpc.storage.postgres_fences import (
     PostgresEventRepository,
     PostgresFenceRepository,
@@ -45,6 +54,15 @@ from tracking_grpc.storage.redis_notices import RedisDeviceNotices
 pytestmark = pytest.mark.postgres
 
 DWELL_MS = 120_000
+_LAST_RECEIPT = [0]
+
+
+def receipt() -> int:
+    """When an acked batch came: now, and later than the batch before."""
+    _LAST_RECEIPT[0] = max(now_ms(), _LAST_RECEIPT[0] + 1)
+    return _LAST_RECEIPT[0]
+
+
 HANG_S = 30  # a hang guard: what is waited for comes far sooner
 MANY = 2_500  # devices of one take-over: three notice entries
 ENTER, EXIT = event_pb2.EVENT_TYPE_ENTER, event_pb2.EVENT_TYPE_EXIT
@@ -89,13 +107,27 @@ class Process:
         await self.events.add(events)
         return events
 
+    async def ack(self, batch: FixBatch, received_ms: int = 0) -> FixBatch:
+        """Store a batch's fixes, as a commit does before its ack (the
+        processors have them later: ``feed``); the batch as stored, stamped
+        with its receipt (each batch later than the one before, or
+        ``received_ms``)."""
+        assert self.processor.history is not None
+        received = batch.with_received(received_ms or receipt())
+        await self.processor.history.store(received)
+        return received
+
 
 async def open_process(
-    url: str, tenant: str, redis_url: str | None = None, prefix: str = ""
+    url: str,
+    tenant: str,
+    redis_url: str | None = None,
+    prefix: str = "",
+    history: PostgresHistoryStore | None = None,
 ) -> tuple[Process, PostgresGeofenceDatabase]:
     db = await PostgresGeofenceDatabase.open(url)
     events = CountedEvents(db, tenant)
-    processor = GeofenceProcessor(PostgresFenceRepository(db), events)
+    processor = GeofenceProcessor(PostgresFenceRepository(db), events, history=history)
     notices = None
     if redis_url is not None:  # wired as the Geofence service does
         notices = RedisDeviceNotices(
@@ -167,6 +199,119 @@ async def two_processes(
             assert process.notices is not None
             await process.notices.close()
             await db.close()
+
+
+@pytest.fixture
+async def history(pg_url: str) -> AsyncIterator[PostgresHistoryStore]:
+    store = await PostgresHistoryStore.open(pg_url)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def acking_processes(
+    pg_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    tenant: str,
+    history: PostgresHistoryStore,
+) -> AsyncIterator[tuple[Process, Process]]:
+    """``two_processes`` with their fixes' history store (all the migrations'
+    database): a take-over reads the fixes stored before its batch."""
+    made = [
+        await open_process(pg_url, tenant, redis_url, redis_prefix, history)
+        for _ in range(2)
+    ]
+    (first, _), (second, _) = made
+    await first.processor.fences.create(tenant, square(dwell_ms=DWELL_MS)[0], T0)
+    try:
+        yield first, second
+    finally:
+        for process, db in made:
+            await process.processor.drain()
+            assert process.notices is not None
+            await process.notices.close()
+            await db.close()
+
+
+async def stored_summary(process: Process, tenant: str) -> list[tuple[str, int]]:
+    query = EventQuery(tenant, 0, 2**62, device="van", limit=1_000)
+    return summary(await process.events.list(query))
+
+
+@pytest.mark.redis
+async def test_a_take_over_judges_the_fixes_the_holder_has_not_judged_yet(
+    acking_processes, tenant
+) -> None:
+    """The blind window: the van's fix into the square is stored (acked) on a,
+    whose processors have not had it when the van's next fix, out of the
+    square, comes to b. b judges it first: one ENTER and one EXIT, whichever
+    process stores the ENTER first (the same event, the same id)."""
+    a, b = acking_processes
+    assert await b.feed(fixes(tenant, "scout", (1, 0, FAR))) == []  # b loaded
+    entering = await a.ack(fixes(tenant, "van", (1, 0, INSIDE)))
+    leaving = await b.ack(fixes(tenant, "van", (2, 60, FAR)))
+
+    raised = await b.processor.process(leaving)  # not stored yet
+
+    assert summary(raised) == [("ENTER", 1), ("EXIT", 2)]
+    assert b.processor.holds(tenant, "van")
+    # a's processors have the fix at last, and store its ENTER first.
+    entered = await a.feed(entering)
+    assert [e.event_id for e in entered] == [raised[0].event_id]
+    assert await b.events.add(raised) == 1
+    assert await stored_summary(a, tenant) == [("ENTER", 1), ("EXIT", 2)]
+
+
+@pytest.mark.redis
+async def test_a_take_over_of_a_device_whose_fixes_were_judged_raises_nothing_again(
+    acking_processes, tenant
+) -> None:
+    """Fixes the previous holder judged, a late one among them (it came after a
+    newer fix, and changed nothing there), raise no event where the device
+    moves to."""
+    a, b = acking_processes
+    assert await b.feed(fixes(tenant, "scout", (1, 0, FAR))) == []
+    for sent, raised in (
+        (fixes(tenant, "van", (1, 0, INSIDE)), [("ENTER", 1)]),
+        (fixes(tenant, "van", (2, 30, FAR)), [("EXIT", 2)]),
+        (fixes(tenant, "van", (4, 90, FAR)), []),
+        (fixes(tenant, "van", (3, 60, INSIDE)), []),  # late
+    ):
+        assert summary(await a.feed(await a.ack(sent))) == raised
+    await until(lambda: heard(b) == 1)
+    onward = await b.ack(fixes(tenant, "van", (5, 120, FAR)))
+
+    assert await b.feed(onward) == []
+    assert await stored_summary(b, tenant) == [("ENTER", 1), ("EXIT", 2)]
+    assert b.processor.holds(tenant, "van")
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("received_s_ago", [1, 600])
+async def test_a_take_over_crosses_from_the_last_fix_judged_before_it(
+    acking_processes, tenant, received_s_ago
+) -> None:
+    """The segment to the van's first fix on b starts at its last fix on a,
+    judged again (received lately) or only placing the van (long ago)."""
+    a, b = acking_processes
+    gate = FenceSpec("gate", SQUARE, events=frozenset({EventType.CROSS}))
+    await a.processor.fences.create(tenant, gate, T0)
+    assert await b.feed(fixes(tenant, "scout", (1, 0, FAR))) == []
+    west, east = (52.52, 13.396), (52.52, 13.404)  # either side of both fences
+    received_ms = now_ms() - received_s_ago * 1000
+    before = await a.ack(fixes(tenant, "van", (1, 0, west)), received_ms)
+    assert await a.feed(before) == []
+    await until(lambda: heard(b) == 1)
+    after = await b.ack(fixes(tenant, "van", (2, 20, east)))
+
+    crossed = await b.feed(after)
+
+    assert [(e.type.name, e.fence_id, e.fix_seq) for e in crossed] == [
+        ("CROSS", "gate", 2)
+    ]
 
 
 @pytest.mark.redis
@@ -587,6 +732,56 @@ async def test_a_device_reconnecting_to_another_server_exits_there_and_enters_ba
         # Back on the first, inside past the DWELL time of the stay that ended.
         back = [fix(3, DEPOT_LAT, DEPOT_LON, t0 + 15 * 60_000, accuracy_m=5)]
         assert await fence_events(to_a, "van", back, 1) == [ENTER]
+
+
+@pytest.mark.redis
+async def test_a_device_reconnecting_before_its_fix_was_judged_gets_each_event_once(
+    start_server, pg_url, redis_url, redis_prefix, tmp_path
+) -> None:
+    """The van's fix into the depot is acked by the first server, whose
+    processors have not had it (held up here) when the van's next fix, out of
+    it, comes to the second: that one judges the first fix too. One ENTER and
+    one EXIT are stored, in order, after the first server's processors have
+    had the fix as well."""
+    tenant = f"geo-{uuid.uuid4().hex[:8]}"
+    settings = replace(
+        embedded_settings(tmp_path), database_url=pg_url, redis_url=redis_url,
+        redis_key_prefix=redis_prefix, default_tenant=tenant,
+    )  # fmt: skip
+    first = await start_server(settings=settings)
+    second = await start_server(
+        settings=replace(settings, data_dir=str(tmp_path / "b"))
+    )
+    t0 = now_ms() - 20 * 60_000
+    inside = (DEPOT_LAT, DEPOT_LON)
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as to_a,
+        grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as to_b,
+    ):
+        fence = geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
+        await geofence_pb2_grpc.GeofenceStub(to_a).CreateFence(
+            geofence_pb2.CreateFenceRequest(fence=fence)
+        )
+        # Both servers know the tenant's memberships before the van comes.
+        for channel, device in ((to_a, "scout-a"), (to_b, "scout-b")):
+            scout = [fix(1, *inside, t0, accuracy_m=5)]
+            assert await fence_events(channel, device, scout, 1) == [ENTER]
+
+        async with geofence_of(first).using(tenant):  # its processors wait
+            van_in = [fix(1, *inside, t0 + 60_000, accuracy_m=5)]
+            _, acks = await track_session(
+                track_pb2_grpc.TrackSessionStub(to_a), "van", [van_in]
+            )
+            assert acks[0].acked_seq == 1
+            away = [fix(2, AWAY_LAT, DEPOT_LON, t0 + 120_000, accuracy_m=5)]
+            assert await fence_events(to_b, "van", away, 2) == [ENTER, EXIT]
+
+        # The first server judges the van's fix at last; once the fix of a
+        # device sent after it has its event stored, so has the van's.
+        tail = [fix(1, *inside, t0 + 180_000, accuracy_m=5)]
+        assert await fence_events(to_a, "tail", tail, 1) == [ENTER]
+        await until_async(lambda: _equal(stored_kinds(to_a, "tail"), [ENTER]))
+        assert await stored_kinds(to_a, "van") == [ENTER, EXIT]
 
 
 async def _equal(found: Awaitable[list[int]], expected: list[int]) -> bool:

@@ -267,6 +267,21 @@ class FenceDetector:
         self._members.replace_devices(codes, key, entered, done)
         self._devices.held[codes] = True
 
+    def place(self, fixes: FixBatch) -> None:
+        """Fixes the previous holder of their devices judged (one per device, just
+        taken over: ``reload``): the segment to each device's next fix starts
+        there (CROSS), and fixes not newer are late."""
+        if len(fixes) == 0:
+            return
+        codes = np.array([self._device_code(d) for d in fixes.device], np.int64)
+        state = self._devices
+        state.grow(int(codes.max()) + 1)
+        np.maximum.at(state.time_ms, codes, fixes.time_ms.astype(np.int64))
+        state.lon[codes], state.lat[codes] = fixes.lon, fixes.lat
+        state.accuracy_m[codes] = fixes.accuracy_m
+        state.seq[codes] = fixes.seq.astype(np.int64)
+        state.received_ms[codes] = fixes.received_ms
+
     def release(self, devices: list[str]) -> int:
         """Let devices another process took over go: drop their memberships (so
         the timer raises no DWELL for them) and their newest position; their next
@@ -734,6 +749,25 @@ class _Run:
         devices = self.d._devices
         for name, values in fix.items():  # values computed above
             getattr(devices, name)[self.codes] = values
+
+
+def judged_in_turn(fixes: FixBatch) -> np.ndarray:
+    """Per fix (grouped by device), whether it was newer than every fix of its
+    device received before it: the others were late when they came, and changed
+    nothing where they were judged (a replay leaves them out)."""
+    if len(fixes) == 0:
+        return np.empty(0, bool)
+    _, device = np.unique(fixes.device.astype(str), return_inverse=True)
+    _, rank = np.unique(fixes.time_ms, return_inverse=True)
+    order = np.lexsort((fixes.time_ms, fixes.received_ms, device))
+    n = rank.size
+    # Ranks offset by device: a running maximum that restarts at each device.
+    key = device[order].astype(np.int64) * n + rank[order]
+    before = np.concatenate([[-1], np.maximum.accumulate(key)[:-1]])
+    newest_before = np.where(before // n == key // n, before, -1)
+    judged = np.empty(n, bool)
+    judged[order] = key > newest_before
+    return judged
 
 
 def _ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:

@@ -17,6 +17,18 @@ Held devices cost no query. A single process (no notices) holds every device.
 A device whose fixes in the batch are all older than its newest stored event is
 not taken over: they are late (another process went on with it). Take-overs are
 announced together, every ANNOUNCE_EVERY_S, by one task.
+
+The stored events lag the fixes: the previous holder acks a fix once it is
+stored, and stores the fix's events after its processors have had it. So a
+take-over with a history store also reads, in one query for the batch's devices
+and while the memberships are read, each one's newest stored fixes before its
+first fix in the batch, and judges before the batch those the previous holder may
+not have turned into stored events: at most REPLAY_FIXES, after the device's
+newest stored event, received within ``dwell_lateness_ms``, and not late when
+they came; the fix before them only places the device (``_unjudged``). Their
+events are the ones the previous holder raises for them, with the same
+``event_id`` (the store keeps one; a holder that stopped before storing them
+loses none).
 """
 
 from __future__ import annotations
@@ -35,10 +47,15 @@ import numpy as np
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import Unavailable
 from tracking_grpc.events import TrackingEvent
-from tracking_grpc.geofence.detector import EXIT_MARGIN_M, FenceDetector
+from tracking_grpc.geofence.detector import (
+    EXIT_MARGIN_M,
+    FenceDetector,
+    judged_in_turn,
+)
 from tracking_grpc.geofence.index import CompiledFence, FenceIndex, compile_usable
 from tracking_grpc.geofence.messages import refused_settings
 from tracking_grpc.geofence.model import FenceSpec
+from tracking_grpc.storage.base import HistoryStore
 from tracking_grpc.storage.fences import EventRepository, FenceRepository, Membership
 
 log = logging.getLogger(__name__)
@@ -51,6 +68,12 @@ LISTENING = "geofence-notices-start"
 NOTICE_BACK_S = 10.0  # longest a take-over's own notice is waited for
 ANNOUNCE_EVERY_S = 0.02  # take-overs made meanwhile are announced together
 OUTDATED_NAMED = 5  # fence ids the warning about outdated fences names
+# Stored fixes a take-over judges again per device, at most (the previous holder's
+# not yet turned into stored events: a few hundred milliseconds of them).
+REPLAY_FIXES = 8
+# ... of the day before its first fix in the batch (the partitions read).
+REPLAY_SPAN_MS = 86_400_000
+_NO_EVENT_MS = -(2**62)  # the newest stored event of a device with none
 # Tells the other processes that this one took devices of a tenant over.
 Announce = Callable[[str, Sequence[str]], Awaitable[None]]
 
@@ -94,9 +117,11 @@ class GeofenceProcessor:
         events: EventRepository | None = None,
         refresh_s: float = 2.0,
         dwell_lateness_ms: int = 30_000,
+        history: HistoryStore | None = None,
     ) -> None:
         self.fences = fences
         self.events = events
+        self.history = history  # the fixes a take-over judges again; or none
         self.refresh_s = refresh_s
         self.dwell_lateness_ms = dwell_lateness_ms
         self._loaded: dict[str, _Loaded] = {}
@@ -143,16 +168,24 @@ class GeofenceProcessor:
             loaded_now = detector is None
             if detector is None:
                 detector = await self._detector(tenant)
+            replay = FixBatch.empty(tenant)
             if self.announce is not None:
                 try:
-                    await self._take_over(detector, stored, loaded_now)
+                    replay = await self._take_over(detector, stored, loaded_now)
                 except BaseException:
                     detector.unprepare()
                     raise
+            batch = stored if len(replay) == 0 else FixBatch.concat([replay, stored])
             now_ms = time.time_ns() // 1_000_000
-            if len(stored) <= INLINE_FIXES:
-                return detector.evaluate(stored, index, now_ms)
-            return await asyncio.to_thread(detector.evaluate, stored, index, now_ms)
+            try:
+                if len(batch) <= INLINE_FIXES:
+                    return detector.evaluate(batch, index, now_ms)
+                return await asyncio.to_thread(detector.evaluate, batch, index, now_ms)
+            except Exception:
+                # Taken over again by a retry of the batch, which judges these
+                # fixes again (the failed evaluation changed no membership).
+                detector.release(sorted(set(replay.device.tolist())))
+                raise
 
     async def tick(self, now_ms: int) -> list[TrackingEvent]:
         """DWELL events of stays that reached ``dwell_ms`` with no fix saying so."""
@@ -277,29 +310,31 @@ class GeofenceProcessor:
 
     async def _take_over(
         self, detector: FenceDetector, stored: FixBatch, loaded_now: bool
-    ) -> None:
+    ) -> FixBatch:
         """Reload the memberships of the batch's devices not held here, in one
-        store query (none when the tenant's were loaded for this very batch), and
-        tell the other processes to let them go. A device whose fixes are all
-        older than its newest stored event (late: another process went on with
-        it) is not taken over."""
+        store query (none when the tenant's were loaded for this very batch and
+        there is no history store), and tell the other processes to let them
+        go. A device whose fixes are all older than its newest stored event
+        (late: another process went on with it) is not taken over. The stored
+        fixes to judge before the batch (see the module docstring)."""
         tenant = stored.tenant
+        replay = FixBatch.empty(tenant)
         await self._let_go(detector)
         if len(stored) > INLINE_FIXES:
             devices = await asyncio.to_thread(detector.unheld, stored)
         else:
             devices = detector.unheld(stored)
         if not devices:
-            return
+            return replay
         # Before the query: a notice of another process read while it runs is
         # older than this take-over's.
         self._expect(tenant, devices)
         chosen = devices
         try:
-            if loaded_now or self.events is None:
+            if self.events is None or (loaded_now and self.history is None):
                 detector.hold(devices)
             else:
-                devices = await self._reload(detector, stored, devices)
+                devices, replay = await self._reload(detector, stored, devices)
         except BaseException:
             self._unexpect(tenant, chosen)
             raise
@@ -307,19 +342,26 @@ class GeofenceProcessor:
             taken = set(devices)
             self._unexpect(tenant, [d for d in chosen if d not in taken])
         if not devices:
-            return
+            return replay
         log.debug("tenant %s: %d devices taken over", tenant, len(devices))
         self._unsent.setdefault(tenant, set()).update(devices)
         if self._announcer is None or self._announcer.done():
             self._announcer = self._spawn(self._announce_unsent())
+        return replay
 
     async def _reload(
         self, detector: FenceDetector, stored: FixBatch, devices: list[str]
-    ) -> list[str]:
+    ) -> tuple[list[str], FixBatch]:
         """Read the devices' stored memberships and take over those with fixes
-        newer than their newest stored event; the devices taken over."""
+        newer than their newest stored event; the devices taken over, and their
+        stored fixes to judge before the batch. With a history store, their
+        stored fixes are read at the same time (``_unjudged``)."""
         assert self.events is not None
-        stored_ones = await self.events.memberships(detector.tenant, devices)
+        recent_ms = time.time_ns() // 1_000_000 - self.dwell_lateness_ms
+        stored_ones, found = await _both(
+            self.events.memberships(detector.tenant, devices),
+            self._stored_fixes(stored, devices, recent_ms),
+        )
         newest = stored_ones.newest_ms
         memberships: list[Membership] = stored_ones
         late = detector.late(stored, newest)
@@ -329,12 +371,47 @@ class GeofenceProcessor:
             skip = set(late)
             devices = [d for d in devices if d not in skip]
             memberships = [m for m in memberships if m.device not in skip]
+        placing, replay = _unjudged(found, set(devices), newest, recent_ms)
+        if len(replay):
+            log.debug(
+                "tenant %s: %d stored fixes of %d devices taken over judged again",
+                stored.tenant,
+                len(replay),
+                len(set(replay.device.tolist())),
+            )
         now_ms = time.time_ns() // 1_000_000
         reload = functools.partial(
-            detector.reload, devices, memberships, newest, now_ms
+            self._resume, detector, devices, memberships, newest, now_ms, placing
         )
         await self._rebuild(detector, reload, len(memberships))
-        return devices
+        return devices, replay
+
+    @staticmethod
+    def _resume(
+        detector: FenceDetector,
+        devices: list[str],
+        memberships: list[Membership],
+        newest_ms: dict[str, int],
+        now_ms: int,
+        placing: FixBatch,
+    ) -> None:
+        detector.reload(devices, memberships, newest_ms, now_ms)
+        detector.place(placing)
+
+    async def _stored_fixes(
+        self, stored: FixBatch, devices: list[str], recent_ms: int
+    ) -> FixBatch:
+        """Each device's newest REPLAY_FIXES + 1 stored fixes of the
+        REPLAY_SPAN_MS before its first in the batch, but none received before
+        ``recent_ms`` save the newest of those (one query for them all; none
+        without a history store)."""
+        if self.history is None or not devices:
+            return FixBatch.empty(stored.tenant)
+        first = _first_times(stored)
+        bounds = {d: (first[d] - REPLAY_SPAN_MS, first[d]) for d in devices}
+        return await self.history.fixes_before(
+            stored.tenant, bounds, REPLAY_FIXES + 1, recent_ms
+        )
 
     @staticmethod
     async def _rebuild(
@@ -604,3 +681,51 @@ def _warn_outdated(tenant: str, specs: Sequence[FenceSpec]) -> None:
         outdated[0][0],
         outdated[0][1],
     )
+
+
+async def _both[A, B](first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Both results, awaited at once; when one fails (or the caller is
+    cancelled) the other is cancelled and awaited, and the failure raised."""
+    one, two = asyncio.ensure_future(first), asyncio.ensure_future(second)
+    try:
+        return await one, await two
+    except BaseException:
+        for task in (one, two):
+            task.cancel()
+        await asyncio.gather(one, two, return_exceptions=True)
+        raise
+
+
+def _unjudged(
+    found: FixBatch, devices: set[str], newest_ms: dict[str, int], recent_ms: int
+) -> tuple[FixBatch, FixBatch]:
+    """Of the stored fixes read (``_stored_fixes``) of the devices taken over,
+    those the previous holder may not have turned into stored events yet, to
+    judge before the batch: the ones after the device's newest stored event,
+    after its newest fix received before ``recent_ms`` and after the oldest one
+    read when there may be more; but for those that were late when they came
+    (judged as late there). And the fix before them, which only places its
+    device."""
+    found = found.take(np.isin(found.device.astype(str), list(devices)))
+    if len(found) == 0:
+        return found, found
+    found = found.sorted_by_device_time()
+    names = found.device.astype(str)
+    opens = np.flatnonzero(np.r_[True, names[1:] != names[:-1]])
+    counts = np.diff(np.r_[opens, len(found)])
+    device = np.repeat(np.arange(opens.size), counts)
+    since = np.array([newest_ms.get(n, _NO_EVENT_MS) for n in names[opens].tolist()])
+    # A prefix of each device's fixes (by time): judged, their events stored.
+    settled = (found.time_ms <= since[device]) | (found.received_ms < recent_ms)
+    settled[opens[counts > REPLAY_FIXES]] = True
+    prefix = np.add.reduceat(settled.astype(np.int64), opens)
+    placing = opens[prefix > 0] + prefix[prefix > 0] - 1
+    return found.take(placing), found.take(~settled & judged_in_turn(found))
+
+
+def _first_times(batch: FixBatch) -> dict[str, int]:
+    """Each device's first fix time in the batch."""
+    names, inverse = np.unique(batch.device.astype(str), return_inverse=True)
+    first = np.full(names.size, np.iinfo(np.int64).max, np.int64)
+    np.minimum.at(first, inverse, batch.time_ms.astype(np.int64))
+    return dict(zip(names.tolist(), first.tolist(), strict=True))

@@ -450,7 +450,9 @@ def register(server: grpc.aio.Server, app: App) -> str:
     """Add the Geofence service, its processor and its event listeners."""
     fences, events = open_repositories(app)
     lateness_ms = int(app.settings.dwell_lateness_s * 1000)
-    processor = GeofenceProcessor(fences, events, dwell_lateness_ms=lateness_ms)
+    processor = GeofenceProcessor(
+        fences, events, dwell_lateness_ms=lateness_ms, history=app.history
+    )
     app.fence_index = processor.using
     hub = EventWatchHub(fed_by_stream=bool(app.settings.redis_url))
     app.pipeline.add_processor(processor)

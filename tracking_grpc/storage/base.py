@@ -184,6 +184,20 @@ class HistoryStore(Protocol):
         device, by fix time (activity restores)."""
         ...
 
+    async def fixes_before(
+        self,
+        tenant: str,
+        bounds: Mapping[str, tuple[int, int]],
+        limit: int,
+        recent_ms: int | None = None,
+    ) -> FixBatch:
+        """Each named device's newest ``limit`` fixes with ``start <= time_ms <
+        end`` (its ``bounds``), grouped by device, by fix time (geofence
+        take-overs: what the previous holder may not have judged yet). With
+        ``recent_ms``, of those received before it only the newest (and none
+        older than that one)."""
+        ...
+
     async def assign_route(self, route: StoredRoute) -> None:
         """Store the device's assigned route, replacing any other it had."""
         ...

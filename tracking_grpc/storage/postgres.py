@@ -356,6 +356,34 @@ COPY (
 ) TO STDOUT (FORMAT BINARY)
 """
 
+# A take-over's fixes: each device's newest ``limit`` in its own time range, one
+# backward primary-key range scan per device (the outer bounds keep the scans to
+# the partitions needed), in binary like FIXES_SINCE. Newest first, ``older``
+# counts the fixes received before ``recent``: of those only the first is kept.
+FIXES_BEFORE = f"""
+COPY (
+    SELECT {READ_COLUMNS}, c.i::integer
+    FROM unnest({{devices}}::text[], {{starts}}::bigint[], {{ends}}::bigint[])
+        WITH ORDINALITY AS c(device, start_ms, end_ms, i)
+    CROSS JOIN LATERAL (
+        SELECT * FROM (
+            SELECT n.*, count(*) FILTER (WHERE n.received_ms < {{recent}})
+                OVER (ORDER BY n.time_ms DESC ROWS UNBOUNDED PRECEDING) AS older
+            FROM (
+                SELECT * FROM fixes f
+                WHERE f.tenant = {{tenant}} AND f.device = c.device
+                    AND f.time_ms >= c.start_ms AND f.time_ms < c.end_ms
+                    AND f.time_ms >= {{first}} AND f.time_ms < {{last}}
+                ORDER BY f.time_ms DESC
+                LIMIT {{limit}}
+            ) AS n
+        ) AS n
+        WHERE n.older = 0 OR (n.older = 1 AND n.received_ms < {{recent}})
+    ) AS f
+    ORDER BY c.i, f.time_ms
+) TO STDOUT (FORMAT BINARY)
+"""
+
 # The retry's check (``stored_as_received``): each fix of the batch against the
 # stored fix of its device at its fix time, one primary-key probe each (LATERAL ...
 # LIMIT keeps the planner from hashing every stored fix of the batch's time span
@@ -755,6 +783,13 @@ class PostgresHistoryStore:
             since=sql.Literal("{" + ",".join(map(str, starts)) + "}"),
             first=sql.Literal(min(starts)),
         )
+        return await self._copy_fixes(tenant, devices, query)
+
+    async def _copy_fixes(
+        self, tenant: str, devices: list[str], query: sql.Composed
+    ) -> FixBatch:
+        """The fixes a COPY of READ_COLUMNS and each row's device (its position
+        in ``devices``, from 1) gives."""
 
         async def copy_out(conn: psycopg.AsyncConnection) -> bytes:
             async with conn.cursor().copy(query) as copy:
@@ -764,6 +799,30 @@ class PostgresHistoryStore:
         rows = pgcopy.decode_rows(data, (*READ_TYPES, ">i4"))
         names = np.array(devices, dtype=object)[rows[f"f{len(READ_TYPES)}"] - 1]
         return _batch_from_rows(tenant, names, rows)
+
+    async def fixes_before(
+        self,
+        tenant: str,
+        bounds: Mapping[str, tuple[int, int]],
+        limit: int,
+        recent_ms: int | None = None,
+    ) -> FixBatch:
+        if not bounds or limit <= 0:
+            return FixBatch.empty(tenant)
+        devices = sorted(bounds)
+        starts = [int(bounds[d][0]) for d in devices]
+        ends = [int(bounds[d][1]) for d in devices]
+        query = sql.SQL(FIXES_BEFORE).format(
+            tenant=sql.Literal(tenant),
+            devices=sql.Literal(text_array(devices)),
+            starts=sql.Literal("{" + ",".join(map(str, starts)) + "}"),
+            ends=sql.Literal("{" + ",".join(map(str, ends)) + "}"),
+            first=sql.Literal(min(starts)),
+            last=sql.Literal(max(ends)),
+            limit=sql.Literal(int(limit)),
+            recent=sql.Literal(-(2**63) if recent_ms is None else int(recent_ms)),
+        )
+        return await self._copy_fixes(tenant, devices, query)
 
     async def ping(self) -> None:
         """Raise StorageUnavailable unless PostgreSQL answers a query now."""

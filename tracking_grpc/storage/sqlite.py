@@ -480,6 +480,42 @@ class SqliteHistoryStore:
             ).fetchall()
         return _batch(tenant, rows)
 
+    async def fixes_before(
+        self,
+        tenant: str,
+        bounds: Mapping[str, tuple[int, int]],
+        limit: int,
+        recent_ms: int | None = None,
+    ) -> FixBatch:
+        return await self._run(
+            self._reader, self._fixes_before, tenant, bounds, limit, recent_ms
+        )
+
+    def _fixes_before(
+        self,
+        tenant: str,
+        bounds: Mapping[str, tuple[int, int]],
+        limit: int,
+        recent_ms: int | None,
+    ) -> FixBatch:
+        assert self._rconn is not None
+        received = COLUMNS.index("received_ms")
+        rows: list[tuple] = []
+        for device, (start, end) in sorted(bounds.items()):
+            newest = self._rconn.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM fixes WHERE tenant = ? "
+                "AND device = ? AND time_ms >= ? AND time_ms < ? "
+                "ORDER BY time_ms DESC LIMIT ?",
+                (tenant, device, int(start), int(end), int(limit)),
+            ).fetchall()
+            kept = []
+            for row in newest:
+                kept.append(row)
+                if recent_ms is not None and row[received] < recent_ms:
+                    break  # the newest received before: no older one
+            rows += reversed(kept)
+        return _batch(tenant, rows)
+
     async def assign_route(self, route: StoredRoute) -> None:
         await self._run(
             self._writer, self._execute_many, ASSIGN_ROUTE, [route_row(route)]
