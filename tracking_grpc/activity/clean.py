@@ -182,14 +182,15 @@ class Steps:
     prev: np.ndarray  # index of the previous trusted fix, -1 for none
     dist_m: np.ndarray
     dt_s: np.ndarray
-    speed_mps: np.ndarray  # reported, else derived; NaN when unknown
+    speed_mps: np.ndarray  # reported if plausible, else derived; NaN when unknown
     jump: np.ndarray  # an implausible step between two trusted runs
 
 
 def derive_steps(
     time_ms, lat, lon, speed_mps, trusted, groups: Groups, params
 ) -> Steps:
-    """Steps along the trusted track, with speed filled where absent.
+    """Steps along the trusted track, with speed filled where absent or
+    implausible (above ``max_speed_mps``).
 
     A zero time step has no derived speed (never a division by zero).
     """
@@ -208,7 +209,11 @@ def derive_steps(
     jump = (prev >= 0) & _implausible(dist, dt_s, params)
     derived[jump] = np.nan
     reported = np.asarray(speed_mps, dtype=np.float64)
-    speed = np.where(np.isfinite(reported) & (reported >= 0), reported, derived)
+    # A reported speed the track could not reach (above max_speed_mps, what makes
+    # a step a jump) is a receiver's glitch: the step's own speed stands instead.
+    plausible = np.isfinite(reported) & (reported >= 0)
+    plausible &= reported <= params.max_speed_mps
+    speed = np.where(plausible, reported, derived)
     return Steps(prev, dist, dt_s, speed, jump)
 
 
