@@ -88,14 +88,14 @@ async def test_watch_stops_at_its_timeout(server, capsys):
 async def test_missing_trace_file_is_one_readable_error(server, tmp_path):
     with pytest.raises(InvalidArgument) as error:
         await run(server, "replay", str(tmp_path / "nope.csv"))
-    assert (error.value.field, "not found" in error.value.reason) == ("file", True)
+    assert (error.value.field, "no such file" in error.value.reason) == ("file", True)
 
 
 async def test_a_trace_path_that_is_no_file_is_not_called_missing(server, tmp_path):
     with pytest.raises(InvalidArgument) as error:
         await run(server, "replay", str(tmp_path))
     assert error.value.field == "file"
-    assert "is not a regular file" in error.value.reason
+    assert f"trace file: not a regular file: {tmp_path}" == error.value.reason
 
 
 async def test_csv_without_columns_names_the_missing_flag(server, tmp_path):

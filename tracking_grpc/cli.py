@@ -224,14 +224,12 @@ async def _trips(args: argparse.Namespace) -> int:
     from tracking_grpc.activity.params import ActivityConfig
     from tracking_grpc.activity.report import describe
     from tracking_grpc.errors import InvalidArgument
+    from tracking_grpc.files import unreadable
     from tracking_grpc.traces import read_trace
 
-    path = Path(args.trace)
-    if not await asyncio.to_thread(path.is_file):
-        # /dev/null or a directory exists: "no such file" would send the user looking
-        there = await asyncio.to_thread(path.exists)
-        what = "not a regular file" if there else "no such file"
-        raise InvalidArgument("trace", f"{what}: {args.trace}")
+    fault = await asyncio.to_thread(unreadable, Path(args.trace))
+    if fault:
+        raise InvalidArgument("trace", f"{fault}: {args.trace}")
     activity = ActivityConfig.from_file(args.activity_config)
     trace = read_trace(args.trace)
     for line in describe(trace.to_batch(args.tenant), activity.params(args.tenant)):

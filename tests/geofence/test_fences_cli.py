@@ -126,7 +126,16 @@ async def test_a_bad_since_s_is_a_usage_error_naming_the_flag(
 async def test_missing_import_file_is_one_readable_error(server, tmp_path) -> None:
     with pytest.raises(InvalidArgument) as error:
         await run(server, "fences", "import", str(tmp_path / "nope.geojson"))
-    assert (error.value.field, "not found" in error.value.reason) == ("file", True)
+    assert (error.value.field, "no such file" in error.value.reason) == ("file", True)
+
+
+async def test_an_import_path_that_is_no_file_is_not_called_missing(
+    server, tmp_path
+) -> None:
+    with pytest.raises(InvalidArgument) as error:
+        await run(server, "fences", "import", str(tmp_path))
+    assert error.value.field == "file"
+    assert f"GeoJSON file: not a regular file: {tmp_path}" == error.value.reason
 
 
 async def test_import_without_a_file_is_one_readable_error(server) -> None:

@@ -48,6 +48,14 @@ def test_prepare_routing_reports_a_missing_file(tmp_path) -> None:
     assert "no such file" in done.stderr
 
 
+def test_prepare_routing_says_a_directory_is_no_pbf_file(tmp_path) -> None:
+    extract = tmp_path / "extract.osm.pbf"
+    extract.mkdir()
+    done = prepare_routing("--pbf", str(extract), "--routing-data-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert f"not a regular file: {extract}" in done.stderr
+
+
 def test_prepare_routing_refuses_a_file_as_the_data_dir(tmp_path) -> None:
     pbf = require_shared(NETWORK / "helsinki.osm.pbf")
     taken = tmp_path / "routing"

@@ -23,6 +23,7 @@ from tracking_grpc.client.channel import (
 from tracking_grpc.client.flags import positive_float
 from tracking_grpc.client.messages import iso_time
 from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.files import unreadable
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -90,8 +91,9 @@ def check_import_file(path: Path | None) -> None:
     """Refuse before connecting when there is no file to import."""
     if path is None:
         raise InvalidArgument("file", "name the GeoJSON file to import")
-    if not path.is_file():
-        raise InvalidArgument("file", f"GeoJSON file not found: {path}")
+    fault = unreadable(path)
+    if fault:
+        raise InvalidArgument("file", f"GeoJSON file: {fault}: {path}")
 
 
 async def _import(stub, args, metadata) -> int:

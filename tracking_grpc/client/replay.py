@@ -36,6 +36,7 @@ from tracking_grpc.client.schedule import (
 )
 from tracking_grpc.client.session import GIVE_UP_S, DeviceSession, RetryPolicy
 from tracking_grpc.errors import InvalidArgument
+from tracking_grpc.files import unreadable
 from tracking_grpc.timestamps import TIME_FORMATS
 from tracking_grpc.traces import FORMATS, SPEED_UNITS_MPS, CsvFormat, Trace, read_trace
 
@@ -205,10 +206,9 @@ def csv_format_from(args: argparse.Namespace) -> CsvFormat | None:
 
 
 def load_trace(args: argparse.Namespace) -> Trace:
-    if not args.file.is_file():
-        # /dev/null or a directory exists: "not found" would send the user looking
-        what = "is not a regular file" if args.file.exists() else "not found"
-        raise InvalidArgument("file", f"trace file {what}: {args.file}")
+    fault = unreadable(args.file)
+    if fault:
+        raise InvalidArgument("file", f"trace file: {fault}: {args.file}")
     trace = read_trace(args.file, args.format, csv_format_from(args), args.device_id)
     if args.devices:
         trace = trace.take(np.isin(trace.device.astype(str), args.devices))

@@ -25,6 +25,7 @@ from pathlib import Path
 import osrm
 
 from tracking_grpc.errors import FailedPrecondition, InvalidArgument
+from tracking_grpc.files import unreadable
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,9 @@ def prepare(
     of the network is not snapped to when a bigger one is near; city-centre extracts
     whose main network is itself small need a lower value (50 or so).
     """
-    if not pbf.is_file():
-        raise InvalidArgument("pbf", f"no such file: {pbf}")
+    fault = unreadable(pbf)
+    if fault:
+        raise InvalidArgument("pbf", f"{fault}: {pbf}")
     created = _missing_directories(data_dir)
     try:
         return _prepare_each(pbf, data_dir, profiles, threads, small_component_size)
