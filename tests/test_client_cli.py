@@ -11,6 +11,11 @@ import sys
 import pytest
 
 from tests.conftest import TRACES, require_shared
+from tracking_grpc.client.channel import (
+    UNREACHABLE_AFTER_S,
+    open_channel,
+    saying_when_unreachable,
+)
 from tracking_grpc.client.commands import add_client_parsers
 from tracking_grpc.errors import InvalidArgument
 
@@ -203,6 +208,18 @@ async def test_a_replay_with_nothing_answering_says_so_while_it_retries(
     err = capsys.readouterr().err
     assert err.count("nothing answers at") == 1
     assert f"127.0.0.1:{gone.port} yet; retrying for up to 2 s (--give-up-s)" in err
+
+
+async def test_the_unreachable_notice_says_nothing_while_the_server_answers(
+    server, capsys
+):
+    """The notice is for a server that does not answer: a served command, however
+    long it runs, prints none."""
+    target = f"127.0.0.1:{server.port}"
+    async with open_channel(target) as channel:
+        async with saying_when_unreachable(channel, target, 120):
+            await asyncio.sleep(UNREACHABLE_AFTER_S + 0.5)
+    assert capsys.readouterr().err == ""
 
 
 async def test_porto_months_replay_as_live_with_capped_gaps(server, capsys):

@@ -19,12 +19,13 @@ from tracking_grpc.client.channel import (
     add_connection_arguments,
     call_metadata,
     open_channel,
+    saying_when_unreachable,
     tracking_stub,
 )
 from tracking_grpc.client.flags import positive_float, positive_int
 from tracking_grpc.client.fleet import SyntheticFleet
 from tracking_grpc.client.report import ReplayReport
-from tracking_grpc.client.session import DeviceSession, Feed
+from tracking_grpc.client.session import GIVE_UP_S, DeviceSession, Feed
 
 MAX_DEVICES = 20_000
 MAX_DURATION_S = 24 * 3600.0
@@ -117,7 +118,10 @@ async def run(args: argparse.Namespace) -> int:
     if not (0 < args.interval <= args.duration <= MAX_DURATION_S):
         raise SystemExit(f"need 0 < --interval <= --duration <= {MAX_DURATION_S:.0f}")
     fleet = SyntheticFleet(args.devices, args.center, args.radius_m, args.seed)
-    async with open_channel(args.target) as channel:
+    async with (
+        open_channel(args.target) as channel,
+        saying_when_unreachable(channel, args.target, GIVE_UP_S),
+    ):
         report = await simulate(
             tracking_stub(channel),
             fleet,
