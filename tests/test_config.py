@@ -60,6 +60,9 @@ def test_bad_values_name_the_setting(values, field) -> None:
         pytest.param("max_fix_age_s = true", "max_fix_age_s", id="bool-for-float"),
         pytest.param('data_dir = ["a", "b"]', "data_dir", id="list-for-path"),
         pytest.param("redis_key_prefix = 5", "redis_key_prefix", id="int-for-str"),
+        pytest.param('workers = "2"', "workers", id="str-for-int"),
+        pytest.param('max_fix_age_s = "5"', "max_fix_age_s", id="str-for-float"),
+        pytest.param("workers = 2.0", "workers", id="whole-float-for-int"),
     ],
 )
 def test_toml_values_of_another_type_are_refused(tmp_path, line, setting) -> None:
@@ -71,6 +74,17 @@ def test_toml_values_of_another_type_are_refused(tmp_path, line, setting) -> Non
         config.load(parse("--config", str(toml)), {})
     assert raised.value.field == f"{toml}:{setting}"
     assert "expected" in str(raised.value)
+
+
+def test_serve_refuses_a_toml_number_written_as_text(tmp_path) -> None:
+    """The environment and flags are text, parsed; a TOML file is typed."""
+    toml = tmp_path / "tracking.toml"
+    toml.write_text('workers = "2"\n')
+    done = serve(tmp_path, "--config", str(toml), "--listen", "127.0.0.1:0")
+    assert done.returncode == 2
+    assert done.stderr == f"tracking: {toml}:workers: expected int, got '2'\n"
+    environment = config.load(None, {"TRACKING_WORKERS": "2"})
+    assert environment.workers == 2
 
 
 def test_toml_integers_are_taken_for_decimal_settings(tmp_path) -> None:

@@ -224,27 +224,32 @@ class Settings:
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
 
-    def merged(self, values: Mapping[str, Any], source: str) -> Settings:
-        """A copy with ``values`` applied, converted to each setting's type."""
+    def merged(
+        self, values: Mapping[str, Any], source: str, *, typed: bool = False
+    ) -> Settings:
+        """A copy with ``values`` applied, converted to each setting's type;
+        ``typed`` values (a TOML file's) are not parsed from text."""
         known = {f.name: f for f in fields(self)}
         changes = {}
         for name, raw in values.items():
             if name not in known:
                 raise InvalidArgument(f"{source}:{name}", "unknown setting")
-            changes[name] = _convert(known[name], raw, f"{source}:{name}")
+            changes[name] = _convert(known[name], raw, f"{source}:{name}", typed)
         return replace(self, **changes)
 
 
-def _convert(spec: Any, raw: Any, where: str) -> Any:
+def _convert(spec: Any, raw: Any, where: str, typed: bool) -> Any:
     """``raw`` as the setting's type. Flags and the environment give strings; a TOML
-    file gives typed values, which must already be of the setting's kind: ``int(1.5)``
-    would truncate, ``int(True)`` is 1 and ``str([...])`` is a path, so those are
-    refused rather than converted."""
+    file gives ``typed`` values, which must already be of the setting's kind:
+    ``int(1.5)`` would truncate, ``int(True)`` is 1, ``str([...])`` is a path and
+    ``"2"`` is text, so those are refused rather than converted (so is ``2.0`` for
+    a count: TOML has integers)."""
     kind = type(spec.default) if spec.default is not MISSING else str
     wrong = (
         (isinstance(raw, bool) and kind is not bool)
         or (kind is str and not isinstance(raw, str))
         or (kind is int and isinstance(raw, float))
+        or (typed and kind in (int, float, bool) and isinstance(raw, str))
     )
     if wrong:
         raise InvalidArgument(where, f"expected {kind.__name__}, got {raw!r}")
@@ -307,7 +312,8 @@ def load(
     if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
         config_file = Path(environ[ENV_PREFIX + "CONFIG"])
     if config_file is not None:
-        settings = settings.merged(from_toml(Path(config_file)), str(config_file))
+        toml = from_toml(Path(config_file))
+        settings = settings.merged(toml, str(config_file), typed=True)
     settings = settings.merged(from_environment(environ), "environment")
     if args is not None:
         given = {n: getattr(args, n, None) for n in Settings.names()}

@@ -315,6 +315,32 @@ async def test_a_take_over_crosses_from_the_last_fix_judged_before_it(
 
 
 @pytest.mark.redis
+async def test_a_take_over_by_a_batch_older_than_the_last_event_places_nothing_stale(
+    acking_processes, tenant
+) -> None:
+    """The van went from west of the square (0 s) into it (30 s: ENTER) on a; b
+    takes it over with a batch from 20 s (late) to 40 s (east of it). The stored
+    fix before the batch (west, 0 s) is older than the ENTER, so it does not
+    place the van: the segment to 40 s does not start west of the gate, which
+    the van never crossed, and only the EXIT is raised."""
+    a, b = acking_processes
+    gate = FenceSpec("gate", SQUARE, events=frozenset({EventType.CROSS}))
+    await a.processor.fences.create(tenant, gate, T0)
+    assert await b.feed(fixes(tenant, "scout", (1, 0, FAR))) == []
+    west, east = (52.52, 13.396), (52.52, 13.404)  # either side of both fences
+    assert await a.feed(await a.ack(fixes(tenant, "van", (1, 0, west)))) == []
+    entered = await a.feed(await a.ack(fixes(tenant, "van", (2, 30, INSIDE))))
+    assert ("ENTER", 2) in summary(entered)
+    await until(lambda: heard(b) == 1)
+    onward = await b.ack(fixes(tenant, "van", (3, 20, west), (4, 40, east)))
+
+    raised = await b.feed(onward)
+
+    assert [(e.type.name, e.fence_id, e.fix_seq) for e in raised] == [("EXIT", "sq", 4)]
+    assert b.processor.holds(tenant, "van")
+
+
+@pytest.mark.redis
 async def test_the_process_a_device_moves_to_raises_its_exit(
     two_processes, tenant
 ) -> None:

@@ -667,6 +667,12 @@ NOW_MS = 1_700_000_000_000
             id="accuracy-just-over-1000-km",
         ),
         pytest.param(
+            with_accuracy(match_fixes([NOW_MS, NOW_MS + 1000]), 1, float("-inf")),
+            "fixes[1].accuracy_m",
+            "-inf must be in [0, 1000000] (1000 km)",
+            id="minus-infinite-accuracy",
+        ),
+        pytest.param(
             match_fixes([NOW_MS + 1000, NOW_MS]),
             "fixes",
             "fix times must not decrease",
@@ -682,6 +688,23 @@ async def test_match_track_checks_fix_times_and_accuracy(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     found, description = violation(caught.value)
     assert found == field and words in description
+
+
+@pytest.mark.parametrize(
+    "accuracy_m",
+    [
+        pytest.param(float("nan"), id="nan-not-given"),
+        pytest.param(-0.0, id="minus-zero"),
+        pytest.param(1_000_000.0, id="1000-km"),
+    ],
+)
+async def test_match_track_takes_the_accuracies_ingest_takes(
+    routes, accuracy_m
+) -> None:
+    """NaN is an accuracy not given, as at ingest; the bounds are inclusive."""
+    fixes = with_accuracy(match_fixes([NOW_MS, NOW_MS + 1000]), 1, accuracy_m)
+    answer = await routes.MatchTrack(route_pb2.MatchTrackRequest(fixes=fixes))
+    assert len(answer.points) == len(fixes)
 
 
 @pytest.mark.parametrize(

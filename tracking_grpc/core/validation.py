@@ -87,6 +87,12 @@ def _bad_optional(values: np.ndarray, low: float, high: float) -> np.ndarray:
         return present & ~((values >= low) & (values <= high))
 
 
+def bad_accuracy(accuracy_m: np.ndarray) -> np.ndarray:
+    """Accuracies ingest rejects: given (not NaN) and infinite or outside [0,
+    MAX_ACCURACY_M]; the calls that take fixes refuse the same ones."""
+    return _bad_optional(accuracy_m, 0.0, MAX_ACCURACY_M)
+
+
 ATTRIBUTE_RULES = (  # (column, low, high, rule) in the order they are reported
     ("speed_mps", 0.0, 1e4, "must be in [0, 10000]"),
     ("heading_deg", 0.0, 360.0, "must be in [0, 360]"),
@@ -153,7 +159,7 @@ def reasons(batch: FixBatch, now_ms: int, limits: Limits) -> np.ndarray:
             (batch.seq == 0) | (batch.seq > MAX_SEQ),
             batch.time_ms > now_ms + limits.max_future_skew_ms,
             batch.time_ms < oldest,
-            _bad_optional(batch.accuracy_m, 0.0, MAX_ACCURACY_M),
+            bad_accuracy(batch.accuracy_m),
             np.logical_or.reduce(
                 [
                     _bad_optional(getattr(batch, column), low, high)

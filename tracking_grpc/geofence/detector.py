@@ -270,12 +270,16 @@ class FenceDetector:
     def place(self, fixes: FixBatch) -> None:
         """Fixes the previous holder of their devices judged (one per device, just
         taken over: ``reload``): the segment to each device's next fix starts
-        there (CROSS), and fixes not newer are late."""
+        there (CROSS), and fixes not newer are late. A fix older than its
+        device's time (its newest stored event: ``floor``) does not place it:
+        the device was elsewhere since, so it stays unplaced."""
         if len(fixes) == 0:
             return
         codes = np.array([self._device_code(d) for d in fixes.device], np.int64)
         state = self._devices
         state.grow(int(codes.max()) + 1)
+        fresh = fixes.time_ms.astype(np.int64) >= state.time_ms[codes]
+        fixes, codes = fixes.take(fresh), codes[fresh]
         np.maximum.at(state.time_ms, codes, fixes.time_ms.astype(np.int64))
         state.lon[codes], state.lat[codes] = fixes.lon, fixes.lat
         state.accuracy_m[codes] = fixes.accuracy_m

@@ -12,7 +12,7 @@ from tracking.v1 import common_pb2, route_pb2
 
 from tracking_grpc import convert
 from tracking_grpc.core.fixes import FixBatch
-from tracking_grpc.core.validation import MAX_ACCURACY_M
+from tracking_grpc.core.validation import accuracy_refusal, bad_accuracy
 from tracking_grpc.errors import InvalidArgument
 from tracking_grpc.ingest import now_ms
 from tracking_grpc.routing import optimise
@@ -105,20 +105,17 @@ def latlng_arrays(
 
 def check_match_fixes(batch: FixBatch) -> None:
     """Fix times in [0, LATEST_MS] and accuracies, where given, in [0,
-    MAX_ACCURACY_M] as ingest requires."""
+    MAX_ACCURACY_M]: the ones ingest accepts (``bad_accuracy``, its own test)."""
     bad_time = (batch.time_ms < 0) | (batch.time_ms > LATEST_MS)
     if bad_time.any():
         i = int(np.argmax(bad_time))
         reason = f"must be epoch milliseconds in [0, {LATEST_MS}] (9999-01-01)"
         raise InvalidArgument(f"fixes[{i}].time_ms", reason)
-    accuracy = batch.accuracy_m
-    with np.errstate(invalid="ignore"):  # NaN: not given
-        bad_accuracy = ~np.isnan(accuracy) & ~(
-            (accuracy >= 0) & (accuracy <= MAX_ACCURACY_M)
-        )
-    if bad_accuracy.any():
-        i = int(np.argmax(bad_accuracy))
-        convert.check_accuracy(float(accuracy[i]), f"fixes[{i}].accuracy_m")
+    refused = bad_accuracy(batch.accuracy_m)  # ingest's own test; NaN: not given
+    if refused.any():
+        i = int(np.argmax(refused))
+        reason = accuracy_refusal(float(batch.accuracy_m[i]))
+        raise InvalidArgument(f"fixes[{i}].accuracy_m", reason)
 
 
 def latlng(lat: float, lon: float) -> common_pb2.LatLng:
