@@ -227,6 +227,11 @@ async def test_an_erasure_does_not_wait_for_a_store_that_is_away(
         await locker.execute("LOCK TABLE fixes IN ACCESS EXCLUSIVE MODE")  # held
         try:
             await call.write(batch([fix(1, 60.17, 24.94)]))
+            async with asyncio.timeout(HANG_GUARD_S):  # queued for a commit
+                while True:
+                    if server.app.pipeline.admission.pending:
+                        break
+                    await asyncio.sleep(0.01)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stubs.history.EraseDevice(
                     erase, metadata=as_admin(tenant), timeout=HANG_GUARD_S
