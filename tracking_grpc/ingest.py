@@ -68,10 +68,7 @@ from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
 log = logging.getLogger(__name__)
 
 
-_STORE_AWAY = (
-    "the history store is unavailable: fixes received before the erasure wait to "
-    "be stored; nothing was erased"
-)
+_STORE_AWAY = "the history store is unavailable; nothing was erased"
 
 
 def now_ms() -> int:
