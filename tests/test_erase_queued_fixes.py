@@ -292,3 +292,40 @@ async def test_an_erasure_of_a_device_with_nothing_queued_tells_the_store_is_awa
     assert caught.value.details() == (
         "the history store is unavailable; nothing was erased"
     )
+
+
+@pytest.mark.postgres
+async def test_an_erasure_that_fails_drops_none_of_the_queued_fixes(
+    start_server, tmp_path: Path, pg_url: str
+) -> None:
+    """The van's fixes are stored and wait for the processors; its erasure finds
+    the history store away (a lock holds the fixes table) and answers
+    UNAVAILABLE, having erased nothing: the processors still get those fixes."""
+    settings = replace(
+        embedded_settings(tmp_path, auth_mode="jwt", jwt_hs256_secret=SECRET),
+        database_url=pg_url,
+        database_timeout_s=0.5,
+        activity_checkpoint_s=600,
+        processor_interval_ms=PROCESSOR_INTERVAL_MS,
+    )
+    server = await start_server(settings=settings)
+    tenant = unique_tenant()
+    locker = await psycopg.AsyncConnection.connect(pg_url)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stubs = Stubs(channel)
+        await depot_then_outside_and_inside(server, stubs, tenant)
+        await locker.execute("LOCK TABLE fixes IN ACCESS EXCLUSIVE MODE")  # held
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stubs.history.EraseDevice(
+                    history_pb2.EraseDeviceRequest(device_id="van"),
+                    metadata=as_admin(tenant),
+                    timeout=HANG_GUARD_S,
+                )
+        finally:
+            await locker.rollback()
+            await locker.close()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not server.app.pipeline.idle, "the processors ran before the erasure"
+        await processed(server)
+        assert await van_events(stubs, tenant) == ["ENTER", "ONLINE"]

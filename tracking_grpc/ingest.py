@@ -221,23 +221,25 @@ class IngestPipeline:
             and self._processing_idle
         )
 
-    async def settle_device(self, tenant: str, device: str) -> None:
+    async def settle_device(self, tenant: str, device: str) -> int:
         """For an erasure: return once the fixes of ``device`` submitted so far
-        are stored, live and handed to the processors, having marked the device
-        so that the processors drop them (``erasure_cuts``); its later fixes go
-        through as usual."""
+        are stored, live and handed to the processors; the number of the last
+        commit that may hold them, for ``cut_device`` once they are erased (an
+        erasure that fails before has the processors drop none); its later
+        fixes go through as usual."""
         waiting = self._queue.holding(tenant, device)
         while waiting and self._queue.holds_any(waiting):
             await self._handed_through(self._handed + 1)  # the next commit
         cut = self._commits
         await self._handed_through(cut)
-        # Marked once they are stored: an erasure that fails before drops none.
-        self.erasure_cuts.add(tenant, device, cut)
+        return cut
 
-    def cut_device(self, tenant: str, device: str) -> None:
-        """An erasure made by another process: the processors drop the fixes of
-        ``device`` of the commits taken so far."""
-        self.erasure_cuts.add(tenant, device, self._commits)
+    def cut_device(self, tenant: str, device: str, commit: int | None = None) -> None:
+        """The processors drop the fixes of ``device`` of the commits up to
+        ``commit`` (None: those taken so far, for an erasure made by another
+        process)."""
+        cut = self._commits if commit is None else commit
+        self.erasure_cuts.add(tenant, device, cut)
 
     @contextlib.asynccontextmanager
     async def processors_paused(self) -> AsyncIterator[None]:
