@@ -157,7 +157,11 @@ class IngestPipeline:
         # drop an erased device's fixes of the commits up to its cut-off.
         self.erasure_cuts = ErasureCuts()
         self._commits = 0  # commits taken so far
-        self._handed = 0  # commits whose fixes the processors have been handed
+        # Commits 1.._handed are through ``_flush`` (handed to the processors or
+        # failed); those through out of order wait in ``_through`` (a flush that
+        # left early, cancelled or failing, did not wait for the one before).
+        self._handed = 0
+        self._through: set[int] = set()
         self._handed_waits: list[tuple[int, asyncio.Future[None]]] = []
         # Passed by processor runs and ticks (together, as before), closed by an
         # erasure while it forgets a device's state (``processors_paused``).
@@ -262,8 +266,12 @@ class IngestPipeline:
         await waited
 
     def _note_handed(self, commit: int) -> None:
-        """Commits up to ``commit`` are through ``_flush`` (they end in order)."""
-        self._handed = max(self._handed, commit)
+        """Commit ``commit`` is through ``_flush``: ``_handed`` moves on over the
+        commits through with no gap before them."""
+        self._through.add(commit)
+        while self._handed + 1 in self._through:
+            self._handed += 1
+            self._through.discard(self._handed)
         if not self._handed_waits:
             return
         waits, self._handed_waits = self._handed_waits, []
@@ -399,8 +407,8 @@ class IngestPipeline:
         still count as queued until the end, so ``max_pending_fixes`` bounds what
         waits behind them.
         """
-        metrics.commit_started(time.time() * 1000, [i.received_ms for i in items])
         try:
+            metrics.commit_started(time.time() * 1000, [i.received_ms for i in items])
             by_tenant: dict[str, list[Submission]] = defaultdict(list)
             for item in items:
                 by_tenant[item.tenant].append(item)
