@@ -11,10 +11,13 @@ in-process state (the activity processor and what services register in
 ``App.state_forgetters``: geofence memberships, route monitoring), the events of the
 device queued for the event store, and what the services that store more register in
 ``App.device_erasers`` (stored events, from which memberships would be reloaded).
-Then what its data was published to (``App.published_erasers``: the event stream),
-and ``App.announce_erasure`` (a Redis Stream, ``storage.redis_notices``) tells every
-other server process sharing the backends, which forgets the device's state
-(:func:`forget_device`) and drops its fixes waiting for its processors.
+The activity checkpoint is erased after the pause, once no checkpoint round is under
+way (which may take seconds on a large fleet); until then it is not restored, and
+the round under way does not write it again. Then what its data was published to
+(``App.published_erasers``: the event stream), and ``App.announce_erasure`` (a Redis
+Stream, ``storage.redis_notices``) tells every other server process sharing the
+backends, which forgets the device's state (:func:`forget_device`) and drops its
+fixes waiting for its processors.
 """
 
 from __future__ import annotations
@@ -104,11 +107,16 @@ async def _forget_here(
         for name, count in found.items():
             counts[name] = counts.get(name, 0) + count
 
-    async with app.pipeline.processors_paused():
-        add({"activity": int(await app.activity.forget(tenant, device))})
-        for forgetter in app.state_forgetters:
-            add(await forgetter(tenant, device))
-        await app.bus.forget_device(tenant, device)  # no event of it is queued
-        for eraser in erasers:
-            add(await eraser(tenant, device))
+    try:
+        async with app.pipeline.processors_paused():
+            # Not waiting for a checkpoint round under way (seconds on a large
+            # fleet, the processors paused): its checkpoint is erased after.
+            add({"activity": int(await app.activity.drop_device(tenant, device))})
+            for forgetter in app.state_forgetters:
+                add(await forgetter(tenant, device))
+            await app.bus.forget_device(tenant, device)  # no event of it is queued
+            for eraser in erasers:
+                add(await eraser(tenant, device))
+    finally:
+        await app.activity.erase_checkpoint(tenant, device)
     return counts
