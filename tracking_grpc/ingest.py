@@ -33,8 +33,8 @@ but still counted as pending: ``max_pending_fixes`` then pauses the streams.
 
 Commits are numbered as they are taken. An erasure waits until the device's fixes
 submitted before it are stored and handed to the processors (``settle_device``),
-and the processors drop the device's fixes of the commits up to then
-(``erasure_cuts``); it forgets the device's state between two processor runs
+and once it has erased them the processors drop the device's fixes of the commits
+up to then (``erasure_cuts``); it forgets the device's state between two processor runs
 (``processors_paused``).
 """
 
