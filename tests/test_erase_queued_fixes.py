@@ -227,11 +227,17 @@ async def test_an_erasure_does_not_wait_for_a_store_that_is_away(
         await locker.execute("LOCK TABLE fixes IN ACCESS EXCLUSIVE MODE")  # held
         try:
             await call.write(batch([fix(1, 60.17, 24.94)]))
+            async with asyncio.timeout(HANG_GUARD_S):  # queued for a commit
+                while True:
+                    if server.app.pipeline.admission.pending:
+                        break
+                    await asyncio.sleep(0.01)
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stubs.history.EraseDevice(
                     erase, metadata=as_admin(tenant), timeout=HANG_GUARD_S
                 )
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert caught.value.details().endswith("nothing was erased")
         finally:
             await locker.rollback()
             await locker.close()
@@ -242,3 +248,84 @@ async def test_an_erasure_does_not_wait_for_a_store_that_is_away(
         await call.done_writing()
         erased = await stubs.history.EraseDevice(erase, metadata=as_admin(tenant))
     assert erased.fixes_erased == 1
+
+
+@pytest.mark.postgres
+async def test_an_erasure_of_a_device_with_nothing_queued_tells_the_store_is_away(
+    start_server, tmp_path: Path, pg_url: str
+) -> None:
+    """Another device's fixes wait for the store (a lock holds the fixes table):
+    the erasure of the van, which has none waiting, answers UNAVAILABLE saying
+    the store is away and nothing was erased, not that the van's fixes wait."""
+    settings = replace(
+        embedded_settings(tmp_path, auth_mode="jwt", jwt_hs256_secret=SECRET),
+        database_url=pg_url,
+        database_timeout_s=0.5,
+    )
+    server = await start_server(settings=settings)
+    tenant = unique_tenant()
+    locker = await psycopg.AsyncConnection.connect(pg_url)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stubs = Stubs(channel)
+        call = stubs.track.Track(metadata=as_admin(tenant))
+        await call.write(hello("truck"))
+        await call.read()  # started
+        await locker.execute("LOCK TABLE fixes IN ACCESS EXCLUSIVE MODE")  # held
+        try:
+            await call.write(batch([fix(1, 60.17, 24.94)]))
+            async with asyncio.timeout(HANG_GUARD_S):  # the store found away
+                while True:
+                    if not server.app.pipeline.storage_healthy:
+                        break
+                    await asyncio.sleep(0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stubs.history.EraseDevice(
+                    history_pb2.EraseDeviceRequest(device_id="van"),
+                    metadata=as_admin(tenant),
+                    timeout=HANG_GUARD_S,
+                )
+        finally:
+            await locker.rollback()
+            await locker.close()
+        await call.done_writing()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert caught.value.details() == (
+        "the history store is unavailable; nothing was erased"
+    )
+
+
+@pytest.mark.postgres
+async def test_an_erasure_that_fails_drops_none_of_the_queued_fixes(
+    start_server, tmp_path: Path, pg_url: str
+) -> None:
+    """The van's fixes are stored and wait for the processors; its erasure finds
+    the history store away (a lock holds the fixes table) and answers
+    UNAVAILABLE, having erased nothing: the processors still get those fixes."""
+    settings = replace(
+        embedded_settings(tmp_path, auth_mode="jwt", jwt_hs256_secret=SECRET),
+        database_url=pg_url,
+        database_timeout_s=0.5,
+        activity_checkpoint_s=600,
+        processor_interval_ms=PROCESSOR_INTERVAL_MS,
+    )
+    server = await start_server(settings=settings)
+    tenant = unique_tenant()
+    locker = await psycopg.AsyncConnection.connect(pg_url)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stubs = Stubs(channel)
+        await depot_then_outside_and_inside(server, stubs, tenant)
+        await locker.execute("LOCK TABLE fixes IN ACCESS EXCLUSIVE MODE")  # held
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stubs.history.EraseDevice(
+                    history_pb2.EraseDeviceRequest(device_id="van"),
+                    metadata=as_admin(tenant),
+                    timeout=HANG_GUARD_S,
+                )
+        finally:
+            await locker.rollback()
+            await locker.close()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert not server.app.pipeline.idle, "the processors ran before the erasure"
+        await processed(server)
+        assert await van_events(stubs, tenant) == ["ENTER", "ONLINE"]

@@ -1,20 +1,23 @@
 """Erasure: one device of one tenant, everywhere this service keeps it.
 
 First the pipeline settles the device: its fixes submitted before the erasure are
-stored and live, and marked so that the event processors drop them whenever they
-reach them (``IngestPipeline.settle_device``, ``erasure_cuts``); the fixes it sends
-from then on are new data, processed as usual. Then stored data: the history store
-(fixes and the sequence state that drops resends) and the live store (position and
-Nearby index). Then, with the processors paused between two runs: in-process
-state (the activity processor and what services register in
-``App.state_forgetters``: geofence memberships, route monitoring), the events of
-the device queued for the event store, and what the services that store more
-register in ``App.device_erasers`` (stored events, from which memberships would be
-reloaded). Then what its data was published to (``App.published_erasers``: the
-event stream), and ``App.announce_erasure`` (a Redis Stream,
-``storage.redis_notices``) tells every other server process sharing the backends,
-which forgets the device's state (:func:`forget_device`) and drops its fixes
-waiting for its processors.
+stored and live (``IngestPipeline.settle_device``); the fixes it sends from then on
+are new data, processed as usual. Then stored data: the history store (fixes and the
+sequence state that drops resends) and the live store (position and Nearby index).
+Once its fixes are erased, the device is marked so that the event processors drop
+those from before the erasure whenever they reach them (``erasure_cuts``: an erasure
+that fails before drops none). Then, with the processors paused between two runs:
+in-process state (the activity processor and what services register in
+``App.state_forgetters``: geofence memberships, route monitoring), the events of the
+device queued for the event store, and what the services that store more register in
+``App.device_erasers`` (stored events, from which memberships would be reloaded).
+The activity checkpoint is erased after the pause, once no checkpoint round is under
+way (which may take seconds on a large fleet); until then it is not restored, and
+the round under way does not write it again. Then what its data was published to
+(``App.published_erasers``: the event stream), and ``App.announce_erasure`` (a Redis
+Stream, ``storage.redis_notices``) tells every other server process sharing the
+backends, which forgets the device's state (:func:`forget_device`) and drops its
+fixes waiting for its processors.
 """
 
 from __future__ import annotations
@@ -56,10 +59,13 @@ class Erased:
 async def erase_device(app: App, tenant: str, device: str) -> Erased:
     """Erase ``device`` of ``tenant``: what the pipeline holds of it settled,
     stored fixes and live position, in-process state, then stored events."""
-    await app.pipeline.settle_device(tenant, device)
+    cut = await app.pipeline.settle_device(tenant, device)
     states = await app.history.device_states(tenant, [device])
     erased = Erased(sequence_reset=device in states)
     erased.fixes = await app.history.erase_device(tenant, device)
+    # Only now, its fixes erased: an erasure that failed before has the
+    # processors drop none of them (it erased nothing).
+    app.pipeline.cut_device(tenant, device, cut)
     await app.pipeline.live_writer.settled(tenant)  # no write under way puts it back
     erased.live_position = len(await app.live.get(tenant, [device])) > 0
     await app.live.remove(tenant, [device])
@@ -101,11 +107,16 @@ async def _forget_here(
         for name, count in found.items():
             counts[name] = counts.get(name, 0) + count
 
-    async with app.pipeline.processors_paused():
-        add({"activity": int(await app.activity.forget(tenant, device))})
-        for forgetter in app.state_forgetters:
-            add(await forgetter(tenant, device))
-        await app.bus.forget_device(tenant, device)  # no event of it is queued
-        for eraser in erasers:
-            add(await eraser(tenant, device))
+    try:
+        async with app.pipeline.processors_paused():
+            # Not waiting for a checkpoint round under way (seconds on a large
+            # fleet, the processors paused): its checkpoint is erased after.
+            add({"activity": int(await app.activity.drop_device(tenant, device))})
+            for forgetter in app.state_forgetters:
+                add(await forgetter(tenant, device))
+            await app.bus.forget_device(tenant, device)  # no event of it is queued
+            for eraser in erasers:
+                add(await eraser(tenant, device))
+    finally:
+        await app.activity.erase_checkpoint(tenant, device)
     return counts

@@ -33,8 +33,8 @@ but still counted as pending: ``max_pending_fixes`` then pauses the streams.
 
 Commits are numbered as they are taken. An erasure waits until the device's fixes
 submitted before it are stored and handed to the processors (``settle_device``),
-and the processors drop the device's fixes of the commits up to then
-(``erasure_cuts``); it forgets the device's state between two processor runs
+and once it has erased them the processors drop the device's fixes of the commits
+up to then (``erasure_cuts``); it forgets the device's state between two processor runs
 (``processors_paused``).
 """
 
@@ -68,10 +68,7 @@ from tracking_grpc.storage.base import Broker, HistoryStore, LiveStore
 log = logging.getLogger(__name__)
 
 
-_STORE_AWAY = (
-    "the history store is unavailable: fixes received before the erasure wait to "
-    "be stored; nothing was erased"
-)
+_STORE_AWAY = "the history store is unavailable; nothing was erased"
 
 
 def now_ms() -> int:
@@ -160,7 +157,11 @@ class IngestPipeline:
         # drop an erased device's fixes of the commits up to its cut-off.
         self.erasure_cuts = ErasureCuts()
         self._commits = 0  # commits taken so far
-        self._handed = 0  # commits whose fixes the processors have been handed
+        # Commits 1.._handed are through ``_flush`` (handed to the processors or
+        # failed); those through out of order wait in ``_through`` (a flush that
+        # left early, cancelled or failing, did not wait for the one before).
+        self._handed = 0
+        self._through: set[int] = set()
         self._handed_waits: list[tuple[int, asyncio.Future[None]]] = []
         # Passed by processor runs and ticks (together, as before), closed by an
         # erasure while it forgets a device's state (``processors_paused``).
@@ -224,23 +225,25 @@ class IngestPipeline:
             and self._processing_idle
         )
 
-    async def settle_device(self, tenant: str, device: str) -> None:
+    async def settle_device(self, tenant: str, device: str) -> int:
         """For an erasure: return once the fixes of ``device`` submitted so far
-        are stored, live and handed to the processors, having marked the device
-        so that the processors drop them (``erasure_cuts``); its later fixes go
-        through as usual."""
+        are stored, live and handed to the processors; the number of the last
+        commit that may hold them, for ``cut_device`` once they are erased (an
+        erasure that fails before has the processors drop none); its later
+        fixes go through as usual."""
         waiting = self._queue.holding(tenant, device)
         while waiting and self._queue.holds_any(waiting):
             await self._handed_through(self._handed + 1)  # the next commit
         cut = self._commits
         await self._handed_through(cut)
-        # Marked once they are stored: an erasure that fails before drops none.
-        self.erasure_cuts.add(tenant, device, cut)
+        return cut
 
-    def cut_device(self, tenant: str, device: str) -> None:
-        """An erasure made by another process: the processors drop the fixes of
-        ``device`` of the commits taken so far."""
-        self.erasure_cuts.add(tenant, device, self._commits)
+    def cut_device(self, tenant: str, device: str, commit: int | None = None) -> None:
+        """The processors drop the fixes of ``device`` of the commits up to
+        ``commit`` (None: those taken so far, for an erasure made by another
+        process)."""
+        cut = self._commits if commit is None else commit
+        self.erasure_cuts.add(tenant, device, cut)
 
     @contextlib.asynccontextmanager
     async def processors_paused(self) -> AsyncIterator[None]:
@@ -263,8 +266,12 @@ class IngestPipeline:
         await waited
 
     def _note_handed(self, commit: int) -> None:
-        """Commits up to ``commit`` are through ``_flush`` (they end in order)."""
-        self._handed = max(self._handed, commit)
+        """Commit ``commit`` is through ``_flush``: ``_handed`` moves on over the
+        commits through with no gap before them."""
+        self._through.add(commit)
+        while self._handed + 1 in self._through:
+            self._handed += 1
+            self._through.discard(self._handed)
         if not self._handed_waits:
             return
         waits, self._handed_waits = self._handed_waits, []
@@ -400,8 +407,8 @@ class IngestPipeline:
         still count as queued until the end, so ``max_pending_fixes`` bounds what
         waits behind them.
         """
-        metrics.commit_started(time.time() * 1000, [i.received_ms for i in items])
         try:
+            metrics.commit_started(time.time() * 1000, [i.received_ms for i in items])
             by_tenant: dict[str, list[Submission]] = defaultdict(list)
             for item in items:
                 by_tenant[item.tenant].append(item)

@@ -259,6 +259,10 @@ class ActivityProcessor:
         self._tenants: dict[str, _Tenant] = {}
         self._applying = asyncio.Lock()
         self._saving = asyncio.Lock()
+        # Devices being erased (``drop_device`` to ``erase_checkpoint``), with
+        # how many erasures of each: their stored checkpoints are neither
+        # restored nor written again meanwhile.
+        self._erasing: dict[tuple[str, str], int] = {}
 
     def _tenant(self, tenant: str) -> _Tenant:
         state = self._tenants.get(tenant)
@@ -324,6 +328,7 @@ class ActivityProcessor:
         if held is not None or self.store is None:
             return held
         view = ActivityProcessor(self.config, self.store)
+        view._erasing = self._erasing
         await view.restore(tenant, [device])
         await view.tick(_now_ms())
         return view.state(tenant, device)
@@ -345,8 +350,11 @@ class ActivityProcessor:
             for n, piece in enumerate(pieces):
                 if n and pause_s:
                     await asyncio.sleep(pause_s)
+                if self._erasing:
+                    piece = self._without_erasing(piece)
                 try:
-                    await self.store.save_checkpoints(piece)
+                    if piece.devices:
+                        await self.store.save_checkpoints(piece)
                 except Exception:
                     for unsaved in pieces[n:]:  # the next round tries again
                         self._mark_changed(unsaved)
@@ -354,11 +362,38 @@ class ActivityProcessor:
                 saved += len(piece.devices)
             return saved
 
+    def _without_erasing(self, piece: Checkpoints) -> Checkpoints:
+        """``piece`` without the devices being erased, taken maybe before their
+        state was dropped (so not written back); they are marked changed, so
+        that a state they have from later fixes (new data) is saved next."""
+        keep = [(piece.tenant, d) not in self._erasing for d in piece.devices]
+        if all(keep):
+            return piece
+        rows = [i for i, kept in enumerate(keep) if kept]
+        skipped = [d for d, kept in zip(piece.devices, keep, strict=True) if not kept]
+        self._mark_devices_changed(piece.tenant, skipped)
+        return Checkpoints(
+            piece.tenant,
+            [piece.devices[i] for i in rows],
+            piece.applied_ms[rows],
+            [piece.states[i] for i in rows],
+        )
+
+    async def _load_checkpoints(self, tenant: str, devices: list[str]) -> Checkpoints:
+        """The stored checkpoints of ``devices``, but for those being erased."""
+        assert self.store is not None
+        if self._erasing:
+            devices = [d for d in devices if (tenant, d) not in self._erasing]
+        return await self.store.load_checkpoints(tenant, devices)
+
     def _mark_changed(self, checkpoints: Checkpoints) -> None:
-        state = self._tenants.get(checkpoints.tenant)
+        self._mark_devices_changed(checkpoints.tenant, checkpoints.devices)
+
+    def _mark_devices_changed(self, tenant: str, devices: list[str]) -> None:
+        state = self._tenants.get(tenant)
         if state is None:
             return
-        slots = [state.slots.get(d) for d in checkpoints.devices]
+        slots = [state.slots.get(d) for d in devices]
         state.dirty[[s for s in slots if s is not None]] = True
 
     async def _with_restored(self, stored: FixBatch) -> tuple[FixBatch, FixBatch]:
@@ -398,7 +433,7 @@ class ActivityProcessor:
         checkpoint): their state here is dropped, to be restored."""
         if not devices or self.store is None:
             return []
-        saved = await self.store.load_checkpoints(tenant, devices)
+        saved = await self._load_checkpoints(tenant, devices)
         applied = dict(zip(saved.devices, saved.applied_ms.tolist(), strict=True))
         moved = [
             d
@@ -420,7 +455,7 @@ class ActivityProcessor:
         read = []
         for start in range(0, len(devices), RESTORE_DEVICES):
             chunk = devices[start : start + RESTORE_DEVICES]
-            saved = await self.store.load_checkpoints(tenant, chunk)
+            saved = await self._load_checkpoints(tenant, chunk)
             records = _CODEC.unpack(saved.states)
             last_ms, tail_ms = records["last_ms"], records["tail_ms"]
             since = np.where(tail_ms >= 0, tail_ms, last_ms)
@@ -510,14 +545,35 @@ class ActivityProcessor:
         )
 
     async def forget(self, tenant: str, device: str) -> bool:
-        """Drop the device's activity (erasure); False when there was none. Its
-        slot is emptied and given to the next device met."""
-        async with self._saving:  # no checkpoint of it is being written
-            async with self._applying:
-                held = self._drop(tenant, device)
+        """Drop the device's activity and erase its checkpoint (erasure); False
+        when it had no state here."""
+        held = await self.drop_device(tenant, device)
+        await self.erase_checkpoint(tenant, device)
+        return held
+
+    async def drop_device(self, tenant: str, device: str) -> bool:
+        """Erasure, between two processor runs: drop the device's state here
+        (False when there was none; its slot is emptied and given to the next
+        device met) without waiting for a checkpoint round under way. Until
+        ``erase_checkpoint``, its stored checkpoint is not restored, and a
+        round under way does not write it again."""
+        key = (tenant, device)
+        self._erasing[key] = self._erasing.get(key, 0) + 1
+        async with self._applying:
+            return self._drop(tenant, device)
+
+    async def erase_checkpoint(self, tenant: str, device: str) -> None:
+        """The end of ``drop_device``: once no checkpoint round is under way,
+        erase the device's stored checkpoint."""
+        key = (tenant, device)
+        try:
             if self.store is not None:
-                await self.store.erase_checkpoint(tenant, device)
-            return held
+                async with self._saving:  # no checkpoint of it is being written
+                    await self.store.erase_checkpoint(tenant, device)
+        finally:
+            left = self._erasing.pop(key, 1) - 1
+            if left:
+                self._erasing[key] = left
 
     def _drop(self, tenant: str, device: str) -> bool:
         state = self._tenants.get(tenant)
