@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -95,6 +96,17 @@ def stub(channel: grpc.aio.Channel) -> track_pb2_grpc.TrackSessionStub:
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+HANG_GUARD_S = 30.0  # a safety net against a hang, not a measure
+
+
+async def until(done: Callable[[], bool], timeout_s: float = HANG_GUARD_S) -> None:
+    """Wait until ``done()`` holds (state that other tasks change), looking every
+    10 ms; a hang fails the test after ``timeout_s``."""
+    async with asyncio.timeout(timeout_s):
+        while not done():  # noqa: ASYNC110 - polls the state of other tasks
+            await asyncio.sleep(0.01)
 
 
 def fix(

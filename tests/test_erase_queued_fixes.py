@@ -12,7 +12,7 @@ assumed)."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -38,8 +38,10 @@ from tests.server_fixtures import (
     embedded_settings,
     fix,
     hello,
+    until,
 )
 from tests.server_fixtures import track_session as send
+from tracking_grpc.config import Settings
 from tracking_grpc.events import EventType
 from tracking_grpc.server import TrackingServer
 
@@ -95,13 +97,31 @@ async def activity_code(stubs: Stubs, tenant: str) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def store_settings(tmp_path: Path, pg_url: str, **more: object) -> Settings:
+    """PostgreSQL history that gives up on a locked table after half a second."""
+    return replace(
+        embedded_settings(tmp_path, auth_mode="jwt", jwt_hs256_secret=SECRET),
+        database_url=pg_url,
+        database_timeout_s=0.5,
+        **more,
+    )
+
+
+@contextlib.asynccontextmanager
+async def fixes_locked(pg_url: str) -> AsyncIterator[None]:
+    """The fixes table locked by another connection: the server's history store
+    is away until the block ends."""
+    async with await psycopg.AsyncConnection.connect(pg_url) as locker:
+        await locker.execute("LOCK TABLE fixes IN ACCESS EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            await locker.rollback()
+
+
 async def processed(server: TrackingServer) -> None:
     """Until every stored fix has been through the processors."""
-    async with asyncio.timeout(30):
-        while True:
-            if server.app.pipeline.idle:
-                break
-            await asyncio.sleep(0.01)
+    await until(lambda: server.app.pipeline.idle)
 
 
 async def depot_then_outside_and_inside(
@@ -190,11 +210,8 @@ async def test_another_process_drops_its_queued_fixes_of_an_erased_device(
         await Stubs(to_erasing).history.EraseDevice(
             history_pb2.EraseDeviceRequest(device_id="van"), metadata=as_admin(tenant)
         )
-        async with asyncio.timeout(30):  # until it hears the notice
-            while True:
-                if holding.app.activity.state(tenant, "van") is None:
-                    break
-                await asyncio.sleep(0.01)
+        # until it hears the notice
+        await until(lambda: holding.app.activity.state(tenant, "van") is None)
         assert not holding.app.pipeline.idle, "the processors ran before the notice"
         await processed(holding)
 
@@ -210,37 +227,24 @@ async def test_an_erasure_does_not_wait_for_a_store_that_is_away(
     """The device's fixes cannot be stored (a lock holds the fixes table): the
     erasure answers UNAVAILABLE, having erased nothing, instead of waiting for
     them; called again once the store is back, it erases them."""
-    settings = replace(
-        embedded_settings(tmp_path, auth_mode="jwt", jwt_hs256_secret=SECRET),
-        database_url=pg_url,
-        database_timeout_s=0.5,
-    )
+    settings = store_settings(tmp_path, pg_url)
     server = await start_server(settings=settings)
     tenant = unique_tenant()
     erase = history_pb2.EraseDeviceRequest(device_id="van")
-    locker = await psycopg.AsyncConnection.connect(pg_url)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stubs = Stubs(channel)
         call = stubs.track.Track(metadata=as_admin(tenant))
         await call.write(hello("van"))
         await call.read()  # started
-        await locker.execute("LOCK TABLE fixes IN ACCESS EXCLUSIVE MODE")  # held
-        try:
+        async with fixes_locked(pg_url):
             await call.write(batch([fix(1, 60.17, 24.94)]))
-            async with asyncio.timeout(HANG_GUARD_S):  # queued for a commit
-                while True:
-                    if server.app.pipeline.admission.pending:
-                        break
-                    await asyncio.sleep(0.01)
+            await until(lambda: server.app.pipeline.admission.pending > 0)  # queued
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stubs.history.EraseDevice(
                     erase, metadata=as_admin(tenant), timeout=HANG_GUARD_S
                 )
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert caught.value.details().endswith("nothing was erased")
-        finally:
-            await locker.rollback()
-            await locker.close()
         ack = await call.read()
         while ack.WhichOneof("message") != "ack":
             ack = await call.read()
@@ -257,36 +261,23 @@ async def test_an_erasure_of_a_device_with_nothing_queued_tells_the_store_is_awa
     """Another device's fixes wait for the store (a lock holds the fixes table):
     the erasure of the van, which has none waiting, answers UNAVAILABLE saying
     the store is away and nothing was erased, not that the van's fixes wait."""
-    settings = replace(
-        embedded_settings(tmp_path, auth_mode="jwt", jwt_hs256_secret=SECRET),
-        database_url=pg_url,
-        database_timeout_s=0.5,
-    )
+    settings = store_settings(tmp_path, pg_url)
     server = await start_server(settings=settings)
     tenant = unique_tenant()
-    locker = await psycopg.AsyncConnection.connect(pg_url)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stubs = Stubs(channel)
         call = stubs.track.Track(metadata=as_admin(tenant))
         await call.write(hello("truck"))
         await call.read()  # started
-        await locker.execute("LOCK TABLE fixes IN ACCESS EXCLUSIVE MODE")  # held
-        try:
+        async with fixes_locked(pg_url):
             await call.write(batch([fix(1, 60.17, 24.94)]))
-            async with asyncio.timeout(HANG_GUARD_S):  # the store found away
-                while True:
-                    if not server.app.pipeline.storage_healthy:
-                        break
-                    await asyncio.sleep(0.01)
+            await until(lambda: not server.app.pipeline.storage_healthy)  # away
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stubs.history.EraseDevice(
                     history_pb2.EraseDeviceRequest(device_id="van"),
                     metadata=as_admin(tenant),
                     timeout=HANG_GUARD_S,
                 )
-        finally:
-            await locker.rollback()
-            await locker.close()
         await call.done_writing()
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert caught.value.details() == (
@@ -301,30 +292,24 @@ async def test_an_erasure_that_fails_drops_none_of_the_queued_fixes(
     """The van's fixes are stored and wait for the processors; its erasure finds
     the history store away (a lock holds the fixes table) and answers
     UNAVAILABLE, having erased nothing: the processors still get those fixes."""
-    settings = replace(
-        embedded_settings(tmp_path, auth_mode="jwt", jwt_hs256_secret=SECRET),
-        database_url=pg_url,
-        database_timeout_s=0.5,
+    settings = store_settings(
+        tmp_path,
+        pg_url,
         activity_checkpoint_s=600,
         processor_interval_ms=PROCESSOR_INTERVAL_MS,
     )
     server = await start_server(settings=settings)
     tenant = unique_tenant()
-    locker = await psycopg.AsyncConnection.connect(pg_url)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stubs = Stubs(channel)
         await depot_then_outside_and_inside(server, stubs, tenant)
-        await locker.execute("LOCK TABLE fixes IN ACCESS EXCLUSIVE MODE")  # held
-        try:
+        async with fixes_locked(pg_url):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stubs.history.EraseDevice(
                     history_pb2.EraseDeviceRequest(device_id="van"),
                     metadata=as_admin(tenant),
                     timeout=HANG_GUARD_S,
                 )
-        finally:
-            await locker.rollback()
-            await locker.close()
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         assert not server.app.pipeline.idle, "the processors ran before the erasure"
         await processed(server)

@@ -14,21 +14,12 @@ import pytest
 from tracking.v1 import history_pb2, history_pb2_grpc, track_pb2_grpc
 
 from tests.backends import unique_tenant
-from tests.server_fixtures import bearer, embedded_settings, fix
+from tests.server_fixtures import HANG_GUARD_S, bearer, embedded_settings, fix, until
 from tests.server_fixtures import track_session as send
 from tracking_grpc.activity import processor as activity_processor
 from tracking_grpc.storage.base import Checkpoints
 
 SECRET = "erasure-checkpoint-round-secret-of-enough-length"
-HANG_GUARD_S = 30.0  # a safety net against a hang, not a measure
-
-
-async def until(done) -> None:
-    async with asyncio.timeout(HANG_GUARD_S):
-        while True:
-            if done():
-                return
-            await asyncio.sleep(0.01)
 
 
 class SlowCheckpoints:

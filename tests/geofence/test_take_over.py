@@ -32,6 +32,7 @@ from tests.server_fixtures import (
     hello,
     now_ms,
     track_session,
+    until,
 )
 from tracking_grpc.core.fixes import FixBatch
 from tracking_grpc.errors import StorageUnavailable
@@ -141,12 +142,6 @@ async def open_process(
         processor.hear(notices.announce_many, notices.start)
         await until(lambda: notices.last_id is not None)
     return Process(processor, events, notices), db
-
-
-async def until(check: Callable[[], bool]) -> None:
-    async with asyncio.timeout(HANG_S):
-        while not check():  # noqa: ASYNC110 - another task acts on a notice
-            await asyncio.sleep(0.01)
 
 
 def heard(process: Process) -> int:
@@ -714,6 +709,29 @@ def geofence_of(server: TrackingServer) -> GeofenceProcessor:
     return processor
 
 
+async def two_servers(
+    start_server, pg_url: str, redis_url: str, redis_prefix: str, tmp_path
+) -> tuple[str, TrackingServer, TrackingServer]:
+    """A new tenant, and two servers sharing one PostgreSQL and Redis."""
+    tenant = f"geo-{uuid.uuid4().hex[:8]}"
+    settings = replace(
+        embedded_settings(tmp_path), database_url=pg_url, redis_url=redis_url,
+        redis_key_prefix=redis_prefix, default_tenant=tenant,
+    )  # fmt: skip
+    first = await start_server(settings=settings)
+    second = await start_server(
+        settings=replace(settings, data_dir=str(tmp_path / "b"))
+    )
+    return tenant, first, second
+
+
+async def create_depot(channel: grpc.aio.Channel, **fields: int) -> None:
+    fence = geofence_pb2.Fence(fence_id="depot", shape=DEPOT, **fields)
+    await geofence_pb2_grpc.GeofenceStub(channel).CreateFence(
+        geofence_pb2.CreateFenceRequest(fence=fence)
+    )
+
+
 async def until_async(check: Callable[[], Awaitable[bool]]) -> None:
     async with asyncio.timeout(HANG_S):
         while not await check():  # noqa: ASYNC110 - polls a server
@@ -724,24 +742,15 @@ async def until_async(check: Callable[[], Awaitable[bool]]) -> None:
 async def test_a_device_reconnecting_to_another_server_exits_there_and_enters_back(
     start_server, pg_url, redis_url, redis_prefix, tmp_path
 ) -> None:
-    tenant = f"geo-{uuid.uuid4().hex[:8]}"
-    settings = replace(
-        embedded_settings(tmp_path), database_url=pg_url, redis_url=redis_url,
-        redis_key_prefix=redis_prefix, default_tenant=tenant,
-    )  # fmt: skip
-    first = await start_server(settings=settings)
-    second = await start_server(
-        settings=replace(settings, data_dir=str(tmp_path / "b"))
+    tenant, first, second = await two_servers(
+        start_server, pg_url, redis_url, redis_prefix, tmp_path
     )
     t0 = now_ms() - 20 * 60_000
     async with (
         grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as to_a,
         grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as to_b,
     ):
-        fence = geofence_pb2.Fence(fence_id="depot", shape=DEPOT, dwell_ms=600_000)
-        await geofence_pb2_grpc.GeofenceStub(to_a).CreateFence(
-            geofence_pb2.CreateFenceRequest(fence=fence)
-        )
+        await create_depot(to_a, dwell_ms=600_000)
         # The second server knows the tenant's memberships before the van enters.
         scout = [fix(1, DEPOT_LAT, DEPOT_LON, t0, accuracy_m=5)]
         assert await fence_events(to_b, "scout", scout, 1) == [ENTER]
@@ -769,14 +778,8 @@ async def test_a_device_reconnecting_before_its_fix_was_judged_gets_each_event_o
     it, comes to the second: that one judges the first fix too. One ENTER and
     one EXIT are stored, in order, after the first server's processors have
     had the fix as well."""
-    tenant = f"geo-{uuid.uuid4().hex[:8]}"
-    settings = replace(
-        embedded_settings(tmp_path), database_url=pg_url, redis_url=redis_url,
-        redis_key_prefix=redis_prefix, default_tenant=tenant,
-    )  # fmt: skip
-    first = await start_server(settings=settings)
-    second = await start_server(
-        settings=replace(settings, data_dir=str(tmp_path / "b"))
+    tenant, first, second = await two_servers(
+        start_server, pg_url, redis_url, redis_prefix, tmp_path
     )
     t0 = now_ms() - 20 * 60_000
     inside = (DEPOT_LAT, DEPOT_LON)
@@ -784,10 +787,7 @@ async def test_a_device_reconnecting_before_its_fix_was_judged_gets_each_event_o
         grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as to_a,
         grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as to_b,
     ):
-        fence = geofence_pb2.Fence(fence_id="depot", shape=DEPOT)
-        await geofence_pb2_grpc.GeofenceStub(to_a).CreateFence(
-            geofence_pb2.CreateFenceRequest(fence=fence)
-        )
+        await create_depot(to_a)
         # Both servers know the tenant's memberships before the van comes.
         for channel, device in ((to_a, "scout-a"), (to_b, "scout-b")):
             scout = [fix(1, *inside, t0, accuracy_m=5)]
