@@ -31,8 +31,9 @@ def require(message: object, name: str, field: str) -> None:
 
 def check_accuracy(accuracy: float, field: str) -> None:
     """Refuse an accuracy that ingest would reject (below 0, above 1,000 km,
-    infinite) in ingest's words; NaN, "not sent", is the caller's to treat."""
-    if not 0 <= accuracy <= validation.MAX_ACCURACY_M:
+    infinite: ``validation.bad_accuracy``) in ingest's words; NaN, "not sent",
+    is the caller's to treat."""
+    if validation.bad_accuracy(np.array([accuracy], dtype=np.float64))[0]:
         raise InvalidArgument(field, validation.accuracy_refusal(accuracy))
 
 

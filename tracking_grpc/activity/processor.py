@@ -544,13 +544,6 @@ class ActivityProcessor:
             smoothed_lon=float(c["smooth_lon"][slot]),
         )
 
-    async def forget(self, tenant: str, device: str) -> bool:
-        """Drop the device's activity and erase its checkpoint (erasure); False
-        when it had no state here."""
-        held = await self.drop_device(tenant, device)
-        await self.erase_checkpoint(tenant, device)
-        return held
-
     async def drop_device(self, tenant: str, device: str) -> bool:
         """Erasure, between two processor runs: drop the device's state here
         (False when there was none; its slot is emptied and given to the next
